@@ -1,0 +1,138 @@
+"""Fused multi-LoRA kernels for many users' adapters in one batch.
+
+``y = x Wᵀ + b + Σ_j s_j (x A_jᵀ) B_jᵀ`` where every token carries its user's adapters
+(ragged ranks, several modules per user, or none). Three pieces:
+
+* :class:`AdapterBank` — one target linear's adapters of all users, packed ragged;
+* :class:`BatchPlan` — a batch's token → user ids as sorted segments and tile schedules,
+  built once per batch and shared by every layer;
+* the ops — :func:`lora_linear` (autograd), :func:`lora_shrink`, :func:`lora_expand_`,
+  registered as ``torch.ops.milp.*`` custom ops (Triton on CUDA, torch on CPU).
+
+Example:
+    >>> import torch, kernels
+    >>> bank = kernels.AdapterBank(32, 48, max_users=3)
+    >>> _ = bank.add(0, ranks=[8], init="random"); _ = bank.add(2, ranks=[4, 4], init="random")
+    >>> plan = kernels.BatchPlan.build(torch.tensor([0, 2, -1, 2]), max_users=3)
+    >>> x, w = torch.randn(4, 32), torch.randn(48, 32)
+    >>> kernels.lora_linear(x, w, None, bank, plan).shape
+    torch.Size([4, 48])
+"""
+from __future__ import annotations
+
+import torch
+
+from . import library as _library  # noqa: F401  (registers torch.ops.milp.*)
+from ._backend import backend_for, interpreting, nvtx_range, use_backend
+from .bank import AdapterBank, AdapterSegment
+from .plan import DEFAULT_BLOCK_MS, BatchPlan
+from .tuning import DECODE_MAX_TOKENS, FUSED_MAX_RANK, LaunchConfig, get_config
+
+__version__ = "0.1.0"  # keep outside [0.18.2, 0.19): transformers probes a package named `kernels`
+
+__all__ = [
+    "AdapterBank",
+    "AdapterSegment",
+    "BatchPlan",
+    "DEFAULT_BLOCK_MS",
+    "DECODE_MAX_TOKENS",
+    "FUSED_MAX_RANK",
+    "LaunchConfig",
+    "backend_for",
+    "get_config",
+    "interpreting",
+    "lora_expand_",
+    "lora_linear",
+    "lora_shrink",
+    "nvtx_range",
+    "use_backend",
+]
+
+
+def _check_plan(x2: torch.Tensor, bank: AdapterBank, plan: BatchPlan) -> None:
+    if not isinstance(bank, AdapterBank):
+        raise TypeError(f"bank must be an AdapterBank, got {type(bank).__name__}")
+    if not isinstance(plan, BatchPlan):
+        raise TypeError(f"plan must be a BatchPlan, got {type(plan).__name__}")
+    if x2.shape[0] != plan.num_tokens:
+        raise ValueError(f"x has {x2.shape[0]} tokens but the plan was built for {plan.num_tokens}")
+    if plan.max_users > bank.max_users:
+        raise ValueError(f"plan.max_users={plan.max_users} exceeds bank.max_users={bank.max_users}")
+    if x2.shape[-1] != bank.in_features:
+        raise ValueError(f"x must have {bank.in_features} features (bank.in_features), got {x2.shape[-1]}")
+
+
+def _flat(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension, got a scalar")
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bank: AdapterBank,
+    plan: BatchPlan,
+) -> torch.Tensor:
+    """``x Wᵀ + b`` plus each token's user adapters from ``bank``; differentiable.
+
+    ``x``: ``[..., in_features]``, tokens in the order ``plan`` was built with (leading
+    dimensions flattened). ``weight``: ``[out_features, in_features]``.
+
+    Example:
+        >>> bank = AdapterBank(16, 16, max_users=1); _ = bank.add(0, 8, init="random")
+        >>> plan = BatchPlan.build(torch.zeros(5, dtype=torch.long), max_users=1)
+        >>> lora_linear(torch.randn(5, 16), torch.randn(16, 16), None, bank, plan).shape
+        torch.Size([5, 16])
+    """
+    x2 = _flat(x)
+    _check_plan(x2, bank, plan)
+    save_t = torch.is_grad_enabled() and (
+        x.requires_grad or bank.lora_a.requires_grad or bank.lora_b.requires_grad
+    )
+    sorted_tokens, tiles, segments, block_ms = plan.as_args()
+    y, _ = torch.ops.milp.lora_linear(
+        x2, weight, bias, bank.lora_a, bank.lora_b, bank.scale, bank.slots, sorted_tokens, tiles, segments,
+        block_ms, bank.max_rank, save_t,
+    )
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def lora_shrink(x: torch.Tensor, bank: AdapterBank, plan: BatchPlan) -> torch.Tensor:
+    """``t [T, bank.max_rank]`` with ``t[i, :R_u] = s ⊙ x_i A_uᵀ`` (fp32; fp64 for fp64 ``x``).
+
+    Example:
+        >>> bank = AdapterBank(16, 16, max_users=1); _ = bank.add(0, 8, init="random")
+        >>> plan = BatchPlan.build(torch.zeros(3, dtype=torch.long), max_users=1)
+        >>> lora_shrink(torch.randn(3, 16), bank, plan).shape
+        torch.Size([3, 8])
+    """
+    x2 = _flat(x)
+    _check_plan(x2, bank, plan)
+    sorted_tokens, tiles, segments, block_ms = plan.as_args()
+    return torch.ops.milp.lora_shrink(
+        x2, bank.lora_a, bank.scale, bank.slots, sorted_tokens, tiles, segments, block_ms, bank.max_rank
+    )
+
+
+def lora_expand_(y: torch.Tensor, t: torch.Tensor, bank: AdapterBank, plan: BatchPlan) -> torch.Tensor:
+    """Add ``t[i, :R_u] B_u`` into ``y [T, out_features]`` in place; returns ``y``.
+
+    Example:
+        >>> bank = AdapterBank(16, 24, max_users=1); _ = bank.add(0, 8, init="random")
+        >>> plan = BatchPlan.build(torch.zeros(3, dtype=torch.long), max_users=1)
+        >>> y = torch.zeros(3, 24); _ = lora_expand_(y, torch.randn(3, 8), bank, plan)
+    """
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        raise ValueError("y must be a 2-D [tokens, out_features] tensor")
+    if y.shape[0] != plan.num_tokens:
+        raise ValueError(f"y has {y.shape[0]} tokens but the plan was built for {plan.num_tokens}")
+    if y.shape[1] != bank.out_features:
+        raise ValueError(f"y must have {bank.out_features} columns (bank.out_features), got {y.shape[1]}")
+    sorted_tokens, tiles, segments, block_ms = plan.as_args()
+    torch.ops.milp.lora_expand_(y, t, bank.lora_b, bank.slots, sorted_tokens, tiles, segments, block_ms)
+    return y

@@ -1,0 +1,108 @@
+"""Backend selection (Triton or the torch reference) and opt-in NVTX ranges.
+
+The rule, for every op:
+
+* CUDA tensors run the Triton kernels.
+* CPU tensors run the torch reference, except under ``TRITON_INTERPRET=1``
+  with the backend forced to ``"triton"`` (``MILP_KERNELS=triton`` or
+  :func:`use_backend`), which is how CI executes the Triton kernels on CPU.
+
+``MILP_KERNELS`` = ``auto`` (default) | ``triton`` | ``torch`` sets the process
+default; :func:`use_backend` overrides it for a block of code.
+
+NVTX: set ``MILP_NVTX=1`` and every op pushes a named range (``milp::<op>``),
+visible in ``nsys`` timelines and, through ``record_function``, in
+``torch.profiler`` traces.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["interpreting", "triton_available", "use_backend", "backend_for", "nvtx_enabled", "nvtx_range"]
+
+_VALID = ("auto", "triton", "torch")
+_local = threading.local()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``triton`` imports."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - platform without triton
+        return False
+    return True
+
+
+def _default_backend() -> str:
+    value = os.environ.get("MILP_KERNELS", "auto").strip().lower()
+    if value not in _VALID:
+        raise ValueError(f"MILP_KERNELS must be one of {_VALID}, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force the kernel backend inside a ``with`` block.
+
+    Example:
+        >>> with use_backend("torch"):
+        ...     pass  # every op runs its torch reference here
+    """
+    if name not in _VALID:
+        raise ValueError(f"backend must be one of {_VALID}, got {name!r}")
+    previous = getattr(_local, "backend", None)
+    _local.backend = name
+    try:
+        yield
+    finally:
+        _local.backend = previous
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """The backend (``"triton"`` or ``"torch"``) that an op on ``t`` runs."""
+    choice = getattr(_local, "backend", None) or _default_backend()
+    if choice == "torch" or not triton_available():
+        return "torch"
+    if t.is_cuda:
+        return "triton"
+    if t.device.type == "cpu" and choice == "triton":
+        if not interpreting():
+            raise RuntimeError(
+                "the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        return "triton"
+    return "torch"
+
+
+def nvtx_enabled() -> bool:
+    """True when ``MILP_NVTX=1``."""
+    return os.environ.get("MILP_NVTX", "0") == "1"
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str) -> Iterator[None]:
+    """An NVTX range (and a ``torch.profiler`` record) named ``name`` when ``MILP_NVTX=1``."""
+    if not nvtx_enabled():
+        yield
+        return
+    cuda = torch.cuda.is_available()
+    with torch.profiler.record_function(name):
+        if cuda:
+            torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.nvtx.range_pop()

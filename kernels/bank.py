@@ -1,0 +1,329 @@
+"""Ragged packed storage of many users' LoRA adapters for one target linear.
+
+For a linear ``h = x Wᵀ`` with ``W: [out_features, in_features]``, user ``u`` owns
+``n`` modules ``(A_j: [r_j, in], B_j: [out, r_j], s_j = alpha_j / r_j)``. The bank
+stores them *ragged*, without padding to a maximum rank::
+
+    lora_a  [capacity, in_features]   rows r of every module's A_j, stacked
+    lora_b  [capacity, out_features]  rows r of every module's B_jᵀ, stacked
+    scale   [capacity]  float32       s_j repeated over the rows of module j
+    slots   [max_users, 2] int32      (row offset, total rank) per user; rank 0 = none
+
+A user's modules at this layer sit contiguously, so ``Σ_j s_j B_j A_j x`` is one
+segment ``B_uᵀ diag(s_u) A_u x`` of total rank ``R_u = Σ_j r_j``. Rows are handed out
+by a first-fit free list; :meth:`AdapterBank.compact` defragments in place (tensor
+storage unchanged, so captured CUDA graphs stay valid) and the bank grows by
+reallocation only when the free rows cannot hold a new segment (``version`` then
+increments: re-capture graphs and rebuild optimizers).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor
+
+__all__ = ["AdapterBank", "AdapterSegment"]
+
+_INITS = ("lora", "random", "zeros")
+
+
+@dataclass(frozen=True)
+class AdapterSegment:
+    """Where one user's modules live in the bank."""
+
+    offset: int
+    ranks: tuple[int, ...]
+    alphas: tuple[float, ...]
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        return tuple(a / r for a, r in zip(self.alphas, self.ranks))
+
+
+class AdapterBank(torch.nn.Module):
+    """All users' adapters for one target linear, packed ragged.
+
+    Args:
+        in_features: ``k``, the input width of the target linear.
+        out_features: ``d``, its output width.
+        max_users: size of the user-id space (ids ``0 .. max_users-1``).
+        capacity: rank rows to preallocate (grows on demand).
+        dtype / device: of ``lora_a`` and ``lora_b``.
+
+    Example:
+        >>> bank = AdapterBank(64, 96, max_users=4)
+        >>> seg = bank.add(2, ranks=[8, 16], alpha=16.0)
+        >>> bank.rank_of(2), bank.max_rank
+        (24, 24)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        max_users: int,
+        *,
+        capacity: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
+        check_positive_int("max_users", max_users)
+        check_positive_int("capacity", capacity, minimum=0)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.lora_a = torch.nn.Parameter(torch.zeros(capacity, in_features, dtype=dtype, device=device))
+        self.lora_b = torch.nn.Parameter(torch.zeros(capacity, out_features, dtype=dtype, device=device))
+        self.register_buffer("scale", torch.zeros(capacity, dtype=torch.float32, device=device))
+        self.register_buffer("slots", torch.zeros(max_users, 2, dtype=torch.int32, device=device))
+        self._segments: dict[int, AdapterSegment] = {}
+        self._free: list[tuple[int, int]] = [(0, capacity)] if capacity else []  # (start, length)
+        self.version = 0
+
+    # ------------------------------------------------------------------ info
+    @property
+    def capacity(self) -> int:
+        return self.lora_a.shape[0]
+
+    @property
+    def max_users(self) -> int:
+        return self.slots.shape[0]
+
+    @property
+    def used_rows(self) -> int:
+        return sum(s.rank for s in self._segments.values())
+
+    @property
+    def max_rank(self) -> int:
+        """Largest total rank of any user in the bank (0 when empty). Host value, no sync."""
+        return max((s.rank for s in self._segments.values()), default=0)
+
+    @property
+    def users(self) -> list[int]:
+        return sorted(self._segments)
+
+    def has(self, user: int) -> bool:
+        return user in self._segments
+
+    def segment(self, user: int) -> AdapterSegment:
+        self._check_user(user, must_exist=True)
+        return self._segments[user]
+
+    def rank_of(self, user: int) -> int:
+        """Total rank of ``user`` here, 0 when it has no adapter at this layer."""
+        self._check_user(user)
+        seg = self._segments.get(user)
+        return seg.rank if seg else 0
+
+    def num_parameters(self, user: int | None = None) -> int:
+        """Trainable parameters of one user (or of all users) at this layer."""
+        rows = self.rank_of(user) if user is not None else self.used_rows
+        return rows * (self.in_features + self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, users={len(self._segments)}, "
+            f"rows={self.used_rows}/{self.capacity}, max_users={self.max_users}"
+        )
+
+    # -------------------------------------------------------------- mutation
+    def add(
+        self,
+        user: int,
+        ranks: Sequence[int] | int,
+        alpha: float | Sequence[float] = 16.0,
+        *,
+        init: str = "lora",
+        generator: torch.Generator | None = None,
+    ) -> AdapterSegment:
+        """Give ``user`` modules of the given ranks (replacing any it had).
+
+        ``alpha`` is ``lora_alpha`` (one per module or shared); module ``j`` is scaled by
+        ``alpha_j / r_j``. ``init="lora"`` draws ``A`` like PEFT (Kaiming-uniform) and sets
+        ``B = 0`` so the adapter starts as the identity; ``"random"`` draws both (tests,
+        benchmarks); ``"zeros"`` zeroes both.
+        """
+        self._check_user(user)
+        if isinstance(ranks, int) and not isinstance(ranks, bool):
+            ranks = [ranks]
+        ranks = list(ranks)
+        if not ranks:
+            raise ValueError("ranks must name at least one module; use remove() for none")
+        for r in ranks:
+            check_positive_int("ranks[...]", r)
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            alphas = [float(alpha)] * len(ranks)
+        else:
+            alphas = [float(a) for a in alpha]
+            if len(alphas) != len(ranks):
+                raise ValueError(f"alpha has {len(alphas)} values for {len(ranks)} ranks")
+        for a in alphas:
+            check_finite("alpha", a)
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+
+        if user in self._segments:
+            self.remove(user)
+        total = sum(ranks)
+        offset = self._allocate(total)
+        seg = AdapterSegment(offset, tuple(ranks), tuple(alphas))
+        self._segments[user] = seg
+        with torch.no_grad():
+            self.scale[offset : offset + total] = torch.tensor(
+                [s for s, r in zip(seg.scales, ranks) for _ in range(r)], dtype=torch.float32
+            )
+            self._init_rows(seg, init, generator)
+            self.slots[user, 0] = offset
+            self.slots[user, 1] = total
+        return seg
+
+    def remove(self, user: int) -> None:
+        """Drop ``user``'s adapters at this layer; its rows return to the free list."""
+        self._check_user(user, must_exist=True)
+        seg = self._segments.pop(user)
+        with torch.no_grad():
+            self.slots[user].zero_()
+            self.scale[seg.offset : seg.offset + seg.rank] = 0
+        self._release(seg.offset, seg.rank)
+
+    def clear(self) -> None:
+        for user in list(self._segments):
+            self.remove(user)
+
+    def adapter_weights(self, user: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views ``(A [R, in], B [R, out], scale [R])`` of ``user``'s rows (modules stacked)."""
+        seg = self.segment(user)
+        sl = slice(seg.offset, seg.offset + seg.rank)
+        return self.lora_a[sl], self.lora_b[sl], self.scale[sl]
+
+    def set_adapter_weights(self, user: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy ``A [R, in]`` and ``B [R, out]`` (``B`` stored transposed: row r of module j
+        is column r of PEFT's ``lora_B``) into ``user``'s rows."""
+        seg = self.segment(user)
+        check_tensor("a", a, shape=(seg.rank, self.in_features), dtypes=FLOAT_DTYPES)
+        check_tensor("b", b, shape=(seg.rank, self.out_features), dtypes=FLOAT_DTYPES)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"adapter weights of user {user} contain NaN or inf")
+        with torch.no_grad():
+            self.lora_a[seg.offset : seg.offset + seg.rank].copy_(a)
+            self.lora_b[seg.offset : seg.offset + seg.rank].copy_(b)
+
+    def compact(self) -> None:
+        """Move all segments to the front, in user order, in place (no reallocation)."""
+        cursor = 0
+        with torch.no_grad():
+            for user in sorted(self._segments, key=lambda u: self._segments[u].offset):
+                seg = self._segments[user]
+                if seg.offset != cursor:
+                    src = slice(seg.offset, seg.offset + seg.rank)
+                    dst = slice(cursor, cursor + seg.rank)
+                    # cursor < offset, so an ascending copy never overwrites unread rows; clone anyway
+                    self.lora_a[dst] = self.lora_a[src].clone()
+                    self.lora_b[dst] = self.lora_b[src].clone()
+                    self.scale[dst] = self.scale[src].clone()
+                    seg = AdapterSegment(cursor, seg.ranks, seg.alphas)
+                    self._segments[user] = seg
+                    self.slots[user, 0] = cursor
+                cursor += seg.rank
+            self.scale[cursor:] = 0
+        self._free = [(cursor, self.capacity - cursor)] if cursor < self.capacity else []
+
+    def reserve(self, capacity: int) -> None:
+        """Grow storage to at least ``capacity`` rows (bumps ``version`` when it reallocates)."""
+        check_positive_int("capacity", capacity, minimum=0)
+        if capacity <= self.capacity:
+            return
+        old = self.capacity
+        with torch.no_grad():
+            for name in ("lora_a", "lora_b"):
+                p = getattr(self, name)
+                grown = torch.zeros(capacity, p.shape[1], dtype=p.dtype, device=p.device)
+                grown[:old] = p.data
+                p.data = grown
+            scale = torch.zeros(capacity, dtype=torch.float32, device=self.scale.device)
+            scale[:old] = self.scale
+            self.scale = scale
+        self._release(old, capacity - old)
+        self.version += 1
+
+    def resize_users(self, max_users: int) -> None:
+        """Grow the user-id space to ``max_users`` (bumps ``version``)."""
+        check_positive_int("max_users", max_users)
+        if max_users <= self.max_users:
+            return
+        slots = torch.zeros(max_users, 2, dtype=torch.int32, device=self.slots.device)
+        slots[: self.max_users] = self.slots
+        self.slots = slots
+        self.version += 1
+
+    # ------------------------------------------------------------- internals
+    def _check_user(self, user: object, must_exist: bool = False) -> None:
+        if isinstance(user, bool) or not isinstance(user, int):
+            raise TypeError(f"user must be an int id, got {type(user).__name__}")
+        if not 0 <= user < self.max_users:
+            raise ValueError(f"user must be in [0, {self.max_users}), got {user}")
+        if must_exist and user not in self._segments:
+            raise KeyError(f"user {user} has no adapters in this bank")
+
+    def _allocate(self, rows: int) -> int:
+        for i, (start, length) in enumerate(self._free):
+            if length >= rows:
+                if length == rows:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + rows, length - rows)
+                return start
+        if self.capacity - self.used_rows >= rows:
+            self.compact()
+        else:
+            self.reserve(max(self.used_rows + rows, 2 * self.capacity, 64))
+        return self._allocate(rows)
+
+    def _release(self, start: int, rows: int) -> None:
+        if rows == 0:
+            return
+        free = sorted(self._free + [(start, rows)])
+        merged: list[tuple[int, int]] = []
+        for s, n in free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((s, n))
+        self._free = merged
+
+    def _init_rows(self, seg: AdapterSegment, init: str, generator: torch.Generator | None) -> None:
+        a = self.lora_a.data
+        b = self.lora_b.data
+        row = seg.offset
+        for r in seg.ranks:
+            sa, sb = slice(row, row + r), slice(row, row + r)
+            if init == "zeros":
+                a[sa].zero_()
+                b[sb].zero_()
+            else:
+                bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
+                a[sa] = _uniform((r, self.in_features), bound, a, generator)
+                if init == "lora":
+                    b[sb].zero_()
+                else:
+                    b[sb] = _uniform((r, self.out_features), 1.0 / math.sqrt(r), b, generator)
+            row += r
+
+
+def _uniform(shape: tuple[int, int], bound: float, like: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    # draw on the generator's device (CPU by default) so seeds give the same weights everywhere
+    dev = gen.device if gen is not None else torch.device("cpu")
+    u = torch.rand(shape, generator=gen, device=dev, dtype=torch.float64)
+    return ((u * 2 - 1) * bound).to(device=like.device, dtype=like.dtype)

@@ -1,0 +1,332 @@
+"""``torch.library`` custom ops under the ``milp`` namespace, with fake impls and autograd.
+
+Serving stacks call them without importing ``milp`` (``import kernels`` registers them)::
+
+    y, t = torch.ops.milp.lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, slots,
+                                      sorted_tokens, tiles, segments, block_ms, max_rank, False)
+
+==========================  ==========================================================
+op                          what
+==========================  ==========================================================
+``milp::lora_linear``       ``(y, t)``: fused base + multi-LoRA forward (autograd)
+``milp::lora_linear_backward``  ``(dx, dA, dB)`` for the above
+``milp::lora_shrink``       ``t = s ⊙ x Aᵀ`` per segment
+``milp::lora_expand_``      ``y += t B`` per segment, in place
+==========================  ==========================================================
+
+Argument conventions: ``x [T, K]``; ``weight [N, K]``; ``lora_a [cap, K]``;
+``lora_b [cap, N]``; ``lora_scale [cap] float32``; ``slots [U, 2] int32``;
+``sorted_tokens``, ``tiles``, ``segments``, ``block_ms`` from
+:meth:`kernels.plan.BatchPlan.as_args`; ``max_rank`` ≥ every slot's rank (the bank's
+``max_rank``). CUDA tensors run the Triton kernels; CPU tensors the torch paths (see
+:mod:`kernels._backend`). Token-count buckets pick the kernel: at most
+``DECODE_MAX_TOKENS`` tokens take the decode path (base GEMM + split-K shrink +
+expand), larger batches the fused kernel.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ._backend import backend_for, nvtx_range
+from ._checks import FLOAT_DTYPES, check_tensor
+from .ops._common import acc_dtype
+from .tuning import DECODE_MAX_TOKENS
+
+__all__ = ["check_lora_args"]
+
+_INT_DTYPES = (torch.int32,)
+
+
+def _values_checked(t: Tensor) -> bool:
+    # value checks read device memory: free on CPU, opt-in (MILP_DEBUG=1) on GPUs
+    return t.device.type == "cpu" or os.environ.get("MILP_DEBUG", "0") == "1"
+
+
+def check_lora_args(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_scale: Tensor | None,
+    slots: Tensor,
+    sorted_tokens: Tensor,
+    tiles: Tensor,
+    segments: Tensor,
+    block_ms: list[int],
+    max_rank: int,
+    *,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    lora_b: Tensor | None = None,
+    n: int | None = None,
+) -> None:
+    """Validate the shared arguments of the ops; errors name the argument and the expectation."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    dev = x.device
+    T, K = x.shape
+    if x.stride(-1) != 1:
+        raise ValueError("x must have unit stride in its last dimension (call .contiguous())")
+    if weight is not None:
+        check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=dev)
+        if weight.shape[1] != K:
+            raise ValueError(f"weight must have shape [N, {K}] to match x [{T}, {K}], got {list(weight.shape)}")
+        n = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, shape=(n,), dtypes=(x.dtype,), device=dev)
+    check_tensor("lora_a", lora_a, ndim=2, dtypes=(x.dtype,), device=dev)
+    if lora_a.shape[1] != K:
+        raise ValueError(f"lora_a must have shape [capacity, {K}] to match x, got {list(lora_a.shape)}")
+    cap = lora_a.shape[0]
+    if lora_b is not None:
+        check_tensor("lora_b", lora_b, shape=(cap, n), dtypes=(x.dtype,), device=dev)
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if t is not None and t.numel() and t.stride(1) != 1:
+            raise ValueError(f"{name} must be row-contiguous (stride 1 along its columns)")
+    if lora_scale is not None:
+        check_tensor("lora_scale", lora_scale, shape=(cap,), dtypes=(torch.float32,), device=dev)
+    check_tensor("slots", slots, ndim=2, dtypes=_INT_DTYPES, device=dev)
+    if slots.shape[1] != 2 or not slots.is_contiguous():
+        raise ValueError(f"slots must be a contiguous [max_users, 2] int32 table, got {list(slots.shape)}")
+    check_tensor("sorted_tokens", sorted_tokens, ndim=1, dtypes=_INT_DTYPES, device=dev)
+    if sorted_tokens.numel() < T:
+        raise ValueError(f"sorted_tokens holds {sorted_tokens.numel()} tokens, fewer than x's {T} (plan too small)")
+    check_tensor("segments", segments, ndim=2, dtypes=_INT_DTYPES, device=dev)
+    check_tensor("tiles", tiles, ndim=2, dtypes=_INT_DTYPES, device=dev)
+    if segments.shape[1] != 3 or tiles.shape[1] != 3 or not (segments.is_contiguous() and tiles.is_contiguous()):
+        raise ValueError("segments and tiles must be contiguous [*, 3] int32 tables (from BatchPlan.as_args())")
+    if not block_ms:
+        raise ValueError("block_ms must list the plan's tile heights")
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0:
+        raise ValueError(f"max_rank must be an int >= 0, got {max_rank!r}")
+    if _values_checked(x):
+        if lora_scale is not None and not torch.isfinite(lora_scale).all():
+            raise ValueError("lora_scale contains NaN or inf")
+        if slots.numel():
+            off, rank = slots[:, 0], slots[:, 1]
+            if (rank < 0).any() or (off < 0).any():
+                raise ValueError("slots must hold offsets >= 0 and ranks >= 0 (rank 0 = no adapter)")
+            if (off + rank > cap).any():
+                raise ValueError(f"slots point past lora_a's {cap} rows")
+            if int(rank.max()) > max_rank:
+                raise ValueError(f"max_rank={max_rank} is smaller than the largest slot rank {int(rank.max())}")
+        if segments.numel():
+            users = segments[:, 2]
+            if int(users.max()) >= slots.shape[0]:
+                raise ValueError(f"segments name user {int(users.max())}, outside slots' {slots.shape[0]} users")
+
+
+# --------------------------------------------------------------------------- lora_linear
+@torch.library.custom_op("milp::lora_linear", mutates_args=())
+def lora_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    lora_scale: Tensor,
+    slots: Tensor,
+    sorted_tokens: Tensor,
+    tiles: Tensor,
+    segments: Tensor,
+    block_ms: list[int],
+    max_rank: int,
+    save_t: bool,
+) -> tuple[Tensor, Tensor]:
+    check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
+                    weight=weight, bias=bias, lora_b=lora_b)
+    with nvtx_range("milp::lora_linear"):
+        if backend_for(x) == "torch":
+            from .ops.fused_linear import fused_lora_linear_torch
+
+            return fused_lora_linear_torch(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens,
+                                           segments, max_rank, store_t=save_t)
+        from .ops.expand import lora_expand_
+        from .ops.fused_linear import fused_lora_linear
+        from .ops.shrink import lora_shrink
+
+        if x.shape[0] <= DECODE_MAX_TOKENS:
+            # decode: the base GEMV is memory-bound and cuBLAS streams W at full bandwidth;
+            # the adapters add one split-K shrink (reads each A once) and one expand
+            y = torch.nn.functional.linear(x, weight, bias)
+            t = lora_shrink(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
+            lora_expand_(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms)
+            return y, (t if save_t else t.new_empty(0))
+        return fused_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles,
+                                 segments, block_ms, max_rank, store_t=save_t)
+
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, save_t):
+    check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
+                    weight=weight, bias=bias, lora_b=lora_b)
+    t = x.new_empty(x.shape[0], max_rank, dtype=acc_dtype(x.dtype)) if save_t else x.new_empty(0, dtype=acc_dtype(x.dtype))
+    return x.new_empty(x.shape[0], weight.shape[0]), t
+
+
+@torch.library.custom_op("milp::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    lora_scale: Tensor,
+    slots: Tensor,
+    sorted_tokens: Tensor,
+    tiles: Tensor,
+    segments: Tensor,
+    block_ms: list[int],
+    max_rank: int,
+    t_fwd: Tensor,
+    need_dx: bool,
+    need_dlora: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB)``; an output not asked for is an empty tensor."""
+    check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
+                    weight=weight, lora_b=lora_b)
+    check_tensor("dy", dy, shape=(x.shape[0], weight.shape[0]), dtypes=(x.dtype,), device=x.device)
+    dy = dy.contiguous()
+    cap = lora_a.shape[0]
+    torch_path = backend_for(x) == "torch"
+    with nvtx_range("milp::lora_linear_backward"):
+        if torch_path:
+            from .ops.fused_linear import fused_lora_linear_torch as fused
+            from .ops.grad_weights import lora_grad_weights_torch as grads
+            from .ops.shrink import lora_shrink_torch as shrink_t
+
+            def shrink(inp, a):
+                return shrink_t(inp, a, lora_scale, slots, sorted_tokens, segments, max_rank)
+
+            def dx_and_t(store):
+                return fused(dy, weight, None, lora_b, lora_a, lora_scale, slots, sorted_tokens, segments, max_rank,
+                             weight_layout="kn", store_t=store)
+
+            def grad_weights(tb, tf):
+                return grads(x, dy, tb, tf, slots, sorted_tokens, segments, cap)
+        else:
+            from .ops.fused_linear import fused_lora_linear as fused
+            from .ops.grad_weights import lora_grad_weights as grads
+            from .ops.shrink import lora_shrink as shrink_k
+
+            def shrink(inp, a):
+                return shrink_k(inp, a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
+
+            def dx_and_t(store):
+                return fused(dy, weight, None, lora_b, lora_a, lora_scale, slots, sorted_tokens, tiles, segments,
+                             block_ms, max_rank, weight_layout="kn", store_t=store)
+
+            def grad_weights(tb, tf):
+                return grads(x, dy, tb, tf, slots, sorted_tokens, segments, cap, max_rank)
+
+        dx = x.new_empty(0)
+        t_bwd = None
+        if need_dx:
+            dx, t_bwd = dx_and_t(need_dlora)
+        if not need_dlora:
+            return dx, x.new_empty(0), x.new_empty(0)
+        if t_bwd is None:
+            t_bwd = shrink(dy, lora_b)
+        if t_fwd.numel() == 0 and x.shape[0] and max_rank:
+            t_fwd = shrink(x, lora_a)
+        da, db = grad_weights(t_bwd, t_fwd)
+        return dx, da, db
+
+
+@lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, t_fwd,
+      need_dx, need_dlora):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    if need_dlora:
+        return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+    return dx, x.new_empty(0), x.new_empty(0)
+
+
+def _setup_lora_linear(ctx, inputs, output):
+    (x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
+     save_t) = inputs
+    _, t = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, t)
+    ctx.block_ms = block_ms
+    ctx.max_rank = max_rank
+    ctx.has_bias = bias is not None
+
+
+def _backward_lora_linear(ctx, grad_y, grad_t):
+    x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, t = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dx, need_dw, need_db, need_da, need_dlb = need[0], need[1], need[2], need[3], need[4]
+    grad_y = grad_y.contiguous()
+    dx, da, dlb = torch.ops.milp.lora_linear_backward(
+        grad_y, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, ctx.block_ms,
+        ctx.max_rank, t, need_dx, need_da or need_dlb,
+    )
+    dw = grad_y.t().mm(x) if need_dw else None
+    dbias = grad_y.sum(0) if (need_db and ctx.has_bias) else None
+    return (dx if need_dx else None, dw, dbias, da if need_da else None, dlb if need_dlb else None,
+            None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("milp::lora_linear", _backward_lora_linear, setup_context=_setup_lora_linear)
+
+
+# --------------------------------------------------------------------------- shrink / expand
+@torch.library.custom_op("milp::lora_shrink", mutates_args=())
+def lora_shrink_op(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_scale: Tensor,
+    slots: Tensor,
+    sorted_tokens: Tensor,
+    tiles: Tensor,
+    segments: Tensor,
+    block_ms: list[int],
+    max_rank: int,
+) -> Tensor:
+    check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
+    with nvtx_range("milp::lora_shrink"):
+        if backend_for(x) == "torch":
+            from .ops.shrink import lora_shrink_torch
+
+            return lora_shrink_torch(x, lora_a, lora_scale, slots, sorted_tokens, segments, max_rank)
+        from .ops.shrink import lora_shrink
+
+        return lora_shrink(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
+
+
+@lora_shrink_op.register_fake
+def _(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank):
+    return x.new_empty(x.shape[0], max_rank, dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("milp::lora_expand_", mutates_args=("y",))
+def lora_expand_op(
+    y: Tensor,
+    t: Tensor,
+    lora_b: Tensor,
+    slots: Tensor,
+    sorted_tokens: Tensor,
+    tiles: Tensor,
+    segments: Tensor,
+    block_ms: list[int],
+) -> None:
+    check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("t", t, shape=(y.shape[0], None), dtypes=(acc_dtype(y.dtype),), device=y.device)
+    if y.stride(-1) != 1 or t.stride(-1) != 1:
+        raise ValueError("y and t must have unit stride in their last dimension")
+    # lora_b plays lora_a's role in the shared checks: [cap, N] rows against y's N columns
+    check_lora_args(y, lora_b, None, slots, sorted_tokens, tiles, segments, block_ms, t.shape[1])
+    with nvtx_range("milp::lora_expand"):
+        if backend_for(y) == "torch":
+            from .ops.expand import lora_expand_torch_
+
+            lora_expand_torch_(y, t, lora_b, slots, sorted_tokens, segments)
+            return
+        from .ops.expand import lora_expand_
+
+        lora_expand_(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms)
+
+
+@lora_expand_op.register_fake
+def _(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms):
+    return None

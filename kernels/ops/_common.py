@@ -1,0 +1,82 @@
+"""Pieces shared by the Triton kernels and their launchers."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import interpreting
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator / intermediate dtype for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_flags(dtype: torch.dtype) -> dict[str, object]:
+    """Constexpr flags of :func:`mma` for operands of ``dtype``.
+
+    ``UPCAST``: the Triton interpreter multiplies bf16 operands as their raw uint16 bits
+    (triton 3.9 ``create_dot``), so under ``TRITON_INTERPRET=1`` bf16 tiles are widened to
+    fp32 first (exact: a bf16×bf16 product fits fp32, and the accumulator is fp32 anyway).
+    ``IEEE``: full-precision fp32/fp64 products unless torch allows TF32 for matmuls.
+    """
+    ieee = dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    return {
+        "UPCAST": bool(interpreting() and dtype == torch.bfloat16),
+        "IEEE": bool(ieee),
+        "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
+    }
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + a @ b`` (see :func:`dot_flags`)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def load_tile_info(tiles_ptr, slots_ptr, pid):
+    """``(start, end, user, row_offset, rank)`` of tile ``pid``; rank 0 when the tile's user
+    has no adapter (user -1, or rank 0 at this layer)."""
+    start = tl.load(tiles_ptr + pid * 3)
+    end = tl.load(tiles_ptr + pid * 3 + 1)
+    user = tl.load(tiles_ptr + pid * 3 + 2)
+    safe = tl.maximum(user, 0)
+    offset = tl.load(slots_ptr + safe * 2)
+    rank = tl.load(slots_ptr + safe * 2 + 1)
+    rank = tl.where(user >= 0, rank, 0)
+    return start, end, user, offset, rank
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(max(1, int(n))))
+
+
+def active_segments(slots: torch.Tensor, sorted_tokens: torch.Tensor, segments: torch.Tensor):
+    """Yield ``(token indices, row offset, rank)`` of each segment whose user has an adapter.
+
+    Host loop over the plan (the torch path); reads the tables to the host once.
+    """
+    segs = segments.tolist()
+    slot_rows = slots.tolist()
+    for start, end, user in segs:
+        if user < 0 or end <= start:
+            continue
+        off, rank = slot_rows[user]
+        if rank <= 0:
+            continue
+        yield sorted_tokens[start:end].long(), off, rank

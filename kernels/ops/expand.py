@@ -1,0 +1,102 @@
+"""Expand-and-add: ``y[i] += t[i, :R_u] B_u`` for every token ``i`` of user ``u`` (in place).
+
+Grid: (tile, column block). Each program loads its tile's ``y`` once, adds the user's
+low-rank product accumulated over rank blocks in fp32, and writes ``y`` once; segments
+with no adapter exit at once and leave ``y`` untouched. ``t`` is the (already scaled)
+output of :mod:`kernels.ops.shrink`; it is cast to ``B``'s dtype for the tensor cores.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import nvtx_range
+from ..plan import tile_block
+from ..tuning import get_config
+from ._common import acc_dtype, active_segments, dot_flags, load_tile_info, mma
+
+__all__ = ["lora_expand_", "lora_expand_torch_"]
+
+
+@triton.jit
+def _expand_kernel(
+    t_ptr,        # [T, R_T] acc   scaled low-rank activations
+    b_ptr,        # [cap, N]       adapter rows
+    slots_ptr,    # [U, 2] int32   (row offset, rank); rank 0 = none
+    sorted_ptr,   # [T_cap] int32  token indices grouped by user
+    tiles_ptr,    # [n_tiles, 3]   (start, end, user)
+    y_ptr,        # [T, N]         updated in place
+    N,
+    stride_t, stride_b, stride_yt,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m)
+    if start >= end or rank == 0:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    row_mask = rows < end
+    tok = tl.load(sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for r0 in range(0, rank, BLOCK_R):
+        rr = r0 + offs_r
+        r_mask = rr < rank
+        tt = tl.load(t_ptr + tok[:, None] * stride_t + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        bt = tl.load(b_ptr + (offset + rr)[:, None].to(tl.int64) * stride_b + offs_n[None, :],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = mma(tt.to(bt.dtype), bt, acc, UPCAST, IEEE)
+    out = y_ptr + tok[:, None] * stride_yt + offs_n[None, :]
+    mask = row_mask[:, None] & n_mask[None, :]
+    y = tl.load(out, mask=mask, other=0.0)
+    tl.store(out, (y.to(ACC) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def lora_expand_(
+    y: torch.Tensor,
+    t: torch.Tensor,
+    lora_b: torch.Tensor,
+    slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    tiles: torch.Tensor,
+    segments: torch.Tensor,
+    block_ms: list[int],
+) -> torch.Tensor:
+    """Launch the expand kernel, adding into ``y`` (returned)."""
+    T, N = y.shape
+    max_rank = t.shape[1]
+    if T == 0 or max_rank == 0:
+        return y
+    cfg = get_config("expand", num_tokens=T, n=N, k=max_rank, max_rank=max_rank, dtype=y.dtype,
+                     device=y.device, block_ms=block_ms)
+    tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, cfg.block_m)
+    grid = (tiles_bm.shape[0], triton.cdiv(N, cfg.block_n))
+    with nvtx_range("milp::lora_expand"):
+        _expand_kernel[grid](
+            t, lora_b, slots, sorted_tokens, tiles_bm, y, N,
+            t.stride(0), lora_b.stride(0), y.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+            **dot_flags(y.dtype), **cfg.kwargs(),
+        )
+    return y
+
+
+def lora_expand_torch_(
+    y: torch.Tensor,
+    t: torch.Tensor,
+    lora_b: torch.Tensor,
+    slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    segments: torch.Tensor,
+) -> torch.Tensor:
+    """Torch implementation over the plan's segments (the CPU path); same contract."""
+    acc = acc_dtype(y.dtype)
+    for idx, off, rank in active_segments(slots, sorted_tokens, segments):
+        delta = t.index_select(0, idx)[:, :rank].to(acc) @ lora_b[off : off + rank].to(acc)
+        y[idx] = (y.index_select(0, idx).to(acc) + delta).to(y.dtype)
+    return y

@@ -1,0 +1,234 @@
+"""Fused base + multi-LoRA linear: ``y = x Wᵀ + b + Σ_u (s_u ⊙ (x_u A_uᵀ)) B_u`` in one launch.
+
+One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``y`` for ``BLOCK_M`` tokens of one
+segment (one user; the plan never lets a tile cross users). In its K loop each ``x`` tile
+is loaded once and multiplied by both the ``W`` tile and the user's ``A`` rows, so the
+low-rank product ``t = s ⊙ x Aᵀ`` lands in registers beside the base accumulator and is
+expanded by ``B`` before ``y`` is written: one read of ``x``, one write of ``y``.
+
+Ranks above ``FUSED_MAX_RANK`` would make the per-tile ``x Aᵀ`` (recomputed by every
+column block) cost more than it saves; there ``t`` is computed once by
+:mod:`kernels.ops.shrink` and the kernel loads it in its epilogue instead (``LOAD_T``).
+
+The same kernel computes the input gradient of the backward pass with the roles swapped:
+``dx = dy W + (s ⊙ dy Bᵀ) A`` is ``fused_linear(dy, Wᵀ, P=B, Q=A)`` (``weight_layout="kn"``),
+and its ``t`` output is what the grouped ``dA`` reduction needs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import nvtx_range
+from ..plan import tile_block
+from ..tuning import FUSED_MAX_RANK, get_config
+from ._common import acc_dtype, active_segments, dot_flags, load_tile_info, mma, next_pow2
+from .shrink import lora_shrink
+
+__all__ = ["fused_lora_linear", "fused_lora_linear_torch"]
+
+
+@triton.jit
+def _base_loop(x_rows, w_ptr, offs_n, n_mask, row_mask, K, stride_xk, stride_wn, stride_wk, acc,
+               BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        xt = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = mma(xt, wt, acc, UPCAST, IEEE)
+    return acc
+
+
+@triton.jit
+def _base_shrink_loop(x_rows, w_ptr, a_rows, offs_n, n_mask, row_mask, r_mask, K, stride_xk, stride_wn,
+                      stride_wk, acc, acc_t,
+                      BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        xt = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        at = tl.load(a_rows[None, :] + kk[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = mma(xt, wt, acc, UPCAST, IEEE)
+        acc_t = mma(xt, at, acc_t, UPCAST, IEEE)
+    return acc, acc_t
+
+
+@triton.jit
+def _fused_lora_linear_kernel(
+    x_ptr,        # [T, K]          input rows, token order
+    w_ptr,        # [N, K] | [K, N] base weight, element (n, k) at n*stride_wn + k*stride_wk
+    bias_ptr,     # [N]             (unused unless HAS_BIAS)
+    a_ptr,        # [cap, K]        shrink-side adapter rows (A forward, B backward)
+    b_ptr,        # [cap, N]        expand-side adapter rows (B forward, A backward)
+    scale_ptr,    # [cap]  fp32     per-rank-row scale s_j = alpha_j / r_j
+    slots_ptr,    # [U, 2] int32    (row offset, rank) per user; rank 0 = no adapter
+    sorted_ptr,   # [T_cap] int32   token indices grouped by user
+    tiles_ptr,    # [n_tiles, 3]    (start, end, user) per tile of <= BLOCK_M sorted rows
+    t_ptr,        # [T, R_T] acc    t = s * (x A^T): written if STORE_T, read if LOAD_T
+    y_ptr,        # [T, N]          output
+    n_tiles, K, N,
+    stride_xt, stride_xk, stride_wn, stride_wk, stride_a, stride_b, stride_t, stride_yt,
+    HAS_BIAS: tl.constexpr,
+    LOAD_T: tl.constexpr,
+    STORE_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
+):
+    # grouped ordering: GROUP_M consecutive row tiles share a column block (W tile reuse in L2)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(n_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m)
+    if start >= end:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    row_mask = rows < end
+    tok = tl.load(sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    x_rows = x_ptr + tok * stride_xt
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+
+    if LOAD_T:
+        acc = _base_loop(x_rows, w_ptr, offs_n, n_mask, row_mask, K, stride_xk, stride_wn, stride_wk, acc,
+                         BLOCK_K, UPCAST, IEEE)
+        if rank > 0:
+            offs_r = tl.arange(0, BLOCK_R)
+            for r0 in range(0, rank, BLOCK_R):
+                rr = r0 + offs_r
+                r_mask = rr < rank
+                tt = tl.load(t_ptr + tok[:, None] * stride_t + rr[None, :],
+                             mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+                bt = tl.load(b_ptr + (offset + rr)[:, None].to(tl.int64) * stride_b + offs_n[None, :],
+                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = mma(tt.to(bt.dtype), bt, acc, UPCAST, IEEE)
+    else:
+        if rank > 0:
+            offs_r = tl.arange(0, BLOCK_R)
+            r_mask = offs_r < rank
+            a_rows = a_ptr + (offset + offs_r).to(tl.int64) * stride_a
+            acc_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+            acc, acc_t = _base_shrink_loop(x_rows, w_ptr, a_rows, offs_n, n_mask, row_mask, r_mask, K,
+                                           stride_xk, stride_wn, stride_wk, acc, acc_t, BLOCK_K, UPCAST, IEEE)
+            s = tl.load(scale_ptr + offset + offs_r, mask=r_mask, other=0.0)
+            acc_t = acc_t * s[None, :].to(ACC)
+            if STORE_T:
+                if pid_n == 0:
+                    tl.store(t_ptr + tok[:, None] * stride_t + offs_r[None, :], acc_t,
+                             mask=row_mask[:, None] & r_mask[None, :])
+            bt = tl.load(b_ptr + (offset + offs_r)[:, None].to(tl.int64) * stride_b + offs_n[None, :],
+                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = mma(acc_t.to(bt.dtype), bt, acc, UPCAST, IEEE)
+        else:
+            acc = _base_loop(x_rows, w_ptr, offs_n, n_mask, row_mask, K, stride_xk, stride_wn, stride_wk, acc,
+                             BLOCK_K, UPCAST, IEEE)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        acc = acc + bias[None, :].to(ACC)
+    tl.store(y_ptr + tok[:, None] * stride_yt + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & n_mask[None, :])
+
+
+def fused_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    tiles: torch.Tensor,
+    segments: torch.Tensor,
+    block_ms: list[int],
+    max_rank: int,
+    *,
+    weight_layout: str = "nk",
+    store_t: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the fused kernel; returns ``(y [T, N], t [T, max_rank] or [0])``.
+
+    ``weight`` is ``[N, K]`` (``"nk"``, a ``nn.Linear`` weight) or ``[K, N]`` (``"kn"``).
+    Inputs are assumed validated by the op layer (:mod:`kernels.library`).
+    """
+    T, K = x.shape
+    N = weight.shape[0] if weight_layout == "nk" else weight.shape[1]
+    if weight_layout == "nk":
+        stride_wn, stride_wk = weight.stride(0), weight.stride(1)
+    else:
+        stride_wk, stride_wn = weight.stride(0), weight.stride(1)
+    y = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    acc = acc_dtype(x.dtype)
+    empty = torch.empty(0, dtype=acc, device=x.device)
+    if T == 0:
+        return y, (torch.zeros(0, max_rank, dtype=acc, device=x.device) if store_t else empty)
+
+    load_t = max_rank > FUSED_MAX_RANK
+    t = empty
+    if load_t:
+        t = lora_shrink(x, lora_a, scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
+    elif store_t:
+        t = torch.zeros(T, max_rank, dtype=acc, device=x.device)
+
+    cfg = get_config("fused_linear", num_tokens=T, n=N, k=K, max_rank=max_rank, dtype=x.dtype,
+                     device=x.device, block_ms=block_ms)
+    bm = cfg.block_m
+    tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, bm)
+    n_tiles = tiles_bm.shape[0]
+    block_r = cfg.block_r if load_t else next_pow2(max_rank)
+    grid = (n_tiles * triton.cdiv(N, cfg.block_n),)
+    with nvtx_range("milp::fused_lora_linear"):
+        _fused_lora_linear_kernel[grid](
+            x, weight, bias if bias is not None else y, lora_a, lora_b, scale, slots, sorted_tokens, tiles_bm,
+            t if t.numel() else y, y,
+            n_tiles, K, N,
+            x.stride(0), x.stride(1), stride_wn, stride_wk, lora_a.stride(0), lora_b.stride(0),
+            t.stride(0) if t.dim() == 2 else 0, y.stride(0),
+            HAS_BIAS=bias is not None, LOAD_T=load_t, STORE_T=bool(store_t and not load_t),
+            BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=8,
+            **dot_flags(x.dtype), **cfg.kwargs(),
+        )
+    return y, (t if store_t else empty)
+
+
+def fused_lora_linear_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    segments: torch.Tensor,
+    max_rank: int,
+    *,
+    weight_layout: str = "nk",
+    store_t: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch implementation over the plan's segments (the CPU path); same contract."""
+    w = weight if weight_layout == "nk" else weight.t()
+    acc = acc_dtype(x.dtype)
+    y = torch.nn.functional.linear(x, w, bias)
+    t = torch.zeros(x.shape[0], max_rank, dtype=acc, device=x.device) if store_t else x.new_empty(0, dtype=acc)
+    for idx, off, rank in active_segments(slots, sorted_tokens, segments):
+        tu = (x.index_select(0, idx).to(acc) @ lora_a[off : off + rank].to(acc).t()) * scale[off : off + rank].to(acc)
+        if store_t:
+            t[idx, :rank] = tu
+        delta = tu @ lora_b[off : off + rank].to(acc)
+        y[idx] = (y.index_select(0, idx).to(acc) + delta).to(y.dtype)
+    return y, t

@@ -1,0 +1,120 @@
+"""Shrink: ``t[i, :R_u] = s_u ⊙ (x_i A_uᵀ)`` for every token ``i`` of user ``u``.
+
+Grid: (tile, rank block, K split). A tile is ``≤ BLOCK_M`` sorted rows of one user, so
+each program multiplies a ``[BLOCK_M, K]`` slice of ``x`` by ``BLOCK_R`` rows of that
+user's ``A`` (segments with no adapter exit at once). For decode-shaped batches (a token
+or two per user, ``K`` in the thousands) the work per tile is tiny and bandwidth-bound,
+so ``K`` is split across ``SPLIT_K`` programs that accumulate with atomics into a zeroed
+fp32 ``t``: enough programs stream the users' ``A`` rows to fill the memory system.
+
+``t`` is ``[T, R_T]`` (``R_T`` = the bank's largest rank) in the accumulator dtype;
+columns at or past a token's rank stay zero.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import nvtx_range
+from ..plan import tile_block
+from ..tuning import get_config
+from ._common import acc_dtype, active_segments, dot_flags, load_tile_info, mma
+
+__all__ = ["lora_shrink", "lora_shrink_torch"]
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,        # [T, K]        input rows, token order
+    a_ptr,        # [cap, K]      adapter rows
+    scale_ptr,    # [cap] fp32    per-rank-row scale
+    slots_ptr,    # [U, 2] int32  (row offset, rank); rank 0 = none
+    sorted_ptr,   # [T_cap] int32 token indices grouped by user
+    tiles_ptr,    # [n_tiles, 3]  (start, end, user)
+    t_ptr,        # [T, R_T] acc  output (zeroed beforehand when SPLIT_K > 1)
+    K,
+    stride_xt, stride_xk, stride_a, stride_t,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m)
+    if start >= end or pid_r * BLOCK_R >= rank:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    row_mask = rows < end
+    tok = tl.load(sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    a_rows = a_ptr + (offset + offs_r).to(tl.int64) * stride_a
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :] * stride_xk,
+                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_rows[None, :] + kk[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = mma(xt, at, acc, UPCAST, IEEE)
+    s = tl.load(scale_ptr + offset + offs_r, mask=r_mask, other=0.0)
+    acc = acc * s[None, :].to(ACC)
+    out = t_ptr + tok[:, None] * stride_t + offs_r[None, :]
+    mask = row_mask[:, None] & r_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask)
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    scale: torch.Tensor,
+    slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    tiles: torch.Tensor,
+    segments: torch.Tensor,
+    block_ms: list[int],
+    max_rank: int,
+) -> torch.Tensor:
+    """Launch the shrink kernel; returns ``t [T, max_rank]`` (accumulator dtype)."""
+    T, K = x.shape
+    t = torch.zeros(T, max_rank, dtype=acc_dtype(x.dtype), device=x.device)
+    if T == 0 or max_rank == 0:
+        return t
+    cfg = get_config("shrink", num_tokens=T, n=max_rank, k=K, max_rank=max_rank, dtype=x.dtype,
+                     device=x.device, block_ms=block_ms)
+    tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, cfg.block_m)
+    split_k = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
+    grid = (tiles_bm.shape[0], triton.cdiv(max_rank, cfg.block_r), split_k)
+    with nvtx_range("milp::lora_shrink"):
+        _shrink_kernel[grid](
+            x, lora_a, scale, slots, sorted_tokens, tiles_bm, t, K,
+            x.stride(0), x.stride(1), lora_a.stride(0), t.stride(0),
+            SPLIT_K=split_k, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
+            **dot_flags(x.dtype), **cfg.kwargs(),
+        )
+    return t
+
+
+def lora_shrink_torch(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    scale: torch.Tensor,
+    slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    segments: torch.Tensor,
+    max_rank: int,
+) -> torch.Tensor:
+    """Torch implementation over the plan's segments (the CPU path); same contract."""
+    acc = acc_dtype(x.dtype)
+    t = torch.zeros(x.shape[0], max_rank, dtype=acc, device=x.device)
+    for idx, off, rank in active_segments(slots, sorted_tokens, segments):
+        t[idx, :rank] = (x.index_select(0, idx).to(acc) @ lora_a[off : off + rank].to(acc).t()) * scale[
+            off : off + rank
+        ].to(acc)
+    return t

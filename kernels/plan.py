@@ -1,0 +1,204 @@
+"""Batch plan: token → user ids turned once per batch into sorted segments and tile schedules.
+
+Every multi-LoRA linear of a model sees the same batch, so the plan is built once per
+batch and reused by every layer (each layer's :class:`~kernels.bank.AdapterBank` maps a
+user id to its own rows; a user without adapters at a layer has rank 0 there).
+
+All buffers have a fixed capacity and are rewritten in place by :meth:`BatchPlan.update`
+with device-side torch ops only (no host synchronisation when ``validate=False``), so a
+CUDA graph captured over ``update`` + the model stays valid across batches.
+
+Layout (all ``int32``)::
+
+    sorted_tokens [max_tokens]            token indices grouped by user (stable), tail = 0
+    segments      [max_segments, 3]       (start, end, user) in sorted order; unused: (0, 0, -1)
+    tiles         [Σ_bm max_tiles(bm), 3] per BLOCK_M in ``block_ms``, consecutive blocks of
+                                          (start, end, user) tiles of ≤ bm rows that never cross
+                                          a segment; unused tiles are empty (start == end)
+
+``user = -1`` marks the segment of tokens with no adapter (base output only).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._checks import check_positive_int, check_tensor
+
+__all__ = ["BatchPlan", "max_tiles", "tile_block", "DEFAULT_BLOCK_MS"]
+
+DEFAULT_BLOCK_MS: tuple[int, ...] = (16, 32, 64, 128)
+
+
+def max_tiles(max_tokens: int, max_segments: int, block_m: int) -> int:
+    """Upper bound on the tiles of ``block_m`` rows that segments of ``max_tokens`` tokens need."""
+    return -(-max_tokens // block_m) + max_segments
+
+
+def tile_block(
+    tiles: torch.Tensor, sorted_tokens: torch.Tensor, segments: torch.Tensor, block_ms: Sequence[int], block_m: int
+) -> torch.Tensor:
+    """The ``[max_tiles(block_m), 3]`` rows of a plan's concatenated ``tiles`` for ``block_m``.
+
+    The layout follows from the capacities alone (``sorted_tokens.numel()`` tokens,
+    ``segments.shape[0]`` segments), so the ops can slice it without the plan object.
+    """
+    off = 0
+    for bm in block_ms:
+        n = max_tiles(sorted_tokens.numel(), segments.shape[0], bm)
+        if bm == block_m:
+            if off + n > tiles.shape[0]:
+                raise ValueError(f"tiles has {tiles.shape[0]} rows, fewer than block_ms={list(block_ms)} need")
+            return tiles[off : off + n]
+        off += n
+    raise ValueError(f"block_m={block_m} is not one of the plan's block_ms {list(block_ms)}")
+
+
+class BatchPlan:
+    """Sorted segments and tile schedules of one batch, in fixed-capacity device buffers.
+
+    Args:
+        max_tokens: capacity in tokens (a batch may have fewer).
+        max_users: size of the user-id space (ids ``0 .. max_users-1``; ``-1`` = no adapter).
+        device: where the buffers live (that of the activations).
+        block_ms: the tile heights the kernels may use; a schedule is kept for each.
+
+    Example:
+        >>> plan = BatchPlan.build(torch.tensor([1, -1, 0, 1]), max_users=2)
+        >>> plan.segments[: plan.num_segments_host()].tolist()
+        [[0, 1, -1], [1, 2, 0], [2, 4, 1]]
+    """
+
+    def __init__(
+        self,
+        max_tokens: int,
+        max_users: int,
+        *,
+        device: torch.device | str | None = None,
+        block_ms: Sequence[int] = DEFAULT_BLOCK_MS,
+    ) -> None:
+        check_positive_int("max_tokens", max_tokens)
+        check_positive_int("max_users", max_users)
+        block_ms = tuple(int(b) for b in block_ms)
+        if not block_ms or any(b < 1 or b & (b - 1) for b in block_ms) or len(set(block_ms)) != len(block_ms):
+            raise ValueError(f"block_ms must be distinct powers of two, got {block_ms}")
+        self.max_tokens = max_tokens
+        self.max_users = max_users
+        self.max_segments = min(max_users, max_tokens) + 1
+        self.block_ms = block_ms
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        dev = self.device
+        self.num_tokens = 0
+        self.sorted_tokens = torch.zeros(max_tokens, dtype=torch.int32, device=dev)
+        self.segments = torch.zeros(self.max_segments, 3, dtype=torch.int32, device=dev)
+        self.segments[:, 2] = -1
+        self._tile_offsets: dict[int, tuple[int, int]] = {}
+        total = 0
+        for bm in block_ms:
+            n = max_tiles(max_tokens, self.max_segments, bm)
+            self._tile_offsets[bm] = (total, n)
+            total += n
+        self.tiles = torch.zeros(total, 3, dtype=torch.int32, device=dev)
+        self.tiles[:, 2] = -1
+        # constants reused by every update (kept so update() allocates little)
+        self._user_range = torch.arange(-1, max_users, dtype=torch.int32, device=dev)  # [U+1]
+
+    # ----------------------------------------------------------- construction
+    @classmethod
+    def build(
+        cls,
+        token_user: torch.Tensor,
+        max_users: int,
+        *,
+        block_ms: Sequence[int] = DEFAULT_BLOCK_MS,
+        validate: bool = True,
+    ) -> BatchPlan:
+        """A plan sized exactly for ``token_user`` (``[T]`` ids, ``-1`` = no adapter)."""
+        check_tensor("token_user", token_user, ndim=1)
+        plan = cls(max(1, token_user.numel()), max_users, device=token_user.device, block_ms=block_ms)
+        return plan.update(token_user, validate=validate)
+
+    def update(self, token_user: torch.Tensor, *, validate: bool = True) -> BatchPlan:
+        """Rewrite the buffers for a new batch in place.
+
+        ``token_user``: ``[T]`` integer user ids (``-1`` = base only), ``T <= max_tokens``,
+        on the plan's device. ``validate=True`` checks the id range (one host sync);
+        pass ``False`` inside CUDA-graph capture.
+        """
+        check_tensor("token_user", token_user, ndim=1)
+        if token_user.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"token_user must be an integer tensor, got {token_user.dtype}")
+        if token_user.device != self.device:
+            raise ValueError(f"token_user must be on {self.device} (the plan's device), got {token_user.device}")
+        n = token_user.numel()
+        if n > self.max_tokens:
+            raise ValueError(f"token_user has {n} tokens, more than the plan's max_tokens={self.max_tokens}")
+        if validate and n:
+            lo, hi = int(token_user.min()), int(token_user.max())
+            if lo < -1 or hi >= self.max_users:
+                raise ValueError(
+                    f"token_user ids must be in [-1, {self.max_users}) (max_users={self.max_users}), "
+                    f"got values in [{lo}, {hi}]"
+                )
+        self.num_tokens = n
+        dev = self.device
+        U1 = self.max_users + 1
+        S = self.max_segments
+        key = token_user.to(torch.int64) + 1  # [T] in [0, U]
+        # stable sort groups tokens by user, keeping their order inside a user
+        _, order = torch.sort(key, stable=True)
+        self.sorted_tokens.zero_()
+        self.sorted_tokens[:n] = order.to(torch.int32)
+
+        counts = torch.zeros(U1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+        ends = torch.cumsum(counts, 0)
+        starts = ends - counts
+        active = counts > 0
+        pos = torch.cumsum(active.to(torch.int64), 0) - 1
+        dst = torch.where(active, pos, torch.full_like(pos, S))  # inactive users go to a dump row
+        seg = torch.zeros(S + 1, 3, dtype=torch.int32, device=dev)
+        seg[:, 2] = -1
+        seg.index_copy_(0, dst, torch.stack([starts, ends, self._user_range.to(torch.int64)], 1).to(torch.int32))
+        # every inactive user was written to the dump row S; active ones fill rows 0..n_active-1
+        # in user order and the rest keep (0, 0, -1)
+        seg = seg[:S]
+        self.segments.copy_(seg)
+
+        seg_len = (seg[:, 1] - seg[:, 0]).to(torch.int64)  # [S]
+        for bm, (off, cap) in self._tile_offsets.items():
+            per_seg = (seg_len + bm - 1) // bm  # [S]
+            cum = torch.cumsum(per_seg, 0)
+            t = torch.arange(cap, device=dev, dtype=torch.int64)
+            sid = torch.searchsorted(cum, t, right=True).clamp_(max=S - 1)  # [cap]
+            first = cum[sid] - per_seg[sid]
+            start = seg[sid, 0].to(torch.int64) + (t - first) * bm
+            end = torch.minimum(start + bm, seg[sid, 1].to(torch.int64))
+            live = t < cum[-1]
+            start = torch.where(live, start, torch.zeros_like(start))
+            end = torch.where(live, end, torch.zeros_like(end))
+            user = torch.where(live, seg[sid, 2].to(torch.int64), torch.full_like(start, -1))
+            self.tiles[off : off + cap] = torch.stack([start, end, user], 1).to(torch.int32)
+        return self
+
+    # ---------------------------------------------------------------- access
+    def tiles_for(self, block_m: int) -> torch.Tensor:
+        """The ``[max_tiles(block_m), 3]`` schedule for tiles of ``block_m`` rows."""
+        return tile_block(self.tiles, self.sorted_tokens, self.segments, self.block_ms, block_m)
+
+    def num_segments_host(self) -> int:
+        """Number of non-empty segments (host sync; for inspection and tests)."""
+        return int((self.segments[:, 1] > self.segments[:, 0]).sum())
+
+    def token_user_host(self) -> torch.Tensor:
+        """Reconstruct the ``[T]`` user ids (host sync; for inspection and tests)."""
+        out = torch.full((self.num_tokens,), -1, dtype=torch.int64)
+        segs = self.segments.cpu().tolist()
+        sorted_tokens = self.sorted_tokens.cpu()
+        for start, end, user in segs:
+            out[sorted_tokens[start:end].long()] = user
+        return out
+
+    def as_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """``(sorted_tokens, tiles, segments, block_ms)``: the plan as the ops take it."""
+        return self.sorted_tokens, self.tiles, self.segments, list(self.block_ms)

