@@ -10,9 +10,10 @@ The rule, for every op:
 ``MILP_KERNELS`` = ``auto`` (default) | ``triton`` | ``torch`` sets the process
 default; :func:`use_backend` overrides it for a block of code.
 
-NVTX: set ``MILP_NVTX=1`` and every op pushes a named range (``milp::<op>``),
-visible in ``nsys`` timelines and, through ``record_function``, in
-``torch.profiler`` traces.
+NVTX: set ``MILP_NVTX=1`` and every op pushes a named range (``milp.<op>``, e.g.
+``milp.lora_linear``) and every Triton launch another (``milp.kernel.<kernel>``),
+visible in ``nsys`` timelines and, through ``record_function``, in ``torch.profiler``
+traces (where the dispatcher also records the ops themselves as ``milp::<op>``).
 """
 from __future__ import annotations
 
@@ -24,7 +25,15 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["interpreting", "triton_available", "use_backend", "backend_for", "nvtx_enabled", "nvtx_range"]
+__all__ = [
+    "interpreting",
+    "triton_available",
+    "use_backend",
+    "backend_for",
+    "nvtx_enabled",
+    "nvtx_range",
+    "set_interpreter_overflow_checks",
+]
 
 _VALID = ("auto", "triton", "torch")
 _local = threading.local()
@@ -43,6 +52,23 @@ def triton_available() -> bool:
     except Exception:  # pragma: no cover - platform without triton
         return False
     return True
+
+
+def set_interpreter_overflow_checks(enabled: bool) -> bool:
+    """Turn the Triton interpreter's int32-overflow assertions on or off; returns the old value.
+
+    The interpreter checks every int32 add/sub/mul for overflow by default, which is what
+    compiled kernels do only in debug mode, and it dominates interpreted run time. Test
+    suites switch it off for speed and keep a dedicated test with it on.
+    """
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    old = builder.options.sanitize_overflow
+    builder.options = dataclasses.replace(builder.options, sanitize_overflow=bool(enabled))
+    return old
 
 
 def _default_backend() -> str:

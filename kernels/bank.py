@@ -90,6 +90,7 @@ class AdapterBank(torch.nn.Module):
         self.register_buffer("slots", torch.zeros(max_users, 2, dtype=torch.int32, device=device))
         self._segments: dict[int, AdapterSegment] = {}
         self._free: list[tuple[int, int]] = [(0, capacity)] if capacity else []  # (start, length)
+        self._max_rank = 0  # kept up to date by add/remove: read on every forward (and by torch.compile)
         self.version = 0
 
     # ------------------------------------------------------------------ info
@@ -108,7 +109,7 @@ class AdapterBank(torch.nn.Module):
     @property
     def max_rank(self) -> int:
         """Largest total rank of any user in the bank (0 when empty). Host value, no sync."""
-        return max((s.rank for s in self._segments.values()), default=0)
+        return self._max_rank
 
     @property
     def users(self) -> list[int]:
@@ -180,6 +181,7 @@ class AdapterBank(torch.nn.Module):
         offset = self._allocate(total)
         seg = AdapterSegment(offset, tuple(ranks), tuple(alphas))
         self._segments[user] = seg
+        self._max_rank = max(self._max_rank, total)
         with torch.no_grad():
             self.scale[offset : offset + total] = torch.tensor(
                 [s for s, r in zip(seg.scales, ranks) for _ in range(r)], dtype=torch.float32
@@ -193,6 +195,7 @@ class AdapterBank(torch.nn.Module):
         """Drop ``user``'s adapters at this layer; its rows return to the free list."""
         self._check_user(user, must_exist=True)
         seg = self._segments.pop(user)
+        self._max_rank = max((s.rank for s in self._segments.values()), default=0)
         with torch.no_grad():
             self.slots[user].zero_()
             self.scale[seg.offset : seg.offset + seg.rank] = 0

@@ -60,8 +60,12 @@ def check_lora_args(
     bias: Tensor | None = None,
     lora_b: Tensor | None = None,
     n: int | None = None,
+    values: bool = True,
 ) -> None:
-    """Validate the shared arguments of the ops; errors name the argument and the expectation."""
+    """Validate the shared arguments of the ops; errors name the argument and the expectation.
+
+    ``values=False`` skips the checks that read tensor contents (fake/meta tensors).
+    """
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     dev = x.device
     T, K = x.shape
@@ -99,7 +103,7 @@ def check_lora_args(
         raise ValueError("block_ms must list the plan's tile heights")
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0:
         raise ValueError(f"max_rank must be an int >= 0, got {max_rank!r}")
-    if _values_checked(x):
+    if values and _values_checked(x):
         if lora_scale is not None and not torch.isfinite(lora_scale).all():
             raise ValueError("lora_scale contains NaN or inf")
         if slots.numel():
@@ -135,7 +139,7 @@ def lora_linear_op(
 ) -> tuple[Tensor, Tensor]:
     check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
                     weight=weight, bias=bias, lora_b=lora_b)
-    with nvtx_range("milp::lora_linear"):
+    with nvtx_range("milp.lora_linear"):
         if backend_for(x) == "torch":
             from .ops.fused_linear import fused_lora_linear_torch
 
@@ -159,7 +163,7 @@ def lora_linear_op(
 @lora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, save_t):
     check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
-                    weight=weight, bias=bias, lora_b=lora_b)
+                    weight=weight, bias=bias, lora_b=lora_b, values=False)
     t = x.new_empty(x.shape[0], max_rank, dtype=acc_dtype(x.dtype)) if save_t else x.new_empty(0, dtype=acc_dtype(x.dtype))
     return x.new_empty(x.shape[0], weight.shape[0]), t
 
@@ -189,7 +193,7 @@ def lora_linear_backward_op(
     dy = dy.contiguous()
     cap = lora_a.shape[0]
     torch_path = backend_for(x) == "torch"
-    with nvtx_range("milp::lora_linear_backward"):
+    with nvtx_range("milp.lora_linear_backward"):
         if torch_path:
             from .ops.fused_linear import fused_lora_linear_torch as fused
             from .ops.grad_weights import lora_grad_weights_torch as grads
@@ -284,7 +288,7 @@ def lora_shrink_op(
     max_rank: int,
 ) -> Tensor:
     check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
-    with nvtx_range("milp::lora_shrink"):
+    with nvtx_range("milp.lora_shrink"):
         if backend_for(x) == "torch":
             from .ops.shrink import lora_shrink_torch
 
@@ -316,7 +320,7 @@ def lora_expand_op(
         raise ValueError("y and t must have unit stride in their last dimension")
     # lora_b plays lora_a's role in the shared checks: [cap, N] rows against y's N columns
     check_lora_args(y, lora_b, None, slots, sorted_tokens, tiles, segments, block_ms, t.shape[1])
-    with nvtx_range("milp::lora_expand"):
+    with nvtx_range("milp.lora_expand"):
         if backend_for(y) == "torch":
             from .ops.expand import lora_expand_torch_
 

@@ -1,7 +1,9 @@
 """Test-wide setup: without a GPU, Triton kernels run in the interpreter.
 
 ``TRITON_INTERPRET`` must be set before triton decorates any kernel, so it is set here,
-before the packages under test are imported.
+before the packages under test are imported. The interpreter's int32-overflow assertions
+(debug-mode checks on a GPU) are switched off for speed, except in the test that turns
+them back on (``tests/kernels/test_library.py``) or with ``MILP_SANITIZE_OVERFLOW=1``.
 """
 import os
 
@@ -10,3 +12,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("MILP_SANITIZE_OVERFLOW", "0") != "1":
+    from kernels._backend import set_interpreter_overflow_checks
+
+    set_interpreter_overflow_checks(False)

@@ -76,7 +76,7 @@ def lora_expand_(
                      device=y.device, block_ms=block_ms)
     tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, cfg.block_m)
     grid = (tiles_bm.shape[0], triton.cdiv(N, cfg.block_n))
-    with nvtx_range("milp::lora_expand"):
+    with nvtx_range("milp.kernel.lora_expand"):
         _expand_kernel[grid](
             t, lora_b, slots, sorted_tokens, tiles_bm, y, N,
             t.stride(0), lora_b.stride(0), y.stride(0),

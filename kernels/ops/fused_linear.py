@@ -191,7 +191,7 @@ def fused_lora_linear(
     n_tiles = tiles_bm.shape[0]
     block_r = cfg.block_r if load_t else next_pow2(max_rank)
     grid = (n_tiles * triton.cdiv(N, cfg.block_n),)
-    with nvtx_range("milp::fused_lora_linear"):
+    with nvtx_range("milp.kernel.fused_lora_linear"):
         _fused_lora_linear_kernel[grid](
             x, weight, bias if bias is not None else y, lora_a, lora_b, scale, slots, sorted_tokens, tiles_bm,
             t if t.numel() else y, y,

@@ -98,7 +98,7 @@ def lora_grad_weights(
     cfg = get_config("grad_weights", num_tokens=T, n=N, k=K, max_rank=max_rank, dtype=x.dtype, device=x.device)
     bc = cfg.block_n
     grid = (segments.shape[0], triton.cdiv(max_rank, cfg.block_r), triton.cdiv(K, bc) + triton.cdiv(N, bc))
-    with nvtx_range("milp::lora_grad_weights"):
+    with nvtx_range("milp.kernel.lora_grad_weights"):
         _grad_weights_kernel[grid](
             x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, da, db, K, N,
             x.stride(0), dy.stride(0), t_bwd.stride(0), t_fwd.stride(0), da.stride(0), db.stride(0),

@@ -91,7 +91,7 @@ def lora_shrink(
     tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, cfg.block_m)
     split_k = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
     grid = (tiles_bm.shape[0], triton.cdiv(max_rank, cfg.block_r), split_k)
-    with nvtx_range("milp::lora_shrink"):
+    with nvtx_range("milp.kernel.lora_shrink"):
         _shrink_kernel[grid](
             x, lora_a, scale, slots, sorted_tokens, tiles_bm, t, K,
             x.stride(0), x.stride(1), lora_a.stride(0), t.stride(0),

@@ -1,0 +1,218 @@
+"""The torch.library ops: opcheck, torch.compile, NVTX names, bad input, transformers coexistence."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels import AdapterBank, BatchPlan, lora_linear, use_backend
+from kernels._backend import interpreting, set_interpreter_overflow_checks
+from kernels.reference import lora_linear_ref
+
+from .cases import make_case, rel_err
+
+
+def _op_args(case, save_t=True):
+    sorted_tokens, tiles, segments, block_ms = case.plan.as_args()
+    bank = case.bank
+    return (case.x, case.w, case.b, bank.lora_a, bank.lora_b, bank.scale, bank.slots, sorted_tokens, tiles,
+            segments, block_ms, bank.max_rank, save_t)
+
+
+def test_opcheck_lora_linear(device):
+    # schema, fake (meta) impl, autograd registration and dispatch, on the path this device takes
+    case = make_case(9, 8, 10, {0: [2, 3], 1: [4]}, max_users=3, dtype=torch.float64, device=device)
+    case.x.requires_grad_(True)
+    case.bank.lora_a.requires_grad_(True)
+    torch.library.opcheck(torch.ops.milp.lora_linear.default, _op_args(case))
+    sorted_tokens, tiles, segments, block_ms = case.plan.as_args()
+    bank = case.bank
+    torch.library.opcheck(torch.ops.milp.lora_shrink.default,
+                          (case.x.detach(), bank.lora_a.detach(), bank.scale, bank.slots, sorted_tokens, tiles,
+                           segments, block_ms, bank.max_rank))
+    y = torch.randn(9, 10, dtype=torch.float64, device=device)
+    t = torch.randn(9, bank.max_rank, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.milp.lora_expand_.default,
+                          (y, t, bank.lora_b.detach(), bank.slots, sorted_tokens, tiles, segments, block_ms))
+
+
+class _TwoLayer(torch.nn.Module):
+    """A gated FFN where all three linears carry per-user adapters (LLaMA's MLP)."""
+
+    def __init__(self, hidden, inner, max_users):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.gate = torch.nn.Linear(hidden, inner, bias=False)
+        self.up = torch.nn.Linear(hidden, inner, bias=False)
+        self.down = torch.nn.Linear(inner, hidden, bias=False)
+        self.banks = torch.nn.ModuleDict()
+        for name, (k, n) in {"gate": (hidden, inner), "up": (hidden, inner), "down": (inner, hidden)}.items():
+            bank = AdapterBank(k, n, max_users=max_users)
+            bank.add(0, [4, 2], init="random", generator=g)
+            bank.add(2, [8], init="random", generator=g)
+            self.banks[name] = bank
+
+    def forward(self, x, plan):
+        g = lora_linear(x, self.gate.weight, None, self.banks["gate"], plan)
+        u = lora_linear(x, self.up.weight, None, self.banks["up"], plan)
+        return lora_linear(torch.nn.functional.silu(g) * u, self.down.weight, None, self.banks["down"], plan)
+
+
+def test_torch_compile_fullgraph_forward_and_backward(device):
+    torch._dynamo.reset()
+    model = _TwoLayer(16, 24, 3).to(device)
+    ids = torch.tensor([0, 2, -1, 0, 1, 2, 2], device=device)
+    plan = BatchPlan.build(ids, 3)
+    x = torch.randn(7, 16, device=device, requires_grad=True)
+    eager = model(x, plan)
+    eager.square().sum().backward()
+    grads_eager = [x.grad.clone()] + [model.banks[n].lora_a.grad.clone() for n in ("gate", "up", "down")]
+    x.grad = None
+    model.zero_grad()
+    # inductor (a C++ toolchain on CPU); the op stays one opaque node in the graph
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    out = compiled(x, plan)
+    torch.testing.assert_close(out, eager)
+    out.square().sum().backward()
+    grads = [x.grad] + [model.banks[n].lora_a.grad for n in ("gate", "up", "down")]
+    for a, b in zip(grads, grads_eager):
+        torch.testing.assert_close(a, b)
+    # a new batch with the same shapes reuses the compiled graph
+    plan.update(torch.tensor([2, 2, 2, 0, 0, -1, -1], device=device))
+    torch.testing.assert_close(compiled(x, plan), model(x, plan))
+
+
+@pytest.mark.parametrize("T", [5, 80])  # decode path, fused path
+def test_nvtx_ranges_show_in_profiler(monkeypatch, device, T):
+    case = make_case(T, 8, 10, {0: [2]}, max_users=1, device=device)
+    with use_backend("triton"):
+        monkeypatch.setenv("MILP_NVTX", "1")
+        with torch.profiler.profile() as prof:
+            lora_linear(case.x, case.w, case.b, case.bank, case.plan)
+        names = {e.name for e in prof.events()}
+        assert "milp.lora_linear" in names
+        kernel = "milp.kernel.lora_shrink" if T <= kernels.DECODE_MAX_TOKENS else "milp.kernel.fused_lora_linear"
+        assert kernel in names
+        monkeypatch.setenv("MILP_NVTX", "0")
+        with torch.profiler.profile() as prof:
+            lora_linear(case.x, case.w, case.b, case.bank, case.plan)
+        assert not {e.name for e in prof.events() if e.name.startswith("milp.")}
+
+
+@pytest.mark.skipif(not interpreting(), reason="checks the interpreter's int32 overflow assertions")
+def test_kernels_pass_with_interpreter_overflow_checks_on():
+    old = set_interpreter_overflow_checks(True)
+    try:
+        with use_backend("triton"):
+            for T in (5, 70):  # decode path and fused path
+                case = make_case(T, 20, 24, {0: [4], 1: [8, 200]}, max_users=3, seed=T)
+                x = case.x.clone().requires_grad_(True)
+                y = lora_linear(x, case.w, case.b, case.bank, case.plan)
+                y.sum().backward()
+                bank = case.bank
+                ref = lora_linear_ref(case.x, case.w, case.b, bank.lora_a, bank.lora_b, bank.scale, bank.slots,
+                                      case.ids)
+                assert rel_err(y, ref) < 2e-5
+    finally:
+        set_interpreter_overflow_checks(old)
+
+
+# --------------------------------------------------------------------------- bad input
+def _raw(case, **over):
+    args = dict(zip(
+        ["x", "weight", "bias", "lora_a", "lora_b", "lora_scale", "slots", "sorted_tokens", "tiles", "segments",
+         "block_ms", "max_rank", "save_t"], _op_args(case, save_t=False)))
+    args.update(over)
+    return torch.ops.milp.lora_linear(*args.values())
+
+
+@pytest.mark.parametrize(
+    "over, exc, match",
+    [
+        (lambda c: {"x": c.x[:, :7].contiguous()}, ValueError, r"weight must have shape \[N, 7\]"),
+        (lambda c: {"x": c.x.double()}, TypeError, "weight must have dtype in"),
+        (lambda c: {"x": c.x.long()}, TypeError, "x must have dtype in"),
+        (lambda c: {"x": c.x[0]}, ValueError, "x must be 2-D"),
+        (lambda c: {"bias": c.b[:3]}, ValueError, r"bias must have shape \[10\]"),
+        (lambda c: {"lora_a": c.bank.lora_a[:, :5]}, ValueError, "lora_a must have shape"),
+        (lambda c: {"lora_b": c.bank.lora_b.half()}, TypeError, "lora_b must have dtype"),
+        (lambda c: {"lora_scale": c.bank.scale.double()}, TypeError, "lora_scale must have dtype in"),
+        (lambda c: {"lora_scale": torch.full_like(c.bank.scale, math.nan)}, ValueError, "lora_scale contains NaN"),
+        (lambda c: {"slots": c.bank.slots.long()}, TypeError, "slots must have dtype in"),
+        (lambda c: {"slots": _slots_with(c, 0, rank=0 - 3)}, ValueError, "ranks >= 0"),
+        (lambda c: {"slots": _slots_with(c, 0, offset=c.bank.capacity)}, ValueError, "past lora_a"),
+        (lambda c: {"max_rank": 1}, ValueError, "max_rank=1 is smaller"),
+        (lambda c: {"max_rank": -1}, ValueError, "max_rank must be an int >= 0"),
+        (lambda c: {"sorted_tokens": c.plan.sorted_tokens[:2]}, ValueError, "fewer than x's"),
+        (lambda c: {"segments": c.plan.segments[:, :2].contiguous()}, ValueError, "segments and tiles"),
+        (lambda c: {"block_ms": []}, ValueError, "block_ms"),
+        (lambda c: {"x": c.x.t().contiguous().t()}, ValueError, "unit stride"),
+    ],
+)
+def test_bad_raw_op_input(over, exc, match):
+    case = make_case(9, 8, 10, {0: [2, 3], 1: [4]}, max_users=3)
+    with pytest.raises(exc, match=match):
+        _raw(case, **over(case))
+
+
+def _slots_with(case, user, offset=None, rank=None):
+    slots = case.bank.slots.clone()
+    if offset is not None:
+        slots[user, 0] = offset
+    if rank is not None:
+        slots[user, 1] = rank
+    return slots
+
+
+def test_bad_wrapper_input():
+    case = make_case(9, 8, 10, {0: [2, 3], 1: [4]}, max_users=3)
+    with pytest.raises(ValueError, match="plan was built for 9"):
+        lora_linear(case.x[:5], case.w, case.b, case.bank, case.plan)
+    with pytest.raises(ValueError, match="bank.in_features"):
+        lora_linear(torch.randn(9, 6), case.w[:, :6], case.b, case.bank, case.plan)
+    with pytest.raises(TypeError, match="bank must be an AdapterBank"):
+        lora_linear(case.x, case.w, case.b, "bank", case.plan)
+    with pytest.raises(TypeError, match="plan must be a BatchPlan"):
+        lora_linear(case.x, case.w, case.b, case.bank, None)
+    small = AdapterBank(8, 10, max_users=2)
+    with pytest.raises(ValueError, match="exceeds bank.max_users"):
+        lora_linear(case.x, case.w, case.b, small, case.plan)
+    with pytest.raises(ValueError, match=r"token_user ids must be in \[-1, 3\)"):
+        BatchPlan.build(torch.tensor([0, 3]), 3)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="weight must be on"):
+            lora_linear(case.x, case.w.cuda(), case.b, case.bank, case.plan)
+
+
+def test_backend_selection(monkeypatch):
+    x = torch.zeros(1)
+    with use_backend("torch"):
+        assert kernels.backend_for(x) == "torch"
+    monkeypatch.setenv("MILP_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="MILP_KERNELS"):
+        kernels.backend_for(x)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with use_backend("cuda"):
+            pass
+
+
+def test_transformers_still_works_with_our_kernels_package_installed():
+    # transformers probes for Hugging Face's `kernels` package; ours must not be mistaken for it
+    code = (
+        "import transformers, kernels\n"
+        "from transformers.utils import import_utils as iu\n"
+        "assert not iu.is_kernels_available(), 'transformers thinks HF kernels is installed'\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,\n"
+        "                  num_attention_heads=2, num_key_value_heads=1)\n"
+        "import torch\n"
+        "m = LlamaForCausalLM(cfg)\n"
+        "print(m(torch.tensor([[1, 2, 3]])).logits.shape)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([1, 3, 64])" in out.stdout

@@ -1,0 +1,110 @@
+"""Forward of milp::lora_linear (fused kernel, decode path, torch path) against float64."""
+import pytest
+import torch
+
+from kernels import DECODE_MAX_TOKENS, FUSED_MAX_RANK, lora_linear
+from kernels.reference import lora_linear_ref
+
+from .cases import DTYPES, TOL, make_case, mixed_ranks, rel_err
+
+
+def _check_forward(case, dtype):
+    y = lora_linear(case.x, case.w, case.b, case.bank, case.plan)
+    bank = case.bank
+    ref = lora_linear_ref(case.x, case.w, case.b, bank.lora_a, bank.lora_b, bank.scale, bank.slots, case.ids)
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert rel_err(y, ref) < TOL[dtype]
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 7, 65, 257])
+def test_odd_sizes_mixed_ranks(backend, device, dtype, T):
+    # k, d not multiples of 16; several modules per user; users without adapters; -1 tokens
+    case = make_case(T, 45, 70, {0: [8, 3], 2: [16], 3: [1, 2, 5], 5: [32]}, max_users=7, dtype=dtype,
+                     seed=T, device=device)
+    _check_forward(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("users", [1, 64])
+def test_ranks_1_to_256_mixed_in_one_batch(backend, device, dtype, users):
+    ranks = mixed_ranks(users, seed=users) if users > 1 else {0: [256]}
+    if users > 1:
+        ranks[0] = [1, 256]  # both extremes present
+    case = make_case(200, 40, 36, ranks, max_users=users, dtype=dtype, none_share=0.1, seed=3, device=device)
+    assert case.bank.max_rank > FUSED_MAX_RANK  # exercises the precomputed-t path
+    _check_forward(case, dtype)
+
+
+@pytest.mark.parametrize("max_rank", [16, 96, 128])
+def test_fused_rank_blocks(backend, device, max_rank):
+    case = make_case(130, 33, 50, {0: [max_rank], 1: [3]}, max_users=3, seed=max_rank, device=device)
+    _check_forward(case, torch.float32)
+
+
+def test_empty_segments_and_users_absent_from_batch(backend, device):
+    # users 1 and 3 have adapters but no tokens; user 2 has tokens but no adapter here
+    ids = torch.tensor([0, 2, 2, 0, -1, 0, 2])
+    case = make_case(7, 20, 24, {0: [4], 1: [8], 3: [16]}, max_users=4, ids=ids, device=device)
+    _check_forward(case, torch.float32)
+
+
+@pytest.mark.parametrize("T", [1, 9, 100])
+def test_all_tokens_without_adapter_is_the_base_linear(backend, device, T):
+    case = make_case(T, 20, 24, {0: [4], 1: [8]}, max_users=2, ids=torch.full((T,), -1), device=device)
+    y = _check_forward(case, torch.float32)
+    torch.testing.assert_close(y, torch.nn.functional.linear(case.x, case.w, case.b), rtol=2e-5, atol=2e-5)
+
+
+def test_no_adapter_in_bank(backend, device):
+    case = make_case(33, 20, 24, {}, max_users=3, none_share=0.0, device=device)
+    assert case.bank.max_rank == 0
+    _check_forward(case, torch.float32)
+
+
+def test_single_token(backend, device):
+    case = make_case(1, 17, 19, {0: [5]}, max_users=1, ids=torch.tensor([0]), bias=False, device=device)
+    _check_forward(case, torch.float32)
+
+
+@pytest.mark.parametrize("T", [DECODE_MAX_TOKENS, DECODE_MAX_TOKENS + 1])
+def test_decode_and_fused_paths_agree_at_the_boundary(backend, device, T):
+    case = make_case(T, 48, 40, mixed_ranks(T, seed=1, choices=(8, 16, 32, 64, 96)), max_users=T,
+                     ids=torch.arange(T), seed=T, device=device)  # one token per user: decode shape
+    _check_forward(case, torch.float32)
+
+
+@pytest.mark.slow
+def test_real_llama_ffn_shape_decode(backend, device):
+    # LLaMA-7B up_proj 4096 -> 11008, 3 users one token each
+    ids = torch.tensor([0, 1, 2])
+    case = make_case(3, 4096, 11008, {0: [8], 1: [16, 16], 2: [96]}, max_users=3, ids=ids,
+                     dtype=torch.bfloat16, device=device)
+    _check_forward(case, torch.bfloat16)
+
+
+def test_leading_dims_are_flattened(backend, device):
+    case = make_case(12, 16, 20, {0: [4], 1: [6]}, max_users=2, device=device)
+    y = lora_linear(case.x.view(3, 4, 16), case.w, case.b, case.bank, case.plan)
+    assert y.shape == (3, 4, 20)
+    torch.testing.assert_close(y.reshape(12, 20), lora_linear(case.x, case.w, case.b, case.bank, case.plan))
+
+
+def test_non_contiguous_input_is_handled(backend, device):
+    case = make_case(10, 16, 20, {0: [4], 1: [6]}, max_users=2, device=device)
+    wide = torch.randn(10, 32, device=device)
+    wide[:, ::2] = case.x
+    x_strided = wide[:, ::2]
+    assert not x_strided.is_contiguous()
+    torch.testing.assert_close(
+        lora_linear(x_strided, case.w, case.b, case.bank, case.plan),
+        lora_linear(case.x, case.w, case.b, case.bank, case.plan),
+    )
+    # a transposed weight view (GPT-2 Conv1D stores [in, out]) also works
+    w_t = case.w.t().contiguous().t()
+    assert not w_t.is_contiguous()
+    torch.testing.assert_close(
+        lora_linear(case.x, w_t, case.b, case.bank, case.plan),
+        lora_linear(case.x, case.w, case.b, case.bank, case.plan),
+    )
