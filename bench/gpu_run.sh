@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The one script a session with a lent GPU runs (bench/README.md, "On a GPU").
+#
+#   bash bench/gpu_run.sh [STAGE ...]        (default: all stages, in order)
+#
+# Stages:
+#   setup    pip install --no-deps --no-build-isolation -e . (if `import kernels` fails); env.txt
+#   tests    pytest tests on the GPU (Triton compiled, no interpreter)
+#   decode   pytest bench/test_lora_linear.py -k decode    -> bench_decode.json
+#   prefill  pytest bench/test_lora_linear.py -k prefill   -> bench_prefill.json
+#   bwd      pytest bench/test_lora_backward.py            -> bench_bwd.json
+#   ops      pytest bench/test_lora_shrink.py bench/test_lora_expand.py -> bench_ops.json
+#   others   the other bench files (test_search.py, test_runtime.py, ...) -> bench_others.json
+#   report   bench/report.py over every bench_*.json in $OUT and bench/results/gpu/
+#
+# Everything goes to $OUT (set by the device machine; default bench/results/gpu_local) and the
+# JSONs/report are also copied to bench/results/gpu/. Each stage runs under `timeout -s INT`
+# (MILP_STAGE_TIMEOUT seconds, default 540) so an interrupted pytest still writes its JSON.
+# A device call is limited to 10 minutes: run the stages over several calls, e.g.
+#   1) setup tests   2) setup decode   3) setup prefill   4) setup bwd ops others report
+# and pass MILP_GIT_COMMIT=$(git rev-parse HEAD) (the device's copy has no .git).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu_local}"
+RES=bench/results/gpu
+mkdir -p "$OUT" "$RES"
+PY="${PYTHON:-python3}"
+T="${MILP_STAGE_TIMEOUT:-540}"
+export PYTHONUNBUFFERED=1
+export MILP_GIT_COMMIT="${MILP_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+LOG="$OUT/run.log"
+STATUS=0
+
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+setup() {
+    if ! "$PY" -c "import kernels, milp" >/dev/null 2>&1; then
+        log "installing the project (no deps, no build isolation)"
+        "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$LOG"
+    fi
+    {
+        echo "commit: $MILP_GIT_COMMIT"
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+        "$PY" - <<'PY'
+import platform, torch, triton
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| triton", triton.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "| SMs", p.multi_processor_count, "| memory GiB", round(p.total_memory / 2**30, 1))
+try:
+    from importlib.metadata import version
+    print("peft", version("peft"), "| pytest-benchmark", version("pytest-benchmark"))
+except Exception as exc:
+    print("versions:", exc)
+PY
+    } > "$OUT/env.txt" 2>&1
+    cat "$OUT/env.txt" | tee -a "$LOG"
+}
+
+run_tests() {
+    log "pytest tests (GPU)"
+    local extra=()
+    "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && extra=(--timeout=300)
+    timeout -s INT -k 30 "$T" "$PY" -m pytest tests -q -p no:cacheprovider -rfEs "${extra[@]}" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    log "pytest tests exit code $rc"
+    [ "$rc" -eq 0 ] || STATUS=1
+}
+
+bench() {  # bench NAME pytest-args...
+    local name=$1; shift
+    local json="$OUT/bench_$name.json"
+    log "pytest bench stage '$name': $*"
+    timeout -s INT -k 30 "$T" "$PY" -m pytest "$@" -q -p no:cacheprovider --benchmark-json="$json" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    log "stage '$name' exit code $rc"
+    [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || STATUS=1
+    [ -f "$json" ] && cp "$json" "$RES/"
+}
+
+others() {
+    local files=()
+    for f in bench/test_*.py; do
+        case "$(basename "$f")" in
+            test_lora_linear.py|test_lora_backward.py|test_lora_shrink.py|test_lora_expand.py) ;;
+            *) files+=("$f") ;;
+        esac
+    done
+    if [ ${#files[@]} -eq 0 ]; then log "no other bench files"; return; fi
+    bench others "${files[@]}"
+}
+
+report() {
+    local jsons=() seen=" "
+    for f in "$OUT"/bench_*.json "$RES"/bench_*.json; do
+        [ -f "$f" ] || continue
+        case "$seen" in *" $(basename "$f") "*) continue ;; esac
+        seen="$seen$(basename "$f") "
+        jsons+=("$f")
+    done
+    if [ ${#jsons[@]} -eq 0 ]; then log "report: no bench_*.json yet"; STATUS=1; return; fi
+    log "report over ${jsons[*]}"
+    "$PY" bench/report.py "${jsons[@]}" --out "$OUT" 2>&1 | tee -a "$LOG"
+    cp "$OUT"/*.md "$OUT"/*.png "$RES/" 2>/dev/null || true
+}
+
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
+for s in "${STAGES[@]}"; do
+    case "$s" in
+        all) setup; run_tests
+             bench decode bench/test_lora_linear.py -k decode
+             bench prefill bench/test_lora_linear.py -k prefill
+             bench bwd bench/test_lora_backward.py
+             bench ops bench/test_lora_shrink.py bench/test_lora_expand.py
+             others; report ;;
+        setup) setup ;;
+        tests) run_tests ;;
+        decode) bench decode bench/test_lora_linear.py -k decode ;;
+        prefill) bench prefill bench/test_lora_linear.py -k prefill ;;
+        bwd) bench bwd bench/test_lora_backward.py ;;
+        ops) bench ops bench/test_lora_shrink.py bench/test_lora_expand.py ;;
+        others) others ;;
+        report) report ;;
+        *) echo "unknown stage '$s' (setup tests decode prefill bwd ops others report all)" >&2; exit 2 ;;
+    esac
+done
+log "done: stages ${STAGES[*]}, status $STATUS; files in $OUT"
+exit $STATUS

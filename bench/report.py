@@ -1,0 +1,458 @@
+"""Turn saved ``pytest bench --benchmark-json=...`` files into a markdown table and PNG plots.
+
+    python bench/report.py RESULTS.json [MORE.json ...] [--out bench/results] [--name NAME]
+
+writes ``<out>/<name>.md`` (header: device, dtype, torch/triton/peft versions, git commit,
+the peaks measured in the run; the issue-3 speed targets; one table per op; other
+benchmarks), ``<out>/<name>_speedup_vs_users.png`` and ``<out>/<name>_pct_peak_vs_tokens.png``.
+Several JSON files (one per ``gpu_run.sh`` stage) are merged. ``<name>`` defaults to
+``gpu_<device>`` or ``cpu``. Works on CPU JSON too; its header then says that CPU times mean
+nothing for the GPU targets. Needs only the standard library and matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OPS = OrderedDict(
+    [
+        ("fwd", "Forward `lora_linear` (inference)"),
+        ("fwdbwd", "Forward + backward `lora_linear` (training: W frozen; dx, dA, dB)"),
+        ("shrink", "`lora_shrink`"),
+        ("expand", "`lora_expand_`"),
+    ]
+)
+BASELINES = ("loop", "padded", "peft")
+#: issue 3's speed targets: (label, op, predicate on extra_info, limit on milp time / base time)
+TARGETS = [
+    (
+        "fused forward ≤ 1.10× base `x Wᵀ`, 4096–16384 tokens, 32 users, mixed ranks, 7B FFN",
+        "fwd",
+        lambda e: (
+            e.get("phase") == "prefill"
+            and e.get("shape") in ("7b-up", "7b-down")
+            and 4096 <= e.get("T", 0) <= 16384
+            and e.get("users") == 32
+            and e.get("ranks") == "mix"
+            and e.get("none_share", 0) <= 0.1
+        ),
+        1.10,
+    ),
+    (
+        "decode ≤ 1.15× base GEMV, 32–256 users, mixed ranks, 7B FFN",
+        "fwd",
+        lambda e: (
+            e.get("phase") == "decode"
+            and e.get("shape") in ("7b-up", "7b-down")
+            and 32 <= e.get("users", 0) <= 256
+            and e.get("ranks") == "mix"
+            and not e.get("none_share")
+        ),
+        1.15,
+    ),
+    (
+        "forward+backward ≤ 1.25× base forward+backward, 32 users, mixed ranks, 7B FFN",
+        "fwdbwd",
+        lambda e: (
+            e.get("shape") in ("7b-up", "7b-down")
+            and e.get("users") == 32
+            and e.get("ranks") == "mix"
+            and e.get("none_share", 0) <= 0.1
+        ),
+        1.25,
+    ),
+]
+
+
+# ----------------------------------------------------------------------------- loading
+def load(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
+    """``(machine_info of the first file, all benchmarks, notes)`` from pytest-benchmark JSONs."""
+    machine, benches, notes, commits = None, [], [], []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        mi = data.get("machine_info", {})
+        if machine is None:
+            machine = dict(mi, datetime=data.get("datetime"), commit_info=data.get("commit_info", {}))
+        elif mi.get("milp", {}).get("device") != machine.get("milp", {}).get("device"):
+            notes.append(
+                f"{path} ran on {mi.get('milp', {}).get('device')!r}, not "
+                f"{machine.get('milp', {}).get('device')!r}: do not compare across them"
+            )
+        commits.append(mi.get("milp", {}).get("git_commit"))
+        for b in data.get("benchmarks", []):
+            b = dict(b, source=os.path.basename(path))
+            benches.append(b)
+    if len({c for c in commits if c}) > 1:
+        notes.append(f"the files come from different commits: {sorted({c for c in commits if c})}")
+    return machine or {}, benches, notes
+
+
+def op_of(e: dict) -> str:
+    """The op of an entry: ``extra_info["op"]``, else the workload key's prefix."""
+    return e.get("op") or e["workload"].split(":", 1)[0]
+
+
+def _ours(b: dict) -> bool:
+    e = b.get("extra_info") or {}
+    return {"workload", "impl", "time_ms"} <= e.keys()
+
+
+def fill_ratios(benches: list[dict]) -> None:
+    """Same rule as ``bench/_util.fill_ratios`` (recomputed: files may have been merged)."""
+    by: dict[str, dict[str, dict]] = {}
+    for b in benches:
+        if _ours(b):
+            e = b["extra_info"]
+            by.setdefault(e["workload"], {})[e["impl"]] = e
+    for impls in by.values():
+        for name, e in impls.items():
+            for other, o in impls.items():
+                if other != name and o.get("time_ms"):
+                    e[f"ratio_vs_{other}"] = e["time_ms"] / o["time_ms"]
+                if other != name and e.get("graph_ms") and o.get("graph_ms"):
+                    e[f"graph_ratio_vs_{other}"] = e["graph_ms"] / o["graph_ms"]
+
+
+def workloads(benches: list[dict]) -> OrderedDict[str, dict[str, dict]]:
+    """``workload -> impl -> extra_info`` in first-seen order."""
+    out: OrderedDict[str, dict[str, dict]] = OrderedDict()
+    for b in benches:
+        if _ours(b):
+            e = b["extra_info"]
+            out.setdefault(e["workload"], {})[e["impl"]] = e
+    return out
+
+
+# ----------------------------------------------------------------------------- markdown
+def _f(v, spec="{:.3g}") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return str(v)
+    return spec.format(v) if isinstance(v, (int, float)) else str(v)
+
+
+def _speedup(impls: dict, other: str) -> float | None:
+    m, o = impls.get("milp"), impls.get(other)
+    if not m or not o or not m.get("time_ms"):
+        return None
+    return o["time_ms"] / m["time_ms"]
+
+
+def header(machine: dict, paths: list[str], notes: list[str]) -> list[str]:
+    mi = machine.get("milp", {})
+    dev = mi.get("device", "unknown")
+    cpu = dev == "cpu"
+    pk = mi.get("peaks") or {}
+    commit = mi.get("git_commit") or (machine.get("commit_info") or {}).get("id", "unknown")
+    title = "CPU example run (not a GPU result)" if cpu else dev
+    lines = [f"# milp-toolkit benchmarks — {title}", ""]
+    if cpu:
+        lines += [
+            "> **CPU run.** The ops ran their torch path at small shapes (LLaMA-7B FFN / 16) on a shared",
+            "> CPU. Absolute times and ratios here say nothing about the GPU speed targets; this file",
+            "> shows what `pytest bench` and `bench/report.py` produce.",
+            "",
+        ]
+    rows = [
+        ("device", dev + (f" (CUDA {mi['cuda']})" if mi.get("cuda") else "")),
+        ("backend", mi.get("backend", "?")),
+        ("dtype", mi.get("dtype", "?")),
+        (
+            "torch / triton / peft",
+            f"{mi.get('torch', '?')} / {mi.get('triton', '?')} / {mi.get('peft', '?')}",
+        ),
+        ("python", machine.get("python_version", "?")),
+        ("git commit", commit),
+        ("date (UTC)", machine.get("datetime", "?")),
+        ("workload grid", mi.get("bench_size", "?")),
+        ("peak compute (measured this run)", f"{_f(pk.get('tflops'))} TFLOP/s — {pk.get('matmul', '?')}"),
+        ("peak bandwidth (measured this run)", f"{_f(pk.get('gbs'), '{:.4g}')} GB/s — {pk.get('copy', '?')}"),
+        ("sources", ", ".join(os.path.basename(p) for p in paths)),
+    ]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    lines += [f"> note: {n}" for n in notes] + ([""] if notes else [])
+    lines += [
+        "Times: median of CUDA-event timings with the L2 cache flushed before each repetition (CPU:",
+        "host-clock minimum). `graph ms`: the same over CUDA-graph replays (decode). `milp/base`: our time",
+        "over the base linear's (the floor; the targets' ratio). `×loop`, `×padded`, `×peft`: speedup of",
+        "ours over that baseline (its time / ours; > 1 = ours faster). TFLOP/s and GB/s count the useful",
+        "FLOPs and minimum bytes (bench/README.md); `%roof` = roofline bound (max of FLOPs/peak,",
+        "bytes/peak) / time.",
+        "",
+    ]
+    return lines
+
+
+def targets_section(wls: OrderedDict[str, dict[str, dict]], cpu: bool) -> list[str]:
+    lines = ["## Speed targets (issue 3)", ""]
+    if cpu:
+        lines += [
+            "Not applicable on CPU (the targets are H100/A100 bf16); rows listed where the grid has them.",
+            "",
+        ]
+    lines += [
+        "| target | workload | milp/base | graph milp/base | limit | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    found = False
+    for label, op, pred, limit in TARGETS:
+        for wl, impls in wls.items():
+            m = impls.get("milp")
+            if not m or op_of(m) != op or not pred(m) or "ratio_vs_base" not in m:
+                continue
+            found = True
+            r = m["ratio_vs_base"]
+            g = m.get("graph_ratio_vs_base")
+            best = min(x for x in (r, g) if x is not None)
+            met = "n/a (CPU)" if cpu else ("yes" if best <= limit else "**no**")
+            lines.append(
+                f"| {label} | `{wl.split(':', 1)[1]}` | {_f(r, '{:.3f}')} | {_f(g, '{:.3f}')} | "
+                f"≤ {limit:.2f} | {met} |"
+            )
+    if not found:
+        lines.append("| (no workload of this run matches a target) | | | | | |")
+    return lines + [""]
+
+
+def op_section(op: str, title: str, wls: OrderedDict[str, dict[str, dict]]) -> list[str]:
+    rows = [(wl, impls) for wl, impls in wls.items() if op_of(next(iter(impls.values()))) == op]
+    if not rows:
+        return []
+    present = [b for b in BASELINES if any(b in impls for _, impls in rows)]
+    graph = any(impls.get("milp", {}).get("graph_ms") for _, impls in rows)
+    cols = (
+        ["workload", "milp ms"] + (["graph ms"] if graph else []) + ["base ms"] + [f"{b} ms" for b in present]
+    )
+    cols += ["milp/base"] + [f"×{b}" for b in present] + ["TFLOP/s", "GB/s", "%roof", "bound", "rel err"]
+    lines = [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for wl, impls in rows:
+        m = impls.get("milp", {})
+        cells = [f"`{wl.split(':', 1)[-1]}`", _f(m.get("time_ms"), "{:.4g}")]
+        if graph:
+            cells.append(_f(m.get("graph_ms"), "{:.4g}"))
+        cells.append(_f(impls.get("base", {}).get("time_ms"), "{:.4g}"))
+        cells += [_f(impls.get(b, {}).get("time_ms"), "{:.4g}") for b in present]
+        cells.append(_f(m.get("ratio_vs_base"), "{:.3f}"))
+        cells += [_f(_speedup(impls, b), "{:.2f}") for b in present]
+        err = m.get("rel_err", m.get("rel_err_dx"))
+        cells += [
+            _f(m.get("tflops")),
+            _f(m.get("gbs"), "{:.4g}"),
+            _f(m.get("pct_roofline"), "{:.1f}"),
+            m.get("bound", "–"),
+            _f(err, "{:.1e}"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def others_section(benches: list[dict]) -> list[str]:
+    rest = [b for b in benches if not _ours(b)]
+    if not rest:
+        return []
+    lines = [
+        "## Other benchmarks",
+        "",
+        "| benchmark | median ms | rounds | extra_info |",
+        "|---|---|---|---|",
+    ]
+    for b in rest:
+        st = b.get("stats") or {}
+        med = st.get("median")
+        extra = ", ".join(
+            f"{k}={_f(v) if isinstance(v, float) else v}" for k, v in (b.get("extra_info") or {}).items()
+        )
+        lines.append(
+            f"| `{b.get('fullname', b.get('name'))}` | {_f(med * 1e3 if med is not None else None, '{:.4g}')}"
+            f" | {st.get('rounds', '–')} | {extra.replace('|', '/')} |"
+        )
+    return lines + [""]
+
+
+# ----------------------------------------------------------------------------- plots
+def _series(wls, key_fn, x_field):
+    out: OrderedDict[tuple, list[tuple[float, dict]]] = OrderedDict()
+    for impls in wls.values():
+        m = impls.get("milp")
+        if not m:
+            continue
+        try:
+            key = key_fn(m)
+        except KeyError:  # an entry without the workload fields (another benchmark)
+            key = None
+        if key is None:
+            continue
+        out.setdefault(key, []).append((m[x_field], impls))
+    order = {op: i for i, op in enumerate(OPS)}
+    keys = sorted(
+        (k for k, v in out.items() if len({x for x, _ in v}) >= 2), key=lambda k: order.get(k[0], 99)
+    )
+    return OrderedDict((k, sorted(out[k], key=lambda t: t[0])) for k in keys)
+
+
+def _grid(n):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, axes.flat
+
+
+def plot_speedup_vs_users(wls, path: Path, title: str, max_panels: int = 16) -> bool:
+    def key(e):
+        extra = () if e["phase"] == "decode" else (f"T{e['T']}",)
+        return (e["op"], e["shape"], e["phase"], e["ranks"], e.get("none_share", 0)) + extra
+
+    series = list(_series(wls, key, "users").items())[:max_panels]
+    if not series:
+        return False
+    plt, fig, axes = _grid(len(series))
+    for ax, (k, pts) in zip(axes, series, strict=False):
+        xs = [x for x, _ in pts]
+        for b, style in (("loop", "o-"), ("padded", "s-"), ("peft", "^-")):
+            ys = [_speedup(impls, b) for _, impls in pts]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [y if y is not None else float("nan") for y in ys], style, label=f"vs {b}")
+        fl = [_speedup(impls, "base") for _, impls in pts]
+        if any(y is not None for y in fl):
+            ax.plot(xs, [y if y is not None else float("nan") for y in fl], "k--", label="base/milp (≤1)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("users")
+        ax.set_ylabel("speedup of milp (×)")
+        none = f" none{round(k[4] * 100)}%" if k[4] else ""
+        ax.set_title(f"{k[0]} {k[1]} {k[2]} {k[3]}{none} {' '.join(k[5:])}".strip(), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Speedup of milp over each baseline vs number of users — {title}", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path, plt)
+    return True
+
+
+def plot_pct_peak_vs_tokens(wls, path: Path, title: str, max_panels: int = 16) -> bool:
+    def key(e):
+        if e["phase"] != "prefill":
+            return None
+        return (e["op"], e["shape"], e["ranks"], e["users"], e.get("none_share", 0))
+
+    series = list(_series(wls, key, "T").items())[:max_panels]
+    if not series:
+        return False
+    plt, fig, axes = _grid(len(series))
+    for ax, (k, pts) in zip(axes, series, strict=False):
+        xs = [x for x, _ in pts]
+        for impl, style in (
+            ("milp", "o-"),
+            ("base", "k--"),
+            ("loop", "s:"),
+            ("padded", "d:"),
+            ("peft", "^:"),
+        ):
+            ys = [impls.get(impl, {}).get("pct_roofline") for _, impls in pts]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [y if y is not None else float("nan") for y in ys], style, label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("% of roofline bound")
+        none = f" none{round(k[4] * 100)}%" if k[4] else ""
+        ax.set_title(f"{k[0]} {k[1]} {k[2]} U{k[3]}{none}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"% of the measured peak (roofline bound / time) vs tokens — {title}", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path, plt)
+    return True
+
+
+def _save(fig, path: Path, plt) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".md", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- main
+def build(paths: list[str], out: Path, name: str | None = None) -> list[Path]:
+    machine, benches, notes = load(paths)
+    fill_ratios(benches)
+    wls = workloads(benches)
+    dev = machine.get("milp", {}).get("device", "unknown")
+    cpu = dev == "cpu"
+    if name is None:
+        name = "cpu" if cpu else "gpu_" + re.sub(r"[^a-z0-9]+", "_", dev.lower()).strip("_")
+    out.mkdir(parents=True, exist_ok=True)
+    title = "CPU (torch path, small shapes)" if cpu else dev
+    written = []
+    p_users = out / f"{name}_speedup_vs_users.png"
+    p_tokens = out / f"{name}_pct_peak_vs_tokens.png"
+    plots = []
+    if plot_speedup_vs_users(wls, p_users, title):
+        written.append(p_users)
+        plots.append(f"![speedup vs users]({p_users.name})")
+    if plot_pct_peak_vs_tokens(wls, p_tokens, title):
+        written.append(p_tokens)
+        plots.append(f"![% of peak vs tokens]({p_tokens.name})")
+    lines = header(machine, paths, notes) + targets_section(wls, cpu)
+    for op, t in OPS.items():
+        lines += op_section(op, t, wls)
+    for op in dict.fromkeys(op_of(next(iter(i.values()))) for i in wls.values()):
+        if op not in OPS:  # e.g. a decoder-layer or runtime benchmark that uses _util.run
+            lines += op_section(op, f"`{op}`", wls)
+    lines += others_section(benches)
+    lines += (["## Plots", ""] + plots + [""]) if plots else []
+    md = out / f"{name}.md"
+    _write_text(md, "\n".join(lines))
+    return [md] + written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "json", nargs="+", help="pytest-benchmark JSON file(s) from `pytest bench --benchmark-json=...`"
+    )
+    ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (default: bench/results)")
+    ap.add_argument("--name", default=None, help="file stem (default: gpu_<device> or cpu)")
+    args = ap.parse_args(argv)
+    missing = [p for p in args.json if not os.path.isfile(p)]
+    if missing:
+        ap.error(f"no such JSON file: {', '.join(missing)}")
+    for p in build(args.json, args.out, args.name):
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
