@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import math
 import os
 import statistics
@@ -485,6 +486,7 @@ def problem(wl: Workload) -> Problem:
     """The :class:`Problem` of ``wl``; only the latest workload's inputs are kept."""
     if wl not in _cache:
         _cache.clear()
+        gc.collect()  # PEFT models and autograd graphs of the last workload hold device memory in cycles
         if CUDA:
             torch.cuda.empty_cache()
         _cache[wl] = Problem(wl)
