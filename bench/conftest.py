@@ -115,9 +115,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f"{pk.gbs:.4g} GB/s ({pk.copy})"
         )
     if not _util.CUDA:
-        tr.write_line(
-            "CPU run: torch path of the ops at small shapes; its times say nothing about the GPU targets."
-        )
+        shapes = "small shapes" if _util.SIZE == "small" else "full shapes"
+        tr.write_line(f"CPU run: torch path of the ops at {shapes}; times say nothing of the GPU targets.")
     tr.write_line(
         "ms: CUDA-event median, L2 flushed (CPU: host-clock minimum); x <impl>: this time / that impl's "
         "time (< 1 = faster); %roof: roofline bound / time"
