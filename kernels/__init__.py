@@ -26,7 +26,15 @@ from . import library as _library  # noqa: F401  (registers torch.ops.milp.*)
 from ._backend import backend_for, interpreting, nvtx_range, use_backend
 from .bank import AdapterBank, AdapterSegment
 from .plan import DEFAULT_BLOCK_MS, BatchPlan
-from .tuning import DECODE_MAX_TOKENS, FUSED_MAX_RANK, LaunchConfig, get_config
+from .tuning import (
+    DECODE_MAX_TOKENS,
+    FUSED_MAX_RANK,
+    PATHS,
+    SPLIT_TOKENS_PER_SEGMENT,
+    LaunchConfig,
+    choose_path,
+    get_config,
+)
 
 __version__ = "0.1.0"  # keep outside [0.18.2, 0.19): transformers probes a package named `kernels`
 
@@ -38,7 +46,10 @@ __all__ = [
     "DECODE_MAX_TOKENS",
     "FUSED_MAX_RANK",
     "LaunchConfig",
+    "PATHS",
+    "SPLIT_TOKENS_PER_SEGMENT",
     "backend_for",
+    "choose_path",
     "get_config",
     "interpreting",
     "lora_expand_",
@@ -77,11 +88,15 @@ def lora_linear(
     bias: torch.Tensor | None,
     bank: AdapterBank,
     plan: BatchPlan,
+    *,
+    path: str = "auto",
 ) -> torch.Tensor:
     """``x Wᵀ + b`` plus each token's user adapters from ``bank``; differentiable.
 
     ``x``: ``[..., in_features]``, tokens in the order ``plan`` was built with (leading
-    dimensions flattened). ``weight``: ``[out_features, in_features]``.
+    dimensions flattened). ``weight``: ``[out_features, in_features]``. ``path``:
+    ``"auto"`` (by :func:`choose_path` from the token count, the bank's largest rank and
+    the users present) or one of :data:`PATHS`.
 
     Example:
         >>> bank = AdapterBank(16, 16, max_users=1); _ = bank.add(0, 8, init="random")
@@ -95,9 +110,11 @@ def lora_linear(
         x.requires_grad or bank.lora_a.requires_grad or bank.lora_b.requires_grad
     )
     sorted_tokens, tiles, segments, block_ms = plan.as_args()
+    if path == "auto" and x2.is_cuda:
+        path = choose_path(x2.shape[0], bank.max_rank, num_segments=plan.num_segments, device=x2.device)
     y, _ = torch.ops.milp.lora_linear(
         x2, weight, bias, bank.lora_a, bank.lora_b, bank.scale, bank.slots, sorted_tokens, tiles, segments,
-        block_ms, bank.max_rank, save_t,
+        block_ms, bank.max_rank, save_t, path,
     )
     return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -24,7 +24,7 @@ import tempfile
 import triton
 import triton.language as tl
 
-__all__ = ["AotReport", "compile_variants", "VARIANTS"]
+__all__ = ["AotReport", "compile_variants", "SCENARIOS", "VARIANTS"]
 
 _DT = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
 
@@ -43,43 +43,85 @@ class AotReport:
 
     def row(self) -> str:
         mm = "wgmma" if self.wgmma else ("mma" if self.mma else "fma")
-        return (f"{self.kernel:<22} {self.variant:<28} sm_{self.arch} {self.dtype:<5} smem={self.shared_bytes:>6} "
+        return (f"{self.kernel:<18} {self.variant:<43} sm_{self.arch} {self.dtype:<5} smem={self.shared_bytes:>6} "
                 f"regs={self.registers!s:>4} spill={self.spill_bytes!s:>4} {mm}")
 
 
-def _variants():
+#: (kernel, scenario name, problem) compiled with the configs the launchers would pick
+SCENARIOS = (
+    ("fused_lora_linear", "prefill 4096x4096->11008 r<=16", dict(num_tokens=4096, n=11008, k=4096, max_rank=16)),
+    ("fused_lora_linear", "prefill 4096x4096->11008 r<=96", dict(num_tokens=4096, n=11008, k=4096, max_rank=96)),
+    ("fused_lora_linear", "prefill 4096x11008->4096 r<=96", dict(num_tokens=4096, n=4096, k=11008, max_rank=96)),
+    ("fused_lora_linear", "dx 4096x11008->4096 r<=96 (W^T)", dict(num_tokens=4096, n=4096, k=11008, max_rank=96)),
+    ("fused_lora_linear", "prefill 32x96 modules", dict(num_tokens=4096, n=11008, k=4096, max_rank=3072)),
+    ("lora_shrink", "decode 32 tokens k=4096 r<=96", dict(num_tokens=32, n=96, k=4096, max_rank=96)),
+    ("lora_shrink", "prefill 4096 tokens r=3072", dict(num_tokens=4096, n=3072, k=4096, max_rank=3072)),
+    ("lora_expand", "decode 32 tokens n=11008 r<=96", dict(num_tokens=32, n=11008, k=96, max_rank=96)),
+    ("lora_grad_weights", "train 4096 tokens r<=96", dict(num_tokens=4096, n=11008, k=4096, max_rank=96)),
+)
+
+
+def _variants(dtype: str):
+    import torch
+
+    from .ops._common import next_pow2
     from .ops.expand import _expand_kernel
     from .ops.fused_linear import _fused_lora_linear_kernel
     from .ops.grad_weights import _grad_weights_kernel
     from .ops.shrink import _shrink_kernel
+    from .tuning import choose_path, get_config
 
-    def ptrs(dt, **kinds):
-        return {name: ("*" + (dt if kind == "dt" else kind)) for name, kind in kinds.items()}
-
-    fused_ptrs = dict(x_ptr="dt", w_ptr="dt", bias_ptr="dt", a_ptr="dt", b_ptr="dt", scale_ptr="fp32",
-                      slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32", t_ptr="fp32", y_ptr="dt")
-    fused_ints = ["n_tiles", "K", "N", "stride_xt", "stride_xk", "stride_wn", "stride_wk", "stride_a", "stride_b",
-                  "stride_t", "stride_yt"]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[dtype]
+    kinds = {
+        "fused_lora_linear": (
+            _fused_lora_linear_kernel,
+            dict(x_ptr="dt", w_ptr="dt", bias_ptr="dt", a_ptr="dt", b_ptr="dt", scale_ptr="fp32", slots_ptr="i32",
+                 sorted_ptr="i32", tiles_ptr="i32", t_ptr="fp32", y_ptr="dt"),
+            ["n_tiles", "K", "N", "stride_xt", "stride_xk", "stride_wn", "stride_wk", "stride_a", "stride_b",
+             "stride_t", "stride_yt"]),
+        "lora_shrink": (
+            _shrink_kernel,
+            dict(x_ptr="dt", a_ptr="dt", scale_ptr="fp32", slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32",
+                 t_ptr="fp32"),
+            ["K", "stride_xt", "stride_xk", "stride_a", "stride_t"]),
+        "lora_expand": (
+            _expand_kernel,
+            dict(t_ptr="fp32", b_ptr="dt", slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32", y_ptr="dt"),
+            ["N", "stride_t", "stride_b", "stride_yt"]),
+        "lora_grad_weights": (
+            _grad_weights_kernel,
+            dict(x_ptr="dt", dy_ptr="dt", t_bwd_ptr="fp32", t_fwd_ptr="fp32", slots_ptr="i32", sorted_ptr="i32",
+                 seg_ptr="i32", da_ptr="dt", db_ptr="dt"),
+            ["K", "N", "stride_x", "stride_dy", "stride_tb", "stride_tf", "stride_da", "stride_db"]),
+    }
     out = []
-    for load_t, block_r, name in ((False, 128, "compute_t R<=128"), (True, 32, "load_t R>128")):
-        out.append(("fused_lora_linear", name, _fused_lora_linear_kernel, fused_ptrs, fused_ints,
-                    dict(HAS_BIAS=False, LOAD_T=load_t, STORE_T=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
-                         BLOCK_R=block_r, GROUP_M=8), dict(num_warps=8, num_stages=3)))
-    out.append(("lora_shrink", "decode split-K=8", _shrink_kernel,
-                dict(x_ptr="dt", a_ptr="dt", scale_ptr="fp32", slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32",
-                     t_ptr="fp32"),
-                ["K", "stride_xt", "stride_xk", "stride_a", "stride_t"],
-                dict(SPLIT_K=8, BLOCK_M=16, BLOCK_R=32, BLOCK_K=64), dict(num_warps=4, num_stages=2)))
-    out.append(("lora_expand", "bm=16", _expand_kernel,
-                dict(t_ptr="fp32", b_ptr="dt", slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32", y_ptr="dt"),
-                ["N", "stride_t", "stride_b", "stride_yt"],
-                dict(BLOCK_M=16, BLOCK_N=128, BLOCK_R=32), dict(num_warps=4, num_stages=2)))
-    out.append(("lora_grad_weights", "r=32 c=64 t=32", _grad_weights_kernel,
-                dict(x_ptr="dt", dy_ptr="dt", t_bwd_ptr="fp32", t_fwd_ptr="fp32", slots_ptr="i32", sorted_ptr="i32",
-                     seg_ptr="i32", da_ptr="dt", db_ptr="dt"),
-                ["K", "N", "stride_x", "stride_dy", "stride_tb", "stride_tf", "stride_da", "stride_db"],
-                dict(BLOCK_R=32, BLOCK_C=64, BLOCK_T=32), dict(num_warps=4, num_stages=2)))
-    return out, ptrs
+    for kernel, name, prob in SCENARIOS:
+        op = "fused_linear" if kernel == "fused_lora_linear" else kernel.removeprefix("lora_")
+        cfg = get_config(op, dtype=torch_dtype, device=torch.device("cpu"), **prob)
+        if kernel == "fused_lora_linear":
+            load_t = choose_path(prob["num_tokens"], prob["max_rank"]) == "fused_t"
+            name = f"{name} [{'fused_t' if load_t else 'fused'}]"
+            consts = dict(HAS_BIAS=False, LOAD_T=load_t, STORE_T=not load_t, EVEN_K=prob["k"] % cfg.block_k == 0,
+                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                          BLOCK_R=cfg.block_r if load_t else next_pow2(prob["max_rank"]), GROUP_M=8)
+        elif kernel == "lora_shrink":
+            consts = dict(SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k)
+        elif kernel == "lora_expand":
+            consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r)
+        else:
+            consts = dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_n, BLOCK_T=cfg.block_k)
+        fn, ptr_kinds, ints = kinds[kernel]
+        # unit strides are specialised to the constant 1 by the JIT at launch; do the same
+        if kernel in ("fused_lora_linear", "lora_shrink"):
+            consts["stride_xk"] = 1
+        if kernel == "fused_lora_linear":
+            consts["stride_wn" if name.startswith("dx") else "stride_wk"] = 1
+        out.append((kernel, name, fn, ptr_kinds, ints, consts, cfg.kwargs()))
+    return out
+
+
+def _pointer_types(dt: str, kinds: dict[str, str]) -> dict[str, str]:
+    return {name: "*" + (dt if kind == "dt" else kind) for name, kind in kinds.items()}
 
 
 VARIANTS = ("fused_lora_linear", "lora_shrink", "lora_expand", "lora_grad_weights")
@@ -107,7 +149,8 @@ def _ptxas_info(ptx: str, arch: int) -> tuple[int | None, int | None]:
 
 
 def compile_variants(arch: int = 90, dtype: str = "bf16", only: str | None = None) -> list[AotReport]:
-    """Compile every kernel variant for ``sm_<arch>``; one :class:`AotReport` each.
+    """Compile every kernel in each of :data:`SCENARIOS` with the launch config the launcher
+    would pick (tuned table or heuristic) for ``sm_<arch>``; one :class:`AotReport` each.
 
     Example:
         >>> reports = compile_variants(90, "bf16")  # doctest: +SKIP
@@ -121,22 +164,25 @@ def compile_variants(arch: int = 90, dtype: str = "bf16", only: str | None = Non
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .ops._common import dot_flags  # noqa: F401  (same flags as the launchers)
-
-    variants, ptrs = _variants()
     reports = []
-    for kernel, variant, fn, ptr_kinds, ints, constexprs, opts in variants:
+    for kernel, variant, fn, ptr_kinds, ints, constexprs, opts in _variants(dtype):
         if only and kernel != only:
             continue
-        signature = ptrs(dtype, **ptr_kinds)
-        signature.update({name: "i32" for name in ints})
+        signature = _pointer_types(dtype, ptr_kinds)
+        signature.update({name: "i32" for name in ints if name not in constexprs})
         consts = dict(constexprs, UPCAST=False, IEEE=dtype in ("fp32", "fp64"),
                       ACC=tl.float64 if dtype == "fp64" else tl.float32)
         signature.update({name: "constexpr" for name in consts})
         missing = [p for p in fn.arg_names if p not in signature]
         if missing:
             raise RuntimeError(f"{kernel}: no signature for parameters {missing}")
-        src = ASTSource(fn=fn, signature={p: signature[p] for p in fn.arg_names}, constexprs=consts)
+        # what the JIT infers at launch for real shapes: 16-byte aligned pointers, strides and
+        # sizes divisible by 16 (4096, 11008, 5120, 13824 all are); it enables vector loads,
+        # cp.async/TMA and software pipelining
+        div16 = [i for i, p in enumerate(fn.arg_names)
+                 if signature[p].startswith("*") or (signature[p] == "i32" and p != "n_tiles")]
+        attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
+        src = ASTSource(fn=fn, signature={p: signature[p] for p in fn.arg_names}, constexprs=consts, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
         ptx = compiled.asm["ptx"]
         regs, spill = _ptxas_info(ptx, arch)

@@ -19,9 +19,10 @@ Argument conventions: ``x [T, K]``; ``weight [N, K]``; ``lora_a [cap, K]``;
 ``sorted_tokens``, ``tiles``, ``segments``, ``block_ms`` from
 :meth:`kernels.plan.BatchPlan.as_args`; ``max_rank`` ≥ every slot's rank (the bank's
 ``max_rank``). CUDA tensors run the Triton kernels; CPU tensors the torch paths (see
-:mod:`kernels._backend`). Token-count buckets pick the kernel: at most
-``DECODE_MAX_TOKENS`` tokens take the decode path (base GEMM + split-K shrink +
-expand), larger batches the fused kernel.
+:mod:`kernels._backend`). ``path`` picks the kernels (:func:`kernels.tuning.choose_path`):
+``"split"`` (cuBLAS base + split-K shrink + expand: decode), ``"fused"`` (one launch, ``t``
+in registers: small ranks) or ``"fused_t"`` (shrink, then the base GEMM with the expand in
+its epilogue); ``"auto"`` decides by token count and rank.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from torch import Tensor
 from ._backend import backend_for, nvtx_range
 from ._checks import FLOAT_DTYPES, check_tensor
 from .ops._common import acc_dtype
-from .tuning import DECODE_MAX_TOKENS
+from .tuning import PATHS, choose_path
 
 __all__ = ["check_lora_args"]
 
@@ -121,6 +122,42 @@ def check_lora_args(
 
 
 # --------------------------------------------------------------------------- lora_linear
+def _check_path(path: str) -> None:
+    if path != "auto" and path not in PATHS:
+        raise ValueError(f"path must be 'auto' or one of {PATHS}, got {path!r}")
+
+
+def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
+                          max_rank, path, store_t, weight_layout):
+    """``x W' + b + (s ⊙ x Pᵀ) Q`` and (optionally) ``t = s ⊙ x Pᵀ``, by the chosen path.
+
+    Forward: ``W' = Wᵀ``, ``P = A``, ``Q = B``. Input gradient: ``W' = W``
+    (``weight_layout="kn"``), ``P = B``, ``Q = A``.
+    """
+    if backend_for(x) == "torch":
+        from .ops.fused_linear import fused_lora_linear_torch
+
+        return fused_lora_linear_torch(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, segments, max_rank,
+                                       weight_layout=weight_layout, store_t=store_t)
+    from .ops.expand import lora_expand_
+    from .ops.fused_linear import fused_lora_linear
+    from .ops.shrink import lora_shrink
+
+    if path == "auto":
+        path = choose_path(x.shape[0], max_rank, device=x.device)
+    if path == "split":
+        # decode: the base GEMV is memory-bound and cuBLAS streams W exactly once; the
+        # adapters add one split-K shrink (reads each A once) and one expand-add
+        w = weight if weight_layout == "nk" else weight.t()
+        y = torch.nn.functional.linear(x, w, bias)
+        t = lora_shrink(x, p, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
+        lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms)
+        return y, (t if store_t else t.new_empty(0))
+    return fused_lora_linear(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
+                             max_rank, weight_layout=weight_layout, store_t=store_t,
+                             precompute_t=path == "fused_t")
+
+
 @torch.library.custom_op("milp::lora_linear", mutates_args=())
 def lora_linear_op(
     x: Tensor,
@@ -136,35 +173,25 @@ def lora_linear_op(
     block_ms: list[int],
     max_rank: int,
     save_t: bool,
+    path: str = "auto",
 ) -> tuple[Tensor, Tensor]:
+    """``(y, t)``; ``path`` = ``"auto"`` or one of :data:`kernels.tuning.PATHS`."""
     check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
                     weight=weight, bias=bias, lora_b=lora_b)
+    _check_path(path)
     with nvtx_range("milp.lora_linear"):
-        if backend_for(x) == "torch":
-            from .ops.fused_linear import fused_lora_linear_torch
-
-            return fused_lora_linear_torch(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens,
-                                           segments, max_rank, store_t=save_t)
-        from .ops.expand import lora_expand_
-        from .ops.fused_linear import fused_lora_linear
-        from .ops.shrink import lora_shrink
-
-        if x.shape[0] <= DECODE_MAX_TOKENS:
-            # decode: the base GEMV is memory-bound and cuBLAS streams W at full bandwidth;
-            # the adapters add one split-K shrink (reads each A once) and one expand
-            y = torch.nn.functional.linear(x, weight, bias)
-            t = lora_shrink(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
-            lora_expand_(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms)
-            return y, (t if save_t else t.new_empty(0))
-        return fused_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles,
-                                 segments, block_ms, max_rank, store_t=save_t)
+        return _linear_with_adapters(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles,
+                                     segments, block_ms, max_rank, path, save_t, "nk")
 
 
 @lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, save_t):
+def _(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, save_t,
+      path="auto"):
     check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
                     weight=weight, bias=bias, lora_b=lora_b, values=False)
-    t = x.new_empty(x.shape[0], max_rank, dtype=acc_dtype(x.dtype)) if save_t else x.new_empty(0, dtype=acc_dtype(x.dtype))
+    _check_path(path)
+    acc = acc_dtype(x.dtype)
+    t = x.new_empty(x.shape[0], max_rank, dtype=acc) if save_t else x.new_empty(0, dtype=acc)
     return x.new_empty(x.shape[0], weight.shape[0]), t
 
 
@@ -185,61 +212,57 @@ def lora_linear_backward_op(
     t_fwd: Tensor,
     need_dx: bool,
     need_dlora: bool,
+    path: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dA, dB)``; an output not asked for is an empty tensor."""
+    """``(dx, dA, dB)``; an output not asked for is an empty tensor.
+
+    ``dx = dy W + (s ⊙ dy Bᵀ) A`` runs through the forward's kernels with the roles of
+    ``A`` and ``B`` swapped, keeping ``t_bwd = s ⊙ dy Bᵀ`` for ``dA``; ``dA`` and ``dB``
+    of every user come from one grouped launch.
+    """
     check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
                     weight=weight, lora_b=lora_b)
     check_tensor("dy", dy, shape=(x.shape[0], weight.shape[0]), dtypes=(x.dtype,), device=x.device)
+    _check_path(path)
     dy = dy.contiguous()
     cap = lora_a.shape[0]
     torch_path = backend_for(x) == "torch"
     with nvtx_range("milp.lora_linear_backward"):
-        if torch_path:
-            from .ops.fused_linear import fused_lora_linear_torch as fused
-            from .ops.grad_weights import lora_grad_weights_torch as grads
-            from .ops.shrink import lora_shrink_torch as shrink_t
-
-            def shrink(inp, a):
-                return shrink_t(inp, a, lora_scale, slots, sorted_tokens, segments, max_rank)
-
-            def dx_and_t(store):
-                return fused(dy, weight, None, lora_b, lora_a, lora_scale, slots, sorted_tokens, segments, max_rank,
-                             weight_layout="kn", store_t=store)
-
-            def grad_weights(tb, tf):
-                return grads(x, dy, tb, tf, slots, sorted_tokens, segments, cap)
-        else:
-            from .ops.fused_linear import fused_lora_linear as fused
-            from .ops.grad_weights import lora_grad_weights as grads
-            from .ops.shrink import lora_shrink as shrink_k
-
-            def shrink(inp, a):
-                return shrink_k(inp, a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
-
-            def dx_and_t(store):
-                return fused(dy, weight, None, lora_b, lora_a, lora_scale, slots, sorted_tokens, tiles, segments,
-                             block_ms, max_rank, weight_layout="kn", store_t=store)
-
-            def grad_weights(tb, tf):
-                return grads(x, dy, tb, tf, slots, sorted_tokens, segments, cap, max_rank)
-
         dx = x.new_empty(0)
         t_bwd = None
         if need_dx:
-            dx, t_bwd = dx_and_t(need_dlora)
+            dx, t_bwd = _linear_with_adapters(dy, weight, None, lora_b, lora_a, lora_scale, slots, sorted_tokens,
+                                              tiles, segments, block_ms, max_rank, path, need_dlora, "kn")
         if not need_dlora:
             return dx, x.new_empty(0), x.new_empty(0)
+        if torch_path:
+            from .ops.grad_weights import lora_grad_weights_torch
+            from .ops.shrink import lora_shrink_torch
+
+            def shrink(inp, a):
+                return lora_shrink_torch(inp, a, lora_scale, slots, sorted_tokens, segments, max_rank)
+        else:
+            from .ops.shrink import lora_shrink
+
+            def shrink(inp, a):
+                return lora_shrink(inp, a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
+
         if t_bwd is None:
             t_bwd = shrink(dy, lora_b)
         if t_fwd.numel() == 0 and x.shape[0] and max_rank:
             t_fwd = shrink(x, lora_a)
-        da, db = grad_weights(t_bwd, t_fwd)
+        if torch_path:
+            da, db = lora_grad_weights_torch(x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, cap)
+        else:
+            from .ops.grad_weights import lora_grad_weights
+
+            da, db = lora_grad_weights(x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, cap, max_rank)
         return dx, da, db
 
 
 @lora_linear_backward_op.register_fake
 def _(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, t_fwd,
-      need_dx, need_dlora):
+      need_dx, need_dlora, path="auto"):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     if need_dlora:
         return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
@@ -248,12 +271,13 @@ def _(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, se
 
 def _setup_lora_linear(ctx, inputs, output):
     (x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
-     save_t) = inputs
+     save_t, path) = inputs
     _, t = output
     ctx.save_for_backward(x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, t)
     ctx.block_ms = block_ms
     ctx.max_rank = max_rank
     ctx.has_bias = bias is not None
+    ctx.path = path
 
 
 def _backward_lora_linear(ctx, grad_y, grad_t):
@@ -263,12 +287,12 @@ def _backward_lora_linear(ctx, grad_y, grad_t):
     grad_y = grad_y.contiguous()
     dx, da, dlb = torch.ops.milp.lora_linear_backward(
         grad_y, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, ctx.block_ms,
-        ctx.max_rank, t, need_dx, need_da or need_dlb,
+        ctx.max_rank, t, need_dx, need_da or need_dlb, ctx.path,
     )
     dw = grad_y.t().mm(x) if need_dw else None
     dbias = grad_y.sum(0) if (need_db and ctx.has_bias) else None
     return (dx if need_dx else None, dw, dbias, da if need_da else None, dlb if need_dlb else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("milp::lora_linear", _backward_lora_linear, setup_context=_setup_lora_linear)

@@ -90,6 +90,9 @@ class BatchPlan:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         dev = self.device
         self.num_tokens = 0
+        #: segments (users, with -1) present in the batch: a host value set by a validated
+        #: update(), ``None`` after ``validate=False`` (kernels then choose by token count)
+        self.num_segments: int | None = 0
         self.sorted_tokens = torch.zeros(max_tokens, dtype=torch.int32, device=dev)
         self.segments = torch.zeros(self.max_segments, 3, dtype=torch.int32, device=dev)
         self.segments[:, 2] = -1
@@ -123,8 +126,8 @@ class BatchPlan:
         """Rewrite the buffers for a new batch in place.
 
         ``token_user``: ``[T]`` integer user ids (``-1`` = base only), ``T <= max_tokens``,
-        on the plan's device. ``validate=True`` checks the id range (one host sync);
-        pass ``False`` inside CUDA-graph capture.
+        on the plan's device. ``validate=True`` checks the id range and counts the users
+        present (one host sync); pass ``False`` inside CUDA-graph capture.
         """
         check_tensor("token_user", token_user, ndim=1)
         if token_user.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
@@ -134,27 +137,35 @@ class BatchPlan:
         n = token_user.numel()
         if n > self.max_tokens:
             raise ValueError(f"token_user has {n} tokens, more than the plan's max_tokens={self.max_tokens}")
-        if validate and n:
-            lo, hi = int(token_user.min()), int(token_user.max())
+        dev = self.device
+        U1 = self.max_users + 1
+        S = self.max_segments
+        key = token_user.to(torch.int64) + 1  # [T] in [0, U] when valid
+        # stable sort groups tokens by user, keeping their order inside a user
+        _, order = torch.sort(key, stable=True)
+        counts = torch.zeros(U1, dtype=torch.int64, device=dev).scatter_add_(
+            0, key.clamp(0, U1 - 1), torch.ones_like(key)
+        )
+        active = counts > 0
+        if validate:
+            # one host sync for the id range and the number of users present
+            lo, hi, n_active = (
+                torch.stack([token_user.min().long(), token_user.max().long(), active.sum()]).tolist() if n else (0, 0, 0)
+            )
             if lo < -1 or hi >= self.max_users:
                 raise ValueError(
                     f"token_user ids must be in [-1, {self.max_users}) (max_users={self.max_users}), "
                     f"got values in [{lo}, {hi}]"
                 )
+            self.num_segments = int(n_active)
+        else:
+            self.num_segments = None
         self.num_tokens = n
-        dev = self.device
-        U1 = self.max_users + 1
-        S = self.max_segments
-        key = token_user.to(torch.int64) + 1  # [T] in [0, U]
-        # stable sort groups tokens by user, keeping their order inside a user
-        _, order = torch.sort(key, stable=True)
         self.sorted_tokens.zero_()
         self.sorted_tokens[:n] = order.to(torch.int32)
 
-        counts = torch.zeros(U1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
         ends = torch.cumsum(counts, 0)
         starts = ends - counts
-        active = counts > 0
         pos = torch.cumsum(active.to(torch.int64), 0) - 1
         dst = torch.where(active, pos, torch.full_like(pos, S))  # inactive users go to a dump row
         seg = torch.zeros(S + 1, 3, dtype=torch.int32, device=dev)

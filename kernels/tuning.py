@@ -9,6 +9,9 @@ overridden by a file named in ``MILP_KERNEL_CONFIGS``. A file looks like::
          {"max_tokens": 64,   "n": null, "k": null, "block_m": 16, "block_n": 64,  "block_k": 128, ...},
          {"max_tokens": null, "n": 11008, "k": 4096, "block_m": 128, "block_n": 128, ...}]}}
 
+An optional ``"dispatch"`` object overrides the thresholds of :func:`choose_path`
+(``decode_max_tokens``, ``split_tokens_per_segment``, ``fused_max_rank``).
+
 The first entry whose ``max_tokens`` (inclusive, ``null`` = any), ``n``, ``k``, ``max_rank``
 and ``dtype`` (``null`` = any) all match wins; otherwise :func:`heuristic_config` decides.
 ``block_m`` must be one of the plan's ``block_ms``; the nearest one is taken otherwise.
@@ -24,14 +27,30 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["LaunchConfig", "get_config", "heuristic_config", "config_path_for", "DECODE_MAX_TOKENS", "FUSED_MAX_RANK"]
+__all__ = [
+    "LaunchConfig",
+    "get_config",
+    "heuristic_config",
+    "config_path_for",
+    "choose_path",
+    "PATHS",
+    "DECODE_MAX_TOKENS",
+    "FUSED_MAX_RANK",
+    "SPLIT_TOKENS_PER_SEGMENT",
+]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 OPS = ("fused_linear", "shrink", "expand", "grad_weights")
-#: batches of at most this many tokens take the decode path (base GEMM + split-K shrink + expand)
+#: the three ways to compute ``x Wᵀ + Σ s (x Aᵀ) B`` (see :func:`choose_path`)
+PATHS = ("split", "fused", "fused_t")
+#: batches of at most this many tokens take the split path (decode)
 DECODE_MAX_TOKENS = 64
-#: largest rank block the fused kernel computes inside its K loop; above it t is precomputed
-FUSED_MAX_RANK = 128
+#: batches averaging fewer tokens per user than this take the split path: segment-aligned
+#: tiles this short would re-read W once per user
+SPLIT_TOKENS_PER_SEGMENT = 32
+#: largest rank the fused kernel multiplies inside its K loop (every column block redoes
+#: ``x Aᵀ``: BLOCK_R / BLOCK_N extra tensor-core work); above it ``t`` is precomputed once
+FUSED_MAX_RANK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +75,40 @@ def config_path_for(device_name: str) -> Path:
     return CONFIG_DIR / f"{_slug(device_name)}.json"
 
 
+def choose_path(
+    num_tokens: int, max_rank: int, *, num_segments: int | None = None, device: torch.device | None = None
+) -> str:
+    """Which kernels compute a multi-LoRA linear of this shape.
+
+    * ``"split"`` — base GEMM by cuBLAS over all tokens, then the split-K shrink and the
+      expand-add: for decode (few tokens, many users), where the GEMM is a memory-bound
+      GEMV that must read ``W`` exactly once.
+    * ``"fused"`` — one launch: every ``x`` tile is loaded once for ``W`` and ``A``, ``t``
+      stays in registers and is expanded before ``y`` is written. Pays ``BLOCK_R/BLOCK_N``
+      extra tensor-core work, so only for small ranks.
+    * ``"fused_t"`` — the shrink once (re-reads ``x``: ~2% of a 4096-wide GEMM), then the
+      base GEMM with the expand in its epilogue (``y`` written once).
+
+    ``num_segments`` (users present, host value; :attr:`BatchPlan.num_segments` when the
+    plan was validated) lets batches with few tokens per user take the split path.
+    Thresholds can be overridden per GPU by a ``"dispatch"`` object in the config JSON.
+
+    Example:
+        >>> choose_path(8, 96), choose_path(4096, 96), choose_path(4096, 8)
+        ('split', 'fused_t', 'fused')
+    """
+    knobs = {"decode_max_tokens": DECODE_MAX_TOKENS, "split_tokens_per_segment": SPLIT_TOKENS_PER_SEGMENT,
+             "fused_max_rank": FUSED_MAX_RANK}
+    if device is not None:
+        for table in _tables(device):
+            knobs.update({k: v for k, v in table.get("__dispatch__", {}).items() if k in knobs})
+    if num_tokens <= knobs["decode_max_tokens"]:
+        return "split"
+    if num_segments and num_tokens < knobs["split_tokens_per_segment"] * num_segments:
+        return "split"
+    return "fused" if max_rank <= knobs["fused_max_rank"] else "fused_t"
+
+
 @functools.lru_cache(maxsize=None)
 def _load_table(path: str) -> dict:
     p = Path(path)
@@ -66,7 +119,10 @@ def _load_table(path: str) -> dict:
     ops = data.get("ops", {})
     if not isinstance(ops, dict):
         raise ValueError(f"{path}: 'ops' must be an object of op name -> list of configs")
-    return ops
+    dispatch = data.get("dispatch", {})
+    if not isinstance(dispatch, dict):
+        raise ValueError(f"{path}: 'dispatch' must be an object of threshold name -> int")
+    return dict(ops, __dispatch__=dispatch)
 
 
 @functools.lru_cache(maxsize=None)

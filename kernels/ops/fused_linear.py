@@ -6,9 +6,10 @@ is loaded once and multiplied by both the ``W`` tile and the user's ``A`` rows, 
 low-rank product ``t = s ⊙ x Aᵀ`` lands in registers beside the base accumulator and is
 expanded by ``B`` before ``y`` is written: one read of ``x``, one write of ``y``.
 
-Ranks above ``FUSED_MAX_RANK`` would make the per-tile ``x Aᵀ`` (recomputed by every
-column block) cost more than it saves; there ``t`` is computed once by
-:mod:`kernels.ops.shrink` and the kernel loads it in its epilogue instead (``LOAD_T``).
+Every column block recomputes ``x Aᵀ`` (``BLOCK_R/BLOCK_N`` extra tensor-core work), so
+this pays only for small ranks; otherwise ``t`` is computed once by
+:mod:`kernels.ops.shrink` and the kernel loads it in its epilogue instead (``LOAD_T``,
+path ``"fused_t"``). :func:`kernels.tuning.choose_path` decides.
 
 The same kernel computes the input gradient of the backward pass with the roles swapped:
 ``dx = dy W + (s ⊙ dy Bᵀ) A`` is ``fused_linear(dy, Wᵀ, P=B, Q=A)`` (``weight_layout="kn"``),
@@ -22,7 +23,7 @@ import triton.language as tl
 
 from .._backend import nvtx_range
 from ..plan import tile_block
-from ..tuning import FUSED_MAX_RANK, get_config
+from ..tuning import get_config
 from ._common import acc_dtype, active_segments, dot_flags, load_tile_info, mma, next_pow2
 from .shrink import lora_shrink
 
@@ -30,33 +31,31 @@ __all__ = ["fused_lora_linear", "fused_lora_linear_torch"]
 
 
 @triton.jit
-def _base_loop(x_rows, w_ptr, offs_n, n_mask, row_mask, K, stride_xk, stride_wn, stride_wk, acc,
-               BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _k_loop(x_ptrs, w_ptrs, a_ptrs, K, step_x, step_w, acc, acc_t, WITH_A: tl.constexpr, load_a,
+            EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``acc += x Wᵀ`` (and ``acc_t += x Aᵀ`` when WITH_A) over K; each x tile is loaded once.
+
+    ``load_a`` (``[1, BLOCK_R]``) masks the A columns: masked columns read as zeros.
+    """
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < K
-        xt = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            k_ok = (k0 + offs_k) < K
+            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         acc = mma(xt, wt, acc, UPCAST, IEEE)
-    return acc
-
-
-@triton.jit
-def _base_shrink_loop(x_rows, w_ptr, a_rows, offs_n, n_mask, row_mask, r_mask, K, stride_xk, stride_wn,
-                      stride_wk, acc, acc_t,
-                      BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < K
-        xt = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        at = tl.load(a_rows[None, :] + kk[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = mma(xt, wt, acc, UPCAST, IEEE)
-        acc_t = mma(xt, at, acc_t, UPCAST, IEEE)
+        if WITH_A:
+            if EVEN_K:
+                at = tl.load(a_ptrs, mask=load_a, other=0.0)
+            else:
+                at = tl.load(a_ptrs, mask=k_ok[:, None] & load_a, other=0.0)
+            acc_t = mma(xt, at, acc_t, UPCAST, IEEE)
+            a_ptrs += BLOCK_K
+        x_ptrs += step_x
+        w_ptrs += step_w
     return acc, acc_t
 
 
@@ -65,8 +64,8 @@ def _fused_lora_linear_kernel(
     x_ptr,        # [T, K]          input rows, token order
     w_ptr,        # [N, K] | [K, N] base weight, element (n, k) at n*stride_wn + k*stride_wk
     bias_ptr,     # [N]             (unused unless HAS_BIAS)
-    a_ptr,        # [cap, K]        shrink-side adapter rows (A forward, B backward)
-    b_ptr,        # [cap, N]        expand-side adapter rows (B forward, A backward)
+    a_ptr,        # [cap, K]        shrink-side adapter rows (A forward, B backward), unit column stride
+    b_ptr,        # [cap, N]        expand-side adapter rows (B forward, A backward), unit column stride
     scale_ptr,    # [cap]  fp32     per-rank-row scale s_j = alpha_j / r_j
     slots_ptr,    # [U, 2] int32    (row offset, rank) per user; rank 0 = no adapter
     sorted_ptr,   # [T_cap] int32   token indices grouped by user
@@ -78,6 +77,7 @@ def _fused_lora_linear_kernel(
     HAS_BIAS: tl.constexpr,
     LOAD_T: tl.constexpr,
     STORE_T: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
@@ -94,50 +94,56 @@ def _fused_lora_linear_kernel(
     start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m)
     if start >= end:
         return
+    # Loads stay in bounds without masks: rows past the tile's end re-read its last token,
+    # columns past N wrap around, rank rows past the user's rank wrap inside the user's own
+    # rows (their products are zeroed by the scale, loaded masked). Only stores are masked.
     rows = start + tl.arange(0, BLOCK_M)
     row_mask = rows < end
-    tok = tl.load(sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    x_rows = x_ptr + tok * stride_xt
+    tok = tl.load(sorted_ptr + tl.minimum(rows, end - 1)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    offs_nl = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk            # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_nl[None, :] * stride_wn        # [BLOCK_K, BLOCK_N]
+    step_x = BLOCK_K * stride_xk
+    step_w = BLOCK_K * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
 
     if LOAD_T:
-        acc = _base_loop(x_rows, w_ptr, offs_n, n_mask, row_mask, K, stride_xk, stride_wn, stride_wk, acc,
-                         BLOCK_K, UPCAST, IEEE)
+        acc, _ = _k_loop(x_ptrs, w_ptrs, x_ptrs, K, step_x, step_w, acc, acc, False, None, EVEN_K, BLOCK_K,
+                         UPCAST, IEEE)
         if rank > 0:
-            offs_r = tl.arange(0, BLOCK_R)
             for r0 in range(0, rank, BLOCK_R):
                 rr = r0 + offs_r
                 r_mask = rr < rank
-                tt = tl.load(t_ptr + tok[:, None] * stride_t + rr[None, :],
-                             mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-                bt = tl.load(b_ptr + (offset + rr)[:, None].to(tl.int64) * stride_b + offs_n[None, :],
-                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                tt = tl.load(t_ptr + tok[:, None] * stride_t + rr[None, :], mask=r_mask[None, :], other=0.0)
+                b_rows = (offset + tl.minimum(rr, rank - 1)).to(tl.int64)
+                bt = tl.load(b_ptr + b_rows[:, None] * stride_b + offs_nl[None, :])
                 acc = mma(tt.to(bt.dtype), bt, acc, UPCAST, IEEE)
     else:
+        # One K loop for every tile (two pipelined loops in one kernel would each claim their
+        # own shared-memory stages): tiles without an adapter skip the A loads (masked off)
+        # and multiply zeros, a BLOCK_R/BLOCK_N share of extra tensor-core work on those tiles.
+        r_mask = offs_r < rank                                                          # all false: no adapter
+        ar = (offset + offs_r % tl.maximum(rank, 1)).to(tl.int64)                      # wraps inside the user
+        a_ptrs = a_ptr + ar[None, :] * stride_a + offs_k[:, None]                       # [BLOCK_K, BLOCK_R]
+        acc_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+        acc, acc_t = _k_loop(x_ptrs, w_ptrs, a_ptrs, K, step_x, step_w, acc, acc_t, True, r_mask[None, :], EVEN_K,
+                             BLOCK_K, UPCAST, IEEE)
         if rank > 0:
-            offs_r = tl.arange(0, BLOCK_R)
-            r_mask = offs_r < rank
-            a_rows = a_ptr + (offset + offs_r).to(tl.int64) * stride_a
-            acc_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-            acc, acc_t = _base_shrink_loop(x_rows, w_ptr, a_rows, offs_n, n_mask, row_mask, r_mask, K,
-                                           stride_xk, stride_wn, stride_wk, acc, acc_t, BLOCK_K, UPCAST, IEEE)
             s = tl.load(scale_ptr + offset + offs_r, mask=r_mask, other=0.0)
             acc_t = acc_t * s[None, :].to(ACC)
             if STORE_T:
                 if pid_n == 0:
                     tl.store(t_ptr + tok[:, None] * stride_t + offs_r[None, :], acc_t,
                              mask=row_mask[:, None] & r_mask[None, :])
-            bt = tl.load(b_ptr + (offset + offs_r)[:, None].to(tl.int64) * stride_b + offs_n[None, :],
-                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            bt = tl.load(b_ptr + ar[:, None] * stride_b + offs_nl[None, :])
             acc = mma(acc_t.to(bt.dtype), bt, acc, UPCAST, IEEE)
-        else:
-            acc = _base_loop(x_rows, w_ptr, offs_n, n_mask, row_mask, K, stride_xk, stride_wn, stride_wk, acc,
-                             BLOCK_K, UPCAST, IEEE)
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        bias = tl.load(bias_ptr + offs_nl)
         acc = acc + bias[None, :].to(ACC)
     tl.store(y_ptr + tok[:, None] * stride_yt + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=row_mask[:, None] & n_mask[None, :])
@@ -159,10 +165,14 @@ def fused_lora_linear(
     *,
     weight_layout: str = "nk",
     store_t: bool = False,
+    precompute_t: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the fused kernel; returns ``(y [T, N], t [T, max_rank] or [0])``.
 
     ``weight`` is ``[N, K]`` (``"nk"``, a ``nn.Linear`` weight) or ``[K, N]`` (``"kn"``).
+    ``precompute_t``: run the shrink first and expand the stored ``t`` in the epilogue
+    (path ``"fused_t"``); otherwise ``t`` is computed inside the K loop (path ``"fused"``),
+    which needs ``max_rank`` small (see :func:`kernels.tuning.choose_path`).
     Inputs are assumed validated by the op layer (:mod:`kernels.library`).
     """
     T, K = x.shape
@@ -177,7 +187,7 @@ def fused_lora_linear(
     if T == 0:
         return y, (torch.zeros(0, max_rank, dtype=acc, device=x.device) if store_t else empty)
 
-    load_t = max_rank > FUSED_MAX_RANK
+    load_t = bool(precompute_t) and max_rank > 0
     t = empty
     if load_t:
         t = lora_shrink(x, lora_a, scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
@@ -199,6 +209,7 @@ def fused_lora_linear(
             x.stride(0), x.stride(1), stride_wn, stride_wk, lora_a.stride(0), lora_b.stride(0),
             t.stride(0) if t.dim() == 2 else 0, y.stride(0),
             HAS_BIAS=bias is not None, LOAD_T=load_t, STORE_T=bool(store_t and not load_t),
+            EVEN_K=K % cfg.block_k == 0,
             BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=8,
             **dot_flags(x.dtype), **cfg.kwargs(),
         )

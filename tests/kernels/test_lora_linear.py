@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from kernels import DECODE_MAX_TOKENS, FUSED_MAX_RANK, lora_linear
+from kernels import DECODE_MAX_TOKENS, FUSED_MAX_RANK, PATHS, choose_path, lora_linear
 from kernels.reference import lora_linear_ref
 
 from .cases import DTYPES, TOL, make_case, mixed_ranks, rel_err
 
 
-def _check_forward(case, dtype):
-    y = lora_linear(case.x, case.w, case.b, case.bank, case.plan)
+def _check_forward(case, dtype, path="auto"):
+    y = lora_linear(case.x, case.w, case.b, case.bank, case.plan, path=path)
     bank = case.bank
     ref = lora_linear_ref(case.x, case.w, case.b, bank.lora_a, bank.lora_b, bank.scale, bank.slots, case.ids)
     assert y.dtype == dtype and y.shape == ref.shape
@@ -37,10 +37,35 @@ def test_ranks_1_to_256_mixed_in_one_batch(backend, device, dtype, users):
     _check_forward(case, dtype)
 
 
-@pytest.mark.parametrize("max_rank", [16, 96, 128])
-def test_fused_rank_blocks(backend, device, max_rank):
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("max_rank", [16, 96, 200])
+def test_every_path_and_rank_block(backend, device, path, max_rank):
+    # every path must be right for any rank, whichever choose_path would pick
     case = make_case(130, 33, 50, {0: [max_rank], 1: [3]}, max_users=3, seed=max_rank, device=device)
-    _check_forward(case, torch.float32)
+    _check_forward(case, torch.float32, path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_bf16_odd_sizes(backend, device, path):
+    case = make_case(77, 45, 70, {0: [8, 3], 2: [16], 3: [1, 2, 5], 5: [40]}, max_users=7, dtype=torch.bfloat16,
+                     seed=5, device=device)
+    _check_forward(case, torch.bfloat16, path)
+
+
+def test_choose_path():
+    assert choose_path(1, 96) == "split"
+    assert choose_path(DECODE_MAX_TOKENS, 8) == "split"
+    assert choose_path(4096, FUSED_MAX_RANK) == "fused"
+    assert choose_path(4096, FUSED_MAX_RANK + 1) == "fused_t"
+    # 256 users with one token each: segment-aligned tiles would re-read W per user
+    assert choose_path(256, 96, num_segments=256) == "split"
+    assert choose_path(4096, 96, num_segments=32) == "fused_t"
+
+
+def test_bad_path(device):
+    case = make_case(5, 8, 10, {0: [2]}, max_users=1, device=device)
+    with pytest.raises(ValueError, match="path must be 'auto' or one of"):
+        lora_linear(case.x, case.w, case.b, case.bank, case.plan, path="fast")
 
 
 def test_empty_segments_and_users_absent_from_batch(backend, device):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import AdapterBank, BatchPlan, lora_linear
+from kernels import PATHS, AdapterBank, BatchPlan, lora_linear
 from kernels.reference import lora_linear_grads_ref
 
 from .cases import TOL, make_case, mixed_ranks, rel_err
@@ -10,24 +10,24 @@ from .cases import TOL, make_case, mixed_ranks, rel_err
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
-def _grads(case, dy, need_x=True, need_lora=True):
+def _grads(case, dy, need_x=True, need_lora=True, path="auto"):
     bank = case.bank
     bank.zero_grad(set_to_none=True)
     bank.lora_a.requires_grad_(need_lora)
     bank.lora_b.requires_grad_(need_lora)
     x = case.x.clone().requires_grad_(need_x)
-    y = lora_linear(x, case.w, case.b, bank, case.plan)
+    y = lora_linear(x, case.w, case.b, bank, case.plan, path=path)
     (y * dy).sum().backward()
     return x.grad, bank.lora_a.grad, bank.lora_b.grad
 
 
-def _check(case, dtype, device, seed=0):
+def _check(case, dtype, device, seed=0, path="auto"):
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(case.x.shape[0], case.w.shape[0], generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     bank = case.bank
     dx_r, da_r, db_r = lora_linear_grads_ref(case.x, case.w, bank.lora_a, bank.lora_b, bank.scale, bank.slots,
                                              case.ids, dy)
-    dx, da, db = _grads(case, dy)
+    dx, da, db = _grads(case, dy, path=path)
     tol = TOL[dtype]
     assert rel_err(dx, dx_r) < tol
     assert rel_err(da, da_r) < tol
@@ -46,6 +46,12 @@ def test_backward_odd_sizes(backend, device, dtype, T):
     case = make_case(T, 45, 70, {0: [8, 3], 2: [16], 3: [1, 2, 5], 5: [32]}, max_users=7, dtype=dtype, seed=T,
                      device=device)
     _check(case, dtype, device, seed=T)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_backward_every_path(backend, device, path):
+    case = make_case(90, 33, 40, {0: [8, 3], 1: [100], 3: [1, 2, 5]}, max_users=5, seed=9, device=device)
+    _check(case, torch.float32, device, path=path)
 
 
 @pytest.mark.parametrize("users", [1, 64])
