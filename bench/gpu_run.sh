@@ -10,6 +10,9 @@
 #   prefill  pytest bench/test_lora_linear.py -k prefill   -> bench_prefill.json
 #   bwd      pytest bench/test_lora_backward.py            -> bench_bwd.json
 #   ops      pytest bench/test_lora_shrink.py bench/test_lora_expand.py -> bench_ops.json
+#   aot      python -m kernels.aot (registers/spills/wgmma of the launch configs) -> aot.txt
+#   autotune python -m kernels.autotune --quick: tuned configs -> $OUT/<gpu>.json; copy it to
+#            kernels/configs/ and commit it (later runs then use it)
 #   others   the other bench files (test_search.py, test_runtime.py, ...) -> bench_others.json
 #   report   bench/report.py over every bench_*.json in $OUT and bench/results/gpu/
 #
@@ -121,9 +124,13 @@ for s in "${STAGES[@]}"; do
         prefill) bench prefill bench/test_lora_linear.py -k prefill ;;
         bwd) bench bwd bench/test_lora_backward.py ;;
         ops) bench ops bench/test_lora_shrink.py bench/test_lora_expand.py ;;
+        aot) "$PY" -m kernels.aot --arch 90 --dtype bf16 2>&1 | tee "$OUT/aot.txt" ;;
+        autotune) timeout -s INT "${MILP_STAGE_TIMEOUT:-540}" "$PY" -m kernels.autotune --dtype bf16 --quick \
+                      --out "$OUT/$("$PY" -c 'import torch; from kernels.tuning import config_path_for as c; print(c(torch.cuda.get_device_name(0)).name)')" \
+                  || STATUS=1 ;;
         others) others ;;
         report) report ;;
-        *) echo "unknown stage '$s' (setup tests decode prefill bwd ops others report all)" >&2; exit 2 ;;
+        *) echo "unknown stage '$s' (setup tests decode prefill bwd ops aot autotune others report all)" >&2; exit 2 ;;
     esac
 done
 log "done: stages ${STAGES[*]}, status $STATUS; files in $OUT"

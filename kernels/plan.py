@@ -149,9 +149,8 @@ class BatchPlan:
         active = counts > 0
         if validate:
             # one host sync for the id range and the number of users present
-            lo, hi, n_active = (
-                torch.stack([token_user.min().long(), token_user.max().long(), active.sum()]).tolist() if n else (0, 0, 0)
-            )
+            stats = torch.stack([token_user.min().long(), token_user.max().long(), active.sum()]) if n else None
+            lo, hi, n_active = stats.tolist() if n else (0, 0, 0)
             if lo < -1 or hi >= self.max_users:
                 raise ValueError(
                     f"token_user ids must be in [-1, {self.max_users}) (max_users={self.max_users}), "
@@ -170,7 +169,8 @@ class BatchPlan:
         dst = torch.where(active, pos, torch.full_like(pos, S))  # inactive users go to a dump row
         seg = torch.zeros(S + 1, 3, dtype=torch.int32, device=dev)
         seg[:, 2] = -1
-        seg.index_copy_(0, dst, torch.stack([starts, ends, self._user_range.to(torch.int64)], 1).to(torch.int32))
+        rows = torch.stack([starts, ends, self._user_range.to(torch.int64)], 1).to(torch.int32)
+        seg.index_copy_(0, dst, rows)
         # every inactive user was written to the dump row S; active ones fill rows 0..n_active-1
         # in user order and the rest keep (0, 0, -1)
         seg = seg[:S]

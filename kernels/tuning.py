@@ -18,11 +18,14 @@ and ``dtype`` (``null`` = any) all match wins; otherwise :func:`heuristic_config
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ __all__ = [
     "heuristic_config",
     "config_path_for",
     "choose_path",
+    "use_config",
     "PATHS",
     "DECODE_MAX_TOKENS",
     "FUSED_MAX_RANK",
@@ -109,7 +113,7 @@ def choose_path(
     return "fused" if max_rank <= knobs["fused_max_rank"] else "fused_t"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_table(path: str) -> dict:
     p = Path(path)
     if not p.exists():
@@ -125,7 +129,7 @@ def _load_table(path: str) -> dict:
     return dict(ops, __dispatch__=dispatch)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
@@ -185,6 +189,35 @@ def heuristic_config(op: str, *, num_tokens: int, n: int, k: int, max_rank: int,
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
+_override = threading.local()
+
+
+@contextlib.contextmanager
+def use_config(op: str, config: LaunchConfig) -> Iterator[None]:
+    """Force ``config`` for every launch of ``op`` inside the block (autotuning, experiments).
+
+    Example:
+        >>> with use_config("shrink", LaunchConfig(block_m=16, block_r=16, block_k=32, split_k=4)):
+        ...     pass  # every lora_shrink launch here uses this config
+    """
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if not isinstance(config, LaunchConfig):
+        raise TypeError(f"config must be a LaunchConfig, got {type(config).__name__}")
+    table = getattr(_override, "table", None)
+    if table is None:
+        table = _override.table = {}
+    previous = table.get(op)
+    table[op] = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            table.pop(op, None)
+        else:
+            table[op] = previous
+
+
 def get_config(
     op: str,
     *,
@@ -205,8 +238,8 @@ def get_config(
     """
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    cfg = None
-    for table in _tables(device):
+    cfg = (getattr(_override, "table", None) or {}).get(op)
+    for table in ([] if cfg is not None else _tables(device)):
         for entry in table.get(op, []):
             if _match(entry, num_tokens, n, k, max_rank, dtype):
                 cfg = LaunchConfig(**{key: v for key, v in entry.items() if key in _FIELDS})

@@ -13,7 +13,7 @@ def _check_plan(plan: BatchPlan, ids: torch.Tensor):
     users = sorted(set(ids.tolist()))
     assert [s[2] for s in segs] == users
     assert segs[0][0] == 0 and segs[-1][1] == T if T else segs == []
-    for (s0, e0, _), (s1, _, _) in zip(segs, segs[1:]):
+    for (_s0, e0, _), (s1, _, _) in zip(segs, segs[1:]):
         assert e0 == s1
     st = plan.sorted_tokens[:T].long()
     assert sorted(st.tolist()) == list(range(T))

@@ -1,0 +1,285 @@
+"""Tune the launch configs on the GPU at hand and write them as data (``kernels/configs/<gpu>.json``).
+
+For each op and shape bucket (LLaMA-7B/13B FFN shapes × token buckets × rank buckets) every
+candidate config is first checked against the reference (a wrong fast config is never
+kept), then timed (median of ``triton.testing.do_bench``); the fastest becomes the bucket's
+entry. It also times the ``fused`` against the ``fused_t`` path at a small rank and writes
+the ``dispatch.fused_max_rank`` threshold accordingly. The file is written atomically and
+merged with entries of other dtypes already in it.
+
+Usage (on a GPU)::
+
+    python -m kernels.autotune --dtype bf16            # full grid, writes kernels/configs/<gpu>.json
+    python -m kernels.autotune --dtype bf16 --quick    # a few buckets and candidates (~minutes)
+
+On CPU it runs under the Triton interpreter with ``--tiny`` (plumbing only: the times of
+the interpreter mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from triton.runtime.errors import OutOfResources
+
+from .bank import AdapterBank
+from .plan import BatchPlan
+from .reference import expand_ref, lora_linear_ref, shrink_ref
+from .tuning import OPS, LaunchConfig, _load_table, config_path_for, use_config
+
+__all__ = ["Problem", "tune", "candidates", "main"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One shape bucket: ``num_tokens`` tokens over ``users`` users, ``k → n``, adapters of ``max_rank``."""
+
+    num_tokens: int
+    k: int
+    n: int
+    max_rank: int
+    users: int
+
+
+def problems(tiny: bool = False, quick: bool = False) -> list[Problem]:
+    """The shape buckets tuned: LLaMA-7B/13B FFN shapes, decode and prefill, three rank buckets."""
+    if tiny:
+        return [Problem(8, 48, 40, 16, 8), Problem(96, 48, 40, 16, 4)]
+    shapes = [(4096, 11008), (11008, 4096)] if quick else [(4096, 11008), (11008, 4096), (5120, 13824),
+                                                           (13824, 5120)]
+    tokens = [(32, 32), (4096, 32)] if quick else [(16, 16), (64, 64), (512, 32), (2048, 32), (4096, 32),
+                                                    (16384, 64)]
+    ranks = [96] if quick else [16, 96, 3072]
+    return [Problem(t, k, n, r, u) for (k, n), (t, u), r in itertools.product(shapes, tokens, ranks)]
+
+
+def candidates(op: str, problem: Problem, tiny: bool = False) -> list[LaunchConfig]:
+    """Candidate configs of ``op`` for ``problem`` (each must still pass the correctness check)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if tiny:
+        return [LaunchConfig(block_m=16, block_n=32, block_k=16, block_r=16, split_k=s) for s in (1, 2)]
+    decode = problem.num_tokens <= 64
+    grid: list[LaunchConfig] = []
+    if op == "fused_linear":
+        for bm, bn, bk, w, st in itertools.product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4)):
+            if bm * bn >= 128 * 256 and w == 4:
+                continue
+            grid.append(LaunchConfig(block_m=bm, block_n=bn, block_k=bk, block_r=32, num_warps=w, num_stages=st))
+    elif op == "shrink":
+        for bm, br, bk, sk in itertools.product((16, 32) if decode else (32, 64, 128), (16, 32, 64), (32, 64, 128),
+                                               (1, 2, 4, 8, 16) if decode else (1,)):
+            grid.append(LaunchConfig(block_m=bm, block_r=br, block_k=bk, split_k=sk, num_warps=4, num_stages=3))
+    elif op == "expand":
+        for bm, bn, br, w in itertools.product((16,) if decode else (32, 64, 128), (64, 128, 256), (16, 32, 64),
+                                               (4, 8)):
+            grid.append(LaunchConfig(block_m=bm, block_n=bn, block_r=br, num_warps=w, num_stages=3))
+    else:
+        for br, bc, bt, w in itertools.product((16, 32, 64), (64, 128), (32, 64), (4, 8)):
+            grid.append(LaunchConfig(block_r=br, block_n=bc, block_k=bt, num_warps=w, num_stages=3))
+    return grid
+
+
+def _build(problem: Problem, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    bank = AdapterBank(problem.k, problem.n, max_users=problem.users, dtype=dtype, device=device)
+    choices = [r for r in (8, 16, 32, 64, 96) if r <= problem.max_rank] or [problem.max_rank]
+    for u in range(problem.users):
+        if problem.max_rank > 96:
+            ranks = [96] * (problem.max_rank // 96) if u == 0 else [choices[u % len(choices)]] * 32
+        else:
+            ranks = [problem.max_rank] if u == 0 else [choices[u % len(choices)]]
+        bank.add(u, ranks, alpha=16.0, init="random", generator=g)
+    ids = torch.arange(problem.num_tokens) % problem.users
+    plan = BatchPlan.build(ids.to(device), problem.users)
+    x = torch.randn(problem.num_tokens, problem.k, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(problem.n, problem.k, generator=g) / problem.k**0.5).to(device=device, dtype=dtype)
+    return bank, plan, ids.to(device), x, w
+
+
+def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device):
+    """``(run, check)``: a closure launching ``op`` once, and one returning its relative error."""
+    from .ops.expand import lora_expand_
+    from .ops.fused_linear import fused_lora_linear
+    from .ops.grad_weights import lora_grad_weights
+    from .ops.shrink import lora_shrink
+
+    bank, plan, ids, x, w = _build(problem, dtype, device)
+    st, tiles, segs, bms = plan.as_args()
+    R = bank.max_rank
+    a, b, s, slots = bank.lora_a.detach(), bank.lora_b.detach(), bank.scale, bank.slots
+    c = torch.float32  # references in fp32 on the device: float64 GEMMs of LLaMA size are too slow
+
+    def rel(out, ref):
+        return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+    if op == "fused_linear":
+        def run():
+            return fused_lora_linear(x, w, None, a, b, s, slots, st, tiles, segs, bms, R, precompute_t=True)[0]
+
+        ref = lora_linear_ref(x, w, None, a, b, s, slots, ids, compute_dtype=c)
+        return run, lambda: rel(run(), ref)
+    t = shrink_ref(x, a, s, slots, ids, R, compute_dtype=c)
+    if op == "shrink":
+        def run():
+            return lora_shrink(x, a, s, slots, st, tiles, segs, bms, R)
+
+        return run, lambda: rel(run(), t)
+    if op == "expand":
+        y0 = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
+        ref = expand_ref(y0, t, b, slots, ids, compute_dtype=c)
+
+        def run():
+            return lora_expand_(y0.clone(), t, b, slots, st, tiles, segs, bms)
+
+        return run, lambda: rel(run(), ref)
+    dy = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
+    t_b = shrink_ref(dy, b, s, slots, ids, R, compute_dtype=c)
+    da_ref = torch.zeros_like(a, dtype=c)
+    for u in range(problem.users):
+        off, r = slots[u].tolist()
+        m = ids == u
+        da_ref[off : off + r] = t_b[m, :r].t() @ x[m].to(c)
+
+    def run():
+        return lora_grad_weights(x, dy, t_b, t, slots, st, segs, a.shape[0], R)[0]
+
+    return run, lambda: rel(run(), da_ref)
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _bucket_entry(op: str, problem: Problem, cfg: LaunchConfig, dtype: torch.dtype, ms: float) -> dict:
+    entry = {"max_tokens": problem.num_tokens, "n": problem.n, "k": problem.k, "max_rank": problem.max_rank,
+             "dtype": str(dtype).replace("torch.", ""), "median_ms": round(ms, 5)}
+    entry.update(dataclasses.asdict(cfg))
+    return entry
+
+
+def tune(
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    device: torch.device | None = None,
+    ops: tuple[str, ...] = OPS,
+    quick: bool = False,
+    tiny: bool = False,
+    tolerance: float = 3e-2,
+    progress: bool = True,
+) -> dict:
+    """Tune every op over :func:`problems`; returns the config file's content (not written).
+
+    Example:
+        >>> table = tune(torch.bfloat16, quick=True)  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out: dict[str, list[dict]] = {op: [] for op in ops}
+    work = [(op, p) for op in ops for p in problems(tiny, quick)]
+    for op, problem in tqdm(work, desc="autotune", disable=not progress):
+        run, check = _runner(op, problem, dtype, device)  # inputs and reference built once per bucket
+        best: tuple[float, LaunchConfig] | None = None
+        for cfg in candidates(op, problem, tiny):
+            try:
+                with use_config(op, cfg):
+                    if not check() < tolerance:  # a wrong config is never kept (NaN fails too)
+                        continue
+                    ms = _time(run, device)
+            except OutOfResources:  # too much shared memory / too many registers on this GPU
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        if best is not None:
+            out[op].append(_bucket_entry(op, problem, best[1], dtype, best[0]))
+    for entries in out.values():  # first match wins: smallest buckets first
+        entries.sort(key=lambda e: (e["n"], e["k"], e["max_tokens"], e["max_rank"]))
+    dispatch = _tune_dispatch(dtype, device, tiny) if "fused_linear" in ops else {}
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "ops": out,
+        "dispatch": dispatch,
+    }
+
+
+def _tune_dispatch(dtype: torch.dtype, device: torch.device, tiny: bool) -> dict:
+    """``fused_max_rank``: 16 if the one-launch fused path beats ``fused_t`` at rank 16, else 0."""
+    from .ops.fused_linear import fused_lora_linear
+
+    problem = Problem(96, 48, 40, 16, 4) if tiny else Problem(4096, 4096, 11008, 16, 32)
+    bank, plan, _, x, w = _build(problem, dtype, device)
+    st, tiles, segs, bms = plan.as_args()
+    args = (x, w, None, bank.lora_a.detach(), bank.lora_b.detach(), bank.scale, bank.slots, st, tiles, segs, bms,
+            bank.max_rank)
+    fused = _time(lambda: fused_lora_linear(*args, precompute_t=False), device)
+    fused_t = _time(lambda: fused_lora_linear(*args, precompute_t=True), device)
+    measured = {"fused_ms": round(fused, 5), "fused_t_ms": round(fused_t, 5), "problem": dataclasses.asdict(problem)}
+    return {"fused_max_rank": 16 if fused < fused_t else 0, "_measured": measured}
+
+
+def write_table(table: dict, path: Path) -> Path:
+    """Merge ``table`` into the JSON at ``path`` (entries of other dtypes kept), atomically."""
+    path = Path(path)
+    merged = table
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        dtypes = {e["dtype"] for entries in table["ops"].values() for e in entries}
+        ops = {op: [e for e in old.get("ops", {}).get(op, []) if e.get("dtype") not in dtypes]
+               for op in set(old.get("ops", {})) | set(table["ops"])}
+        for op, entries in table["ops"].items():
+            ops[op] = sorted(ops[op] + entries, key=lambda e: (e["n"], e["k"], e["max_tokens"], e["max_rank"]))
+        merged = dict(old, **{k: v for k, v in table.items() if k != "ops"}, ops=ops)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(merged, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    _load_table.cache_clear()
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES), help="operand dtype to tune")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    parser.add_argument("--quick", action="store_true", help="a few buckets (minutes instead of an hour)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes: plumbing check on CPU")
+    parser.add_argument("--out", default=None, help="JSON to write (default: kernels/configs/<gpu>.json)")
+    args = parser.parse_args(argv)
+    ops = tuple(o for o in args.ops.split(",") if o)
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        parser.error(f"--ops: unknown {bad}; choose from {OPS}")
+    if not torch.cuda.is_available() and not args.tiny:
+        parser.error("no CUDA device: tuning needs a GPU (use --tiny for a CPU plumbing check)")
+    table = tune(_DTYPES[args.dtype], ops=ops, quick=args.quick, tiny=args.tiny)
+    out = Path(args.out) if args.out else config_path_for(table["device"])
+    print(f"wrote {write_table(table, out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
