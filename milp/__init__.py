@@ -1,0 +1,62 @@
+"""MiLP: memory-injected LLM personalization on Hugging Face models.
+
+Each user's history is written into LoRA adapters on the FFN linears of a base LLM;
+many users' adapters are trained and served in the same batch through the fused
+multi-LoRA kernels of :mod:`kernels`.
+
+Example:
+    >>> import torch, milp
+    >>> rt = milp.MilpRuntime(milp.tiny_model("llama"), max_users=8)
+    >>> rt.add_user("alice", milp.MemoryConfig.uniform(2, modules=2, rank=8), total_steps=100)
+    >>> losses = rt.train_step(torch.randint(3, 90, (2, 16)), users="alice")
+    >>> rt.generate(torch.ones(1, 4, dtype=torch.long), ["alice"], max_new_tokens=2,
+    ...             do_sample=False, pad_token_id=0).shape
+    torch.Size([1, 6])
+"""
+from __future__ import annotations
+
+from .config import MAX_MODULES, MemoryConfig, atomic_directory, atomic_write_bytes, atomic_write_text
+from .export import export_peft, peft_adapter
+from .inject import (
+    SUPPORTED_ARCHITECTURES,
+    MilpState,
+    MultiLoraLinear,
+    apply_milp,
+    batch_users,
+    ffn_target_shapes,
+    ffn_targets,
+    get_milp,
+    is_injected,
+    remove_milp,
+    tiny_model,
+)
+from .optim import AdamWConfig, PackedAdamW, lr_multiplier, warmup_steps
+from .runtime import MilpRuntime, pad_sequences, user_losses
+
+__all__ = [
+    "MAX_MODULES",
+    "SUPPORTED_ARCHITECTURES",
+    "AdamWConfig",
+    "MemoryConfig",
+    "MilpRuntime",
+    "MilpState",
+    "MultiLoraLinear",
+    "PackedAdamW",
+    "apply_milp",
+    "atomic_directory",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "batch_users",
+    "export_peft",
+    "ffn_target_shapes",
+    "ffn_targets",
+    "get_milp",
+    "is_injected",
+    "lr_multiplier",
+    "pad_sequences",
+    "peft_adapter",
+    "remove_milp",
+    "tiny_model",
+    "user_losses",
+    "warmup_steps",
+]

@@ -1,0 +1,571 @@
+"""Inject multi-user LoRA memory into the FFN linears of a Hugging Face model.
+
+:func:`apply_milp` replaces every FFN target linear by a :class:`MultiLoraLinear` that
+holds one :class:`kernels.AdapterBank` (all users' adapters for that linear, packed
+ragged) and calls :func:`kernels.lora_linear`. Base weights are frozen;
+:func:`remove_milp` puts the original modules back.
+
+How a layer learns the batch's users without a change to the model's forward
+signature: :func:`batch_users` (a context manager) sets one user slot per batch row (or
+per token). The first injected layer a forward reaches builds the
+:class:`kernels.BatchPlan` for the flattened ``[B*S]`` tokens (each token → its row's
+user) and every later layer reuses it: the plan depends only on the users and the
+activations' leading shape, so it is cached under that key — one build per forward,
+and none at all for the decode steps of ``generate`` after the first (S=1, same
+users). Plans live in fixed-capacity buffers (one per power-of-two token bucket and
+device) that :meth:`kernels.BatchPlan.update` rewrites in place. A batch expanded by
+``generate`` (``num_return_sequences``/beams: ``B*k`` rows, repeat-interleaved) maps
+row ``i`` to user ``i // k``.
+
+Example:
+    >>> import torch
+    >>> model = tiny_model("llama")
+    >>> state = apply_milp(model, max_users=4)
+    >>> _ = state.add_adapters(1, {0: (8, 8)}, lora_alpha=16.0, init="random")
+    >>> with batch_users(model, [1, -1]):
+    ...     logits = model(torch.zeros(2, 5, dtype=torch.long)).logits
+    >>> remove_milp(model) is model
+    True
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import kernels
+from kernels import AdapterBank, BatchPlan
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "MilpState",
+    "MultiLoraLinear",
+    "apply_milp",
+    "batch_users",
+    "ffn_target_shapes",
+    "ffn_targets",
+    "get_milp",
+    "is_injected",
+    "remove_milp",
+    "tiny_model",
+]
+
+_STATE_ATTR = "_milp_state"
+
+
+@dataclass(frozen=True)
+class _Arch:
+    family: str
+    layer_paths: tuple[str, ...]  # where the list of blocks lives (with / without the LM head)
+    targets: tuple[str, ...]  # FFN target linears inside a block
+
+
+_LLAMA = _Arch("LLaMA-family", ("model.layers", "layers"), ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+_GPT2 = _Arch("GPT-2/DialoGPT", ("transformer.h", "h"), ("mlp.c_fc", "mlp.c_proj"))
+_ROBERTA = _Arch("RoBERTa", ("roberta.encoder.layer", "encoder.layer"), ("intermediate.dense", "output.dense"))
+
+#: ``config.model_type`` → where the FFN targets are.
+SUPPORTED_ARCHITECTURES: dict[str, _Arch] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gpt2": _GPT2,
+    "roberta": _ROBERTA,
+}
+
+
+def _supported_text() -> str:
+    return (
+        "supported: LLaMA-family (model_type llama, mistral, qwen2: mlp.gate_proj/up_proj/down_proj), "
+        "GPT-2/DialoGPT (gpt2: mlp.c_fc/mlp.c_proj, Conv1D) and RoBERTa "
+        "(roberta, e.g. RobertaForCausalLM: intermediate.dense/output.dense)"
+    )
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # pragma: no cover - transformers without Conv1D
+        return None
+    return Conv1D
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    c = _conv1d_type()
+    return c is not None and isinstance(m, c)
+
+
+def _get(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj
+
+
+def _arch(model: nn.Module) -> tuple[_Arch, str]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    cfg = getattr(model, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {type(model).__name__} (model_type={mtype!r}); {_supported_text()}"
+        )
+    arch = SUPPORTED_ARCHITECTURES[mtype]
+    for path in arch.layer_paths:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList):
+            return arch, path
+    raise ValueError(
+        f"{type(model).__name__} (model_type={mtype!r}) has no block list at any of {list(arch.layer_paths)}: "
+        f"it has no FFN targets to inject"
+    )
+
+
+def ffn_targets(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
+    """Per layer, ``(qualified name, module)`` of each FFN target linear (in target order).
+
+    On an injected model the modules are the :class:`MultiLoraLinear` wrappers.
+
+    Example:
+        >>> [name for name, _ in ffn_targets(tiny_model("gpt2"))[0]]
+        ['transformer.h.0.mlp.c_fc', 'transformer.h.0.mlp.c_proj']
+    """
+    arch, path = _arch(model)
+    layers = _get(model, path)
+    out: list[list[tuple[str, nn.Module]]] = []
+    for i, block in enumerate(layers):
+        row = []
+        for t in arch.targets:
+            m = _get(block, t)
+            if m is None:
+                raise ValueError(f"layer {i} ({path}.{i}) has no FFN target {t!r}; {_supported_text()}")
+            base = m.base if isinstance(m, MultiLoraLinear) else m
+            if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+                raise TypeError(
+                    f"{path}.{i}.{t} is a {type(base).__name__}, expected nn.Linear or transformers Conv1D"
+                )
+            row.append((f"{path}.{i}.{t}", m))
+        out.append(row)
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no FFN targets (0 layers at {path}); {_supported_text()}")
+    return out
+
+
+def _in_out(m: nn.Module) -> tuple[int, int]:
+    base = m.base if isinstance(m, MultiLoraLinear) else m
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    w = base.weight  # Conv1D: [in, out]
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def ffn_target_shapes(model: nn.Module) -> list[list[tuple[int, int]]]:
+    """Per layer, ``(in_features, out_features)`` of each FFN target.
+
+    Example:
+        >>> ffn_target_shapes(tiny_model("llama"))[0]
+        [(32, 64), (32, 64), (64, 32)]
+    """
+    return [[_in_out(m) for _, m in layer] for layer in ffn_targets(model)]
+
+
+# --------------------------------------------------------------------------- the layer
+class MultiLoraLinear(nn.Module):
+    """A frozen FFN linear (``nn.Linear`` or ``Conv1D``) plus all users' adapters for it.
+
+    ``forward(x)`` = ``base(x)`` when no users are set (bit-identical to the original),
+    else ``kernels.lora_linear`` with the current batch's plan.
+
+    Example:
+        >>> m = MultiLoraLinear(nn.Linear(8, 4), max_users=2, layer=0, target="mlp.up_proj")
+        >>> m(torch.randn(3, 8)).shape
+        torch.Size([3, 4])
+    """
+
+    def __init__(self, base: nn.Module, max_users: int, layer: int, target: str, capacity: int = 0) -> None:
+        super().__init__()
+        self.base = base
+        self.layer = layer
+        self.target = target
+        self.conv1d = _is_conv1d(base)
+        in_f, out_f = _in_out(base)
+        w = base.weight
+        self.bank = AdapterBank(in_f, out_f, max_users, capacity=capacity, dtype=w.dtype, device=w.device)
+        self._milp_state: MilpState | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.bank.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.bank.out_features
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a transposed view for ``Conv1D``)."""
+        w = self.base.weight
+        return w.t() if self.conv1d else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self._milp_state
+        if st is None or st.row_users is None or not st.any_adapter(self.bank):
+            return self.base(x)
+        plan = st.plan_for(x)
+        return kernels.lora_linear(x, self.base_weight(), self.base.bias, self.bank, plan)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, target={self.target!r}, conv1d={self.conv1d}"
+
+
+# --------------------------------------------------------------------------- shared state
+class MilpState:
+    """Per-model injection state: the wrappers, the current batch's users and the plans.
+
+    Obtain it from :func:`apply_milp` or :func:`get_milp`; user ids here are *slots*
+    ``0 .. max_users-1`` (the runtime maps its own user keys to slots).
+
+    Example:
+        >>> st = apply_milp(tiny_model("llama"), max_users=2)
+        >>> st.num_layers, [m.target for m in st.layers[0]]
+        (2, ['mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj'])
+    """
+
+    def __init__(self, model: nn.Module, layers: list[list[MultiLoraLinear]], max_users: int,
+                 names: list[list[str]], requires_grad: dict[str, bool]) -> None:
+        self.layers = layers
+        self.names = names
+        self.max_users = max_users
+        self.model_type = str(model.config.model_type)
+        self._requires_grad = requires_grad
+        self.row_users: torch.Tensor | None = None  # [B] or [B, S] int64 on CPU
+        self._batch_slots: frozenset[int] = frozenset()
+        self._version = 0
+        self._row_users_dev: dict[torch.device, torch.Tensor] = {}
+        self._plans: dict[tuple[torch.device, int], BatchPlan] = {}
+        self._plan_keys: dict[tuple[torch.device, int], tuple] = {}
+        self.plan_builds = 0  # number of plan updates (inspection and tests)
+
+    # ----------------------------------------------------------------- info
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def modules(self) -> Iterator[MultiLoraLinear]:
+        """Every wrapper, layer by layer."""
+        for layer in self.layers:
+            yield from layer
+
+    def banks(self) -> list[AdapterBank]:
+        return [m.bank for m in self.modules()]
+
+    def target_shapes(self) -> list[list[tuple[int, int]]]:
+        return [[(m.in_features, m.out_features) for m in layer] for layer in self.layers]
+
+    def users(self) -> list[int]:
+        """Slots that have adapters at some layer."""
+        return sorted({u for b in self.banks() for u in b.users})
+
+    def _check_slot(self, slot: object) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int):
+            raise TypeError(f"user slot must be an int, got {type(slot).__name__}")
+        if not 0 <= slot < self.max_users:
+            raise ValueError(f"user slot must be in [0, {self.max_users}) (max_users), got {slot}")
+        return slot
+
+    # ----------------------------------------------------------- adapters
+    def add_adapters(
+        self,
+        slot: int,
+        layer_ranks: Mapping[int, Sequence[int]],
+        lora_alpha: float = 16.0,
+        *,
+        init: str = "lora",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Give ``slot`` modules of ranks ``layer_ranks[l]`` on every target of layer ``l``
+        (replacing all its adapters); layers not listed get none.
+
+        Example:
+            >>> st = apply_milp(tiny_model("gpt2"), max_users=2)
+            >>> st.add_adapters(0, {1: [8, 4]}); st.layers[1][0].bank.rank_of(0)
+            12
+        """
+        self._check_slot(slot)
+        for li in layer_ranks:
+            if isinstance(li, bool) or not isinstance(li, int) or not 0 <= li < self.num_layers:
+                raise ValueError(f"layer_ranks keys must be layer indices in [0, {self.num_layers}), got {li!r}")
+        self.remove_adapters(slot, missing_ok=True)
+        try:
+            for li, layer in enumerate(self.layers):
+                ranks = list(layer_ranks.get(li, ()))
+                if not ranks:
+                    continue
+                for m in layer:
+                    m.bank.add(slot, ranks, lora_alpha, init=init, generator=generator)
+        except BaseException:
+            self.remove_adapters(slot, missing_ok=True)
+            raise
+
+    def remove_adapters(self, slot: int, *, missing_ok: bool = False) -> None:
+        """Drop every adapter of ``slot``.
+
+        Example:
+            >>> st = apply_milp(tiny_model("gpt2"), max_users=2)
+            >>> st.remove_adapters(1, missing_ok=True)
+        """
+        self._check_slot(slot)
+        found = False
+        for b in self.banks():
+            if b.has(slot):
+                b.remove(slot)
+                found = True
+        if not found and not missing_ok:
+            raise KeyError(f"user slot {slot} has no adapters")
+
+    def num_parameters(self, slot: int | None = None) -> int:
+        """Adapter parameters of one slot (or of all)."""
+        return sum(b.num_parameters(slot) for b in self.banks())
+
+    # ------------------------------------------------------------- users
+    def set_users(self, users: torch.Tensor | Sequence[int] | None) -> None:
+        """Set the user slot of each batch row (``[B]``) or token (``[B, S]``); ``-1`` = base
+        model only; ``None`` clears (every layer then runs its base module alone)."""
+        self._version += 1
+        self._row_users_dev.clear()
+        if users is None:
+            self.row_users, self._batch_slots = None, frozenset()
+            return
+        t = users if isinstance(users, torch.Tensor) else torch.as_tensor(list(users))
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"users must hold integer user slots, got dtype {t.dtype}")
+        if t.dim() not in (1, 2) or t.numel() == 0:
+            raise ValueError(f"users must be [B] (one slot per row) or [B, S] (per token), got shape {tuple(t.shape)}")
+        t = t.detach().to("cpu", torch.int64)
+        lo, hi = int(t.min()), int(t.max())
+        if lo < -1 or hi >= self.max_users:
+            raise ValueError(f"users must be slots in [-1, {self.max_users}) (-1 = no adapter), got [{lo}, {hi}]")
+        self.row_users = t.contiguous()
+        self._batch_slots = frozenset(v for v in t.unique().tolist() if v >= 0)
+
+    def any_adapter(self, bank: AdapterBank) -> bool:
+        """Whether some user of the current batch has adapters in ``bank``."""
+        return any(bank.has(u) for u in self._batch_slots)
+
+    def _token_users(self, lead: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        ru = self._row_users_dev.get(device)
+        if ru is None:
+            ru = self._row_users_dev[device] = self.row_users.to(device)
+        T = math.prod(lead)
+        if ru.dim() == 2:
+            if ru.numel() != T:
+                raise ValueError(
+                    f"per-token users have shape {tuple(ru.shape)} but the layer input has {T} tokens {lead}"
+                )
+            return ru.reshape(-1)
+        B = ru.shape[0]
+        if len(lead) >= 2 and lead[0] % B == 0:
+            k = lead[0] // B
+            rows = ru if k == 1 else ru.repeat_interleave(k)
+            per_row = T // lead[0]
+        elif len(lead) == 1 and T % B == 0:
+            rows, per_row = ru, T // B
+        else:
+            raise ValueError(
+                f"the layer input's leading shape {list(lead)} does not split into the {B} batch rows "
+                f"whose users were set (batch_users)"
+            )
+        return rows if per_row == 1 else rows.repeat_interleave(per_row)
+
+    def plan_for(self, x: torch.Tensor) -> BatchPlan:
+        """The plan of the current batch for activations ``x [..., features]`` (cached)."""
+        lead = tuple(x.shape[:-1])
+        T = max(1, math.prod(lead))
+        bucket = 1 << (T - 1).bit_length()
+        key = (x.device, bucket)
+        pkey = (self._version, lead)
+        plan = self._plans.get(key)
+        if plan is not None and self._plan_keys.get(key) == pkey:
+            return plan
+        token_user = self._token_users(lead, x.device)
+        if plan is None or plan.max_users != self.max_users:
+            plan = self._plans[key] = BatchPlan(bucket, self.max_users, device=x.device)
+        plan.update(token_user, validate=x.device.type == "cpu")
+        self._plan_keys[key] = pkey
+        self.plan_builds += 1
+        return plan
+
+    def resize_users(self, max_users: int) -> None:
+        """Grow the slot space of every bank (and the plans) to ``max_users``."""
+        if max_users <= self.max_users:
+            return
+        for b in self.banks():
+            b.resize_users(max_users)
+        self.max_users = max_users
+        self._plans.clear()
+        self._plan_keys.clear()
+
+
+# --------------------------------------------------------------------------- API
+def is_injected(model: nn.Module) -> bool:
+    """Whether :func:`apply_milp` has been applied to ``model``.
+
+    Example:
+        >>> is_injected(tiny_model("llama"))
+        False
+    """
+    return isinstance(getattr(model, _STATE_ATTR, None), MilpState)
+
+
+def get_milp(model: nn.Module) -> MilpState:
+    """The :class:`MilpState` of an injected model.
+
+    Example:
+        >>> m = tiny_model("llama"); st = apply_milp(m); get_milp(m) is st
+        True
+    """
+    st = getattr(model, _STATE_ATTR, None)
+    if not isinstance(st, MilpState):
+        raise ValueError(f"{type(model).__name__} has no MiLP adapters: call milp.apply_milp(model) first")
+    return st
+
+
+def apply_milp(model: nn.Module, max_users: int = 64, *, capacity: int = 0) -> MilpState:
+    """Replace the FFN linears of ``model`` by :class:`MultiLoraLinear` (in place) and freeze
+    every base parameter. ``max_users``: size of the user-slot space; ``capacity``: rank
+    rows to preallocate per target (the banks grow on demand).
+
+    Example:
+        >>> model = tiny_model("roberta")
+        >>> st = apply_milp(model, max_users=8)
+        >>> type(model.roberta.encoder.layer[0].intermediate.dense).__name__
+        'MultiLoraLinear'
+    """
+    if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+        raise ValueError(f"max_users must be an int >= 1, got {max_users!r}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+    if is_injected(model):
+        raise ValueError("model already has MiLP adapters (apply_milp was called); use get_milp(model)")
+    targets = ffn_targets(model)
+    for row in targets:
+        for name, m in row:
+            if isinstance(m, MultiLoraLinear):
+                raise ValueError(f"{name} is already a MultiLoraLinear")
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers: list[list[MultiLoraLinear]] = []
+    names: list[list[str]] = []
+    for li, row in enumerate(targets):
+        wrapped, row_names = [], []
+        for name, m in row:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            target = name.split(f".{li}.", 1)[1] if f".{li}." in name else child
+            w = MultiLoraLinear(m, max_users, li, target, capacity=capacity)
+            setattr(parent, child, w)
+            wrapped.append(w)
+            row_names.append(name)
+        layers.append(wrapped)
+        names.append(row_names)
+    state = MilpState(model, layers, max_users, names, requires_grad)
+    for w in state.modules():
+        w._milp_state = state
+    object.__setattr__(model, _STATE_ATTR, state)
+    return state
+
+
+def remove_milp(model: nn.Module) -> nn.Module:
+    """Put the original FFN modules back, restore every parameter's ``requires_grad`` and
+    drop all adapters; returns ``model``.
+
+    Example:
+        >>> model = tiny_model("gpt2"); _ = apply_milp(model)
+        >>> type(remove_milp(model).transformer.h[0].mlp.c_fc).__name__
+        'Conv1D'
+    """
+    st = get_milp(model)
+    for row_names, row in zip(st.names, st.layers):
+        for name, w in zip(row_names, row):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            if getattr(parent, child) is not w:
+                raise RuntimeError(f"{name} is no longer the MultiLoraLinear apply_milp installed")
+            setattr(parent, child, w.base)
+            w._milp_state = None
+    for n, p in model.named_parameters():
+        if n in st._requires_grad:
+            p.requires_grad_(st._requires_grad[n])
+    st.set_users(None)
+    object.__delattr__(model, _STATE_ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def batch_users(model: nn.Module, users: torch.Tensor | Sequence[int] | None) -> Iterator[MilpState]:
+    """Run the forwards inside the block with one user slot per batch row (``[B]``, ``-1`` =
+    no adapter) or per token (``[B, S]``); nests, restoring the outer users on exit.
+
+    Example:
+        >>> model = tiny_model("llama"); st = apply_milp(model, max_users=2)
+        >>> with batch_users(model, [0, 1, -1]):
+        ...     out = model(torch.ones(3, 4, dtype=torch.long))
+    """
+    st = get_milp(model)
+    previous = st.row_users
+    st.set_users(users)
+    try:
+        yield st
+    finally:
+        st.set_users(previous)
+
+
+# --------------------------------------------------------------------------- tiny models
+def tiny_model(arch: str = "llama", *, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A tiny random-init causal LM of a supported architecture (hidden 32, FFN 64, 2 layers,
+    vocab 96), in eval mode and float32 — for examples, tests and CPU benchmarks.
+    ``overrides`` go to the config (e.g. ``num_hidden_layers=4``).
+
+    Example:
+        >>> type(tiny_model("qwen2")).__name__
+        'Qwen2ForCausalLM'
+    """
+    import transformers as tf
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128)
+    if arch in ("llama", "mistral", "qwen2"):
+        cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]
+        kw = dict(common, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False)
+    elif arch == "gpt2":
+        cls = (tf.GPT2Config, tf.GPT2LMHeadModel)
+        kw = dict(vocab_size=96, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        if "num_hidden_layers" in overrides:
+            overrides["n_layer"] = overrides.pop("num_hidden_layers")
+        if "hidden_size" in overrides:
+            overrides["n_embd"] = overrides.pop("hidden_size")
+        if "intermediate_size" in overrides:
+            overrides["n_inner"] = overrides.pop("intermediate_size")
+    elif arch == "roberta":
+        cls = (tf.RobertaConfig, tf.RobertaForCausalLM)
+        kw = dict(common, max_position_embeddings=130, is_decoder=True, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    else:
+        raise ValueError(f"arch must be one of llama, mistral, qwen2, gpt2, roberta; got {arch!r}")
+    kw.update(overrides)
+    config = cls[0](**kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls[1](config)
+    return model.eval()

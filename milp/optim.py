@@ -1,0 +1,417 @@
+"""Per-user AdamW over packed adapter banks, vectorised with a row → user map.
+
+Every :class:`kernels.AdapterBank` packs many users' adapter rows into ``lora_a
+[capacity, in]`` / ``lora_b [capacity, out]``. :class:`PackedAdamW` keeps AdamW's
+moments in tensors of the same packed layout and, per bank, a ``row_user [capacity]``
+map (``-1`` = free row). Each user has its own hyper-parameters, step count and
+learning-rate schedule, all held in ``[max_users]`` tensors; one :meth:`PackedAdamW.step`
+gathers them per row (``hyper[row_user]``) and updates every bank with a handful of
+whole-tensor ops — no Python loop over users or rows, no host synchronisation. Rows of
+users not stepped (not in the batch) and free rows get a zero weight and stay untouched.
+
+Per user the update is exactly :class:`torch.optim.AdamW` (decoupled weight decay,
+bias correction by the user's own step count) with, optionally, gradient clipping to
+``max_grad_norm`` by the norm over *that user's* adapter gradients (like
+``torch.nn.utils.clip_grad_norm_`` on its parameters alone), and the schedule of
+:func:`lr_multiplier` (linear warm-up over ``warmup_ratio`` of the user's steps, then
+linear decay or constant).
+
+Example:
+    >>> import kernels, torch
+    >>> bank = kernels.AdapterBank(8, 8, max_users=2); _ = bank.add(0, [4], init="random")
+    >>> opt = PackedAdamW([bank], max_users=2)
+    >>> opt.set_user(0, AdamWConfig(lr=1e-2), total_steps=10)
+    >>> bank.lora_a.grad = torch.ones_like(bank.lora_a); bank.lora_b.grad = torch.ones_like(bank.lora_b)
+    >>> opt.step([0]); opt.step_count(0)
+    1
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kernels import AdapterBank
+
+__all__ = ["AdamWConfig", "PackedAdamW", "lr_multiplier", "warmup_steps"]
+
+_DECAYS = ("linear", "constant")
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    """One user's optimizer settings (paper defaults: lr 5e-4, 10% warm-up, wd 1e-4).
+
+    ``decay``: after warm-up, ``"linear"`` to 0 at ``total_steps`` (Hugging Face's default
+    schedule) or ``"constant"``. ``max_grad_norm``: clip this user's gradient norm
+    (``None`` = no clipping).
+
+    Example:
+        >>> AdamWConfig().lr
+        0.0005
+    """
+
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    warmup_ratio: float = 0.1
+    decay: str = "linear"
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        def num(name: str, v: object, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TypeError(f"{name} must be a finite number, got {v!r}")
+            if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+                a, b = "(" if lo_open else "[", ")" if hi_open else "]"
+                raise ValueError(f"{name} must be in {a}{lo}, {hi}{b}, got {v}")
+
+        num("lr", self.lr, 0.0, math.inf)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
+        num("betas[0]", self.betas[0], 0.0, 1.0, hi_open=True)
+        num("betas[1]", self.betas[1], 0.0, 1.0, hi_open=True)
+        num("eps", self.eps, 0.0, math.inf, lo_open=True)
+        num("weight_decay", self.weight_decay, 0.0, math.inf)
+        num("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        if self.decay not in _DECAYS:
+            raise ValueError(f"decay must be one of {_DECAYS}, got {self.decay!r}")
+        if self.max_grad_norm is not None:
+            num("max_grad_norm", self.max_grad_norm, 0.0, math.inf, lo_open=True)
+        object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict.
+
+        Example:
+            >>> AdamWConfig(lr=1e-3).to_dict()["lr"]
+            0.001
+        """
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AdamWConfig:
+        """Inverse of :meth:`to_dict`.
+
+        Example:
+            >>> AdamWConfig.from_dict({"lr": 1e-3}).weight_decay
+            0.0001
+        """
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+def warmup_steps(total_steps: int | None, warmup_ratio: float) -> int:
+    """Warm-up length: ``ceil(warmup_ratio * total_steps)`` (0 without a step budget).
+
+    Example:
+        >>> warmup_steps(25, 0.1)
+        3
+    """
+    if not total_steps:
+        return 0
+    return math.ceil(warmup_ratio * total_steps - 1e-9)
+
+
+def lr_multiplier(step: int, total_steps: int | None, warmup_ratio: float = 0.1, decay: str = "linear") -> float:
+    """Learning-rate factor of the ``step``-th update (1-based) of a user.
+
+    Warm-up ``W`` = :func:`warmup_steps`: ``step / W`` for ``step <= W``; then
+    ``(total - step + 1) / (total - W)`` (``"linear"``: 1 right after warm-up, ``1/(total-W)``
+    at the last step, 0 beyond) or 1 (``"constant"``). Without ``total_steps``: always 1.
+
+    Example:
+        >>> [round(lr_multiplier(s, 10), 3) for s in (1, 2, 10)]
+        [1.0, 1.0, 0.111]
+    """
+    W = warmup_steps(total_steps, warmup_ratio)
+    if W and step <= W:
+        return step / W
+    if decay == "linear" and total_steps:
+        return min(1.0, max(0.0, (total_steps - step + 1) / max(1, total_steps - W)))
+    return 1.0
+
+
+class PackedAdamW:
+    """AdamW for all users' adapters in ``banks``, with per-user settings and schedules.
+
+    Call :meth:`set_user` when a user gets adapters, :meth:`drop_user` when it goes, and
+    :meth:`sync` after any change of a bank's layout (adding/removing users may move
+    rows): moments follow their user's rows. :meth:`step` updates the given users only.
+
+    Example:
+        >>> import kernels, torch
+        >>> banks = [kernels.AdapterBank(8, 4, max_users=3) for _ in range(2)]
+        >>> for b in banks: _ = b.add(2, [2, 2], init="random")
+        >>> opt = PackedAdamW(banks, max_users=3); opt.set_user(2, AdamWConfig(), total_steps=100)
+        >>> for b in banks: b.lora_a.grad = torch.zeros_like(b.lora_a)
+        >>> opt.step([2]); opt.zero_grad(); opt.step_count(2)
+        1
+    """
+
+    def __init__(self, banks: Sequence[AdapterBank], max_users: int) -> None:
+        banks = list(banks)
+        for i, b in enumerate(banks):
+            if not isinstance(b, AdapterBank):
+                raise TypeError(f"banks[{i}] must be a kernels.AdapterBank, got {type(b).__name__}")
+            if b.max_users != max_users:
+                raise ValueError(f"banks[{i}].max_users={b.max_users} differs from max_users={max_users}")
+        if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+            raise ValueError(f"max_users must be an int >= 1, got {max_users!r}")
+        self.banks = banks
+        self.max_users = max_users
+        dev = banks[0].lora_a.device if banks else torch.device("cpu")
+        self.device = dev
+        U = max_users
+        f32 = dict(dtype=torch.float32, device=dev)
+        self._lr = torch.zeros(U, **f32)
+        self._beta1 = torch.full((U,), 0.9, **f32)
+        self._beta2 = torch.full((U,), 0.999, **f32)
+        self._eps = torch.full((U,), 1e-8, **f32)
+        self._wd = torch.zeros(U, **f32)
+        self._warmup = torch.zeros(U, **f32)
+        self._total = torch.zeros(U, **f32)  # 0 = no budget
+        self._linear = torch.zeros(U, dtype=torch.bool, device=dev)
+        self._max_norm = torch.full((U,), math.inf, **f32)
+        self._step = torch.zeros(U, dtype=torch.int64, device=dev)
+        self._configs: dict[int, tuple[AdamWConfig, int | None]] = {}
+        # per bank: layout {user: (offset, rank)}, capacity, row_user, moments
+        self._layout: list[dict[int, tuple[int, int]]] = [{} for _ in banks]
+        self._row_user: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64, device=dev) for _ in banks]
+        self._moments: list[dict[str, torch.Tensor]] = [self._zeros(b) for b in banks]
+        self._dirty: set[int] = set()
+        self.sync()
+
+    # --------------------------------------------------------------- users
+    def _check_slot(self, slot: object) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int):
+            raise TypeError(f"user slot must be an int, got {type(slot).__name__}")
+        if not 0 <= slot < self.max_users:
+            raise ValueError(f"user slot must be in [0, {self.max_users}), got {slot}")
+        return slot
+
+    def set_user(self, slot: int, config: AdamWConfig | None = None, total_steps: int | None = None) -> None:
+        """(Re)start ``slot``'s optimizer: settings, ``total_steps`` (for the schedule),
+        step count 0 and zero moments.
+
+        Example:
+            >>> opt = PackedAdamW([], max_users=1); opt.set_user(0, AdamWConfig(lr=1e-3), 50)
+            >>> opt.current_lr(0)
+            0.0002
+        """
+        self._check_slot(slot)
+        config = AdamWConfig() if config is None else config
+        if not isinstance(config, AdamWConfig):
+            raise TypeError(f"config must be an AdamWConfig, got {type(config).__name__}")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
+        self._configs[slot] = (config, total_steps)
+        self._lr[slot] = config.lr
+        self._beta1[slot], self._beta2[slot] = config.betas
+        self._eps[slot] = config.eps
+        self._wd[slot] = config.weight_decay
+        self._warmup[slot] = warmup_steps(total_steps, config.warmup_ratio)
+        self._total[slot] = total_steps or 0
+        self._linear[slot] = config.decay == "linear"
+        self._max_norm[slot] = math.inf if config.max_grad_norm is None else config.max_grad_norm
+        self._step[slot] = 0
+        self._dirty.add(slot)
+        self.sync()
+
+    def set_total_steps(self, slot: int, total_steps: int | None) -> None:
+        """Change ``slot``'s step budget (its schedule) without resetting its state."""
+        config, _ = self.config(slot)
+        step = int(self._step[slot])
+        moments = self.user_state(slot)
+        self.set_user(slot, config, total_steps)
+        self.load_user_state(slot, moments)
+        self._step[slot] = step
+
+    def drop_user(self, slot: int) -> None:
+        """Forget ``slot``'s settings and state (call :meth:`sync` after removing its rows)."""
+        self._check_slot(slot)
+        self._configs.pop(slot, None)
+        self._lr[slot] = 0
+        self._step[slot] = 0
+        self._dirty.add(slot)
+
+    def config(self, slot: int) -> tuple[AdamWConfig, int | None]:
+        """``(AdamWConfig, total_steps)`` of ``slot``."""
+        self._check_slot(slot)
+        if slot not in self._configs:
+            raise KeyError(f"user slot {slot} has no optimizer settings (set_user)")
+        return self._configs[slot]
+
+    def step_count(self, slot: int) -> int:
+        """Updates applied to ``slot`` so far."""
+        self._check_slot(slot)
+        return int(self._step[slot])
+
+    def current_lr(self, slot: int) -> float:
+        """Learning rate ``slot``'s next update will use."""
+        config, total = self.config(slot)
+        return config.lr * lr_multiplier(self.step_count(slot) + 1, total, config.warmup_ratio, config.decay)
+
+    # ---------------------------------------------------------- layout sync
+    def _zeros(self, b: AdapterBank) -> dict[str, torch.Tensor]:
+        kw = dict(dtype=torch.float32, device=b.lora_a.device)
+        cap = b.capacity
+        return {
+            "exp_avg_a": torch.zeros(cap, b.in_features, **kw), "exp_avg_sq_a": torch.zeros(cap, b.in_features, **kw),
+            "exp_avg_b": torch.zeros(cap, b.out_features, **kw),
+            "exp_avg_sq_b": torch.zeros(cap, b.out_features, **kw),
+        }
+
+    def sync(self) -> None:
+        """Re-align moments and row maps with the banks' current layouts (host loop over the
+        users of each bank; cheap, and only needed after adapters were added/removed)."""
+        dirty = self._dirty
+        for i, b in enumerate(self.banks):
+            layout = {u: (b.segment(u).offset, b.segment(u).rank) for u in b.users}
+            old, mom = self._layout[i], self._moments[i]
+            same_cap = mom["exp_avg_a"].shape[0] == b.capacity
+            if layout == old and same_cap and not (dirty & set(layout)):
+                continue
+            new = self._zeros(b)
+            for u, (off, r) in layout.items():
+                if u in dirty or old.get(u, (None, None))[1] != r:
+                    continue
+                o_off = old[u][0]
+                for k in new:
+                    new[k][off : off + r] = mom[k][o_off : o_off + r]
+            row_user = torch.full((b.capacity,), -1, dtype=torch.int64)
+            for u, (off, r) in layout.items():
+                row_user[off : off + r] = u
+            self._row_user[i] = row_user.to(b.lora_a.device)
+            self._moments[i] = new
+            self._layout[i] = layout
+        self._dirty = set()
+
+    # ---------------------------------------------------------------- step
+    def _multiplier(self, t: torch.Tensor) -> torch.Tensor:
+        W, T = self._warmup, self._total
+        in_warm = (W > 0) & (t <= W)
+        mult = torch.where(in_warm, t / W.clamp(min=1), torch.ones_like(t))
+        lin = self._linear & (T > 0) & ~in_warm
+        dec = ((T - t + 1) / (T - W).clamp(min=1)).clamp(0, 1)
+        return torch.where(lin, dec, mult)
+
+    @torch.no_grad()
+    def step(self, slots: Sequence[int] | torch.Tensor) -> None:
+        """One AdamW update for each user in ``slots`` (others are left untouched); a
+        missing gradient counts as zero.
+
+        Example:
+            >>> opt = PackedAdamW([], max_users=2); opt.set_user(1); opt.step([1]); opt.step_count(1)
+            1
+        """
+        idx = torch.as_tensor(slots if not isinstance(slots, torch.Tensor) else slots.tolist(), dtype=torch.int64)
+        if idx.dim() != 1:
+            raise ValueError(f"slots must be a 1-D list of user slots, got shape {tuple(idx.shape)}")
+        host = idx.unique().tolist()
+        for s in host:
+            self._check_slot(s)
+            if s not in self._configs:
+                raise KeyError(f"user slot {s} has no optimizer settings (call set_user first)")
+        if not host:
+            return
+        self.sync()
+        dev = self.device
+        active = torch.zeros(self.max_users, dtype=torch.bool, device=dev)
+        active[torch.tensor(host, device=dev)] = True
+        self._step += active.to(torch.int64)
+        t = self._step.to(torch.float32).clamp(min=1)
+        lr = torch.where(active, self._lr * self._multiplier(t), torch.zeros_like(t))
+        bc1 = 1 - self._beta1.double() ** t.double()
+        bc2 = 1 - self._beta2.double() ** t.double()
+        step_size = (lr.double() / bc1).float()
+        bc2_sqrt = bc2.sqrt().float()
+        decay = 1 - lr * self._wd
+
+        live = [i for i, b in enumerate(self.banks) if any(b.has(s) for s in host)]
+        clip = None
+        if bool(torch.isfinite(self._max_norm[idx]).any()):
+            norm2 = torch.zeros(self.max_users, dtype=torch.float32, device=dev)
+            for i in live:
+                ru = self._row_user[i]
+                ru0, valid = ru.clamp(min=0), (ru >= 0).to(torch.float32)
+                for p in (self.banks[i].lora_a, self.banks[i].lora_b):
+                    if p.grad is not None:
+                        norm2.index_add_(0, ru0, p.grad.float().pow(2).sum(1) * valid)
+            clip = (self._max_norm / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
+
+        for i in live:
+            b, ru = self.banks[i], self._row_user[i]
+            ru0 = ru.clamp(min=0)
+            on = (active[ru0] & (ru >= 0)).to(torch.float32)[:, None]  # [cap, 1]
+            w1 = (1 - self._beta1[ru0])[:, None] * on
+            w2 = (1 - self._beta2[ru0])[:, None] * on
+            row_decay = torch.where(on > 0, decay[ru0][:, None], torch.ones_like(on))
+            row_step = step_size[ru0][:, None] * on
+            row_bc2 = bc2_sqrt[ru0][:, None].clamp(min=1e-30)
+            row_eps = self._eps[ru0][:, None]
+            mom = self._moments[i]
+            for p, sfx in ((b.lora_a, "a"), (b.lora_b, "b")):
+                g = p.grad.float() if p.grad is not None else torch.zeros(p.shape, dtype=torch.float32, device=dev)
+                if clip is not None:
+                    g = g * clip[ru0][:, None]
+                m, v = mom["exp_avg_" + sfx], mom["exp_avg_sq_" + sfx]
+                m.lerp_(g, w1)
+                v.add_((g * g - v) * w2)
+                p32 = p.data if p.dtype == torch.float32 else p.data.float()
+                p32.mul_(row_decay)
+                denom = (v.sqrt() / row_bc2).add_(row_eps)
+                p32.addcdiv_(m * row_step, denom, value=-1.0)
+                if p32 is not p.data:
+                    p.data.copy_(p32)
+
+    def zero_grad(self) -> None:
+        """Drop the banks' gradients."""
+        for b in self.banks:
+            b.lora_a.grad = None
+            b.lora_b.grad = None
+
+    # ------------------------------------------------------------- export
+    def user_state(self, slot: int) -> dict[str, torch.Tensor]:
+        """``slot``'s moments per bank (``"{bank}.exp_avg_a"`` …, rows in bank order) and its
+        step count, as CPU tensors (for saving).
+
+        Example:
+            >>> opt = PackedAdamW([], max_users=1); opt.set_user(0); opt.user_state(0)["step"].item()
+            0
+        """
+        self._check_slot(slot)
+        self.sync()
+        out = {"step": self._step[slot].detach().cpu().reshape(1)}
+        for i, layout in enumerate(self._layout):
+            if slot in layout:
+                off, r = layout[slot]
+                for k, t in self._moments[i].items():
+                    out[f"{i}.{k}"] = t[off : off + r].detach().cpu().clone()
+        return out
+
+    def load_user_state(self, slot: int, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`user_state` (the user's rows must already be in the banks)."""
+        self._check_slot(slot)
+        self.sync()
+        for key, t in state.items():
+            if key == "step":
+                self._step[slot] = int(t.reshape(-1)[0])
+                continue
+            i_str, _, name = key.partition(".")
+            i = int(i_str)
+            if not 0 <= i < len(self.banks) or slot not in self._layout[i]:
+                raise ValueError(f"optimizer state {key!r} names bank {i_str}, where user slot {slot} has no rows")
+            off, r = self._layout[i][slot]
+            dst = self._moments[i][name][off : off + r]
+            if tuple(t.shape) != tuple(dst.shape):
+                raise ValueError(f"optimizer state {key!r} has shape {list(t.shape)}, expected {list(dst.shape)}")
+            dst.copy_(t.to(dst))

@@ -1,0 +1,500 @@
+"""Multi-user runtime: many users' memory adapters trained and served in the same batch.
+
+:class:`MilpRuntime` injects a model (:func:`milp.inject.apply_milp`), maps user keys
+(any hashable: ``"alice"``, ``42``) to bank slots, and runs
+
+* :meth:`~MilpRuntime.train_step` — one forward/backward/optimizer step over a batch
+  whose rows belong to different users, each with its own :class:`MemoryConfig`. The loss
+  is the **sum over users of each user's mean token loss**, so every user's gradient is
+  the one training that user alone on its rows would give; the per-user AdamW of
+  :mod:`milp.optim` then updates exactly the users of the batch.
+* :meth:`~MilpRuntime.generate` — ``model.generate`` with one user per row (greedy,
+  sampling, beams; left padding and the KV cache work as usual).
+* :meth:`~MilpRuntime.save_user` / :meth:`~MilpRuntime.load_user` /
+  :meth:`~MilpRuntime.evict_user` — a user's adapters as safetensors plus its
+  ``MemoryConfig`` JSON (and optimizer state), written atomically.
+
+Example:
+    >>> import torch
+    >>> from milp.inject import tiny_model
+    >>> rt = MilpRuntime(tiny_model("llama"), max_users=4)
+    >>> rt.add_user("alice", MemoryConfig.uniform(2, modules=2, rank=8), total_steps=10)
+    >>> rt.add_user("bob", MemoryConfig((True, False), (1, 0), (16, 8)), total_steps=10)
+    >>> ids = torch.randint(3, 90, (4, 12))
+    >>> losses = rt.train_step(ids, users=["alice", "bob", "alice", "bob"])
+    >>> sorted(losses)
+    ['alice', 'bob']
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Hashable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MemoryConfig, atomic_directory
+from .inject import MilpState, apply_milp, batch_users, get_milp, is_injected
+from .optim import AdamWConfig, PackedAdamW
+
+__all__ = ["ADAPTERS_FILE", "CONFIG_FILE", "MilpRuntime", "OPTIMIZER_FILE", "USER_FILE", "pad_sequences", "user_losses"]
+
+ADAPTERS_FILE = "adapters.safetensors"
+CONFIG_FILE = "memory_config.json"
+USER_FILE = "user.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+_FORMAT = "milp.user/1"
+
+
+def pad_sequences(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, *, side: str = "right",
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [B, S], attention_mask [B, S])`` from token lists, padded on ``side``
+    (``"right"`` for training, ``"left"`` for generation).
+
+    Example:
+        >>> pad_sequences([[5, 6, 7], [8]], pad_token_id=0, side="left")[0].tolist()
+        [[5, 6, 7], [0, 0, 8]]
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    seqs = [list(s) for s in sequences]
+    if not seqs:
+        raise ValueError("sequences must hold at least one sequence")
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("sequences must not be empty")
+    S = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), S), int(pad_token_id), dtype=torch.long)
+    mask = torch.zeros(len(seqs), S, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(S - len(s), S)
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids.to(device), mask.to(device)
+
+
+def user_losses(
+    logits: torch.Tensor, labels: torch.Tensor, row_slots: torch.Tensor, max_users: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy of a mixed-user batch, per user.
+
+    ``logits [B, S, V]``, ``labels [B, S]`` (``-100`` = ignored; shifted here like Hugging
+    Face's causal-LM loss), ``row_slots [B]`` (``-1`` rows are ignored). Returns
+    ``(total, mean [max_users], count [max_users])`` with ``total = Σ_u mean_u`` over users
+    with at least one target token.
+
+    Example:
+        >>> total, mean, count = user_losses(torch.zeros(2, 3, 5), torch.ones(2, 3, dtype=torch.long),
+        ...                                  torch.tensor([0, 1]), max_users=2)
+        >>> round(float(total), 4), count.tolist()
+        (3.2189, [2, 2])
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [B, S, V] and labels [B, S]; got {list(logits.shape)}, {list(labels.shape)}")
+    B, S, V = logits.shape
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1).to(logits.device),
+        ignore_index=-100, reduction="none",
+    ).view(B, S - 1)
+    slots = row_slots.to(logits.device).view(B, 1).expand(B, S - 1)
+    valid = (labels[:, 1:].to(logits.device) != -100) & (slots >= 0)
+    tok_user = slots.clamp(min=0).reshape(-1)
+    vf = valid.reshape(-1).to(ce.dtype)
+    sums = torch.zeros(max_users, dtype=ce.dtype, device=ce.device).index_add(0, tok_user, ce.reshape(-1) * vf)
+    counts = torch.zeros(max_users, dtype=torch.int64, device=ce.device).index_add(
+        0, tok_user, valid.reshape(-1).to(torch.int64))
+    mean = sums / counts.clamp(min=1).to(ce.dtype)
+    return mean.sum(), mean, counts
+
+
+def _as_key(user: object) -> Hashable:
+    if user is None or isinstance(user, (bool, float)) or not isinstance(user, Hashable):
+        raise TypeError(f"user must be a hashable id (str or int), got {user!r}")
+    return user
+
+
+class MilpRuntime:
+    """Trains and serves many users' memory adapters on one base model, in mixed batches.
+
+    Args:
+        model: a supported Hugging Face causal LM (injected here unless it already is).
+        max_users: how many users may be loaded at once (bank slots).
+        optim: default :class:`AdamWConfig` of new users.
+        capacity: rank rows to preallocate per target linear.
+
+    Example:
+        >>> from milp.inject import tiny_model
+        >>> rt = MilpRuntime(tiny_model("gpt2"), max_users=2)
+        >>> rt.add_user(7, MemoryConfig.uniform(2, 1, 8)); rt.users
+        [7]
+    """
+
+    def __init__(self, model: nn.Module, *, max_users: int = 64, optim: AdamWConfig | None = None,
+                 capacity: int = 0) -> None:
+        self.model = model
+        if is_injected(model):
+            self.state: MilpState = get_milp(model)
+            if self.state.users():
+                raise ValueError("model already holds MiLP adapters; start the runtime on a model without users")
+        else:
+            self.state = apply_milp(model, max_users=max_users, capacity=capacity)
+        if optim is not None and not isinstance(optim, AdamWConfig):
+            raise TypeError(f"optim must be an AdamWConfig, got {type(optim).__name__}")
+        self.default_optim = optim or AdamWConfig()
+        self.optimizer = PackedAdamW(self.state.banks(), self.state.max_users)
+        self._slots: dict[Hashable, int] = {}
+        self._configs: dict[Hashable, MemoryConfig] = {}
+
+    # ---------------------------------------------------------------- users
+    @property
+    def max_users(self) -> int:
+        return self.state.max_users
+
+    @property
+    def num_layers(self) -> int:
+        return self.state.num_layers
+
+    @property
+    def users(self) -> list[Hashable]:
+        """Loaded users, in the order they were added."""
+        return list(self._slots)
+
+    def has_user(self, user: Hashable) -> bool:
+        return user in self._slots
+
+    def slot(self, user: Hashable) -> int:
+        """The bank slot of ``user`` (``KeyError`` when not loaded)."""
+        try:
+            return self._slots[user]
+        except (KeyError, TypeError):
+            raise KeyError(f"unknown user {user!r}; loaded users: {self.users[:20]}") from None
+
+    def config(self, user: Hashable) -> MemoryConfig:
+        """``user``'s :class:`MemoryConfig`."""
+        return self._configs[self._user(user)]
+
+    def _user(self, user: Hashable) -> Hashable:
+        self.slot(user)
+        return user
+
+    def num_parameters(self, user: Hashable) -> int:
+        """Trainable adapter parameters of ``user`` (as held in the banks)."""
+        return self.state.num_parameters(self.slot(user))
+
+    def add_user(
+        self,
+        user: Hashable,
+        config: MemoryConfig,
+        *,
+        total_steps: int | None = None,
+        optim: AdamWConfig | None = None,
+        init: str = "lora",
+        seed: int | None = None,
+    ) -> None:
+        """Load a new user with fresh adapters laid out by ``config`` and a fresh optimizer
+        (``total_steps`` sets its warm-up/decay schedule; ``init`` as
+        :meth:`kernels.AdapterBank.add`; ``seed`` makes the draw reproducible).
+
+        Example:
+            >>> from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=1)
+            >>> rt.add_user("u", MemoryConfig.uniform(2, 1, 4), seed=0); rt.num_parameters("u")
+            2304
+        """
+        user = _as_key(user)
+        if not isinstance(config, MemoryConfig):
+            raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
+        config.check_num_layers(self.num_layers)
+        if user in self._slots:
+            raise ValueError(f"user {user!r} is already loaded; remove_user({user!r}) first")
+        used = set(self._slots.values())
+        free = next((s for s in range(self.max_users) if s not in used), None)
+        if free is None:
+            raise ValueError(
+                f"the runtime holds max_users={self.max_users} users; remove or evict one before adding {user!r}"
+            )
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.optimizer.zero_grad()
+        layer_ranks = {li: config.layer_ranks(li) for li in config.active_layers}
+        self.state.add_adapters(free, layer_ranks, config.lora_alpha, init=init, generator=gen)
+        try:
+            self.optimizer.set_user(free, optim or self.default_optim, total_steps)
+        except BaseException:
+            self.state.remove_adapters(free, missing_ok=True)
+            self.optimizer.sync()
+            raise
+        self._slots[user] = free
+        self._configs[user] = config
+
+    def remove_user(self, user: Hashable) -> None:
+        """Drop ``user``'s adapters and optimizer state; its slot becomes free.
+
+        Example:
+            >>> from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=1)
+            >>> rt.add_user("u", MemoryConfig.uniform(2)); rt.remove_user("u"); rt.users
+            []
+        """
+        slot = self.slot(user)
+        self.optimizer.zero_grad()
+        self.state.remove_adapters(slot, missing_ok=True)
+        self.optimizer.drop_user(slot)
+        self.optimizer.sync()
+        del self._slots[user], self._configs[user]
+
+    def evict_user(self, user: Hashable, directory: str | os.PathLike[str]) -> Path:
+        """:meth:`save_user` then :meth:`remove_user`; returns the directory."""
+        path = self.save_user(user, directory)
+        self.remove_user(user)
+        return path
+
+    def set_total_steps(self, user: Hashable, total_steps: int | None) -> None:
+        """Change ``user``'s step budget (its learning-rate schedule)."""
+        self.optimizer.set_total_steps(self.slot(user), total_steps)
+
+    # ------------------------------------------------------------ weights
+    def adapter_state(self, user: Hashable) -> dict[str, torch.Tensor]:
+        """``user``'s adapters as CPU tensors: ``"layers.{l}.{target}.lora_A"`` ``[Σr, in]`` and
+        ``".lora_B"`` ``[Σr, out]`` (modules stacked, ``B`` stored transposed; unscaled).
+
+        Example:
+            >>> from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("gpt2"), max_users=1)
+            >>> rt.add_user("u", MemoryConfig((True, False), (2, 0), (4, 4)))
+            >>> {k: tuple(v.shape) for k, v in rt.adapter_state("u").items()}["layers.0.mlp.c_fc.lora_A"]
+            (8, 32)
+        """
+        slot = self.slot(user)
+        out: dict[str, torch.Tensor] = {}
+        for m in self.state.modules():
+            if m.bank.has(slot):
+                a, b, _ = m.bank.adapter_weights(slot)
+                out[f"layers.{m.layer}.{m.target}.lora_A"] = a.detach().cpu().clone().contiguous()
+                out[f"layers.{m.layer}.{m.target}.lora_B"] = b.detach().cpu().clone().contiguous()
+        return out
+
+    def load_adapter_state(self, user: Hashable, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy :meth:`adapter_state`-style tensors into ``user``'s rows (shapes checked)."""
+        slot = self.slot(user)
+        expected = set()
+        for m in self.state.modules():
+            if not m.bank.has(slot):
+                continue
+            key = f"layers.{m.layer}.{m.target}"
+            expected |= {key + ".lora_A", key + ".lora_B"}
+            if key + ".lora_A" not in tensors or key + ".lora_B" not in tensors:
+                raise KeyError(f"adapter tensors lack {key}.lora_A/.lora_B for user {user!r}")
+            m.bank.set_adapter_weights(slot, tensors[key + ".lora_A"], tensors[key + ".lora_B"])
+        extra = set(tensors) - expected
+        if extra:
+            raise ValueError(f"adapter tensors name targets user {user!r} has no adapters at: {sorted(extra)[:5]}")
+
+    def save_user(self, user: Hashable, directory: str | os.PathLike[str], *,
+                  include_optimizer: bool = True) -> Path:
+        """Write ``user``'s adapters (``adapters.safetensors``), its ``memory_config.json``,
+        ``user.json`` (id, optimizer settings) and, optionally, ``optimizer.safetensors``
+        into ``directory``, atomically (the directory is replaced as a whole).
+
+        Example:
+            >>> import tempfile; from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=1); rt.add_user("u", MemoryConfig.uniform(2))
+            >>> sorted(p.name for p in rt.save_user("u", tempfile.mkdtemp() + "/u").iterdir())
+            ['adapters.safetensors', 'memory_config.json', 'optimizer.safetensors', 'user.json']
+        """
+        from safetensors.torch import save_file
+
+        slot = self.slot(user)
+        cfg = self._configs[user]
+        opt_cfg, total = self.optimizer.config(slot)
+        if isinstance(user, (str, int)):
+            meta_user: Any = user
+        else:
+            raise TypeError(f"only str or int user ids can be saved, got {type(user).__name__}")
+        info = {
+            "format": _FORMAT,
+            "user": meta_user,
+            "model_type": self.state.model_type,
+            "target_shapes": self.state.target_shapes(),
+            "optimizer": opt_cfg.to_dict(),
+            "total_steps": total,
+            "step": self.optimizer.step_count(slot),
+        }
+        with atomic_directory(directory) as tmp:
+            tensors = self.adapter_state(user)
+            save_file(tensors, str(tmp / ADAPTERS_FILE), metadata={"format": _FORMAT, "user": str(user)})
+            cfg.to_json(tmp / CONFIG_FILE)
+            (tmp / USER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            if include_optimizer:
+                state = {k: v.contiguous() for k, v in self.optimizer.user_state(slot).items()}
+                save_file(state, str(tmp / OPTIMIZER_FILE), metadata={"format": _FORMAT})
+        return Path(directory)
+
+    def load_user(self, directory: str | os.PathLike[str], user: Hashable | None = None, *,
+                  load_optimizer: bool = True) -> Hashable:
+        """Load a user saved by :meth:`save_user` (as ``user``, or under its saved id);
+        returns the id. The model must have the saved target shapes.
+
+        Example:
+            >>> import tempfile; from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=2); rt.add_user("u", MemoryConfig.uniform(2))
+            >>> d = rt.save_user("u", tempfile.mkdtemp() + "/u"); rt.load_user(d, "v")
+            'v'
+        """
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        for name in (ADAPTERS_FILE, CONFIG_FILE, USER_FILE):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{str(d / name)!r} does not exist (not a directory written by save_user)")
+        info = json.loads((d / USER_FILE).read_text(encoding="utf-8"))
+        if info.get("format") != _FORMAT:
+            raise ValueError(f"{str(d / USER_FILE)!r} has format {info.get('format')!r}, expected {_FORMAT!r}")
+        shapes = [[tuple(s) for s in layer] for layer in info["target_shapes"]]
+        if shapes != self.state.target_shapes():
+            raise ValueError(
+                f"user in {str(d)!r} was saved for a model with FFN target shapes {shapes}, "
+                f"this model has {self.state.target_shapes()}"
+            )
+        cfg = MemoryConfig.from_json(d / CONFIG_FILE)
+        key = _as_key(info["user"] if user is None else user)
+        tensors = load_file(str(d / ADAPTERS_FILE))
+        self.add_user(key, cfg, total_steps=info.get("total_steps"),
+                      optim=AdamWConfig.from_dict(info["optimizer"]), init="zeros")
+        try:
+            self.load_adapter_state(key, tensors)
+            if load_optimizer and (d / OPTIMIZER_FILE).is_file():
+                self.optimizer.load_user_state(self._slots[key], load_file(str(d / OPTIMIZER_FILE)))
+        except BaseException:
+            self.remove_user(key)
+            raise
+        return key
+
+    # ------------------------------------------------------------- batches
+    def row_slots(self, users: Hashable | Sequence[Hashable | None] | None, batch_size: int) -> torch.Tensor:
+        """``[B]`` slots of per-row user ids (``None`` = base model; one id = every row)."""
+        if users is None or isinstance(users, (str, int)) and not isinstance(users, bool):
+            rows = [users] * batch_size
+        elif isinstance(users, Sequence):
+            rows = list(users)
+        else:
+            raise TypeError(f"users must be a user id or a sequence with one id per row, got {type(users).__name__}")
+        if len(rows) != batch_size:
+            raise ValueError(f"users has {len(rows)} entries but the batch has {batch_size} rows")
+        return torch.tensor([-1 if u is None else self.slot(u) for u in rows], dtype=torch.int64)
+
+    @contextlib.contextmanager
+    def using(self, users: Hashable | Sequence[Hashable | None] | None, batch_size: int | None = None
+              ) -> Iterator[torch.Tensor]:
+        """Run the model inside the block with these per-row users; yields the row slots.
+
+        Example:
+            >>> from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=1); rt.add_user("u", MemoryConfig.uniform(2))
+            >>> with rt.using(["u", None]):
+            ...     out = rt.model(torch.ones(2, 3, dtype=torch.long))
+        """
+        if batch_size is None:
+            if users is None or isinstance(users, (str, int)):
+                raise ValueError("batch_size is needed when users is a single id")
+            batch_size = len(users)
+        slots = self.row_slots(users, batch_size)
+        with batch_users(self.model, slots):
+            yield slots
+
+    def forward(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+        """``model(input_ids, attention_mask, **kwargs)`` with per-row users.
+
+        Example:
+            >>> from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=1); rt.add_user("u", MemoryConfig.uniform(2))
+            >>> rt.forward(torch.ones(1, 3, dtype=torch.long), ["u"]).logits.shape
+            torch.Size([1, 3, 96])
+        """
+        ids = self._check_ids(input_ids)
+        with self.using(users, ids.shape[0]):
+            return self.model(input_ids=ids, attention_mask=attention_mask, **kwargs)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [B, S] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.dtype.is_floating_point:
+            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        return input_ids
+
+    def loss(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
+        """``(Σ_u mean_u, {user: mean_u})`` of a mixed-user batch (differentiable).
+        ``labels`` default to ``input_ids`` with padding (``attention_mask == 0``) ignored.
+
+        Example:
+            >>> from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=2)
+            >>> rt.add_user("a", MemoryConfig.uniform(2)); rt.add_user("b", MemoryConfig.uniform(2))
+            >>> total, per_user = rt.loss(torch.randint(3, 90, (2, 6)), ["a", "b"])
+            >>> sorted(per_user)
+            ['a', 'b']
+        """
+        ids = self._check_ids(input_ids)
+        if labels is None:
+            labels = ids.clone()
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+        elif labels.shape != ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {list(ids.shape)}, got {list(labels.shape)}")
+        with self.using(users, ids.shape[0]) as slots:
+            logits = self.model(input_ids=ids, attention_mask=attention_mask).logits
+            total, mean, counts = user_losses(logits, labels, slots, self.max_users)
+        per_user: dict[Hashable, torch.Tensor] = {}
+        slot_user = {s: u for u, s in self._slots.items()}
+        for s in sorted(set(slots.tolist()) - {-1}):
+            if int(counts[s]) > 0:
+                per_user[slot_user[s]] = mean[s]
+        return total, per_user
+
+    def train_step(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None) -> dict[Hashable, float]:
+        """One forward/backward/AdamW step over a mixed-user batch; updates the users with at
+        least one target token and returns their mean token losses (before the update).
+
+        Example:
+            >>> from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=1)
+            >>> rt.add_user("a", MemoryConfig.uniform(2), total_steps=5)
+            >>> _ = rt.train_step(torch.randint(3, 90, (2, 6)), "a"); rt.optimizer.step_count(rt.slot("a"))
+            1
+        """
+        self.optimizer.zero_grad()
+        total, per_user = self.loss(input_ids, users, attention_mask, labels)
+        if not per_user:
+            raise ValueError("the batch has no target tokens of any loaded user (all labels -100 or rows None)")
+        total.backward()
+        self.optimizer.step([self._slots[u] for u in per_user])
+        self.optimizer.zero_grad()
+        return {u: float(v.detach()) for u, v in per_user.items()}
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> Any:
+        """``model.generate`` where row ``b`` uses ``users[b]``'s adapters (``None`` = base).
+        Pad prompts on the left (:func:`pad_sequences` with ``side="left"``).
+
+        Example:
+            >>> from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=2)
+            >>> rt.add_user("a", MemoryConfig.uniform(2), init="random", seed=0)
+            >>> out = rt.generate(torch.ones(2, 3, dtype=torch.long), ["a", None], max_new_tokens=4,
+            ...                   do_sample=False, pad_token_id=0)
+            >>> out.shape
+            torch.Size([2, 7])
+        """
+        ids = self._check_ids(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids)
+        with self.using(users, ids.shape[0]):
+            return self.model.generate(input_ids=ids, attention_mask=attention_mask, **kwargs)

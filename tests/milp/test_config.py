@@ -1,0 +1,151 @@
+"""MemoryConfig: construction, validation, JSON round trip, parameter count."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from milp.config import MAX_MODULES, MemoryConfig, atomic_directory
+
+
+def test_uniform_and_layer_ranks():
+    cfg = MemoryConfig.uniform(3, modules=2, rank=16, lora_alpha=32)
+    assert cfg.layer_mask == (True, True, True)
+    assert cfg.modules == (2, 2, 2)
+    assert cfg.layer_ranks(1) == (16, 16)
+    assert cfg.active_layers == (0, 1, 2)
+    assert cfg.lora_alpha == 32.0
+
+
+def test_per_module_ranks_and_inactive_layers():
+    cfg = MemoryConfig((True, False, True), (2, 3, 0), ((8, 96), 8, 8))
+    assert cfg.layer_ranks(0) == (8, 96)
+    assert cfg.layer_ranks(1) == ()  # mask off
+    assert cfg.layer_ranks(2) == ()  # zero modules
+    assert cfg.active_layers == (0,)
+
+
+def test_from_search_mapping_object_and_scalars():
+    a = MemoryConfig.from_search({"layer_mask": [1, 0, 1], "modules": 2, "ranks": 32})
+    assert a.modules == (2, 2, 2) and a.ranks == (32, 32, 32) and a.layer_mask == (True, False, True)
+    b = MemoryConfig.from_search(SimpleNamespace(layer_mask=(True, True), modules=[1, 4], ranks=[8, [8, 16, 32, 64]]))
+    assert b.layer_ranks(1) == (8, 16, 32, 64)
+    with pytest.raises(ValueError, match="model has 4 layers"):
+        MemoryConfig.from_search({"layer_mask": [1, 1], "modules": 1, "ranks": 8}, num_layers=4)
+    with pytest.raises(KeyError, match="ranks"):
+        MemoryConfig.from_search({"layer_mask": [1], "modules": 1})
+    with pytest.raises(TypeError, match="layer_mask, modules and ranks"):
+        MemoryConfig.from_search(object())
+
+
+def test_from_search_accepts_tensors():
+    torch = pytest.importorskip("torch")
+    cfg = MemoryConfig.from_search({"layer_mask": torch.tensor([1, 0]), "modules": torch.tensor([3, 2]),
+                                    "ranks": torch.tensor([8, 16])})
+    assert cfg.layer_mask == (True, False) and cfg.modules == (3, 2) and cfg.ranks == (8, 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(layer_mask=(True,), modules=(MAX_MODULES + 1,), ranks=(8,)), ValueError,
+         r"modules\[0\] must be in \[0, 32\]"),
+        (dict(layer_mask=(True,), modules=(-1,), ranks=(8,)), ValueError, r"modules\[0\]"),
+        (dict(layer_mask=(True,), modules=(1,), ranks=(0,)), ValueError, r"ranks\[0\] must be a positive int"),
+        (dict(layer_mask=(True,), modules=(2,), ranks=((8, -4),)), ValueError, r"ranks\[0\]\[1\]"),
+        (dict(layer_mask=(True,), modules=(2,), ranks=((8, 8, 8),)), ValueError, r"one rank per module"),
+        (dict(layer_mask=(True, True), modules=(1,), ranks=(8, 8)), ValueError, r"modules has 1 entries"),
+        (dict(layer_mask=(True, True), modules=(1, 1), ranks=(8,)), ValueError, r"ranks has 1 entries"),
+        (dict(layer_mask=(), modules=(), ranks=()), ValueError, r"at least one layer"),
+        (dict(layer_mask=(True,), modules=(1.5,), ranks=(8,)), TypeError, r"modules\[0\] must be an int"),
+        (dict(layer_mask=(True,), modules=(1,), ranks=(8.0,)), TypeError, r"ranks\[0\]"),
+        (dict(layer_mask=("yes",), modules=(1,), ranks=(8,)), TypeError, r"layer_mask\[0\]"),
+        (dict(layer_mask=(True,), modules=(1,), ranks=(8,), lora_alpha=0), ValueError, r"lora_alpha"),
+        (dict(layer_mask="1", modules=(1,), ranks=(8,)), TypeError, r"layer_mask must be a sequence"),
+    ],
+)
+def test_bad_configs(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        MemoryConfig(**kwargs)
+
+
+def test_any_positive_rank_allowed():
+    assert MemoryConfig.uniform(1, 1, 1).layer_ranks(0) == (1,)
+    assert MemoryConfig.uniform(1, 1, 512).layer_ranks(0) == (512,)
+
+
+def test_check_num_layers():
+    with pytest.raises(ValueError, match="has 2 layers but the model has 3"):
+        MemoryConfig.uniform(2).check_num_layers(3)
+
+
+def test_json_round_trip_text_and_file(tmp_path):
+    cfg = MemoryConfig((True, False), (2, 1), ((8, 16), 32), lora_alpha=8.0)
+    assert MemoryConfig.from_json(cfg.to_json()) == cfg
+    path = tmp_path / "sub" / "cfg.json"
+    cfg.to_json(path)
+    assert MemoryConfig.from_json(path) == cfg
+    assert MemoryConfig.from_json(str(path)) == cfg
+    assert json.loads(path.read_text())["ranks"] == [[8, 16], 32]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_json_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MemoryConfig.from_json(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="malformed"):
+        MemoryConfig.from_json("{not json")
+    with pytest.raises(ValueError, match="unknown keys"):
+        MemoryConfig.from_dict({"layer_mask": [1], "modules": [1], "ranks": [8], "bogus": 1})
+    with pytest.raises(ValueError, match="format"):
+        MemoryConfig.from_dict({"format": "x", "layer_mask": [1], "modules": [1], "ranks": [8]})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, MAX_MODULES), st.integers(1, 96), st.booleans()),
+                min_size=1, max_size=6),
+       st.floats(0.5, 64))
+def test_json_round_trip_property(layers, alpha):
+    mask = tuple(m for m, _, _, _ in layers)
+    modules = tuple(n for _, n, _, _ in layers)
+    ranks = tuple(tuple(r + j for j in range(n)) if per and n else r for _, n, r, per in layers)
+    cfg = MemoryConfig(mask, modules, ranks, alpha)
+    again = MemoryConfig.from_json(cfg.to_json())
+    assert again == cfg and hash(again) == hash(cfg)
+    assert all(len(cfg.layer_ranks(li)) == (n if m else 0) for li, (m, n, _, _) in enumerate(layers))
+
+
+def test_atomic_directory_replaces_and_cleans_up(tmp_path):
+    d = tmp_path / "out"
+    with atomic_directory(d) as tmp:
+        (tmp / "a").write_text("1")
+    with atomic_directory(d) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in d.iterdir()) == ["b"]
+    with pytest.raises(RuntimeError):
+        with atomic_directory(d) as tmp:
+            (tmp / "c").write_text("3")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in d.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_num_parameters_matches_banks_and_formula():
+    pytest.importorskip("search.space", reason="search.space.parameter_count (the search package) is not there yet")
+    from milp.inject import tiny_model
+    from milp.runtime import MilpRuntime
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    cfg = MemoryConfig((True, False, True), (2, 4, 1), ((8, 16), 8, 32))
+    # LLaMA targets: gate/up (32 -> 64) and down (64 -> 32): every rank row costs 96 parameters
+    expected = (8 + 16 + 32) * 3 * (32 + 64)
+    assert cfg.num_parameters(model) == expected
+    assert cfg.num_parameters([[(32, 64), (32, 64), (64, 32)]] * 3) == expected
+    rt = MilpRuntime(model, max_users=1)
+    rt.add_user("u", cfg)
+    assert rt.num_parameters("u") == expected
+    with pytest.raises(ValueError, match="has 3 layers but the model has 2"):
+        cfg.num_parameters(tiny_model("gpt2"))

@@ -1,0 +1,200 @@
+"""apply_milp / remove_milp on tiny random-init models of every supported architecture."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from milp.inject import (
+    MultiLoraLinear,
+    apply_milp,
+    batch_users,
+    ffn_target_shapes,
+    ffn_targets,
+    get_milp,
+    is_injected,
+    remove_milp,
+    tiny_model,
+)
+
+ARCHS = ["llama", "mistral", "qwen2", "gpt2", "roberta"]
+TARGETS = {
+    "llama": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "mistral": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "qwen2": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "gpt2": ["mlp.c_fc", "mlp.c_proj"],
+    "roberta": ["intermediate.dense", "output.dense"],
+}
+
+
+def peft_style_reference(model: nn.Module, adapters: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]):
+    """A copy of ``model`` whose named target modules add ``Σ_j s_j B_j A_j x`` by forward
+    hooks, straight from the definition (A_j: [r, in], B_j: [out, r])."""
+    ref = copy.deepcopy(model)
+    for name, mods in adapters.items():
+        module = ref.get_submodule(name)
+
+        def hook(_m, args, out, mods=mods):
+            x = args[0].double()
+            delta = sum(s * (x @ a.double().t()) @ b.double().t() for a, b, s in mods)
+            return (out.double() + delta).to(out.dtype)
+
+        module.register_forward_hook(hook)
+    return ref
+
+
+def user_modules(state, slot: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    """Per target name, the (A_j, B_j [out, r], s_j) of ``slot`` read out of the banks."""
+    out = {}
+    for names, layer in zip(state.names, state.layers):
+        for name, m in zip(names, layer):
+            if not m.bank.has(slot):
+                continue
+            seg = m.bank.segment(slot)
+            a, b, _ = m.bank.adapter_weights(slot)
+            mods, row = [], 0
+            for r, s in zip(seg.ranks, seg.scales):
+                mods.append((a[row : row + r].detach().clone(), b[row : row + r].detach().t().clone(), s))
+                row += r
+            out[name] = mods
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_targets_and_shapes(arch):
+    model = tiny_model(arch)
+    targets = ffn_targets(model)
+    assert len(targets) == 2
+    assert [n.split(".0.", 1)[1] for n, _ in targets[0]] == TARGETS[arch]
+    shapes = ffn_target_shapes(model)
+    expected = [(32, 64), (64, 32)] if len(TARGETS[arch]) == 2 else [(32, 64), (32, 64), (64, 32)]
+    assert shapes == [expected, expected]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inject_no_adapters_equals_original_and_remove_restores(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(3, 90, (3, 7))
+    ref = model(ids).logits
+    originals = {n: m for layer in ffn_targets(model) for n, m in layer}
+    keys = list(model.state_dict())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    state = apply_milp(model, max_users=4)
+    assert is_injected(model) and get_milp(model) is state
+    assert all(isinstance(model.get_submodule(n), MultiLoraLinear) for n in originals)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".bank." not in n)
+    # no users set: bit-identical (each layer runs its base module)
+    assert torch.equal(model(ids).logits, ref)
+    # users set, none with adapters
+    with batch_users(model, [0, 1, -1]):
+        assert torch.equal(model(ids).logits, ref)
+    # a user with adapters at layer 1 only, initialised like LoRA (B = 0): still the base output
+    state.add_adapters(2, {1: [4, 4]}, init="lora")
+    with batch_users(model, [2, 2, -1]):
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-6)
+
+    assert remove_milp(model) is model
+    assert not is_injected(model)
+    assert all(model.get_submodule(n) is m for n, m in originals.items())
+    assert list(model.state_dict()) == keys
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(model(ids).logits, ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_users_match_per_user_reference(arch):
+    model = tiny_model(arch)
+    base = copy.deepcopy(model)
+    state = apply_milp(model, max_users=5)
+    gen = torch.Generator().manual_seed(0)
+    state.add_adapters(0, {0: [8], 1: [2, 6]}, lora_alpha=16.0, init="random", generator=gen)
+    state.add_adapters(3, {1: [5]}, lora_alpha=4.0, init="random", generator=gen)
+    state.add_adapters(4, {0: [1, 2, 3]}, lora_alpha=2.0, init="random", generator=gen)
+    rows = [3, 0, -1, 4, 0]
+    ids = torch.randint(3, 90, (len(rows), 6))
+    with batch_users(model, rows):
+        out = model(ids).logits
+    for b, slot in enumerate(rows):
+        ref_model = base if slot < 0 else peft_style_reference(base, user_modules(state, slot))
+        want = ref_model(ids[b : b + 1]).logits[0]
+        torch.testing.assert_close(out[b], want, rtol=1e-5, atol=1e-5, msg=f"row {b} (slot {slot})")
+
+
+def test_per_token_users_and_plan_reuse():
+    model = tiny_model("llama")
+    state = apply_milp(model, max_users=3)
+    state.add_adapters(1, {0: [4], 1: [4]}, init="random", generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 90, (2, 5))
+    with batch_users(model, [1, -1]):
+        builds = state.plan_builds
+        per_row = model(ids).logits
+        assert state.plan_builds == builds + 1  # one plan for all 6 injected layers
+        model(ids)
+        assert state.plan_builds == builds + 1  # same users, same shape: reused
+    tok = torch.tensor([[1] * 5, [-1] * 5])
+    with batch_users(model, tok):
+        torch.testing.assert_close(model(ids).logits, per_row)
+
+
+def test_gradients_reach_banks_only():
+    model = tiny_model("gpt2")
+    state = apply_milp(model, max_users=2)
+    state.add_adapters(0, {0: [4], 1: [8]}, init="random", generator=torch.Generator().manual_seed(0))
+    with batch_users(model, [0, -1]):
+        model(torch.randint(3, 90, (2, 5))).logits.sum().backward()
+    for m in state.modules():
+        assert m.bank.lora_a.grad is not None and m.bank.lora_a.grad.abs().sum() > 0
+        assert m.base.weight.grad is None
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"unsupported architecture.*LLaMA-family.*GPT-2.*RoBERTa"):
+        apply_milp(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        apply_milp("llama")
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                          intermediate_size=64, vocab_size=50))
+    with pytest.raises(ValueError, match=r"model_type='bert'.*supported"):
+        apply_milp(bert)
+    with pytest.raises(ValueError, match="no FFN targets"):
+        apply_milp(tiny_model("llama", num_hidden_layers=0))
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="call milp.apply_milp"):
+        remove_milp(model)
+    with pytest.raises(ValueError, match="max_users"):
+        apply_milp(model, max_users=0)
+    state = apply_milp(model, max_users=2)
+    with pytest.raises(ValueError, match="already has MiLP adapters"):
+        apply_milp(model)
+    with pytest.raises(ValueError, match=r"slots in \[-1, 2\)"):
+        with batch_users(model, [0, 2]):
+            pass
+    with pytest.raises(TypeError, match="integer user slots"):
+        with batch_users(model, torch.tensor([0.0])):
+            pass
+    with pytest.raises(ValueError, match="layer indices"):
+        state.add_adapters(0, {5: [4]})
+    with pytest.raises(KeyError, match="no adapters"):
+        state.remove_adapters(1)
+    state.add_adapters(0, {0: [4]}, init="random")
+    with batch_users(model, [0, 0, 0]):
+        with pytest.raises(ValueError, match="does not split into the 3 batch rows"):
+            model(torch.ones(2, 4, dtype=torch.long))
+
+
+def test_generate_builds_two_plans_and_expands_rows():
+    model = tiny_model("llama")
+    state = apply_milp(model, max_users=2)
+    state.add_adapters(0, {0: [4], 1: [4]}, init="random", generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 90, (2, 4))
+    with batch_users(model, [0, -1]):
+        builds = state.plan_builds
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert state.plan_builds - builds == 2  # prefill, then every decode step shares one plan
+        two = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                             num_beams=2, num_return_sequences=2, pad_token_id=0)
+    assert two.shape == (4, 7)

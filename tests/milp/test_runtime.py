@@ -1,0 +1,334 @@
+"""Multi-user runtime: joint training equals per-user training, mixed-user generation equals
+per-user generation, save/load, the per-user AdamW, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from milp.config import MemoryConfig
+from milp.inject import tiny_model
+from milp.optim import AdamWConfig, PackedAdamW, lr_multiplier, warmup_steps
+from milp.runtime import MilpRuntime, pad_sequences, user_losses
+
+PAD = 0
+
+# three users with different layouts: all layers / first layer only / second layer only,
+# shared and per-module ranks, different optimizer settings (one clipped)
+USERS = {
+    "a": (MemoryConfig.uniform(2, modules=2, rank=8), AdamWConfig(lr=1e-2, max_grad_norm=0.05), 4),
+    "b": (MemoryConfig((True, False), (1, 0), (16, 8), lora_alpha=8.0), AdamWConfig(lr=5e-3, warmup_ratio=0.5), 6),
+    7: (MemoryConfig((False, True), (0, 3), (8, (2, 4, 6)), lora_alpha=4.0),
+        AdamWConfig(lr=2e-2, weight_decay=0.1, decay="constant"), 10),
+}
+
+
+def make_runtime(arch: str, users=USERS, max_users: int = 8) -> MilpRuntime:
+    rt = MilpRuntime(tiny_model(arch), max_users=max_users)
+    for u, (cfg, opt, steps) in users.items():
+        seed = 100 + list(USERS).index(u) if u in USERS else 99  # a user's init does not depend on the others
+        rt.add_user(u, cfg, optim=opt, total_steps=steps, init="random", seed=seed)
+    return rt
+
+
+def user_data(seed: int, users, rows_per_user: int = 2) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {u: [torch.randint(3, 90, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g).tolist()
+                for _ in range(rows_per_user)] for u in users}
+
+
+def joint_batch(data: dict):
+    rows, users = [], []
+    for i in range(max(len(v) for v in data.values())):  # interleave users
+        for u, seqs in data.items():
+            if i < len(seqs):
+                rows.append(seqs[i])
+                users.append(u)
+    ids, mask = pad_sequences(rows, PAD, side="right")
+    return ids, mask, users
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_joint_training_equals_training_each_user_alone(arch):
+    joint = make_runtime(arch)
+    alone = {u: make_runtime(arch, {u: USERS[u]}) for u in USERS}
+    for step in range(3):
+        data = user_data(step, USERS)
+        ids, mask, users = joint_batch(data)
+        joint_losses = joint.train_step(ids, users, attention_mask=mask)
+        for u, rt in alone.items():
+            ids_u, mask_u = pad_sequences(data[u], PAD, side="right")
+            loss_u = rt.train_step(ids_u, [u] * len(data[u]), attention_mask=mask_u)
+            assert joint_losses[u] == pytest.approx(loss_u[u], rel=1e-5, abs=1e-6)
+    for u, rt in alone.items():
+        assert joint.optimizer.step_count(joint.slot(u)) == 3
+        mine, ref = joint.adapter_state(u), rt.adapter_state(u)
+        assert mine.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(mine[k], ref[k], rtol=1e-4, atol=2e-6, msg=f"user {u!r}: {k}")
+        start = make_runtime(arch, {u: USERS[u]}).adapter_state(u)
+        assert any((mine[k] - start[k]).abs().max() > 1e-3 for k in start)  # training moved them
+
+
+def test_loss_is_sum_of_per_user_means():
+    rt = make_runtime("llama")
+    data = user_data(5, USERS)
+    ids, mask, users = joint_batch(data)
+    total, per_user = rt.loss(ids, users, attention_mask=mask)
+    assert set(per_user) == set(USERS)
+    torch.testing.assert_close(total, sum(per_user.values()))
+    for u in USERS:
+        ids_u, mask_u = pad_sequences(data[u], PAD)
+        labels = ids_u.masked_fill(mask_u == 0, -100)
+        logits = rt.forward(ids_u, u, attention_mask=mask_u).logits
+        want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        torch.testing.assert_close(per_user[u], want, rtol=1e-5, atol=1e-6)
+
+
+def test_user_losses_ignores_base_rows_and_padding():
+    logits = torch.randn(3, 4, 7)
+    labels = torch.tensor([[1, 2, 3, -100], [1, 2, 3, 4], [5, 5, 5, 5]])
+    total, mean, count = user_losses(logits, labels, torch.tensor([1, 1, -1]), max_users=2)
+    assert count.tolist() == [0, 5]
+    ce = torch.nn.functional.cross_entropy(logits[:2, :-1].reshape(-1, 7), labels[:2, 1:].reshape(-1),
+                                           ignore_index=-100)
+    torch.testing.assert_close(total, ce)
+
+
+def test_users_outside_the_batch_are_untouched():
+    rt = make_runtime("llama")
+    before = rt.adapter_state("b")
+    data = user_data(0, ["a", 7])
+    ids, mask, users = joint_batch(data)
+    rt.train_step(ids, users, attention_mask=mask)
+    after = rt.adapter_state("b")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert rt.optimizer.step_count(rt.slot("b")) == 0
+    assert rt.optimizer.step_count(rt.slot("a")) == 1
+    # base rows (None) are allowed next to users and contribute no loss
+    losses = rt.train_step(ids, [u if i % 2 else None for i, u in enumerate(users)], attention_mask=mask)
+    assert None not in losses
+
+
+def _new_tokens(out, prompt_len):
+    return out[:, prompt_len:]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
+def test_mixed_greedy_generation_equals_per_user(arch):
+    rt = make_runtime(arch)
+    rt.model.generation_config.eos_token_id = None
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15, 16, 17, 18], [19, 20, 21]]
+    users = ["a", "b", None, 7, "a"]
+    pad = rt.model.config.pad_token_id
+    ids, mask = pad_sequences(prompts, pad, side="left")
+    out = rt.generate(ids, users, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=pad)
+    for b, (p, u) in enumerate(zip(prompts, users)):
+        one = rt.generate(torch.tensor([p]), [u], max_new_tokens=6, do_sample=False, pad_token_id=pad)
+        assert out[b, ids.shape[1]:].tolist() == one[0, len(p):].tolist(), f"row {b} (user {u!r})"
+    # the None row is the base model's own generation
+    base = tiny_model(arch)
+    base.generation_config.eos_token_id = None
+    alone = base.generate(torch.tensor([prompts[2]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                          max_new_tokens=6, do_sample=False, pad_token_id=pad)
+    assert out[2, ids.shape[1]:].tolist() == alone[0, 3:].tolist()
+
+
+def test_mixed_sampling_follows_each_users_distribution():
+    rt = make_runtime("llama")
+    rt.model.generation_config.eos_token_id = None
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    users = [7, "a", "b"]
+    ids, mask = pad_sequences(prompts, PAD, side="left")
+    torch.manual_seed(0)
+    out = rt.generate(ids, users, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=0, temperature=1.0,
+                      pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)
+    S = ids.shape[1]
+    for b, (p, u) in enumerate(zip(prompts, users)):
+        seq = torch.tensor([p + out.sequences[b, S:].tolist()])
+        logits = rt.forward(seq, [u]).logits[0]
+        for i, step_logits in enumerate(out.logits):
+            # the distribution row b sampled step i from == user u's own, teacher-forced
+            torch.testing.assert_close(step_logits[b], logits[len(p) - 1 + i], rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_beam_search_equals_per_user():
+    rt = make_runtime("llama")
+    rt.model.generation_config.eos_token_id = None
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    users = ["a", 7]
+    ids = torch.tensor(prompts)
+    out = rt.generate(ids, users, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False,
+                      pad_token_id=PAD)
+    for b, (p, u) in enumerate(zip(prompts, users)):
+        one = rt.generate(torch.tensor([p]), [u], max_new_tokens=4, num_beams=3, num_return_sequences=2,
+                          do_sample=False, pad_token_id=PAD)
+        assert out[2 * b : 2 * b + 2].tolist() == one.tolist()
+
+
+def test_save_load_round_trip_resumes_training(tmp_path):
+    rt = make_runtime("llama")
+    for step in range(2):
+        ids, mask, users = joint_batch(user_data(step, USERS))
+        rt.train_step(ids, users, attention_mask=mask)
+    path = rt.save_user(7, tmp_path / "u7")
+    assert sorted(p.name for p in path.iterdir()) == [
+        "adapters.safetensors", "memory_config.json", "optimizer.safetensors", "user.json"]
+    assert MemoryConfig.from_json(path / "memory_config.json") == USERS[7][0]
+
+    other = MilpRuntime(tiny_model("llama"), max_users=2)
+    assert other.load_user(path) == 7
+    assert other.config(7) == rt.config(7)
+    assert other.optimizer.step_count(other.slot(7)) == 2
+    ids = torch.randint(3, 90, (2, 6))
+    torch.testing.assert_close(other.forward(ids, 7).logits, rt.forward(ids, 7).logits, rtol=0, atol=0)
+    # optimizer state came along: one more identical step gives identical adapters
+    rt.train_step(ids, 7)
+    other.train_step(ids, 7)
+    mine, theirs = rt.adapter_state(7), other.adapter_state(7)
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-6, atol=1e-7)
+
+    # overwrite in place; evict and load back under another id
+    rt.save_user(7, path)
+    rt.evict_user("b", tmp_path / "b")
+    assert "b" not in rt.users
+    assert rt.load_user(tmp_path / "b", "b2") == "b2"
+    assert rt.config("b2") == USERS["b"][0]
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    rt = make_runtime("llama")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        rt.save_user("a", tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_remove_and_readd_resets_optimizer():
+    rt = make_runtime("llama")
+    rt.train_step(torch.randint(3, 90, (2, 6)), "a")
+    rt.remove_user("a")
+    assert "a" not in rt.users
+    rt.add_user("z", MemoryConfig.uniform(2, 1, 8), total_steps=3)
+    assert rt.optimizer.step_count(rt.slot("z")) == 0
+    rt.train_step(torch.randint(3, 90, (2, 6)), ["z", "b"])
+    assert rt.optimizer.step_count(rt.slot("z")) == 1
+
+
+def test_bad_input(tmp_path):
+    rt = make_runtime("llama", max_users=3)
+    ids = torch.randint(3, 90, (2, 6))
+    with pytest.raises(KeyError, match="unknown user 'nobody'"):
+        rt.train_step(ids, ["a", "nobody"])
+    with pytest.raises(KeyError, match="unknown user"):
+        rt.generate(ids, ["a", "nobody"], max_new_tokens=1)
+    with pytest.raises(ValueError, match="users has 3 entries but the batch has 2 rows"):
+        rt.forward(ids, ["a", "b", 7])
+    with pytest.raises(ValueError, match="already loaded"):
+        rt.add_user("a", MemoryConfig.uniform(2))
+    with pytest.raises(ValueError, match="max_users=3"):
+        rt.add_user("d", MemoryConfig.uniform(2))
+    rt.remove_user(7)
+    with pytest.raises(ValueError, match="has 3 layers but the model has 2"):
+        rt.add_user("d", MemoryConfig.uniform(3))
+    with pytest.raises(TypeError, match="MemoryConfig"):
+        rt.add_user("d", {"layer_mask": [1, 1]})
+    with pytest.raises(TypeError, match="hashable id"):
+        rt.add_user(None, MemoryConfig.uniform(2))
+    with pytest.raises(ValueError, match="lr must be in"):
+        AdamWConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="total_steps"):
+        rt.add_user("d", MemoryConfig.uniform(2), total_steps=0)
+    assert "d" not in rt.users
+    with pytest.raises(TypeError, match="integer token ids"):
+        rt.forward(ids.float(), "a")
+    with pytest.raises(ValueError, match="no target tokens"):
+        rt.train_step(ids, "a", labels=torch.full_like(ids, -100))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        rt.load_user(tmp_path / "missing")
+    saved = rt.save_user("a", tmp_path / "a")
+    gpt2 = MilpRuntime(tiny_model("gpt2"), max_users=1)
+    with pytest.raises(ValueError, match="FFN target shapes"):
+        gpt2.load_user(saved)
+    with pytest.raises(ValueError, match="already holds MiLP adapters"):
+        MilpRuntime(rt.model)
+
+
+# ------------------------------------------------------------------ optimizer
+def test_packed_adamw_equals_torch_adamw_per_user():
+    torch.manual_seed(0)
+    bank = kernels.AdapterBank(8, 6, max_users=3)
+    bank.add(2, [3], init="random")
+    bank.add(0, [2, 2], init="random")
+    bank.add(1, [5], init="random")
+    opt = PackedAdamW([bank], 3)
+    cfg = AdamWConfig(lr=1e-2, weight_decay=0.1, warmup_ratio=0.2, max_grad_norm=0.5)
+    for u in range(3):
+        opt.set_user(u, cfg, total_steps=10)
+    a0, b0, _ = bank.adapter_weights(0)
+    ra, rb = a0.detach().clone().requires_grad_(), b0.detach().clone().requires_grad_()
+    ref = torch.optim.AdamW([ra, rb], lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: lr_multiplier(s + 1, 10, 0.2))
+    untouched = bank.adapter_weights(2)[0].detach().clone()
+    for _ in range(10):
+        ga, gb = torch.randn_like(ra), torch.randn_like(rb)
+        off = bank.segment(0).offset
+        bank.lora_a.grad = torch.zeros_like(bank.lora_a)
+        bank.lora_b.grad = torch.zeros_like(bank.lora_b)
+        bank.lora_a.grad[off : off + 4] = ga
+        bank.lora_b.grad[off : off + 4] = gb
+        bank.lora_a.grad[bank.segment(2).offset] = 1.0  # user 2 is not stepped: ignored
+        opt.step([0, 1])
+        opt.zero_grad()
+        ra.grad, rb.grad = ga.clone(), gb.clone()
+        torch.nn.utils.clip_grad_norm_([ra, rb], 0.5)
+        ref.step()
+        sched.step()
+    a, b, _ = bank.adapter_weights(0)
+    torch.testing.assert_close(a, ra, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b, rb, rtol=1e-6, atol=1e-7)
+    assert torch.equal(bank.adapter_weights(2)[0], untouched)
+    assert (opt.step_count(0), opt.step_count(1), opt.step_count(2)) == (10, 10, 0)
+
+
+def test_packed_adamw_follows_rows_when_banks_compact():
+    bank = kernels.AdapterBank(4, 4, max_users=4)
+    for u in range(3):
+        bank.add(u, [4], init="random")
+    opt = PackedAdamW([bank], 4)
+    for u in range(3):
+        opt.set_user(u)
+    bank.lora_a.grad = torch.ones_like(bank.lora_a)
+    bank.lora_b.grad = torch.ones_like(bank.lora_b)
+    opt.step([0, 1, 2])
+    state2 = opt.user_state(2)
+    bank.remove(0)
+    bank.add(3, [12], init="random")  # forces compaction or growth: user 2's rows move
+    opt.set_user(3)
+    moved = opt.user_state(2)
+    for k in state2:
+        assert torch.equal(state2[k], moved[k]), k
+
+
+def test_schedule():
+    assert warmup_steps(20, 0.1) == 2 and warmup_steps(None, 0.1) == 0
+    assert [lr_multiplier(s, 20) for s in (1, 2, 3)] == [0.5, 1.0, 1.0]
+    assert lr_multiplier(20, 20) == pytest.approx(1 / 18)
+    assert lr_multiplier(21, 20) == 0.0
+    assert lr_multiplier(5, 20, decay="constant") == 1.0
+    assert lr_multiplier(1000, None) == 1.0
+    opt = PackedAdamW([], max_users=1)
+    opt.set_user(0, AdamWConfig(lr=1.0), total_steps=20)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.current_lr(0))
+        opt.step([0])
+    assert seen == pytest.approx([lr_multiplier(s, 20) for s in range(1, 21)])
