@@ -5,9 +5,11 @@ Every :class:`kernels.AdapterBank` packs many users' adapter rows into ``lora_a
 moments in tensors of the same packed layout and, per bank, a ``row_user [capacity]``
 map (``-1`` = free row). Each user has its own hyper-parameters, step count and
 learning-rate schedule, all held in ``[max_users]`` tensors; one :meth:`PackedAdamW.step`
-gathers them per row (``hyper[row_user]``) and updates every bank with a handful of
-whole-tensor ops — no Python loop over users or rows, no host synchronisation. Rows of
-users not stepped (not in the batch) and free rows get a zero weight and stay untouched.
+gathers them per row (``hyper[row_user]``) and updates each bank with a handful of
+tensor ops over the row span holding the stepped users (the whole bank for a joint step,
+one user's rows for a single-user step) — no Python loop over rows, no host
+synchronisation. Rows of users not stepped (not in the batch) and free rows inside the
+span get a zero weight and stay untouched.
 
 Per user the update is exactly :class:`torch.optim.AdamW` (decoupled weight decay,
 bias correction by the user's own step count) with, optionally, gradient clipping to
@@ -336,22 +338,28 @@ class PackedAdamW:
         bc2_sqrt = bc2.sqrt().float()
         decay = 1 - lr * self._wd
 
-        live = [i for i, b in enumerate(self.banks) if any(b.has(s) for s in host)]
+        # per bank, the row span [lo, hi) covering the stepped users' rows (host layout, no
+        # sync): a step of a few users touches their rows only, a joint step the whole bank
+        spans: list[tuple[int, slice]] = []
+        for i, layout in enumerate(self._layout):
+            segs = [layout[s] for s in host if s in layout]
+            if segs:
+                spans.append((i, slice(min(o for o, _ in segs), max(o + r for o, r in segs))))
         clip = None
         if bool(torch.isfinite(self._max_norm[idx]).any()):
             norm2 = torch.zeros(self.max_users, dtype=torch.float32, device=dev)
-            for i in live:
-                ru = self._row_user[i]
+            for i, sl in spans:
+                ru = self._row_user[i][sl]
                 ru0, valid = ru.clamp(min=0), (ru >= 0).to(torch.float32)
                 for p in (self.banks[i].lora_a, self.banks[i].lora_b):
                     if p.grad is not None:
-                        norm2.index_add_(0, ru0, p.grad.float().pow(2).sum(1) * valid)
+                        norm2.index_add_(0, ru0, p.grad[sl].float().pow(2).sum(1) * valid)
             clip = (self._max_norm / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
 
-        for i in live:
-            b, ru = self.banks[i], self._row_user[i]
+        for i, sl in spans:
+            b, ru = self.banks[i], self._row_user[i][sl]
             ru0 = ru.clamp(min=0)
-            on = (active[ru0] & (ru >= 0)).to(torch.float32)[:, None]  # [cap, 1]
+            on = (active[ru0] & (ru >= 0)).to(torch.float32)[:, None]  # [rows, 1]: 1 = update this row
             w1 = (1 - self._beta1[ru0])[:, None] * on
             w2 = (1 - self._beta2[ru0])[:, None] * on
             row_decay = torch.where(on > 0, decay[ru0][:, None], torch.ones_like(on))
@@ -360,18 +368,22 @@ class PackedAdamW:
             row_eps = self._eps[ru0][:, None]
             mom = self._moments[i]
             for p, sfx in ((b.lora_a, "a"), (b.lora_b, "b")):
-                g = p.grad.float() if p.grad is not None else torch.zeros(p.shape, dtype=torch.float32, device=dev)
+                data = p.data[sl]
+                if p.grad is not None:
+                    g = p.grad[sl].float()
+                else:
+                    g = torch.zeros(data.shape, dtype=torch.float32, device=dev)
                 if clip is not None:
                     g = g * clip[ru0][:, None]
-                m, v = mom["exp_avg_" + sfx], mom["exp_avg_sq_" + sfx]
+                m, v = mom["exp_avg_" + sfx][sl], mom["exp_avg_sq_" + sfx][sl]
                 m.lerp_(g, w1)
                 v.add_((g * g - v) * w2)
-                p32 = p.data if p.dtype == torch.float32 else p.data.float()
+                p32 = data if p.dtype == torch.float32 else data.float()
                 p32.mul_(row_decay)
                 denom = (v.sqrt() / row_bc2).add_(row_eps)
                 p32.addcdiv_(m * row_step, denom, value=-1.0)
-                if p32 is not p.data:
-                    p.data.copy_(p32)
+                if p32 is not data:
+                    data.copy_(p32)
 
     def zero_grad(self) -> None:
         """Drop the banks' gradients."""
