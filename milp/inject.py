@@ -219,7 +219,10 @@ class MultiLoraLinear(nn.Module):
         if st is None or st.row_users is None or not st.any_adapter(self.bank):
             return self.base(x)
         plan = st.plan_for(x)
-        return kernels.lora_linear(x, self.base_weight(), self.base.bias, self.bank, plan)
+        w = self.base_weight()
+        if x.dtype != w.dtype:  # e.g. under autocast: run in the weights' dtype, hand back x's
+            return kernels.lora_linear(x.to(w.dtype), w, self.base.bias, self.bank, plan).to(x.dtype)
+        return kernels.lora_linear(x, w, self.base.bias, self.bank, plan)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, target={self.target!r}, conv1d={self.conv1d}"

@@ -427,10 +427,30 @@ class MilpRuntime:
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         return input_ids
 
+    def _labels(self, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            labels = ids.clone()
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+        elif not isinstance(labels, torch.Tensor) or labels.shape != ids.shape:
+            raise ValueError(f"labels must be a tensor of input_ids' shape {list(ids.shape)}, "
+                             f"got {list(getattr(labels, 'shape', []))}")
+        return labels
+
+    def _per_user(self, slots: torch.Tensor, mean: torch.Tensor, counts: torch.Tensor
+                  ) -> dict[Hashable, torch.Tensor]:
+        slot_user = {s: u for u, s in self._slots.items()}
+        present = sorted(set(slots.tolist()) - {-1})
+        nonzero = counts[present].tolist() if present else []
+        return {slot_user[s]: mean[s] for s, c in zip(present, nonzero) if c > 0}
+
     def loss(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
         """``(Σ_u mean_u, {user: mean_u})`` of a mixed-user batch (differentiable).
         ``labels`` default to ``input_ids`` with padding (``attention_mask == 0``) ignored.
+        Call ``backward`` inside :meth:`using` when the model recomputes activations
+        (gradient checkpointing); :meth:`train_step` does.
 
         Example:
             >>> from milp.inject import tiny_model
@@ -441,26 +461,17 @@ class MilpRuntime:
             ['a', 'b']
         """
         ids = self._check_ids(input_ids)
-        if labels is None:
-            labels = ids.clone()
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask == 0, -100)
-        elif labels.shape != ids.shape:
-            raise ValueError(f"labels must have input_ids' shape {list(ids.shape)}, got {list(labels.shape)}")
+        labels = self._labels(ids, attention_mask, labels)
         with self.using(users, ids.shape[0]) as slots:
             logits = self.model(input_ids=ids, attention_mask=attention_mask).logits
             total, mean, counts = user_losses(logits, labels, slots, self.max_users)
-        per_user: dict[Hashable, torch.Tensor] = {}
-        slot_user = {s: u for u, s in self._slots.items()}
-        for s in sorted(set(slots.tolist()) - {-1}):
-            if int(counts[s]) > 0:
-                per_user[slot_user[s]] = mean[s]
-        return total, per_user
+        return total, self._per_user(slots, mean, counts)
 
     def train_step(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
                    labels: torch.Tensor | None = None) -> dict[Hashable, float]:
         """One forward/backward/AdamW step over a mixed-user batch; updates the users with at
         least one target token and returns their mean token losses (before the update).
+        The model's train/eval mode is left as it is (dropout, gradient checkpointing).
 
         Example:
             >>> from milp.inject import tiny_model
@@ -469,11 +480,16 @@ class MilpRuntime:
             >>> _ = rt.train_step(torch.randint(3, 90, (2, 6)), "a"); rt.optimizer.step_count(rt.slot("a"))
             1
         """
+        ids = self._check_ids(input_ids)
+        labels = self._labels(ids, attention_mask, labels)
         self.optimizer.zero_grad()
-        total, per_user = self.loss(input_ids, users, attention_mask, labels)
-        if not per_user:
-            raise ValueError("the batch has no target tokens of any loaded user (all labels -100 or rows None)")
-        total.backward()
+        with self.using(users, ids.shape[0]) as slots:
+            logits = self.model(input_ids=ids, attention_mask=attention_mask).logits
+            total, mean, counts = user_losses(logits, labels, slots, self.max_users)
+            per_user = self._per_user(slots, mean, counts)
+            if not per_user:
+                raise ValueError("the batch has no target tokens of any loaded user (all labels -100 or rows None)")
+            total.backward()  # inside the block: recomputed activations see the same users
         self.optimizer.step([self._slots[u] for u in per_user])
         self.optimizer.zero_grad()
         return {u: float(v.detach()) for u, v in per_user.items()}
