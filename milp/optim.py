@@ -186,7 +186,8 @@ class PackedAdamW:
         self._configs: dict[int, tuple[AdamWConfig, int | None]] = {}
         # per bank: layout {user: (offset, rank)}, capacity, row_user, moments
         self._layout: list[dict[int, tuple[int, int]]] = [{} for _ in banks]
-        self._row_user: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64, device=dev) for _ in banks]
+        self._row_user: list[torch.Tensor] = [
+            torch.full((b.capacity,), -1, dtype=torch.int64, device=dev) for b in banks]
         self._moments: list[dict[str, torch.Tensor]] = [self._zeros(b) for b in banks]
         self._dirty: set[int] = set()
         self.sync()
@@ -279,8 +280,22 @@ class PackedAdamW:
         for i, b in enumerate(self.banks):
             layout = {u: (b.segment(u).offset, b.segment(u).rank) for u in b.users}
             old, mom = self._layout[i], self._moments[i]
-            same_cap = mom["exp_avg_a"].shape[0] == b.capacity
+            same_cap = mom["exp_avg_a"].shape[0] == b.capacity == self._row_user[i].shape[0]
             if layout == old and same_cap and not (dirty & set(layout)):
+                continue
+            kept = {u: v for u, v in old.items() if u in layout}
+            if same_cap and all(layout[u] == v and u not in dirty for u, v in kept.items()):
+                # only users added, removed or reset: fix their rows in place
+                ru = self._row_user[i]
+                for u, (off, r) in old.items():
+                    if u not in layout:
+                        ru[off : off + r] = -1
+                for u, (off, r) in layout.items():
+                    if u in dirty or u not in old:
+                        for t in mom.values():
+                            t[off : off + r].zero_()
+                        ru[off : off + r] = u
+                self._layout[i] = layout
                 continue
             new = self._zeros(b)
             for u, (off, r) in layout.items():
@@ -346,7 +361,7 @@ class PackedAdamW:
             if segs:
                 spans.append((i, slice(min(o for o, _ in segs), max(o + r for o, r in segs))))
         clip = None
-        if bool(torch.isfinite(self._max_norm[idx]).any()):
+        if any(self._configs[s][0].max_grad_norm is not None for s in host):
             norm2 = torch.zeros(self.max_users, dtype=torch.float32, device=dev)
             for i, sl in spans:
                 ru = self._row_user[i][sl]

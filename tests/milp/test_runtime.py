@@ -334,6 +334,7 @@ def test_schedule():
     assert seen == pytest.approx([lr_multiplier(s, 20) for s in range(1, 21)])
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 def test_gradient_checkpointing_and_autocast_give_the_same_step():
     ids, mask, users = joint_batch(user_data(3, USERS))
     plain = make_runtime("llama")
@@ -350,3 +351,37 @@ def test_gradient_checkpointing_and_autocast_give_the_same_step():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 banks under autocast: no dtype error
         logits = plain.forward(ids, users, attention_mask=mask).logits
     assert torch.isfinite(logits).all()
+
+
+def test_packed_adamw_state_follows_users_through_adds_and_removes():
+    # with a gradient of ones, a user's exp_avg after k of its steps is 1 - 0.9**k everywhere
+    g = torch.Generator().manual_seed(0)
+    banks = [kernels.AdapterBank(4, 3, max_users=6, capacity=16) for _ in range(2)]
+    opt = PackedAdamW(banks, 6)
+    steps: dict[int, int] = {}
+    for it in range(40):
+        u = int(torch.randint(0, 6, (1,), generator=g))
+        if u in steps and it % 3 == 0:
+            for b in banks:
+                b.remove(u)
+            opt.drop_user(u)
+            opt.sync()
+            del steps[u]
+        elif u not in steps:
+            for j, b in enumerate(banks):
+                b.add(u, [int(torch.randint(1, 9, (1,), generator=g))] * (1 + j), init="random")
+            opt.set_user(u)
+            steps[u] = 0
+        for b in banks:
+            b.lora_a.grad = torch.ones_like(b.lora_a)
+            b.lora_b.grad = torch.ones_like(b.lora_b)
+        active = [v for v in steps if (v + it) % 2 == 0]
+        opt.step(active)
+        for v in active:
+            steps[v] += 1
+        for v, k in steps.items():
+            st = opt.user_state(v)
+            assert int(st["step"]) == k
+            for key, t in st.items():
+                if key.endswith("exp_avg_a"):
+                    torch.testing.assert_close(t, torch.full_like(t, 1 - 0.9**k), msg=f"iteration {it}, user {v}")
