@@ -54,7 +54,9 @@ def build_model(dtype=U.DTYPE, **model_overrides):
     kw = dict(CFG["model"], pad_token_id=0, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False,
               **model_overrides)
     torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(**kw)).to(device=U.DEVICE, dtype=dtype).eval()
+    with torch.device(U.DEVICE):  # initialise on the device: a 1B model's init on the host is slow
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**kw))
+    model = model.to(dtype=dtype).eval()
     model.generation_config.eos_token_id = None
     return model
 

@@ -31,7 +31,7 @@ from .inject import (
     tiny_model,
 )
 from .optim import AdamWConfig, PackedAdamW, lr_multiplier, warmup_steps
-from .runtime import MilpRuntime, pad_sequences, user_losses
+from .runtime import MilpRuntime, mixed_batches, pad_sequences, user_losses
 
 __all__ = [
     "MAX_MODULES",
@@ -53,6 +53,7 @@ __all__ = [
     "get_milp",
     "is_injected",
     "lr_multiplier",
+    "mixed_batches",
     "pad_sequences",
     "peft_adapter",
     "remove_milp",

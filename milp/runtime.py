@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-from collections.abc import Hashable, Iterator, Sequence
+import zlib
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,16 @@ from .config import MemoryConfig, atomic_directory
 from .inject import MilpState, apply_milp, batch_users, get_milp, is_injected
 from .optim import AdamWConfig, PackedAdamW
 
-__all__ = ["ADAPTERS_FILE", "CONFIG_FILE", "MilpRuntime", "OPTIMIZER_FILE", "USER_FILE", "pad_sequences", "user_losses"]
+__all__ = [
+    "ADAPTERS_FILE",
+    "CONFIG_FILE",
+    "MilpRuntime",
+    "OPTIMIZER_FILE",
+    "USER_FILE",
+    "mixed_batches",
+    "pad_sequences",
+    "user_losses",
+]
 
 ADAPTERS_FILE = "adapters.safetensors"
 CONFIG_FILE = "memory_config.json"
@@ -76,6 +87,49 @@ def pad_sequences(
         ids[i, sl] = torch.tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return ids.to(device), mask.to(device)
+
+
+def mixed_batches(
+    per_user: Mapping[Hashable, Sequence[Sequence[int]]],
+    pad_token_id: int,
+    *,
+    rows_per_user: int = 8,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[Hashable]]]:
+    """Mixed-user training batches ``(input_ids, attention_mask, users)`` (right-padded): batch
+    ``i`` holds rows ``i*rows_per_user …`` of every user that still has them, so each user
+    sees exactly the batches of ``rows_per_user`` it would see trained alone (paper: batch 8).
+    A user's order is shuffled by ``(seed, epoch, user)`` alone, independent of the others.
+    ``ceil(len(per_user[u]) / rows_per_user)`` batches per epoch involve user ``u``.
+
+    Example:
+        >>> data = {"a": [[5, 6], [7, 8, 9], [10, 11]], "b": [[12, 13, 14]]}
+        >>> [users for _, _, users in mixed_batches(data, 0, rows_per_user=2, shuffle=False)]
+        [['a', 'a', 'b'], ['a']]
+    """
+    if isinstance(rows_per_user, bool) or not isinstance(rows_per_user, int) or rows_per_user < 1:
+        raise ValueError(f"rows_per_user must be an int >= 1, got {rows_per_user!r}")
+    orders: dict[Hashable, list[int]] = {}
+    for u, seqs in per_user.items():
+        if len(seqs) == 0:
+            raise ValueError(f"user {u!r} has no sequences")
+        idx = list(range(len(seqs)))
+        if shuffle:
+            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{epoch}:{u!r}".encode()))
+            idx = torch.randperm(len(seqs), generator=g).tolist()
+        orders[u] = idx
+    n_batches = max(math.ceil(len(v) / rows_per_user) for v in orders.values()) if orders else 0
+    for i in range(n_batches):
+        rows, users = [], []
+        for u, idx in orders.items():
+            for j in idx[i * rows_per_user : (i + 1) * rows_per_user]:
+                rows.append(per_user[u][j])
+                users.append(u)
+        ids, mask = pad_sequences(rows, pad_token_id, side="right", device=device)
+        yield ids, mask, users
 
 
 def user_losses(

@@ -385,3 +385,19 @@ def test_packed_adamw_state_follows_users_through_adds_and_removes():
             for key, t in st.items():
                 if key.endswith("exp_avg_a"):
                     torch.testing.assert_close(t, torch.full_like(t, 1 - 0.9**k), msg=f"iteration {it}, user {v}")
+
+
+def test_mixed_batches_give_each_user_its_own_batches():
+    from milp.runtime import mixed_batches
+
+    data = user_data(9, USERS, rows_per_user=5)
+    batches = list(mixed_batches(data, PAD, rows_per_user=2, seed=3))
+    assert len(batches) == 3
+    alone = {u: list(mixed_batches({u: data[u]}, PAD, rows_per_user=2, seed=3)) for u in USERS}
+    for i, (ids, mask, users) in enumerate(batches):
+        for u in USERS:
+            rows = [ids[r][mask[r] == 1].tolist() for r in range(len(users)) if users[r] == u]
+            ids_u, mask_u, _ = alone[u][i]
+            assert rows == [ids_u[r][mask_u[r] == 1].tolist() for r in range(ids_u.shape[0])]
+    with pytest.raises(ValueError, match="rows_per_user"):
+        next(mixed_batches(data, PAD, rows_per_user=0))
