@@ -1,0 +1,223 @@
+"""milp.metrics on hand-computed cases, including empty strings."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from milp.metrics import (
+    STOP_WORDS,
+    EmbeddingJudge,
+    Judge,
+    WinRate,
+    content_tokens,
+    persona_f1,
+    persona_f1_single,
+    rouge_scores,
+    win_rate,
+)
+
+approx = pytest.approx
+
+
+# --------------------------------------------------------------------------- ROUGE
+@pytest.mark.parametrize("pred, ref, r1, rl", [
+    ("the cat sat", "the cat sat", 100.0, 100.0),
+    # stemming: cats -> cat; 3 of 3 predicted, 3 of 6 reference: F = 2/3
+    ("the cats sat", "the cat sat on the mat", 200 / 3, 200 / 3),
+    # same unigrams, LCS of length 1: P = R = 1/3
+    ("cat dog bird", "bird dog cat", 100.0, 100 / 3),
+    ("running", "run", 100.0, 100.0),
+    ("", "a reference", 0.0, 0.0),
+    ("a prediction", "", 0.0, 0.0),
+    ("", "", 0.0, 0.0),
+    ("!!!", "!!!", 0.0, 0.0),  # no [a-z0-9] token on either side
+])
+def test_rouge_hand_cases(pred, ref, r1, rl):
+    out = rouge_scores([pred], [ref])
+    assert out == {"rouge1": approx(r1), "rougeL": approx(rl)}
+
+
+def test_rouge_averages_over_examples_and_checks_input():
+    assert rouge_scores(["the cat sat", ""], ["the cat sat", "x"]) == {"rouge1": 50.0, "rougeL": 50.0}
+    with pytest.raises(ValueError, match="same length"):
+        rouge_scores(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="nothing to score"):
+        rouge_scores([], [])
+    with pytest.raises(TypeError, match=r"predictions\[0\] must be a string"):
+        rouge_scores([None], ["a"])
+    with pytest.raises(TypeError, match="predictions must be a sequence of strings"):
+        rouge_scores("abc", ["a"])
+
+
+# --------------------------------------------------------------------------- Persona-F1
+def test_content_tokens_rule():
+    assert content_tokens("I don't like the Flu-shot!") == ["like", "flu", "shot"]
+    assert content_tokens("Café’s  menu_item, 42kg") == ["cafés", "menu", "item", "42kg"]
+    assert content_tokens(["My KNEE", "hurts."]) == ["knee", "hurts"]
+    assert content_tokens("I'm sure you're fine; it's ok") == ["sure", "fine", "ok"]  # im/youre/its are stop words
+    assert content_tokens("") == [] and content_tokens([]) == []
+    assert {"the", "dont", "im"} <= STOP_WORDS and "pain" not in STOP_WORDS
+
+
+@pytest.mark.parametrize("pred, content, expected", [
+    ("I love hiking", ["Hiking is my passion"], 50.0),                    # {love,hiking} vs {hiking,passion}
+    ("knee pain when running", ["I run daily", "my knee hurts"], 200 / 7),  # P=1/3, R=1/4, no stemming
+    ("pain pain pain", "pain", 50.0),                                     # multiset: overlap 1, P=1/3, R=1
+    ("Knee, knee!", ["knee knee"], 100.0),
+    ("completely unrelated words", ["my knee hurts"], 0.0),               # no overlap
+    ("", ["my knee hurts"], 0.0),                                         # empty response
+    ("the and of", ["my knee hurts"], 0.0),                               # response only stop words
+    ("knee pain", [], 0.0),                                               # no user content
+    ("knee pain", ["", "  "], 0.0),
+    ("knee pain", "the and I", 0.0),                                      # content only stop words
+    ("", "", 0.0),                                                        # both empty
+])
+def test_persona_f1_hand_cases(pred, content, expected):
+    assert persona_f1_single(pred, content) == approx(expected)
+
+
+def test_persona_f1_mean_and_errors():
+    assert persona_f1(["knee pain", ""], [["my knee hurts"], ["my knee hurts"]]) == approx(25.0)
+    # history + profile given as one list of strings per user
+    assert persona_f1(["runner with knee pain"], [["runner", "my knee hurts"]]) == approx(200 / 3)
+    with pytest.raises(ValueError, match="same length"):
+        persona_f1(["a"], [["a"], ["b"]])
+    with pytest.raises(ValueError, match="nothing to score"):
+        persona_f1([], [])
+    with pytest.raises(TypeError, match="user_contents must be a sequence"):
+        persona_f1(["a"], None)
+    with pytest.raises(TypeError, match="prediction must be a string"):
+        persona_f1_single(3, "a")
+
+
+# --------------------------------------------------------------------------- win rate
+class LongerWins:
+    name = "longer-wins"
+
+    def judge(self, query, context, answer_a, answer_b, reference=None):
+        if len(answer_a) == len(answer_b):
+            return "tie"
+        return "A" if len(answer_a) > len(answer_b) else "B"
+
+
+class AlwaysA:
+    name = "always-a"
+
+    def judge(self, query, context, answer_a, answer_b, reference=None):
+        return "A"
+
+
+def test_win_rate_counts_ties_half_and_names_the_judge():
+    assert isinstance(LongerWins(), Judge)
+    out = win_rate(["long answer", "long answer", "x", "same"], ["short", "s", "longer", "same"],
+                   ["q"] * 4, [""] * 4, judge=LongerWins())
+    assert out == WinRate(win_rate=62.5, wins=2, losses=1, ties=1, n=4, judge="longer-wins")
+    assert out.to_dict()["judge"] == "longer-wins"
+    # swap=True: an order-biased judge contradicts itself on every pair -> all ties
+    biased = win_rate(["a", "b"], ["c", "d"], ["q", "q"], ["", ""], judge=AlwaysA(), swap=True)
+    assert (biased.win_rate, biased.ties) == (50.0, 2)
+    assert win_rate(["a"], ["b"], ["q"], [""], judge=AlwaysA()).win_rate == 100.0
+
+
+def test_win_rate_uses_judge_batch_and_validates():
+    class Batch:
+        name = "batch"
+        calls = 0
+
+        def judge(self, *a, **k):
+            raise AssertionError("judge_batch should be used")
+
+        def judge_batch(self, queries, contexts, a, b, refs):
+            Batch.calls += 1
+            assert refs == ["r1", "r2"]
+            return ["B", "tie"]
+
+    out = win_rate(["a", "b"], ["c", "d"], ["q1", "q2"], [["h"], ["h"]], ["r1", "r2"], judge=Batch())
+    assert (out.win_rate, out.losses, Batch.calls) == (25.0, 1, 1)
+
+    class Bad:
+        name = "bad"
+
+        def judge(self, *a, **k):
+            return "maybe"
+
+    with pytest.raises(ValueError, match="judge 'bad' returned 'maybe' for example 0"):
+        win_rate(["a"], ["b"], ["q"], [""], judge=Bad())
+    with pytest.raises(TypeError, match="judge must have a judge"):
+        win_rate(["a"], ["b"], ["q"], [""], judge=object())
+    with pytest.raises(ValueError, match="same length"):
+        win_rate(["a"], ["b", "c"], ["q"], [""], judge=AlwaysA())
+    with pytest.raises(ValueError, match="no examples"):
+        win_rate([], [], [], [], judge=AlwaysA())
+
+
+class FakeEmbedder:
+    """Unit 2-d vectors from a lookup table (zeros for unknown / empty text)."""
+
+    name = "fake"
+
+    def __init__(self, table):
+        self.table = {k: torch.nn.functional.normalize(torch.tensor(v, dtype=torch.float32), dim=0)
+                      for k, v in table.items()}
+
+    def encode(self, texts):
+        return torch.stack([self.table.get(t, torch.zeros(2)) for t in texts])
+
+
+def test_embedding_judge_hand_scores():
+    emb = FakeEmbedder({"ref": (1, 0), "ctx": (0, 1), "a": (1, 0), "b": (0.6, 0.8), "b2": (0.8, 0.6),
+                        "near": (0.59, 0.807)})
+    j = EmbeddingJudge(emb)
+    assert j.name == "embedding-similarity(fake; ref=0.5, ctx=0.5, tie_band=0.02)"
+    # score(a) = .5*1 + .5*0 = .5 ; score(b) = .5*.6 + .5*.8 = .7
+    assert j.judge("q", ["ctx"], "a", "b", reference="ref") == "B"
+    # reference only (weight 1): a = 1, b = .6
+    assert EmbeddingJudge(emb, reference_weight=1.0).judge("q", ["ctx"], "a", "b", reference="ref") == "A"
+    # no reference: context term only: a = 0, b = .8
+    assert j.judge("q", "ctx", "a", "b") == "B"
+    # no context: reference term only
+    assert j.judge("q", [], "a", "b", reference="ref") == "A"
+    # b2 scores .7 like b: inside the tie band
+    assert j.judge("q", ["ctx"], "b", "b2", reference="ref") == "tie"
+    assert j.judge("q", ["ctx"], "b", "near", reference="ref") == "tie"
+    assert EmbeddingJudge(emb, tie_band=0.0).judge("q", ["ctx"], "b", "near", reference="ref") == "A"
+    # empty answers lose; two empty answers tie; nothing to compare against -> tie
+    assert j.judge("q", ["ctx"], "", "b", reference="ref") == "B"
+    assert j.judge("q", ["ctx"], "a", " ", reference="ref") == "A"
+    assert j.judge("q", ["ctx"], "", "", reference="ref") == "tie"
+    assert j.judge("q", [], "a", "b") == "tie"
+    out = win_rate(["a", "b"], ["b", "a"], ["q", "q"], [["ctx"], ["ctx"]], judge=j)
+    assert (out.wins, out.losses, out.judge) == (1, 1, j.name)
+
+
+def test_embedding_judge_bad_arguments():
+    with pytest.raises(ValueError, match="tie_band"):
+        EmbeddingJudge(FakeEmbedder({}), tie_band=-1)
+    with pytest.raises(ValueError, match="reference_weight"):
+        EmbeddingJudge(FakeEmbedder({}), reference_weight=2)
+    with pytest.raises(TypeError, match="embedder must have an encode"):
+        EmbeddingJudge(object())
+
+
+def test_default_judge_with_minilm():
+    pytest.importorskip("transformers")
+    try:
+        from milp.models import find_default_embedder
+
+        find_default_embedder()
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        pytest.skip(str(exc))
+    j = EmbeddingJudge()
+    assert "all-MiniLM-L6-v2" in j.name
+    v = j.embedder.encode(["I have chest pain.", "My chest hurts.", "The stock market fell today.", ""])
+    assert v.shape == (4, 384)
+    assert torch.allclose(v[:3].norm(dim=1), torch.ones(3), atol=1e-5) and v[3].abs().sum() == 0
+    assert float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.3
+    out = win_rate(
+        ["Rest your knee, ice it, and pause running for a week."],
+        ["The stock market fell sharply today."],
+        ["My knee hurts after running. What should I do?"],
+        [["I run marathons.", "My knee hurts after long runs."]],
+        ["Rest and ice the knee and take a break from running."],
+    )
+    assert (out.win_rate, out.n) == (100.0, 1) and "all-MiniLM-L6-v2" in out.judge
