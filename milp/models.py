@@ -294,9 +294,11 @@ def load_model(
     """
     dtype = _check_dtype(dtype)
     if path_or_none is None:
-        return load_default_model(dtype=dtype if dtype is not None else torch.float32, cache_dir=cache_dir, device=device)
+        dtype = dtype if dtype is not None else torch.float32
+        return load_default_model(dtype=dtype, cache_dir=cache_dir, device=device)
     if not isinstance(path_or_none, (str, os.PathLike)):
-        raise TypeError(f"path_or_none must be a local path (str or os.PathLike) or None, got {type(path_or_none).__name__}")
+        raise TypeError("path_or_none must be a local path (str or os.PathLike) or None, "
+                        f"got {type(path_or_none).__name__}")
     _offline_env()
     path = Path(path_or_none).expanduser()
     if not path.exists():
