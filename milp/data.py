@@ -34,8 +34,8 @@ MedDia conversion rule (:func:`load_meddia`)
   by the doctor's reply (the response, ≥ 8 words) with at least one earlier patient
   utterance.  Candidates are ranked by quality (+1 when the response is not a closing
   such as "You're welcome…", +1 when neither turn looks role-swapped: a query with
-  doctor phrasing like "your symptoms"/"I recommend", a response saying ", doctor" or
-  "thank you … doctor"),
+  doctor phrasing like "your symptoms"/"I recommend", a response saying ", doctor",
+  "thank you … doctor" or "thank you for the advice"),
   then queries containing ``?``, then later position; the best
   ``examples_per_user`` (default **1**: the last question with a substantive answer) are
   kept, in dialogue order.  ``history`` = the patient's utterances before the query
@@ -337,8 +337,8 @@ _CLOSING_RE = re.compile(r"^(you're welcome|you are welcome|thank you|thanks|goo
                          r"glad|my pleasure|i'm glad|alright|okay|ok)\b", re.IGNORECASE)
 _DOCTOR_SPEECH_RE = re.compile(r"\b(your (symptoms|condition)|i would recommend|i recommend|would you like|"
                                r"how can i (help|assist))\b", re.IGNORECASE)
-_PATIENT_SPEECH_RE = re.compile(r",\s*doctor\b|\bthank(s| you)\b[^.!?]{0,20}\bdoctor\b|\bmy (symptoms|condition)\b",
-                                re.IGNORECASE)
+_PATIENT_SPEECH_RE = re.compile(r",\s*doctor\b|\bthank(s| you)\b[^.!?]{0,20}\bdoctor\b|\bmy (symptoms|condition)\b|"
+                                r"\bthank(s| you) for (the|your) (advice|information|help|time)\b", re.IGNORECASE)
 
 
 def meddia_dir() -> Path:
