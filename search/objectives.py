@@ -35,6 +35,9 @@ class Objective:
         direction: ``"minimize"`` or ``"maximize"``.
         known: optional ``f(X) -> values`` on unit-cube points ``X [..., d]`` (float64
             tensor) returning ``[...]``; the objective is then computed, not evaluated.
+        known_relaxed: optional differentiable extension of ``known`` that equals it on the
+            space's grid; the acquisition optimiser uses it for its continuous-relaxation
+            starting points (a piecewise-constant ``known`` gives L-BFGS no gradient).
 
     Example:
         >>> Objective("val_ce", "minimize").sign
@@ -46,6 +49,7 @@ class Objective:
     name: str
     direction: str = "minimize"
     known: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
+    known_relaxed: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -56,6 +60,11 @@ class Objective:
             raise ValueError(f"direction must be 'minimize' or 'maximize', got {self.direction!r}")
         if self.known is not None and not callable(self.known):
             raise TypeError(f"known must be callable or None, got {type(self.known).__name__}")
+        if self.known_relaxed is not None:
+            if not callable(self.known_relaxed):
+                raise TypeError(f"known_relaxed must be callable or None, got {type(self.known_relaxed).__name__}")
+            if self.known is None:
+                raise ValueError("known_relaxed needs known (the exact function) as well")
 
     @property
     def sign(self) -> float:

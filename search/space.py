@@ -388,6 +388,13 @@ class Space:
     def describe(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def canonical(self, config: Any) -> Any:
+        """A hashable key equal for configurations that behave identically (default: ``encode``).
+
+        The search uses it to avoid scoring the same configuration twice.
+        """
+        return self.encode(config)
+
     def snap(self, x: Any) -> tuple[float, ...]:
         """Project a unit-cube point onto the space's grid: ``encode(decode(x))``.
 
@@ -596,6 +603,21 @@ class SearchSpace(Space):
         out += [gr[self.ranks.index(r)] for r in ranks]
         return tuple(out)
 
+    def canonical(self, config: LoRAConfig) -> tuple[tuple[int, int, int], ...]:
+        """``(layer, modules, rank)`` of the layers that actually carry adapters.
+
+        Masked-off layers and layers with no module are dropped, so e.g. every
+        configuration with ``n = 0`` has the same key ``()``.
+
+        Example:
+            >>> s = paper_space(2)
+            >>> s.canonical(LoRAConfig((True, False), (0, 0), (8, 8))) == s.canonical(LoRAConfig.uniform(2, 0, 96))
+            True
+        """
+        if not isinstance(config, LoRAConfig):
+            raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+        return tuple((i, config.modules[i], config.ranks[i]) for i in config.active_layers)
+
     def config_to_dict(self, config: LoRAConfig) -> dict[str, Any]:
         """``config.to_dict()`` (the search's log format)."""
         return config.to_dict()
@@ -654,6 +676,44 @@ class SearchSpace(Space):
         ranks = rank_values[index(X[..., self._rank_start :], self._n_rank_values).long()]
         return (mask * mods * ranks * widths).sum(-1)
 
+    def parameter_count_relaxed(self, X: torch.Tensor) -> torch.Tensor:
+        """A differentiable extension of :meth:`parameter_count_tensor`, equal to it on the grid.
+
+        Bits enter as their value, the module count as ``lo + x (hi - lo)`` and the rank by
+        piecewise-linear interpolation of the sorted rank set; the acquisition optimiser's
+        continuous relaxation uses it (the exact count is piecewise constant).
+
+        Example:
+            >>> import torch
+            >>> s = paper_space(2, target_shapes=ffn_target_shapes(2, 4, 8))
+            >>> X = torch.tensor([[1.0, 0.0, 1 / 32, 0.0], [1.0, 1.0, 0.5, 0.125]], dtype=torch.float64)
+            >>> s.parameter_count_relaxed(X).tolist()  # on the grid; then halfway between ranks 8 and 16
+            [288.0, 13824.0]
+        """
+        import torch
+
+        if not isinstance(X, torch.Tensor):
+            raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
+        if X.shape[-1] != self.dim:
+            raise ValueError(f"X must have last dimension {self.dim}, got shape {tuple(X.shape)}")
+        L = self.num_layers
+        X = X.clamp(0.0, 1.0)
+        widths = torch.tensor(
+            [sum(k + d for k, d in layer) for layer in self._shapes()], dtype=X.dtype, device=X.device
+        )
+        lo, hi = self.modules_range
+        mods = lo + X[..., self._mod_start : self._rank_start] * (hi - lo)
+        rank_values = torch.tensor(self.ranks, dtype=X.dtype, device=X.device)
+        K = len(self.ranks)
+        if K == 1:
+            ranks = rank_values[0].expand(X[..., self._rank_start :].shape)
+        else:
+            u = X[..., self._rank_start :] * (K - 1)
+            i0 = torch.clamp(torch.floor(u).detach(), max=K - 2).long()
+            frac = u - i0.to(u.dtype)
+            ranks = rank_values[i0] * (1 - frac) + rank_values[i0 + 1] * frac
+        return (X[..., :L] * mods * ranks * widths).sum(-1)
+
     def parameter_count_objective(self, name: str = "parameters") -> Any:
         """A known (not modelled) objective that minimises the parameter count.
 
@@ -668,7 +728,9 @@ class SearchSpace(Space):
         from .objectives import Objective
 
         self._shapes()
-        return Objective(name, "minimize", known=self.parameter_count_tensor)
+        return Objective(
+            name, "minimize", known=self.parameter_count_tensor, known_relaxed=self.parameter_count_relaxed
+        )
 
 
 def paper_space(

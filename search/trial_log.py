@@ -1,0 +1,150 @@
+"""File helpers: atomic whole-file writes and the append-only JSONL trial log.
+
+The trial log is append-only: every record is one JSON object on one line, written with a
+single ``write`` of the whole line (newline included), then flushed and ``fsync``-ed, so a
+crash leaves at most one truncated *last* line.  :func:`read_log` skips any line that is not
+a valid JSON object with a warning and keeps every good one; :func:`open_log_for_append`
+terminates a truncated last line first, so the next record never gets glued onto it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["append_record", "atomic_write_bytes", "atomic_write_text", "decode_float", "encode_float", "read_log"]
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+        >>> atomic_write_bytes(p, b"hi"); p.read_bytes()
+        b'hi'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """:func:`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_with(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Atomically create ``path`` with ``write(tmp_path)`` (e.g. ``fig.savefig``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def encode_float(v: float) -> float | str:
+    """JSON has no NaN/inf: non-finite values are stored as ``"nan"``, ``"inf"``, ``"-inf"``."""
+    if math.isfinite(v):
+        return v
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def decode_float(v: Any) -> float:
+    """Inverse of :func:`encode_float` (``None`` reads as NaN); ``ValueError`` otherwise."""
+    if v is None:
+        return math.nan
+    if isinstance(v, str):
+        if v in ("nan", "inf", "-inf"):
+            return float(v)
+        raise ValueError(f"not a number: {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"not a number: {v!r}")
+    return float(v)
+
+
+def append_record(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append one record as one whole line, then flush and fsync.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "log.jsonl"
+        >>> append_record(p, {"a": 1}); p.read_text()
+        '{"a":1}\\n'
+    """
+    line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def repair_tail(path: str | os.PathLike[str]) -> None:
+    """If ``path`` ends in a truncated line (no final newline), terminate it with one."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+    if last != b"\n":
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_log(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of every line of ``path`` that is a JSON object.
+
+    Blank lines are ignored; a corrupt line (invalid UTF-8 or JSON, or not an object)
+    is skipped with a ``UserWarning`` naming the file and line.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                warnings.warn(f"{path}:{lineno}: skipping corrupt trial-log line ({e})", stacklevel=3)
+                continue
+            if not isinstance(rec, dict):
+                warnings.warn(f"{path}:{lineno}: skipping trial-log line that is not a JSON object", stacklevel=3)
+                continue
+            yield lineno, rec
