@@ -446,7 +446,14 @@ class Search:
         known = [(i, o.known_relaxed or o.known, o.sign) for i, o in enumerate(self.objectives) if o.is_known]
         signs = torch.tensor([o.sign for o in self.objectives], dtype=torch.float64)
         Ym = Y * signs
-        model = fit_surrogate(X, Ym[:, modelled], kind=self.surrogate, nuts=self.nuts, seed=seed)
+        model = fit_surrogate(
+            X,
+            Ym[:, modelled],
+            kind=self.surrogate,
+            nuts=self.nuts,
+            seed=seed,
+            input_map=self.space.effective_tensor if self.space.effective_tensor(X[:1]) is not None else None,
+        )
         ref = torch.tensor(self.reference_point(), dtype=torch.float64) * signs
         pend = [t.x for t in self._pending.values()]
         X_pending = torch.tensor(pend, dtype=torch.float64) if pend else None

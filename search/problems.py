@@ -13,7 +13,10 @@ and buy nothing)::
     ε ~ N(0, noise_std²)
 
 Hypervolumes of validation runs are computed on the *noise-free* loss of the evaluated
-configurations (the usual practice), with a fixed reference point.
+configurations (the usual practice), with a fixed reference point, both with the parameter
+count on a linear scale (as a fraction of the maximum, what the search optimises) and on a
+log scale (``log10(1 + p) / log10(1 + p_max)``), which separates the small configurations
+the linear scale squeezes against zero.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from .objectives import Objective
+from .pareto import hypervolume
 from .space import BoxSpace, LoRAConfig, SearchSpace, ffn_target_shapes, paper_space
 
 __all__ = ["DTLZ2Problem", "LoRASynthetic"]
@@ -38,6 +42,8 @@ class LoRASynthetic:
         (34, ('layer_5', 'layer_20', 'modules', 'rank'))
         >>> p.true_loss(LoRAConfig.uniform(32, modules=0, rank=8))
         2.0
+        >>> round(p.max_hv, 4), round(p.best_loss, 4)
+        (0.5167, 1.5312)
     """
 
     name = "lora34"
@@ -70,6 +76,29 @@ class LoRASynthetic:
         self.hv_scale = float(self.max_parameters)
         self.relevant = (f"layer_{a}", f"layer_{b}", "modules", "rank")
         self._gen = torch.Generator().manual_seed(10_000 + seed)
+        #: The best noise-free loss over the space (both relevant layers on, best n · r).
+        self.best_loss = min(
+            self.true_loss(LoRAConfig.uniform(num_layers, n, r)) for n in range(33) for r in self.space.ranks
+        )
+        self._log_max = math.log10(1.0 + self.max_parameters)
+        # The true Pareto front: switching on a layer other than the two relevant ones only
+        # adds parameters, so it lies among the configurations using those two at most.
+        front = [
+            self.true_values(LoRAConfig([i in on for i in range(num_layers)], [n] * num_layers, [r] * num_layers))
+            for on in ((a,), (b,), (a, b))
+            for n in range(33)
+            for r in self.space.ranks
+        ]
+        #: The largest attainable hypervolume (linear and log-scale views, same units as reported).
+        self.max_hv = hypervolume(front, self.ref_point, ["minimize"] * 2) / self.hv_scale
+        self.max_hv_log = hypervolume([self.log_values(y) for y in front], list(self.log_ref_point), ["minimize"] * 2)
+
+    def log_values(self, values: Sequence[float]) -> list[float]:
+        """``[loss, log10(1 + parameters) / log10(1 + max parameters)]`` (the log-scale view)."""
+        return [values[0], math.log10(1.0 + values[1]) / self._log_max]
+
+    #: Reference point of the log-scale view.
+    log_ref_point = (2.05, 1.0)
 
     def true_loss(self, c: LoRAConfig) -> float:
         """Noise-free loss of a configuration."""

@@ -419,6 +419,15 @@ class Space:
             raise TypeError(f"X must be a 2-D array of shape [n, {self.dim}], got {type(X).__name__}")
         return [self.decode(row) for row in X]
 
+    def effective_tensor(self, X: torch.Tensor) -> torch.Tensor | None:
+        """Map unit-cube points to inputs on which equivalent configurations coincide.
+
+        ``None`` (the default) means the encoding has no such redundancy.  The surrogate
+        applies it as an input transform, so the model cannot tell apart configurations
+        that behave identically.
+        """
+        return None
+
     @property
     def fixed_dims(self) -> dict[int, float]:
         """Dimensions with a single allowed value (held fixed by the optimiser)."""
@@ -617,6 +626,46 @@ class SearchSpace(Space):
         if not isinstance(config, LoRAConfig):
             raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
         return tuple((i, config.modules[i], config.ranks[i]) for i in config.active_layers)
+
+    def effective_tensor(self, X: torch.Tensor) -> torch.Tensor:
+        """Zero out coordinates that cannot matter, so equivalent configurations coincide.
+
+        A layer bit counts only when the layer also gets ``n > 0`` modules; a module count
+        only on a layer that is switched on (the shared count: when some layer is active);
+        a rank only where some module uses it (the shared rank: when some layer is
+        active).  So every configuration without an adapter (``n = 0``, or no layer
+        switched on) maps to the all-zero point, and configurations that differ only in
+        such coordinates map to one point: the surrogate learns each configuration once,
+        and the acquisition sees no gain in "re-scoring" an equivalent one.  Exact (a grid
+        point maps to a grid point, two grid points coincide iff :meth:`canonical` says
+        they are equivalent) and piecewise linear in between (the ``n > 0`` gate is
+        ``clamp(n, 0, 1)``), so a continuous relaxation keeps a gradient.
+
+        Example:
+            >>> import torch
+            >>> s = paper_space(3)
+            >>> X = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.5], [0.0, 1.0, 1.0, 0.0, 1.0],
+            ...                   [0.0, 0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.5, 0.5]], dtype=torch.float64)
+            >>> s.effective_tensor(X).tolist()  # n = 0 or no layer on: nothing else matters
+            [[0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.5, 0.5]]
+        """
+        import torch
+
+        if not isinstance(X, torch.Tensor):
+            raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
+        if X.shape[-1] != self.dim:
+            raise ValueError(f"X must have last dimension {self.dim}, got shape {tuple(X.shape)}")
+        L = self.num_layers
+        lo, hi = self.modules_range
+        bits = X[..., :L]
+        mods = X[..., self._mod_start : self._rank_start]  # [..., 1 or L]
+        ranks = X[..., self._rank_start :]  # [..., 1 or L]
+        nonzero = torch.clamp(lo + mods * (hi - lo), 0.0, 1.0)  # [..., 1 or L]: the n > 0 gate
+        active = bits * nonzero  # [..., L]
+        any_active = active.amax(-1, keepdim=True)  # [..., 1]
+        mods = mods * (bits if self.modules_per_layer else any_active)
+        ranks = ranks * (active if self.rank_per_layer else any_active)
+        return torch.cat([active, mods, ranks], dim=-1)
 
     def config_to_dict(self, config: LoRAConfig) -> dict[str, Any]:
         """``config.to_dict()`` (the search's log format)."""

@@ -27,6 +27,7 @@ from botorch.exceptions.warnings import OptimizationWarning
 from botorch.fit import fit_fully_bayesian_model_nuts, fit_gpytorch_mll
 from botorch.models import ModelListGP, SingleTaskGP
 from botorch.models.fully_bayesian import SaasFullyBayesianSingleTaskGP
+from botorch.models.transforms.input import InputTransform
 from botorch.models.transforms.outcome import Standardize
 from botorch.optim import optimize_acqf
 from botorch.optim.optimize_mixed import optimize_acqf_mixed_alternating
@@ -37,7 +38,7 @@ from linear_operator.utils.warnings import NumericalWarning
 
 from .space import Space
 
-__all__ = ["SURROGATES", "AcquisitionSettings", "NUTSSettings", "fit_surrogate", "propose"]
+__all__ = ["SURROGATES", "AcquisitionSettings", "EffectiveInput", "NUTSSettings", "fit_surrogate", "propose"]
 
 #: Surrogate kinds accepted by :func:`fit_surrogate`.
 SURROGATES = ("saas", "gp")
@@ -108,6 +109,30 @@ class AcquisitionSettings:
             _pos_int(getattr(self, name), name)
 
 
+class EffectiveInput(InputTransform):
+    """BoTorch input transform applying a space's :meth:`~search.space.Space.effective_tensor`.
+
+    Example:
+        >>> from search.space import paper_space
+        >>> t = EffectiveInput(paper_space(2).effective_tensor)
+        >>> t(torch.tensor([[1.0, 1.0, 0.0, 1.0]], dtype=torch.float64)).tolist()
+        [[0.0, 0.0, 0.0, 0.0]]
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.transform_on_train = True
+        self.transform_on_eval = True
+        self.transform_on_fantasize = True
+
+    def transform(self, X: torch.Tensor) -> torch.Tensor:
+        return self.fn(X)
+
+    def equals(self, other: InputTransform) -> bool:
+        return isinstance(other, EffectiveInput) and other.fn == self.fn
+
+
 def _check_xy(X: torch.Tensor, Y: torch.Tensor) -> None:
     if not isinstance(X, torch.Tensor) or X.dim() != 2:
         raise ValueError(f"X must be a 2-D tensor [n, d], got {getattr(X, 'shape', type(X))}")
@@ -128,6 +153,7 @@ def fit_surrogate(
     kind: str = "saas",
     nuts: NUTSSettings | None = None,
     seed: int = 0,
+    input_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ModelListGP:
     """Fit one model per column of ``Y`` (standardised outcomes) on unit-cube inputs ``X``.
 
@@ -137,6 +163,8 @@ def fit_surrogate(
         kind: ``"saas"`` (fully Bayesian SAAS-GP fitted by NUTS) or ``"gp"`` (``SingleTaskGP``).
         nuts: NUTS settings for ``kind="saas"`` (default: the paper's).
         seed: JAX PRNG seed of NUTS (objective ``i`` uses ``seed + i``).
+        input_map: optional ``X -> X'`` applied inside every model (an :class:`EffectiveInput`
+            transform), e.g. ``space.effective_tensor``.
 
     Example:
         >>> X = torch.rand(8, 3, dtype=torch.float64)
@@ -152,11 +180,14 @@ def fit_surrogate(
         raise TypeError(f"nuts must be NUTSSettings, got {type(nuts).__name__}")
     X = X.to(torch.float64)
     Y = Y.to(torch.float64)
+    tf = (lambda: EffectiveInput(input_map)) if input_map is not None else None
     models = []
     for i in range(Y.shape[-1]):
         y = Y[:, i : i + 1]
         if kind == "saas":
-            m = SaasFullyBayesianSingleTaskGP(X, y, outcome_transform=Standardize(m=1))
+            m = SaasFullyBayesianSingleTaskGP(
+                X, y, outcome_transform=Standardize(m=1), input_transform=tf() if tf else None
+            )
             fit_fully_bayesian_model_nuts(
                 m,
                 warmup_steps=nuts.warmup_steps,
@@ -167,7 +198,7 @@ def fit_surrogate(
                 seed=seed + i,
             )
         else:
-            m = SingleTaskGP(X, y, outcome_transform=Standardize(m=1))
+            m = SingleTaskGP(X, y, outcome_transform=Standardize(m=1), input_transform=tf() if tf else None)
             with manual_seed(seed + i):
                 fit_gpytorch_mll(ExactMarginalLogLikelihood(m.likelihood, m))
         models.append(m)

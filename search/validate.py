@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -78,10 +79,34 @@ def run_one(problem_name: str, method: str, seed: int, args: argparse.Namespace)
     Y = [prob.true_values(t.config) for t in search.trials]
     dirs = [o.direction for o in prob.objectives]
     trace = [v / prob.hv_scale for v in pareto.hypervolume_trace(Y, prob.ref_point, dirs)]
+    extra: dict[str, Any] = {
+        # per trial: source, then the noise-free objective values (parameters as a fraction)
+        "trials": [[t.source] + [round(v / (prob.hv_scale if i else 1.0), 6) for i, v in enumerate(y)]
+                   for t, y in zip(search.trials, Y)],
+    }
+    if hasattr(prob, "space") and hasattr(search.trials[0].config, "layer_mask"):
+        for row, t in zip(extra["trials"], search.trials):
+            c = t.config
+            row += [sum(c.layer_mask), c.modules[0], c.ranks[0]]
+    if hasattr(prob, "log_values"):
+        Ylog = [prob.log_values(y) for y in Y]
+        extra["trace_log"] = pareto.hypervolume_trace(Ylog, list(prob.log_ref_point), dirs)
+        extra["final_hv_log"] = extra["trace_log"][-1]
+        extra["max_hv_log"] = prob.max_hv_log
+        extra["best_loss"] = min(y[0] for y in Y)
+        near = [y[1] for y in Y if y[0] <= prob.best_loss + 0.02]
+        extra["min_params_near_best"] = min(near) / prob.max_parameters if near else None
     sources: dict[str, int] = {}
     for t in search.trials:
         sources[t.source] = sources.get(t.source, 0) + 1
-    return {"final_hv": trace[-1], "trace": trace, "wall_s": round(wall, 2), "sources": sources}
+    return {
+        "final_hv": trace[-1],
+        "max_hv": prob.max_hv,
+        "trace": trace,
+        "wall_s": round(wall, 2),
+        "sources": sources,
+        **extra,
+    }
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -100,16 +125,21 @@ def _markdown(res: dict[str, Any]) -> str:
         "",
         f"Command: `{res['command']}`",
         "",
-        f"Budget: {s['n_init']} Sobol + {s['n_bo']} BO evaluations (q = {s['q']} per round) vs "
-        f"{s['n_init'] + s['n_bo']} Sobol evaluations; surrogate `{s['surrogate']}`, NUTS warm-up "
-        f"{s['warmup']} / samples {s['samples']} / thinning {s['thinning']}; qLogNEHVI MC samples "
+        f"Budget: {s['n_init']} Sobol + {s['n_bo']} BO evaluations (q = {s['q']} per round, "
+        f"{math.ceil(s['n_bo'] / s['q'])} rounds) vs {s['n_init'] + s['n_bo']} Sobol evaluations; surrogate "
+        f"`{s['surrogate']}`, NUTS warm-up {s['warmup']} / samples {s['samples']} / thinning {s['thinning']} "
+        f"({math.ceil(s['samples'] / s['thinning'])} posterior samples kept); qLogNEHVI MC samples "
         f"{s['mc_samples']}, raw samples {s['raw_samples']}, restarts {s['num_restarts']}; "
-        f"{s['threads']} thread(s). Hypervolume of the noise-free objective values with a fixed "
-        "reference point (DTLZ2: (1.1, 1.1), max 0.4246; lora34: loss 2.05 and all parameters, "
-        "parameters as a fraction of the maximum).",
+        f"{s['threads']} thread(s) per run, {s.get('jobs', 1)} run(s) in parallel. Seeds 0..{s['seeds'] - 1}: "
+        "seed k seeds the scrambled Sobol sequence, NUTS and the optimiser, and (lora34) the noise; "
+        "the BO run and the Sobol run of a seed share their first n_init points. "
+        "Hypervolume of the noise-free objective values with a fixed reference point (DTLZ2: (1.1, 1.1); "
+        "lora34: loss 2.05 and all parameters, parameters as a fraction of the maximum); "
+        "\"% of max\" is the mean final HV over the largest attainable one.",
         "",
-        "| problem | method | seeds | final HV mean ± std | min | max | BO > Sobol (paired) | wall s / run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| problem | method | seeds | final HV mean ± std | min | max | % of max | BO > Sobol (paired) | "
+        "wall s / run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for pname, pres in res["problems"].items():
         bo = [r["final_hv"] for r in pres.get("bo", [])]
@@ -122,9 +152,42 @@ def _markdown(res: dict[str, Any]) -> str:
             st = _stats(vals)
             key = "bo" if method != "Sobol" else "sobol"
             wall = statistics.fmean(r["wall_s"] for r in pres[key])
+            pct = 100 * st["mean"] / pres[key][0]["max_hv"]
             lines.append(
                 f"| {pname} | {method} | {len(vals)} | {st['mean']:.4f} ± {st['std']:.4f} | {st['min']:.4f} | "
-                f"{st['max']:.4f} | {f'{wins}/{n}' if key == 'bo' else ''} | {wall:.1f} |"
+                f"{st['max']:.4f} | {pct:.1f} | {f'{wins}/{n}' if key == 'bo' else ''} | {wall:.1f} |"
+            )
+    for pname, pres in res["problems"].items():
+        runs = pres.get("bo", []) + pres.get("sobol", [])
+        if not runs or "final_hv_log" not in runs[0]:
+            continue
+        lines += [
+            "",
+            f"{pname}, other views of the same runs: hypervolume with log-scale parameters; best noise-free "
+            "loss found; fewest parameters (fraction of the maximum) among evaluated configurations within "
+            "0.02 of the best possible loss (`-` = none found).",
+            "",
+            "| method | log-scale HV mean ± std | min | max | % of max | BO > Sobol | best loss mean | "
+            "near-best params (per seed) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        bo = [r["final_hv_log"] for r in pres.get("bo", [])]
+        so = [r["final_hv_log"] for r in pres.get("sobol", [])]
+        n = min(len(bo), len(so))
+        wins = sum(1 for a, b in zip(bo[:n], so[:n]) if a > b)
+        for key, label in (("bo", "BO"), ("sobol", "Sobol")):
+            rs = pres.get(key, [])
+            if not rs:
+                continue
+            st = _stats([r["final_hv_log"] for r in rs])
+            near = ", ".join(
+                "-" if r["min_params_near_best"] is None else f"{r['min_params_near_best']:.2e}" for r in rs
+            )
+            best = statistics.fmean(r["best_loss"] for r in rs)
+            pct = 100 * st["mean"] / rs[0]["max_hv_log"]
+            lines.append(
+                f"| {label} | {st['mean']:.4f} ± {st['std']:.4f} | {st['min']:.4f} | {st['max']:.4f} | {pct:.1f} | "
+                f"{f'{wins}/{n}' if key == 'bo' else ''} | {best:.4f} | {near} |"
             )
     lines += ["", f"Total wall time: {res['total_wall_s']:.0f} s on {res['machine']}.", ""]
     if res.get("note"):
@@ -153,6 +216,9 @@ def _plot(res: dict[str, Any], path: Path) -> None:
             ax.plot(xs, [statistics.fmean(v) for v in cols], c=f"C{c}", label=f"{method} (mean of {len(runs)})")
             ax.fill_between(xs, [min(v) for v in cols], [max(v) for v in cols], color=f"C{c}", alpha=0.2)
         ax.axvline(res["settings"]["n_init"], c="0.5", ls=":", lw=1)
+        some = next((r for m in ("bo", "sobol") for r in res["problems"][pname].get(m, [])), None)
+        if some is not None and "max_hv" in some:
+            ax.axhline(some["max_hv"], c="k", ls="--", lw=1, label="largest attainable")
         ax.set_title(pname)
         ax.set_xlabel("evaluations")
         ax.set_ylabel("hypervolume")
@@ -170,27 +236,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-bo", type=int, default=30, help="BO evaluations")
     p.add_argument("--q", type=int, default=5, help="candidates per BO round")
     p.add_argument("--surrogate", choices=("saas", "gp"), default="saas")
-    p.add_argument("--warmup", type=int, default=64, help="NUTS warm-up steps")
-    p.add_argument("--samples", type=int, default=64, help="NUTS samples")
-    p.add_argument("--thinning", type=int, default=8, help="NUTS thinning")
+    p.add_argument("--warmup", type=int, default=128, help="NUTS warm-up steps")
+    p.add_argument("--samples", type=int, default=128, help="NUTS samples")
+    p.add_argument("--thinning", type=int, default=16, help="NUTS thinning")
     p.add_argument("--mc-samples", type=int, default=32)
     p.add_argument("--raw-samples", type=int, default=256)
     p.add_argument("--num-restarts", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1, help="torch/XLA threads")
+    p.add_argument("--threads", type=int, default=1, help="torch/XLA threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes)")
     p.add_argument("--out", default="bench/results", help="output directory")
     p.add_argument("--note", default="", help="free text appended to the markdown")
     return p
 
 
+def _worker_init(threads: int) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")  # the parent prints the results; keep the log readable
+    _set_threads(threads)
+
+
+def _task(pname: str, method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    r = run_one(pname, method, seed, args)
+    r["seed"] = seed
+    return r
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``python -m search.validate``."""
     args = _parser().parse_args(argv)
-    for name in ("seeds", "q", "threads"):
+    for name in ("seeds", "q", "threads", "jobs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1")
     if args.n_init < 0 or args.n_bo < 0:
         raise SystemExit("--n-init and --n-bo must be >= 0")
-    _set_threads(args.threads)
     problems = [p.strip() for p in args.problems.split(",") if p.strip()]
     for p in problems:
         if p not in ("dtlz2", "lora34"):
@@ -202,23 +281,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python -m search.validate " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {k: getattr(args, k) for k in (
             "n_init", "n_bo", "q", "surrogate", "warmup", "samples", "thinning",
-            "mc_samples", "raw_samples", "num_restarts", "threads")},
+            "mc_samples", "raw_samples", "num_restarts", "threads", "jobs", "seeds")},
         "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), shared",
         "problems": {p: {"bo": [], "sobol": []} for p in problems},
         "note": args.note,
         "total_wall_s": 0.0,
     }
+    # the slow runs first, so parallel workers finish together
+    tasks = [(p, m, k) for m in ("bo", "sobol") for p in sorted(problems, key=lambda p: p != "lora34")
+             for k in range(args.seeds)]
     t0 = time.perf_counter()
-    for pname in problems:
-        for seed in range(args.seeds):
-            for method in ("sobol", "bo"):
-                r = run_one(pname, method, seed, args)
-                r["seed"] = seed
-                res["problems"][pname][method].append(r)
-                res["total_wall_s"] = round(time.perf_counter() - t0, 1)
-                print(f"{pname} seed {seed} {method}: HV {r['final_hv']:.4f} ({r['wall_s']:.0f} s)", flush=True)
-                atomic_write_text(out / "search_validation.json", json.dumps(res, indent=1) + "\n")
-                atomic_write_text(out / "search_validation.md", _markdown(res))
+
+    def record(pname: str, method: str, r: dict[str, Any]) -> None:
+        runs = res["problems"][pname][method]
+        runs.append(r)
+        runs.sort(key=lambda r: r["seed"])
+        res["total_wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"{pname} seed {r['seed']} {method}: HV {r['final_hv']:.4f} ({r['wall_s']:.0f} s)", flush=True)
+        atomic_write_text(out / "search_validation.json", json.dumps(res, indent=1) + "\n")
+        atomic_write_text(out / "search_validation.md", _markdown(res))
+
+    if args.jobs == 1:
+        _set_threads(args.threads)
+        for pname, method, seed in tasks:
+            record(pname, method, _task(pname, method, seed, args))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = multiprocessing.get_context("spawn")  # JAX does not survive fork
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init, initargs=(args.threads,)) as ex:
+            futs = {ex.submit(_task, p, m, k, args): (p, m) for p, m, k in tasks}
+            for f in as_completed(futs):
+                record(*futs[f], f.result())
     _plot(res, out / "search_validation.png")
     print(_markdown(res))
     return res

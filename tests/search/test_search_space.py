@@ -274,3 +274,31 @@ def test_relaxed_parameter_count_equals_the_exact_one_on_the_grid():
         assert torch.isfinite(Xr.grad).all() and Xr.grad.abs().sum() > 0
     obj = paper_space(5, target_shapes=shapes).parameter_count_objective()
     assert obj.known is not None and obj.known_relaxed is not None
+
+
+@pytest.mark.parametrize(
+    "space",
+    [
+        paper_space(4),
+        extended_space(4),
+        extended_space(4, modules_per_layer=True),
+        SearchSpace(4, modules=(0, 3), rank_per_layer=False, modules_per_layer=True),
+        SearchSpace(4, modules=(2, 5)),
+    ],
+    ids=repr,
+)
+def test_effective_tensor_identifies_equivalent_configurations(space):
+    g = torch.Generator().manual_seed(0)
+    grids = [torch.tensor(v, dtype=torch.float64) for _, v in sorted(space.discrete_values.items())]
+    X = torch.stack([gr[torch.randint(len(gr), (3000,), generator=g)] for gr in grids], -1)
+    E = space.effective_tensor(X)
+    assert E.shape == X.shape
+    for e in E[:200]:  # grid points map onto grid points
+        assert tuple(e.tolist()) == space.snap(e.tolist())
+    by_key = {}
+    for x, e in zip(X, E):
+        by_key.setdefault(space.canonical(space.decode(x)), set()).add(tuple(e.tolist()))
+    assert all(len(v) == 1 for v in by_key.values())
+    assert by_key[()] == {(0.0,) * space.dim}  # every "no adapter" configuration: the origin
+    # and different effective configurations stay apart
+    assert len({next(iter(v)) for v in by_key.values()}) == len(by_key)
