@@ -658,7 +658,11 @@ class Search:
 
         Among Pareto-optimal trials whose ``primary`` objective is within ``tolerance``
         (relative, e.g. 0.01 = 1 %) of the best value, return the best by ``then``
-        (default: the other objectives in order as tie-breakers).
+        (default: the other objectives in order as tie-breakers), ties broken by
+        ``primary``.  The pipeline's rule for a user's configuration is
+        ``select("val_ce", tolerance=0.01, then="parameters")``: the fewest trainable
+        parameters among the front's configurations within 1 % of the best validation CE.
+        Raises ``ValueError`` before any trial succeeded.
 
         Example:
             >>> from search import BoxSpace, Objective

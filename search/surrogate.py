@@ -89,19 +89,26 @@ class AcquisitionSettings:
     """Acquisition optimisation settings.
 
     Args:
-        mc_samples: QMC samples of the qLogNEHVI (per MCMC sample for SAAS models).
+        mc_samples: QMC samples of the qLogNEHVI (per MCMC sample for SAAS models, so
+            32 × 16 kept NUTS samples = 512 draws with the default NUTS settings).
         raw_samples: random points scored to pick the starting points.
         num_restarts: starting points optimised (local search on the grid / L-BFGS-B).
         maxiter_alternating: alternating discrete/continuous steps of the mixed optimiser.
+
+    The defaults (32 / 512 / 4) were chosen on the synthetic 34-dimensional problem at
+    ``n = 100``: against 64 MC samples and 8 restarts, a round of ``q = 2`` took a third of
+    the time (29 s vs 94 s on 2 cores), with the same first candidate and a joint
+    acquisition value 0.07 % lower.  The local search over the grid (about 70 neighbours
+    per restart and step) is most of a round's acquisition time.
 
     Example:
         >>> AcquisitionSettings(mc_samples=32).raw_samples
         512
     """
 
-    mc_samples: int = 64
+    mc_samples: int = 32
     raw_samples: int = 512
-    num_restarts: int = 8
+    num_restarts: int = 4
     maxiter_alternating: int = 64
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 The trial log is append-only: every record is one JSON object on one line, written with a
 single ``write`` of the whole line (newline included), then flushed and ``fsync``-ed, so a
 crash leaves at most one truncated *last* line.  :func:`read_log` skips any line that is not
-a valid JSON object with a warning and keeps every good one; :func:`open_log_for_append`
+a valid JSON object with a warning and keeps every good one; :func:`repair_tail`
 terminates a truncated last line first, so the next record never gets glued onto it.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,6 +19,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["append_record", "atomic_write_bytes", "atomic_write_text", "decode_float", "encode_float", "read_log"]
+
+
+def _final_mode(path: Path) -> int:
+    """The mode the written file gets: the replaced file's, else ``0o644`` (``mkstemp`` gives 0o600)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o644
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -37,6 +46,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _final_mode(path))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -61,6 +71,7 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[str], None]
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _final_mode(path))
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -48,10 +48,26 @@ def test_ask_tell_sobol_design(lora_space, lora_objectives):
 
 
 @pytest.mark.parametrize("surrogate", ["gp", "saas"])
-def test_bayesian_round_on_the_lora_space(lora_space, lora_objectives, surrogate):
+def test_bayesian_round_on_the_lora_space(monkeypatch, lora_space, lora_objectives, surrogate):
+    from botorch.models import SingleTaskGP
+    from botorch.models.fully_bayesian import SaasFullyBayesianSingleTaskGP
+
+    fitted = []
+
+    def spy(X, Y, **kw):
+        fitted.append((kw, search.surrogate.fit_surrogate(X, Y, **kw)))
+        return fitted[-1][1]
+
+    monkeypatch.setattr(search.loop, "fit_surrogate", spy)
     s = make(lora_space, lora_objectives, q=3, n_init=6, surrogate=surrogate, seed=1)
     s.run(lora_round, 6, progress=False)
     trials = s.ask()
+    # the flag picks the model: the cheap SingleTaskGP fallback or the SAAS-GP; one model
+    # (the loss: the parameter count is known, not modelled), on the effective inputs
+    (kw, model), = fitted
+    want = SingleTaskGP if surrogate == "gp" else SaasFullyBayesianSingleTaskGP
+    assert kw["kind"] == surrogate and len(model.models) == 1 and type(model.models[0]) is want
+    assert isinstance(model.models[0].input_transform, search.surrogate.EffectiveInput)
     assert len(trials) == 3
     assert {t.source for t in trials} <= {surrogate, "sobol"} and any(t.source == surrogate for t in trials)
     keys = [lora_space.canonical(t.config) for t in s.trials + trials]
@@ -174,6 +190,58 @@ def test_killed_search_resumes_with_exactly_the_planned_trials(tmp_path, lora_sp
     f3, st3 = counting(lora_round)
     make(lora_space, lora_objectives, q=3, n_init=5, log_path=log, seed=3).run(f3, planned, progress=False)
     assert st3["calls"] == 0
+
+
+KILLED_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {helpers!r})
+from search_helpers import TINY_ACQ, TINY_NUTS, lora_objectives_for, lora_space_small, toy_loss
+from search import Search
+
+space = lora_space_small()
+calls = 0
+
+def score(configs):
+    global calls
+    calls += 1
+    if calls == {kill_at}:  # mid-evaluation of a round: its trials are asked, not told
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open({done!r}, "a") as f:  # one line per completed evaluation
+        f.writelines(repr(space.canonical(c)) + "\\n" for c in configs)
+    return [{{"val_ce": toy_loss(c)}} for c in configs]
+
+s = Search(space, lora_objectives_for(space), q=3, n_init=5, surrogate="gp", nuts=TINY_NUTS,
+           acquisition=TINY_ACQ, seed=3, log_path={log!r})
+s.run(score, {planned}, progress=False)
+"""
+
+
+def test_sigkilled_search_process_resumes_without_repeating_an_evaluation(tmp_path, lora_space, lora_objectives):
+    """A real kill (SIGKILL of the search process during a round), then a restart."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log, done, planned = tmp_path / "trials.jsonl", tmp_path / "done.txt", 11
+    script = tmp_path / "search_job.py"
+    script.write_text(KILLED_SCRIPT.format(
+        helpers=str(Path(__file__).parent), kill_at=3, done=str(done), log=str(log), planned=planned))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    first = done.read_text().splitlines()
+    assert len(first) == 6  # two rounds of 3 told; the third round died while being scored
+
+    f2, st2 = counting(lora_round)
+    s2 = make(lora_space, lora_objectives, q=3, n_init=5, log_path=log, seed=3)
+    assert s2.n_finished == 6 and not s2.pending
+    s2.run(f2, planned, progress=False)
+    assert s2.n_finished == planned and len(first) + len(st2["configs"]) == planned
+    again = [repr(lora_space.canonical(c)) for c in st2["configs"]]
+    assert not set(again) & set(first), "a finished trial was evaluated again"
+    recs = [r for r in read_lines(log) if r["type"] == "trial"]
+    assert sorted(r["trial_id"] for r in recs) == list(range(planned))
+    assert len({repr(lora_space.canonical(LoRAConfig.from_dict(r["config"]))) for r in recs}) == planned
 
 
 def test_corrupt_and_truncated_lines_are_skipped_never_losing_good_ones(tmp_path, lora_space, lora_objectives):

@@ -107,3 +107,15 @@ def test_plots_write_pngs_atomically(tmp_path):
     with pytest.raises(ValueError, match="Y rows"):
         search.plots.plot_pareto([[1.0, 2.0, 3.0]], ["a", "b"], ["minimize"] * 2, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_atomic_writes_leave_ordinary_file_modes(tmp_path):
+    # mkstemp creates 0o600 files: a new result must come out 0o644, a replaced one keeps its mode
+    new, kept = tmp_path / "a.json", tmp_path / "b.md"
+    kept.write_text("old")
+    kept.chmod(0o664)
+    search.trial_log.atomic_write_text(new, "{}")
+    search.trial_log.atomic_write_text(kept, "new")
+    search.plots.plot_hypervolume({"bo": [0, 1]}, tmp_path / "h.png")
+    assert [(p.stat().st_mode & 0o777) for p in (new, kept, tmp_path / "h.png")] == [0o644, 0o664, 0o644]
+    assert kept.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["a.json", "b.md", "h.png"]
