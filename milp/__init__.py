@@ -31,16 +31,34 @@ from .inject import (
     tiny_model,
 )
 from .optim import AdamWConfig, PackedAdamW, lr_multiplier, warmup_steps
+from .pipeline import (
+    InstructionAdapter,
+    add_instruction_adapter,
+    generate_responses,
+    instruction_tune,
+    memory_inject,
+    remove_instruction_adapter,
+    response_losses,
+    score,
+)
 from .runtime import MilpRuntime, mixed_batches, pad_sequences, user_losses
 
 __all__ = [
     "MAX_MODULES",
     "SUPPORTED_ARCHITECTURES",
     "AdamWConfig",
+    "InstructionAdapter",
     "MemoryConfig",
     "MilpRuntime",
     "MilpState",
     "MultiLoraLinear",
+    "add_instruction_adapter",
+    "generate_responses",
+    "instruction_tune",
+    "memory_inject",
+    "remove_instruction_adapter",
+    "response_losses",
+    "score",
     "PackedAdamW",
     "apply_milp",
     "atomic_directory",

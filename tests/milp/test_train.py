@@ -1,0 +1,150 @@
+"""Tests of ``python -m milp.train`` on a tiny local checkpoint and a few shipped MedDia users."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import milp.pipeline
+import milp.train as train
+from milp.config import MemoryConfig
+from milp.data import write_jsonl
+
+FAST = ["--users", "7", "--memory-steps", "2", "--instruct-steps", "2", "--max-new-tokens", "3",
+        "--max-length", "96", "--no-progress"]
+
+
+def _run(ckpt: Path, out: Path, *extra: str) -> int:
+    return train.main(["--model", str(ckpt), "--output", str(out), *FAST, *extra])
+
+
+def test_end_to_end_writes_every_output(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_checkpoint, out) == 0
+    printed = capsys.readouterr().out
+    assert "| MiLP |" in printed and "ROUGE-L" in printed and "Persona-F1" in printed
+    split = json.loads((out / "split.json").read_text())
+    assert [len(split[k]) for k in ("train", "val", "test")] == [5, 1, 1]
+    users = sorted(split["train"] + split["val"] + split["test"])
+    for u in users:
+        d = out / "users" / train.user_dirname(u)
+        assert MemoryConfig.from_json(d / "memory_config.json") == MemoryConfig.uniform(2, 2, 8)
+        tensors = load_file(str(d / "adapters.safetensors"))
+        assert tensors["layers.0.mlp.up_proj.lora_A"].shape == (16, 32)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("rouge1", "rougeL", "persona_f1", "parameters_per_user", "memory_loss_first", "base"):
+        assert key in metrics
+    assert metrics["n_test_users"] == 1 and metrics["parameters_per_user"] == MemoryConfig.uniform(2, 2, 8) \
+        .num_parameters([[(32, 64), (32, 64), (64, 32)]] * 2)
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["user_id"] for p in preds] == split["test"]
+    losses = json.loads((out / "memory_losses.json").read_text())
+    assert sorted(losses) == users and all(len(v) == 2 for v in losses.values())
+    assert set(load_file(str(out / "instruction_adapter.safetensors"))) == {
+        f"lora_{m}.model__layers__{i}__self_attn__{p}_proj" for m in "AB" for i in (0, 1) for p in "qv"}
+    assert not list(out.rglob("*.tmp*"))
+
+
+def test_interrupted_run_resumes_without_redoing_work(tiny_checkpoint, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = milp.pipeline.instruction_tune
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "instruction_tune", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_checkpoint, out)
+    saved = {p: p.stat().st_mtime_ns for p in (out / "users").rglob("adapters.safetensors")}
+    assert len(saved) == 7 and not (out / "metrics.json").exists()
+    calls = []
+    monkeypatch.setattr(train, "instruction_tune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    injected = []
+    real_inject = train.memory_inject
+    monkeypatch.setattr(train, "memory_inject", lambda *a, **k: injected.append(1) or real_inject(*a, **k))
+    assert _run(tiny_checkpoint, out) == 0
+    assert calls == [1] and injected == []  # memory injection was not redone
+    assert {p: p.stat().st_mtime_ns for p in (out / "users").rglob("adapters.safetensors")} == saved
+    assert (out / "metrics.json").exists()
+    # a third run finds everything done
+    monkeypatch.setattr(train, "instruction_tune", boom)
+    assert _run(tiny_checkpoint, out) == 0
+
+
+def test_resuming_with_other_settings_is_refused(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    assert _run(tiny_checkpoint, out) == 0
+    with pytest.raises(SystemExit, match="rank: 8 -> 4"):
+        _run(tiny_checkpoint, out, "--rank", "4")
+    assert _run(tiny_checkpoint, out, "--rank", "4", "--overwrite") == 0
+
+
+def test_search_picks_a_configuration_and_resumes(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    args = ["--search", "5", "--search-q", "3", "--search-surrogate", "gp", "--search-modules", "0-3",
+            "--search-ranks", "4,8", "--search-init", "3"]
+    assert _run(tiny_checkpoint, out, *args) == 0
+    sel = json.loads((out / "search" / "selected.json").read_text())
+    assert sel["n_trials"] == 5 and sel["reference"]["parameters"] > 0
+    trials = [json.loads(x) for x in (out / "search" / "trials.jsonl").read_text().splitlines()]
+    assert sum(1 for t in trials if t.get("status") in ("ok", "failed")) == 5
+    cfg = MemoryConfig.from_dict(sel["memory_config"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert MemoryConfig.from_dict(metrics["memory_config"]) == cfg
+    assert (out / "search" / "search_pareto.png").exists()
+
+
+def test_bad_input_is_reported(tiny_checkpoint, tmp_path, capsys):
+    assert train.main(["--model", str(tmp_path / "missing"), "--output", str(tmp_path / "a"), *FAST]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert train.main(["--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "b"), *FAST]) == 2
+    assert "--data" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="at least 3 users"):
+        _run(tiny_checkpoint, tmp_path / "c", "--users", "2")
+    with pytest.raises(SystemExit, match="--layers"):
+        _run(tiny_checkpoint, tmp_path / "d", "--layers", "0,5")
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--search-modules", "5-2"])
+    assert "inverted" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--search-ranks", "8,-1"])
+
+
+def test_user_jsonl_with_a_malformed_line(tiny_checkpoint, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    write_jsonl([{"user_id": f"u{i}", "profile": "", "history": [f"I like tea {i}"], "query": "Hi?",
+                  "response": "Hello."} for i in range(4)], data)
+    with data.open("a") as f:
+        f.write("{not json\n")
+    assert train.main(["--model", str(tiny_checkpoint), "--data", str(data), "--output", str(tmp_path / "a"),
+                       *FAST]) == 2
+    assert f"{data}:5" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "users").exists()
+    assert train.main(["--model", str(tiny_checkpoint), "--data", str(data), "--output", str(tmp_path / "b"),
+                       "--on-error", "skip", *FAST]) == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is tested on Linux")
+def test_torchrun_two_cpu_processes_match_one(tiny_checkpoint, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _run(tiny_checkpoint, one) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "milp.train", "--model", str(tiny_checkpoint), "--output", str(two), *FAST]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size" in (two / "metrics.json").read_text()
+    assert json.loads((two / "metrics.json").read_text())["world_size"] == 2
+    for d in (one / "users").iterdir():  # users are independent: sharding changes nothing
+        a = load_file(str(d / "adapters.safetensors"))
+        b = load_file(str(two / "users" / d.name / "adapters.safetensors"))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # instruction tuning ran data-parallel (gradients averaged across the two processes)
+    assert len(json.loads((two / "instruction.json").read_text())["losses"]) == 2
+    assert len((two / "predictions.jsonl").read_text().splitlines()) == 1
