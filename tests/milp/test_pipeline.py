@@ -21,7 +21,6 @@ from milp.pipeline import (
 )
 
 
-
 def _records(n: int = 3) -> list[Record]:
     return [
         Record(f"u{i}", "a runner" if i % 2 else "", [f"My knee hurts {'a bit' if i else 'badly'}.",
