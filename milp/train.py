@@ -229,7 +229,7 @@ def select_users(records: Sequence[Record], n: int, seed: int) -> list[Record]:
     Example:
         >>> rs = [Record(f"u{i}", "", ["h"], "q", "r") for i in range(5)]
         >>> sorted({r.user_id for r in select_users(rs, 2, 0)})
-        ['u0', 'u3']
+        ['u3', 'u4']
     """
     users = sorted(group_by_user(records))
     if n and n < len(users):
@@ -243,7 +243,7 @@ def user_dirname(user: str) -> str:
 
     Example:
         >>> user_dirname("meddia-d2-0001"), user_dirname("a/b")
-        ('meddia-d2-0001', 'a_b-5ec2a3f2')
+        ('meddia-d2-0001', 'a_b-3ec69c85')
     """
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", user)[:80]
     if safe == user and safe not in (".", ".."):
