@@ -122,13 +122,20 @@ class BatchPlan:
         plan = cls(max(1, token_user.numel()), max_users, device=token_user.device, block_ms=block_ms)
         return plan.update(token_user, validate=validate)
 
-    def update(self, token_user: torch.Tensor, *, validate: bool = True) -> BatchPlan:
+    def update(self, token_user: torch.Tensor, *, validate: bool = True,
+               num_segments: int | None = None) -> BatchPlan:
         """Rewrite the buffers for a new batch in place.
 
         ``token_user``: ``[T]`` integer user ids (``-1`` = base only), ``T <= max_tokens``,
         on the plan's device. ``validate=True`` checks the id range and counts the users
-        present (one host sync); pass ``False`` inside CUDA-graph capture.
+        present (one host sync); pass ``False`` inside CUDA-graph capture. With
+        ``validate=False``, ``num_segments`` (a host value the caller knows without a sync,
+        e.g. the distinct ids of the batch rows; an upper bound is fine) still lets the ops
+        pick the decode path for batches with few tokens per user.
         """
+        if num_segments is not None and (isinstance(num_segments, bool) or not isinstance(num_segments, int)
+                                         or num_segments < 0):
+            raise ValueError(f"num_segments must be an int >= 0 or None, got {num_segments!r}")
         check_tensor("token_user", token_user, ndim=1)
         if token_user.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"token_user must be an integer tensor, got {token_user.dtype}")
@@ -158,7 +165,7 @@ class BatchPlan:
                 )
             self.num_segments = int(n_active)
         else:
-            self.num_segments = None
+            self.num_segments = num_segments
         self.num_tokens = n
         self.sorted_tokens.zero_()
         self.sorted_tokens[:n] = order.to(torch.int32)

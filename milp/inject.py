@@ -250,6 +250,7 @@ class MilpState:
         self._requires_grad = requires_grad
         self.row_users: torch.Tensor | None = None  # [B] or [B, S] int64 on CPU
         self._batch_slots: frozenset[int] = frozenset()
+        self._num_row_values = 0
         self._version = 0
         self._row_users_dev: dict[torch.device, torch.Tensor] = {}
         self._plans: dict[tuple[torch.device, int], BatchPlan] = {}
@@ -356,7 +357,9 @@ class MilpState:
         if lo < -1 or hi >= self.max_users:
             raise ValueError(f"users must be slots in [-1, {self.max_users}) (-1 = no adapter), got [{lo}, {hi}]")
         self.row_users = t.contiguous()
-        self._batch_slots = frozenset(v for v in t.unique().tolist() if v >= 0)
+        values = t.unique().tolist()
+        self._batch_slots = frozenset(v for v in values if v >= 0)
+        self._num_row_values = len(values)  # segments of every plan of this batch (incl. -1)
 
     def any_adapter(self, bank: AdapterBank) -> bool:
         """Whether some user of the current batch has adapters in ``bank``."""
@@ -400,7 +403,10 @@ class MilpState:
         token_user = self._token_users(lead, x.device)
         if plan is None or plan.max_users != self.max_users:
             plan = self._plans[key] = BatchPlan(bucket, self.max_users, device=x.device)
-        plan.update(token_user, validate=x.device.type == "cpu")
+        if x.device.type == "cpu":
+            plan.update(token_user)
+        else:  # no host sync (CUDA graphs); the segment count is known from set_users
+            plan.update(token_user, validate=False, num_segments=self._num_row_values)
         self._plan_keys[key] = pkey
         self.plan_builds += 1
         return plan

@@ -97,3 +97,14 @@ def test_bad_construction():
         BatchPlan(8, 0)
     with pytest.raises(ValueError, match="block_m=8"):
         BatchPlan(8, 4, block_ms=(16,)).tiles_for(8)
+
+
+def test_unvalidated_update_takes_a_segment_hint():
+    plan = BatchPlan(16, 8)
+    ids = torch.tensor([3, 3, -1, 5, 5, 5])
+    assert plan.update(ids).num_segments == 3
+    assert plan.update(ids, validate=False).num_segments is None
+    assert plan.update(ids, validate=False, num_segments=3).num_segments == 3
+    assert plan.token_user_host().tolist() == ids.tolist()
+    with pytest.raises(ValueError, match="num_segments"):
+        plan.update(ids, validate=False, num_segments=-1)
