@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search-space", default="paper", choices=["paper", "extended"],
                    help="paper: layer bits + one count + one rank; extended: a rank per layer")
     g.add_argument("--search-tolerance", type=_pos(float, 0.0), default=0.01,
-                   help="pick rule: fewest parameters on the Pareto front within this relative tolerance "
-                   "of the best validation loss")
+                   help="pick rule: fewest parameters among the evaluated configurations (\"all layers\" included) "
+                   "within this relative tolerance of the best validation loss")
     g = p.add_argument_group("run")
     g.add_argument("--output", default=DEFAULT_OUTPUT, metavar="DIR", help="output directory (resumed if present)")
     g.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
@@ -564,32 +564,55 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
     st.log(f"search: {args.search} configurations, q={args.search_q}, {n_init} Sobol, surrogate "
            f"{args.search_surrogate}, {len(val_recs)} validation users")
     s.run(objective, args.search, progress=args.progress)
-    pick = s.select("val_ce", tolerance=args.search_tolerance, then="parameters")
-    cfg = MemoryConfig.from_search(pick.config, lora_alpha=args.lora_alpha, num_layers=rt.num_layers)
+    cfg, pick = _pick(s, ref, args.search_tolerance, args.lora_alpha, rt.num_layers)
     try:
         s.plot(sdir)
     except Exception as e:  # plotting is a convenience; never lose a finished search to it
         st.log(f"search: plots skipped ({type(e).__name__}: {e})")
     params = cfg.num_parameters(shapes)
+    val_ce = pick.values["val_ce"] if pick is not None else ref["val_ce"]
     summary = {
         "memory_config": cfg.to_dict(),
-        "trial": pick.trial_id,
-        "val_ce": pick.values["val_ce"],
+        "trial": pick.trial_id if pick is not None else "reference",
+        "val_ce": val_ce,
         "parameters": params,
         "reference": ref,
         "parameter_reduction_vs_reference": 1.0 - params / ref["parameters"] if ref["parameters"] else None,
-        "dominates_or_matches_reference": bool(pick.values["val_ce"] <= ref["val_ce"] * (1 + args.search_tolerance)
-                                               and params <= ref["parameters"]),
-        "rule": f"fewest parameters on the Pareto front within {args.search_tolerance:.1%} of the best val_ce",
+        "val_ce_change_vs_reference": val_ce / ref["val_ce"] - 1.0,
+        "dominates_reference": bool(val_ce <= ref["val_ce"] and params < ref["parameters"]),
+        "matches_reference_within_tolerance": bool(val_ce <= ref["val_ce"] * (1 + args.search_tolerance)
+                                                   and params <= ref["parameters"]),
+        "rule": f"fewest parameters among the evaluated configurations (the reference included) whose val_ce is "
+                f"within {args.search_tolerance:.1%} of the best val_ce",
+        "tolerance": args.search_tolerance,
         "n_trials": s.n_finished,
         "n_failed": s.n_failed,
         "pareto_front": [{"trial": t.trial_id, **t.values} for t in s.pareto_front()],
         "wall_s": time.perf_counter() - t0,
     }
     _atomic_json(selected, summary)
-    st.log(f"search: picked trial {pick.trial_id}: val CE {pick.values['val_ce']:.4f} with {params:,} parameters "
+    st.log(f"search: picked {summary['trial']}: val CE {val_ce:.4f} with {params:,} parameters "
            f"(all layers: {ref['val_ce']:.4f} with {ref['parameters']:,})")
     return cfg
+
+
+def _pick(s: Any, ref: dict[str, Any], tolerance: float, lora_alpha: float, num_layers: int
+          ) -> tuple[MemoryConfig, Any]:
+    """The documented pick rule: among the successful trials *and* the reference ("adapters on
+    every layer"), those whose validation CE is within ``tolerance`` (relative) of the best
+    one; of these the fewest parameters, then the lower CE. Returns ``(config, trial)``, with
+    ``trial = None`` when the reference wins. (:meth:`search.Search.select` is the same rule
+    on the Pareto front without the reference.)"""
+    ok = [t for t in s.trials if t.ok]
+    best = min([t.values["val_ce"] for t in ok] + [ref["val_ce"]])
+    limit = best + tolerance * abs(best)
+    near = [t for t in ok if t.values["val_ce"] <= limit]
+    pick = min(near, key=lambda t: (t.values["parameters"], t.values["val_ce"])) if near else None
+    if ref["val_ce"] <= limit and (pick is None or (ref["parameters"], ref["val_ce"])
+                                   < (pick.values["parameters"], pick.values["val_ce"])):
+        return MemoryConfig.from_dict(ref["memory_config"]), None
+    assert pick is not None
+    return MemoryConfig.from_search(pick.config, lora_alpha=lora_alpha, num_layers=num_layers), pick
 
 
 class _KeyOf:

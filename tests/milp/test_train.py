@@ -148,3 +148,20 @@ def test_torchrun_two_cpu_processes_match_one(tiny_checkpoint, tmp_path):
     # instruction tuning ran data-parallel (gradients averaged across the two processes)
     assert len(json.loads((two / "instruction.json").read_text())["losses"]) == 2
     assert len((two / "predictions.jsonl").read_text().splitlines()) == 1
+
+
+def test_pick_rule_includes_the_reference():
+    from types import SimpleNamespace as NS
+
+    def trial(i, ce, params):
+        return NS(trial_id=i, ok=True, values={"val_ce": ce, "parameters": params},
+                  config={"layer_mask": [True, False], "modules": 1, "ranks": 8})
+
+    ref = {"val_ce": 1.00, "parameters": 100, "memory_config": MemoryConfig.uniform(2, 2, 8).to_dict()}
+    s = NS(trials=[trial(0, 1.005, 40), trial(1, 0.999, 90), trial(2, 1.2, 1)])
+    cfg, pick = train._pick(s, ref, 0.01, 16.0, 2)
+    assert pick.trial_id == 0 and cfg.layer_mask == (True, False)  # within 1% of the best, fewest parameters
+    cfg, pick = train._pick(s, ref, 0.0, 16.0, 2)
+    assert pick.trial_id == 1  # strict: the best loss
+    cfg, pick = train._pick(NS(trials=[trial(0, 1.5, 40)]), ref, 0.01, 16.0, 2)
+    assert pick is None and cfg == MemoryConfig.uniform(2, 2, 8)  # nothing near: the reference
