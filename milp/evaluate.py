@@ -1,0 +1,764 @@
+"""``python -m milp.evaluate``: MiLP against the TpLP, MaLP and UeLP baselines, and its ablations.
+
+The paper's comparison on one base model and one dataset, reproducible with one command:
+
+* every method gets the same base model, the same data, the same 70/10/20 *user* split (one
+  per seed, drawn exactly as ``python -m milp.train --seed S`` draws it) and the same
+  instruction-tuning budget (``--instruct-steps`` × ``--batch-size`` at ``--instruct-lr``
+  through a shared LoRA of rank ``--instruct-rank`` on the attention q/v projections,
+  :func:`milp.pipeline.add_instruction_adapter`), trained on the training users' pairs and
+  evaluated on the test users' queries with the same greedy generation;
+* **TpLP** — the user's profile + history as a system prompt (:func:`milp.baselines.tplp_context`,
+  most recent first, at most ``--context-tokens`` tokens);
+* **MaLP** — retrieval memory as a system prompt (:class:`milp.baselines.MemoryRetriever` with
+  all-MiniLM-L6-v2: ``--k-long`` retrieved + ``--k-short`` most recent turns, same budget);
+* **UeLP** — ``--uelp-vectors`` soft-prompt vectors from the user's embedded history
+  (:class:`UelpPrefix` around :class:`milp.baselines.UserEncoder`), trained jointly with the
+  shared adapter;
+* **MiLP** — exactly ``python -m milp.train`` with the same flags (memory injection into each
+  user's FFN adapters, optionally ``--search N``, instruction tuning through the users' memory
+  adapters); its run directory is ``seed<S>/milp_run``;
+* ablations (paper Table 5): **MiLP w/o memory injection** (the shared adapter instruction-tuned
+  on the bare queries: no memory, no prompt context) and **MiLP w/o instruction tuning** (the
+  memory-injected users of the MiLP run, shared adapter off). The memory-injected adapters are
+  reused, never injected twice;
+* a reference row, the base model as shipped (no memory, no tuning), comes free from the MiLP run.
+
+Metrics per method (:func:`milp.pipeline.score`): ROUGE-1, ROUGE-L, Persona-F1, and the win
+rate against TpLP on the same test examples by :class:`milp.metrics.EmbeddingJudge` (ties
+count half; the judge's name is written in the outputs); mean ± sample standard deviation
+(n − 1) over the seeds.
+
+Outputs in ``--output`` (default ``runs/compare``)::
+
+    run.json                         settings (a restart with other settings is refused)
+    seed<S>/split.json               user ids of train / val / test
+    seed<S>/milp_run/                the python -m milp.train run (users/, instruction adapter, ...)
+    seed<S>/<method>/predictions.json  the test answers (+ timings, trainable parameters)
+    seed<S>/<method>/adapter.safetensors, train.json   (+ prefix.safetensors for UeLP)
+    comparison.json, comparison.md, comparison.png
+
+``--report PREFIX`` writes the three result files also as ``PREFIX.json``, ``PREFIX.md`` and
+``PREFIX.png``. Every file is written atomically; a method/seed whose predictions exist is
+skipped (a trained but not yet evaluated method reloads its adapter), so an interrupted
+comparison continues where it stopped, and adding ``--seeds`` or ``--methods`` later only runs
+what is new.
+
+Example:
+    >>> args = build_parser().parse_args(["--users", "20", "--seeds", "0,1", "--methods", "tplp,milp"])
+    >>> args.seeds, args.methods
+    ((0, 1), ('tplp', 'milp'))
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import train
+from .baselines import MemoryRetriever, UserEncoder, tplp_context, user_vectors
+from .config import MemoryConfig, atomic_write_bytes, atomic_write_text
+from .data import Record, group_by_user, split_users
+from .pipeline import (
+    PrefixEncoder,
+    add_instruction_adapter,
+    generate_responses,
+    instruction_tune,
+    remove_instruction_adapter,
+    score,
+    user_content,
+)
+
+__all__ = ["METHODS", "LABELS", "UelpPrefix", "build_parser", "run", "aggregate", "main"]
+
+DEFAULT_OUTPUT = "runs/compare"
+#: Method keys in table order; ``--methods`` takes a comma list of them.
+METHODS: tuple[str, ...] = ("tplp", "malp", "uelp", "milp", "milp-no-memory", "milp-no-instruction")
+#: Row labels of the tables (``base`` is the reference row of the base model as shipped).
+LABELS: dict[str, str] = {
+    "tplp": "TpLP",
+    "malp": "MaLP",
+    "uelp": "UeLP",
+    "milp": "MiLP",
+    "milp-no-memory": "MiLP w/o memory injection",
+    "milp-no-instruction": "MiLP w/o instruction tuning",
+    "base": "base model (no memory, no tuning)",
+}
+_MAIN = ("tplp", "malp", "uelp", "milp")
+_ABLATION = ("milp", "milp-no-memory", "milp-no-instruction")
+_METRICS = (("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L"), ("persona_f1", "Persona-F1"),
+            ("win_rate", "Win rate vs TpLP"))
+# settings that may change between a comparison and its continuation
+_VOLATILE = {"output", "progress", "overwrite", "device", "slots", "eval_batch_size", "on_error", "seeds",
+             "methods", "report"}
+
+
+def _log(msg: str) -> None:
+    print(f"milp.evaluate: {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- CLI
+def _seed_list(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        seeds = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 0 like 0,1,2, got {text!r}") from None
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must not repeat, got {text!r}")
+    return seeds
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    names = [p.strip().lower() for p in text.split(",") if p.strip()]
+    if names == ["all"]:
+        return METHODS
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; choose from {', '.join(METHODS)} "
+                                         "(comma-separated) or all")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"methods must not repeat, got {text!r}")
+    return tuple(m for m in METHODS if m in names)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m milp.evaluate``: every flag of ``python -m milp.train``
+    (``--seed`` becomes ``--seeds``) plus the comparison's own.
+
+    Example:
+        >>> build_parser().parse_args([]).methods == METHODS
+        True
+    """
+    p = argparse.ArgumentParser(
+        prog="python -m milp.evaluate",
+        description="Compare MiLP with the TpLP, MaLP and UeLP baselines and its two ablations on the same base "
+        "model, data, user split and instruction-tuning budget; writes comparison.{json,md,png}. The flags shared "
+        "with python -m milp.train mean the same there; MiLP is exactly that pipeline.",
+        parents=[train.build_parser()],
+        conflict_handler="resolve",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.set_defaults(output=DEFAULT_OUTPUT)
+    g = p.add_argument_group("comparison")
+    g.add_argument("--seeds", "--seed", dest="seeds", type=_seed_list, default=(0, 1, 2), metavar="S,S,...",
+                   help="seeds; each draws its own --users sample and 70/10/20 split (as milp.train --seed S) and "
+                   "seeds every method's initialisation and batches; results are mean ± std over them")
+    g.add_argument("--methods", type=_method_list, default=METHODS, metavar="M,M,...",
+                   help=f"methods to run: {', '.join(METHODS)} or all; milp-no-instruction reuses milp's "
+                   "memory-injected users, so milp runs with it")
+    g.add_argument("--context-tokens", type=train._pos(int, 1), default=256,
+                   help="token budget of the TpLP / MaLP system-prompt context")
+    g.add_argument("--k-long", type=train._pos(int, 0), default=3, help="MaLP: retrieved long-term memories")
+    g.add_argument("--k-short", type=train._pos(int, 0), default=2, help="MaLP: most recent turns (short-term)")
+    g.add_argument("--uelp-vectors", type=train._pos(int, 1), default=4, help="UeLP: soft-prompt vectors")
+    g.add_argument("--report", default=None, metavar="PREFIX",
+                   help="also write the results as PREFIX.json, PREFIX.md and PREFIX.png "
+                   "(e.g. bench/results/comparison_meddia)")
+    return p
+
+
+# --------------------------------------------------------------------------- UeLP prefix
+class UelpPrefix(PrefixEncoder):
+    """UeLP conditioning for the pipeline stages: records → user vectors (the embedder, cached
+    per user content) → :class:`~milp.baselines.UserEncoder` → soft prompt ``[B, P, hidden]``.
+
+    Only the encoder's parameters train; the embedder stays frozen (its vectors are cached).
+
+    Example:
+        >>> import milp, torch
+        >>> class Emb:
+        ...     def encode(self, texts): return torch.ones(len(texts), 8)
+        >>> r = Record("u", "", ["I run."], "Knee?", "Rest.")
+        >>> prefix = UelpPrefix.from_model(milp.tiny_model("llama"), Emb(), [r], num_vectors=2)
+        >>> prefix([r, r]).shape
+        torch.Size([2, 2, 32])
+    """
+
+    def __init__(self, encoder: UserEncoder, embedder: Any) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.embedder = embedder
+        self._cache: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+
+    @classmethod
+    def from_model(cls, model: Any, embedder: Any, records: Sequence[Record], *, num_vectors: int = 4) -> UelpPrefix:
+        """An encoder sized for ``model`` and ``embedder``; embeds ``records``' users in one call."""
+        vectors = user_vectors(list(records), embedder)
+        prefix = cls(UserEncoder.from_model(model, embed_dim=int(vectors.shape[1]), num_vectors=num_vectors),
+                     embedder)
+        for r, v in zip(records, vectors):
+            prefix._cache[cls._key(r)] = v
+        return prefix
+
+    @staticmethod
+    def _key(record: Record) -> tuple[str, tuple[str, ...]]:
+        return record.profile, tuple(record.history)
+
+    def user_vectors(self, records: Sequence[Record]) -> torch.Tensor:
+        """``[B, embed_dim]`` user vectors, embedding the users not seen before in one call."""
+        missing = list({self._key(r): r for r in records if self._key(r) not in self._cache}.values())
+        if missing:
+            for r, v in zip(missing, user_vectors(missing, self.embedder)):
+                self._cache[self._key(r)] = v
+        return torch.stack([self._cache[self._key(r)] for r in records])
+
+    def forward(self, records: Sequence[Record]) -> torch.Tensor:
+        return self.encoder(self.user_vectors(records))
+
+
+# --------------------------------------------------------------------------- files
+def _atomic_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    return {k: d[k] for k in sorted(d)}
+
+
+def _command(argv: Sequence[str]) -> str:
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    return f"{env}python -m milp.evaluate {shlex.join(argv)}".rstrip()
+
+
+def _prepare_output(out: Path, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    if args.overwrite and out.exists():
+        shutil.rmtree(out)
+    run_file = out / "run.json"
+    if run_file.exists():
+        old, new = _read_json(run_file)["settings"], _settings(args)
+        default = _settings(build_parser().parse_args([]))  # a flag added since: its default is what ran
+        diff = [k for k in sorted(set(old) | set(new))
+                if k not in _VOLATILE and old.get(k, default.get(k)) != new.get(k)]
+        if diff:
+            lines = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+            raise SystemExit(f"milp.evaluate: {out} holds a comparison with other settings ({lines}); continue it "
+                             "with the same settings, or pass --overwrite or another --output")
+        _log(f"continuing the comparison in {out}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_json(run_file, {"settings": _settings(args), "command": _command(argv), "started": time.time()})
+
+
+def _rows(records: Sequence[Record], answers: Sequence[str]) -> list[dict[str, str]]:
+    return [{"user_id": r.user_id, "query": r.query, "reference": r.response, "prediction": a}
+            for r, a in zip(records, answers)]
+
+
+def _save_predictions(path: Path, method: str, seed: int, records: Sequence[Record], answers: Sequence[str],
+                      **info: Any) -> None:
+    _atomic_json(path, {"method": method, "seed": seed, **info, "rows": _rows(records, answers)})
+
+
+def _predictions(path: Path, test: Sequence[Record]) -> list[str]:
+    """The answers of ``path`` in ``test``'s order (a clear error if they do not match)."""
+    rows = _read_json(path)["rows"]
+    by_key = {(r["user_id"], r["query"]): r["prediction"] for r in rows}
+    missing = [r.user_id for r in test if (r.user_id, r.query) not in by_key]
+    if missing or len(rows) != len(test):
+        raise ValueError(f"{path} does not hold this split's test answers (missing users {missing[:5]}); "
+                         "delete it to evaluate again")
+    return [by_key[(r.user_id, r.query)] for r in test]
+
+
+# --------------------------------------------------------------------------- one seed
+class _Seed:
+    """One seed's split and the methods run on it (models shared across seeds via ``_Models``)."""
+
+    def __init__(self, args: argparse.Namespace, seed: int, records: Sequence[Record], out: Path) -> None:
+        self.args, self.seed, self.dir = args, seed, out / f"seed{seed}"
+        chosen = train.select_users(records, args.users, seed)
+        n_users = len(group_by_user(chosen))
+        if n_users < 3:
+            raise SystemExit(f"milp.evaluate: need at least 3 users for the 70/10/20 split, got {n_users} (--users)")
+        tr, va, te = split_users(chosen, train._SPLIT, seed=seed)
+        self.split = {"train": tr, "val": va, "test": te}
+        ids = {k: sorted(group_by_user(v)) for k, v in self.split.items()}
+        path = self.dir / "split.json"
+        if path.exists() and _read_json(path) != ids:
+            raise SystemExit(f"milp.evaluate: {path} lists other users than this data gives; use another --output")
+        if not path.exists():
+            _atomic_json(path, ids)
+        self.sizes = {k: len(v) for k, v in ids.items()}
+
+    def pred_path(self, method: str) -> Path:
+        return self.dir / method / "predictions.json"
+
+    def done(self, method: str) -> bool:
+        return self.pred_path(method).is_file()
+
+
+class _Models:
+    """The base model (frozen, no adapters between methods), tokenizer and embedder, loaded once."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = train._resolve_device(args.device)
+        self._model: Any = None
+        self._tok: Any = None
+        self._embedder: Any = None
+
+    def base(self) -> tuple[Any, Any]:
+        if self._model is None:
+            from .models import load_model
+
+            model, tok = load_model(self.args.model, dtype=train._dtype(self.args, self.device), device=self.device)
+            model.requires_grad_(False)  # only the shared adapter (and UeLP's encoder) train
+            self._model, self._tok = model, tok
+        return self._model, self._tok
+
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from . import models
+
+            self._embedder = models.load_default_embedder()
+        return self._embedder
+
+
+def _run_milp(st: _Seed) -> None:
+    """MiLP = ``python -m milp.train`` with this comparison's settings; also yields the base row."""
+    args = st.args
+    targs = train.build_parser().parse_args([])
+    for k in vars(targs):
+        if hasattr(args, k):
+            setattr(targs, k, getattr(args, k))
+    targs.seed, targs.output, targs.overwrite = st.seed, str(st.dir / "milp_run"), False
+    t0 = time.perf_counter()
+    metrics = train.run(targs)
+    run_dir = Path(targs.output)
+    split = _read_json(run_dir / "split.json")
+    if split != {k: sorted(group_by_user(v)) for k, v in st.split.items()}:
+        raise SystemExit(f"milp.evaluate: {run_dir} used another user split than {st.dir / 'split.json'}")
+    test = st.split["test"]
+    rows = [json.loads(x) for x in (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    by_key = {(r["user_id"], r["query"]): r["prediction"] for r in rows}
+    info = _read_json(run_dir / "instruction.json") if (run_dir / "instruction.json").exists() else {}
+    _save_predictions(st.pred_path("base"), "base", st.seed, test, _read_json(run_dir / "predictions_base.json"),
+                      trainable_parameters=0)
+    # cost = MiLP's own stages (not the model load nor the base-model reference answers)
+    timings = {k: v for k, v in (metrics.get("timings_s") or {}).items() if k != "load_model_s"}
+    if metrics.get("search"):
+        timings["search_s"] = metrics["search"]["wall_s"]
+    _save_predictions(st.pred_path("milp"), "milp", st.seed, test, [by_key[(r.user_id, r.query)] for r in test],
+                      invocation_wall_s=time.perf_counter() - t0, timings_s=timings,
+                      memory_parameters_per_user=metrics.get("parameters_per_user"),
+                      trainable_parameters=info.get("parameters"), memory_config=metrics.get("memory_config"),
+                      search=metrics.get("search"), instruct_losses=info.get("losses"))
+
+
+def _run_memory_only(st: _Seed, models: _Models) -> None:
+    """"MiLP w/o instruction tuning": the MiLP run's memory-injected test users, no shared adapter."""
+    from .runtime import MilpRuntime
+
+    args, test = st.args, st.split["test"]
+    users_dir = st.dir / "milp_run" / "users"
+    by_user = group_by_user(test)
+    missing = [u for u in by_user if not (users_dir / train.user_dirname(u) / "user.json").is_file()]
+    if missing:
+        raise SystemExit(f"milp.evaluate: milp-no-instruction needs MiLP's memory-injected users, but "
+                         f"{users_dir} lacks {missing[:3]}; delete {st.dir / 'milp'} so that MiLP runs again")
+    t0 = time.perf_counter()
+    base, tok = models.base()
+    model = copy.deepcopy(base)
+    rt = MilpRuntime(model, max_users=args.slots)
+    users = sorted(by_user)
+    answers: dict[tuple[str, str], str] = {}
+    for start in range(0, len(users), args.slots):
+        group = users[start:start + args.slots]
+        for u in group:
+            rt.load_user(users_dir / train.user_dirname(u), u, load_optimizer=False)
+        recs = [r for u in group for r in by_user[u]]
+        outs = generate_responses(model, tok, recs, runtime=rt, max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.eval_batch_size, max_length=args.max_length + 128,
+                                  progress=args.progress)
+        answers.update({(r.user_id, r.query): a for r, a in zip(recs, outs)})
+        for u in group:
+            rt.remove_user(u)
+    del rt, model
+    _save_predictions(st.pred_path("milp-no-instruction"), "milp-no-instruction", st.seed, test,
+                      [answers[(r.user_id, r.query)] for r in test], trainable_parameters=0,
+                      timings_s={"generate_s": time.perf_counter() - t0}, reuses=str(users_dir))
+
+
+def _context_fn(method: str, st: _Seed, models: _Models, tok: Any) -> Callable[[Record], str] | None:
+    args = st.args
+    if method == "tplp":
+        return lambda r: tplp_context(r, tok, max_tokens=args.context_tokens)
+    if method == "malp":
+        mem = MemoryRetriever(models.embedder(), k_long=args.k_long, k_short=args.k_short,
+                              max_tokens=args.context_tokens)
+        mem.contexts(st.split["train"] + st.split["test"], tok)  # every embedding in one batch, then cached
+        return lambda r: mem.context(r, tok)
+    return None
+
+
+def _run_tuned(method: str, st: _Seed, models: _Models) -> None:
+    """TpLP, MaLP, UeLP or "MiLP w/o memory injection": shared adapter (+ UeLP encoder)
+    instruction-tuned on the training users, then answers for the test users."""
+    from safetensors.torch import load_file, save
+
+    args, seed = st.args, st.seed
+    model, tok = models.base()
+    mdir = st.dir / method
+    train_recs, test = st.split["train"], st.split["test"]
+    torch.manual_seed(seed)
+    context_fn = _context_fn(method, st, models, tok)
+    prefix: UelpPrefix | None = None
+    if method == "uelp":
+        prefix = UelpPrefix.from_model(model, models.embedder(), train_recs + test, num_vectors=args.uelp_vectors)
+    # exactly milp.train's shared adapter (rank, alpha = 2 * rank, init seed) and tuning budget
+    adapter = add_instruction_adapter(model, rank=args.instruct_rank, alpha=2.0 * args.instruct_rank, seed=seed)
+    adapter.to(models.device)
+    try:
+        params = sum(p.numel() for p in adapter.parameters())
+        params += sum(p.numel() for p in prefix.parameters() if p.requires_grad) if prefix is not None else 0
+        t0 = time.perf_counter()
+        if (mdir / "train.json").is_file():
+            adapter.load_state_dict(load_file(str(mdir / "adapter.safetensors"), device=str(models.device)))
+            if prefix is not None:
+                prefix.encoder.load_state_dict(load_file(str(mdir / "prefix.safetensors"), device=str(models.device)))
+            meta = _read_json(mdir / "train.json")
+            _log(f"seed {seed} {method}: trained before, adapter loaded")
+        else:
+            losses = []
+            if args.instruct_steps:
+                losses = instruction_tune(model, tok, train_recs, adapter=adapter, context_fn=context_fn,
+                                          prefix=prefix, steps=args.instruct_steps, batch_size=args.batch_size,
+                                          lr=args.instruct_lr, max_length=args.max_length + 128, seed=seed,
+                                          progress=args.progress)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+            atomic_write_bytes(mdir / "adapter.safetensors", save(tensors))
+            if prefix is not None:
+                enc = {k: v.detach().cpu().contiguous() for k, v in prefix.encoder.state_dict().items()}
+                atomic_write_bytes(mdir / "prefix.safetensors", save(enc))
+            meta = {"losses": losses, "train_s": time.perf_counter() - t0, "trainable_parameters": params}
+            _atomic_json(mdir / "train.json", meta)
+        t1 = time.perf_counter()
+        answers = generate_responses(model, tok, test, context_fn=context_fn, prefix=prefix,
+                                     max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+                                     max_length=args.max_length + 128, progress=args.progress)
+        _save_predictions(st.pred_path(method), method, seed, test, answers, trainable_parameters=params,
+                          timings_s={"train_s": meta["train_s"], "generate_s": time.perf_counter() - t1},
+                          instruct_losses=meta["losses"])
+    finally:
+        remove_instruction_adapter(model)
+
+
+# --------------------------------------------------------------------------- aggregation
+def _mean_std(xs: Sequence[float]) -> tuple[float, float | None]:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[Record]]], judge: Any,
+              methods: Sequence[str] = (*METHODS, "base")) -> dict[str, Any]:
+    """Score ``methods`` on every seed whose predictions file exists under ``out`` and
+    summarise over seeds.
+
+    Returns ``{"judge", "per_seed": {seed: {method: metrics}}, "summary": {method: {metric:
+    {"mean", "std", "n"}}}, "examples": ...}``; the win rate is against TpLP's answers of the
+    same seed (absent when TpLP has none).
+
+    Example:
+        >>> res = aggregate(Path("runs/compare"), [0], {0: split}, EmbeddingJudge(), ["tplp", "milp"])  # doctest: +SKIP
+        >>> res["summary"]["milp"]["rougeL"]["mean"]                                   # doctest: +SKIP
+        14.2
+    """
+    from .metrics import win_rate
+
+    per_seed: dict[str, dict[str, dict[str, Any]]] = {}
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        test = splits[seed]["test"]
+        sdir = out / f"seed{seed}"
+        answers = {m: _predictions(sdir / m / "predictions.json", test)
+                   for m in methods if (sdir / m / "predictions.json").is_file()}
+        if not answers:
+            continue
+        res: dict[str, dict[str, Any]] = {}
+        for m, preds in answers.items():
+            res[m] = score(test, preds)
+            info = _read_json(sdir / m / "predictions.json")
+            res[m]["trainable_parameters"] = info.get("trainable_parameters")
+            res[m]["timings_s"] = info.get("timings_s")
+            if info.get("memory_parameters_per_user") is not None:
+                res[m]["memory_parameters_per_user"] = info["memory_parameters_per_user"]
+            if "tplp" in answers:
+                wr = win_rate(preds, answers["tplp"], [r.query for r in test], [user_content(r) for r in test],
+                              [r.response for r in test], judge=judge)
+                res[m].update(win_rate=wr.win_rate, wins=wr.wins, losses=wr.losses, ties=wr.ties)
+        per_seed[str(seed)] = res
+        examples[str(seed)] = [{"user_id": r.user_id, "query": r.query, "reference": r.response,
+                                "answers": {m: a[i] for m, a in answers.items()}} for i, r in enumerate(test)]
+    summary: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        rows = [res[m] for res in per_seed.values() if m in res]
+        if not rows:
+            continue
+        summary[m] = {}
+        for key, _ in _METRICS:
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            if vals:
+                mean, std = _mean_std(vals)
+                summary[m][key] = {"mean": mean, "std": std, "n": len(vals)}
+        summary[m]["seeds"] = [int(s) for s, res in per_seed.items() if m in res]
+    return {"judge": getattr(judge, "name", type(judge).__name__), "per_seed": per_seed, "summary": summary,
+            "examples": examples}
+
+
+def _cell(stat: dict[str, Any] | None) -> str:
+    if stat is None:
+        return "—"
+    if stat["std"] is None:
+        return f"{stat['mean']:.2f}"
+    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+def _table(methods: Sequence[str], summary: dict[str, Any]) -> list[str]:
+    lines = ["| Method | " + " | ".join(label for _, label in _METRICS) + " |",
+             "|---|" + "---:|" * len(_METRICS)]
+    for m in methods:
+        if m not in summary:
+            continue
+        cells = []
+        for key, _ in _METRICS:
+            cell = _cell(summary[m].get(key))
+            cells.append(f"{cell} (ref.)" if key == "win_rate" and m == "tplp" and cell != "—" else cell)
+        label = f"*{LABELS[m]}*" if m == "base" else LABELS[m]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    s, summary = report["settings"], report["summary"]
+    sizes = report["split_sizes"]
+    size_text = "; ".join(f"seed {k}: {v['train']}/{v['val']}/{v['test']}" for k, v in sizes.items())
+    lines = [
+        "Command:",
+        "",
+        "```",
+        report["command"],
+        "```",
+        "",
+        f"# Personalization comparison — {report['data']}, {report['model']}",
+        "",
+        f"Seeds {', '.join(str(x) for x in report['seeds'])}; each draws {s['users'] or 'all'} users and splits them "
+        f"70/10/20 by user (train/val/test users — {size_text}; one test example per test user on MedDia). "
+        "Mean ± sample std (n − 1) over seeds.",
+        f"Every method: the same base model, data, split and instruction-tuning budget — {s['instruct_steps']} steps "
+        f"× batch {s['batch_size']} at lr {s['instruct_lr']:g}, shared LoRA rank {s['instruct_rank']} on attention "
+        f"q/v — and greedy answers of at most {s['max_new_tokens']} tokens. TpLP/MaLP contexts ≤ "
+        f"{s['context_tokens']} tokens (MaLP: {s['k_long']} retrieved + {s['k_short']} recent turns); UeLP: "
+        f"{s['uelp_vectors']} soft-prompt vectors; MiLP memory: {report['memory']}.",
+        f"Win rate: against TpLP on the same test examples, ties count half; judge `{report['judge']}`.",
+        "",
+        "## Comparison",
+        "",
+        *_table((*_MAIN, "base"), summary),
+        "",
+        "## Ablation (paper Table 5)",
+        "",
+        *_table(_ABLATION, summary),
+        "",
+        "## Cost",
+        "",
+        "| Method | trainable parameters | wall time per seed (s) |",
+        "|---|---:|---:|",
+    ]
+    for m in (*METHODS, "base"):
+        if m in report["cost"]:
+            c = report["cost"][m]
+            params = "—" if c["trainable_parameters"] is None else f"{c['trainable_parameters']:,}"
+            if c.get("memory_parameters_per_user"):
+                params += f" shared + {c['memory_parameters_per_user']:,} per user"
+            wall = "—" if c["wall_s"] is None else f"{c['wall_s']:.0f}"
+            lines.append(f"| {LABELS[m]} | {params} | {wall} |")
+    lines += ["", f"Sum of the methods' wall times: {report['compute_s'] / 60:.1f} min "
+              f"(this invocation: {report['wall_s'] / 60:.1f} min). The base model row comes from the MiLP run "
+              "(the model as shipped, before any adapter).", ""]
+    return "\n".join(lines)
+
+
+def _plot(report: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["summary"]
+    methods = [m for m in METHODS if m in summary]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        xs, ys, es = [], [], []
+        for j, (key, _) in enumerate(_METRICS):
+            st = summary[m].get(key)
+            if st is None:
+                continue
+            xs.append(j + (i - (len(methods) - 1) / 2) * width)
+            ys.append(st["mean"])
+            es.append(st["std"] or 0.0)
+        ax.bar(xs, ys, width, yerr=es, capsize=2, label=LABELS[m])
+    ax.set_xticks(range(len(_METRICS)), [label for _, label in _METRICS])
+    ax.set_ylabel("score (×100); win rate in %")
+    ax.set_title(f"{report['data']}, {report['model']}: mean ± std over seeds {report['seeds']}", fontsize=9)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _cost(out: Path, seeds: Sequence[int], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    cost: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        walls, params, mem = [], None, None
+        for seed in seeds:
+            p = out / f"seed{seed}" / m / "predictions.json"
+            if not p.is_file():
+                continue
+            info = _read_json(p)
+            params = info.get("trainable_parameters")
+            mem = info.get("memory_parameters_per_user", mem)
+            walls.append(sum((info.get("timings_s") or {}).values()))
+        if walls:
+            cost[m] = {"trainable_parameters": params, "memory_parameters_per_user": mem,
+                       "wall_s": sum(walls) / len(walls), "wall_s_total": sum(walls)}
+    return cost
+
+
+def _write_results(out: Path, report: dict[str, Any], prefix: str | None) -> None:
+    md, js, png = _markdown(report), json.dumps(report, indent=2) + "\n", _plot(report)
+    targets = [out / "comparison"] + ([Path(prefix)] if prefix else [])
+    for t in targets:
+        atomic_write_text(t.with_name(t.name + ".json"), js)
+        atomic_write_text(t.with_name(t.name + ".md"), md)
+        atomic_write_bytes(t.with_name(t.name + ".png"), png)
+
+
+def _describe_memory(cfg: MemoryConfig, params: int, args: argparse.Namespace) -> str:
+    layers = cfg.active_layers
+    modules = sorted({cfg.modules[i] for i in layers})
+    ranks = sorted({r for i in layers for r in cfg.layer_ranks(i)})
+    how = f"searched ({args.search} configurations, seed {args.seeds[0]}'s pick)" if args.search else "uniform"
+    return (f"{how}: {len(layers)} of {cfg.num_layers} layers, {'/'.join(map(str, modules))} LoRA modules of rank "
+            f"{'/'.join(map(str, ranks))} on each FFN linear, {params:,} parameters per user; {args.memory_steps} "
+            f"epochs over the history at lr {args.memory_lr:g}")
+
+
+# --------------------------------------------------------------------------- the run
+def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the comparison for parsed ``args`` (see :func:`build_parser`); returns the report
+    (also written as ``comparison.json``).
+
+    Example:
+        >>> report = run(build_parser().parse_args(["--users", "10", "--seeds", "0"]))  # doctest: +SKIP
+        >>> report["summary"]["milp"]["rougeL"]                                         # doctest: +SKIP
+        {'mean': 13.1, 'std': None, 'n': 1}
+    """
+    from tqdm.auto import tqdm
+
+    from .metrics import EmbeddingJudge
+
+    t_start = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("milp.evaluate runs in one process; scale MiLP out with torchrun -m milp.train instead")
+    out = Path(args.output)
+    methods = list(args.methods)
+    if "milp-no-instruction" in methods and "milp" not in methods:
+        methods.insert(methods.index("milp-no-instruction"), "milp")
+        _log("milp-no-instruction reuses MiLP's memory-injected users: running milp too")
+    records = train.load_records(args.data, args.data_format, on_error=args.on_error, progress=args.progress)
+    seeds = list(args.seeds)
+    _prepare_output(out, args, argv)
+    st_of = {seed: _Seed(args, seed, records, out) for seed in seeds}
+    for seed, st in st_of.items():
+        _log(f"seed {seed}: {st.sizes['train']} train / {st.sizes['val']} val / {st.sizes['test']} test users")
+    models = _Models(args)
+    order = [m for m in ("milp", "milp-no-instruction", "tplp", "malp", "uelp", "milp-no-memory") if m in methods]
+    jobs = [(seed, m) for seed in seeds for m in order]
+    bar = tqdm(jobs, desc="comparison", disable=not args.progress, dynamic_ncols=True)
+    for seed, m in bar:
+        st = st_of[seed]
+        bar.set_postfix(seed=seed, method=m)
+        if st.done(m) and (m != "milp" or st.done("base")):
+            continue
+        _log(f"seed {seed}: {LABELS[m]}")
+        torch.manual_seed(seed)
+        if m == "milp":
+            _run_milp(st)
+        elif m == "milp-no-instruction":
+            _run_memory_only(st, models)
+        else:
+            _run_tuned(m, st, models)
+    bar.close()
+    judge = EmbeddingJudge(models.embedder())
+    shown = [*methods, "base"] if "milp" in methods else methods
+    res = aggregate(out, seeds, {s: st.split for s, st in st_of.items()}, judge, shown)
+    cost = _cost(out, seeds, shown)
+    milp_run = out / f"seed{seeds[0]}" / "milp_run" / "metrics.json"
+    memory = "not run"
+    if milp_run.is_file():
+        mm = _read_json(milp_run)
+        memory = _describe_memory(MemoryConfig.from_dict(mm["memory_config"]), mm["parameters_per_user"], args)
+    report = {
+        "command": _command(argv),
+        "model": args.model or "SmolLM2-135M-Instruct (embedded)",
+        "data": args.data or "MedDia (shipped)",
+        "seeds": seeds,
+        "methods": {m: LABELS[m] for m in (*METHODS, "base") if m in res["summary"]},
+        "split_sizes": {str(s): st.sizes for s, st in st_of.items()},
+        "settings": _settings(args),
+        "memory": memory,
+        "judge": res["judge"],
+        "summary": res["summary"],
+        "tables": {"comparison": [m for m in (*_MAIN, "base") if m in res["summary"]],
+                   "ablation": [m for m in _ABLATION if m in res["summary"]]},
+        "per_seed": res["per_seed"],
+        "cost": cost,
+        "compute_s": sum(c["wall_s_total"] for c in cost.values()),
+        "wall_s": time.perf_counter() - t_start,
+        "examples": res["examples"],
+    }
+    _write_results(out, report, args.report)
+    print("\n" + _markdown(report), flush=True)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m milp.evaluate``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, argv)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"milp.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Tests of ``python -m milp.evaluate`` on a tiny local checkpoint, a few shipped MedDia users and a
+deterministic stand-in for the sentence embedder (no MiniLM load)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import milp.evaluate as ev
+import milp.models
+from milp.data import Record
+
+FAST = ["--users", "7", "--memory-steps", "2", "--instruct-steps", "2", "--max-new-tokens", "3",
+        "--max-length", "96", "--context-tokens", "48", "--no-progress"]
+
+
+class FakeEmbedder:
+    """Bag of hashed words → unit vectors of dim 16 (deterministic, cheap)."""
+
+    name = "fake-embedder"
+
+    def encode(self, texts):
+        out = torch.zeros(len(texts), 16)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 16] += 1.0
+        return torch.nn.functional.normalize(out, dim=-1)
+
+
+@pytest.fixture(autouse=True)
+def fake_embedder(monkeypatch):
+    monkeypatch.setattr(milp.models, "load_default_embedder", lambda *a, **k: FakeEmbedder())
+
+
+def _run(ckpt: Path, out: Path, *extra: str) -> int:
+    return ev.main(["--model", str(ckpt), "--output", str(out), *FAST, *extra])
+
+
+def test_every_method_runs_and_writes_the_tables(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    out, report = tmp_path / "cmp", tmp_path / "res" / "comparison_tiny"
+    calls = []
+    real_tune = ev.instruction_tune
+    monkeypatch.setattr(ev, "instruction_tune", lambda *a, **k: calls.append(k) or real_tune(*a, **k))
+    assert _run(tiny_checkpoint, out, "--seeds", "0,1", "--report", str(report)) == 0
+    printed = capsys.readouterr().out
+    assert "| MiLP w/o instruction tuning |" in printed and "fake-embedder" in printed
+    # the same instruction-tuning budget for every tuned baseline (MiLP's goes through milp.train)
+    assert len(calls) == 2 * 4
+    assert {(k["steps"], k["batch_size"], k["lr"], k["max_length"]) for k in calls} == {(2, 8, 5e-4, 224)}
+    res = json.loads((out / "comparison.json").read_text())
+    assert res["seeds"] == [0, 1] and res["judge"].startswith("embedding-similarity(fake-embedder")
+    assert set(res["summary"]) == {*ev.METHODS, "base"}
+    for m in ev.METHODS:
+        s = res["summary"][m]
+        assert s["seeds"] == [0, 1]
+        for key in ("rouge1", "rougeL", "persona_f1", "win_rate"):
+            assert s[key]["n"] == 2 and s[key]["std"] is not None and 0 <= s[key]["mean"] <= 100
+    assert res["summary"]["tplp"]["win_rate"]["mean"] == 50.0  # TpLP against itself: all ties
+    assert res["tables"] == {"comparison": ["tplp", "malp", "uelp", "milp", "base"],
+                             "ablation": ["milp", "milp-no-memory", "milp-no-instruction"]}
+    for seed in (0, 1):
+        split = json.loads((out / f"seed{seed}" / "split.json").read_text())
+        assert split == json.loads((out / f"seed{seed}" / "milp_run" / "split.json").read_text())
+        assert [len(split[k]) for k in ("train", "val", "test")] == [5, 1, 1]
+        for m in (*ev.METHODS, "base"):
+            rows = json.loads((out / f"seed{seed}" / m / "predictions.json").read_text())["rows"]
+            assert [r["user_id"] for r in rows] == split["test"]
+        assert (out / f"seed{seed}" / "uelp" / "prefix.safetensors").is_file()
+    md = (out / "comparison.md").read_text()
+    assert md.startswith("Command:") and "python -m milp.evaluate --model" in md
+    assert "## Ablation (paper Table 5)" in md and "| TpLP |" in md and " ± " in md and "(ref.)" in md
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    for suffix in (".json", ".md", ".png"):  # --report copies
+        assert (report.parent / (report.name + suffix)).read_bytes() == (out / ("comparison" + suffix)).read_bytes() \
+            or suffix == ".json"
+    assert not list(out.rglob("*.tmp*"))
+
+
+def test_resume_skips_finished_work_and_adds_new_methods(tiny_checkpoint, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    assert _run(tiny_checkpoint, out, "--seeds", "0", "--methods", "tplp,milp-no-instruction") == 0
+    assert {p.parent.name for p in (out / "seed0").glob("*/predictions.json")} == {
+        "tplp", "milp", "milp-no-instruction", "base"}  # milp ran for its injected users
+    injected = sorted((out / "seed0" / "milp_run" / "users").iterdir())
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "seed0").rglob("predictions.json")}
+
+    def boom(*a, **k):
+        raise AssertionError("finished work was redone")
+
+    monkeypatch.setattr(ev.train, "run", boom)
+    monkeypatch.setattr(ev, "generate_responses", boom)
+    monkeypatch.setattr(ev, "instruction_tune", boom)
+    assert _run(tiny_checkpoint, out, "--seeds", "0", "--methods", "tplp,milp-no-instruction") == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "seed0").rglob("predictions.json")} == mtimes
+    # an interrupted baseline: trained, not yet evaluated -> the adapter is reloaded, not retrained
+    monkeypatch.undo()
+    monkeypatch.setattr(milp.models, "load_default_embedder", lambda *a, **k: FakeEmbedder())
+    real_generate = ev.generate_responses
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "generate_responses", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_checkpoint, out, "--seeds", "0", "--methods", "malp")
+    assert (out / "seed0" / "malp" / "train.json").is_file()
+    assert not (out / "seed0" / "malp" / "predictions.json").exists()
+    monkeypatch.setattr(ev, "generate_responses", real_generate)
+    monkeypatch.setattr(ev, "instruction_tune", boom)
+    monkeypatch.setattr(ev.train, "run", boom)
+    assert _run(tiny_checkpoint, out, "--seeds", "0", "--methods", "malp,tplp") == 0
+    res = json.loads((out / "comparison.json").read_text())
+    assert set(res["summary"]) == {"tplp", "malp"}
+    # the memory-injected users were reused, not injected again
+    assert sorted((out / "seed0" / "milp_run" / "users").iterdir()) == injected
+
+
+def test_other_settings_are_refused(tiny_checkpoint, tmp_path):
+    out = tmp_path / "cmp"
+    assert _run(tiny_checkpoint, out, "--seeds", "0", "--methods", "milp-no-memory") == 0
+    with pytest.raises(SystemExit, match="instruct_steps: 2 -> 3"):
+        _run(tiny_checkpoint, out, "--seeds", "0", "--methods", "milp-no-memory", "--instruct-steps", "3")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "tplp,foo"], "unknown method(s) ['foo']"),
+    (["--methods", "tplp,tplp"], "must not repeat"),
+    (["--seeds", "0,x"], "comma-separated ints"),
+    (["--seeds", "-1"], "seeds must be >= 0"),
+    (["--seeds", "1,1"], "must not repeat"),
+    (["--k-long", "-2"], "--k-long"),
+])
+def test_bad_flags_are_rejected(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        ev.build_parser().parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_bad_input_is_reported(tiny_checkpoint, tmp_path, capsys):
+    assert ev.main(["--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "a"), *FAST]) == 2
+    assert "--data" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="at least 3 users"):
+        _run(tiny_checkpoint, tmp_path / "b", "--users", "2", "--seeds", "0")
+    assert not (tmp_path / "b" / "seed0" / "tplp").exists()
+
+
+def test_uelp_prefix_caches_user_vectors():
+    import milp
+
+    calls = []
+
+    class Counting(FakeEmbedder):
+        def encode(self, texts):
+            calls.append(list(texts))
+            return super().encode(texts)
+
+    a = Record("a", "runner", ["I run daily."], "Knee?", "Rest.")
+    b = Record("b", "", ["I swim."], "Shoulder?", "Ice it.")
+    prefix = ev.UelpPrefix.from_model(milp.tiny_model("llama"), Counting(), [a], num_vectors=3)
+    out = prefix([a, b, a])
+    assert out.shape == (3, 3, 32) and len(calls) == 2  # b embedded once, on first use
+    assert torch.allclose(out[0], out[2])
+    prefix([b, a])
+    assert len(calls) == 2
+    assert all(p.requires_grad for p in prefix.parameters())
