@@ -91,6 +91,22 @@ def _int_list(text: str) -> tuple[int, ...]:
     return vals
 
 
+#: What the configuration search may vary (paper Table 4): the layer mask, the number of
+#: modules, their size (rank).
+SEARCH_DIMS: tuple[str, ...] = ("layers", "num", "size")
+
+
+def _dims_list(text: str) -> tuple[str, ...]:
+    names = [v.strip().lower() for v in text.split(",") if v.strip()]
+    if names == ["all"]:
+        return SEARCH_DIMS
+    bad = [n for n in names if n not in SEARCH_DIMS]
+    if bad or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected a comma list of distinct {', '.join(SEARCH_DIMS)} (or all), "
+                                         f"got {text!r}")
+    return tuple(d for d in SEARCH_DIMS if d in names)
+
+
 def _pos(kind: type, minimum: float) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -158,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module-count range of the search space")
     g.add_argument("--search-ranks", type=_int_list, default=(8, 16, 32, 64, 96), metavar="R,R,...",
                    help="ranks of the search space")
+    g.add_argument("--search-dims", type=_dims_list, default=SEARCH_DIMS, metavar="D,D,...",
+                   help="what the search varies: layers (on/off per layer), num (modules per layer), size (rank); "
+                   "the rest stays fixed: every layer on, --modules modules, rank --rank (paper Table 4 ablation)")
     g.add_argument("--search-space", default="paper", choices=["paper", "extended"],
                    help="paper: layer bits + one count + one rank; extended: a rank per layer")
     g.add_argument("--search-tolerance", type=_pos(float, 0.0), default=0.01,
@@ -345,7 +364,9 @@ def _prepare_output(st: _State) -> None:
         if run_file.exists():
             old = _read_json(run_file)["settings"]
             new = _settings(args)
-            diff = [k for k in sorted(set(old) | set(new)) if k not in _VOLATILE and old.get(k) != new.get(k)]
+            default = _settings(build_parser().parse_args([]))  # a flag added since: its default is what ran
+            diff = [k for k in sorted(set(old) | set(new))
+                    if k not in _VOLATILE and old.get(k, default.get(k)) != new.get(k)]
             if diff:
                 lines = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
                 raise SystemExit(
@@ -509,7 +530,10 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
     val_recs = [v[0] for v in val_users.values()]
     shapes = ffn_target_shapes(st.model)
     make = srch.paper_space if args.search_space == "paper" else srch.extended_space
-    space = make(rt.num_layers, modules=args.search_modules, ranks=args.search_ranks, target_shapes=shapes)
+    dims = args.search_dims
+    space = make(rt.num_layers, modules=args.search_modules if "num" in dims else (args.modules, args.modules),
+                 ranks=args.search_ranks if "size" in dims else (args.rank,), search_layers="layers" in dims,
+                 target_shapes=shapes)
     nuts = NUTSSettings() if args.search_nuts == "paper" else NUTSSettings(warmup_steps=128, num_samples=128,
                                                                           thinning=16)
     n_init = args.search_init if args.search_init is not None else max(2, args.search // 2)
@@ -561,8 +585,8 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
         _atomic_json(ref_path, {"memory_config": default.to_dict(), "val_ce": ref_ce,
                                 "parameters": default.num_parameters(shapes)})
     ref = _read_json(ref_path)
-    st.log(f"search: {args.search} configurations, q={args.search_q}, {n_init} Sobol, surrogate "
-           f"{args.search_surrogate}, {len(val_recs)} validation users")
+    st.log(f"search: {args.search} configurations of {'/'.join(dims)} (d = {space.dim}), q={args.search_q}, "
+           f"{n_init} Sobol, surrogate {args.search_surrogate}, {len(val_recs)} validation users")
     s.run(objective, args.search, progress=args.progress)
     cfg, pick = _pick(s, ref, args.search_tolerance, args.lora_alpha, rt.num_layers)
     try:

@@ -125,6 +125,8 @@ class Search:
         2
     """
 
+    _SCAN = 4096  # Sobol points scanned past the design for a configuration not yet asked
+
     def __init__(
         self,
         space: Space,
@@ -385,6 +387,8 @@ class Search:
 
         The first ``n_init`` trials come from the Sobol design; later ones from a
         Bayesian round (at least two successful trials are needed, else Sobol continues).
+        No configuration is asked twice (equivalence by :meth:`Space.canonical`), so a
+        small space, once every configuration was asked, gives fewer trials, or none.
 
         Example:
             >>> from search import paper_space, ffn_target_shapes, Objective
@@ -405,13 +409,19 @@ class Search:
             self._pending[t.trial_id] = t
             trials.append(t)
 
+        canon = self.space.canonical
+        seen = {canon(t.config) for t in self._finished.values()} | {canon(t.config) for t in self._pending.values()}
         for i in self._next_design_indices(n, self.n_init):
-            add(self._sobol_point(i), "sobol", i)
+            x = self._sobol_point(i)
+            key = canon(self.space.decode(x))
+            if key in seen:  # a small space: the design repeats itself; skip the point for good
+                self._used_design.add(i)
+                continue
+            add(x, "sobol", i)
+            seen.add(key)
         k = n - len(trials)
         if k == 0:
             return trials
-        canon = self.space.canonical
-        seen = {canon(t.config) for t in self._finished.values()} | {canon(t.config) for t in self._pending.values()}
         X_ok, _ = self._ok_data()
         if X_ok.shape[0] >= 2:
             try:
@@ -426,12 +436,17 @@ class Search:
                     add(x, self.surrogate, None)
                     seen.add(key)
         # Sobol points past the design: before there is data to model, after a failed
-        # round, or in place of a candidate that repeats a scored configuration.
+        # round, or in place of a candidate that repeats a scored configuration.  A space
+        # whose configurations are all taken (e.g. only the rank searched) gives fewer trials
+        # than asked, or none: ``_SCAN`` Sobol points past the design found nothing new.
         while len(trials) < n:
-            for i in self._next_design_indices(n - len(trials) + 64, None):
+            idx = self._next_design_indices(n - len(trials) + 64, self.n_init + self._SCAN)
+            if not idx:
+                break
+            for i in idx:
                 x = self._sobol_point(i)
                 key = canon(self.space.decode(x))
-                if key in seen and i < self.n_init + 4096:  # small spaces: stop deduplicating eventually
+                if key in seen:
                     self._used_design.add(i)  # a repeat: skip this Sobol point for good
                     continue
                 add(x, "sobol", i)
@@ -559,7 +574,8 @@ class Search:
         batched: bool = True,
         progress: bool = True,
     ) -> Search:
-        """Ask, evaluate and tell until exactly ``n_trials`` trials are finished.
+        """Ask, evaluate and tell until exactly ``n_trials`` trials are finished (or, with a
+        warning, until a small space has no configuration left that was not evaluated).
 
         With ``batched=True`` (default) ``objective(configs)`` receives the list of a
         round's configurations and returns one result per configuration (a mapping or a
@@ -585,6 +601,13 @@ class Search:
                 trials = self.pending
                 if not trials:
                     trials = self.ask(min(self.q, n_trials - self.n_finished))
+                if not trials:
+                    warnings.warn(
+                        f"the space has no configuration left that was not evaluated: stopping after "
+                        f"{self.n_finished} of {n_trials} trials",
+                        stacklevel=2,
+                    )
+                    break
                 trials = trials[: n_trials - self.n_finished]
                 configs = [t.config for t in trials]
                 if batched:

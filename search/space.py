@@ -438,7 +438,11 @@ class SearchSpace(Space):
     """Multi-LoRA configuration space (the paper's, or extended with per-layer choices).
 
     Dimensions, in order: ``L`` layer bits (``layer_l``); the module count (``modules``,
-    or ``modules_l`` per layer); the rank (``rank``, or ``rank_l`` per layer).
+    or ``modules_l`` per layer); the rank (``rank``, or ``rank_l`` per layer).  A dimension
+    with one allowed value (``modules=(n, n)``, a single rank) is held fixed by the
+    optimiser, and ``search_layers=False`` drops the layer bits (every layer on), which gives
+    the paper's search-space ablations (Table 4: search only the number, the size, the layers,
+    or two of them).
 
     Args:
         num_layers: number of transformer layers ``L >= 1``.
@@ -449,8 +453,12 @@ class SearchSpace(Space):
         modules_per_layer: one module count per layer instead of one shared count.
         target_shapes: optional FFN target shapes per layer (see :func:`parameter_count`),
             needed by :meth:`parameter_count` and :meth:`parameter_count_objective`.
+        search_layers: search the per-layer on/off bits (default); ``False``: no layer bits,
+            every layer carries adapters.
 
     Example:
+        >>> SearchSpace(4, modules=(2, 2), search_layers=False).names  # only the rank is searched
+        ('modules', 'rank')
         >>> space = SearchSpace(4, target_shapes=ffn_target_shapes(4, 8, 16))
         >>> space.dim
         6
@@ -470,8 +478,10 @@ class SearchSpace(Space):
         rank_per_layer: bool = False,
         modules_per_layer: bool = False,
         target_shapes: Sequence[Sequence[tuple[int, int]]] | None = None,
+        search_layers: bool = True,
     ) -> None:
         self.num_layers = _check_int(num_layers, "num_layers", minimum=1)
+        self.search_layers = _check_bool(search_layers, "search_layers")
         modules = _check_seq(modules, "modules")
         if len(modules) != 2:
             raise ValueError(f"modules must be an inclusive range (lo, hi), got {tuple(modules)!r}")
@@ -511,18 +521,19 @@ class SearchSpace(Space):
         self.target_shapes = target_shapes
 
         L = self.num_layers
+        n_bits = L if self.search_layers else 0
         n_mod_dims = L if modules_per_layer else 1
         n_rank_dims = L if rank_per_layer else 1
-        self._mod_start = L
-        self._rank_start = L + n_mod_dims
-        self.dim = L + n_mod_dims + n_rank_dims
-        names = [f"layer_{i}" for i in range(L)]
+        self._mod_start = n_bits
+        self._rank_start = n_bits + n_mod_dims
+        self.dim = n_bits + n_mod_dims + n_rank_dims
+        names = [f"layer_{i}" for i in range(n_bits)]
         names += [f"modules_{i}" for i in range(L)] if modules_per_layer else ["modules"]
         names += [f"rank_{i}" for i in range(L)] if rank_per_layer else ["rank"]
         self.names = tuple(names)
         self._n_mod_values = hi - lo + 1
         self._n_rank_values = len(self.ranks)
-        dv: dict[int, tuple[float, ...]] = {i: _grid(2) for i in range(L)}
+        dv: dict[int, tuple[float, ...]] = {i: _grid(2) for i in range(n_bits)}
         for i in range(self._mod_start, self._rank_start):
             dv[i] = _grid(self._n_mod_values)
         for i in range(self._rank_start, self.dim):
@@ -532,7 +543,8 @@ class SearchSpace(Space):
     def __repr__(self) -> str:
         return (
             f"SearchSpace(num_layers={self.num_layers}, modules={self.modules_range}, ranks={self.ranks}, "
-            f"rank_per_layer={self.rank_per_layer}, modules_per_layer={self.modules_per_layer}, dim={self.dim})"
+            f"rank_per_layer={self.rank_per_layer}, modules_per_layer={self.modules_per_layer}, "
+            f"search_layers={self.search_layers}, dim={self.dim})"
         )
 
     def describe(self) -> dict[str, Any]:
@@ -549,6 +561,7 @@ class SearchSpace(Space):
             "ranks": list(self.ranks),
             "rank_per_layer": self.rank_per_layer,
             "modules_per_layer": self.modules_per_layer,
+            "search_layers": self.search_layers,
             "dim": self.dim,
         }
 
@@ -562,7 +575,7 @@ class SearchSpace(Space):
         """
         v = _check_point(x, self.dim)
         L = self.num_layers
-        mask = tuple(_to_index(v[i], 2) == 1 for i in range(L))
+        mask = tuple(_to_index(v[i], 2) == 1 for i in range(L)) if self.search_layers else (True,) * L
         lo = self.modules_range[0]
         mods = [lo + _to_index(v[i], self._n_mod_values) for i in range(self._mod_start, self._rank_start)]
         ranks = [self.ranks[_to_index(v[i], self._n_rank_values)] for i in range(self._rank_start, self.dim)]
@@ -594,6 +607,10 @@ class SearchSpace(Space):
         for i, r in enumerate(config.ranks):
             if r not in self.ranks:
                 raise ValueError(f"config.ranks[{i}] = {r} is not one of the space's ranks {self.ranks}")
+        if not self.search_layers and not all(config.layer_mask):
+            raise ValueError(
+                f"config.layer_mask switches layers off {config.layer_mask} but the space keeps every layer on"
+            )
         if not self.modules_per_layer and len(set(config.modules)) != 1:
             raise ValueError(
                 f"config.modules differ across layers {config.modules} but the space shares one module count"
@@ -605,7 +622,7 @@ class SearchSpace(Space):
         bits = _grid(2)
         gm = _grid(self._n_mod_values)
         gr = _grid(self._n_rank_values)
-        out = [bits[int(b)] for b in config.layer_mask]
+        out = [bits[int(b)] for b in config.layer_mask] if self.search_layers else []
         mods = config.modules if self.modules_per_layer else config.modules[:1]
         ranks = config.ranks if self.rank_per_layer else config.ranks[:1]
         out += [gm[n - lo] for n in mods]
@@ -655,9 +672,8 @@ class SearchSpace(Space):
             raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
         if X.shape[-1] != self.dim:
             raise ValueError(f"X must have last dimension {self.dim}, got shape {tuple(X.shape)}")
-        L = self.num_layers
         lo, hi = self.modules_range
-        bits = X[..., :L]
+        bits = self._bits(X)
         mods = X[..., self._mod_start : self._rank_start]  # [..., 1 or L]
         ranks = X[..., self._rank_start :]  # [..., 1 or L]
         nonzero = torch.clamp(lo + mods * (hi - lo), 0.0, 1.0)  # [..., 1 or L]: the n > 0 gate
@@ -665,7 +681,15 @@ class SearchSpace(Space):
         any_active = active.amax(-1, keepdim=True)  # [..., 1]
         mods = mods * (bits if self.modules_per_layer else any_active)
         ranks = ranks * (active if self.rank_per_layer else any_active)
-        return torch.cat([active, mods, ranks], dim=-1)
+        return torch.cat([active if self.search_layers else active[..., :0], mods, ranks], dim=-1)
+
+    def _bits(self, X: torch.Tensor) -> torch.Tensor:
+        """The layer bits of ``X [..., d]`` as ``[..., L]`` (ones where the space has none)."""
+        import torch
+
+        if self.search_layers:
+            return X[..., : self.num_layers]
+        return torch.ones((*X.shape[:-1], self.num_layers), dtype=X.dtype, device=X.device)
 
     def config_to_dict(self, config: LoRAConfig) -> dict[str, Any]:
         """``config.to_dict()`` (the search's log format)."""
@@ -708,7 +732,6 @@ class SearchSpace(Space):
             raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
         if X.shape[-1] != self.dim:
             raise ValueError(f"X must have last dimension {self.dim}, got shape {tuple(X.shape)}")
-        L = self.num_layers
         X = X.clamp(0.0, 1.0)
 
         def index(v: torch.Tensor, k: int) -> torch.Tensor:
@@ -719,7 +742,7 @@ class SearchSpace(Space):
         widths = torch.tensor(
             [sum(k + d for k, d in layer) for layer in self._shapes()], dtype=X.dtype, device=X.device
         )
-        mask = index(X[..., :L], 2)
+        mask = index(self._bits(X), 2)
         mods = self.modules_range[0] + index(X[..., self._mod_start : self._rank_start], self._n_mod_values)
         rank_values = torch.tensor(self.ranks, dtype=X.dtype, device=X.device)
         ranks = rank_values[index(X[..., self._rank_start :], self._n_rank_values).long()]
@@ -745,7 +768,6 @@ class SearchSpace(Space):
             raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
         if X.shape[-1] != self.dim:
             raise ValueError(f"X must have last dimension {self.dim}, got shape {tuple(X.shape)}")
-        L = self.num_layers
         X = X.clamp(0.0, 1.0)
         widths = torch.tensor(
             [sum(k + d for k, d in layer) for layer in self._shapes()], dtype=X.dtype, device=X.device
@@ -761,7 +783,7 @@ class SearchSpace(Space):
             i0 = torch.clamp(torch.floor(u).detach(), max=K - 2).long()
             frac = u - i0.to(u.dtype)
             ranks = rank_values[i0] * (1 - frac) + rank_values[i0 + 1] * frac
-        return (X[..., :L] * mods * ranks * widths).sum(-1)
+        return (self._bits(X) * mods * ranks * widths).sum(-1)
 
     def parameter_count_objective(self, name: str = "parameters") -> Any:
         """A known (not modelled) objective that minimises the parameter count.
@@ -788,14 +810,17 @@ def paper_space(
     modules: Sequence[int] = PAPER_MODULES,
     ranks: Sequence[int] = PAPER_RANKS,
     target_shapes: Sequence[Sequence[tuple[int, int]]] | None = None,
+    search_layers: bool = True,
 ) -> SearchSpace:
-    """The paper's space (Table 6): ``L`` layer bits + one module count + one rank (``d = L + 2``).
+    """The paper's space (Table 6): ``L`` layer bits + one module count + one rank (``d = L + 2``;
+    ``d = 2`` with ``search_layers=False``).
 
     Example:
-        >>> paper_space(32).dim
-        34
+        >>> paper_space(32).dim, paper_space(32, search_layers=False).dim
+        (34, 2)
     """
-    return SearchSpace(num_layers, modules=modules, ranks=ranks, target_shapes=target_shapes)
+    return SearchSpace(num_layers, modules=modules, ranks=ranks, target_shapes=target_shapes,
+                       search_layers=search_layers)
 
 
 def extended_space(
@@ -805,6 +830,7 @@ def extended_space(
     ranks: Sequence[int] = PAPER_RANKS,
     modules_per_layer: bool = False,
     target_shapes: Sequence[Sequence[tuple[int, int]]] | None = None,
+    search_layers: bool = True,
 ) -> SearchSpace:
     """A rank per layer (``d = 2L + 1``), and optionally a module count per layer (``d = 3L``).
 
@@ -819,6 +845,7 @@ def extended_space(
         rank_per_layer=True,
         modules_per_layer=modules_per_layer,
         target_shapes=target_shapes,
+        search_layers=search_layers,
     )
 
 

@@ -100,6 +100,22 @@ def test_search_picks_a_configuration_and_resumes(tiny_checkpoint, tmp_path):
     assert (out / "search" / "search_pareto.png").exists()
 
 
+def test_search_dims_hold_the_other_dimensions(tiny_checkpoint, tmp_path):
+    """Table 4 ablation: searching only the rank keeps every layer on with --modules modules."""
+    out = tmp_path / "run"
+    args = ["--search", "3", "--search-q", "3", "--search-surrogate", "gp", "--search-ranks", "4,8,16",
+            "--search-init", "2", "--search-dims", "size", "--modules", "1"]
+    assert _run(tiny_checkpoint, out, *args) == 0
+    trials = [json.loads(x) for x in (out / "search" / "trials.jsonl").read_text().splitlines()]
+    header, done = trials[0], [t for t in trials if t.get("status") == "ok"]
+    assert header["space"]["search_layers"] is False and header["space"]["dim"] == 2
+    assert len(done) == 3 and sorted(t["config"]["ranks"][0] for t in done) == [4, 8, 16]
+    for t in done:
+        assert all(t["config"]["layer_mask"]) and set(t["config"]["modules"]) == {1}
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--search-dims", "size,depth"])
+
+
 def test_bad_input_is_reported(tiny_checkpoint, tmp_path, capsys):
     assert train.main(["--model", str(tmp_path / "missing"), "--output", str(tmp_path / "a"), *FAST]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -78,6 +78,35 @@ def test_bayesian_round_on_the_lora_space(monkeypatch, lora_space, lora_objectiv
     assert s.n_finished == 9
 
 
+@pytest.mark.parametrize("dims", ["num", "size", "layers", "num,size", "num,layers", "size,layers"])
+def test_bayesian_round_on_the_search_space_ablations(dims):
+    """Paper Table 4: the dimensions not searched are held (modules 2, rank 16, every layer on);
+    the optimiser proposes exact grid points of what is left, never repeating a configuration."""
+    from search import ffn_target_shapes
+
+    on = set(dims.split(","))
+    space = paper_space(8, modules=(0, 32) if "num" in on else (2, 2),
+                        ranks=(8, 16, 32, 64, 96) if "size" in on else (16,),
+                        search_layers="layers" in on, target_shapes=ffn_target_shapes(8, 64, 128))
+    s = make(space, [Objective("val_ce", "minimize"), space.parameter_count_objective()], q=2, n_init=4, seed=0)
+    if dims == "size":  # five configurations: the search stops when it has seen them all
+        with pytest.warns(UserWarning, match="no configuration left"):
+            s.run(lora_round, 6, progress=False)
+        assert s.n_finished == 5 and {t.config.ranks[0] for t in s.trials} == {8, 16, 32, 64, 96}
+        assert s.ask() == []
+    else:
+        s.run(lora_round, 6, progress=False)
+        assert s.n_finished == 6 and any(t.source == "gp" for t in s.trials)
+    for t in s.trials:
+        c = t.config
+        assert space.snap(t.x) == t.x
+        assert "num" in on or set(c.modules) == {2}
+        assert "size" in on or set(c.ranks) == {16}
+        assert "layers" in on or all(c.layer_mask)
+    keys = [space.canonical(t.config) for t in s.trials]
+    assert len(set(keys)) == len(keys)
+
+
 def test_bayesian_round_on_a_box_space():
     space = BoxSpace([(0.0, 1.0)] * 3)
     objs = [Objective("f0"), Objective("f1")]

@@ -83,6 +83,9 @@ SPACES = [
     extended_space(4, modules_per_layer=True),
     SearchSpace(3, modules=(2, 2), ranks=(4,)),  # degenerate (fixed) dims
     SearchSpace(3, modules=(1, 7), ranks=(64, 8, 16)),  # unsorted rank set
+    paper_space(4, search_layers=False),  # Table 4 ablations: no layer bits ...
+    SearchSpace(3, modules=(2, 2), search_layers=False),  # ... only the size
+    extended_space(3, modules_per_layer=True, search_layers=False),
 ]
 
 
@@ -216,6 +219,8 @@ def test_parameter_count_tensor_matches_pure_function():
     for s in (
         paper_space(4, target_shapes=shapes),
         extended_space(4, modules_per_layer=True, target_shapes=shapes),
+        paper_space(4, search_layers=False, target_shapes=shapes),
+        SearchSpace(4, ranks=(8,), search_layers=False, target_shapes=shapes),
     ):
         g = torch.Generator().manual_seed(1)
         X = torch.rand(300, s.dim, generator=g, dtype=torch.float64)
@@ -261,6 +266,7 @@ def test_relaxed_parameter_count_equals_the_exact_one_on_the_grid():
         paper_space(5, target_shapes=shapes),
         extended_space(5, modules_per_layer=True, ranks=(4, 8, 12, 64, 96, 128), target_shapes=shapes),
         SearchSpace(5, modules=(3, 3), ranks=(16,), target_shapes=shapes),
+        extended_space(5, search_layers=False, target_shapes=shapes),
     ):
         g = torch.Generator().manual_seed(0)
         idx = [torch.randint(len(v), (400,), generator=g) for _, v in sorted(s.discrete_values.items())]
@@ -284,6 +290,8 @@ def test_relaxed_parameter_count_equals_the_exact_one_on_the_grid():
         extended_space(4, modules_per_layer=True),
         SearchSpace(4, modules=(0, 3), rank_per_layer=False, modules_per_layer=True),
         SearchSpace(4, modules=(2, 5)),
+        paper_space(4, search_layers=False),
+        SearchSpace(4, modules=(0, 3), modules_per_layer=True, rank_per_layer=True, search_layers=False),
     ],
     ids=repr,
 )
@@ -302,3 +310,20 @@ def test_effective_tensor_identifies_equivalent_configurations(space):
     assert by_key[()] == {(0.0,) * space.dim}  # every "no adapter" configuration: the origin
     # and different effective configurations stay apart
     assert len({next(iter(v)) for v in by_key.values()}) == len(by_key)
+
+
+def test_space_without_layer_bits_keeps_every_layer_on():
+    shapes = ffn_target_shapes(3, 8, 16)
+    full, fixed = paper_space(3, target_shapes=shapes), paper_space(3, target_shapes=shapes, search_layers=False)
+    assert fixed.dim == 2 and fixed.names == ("modules", "rank")
+    assert fixed.describe()["search_layers"] is False and full.describe()["search_layers"] is True
+    c = fixed.decode([0.5, 1.0])
+    assert c.layer_mask == (True, True, True) and c.ranks == (96,) * 3
+    assert fixed.parameter_count(c) == full.parameter_count(c)
+    with pytest.raises(ValueError, match="keeps every layer on"):
+        fixed.encode(LoRAConfig((True, False, True), (2,) * 3, (8,) * 3))
+    # only the number searched: rank and layers fixed -> one free dimension
+    num = SearchSpace(3, ranks=(16,), search_layers=False)
+    assert num.dim == 2 and list(num.fixed_dims) == [1]
+    with pytest.raises(TypeError, match="search_layers"):
+        SearchSpace(3, search_layers="no")
