@@ -22,6 +22,10 @@ The paper's comparison on one base model and one dataset, reproducible with one 
   on the bare queries: no memory, no prompt context) and **MiLP w/o instruction tuning** (the
   memory-injected users of the MiLP run, shared adapter off). The memory-injected adapters are
   reused, never injected twice;
+* the search-space ablation (paper Table 4, with ``--search N``): **MiLP whose configuration
+  search varies only Num** (modules per layer), **Size** (rank), **Layer** (the layer mask), or
+  two of them (``--methods milp-num,milp-size,...``: ``python -m milp.train --search-dims``), the
+  rest fixed at ``--modules`` / ``--rank`` / every layer on; run after every seed's main methods;
 * a reference row, the base model as shipped (no memory, no tuning), comes free from the MiLP run.
 
 Metrics per method (:func:`milp.pipeline.score`): ROUGE-1, ROUGE-L, Persona-F1, and the win
@@ -39,7 +43,8 @@ Outputs in ``--output`` (default ``runs/compare``)::
     comparison.json, comparison.md, comparison.png
 
 ``--report PREFIX`` writes the three result files also as ``PREFIX.json``, ``PREFIX.md`` and
-``PREFIX.png``. Every file is written atomically; a method/seed whose predictions exist is
+``PREFIX.png``; ``--report-only`` writes them from the predictions already there, running nothing
+(every cell averages the seeds that have the method; the tables give that count). Every file is written atomically; a method/seed whose predictions exist is
 skipped (a trained but not yet evaluated method reloads its adapter), so an interrupted
 comparison continues where it stopped, and adding ``--seeds`` or ``--methods`` later only runs
 what is new.
@@ -81,11 +86,25 @@ from .pipeline import (
     user_content,
 )
 
-__all__ = ["METHODS", "LABELS", "UelpPrefix", "build_parser", "run", "aggregate", "main"]
+__all__ = ["METHODS", "SEARCH_ABLATIONS", "ALL_METHODS", "LABELS", "UelpPrefix", "build_parser", "run", "aggregate",
+           "main"]
 
 DEFAULT_OUTPUT = "runs/compare"
 #: Method keys in table order; ``--methods`` takes a comma list of them.
 METHODS: tuple[str, ...] = ("tplp", "malp", "uelp", "milp", "milp-no-memory", "milp-no-instruction")
+#: The search-space ablation (paper Table 4): MiLP whose configuration search varies only these
+#: dimensions (``milp.train --search-dims``); the others stay at ``--modules`` / ``--rank`` /
+#: every layer on. Needs ``--search N``. Full MiLP searches all three.
+SEARCH_ABLATIONS: dict[str, tuple[str, ...]] = {
+    "milp-num": ("num",),
+    "milp-size": ("size",),
+    "milp-layer": ("layers",),
+    "milp-num-size": ("num", "size"),
+    "milp-num-layer": ("layers", "num"),
+    "milp-size-layer": ("layers", "size"),
+}
+#: Every method ``--methods all`` runs (the Table 4 rows only with ``--search N``).
+ALL_METHODS: tuple[str, ...] = (*METHODS, *SEARCH_ABLATIONS)
 #: Row labels of the tables (``base`` is the reference row of the base model as shipped).
 LABELS: dict[str, str] = {
     "tplp": "TpLP",
@@ -94,15 +113,25 @@ LABELS: dict[str, str] = {
     "milp": "MiLP",
     "milp-no-memory": "MiLP w/o memory injection",
     "milp-no-instruction": "MiLP w/o instruction tuning",
+    "milp-num": "MiLP, search Num",
+    "milp-size": "MiLP, search Size",
+    "milp-layer": "MiLP, search Layer",
+    "milp-num-size": "MiLP, search Num+Size",
+    "milp-num-layer": "MiLP, search Num+Layer",
+    "milp-size-layer": "MiLP, search Size+Layer",
     "base": "base model (no memory, no tuning)",
 }
 _MAIN = ("tplp", "malp", "uelp", "milp")
 _ABLATION = ("milp", "milp-no-memory", "milp-no-instruction")
+_SEARCH_TABLE = (*SEARCH_ABLATIONS, "milp")
+_SEARCH_LABELS = {**{m: "+".join({"num": "Num", "size": "Size", "layers": "Layer"}[d] for d in sorted(
+    dims, key=("num", "size", "layers").index)) for m, dims in SEARCH_ABLATIONS.items()},
+    "milp": "Num+Size+Layer (MiLP)"}
 _METRICS = (("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L"), ("persona_f1", "Persona-F1"),
             ("win_rate", "Win rate vs TpLP"))
 # settings that may change between a comparison and its continuation
 _VOLATILE = {"output", "progress", "overwrite", "device", "slots", "eval_batch_size", "on_error", "seeds",
-             "methods", "report"}
+             "methods", "report", "report_only"}
 
 
 def _log(msg: str) -> None:
@@ -126,14 +155,14 @@ def _seed_list(text: str) -> tuple[int, ...]:
 def _method_list(text: str) -> tuple[str, ...]:
     names = [p.strip().lower() for p in text.split(",") if p.strip()]
     if names == ["all"]:
-        return METHODS
-    unknown = [n for n in names if n not in METHODS]
+        return ALL_METHODS
+    unknown = [n for n in names if n not in ALL_METHODS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; choose from {', '.join(METHODS)} "
-                                         "(comma-separated) or all")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; choose from "
+                                         f"{', '.join(ALL_METHODS)} (comma-separated) or all")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"methods must not repeat, got {text!r}")
-    return tuple(m for m in METHODS if m in names)
+    return tuple(m for m in ALL_METHODS if m in names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,13 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds; each draws its own --users sample and 70/10/20 split (as milp.train --seed S) and "
                    "seeds every method's initialisation and batches; results are mean ± std over them")
     g.add_argument("--methods", type=_method_list, default=METHODS, metavar="M,M,...",
-                   help=f"methods to run: {', '.join(METHODS)} or all; milp-no-instruction reuses milp's "
-                   "memory-injected users, so milp runs with it")
+                   help=f"methods to run: {', '.join(ALL_METHODS)} or all; milp-no-instruction reuses milp's "
+                   "memory-injected users, so milp runs with it; the milp-<dims> search-space ablations "
+                   "(paper Table 4) need --search N")
     g.add_argument("--context-tokens", type=train._pos(int, 1), default=256,
                    help="token budget of the TpLP / MaLP system-prompt context")
     g.add_argument("--k-long", type=train._pos(int, 0), default=3, help="MaLP: retrieved long-term memories")
     g.add_argument("--k-short", type=train._pos(int, 0), default=2, help="MaLP: most recent turns (short-term)")
     g.add_argument("--uelp-vectors", type=train._pos(int, 1), default=4, help="UeLP: soft-prompt vectors")
+    g.add_argument("--report-only", action="store_true",
+                   help="train and generate nothing: write the tables from the predictions already in --output "
+                   "(each cell averages the seeds that have the method; n is reported)")
     g.add_argument("--report", default=None, metavar="PREFIX",
                    help="also write the results as PREFIX.json, PREFIX.md and PREFIX.png "
                    "(e.g. bench/results/comparison_meddia)")
@@ -334,14 +367,18 @@ class _Models:
         return self._embedder
 
 
-def _run_milp(st: _Seed) -> None:
-    """MiLP = ``python -m milp.train`` with this comparison's settings; also yields the base row."""
+def _run_milp(st: _Seed, method: str = "milp") -> None:
+    """MiLP = ``python -m milp.train`` with this comparison's settings (its run directory
+    ``seed<S>/milp_run``); also yields the base row. A search-space ablation (``milp-num``, ...)
+    is the same run with ``--search-dims`` narrowed, in ``seed<S>/<method>_run``."""
     args = st.args
     targs = train.build_parser().parse_args([])
     for k in vars(targs):
         if hasattr(args, k):
             setattr(targs, k, getattr(args, k))
-    targs.seed, targs.output, targs.overwrite = st.seed, str(st.dir / "milp_run"), False
+    targs.seed, targs.output, targs.overwrite = st.seed, str(st.dir / f"{method}_run"), False
+    if method in SEARCH_ABLATIONS:
+        targs.search_dims = SEARCH_ABLATIONS[method]
     t0 = time.perf_counter()
     metrics = train.run(targs)
     run_dir = Path(targs.output)
@@ -352,13 +389,14 @@ def _run_milp(st: _Seed) -> None:
     rows = [json.loads(x) for x in (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if x]
     by_key = {(r["user_id"], r["query"]): r["prediction"] for r in rows}
     info = _read_json(run_dir / "instruction.json") if (run_dir / "instruction.json").exists() else {}
-    _save_predictions(st.pred_path("base"), "base", st.seed, test, _read_json(run_dir / "predictions_base.json"),
-                      trainable_parameters=0)
+    if method == "milp":
+        _save_predictions(st.pred_path("base"), "base", st.seed, test,
+                          _read_json(run_dir / "predictions_base.json"), trainable_parameters=0)
     # cost = MiLP's own stages (not the model load nor the base-model reference answers)
     timings = {k: v for k, v in (metrics.get("timings_s") or {}).items() if k != "load_model_s"}
     if metrics.get("search"):
         timings["search_s"] = metrics["search"]["wall_s"]
-    _save_predictions(st.pred_path("milp"), "milp", st.seed, test, [by_key[(r.user_id, r.query)] for r in test],
+    _save_predictions(st.pred_path(method), method, st.seed, test, [by_key[(r.user_id, r.query)] for r in test],
                       invocation_wall_s=time.perf_counter() - t0, timings_s=timings,
                       memory_parameters_per_user=metrics.get("parameters_per_user"),
                       trainable_parameters=info.get("parameters"), memory_config=metrics.get("memory_config"),
@@ -504,6 +542,8 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
             res[m]["timings_s"] = info.get("timings_s")
             if info.get("memory_parameters_per_user") is not None:
                 res[m]["memory_parameters_per_user"] = info["memory_parameters_per_user"]
+            if (info.get("search") or {}).get("val_ce") is not None:
+                res[m]["search_val_ce"] = info["search"]["val_ce"]
             if "tplp" in answers:
                 wr = win_rate(preds, answers["tplp"], [r.query for r in test], [user_content(r) for r in test],
                               [r.response for r in test], judge=judge)
@@ -517,7 +557,7 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
         if not rows:
             continue
         summary[m] = {}
-        for key, _ in _METRICS:
+        for key in (*(k for k, _ in _METRICS), "memory_parameters_per_user", "search_val_ce"):
             vals = [r[key] for r in rows if r.get(key) is not None]
             if vals:
                 mean, std = _mean_std(vals)
@@ -527,17 +567,17 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
             "examples": examples}
 
 
-def _cell(stat: dict[str, Any] | None) -> str:
+def _cell(stat: dict[str, Any] | None, digits: int = 2) -> str:
     if stat is None:
         return "—"
     if stat["std"] is None:
-        return f"{stat['mean']:.2f}"
-    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
 def _table(methods: Sequence[str], summary: dict[str, Any]) -> list[str]:
-    lines = ["| Method | " + " | ".join(label for _, label in _METRICS) + " |",
-             "|---|" + "---:|" * len(_METRICS)]
+    lines = ["| Method | " + " | ".join(label for _, label in _METRICS) + " | seeds |",
+             "|---|" + "---:|" * (len(_METRICS) + 1)]
     for m in methods:
         if m not in summary:
             continue
@@ -546,7 +586,23 @@ def _table(methods: Sequence[str], summary: dict[str, Any]) -> list[str]:
             cell = _cell(summary[m].get(key))
             cells.append(f"{cell} (ref.)" if key == "win_rate" and m == "tplp" and cell != "—" else cell)
         label = f"*{LABELS[m]}*" if m == "base" else LABELS[m]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(summary[m]['seeds'])} |")
+    return lines
+
+
+def _search_table(summary: dict[str, Any]) -> list[str]:
+    """Paper Table 4: what the search varied, the scores, and the picked configuration's size
+    and validation loss (mean over seeds)."""
+    lines = ["| Searched | " + " | ".join(label for _, label in _METRICS)
+             + " | memory parameters per user | val CE of the pick | seeds |",
+             "|---|" + "---:|" * (len(_METRICS) + 3)]
+    for m in _SEARCH_TABLE:
+        if m not in summary:
+            continue
+        p, ce = summary[m].get("memory_parameters_per_user"), summary[m].get("search_val_ce")
+        cells = [_cell(summary[m].get(key)) for key, _ in _METRICS]
+        cells += ["—" if p is None else f"{p['mean']:,.0f}", _cell(ce, digits=4), str(len(summary[m]["seeds"]))]
+        lines.append(f"| {_SEARCH_LABELS[m]} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -581,12 +637,25 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         *_table(_ABLATION, summary),
         "",
+    ]
+    if any(m in summary for m in SEARCH_ABLATIONS):
+        lines += [
+            "## Search-space ablation (paper Table 4)",
+            "",
+            f"The configuration search (`--search {s['search']}`, picked on the validation users) varies only the "
+            f"named dimensions; the others stay fixed (Num: {s['modules']} modules, Size: rank {s['rank']}, "
+            "Layer: every layer on).",
+            "",
+            *_search_table(summary),
+            "",
+        ]
+    lines += [
         "## Cost",
         "",
         "| Method | trainable parameters | wall time per seed (s) |",
         "|---|---:|---:|",
     ]
-    for m in (*METHODS, "base"):
+    for m in (*ALL_METHODS, "base"):
         if m in report["cost"]:
             c = report["cost"][m]
             params = "—" if c["trainable_parameters"] is None else f"{c['trainable_parameters']:,}"
@@ -688,9 +757,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
         raise SystemExit("milp.evaluate runs in one process; scale MiLP out with torchrun -m milp.train instead")
     out = Path(args.output)
     methods = list(args.methods)
+    ablations = [m for m in methods if m in SEARCH_ABLATIONS]
+    if ablations and not args.search:
+        raise SystemExit(f"milp.evaluate: the search-space ablations {ablations} vary what the configuration "
+                         "search varies: pass --search N (N configurations per search)")
     if "milp-no-instruction" in methods and "milp" not in methods:
         methods.insert(methods.index("milp-no-instruction"), "milp")
         _log("milp-no-instruction reuses MiLP's memory-injected users: running milp too")
+    if ablations and "milp" not in methods:
+        methods.insert(methods.index(ablations[0]), "milp")
+        _log("the search-space ablation compares with full MiLP: running milp too")
     records = train.load_records(args.data, args.data_format, on_error=args.on_error, progress=args.progress)
     seeds = list(args.seeds)
     _prepare_output(out, args, argv)
@@ -698,8 +774,14 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
     for seed, st in st_of.items():
         _log(f"seed {seed}: {st.sizes['train']} train / {st.sizes['val']} val / {st.sizes['test']} test users")
     models = _Models(args)
-    order = [m for m in ("milp", "milp-no-instruction", "tplp", "malp", "uelp", "milp-no-memory") if m in methods]
-    jobs = [(seed, m) for seed in seeds for m in order]
+    order = [m for m in ("milp", "milp-no-instruction", "tplp", "malp", "uelp", "milp-no-memory", *SEARCH_ABLATIONS)
+             if m in methods]
+    # the search-space ablations (a whole search each) after every seed's main methods
+    jobs = [(seed, m) for seed in seeds for m in order if m not in SEARCH_ABLATIONS]
+    jobs += [(seed, m) for seed in seeds for m in order if m in SEARCH_ABLATIONS]
+    if args.report_only:
+        jobs = []
+        _log("--report-only: tables from the predictions already in the output directory")
     bar = tqdm(jobs, desc="comparison", disable=not args.progress, dynamic_ncols=True)
     for seed, m in bar:
         st = st_of[seed]
@@ -708,8 +790,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
             continue
         _log(f"seed {seed}: {LABELS[m]}")
         torch.manual_seed(seed)
-        if m == "milp":
-            _run_milp(st)
+        if m == "milp" or m in SEARCH_ABLATIONS:
+            _run_milp(st, m)
         elif m == "milp-no-instruction":
             _run_memory_only(st, models)
         else:
@@ -729,14 +811,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
         "data": args.data or "MedDia (shipped)",
         "seeds": seeds,
-        "methods": {m: LABELS[m] for m in (*METHODS, "base") if m in res["summary"]},
+        "methods": {m: LABELS[m] for m in (*ALL_METHODS, "base") if m in res["summary"]},
         "split_sizes": {str(s): st.sizes for s, st in st_of.items()},
         "settings": _settings(args),
         "memory": memory,
         "judge": res["judge"],
         "summary": res["summary"],
         "tables": {"comparison": [m for m in (*_MAIN, "base") if m in res["summary"]],
-                   "ablation": [m for m in _ABLATION if m in res["summary"]]},
+                   "ablation": [m for m in _ABLATION if m in res["summary"]],
+                   "search_ablation": [m for m in _SEARCH_TABLE if m in res["summary"]
+                                       and any(a in res["summary"] for a in SEARCH_ABLATIONS)]},
         "per_seed": res["per_seed"],
         "cost": cost,
         "compute_s": sum(c["wall_s_total"] for c in cost.values()),

@@ -60,7 +60,8 @@ def test_every_method_runs_and_writes_the_tables(tiny_checkpoint, tmp_path, caps
             assert s[key]["n"] == 2 and s[key]["std"] is not None and 0 <= s[key]["mean"] <= 100
     assert res["summary"]["tplp"]["win_rate"]["mean"] == 50.0  # TpLP against itself: all ties
     assert res["tables"] == {"comparison": ["tplp", "malp", "uelp", "milp", "base"],
-                             "ablation": ["milp", "milp-no-memory", "milp-no-instruction"]}
+                             "ablation": ["milp", "milp-no-memory", "milp-no-instruction"], "search_ablation": []}
+    assert "Table 4" not in printed  # no search, no search-space ablation
     for seed in (0, 1):
         split = json.loads((out / f"seed{seed}" / "split.json").read_text())
         assert split == json.loads((out / f"seed{seed}" / "milp_run" / "split.json").read_text())
@@ -166,3 +167,36 @@ def test_uelp_prefix_caches_user_vectors():
     prefix([b, a])
     assert len(calls) == 2
     assert all(p.requires_grad for p in prefix.parameters())
+
+
+def test_search_space_ablation_rows(tiny_checkpoint, tmp_path, capsys):
+    """Paper Table 4: each milp-<dims> method is a MiLP run whose search varies only <dims>."""
+    out = tmp_path / "cmp"
+    search = ["--search", "3", "--search-q", "3", "--search-init", "2", "--search-surrogate", "gp",
+              "--search-modules", "0-3", "--search-ranks", "4,8"]
+    with pytest.raises(SystemExit, match="--search N"):
+        _run(tiny_checkpoint, out, "--seeds", "0", "--methods", "milp-size")
+    assert _run(tiny_checkpoint, out, "--seeds", "0", "--methods", "milp-size,milp-num-layer", *search) == 0
+    for method, dims in (("milp", ["layers", "num", "size"]), ("milp-size", ["size"]),
+                         ("milp-num-layer", ["layers", "num"])):
+        run = json.loads((out / "seed0" / f"{method}_run" / "run.json").read_text())
+        assert run["settings"]["search_dims"] == dims
+        assert (out / "seed0" / method / "predictions.json").is_file()
+    size = [json.loads(x) for x in (out / "seed0" / "milp-size_run" / "search" / "trials.jsonl").read_text()
+            .splitlines()]
+    assert size[0]["space"]["search_layers"] is False
+    for t in size[1:]:  # only the rank varies: every layer on, --modules (2) modules
+        assert all(t["config"]["layer_mask"]) and set(t["config"]["modules"]) == {2}
+    res = json.loads((out / "comparison.json").read_text())
+    assert res["tables"]["search_ablation"] == ["milp-size", "milp-num-layer", "milp"]
+    assert res["summary"]["milp-size"]["memory_parameters_per_user"]["mean"] > 0
+    assert "search_val_ce" in res["summary"]["milp-num-layer"]
+    md = (out / "comparison.md").read_text()
+    assert "## Search-space ablation (paper Table 4)" in md
+    assert "| Size |" in md and "| Num+Layer |" in md and "| Num+Size+Layer (MiLP) |" in md
+    # --report-only: the tables again from what is there, nothing trained
+    capsys.readouterr()
+    assert _run(tiny_checkpoint, out, "--seeds", "0,1", "--methods", "all", "--report-only", *search) == 0
+    res = json.loads((out / "comparison.json").read_text())
+    assert res["summary"]["milp"]["seeds"] == [0] and not (out / "seed1" / "milp").exists()
+    assert "| Size |" in (out / "comparison.md").read_text()
