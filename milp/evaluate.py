@@ -29,8 +29,9 @@ The paper's comparison on one base model and one dataset, reproducible with one 
 * a reference row, the base model as shipped (no memory, no tuning), comes free from the MiLP run.
 
 Metrics per method (:func:`milp.pipeline.score`): ROUGE-1, ROUGE-L, Persona-F1, and the win
-rate against TpLP on the same test examples by :class:`milp.metrics.EmbeddingJudge` (ties
-count half; the judge's name is written in the outputs); mean ± sample standard deviation
+rate against TpLP on the same test examples by ``--judge``: :class:`milp.metrics.EmbeddingJudge`
+(default), :class:`milp.metrics.LMJudge` on the base model (``lm``) or on any local checkpoint
+(ties count half; the judge's name is written in the outputs); mean ± sample standard deviation
 (n − 1) over the seeds.
 
 Outputs in ``--output`` (default ``runs/compare``)::
@@ -44,8 +45,9 @@ Outputs in ``--output`` (default ``runs/compare``)::
 
 ``--report PREFIX`` writes the three result files also as ``PREFIX.json``, ``PREFIX.md`` and
 ``PREFIX.png``; ``--report-only`` writes them from the predictions already there, running nothing
-(every cell averages the seeds that have the method; the tables give that count). Every file is written atomically; a method/seed whose predictions exist is
-skipped (a trained but not yet evaluated method reloads its adapter), so an interrupted
+(every cell averages the seeds that have the method; the tables give that count). Every file is
+written atomically; a method/seed whose predictions exist is skipped (a trained but not yet
+evaluated method reloads its adapter), so an interrupted
 comparison continues where it stopped, and adding ``--seeds`` or ``--methods`` later only runs
 what is new.
 
@@ -131,7 +133,7 @@ _METRICS = (("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L"), ("persona_f1", "Person
             ("win_rate", "Win rate vs TpLP"))
 # settings that may change between a comparison and its continuation
 _VOLATILE = {"output", "progress", "overwrite", "device", "slots", "eval_batch_size", "on_error", "seeds",
-             "methods", "report", "report_only"}
+             "methods", "report", "report_only", "judge"}
 
 
 def _log(msg: str) -> None:
@@ -196,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k-long", type=train._pos(int, 0), default=3, help="MaLP: retrieved long-term memories")
     g.add_argument("--k-short", type=train._pos(int, 0), default=2, help="MaLP: most recent turns (short-term)")
     g.add_argument("--uelp-vectors", type=train._pos(int, 1), default=4, help="UeLP: soft-prompt vectors")
+    g.add_argument("--judge", default="embedding", metavar="JUDGE",
+                   help="win-rate judge: embedding (all-MiniLM-L6-v2 similarity to the reference and the user's "
+                   "content), lm (the base model under comparison asked which answer is better, both orders), or a "
+                   "path to any local Hugging Face causal LM used the same way")
     g.add_argument("--report-only", action="store_true",
                    help="train and generate nothing: write the tables from the predictions already in --output "
                    "(each cell averages the seeds that have the method; n is reported)")
@@ -738,6 +744,19 @@ def _describe_memory(cfg: MemoryConfig, params: int, args: argparse.Namespace) -
             f"epochs over the history at lr {args.memory_lr:g}")
 
 
+def _judge(args: argparse.Namespace, models: _Models) -> Any:
+    from .metrics import EmbeddingJudge, LMJudge
+
+    if args.judge == "embedding":
+        return EmbeddingJudge(models.embedder())
+    if args.judge == "lm":
+        model, tok = models.base()
+        return LMJudge(model, tok, batch_size=args.eval_batch_size)
+    if not Path(args.judge).exists():
+        raise FileNotFoundError(f"--judge: expected embedding, lm or a local checkpoint path, got {args.judge!r}")
+    return LMJudge.from_pretrained(args.judge, device=models.device, batch_size=args.eval_batch_size)
+
+
 # --------------------------------------------------------------------------- the run
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
     """Run the comparison for parsed ``args`` (see :func:`build_parser`); returns the report
@@ -749,8 +768,6 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
         {'mean': 13.1, 'std': None, 'n': 1}
     """
     from tqdm.auto import tqdm
-
-    from .metrics import EmbeddingJudge
 
     t_start = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -797,7 +814,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
         else:
             _run_tuned(m, st, models)
     bar.close()
-    judge = EmbeddingJudge(models.embedder())
+    judge = _judge(args, models)
     shown = [*methods, "base"] if "milp" in methods else methods
     res = aggregate(out, seeds, {s: st.split for s, st in st_of.items()}, judge, shown)
     cost = _cost(out, seeds, shown)

@@ -29,7 +29,9 @@ Win rate (:func:`win_rate`)
     answer's score is ``0.5·cos(answer, reference) + 0.5·max_i cos(answer, context_i)``
     (over the profile and history items; only the available terms count when there is
     no reference or no context) and scores within ``tie_band`` (0.02) are a tie; an empty
-    answer loses to a non-empty one (two empty answers tie).  The result names the judge.
+    answer loses to a non-empty one (two empty answers tie).  :class:`LMJudge` asks a local
+    causal LM instead (which response better answers this user, ``A`` or ``B``), in both
+    orders to cancel position bias.  The result names the judge.
 
 Example:
     >>> from milp.metrics import rouge_scores, persona_f1
@@ -58,6 +60,7 @@ __all__ = [
     "Preference",
     "Judge",
     "EmbeddingJudge",
+    "LMJudge",
     "WinRate",
     "win_rate",
 ]
@@ -306,6 +309,138 @@ class EmbeddingJudge:
         """:meth:`judge` over aligned lists."""
         refs = list(references) if references is not None else [None] * len(queries)
         return [self.judge(q, c, a, b, r) for q, c, a, b, r in zip(queries, contexts, answers_a, answers_b, refs)]
+
+
+class LMJudge:
+    """Pairwise judge by a local causal LM (any Hugging Face causal LM, e.g. the embedded one).
+
+    The prompt (the tokenizer's chat template when it has one) gives the user's profile and
+    history (the most recent ``max_context_tokens`` tokens), the reference answer when there
+    is one, the query and the two responses, and asks for one letter.  The judge reads the
+    log-probabilities of the tokens ``A`` and ``B`` at the answer position, for the pair in
+    both orders: ``margin = ((lp_A − lp_B)[X first] − (lp_A − lp_B)[Y first]) / 2`` prefers X
+    when positive; ``|margin| <= tie_band`` is a tie.  So ``judge(X, Y)`` and ``judge(Y, X)``
+    always agree (a judge that only prefers the first position ties everything).  Empty
+    answers lose (both empty: tie), as with :class:`EmbeddingJudge`.
+
+    Example:
+        >>> j = LMJudge.from_pretrained()          # the embedded SmolLM2-135M-Instruct  # doctest: +SKIP
+        >>> j.judge("Knee pain?", ["I run marathons"], "Rest the knee; pause running.", "Buy a hat.")  # doctest: +SKIP
+        'A'
+    """
+
+    PROMPT = ("You compare two responses to a user's question. User's own words (profile and history): "
+              "{context}\n{reference}Question: {query}\n\nResponse A: {a}\n\nResponse B: {b}\n\n"
+              "Which response answers this user better, using what they said before? Reply with one letter: A or B.")
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str | None = None, tie_band: float = 0.0,
+                 max_context_tokens: int = 256, max_answer_tokens: int = 128, batch_size: int = 8) -> None:
+        if not callable(model) or not hasattr(model, "parameters"):
+            raise TypeError(f"model must be a causal LM (torch module), got {type(model).__name__}")
+        if not callable(getattr(tokenizer, "encode", None)):
+            raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+        if not isinstance(tie_band, (int, float)) or isinstance(tie_band, bool) or tie_band < 0:
+            raise ValueError(f"tie_band must be a number >= 0, got {tie_band!r}")
+        for arg, v in (("max_context_tokens", max_context_tokens), ("max_answer_tokens", max_answer_tokens),
+                       ("batch_size", batch_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{arg} must be an int >= 1, got {v!r}")
+        ids = []
+        for letter in ("A", "B"):
+            t = tokenizer.encode(letter, add_special_tokens=False)
+            if len(t) != 1:
+                raise ValueError(f"tokenizer: the letter {letter!r} must be one token, got ids {t}")
+            ids.append(t[0])
+        self.model, self.tokenizer, self._ids = model, tokenizer, ids
+        self.tie_band, self.batch_size = float(tie_band), batch_size
+        self.max_context_tokens, self.max_answer_tokens = max_context_tokens, max_answer_tokens
+        model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        self._name = name or f"lm-pairwise({str(model_name).rstrip('/').rsplit('/', 1)[-1]}; both orders, " \
+                             f"tie_band={self.tie_band:g})"
+
+    @classmethod
+    def from_pretrained(cls, path: str | None = None, *, device: Any = None, **kw: Any) -> LMJudge:
+        """A judge on a local checkpoint (``None``: the embedded default model), in float32."""
+        import torch
+
+        from milp.models import load_model
+
+        model, tok = load_model(path, dtype=torch.float32, device=device)
+        model.eval()
+        kw.setdefault("name", None if path is not None else "lm-pairwise(SmolLM2-135M-Instruct; both orders, "
+                      f"tie_band={float(kw.get('tie_band', 0.0)):g})")
+        return cls(model, tok, **kw)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def _clip(self, text: str, limit: int, keep_end: bool) -> str:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) <= limit:
+            return text
+        return self.tokenizer.decode(ids[-limit:] if keep_end else ids[:limit])
+
+    def _prompt(self, query: str, context: list[str], a: str, b: str, reference: str | None) -> str:
+        text = self.PROMPT.format(
+            context=self._clip(" ".join(context), self.max_context_tokens, keep_end=True) or "(none)",
+            reference=f"A good answer (reference): {self._clip(reference, self.max_answer_tokens, False)}\n"
+            if reference else "",
+            query=query, a=self._clip(a, self.max_answer_tokens, False), b=self._clip(b, self.max_answer_tokens, False))
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return text + "\nAnswer:"
+
+    def _letter_margins(self, prompts: list[str]) -> list[float]:
+        """``log p(A) − log p(B)`` at the next position of each prompt."""
+        import torch
+
+        tok = self.tokenizer
+        device = next(self.model.parameters()).device
+        side, pad = tok.padding_side, tok.pad_token
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        out: list[float] = []
+        try:
+            with torch.no_grad():
+                for i in range(0, len(prompts), self.batch_size):
+                    enc = tok(prompts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=not getattr(tok, "chat_template", None)).to(device)
+                    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding: real positions
+                    logits = self.model(**enc, position_ids=pos).logits[:, -1].float().log_softmax(-1)
+                    out += (logits[:, self._ids[0]] - logits[:, self._ids[1]]).tolist()
+        finally:
+            tok.padding_side, tok.pad_token = side, pad
+        return out
+
+    def judge_batch(self, queries: Sequence[str], contexts: Sequence[Context], answers_a: Sequence[str],
+                    answers_b: Sequence[str], references: Sequence[str | None] | None = None) -> list[Preference]:
+        """:meth:`judge` over aligned lists, batched through the model."""
+        refs = list(references) if references is not None else [None] * len(queries)
+        verdicts: list[Preference | None] = []
+        prompts: list[str] = []
+        for q, c, a, b, r in zip(queries, contexts, answers_a, answers_b, refs):
+            if not a.strip() or not b.strip():
+                verdicts.append("tie" if not a.strip() and not b.strip() else ("B" if not a.strip() else "A"))
+                continue
+            ctx = _context_items(c)
+            prompts += [self._prompt(q, ctx, a, b, r), self._prompt(q, ctx, b, a, r)]
+            verdicts.append(None)
+        margins = iter(self._letter_margins(prompts))
+        out: list[Preference] = []
+        for v in verdicts:
+            if v is None:
+                m = (next(margins) - next(margins)) / 2
+                v = "tie" if abs(m) <= self.tie_band else ("A" if m > 0 else "B")
+            out.append(v)
+        return out
+
+    def judge(self, query: str, context: Context, answer_a: str, answer_b: str,
+              reference: str | None = None) -> Preference:
+        """Compare two answers for one example; see the class docstring."""
+        return self.judge_batch([query], [context], [answer_a], [answer_b], [reference])[0]
 
 
 @dataclass(frozen=True)

@@ -200,3 +200,24 @@ def test_search_space_ablation_rows(tiny_checkpoint, tmp_path, capsys):
     res = json.loads((out / "comparison.json").read_text())
     assert res["summary"]["milp"]["seeds"] == [0] and not (out / "seed1" / "milp").exists()
     assert "| Size |" in (out / "comparison.md").read_text()
+
+
+def test_judge_flag_and_user_jsonl(tiny_checkpoint, tmp_path, capsys):
+    """The same command on a user-supplied JSONL file; the win rate by the LM judge or a checkpoint path."""
+    from milp.data import load_meddia, write_jsonl
+
+    data = tmp_path / "mine.jsonl"
+    write_jsonl(load_meddia()[:7], data)
+    out = tmp_path / "cmp"
+    args = ["--data", str(data), "--seeds", "0", "--methods", "tplp,milp-no-memory"]
+    assert _run(tiny_checkpoint, out, *args) == 0
+    assert json.loads((out / "comparison.json").read_text())["data"] == str(data)
+    assert _run(tiny_checkpoint, out, *args, "--report-only", "--judge", "lm") == 0
+    res = json.loads((out / "comparison.json").read_text())
+    assert res["judge"].startswith("lm-pairwise(tiny-llama") and res["summary"]["tplp"]["win_rate"]["mean"] == 50.0
+    assert 0 <= res["summary"]["milp-no-memory"]["win_rate"]["mean"] <= 100
+    assert _run(tiny_checkpoint, out, *args, "--report-only", "--judge", str(tiny_checkpoint)) == 0
+    assert json.loads((out / "comparison.json").read_text())["judge"].startswith("lm-pairwise(tiny-llama")
+    capsys.readouterr()
+    assert _run(tiny_checkpoint, out, *args, "--report-only", "--judge", str(tmp_path / "nope")) == 2
+    assert "--judge" in capsys.readouterr().err

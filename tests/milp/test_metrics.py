@@ -8,6 +8,7 @@ from milp.metrics import (
     STOP_WORDS,
     EmbeddingJudge,
     Judge,
+    LMJudge,
     WinRate,
     content_tokens,
     persona_f1,
@@ -221,3 +222,67 @@ def test_default_judge_with_minilm():
         ["Rest and ice the knee and take a break from running."],
     )
     assert (out.win_rate, out.n) == (100.0, 1) and "all-MiniLM-L6-v2" in out.judge
+
+
+# --------------------------------------------------------------------------- LM judge
+class _TextModel(torch.nn.Module):
+    """A stand-in causal LM whose next-token logits for "A" / "B" follow a rule on the prompt text."""
+
+    def __init__(self, tok, rule):
+        super().__init__()
+        self.tok, self.rule, self.w = tok, rule, torch.nn.Parameter(torch.zeros(1))
+        self.ids = [tok.encode(c, add_special_tokens=False)[0] for c in "AB"]
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        logits = torch.zeros(*input_ids.shape, len(self.tok))
+        for i, row in enumerate(input_ids):
+            a, b = self.rule(self.tok.decode(row[attention_mask[i].bool()]))
+            logits[i, -1, self.ids[0]], logits[i, -1, self.ids[1]] = a, b
+        return type("Out", (), {"logits": logits})()
+
+
+def test_lm_judge_reads_both_orders(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+
+    def likes_rest(text):  # prefers whichever position holds the answer that says "rest"
+        return float("Response A: rest" in text), float("Response B: rest" in text)
+
+    j = LMJudge(_TextModel(tok, likes_rest), tok, name="rule")
+    assert j.name == "rule"
+    assert j.judge("Knee?", ["I run."], "rest the knee", "buy a hat") == "A"
+    assert j.judge("Knee?", ["I run."], "buy a hat", "rest the knee") == "B"
+    assert j.judge("Knee?", ["I run."], "buy a hat", "wear a hat") == "tie"
+    # a judge that only likes the first position ties everything: both orders cancel
+    first = LMJudge(_TextModel(tok, lambda text: (5.0, 0.0)), tok)
+    assert first.judge_batch(["q", "q"], ["c", "c"], ["rest x", "y"], ["z", "rest w"]) == ["tie", "tie"]
+    # empty answers lose, two empty answers tie (the model is not asked)
+    assert j.judge_batch(["q"] * 3, [""] * 3, ["", "a", " "], ["b", "", ""]) == ["B", "A", "tie"]
+    out = win_rate(["rest now", "hat"], ["hat", "rest now"], ["q", "q"], [["c"], ["c"]], judge=j)
+    assert (out.wins, out.losses, out.ties) == (1, 1, 0)
+
+
+def test_lm_judge_on_a_real_model_is_batch_invariant_and_symmetric(tiny_checkpoint):
+    j = LMJudge.from_pretrained(str(tiny_checkpoint), batch_size=2)
+    assert j.name.startswith("lm-pairwise(tiny-llama")
+    qs = ["My knee hurts.", "Headache for days?", "Is ibuprofen fine?"]
+    ctx = [["I run daily."], ["I drink little water.", "I work late."], []]
+    a = ["Rest the knee and ice it.", "Drink water and rest.", "Yes, for short-term pain."]
+    b = ["See a doctor.", "Buy a hat.", "No."]
+    prompts = [j._prompt(q, c, x, y, None) for q, c, x, y in zip(qs, ctx, a, b)]
+    batched = j._letter_margins(prompts)  # left-padded batches of 2 ...
+    single = [j._letter_margins([p])[0] for p in prompts]  # ... equal unpadded single prompts
+    assert batched == pytest.approx(single, abs=1e-4)
+    flip = {"A": "B", "B": "A", "tie": "tie"}
+    assert j.judge_batch(qs, ctx, a, b) == [flip[v] for v in j.judge_batch(qs, ctx, b, a)]
+
+
+def test_lm_judge_bad_arguments(tiny_chat_tokenizer):
+    model = _TextModel(tiny_chat_tokenizer, lambda t: (0.0, 0.0))
+    with pytest.raises(TypeError, match="model must be a causal LM"):
+        LMJudge(object(), tiny_chat_tokenizer)
+    with pytest.raises(TypeError, match="tokenizer"):
+        LMJudge(model, object())
+    with pytest.raises(ValueError, match="tie_band"):
+        LMJudge(model, tiny_chat_tokenizer, tie_band=-0.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        LMJudge(model, tiny_chat_tokenizer, batch_size=0)
