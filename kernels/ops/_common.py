@@ -66,6 +66,34 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(1, int(n))))
 
 
+def token_adapters(slots: torch.Tensor, sorted_tokens: torch.Tensor, segments: torch.Tensor,
+                   num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(row offset, rank)`` (``[T]`` int64 each; rank 0 = no adapter) from the plan,
+    with tensor ops only (no loop over segments): the torch path's gather form.
+
+    Example:
+        >>> import torch
+        >>> slots = torch.tensor([[0, 2], [2, 3]], dtype=torch.int32)
+        >>> segs = torch.tensor([[0, 2, 1], [2, 3, -1], [3, 4, 0], [0, 0, -1]], dtype=torch.int32)
+        >>> off, rank = token_adapters(slots, torch.tensor([1, 3, 0, 2], dtype=torch.int32), segs, 4)
+        >>> off.tolist(), rank.tolist()
+        ([0, 2, 0, 2], [0, 3, 2, 3])
+    """
+    start, end, user = segments.long().unbind(-1)
+    length = (end - start).clamp(min=0)
+    safe = user.clamp(min=0)
+    seg_off = slots[safe, 0].long()
+    seg_rank = torch.where(user >= 0, slots[safe, 1].long(), 0)
+    seg = torch.repeat_interleave(torch.arange(segments.shape[0], device=segments.device), length)
+    first = torch.cumsum(length, 0) - length  # position of each segment's first entry in `seg`
+    pos = start[seg] + torch.arange(seg.numel(), device=segments.device) - first[seg]
+    tok = sorted_tokens.long()[pos]
+    off = torch.zeros(num_tokens, dtype=torch.long, device=segments.device)
+    rank = torch.zeros(num_tokens, dtype=torch.long, device=segments.device)
+    off[tok], rank[tok] = seg_off[seg], seg_rank[seg]
+    return off, rank
+
+
 def active_segments(slots: torch.Tensor, sorted_tokens: torch.Tensor, segments: torch.Tensor):
     """Yield ``(token indices, row offset, rank)`` of each segment whose user has an adapter.
 

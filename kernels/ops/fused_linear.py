@@ -24,10 +24,14 @@ import triton.language as tl
 from .._backend import nvtx_range
 from ..plan import tile_block
 from ..tuning import get_config
-from ._common import acc_dtype, active_segments, dot_flags, load_tile_info, mma, next_pow2
+from ._common import acc_dtype, active_segments, dot_flags, load_tile_info, mma, next_pow2, token_adapters
 from .shrink import lora_shrink
 
-__all__ = ["fused_lora_linear", "fused_lora_linear_torch"]
+__all__ = ["fused_lora_linear", "fused_lora_linear_torch", "GATHER_MAX_ELEMENTS"]
+
+#: The torch path gathers per-token adapter rows (``T · R_max · (k + d)`` elements) up to
+#: this size, and loops over the plan's segments above it.
+GATHER_MAX_ELEMENTS = 1 << 22
 
 
 @triton.jit
@@ -231,11 +235,34 @@ def fused_lora_linear_torch(
     weight_layout: str = "nk",
     store_t: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch implementation over the plan's segments (the CPU path); same contract."""
+    """Torch implementation over the plan's segments (the CPU path); same contract.
+
+    Two forms, same result: when the per-token copies of the adapter rows are small
+    (``T · R_max · (k + d) <= GATHER_MAX_ELEMENTS``: decode, short batches) every token's
+    rows are gathered and applied by two batched matmuls — a fixed handful of ops whatever
+    the number of users; otherwise a loop over the plan's segments (two matmuls per user).
+    """
     w = weight if weight_layout == "nk" else weight.t()
     acc = acc_dtype(x.dtype)
     y = torch.nn.functional.linear(x, w, bias)
     t = torch.zeros(x.shape[0], max_rank, dtype=acc, device=x.device) if store_t else x.new_empty(0, dtype=acc)
+    T = x.shape[0]
+    if T * max_rank * (lora_a.shape[1] + lora_b.shape[1]) <= GATHER_MAX_ELEMENTS:
+        off, rank = token_adapters(slots, sorted_tokens, segments, T)
+        r_max = int(rank.max()) if T else 0
+        if r_max == 0:
+            return y, t
+        j = torch.arange(r_max, device=x.device)
+        mask = j < rank[:, None]  # [T, R]
+        rows = torch.where(mask, off[:, None] + j, 0)
+        tu = torch.bmm(lora_a[rows].to(acc), x.to(acc)[:, :, None])[..., 0]  # [T, R]
+        tu = torch.where(mask, tu * scale[rows].to(acc), 0)
+        if store_t:
+            t[:, :r_max] = tu
+        delta = torch.bmm(tu[:, None, :], lora_b[rows].to(acc))[:, 0]  # [T, d]
+        live = rank > 0  # tokens without an adapter keep y exactly
+        y = torch.where(live[:, None], (y.to(acc) + delta).to(y.dtype), y)
+        return y, t
     for idx, off, rank in active_segments(slots, sorted_tokens, segments):
         tu = (x.index_select(0, idx).to(acc) @ lora_a[off : off + rank].to(acc).t()) * scale[off : off + rank].to(acc)
         if store_t:
