@@ -31,8 +31,11 @@ The paper's comparison on one base model and one dataset, reproducible with one 
 Metrics per method (:func:`milp.pipeline.score`): ROUGE-1, ROUGE-L, Persona-F1, and the win
 rate against TpLP on the same test examples by ``--judge``: :class:`milp.metrics.EmbeddingJudge`
 (default), :class:`milp.metrics.LMJudge` on the base model (``lm``) or on any local checkpoint
-(ties count half; the judge's name is written in the outputs); mean ± sample standard deviation
-(n − 1) over the seeds.
+(ties count half; the judge's name is written in the outputs); and the **response CE**, the mean
+cross-entropy of the reference answer under each method's model (teacher-forced, rebuilt from
+what the method saved): it reads every reference token rather than one greedy sample, so it
+separates methods on few test users where ROUGE of 48 generated tokens is mostly noise. Mean ±
+sample standard deviation (n − 1) over the seeds.
 
 Outputs in ``--output`` (default ``runs/compare``)::
 
@@ -84,6 +87,7 @@ from .pipeline import (
     generate_responses,
     instruction_tune,
     remove_instruction_adapter,
+    response_losses,
     score,
     user_content,
 )
@@ -129,6 +133,10 @@ _SEARCH_TABLE = (*SEARCH_ABLATIONS, "milp")
 _SEARCH_LABELS = {**{m: "+".join({"num": "Num", "size": "Size", "layers": "Layer"}[d] for d in sorted(
     dims, key=("num", "size", "layers").index)) for m, dims in SEARCH_ABLATIONS.items()},
     "milp": "Num+Size+Layer (MiLP)"}
+#: Table columns (and ``_METRICS`` the plotted ones): the response CE is the mean cross-entropy
+#: of the reference answer under the method's model, teacher-forced (lower is better): it reads
+#: every reference token, not one greedy sample, so it separates methods on few test users.
+_CE = ("response_ce", "Response CE ↓")
 _METRICS = (("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L"), ("persona_f1", "Persona-F1"),
             ("win_rate", "Win rate vs TpLP"))
 # settings that may change between a comparison and its continuation
@@ -507,6 +515,78 @@ def _run_tuned(method: str, st: _Seed, models: _Models) -> None:
         remove_instruction_adapter(model)
 
 
+# --------------------------------------------------------------------------- response CE
+def _response_ce(method: str, st: _Seed, models: _Models) -> list[float]:
+    """Cross-entropy of each test user's reference response under ``method``'s model, rebuilt
+    from what the method saved (adapters, memory-injected users, UeLP encoder), in test order."""
+    from safetensors.torch import load_file
+
+    from .runtime import MilpRuntime
+
+    args, test = st.args, st.split["test"]
+    base, tok = models.base()
+    kw: dict[str, Any] = {"batch_size": args.eval_batch_size, "max_length": args.max_length + 128}
+    dev = str(models.device)
+
+    def shared_adapter(model: Any, path: Path) -> None:
+        adapter = add_instruction_adapter(model, rank=args.instruct_rank, alpha=2.0 * args.instruct_rank,
+                                          seed=st.seed)
+        adapter.to(models.device)
+        adapter.load_state_dict(load_file(str(path), device=dev))
+
+    if method == "base":
+        return response_losses(base, tok, test, **kw)
+    if method == "milp-no-instruction" or method == "milp" or method in SEARCH_ABLATIONS:
+        run_dir = st.dir / ("milp_run" if method == "milp-no-instruction" else f"{method}_run")
+        model = copy.deepcopy(base)
+        rt = MilpRuntime(model, max_users=args.slots)
+        if method != "milp-no-instruction" and args.instruct_steps:
+            shared_adapter(model, run_dir / "instruction_adapter.safetensors")
+        by_user = group_by_user(test)
+        users = sorted(by_user)
+        ce: dict[tuple[str, str], float] = {}
+        for start in range(0, len(users), args.slots):
+            group = users[start:start + args.slots]
+            for u in group:
+                rt.load_user(run_dir / "users" / train.user_dirname(u), u, load_optimizer=False)
+            recs = [r for u in group for r in by_user[u]]
+            ce.update({(r.user_id, r.query): c for r, c in zip(recs, response_losses(model, tok, recs, runtime=rt,
+                                                                                      **kw))})
+            for u in group:
+                rt.remove_user(u)
+        return [ce[(r.user_id, r.query)] for r in test]
+    mdir = st.dir / method
+    context_fn = _context_fn(method, st, models, tok)
+    prefix: UelpPrefix | None = None
+    if method == "uelp":
+        prefix = UelpPrefix.from_model(base, models.embedder(), st.split["train"] + test,
+                                       num_vectors=args.uelp_vectors)
+        prefix.encoder.load_state_dict(load_file(str(mdir / "prefix.safetensors"), device=dev))
+    shared_adapter(base, mdir / "adapter.safetensors")
+    try:
+        return response_losses(base, tok, test, context_fn=context_fn, prefix=prefix, **kw)
+    finally:
+        remove_instruction_adapter(base)
+
+
+def _fill_response_ce(st: _Seed, models: _Models, methods: Sequence[str]) -> None:
+    """Add the response CE to every predictions file of ``methods`` that lacks it."""
+    for m in methods:
+        path = st.pred_path(m)
+        if not path.is_file():
+            continue
+        info = _read_json(path)
+        if all("response_ce" in r for r in info["rows"]):
+            continue
+        _log(f"seed {st.seed}: response CE of {LABELS[m]}")
+        test = st.split["test"]
+        _predictions(path, test)  # the file holds this split's test answers
+        ce = dict(zip([(r.user_id, r.query) for r in test], _response_ce(m, st, models)))
+        for row in info["rows"]:
+            row["response_ce"] = ce[(row["user_id"], row["query"])]
+        _atomic_json(path, info)
+
+
 # --------------------------------------------------------------------------- aggregation
 def _mean_std(xs: Sequence[float]) -> tuple[float, float | None]:
     m = sum(xs) / len(xs)
@@ -548,6 +628,9 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
             res[m]["timings_s"] = info.get("timings_s")
             if info.get("memory_parameters_per_user") is not None:
                 res[m]["memory_parameters_per_user"] = info["memory_parameters_per_user"]
+            ces = [r.get("response_ce") for r in info["rows"]]
+            if ces and all(c is not None for c in ces):
+                res[m][_CE[0]] = sum(ces) / len(ces)
             if (info.get("search") or {}).get("val_ce") is not None:
                 res[m]["search_val_ce"] = info["search"]["val_ce"]
             if "tplp" in answers:
@@ -563,7 +646,7 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
         if not rows:
             continue
         summary[m] = {}
-        for key in (*(k for k, _ in _METRICS), "memory_parameters_per_user", "search_val_ce"):
+        for key in (*(k for k, _ in _METRICS), _CE[0], "memory_parameters_per_user", "search_val_ce"):
             vals = [r[key] for r in rows if r.get(key) is not None]
             if vals:
                 mean, std = _mean_std(vals)
@@ -582,14 +665,14 @@ def _cell(stat: dict[str, Any] | None, digits: int = 2) -> str:
 
 
 def _table(methods: Sequence[str], summary: dict[str, Any]) -> list[str]:
-    lines = ["| Method | " + " | ".join(label for _, label in _METRICS) + " | seeds |",
-             "|---|" + "---:|" * (len(_METRICS) + 1)]
+    lines = ["| Method | " + " | ".join(label for _, label in (*_METRICS, _CE)) + " | seeds |",
+             "|---|" + "---:|" * (len(_METRICS) + 2)]
     for m in methods:
         if m not in summary:
             continue
         cells = []
-        for key, _ in _METRICS:
-            cell = _cell(summary[m].get(key))
+        for key, _ in (*_METRICS, _CE):
+            cell = _cell(summary[m].get(key), digits=3 if key == _CE[0] else 2)
             cells.append(f"{cell} (ref.)" if key == "win_rate" and m == "tplp" and cell != "—" else cell)
         label = f"*{LABELS[m]}*" if m == "base" else LABELS[m]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(summary[m]['seeds'])} |")
@@ -599,14 +682,14 @@ def _table(methods: Sequence[str], summary: dict[str, Any]) -> list[str]:
 def _search_table(summary: dict[str, Any]) -> list[str]:
     """Paper Table 4: what the search varied, the scores, and the picked configuration's size
     and validation loss (mean over seeds)."""
-    lines = ["| Searched | " + " | ".join(label for _, label in _METRICS)
+    lines = ["| Searched | " + " | ".join(label for _, label in (*_METRICS, _CE))
              + " | memory parameters per user | val CE of the pick | seeds |",
-             "|---|" + "---:|" * (len(_METRICS) + 3)]
+             "|---|" + "---:|" * (len(_METRICS) + 4)]
     for m in _SEARCH_TABLE:
         if m not in summary:
             continue
         p, ce = summary[m].get("memory_parameters_per_user"), summary[m].get("search_val_ce")
-        cells = [_cell(summary[m].get(key)) for key, _ in _METRICS]
+        cells = [_cell(summary[m].get(key), digits=3 if key == _CE[0] else 2) for key, _ in (*_METRICS, _CE)]
         cells += ["—" if p is None else f"{p['mean']:,.0f}", _cell(ce, digits=4), str(len(summary[m]["seeds"]))]
         lines.append(f"| {_SEARCH_LABELS[m]} | " + " | ".join(cells) + " |")
     return lines
@@ -814,8 +897,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
         else:
             _run_tuned(m, st, models)
     bar.close()
-    judge = _judge(args, models)
     shown = [*methods, "base"] if "milp" in methods else methods
+    if not args.report_only:
+        for st in st_of.values():
+            _fill_response_ce(st, models, shown)
+    judge = _judge(args, models)
     res = aggregate(out, seeds, {s: st.split for s, st in st_of.items()}, judge, shown)
     cost = _cost(out, seeds, shown)
     milp_run = out / f"seed{seeds[0]}" / "milp_run" / "metrics.json"

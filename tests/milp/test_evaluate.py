@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import milp.data
 import milp.evaluate as ev
 import milp.models
 from milp.data import Record
@@ -59,6 +60,20 @@ def test_every_method_runs_and_writes_the_tables(tiny_checkpoint, tmp_path, caps
         for key in ("rouge1", "rougeL", "persona_f1", "win_rate"):
             assert s[key]["n"] == 2 and s[key]["std"] is not None and 0 <= s[key]["mean"] <= 100
     assert res["summary"]["tplp"]["win_rate"]["mean"] == 50.0  # TpLP against itself: all ties
+    # the response CE of every method, rebuilt from what each saved; the base row's is the plain model's
+    for m in (*ev.METHODS, "base"):
+        ce = res["summary"][m]["response_ce"]
+        assert ce["n"] == 2 and 0 < ce["mean"] < 20
+    from milp.models import load_model
+    from milp.pipeline import response_losses
+
+    model, tok = load_model(str(tiny_checkpoint), dtype=torch.float32)
+    rows = json.loads((out / "seed0" / "base" / "predictions.json").read_text())["rows"]
+    by_id = {r.user_id: r for r in milp.data.load_meddia()}
+    want = response_losses(model, tok, [by_id[r["user_id"]] for r in rows], max_length=224)
+    assert [r["response_ce"] for r in rows] == pytest.approx(want, rel=1e-5)
+    assert res["per_seed"]["0"]["milp"]["response_ce"] != pytest.approx(res["per_seed"]["0"]["base"]["response_ce"])
+    assert isinstance(rows[0]["response_ce"], float)
     assert res["tables"] == {"comparison": ["tplp", "malp", "uelp", "milp", "base"],
                              "ablation": ["milp", "milp-no-memory", "milp-no-instruction"], "search_ablation": []}
     assert "Table 4" not in printed  # no search, no search-space ablation
