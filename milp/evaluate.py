@@ -749,7 +749,9 @@ def _markdown(report: dict[str, Any]) -> str:
             c = report["cost"][m]
             params = "—" if c["trainable_parameters"] is None else f"{c['trainable_parameters']:,}"
             if c.get("memory_parameters_per_user"):
-                params += f" shared + {c['memory_parameters_per_user']:,} per user"
+                per_seed = c.get("memory_parameters_per_user_per_seed") or []
+                params += f" shared + {c['memory_parameters_per_user']:,} per user" + (
+                    " (mean over seeds)" if len(set(per_seed)) > 1 else "")
             wall = "—" if c["wall_s"] is None else f"{c['wall_s']:.0f}"
             lines.append(f"| {LABELS[m]} | {params} | {wall} |")
     lines += ["", f"Sum of the methods' wall times: {report['compute_s'] / 60:.1f} min "
@@ -793,17 +795,20 @@ def _plot(report: dict[str, Any]) -> bytes:
 def _cost(out: Path, seeds: Sequence[int], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     cost: dict[str, dict[str, Any]] = {}
     for m in methods:
-        walls, params, mem = [], None, None
+        walls, params, mem = [], None, []
         for seed in seeds:
             p = out / f"seed{seed}" / m / "predictions.json"
             if not p.is_file():
                 continue
             info = _read_json(p)
             params = info.get("trainable_parameters")
-            mem = info.get("memory_parameters_per_user", mem)
+            if info.get("memory_parameters_per_user") is not None:  # per seed: each seed's search picks its own
+                mem.append(info["memory_parameters_per_user"])
             walls.append(sum((info.get("timings_s") or {}).values()))
         if walls:
-            cost[m] = {"trainable_parameters": params, "memory_parameters_per_user": mem,
+            cost[m] = {"trainable_parameters": params,
+                       "memory_parameters_per_user": round(sum(mem) / len(mem)) if mem else None,
+                       "memory_parameters_per_user_per_seed": mem or None,
                        "wall_s": sum(walls) / len(walls), "wall_s_total": sum(walls)}
     return cost
 
@@ -817,14 +822,25 @@ def _write_results(out: Path, report: dict[str, Any], prefix: str | None) -> Non
         atomic_write_bytes(t.with_name(t.name + ".png"), png)
 
 
-def _describe_memory(cfg: MemoryConfig, params: int, args: argparse.Namespace) -> str:
-    layers = cfg.active_layers
-    modules = sorted({cfg.modules[i] for i in layers})
-    ranks = sorted({r for i in layers for r in cfg.layer_ranks(i)})
-    how = f"searched ({args.search} configurations, seed {args.seeds[0]}'s pick)" if args.search else "uniform"
-    return (f"{how}: {len(layers)} of {cfg.num_layers} layers, {'/'.join(map(str, modules))} LoRA modules of rank "
-            f"{'/'.join(map(str, ranks))} on each FFN linear, {params:,} parameters per user; {args.memory_steps} "
-            f"epochs over the history at lr {args.memory_lr:g}")
+def _describe_memory(out: Path, seeds: Sequence[int], args: argparse.Namespace) -> str:
+    """The memory configuration of each seed's MiLP run (each seed's search picks its own)."""
+    picks = []
+    for seed in seeds:
+        path = out / f"seed{seed}" / "milp_run" / "metrics.json"
+        if not path.is_file():
+            continue
+        mm = _read_json(path)
+        cfg = MemoryConfig.from_dict(mm["memory_config"])
+        layers = cfg.active_layers
+        modules = sorted({cfg.modules[i] for i in layers})
+        ranks = sorted({r for i in layers for r in cfg.layer_ranks(i)})
+        picks.append(f"seed {seed}: {len(layers)} of {cfg.num_layers} layers × {'/'.join(map(str, modules))} "
+                     f"modules of rank {'/'.join(map(str, ranks))} ({mm['parameters_per_user']:,} parameters/user)")
+    if not picks:
+        return "not run"
+    how = f"searched ({args.search} configurations per seed on its validation users)" if args.search else "uniform"
+    return (f"{how} — {'; '.join(picks)}; {args.memory_steps} epochs over the history at lr {args.memory_lr:g}, "
+            "on every FFN linear of the chosen layers")
 
 
 def _judge(args: argparse.Namespace, models: _Models) -> Any:
@@ -904,11 +920,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
     judge = _judge(args, models)
     res = aggregate(out, seeds, {s: st.split for s, st in st_of.items()}, judge, shown)
     cost = _cost(out, seeds, shown)
-    milp_run = out / f"seed{seeds[0]}" / "milp_run" / "metrics.json"
-    memory = "not run"
-    if milp_run.is_file():
-        mm = _read_json(milp_run)
-        memory = _describe_memory(MemoryConfig.from_dict(mm["memory_config"]), mm["parameters_per_user"], args)
+    memory = _describe_memory(out, seeds, args)
     report = {
         "command": _command(argv),
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
