@@ -34,6 +34,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -42,7 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import IGNORE_INDEX, Record, collate, tokenize_instruction, tokenize_memory
+from .data import Record, collate, tokenize_instruction, tokenize_memory
+from .losses import mean_token_loss, token_losses
 from .optim import lr_multiplier
 
 __all__ = [
@@ -463,11 +465,11 @@ def instruction_tune(
             opt.zero_grad(set_to_none=True)
             if runtime is not None:
                 with runtime.using([users[i] for i in idx]):
-                    loss = model(**inputs).loss
+                    loss = mean_token_loss(model, **inputs)
                     loss.backward()
                 runtime.optimizer.zero_grad()  # memory adapters stay frozen here
             else:
-                loss = model(**inputs).loss
+                loss = mean_token_loss(model, **inputs)
                 loss.backward()
             if all_reduce is not None:
                 all_reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
@@ -519,15 +521,9 @@ def response_losses(
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
             labels = inputs.pop("labels")
-            if runtime is not None:
-                with runtime.using([users[i] for i in idx]):
-                    logits = model(**inputs).logits
-            else:
-                logits = model(**inputs).logits
-            ce = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
-            n = (labels[:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1)
-            out += (ce.sum(1) / n).tolist()
+            with runtime.using([users[i] for i in idx]) if runtime is not None else contextlib.nullcontext():
+                ce, valid = token_losses(model, labels=labels, **inputs)
+            out += (ce.sum(1) / valid.sum(1).clamp(min=1)).tolist()
     finally:
         model.train(was_training)
     return out

@@ -41,6 +41,7 @@ from torch import nn
 
 from .config import MemoryConfig, atomic_directory
 from .inject import MilpState, apply_milp, batch_users, get_milp, is_injected
+from .losses import token_losses
 from .optim import AdamWConfig, PackedAdamW
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "mixed_batches",
     "pad_sequences",
     "user_losses",
+    "user_losses_from_ce",
 ]
 
 ADAPTERS_FILE = "adapters.safetensors"
@@ -155,8 +157,24 @@ def user_losses(
         logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1).to(logits.device),
         ignore_index=-100, reduction="none",
     ).view(B, S - 1)
-    slots = row_slots.to(logits.device).view(B, 1).expand(B, S - 1)
-    valid = (labels[:, 1:].to(logits.device) != -100) & (slots >= 0)
+    return user_losses_from_ce(ce, labels[:, 1:].to(logits.device) != -100, row_slots, max_users)
+
+
+def user_losses_from_ce(
+    ce: torch.Tensor, valid: torch.Tensor, row_slots: torch.Tensor, max_users: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`user_losses` from per-position losses ``ce [B, S-1]`` and their target mask
+    (:func:`milp.losses.token_losses`), without the logits.
+
+    Example:
+        >>> ce = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
+        >>> total, mean, count = user_losses_from_ce(ce, ce > 0, torch.tensor([0, 1]), max_users=2)
+        >>> float(total), mean.tolist(), count.tolist()
+        (4.0, [2.0, 2.0], [2, 1])
+    """
+    B, S1 = ce.shape
+    slots = row_slots.to(ce.device).view(B, 1).expand(B, S1)
+    valid = valid.to(ce.device) & (slots >= 0)
     tok_user = slots.clamp(min=0).reshape(-1)
     vf = valid.reshape(-1).to(ce.dtype)
     sums = torch.zeros(max_users, dtype=ce.dtype, device=ce.device).index_add(0, tok_user, ce.reshape(-1) * vf)
@@ -517,8 +535,8 @@ class MilpRuntime:
         ids = self._check_ids(input_ids)
         labels = self._labels(ids, attention_mask, labels)
         with self.using(users, ids.shape[0]) as slots:
-            logits = self.model(input_ids=ids, attention_mask=attention_mask).logits
-            total, mean, counts = user_losses(logits, labels, slots, self.max_users)
+            ce, valid = token_losses(self.model, input_ids=ids, attention_mask=attention_mask, labels=labels)
+            total, mean, counts = user_losses_from_ce(ce, valid, slots, self.max_users)
         return total, self._per_user(slots, mean, counts)
 
     def train_step(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
@@ -538,8 +556,8 @@ class MilpRuntime:
         labels = self._labels(ids, attention_mask, labels)
         self.optimizer.zero_grad()
         with self.using(users, ids.shape[0]) as slots:
-            logits = self.model(input_ids=ids, attention_mask=attention_mask).logits
-            total, mean, counts = user_losses(logits, labels, slots, self.max_users)
+            ce, valid = token_losses(self.model, input_ids=ids, attention_mask=attention_mask, labels=labels)
+            total, mean, counts = user_losses_from_ce(ce, valid, slots, self.max_users)
             per_user = self._per_user(slots, mean, counts)
             if not per_user:
                 raise ValueError("the batch has no target tokens of any loaded user (all labels -100 or rows None)")

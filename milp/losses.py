@@ -1,0 +1,126 @@
+"""Next-token losses of a causal LM without the ``[B, S, V]`` logits tensor.
+
+A language-model head turns every position into ``V`` logits (49,152 for SmolLM2, 128,256
+for LLaMA-3): for a mixed-user batch of 20 users × 8 rows × 256 tokens that is 41 k × 49 k
+floats, 8 GB, and the softmax and its gradient take as much again — far more than the
+model and all users' adapters together. :func:`token_losses` runs the model's body once,
+keeps only the positions that have a target (a prompt, padding and a row of a user without
+adapters cost nothing in the head), and applies the head + cross-entropy to them in chunks
+of ``chunk_tokens`` positions under activation checkpointing: a chunk's logits exist only
+while that chunk is computed, in the forward and again in the backward. The idea is that of
+Liger-Kernel's fused linear cross-entropy, written with torch ops (so it runs on every
+device and under autograd as is).
+
+Exact: each position's loss is the same cross-entropy of the same logits (in float32), so
+results equal the full-logits computation to rounding (tested per architecture). Models
+whose forward does more than ``lm_head(last_hidden_state)`` are not split: any
+architecture outside :data:`SPLIT_ARCHITECTURES` takes the plain ``model(...).logits`` path.
+
+Example:
+    >>> import torch
+    >>> from milp.inject import tiny_model
+    >>> model = tiny_model("llama")
+    >>> ids = torch.randint(3, 90, (2, 7))
+    >>> labels = ids.clone(); labels[:, :3] = -100          # only the last positions are targets
+    >>> ce, valid = token_losses(model, input_ids=ids, labels=labels)
+    >>> ce.shape, int(valid.sum())
+    (torch.Size([2, 6]), 8)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .data import IGNORE_INDEX
+
+__all__ = ["SPLIT_ARCHITECTURES", "DEFAULT_CHUNK_TOKENS", "token_losses", "mean_token_loss"]
+
+#: Position chunk of the head: ``chunk × V`` float32 logits at a time (2048 × 49,152 = 0.4 GB).
+DEFAULT_CHUNK_TOKENS = 2048
+#: Causal-LM classes whose logits are exactly ``lm_head(base_model(...)[0])``.
+SPLIT_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel", "RobertaForCausalLM",
+})
+
+
+def _split(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    if type(model).__name__ not in SPLIT_ARCHITECTURES:
+        return None
+    body, head = getattr(model, "base_model", None), getattr(model, "lm_head", None)
+    if not isinstance(body, nn.Module) or not isinstance(head, nn.Module) or body is model:
+        return None
+    return body, head
+
+
+def _head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def token_losses(
+    model: nn.Module,
+    *,
+    labels: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    **model_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position next-token cross-entropy of a causal LM, Hugging Face's shift included.
+
+    ``labels [B, S]`` (``-100`` = no target); position ``s`` of the result is the loss of
+    predicting ``labels[:, s + 1]``. Returns ``(ce [B, S-1] float32, 0 where there is no
+    target; valid [B, S-1] bool)``. Extra keyword arguments go to the model (e.g.
+    ``position_ids``).
+
+    Raises ``ValueError`` for a ``labels`` shape that does not match the inputs or a
+    ``chunk_tokens`` below 1.
+    """
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+    if labels.dim() != 2 or tuple(labels.shape) != shape:
+        raise ValueError(f"labels must be [B, S] = {list(shape)}, got {list(labels.shape)}")
+    inputs = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
+    split = _split(model)
+    if split is None:  # plain path: the model's own logits
+        logits = model(**inputs, attention_mask=attention_mask, **model_kwargs).logits
+        targets = labels[:, 1:].to(logits.device)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                               ignore_index=IGNORE_INDEX, reduction="none")
+        return ce, targets != IGNORE_INDEX
+    body, head = split
+    hidden = body(**inputs, attention_mask=attention_mask, **model_kwargs)[0]
+    targets = labels[:, 1:].to(hidden.device)
+    valid = targets != IGNORE_INDEX
+    h, y = hidden[:, :-1][valid], targets[valid]  # only the positions with a target
+    parts = []
+    fn = functools.partial(_head_ce, head)
+    for start in range(0, h.shape[0], chunk_tokens):
+        hc, yc = h[start:start + chunk_tokens], y[start:start + chunk_tokens]
+        parts.append(checkpoint(fn, hc, yc, use_reentrant=False) if torch.is_grad_enabled() else fn(hc, yc))
+    ce = torch.zeros(valid.shape, dtype=torch.float32, device=hidden.device)
+    if parts:
+        ce = ce.masked_scatter(valid, torch.cat(parts))
+    return ce, valid
+
+
+def mean_token_loss(model: nn.Module, **kwargs: Any) -> torch.Tensor:
+    """Mean next-token loss over the positions with a target (Hugging Face's ``outputs.loss``),
+    by :func:`token_losses`; takes its arguments.
+
+    Example:
+        >>> import torch
+        >>> from milp.inject import tiny_model
+        >>> model, ids = tiny_model("gpt2"), torch.randint(3, 90, (2, 6))
+        >>> bool(torch.isclose(mean_token_loss(model, input_ids=ids, labels=ids), model(ids, labels=ids).loss))
+        True
+    """
+    ce, valid = token_losses(model, **kwargs)
+    return ce.sum() / valid.sum().clamp(min=1)
