@@ -30,6 +30,7 @@ from .inject import (
     remove_milp,
     tiny_model,
 )
+from .losses import mean_token_loss, token_losses
 from .optim import AdamWConfig, PackedAdamW, lr_multiplier, warmup_steps
 from .pipeline import (
     InstructionAdapter,
@@ -41,7 +42,7 @@ from .pipeline import (
     response_losses,
     score,
 )
-from .runtime import MilpRuntime, mixed_batches, pad_sequences, user_losses
+from .runtime import MilpRuntime, mixed_batches, pad_sequences, user_losses, user_losses_from_ce
 
 __all__ = [
     "MAX_MODULES",
@@ -77,5 +78,8 @@ __all__ = [
     "remove_milp",
     "tiny_model",
     "user_losses",
+    "user_losses_from_ce",
+    "token_losses",
+    "mean_token_loss",
     "warmup_steps",
 ]
