@@ -834,8 +834,9 @@ def _describe_memory(out: Path, seeds: Sequence[int], args: argparse.Namespace) 
         layers = cfg.active_layers
         modules = sorted({cfg.modules[i] for i in layers})
         ranks = sorted({r for i in layers for r in cfg.layer_ranks(i)})
+        noun = "module" if modules == [1] else "modules"
         picks.append(f"seed {seed}: {len(layers)} of {cfg.num_layers} layers × {'/'.join(map(str, modules))} "
-                     f"modules of rank {'/'.join(map(str, ranks))} ({mm['parameters_per_user']:,} parameters/user)")
+                     f"{noun} of rank {'/'.join(map(str, ranks))} ({mm['parameters_per_user']:,} parameters/user)")
     if not picks:
         return "not run"
     how = f"searched ({args.search} configurations per seed on its validation users)" if args.search else "uniform"
@@ -850,7 +851,9 @@ def _judge(args: argparse.Namespace, models: _Models) -> Any:
         return EmbeddingJudge(models.embedder())
     if args.judge == "lm":
         model, tok = models.base()
-        return LMJudge(model, tok, batch_size=args.eval_batch_size)
+        name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
+        return LMJudge(model, tok, batch_size=args.eval_batch_size,
+                       name=f"lm-pairwise({name}; both orders, tie_band=0)")
     if not Path(args.judge).exists():
         raise FileNotFoundError(f"--judge: expected embedding, lm or a local checkpoint path, got {args.judge!r}")
     return LMJudge.from_pretrained(args.judge, device=models.device, batch_size=args.eval_batch_size)
