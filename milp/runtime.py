@@ -510,6 +510,14 @@ class MilpRuntime:
                              f"got {list(getattr(labels, 'shape', []))}")
         return labels
 
+    def _user_losses(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                     slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`user_losses_from_ce` of the batch; rows without a user (slot -1) get no target,
+        so the head never computes their logits."""
+        labels = labels.masked_fill((slots < 0).to(labels.device)[:, None], -100)
+        ce, valid = token_losses(self.model, input_ids=ids, attention_mask=attention_mask, labels=labels)
+        return user_losses_from_ce(ce, valid, slots, self.max_users)
+
     def _per_user(self, slots: torch.Tensor, mean: torch.Tensor, counts: torch.Tensor
                   ) -> dict[Hashable, torch.Tensor]:
         slot_user = {s: u for u, s in self._slots.items()}
@@ -535,8 +543,7 @@ class MilpRuntime:
         ids = self._check_ids(input_ids)
         labels = self._labels(ids, attention_mask, labels)
         with self.using(users, ids.shape[0]) as slots:
-            ce, valid = token_losses(self.model, input_ids=ids, attention_mask=attention_mask, labels=labels)
-            total, mean, counts = user_losses_from_ce(ce, valid, slots, self.max_users)
+            total, mean, counts = self._user_losses(ids, attention_mask, labels, slots)
         return total, self._per_user(slots, mean, counts)
 
     def train_step(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
@@ -556,8 +563,7 @@ class MilpRuntime:
         labels = self._labels(ids, attention_mask, labels)
         self.optimizer.zero_grad()
         with self.using(users, ids.shape[0]) as slots:
-            ce, valid = token_losses(self.model, input_ids=ids, attention_mask=attention_mask, labels=labels)
-            total, mean, counts = user_losses_from_ce(ce, valid, slots, self.max_users)
+            total, mean, counts = self._user_losses(ids, attention_mask, labels, slots)
             per_user = self._per_user(slots, mean, counts)
             if not per_user:
                 raise ValueError("the batch has no target tokens of any loaded user (all labels -100 or rows None)")
