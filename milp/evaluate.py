@@ -162,17 +162,7 @@ def _seed_list(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _method_list(text: str) -> tuple[str, ...]:
-    names = [p.strip().lower() for p in text.split(",") if p.strip()]
-    if names == ["all"]:
-        return ALL_METHODS
-    unknown = [n for n in names if n not in ALL_METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; choose from "
-                                         f"{', '.join(ALL_METHODS)} (comma-separated) or all")
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"methods must not repeat, got {text!r}")
-    return tuple(m for m in ALL_METHODS if m in names)
+_method_list = train._name_list(ALL_METHODS, "method")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +371,49 @@ class _Models:
         return self._embedder
 
 
+def _shared_adapter(model: Any, st: _Seed, models: _Models, path: Path | None = None) -> Any:
+    """Exactly milp.train's shared instruction adapter (rank, alpha = 2 * rank, init seed) on
+    ``model``, on the device; loaded from ``path`` when given."""
+    from safetensors.torch import load_file
+
+    rank = st.args.instruct_rank
+    adapter = add_instruction_adapter(model, rank=rank, alpha=2.0 * rank, seed=st.seed)
+    adapter.to(models.device)
+    if path is not None:
+        adapter.load_state_dict(load_file(str(path), device=str(models.device)))
+    return adapter
+
+
+def _uelp_prefix(st: _Seed, models: _Models, model: Any, encoder_path: Path | None = None) -> UelpPrefix:
+    """UeLP's encoder for ``model`` over this seed's train + test users; loaded from
+    ``encoder_path`` when given."""
+    from safetensors.torch import load_file
+
+    prefix = UelpPrefix.from_model(model, models.embedder(), st.split["train"] + st.split["test"],
+                                   num_vectors=st.args.uelp_vectors)
+    if encoder_path is not None:
+        prefix.encoder.load_state_dict(load_file(str(encoder_path), device=str(models.device)))
+    return prefix
+
+
+def _over_injected_users(rt: Any, users_dir: Path, records: Sequence[Record], slots: int,
+                         fn: Callable[[list[Record]], Sequence[Any]]) -> dict[tuple[str, str], Any]:
+    """``fn(records of a group)`` with the group's memory-injected users (from ``users_dir``)
+    loaded in ``rt``, ``slots`` users at a time; keyed by ``(user_id, query)``."""
+    by_user = group_by_user(records)
+    users = sorted(by_user)
+    out: dict[tuple[str, str], Any] = {}
+    for start in range(0, len(users), slots):
+        group = users[start:start + slots]
+        for u in group:
+            rt.load_user(users_dir / train.user_dirname(u), u, load_optimizer=False)
+        recs = [r for u in group for r in by_user[u]]
+        out.update({(r.user_id, r.query): v for r, v in zip(recs, fn(recs))})
+        for u in group:
+            rt.remove_user(u)
+    return out
+
+
 def _run_milp(st: _Seed, method: str = "milp") -> None:
     """MiLP = ``python -m milp.train`` with this comparison's settings (its run directory
     ``seed<S>/milp_run``); also yields the base row. A search-space ablation (``milp-num``, ...)
@@ -432,20 +465,9 @@ def _run_memory_only(st: _Seed, models: _Models) -> None:
     base, tok = models.base()
     model = copy.deepcopy(base)
     rt = MilpRuntime(model, max_users=args.slots)
-    users = sorted(by_user)
-    answers: dict[tuple[str, str], str] = {}
-    for start in range(0, len(users), args.slots):
-        group = users[start:start + args.slots]
-        for u in group:
-            rt.load_user(users_dir / train.user_dirname(u), u, load_optimizer=False)
-        recs = [r for u in group for r in by_user[u]]
-        outs = generate_responses(model, tok, recs, runtime=rt, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.eval_batch_size, max_length=args.max_length + 128,
-                                  progress=args.progress)
-        answers.update({(r.user_id, r.query): a for r, a in zip(recs, outs)})
-        for u in group:
-            rt.remove_user(u)
-    del rt, model
+    answers = _over_injected_users(rt, users_dir, test, args.slots, lambda recs: generate_responses(
+        model, tok, recs, runtime=rt, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+        max_length=args.max_length + 128, progress=args.progress))
     _save_predictions(st.pred_path("milp-no-instruction"), "milp-no-instruction", st.seed, test,
                       [answers[(r.user_id, r.query)] for r in test], trainable_parameters=0,
                       timings_s={"generate_s": time.perf_counter() - t0}, reuses=str(users_dir))
@@ -466,7 +488,7 @@ def _context_fn(method: str, st: _Seed, models: _Models, tok: Any) -> Callable[[
 def _run_tuned(method: str, st: _Seed, models: _Models) -> None:
     """TpLP, MaLP, UeLP or "MiLP w/o memory injection": shared adapter (+ UeLP encoder)
     instruction-tuned on the training users, then answers for the test users."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     args, seed = st.args, st.seed
     model, tok = models.base()
@@ -474,20 +496,16 @@ def _run_tuned(method: str, st: _Seed, models: _Models) -> None:
     train_recs, test = st.split["train"], st.split["test"]
     torch.manual_seed(seed)
     context_fn = _context_fn(method, st, models, tok)
-    prefix: UelpPrefix | None = None
-    if method == "uelp":
-        prefix = UelpPrefix.from_model(model, models.embedder(), train_recs + test, num_vectors=args.uelp_vectors)
-    # exactly milp.train's shared adapter (rank, alpha = 2 * rank, init seed) and tuning budget
-    adapter = add_instruction_adapter(model, rank=args.instruct_rank, alpha=2.0 * args.instruct_rank, seed=seed)
-    adapter.to(models.device)
+    trained = (mdir / "train.json").is_file()  # trained before: reload, do not train again
+    prefix = _uelp_prefix(st, models, model, mdir / "prefix.safetensors" if trained else None) \
+        if method == "uelp" else None
+    # milp.train's shared adapter and tuning budget
+    adapter = _shared_adapter(model, st, models, mdir / "adapter.safetensors" if trained else None)
     try:
         params = sum(p.numel() for p in adapter.parameters())
         params += sum(p.numel() for p in prefix.parameters() if p.requires_grad) if prefix is not None else 0
         t0 = time.perf_counter()
-        if (mdir / "train.json").is_file():
-            adapter.load_state_dict(load_file(str(mdir / "adapter.safetensors"), device=str(models.device)))
-            if prefix is not None:
-                prefix.encoder.load_state_dict(load_file(str(mdir / "prefix.safetensors"), device=str(models.device)))
+        if trained:
             meta = _read_json(mdir / "train.json")
             _log(f"seed {seed} {method}: trained before, adapter loaded")
         else:
@@ -519,21 +537,11 @@ def _run_tuned(method: str, st: _Seed, models: _Models) -> None:
 def _response_ce(method: str, st: _Seed, models: _Models) -> list[float]:
     """Cross-entropy of each test user's reference response under ``method``'s model, rebuilt
     from what the method saved (adapters, memory-injected users, UeLP encoder), in test order."""
-    from safetensors.torch import load_file
-
     from .runtime import MilpRuntime
 
     args, test = st.args, st.split["test"]
     base, tok = models.base()
     kw: dict[str, Any] = {"batch_size": args.eval_batch_size, "max_length": args.max_length + 128}
-    dev = str(models.device)
-
-    def shared_adapter(model: Any, path: Path) -> None:
-        adapter = add_instruction_adapter(model, rank=args.instruct_rank, alpha=2.0 * args.instruct_rank,
-                                          seed=st.seed)
-        adapter.to(models.device)
-        adapter.load_state_dict(load_file(str(path), device=dev))
-
     if method == "base":
         return response_losses(base, tok, test, **kw)
     if method == "milp-no-instruction" or method == "milp" or method in SEARCH_ABLATIONS:
@@ -541,28 +549,14 @@ def _response_ce(method: str, st: _Seed, models: _Models) -> list[float]:
         model = copy.deepcopy(base)
         rt = MilpRuntime(model, max_users=args.slots)
         if method != "milp-no-instruction" and args.instruct_steps:
-            shared_adapter(model, run_dir / "instruction_adapter.safetensors")
-        by_user = group_by_user(test)
-        users = sorted(by_user)
-        ce: dict[tuple[str, str], float] = {}
-        for start in range(0, len(users), args.slots):
-            group = users[start:start + args.slots]
-            for u in group:
-                rt.load_user(run_dir / "users" / train.user_dirname(u), u, load_optimizer=False)
-            recs = [r for u in group for r in by_user[u]]
-            ce.update({(r.user_id, r.query): c for r, c in zip(recs, response_losses(model, tok, recs, runtime=rt,
-                                                                                      **kw))})
-            for u in group:
-                rt.remove_user(u)
+            _shared_adapter(model, st, models, run_dir / "instruction_adapter.safetensors")
+        ce = _over_injected_users(rt, run_dir / "users", test, args.slots,
+                                  lambda recs: response_losses(model, tok, recs, runtime=rt, **kw))
         return [ce[(r.user_id, r.query)] for r in test]
     mdir = st.dir / method
     context_fn = _context_fn(method, st, models, tok)
-    prefix: UelpPrefix | None = None
-    if method == "uelp":
-        prefix = UelpPrefix.from_model(base, models.embedder(), st.split["train"] + test,
-                                       num_vectors=args.uelp_vectors)
-        prefix.encoder.load_state_dict(load_file(str(mdir / "prefix.safetensors"), device=dev))
-    shared_adapter(base, mdir / "adapter.safetensors")
+    prefix = _uelp_prefix(st, models, base, mdir / "prefix.safetensors") if method == "uelp" else None
+    _shared_adapter(base, st, models, mdir / "adapter.safetensors")
     try:
         return response_losses(base, tok, test, context_fn=context_fn, prefix=prefix, **kw)
     finally:

@@ -96,15 +96,24 @@ def _int_list(text: str) -> tuple[int, ...]:
 SEARCH_DIMS: tuple[str, ...] = ("layers", "num", "size")
 
 
-def _dims_list(text: str) -> tuple[str, ...]:
-    names = [v.strip().lower() for v in text.split(",") if v.strip()]
-    if names == ["all"]:
-        return SEARCH_DIMS
-    bad = [n for n in names if n not in SEARCH_DIMS]
-    if bad or not names or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"expected a comma list of distinct {', '.join(SEARCH_DIMS)} (or all), "
-                                         f"got {text!r}")
-    return tuple(d for d in SEARCH_DIMS if d in names)
+def _name_list(choices: Sequence[str], noun: str) -> Callable[[str], tuple[str, ...]]:
+    """Parser of a comma list of distinct ``choices`` (or ``all``), returned in ``choices`` order."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = [v.strip().lower() for v in text.split(",") if v.strip()]
+        if names == ["all"]:
+            return tuple(choices)
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {noun}(s) {unknown or [text]}; choose from "
+                                             f"{', '.join(choices)} (comma-separated) or all")
+        if len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"{noun}s must not repeat, got {text!r}")
+        return tuple(c for c in choices if c in names)
+
+    return parse
+
+
+_dims_list = _name_list(SEARCH_DIMS, "search dimension")
 
 
 def _pos(kind: type, minimum: float) -> Callable[[str], Any]:
