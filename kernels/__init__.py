@@ -110,9 +110,12 @@ def lora_linear(
         x.requires_grad or bank.lora_a.requires_grad or bank.lora_b.requires_grad
     )
     sorted_tokens, tiles, segments, block_ms = plan.as_args()
-    if path == "auto" and x2.is_cuda:
+    if path == "auto" and x2.is_cuda and not torch.compiler.is_compiling():
+        # eager only: under torch.compile the op decides at run time by token count, so the
+        # graph does not depend on the batch's users (plan.num_segments) and needs no re-trace
         path = choose_path(x2.shape[0], bank.max_rank, num_segments=plan.num_segments, device=x2.device)
-    y, _ = torch.ops.milp.lora_linear(
+    call = _library.lora_linear_forward if _library.direct_call_ok(x2, save_t) else torch.ops.milp.lora_linear
+    y, _ = call(
         x2, weight, bias, bank.lora_a, bank.lora_b, bank.scale, bank.slots, sorted_tokens, tiles, segments,
         block_ms, bank.max_rank, save_t, path,
     )

@@ -39,9 +39,26 @@ _VALID = ("auto", "triton", "torch")
 _local = threading.local()
 
 
+# os.environ.get encodes the key and decodes the value on every call (microseconds); the ops
+# read a few variables per launch, so they look in the environment's own byte-keyed table
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENV_KEYS: dict[str, bytes] = {}
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """``os.environ.get(name, default)``, fast (changes through ``os.environ`` are seen)."""
+    if _ENV_DATA is None or not isinstance(_ENV_DATA, dict):
+        return os.environ.get(name, default)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.fsencode(name)
+    value = _ENV_DATA.get(key)
+    return default if value is None else os.fsdecode(value)
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
@@ -72,7 +89,7 @@ def set_interpreter_overflow_checks(enabled: bool) -> bool:
 
 
 def _default_backend() -> str:
-    value = os.environ.get("MILP_KERNELS", "auto").strip().lower()
+    value = env("MILP_KERNELS", "auto").strip().lower()
     if value not in _VALID:
         raise ValueError(f"MILP_KERNELS must be one of {_VALID}, got {value!r}")
     return value
@@ -114,15 +131,22 @@ def backend_for(t: torch.Tensor) -> str:
 
 def nvtx_enabled() -> bool:
     """True when ``MILP_NVTX=1``."""
-    return os.environ.get("MILP_NVTX", "0") == "1"
+    return env("MILP_NVTX", "0") == "1"
+
+
+_NO_RANGE = contextlib.nullcontext()
+
+
+def nvtx_range(name: str) -> contextlib.AbstractContextManager:
+    """An NVTX range (and a ``torch.profiler`` record) named ``name`` when ``MILP_NVTX=1``;
+    otherwise a shared no-op context (no generator per call: ops open several per launch)."""
+    if not nvtx_enabled():
+        return _NO_RANGE
+    return _nvtx_range(name)
 
 
 @contextlib.contextmanager
-def nvtx_range(name: str) -> Iterator[None]:
-    """An NVTX range (and a ``torch.profiler`` record) named ``name`` when ``MILP_NVTX=1``."""
-    if not nvtx_enabled():
-        yield
-        return
+def _nvtx_range(name: str) -> Iterator[None]:
     cuda = torch.cuda.is_available()
     with torch.profiler.record_function(name):
         if cuda:

@@ -26,24 +26,22 @@ its epilogue); ``"auto"`` decides by token count and rank.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from ._backend import backend_for, nvtx_range
+from ._backend import backend_for, env, nvtx_range
 from ._checks import FLOAT_DTYPES, check_tensor
 from .ops._common import acc_dtype
 from .tuning import PATHS, choose_path
 
-__all__ = ["check_lora_args"]
+__all__ = ["check_lora_args", "direct_call_ok", "lora_linear_forward"]
 
 _INT_DTYPES = (torch.int32,)
 
 
 def _values_checked(t: Tensor) -> bool:
     # value checks read device memory: free on CPU, opt-in (MILP_DEBUG=1) on GPUs
-    return t.device.type == "cpu" or os.environ.get("MILP_DEBUG", "0") == "1"
+    return t.device.type == "cpu" or env("MILP_DEBUG", "0") == "1"
 
 
 def check_lora_args(
@@ -121,6 +119,15 @@ def check_lora_args(
                 raise ValueError(f"segments name user {int(users.max())}, outside slots' {slots.shape[0]} users")
 
 
+def direct_call_ok(x: Tensor, save_t: bool) -> bool:
+    """Whether :func:`lora_linear_forward` may run without the dispatcher: eager, nothing to
+    differentiate, a plain tensor, no torch function/dispatch mode and no profiler (whose
+    traces name the op ``milp::lora_linear``)."""
+    return (not save_t and type(x) is Tensor and not torch.compiler.is_compiling()
+            and not torch._C._len_torch_function_stack() and not torch._C._len_torch_dispatch_stack()
+            and not torch.autograd._profiler_enabled())
+
+
 # --------------------------------------------------------------------------- lora_linear
 def _check_path(path: str) -> None:
     if path != "auto" and path not in PATHS:
@@ -158,6 +165,22 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
                              precompute_t=path == "fused_t")
 
 
+def lora_linear_forward(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments,
+                        block_ms, max_rank, save_t, path="auto"):
+    """The body of ``milp::lora_linear`` as a plain function: checks, then the chosen path.
+
+    :func:`kernels.lora_linear` calls it directly for eager work without autograd (no
+    dispatcher round trip, a few tens of microseconds per call on the host); everything
+    else (autograd, ``torch.compile``, fake tensors, profiling) goes through the op.
+    """
+    check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
+                    weight=weight, bias=bias, lora_b=lora_b)
+    _check_path(path)
+    with nvtx_range("milp.lora_linear"):
+        return _linear_with_adapters(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles,
+                                     segments, block_ms, max_rank, path, save_t, "nk")
+
+
 @torch.library.custom_op("milp::lora_linear", mutates_args=())
 def lora_linear_op(
     x: Tensor,
@@ -176,12 +199,8 @@ def lora_linear_op(
     path: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """``(y, t)``; ``path`` = ``"auto"`` or one of :data:`kernels.tuning.PATHS`."""
-    check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
-                    weight=weight, bias=bias, lora_b=lora_b)
-    _check_path(path)
-    with nvtx_range("milp.lora_linear"):
-        return _linear_with_adapters(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles,
-                                     segments, block_ms, max_rank, path, save_t, "nk")
+    return lora_linear_forward(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments,
+                               block_ms, max_rank, save_t, path)
 
 
 @lora_linear_op.register_fake

@@ -44,15 +44,29 @@ def tile_block(
     The layout follows from the capacities alone (``sorted_tokens.numel()`` tokens,
     ``segments.shape[0]`` segments), so the ops can slice it without the plan object.
     """
-    off = 0
-    for bm in block_ms:
-        n = max_tiles(sorted_tokens.numel(), segments.shape[0], bm)
-        if bm == block_m:
-            if off + n > tiles.shape[0]:
-                raise ValueError(f"tiles has {tiles.shape[0]} rows, fewer than block_ms={list(block_ms)} need")
-            return tiles[off : off + n]
-        off += n
-    raise ValueError(f"block_m={block_m} is not one of the plan's block_ms {list(block_ms)}")
+    key = (sorted_tokens.numel(), segments.shape[0], tuple(block_ms), block_m)
+    span = _TILE_SPANS.get(key)
+    if span is None:
+        off = 0
+        for bm in block_ms:
+            n = max_tiles(key[0], key[1], bm)
+            if bm == block_m:
+                span = (off, n)
+                break
+            off += n
+        else:
+            raise ValueError(f"block_m={block_m} is not one of the plan's block_ms {list(block_ms)}")
+        if len(_TILE_SPANS) > 4096:
+            _TILE_SPANS.clear()
+        _TILE_SPANS[key] = span
+    off, n = span
+    if off + n > tiles.shape[0]:
+        raise ValueError(f"tiles has {tiles.shape[0]} rows, fewer than block_ms={list(block_ms)} need")
+    return tiles[off : off + n]
+
+
+# (tokens, segments, block_ms, block_m) -> (first row, rows) in the concatenated tiles
+_TILE_SPANS: dict[tuple, tuple[int, int]] = {}
 
 
 class BatchPlan:

@@ -22,13 +22,14 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from ._backend import env
 
 __all__ = [
     "LaunchConfig",
@@ -136,13 +137,18 @@ def _device_name(index: int) -> str:
 
 def _tables(device: torch.device) -> list[dict]:
     tables = []
-    override = os.environ.get("MILP_KERNEL_CONFIGS")
+    override = env("MILP_KERNEL_CONFIGS")
     if override:
         tables.append(_load_table(override))
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
-        tables.append(_load_table(str(config_path_for(_device_name(idx)))))
+        tables.append(_load_table(_device_config_path(idx)))
     return tables
+
+
+@functools.cache
+def _device_config_path(index: int) -> str:
+    return str(config_path_for(_device_name(index)))
 
 
 _FIELDS = {f.name for f in dataclasses.fields(LaunchConfig)}
@@ -239,7 +245,16 @@ def get_config(
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     cfg = (getattr(_override, "table", None) or {}).get(op)
-    for table in ([] if cfg is not None else _tables(device)):
+    if cfg is not None:
+        return _fit_block_m(cfg, block_ms)
+    tables = _tables(device)
+    key = (op, num_tokens, n, k, max_rank, dtype, tuple(block_ms) if block_ms else ())
+    hit = _CONFIG_MEMO.get(key)
+    # the memo holds the tables it was computed from; a reloaded table (another file,
+    # _load_table.cache_clear()) is another object, so the entry is recomputed
+    if hit is not None and len(hit[0]) == len(tables) and all(a is b for a, b in zip(hit[0], tables)):
+        return hit[1]
+    for table in tables:
         for entry in table.get(op, []):
             if _match(entry, num_tokens, n, k, max_rank, dtype):
                 cfg = LaunchConfig(**{key: v for key, v in entry.items() if key in _FIELDS})
@@ -248,6 +263,21 @@ def get_config(
             break
     if cfg is None:
         cfg = heuristic_config(op, num_tokens=num_tokens, n=n, k=k, max_rank=max_rank, dtype=dtype)
+    cfg = _fit_block_m(cfg, block_ms)
+    if len(_CONFIG_MEMO) >= _CONFIG_MEMO_SIZE:
+        _CONFIG_MEMO.clear()
+    _CONFIG_MEMO[key] = (tables, cfg)
+    return cfg
+
+
+# (op, tokens, n, k, max_rank, dtype, block_ms) -> (tables it came from, config): the lookup
+# runs for every launch, and a decode step launches a few hundred kernels
+_CONFIG_MEMO: dict[tuple, tuple[list[dict], LaunchConfig]] = {}
+_CONFIG_MEMO_SIZE = 4096
+
+
+def _fit_block_m(cfg: LaunchConfig, block_ms: tuple[int, ...] | list[int] | None) -> LaunchConfig:
+    """``cfg`` with its ``block_m`` moved to the nearest of the plan's tile heights."""
     if block_ms and cfg.block_m not in block_ms:
         nearest = min(block_ms, key=lambda b: (abs(b - cfg.block_m), b))
         cfg = dataclasses.replace(cfg, block_m=nearest)

@@ -30,7 +30,7 @@ def dot_flags(dtype: torch.dtype) -> dict[str, object]:
     """
     ieee = dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
     return {
-        "UPCAST": bool(interpreting() and dtype == torch.bfloat16),
+        "UPCAST": bool(dtype == torch.bfloat16 and interpreting()),
         "IEEE": bool(ieee),
         "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
     }
@@ -63,7 +63,13 @@ def load_tile_info(tiles_ptr, slots_ptr, pid):
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(max(1, int(n))))
+    return max(minimum, 1 << (max(1, int(n)) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the launch grids (plain ints: ``triton.cdiv`` costs microseconds
+    per call on the host, and a decode step launches hundreds of kernels)."""
+    return -(-a // b)
 
 
 def token_adapters(slots: torch.Tensor, sorted_tokens: torch.Tensor, segments: torch.Tensor,

@@ -14,7 +14,7 @@ import triton.language as tl
 from .._backend import nvtx_range
 from ..plan import tile_block
 from ..tuning import get_config
-from ._common import acc_dtype, active_segments, dot_flags, load_tile_info, mma
+from ._common import acc_dtype, active_segments, cdiv, dot_flags, load_tile_info, mma
 
 __all__ = ["lora_expand_", "lora_expand_torch_"]
 
@@ -75,7 +75,7 @@ def lora_expand_(
     cfg = get_config("expand", num_tokens=T, n=N, k=max_rank, max_rank=max_rank, dtype=y.dtype,
                      device=y.device, block_ms=block_ms)
     tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, cfg.block_m)
-    grid = (tiles_bm.shape[0], triton.cdiv(N, cfg.block_n))
+    grid = (tiles_bm.shape[0], cdiv(N, cfg.block_n))
     with nvtx_range("milp.kernel.lora_expand"):
         _expand_kernel[grid](
             t, lora_b, slots, sorted_tokens, tiles_bm, y, N,

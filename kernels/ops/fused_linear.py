@@ -24,7 +24,16 @@ import triton.language as tl
 from .._backend import nvtx_range
 from ..plan import tile_block
 from ..tuning import get_config
-from ._common import acc_dtype, active_segments, dot_flags, load_tile_info, mma, next_pow2, token_adapters
+from ._common import (
+    acc_dtype,
+    active_segments,
+    cdiv,
+    dot_flags,
+    load_tile_info,
+    mma,
+    next_pow2,
+    token_adapters,
+)
 from .shrink import lora_shrink
 
 __all__ = ["fused_lora_linear", "fused_lora_linear_torch", "GATHER_MAX_ELEMENTS"]
@@ -204,7 +213,7 @@ def fused_lora_linear(
     tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, bm)
     n_tiles = tiles_bm.shape[0]
     block_r = cfg.block_r if load_t else next_pow2(max_rank)
-    grid = (n_tiles * triton.cdiv(N, cfg.block_n),)
+    grid = (n_tiles * cdiv(N, cfg.block_n),)
     with nvtx_range("milp.kernel.fused_lora_linear"):
         _fused_lora_linear_kernel[grid](
             x, weight, bias if bias is not None else y, lora_a, lora_b, scale, slots, sorted_tokens, tiles_bm,

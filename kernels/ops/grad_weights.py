@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._backend import nvtx_range
 from ..tuning import get_config
-from ._common import acc_dtype, active_segments, dot_flags, load_tile_info, mma
+from ._common import acc_dtype, active_segments, cdiv, dot_flags, load_tile_info, mma
 
 __all__ = ["lora_grad_weights", "lora_grad_weights_torch"]
 
@@ -97,7 +97,7 @@ def lora_grad_weights(
         return da, db
     cfg = get_config("grad_weights", num_tokens=T, n=N, k=K, max_rank=max_rank, dtype=x.dtype, device=x.device)
     bc = cfg.block_n
-    grid = (segments.shape[0], triton.cdiv(max_rank, cfg.block_r), triton.cdiv(K, bc) + triton.cdiv(N, bc))
+    grid = (segments.shape[0], cdiv(max_rank, cfg.block_r), cdiv(K, bc) + cdiv(N, bc))
     with nvtx_range("milp.kernel.lora_grad_weights"):
         _grad_weights_kernel[grid](
             x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, da, db, K, N,

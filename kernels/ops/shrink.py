@@ -19,7 +19,7 @@ import triton.language as tl
 from .._backend import nvtx_range
 from ..plan import tile_block
 from ..tuning import get_config
-from ._common import acc_dtype, active_segments, dot_flags, load_tile_info, mma
+from ._common import acc_dtype, active_segments, cdiv, dot_flags, load_tile_info, mma
 
 __all__ = ["lora_shrink", "lora_shrink_torch"]
 
@@ -89,8 +89,8 @@ def lora_shrink(
     cfg = get_config("shrink", num_tokens=T, n=max_rank, k=K, max_rank=max_rank, dtype=x.dtype,
                      device=x.device, block_ms=block_ms)
     tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, cfg.block_m)
-    split_k = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
-    grid = (tiles_bm.shape[0], triton.cdiv(max_rank, cfg.block_r), split_k)
+    split_k = max(1, min(cfg.split_k, cdiv(K, cfg.block_k)))
+    grid = (tiles_bm.shape[0], cdiv(max_rank, cfg.block_r), split_k)
     with nvtx_range("milp.kernel.lora_shrink"):
         _shrink_kernel[grid](
             x, lora_a, scale, slots, sorted_tokens, tiles_bm, t, K,

@@ -63,6 +63,11 @@ class _TwoLayer(torch.nn.Module):
 
 def test_torch_compile_fullgraph_forward_and_backward(device):
     torch._dynamo.reset()
+    torch.manual_seed(0)
+    # inductor fuses silu * up and the square's backward around the opaque op, so fp32 roundings
+    # land in another order than eagerly: a few elements differed by 1.6e-6 relative (over
+    # assert_close's fp32 default of 1.3e-6) in one run of the suite
+    close = dict(rtol=1e-5, atol=1e-5)
     model = _TwoLayer(16, 24, 3).to(device)
     ids = torch.tensor([0, 2, -1, 0, 1, 2, 2], device=device)
     plan = BatchPlan.build(ids, 3)
@@ -75,14 +80,14 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
     # inductor (a C++ toolchain on CPU); the op stays one opaque node in the graph
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
     out = compiled(x, plan)
-    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(out, eager, **close)
     out.square().sum().backward()
     grads = [x.grad] + [model.banks[n].lora_a.grad for n in ("gate", "up", "down")]
     for a, b in zip(grads, grads_eager):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, **close)
     # a new batch with the same shapes reuses the compiled graph
     plan.update(torch.tensor([2, 2, 2, 0, 0, -1, -1], device=device))
-    torch.testing.assert_close(compiled(x, plan), model(x, plan))
+    torch.testing.assert_close(compiled(x, plan), model(x, plan), **close)
 
 
 @pytest.mark.parametrize("T", [5, 80])  # decode path, fused path
@@ -197,6 +202,44 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         with use_backend("cuda"):
             pass
+
+
+def test_env_reads_follow_os_environ(monkeypatch):
+    from kernels._backend import env
+
+    monkeypatch.delenv("MILP_TEST_ENV_VAR", raising=False)
+    assert env("MILP_TEST_ENV_VAR", "d") == "d"
+    monkeypatch.setenv("MILP_TEST_ENV_VAR", "é1")
+    assert env("MILP_TEST_ENV_VAR") == "é1"
+    os.environ["MILP_TEST_ENV_VAR"] = "2"
+    assert env("MILP_TEST_ENV_VAR") == "2"
+    monkeypatch.delenv("MILP_TEST_ENV_VAR")
+    assert env("MILP_TEST_ENV_VAR") is None
+
+
+def test_direct_call_only_where_the_op_adds_nothing(monkeypatch, backend):
+    """Eager work without autograd skips the dispatcher (same function, same result);
+    autograd, profiling and torch function modes go through ``milp::lora_linear``."""
+    from kernels.library import direct_call_ok
+
+    case = make_case(9, 12, 20, {0: [4], 2: [8, 3]}, max_users=3, seed=3)
+    via_op = torch.ops.milp.lora_linear(*_op_args(case, save_t=False))[0]
+    op_calls = []
+    real_op = torch.ops.milp.lora_linear
+    monkeypatch.setattr(torch.ops.milp, "lora_linear", lambda *a: op_calls.append(1) or real_op(*a))
+    with torch.no_grad():
+        direct = lora_linear(case.x, case.w, case.b, case.bank, case.plan)
+    assert op_calls == []
+    torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
+    x = case.x.clone().requires_grad_(True)
+    assert direct_call_ok(x, save_t=False) and not direct_call_ok(x, save_t=True)
+    with torch.profiler.profile():
+        assert not direct_call_ok(x, save_t=False)
+    with torch.overrides.TorchFunctionMode():
+        assert not direct_call_ok(x, save_t=False)
+    y = lora_linear(x, case.w, case.b, case.bank, case.plan)  # needs autograd: the op
+    assert op_calls == [1] and y.grad_fn is not None
+    torch.testing.assert_close(y.detach(), via_op, rtol=0, atol=0)
 
 
 def test_transformers_still_works_with_our_kernels_package_installed():
