@@ -26,6 +26,7 @@ FLOPs and bytes are approximate (matmul weights only, attention scores ignored):
 from __future__ import annotations
 
 import copy
+import os
 
 import _util as U
 import pytest
@@ -172,17 +173,39 @@ def test_decode_correctness():
         one = small.generate(torch.tensor([pu], device=U.DEVICE), [u], max_new_tokens=6, do_sample=False,
                              pad_token_id=0)
         assert out[u, left.shape[1]:].tolist() == one[0, len(pu):].tolist()
+    # the compiled decode step (static cache) of the throughput benchmark gives the same tokens
+    static = small.generate(left, [0, 1, 2, 3], attention_mask=mask, max_new_tokens=6, do_sample=False,
+                            pad_token_id=0, **static_generation())
+    assert static.tolist() == out.tolist()
 
 
-@pytest.mark.parametrize("impl", ["base", "milp"])
+def static_generation() -> dict:
+    """``generate`` arguments for a compiled decode step: a static cache and a compile config
+    (``MILP_BENCH_COMPILE_BACKEND``; default ``cudagraphs`` on CUDA — graph capture and
+    replay without inductor's code generation, so base and ours differ only in the adapter
+    kernels — and ``eager`` on CPU, where it only exercises the path)."""
+    from transformers import CompileConfig
+
+    backend = os.environ.get("MILP_BENCH_COMPILE_BACKEND", "cudagraphs" if U.CUDA else "eager")
+    cc = CompileConfig(fullgraph=True, backend=backend,
+                       mode="reduce-overhead" if backend == "inductor" and U.CUDA else None)
+    cc._compile_all_devices = True  # transformers compiles by itself on GPUs only
+    return dict(cache_implementation="static", compile_config=cc)
+
+
+@pytest.mark.parametrize("impl", ["base", "milp", "base-static", "milp-static"])
 def test_decode_throughput(benchmark, peaks, impl):
+    """``base``/``milp``: eager ``generate`` (host-bound on a GPU: every op is a launch);
+    ``-static``: a static cache with the decode step compiled (``static_generation``)."""
     users, plen, new = CFG["decode_users"], CFG["prompt"], CFG["new"]
     model = build_model()
     ids = prompts(users, plen, model.config.vocab_size)
     mask = torch.ones_like(ids)
     gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if impl.endswith("-static"):
+        gen.update(static_generation())
     adapters = 0
-    if impl == "milp":
+    if impl.startswith("milp"):
         rt = runtime(model, users, decode=True)
         adapters = adapter_rows(rt, range(users))
 
@@ -203,7 +226,7 @@ def test_decode_throughput(benchmark, peaks, impl):
           info=dict(users=users, prompt=plen, new_tokens=new, adapter_params=adapters, phase="decode",
                     bytes_floor_vs_base=linear_params(model) / (linear_params(model) + adapters)), cpu_rounds=3)
     tps = _record(benchmark, workload, impl, tokens)
-    base_tps = _RESULTS.get((workload, "base"))
-    if impl == "milp" and base_tps:
+    base_tps = _RESULTS.get((workload, impl.replace("milp", "base")))
+    if impl.startswith("milp") and base_tps:
         benchmark.extra_info["tokens_per_s_vs_base"] = tps / base_tps
         benchmark.extra_info["target_tokens_per_s_vs_base"] = 0.85

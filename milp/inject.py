@@ -17,6 +17,15 @@ device) that :meth:`kernels.BatchPlan.update` rewrites in place. A batch expande
 ``generate`` (``num_return_sequences``/beams: ``B*k`` rows, repeat-interleaved) maps
 row ``i`` to user ``i // k``.
 
+Compiled code (``torch.compile``, CUDA graphs) cannot build plans: building reads Python
+state that changes with every batch, and a graph traced over it would be re-traced for
+each one. :meth:`MilpState.prepare_static` registers a *static* plan for one leading
+shape instead; :meth:`MilpState.set_users` rewrites every registered static plan in place
+(same buffers, so a captured CUDA graph stays valid) and compiled forwards only look it
+up. :meth:`milp.MilpRuntime.generate` registers the decode shape itself when asked for a
+static cache (``cache_implementation="static"``, with which ``transformers`` compiles the
+decode step: CUDA graphs on a GPU).
+
 Example:
     >>> import torch
     >>> model = tiny_model("llama")
@@ -216,7 +225,12 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._milp_state
-        if st is None or st.row_users is None or not st.any_adapter(self.bank):
+        if torch.compiler.is_compiling():
+            # no test of the batch's users here: it would make the graph depend on them;
+            # users without adapters in this bank have rank 0 and leave y = base(x)
+            if st is None or st.row_users is None:
+                return self.base(x)
+        elif st is None or st.row_users is None or not st.any_adapter(self.bank):
             return self.base(x)
         plan = st.plan_for(x)
         w = self.base_weight()
@@ -255,6 +269,8 @@ class MilpState:
         self._row_users_dev: dict[torch.device, torch.Tensor] = {}
         self._plans: dict[tuple[torch.device, int], BatchPlan] = {}
         self._plan_keys: dict[tuple[torch.device, int], tuple] = {}
+        # (device type, device index, leading shape) -> plan kept current by set_users
+        self._static_plans: dict[tuple[str, int | None, tuple[int, ...]], BatchPlan] = {}
         self.plan_builds = 0  # number of plan updates (inspection and tests)
 
     # ----------------------------------------------------------------- info
@@ -360,6 +376,9 @@ class MilpState:
         values = t.unique().tolist()
         self._batch_slots = frozenset(v for v in values if v >= 0)
         self._num_row_values = len(values)  # segments of every plan of this batch (incl. -1)
+        for (_, _, lead), plan in self._static_plans.items():
+            if self._fits(lead):  # a shape this batch cannot have keeps its old contents, unused
+                self._update_plan(plan, lead)
 
     def any_adapter(self, bank: AdapterBank) -> bool:
         """Whether some user of the current batch has adapters in ``bank``."""
@@ -390,9 +409,73 @@ class MilpState:
             )
         return rows if per_row == 1 else rows.repeat_interleave(per_row)
 
+    def _fits(self, lead: tuple[int, ...]) -> bool:
+        """Whether activations of leading shape ``lead`` can belong to the current batch."""
+        ru = self.row_users
+        if ru.dim() == 2:
+            return ru.numel() == math.prod(lead)
+        B = ru.shape[0]
+        return (len(lead) >= 2 and lead[0] % B == 0) or (len(lead) == 1 and lead[0] % B == 0)
+
+    def _update_plan(self, plan: BatchPlan, lead: tuple[int, ...]) -> None:
+        token_user = self._token_users(lead, plan.device)
+        if plan.device.type == "cpu":
+            plan.update(token_user)
+        else:  # no host sync (CUDA graphs); the segment count is known from set_users
+            plan.update(token_user, validate=False, num_segments=self._num_row_values)
+        self.plan_builds += 1
+
+    def prepare_static(self, lead: Sequence[int], device: torch.device | str | None = None) -> BatchPlan:
+        """Register a static plan for activations of leading shape ``lead`` (e.g. ``(B, 1)``
+        for the decode steps of ``generate``) on ``device``, for compiled code.
+
+        Under ``torch.compile`` the injected layers do not build plans: they look up the
+        static plan of their input's leading shape (a missing one is an error at trace
+        time). Every :meth:`set_users` rewrites each registered plan in place, so a
+        compiled graph (and a captured CUDA graph) serves any later batch of that shape
+        without re-tracing. Registering costs one plan update per ``set_users``.
+
+        Example:
+            >>> st = apply_milp(tiny_model("llama"), max_users=2)
+            >>> _ = st.add_adapters(0, {0: (4,)}, init="random")
+            >>> plan = st.prepare_static((2, 1))  # registered; filled by every set_users
+            >>> st.set_users([0, -1]); plan.token_user_host().tolist()
+            [0, -1]
+            >>> st.set_users([-1, 0]); plan.token_user_host().tolist()
+            [-1, 0]
+        """
+        if isinstance(lead, int) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                            for v in lead) or not lead:
+            raise ValueError(f"lead must be a non-empty sequence of ints > 0 (the activations' leading shape), "
+                             f"got {lead!r}")
+        lead = tuple(lead)
+        dev = torch.device(device) if device is not None else self.layers[0][0].bank.lora_a.device
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        key = (dev.type, dev.index, lead)
+        plan = self._static_plans.get(key)
+        if plan is None or plan.max_users != self.max_users:
+            plan = self._static_plans[key] = BatchPlan(max(1, math.prod(lead)), self.max_users, device=dev)
+        if self.row_users is not None:
+            if not self._fits(lead):
+                raise ValueError(f"leading shape {lead} does not split into the current batch's "
+                                 f"{tuple(self.row_users.shape)} users")
+            self._update_plan(plan, lead)
+        return plan
+
     def plan_for(self, x: torch.Tensor) -> BatchPlan:
-        """The plan of the current batch for activations ``x [..., features]`` (cached)."""
+        """The plan of the current batch for activations ``x [..., features]`` (cached;
+        under ``torch.compile`` the static plan registered by :meth:`prepare_static`)."""
         lead = tuple(x.shape[:-1])
+        if torch.compiler.is_compiling():
+            plan = self._static_plans.get((x.device.type, x.device.index, lead))
+            if plan is None:
+                raise RuntimeError(
+                    f"no static plan for activations of leading shape {list(lead)} on {x.device}: under "
+                    f"torch.compile call MilpState.prepare_static({lead}) first (MilpRuntime.generate "
+                    f"does it for a static cache)"
+                )
+            return plan
         T = max(1, math.prod(lead))
         bucket = 1 << (T - 1).bit_length()
         key = (x.device, bucket)
@@ -400,15 +483,10 @@ class MilpState:
         plan = self._plans.get(key)
         if plan is not None and self._plan_keys.get(key) == pkey:
             return plan
-        token_user = self._token_users(lead, x.device)
         if plan is None or plan.max_users != self.max_users:
             plan = self._plans[key] = BatchPlan(bucket, self.max_users, device=x.device)
-        if x.device.type == "cpu":
-            plan.update(token_user)
-        else:  # no host sync (CUDA graphs); the segment count is known from set_users
-            plan.update(token_user, validate=False, num_segments=self._num_row_values)
+        self._update_plan(plan, lead)
         self._plan_keys[key] = pkey
-        self.plan_builds += 1
         return plan
 
     def resize_users(self, max_users: int) -> None:
@@ -420,6 +498,9 @@ class MilpState:
         self.max_users = max_users
         self._plans.clear()
         self._plan_keys.clear()
+        for (dev_type, index, lead) in list(self._static_plans):
+            del self._static_plans[(dev_type, index, lead)]
+            self.prepare_static(lead, torch.device(dev_type, index) if index is not None else dev_type)
 
 
 # --------------------------------------------------------------------------- API

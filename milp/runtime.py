@@ -578,6 +578,12 @@ class MilpRuntime:
         """``model.generate`` where row ``b`` uses ``users[b]``'s adapters (``None`` = base).
         Pad prompts on the left (:func:`pad_sequences` with ``side="left"``).
 
+        With a static cache (``cache_implementation="static"``, or a ``compile_config``)
+        ``transformers`` compiles the decode step (on a GPU with CUDA graphs,
+        ``mode="reduce-overhead"``); the decode shape's static plan is registered first
+        (:meth:`MilpState.prepare_static`), so one compiled graph serves every later batch
+        of the same size whatever its users. The prefill runs eagerly as usual.
+
         Example:
             >>> from milp.inject import tiny_model
             >>> rt = MilpRuntime(tiny_model("llama"), max_users=2)
@@ -591,4 +597,21 @@ class MilpRuntime:
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
         with self.using(users, ids.shape[0]):
+            if self._compiles_decode(kwargs):
+                self.state.prepare_static((ids.shape[0] * self._rows_per_prompt(kwargs), 1), ids.device)
             return self.model.generate(input_ids=ids, attention_mask=attention_mask, **kwargs)
+
+    def _compiles_decode(self, kwargs: Mapping[str, Any]) -> bool:
+        """Whether ``generate`` with these arguments may run a compiled decode step."""
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        cache = kwargs.get("cache_implementation", getattr(gc, "cache_implementation", None))
+        past = kwargs.get("past_key_values")
+        return (cache == "static" or kwargs.get("compile_config") is not None
+                or (past is not None and bool(getattr(past, "is_compileable", False))))
+
+    def _rows_per_prompt(self, kwargs: Mapping[str, Any]) -> int:
+        """Rows ``generate`` decodes per prompt: the beams, else the returned sequences."""
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        beams = int(kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1)
+        seqs = int(kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1)
+        return beams if beams > 1 else seqs

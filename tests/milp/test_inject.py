@@ -198,3 +198,69 @@ def test_generate_builds_two_plans_and_expands_rows():
         two = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
                              num_beams=2, num_return_sequences=2, pad_token_id=0)
     assert two.shape == (4, 7)
+
+
+# --------------------------------------------------------------------------- compiled forwards
+def _injected_llama(seed: int = 0):
+    model = tiny_model("llama")
+    state = apply_milp(model, max_users=4)
+    g = torch.Generator().manual_seed(seed)
+    state.add_adapters(0, {0: [4], 1: [8]}, init="random", generator=g)
+    state.add_adapters(1, {0: [8, 4]}, init="random", generator=g)  # layer 1 has none of user 1's
+    state.add_adapters(3, {1: [16]}, init="random", generator=g)
+    return model, state
+
+
+def test_static_plan_follows_set_users_in_place():
+    model, state = _injected_llama()
+    plan = state.prepare_static((3, 2))
+    buffers = [t.data_ptr() for t in plan.as_args()[:3]]
+    with batch_users(model, [0, -1, 3]):
+        assert plan.token_user_host().tolist() == [0, 0, -1, -1, 3, 3]
+        with batch_users(model, [3, 1, 1]):
+            assert plan.token_user_host().tolist() == [3, 3, 1, 1, 1, 1]
+        assert plan.token_user_host().tolist() == [0, 0, -1, -1, 3, 3]  # restored with the outer users
+        with batch_users(model, [0, 1]):  # 2 rows cannot fill a (3, 2) shape: left alone, unused
+            assert plan.token_user_host().tolist() == [0, 0, -1, -1, 3, 3]
+    assert [t.data_ptr() for t in plan.as_args()[:3]] == buffers  # CUDA graphs keep their addresses
+    assert state.prepare_static((3, 2)) is plan
+
+
+def test_prepare_static_bad_input():
+    model, state = _injected_llama()
+    for bad in [(), 3, (0, 1), (2.0, 1), (True, 1)]:
+        with pytest.raises(ValueError, match="lead must be"):
+            state.prepare_static(bad)
+    with batch_users(model, [0, 1, 3]):
+        with pytest.raises(ValueError, match="does not split"):
+            state.prepare_static((2, 1))
+
+
+def test_compiled_forward_serves_every_batch_from_one_graph():
+    """torch.compile(fullgraph) of the injected model: the layers read the static plan, so
+    batches with other users reuse the graph (no re-trace) and match the eager logits."""
+    import torch._dynamo
+
+    model, state = _injected_llama()
+    state.prepare_static((3, 5))
+    ids = torch.randint(3, 90, (3, 5), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for users in ([0, 1, 3], [3, -1, 0], [1, 1, 1], [-1, -1, -1], [2, 0, 1]):
+            with batch_users(model, users):
+                want = model(ids).logits
+                got = compiled(ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 1
+
+
+def test_compiled_forward_without_static_plan_names_the_fix():
+    import torch._dynamo
+
+    model, state = _injected_llama()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    with batch_users(model, [0, 1]), pytest.raises(Exception, match="prepare_static"):
+        compiled(torch.ones(2, 3, dtype=torch.long))

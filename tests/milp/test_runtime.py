@@ -135,6 +135,36 @@ def test_mixed_greedy_generation_equals_per_user(arch):
     assert out[2, ids.shape[1]:].tolist() == alone[0, 3:].tolist()
 
 
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_static_cache_generation_compiles_once_for_every_batch(backend):
+    """``generate`` with a static cache: transformers compiles the decode step (forced on CPU
+    here), the decode plan is static, so batches with other users reuse one graph and
+    give the eager tokens."""
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    rt = make_runtime("llama")
+    rt.model.generation_config.eos_token_id = None
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15, 16, 17, 18]]
+    ids, mask = pad_sequences(prompts, PAD, side="left")
+    cc = CompileConfig(fullgraph=True, backend=backend, mode="default" if backend == "inductor" else None)
+    cc._compile_all_devices = True  # transformers compiles on GPUs by itself, on CPU when told
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for users in (["a", "b", None, 7], [7, None, "a", "b"], ["b", "b", "b", "b"]):
+        want = rt.generate(ids, users, attention_mask=mask, **gen)
+        got = rt.generate(ids, users, attention_mask=mask, cache_implementation="static", compile_config=cc, **gen)
+        assert got.tolist() == want.tolist(), f"users {users}"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    # beams: the decode shape is B x num_beams rows
+    beams = dict(gen, num_beams=2, num_return_sequences=2)
+    want = rt.generate(ids, ["a", "b", None, 7], attention_mask=mask, **beams)
+    got = rt.generate(ids, ["a", "b", None, 7], attention_mask=mask, cache_implementation="static",
+                      compile_config=cc, **beams)
+    assert got.tolist() == want.tolist()
+
+
 def test_mixed_sampling_follows_each_users_distribution():
     rt = make_runtime("llama")
     rt.model.generation_config.eos_token_id = None
