@@ -8,8 +8,6 @@ CUDA-graph replays (``graph_ms``): serving replays graphs, so launch gaps are no
 
 from __future__ import annotations
 
-import importlib.util
-
 import _util as U
 import baselines as B
 import pytest
@@ -40,15 +38,3 @@ def test_lora_linear(benchmark, peaks, wl, impl):
         graph=wl.phase == "decode" and impl != "peft",
     )
 
-
-def test_decoder_layer():
-    """Hook for a whole decoder layer (attention + the three FFN linears with adapters).
-
-    It belongs with the multi-user runtime (``milp``): build a LLaMA decoder layer with
-    ``milp.apply_milp``, then call ``U.run(benchmark, workload="layer:<id>", impl=..., ...)`` for
-    ``milp`` and for the same layer under PEFT / the per-user loop; conftest and report.py pick
-    it up with no change (see bench/README.md, "Adding a benchmark").
-    """
-    if importlib.util.find_spec("milp.runtime") is None:
-        pytest.skip("whole-decoder-layer benchmark waits for the multi-user runtime (milp.runtime)")
-    pytest.skip("milp.runtime exists: wire the decoder-layer benchmark here (bench/README.md)")

@@ -483,7 +483,10 @@ class MilpState:
         plan = self._plans.get(key)
         if plan is not None and self._plan_keys.get(key) == pkey:
             return plan
-        if plan is None or plan.max_users != self.max_users:
+        if plan is None or plan.max_users != self.max_users or torch.is_grad_enabled():
+            # with autograd on, the last batch's plan may be saved for a backward still to
+            # come (losses of several batches summed, then one backward): new buffers then,
+            # in-place updates (what CUDA graphs need) only for inference
             plan = self._plans[key] = BatchPlan(bucket, self.max_users, device=x.device)
         self._update_plan(plan, lead)
         self._plan_keys[key] = pkey

@@ -86,6 +86,34 @@ def test_loss_is_sum_of_per_user_means():
         torch.testing.assert_close(per_user[u], want, rtol=1e-5, atol=1e-6)
 
 
+def test_losses_of_several_batches_share_one_backward():
+    """Gradient accumulation: the forwards of two batches with other users (same shape, so
+    the same plan bucket), then one backward, give the sum of the two batches' gradients —
+    the first batch's plan must survive the second forward."""
+    rt = make_runtime("llama")
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(4))
+    batches = [(ids, ["a", "b"]), (ids.flip(0), [7, "a"])]
+
+    params = [p for b in rt.state.banks() for p in (b.lora_a, b.lora_b)]
+
+    def grads():
+        return [p.grad.clone() for p in params]
+
+    def zero():
+        for p in params:
+            p.grad = None
+
+    separate = None
+    for b_ids, b_users in batches:
+        zero()
+        rt.loss(b_ids, b_users)[0].backward()
+        separate = grads() if separate is None else [a + g for a, g in zip(separate, grads())]
+    zero()
+    sum(rt.loss(b_ids, b_users)[0] for b_ids, b_users in batches).backward()
+    for got, want in zip(grads(), separate):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_user_losses_ignores_base_rows_and_padding():
     logits = torch.randn(3, 4, 7)
     labels = torch.tensor([[1, 2, 3, -100], [1, 2, 3, 4], [5, 5, 5, 5]])
