@@ -4,6 +4,13 @@
 #   bash bench/gpu_run.sh [STAGE ...]        (default: all stages, in order)
 #
 # Stages:
+#   quick    THE ONE CALL FOR A 15-MINUTE DEVICE BUDGET (about 8 minutes of work): setup, then
+#            the kernel tests on the GPU (junit XML, capped at 120 s), then only the
+#            benchmarks behind the speed targets (issue 3: 7B FFN fused forward at 4096/16384
+#            tokens, decode 32/256 users, forward+backward at 4096; issue 5: runtime decode and
+#            joint training; issue 4: the whole decoder layer), then report. Run it as
+#              MILP_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh quick
+#            with timeout_s 600; what a capped stage finished still lands in its JSON.
 #   setup    pip install --no-deps --no-build-isolation -e . (if `import kernels` fails); env.txt
 #   tests    pytest tests on the GPU (Triton compiled, no interpreter)
 #   decode   pytest bench/test_lora_linear.py -k decode    -> bench_decode.json
@@ -26,7 +33,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu_local}"
 RES=bench/results/gpu
-mkdir -p "$OUT" "$RES"
+mkdir -p "$OUT"
+# results are copied into the repository's bench/results/gpu/ only from a GPU run (a CPU dry run
+# of the script, e.g. OUT=/tmp/x bash bench/gpu_run.sh quick, leaves the repository alone)
+if "${PYTHON:-python3}" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    mkdir -p "$RES"
+else
+    RES=""
+fi
+keep() { [ -n "$RES" ] && cp "$@" "$RES/" 2>/dev/null; return 0; }
 PY="${PYTHON:-python3}"
 T="${MILP_STAGE_TIMEOUT:-540}"
 export PYTHONUNBUFFERED=1
@@ -61,25 +76,31 @@ PY
     cat "$OUT/env.txt" | tee -a "$LOG"
 }
 
-run_tests() {
-    log "pytest tests (GPU)"
+run_tests() {  # run_tests [pytest paths/args...]  (default: tests)
+    local args=("$@")
+    [ ${#args[@]} -eq 0 ] && args=(tests)
+    log "pytest ${args[*]} (GPU), limit ${T}s"
     local extra=()
-    "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && extra=(--timeout=300)
-    timeout -s INT -k 30 "$T" "$PY" -m pytest tests -q -p no:cacheprovider -rfEs "${extra[@]}" 2>&1 | tee -a "$LOG"
+    "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && extra+=(--timeout=300)
+    # several workers compile the Triton variants in parallel, where pytest-xdist is installed
+    "$PY" -c "import xdist" >/dev/null 2>&1 && extra+=(-n "${MILP_TEST_WORKERS:-8}")
+    timeout -s INT -k 30 "$T" "$PY" -m pytest "${args[@]}" -q -p no:cacheprovider -rfEs \
+        --junitxml="$OUT/tests_gpu.xml" "${extra[@]}" 2>&1 | tail -n 60 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     log "pytest tests exit code $rc"
     [ "$rc" -eq 0 ] || STATUS=1
+    [ -f "$OUT/tests_gpu.xml" ] && keep "$OUT/tests_gpu.xml"
 }
 
 bench() {  # bench NAME pytest-args...
     local name=$1; shift
     local json="$OUT/bench_$name.json"
-    log "pytest bench stage '$name': $*"
+    log "pytest bench stage '$name' (limit ${T}s): $*"
     timeout -s INT -k 30 "$T" "$PY" -m pytest "$@" -q -p no:cacheprovider --benchmark-json="$json" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     log "stage '$name' exit code $rc"
     [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || STATUS=1
-    [ -f "$json" ] && cp "$json" "$RES/"
+    [ -f "$json" ] && keep "$json"
 }
 
 others() {
@@ -96,7 +117,7 @@ others() {
 
 report() {
     local jsons=() seen=" "
-    for f in "$OUT"/bench_*.json "$RES"/bench_*.json; do
+    for f in "$OUT"/bench_*.json ${RES:+"$RES"/bench_*.json}; do
         [ -f "$f" ] || continue
         case "$seen" in *" $(basename "$f") "*) continue ;; esac
         seen="$seen$(basename "$f") "
@@ -105,7 +126,25 @@ report() {
     if [ ${#jsons[@]} -eq 0 ]; then log "report: no bench_*.json yet"; STATUS=1; return; fi
     log "report over ${jsons[*]}"
     "$PY" bench/report.py "${jsons[@]}" --out "$OUT" 2>&1 | tee -a "$LOG"
-    cp "$OUT"/*.md "$OUT"/*.png "$RES/" 2>/dev/null || true
+    keep "$OUT"/*.md "$OUT"/*.png
+}
+
+# the benchmarks behind the speed targets (quick stage): -k expressions over the full-size ids
+QUICK_FWD='7b and (prefill-T4096-U32-mix-none10 or prefill-T16384-U32-mix-none10 or decode-T32-U32-mix or decode-T256-U256-mix)'
+QUICK_BWD='7b and prefill-T4096-U32-mix-none10'
+
+quick() {
+    local t0=$SECONDS
+    setup
+    # tests/milp runs on the CPU whatever the machine: the runtime's GPU checks are the
+    # correctness tests of bench/test_runtime.py below
+    T=${MILP_QUICK_TESTS_S:-120} run_tests tests/kernels
+    export MILP_BENCH_REP_MS=${MILP_BENCH_REP_MS:-50}
+    T=${MILP_QUICK_KERNELS_S:-180} bench quick_kernels bench/test_lora_linear.py bench/test_lora_backward.py \
+        -k "(test_lora_linear and ($QUICK_FWD)) or (test_lora_backward and ($QUICK_BWD))"
+    T=${MILP_QUICK_RUNTIME_S:-200} bench quick_runtime bench/test_runtime.py bench/test_decoder_layer.py
+    report
+    log "quick: $((SECONDS - t0)) s"
 }
 
 STAGES=("$@")
@@ -118,6 +157,7 @@ for s in "${STAGES[@]}"; do
              bench bwd bench/test_lora_backward.py
              bench ops bench/test_lora_shrink.py bench/test_lora_expand.py
              others; report ;;
+        quick) quick ;;
         setup) setup ;;
         tests) run_tests ;;
         decode) bench decode bench/test_lora_linear.py -k decode ;;
@@ -130,7 +170,8 @@ for s in "${STAGES[@]}"; do
                   || STATUS=1 ;;
         others) others ;;
         report) report ;;
-        *) echo "unknown stage '$s' (setup tests decode prefill bwd ops aot autotune others report all)" >&2; exit 2 ;;
+        *) echo "unknown stage '$s' (quick setup tests decode prefill bwd ops aot autotune others report all)" >&2
+           exit 2 ;;
     esac
 done
 log "done: stages ${STAGES[*]}, status $STATUS; files in $OUT"
