@@ -21,7 +21,8 @@ and ``bench/report.py`` then treat it like the op benchmarks (see ``bench/README
 Environment knobs: ``MILP_BENCH_SIZE`` (``small`` | ``full``; default ``full`` with CUDA,
 ``small`` without), ``MILP_BENCH_DTYPE`` (default bfloat16 on CUDA, float32 on CPU),
 ``MILP_BENCH_REP_MS`` (event-timing budget per implementation, default 100),
-``MILP_BENCH_GRAPHS`` (``0`` turns CUDA-graph timing off), ``MILP_GIT_COMMIT`` (the commit
+``MILP_BENCH_GRAPHS`` (``0`` turns CUDA-graph timing off), ``MILP_BENCH_PATHS`` (``1``: on
+CUDA the forward also times our op with each path forced), ``MILP_GIT_COMMIT`` (the commit
 to print where the tree has no ``.git``, as on the device machine).
 """
 
@@ -99,8 +100,11 @@ SHAPES = {
 }
 
 #: implementations benchmarked per op; "milp" is ours, the rest are the baselines
+#: with MILP_BENCH_PATHS=1 on CUDA the forward also times our op with each path forced
+#: (``milp-split``, ``milp-fused``, ``milp-fused_t``): data for the dispatch thresholds
+FORCED_PATHS = ("split", "fused", "fused_t") if CUDA and os.environ.get("MILP_BENCH_PATHS", "0") == "1" else ()
 IMPLS = {
-    "fwd": ("milp", "base", "loop", "padded", "peft"),
+    "fwd": ("milp", "base", "loop", "padded", "peft") + tuple(f"milp-{p}" for p in FORCED_PATHS),
     "fwdbwd": ("milp", "base", "loop", "padded", "peft"),
     "shrink": ("milp", "base", "loop", "padded"),
     "expand": ("milp", "base", "loop", "padded"),

@@ -229,6 +229,12 @@ def forward_fn(impl: str, p: Problem) -> Callable[[], torch.Tensor]:
         def fn():
             with torch.no_grad():
                 return model(x)
+    elif impl.startswith("milp-") and impl[5:] in kernels.PATHS:  # our op, path forced
+        path = impl[5:]
+
+        def fn():
+            with torch.no_grad():
+                return kernels.lora_linear(x, w, None, bank, plan, path=path)
     else:
         raise ValueError(f"unknown impl {impl!r}")
     return fn

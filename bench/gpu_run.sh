@@ -140,7 +140,9 @@ quick() {
     # correctness tests of bench/test_runtime.py below
     T=${MILP_QUICK_TESTS_S:-120} run_tests tests/kernels
     export MILP_BENCH_REP_MS=${MILP_BENCH_REP_MS:-50}
-    T=${MILP_QUICK_KERNELS_S:-180} bench quick_kernels bench/test_lora_linear.py bench/test_lora_backward.py \
+    # the forward workloads also time each forced path (milp-split/-fused/-fused_t): which one
+    # wins at each shape is what the dispatch thresholds in kernels/configs/<gpu>.json need
+    MILP_BENCH_PATHS=1 T=${MILP_QUICK_KERNELS_S:-180} bench quick_kernels bench/test_lora_linear.py bench/test_lora_backward.py \
         -k "(test_lora_linear and ($QUICK_FWD)) or (test_lora_backward and ($QUICK_BWD))"
     T=${MILP_QUICK_RUNTIME_S:-200} bench quick_runtime bench/test_runtime.py bench/test_decoder_layer.py
     report

@@ -29,6 +29,8 @@ OPS = OrderedDict(
         ("fwdbwd", "Forward + backward `lora_linear` (training: W frozen; dx, dA, dB)"),
         ("shrink", "`lora_shrink`"),
         ("expand", "`lora_expand_`"),
+        ("layer-fwd", "Whole LLaMA decoder layer, forward (`test_decoder_layer.py`)"),
+        ("layer-fwdbwd", "Whole LLaMA decoder layer, forward + backward"),
     ]
 )
 BASELINES = ("loop", "padded", "peft")
@@ -186,9 +188,10 @@ def header(machine: dict, paths: list[str], notes: list[str]) -> list[str]:
         "Times: median of CUDA-event timings with the L2 cache flushed before each repetition (CPU:",
         "host-clock minimum). `graph ms`: the same over CUDA-graph replays (decode). `milp/base`: our time",
         "over the base linear's (the floor; the targets' ratio). `×loop`, `×padded`, `×peft`: speedup of",
-        "ours over that baseline (its time / ours; > 1 = ours faster). TFLOP/s and GB/s count the useful",
-        "FLOPs and minimum bytes (bench/README.md); `%roof` = roofline bound (max of FLOPs/peak,",
-        "bytes/peak) / time.",
+        "ours over that baseline (its time / ours; > 1 = ours faster); `×milp-split` etc.: the same for",
+        "our op with its path forced (`MILP_BENCH_PATHS=1`; > 1 = the automatic choice was faster).",
+        "TFLOP/s and GB/s count the useful FLOPs and minimum bytes (bench/README.md); `%roof` =",
+        "roofline bound (max of FLOPs/peak, bytes/peak) / time.",
         "",
     ]
     return lines
@@ -236,6 +239,8 @@ def op_section(op: str, title: str, wls: OrderedDict[str, dict[str, dict]]) -> l
     if not rows:
         return []
     present = [b for b in BASELINES if any(b in impls for _, impls in rows)]
+    # other implementations of the same workloads (e.g. milp-split: our op with a forced path)
+    present += sorted({i for _, impls in rows for i in impls} - set(BASELINES) - {"milp", "base"})
     graph = any(impls.get("milp", {}).get("graph_ms") for _, impls in rows)
     cols = (
         ["workload", "milp ms"] + (["graph ms"] if graph else []) + ["base ms"] + [f"{b} ms" for b in present]

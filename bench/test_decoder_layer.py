@@ -211,6 +211,6 @@ def test_decoder_layer(benchmark, peaks, phase, op, impl):
     nbytes = elem * (reads + (L.adapter_rows if with_adapters else 0)) * (2 if backward else 1)
     U.run(benchmark, workload=f"layer-{U.SIZE}-{phase}-{op}-U{CFG['users']}-T{T}", impl=impl, fn=fn,
           flops=flops, nbytes=nbytes, tokens=T, peaks=peaks,
-          info=dict(phase=phase, op=op, users=CFG["users"], rows=len(L.users), seq=L.S, rel_err=err,
+          info=dict(phase=phase, op=f"layer-{op}", users=CFG["users"], rows=len(L.users), seq=L.S, rel_err=err,
                     rel_err_dh=err_dh, adapter_params=L.adapter_rows, layer_linear_params=L.linear_params),
           cpu_rounds=3)
