@@ -83,11 +83,11 @@ def _variants(dtype: str):
             _shrink_kernel,
             dict(x_ptr="dt", a_ptr="dt", scale_ptr="fp32", slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32",
                  t_ptr="fp32"),
-            ["K", "stride_xt", "stride_xk", "stride_a", "stride_t"]),
+            ["K", "stride_xt", "stride_xk", "stride_a", "stride_t", "stride_ts"]),
         "lora_expand": (
             _expand_kernel,
             dict(t_ptr="fp32", b_ptr="dt", slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32", y_ptr="dt"),
-            ["N", "stride_t", "stride_b", "stride_yt"]),
+            ["N", "stride_t", "stride_b", "stride_yt", "stride_ts"]),
         "lora_grad_weights": (
             _grad_weights_kernel,
             dict(x_ptr="dt", dy_ptr="dt", t_bwd_ptr="fp32", t_fwd_ptr="fp32", slots_ptr="i32", sorted_ptr="i32",
@@ -105,9 +105,14 @@ def _variants(dtype: str):
                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                           BLOCK_R=cfg.block_r if load_t else next_pow2(prob["max_rank"]), GROUP_M=8)
         elif kernel == "lora_shrink":
-            consts = dict(SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k)
+            # the op's decode path (split_k > 1) keeps partial sums for the expand
+            consts = dict(SPLIT_K=cfg.split_k, PARTIALS=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r,
+                          BLOCK_K=cfg.block_k)
         elif kernel == "lora_expand":
-            consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r)
+            # decode: adds the shrink's split-K partials (its split for K = 4096)
+            split = get_config("shrink", num_tokens=prob["num_tokens"], n=prob["max_rank"], k=4096,
+                               max_rank=prob["max_rank"], dtype=torch_dtype, device=torch.device("cpu")).split_k
+            consts = dict(SPLIT=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r)
         else:
             consts = dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_n, BLOCK_T=cfg.block_k)
         fn, ptr_kinds, ints = kinds[kernel]

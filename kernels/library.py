@@ -154,10 +154,13 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
         path = choose_path(x.shape[0], max_rank, device=x.device)
     if path == "split":
         # decode: the base GEMV is memory-bound and cuBLAS streams W exactly once; the
-        # adapters add one split-K shrink (reads each A once) and one expand-add
+        # adapters add one split-K shrink (reads each A once) and one expand-add. Without a
+        # t to keep, the shrink leaves its split-K partials for the expand to add up: three
+        # launches (no zero-fill of t), no atomics
         w = weight if weight_layout == "nk" else weight.t()
         y = torch.nn.functional.linear(x, w, bias)
-        t = lora_shrink(x, p, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
+        t = lora_shrink(x, p, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
+                        partials=not store_t)
         lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms)
         return y, (t if store_t else t.new_empty(0))
     return fused_lora_linear(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,

@@ -4,6 +4,9 @@ Grid: (tile, column block). Each program loads its tile's ``y`` once, adds the u
 low-rank product accumulated over rank blocks in fp32, and writes ``y`` once; segments
 with no adapter exit at once and leave ``y`` untouched. ``t`` is the (already scaled)
 output of :mod:`kernels.ops.shrink`; it is cast to ``B``'s dtype for the tensor cores.
+``t`` may also be the shrink's split-K partial sums ``[S, T, R_T]``: the kernel adds the
+``S`` slices as it loads each ``t`` tile (fixed order), so the decode path needs neither a
+zero-filled ``t`` nor atomics.
 """
 from __future__ import annotations
 
@@ -21,14 +24,15 @@ __all__ = ["lora_expand_", "lora_expand_torch_"]
 
 @triton.jit
 def _expand_kernel(
-    t_ptr,        # [T, R_T] acc   scaled low-rank activations
+    t_ptr,        # [T, R_T] acc   scaled low-rank activations, or [SPLIT, T, R_T] partial sums
     b_ptr,        # [cap, N]       adapter rows
     slots_ptr,    # [U, 2] int32   (row offset, rank); rank 0 = none
     sorted_ptr,   # [T_cap] int32  token indices grouped by user
     tiles_ptr,    # [n_tiles, 3]   (start, end, user)
     y_ptr,        # [T, N]         updated in place
     N,
-    stride_t, stride_b, stride_yt,
+    stride_t, stride_b, stride_yt, stride_ts,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -47,7 +51,11 @@ def _expand_kernel(
     for r0 in range(0, rank, BLOCK_R):
         rr = r0 + offs_r
         r_mask = rr < rank
-        tt = tl.load(t_ptr + tok[:, None] * stride_t + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        t_tile = t_ptr + tok[:, None] * stride_t + rr[None, :]
+        t_mask = row_mask[:, None] & r_mask[None, :]
+        tt = tl.load(t_tile, mask=t_mask, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            tt += tl.load(t_tile + s * stride_ts, mask=t_mask, other=0.0)
         bt = tl.load(b_ptr + (offset + rr)[:, None].to(tl.int64) * stride_b + offs_n[None, :],
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         acc = mma(tt.to(bt.dtype), bt, acc, UPCAST, IEEE)
@@ -67,9 +75,10 @@ def lora_expand_(
     segments: torch.Tensor,
     block_ms: list[int],
 ) -> torch.Tensor:
-    """Launch the expand kernel, adding into ``y`` (returned)."""
+    """Launch the expand kernel, adding into ``y`` (returned). ``t``: ``[T, R]``, or the
+    shrink's partial sums ``[S, T, R]`` (``lora_shrink(..., partials=True)``)."""
     T, N = y.shape
-    max_rank = t.shape[1]
+    max_rank = t.shape[-1]
     if T == 0 or max_rank == 0:
         return y
     cfg = get_config("expand", num_tokens=T, n=N, k=max_rank, max_rank=max_rank, dtype=y.dtype,
@@ -79,8 +88,8 @@ def lora_expand_(
     with nvtx_range("milp.kernel.lora_expand"):
         _expand_kernel[grid](
             t, lora_b, slots, sorted_tokens, tiles_bm, y, N,
-            t.stride(0), lora_b.stride(0), y.stride(0),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+            t.stride(-2), lora_b.stride(0), y.stride(0), t.stride(0) if t.dim() == 3 else 0,
+            SPLIT=t.shape[0] if t.dim() == 3 else 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
             **dot_flags(y.dtype), **cfg.kwargs(),
         )
     return y

@@ -4,11 +4,16 @@ Grid: (tile, rank block, K split). A tile is ``≤ BLOCK_M`` sorted rows of one 
 each program multiplies a ``[BLOCK_M, K]`` slice of ``x`` by ``BLOCK_R`` rows of that
 user's ``A`` (segments with no adapter exit at once). For decode-shaped batches (a token
 or two per user, ``K`` in the thousands) the work per tile is tiny and bandwidth-bound,
-so ``K`` is split across ``SPLIT_K`` programs that accumulate with atomics into a zeroed
-fp32 ``t``: enough programs stream the users' ``A`` rows to fill the memory system.
+so ``K`` is split across ``SPLIT_K`` programs: enough programs stream the users' ``A``
+rows to fill the memory system. They either accumulate with atomics into a zeroed fp32
+``t`` (the op's contract), or — ``partials=True``, what the op's decode path uses — each
+stores its partial sum in its own slice of ``t [SPLIT_K, T, R_T]`` and the expand kernel
+adds the slices as it loads them: no zero-fill launch, no atomics (the sum's order is fixed,
+so results are bitwise reproducible).
 
 ``t`` is ``[T, R_T]`` (``R_T`` = the bank's largest rank) in the accumulator dtype;
-columns at or past a token's rank stay zero.
+columns at or past a token's rank stay zero. In ``partials`` form only the entries of
+tokens with an adapter, below their rank, are written (the only ones the expand reads).
 """
 from __future__ import annotations
 
@@ -32,10 +37,10 @@ def _shrink_kernel(
     slots_ptr,    # [U, 2] int32  (row offset, rank); rank 0 = none
     sorted_ptr,   # [T_cap] int32 token indices grouped by user
     tiles_ptr,    # [n_tiles, 3]  (start, end, user)
-    t_ptr,        # [T, R_T] acc  output (zeroed beforehand when SPLIT_K > 1)
-    K,
-    stride_xt, stride_xk, stride_a, stride_t,
-    SPLIT_K: tl.constexpr,
+    t_ptr,        # [T, R_T] acc  output (zeroed beforehand when SPLIT_K > 1 and not PARTIALS)
+    K,            #               or [SPLIT_K, T, R_T] partial sums (PARTIALS)
+    stride_xt, stride_xk, stride_a, stride_t, stride_ts,
+    SPLIT_K: tl.constexpr, PARTIALS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -64,7 +69,9 @@ def _shrink_kernel(
     acc = acc * s[None, :].to(ACC)
     out = t_ptr + tok[:, None] * stride_t + offs_r[None, :]
     mask = row_mask[:, None] & r_mask[None, :]
-    if SPLIT_K == 1:
+    if PARTIALS:
+        tl.store(out + pid_k * stride_ts, acc, mask=mask)
+    elif SPLIT_K == 1:
         tl.store(out, acc, mask=mask)
     else:
         tl.atomic_add(out, acc, mask=mask)
@@ -80,23 +87,31 @@ def lora_shrink(
     segments: torch.Tensor,
     block_ms: list[int],
     max_rank: int,
+    *,
+    partials: bool = False,
 ) -> torch.Tensor:
-    """Launch the shrink kernel; returns ``t [T, max_rank]`` (accumulator dtype)."""
+    """Launch the shrink kernel; returns ``t [T, max_rank]`` (accumulator dtype), or with
+    ``partials=True`` the split-K partial sums ``[split_k, T, max_rank]`` for
+    :func:`kernels.ops.expand.lora_expand_` (which adds them up; see the module docstring)."""
     T, K = x.shape
-    t = torch.zeros(T, max_rank, dtype=acc_dtype(x.dtype), device=x.device)
+    acc = acc_dtype(x.dtype)
     if T == 0 or max_rank == 0:
-        return t
+        return torch.zeros((1, T, max_rank) if partials else (T, max_rank), dtype=acc, device=x.device)
     cfg = get_config("shrink", num_tokens=T, n=max_rank, k=K, max_rank=max_rank, dtype=x.dtype,
                      device=x.device, block_ms=block_ms)
     tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, cfg.block_m)
     split_k = max(1, min(cfg.split_k, cdiv(K, cfg.block_k)))
+    if partials:
+        t = torch.empty(split_k, T, max_rank, dtype=acc, device=x.device)
+    else:  # zero: the atomics add into it, and unwritten entries are zeros by contract
+        t = torch.zeros(T, max_rank, dtype=acc, device=x.device)
     grid = (tiles_bm.shape[0], cdiv(max_rank, cfg.block_r), split_k)
     with nvtx_range("milp.kernel.lora_shrink"):
         _shrink_kernel[grid](
             x, lora_a, scale, slots, sorted_tokens, tiles_bm, t, K,
-            x.stride(0), x.stride(1), lora_a.stride(0), t.stride(0),
-            SPLIT_K=split_k, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-            **dot_flags(x.dtype), **cfg.kwargs(),
+            x.stride(0), x.stride(1), lora_a.stride(0), t.stride(-2), t.stride(0) if partials else 0,
+            SPLIT_K=split_k, PARTIALS=bool(partials), BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r,
+            BLOCK_K=cfg.block_k, **dot_flags(x.dtype), **cfg.kwargs(),
         )
     return t
 

@@ -133,3 +133,28 @@ def test_non_contiguous_input_is_handled(backend, device):
         lora_linear(case.x, w_t, case.b, case.bank, case.plan),
         lora_linear(case.x, case.w, case.b, case.bank, case.plan),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_path_split_k_partials_and_atomics(backend, device, dtype):
+    """The split path with K split 3 ways: without autograd the shrink leaves its partial sums
+    for the expand to add (no zero-fill, no atomics: bitwise reproducible); with autograd it
+    keeps ``t`` (atomics into a zeroed t). Both against float64; empty and -1 segments too."""
+    from kernels.tuning import LaunchConfig, use_config
+
+    ids = torch.tensor([0, -1, 3, 3, 5, 0, -1, 6, 2])
+    case = make_case(9, 100, 70, {0: [8, 3], 2: [16], 3: [1, 2, 5], 5: [40], 6: [7]}, max_users=8, ids=ids,
+                     dtype=dtype, seed=11, device=device)
+    with use_config("shrink", LaunchConfig(block_m=16, block_r=16, block_k=16, split_k=3, num_warps=4,
+                                           num_stages=2)):
+        with torch.no_grad():
+            y1 = _check_forward(case, dtype, "split")
+            y2 = lora_linear(case.x, case.w, case.b, case.bank, case.plan, path="split")
+        assert torch.equal(y1, y2)
+        x = case.x.clone().requires_grad_(True)
+        y = lora_linear(x, case.w, case.b, case.bank, case.plan, path="split")
+        bank = case.bank
+        ref = lora_linear_ref(case.x, case.w, case.b, bank.lora_a, bank.lora_b, bank.scale, bank.slots, case.ids)
+        assert rel_err(y.detach(), ref) < TOL[dtype]
+        y.float().square().sum().backward()
+        assert torch.isfinite(x.grad).all()
