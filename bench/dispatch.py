@@ -1,0 +1,145 @@
+"""Derive the path-dispatch thresholds of ``kernels.choose_path`` from a GPU benchmark run.
+
+    python bench/dispatch.py RESULTS.json [MORE.json ...]            # print the proposal
+    python bench/dispatch.py RESULTS.json --write                    # and merge it into
+                                                                     # kernels/configs/<gpu>.json
+
+Reads the forward entries of a ``pytest bench`` JSON made with ``MILP_BENCH_PATHS=1`` (as
+``bench/gpu_run.sh quick`` does): for each workload, our op with every path forced
+(``milp-split``, ``milp-fused``, ``milp-fused_t``). Then:
+
+* ``decode_max_tokens`` — the largest token count ``T`` such that ``split`` is within
+  ``--tolerance`` of the fastest path in every measured workload with at most ``T`` tokens
+  (the split path: cuBLAS base + shrink + expand; ``choose_path`` takes it up to this ``T``);
+* ``fused_max_rank`` — the largest bank rank at which ``fused`` (one launch, ``t`` in
+  registers) is within tolerance of ``fused_t`` in every measured workload above
+  ``decode_max_tokens``; 0 when it never is.
+
+Thresholds the run has no data for are left out, so ``choose_path`` keeps its defaults
+(or what ``python -m kernels.autotune`` wrote) for them. ``--write`` merges the proposal into
+the ``"dispatch"`` object of the GPU's config file (atomically), with the evidence under
+``"_dispatch_measured"``. Standard library only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+PATHS = ("split", "fused", "fused_t")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "kernels" / "configs"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # as kernels.tuning._slug
+
+
+def path_times(paths: list[str]) -> tuple[str | None, dict[str, dict]]:
+    """``(device, {workload: {"T", "max_rank", "<path>": ms, ...}})`` from bench JSON files."""
+    device = None
+    rows: dict[str, dict] = defaultdict(dict)
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        mi = data.get("machine_info", {}).get("milp", {})
+        dev = mi.get("device")
+        if device is None:
+            device = dev
+        elif dev != device:
+            raise SystemExit(f"{path} ran on {dev!r}, the first file on {device!r}: one GPU at a time")
+        for b in data.get("benchmarks", []):
+            e = b.get("extra_info") or {}
+            impl = e.get("impl", "")
+            if e.get("op") != "fwd" or not impl.startswith("milp-") or impl[5:] not in PATHS:
+                continue
+            if e.get("time_ms") is None:
+                continue
+            row = rows[e["workload"]]
+            row.update(T=int(e["T"]), max_rank=int(e["max_rank"]), phase=e.get("phase"))
+            row[impl[5:]] = float(e["time_ms"])
+    return device, dict(rows)
+
+
+def propose(rows: dict[str, dict], tolerance: float = 0.02) -> tuple[dict, dict]:
+    """``(dispatch, evidence)`` by the rules of the module docstring."""
+    complete = {w: r for w, r in rows.items() if all(p in r for p in PATHS)}
+    evidence = {w: {k: r[k] for k in ("T", "max_rank", *PATHS)} for w, r in sorted(complete.items())}
+    dispatch: dict[str, int] = {}
+    if not complete:
+        return dispatch, evidence
+
+    def split_ok(r):
+        return r["split"] <= (1 + tolerance) * min(r[p] for p in PATHS)
+
+    decode_max = 0
+    for T in sorted({r["T"] for r in complete.values()}):
+        if all(split_ok(r) for r in complete.values() if r["T"] <= T):
+            decode_max = T
+        else:
+            break
+    dispatch["decode_max_tokens"] = decode_max
+    above = [r for r in complete.values() if r["T"] > decode_max]
+    if above:
+        fused_rank = 0
+        for R in sorted({r["max_rank"] for r in above}):
+            if all(r["fused"] <= (1 + tolerance) * r["fused_t"] for r in above if r["max_rank"] <= R):
+                fused_rank = R
+            else:
+                break
+        dispatch["fused_max_rank"] = fused_rank
+    return dispatch, evidence
+
+
+def write(device: str, dispatch: dict, evidence: dict, out: Path | None = None) -> Path:
+    """Merge ``dispatch`` into the GPU's config JSON (other keys kept), atomically."""
+    path = Path(out) if out else CONFIG_DIR / f"{_slug(device)}.json"
+    data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"device": device, "ops": {}}
+    data["dispatch"] = {**{k: v for k, v in data.get("dispatch", {}).items() if not k.startswith("_")}, **dispatch}
+    data["_dispatch_measured"] = evidence
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s) made with MILP_BENCH_PATHS=1 on a GPU")
+    ap.add_argument("--tolerance", type=float, default=0.02,
+                    help="a path within this fraction of the fastest counts as fastest (default 0.02)")
+    ap.add_argument("--write", action="store_true", help="merge the proposal into kernels/configs/<gpu>.json")
+    ap.add_argument("--out", type=Path, default=None, help="config JSON to write instead of kernels/configs/<gpu>.json")
+    args = ap.parse_args(argv)
+    missing = [p for p in args.json if not os.path.isfile(p)]
+    if missing:
+        ap.error(f"no such JSON file: {', '.join(missing)}")
+    if not 0 <= args.tolerance < 1:
+        ap.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    device, rows = path_times(args.json)
+    dispatch, evidence = propose(rows, args.tolerance)
+    if not evidence:
+        print("no workload has all of milp-split, milp-fused, milp-fused_t: run the forward benchmarks on a GPU "
+              "with MILP_BENCH_PATHS=1 (bench/gpu_run.sh quick does)", file=sys.stderr)
+        return 1
+    if device is None or device == "cpu":
+        ap.error("the runs are not from a GPU: thresholds from CPU times would mean nothing")
+    print(f"{device}: {len(evidence)} workloads with every path timed")
+    for w, r in evidence.items():
+        best = min(PATHS, key=lambda p: r[p])
+        print(f"  {w}: " + ", ".join(f"{p} {r[p]:.4g} ms" for p in PATHS) + f"  -> {best}")
+    print("dispatch:", json.dumps(dispatch))
+    if args.write:
+        print(f"wrote {write(device, dispatch, evidence, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
