@@ -501,9 +501,10 @@ class MilpState:
         self.max_users = max_users
         self._plans.clear()
         self._plan_keys.clear()
-        for (dev_type, index, lead) in list(self._static_plans):
-            del self._static_plans[(dev_type, index, lead)]
-            self.prepare_static(lead, torch.device(dev_type, index) if index is not None else dev_type)
+        for key, old in list(self._static_plans.items()):  # same shapes, the wider slot space
+            plan = self._static_plans[key] = BatchPlan(old.max_tokens, max_users, device=old.device)
+            if self.row_users is not None and self._fits(key[2]):
+                self._update_plan(plan, key[2])
 
 
 # --------------------------------------------------------------------------- API

@@ -224,6 +224,15 @@ def test_static_plan_follows_set_users_in_place():
             assert plan.token_user_host().tolist() == [0, 0, -1, -1, 3, 3]
     assert [t.data_ptr() for t in plan.as_args()[:3]] == buffers  # CUDA graphs keep their addresses
     assert state.prepare_static((3, 2)) is plan
+    # a wider slot space: new static plans (a compiled graph re-traces once), filled when they fit
+    with batch_users(model, [0, 3]):
+        state.resize_users(6)  # the (3, 2) plan does not fit a 2-row batch: registered, not filled
+    wide = state.prepare_static((3, 2))
+    assert wide is not plan and wide.max_users == 6
+    with batch_users(model, [5, 0, 0]):
+        assert wide.token_user_host().tolist() == [5, 5, 0, 0, 0, 0]
+        state.resize_users(8)
+        assert state.prepare_static((3, 2)).token_user_host().tolist() == [5, 5, 0, 0, 0, 0]
 
 
 def test_prepare_static_bad_input():
