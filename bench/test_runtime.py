@@ -85,7 +85,10 @@ def train_batches(users: int, rows: int, seq: int, vocab: int):
 
 
 def linear_params(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    """The base model's matmul weights (embeddings and the injected adapter banks excluded:
+    the banks' rows are counted per user by ``adapter_rows``)."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if p.dim() == 2 and "embed" not in n and ".bank." not in n)
 
 
 def adapter_rows(rt: MilpRuntime, users) -> int:
