@@ -3,8 +3,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels import AdapterBank, BatchPlan, lora_linear, use_backend
+from kernels import PATHS, AdapterBank, BatchPlan, lora_linear, use_backend
 from kernels.reference import lora_linear_grads_ref, lora_linear_ref
+from kernels.tuning import LaunchConfig, use_config
 
 from .cases import rel_err
 from .conftest import DEVICE
@@ -26,8 +27,11 @@ def problems(draw):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems(), st.sampled_from(["triton", "torch"]))
-def test_fuzz_forward_backward(problem, backend):
+@given(problems(), st.sampled_from(["triton", "torch"]), st.sampled_from(("auto",) + PATHS), st.integers(1, 4))
+def test_fuzz_forward_backward(problem, backend, path, split_k):
+    """Forward + backward with autograd (the op, ``t`` kept), then an inference forward by a
+    drawn path with the shrink's K split ``split_k`` ways (the split path then hands the
+    split-K partial sums to the expand)."""
     T, k, n, users, none_share, ranks, seed = problem
     g = torch.Generator().manual_seed(seed)
     bank = AdapterBank(k, n, max_users=users, device=DEVICE)
@@ -45,6 +49,9 @@ def test_fuzz_forward_backward(problem, backend):
     ref = lora_linear_ref(x.detach(), w, None, bank.lora_a, bank.lora_b, bank.scale, bank.slots, ids)
     dx_r, da_r, db_r = lora_linear_grads_ref(x.detach(), w, bank.lora_a, bank.lora_b, bank.scale, bank.slots, ids, dy)
     assert rel_err(y, ref) < 2e-5
+    shrink_cfg = LaunchConfig(block_m=16, block_r=16, block_k=16, split_k=split_k)
+    with use_backend(backend), use_config("shrink", shrink_cfg), torch.no_grad():
+        assert rel_err(lora_linear(x.detach(), w, None, bank, plan, path=path), ref) < 2e-5
     if T:
         assert rel_err(x.grad, dx_r) < 2e-5
     assert rel_err(bank.lora_a.grad, da_r) < 2e-5
