@@ -121,11 +121,14 @@ def check_lora_args(
 
 def direct_call_ok(x: Tensor, save_t: bool) -> bool:
     """Whether :func:`lora_linear_forward` may run without the dispatcher: eager, nothing to
-    differentiate, a plain tensor, no torch function/dispatch mode and no profiler (whose
-    traces name the op ``milp::lora_linear``)."""
+    differentiate, a plain tensor (no subclass, no ``torch.func`` wrapper), no torch
+    function/dispatch mode and no profiler (whose traces name the op ``milp::lora_linear``)."""
     return (not save_t and type(x) is Tensor and not torch.compiler.is_compiling()
             and not torch._C._len_torch_function_stack() and not torch._C._len_torch_dispatch_stack()
-            and not torch.autograd._profiler_enabled())
+            and not torch.autograd._profiler_enabled() and not _functorch_wrapped(x))
+
+
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
 
 
 # --------------------------------------------------------------------------- lora_linear

@@ -237,6 +237,7 @@ def test_direct_call_only_where_the_op_adds_nothing(monkeypatch, backend):
         assert not direct_call_ok(x, save_t=False)
     with torch.overrides.TorchFunctionMode():
         assert not direct_call_ok(x, save_t=False)
+    assert not torch.func.vmap(lambda v: torch.tensor(direct_call_ok(v, save_t=False)))(x.detach()).any()
     y = lora_linear(x, case.w, case.b, case.bank, case.plan)  # needs autograd: the op
     assert op_calls == [1] and y.grad_fn is not None
     torch.testing.assert_close(y.detach(), via_op, rtol=0, atol=0)
