@@ -418,11 +418,12 @@ class MilpState:
         return (len(lead) >= 2 and lead[0] % B == 0) or (len(lead) == 1 and lead[0] % B == 0)
 
     def _update_plan(self, plan: BatchPlan, lead: tuple[int, ...]) -> None:
-        token_user = self._token_users(lead, plan.device)
-        if plan.device.type == "cpu":
-            plan.update(token_user)
-        else:  # no host sync (CUDA graphs); the segment count is known from set_users
-            plan.update(token_user, validate=False, num_segments=self._num_row_values)
+        with kernels.nvtx_range("milp.plan.update"):
+            token_user = self._token_users(lead, plan.device)
+            if plan.device.type == "cpu":
+                plan.update(token_user)
+            else:  # no host sync (CUDA graphs); the segment count is known from set_users
+                plan.update(token_user, validate=False, num_segments=self._num_row_values)
         self.plan_builds += 1
 
     def prepare_static(self, lead: Sequence[int], device: torch.device | str | None = None) -> BatchPlan:

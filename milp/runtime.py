@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels import nvtx_range
+
 from .config import MemoryConfig, atomic_directory
 from .inject import MilpState, apply_milp, batch_users, get_milp, is_injected
 from .losses import token_losses
@@ -563,13 +565,16 @@ class MilpRuntime:
         labels = self._labels(ids, attention_mask, labels)
         self.optimizer.zero_grad()
         with self.using(users, ids.shape[0]) as slots:
-            total, mean, counts = self._user_losses(ids, attention_mask, labels, slots)
-            per_user = self._per_user(slots, mean, counts)
+            with nvtx_range("milp.runtime.forward"):
+                total, mean, counts = self._user_losses(ids, attention_mask, labels, slots)
+                per_user = self._per_user(slots, mean, counts)
             if not per_user:
                 raise ValueError("the batch has no target tokens of any loaded user (all labels -100 or rows None)")
-            total.backward()  # inside the block: recomputed activations see the same users
-        self.optimizer.step([self._slots[u] for u in per_user])
-        self.optimizer.zero_grad()
+            with nvtx_range("milp.runtime.backward"):
+                total.backward()  # inside the block: recomputed activations see the same users
+        with nvtx_range("milp.runtime.optimizer"):
+            self.optimizer.step([self._slots[u] for u in per_user])
+            self.optimizer.zero_grad()
         return {u: float(v.detach()) for u, v in per_user.items()}
 
     @torch.no_grad()
@@ -596,7 +601,7 @@ class MilpRuntime:
         ids = self._check_ids(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
-        with self.using(users, ids.shape[0]):
+        with self.using(users, ids.shape[0]), nvtx_range("milp.runtime.generate"):
             if self._compiles_decode(kwargs):
                 self.state.prepare_static((ids.shape[0] * self._rows_per_prompt(kwargs), 1), ids.device)
             return self.model.generate(input_ids=ids, attention_mask=attention_mask, **kwargs)

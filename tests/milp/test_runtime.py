@@ -459,3 +459,22 @@ def test_mixed_batches_give_each_user_its_own_batches():
             assert rows == [ids_u[r][mask_u[r] == 1].tolist() for r in range(ids_u.shape[0])]
     with pytest.raises(ValueError, match="rows_per_user"):
         next(mixed_batches(data, PAD, rows_per_user=0))
+
+
+def test_nvtx_ranges_name_the_runtime_phases(monkeypatch):
+    """MILP_NVTX=1: the training step's phases, plan updates, the ops and generate show as named
+    ranges (NVTX for nsys; record_function for torch.profiler, as here); none without it."""
+    rt = make_runtime("llama")
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(8))
+    monkeypatch.setenv("MILP_NVTX", "1")
+    with torch.profiler.profile() as prof:
+        rt.train_step(ids, ["a", "b"])
+        rt.generate(ids, ["a", None], max_new_tokens=2, do_sample=False, pad_token_id=PAD)
+    names = {e.name for e in prof.events()}
+    want = {"milp.runtime.forward", "milp.runtime.backward", "milp.runtime.optimizer", "milp.runtime.generate",
+            "milp.plan.update", "milp.lora_linear", "milp.lora_linear_backward"}
+    assert want <= names, want - names
+    monkeypatch.setenv("MILP_NVTX", "0")
+    with torch.profiler.profile() as prof:
+        rt.train_step(ids, ["a", "b"])
+    assert not {e.name for e in prof.events() if e.name.startswith("milp.")}
