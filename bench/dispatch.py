@@ -18,25 +18,18 @@ Reads the forward entries of a ``pytest bench`` JSON made with ``MILP_BENCH_PATH
 Thresholds the run has no data for are left out, so ``choose_path`` keeps its defaults
 (or what ``python -m kernels.autotune`` wrote) for them. ``--write`` merges the proposal into
 the ``"dispatch"`` object of the GPU's config file (atomically), with the evidence under
-``"_dispatch_measured"``. Standard library only.
+``"_dispatch_measured"``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 PATHS = ("split", "fused", "fused_t")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "kernels" / "configs"
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # as kernels.tuning._slug
 
 
 def path_times(paths: list[str]) -> tuple[str | None, dict[str, dict]]:
@@ -97,17 +90,15 @@ def propose(rows: dict[str, dict], tolerance: float = 0.02) -> tuple[dict, dict]
 
 def write(device: str, dispatch: dict, evidence: dict, out: Path | None = None) -> Path:
     """Merge ``dispatch`` into the GPU's config JSON (other keys kept), atomically."""
-    path = Path(out) if out else CONFIG_DIR / f"{_slug(device)}.json"
+    from kernels.tuning import config_path_for
+
+    path = Path(out) if out else config_path_for(device)
     data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"device": device, "ops": {}}
     data["dispatch"] = {**{k: v for k, v in data.get("dispatch", {}).items() if not k.startswith("_")}, **dispatch}
     data["_dispatch_measured"] = evidence
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    from milp.config import atomic_write_text  # the project's atomic writer
+
+    return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
