@@ -3,8 +3,10 @@
 For each op and shape bucket (LLaMA-7B/13B FFN shapes × token buckets × rank buckets) every
 candidate config is first checked against the reference (a wrong fast config is never
 kept), then timed (median of ``triton.testing.do_bench``); the fastest becomes the bucket's
-entry. It also times the ``fused`` against the ``fused_t`` path at a small rank and writes
-the ``dispatch.fused_max_rank`` threshold accordingly. The file is written atomically and
+entry. Decode-sized shrink buckets are timed with the expand that consumes their split-K
+partial sums, as the op's decode path runs them. It also times the ``fused`` against the
+``fused_t`` path at a small rank and writes the ``dispatch.fused_max_rank`` threshold
+accordingly. The file is written atomically and
 merged with entries of other dtypes already in it.
 
 Usage (on a GPU)::
@@ -33,7 +35,7 @@ from triton.runtime.errors import OutOfResources
 from .bank import AdapterBank
 from .plan import BatchPlan
 from .reference import expand_ref, lora_linear_ref, shrink_ref
-from .tuning import OPS, LaunchConfig, _load_table, config_path_for, use_config
+from .tuning import DECODE_MAX_TOKENS, OPS, LaunchConfig, _load_table, config_path_for, use_config
 
 __all__ = ["Problem", "tune", "candidates", "main"]
 
@@ -130,6 +132,17 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
         ref = lora_linear_ref(x, w, None, a, b, s, slots, ids, compute_dtype=c)
         return run, lambda: rel(run(), ref)
     t = shrink_ref(x, a, s, slots, ids, R, compute_dtype=c)
+    if op == "shrink" and problem.num_tokens <= DECODE_MAX_TOKENS:
+        # decode: timed as the op's split path runs it, the split-K partial sums and the
+        # expand that adds them (a larger split is cheaper for the shrink, dearer for the expand)
+        y0 = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
+        ref = expand_ref(y0, t, b, slots, ids, compute_dtype=c)
+
+        def run():
+            parts = lora_shrink(x, a, s, slots, st, tiles, segs, bms, R, partials=True)
+            return lora_expand_(y0.clone(), parts, b, slots, st, tiles, segs, bms)
+
+        return run, lambda: rel(run(), ref)
     if op == "shrink":
         def run():
             return lora_shrink(x, a, s, slots, st, tiles, segs, bms, R)

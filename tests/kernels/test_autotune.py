@@ -24,6 +24,8 @@ def test_tuned_table_is_written_and_read_back(table_path, monkeypatch):
     autotune.write_table(table, table_path)
     data = json.loads(table_path.read_text())
     assert set(data["ops"]) == {"fused_linear", "shrink", "expand", "grad_weights"}
+    # the decode bucket (8 tokens) is tuned through partial sums + expand: it passed its check too
+    assert {e["max_tokens"] for e in data["ops"]["shrink"]} == {8, 96}
     entry = data["ops"]["shrink"][0]
     cfg = get_config("shrink", num_tokens=entry["max_tokens"], n=entry["n"], k=entry["k"],
                      max_rank=entry["max_rank"], dtype=torch.float32, device=torch.device("cpu"))
