@@ -149,8 +149,9 @@ quick() {
     export MILP_BENCH_REP_MS=${MILP_BENCH_REP_MS:-50}
     # the forward workloads also time each forced path (milp-split/-fused/-fused_t): which one
     # wins at each shape is what the dispatch thresholds in kernels/configs/<gpu>.json need
-    MILP_BENCH_PATHS=1 T=${MILP_QUICK_KERNELS_S:-170} bench quick_kernels bench/test_lora_backward.py bench/test_lora_linear.py \
-        -k "(test_lora_linear and ($QUICK_FWD)) or (test_lora_backward and ($QUICK_BWD))"
+    MILP_BENCH_PATHS=1 T=${MILP_QUICK_KERNELS_S:-170} bench quick_kernels bench/test_host_overhead.py \
+        bench/test_lora_backward.py bench/test_lora_linear.py \
+        -k "test_host_us_per_call or (test_lora_linear and ($QUICK_FWD)) or (test_lora_backward and ($QUICK_BWD))"
     T=${MILP_QUICK_RUNTIME_S:-140} bench quick_runtime bench/test_runtime.py
     T=${MILP_QUICK_LAYER_S:-80} bench quick_layer bench/test_decoder_layer.py
     report

@@ -1,0 +1,119 @@
+"""Host time of one eager ``lora_linear`` call: what bounds eager decode on a GPU.
+
+In eager ``generate`` a GPU finishes a decode-sized linear long before the host has issued
+the next one, so the step time is the host's: Python, the dispatcher, the launches. This
+measures it per call on a problem too small for the device to matter (32 tokens, one per
+user, 256 → 256 features), against ``F.linear`` alone.
+
+* CUDA: the real thing. Calls are issued back to back without synchronising (the device keeps
+  up), and the host clock over many calls gives microseconds per call, Triton launches
+  included.
+* CPU: the same Python path with the Triton backend (interpreter mode) and every kernel launch
+  replaced by a no-op, so only our host code is timed: checks, plan slicing, config lookup,
+  grids. The result is comparable across commits on one machine, not with a GPU host.
+
+The result is checked first (CUDA: against float64; CPU: the stubbed path cannot compute,
+so the unstubbed torch path is checked instead).
+"""
+from __future__ import annotations
+
+import time
+
+import _util as U
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import AdapterBank, BatchPlan
+from kernels.reference import lora_linear_ref
+
+pytestmark = U.PYTESTMARK
+USERS, K, N = 32, 256, 256
+CALLS = 200  # calls per timed round
+_US: dict[str, float] = {}  # impl -> host µs per call
+
+
+@pytest.fixture(scope="module")
+def problem():
+    g = torch.Generator().manual_seed(0)
+    bank = AdapterBank(K, N, max_users=USERS, dtype=U.DTYPE, device=U.DEVICE)
+    for u in range(USERS):
+        bank.add(u, [(8, 16)[u % 2]], alpha=16.0, init="random", generator=g)
+    ids = torch.arange(USERS, device=U.DEVICE)
+    plan = BatchPlan.build(ids, USERS)
+    x = torch.randn(USERS, K, generator=g).to(U.DEVICE, U.DTYPE)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(U.DEVICE, U.DTYPE)
+    return bank, plan, ids, x, w
+
+
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.fixture
+def stubbed_launches(monkeypatch):
+    """CPU: the Triton path with every launch a no-op (host code only)."""
+    if U.CUDA:
+        yield
+        return
+    if not kernels.interpreting():
+        pytest.skip("the CPU measurement needs TRITON_INTERPRET=1 (bench/conftest.py sets it without CUDA)")
+    from kernels.ops import expand, fused_linear, grad_weights, shrink
+
+    for mod, name in ((shrink, "_shrink_kernel"), (expand, "_expand_kernel"),
+                      (fused_linear, "_fused_lora_linear_kernel"), (grad_weights, "_grad_weights_kernel")):
+        monkeypatch.setattr(mod, name, _NoLaunch())
+    # value checks read tensors on CPU (free there, skipped on GPUs): time what a GPU host runs
+    monkeypatch.setattr(kernels._library, "_values_checked", lambda t: False)
+    with kernels.use_backend("triton"):
+        yield
+
+
+@pytest.mark.parametrize("impl", ["base", "milp"])
+def test_host_us_per_call(benchmark, problem, stubbed_launches, impl):
+    bank, plan, ids, x, w = problem
+    if impl == "milp":
+        with torch.no_grad(), kernels.use_backend("torch" if not U.CUDA else "auto"):
+            out = kernels.lora_linear(x, w, None, bank, plan)  # checked for real (unstubbed on CPU)
+        ref = lora_linear_ref(x, w, None, bank.lora_a, bank.lora_b, bank.scale, bank.slots, ids)
+    else:
+        out, ref = F.linear(x, w), F.linear(x.double(), w.double())
+    err = U.check(f"{impl} forward", out, ref)
+
+    if impl == "milp":
+        def call():
+            return kernels.lora_linear(x, w, None, bank, plan)
+    else:
+        def call():
+            return F.linear(x, w)
+
+    def rounds():
+        with torch.no_grad():
+            for _ in range(CALLS):
+                call()
+
+    with torch.no_grad():
+        for _ in range(20):  # warm-up: compiled kernels, caches
+            call()
+    U._sync()
+    t0 = time.perf_counter()
+    rounds()
+    host_s = time.perf_counter() - t0
+    U._sync()
+    benchmark.group = "host-overhead"
+    benchmark.pedantic(rounds, rounds=5, warmup_rounds=1, iterations=1)
+    best = benchmark.stats.stats.min if benchmark.stats is not None else host_s
+    us = best / CALLS * 1e6
+    benchmark.extra_info.update(
+        workload=f"host-overhead-T{USERS}-U{USERS}-{K}x{N}", impl=impl, op="host", time_ms=us / 1e3,
+        host_us_per_call=us, calls_per_round=CALLS, rel_err=err, device=str(U.DEVICE),
+        launches="real" if U.CUDA else "stubbed (host code only)", tokens=USERS,
+        tokens_per_s=USERS / (us * 1e-6),
+    )
+    _US[impl] = us
+    if impl == "milp" and "base" in _US:  # what the adapters add to each eager linear
+        benchmark.extra_info["host_us_over_base"] = us - _US["base"]
