@@ -4,7 +4,7 @@
 #   bash bench/gpu_run.sh [STAGE ...]        (default: all stages, in order)
 #
 # Stages:
-#   quick    THE ONE CALL FOR A 15-MINUTE DEVICE BUDGET (about 8 minutes of work): setup, then
+#   quick    THE ONE CALL FOR A 15-MINUTE DEVICE BUDGET (about 9 minutes of work): setup, then
 #            the kernel tests on the GPU (junit XML, capped at 100 s), then only the
 #            benchmarks behind the speed targets (issue 3: 7B FFN fused forward at 4096/16384
 #            tokens, decode 32/256 users, forward+backward at 4096; issue 5: runtime decode and
