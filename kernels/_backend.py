@@ -42,12 +42,13 @@ _local = threading.local()
 # os.environ.get encodes the key and decodes the value on every call (microseconds); the ops
 # read a few variables per launch, so they look in the environment's own byte-keyed table
 _ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENV_DATA = _ENV_DATA if isinstance(_ENV_DATA, dict) else None
 _ENV_KEYS: dict[str, bytes] = {}
 
 
 def env(name: str, default: str | None = None) -> str | None:
     """``os.environ.get(name, default)``, fast (changes through ``os.environ`` are seen)."""
-    if _ENV_DATA is None or not isinstance(_ENV_DATA, dict):
+    if _ENV_DATA is None:
         return os.environ.get(name, default)
     key = _ENV_KEYS.get(name)
     if key is None:

@@ -376,9 +376,7 @@ class MilpState:
         values = t.unique().tolist()
         self._batch_slots = frozenset(v for v in values if v >= 0)
         self._num_row_values = len(values)  # segments of every plan of this batch (incl. -1)
-        for (_, _, lead), plan in self._static_plans.items():
-            if self._fits(lead):  # a shape this batch cannot have keeps its old contents, unused
-                self._update_plan(plan, lead)
+        self._refresh_static()
 
     def any_adapter(self, bank: AdapterBank) -> bool:
         """Whether some user of the current batch has adapters in ``bank``."""
@@ -389,33 +387,38 @@ class MilpState:
         if ru is None:
             ru = self._row_users_dev[device] = self.row_users.to(device)
         T = math.prod(lead)
-        if ru.dim() == 2:
-            if ru.numel() != T:
+        if not self._fits(lead):
+            if ru.dim() == 2:
                 raise ValueError(
                     f"per-token users have shape {tuple(ru.shape)} but the layer input has {T} tokens {lead}"
                 )
-            return ru.reshape(-1)
-        B = ru.shape[0]
-        if len(lead) >= 2 and lead[0] % B == 0:
-            k = lead[0] // B
-            rows = ru if k == 1 else ru.repeat_interleave(k)
-            per_row = T // lead[0]
-        elif len(lead) == 1 and T % B == 0:
-            rows, per_row = ru, T // B
-        else:
             raise ValueError(
-                f"the layer input's leading shape {list(lead)} does not split into the {B} batch rows "
+                f"the layer input's leading shape {list(lead)} does not split into the {ru.shape[0]} batch rows "
                 f"whose users were set (batch_users)"
             )
+        if ru.dim() == 2:
+            return ru.reshape(-1)
+        k = lead[0] // ru.shape[0]  # rows per batch row (generate's beams / returned sequences)
+        rows = ru if k == 1 else ru.repeat_interleave(k)
+        per_row = T // lead[0]
         return rows if per_row == 1 else rows.repeat_interleave(per_row)
 
     def _fits(self, lead: tuple[int, ...]) -> bool:
-        """Whether activations of leading shape ``lead`` can belong to the current batch."""
+        """Whether activations of leading shape ``lead`` can belong to the current batch: as many
+        tokens as per-token users, or a first dimension that is a multiple of the rows."""
         ru = self.row_users
         if ru.dim() == 2:
             return ru.numel() == math.prod(lead)
-        B = ru.shape[0]
-        return (len(lead) >= 2 and lead[0] % B == 0) or (len(lead) == 1 and lead[0] % B == 0)
+        return bool(lead) and lead[0] % ru.shape[0] == 0
+
+    def _refresh_static(self) -> None:
+        """Rewrite every registered static plan for the current batch (in place); a shape this
+        batch cannot have keeps its old contents, unused."""
+        if self.row_users is None:
+            return
+        for (_, _, lead), plan in self._static_plans.items():
+            if self._fits(lead):
+                self._update_plan(plan, lead)
 
     def _update_plan(self, plan: BatchPlan, lead: tuple[int, ...]) -> None:
         with kernels.nvtx_range("milp.plan.update"):
@@ -503,9 +506,8 @@ class MilpState:
         self._plans.clear()
         self._plan_keys.clear()
         for key, old in list(self._static_plans.items()):  # same shapes, the wider slot space
-            plan = self._static_plans[key] = BatchPlan(old.max_tokens, max_users, device=old.device)
-            if self.row_users is not None and self._fits(key[2]):
-                self._update_plan(plan, key[2])
+            self._static_plans[key] = BatchPlan(old.max_tokens, max_users, device=old.device)
+        self._refresh_static()
 
 
 # --------------------------------------------------------------------------- API
