@@ -98,3 +98,13 @@ def test_dispatch_refuses_cpu_runs_and_runs_without_forced_paths(tmp_path, capsy
     other = _run(tmp_path, {(32, 96): (0.1, 0.5, 0.4)}, device="NVIDIA H200", name="other.json")
     with pytest.raises(SystemExit, match="one GPU at a time"):
         dispatch.path_times([str(_run(tmp_path, {(32, 96): (0.1, 0.5, 0.4)})), str(other)])
+
+
+def test_dispatch_cli_bad_arguments(tmp_path, capsys):
+    run = _run(tmp_path, {(32, 96): (0.1, 0.5, 0.4)})
+    with pytest.raises(SystemExit):
+        dispatch.main([str(tmp_path / "missing.json")])
+    assert "no such JSON file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dispatch.main([str(run), "--tolerance", "1.5"])
+    assert "--tolerance must be in [0, 1)" in capsys.readouterr().err
