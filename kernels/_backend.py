@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "interpreting",
+    "interpreter_problem",
     "triton_available",
     "use_backend",
     "backend_for",
@@ -70,6 +71,40 @@ def triton_available() -> bool:
     except Exception:  # pragma: no cover - platform without triton
         return False
     return True
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run this project's kernels here, or ``None``.
+
+    Triton's interpreter before 3.7 converts a kernel's scalars to Python ints with
+    ``int(array)``, which NumPy 2.4 and later refuse for its 1-element arrays: every kernel
+    with a loop over a run-time bound (``range(pid * BLOCK, K, STEP)``) fails with
+    "only 0-dimensional arrays can be converted to Python scalars". Compiled kernels (GPUs)
+    are not affected. Probed once, by running such a loop in the interpreter.
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(out_ptr, n):
+        acc = tl.zeros((1,), dtype=tl.int32)
+        for _ in range(tl.program_id(0), n):
+            acc += 1
+        tl.store(out_ptr + tl.arange(0, 1), acc)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _probe[(1,)](out, 3)
+    except Exception as exc:  # noqa: BLE001 - the message says what happened
+        import numpy
+
+        return (f"Triton {triton.__version__}'s CPU interpreter cannot run the kernels with NumPy "
+                f"{numpy.__version__} ({type(exc).__name__}: {exc}); install triton>=3.7 or "
+                f"'numpy<2.4' to interpret them on CPU (compiled GPU kernels are not affected)")
+    if int(out[0]) != 3:
+        return f"Triton {triton.__version__}'s CPU interpreter miscounted a loop (3 expected, got {int(out[0])})"
+    return None
 
 
 def set_interpreter_overflow_checks(enabled: bool) -> bool:
@@ -126,6 +161,9 @@ def backend_for(t: torch.Tensor) -> str:
             raise RuntimeError(
                 "the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
             )
+        problem = interpreter_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
         return "triton"
     return "torch"
 

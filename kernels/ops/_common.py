@@ -38,14 +38,15 @@ def dot_flags(dtype: torch.dtype) -> dict[str, object]:
 
 @triton.jit
 def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``acc + a @ b`` (see :func:`dot_flags`)."""
+    """``acc + a @ b`` (see :func:`dot_flags`). ``out_dtype`` is the accumulator's: triton
+    3.6 defaults it to fp32 and rejects an fp64 accumulator otherwise (3.7+ infers it)."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     else:
-        return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc, out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -204,6 +204,20 @@ def test_backend_selection(monkeypatch):
             pass
 
 
+
+def test_interpreter_probe_and_its_error(monkeypatch):
+    """The interpreter probe passes where the suite runs the kernels interpreted; where it
+    fails (triton < 3.7 with NumPy >= 2.4) the triton backend on CPU refuses with the reason
+    instead of a TypeError from inside a kernel."""
+    from kernels import _backend
+
+    if kernels.interpreting():
+        assert _backend.interpreter_problem() is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backend, "interpreter_problem", lambda: "install triton>=3.7 or 'numpy<2.4'")
+    with use_backend("triton"), pytest.raises(RuntimeError, match="numpy<2.4"):
+        kernels.backend_for(torch.zeros(1))
+
 def test_env_reads_follow_os_environ(monkeypatch):
     from kernels._backend import env
 
@@ -217,12 +231,12 @@ def test_env_reads_follow_os_environ(monkeypatch):
     assert env("MILP_TEST_ENV_VAR") is None
 
 
-def test_direct_call_only_where_the_op_adds_nothing(monkeypatch, backend):
+def test_direct_call_only_where_the_op_adds_nothing(monkeypatch, backend, device):
     """Eager work without autograd skips the dispatcher (same function, same result);
     autograd, profiling and torch function modes go through ``milp::lora_linear``."""
     from kernels.library import direct_call_ok
 
-    case = make_case(9, 12, 20, {0: [4], 2: [8, 3]}, max_users=3, seed=3)
+    case = make_case(9, 12, 20, {0: [4], 2: [8, 3]}, max_users=3, seed=3, device=device)
     via_op = torch.ops.milp.lora_linear(*_op_args(case, save_t=False))[0]
     op_calls = []
     real_op = torch.ops.milp.lora_linear
