@@ -54,8 +54,8 @@ STATUS=0
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 
 setup() {
-    # wheels the device lacks, carried in .device_wheels (git-ignored), e.g. pytest-xdist:
-    #   pip download --no-deps -d .device_wheels pytest-xdist execnet   (here), carry [".device_wheels"]
+    # wheels the device lacks (it has pytest-xdist), carried in .device_wheels (git-ignored):
+    #   pip download --no-deps -d .device_wheels NAME==VERSION   (here), carry [".device_wheels"]
     if compgen -G ".device_wheels/*.whl" >/dev/null; then
         log "installing carried wheels: $(ls .device_wheels)"
         "$PY" -m pip install -q --no-deps --no-index .device_wheels/*.whl 2>&1 | tail -3 | tee -a "$LOG"

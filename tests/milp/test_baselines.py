@@ -413,8 +413,12 @@ def test_prefix_inputs_bad_inputs(lm):
 # =========================================================================== real embedder
 @pytest.mark.slow
 def test_malp_and_user_vectors_with_minilm(tiny_chat_tokenizer):
-    from milp.models import load_default_embedder
+    from milp.models import find_default_embedder, load_default_embedder
 
+    try:
+        find_default_embedder()
+    except (ModuleNotFoundError, FileNotFoundError) as exc:  # the optional embedder package
+        pytest.skip(str(exc))
     emb = load_default_embedder()
     history = ["I was diagnosed with type 2 diabetes last year.", "I love baking bread on weekends.",
                "My cat is called Tom.", "Work has been busy lately.", "I slept badly yesterday."]
