@@ -570,6 +570,15 @@ def check(what: str, out: torch.Tensor, expect: torch.Tensor, dtype: torch.dtype
 
 
 # ----------------------------------------------------------------------------- run + figures
+def run_op(benchmark, peaks: Peaks, wl: Workload, p: Problem, impl: str, op: str, fn: Callable[[], object],
+           errs: dict, *, graph: bool = False) -> dict:
+    """:func:`run` for one case of an op benchmark (``bench/test_lora_*.py``): the workload's
+    FLOPs/bytes for ``op`` (:func:`counts`), its description and the checked errors ``errs``."""
+    flops, nbytes = counts(op, p, impl)
+    return run(benchmark, workload=wl.group, impl=impl, fn=fn, flops=flops, nbytes=nbytes, tokens=wl.tokens,
+               peaks=peaks, info={**describe(wl, p), **errs}, graph=graph)
+
+
 def run(
     benchmark,
     *,

@@ -31,15 +31,4 @@ def test_lora_backward(benchmark, peaks, wl, impl):
             "rel_err_dB": U.check(f"{impl} dB", db, rdb),
         }
     del dx, da, db
-    flops, nbytes = U.counts("fwdbwd", p, impl)
-    U.run(
-        benchmark,
-        workload=wl.group,
-        impl=impl,
-        fn=fn,
-        flops=flops,
-        nbytes=nbytes,
-        tokens=wl.tokens,
-        peaks=peaks,
-        info={**U.describe(wl, p), **errs},
-    )
+    U.run_op(benchmark, peaks, wl, p, impl, "fwdbwd", fn, errs)

@@ -35,16 +35,4 @@ def test_lora_expand(benchmark, peaks, wl, impl):
     err = U.check(f"{impl} expand", out, expect)
     del out, expect
     fn = B.expand_fn(impl, p, y0.clone(), t)
-    flops, nbytes = U.counts("expand", p, impl)
-    U.run(
-        benchmark,
-        workload=wl.group,
-        impl=impl,
-        fn=fn,
-        flops=flops,
-        nbytes=nbytes,
-        tokens=wl.tokens,
-        peaks=peaks,
-        info={**U.describe(wl, p), "rel_err": err},
-        graph=wl.phase == "decode",
-    )
+    U.run_op(benchmark, peaks, wl, p, impl, "expand", fn, {"rel_err": err}, graph=wl.phase == "decode")

@@ -24,17 +24,5 @@ def test_lora_linear(benchmark, peaks, wl, impl):
     U._sync()
     err = U.check(f"{impl} forward", out, p.ref("base" if impl == "base" else "fwd"))
     del out
-    flops, nbytes = U.counts("fwd", p, impl)
-    U.run(
-        benchmark,
-        workload=wl.group,
-        impl=impl,
-        fn=fn,
-        flops=flops,
-        nbytes=nbytes,
-        tokens=wl.tokens,
-        peaks=peaks,
-        info={**U.describe(wl, p), "rel_err": err},
-        graph=wl.phase == "decode" and impl != "peft",
-    )
+    U.run_op(benchmark, peaks, wl, p, impl, "fwd", fn, {"rel_err": err}, graph=wl.phase == "decode" and impl != "peft")
 

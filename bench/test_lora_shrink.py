@@ -20,16 +20,4 @@ def test_lora_shrink(benchmark, peaks, wl, impl):
     U._sync()
     err = U.check(f"{impl} shrink", out, p.ref("base" if impl == "base" else "shrink"))
     del out
-    flops, nbytes = U.counts("shrink", p, impl)
-    U.run(
-        benchmark,
-        workload=wl.group,
-        impl=impl,
-        fn=fn,
-        flops=flops,
-        nbytes=nbytes,
-        tokens=wl.tokens,
-        peaks=peaks,
-        info={**U.describe(wl, p), "rel_err": err},
-        graph=wl.phase == "decode",
-    )
+    U.run_op(benchmark, peaks, wl, p, impl, "shrink", fn, {"rel_err": err}, graph=wl.phase == "decode")
