@@ -170,7 +170,7 @@ quick() {
         log "quick: ${left} s left of MILP_QUICK_TOTAL_S, no grid stage"
     fi
     # no report on the device (its markdown and PNGs would pass the 8 files that come back):
-    # make it here with python bench/report.py bench/results/gpu/bench_quick_*.json --out bench/results/gpu
+    # make it here with python bench/report.py bench/results/gpu/bench_quick_*.json --out bench/results/gpu --readme README.md
     log "quick: $((SECONDS - t0)) s"
 }
 

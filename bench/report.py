@@ -1,10 +1,13 @@
 """Turn saved ``pytest bench --benchmark-json=...`` files into a markdown table and PNG plots.
 
-    python bench/report.py RESULTS.json [MORE.json ...] [--out bench/results] [--name NAME]
+    python bench/report.py RESULTS.json [MORE.json ...] [--out bench/results] [--name NAME] [--readme README.md]
 
 writes ``<out>/<name>.md`` (header: device, dtype, torch/triton/peft versions, git commit,
-the peaks measured in the run; the issue-3 speed targets; one table per op; other
-benchmarks), ``<out>/<name>_speedup_vs_users.png`` and ``<out>/<name>_pct_peak_vs_tokens.png``.
+the peaks measured in the run; the issue-3 speed targets and issue 5's runtime targets; one
+table per op; other benchmarks), ``<out>/<name>_speedup_vs_users.png`` and
+``<out>/<name>_pct_peak_vs_tokens.png``; with ``--readme``, a GPU run's summary (device,
+versions, commit, the target tables, a link to the report) between the README's
+``bench:gpu`` markers.
 Several JSON files (one per ``gpu_run.sh`` stage) are merged. ``<name>`` defaults to
 ``gpu_<device>`` or ``cpu``. Works on CPU JSON too; its header then says that CPU times mean
 nothing for the GPU targets. Needs only the standard library and matplotlib.
@@ -234,6 +237,45 @@ def targets_section(wls: OrderedDict[str, dict[str, dict]], cpu: bool) -> list[s
     return lines + [""]
 
 
+#: issue 5's runtime targets: (label, the extra_info key of the target, of the measured value,
+#: the baseline whose time ratio gives the value when files were merged, at least / at most)
+RUNTIME_TARGETS = [
+    ("joint training of 16 users ≥ 4× sequential per-user training (tokens/s)",
+     "target_speedup_vs_sequential", "speedup_vs_sequential", "loop"),
+    ("mixed-user decode of 32 users ≥ 0.85× the base model's tokens/s",
+     "target_tokens_per_s_vs_base", "tokens_per_s_vs_base", "base"),
+]
+
+
+def runtime_targets_section(wls: OrderedDict[str, dict[str, dict]], cpu: bool) -> list[str]:
+    """Issue 5's targets from the ``bench/test_runtime.py`` workloads (rows only where the run has them)."""
+    rows = []
+    for label, target_key, value_key, other in RUNTIME_TARGETS:
+        for wl, impls in wls.items():
+            m = impls.get("milp")
+            if not m or target_key not in m:
+                continue
+            value = m.get(value_key)
+            if value is None and m.get(f"ratio_vs_{other}"):
+                value = 1.0 / m[f"ratio_vs_{other}"]  # other's time / ours
+            target = m[target_key]
+            met = "n/a (CPU)" if cpu else ("–" if value is None else "yes" if value >= target else "**no**")
+            ceiling = m.get("bytes_floor_vs_base") if value_key == "tokens_per_s_vs_base" else None
+            rows.append(f"| {label} | `{wl.split(':', 1)[-1]}` | {_f(value, '{:.2f}')} | "
+                        f"{_f(ceiling, '{:.3f}')} | ≥ {target:.2f} | {met} |")
+    if not rows:
+        return []
+    return [
+        "## Runtime targets (issue 5)",
+        "",
+        "`ceiling`: for decode, the model's weights over weights + every user's adapters (the bytes",
+        "bound of a memory-bound step: no implementation reaches a higher ratio).",
+        "",
+        "| target | workload | measured | ceiling | target | met |",
+        "|---|---|---|---|---|---|",
+    ] + rows + [""]
+
+
 def op_section(op: str, title: str, wls: OrderedDict[str, dict[str, dict]]) -> list[str]:
     rows = [(wl, impls) for wl, impls in wls.items() if op_of(next(iter(impls.values()))) == op]
     if not rows:
@@ -415,13 +457,54 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------- README
+README_START = "<!-- bench:gpu:start (bench/report.py --readme writes between these lines) -->"
+README_END = "<!-- bench:gpu:end -->"
+
+
+def readme_block(machine: dict, wls: OrderedDict[str, dict[str, dict]], report_link: str) -> list[str]:
+    """The README's summary of a GPU run: where, with what, at which commit; the targets."""
+    mi = machine.get("milp", {})
+    commit = mi.get("git_commit") or (machine.get("commit_info") or {}).get("id", "unknown")
+    lines = [
+        f"Latest GPU run: **{mi.get('device', '?')}**, {mi.get('dtype', '?')}, torch {mi.get('torch', '?')}, "
+        f"triton {mi.get('triton', '?')}, commit `{str(commit)[:12]}`, {machine.get('datetime', '?')} (UTC). "
+        f"Every table and plot: [{report_link}]({report_link}).",
+        "",
+    ]
+    body = targets_section(wls, cpu=False) + runtime_targets_section(wls, cpu=False)
+    return lines + ["#" + ln if ln.startswith("## ") else ln for ln in body]  # sections one level down
+
+
+def _readme_text(readme: Path) -> str:
+    text = readme.read_text(encoding="utf-8")
+    if text.count(README_START) != 1 or text.count(README_END) != 1 or text.index(README_START) > text.index(
+            README_END):
+        raise ValueError(f"{readme} must hold the line {README_START!r}, then {README_END!r}, once each")
+    return text
+
+
+def update_readme(readme: Path, block: list[str]) -> None:
+    """Replace what stands between :data:`README_START` and :data:`README_END` in ``readme``."""
+    text = _readme_text(readme)
+    head, rest = text.split(README_START)
+    _, tail = rest.split(README_END)
+    _write_text(readme, head + README_START + "\n" + "\n".join(block).rstrip("\n") + "\n" + README_END + tail)
+
+
 # ----------------------------------------------------------------------------- main
-def build(paths: list[str], out: Path, name: str | None = None) -> list[Path]:
+def build(paths: list[str], out: Path, name: str | None = None, readme: Path | None = None) -> list[Path]:
+    """Write the report (markdown + plots) to ``out``; with ``readme``, also its summary between
+    the README's markers (GPU runs only). Returns the files written."""
     machine, benches, notes = load(paths)
     fill_ratios(benches)
     wls = workloads(benches)
     dev = machine.get("milp", {}).get("device", "unknown")
     cpu = dev == "cpu"
+    if readme is not None:  # refuse before writing anything
+        if cpu:
+            raise ValueError("--readme takes a GPU run: the README shows GPU results only (this run is a CPU run)")
+        _readme_text(readme)
     if name is None:
         name = "cpu" if cpu else "gpu_" + re.sub(r"[^a-z0-9]+", "_", dev.lower()).strip("_")
     out.mkdir(parents=True, exist_ok=True)
@@ -436,7 +519,7 @@ def build(paths: list[str], out: Path, name: str | None = None) -> list[Path]:
     if plot_pct_peak_vs_tokens(wls, p_tokens, title):
         written.append(p_tokens)
         plots.append(f"![% of peak vs tokens]({p_tokens.name})")
-    lines = header(machine, paths, notes) + targets_section(wls, cpu)
+    lines = header(machine, paths, notes) + targets_section(wls, cpu) + runtime_targets_section(wls, cpu)
     for op, t in OPS.items():
         lines += op_section(op, t, wls)
     for op in dict.fromkeys(op_of(next(iter(i.values()))) for i in wls.values()):
@@ -446,6 +529,10 @@ def build(paths: list[str], out: Path, name: str | None = None) -> list[Path]:
     lines += (["## Plots", ""] + plots + [""]) if plots else []
     md = out / f"{name}.md"
     _write_text(md, "\n".join(lines))
+    if readme is not None:
+        link = os.path.relpath(md.resolve(), readme.resolve().parent).replace(os.sep, "/")
+        update_readme(readme, readme_block(machine, wls, link))
+        written.append(readme)
     return [md] + written
 
 
@@ -456,12 +543,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (default: bench/results)")
     ap.add_argument("--name", default=None, help="file stem (default: gpu_<device> or cpu)")
+    ap.add_argument("--readme", type=Path, default=None,
+                    help="also write the run's summary (device, versions, commit, the targets) between the "
+                         "bench:gpu markers of this README (GPU runs only)")
     args = ap.parse_args(argv)
     missing = [p for p in args.json if not os.path.isfile(p)]
     if missing:
         ap.error(f"no such JSON file: {', '.join(missing)}")
-    for p in build(args.json, args.out, args.name):
-        print(p)
+    if args.readme is not None and not args.readme.is_file():
+        ap.error(f"--readme: no such file: {args.readme}")
+    try:
+        for p in build(args.json, args.out, args.name, args.readme):
+            print(p)
+    except ValueError as exc:
+        ap.error(str(exc))
     return 0
 
 

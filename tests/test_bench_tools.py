@@ -1,5 +1,5 @@
 """The bench/ tools that run without a GPU: bench/dispatch.py (thresholds from a GPU run) and
-bench/report.py's handling of extra implementations."""
+bench/report.py (targets, forced paths, the README summary)."""
 import importlib.util
 import json
 import sys
@@ -108,3 +108,76 @@ def test_dispatch_cli_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         dispatch.main([str(run), "--tolerance", "1.5"])
     assert "--tolerance must be in [0, 1)" in capsys.readouterr().err
+
+
+# =========================================================================== bench/report.py
+report = _module("report")
+
+
+def _gpu_run(tmp_path, name="gpu.json"):
+    """A GPU run with one forward target workload (and a forced path), the two runtime targets."""
+    fwd = {"op": "fwd", "phase": "prefill", "shape": "7b-up", "T": 4096, "users": 32, "ranks": "mix",
+           "none_share": 0.0, "roofline_ms": 1.0}
+    benches = [
+        {"extra_info": dict(fwd, workload="fwd:7b-up-T4096", impl="milp", time_ms=1.05)},
+        {"extra_info": dict(fwd, workload="fwd:7b-up-T4096", impl="base", time_ms=1.0, roofline_ms=0.99)},
+        {"extra_info": dict(fwd, workload="fwd:7b-up-T4096", impl="milp-split", time_ms=1.3)},
+        {"extra_info": {"workload": "runtime-train-U16", "impl": "milp", "op": "runtime-train-U16", "time_ms": 10.0,
+                        "speedup_vs_sequential": 4.6, "target_speedup_vs_sequential": 4.0}},
+        {"extra_info": {"workload": "runtime-train-U16", "impl": "loop", "op": "runtime-train-U16", "time_ms": 46.0}},
+        {"extra_info": {"workload": "runtime-decode-U32", "impl": "milp", "op": "runtime-decode-U32", "time_ms": 1.25,
+                        "target_tokens_per_s_vs_base": 0.85, "bytes_floor_vs_base": 0.84}},
+        {"extra_info": {"workload": "runtime-decode-U32", "impl": "base", "op": "runtime-decode-U32", "time_ms": 1.0}},
+    ]
+    machine = {"milp": {"device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "torch": "2.11.0",
+                        "triton": "3.6.0", "git_commit": "0123456789abcdef"}}
+    path = tmp_path / name
+    path.write_text(json.dumps({"machine_info": machine, "datetime": "2026-11-28T05:00:00", "benchmarks": benches}))
+    return path
+
+
+def test_report_targets_forced_paths_and_runtime_targets(tmp_path):
+    md, *_ = report.build([str(_gpu_run(tmp_path))], tmp_path / "out")
+    text = md.read_text()
+    assert md.name == "gpu_nvidia_h100_80gb_hbm3.md"
+    # issue 3: fused forward 1.05 <= 1.10, floor = 1.0 / 0.99
+    assert "| `7b-up-T4096` | 1.050 | – | 1.010 | ≤ 1.10 | yes |" in text
+    assert "×milp-split" in text and "| 1.24 |" in text  # the forced path: 1.3 / 1.05
+    # issue 5: training 4.6 >= 4 (as stored); decode: base/ours from the merged times, 0.80 < 0.85
+    assert "| `runtime-train-U16` | 4.60 | – | ≥ 4.00 | yes |" in text
+    assert "| `runtime-decode-U32` | 0.80 | 0.840 | ≥ 0.85 | **no** |" in text
+
+
+def test_report_writes_the_readme_summary_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.README_START}\nold table\n{report.README_END}\nafter\n")
+    run = _gpu_run(tmp_path)
+    assert report.main([str(run), "--out", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    assert "**NVIDIA H100 80GB HBM3**, bfloat16, torch 2.11.0, triton 3.6.0, commit `0123456789ab`" in text
+    assert "[results/gpu_nvidia_h100_80gb_hbm3.md](results/gpu_nvidia_h100_80gb_hbm3.md)" in text
+    assert "### Speed targets (issue 3)" in text and "### Runtime targets (issue 5)" in text
+    # a second run replaces the block, it does not stack
+    report.main([str(run), "--out", str(tmp_path / "results"), "--readme", str(readme)])
+    assert readme.read_text() == text
+
+
+def test_report_readme_refusals(tmp_path, capsys):
+    run = _gpu_run(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit):
+        report.main([str(run), "--out", str(out), "--readme", str(readme)])
+    assert "must hold the line" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"machine_info": {"milp": {"device": "cpu"}}, "benchmarks": []}))
+    readme.write_text(f"{report.README_START}\n{report.README_END}\n")
+    with pytest.raises(SystemExit):
+        report.main([str(cpu), "--out", str(out), "--readme", str(readme)])
+    assert "GPU results only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.main([str(run), "--readme", str(tmp_path / "missing.md")])
+    assert "--readme: no such file" in capsys.readouterr().err

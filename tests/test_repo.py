@@ -35,3 +35,12 @@ def test_layers_import_one_way():
         for path in (ROOT / pkg).rglob("*.py"):
             src = path.read_text(encoding="utf-8")
             assert not re.search(r"^\s*(from|import)\s+milp\b", src, re.M), f"{path} imports milp"
+
+
+def test_readme_keeps_the_gpu_results_markers():
+    # bench/report.py --readme writes the latest GPU run between them
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = "<!-- bench:gpu:start (bench/report.py --readme writes between these lines) -->"
+    end = "<!-- bench:gpu:end -->"
+    assert text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end)
+    assert start in (ROOT / "bench" / "report.py").read_text(encoding="utf-8")
