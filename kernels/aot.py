@@ -11,22 +11,35 @@ Usage::
     TRITON_INTERPRET=0 python -m kernels.aot --arch 90 --dtype bf16
 
 (``TRITON_INTERPRET`` must be unset or 0: interpreted kernels cannot be compiled.)
+
+Beyond these representative scenarios, :class:`LaunchRecorder` writes down every variant a run
+actually launches (kernel, constexprs, argument types and the JIT's specialisation of each
+argument, as a GPU would see them), and :func:`compile_recorded` compiles each distinct one.
+That is how a CPU machine checks that *every* variant the GPU test suite will launch compiles
+and fits the chip's shared memory (``MILP_RECORD_LAUNCHES=FILE`` on a ``pytest tests/kernels``
+run under the interpreter, then ``python -m kernels.aot --recorded FILE --arch 90``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
 
 import triton
 import triton.language as tl
 
-__all__ = ["AotReport", "compile_variants", "SCENARIOS", "VARIANTS"]
+__all__ = ["AotReport", "LaunchRecorder", "compile_recorded", "compile_variants", "SCENARIOS", "SHARED_LIMIT",
+           "VARIANTS"]
 
 _DT = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
+#: the most shared memory one block may use (bytes): H100/H200 227 KB, A100 163 KB
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
 @dataclasses.dataclass
@@ -196,15 +209,215 @@ def compile_variants(arch: int = 90, dtype: str = "bf16", only: str | None = Non
     return reports
 
 
+# ----------------------------------------------------------------------------- recorded launches
+#: kernel name -> (module under kernels.ops, attribute)
+_KERNELS = {
+    "fused_lora_linear": ("fused_linear", "_fused_lora_linear_kernel"),
+    "lora_shrink": ("shrink", "_shrink_kernel"),
+    "lora_expand": ("expand", "_expand_kernel"),
+    "lora_grad_weights": ("grad_weights", "_grad_weights_kernel"),
+}
+_OPTIONS = ("num_warps", "num_stages")
+
+
+def _specialize(value) -> tuple[str, object]:
+    """``(type, key)`` as the JIT specialises a launch argument: ``("*bf16", "D")`` for a
+    16-byte aligned bf16 tensor, ``("i32", "D")`` for an int divisible by 16,
+    ``("constexpr", 1)`` for the int 1."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    return native_specialize_impl(BaseBackend, value, False, True, True)
+
+
+def _json_constexpr(value):
+    if isinstance(value, tl.dtype):
+        return {"tl_dtype": str(value)}
+    return value
+
+
+def launch_record(kernel: str, fn, args: tuple, kwargs: dict) -> dict:
+    """What compiling one launch of ``fn`` needs, in JSON: signature, constexprs, the
+    arguments specialised as divisible by 16, and the options (warps, stages). ``UPCAST`` (the
+    interpreter's bf16 work-around, :func:`kernels.ops._common.dot_flags`) is set to its GPU
+    value, False."""
+    names = list(fn.arg_names)
+    signature, constexprs, div16, options = {}, {}, [], {}
+    for name, value in zip(names, args, strict=False):
+        ty, key = _specialize(value)
+        if ty == "constexpr":
+            signature[name], constexprs[name] = "constexpr", key
+        else:
+            signature[name] = ty
+            if key == "D":
+                div16.append(name)
+    for name, value in kwargs.items():
+        if name in _OPTIONS:
+            options[name] = value
+        elif name in names:
+            signature[name], constexprs[name] = "constexpr", _json_constexpr(value)
+        else:
+            raise ValueError(f"{kernel}: launch argument {name!r} is neither a parameter nor an option")
+    if "UPCAST" in constexprs:
+        constexprs["UPCAST"] = False
+    missing = [n for n in names if n not in signature]
+    if missing:
+        raise ValueError(f"{kernel}: the launch gave no value for {missing}")
+    return {"kernel": kernel, "signature": signature, "constexprs": constexprs, "div16": div16, "options": options}
+
+
+class LaunchRecorder:
+    """Records the distinct compiled variants that the project's Triton launches would need.
+
+    Used as a context manager around any code that launches the kernels (typically a test
+    session under ``TRITON_INTERPRET=1``); the launches still run. :meth:`write` saves one JSON
+    line per distinct variant, for :func:`compile_recorded`.
+
+    Example:
+        >>> with LaunchRecorder() as rec:  # doctest: +SKIP
+        ...     kernels.lora_linear(x, w, None, bank, plan)
+        >>> len(rec.records) >= 1  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict] = {}
+        self._stack = contextlib.ExitStack()
+
+    def _wrap(self, kernel: str, fn):
+        recorder = self
+
+        class _Recording:
+            def __getattr__(self, name):
+                return getattr(fn, name)
+
+            def __getitem__(self, grid):
+                launch = fn[grid]
+
+                def run(*args, **kwargs):
+                    rec = launch_record(kernel, fn, args, kwargs)
+                    recorder.records.setdefault(json.dumps(rec, sort_keys=True), rec)
+                    return launch(*args, **kwargs)
+
+                return run
+
+        return _Recording()
+
+    def __enter__(self) -> LaunchRecorder:
+        import importlib
+
+        for kernel, (module, attr) in _KERNELS.items():
+            mod = importlib.import_module(f"kernels.ops.{module}")
+            original = getattr(mod, attr)
+            setattr(mod, attr, self._wrap(kernel, original))
+            self._stack.callback(setattr, mod, attr, original)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def write(self, path: str) -> int:
+        """Append the distinct records to ``path`` (JSON lines); returns how many."""
+        with open(path, "a", encoding="utf-8") as f:
+            for key in self.records:
+                f.write(key + "\n")
+        return len(self.records)
+
+
+def read_records(path: str) -> list[dict]:
+    """The distinct records of a JSON-lines file written by :meth:`LaunchRecorder.write`."""
+    seen: dict[str, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{i}: not a JSON record ({exc})") from None
+                seen.setdefault(json.dumps(rec, sort_keys=True), rec)
+    return list(seen.values())
+
+
+def _jit_kernel(kernel: str):
+    import importlib
+
+    if kernel not in _KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {sorted(_KERNELS)}")
+    module, attr = _KERNELS[kernel]
+    return getattr(importlib.import_module(f"kernels.ops.{module}"), attr)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: the root cause of a compile failure and where (Triton wraps the cause in a
+    ``CompilationError`` whose text is the source excerpt)."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = str(root).strip()
+    where = str(exc).strip().splitlines()[0] if root is not exc and str(exc).strip() else ""
+    msg = f"{type(root).__name__}: {text.splitlines()[-1] if text else ''}"[:300]
+    return f"{msg} ({where.rstrip(':')})" if where else msg
+
+
+def compile_recorded(records: list[dict], arch: int = 90) -> list[tuple[dict, AotReport | None, str | None]]:
+    """Compile each recorded variant for ``sm_<arch>``: ``(record, report, error)`` per record
+    (``error`` = why it did not compile, else ``None``)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("compile_recorded needs TRITON_INTERPRET unset or 0 (interpreted kernels cannot compile)")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    dtypes = {str(d): d for d in (tl.float16, tl.bfloat16, tl.float32, tl.float64)}
+    out = []
+    for rec in records:
+        fn = _jit_kernel(rec["kernel"])
+        consts = {k: dtypes[v["tl_dtype"]] if isinstance(v, dict) else v for k, v in rec["constexprs"].items()}
+        names = list(fn.arg_names)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in rec["div16"]}
+        dt = next((t[1:] for t in rec["signature"].values() if t.startswith("*") and t[1:] in _DT), "?")
+        variant = ", ".join(f"{k}={v}" for k, v in rec["constexprs"].items() if k.isupper() and k not in
+                            ("UPCAST", "IEEE", "ACC"))
+        try:
+            src = ASTSource(fn=fn, signature={n: rec["signature"][n] for n in names}, constexprs=consts, attrs=attrs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=rec["options"])
+            ptx = compiled.asm["ptx"]
+            regs, spill = _ptxas_info(ptx, arch)
+            report = AotReport(rec["kernel"], variant, arch, dt, int(compiled.metadata.shared), regs, spill,
+                               wgmma="wgmma" in ptx, mma="mma.sync" in ptx)
+            out.append((rec, report, None))
+        except Exception as exc:  # noqa: BLE001 - reported per variant
+            out.append((rec, None, _describe(exc)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200, 80 = A100)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(_DT), help="operand dtype")
     parser.add_argument("--kernel", default=None, choices=VARIANTS, help="only this kernel")
+    parser.add_argument("--recorded", default=None, metavar="FILE",
+                        help="compile every variant recorded in FILE (MILP_RECORD_LAUNCHES) instead of the "
+                             "scenarios; exit 1 if one fails or exceeds the shared memory of sm_<arch>")
     args = parser.parse_args(argv)
-    for r in compile_variants(args.arch, args.dtype, args.kernel):
-        print(r.row())
-    return 0
+    if args.recorded is None:
+        for r in compile_variants(args.arch, args.dtype, args.kernel):
+            print(r.row())
+        return 0
+    if not os.path.isfile(args.recorded):
+        parser.error(f"--recorded: no such file: {args.recorded}")
+    records = [r for r in read_records(args.recorded) if args.kernel in (None, r["kernel"])]
+    bad = 0
+    for rec, report, error in compile_recorded(records, args.arch):
+        if error is not None:
+            bad += 1
+            print(f"FAILED {rec['kernel']} {json.dumps(rec['constexprs'])}: {error}")
+        elif report.shared_bytes > SHARED_LIMIT.get(args.arch, report.shared_bytes):
+            bad += 1
+            print(f"TOO MUCH SHARED MEMORY {report.row()}")
+        else:
+            print(report.row())
+    print(f"{len(records)} recorded variants for sm_{args.arch}: {len(records) - bad} compile and fit, {bad} do not")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

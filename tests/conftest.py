@@ -21,6 +21,28 @@ if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("MILP_SANITIZE_O
     set_interpreter_overflow_checks(False)
 
 
+_RECORDER = None
+
+
+def pytest_configure(config):
+    """``MILP_RECORD_LAUNCHES=FILE``: write down every Triton kernel variant the session launches
+    (``kernels.aot.LaunchRecorder``), so ``python -m kernels.aot --recorded FILE --arch 90``
+    can compile each one for the GPU from a CPU machine."""
+    global _RECORDER
+    if os.environ.get("MILP_RECORD_LAUNCHES"):
+        from kernels.aot import LaunchRecorder
+
+        _RECORDER = LaunchRecorder().__enter__()
+
+
+def pytest_unconfigure(config):
+    global _RECORDER
+    if _RECORDER is not None:
+        _RECORDER.__exit__(None, None, None)
+        _RECORDER.write(os.environ["MILP_RECORD_LAUNCHES"])
+        _RECORDER = None
+
+
 def pytest_runtest_setup(item):
     """``MILP_TEST_DEADLINE`` (seconds since the epoch, set by ``bench/gpu_run.sh`` under a time
     cap): tests that would start after it are skipped, so the session still ends normally and

@@ -1,13 +1,14 @@
 """Every kernel compiles for Hopper and Ampere (no GPU needed): no spills, fits shared memory,
 and the fused GEMM uses Hopper's wgmma. Catches code the CPU interpreter accepts but the
 compiler rejects, and register/shared-memory regressions of the launch configs."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+from kernels.aot import SHARED_LIMIT as SMEM_LIMIT
 
 
 def _compile(arch: int, dtype: str) -> list[dict]:
@@ -44,3 +45,61 @@ def test_kernels_compile_without_spills(arch, dtype):
         assert r["shared_bytes"] <= SMEM_LIMIT[arch], f"{where} needs {r['shared_bytes']} B of shared memory"
         if r["kernel"] == "fused_lora_linear":
             assert r["wgmma"] if arch == 90 else r["mma"], f"{where} misses the tensor cores"
+
+
+def _aot_cli(*args):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    return subprocess.run([sys.executable, "-m", "kernels.aot", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_recorded_launches_compile(tmp_path, device):
+    """Every variant a run launches is written down as the GPU's JIT would specialise it, and
+    each one compiles for sm_90 (what ``MILP_RECORD_LAUNCHES`` + ``--recorded`` do for a whole
+    test session)."""
+    import torch
+
+    from kernels import aot, lora_linear, use_backend
+
+    from .cases import make_case
+
+    case = make_case(70, 40, 24, {0: [8, 3], 1: [16]}, max_users=2, dtype=torch.bfloat16, device=device)
+    with aot.LaunchRecorder() as rec, use_backend("triton"):
+        x = case.x.clone().requires_grad_(True)
+        lora_linear(x, case.w, case.b, case.bank, case.plan).float().sum().backward()
+        with torch.no_grad():
+            lora_linear(case.x[:5], case.w, case.b, case.bank, type(case.plan).build(case.ids[:5], 2))
+    kinds = {r["kernel"] for r in rec.records.values()}
+    assert kinds == {"fused_lora_linear", "lora_shrink", "lora_expand", "lora_grad_weights"}, kinds
+    for r in rec.records.values():
+        assert r["constexprs"]["UPCAST"] is False and set(r["options"]) == {"num_warps", "num_stages"}
+        assert r["signature"]["x_ptr" if "x_ptr" in r["signature"] else "t_ptr"].startswith("*")
+    path = tmp_path / "launches.jsonl"
+    assert rec.write(str(path)) == len(rec.records)
+    rec.write(str(path))  # appended twice: read back once
+    assert len(aot.read_records(str(path))) == len(rec.records)
+    out = _aot_cli("--recorded", str(path), "--arch", "90")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"{len(rec.records)} recorded variants for sm_90: {len(rec.records)} compile and fit, 0 do not" in out.stdout
+
+
+def test_recorded_variant_that_cannot_compile_is_reported(tmp_path):
+    from kernels import aot
+
+    path = tmp_path / "launches.jsonl"
+    assert _aot_cli("--recorded", str(path)).returncode == 2  # no such file
+    # a shrink with BLOCK_K = 8: tl.dot needs K >= 16 on the GPU
+    sig = {n: "i32" for n in ("K", "stride_xt", "stride_a", "stride_t", "stride_ts")}
+    sig.update({n: "*bf16" for n in ("x_ptr", "a_ptr")}, scale_ptr="*fp32", slots_ptr="*i32", sorted_ptr="*i32",
+               tiles_ptr="*i32", t_ptr="*fp32")
+    consts = dict(SPLIT_K=1, PARTIALS=False, BLOCK_M=16, BLOCK_R=16, BLOCK_K=8, UPCAST=False, IEEE=False,
+                  ACC={"tl_dtype": "fp32"}, stride_xk=1)
+    sig.update({n: "constexpr" for n in consts})
+    rec = {"kernel": "lora_shrink", "signature": sig, "constexprs": consts, "div16": ["x_ptr"],
+           "options": {"num_warps": 4, "num_stages": 2}}
+    path.write_text(json.dumps(rec) + "\n")
+    out = _aot_cli("--recorded", str(path), "--arch", "90")
+    assert out.returncode == 1 and "FAILED lora_shrink" in out.stdout and "0 compile and fit, 1 do not" in out.stdout
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"launches.jsonl:1: not a JSON record"):
+        aot.read_records(str(path))
