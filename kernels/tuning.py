@@ -40,6 +40,7 @@ __all__ = [
     "use_config",
     "PATHS",
     "DECODE_MAX_TOKENS",
+    "FUSED_MAX_BLOCK_R",
     "FUSED_MAX_RANK",
     "SPLIT_TOKENS_PER_SEGMENT",
 ]
@@ -56,6 +57,11 @@ SPLIT_TOKENS_PER_SEGMENT = 32
 #: largest rank the fused kernel multiplies inside its K loop (every column block redoes
 #: ``x Aᵀ``: BLOCK_R / BLOCK_N extra tensor-core work); above it ``t`` is precomputed once
 FUSED_MAX_RANK = 16
+#: the largest ``t`` tile (``next_pow2`` of the bank's rank) the fused path keeps in registers,
+#: even when asked for by ``path="fused"`` or a dispatch table: above it the path runs as
+#: ``fused_t``. At 256 the tile needs 192 KB of shared memory (over an A100's 163 KB) and fp32
+#: spills 100 KB a thread on sm_90; 128 compiles spill-free in bf16 (``python -m kernels.aot``)
+FUSED_MAX_BLOCK_R = 128
 
 
 @dataclasses.dataclass(frozen=True)

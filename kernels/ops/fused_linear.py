@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._backend import nvtx_range
 from ..plan import tile_block
-from ..tuning import get_config
+from ..tuning import FUSED_MAX_BLOCK_R, get_config
 from ._common import (
     acc_dtype,
     active_segments,
@@ -185,7 +185,8 @@ def fused_lora_linear(
     ``weight`` is ``[N, K]`` (``"nk"``, a ``nn.Linear`` weight) or ``[K, N]`` (``"kn"``).
     ``precompute_t``: run the shrink first and expand the stored ``t`` in the epilogue
     (path ``"fused_t"``); otherwise ``t`` is computed inside the K loop (path ``"fused"``),
-    which needs ``max_rank`` small (see :func:`kernels.tuning.choose_path`).
+    which needs ``max_rank`` small (see :func:`kernels.tuning.choose_path`; above
+    :data:`kernels.tuning.FUSED_MAX_BLOCK_R` it runs as ``fused_t``).
     Inputs are assumed validated by the op layer (:mod:`kernels.library`).
     """
     T, K = x.shape
@@ -200,7 +201,8 @@ def fused_lora_linear(
     if T == 0:
         return y, (torch.zeros(0, max_rank, dtype=acc, device=x.device) if store_t else empty)
 
-    load_t = bool(precompute_t) and max_rank > 0
+    # a rank too large for registers runs as fused_t whatever the caller asked (FUSED_MAX_BLOCK_R)
+    load_t = (bool(precompute_t) or next_pow2(max_rank) > FUSED_MAX_BLOCK_R) and max_rank > 0
     t = empty
     if load_t:
         t = lora_shrink(x, lora_a, scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)

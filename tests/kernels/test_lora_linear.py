@@ -45,6 +45,22 @@ def test_every_path_and_rank_block(backend, device, path, max_rank):
     _check_forward(case, torch.float32, path)
 
 
+@pytest.mark.parametrize("max_rank, load_t", [(96, False), (200, True)])
+def test_fused_path_keeps_t_in_registers_only_up_to_its_tile_limit(device, max_rank, load_t):
+    """``path="fused"`` with a rank past ``FUSED_MAX_BLOCK_R`` runs as ``fused_t``: a 256-wide
+    ``t`` tile needs more shared memory than an A100 has, and spills 100 KB a thread in fp32."""
+    from kernels import aot, use_backend
+    from kernels.tuning import FUSED_MAX_BLOCK_R
+
+    assert 96 <= FUSED_MAX_BLOCK_R < 256
+    case = make_case(70, 33, 50, {0: [max_rank], 1: [3]}, max_users=2, seed=1, device=device)
+    with aot.LaunchRecorder() as rec, use_backend("triton"):
+        _check_forward(case, torch.float32, "fused")
+    fused = [r for r in rec.records.values() if r["kernel"] == "fused_lora_linear"]
+    assert len(fused) == 1 and fused[0]["constexprs"]["LOAD_T"] is load_t
+    assert fused[0]["constexprs"]["BLOCK_R"] <= FUSED_MAX_BLOCK_R
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_every_path_bf16_odd_sizes(backend, device, path):
     case = make_case(77, 45, 70, {0: [8, 3], 2: [16], 3: [1, 2, 5], 5: [40]}, max_users=7, dtype=torch.bfloat16,
