@@ -280,8 +280,11 @@ class LaunchRecorder:
         True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, launch: bool = True) -> None:
+        """``launch=False``: record only, skip the launches (outputs stay uninitialised), to
+        enumerate the variants of problems too large to run here (``bench/variants.py``)."""
         self.records: dict[str, dict] = {}
+        self.launch = launch
         self._stack = contextlib.ExitStack()
 
     def _wrap(self, kernel: str, fn):
@@ -292,12 +295,12 @@ class LaunchRecorder:
                 return getattr(fn, name)
 
             def __getitem__(self, grid):
-                launch = fn[grid]
+                launch = fn[grid] if recorder.launch else None
 
                 def run(*args, **kwargs):
                     rec = launch_record(kernel, fn, args, kwargs)
                     recorder.records.setdefault(json.dumps(rec, sort_keys=True), rec)
-                    return launch(*args, **kwargs)
+                    return launch(*args, **kwargs) if recorder.launch else None
 
                 return run
 

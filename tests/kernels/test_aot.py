@@ -103,3 +103,55 @@ def test_recorded_variant_that_cannot_compile_is_reported(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"launches.jsonl:1: not a JSON record"):
         aot.read_records(str(path))
+
+
+def test_recorder_without_launching(device):
+    """``launch=False`` records the variants and skips the kernels (``bench/variants.py`` uses it
+    to enumerate the GPU benchmark grid on a CPU)."""
+    import torch
+
+    from kernels import aot, lora_shrink, use_backend
+
+    from .cases import make_case
+
+    case = make_case(70, 40, 24, {0: [8, 3], 1: [16]}, max_users=2, device=device)
+    with use_backend("triton"):
+        assert lora_shrink(case.x, case.bank, case.plan).abs().sum() > 0
+        with aot.LaunchRecorder(launch=False) as rec:
+            t = lora_shrink(case.x, case.bank, case.plan)
+    assert [r["kernel"] for r in rec.records.values()] == ["lora_shrink"]
+    assert torch.count_nonzero(t) == 0  # the zeroed output was never written
+
+
+def test_bench_variants_records_the_grid(monkeypatch):
+    """``bench/variants.py`` drives the benchmark's problems through the launchers: on the CPU
+    subset here, every kernel of the forward and backward is recorded, with the GPU's flags."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("bench/variants.py is the CPU stand-in for a GPU run")
+    root = Path(__file__).resolve().parents[2]
+    # what the module sets and imports stays inside this test
+    monkeypatch.setenv("MILP_BENCH_SIZE", "small")
+    monkeypatch.setenv("MILP_BENCH_DTYPE", "bfloat16")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    spec = importlib.util.spec_from_file_location("bench_variants", root / "bench" / "variants.py")
+    variants = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(variants)
+    finally:
+        for name in set(sys.modules) - before:  # bench's _util, baselines: not packages of the project
+            if name in ("_util", "baselines"):
+                del sys.modules[name]
+    small = variants.U.workloads
+    monkeypatch.setattr(variants.U, "workloads", lambda op, size: small(op, "small")[:3])
+    rec = variants.record(["fwd", "fwdbwd"], progress=False)
+    kinds = {r["kernel"] for r in rec.records.values()}
+    assert kinds == {"fused_lora_linear", "lora_shrink", "lora_expand", "lora_grad_weights"}, kinds
+    assert all(r["constexprs"]["UPCAST"] is False for r in rec.records.values())
+    with pytest.raises(SystemExit):
+        variants.main(["--out", "/dev/null", "--ops", "gemm"])

@@ -1,0 +1,100 @@
+"""The Triton kernel variants the GPU benchmark grid will launch, enumerated on a CPU machine.
+
+    python bench/variants.py --out launches.jsonl [--ops fwd,fwdbwd,shrink,expand]
+    TRITON_INTERPRET=0 python -m kernels.aot --recorded launches.jsonl --arch 90
+
+Every workload of ``pytest bench``'s full (GPU) grid is built on the CPU in bfloat16 and our
+ops run through the Triton launchers with each launch recorded and skipped
+(:class:`kernels.aot.LaunchRecorder` with ``launch=False``): the configs, tiles and constexprs
+are those a GPU run picks (the path chosen as on a GPU, with the plan's user count; the forced
+paths of ``MILP_BENCH_PATHS=1`` too), the outputs are never computed. ``kernels.aot
+--recorded`` then compiles each distinct variant for the GPU and reports errors, shared memory
+past the chip's, registers and spills, so a device session does not spend its minutes on a
+variant that cannot run. (The decoder-layer and runtime benchmarks are not covered: they run
+whole models, too slow on a CPU.)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("MILP_BENCH_SIZE", "full")
+os.environ.setdefault("MILP_BENCH_DTYPE", "bfloat16")
+os.environ["TRITON_INTERPRET"] = "1"  # the triton backend on CPU tensors (nothing is interpreted: launches are skipped)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _util as U  # noqa: E402
+import kernels  # noqa: E402
+from kernels import aot  # noqa: E402
+from kernels.tuning import DECODE_MAX_TOKENS, PATHS, choose_path  # noqa: E402
+
+OPS = ("fwd", "fwdbwd", "shrink", "expand")
+
+
+def _launch_all(op: str, p: U.Problem) -> None:
+    """Our op on ``p`` as the benchmark calls it on a GPU: auto path and, for the forward, each
+    forced path (split only where the batch is decode-sized: here it would run the base GEMM
+    on the CPU for real)."""
+    T = p.wl.tokens
+    auto = choose_path(T, p.bank.max_rank, num_segments=p.plan.num_segments)
+    if op == "fwd":
+        paths = [auto] + [q for q in PATHS if q != auto and (q != "split" or T <= 4 * DECODE_MAX_TOKENS)]
+        with torch.no_grad():
+            for path in paths:
+                kernels.lora_linear(p.x, p.w, None, p.bank, p.plan, path=path)
+    elif op == "fwdbwd":
+        x = p.x.detach().requires_grad_()
+        p.bank.lora_a.requires_grad_(True)
+        p.bank.lora_b.requires_grad_(True)
+        y = kernels.lora_linear(x, p.w, None, p.bank, p.plan, path=auto)
+        torch.autograd.grad(y, [x, p.bank.lora_a, p.bank.lora_b], p.dy)
+    elif op == "shrink":
+        with torch.no_grad():
+            kernels.lora_shrink(p.x, p.bank, p.plan)
+    else:
+        t = torch.zeros(T, p.bank.max_rank)
+        y = torch.empty(T, p.wl.n, dtype=p.dtype)
+        with torch.no_grad():
+            kernels.lora_expand_(y, t, p.bank, p.plan)
+
+
+def record(ops=OPS, progress: bool = True) -> aot.LaunchRecorder:
+    """Record (without launching) every variant the full benchmark grid of ``ops`` launches."""
+    rec = aot.LaunchRecorder(launch=False)
+    with rec, kernels.use_backend("triton"):
+        for op in ops:
+            wls = U.workloads(op, "full")
+            t0 = time.time()
+            for i, wl in enumerate(wls, 1):
+                _launch_all(op, U.Problem(wl, device=torch.device("cpu"), dtype=torch.bfloat16))
+                if progress:
+                    print(f"\r{op}: {i}/{len(wls)} workloads, {len(rec.records)} variants so far "
+                          f"({time.time() - t0:.0f} s)", end="", file=sys.stderr, flush=True)
+            if progress:
+                print(file=sys.stderr)
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path, help="JSON-lines file for kernels.aot --recorded")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    args = ap.parse_args(argv)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OPS]
+    if bad or not ops:
+        ap.error(f"--ops must name some of {OPS}, got {args.ops!r}")
+    if args.out.exists():
+        args.out.unlink()  # write() appends
+    n = record(ops).write(str(args.out))
+    print(f"{n} distinct variants -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
