@@ -26,9 +26,9 @@ os.environ.setdefault("MILP_BENCH_DTYPE", "bfloat16")
 os.environ["TRITON_INTERPRET"] = "1"  # the triton backend on CPU tensors (nothing is interpreted: launches are skipped)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _util as U  # noqa: E402
 import torch  # noqa: E402
 
-import _util as U  # noqa: E402
 import kernels  # noqa: E402
 from kernels import aot  # noqa: E402
 from kernels.tuning import DECODE_MAX_TOKENS, PATHS, choose_path  # noqa: E402

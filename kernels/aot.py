@@ -29,7 +29,6 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator
 
 import triton
 import triton.language as tl

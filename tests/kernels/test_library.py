@@ -204,7 +204,6 @@ def test_backend_selection(monkeypatch):
             pass
 
 
-
 def test_interpreter_probe_and_its_error(monkeypatch):
     """The interpreter probe passes where the suite runs the kernels interpreted; where it
     fails (triton < 3.7 with NumPy >= 2.4) the triton backend on CPU refuses with the reason
@@ -217,6 +216,7 @@ def test_interpreter_probe_and_its_error(monkeypatch):
     monkeypatch.setattr(_backend, "interpreter_problem", lambda: "install triton>=3.7 or 'numpy<2.4'")
     with use_backend("triton"), pytest.raises(RuntimeError, match="numpy<2.4"):
         kernels.backend_for(torch.zeros(1))
+
 
 def test_env_reads_follow_os_environ(monkeypatch):
     from kernels._backend import env
