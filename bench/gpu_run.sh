@@ -5,7 +5,8 @@
 #
 # Stages:
 #   quick    THE ONE CALL FOR A 15-MINUTE DEVICE BUDGET (about 9 minutes of work): setup, then
-#            the kernel tests on the GPU (junit XML, capped at 100 s), then only the
+#            (in the background) the benchmark grid's kernel variants compiled into Triton's
+#            cache, the kernel tests on the GPU (junit XML, capped at 100 s), then only the
 #            benchmarks behind the speed targets (issue 3: 7B FFN fused forward at 4096/16384
 #            tokens, decode 32/256 users, forward+backward at 4096; issue 5: runtime decode and
 #            joint training; issue 4: the whole decoder layer), then, in the time left of
@@ -47,6 +48,9 @@ keep() { [ -n "$RES" ] && cp "$@" "$RES/" 2>/dev/null; return 0; }
 PY="${PYTHON:-python3}"
 T="${MILP_STAGE_TIMEOUT:-540}"
 export PYTHONUNBUFFERED=1
+# what tests/conftest.py and bench/conftest.py set: it is part of Triton's cache key, so the
+# background precompile (below) must see the same value as the benchmarks
+export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 export MILP_GIT_COMMIT="${MILP_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 LOG="$OUT/run.log"
 STATUS=0
@@ -104,13 +108,19 @@ run_tests() {  # run_tests [pytest paths/args...]  (default: tests)
     [ -f "$OUT/tests_gpu.xml" ] && keep "$OUT/tests_gpu.xml"
 }
 
+cache_entries() {  # kernels in Triton's cache (how many a stage compiled: did the precompile hit?)
+    find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l
+}
+
 bench() {  # bench NAME pytest-args...
     local name=$1; shift
     local json="$OUT/bench_$name.json"
+    local c0
+    c0=$(cache_entries)
     log "pytest bench stage '$name' (limit ${T}s): $*"
     timeout -s INT -k 30 "$T" "$PY" -m pytest "$@" -q -p no:cacheprovider --benchmark-json="$json" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
-    log "stage '$name' exit code $rc"
+    log "stage '$name' exit code $rc; Triton cache entries $c0 -> $(cache_entries)"
     [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || STATUS=1
     [ -f "$json" ] && keep "$json"
 }
@@ -145,9 +155,27 @@ report() {
 QUICK_FWD='7b and (prefill-T4096-U32-mix-none10 or prefill-T16384-U32-mix-none10 or decode-T32-U32-mix or decode-T256-U256-mix)'
 QUICK_BWD='7b and prefill-T4096-U32-mix-none10'
 
+precompile() {  # warm Triton's cache with the benchmark grid's kernel variants while the tests run
+    # bench/variants_bf16.jsonl: `python bench/variants.py --out bench/variants_bf16.jsonl` (on a CPU);
+    # kernels.aot compiles each variant under the key the JIT computes, so the bench stages find
+    # them compiled. Best effort: a variant it misses is compiled by the benchmark as before.
+    local f=bench/variants_bf16.jsonl
+    [ -f "$f" ] && [ -n "$RES" ] || return 0  # GPU runs only
+    local arch tmp
+    arch=$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(M * 10 + m)") || return 0
+    tmp=$(mktemp)
+    log "precompiling $(wc -l < "$f") benchmark kernel variants for sm_$arch in the background"
+    ( TRITON_INTERPRET=0 "$PY" -m kernels.aot --recorded "$f" --arch "$arch" --jobs "${MILP_PRECOMPILE_JOBS:-6}" \
+        > "$tmp" 2>&1
+      rc=$?
+      grep -E "^(FAILED|TOO MUCH)" "$tmp" | head -n 5 | tee -a "$LOG"
+      log "precompile exit code $rc: $(tail -n 1 "$tmp")" ) &
+}
+
 quick() {
     local t0=$SECONDS
     setup
+    precompile
     # tests/milp runs on the CPU whatever the machine: the runtime's GPU checks are the
     # correctness tests of bench/test_runtime.py below
     rm -f "$OUT/env.txt"  # its lines are in run.log; $OUT returns at most 8 files

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("MILP_BENCH_SIZE", "full")
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _util as U  # noqa: E402
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import aot  # noqa: E402
@@ -68,15 +68,10 @@ def record(ops=OPS, progress: bool = True) -> aot.LaunchRecorder:
     rec = aot.LaunchRecorder(launch=False)
     with rec, kernels.use_backend("triton"):
         for op in ops:
-            wls = U.workloads(op, "full")
-            t0 = time.time()
-            for i, wl in enumerate(wls, 1):
+            bar = tqdm(U.workloads(op, "full"), desc=f"{op} workloads", unit="wl", disable=not progress)
+            for wl in bar:
                 _launch_all(op, U.Problem(wl, device=torch.device("cpu"), dtype=torch.bfloat16))
-                if progress:
-                    print(f"\r{op}: {i}/{len(wls)} workloads, {len(rec.records)} variants so far "
-                          f"({time.time() - t0:.0f} s)", end="", file=sys.stderr, flush=True)
-            if progress:
-                print(file=sys.stderr)
+                bar.set_postfix(variants=len(rec.records))
     return rec
 
 

@@ -361,9 +361,22 @@ def _describe(exc: BaseException) -> str:
     return f"{msg} ({where.rstrip(':')})" if where else msg
 
 
-def compile_recorded(records: list[dict], arch: int = 90) -> list[tuple[dict, AotReport | None, str | None]]:
+def compile_recorded(records: list[dict], arch: int = 90, jobs: int = 1) -> list[tuple[dict, AotReport | None,
+                                                                                    str | None]]:
     """Compile each recorded variant for ``sm_<arch>``: ``(record, report, error)`` per record
-    (``error`` = why it did not compile, else ``None``)."""
+    (``error`` = why it did not compile, else ``None``), in ``jobs`` processes.
+
+    Compiled kernels land in Triton's cache under the key the JIT computes for the same launch,
+    so on a GPU machine this also warms the cache ahead of a run (``bench/gpu_run.sh quick``)."""
+    if jobs > 1 and len(records) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        chunks = [records[i::jobs] for i in range(jobs)]
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(compile_recorded, chunks, [arch] * jobs))
+        by_key = {json.dumps(out[0], sort_keys=True): out for part in parts for out in part}
+        return [by_key[json.dumps(r, sort_keys=True)] for r in records]
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_recorded needs TRITON_INTERPRET unset or 0 (interpreted kernels cannot compile)")
     from triton.backends.compiler import GPUTarget
@@ -375,7 +388,11 @@ def compile_recorded(records: list[dict], arch: int = 90) -> list[tuple[dict, Ao
         fn = _jit_kernel(rec["kernel"])
         consts = {k: dtypes[v["tl_dtype"]] if isinstance(v, dict) else v for k, v in rec["constexprs"].items()}
         names = list(fn.arg_names)
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in rec["div16"]}
+        # as the JIT builds them (triton.runtime.jit._pack_args): an entry for every specialised
+        # argument, empty where it is not divisible by 16, so the cache key is the JIT's and a
+        # variant compiled here on the GPU machine is found there by the first launch
+        attrs = {(i,): ([["tt.divisibility", 16]] if n in rec["div16"] else [])
+                 for i, n in enumerate(names) if rec["signature"][n] != "constexpr"}
         dt = next((t[1:] for t in rec["signature"].values() if t.startswith("*") and t[1:] in _DT), "?")
         variant = ", ".join(f"{k}={v}" for k, v in rec["constexprs"].items() if k.isupper() and k not in
                             ("UPCAST", "IEEE", "ACC"))
@@ -400,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recorded", default=None, metavar="FILE",
                         help="compile every variant recorded in FILE (MILP_RECORD_LAUNCHES) instead of the "
                              "scenarios; exit 1 if one fails or exceeds the shared memory of sm_<arch>")
+    parser.add_argument("--jobs", type=int, default=1, help="compile processes for --recorded (default 1)")
     args = parser.parse_args(argv)
     if args.recorded is None:
         for r in compile_variants(args.arch, args.dtype, args.kernel):
@@ -407,9 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not os.path.isfile(args.recorded):
         parser.error(f"--recorded: no such file: {args.recorded}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     records = [r for r in read_records(args.recorded) if args.kernel in (None, r["kernel"])]
     bad = 0
-    for rec, report, error in compile_recorded(records, args.arch):
+    for rec, report, error in compile_recorded(records, args.arch, args.jobs):
         if error is not None:
             bad += 1
             print(f"FAILED {rec['kernel']} {json.dumps(rec['constexprs'])}: {error}")

@@ -78,7 +78,7 @@ def test_recorded_launches_compile(tmp_path, device):
     assert rec.write(str(path)) == len(rec.records)
     rec.write(str(path))  # appended twice: read back once
     assert len(aot.read_records(str(path))) == len(rec.records)
-    out = _aot_cli("--recorded", str(path), "--arch", "90")
+    out = _aot_cli("--recorded", str(path), "--arch", "90", "--jobs", "2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"{len(rec.records)} recorded variants for sm_90: {len(rec.records)} compile and fit, 0 do not" in out.stdout
 
