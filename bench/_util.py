@@ -94,6 +94,9 @@ SHAPES = {
     "7b-down": (11008, 4096),
     "13b-up": (5120, 13824),
     "13b-down": (13824, 5120),
+    # TinyLlama-1.1B (bench/test_runtime.py's model): its kernel variants, bench/variants.py
+    "1b-up": (2048, 5632),
+    "1b-down": (5632, 2048),
     # CPU subset: the 7B shapes divided by 16
     "7b-up-small": (256, 688),
     "7b-down-small": (688, 256),

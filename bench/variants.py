@@ -10,8 +10,9 @@ are those a GPU run picks (the path chosen as on a GPU, with the plan's user cou
 paths of ``MILP_BENCH_PATHS=1`` too), the outputs are never computed. ``kernels.aot
 --recorded`` then compiles each distinct variant for the GPU and reports errors, shared memory
 past the chip's, registers and spills, so a device session does not spend its minutes on a
-variant that cannot run. (The decoder-layer and runtime benchmarks are not covered: they run
-whole models, too slow on a CPU.)
+variant that cannot run. The decoder-layer and runtime benchmarks run whole models (too slow on
+a CPU): their FFN linears are added as op workloads instead (:func:`model_workloads`; the
+layer's are the grid's 7B shapes).
 """
 from __future__ import annotations
 
@@ -34,6 +35,23 @@ from kernels import aot  # noqa: E402
 from kernels.tuning import DECODE_MAX_TOKENS, PATHS, choose_path  # noqa: E402
 
 OPS = ("fwd", "fwdbwd", "shrink", "expand")
+
+
+def model_workloads(op: str) -> tuple[U.Workload, ...]:
+    """The FFN linears of ``bench/test_runtime.py``'s TinyLlama-shaped model (2048↔5632), as op
+    workloads: decode (32 users, one token each), the prompts' prefill (32 × 64 tokens) and
+    joint training (16 users × 4 rows × 256 tokens). ``test_decoder_layer.py`` runs the 7B
+    shapes of the grid."""
+    if op not in ("fwd", "fwdbwd"):
+        return ()
+    ws = []
+    for shape in ("1b-up", "1b-down"):
+        if op == "fwd":
+            ws += [U._decode(op, shape, 32, ranks) for ranks in ("r16", "mix")]
+            ws.append(U._prefill(op, shape, 2048, 32, "r16", 0.0))
+        else:
+            ws.append(U._prefill(op, shape, 16384, 16, "mix", 0.0))
+    return tuple(ws)
 
 
 def _launch_all(op: str, p: U.Problem) -> None:
@@ -68,7 +86,8 @@ def record(ops=OPS, progress: bool = True) -> aot.LaunchRecorder:
     rec = aot.LaunchRecorder(launch=False)
     with rec, kernels.use_backend("triton"):
         for op in ops:
-            bar = tqdm(U.workloads(op, "full"), desc=f"{op} workloads", unit="wl", disable=not progress)
+            wls = U.workloads(op, "full") + model_workloads(op)
+            bar = tqdm(wls, desc=f"{op} workloads", unit="wl", disable=not progress)
             for wl in bar:
                 _launch_all(op, U.Problem(wl, device=torch.device("cpu"), dtype=torch.bfloat16))
                 bar.set_postfix(variants=len(rec.records))
