@@ -105,7 +105,7 @@ SHAPES = {
 #: implementations benchmarked per op; "milp" is ours, the rest are the baselines
 #: with MILP_BENCH_PATHS=1 on CUDA the forward also times our op with each path forced
 #: (``milp-split``, ``milp-fused``, ``milp-fused_t``): data for the dispatch thresholds
-FORCED_PATHS = ("split", "fused", "fused_t") if CUDA and os.environ.get("MILP_BENCH_PATHS", "0") == "1" else ()
+FORCED_PATHS = kernels.PATHS if CUDA and os.environ.get("MILP_BENCH_PATHS", "0") == "1" else ()
 IMPLS = {
     "fwd": ("milp", "base", "loop", "padded", "peft") + tuple(f"milp-{p}" for p in FORCED_PATHS),
     "fwdbwd": ("milp", "base", "loop", "padded", "peft"),

@@ -29,7 +29,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-PATHS = ("split", "fused", "fused_t")
+from kernels.tuning import PATHS, config_path_for
 
 
 def path_times(paths: list[str]) -> tuple[str | None, dict[str, dict]]:
@@ -90,8 +90,6 @@ def propose(rows: dict[str, dict], tolerance: float = 0.02) -> tuple[dict, dict]
 
 def write(device: str, dispatch: dict, evidence: dict, out: Path | None = None) -> Path:
     """Merge ``dispatch`` into the GPU's config JSON (other keys kept), atomically."""
-    from kernels.tuning import config_path_for
-
     path = Path(out) if out else config_path_for(device)
     data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"device": device, "ops": {}}
     data["dispatch"] = {**{k: v for k, v in data.get("dispatch", {}).items() if not k.startswith("_")}, **dispatch}

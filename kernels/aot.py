@@ -77,31 +77,27 @@ def _variants(dtype: str):
     import torch
 
     from .ops._common import next_pow2
-    from .ops.expand import _expand_kernel
-    from .ops.fused_linear import _fused_lora_linear_kernel
-    from .ops.grad_weights import _grad_weights_kernel
-    from .ops.shrink import _shrink_kernel
     from .tuning import choose_path, get_config
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[dtype]
     kinds = {
         "fused_lora_linear": (
-            _fused_lora_linear_kernel,
+            _jit_kernel("fused_lora_linear"),
             dict(x_ptr="dt", w_ptr="dt", bias_ptr="dt", a_ptr="dt", b_ptr="dt", scale_ptr="fp32", slots_ptr="i32",
                  sorted_ptr="i32", tiles_ptr="i32", t_ptr="fp32", y_ptr="dt"),
             ["n_tiles", "K", "N", "stride_xt", "stride_xk", "stride_wn", "stride_wk", "stride_a", "stride_b",
              "stride_t", "stride_yt"]),
         "lora_shrink": (
-            _shrink_kernel,
+            _jit_kernel("lora_shrink"),
             dict(x_ptr="dt", a_ptr="dt", scale_ptr="fp32", slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32",
                  t_ptr="fp32"),
             ["K", "stride_xt", "stride_xk", "stride_a", "stride_t", "stride_ts"]),
         "lora_expand": (
-            _expand_kernel,
+            _jit_kernel("lora_expand"),
             dict(t_ptr="fp32", b_ptr="dt", slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32", y_ptr="dt"),
             ["N", "stride_t", "stride_b", "stride_yt", "stride_ts"]),
         "lora_grad_weights": (
-            _grad_weights_kernel,
+            _jit_kernel("lora_grad_weights"),
             dict(x_ptr="dt", dy_ptr="dt", t_bwd_ptr="fp32", t_fwd_ptr="fp32", slots_ptr="i32", sorted_ptr="i32",
                  seg_ptr="i32", da_ptr="dt", db_ptr="dt"),
             ["K", "N", "stride_x", "stride_dy", "stride_tb", "stride_tf", "stride_da", "stride_db"]),
@@ -165,6 +161,25 @@ def _ptxas_info(ptx: str, arch: int) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else None)
 
 
+def _require_compiler(what: str) -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError(f"{what} needs TRITON_INTERPRET unset or 0 (interpreted kernels cannot compile)")
+
+
+def _compile(kernel: str, variant: str, dtype: str, fn, signature: dict, constexprs: dict, attrs: dict,
+             options: dict, arch: int) -> AotReport:
+    """Compile one variant of ``fn`` for ``sm_<arch>`` and report what ptxas says of it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature={p: signature[p] for p in fn.arg_names}, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    regs, spill = _ptxas_info(ptx, arch)
+    return AotReport(kernel, variant, arch, dtype, int(compiled.metadata.shared), regs, spill,
+                     wgmma="wgmma" in ptx, mma="mma.sync" in ptx)
+
+
 def compile_variants(arch: int = 90, dtype: str = "bf16", only: str | None = None) -> list[AotReport]:
     """Compile every kernel in each of :data:`SCENARIOS` with the launch config the launcher
     would pick (tuned table or heuristic) for ``sm_<arch>``; one :class:`AotReport` each.
@@ -174,13 +189,9 @@ def compile_variants(arch: int = 90, dtype: str = "bf16", only: str | None = Non
         >>> all(r.wgmma for r in reports if r.kernel == "fused_lora_linear")  # doctest: +SKIP
         True
     """
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("compile_variants needs TRITON_INTERPRET unset or 0 (interpreted kernels cannot compile)")
+    _require_compiler("compile_variants")
     if dtype not in _DT:
         raise ValueError(f"dtype must be one of {sorted(_DT)}, got {dtype!r}")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     reports = []
     for kernel, variant, fn, ptr_kinds, ints, constexprs, opts in _variants(dtype):
         if only and kernel != only:
@@ -199,12 +210,7 @@ def compile_variants(arch: int = 90, dtype: str = "bf16", only: str | None = Non
         div16 = [i for i, p in enumerate(fn.arg_names)
                  if signature[p].startswith("*") or (signature[p] == "i32" and p != "n_tiles")]
         attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
-        src = ASTSource(fn=fn, signature={p: signature[p] for p in fn.arg_names}, constexprs=consts, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-        ptx = compiled.asm["ptx"]
-        regs, spill = _ptxas_info(ptx, arch)
-        reports.append(AotReport(kernel, variant, arch, dtype, int(compiled.metadata.shared), regs, spill,
-                                 wgmma="wgmma" in ptx, mma="mma.sync" in ptx))
+        reports.append(_compile(kernel, variant, dtype, fn, signature, consts, attrs, opts, arch))
     return reports
 
 
@@ -377,16 +383,12 @@ def compile_recorded(records: list[dict], arch: int = 90, jobs: int = 1) -> list
             parts = list(pool.map(compile_recorded, chunks, [arch] * jobs))
         by_key = {json.dumps(out[0], sort_keys=True): out for part in parts for out in part}
         return [by_key[json.dumps(r, sort_keys=True)] for r in records]
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("compile_recorded needs TRITON_INTERPRET unset or 0 (interpreted kernels cannot compile)")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    dtypes = {str(d): d for d in (tl.float16, tl.bfloat16, tl.float32, tl.float64)}
+    _require_compiler("compile_recorded")
     out = []
     for rec in records:
         fn = _jit_kernel(rec["kernel"])
-        consts = {k: dtypes[v["tl_dtype"]] if isinstance(v, dict) else v for k, v in rec["constexprs"].items()}
+        # a tl.dtype constexpr was saved by its name (str(tl.bfloat16) == "bf16", the keys of _DT)
+        consts = {k: _DT[v["tl_dtype"]] if isinstance(v, dict) else v for k, v in rec["constexprs"].items()}
         names = list(fn.arg_names)
         # as the JIT builds them (triton.runtime.jit._pack_args): an entry for every specialised
         # argument, empty where it is not divisible by 16, so the cache key is the JIT's and a
@@ -397,12 +399,7 @@ def compile_recorded(records: list[dict], arch: int = 90, jobs: int = 1) -> list
         variant = ", ".join(f"{k}={v}" for k, v in rec["constexprs"].items() if k.isupper() and k not in
                             ("UPCAST", "IEEE", "ACC"))
         try:
-            src = ASTSource(fn=fn, signature={n: rec["signature"][n] for n in names}, constexprs=consts, attrs=attrs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=rec["options"])
-            ptx = compiled.asm["ptx"]
-            regs, spill = _ptxas_info(ptx, arch)
-            report = AotReport(rec["kernel"], variant, arch, dt, int(compiled.metadata.shared), regs, spill,
-                               wgmma="wgmma" in ptx, mma="mma.sync" in ptx)
+            report = _compile(rec["kernel"], variant, dt, fn, rec["signature"], consts, attrs, rec["options"], arch)
             out.append((rec, report, None))
         except Exception as exc:  # noqa: BLE001 - reported per variant
             out.append((rec, None, _describe(exc)))
