@@ -87,7 +87,8 @@ def test_recorded_variant_that_cannot_compile_is_reported(tmp_path):
     from kernels import aot
 
     path = tmp_path / "launches.jsonl"
-    assert _aot_cli("--recorded", str(path)).returncode == 2  # no such file
+    missing = _aot_cli("--recorded", str(path))
+    assert missing.returncode == 2 and "--recorded: no such file" in missing.stderr
     # a shrink with BLOCK_K = 8: tl.dot needs K >= 16 on the GPU
     sig = {n: "i32" for n in ("K", "stride_xt", "stride_a", "stride_t", "stride_ts")}
     sig.update({n: "*bf16" for n in ("x_ptr", "a_ptr")}, scale_ptr="*fp32", slots_ptr="*i32", sorted_ptr="*i32",
@@ -98,6 +99,8 @@ def test_recorded_variant_that_cannot_compile_is_reported(tmp_path):
     rec = {"kernel": "lora_shrink", "signature": sig, "constexprs": consts, "div16": ["x_ptr"],
            "options": {"num_warps": 4, "num_stages": 2}}
     path.write_text(json.dumps(rec) + "\n")
+    jobs = _aot_cli("--recorded", str(path), "--jobs", "0")
+    assert jobs.returncode == 2 and "--jobs must be >= 1, got 0" in jobs.stderr
     out = _aot_cli("--recorded", str(path), "--arch", "90")
     assert out.returncode == 1 and "FAILED lora_shrink" in out.stdout and "0 compile and fit, 1 do not" in out.stdout
     path.write_text("{not json\n")
