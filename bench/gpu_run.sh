@@ -16,6 +16,12 @@
 #            with timeout_s 600; what a capped stage finished still lands in its JSON.
 #   setup    pip install --no-deps --no-build-isolation -e . (if `import kernels` fails); env.txt
 #   tests    pytest tests on the GPU (Triton compiled, no interpreter)
+#   kernel-tests  pytest tests/kernels on the GPU (limit MILP_KERNEL_TESTS_S) -> tests_gpu.xml
+#   precompile    the benchmark grid's kernel variants into Triton's cache, in the background
+#   probe    bench/probe_split.py: the split path's pieces and orders timed (limit MILP_PROBE_S)
+#            -> probe_split.json. A short call for a few minutes left of a budget:
+#              MILP_KERNEL_TESTS_S=90 MILP_PROBE_S=50 MILP_TEST_WORKERS=16 \
+#                bash bench/gpu_run.sh setup precompile kernel-tests probe
 #   decode   pytest bench/test_lora_linear.py -k decode    -> bench_decode.json
 #   prefill  pytest bench/test_lora_linear.py -k prefill   -> bench_prefill.json
 #   bwd      pytest bench/test_lora_backward.py            -> bench_bwd.json
@@ -215,6 +221,13 @@ for s in "${STAGES[@]}"; do
         quick) quick ;;
         setup) setup ;;
         tests) run_tests ;;
+        kernel-tests) T=${MILP_KERNEL_TESTS_S:-$T} run_tests tests/kernels ;;
+        precompile) precompile ;;
+        probe) log "bench/probe_split.py (limit ${MILP_PROBE_S:-$T}s)"
+               timeout -s INT -k 10 "${MILP_PROBE_S:-$T}" "$PY" bench/probe_split.py --out "$OUT/probe_split.json" \
+                   --rep-ms "${MILP_PROBE_REP_MS:-20}" 2>&1 | tail -n 40 | tee -a "$LOG"
+               [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+               [ -f "$OUT/probe_split.json" ] && keep "$OUT/probe_split.json" ;;
         decode) bench decode bench/test_lora_linear.py -k decode ;;
         prefill) bench prefill bench/test_lora_linear.py -k prefill ;;
         bwd) bench bwd bench/test_lora_backward.py ;;
@@ -225,7 +238,8 @@ for s in "${STAGES[@]}"; do
                   || STATUS=1 ;;
         others) others ;;
         report) report ;;
-        *) echo "unknown stage '$s' (quick setup tests decode prefill bwd ops aot autotune others report all)" >&2
+        *) echo "unknown stage '$s' (quick setup tests kernel-tests precompile probe decode prefill bwd ops aot" \
+                "autotune others report all)" >&2
            exit 2 ;;
     esac
 done

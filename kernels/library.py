@@ -32,7 +32,7 @@ from torch import Tensor
 from ._backend import backend_for, env, nvtx_range
 from ._checks import FLOAT_DTYPES, check_tensor
 from .ops._common import acc_dtype
-from .tuning import PATHS, choose_path
+from .tuning import PATHS, choose_path, split_expand_first
 
 __all__ = ["check_lora_args", "direct_call_ok", "lora_linear_forward"]
 
@@ -157,14 +157,20 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
         path = choose_path(x.shape[0], max_rank, device=x.device)
     if path == "split":
         # decode: the base GEMV is memory-bound and cuBLAS streams W exactly once; the
-        # adapters add one split-K shrink (reads each A once) and one expand-add. Without a
+        # adapters add one split-K shrink (reads each A once) and one expand. Without a
         # t to keep, the shrink leaves its split-K partials for the expand to add up: three
         # launches (no zero-fill of t), no atomics
         w = weight if weight_layout == "nk" else weight.t()
-        y = torch.nn.functional.linear(x, w, bias)
         t = lora_shrink(x, p, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
                         partials=not store_t)
-        lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms)
+        if bias is None and split_expand_first(x.device):
+            # the expand writes t B into every row of y, cuBLAS adds x Wᵀ in its epilogue
+            y = x.new_empty(x.shape[0], w.shape[0])
+            lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms, accumulate=False)
+            y.addmm_(x, w.t())
+        else:
+            y = torch.nn.functional.linear(x, w, bias)
+            lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms)
         return y, (t if store_t else t.new_empty(0))
     return fused_lora_linear(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
                              max_rank, weight_layout=weight_layout, store_t=store_t,

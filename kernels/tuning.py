@@ -43,6 +43,8 @@ __all__ = [
     "FUSED_MAX_BLOCK_R",
     "FUSED_MAX_RANK",
     "SPLIT_TOKENS_PER_SEGMENT",
+    "SPLIT_EXPAND_FIRST",
+    "split_expand_first",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -62,6 +64,10 @@ FUSED_MAX_RANK = 16
 #: ``fused_t``. At 256 the tile needs 192 KB of shared memory (over an A100's 163 KB) and fp32
 #: spills 100 KB a thread on sm_90; 128 compiles spill-free in bf16 (``python -m kernels.aot``)
 FUSED_MAX_BLOCK_R = 128
+#: order of the split path's kernels (see :func:`split_expand_first`); 0 = cuBLAS GEMM, then
+#: the expand adds into ``y`` (reads and writes ``y`` once more); 1 = the expand writes
+#: ``t B`` into ``y``, then cuBLAS adds ``x Wᵀ`` to it in its epilogue (``beta = 1``)
+SPLIT_EXPAND_FIRST = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,16 +114,36 @@ def choose_path(
         >>> choose_path(8, 96), choose_path(4096, 96), choose_path(4096, 8)
         ('split', 'fused_t', 'fused')
     """
-    knobs = {"decode_max_tokens": DECODE_MAX_TOKENS, "split_tokens_per_segment": SPLIT_TOKENS_PER_SEGMENT,
-             "fused_max_rank": FUSED_MAX_RANK}
-    if device is not None:
-        for table in _tables(device):
-            knobs.update({k: v for k, v in table.get("__dispatch__", {}).items() if k in knobs})
+    knobs = _dispatch_knobs(device)
     if num_tokens <= knobs["decode_max_tokens"]:
         return "split"
     if num_segments and num_tokens < knobs["split_tokens_per_segment"] * num_segments:
         return "split"
     return "fused" if max_rank <= knobs["fused_max_rank"] else "fused_t"
+
+
+def _dispatch_knobs(device: torch.device | None) -> dict[str, int]:
+    """The dispatch thresholds: the defaults of this module, then each config table's
+    ``"dispatch"`` object (``MILP_KERNEL_CONFIGS``, then the GPU's own file)."""
+    knobs = {"decode_max_tokens": DECODE_MAX_TOKENS, "split_tokens_per_segment": SPLIT_TOKENS_PER_SEGMENT,
+             "fused_max_rank": FUSED_MAX_RANK, "split_expand_first": SPLIT_EXPAND_FIRST}
+    if device is not None:
+        for table in _tables(device):
+            knobs.update({k: v for k, v in table.get("__dispatch__", {}).items() if k in knobs})
+    return knobs
+
+
+def split_expand_first(device: torch.device | None = None) -> bool:
+    """Whether the split path writes the adapters' ``t B`` into ``y`` first and lets cuBLAS
+    add ``x Wᵀ`` to it (``y.addmm_(x, Wᵀ)``, ``beta = 1``) instead of adding ``t B`` into
+    cuBLAS's output (one read and one write of ``y`` more). Knob ``"split_expand_first"``
+    (0/1) of a config table's ``"dispatch"``; default :data:`SPLIT_EXPAND_FIRST`.
+
+    Example:
+        >>> split_expand_first()
+        False
+    """
+    return bool(_dispatch_knobs(device)["split_expand_first"])
 
 
 @functools.cache

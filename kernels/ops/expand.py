@@ -7,6 +7,10 @@ output of :mod:`kernels.ops.shrink`; it is cast to ``B``'s dtype for the tensor 
 ``t`` may also be the shrink's split-K partial sums ``[S, T, R_T]``: the kernel adds the
 ``S`` slices as it loads each ``t`` tile (fixed order), so the decode path needs neither a
 zero-filled ``t`` nor atomics.
+
+With ``accumulate=False`` the kernel writes ``y[i] = t[i, :R_u] B_u`` instead, and zeros for
+tokens without an adapter: every row of ``y`` is written once and none is read (the split
+path's expand-first order, where cuBLAS then adds ``x Wᵀ`` in its epilogue).
 """
 from __future__ import annotations
 
@@ -32,14 +36,16 @@ def _expand_kernel(
     y_ptr,        # [T, N]         updated in place
     N,
     stride_t, stride_b, stride_yt, stride_ts,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m)
-    if start >= end or rank == 0:
+    if start >= end:
+        return
+    if ACCUMULATE and rank == 0:
         return
     rows = start + tl.arange(0, BLOCK_M)
     row_mask = rows < end
@@ -61,8 +67,9 @@ def _expand_kernel(
         acc = mma(tt.to(bt.dtype), bt, acc, UPCAST, IEEE)
     out = y_ptr + tok[:, None] * stride_yt + offs_n[None, :]
     mask = row_mask[:, None] & n_mask[None, :]
-    y = tl.load(out, mask=mask, other=0.0)
-    tl.store(out, (y.to(ACC) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    if ACCUMULATE:
+        acc += tl.load(out, mask=mask, other=0.0).to(ACC)
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def lora_expand_(
@@ -74,13 +81,18 @@ def lora_expand_(
     tiles: torch.Tensor,
     segments: torch.Tensor,
     block_ms: list[int],
+    *,
+    accumulate: bool = True,
 ) -> torch.Tensor:
     """Launch the expand kernel, adding into ``y`` (returned). ``t``: ``[T, R]``, or the
-    shrink's partial sums ``[S, T, R]`` (``lora_shrink(..., partials=True)``)."""
+    shrink's partial sums ``[S, T, R]`` (``lora_shrink(..., partials=True)``).
+    ``accumulate=False``: overwrite ``y`` (zeros where a token has no adapter)."""
     T, N = y.shape
     max_rank = t.shape[-1]
-    if T == 0 or max_rank == 0:
+    if T == 0:
         return y
+    if max_rank == 0:
+        return y if accumulate else y.zero_()
     cfg = get_config("expand", num_tokens=T, n=N, k=max_rank, max_rank=max_rank, dtype=y.dtype,
                      device=y.device, block_ms=block_ms)
     tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, cfg.block_m)
@@ -89,7 +101,8 @@ def lora_expand_(
         _expand_kernel[grid](
             t, lora_b, slots, sorted_tokens, tiles_bm, y, N,
             t.stride(-2), lora_b.stride(0), y.stride(0), t.stride(0) if t.dim() == 3 else 0,
-            SPLIT=t.shape[0] if t.dim() == 3 else 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+            SPLIT=t.shape[0] if t.dim() == 3 else 1, ACCUMULATE=bool(accumulate),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
             **dot_flags(y.dtype), **cfg.kwargs(),
         )
     return y
@@ -102,8 +115,12 @@ def lora_expand_torch_(
     slots: torch.Tensor,
     sorted_tokens: torch.Tensor,
     segments: torch.Tensor,
+    *,
+    accumulate: bool = True,
 ) -> torch.Tensor:
     """Torch implementation over the plan's segments (the CPU path); same contract."""
+    if not accumulate:
+        y.zero_()
     acc = acc_dtype(y.dtype)
     for idx, off, rank in active_segments(slots, sorted_tokens, segments):
         delta = t.index_select(0, idx)[:, :rank].to(acc) @ lora_b[off : off + rank].to(acc)

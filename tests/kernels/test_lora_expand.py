@@ -22,7 +22,8 @@ def _check(case, dtype, device):
     ref = expand_ref(y0, t, bank.lora_b, bank.slots, case.ids)
     assert rel_err(y, ref) < TOL[dtype]
     # rows whose user has no adapter are untouched, bit for bit
-    ranks = torch.where(case.ids >= 0, bank.slots[case.ids.clamp(min=0).long(), 1].cpu(), 0)
+    ids = case.ids.cpu()
+    ranks = torch.where(ids >= 0, bank.slots.cpu()[ids.clamp(min=0).long(), 1], 0)
     untouched = (ranks == 0).to(y.device)
     assert torch.equal(y[untouched], y0[untouched])
 
@@ -45,3 +46,39 @@ def test_expand_mixed_ranks_up_to_256(backend, device, users):
 def test_expand_all_base(backend, device):
     case = make_case(9, 8, 20, {0: [4]}, max_users=2, ids=torch.full((9,), -1), device=device)
     _check(case, torch.float32, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T,ids", [(65, None), (7, "all-base"), (33, "partials")])
+def test_expand_overwrite(backend, device, dtype, T, ids):
+    """``accumulate=False`` (the split path's expand-first order): every row of ``y`` is
+    written, ``t B`` for adapter tokens and exactly zero for the others; nothing is read."""
+    from kernels.ops.expand import lora_expand_ as launch
+    from kernels.ops.expand import lora_expand_torch_
+    from kernels.ops.shrink import lora_shrink
+
+    case = make_case(T, 24, 70, {0: [8, 3], 2: [16], 3: [40]}, max_users=5, dtype=dtype, seed=T, device=device,
+                     ids=torch.full((T,), -1) if ids == "all-base" else None)
+    bank, plan = case.bank, case.plan
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(T)
+    if ids == "partials":  # the shrink's split-K partial sums, as the decode path passes them
+        if backend != "triton":
+            pytest.skip("split-K partials are the Triton shrink's")
+        t = lora_shrink(case.x, bank.lora_a, bank.scale, bank.slots, plan.sorted_tokens, plan.tiles,
+                        plan.segments, list(plan.block_ms), bank.max_rank, partials=True)
+        t_full = t.sum(0) if t.dim() == 3 else t
+    else:
+        t = t_full = torch.randn(T, bank.max_rank, generator=g, dtype=torch.float64).to(device=device, dtype=acc)
+    y = torch.full((T, bank.out_features), float("nan"), dtype=dtype, device=device)  # poison: all written?
+    if backend == "triton":
+        launch(y, t, bank.lora_b, bank.slots, plan.sorted_tokens, plan.tiles, plan.segments, list(plan.block_ms),
+               accumulate=False)
+    else:
+        lora_expand_torch_(y, t, bank.lora_b, bank.slots, plan.sorted_tokens, plan.segments, accumulate=False)
+    ref = expand_ref(torch.zeros_like(y), t_full, bank.lora_b, bank.slots, case.ids)
+    assert not y.isnan().any()
+    assert rel_err(y, ref) < TOL[dtype] if ref.abs().max() > 0 else torch.equal(y, ref)
+    ids_cpu = case.ids.cpu()
+    ranks = torch.where(ids_cpu >= 0, bank.slots.cpu()[ids_cpu.clamp(min=0).long(), 1], 0)
+    assert (y[(ranks == 0).to(y.device)] == 0).all()

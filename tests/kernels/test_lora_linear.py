@@ -61,6 +61,41 @@ def test_fused_path_keeps_t_in_registers_only_up_to_its_tile_limit(device, max_r
     assert fused[0]["constexprs"]["BLOCK_R"] <= FUSED_MAX_BLOCK_R
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T,bias", [(77, False), (5, False), (40, True)])
+def test_split_path_expand_first(backend, device, monkeypatch, dtype, T, bias):
+    """The split path's expand-first order (``split_expand_first``: the expand writes ``t B``,
+    cuBLAS adds ``x Wᵀ``) gives the same forward and gradients; with a bias it keeps the
+    GEMM-first order."""
+    from kernels import aot, tuning
+
+    case = make_case(T, 45, 70, {0: [8, 3], 2: [16], 3: [40]}, max_users=5, dtype=dtype, bias=bias, seed=T,
+                     device=device)
+    monkeypatch.setattr(tuning, "SPLIT_EXPAND_FIRST", 1)
+    assert tuning.split_expand_first(torch.device(device))
+    with aot.LaunchRecorder() as rec:
+        y = _check_forward(case, dtype, "split")
+    if backend == "triton":  # which order ran: the expand overwrites y only without a bias
+        modes = {r["constexprs"]["ACCUMULATE"] for r in rec.records.values() if r["kernel"] == "lora_expand"}
+        assert modes == {bias}
+    x = case.x.clone().requires_grad_(True)
+    a, b = case.bank.lora_a, case.bank.lora_b
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    try:
+        lora_linear(x, case.w, case.b, case.bank, case.plan, path="split").backward(torch.ones_like(y))
+        grads = [x.grad, a.grad, b.grad]
+        x.grad = a.grad = b.grad = None
+        monkeypatch.setattr(tuning, "SPLIT_EXPAND_FIRST", 0)
+        lora_linear(x, case.w, case.b, case.bank, case.plan, path="split").backward(torch.ones_like(y))
+        for got, want in zip(grads, [x.grad, a.grad, b.grad], strict=True):
+            assert rel_err(got, want) < TOL[dtype]
+    finally:
+        a.requires_grad_(False)
+        b.requires_grad_(False)
+        a.grad = b.grad = None
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_every_path_bf16_odd_sizes(backend, device, path):
     case = make_case(77, 45, 70, {0: [8, 3], 2: [16], 3: [1, 2, 5], 5: [40]}, max_users=7, dtype=torch.bfloat16,
