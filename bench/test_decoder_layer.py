@@ -194,7 +194,10 @@ def test_decoder_layer(benchmark, peaks, phase, op, impl):
         out = L.forward(impl, h)
         loss(out).backward()
         err = U.check(f"{impl} layer logits", out.detach(), ref_out)
-        err_dh = U.check(f"{impl} layer d/dh", h.grad, ref_dh)
+        # d/dh of a whole layer (attention and FFN backward) gathers more rounding than one op:
+        # on an H200 the base layer alone (torch, cuBLAS, bf16) was off float64 by 2.0e-2, the
+        # per-op TOL itself (ours and the baselines: 2.02e-2 to 2.06e-2), so d/dh gets twice TOL
+        err_dh = U.check(f"{impl} layer d/dh", h.grad, ref_dh, tol=2 * U.TOL[U.DTYPE])
     else:
         out = fn()
         err = U.check(f"{impl} layer logits", out, ref_out)

@@ -104,14 +104,45 @@ def _record(benchmark, workload: str, impl: str, tokens: int, **info) -> float:
 
 
 # ------------------------------------------------------------------------------ training
+def adapter_grads(rt: MilpRuntime, user) -> dict[str, torch.Tensor]:
+    """``user``'s rows of each bank's ``lora_a``/``lora_b`` gradients (float64, CPU)."""
+    slot, out = rt.slot(user), {}
+    for m in rt.state.modules():
+        if m.bank.has(slot):
+            seg = m.bank.segment(slot)
+            rows = slice(seg.offset, seg.offset + seg.rank)
+            out[f"layers.{m.layer}.{m.target}.lora_A"] = m.bank.lora_a.grad[rows].double().cpu()
+            out[f"layers.{m.layer}.{m.target}.lora_B"] = m.bank.lora_b.grad[rows].double().cpu()
+    return out
+
+
 def test_training_correctness():
-    """Correctness first: one joint step over all users gives each user the losses and the
-    adapter update of its own sequential step (fp32, small model, same init)."""
+    """Correctness first: a joint batch gives each user the loss and the adapter gradients of
+    its own batch alone, and one joint step the update of its own sequential step (fp32, small
+    model, same init).
+
+    Tolerances: the gradients agree to 1e-4 (summation order only). The AdamW update is checked
+    to 1e-2. At step one, AdamW moves each element by about ``lr · sign(g)``, so a gradient element
+    near zero can flip sign on rounding alone. On an H200, with cuBLAS and our kernels in IEEE fp32,
+    joint and alone differed by 2.5e-3 for that reason. Taking another user's gradient would
+    differ by O(1).
+    """
     model_kw = dict(num_hidden_layers=2) if U.SIZE == "full" else {}
     users, rows, seq = 4, 2, 16
     joint = runtime(build_model(torch.float32, **model_kw), users)
     alone = runtime(build_model(torch.float32, **model_kw), users)
     per_user, ids, row_users = train_batches(users, rows, seq, joint.model.config.vocab_size)
+    total, _ = joint.loss(ids, row_users)
+    total.backward()
+    for u in range(users):
+        total_u, _ = alone.loss(per_user[u], u)
+        total_u.backward()
+        mine, ref = adapter_grads(joint, u), adapter_grads(alone, u)
+        for k in ref:
+            err = U.rel_err(mine[k], ref[k])
+            assert err <= 1e-4, f"user {u} {k}: gradient differs by {err:.2e}"
+    joint.optimizer.zero_grad()
+    alone.optimizer.zero_grad()
     before = {u: joint.adapter_state(u) for u in range(users)}
     losses = joint.train_step(ids, row_users)
     for u in range(users):
@@ -120,7 +151,7 @@ def test_training_correctness():
         mine, ref = joint.adapter_state(u), alone.adapter_state(u)
         for k in ref:
             err = U.rel_err(mine[k] - before[u][k], ref[k] - before[u][k])
-            assert err <= 1e-3, f"user {u} {k}: update differs by {err:.2e}"
+            assert err <= 1e-2, f"user {u} {k}: update differs by {err:.2e}"
 
 
 @pytest.mark.parametrize("impl", ["loop", "milp"])
@@ -166,8 +197,14 @@ def test_decode_correctness():
     rt = runtime(model, users, decode=True)
     ids = prompts(users, CFG["prompt"], model.config.vocab_size)
     mixed = rt.forward(ids, list(range(users))).logits
+    # a batch and its rows alone differ by rounding (other GEMM tilings), which grows through
+    # the layers in bf16 (3.5e-2 on an H200 with 22 layers): the base model's own batch-vs-alone
+    # difference, measured here, sets the tolerance; a wrong user's adapters differ by far more
+    base = rt.forward(ids, None).logits
     for u in range(0, users, 3):
-        U.check(f"user {u} logits", mixed[u], rt.forward(ids[u : u + 1], [u]).logits[0], U.DTYPE)
+        base_err = U.rel_err(base[u], rt.forward(ids[u : u + 1], None).logits[0])
+        U.check(f"user {u} logits", mixed[u], rt.forward(ids[u : u + 1], [u]).logits[0], U.DTYPE,
+                tol=max(U.TOL[U.DTYPE], 3 * base_err))
     small = runtime(build_model(torch.float32, num_hidden_layers=2), 4)
     p = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]]
     left, mask = pad_sequences(p, 0, side="left", device=U.DEVICE)

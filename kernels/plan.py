@@ -118,6 +118,8 @@ class BatchPlan:
             total += n
         self.tiles = torch.zeros(total, 3, dtype=torch.int32, device=dev)
         self.tiles[:, 2] = -1
+        # the buffers' device, with its index: a plan made for "cuda" accepts ids on "cuda:0"
+        self.device = dev = self.tiles.device
         # constants reused by every update (kept so update() allocates little)
         self._user_range = torch.arange(-1, max_users, dtype=torch.int32, device=dev)  # [U+1]
 
