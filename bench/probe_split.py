@@ -8,7 +8,7 @@ This script times, on the benchmark's own problems (``bench/_util.Problem``, bf1
 of the split path alone: the base GEMM (``F.linear``), the same GEMM adding into ``y``
 (``y.addmm_``, cuBLAS ``beta = 1``), the shrink, the expand adding into ``y``, the expand
 overwriting ``y`` (``accumulate=False``). It also times the whole op in both orders
-(``split_expand_first`` 0 and 1); for decode, over CUDA-graph replays too. For training it
+(expand-first off and on, whatever the GPU's config file says); for decode, over CUDA-graph replays too. For training it
 times forward + backward through the op, with the backward's grouped ``dA``/``dB`` kernel alone
 beside it. The two orders are checked against each other before they are timed.
 Every figure is a CUDA-event median with the L2 flushed before each repetition.
@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the project, where it is not installed
 os.environ.setdefault("MILP_BENCH_SIZE", "full")
 
 import _util as U  # noqa: E402
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import tuning  # noqa: E402
+from kernels import library, tuning  # noqa: E402
 from kernels.ops.expand import lora_expand_  # noqa: E402
 from kernels.ops.grad_weights import lora_grad_weights  # noqa: E402
 from kernels.ops.shrink import lora_shrink  # noqa: E402
@@ -48,7 +49,7 @@ def _time(fn, rep_ms: float) -> float:
 
 def _split(p: U.Problem, expand_first: int):
     def fn():
-        tuning.SPLIT_EXPAND_FIRST = expand_first
+        library.split_expand_first = lambda num_tokens, device=None: bool(expand_first)
         return kernels.lora_linear(p.x, p.w, None, p.bank, p.plan, path="split")
     return fn
 
@@ -83,7 +84,7 @@ def probe_forward(wl: U.Workload, rep_ms: float, decode: bool) -> dict:
         if decode:
             for name in ("base_linear", "split_gemm_first", "split_expand_first"):
                 row[name + "_graph"] = round(U.cuda_graph_median_ms(pieces[name], rep_ms=rep_ms), 5)
-    tuning.SPLIT_EXPAND_FIRST = 0
+    library.split_expand_first = tuning.split_expand_first
     row["bytes_y_gb"] = wl.tokens * wl.n * p.elem / 1e9
     return row
 

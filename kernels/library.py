@@ -163,7 +163,7 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
         w = weight if weight_layout == "nk" else weight.t()
         t = lora_shrink(x, p, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
                         partials=not store_t)
-        if bias is None and split_expand_first(x.device):
+        if bias is None and split_expand_first(x.shape[0], x.device):
             # the expand writes t B into every row of y, cuBLAS adds x Wᵀ in its epilogue
             y = x.new_empty(x.shape[0], w.shape[0])
             lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms, accumulate=False)

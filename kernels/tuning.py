@@ -43,7 +43,7 @@ __all__ = [
     "FUSED_MAX_BLOCK_R",
     "FUSED_MAX_RANK",
     "SPLIT_TOKENS_PER_SEGMENT",
-    "SPLIT_EXPAND_FIRST",
+    "SPLIT_EXPAND_FIRST_MAX_TOKENS",
     "split_expand_first",
 ]
 
@@ -64,10 +64,9 @@ FUSED_MAX_RANK = 16
 #: ``fused_t``. At 256 the tile needs 192 KB of shared memory (over an A100's 163 KB) and fp32
 #: spills 100 KB a thread on sm_90; 128 compiles spill-free in bf16 (``python -m kernels.aot``)
 FUSED_MAX_BLOCK_R = 128
-#: order of the split path's kernels (see :func:`split_expand_first`); 0 = cuBLAS GEMM, then
-#: the expand adds into ``y`` (reads and writes ``y`` once more); 1 = the expand writes
-#: ``t B`` into ``y``, then cuBLAS adds ``x Wᵀ`` to it in its epilogue (``beta = 1``)
-SPLIT_EXPAND_FIRST = 0
+#: batches of at most this many tokens run the split path expand-first (see
+#: :func:`split_expand_first`); 0 = never: cuBLAS GEMM first, then the expand adds into ``y``
+SPLIT_EXPAND_FIRST_MAX_TOKENS = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,27 +122,34 @@ def choose_path(
 
 
 def _dispatch_knobs(device: torch.device | None) -> dict[str, int]:
-    """The dispatch thresholds: the defaults of this module, then each config table's
-    ``"dispatch"`` object (``MILP_KERNEL_CONFIGS``, then the GPU's own file)."""
+    """The dispatch thresholds: this module's defaults, overridden by the GPU's own config
+    file, overridden by the ``MILP_KERNEL_CONFIGS`` table (the same precedence as the launch
+    configs of :func:`get_config`), each through its ``"dispatch"`` object."""
     knobs = {"decode_max_tokens": DECODE_MAX_TOKENS, "split_tokens_per_segment": SPLIT_TOKENS_PER_SEGMENT,
-             "fused_max_rank": FUSED_MAX_RANK, "split_expand_first": SPLIT_EXPAND_FIRST}
+             "fused_max_rank": FUSED_MAX_RANK, "split_expand_first_max_tokens": SPLIT_EXPAND_FIRST_MAX_TOKENS}
     if device is not None:
-        for table in _tables(device):
+        for table in reversed(_tables(device)):
             knobs.update({k: v for k, v in table.get("__dispatch__", {}).items() if k in knobs})
     return knobs
 
 
-def split_expand_first(device: torch.device | None = None) -> bool:
-    """Whether the split path writes the adapters' ``t B`` into ``y`` first and lets cuBLAS
-    add ``x Wᵀ`` to it (``y.addmm_(x, Wᵀ)``, ``beta = 1``) instead of adding ``t B`` into
-    cuBLAS's output (one read and one write of ``y`` more). Knob ``"split_expand_first"``
-    (0/1) of a config table's ``"dispatch"``; default :data:`SPLIT_EXPAND_FIRST`.
+def split_expand_first(num_tokens: int, device: torch.device | None = None) -> bool:
+    """Order of the split path's kernels for a batch of ``num_tokens``.
+
+    ``False``: cuBLAS computes ``y = x Wᵀ``, then the expand adds ``t B`` into ``y`` (it reads
+    and writes ``y`` once more). ``True``: the expand writes ``t B`` into every row of ``y``,
+    then cuBLAS adds ``x Wᵀ`` in its epilogue (``y.addmm_(x, Wᵀ)``, ``beta = 1``). On an
+    H200 (``bench/probe_split.py``), expand-first was 6–12% faster at decode and 2–7% at
+    512 tokens, and 4–7% slower at 16384 prefill tokens. The overwriting expand reached only
+    1.6 TB/s there, and the ``beta = 1`` epilogue cost 1–6%. Knob
+    ``"split_expand_first_max_tokens"`` of a config table's ``"dispatch"`` (expand-first up to
+    that many tokens); default :data:`SPLIT_EXPAND_FIRST_MAX_TOKENS`.
 
     Example:
-        >>> split_expand_first()
+        >>> split_expand_first(32)
         False
     """
-    return bool(_dispatch_knobs(device)["split_expand_first"])
+    return num_tokens <= _dispatch_knobs(device)["split_expand_first_max_tokens"]
 
 
 @functools.cache
