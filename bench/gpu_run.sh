@@ -27,8 +27,9 @@
 #   bwd      pytest bench/test_lora_backward.py            -> bench_bwd.json
 #   ops      pytest bench/test_lora_shrink.py bench/test_lora_expand.py -> bench_ops.json
 #   aot      python -m kernels.aot (registers/spills/wgmma of the launch configs) -> aot.txt
-#   autotune python -m kernels.autotune --quick: tuned configs -> $OUT/<gpu>.json; copy it to
-#            kernels/configs/ and commit it (later runs then use it)
+#   autotune python -m kernels.autotune --quick --jobs 14 (candidates compiled in parallel first):
+#            tuned configs merged into kernels/configs/<gpu>.json there (later stages of the call
+#            use them) and copied to $OUT; copy it over kernels/configs/ here and commit it
 #   others   the other bench files (test_search.py, test_runtime.py, ...) -> bench_others.json
 #   report   bench/report.py over every bench_*.json in $OUT and bench/results/gpu/
 #
@@ -70,7 +71,9 @@ setup() {
         log "installing carried wheels: $(ls .device_wheels)"
         "$PY" -m pip install -q --no-deps --no-index .device_wheels/*.whl 2>&1 | tail -3 | tee -a "$LOG"
     fi
-    if ! "$PY" -c "import kernels, milp" >/dev/null 2>&1; then
+    # checked from / : in the repository root the packages import from the working directory,
+    # but scripts under bench/ (probe_split.py, variants.py) would not find them
+    if ! (cd / && "$PY" -c "import kernels, milp") >/dev/null 2>&1; then
         log "installing the project (no deps, no build isolation)"
         "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$LOG"
     fi
@@ -233,9 +236,14 @@ for s in "${STAGES[@]}"; do
         bwd) bench bwd bench/test_lora_backward.py ;;
         ops) bench ops bench/test_lora_shrink.py bench/test_lora_expand.py ;;
         aot) "$PY" -m kernels.aot --arch 90 --dtype bf16 2>&1 | tee "$OUT/aot.txt" ;;
-        autotune) timeout -s INT "${MILP_STAGE_TIMEOUT:-540}" "$PY" -m kernels.autotune --dtype bf16 --quick \
-                      --out "$OUT/$("$PY" -c 'import torch; from kernels.tuning import config_path_for as c; print(c(torch.cuda.get_device_name(0)).name)')" \
-                  || STATUS=1 ;;
+        autotune) cfg=$("$PY" -c 'import torch; from kernels.tuning import config_path_for as c; print(c(torch.cuda.get_device_name(0)))')
+                  log "autotune --quick into $cfg (limit ${T}s)"
+                  # merged into the GPU's committed file (its dispatch knobs kept), so the stages after
+                  # this one in the same call use the tuned configs; the file comes back in $OUT
+                  timeout -s INT "$T" "$PY" -m kernels.autotune --dtype bf16 --quick --jobs "${MILP_TUNE_JOBS:-14}" \
+                      --out "$cfg" 2>&1 | tail -n 5 | tee -a "$LOG"
+                  [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+                  cp "$cfg" "$OUT/" ;;
         others) others ;;
         report) report ;;
         *) echo "unknown stage '$s' (quick setup tests kernel-tests precompile probe decode prefill bwd ops aot" \

@@ -13,6 +13,7 @@ Usage (on a GPU)::
 
     python -m kernels.autotune --dtype bf16            # full grid, writes kernels/configs/<gpu>.json
     python -m kernels.autotune --dtype bf16 --quick    # a few buckets and candidates (~minutes)
+    python -m kernels.autotune --dtype bf16 --quick --jobs 16   # candidates compiled in parallel first
 
 On CPU it runs under the Triton interpreter with ``--tiny`` (plumbing only: the times of
 the interpreter mean nothing).
@@ -37,7 +38,7 @@ from .plan import BatchPlan
 from .reference import expand_ref, lora_linear_ref, shrink_ref
 from .tuning import DECODE_MAX_TOKENS, OPS, LaunchConfig, _load_table, config_path_for, use_config
 
-__all__ = ["Problem", "tune", "candidates", "main"]
+__all__ = ["Problem", "tune", "candidates", "precompile", "write_table", "main"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -79,8 +80,10 @@ def candidates(op: str, problem: Problem, tiny: bool = False) -> list[LaunchConf
                 continue
             grid.append(LaunchConfig(block_m=bm, block_n=bn, block_k=bk, block_r=32, num_warps=w, num_stages=st))
     elif op == "shrink":
+        # prefill splits K too: with K = 11008 and few tiles the unsplit shrink is latency-bound
+        # (H200, bench/probe_split.py: 0.15 ms at 4096 tokens where reading x takes 0.02 ms)
         for bm, br, bk, sk in itertools.product((16, 32) if decode else (32, 64, 128), (16, 32, 64), (32, 64, 128),
-                                               (1, 2, 4, 8, 16) if decode else (1,)):
+                                               (1, 2, 4, 8, 16) if decode else (1, 2, 4)):
             grid.append(LaunchConfig(block_m=bm, block_r=br, block_k=bk, split_k=sk, num_warps=4, num_stages=3))
     elif op == "expand":
         for bm, bn, br, w in itertools.product((16,) if decode else (32, 64, 128), (64, 128, 256), (16, 32, 64),
@@ -196,8 +199,10 @@ def tune(
     tiny: bool = False,
     tolerance: float = 3e-2,
     progress: bool = True,
+    jobs: int = 1,
 ) -> dict:
     """Tune every op over :func:`problems`; returns the config file's content (not written).
+    ``jobs > 1``: compile every candidate first, in that many processes (:func:`precompile`).
 
     Example:
         >>> table = tune(torch.bfloat16, quick=True)  # doctest: +SKIP
@@ -207,6 +212,7 @@ def tune(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out: dict[str, list[dict]] = {op: [] for op in ops}
     work = [(op, p) for op in ops for p in problems(tiny, quick)]
+    precompiled = precompile(work, dtype, device, tiny=tiny, jobs=jobs, progress=progress) if jobs > 1 else None
     for op, problem in tqdm(work, desc="autotune", disable=not progress):
         run, check = _runner(op, problem, dtype, device)  # inputs and reference built once per bucket
         best: tuple[float, LaunchConfig] | None = None
@@ -234,7 +240,46 @@ def tune(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "ops": out,
         "dispatch": dispatch,
+        **({"_precompiled": precompiled} if precompiled else {}),
     }
+
+
+def precompile(work: list[tuple[str, Problem]], dtype: torch.dtype, device: torch.device, *, tiny: bool = False,
+               jobs: int = 8, arch: int | None = None, progress: bool = True) -> dict:
+    """Compile the kernel variants of every candidate of ``work`` into Triton's cache, in
+    ``jobs`` processes, before any is timed.
+
+    Timing one candidate takes a fraction of a second; compiling it, seconds, one after another
+    in this process. So each candidate's launches are first recorded without running them
+    (:class:`kernels.aot.LaunchRecorder` with ``launch=False``). The distinct variants are then
+    compiled in parallel by :func:`kernels.aot.compile_recorded`, under the key the JIT computes,
+    and the timing loop finds them compiled. Returns counts: variants, and how many failed to
+    compile (for example too much shared memory). The timing loop skips those.
+    """
+    from tqdm.auto import tqdm
+
+    from . import aot
+
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+        arch = major * 10 + minor
+    records: dict[str, dict] = {}
+    for op, problem in tqdm(work, desc="autotune: record variants", disable=not progress):
+        run, _ = _runner(op, problem, dtype, device)
+        for cfg in candidates(op, problem, tiny):
+            with use_config(op, cfg), aot.LaunchRecorder(launch=False) as rec:
+                run()
+            records.update(rec.records)
+        del run
+    t0 = time.perf_counter()
+    results = aot.compile_recorded(list(records.values()), arch, jobs)
+    failed = sum(1 for _, _, err in results if err)
+    summary = {"variants": len(records), "failed": failed, "arch": arch, "jobs": jobs,
+               "seconds": round(time.perf_counter() - t0, 1)}
+    if progress:
+        print(f"autotune: {summary['variants']} variants compiled for sm_{arch} in {summary['seconds']} s "
+              f"({failed} did not compile)", flush=True)
+    return summary
 
 
 def _tune_dispatch(dtype: torch.dtype, device: torch.device, tiny: bool) -> dict:
@@ -253,7 +298,8 @@ def _tune_dispatch(dtype: torch.dtype, device: torch.device, tiny: bool) -> dict
 
 
 def write_table(table: dict, path: Path) -> Path:
-    """Merge ``table`` into the JSON at ``path`` (entries of other dtypes kept), atomically."""
+    """Merge ``table`` into the JSON at ``path`` (entries of other dtypes and dispatch knobs
+    the table does not set are kept), atomically."""
     path = Path(path)
     merged = table
     if path.exists():
@@ -263,7 +309,11 @@ def write_table(table: dict, path: Path) -> Path:
                for op in set(old.get("ops", {})) | set(table["ops"])}
         for op, entries in table["ops"].items():
             ops[op] = sorted(ops[op] + entries, key=lambda e: (e["n"], e["k"], e["max_tokens"], e["max_rank"]))
-        merged = dict(old, **{k: v for k, v in table.items() if k != "ops"}, ops=ops)
+        # dispatch thresholds merge key by key: a tuning run writes fused_max_rank only, and
+        # must keep what bench/dispatch.py measured (decode_max_tokens, ...)
+        dispatch = {**old.get("dispatch", {}), **table.get("dispatch", {})}
+        merged = dict(old, **{k: v for k, v in table.items() if k not in ("ops", "dispatch")}, ops=ops,
+                      dispatch=dispatch)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -281,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few buckets (minutes instead of an hour)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: plumbing check on CPU")
     parser.add_argument("--out", default=None, help="JSON to write (default: kernels/configs/<gpu>.json)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compile every candidate first, in this many processes (e.g. the CPU count)")
     args = parser.parse_args(argv)
     ops = tuple(o for o in args.ops.split(",") if o)
     bad = [o for o in ops if o not in OPS]
@@ -288,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ops: unknown {bad}; choose from {OPS}")
     if not torch.cuda.is_available() and not args.tiny:
         parser.error("no CUDA device: tuning needs a GPU (use --tiny for a CPU plumbing check)")
-    table = tune(_DTYPES[args.dtype], ops=ops, quick=args.quick, tiny=args.tiny)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    table = tune(_DTYPES[args.dtype], ops=ops, quick=args.quick, tiny=args.tiny, jobs=args.jobs)
     out = Path(args.out) if args.out else config_path_for(table["device"])
     print(f"wrote {write_table(table, out)}")
     return 0

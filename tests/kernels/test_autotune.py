@@ -1,11 +1,22 @@
 """Launch configs as data: the autotuner's output is read back by get_config."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from kernels import autotune, lora_linear, use_backend
-from kernels.tuning import LaunchConfig, _load_table, choose_path, get_config, heuristic_config, use_config
+from kernels.tuning import (
+    LaunchConfig,
+    _dispatch_knobs,
+    _load_table,
+    choose_path,
+    get_config,
+    heuristic_config,
+    use_config,
+)
 
 from .cases import make_case
 
@@ -36,7 +47,9 @@ def test_tuned_table_is_written_and_read_back(table_path, monkeypatch, device):
     assert big == heuristic_config("shrink", num_tokens=10**6, n=1, k=1, max_rank=1, dtype=torch.float32)
     # the dispatch threshold is read by choose_path
     rank = data["dispatch"]["fused_max_rank"]
-    assert choose_path(4096, 16, device=dev) == ("fused" if rank >= 16 else "fused_t")
+    assert _dispatch_knobs(dev)["fused_max_rank"] == rank  # the table beats the GPU's own file
+    T = max(4096, _dispatch_knobs(dev)["decode_max_tokens"] + 1)  # past the split path (a GPU's file may move it)
+    assert choose_path(T, 16, device=dev) == ("fused" if rank >= 16 else "fused_t")
     # merging keeps entries of other dtypes
     other = dict(table, ops={op: [dict(e, dtype="bfloat16") for e in es] for op, es in table["ops"].items()})
     autotune.write_table(other, table_path)
@@ -65,3 +78,41 @@ def test_bad_table_is_reported(table_path):
     table_path.write_text(json.dumps({"ops": [1, 2]}))
     with pytest.raises(ValueError, match="'ops' must be an object"):
         get_config("shrink", num_tokens=1, n=1, k=1, max_rank=1, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_precompile_records_every_candidate_and_compiles_it_into_the_cache(tmp_path):
+    """``--jobs N``: each candidate's launches are recorded (not run) and compiled for the GPU in
+    N processes, into Triton's cache, before the timing loop. Runs in a fresh process without
+    the interpreter (the compiler refuses to run under it); sm_90 needs no GPU to compile for."""
+    code = (
+        "import json, torch\n"
+        "from kernels import autotune\n"
+        "p = autotune.Problem(8, 48, 40, 16, 8)\n"  # decode bucket: shrink partials + their expand
+        "s = autotune.precompile([('shrink', p), ('expand', p)], torch.bfloat16, torch.device('cpu'), tiny=True,\n"
+        "                        jobs=2, arch=90, progress=False)\n"
+        "print(json.dumps(s))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    # shrink at split_k 1 and 2 (each with the expand that adds its partials), expand's two configs
+    assert summary["variants"] >= 4 and summary["failed"] == 0 and summary["arch"] == 90
+    assert len(list((tmp_path / "cache").iterdir())) >= summary["variants"]
+
+
+def test_autotune_cli_rejects_bad_jobs():
+    with pytest.raises(SystemExit):
+        autotune.main(["--tiny", "--jobs", "0"])
+
+
+def test_write_table_merges_dispatch_knobs(tmp_path):
+    """A tuning run sets fused_max_rank only: the thresholds bench/dispatch.py wrote stay."""
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"device": "x", "ops": {}, "dispatch": {"decode_max_tokens": 512, "fused_max_rank": 0},
+                                "_dispatch_measured": {"w": 1}}))
+    entry = {"max_tokens": 8, "n": 40, "k": 48, "max_rank": 16, "dtype": "bfloat16", "block_m": 16}
+    autotune.write_table({"device": "x", "ops": {"shrink": [entry]}, "dispatch": {"fused_max_rank": 16}}, path)
+    data = json.loads(path.read_text())
+    assert data["dispatch"] == {"decode_max_tokens": 512, "fused_max_rank": 16}
+    assert data["_dispatch_measured"] == {"w": 1} and data["ops"]["shrink"] == [entry]
