@@ -91,7 +91,7 @@ def _variants(dtype: str):
             _jit_kernel("lora_shrink"),
             dict(x_ptr="dt", a_ptr="dt", scale_ptr="fp32", slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32",
                  t_ptr="fp32"),
-            ["K", "stride_xt", "stride_xk", "stride_a", "stride_t", "stride_ts"]),
+            ["K", "R_T", "stride_xt", "stride_xk", "stride_a", "stride_t", "stride_ts"]),
         "lora_expand": (
             _jit_kernel("lora_expand"),
             dict(t_ptr="fp32", b_ptr="dt", slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32", y_ptr="dt"),
@@ -390,6 +390,11 @@ def compile_recorded(records: list[dict], arch: int = 90, jobs: int = 1) -> list
         # a tl.dtype constexpr was saved by its name (str(tl.bfloat16) == "bf16", the keys of _DT)
         consts = {k: _DT[v["tl_dtype"]] if isinstance(v, dict) else v for k, v in rec["constexprs"].items()}
         names = list(fn.arg_names)
+        stale = [n for n in names if n not in rec["signature"]]
+        if stale:  # recorded from another version of the kernel
+            out.append((rec, None, f"the record lacks parameters {stale} of the kernel: recorded from another "
+                                   "version of it; record the launches again"))
+            continue
         # as the JIT builds them (triton.runtime.jit._pack_args): an entry for every specialised
         # argument, empty where it is not divisible by 16, so the cache key is the JIT's and a
         # variant compiled here on the GPU machine is found there by the first launch

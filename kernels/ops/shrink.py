@@ -12,7 +12,9 @@ adds the slices as it loads them: no zero-fill launch, no atomics (the sum's ord
 so results are bitwise reproducible).
 
 ``t`` is ``[T, R_T]`` (``R_T`` = the bank's largest rank) in the accumulator dtype;
-columns at or past a token's rank stay zero. In ``partials`` form only the entries of
+columns at or past a token's rank are zero. Without a K split the kernel writes every entry
+itself (zeros for tokens without an adapter and past a token's rank), so ``t`` needs no
+zero-fill launch; with atomics it is zeroed first. In ``partials`` form only the entries of
 tokens with an adapter, below their rank, are written (the only ones the expand reads).
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _shrink_kernel(
     sorted_ptr,   # [T_cap] int32 token indices grouped by user
     tiles_ptr,    # [n_tiles, 3]  (start, end, user)
     t_ptr,        # [T, R_T] acc  output (zeroed beforehand when SPLIT_K > 1 and not PARTIALS)
-    K,            #               or [SPLIT_K, T, R_T] partial sums (PARTIALS)
+    K, R_T,       #               or [SPLIT_K, T, R_T] partial sums (PARTIALS)
     stride_xt, stride_xk, stride_a, stride_t, stride_ts,
     SPLIT_K: tl.constexpr, PARTIALS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -48,12 +50,18 @@ def _shrink_kernel(
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
     start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m)
-    if start >= end or pid_r * BLOCK_R >= rank:
+    if start >= end:
         return
     rows = start + tl.arange(0, BLOCK_M)
     row_mask = rows < end
-    tok = tl.load(sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    if pid_r * BLOCK_R >= rank:
+        if SPLIT_K == 1 and not PARTIALS:  # t is written whole here (no zero-fill): zeros past the rank
+            tok0 = tl.load(sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+            tl.store(t_ptr + tok0[:, None] * stride_t + offs_r[None, :], tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC),
+                     mask=row_mask[:, None] & (offs_r < R_T)[None, :])
+        return
+    tok = tl.load(sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     r_mask = offs_r < rank
     a_rows = a_ptr + (offset + offs_r).to(tl.int64) * stride_a
     offs_k = tl.arange(0, BLOCK_K)
@@ -71,8 +79,8 @@ def _shrink_kernel(
     mask = row_mask[:, None] & r_mask[None, :]
     if PARTIALS:
         tl.store(out + pid_k * stride_ts, acc, mask=mask)
-    elif SPLIT_K == 1:
-        tl.store(out, acc, mask=mask)
+    elif SPLIT_K == 1:  # the block's columns past the rank are zeros in acc (masked loads, scale 0)
+        tl.store(out, acc, mask=row_mask[:, None] & (offs_r < R_T)[None, :])
     else:
         tl.atomic_add(out, acc, mask=mask)
 
@@ -101,14 +109,14 @@ def lora_shrink(
                      device=x.device, block_ms=block_ms)
     tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, cfg.block_m)
     split_k = max(1, min(cfg.split_k, cdiv(K, cfg.block_k)))
-    if partials:
-        t = torch.empty(split_k, T, max_rank, dtype=acc, device=x.device)
-    else:  # zero: the atomics add into it, and unwritten entries are zeros by contract
+    if partials or split_k == 1:  # the kernel writes all of t (split_k 1) or all that is read
+        t = torch.empty((split_k, T, max_rank) if partials else (T, max_rank), dtype=acc, device=x.device)
+    else:  # zero: the atomics add into it
         t = torch.zeros(T, max_rank, dtype=acc, device=x.device)
     grid = (tiles_bm.shape[0], cdiv(max_rank, cfg.block_r), split_k)
     with nvtx_range("milp.kernel.lora_shrink"):
         _shrink_kernel[grid](
-            x, lora_a, scale, slots, sorted_tokens, tiles_bm, t, K,
+            x, lora_a, scale, slots, sorted_tokens, tiles_bm, t, K, max_rank,
             x.stride(0), x.stride(1), lora_a.stride(0), t.stride(-2), t.stride(0) if partials else 0,
             SPLIT_K=split_k, PARTIALS=bool(partials), BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r,
             BLOCK_K=cfg.block_k, **dot_flags(x.dtype), **cfg.kwargs(),

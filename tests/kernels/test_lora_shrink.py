@@ -10,7 +10,15 @@ from .cases import DTYPES, TOL, make_case, mixed_ranks, rel_err
 
 def _check(case, dtype):
     bank = case.bank
-    t = lora_shrink(case.x, bank, case.plan)
+    # new tensors filled with NaN (deterministic mode): every entry of t must be written,
+    # zeros included, since the shrink allocates it without a zero-fill
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        t = lora_shrink(case.x, bank, case.plan)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert not t.isnan().any()
     ref = shrink_ref(case.x, bank.lora_a, bank.scale, bank.slots, case.ids, bank.max_rank)
     assert t.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert t.shape == (case.x.shape[0], bank.max_rank)
