@@ -117,3 +117,65 @@ def test_host_us_per_call(benchmark, problem, stubbed_launches, impl):
     _US[impl] = us
     if impl == "milp" and "base" in _US:  # what the adapters add to each eager linear
         benchmark.extra_info["host_us_over_base"] = us - _US["base"]
+
+
+@pytest.mark.parametrize("impl", ["base", "milp"])
+def test_host_us_per_training_step(benchmark, problem, stubbed_launches, impl):
+    """The same for one training step of the linear (forward + backward, ``W`` frozen, the
+    adapters trainable): the backward adds the ``dx`` path, the shrink of ``dy`` and the grouped
+    ``dA``/``dB`` launch. On the first H200 run, forward + backward at 512 tokens took 1.4 ms more
+    than its kernels timed alone; host work and launches are the suspects."""
+    bank, plan, ids, x0, w = problem
+    dy = torch.randn(x0.shape[0], w.shape[0], generator=torch.Generator().manual_seed(1)).to(x0.device, x0.dtype)
+    x = x0.clone().requires_grad_(True)
+    params = (bank.lora_a, bank.lora_b)
+    for p in params:
+        p.requires_grad_(impl == "milp")
+    try:
+        # checked first: dx against float64 (the torch path on CPU, where the launches are stubbed)
+        with kernels.use_backend("torch" if not U.CUDA else "auto"):
+            if impl == "milp":
+                kernels.lora_linear(x, w, None, bank, plan).backward(dy)
+            else:
+                F.linear(x, w).backward(dy)
+        xd = x0.double().requires_grad_(True)
+        if impl == "milp":
+            lora_linear_ref(xd, w.double(), None, bank.lora_a.detach().double(), bank.lora_b.detach().double(),
+                            bank.scale, bank.slots, ids).backward(dy.double())
+        else:
+            F.linear(xd, w.double()).backward(dy.double())
+        err = U.check(f"{impl} dx", x.grad, xd.grad)
+
+        if impl == "milp":
+            def step():
+                x.grad = bank.lora_a.grad = bank.lora_b.grad = None
+                kernels.lora_linear(x, w, None, bank, plan).backward(dy)
+        else:
+            def step():
+                x.grad = None
+                F.linear(x, w).backward(dy)
+
+        def rounds():
+            for _ in range(CALLS):
+                step()
+
+        for _ in range(20):
+            step()
+        U._sync()
+        benchmark.group = "host-overhead"
+        benchmark.pedantic(rounds, rounds=5, warmup_rounds=1, iterations=1)
+        U._sync()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+    us = benchmark.stats.stats.min / CALLS * 1e6
+    key = impl + "-fwdbwd"
+    benchmark.extra_info.update(
+        workload=f"host-overhead-fwdbwd-T{USERS}-U{USERS}-{K}x{N}", impl=impl, op="host", time_ms=us / 1e3,
+        host_us_per_call=us, calls_per_round=CALLS, rel_err=err, device=str(U.DEVICE),
+        launches="real" if U.CUDA else "stubbed (host code only)", tokens=USERS, tokens_per_s=USERS / (us * 1e-6),
+    )
+    _US[key] = us
+    if impl == "milp" and "base-fwdbwd" in _US:
+        benchmark.extra_info["host_us_over_base"] = us - _US["base-fwdbwd"]

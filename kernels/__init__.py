@@ -114,11 +114,14 @@ def lora_linear(
         # eager only: under torch.compile the op decides at run time by token count, so the
         # graph does not depend on the batch's users (plan.num_segments) and needs no re-trace
         path = choose_path(x2.shape[0], bank.max_rank, num_segments=plan.num_segments, device=x2.device)
-    call = _library.lora_linear_forward if _library.direct_call_ok(x2, save_t) else torch.ops.milp.lora_linear
-    y, _ = call(
-        x2, weight, bias, bank.lora_a, bank.lora_b, bank.scale, bank.slots, sorted_tokens, tiles, segments,
-        block_ms, bank.max_rank, save_t, path,
-    )
+    args = (x2, weight, bias, bank.lora_a, bank.lora_b, bank.scale, bank.slots, sorted_tokens, tiles, segments,
+            block_ms, bank.max_rank)
+    if not _library.direct_call_ok(x2):  # compile, profiler, modes, torch.func: the op
+        y, _ = torch.ops.milp.lora_linear(*args, save_t, path)
+    elif save_t:  # eager training: the op's functions and autograd, without the dispatcher
+        y = _library.EagerLoraLinear.apply(*args, path)
+    else:
+        y, _ = _library.lora_linear_forward(*args, False, path)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

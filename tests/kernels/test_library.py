@@ -233,9 +233,10 @@ def test_env_reads_follow_os_environ(monkeypatch):
 
 
 def test_direct_call_only_where_the_op_adds_nothing(monkeypatch, backend, device):
-    """Eager work without autograd skips the dispatcher (same function, same result);
-    autograd, profiling and torch function modes go through ``milp::lora_linear``."""
-    from kernels.library import direct_call_ok
+    """Eager work skips the dispatcher (same functions, same result): without autograd the
+    forward runs directly, with it ``EagerLoraLinear`` (the op's autograd functions); profiling,
+    torch function modes and ``torch.func`` go through ``milp::lora_linear``."""
+    from kernels.library import EagerLoraLinear, direct_call_ok
 
     case = make_case(9, 12, 20, {0: [4], 2: [8, 3]}, max_users=3, seed=3, device=device)
     via_op = torch.ops.milp.lora_linear(*_op_args(case, save_t=False))[0]
@@ -247,15 +248,35 @@ def test_direct_call_only_where_the_op_adds_nothing(monkeypatch, backend, device
     assert op_calls == []
     torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
     x = case.x.clone().requires_grad_(True)
-    assert direct_call_ok(x, save_t=False) and not direct_call_ok(x, save_t=True)
+    assert direct_call_ok(x)
     with torch.profiler.profile():
-        assert not direct_call_ok(x, save_t=False)
+        assert not direct_call_ok(x)
     with torch.overrides.TorchFunctionMode():
-        assert not direct_call_ok(x, save_t=False)
-    assert not torch.func.vmap(lambda v: torch.tensor(direct_call_ok(v, save_t=False)))(x.detach()).any()
-    y = lora_linear(x, case.w, case.b, case.bank, case.plan)  # needs autograd: the op
-    assert op_calls == [1] and y.grad_fn is not None
-    torch.testing.assert_close(y.detach(), via_op, rtol=0, atol=0)
+        assert not direct_call_ok(x)
+    assert not torch.func.vmap(lambda v: torch.tensor(direct_call_ok(v)))(x.detach()).any()
+    # autograd in eager mode: the Function, not the op; the same values and gradients as the op's
+    a, b = case.bank.lora_a, case.bank.lora_b
+    try:
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+        y = lora_linear(x, case.w, case.b, case.bank, case.plan)
+        node = y.grad_fn.next_functions[0][0] if type(y.grad_fn).__name__.startswith("View") else y.grad_fn
+        assert op_calls == [] and type(node).__name__ == f"{EagerLoraLinear.__name__}Backward"
+        torch.testing.assert_close(y.detach(), via_op, rtol=0, atol=0)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        eager = [x.grad, a.grad, b.grad]
+        x.grad = a.grad = b.grad = None
+        with torch.profiler.profile():  # the op and its registered autograd
+            y_op = lora_linear(x, case.w, case.b, case.bank, case.plan)
+        assert op_calls == [1]
+        y_op.backward(dy)
+        for got, want in zip(eager, [x.grad, a.grad, b.grad], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    finally:
+        a.requires_grad_(False)
+        b.requires_grad_(False)
+        a.grad = b.grad = None
 
 
 def test_transformers_still_works_with_our_kernels_package_installed():
