@@ -154,7 +154,10 @@ def cuda_median_ms(
     e.record()
     torch.cuda.synchronize()
     est = max(s.elapsed_time(e) / 3, 1e-3)
-    n = int(min(max_reps, max(min_reps, rep_ms / est)))
+    # whole-model workloads take seconds a call (sequential training of 16 users: 3.4 s on an
+    # H200): at least 3 repetitions, but no more than ~2 s of minimum repetitions
+    floor = max(3, min(min_reps, int(2000.0 / est)))
+    n = int(min(max_reps, max(floor, rep_ms / est)))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):

@@ -9,7 +9,7 @@
 #            cache, the kernel tests on the GPU (junit XML, capped at 100 s), then only the
 #            benchmarks behind the speed targets (issue 3: 7B FFN fused forward at 4096/16384
 #            tokens, decode 32/256 users, forward+backward at 4096; issue 5: runtime decode and
-#            joint training; issue 4: the whole decoder layer), then, in the time left of
+#            joint training, 180 s; issue 4: the whole decoder layer), then, in the time left of
 #            MILP_QUICK_TOTAL_S (540), the rest of the op grid. No report on the device: make it
 #            here from the returned bench_quick_*.json. Run it as
 #              MILP_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh quick
@@ -18,6 +18,8 @@
 #   tests    pytest tests on the GPU (Triton compiled, no interpreter)
 #   kernel-tests  pytest tests/kernels on the GPU (limit MILP_KERNEL_TESTS_S) -> tests_gpu.xml
 #   precompile    the benchmark grid's kernel variants into Triton's cache, in the background
+#   profile  bench/profile_step.py: torch.profiler tables and trace of forward + backward at 512
+#            tokens -> profile_*.txt, profile_*.json (the unexplained 1.4 ms of the first H200 run)
 #   probe    bench/probe_split.py: the split path's pieces and orders timed (limit MILP_PROBE_S)
 #            -> probe_split.json. A short call for a few minutes left of a budget:
 #              MILP_KERNEL_TESTS_S=90 MILP_PROBE_S=50 MILP_TEST_WORKERS=16 \
@@ -195,7 +197,7 @@ quick() {
     MILP_BENCH_PATHS=1 T=${MILP_QUICK_KERNELS_S:-170} bench quick_kernels bench/test_host_overhead.py \
         bench/test_lora_backward.py bench/test_lora_linear.py \
         -k "test_host_us_per_call or (test_lora_linear and ($QUICK_FWD)) or (test_lora_backward and ($QUICK_BWD))"
-    T=${MILP_QUICK_RUNTIME_S:-140} bench quick_runtime bench/test_runtime.py
+    T=${MILP_QUICK_RUNTIME_S:-180} bench quick_runtime bench/test_runtime.py
     T=${MILP_QUICK_LAYER_S:-80} bench quick_layer bench/test_decoder_layer.py
     # whatever time is left of MILP_QUICK_TOTAL_S goes to the rest of the op grid (issue 4's
     # "every workload"), in the files' order; a later session continues with the stages below
@@ -226,6 +228,9 @@ for s in "${STAGES[@]}"; do
         tests) run_tests ;;
         kernel-tests) T=${MILP_KERNEL_TESTS_S:-$T} run_tests tests/kernels ;;
         precompile) precompile ;;
+        profile) log "bench/profile_step.py: forward + backward at 512 tokens under torch.profiler"
+                 timeout -s INT -k 10 120 "$PY" bench/profile_step.py --out "$OUT" 2>&1 | tail -n 45 | tee -a "$LOG"
+                 [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1 ;;
         probe) log "bench/probe_split.py (limit ${MILP_PROBE_S:-$T}s)"
                timeout -s INT -k 10 "${MILP_PROBE_S:-$T}" "$PY" bench/probe_split.py --out "$OUT/probe_split.json" \
                    --rep-ms "${MILP_PROBE_REP_MS:-20}" 2>&1 | tail -n 40 | tee -a "$LOG"
@@ -246,7 +251,7 @@ for s in "${STAGES[@]}"; do
                   cp "$cfg" "$OUT/" ;;
         others) others ;;
         report) report ;;
-        *) echo "unknown stage '$s' (quick setup tests kernel-tests precompile probe decode prefill bwd ops aot" \
+        *) echo "unknown stage '$s' (quick setup tests kernel-tests precompile probe profile decode prefill bwd ops aot" \
                 "autotune others report all)" >&2
            exit 2 ;;
     esac
