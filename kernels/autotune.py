@@ -36,7 +36,7 @@ from triton.runtime.errors import OutOfResources
 from .bank import AdapterBank
 from .plan import BatchPlan
 from .reference import expand_ref, lora_linear_ref, shrink_ref
-from .tuning import DECODE_MAX_TOKENS, OPS, LaunchConfig, _load_table, config_path_for, use_config
+from .tuning import OPS, LaunchConfig, _load_table, config_path_for, use_config
 
 __all__ = ["Problem", "tune", "candidates", "precompile", "write_table", "main"]
 
@@ -60,10 +60,28 @@ def problems(tiny: bool = False, quick: bool = False) -> list[Problem]:
         return [Problem(8, 48, 40, 16, 8), Problem(96, 48, 40, 16, 4)]
     shapes = [(4096, 11008), (11008, 4096)] if quick else [(4096, 11008), (11008, 4096), (5120, 13824),
                                                            (13824, 5120)]
-    tokens = [(32, 32), (4096, 32)] if quick else [(16, 16), (64, 64), (512, 32), (2048, 32), (4096, 32),
-                                                    (16384, 64)]
+    # the targets' sizes: decode at 32 and 256 users (a bucket covers every smaller token count,
+    # so 256 users must not fall into a prefill bucket), prefill at 4096 and 16384 tokens
+    tokens = [(32, 32), (256, 256), (4096, 32), (16384, 32)] if quick else [
+        (16, 16), (64, 64), (256, 256), (512, 32), (2048, 32), (4096, 32), (16384, 64)]
     ranks = [96] if quick else [16, 96, 3072]
     return [Problem(t, k, n, r, u) for (k, n), (t, u), r in itertools.product(shapes, tokens, ranks)]
+
+
+def decode_like(problem: Problem) -> bool:
+    """A token or a few per user: tiles of one row or so, bandwidth-bound, split K."""
+    return problem.num_tokens <= 4 * problem.users
+
+
+def worth_tuning(op: str, problem: Problem, quick: bool = False) -> bool:
+    """Whether ``--quick`` tunes ``op`` at ``problem``. It leaves out what the targets' paths do
+    not run there: the fused kernel at decode and at 16384 tokens (the split path serves them),
+    and the adapter gradients at decode."""
+    if not quick:
+        return True
+    if op == "fused_linear":
+        return not decode_like(problem) and problem.num_tokens <= 4096
+    return not (op == "grad_weights" and decode_like(problem))
 
 
 def candidates(op: str, problem: Problem, tiny: bool = False) -> list[LaunchConfig]:
@@ -72,7 +90,7 @@ def candidates(op: str, problem: Problem, tiny: bool = False) -> list[LaunchConf
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if tiny:
         return [LaunchConfig(block_m=16, block_n=32, block_k=16, block_r=16, split_k=s) for s in (1, 2)]
-    decode = problem.num_tokens <= 64
+    decode = decode_like(problem)
     grid: list[LaunchConfig] = []
     if op == "fused_linear":
         for bm, bn, bk, w, st in itertools.product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4)):
@@ -86,7 +104,10 @@ def candidates(op: str, problem: Problem, tiny: bool = False) -> list[LaunchConf
                                                (1, 2, 4, 8, 16) if decode else (1, 2, 4)):
             grid.append(LaunchConfig(block_m=bm, block_r=br, block_k=bk, split_k=sk, num_warps=4, num_stages=3))
     elif op == "expand":
-        for bm, bn, br, w in itertools.product((16,) if decode else (32, 64, 128), (64, 128, 256), (16, 32, 64),
+        # decode: wider column blocks, fewer programs each streaming more of B (the H200's decode
+        # expand read B at 16-28% of the bandwidth with 128-wide blocks)
+        for bm, bn, br, w in itertools.product((16,) if decode else (32, 64, 128),
+                                               (64, 128, 256, 512) if decode else (64, 128, 256), (16, 32, 64),
                                                (4, 8)):
             grid.append(LaunchConfig(block_m=bm, block_n=bn, block_r=br, num_warps=w, num_stages=3))
     else:
@@ -135,7 +156,7 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
         ref = lora_linear_ref(x, w, None, a, b, s, slots, ids, compute_dtype=c)
         return run, lambda: rel(run(), ref)
     t = shrink_ref(x, a, s, slots, ids, R, compute_dtype=c)
-    if op == "shrink" and problem.num_tokens <= DECODE_MAX_TOKENS:
+    if op == "shrink" and decode_like(problem):
         # decode: timed as the op's split path runs it, the split-K partial sums and the
         # expand that adds them (a larger split is cheaper for the shrink, dearer for the expand)
         y0 = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
@@ -173,11 +194,13 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
     return run, lambda: rel(run(), da_ref)
 
 
-def _time(fn: Callable[[], object], device: torch.device) -> float:
+def _time(fn: Callable[[], object], device: torch.device, quick: bool = False) -> float:
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        # milliseconds of warm-up and of repetitions; --quick: about 0.1 s a candidate
+        warmup, rep = (10, 40) if quick else (25, 100)
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
@@ -211,7 +234,7 @@ def tune(
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out: dict[str, list[dict]] = {op: [] for op in ops}
-    work = [(op, p) for op in ops for p in problems(tiny, quick)]
+    work = [(op, p) for op in ops for p in problems(tiny, quick) if worth_tuning(op, p, quick)]
     precompiled = precompile(work, dtype, device, tiny=tiny, jobs=jobs, progress=progress) if jobs > 1 else None
     for op, problem in tqdm(work, desc="autotune", disable=not progress):
         run, check = _runner(op, problem, dtype, device)  # inputs and reference built once per bucket
@@ -221,7 +244,7 @@ def tune(
                 with use_config(op, cfg):
                     if not check() < tolerance:  # a wrong config is never kept (NaN fails too)
                         continue
-                    ms = _time(run, device)
+                    ms = _time(run, device, quick)
             except OutOfResources:  # too much shared memory / too many registers on this GPU
                 continue
             if best is None or ms < best[0]:

@@ -116,3 +116,21 @@ def test_write_table_merges_dispatch_knobs(tmp_path):
     data = json.loads(path.read_text())
     assert data["dispatch"] == {"decode_max_tokens": 512, "fused_max_rank": 16}
     assert data["_dispatch_measured"] == {"w": 1} and data["ops"]["shrink"] == [entry]
+
+
+def test_quick_buckets_cover_the_targets():
+    """``--quick`` tunes the targets' sizes: decode at 32 and 256 users (a token each: a bucket
+    covers every smaller count, so 256 users must not land in a prefill bucket) and prefill at
+    4096 and 16384 tokens, for the 7B FFN shapes; the fused kernel only where a path runs it."""
+    probs = autotune.problems(quick=True)
+    assert {(p.num_tokens, p.users) for p in probs} == {(32, 32), (256, 256), (4096, 32), (16384, 32)}
+    assert {(p.k, p.n) for p in probs} == {(4096, 11008), (11008, 4096)}
+    by = {(p.num_tokens, op) for op in ("fused_linear", "shrink", "expand", "grad_weights") for p in probs
+          if autotune.worth_tuning(op, p, quick=True)}
+    assert ("fused_linear" not in {op for t, op in by if t in (32, 256, 16384)})
+    assert {op for t, op in by if t == 256} == {"shrink", "expand"}
+    assert {op for t, op in by if t == 4096} == {"fused_linear", "shrink", "expand", "grad_weights"}
+    decode = autotune.Problem(256, 4096, 11008, 96, 256)
+    assert autotune.decode_like(decode) and not autotune.decode_like(autotune.Problem(4096, 4096, 11008, 96, 32))
+    assert {c.block_m for c in autotune.candidates("expand", decode)} == {16}  # one-row tiles
+    assert all(autotune.worth_tuning(op, decode) for op in ("fused_linear", "grad_weights"))  # full grid: all
