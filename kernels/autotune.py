@@ -234,26 +234,36 @@ def tune(
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out: dict[str, list[dict]] = {op: [] for op in ops}
-    work = [(op, p) for op in ops for p in problems(tiny, quick) if worth_tuning(op, p, quick)]
+    # the split path's kernels first (every target runs them), the fused kernel last: a run cut
+    # short (SIGINT, e.g. the device call's time limit) keeps the buckets it finished
+    order = {"shrink": 0, "expand": 1, "grad_weights": 2, "fused_linear": 3}
+    work = sorted(((op, p) for op in ops for p in problems(tiny, quick) if worth_tuning(op, p, quick)),
+                  key=lambda w: order.get(w[0], len(order)))
     precompiled = precompile(work, dtype, device, tiny=tiny, jobs=jobs, progress=progress) if jobs > 1 else None
-    for op, problem in tqdm(work, desc="autotune", disable=not progress):
-        run, check = _runner(op, problem, dtype, device)  # inputs and reference built once per bucket
-        best: tuple[float, LaunchConfig] | None = None
-        for cfg in candidates(op, problem, tiny):
-            try:
-                with use_config(op, cfg):
-                    if not check() < tolerance:  # a wrong config is never kept (NaN fails too)
-                        continue
-                    ms = _time(run, device, quick)
-            except OutOfResources:  # too much shared memory / too many registers on this GPU
-                continue
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-        if best is not None:
-            out[op].append(_bucket_entry(op, problem, best[1], dtype, best[0]))
+    done = 0
+    try:
+        for op, problem in tqdm(work, desc="autotune", disable=not progress):
+            run, check = _runner(op, problem, dtype, device)  # inputs and reference built once per bucket
+            best: tuple[float, LaunchConfig] | None = None
+            for cfg in candidates(op, problem, tiny):
+                try:
+                    with use_config(op, cfg):
+                        if not check() < tolerance:  # a wrong config is never kept (NaN fails too)
+                            continue
+                        ms = _time(run, device, quick)
+                except OutOfResources:  # too much shared memory / too many registers on this GPU
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            if best is not None:
+                out[op].append(_bucket_entry(op, problem, best[1], dtype, best[0]))
+            done += 1
+    except KeyboardInterrupt:
+        print(f"autotune: interrupted after {done} of {len(work)} buckets; keeping those", flush=True)
     for entries in out.values():  # first match wins: smallest buckets first
         entries.sort(key=lambda e: (e["n"], e["k"], e["max_tokens"], e["max_rank"]))
-    dispatch = _tune_dispatch(dtype, device, tiny) if "fused_linear" in ops else {}
+    interrupted = done < len(work)
+    dispatch = _tune_dispatch(dtype, device, tiny) if "fused_linear" in ops and not interrupted else {}
     import triton
 
     return {
@@ -264,6 +274,7 @@ def tune(
         "ops": out,
         "dispatch": dispatch,
         **({"_precompiled": precompiled} if precompiled else {}),
+        **({"_interrupted": f"{done} of {len(work)} buckets tuned"} if interrupted else {}),
     }
 
 

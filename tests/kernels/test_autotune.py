@@ -134,3 +134,22 @@ def test_quick_buckets_cover_the_targets():
     assert autotune.decode_like(decode) and not autotune.decode_like(autotune.Problem(4096, 4096, 11008, 96, 32))
     assert {c.block_m for c in autotune.candidates("expand", decode)} == {16}  # one-row tiles
     assert all(autotune.worth_tuning(op, decode) for op in ("fused_linear", "grad_weights"))  # full grid: all
+
+
+def test_interrupted_tuning_keeps_the_buckets_it_finished(monkeypatch, device):
+    """A run cut short (SIGINT from the device call's time limit) returns what it tuned."""
+    calls = {"n": 0}
+    real = autotune._runner
+
+    def runner(op, problem, dtype, dev):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second bucket is interrupted
+            raise KeyboardInterrupt
+        return real(op, problem, dtype, dev)
+
+    monkeypatch.setattr(autotune, "_runner", runner)
+    with use_backend("triton"):
+        table = autotune.tune(torch.float32, device=torch.device(device), tiny=True, progress=False,
+                              ops=("shrink", "fused_linear"))
+    assert len(table["ops"]["shrink"]) == 1 and table["ops"]["fused_linear"] == []
+    assert table["_interrupted"] == "1 of 4 buckets tuned" and table["dispatch"] == {}
