@@ -141,7 +141,7 @@ def split_expand_first(num_tokens: int, device: torch.device | None = None) -> b
     then cuBLAS adds ``x Wᵀ`` in its epilogue (``y.addmm_(x, Wᵀ)``, ``beta = 1``). On an
     H200 (``bench/probe_split.py``), expand-first was 6–12% faster at decode and 2–7% at
     512 tokens, and 4–7% slower at 16384 prefill tokens. The overwriting expand reached only
-    1.6 TB/s there, and the ``beta = 1`` epilogue cost 1–6%. Knob
+    1.6 TB/s there, and the ``beta = 1`` epilogue cost 0–7%. Knob
     ``"split_expand_first_max_tokens"`` of a config table's ``"dispatch"`` (expand-first up to
     that many tokens); default :data:`SPLIT_EXPAND_FIRST_MAX_TOKENS`.
 
