@@ -17,6 +17,7 @@ so the unstubbed torch path is checked instead).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import _util as U
@@ -73,6 +74,42 @@ def stubbed_launches(monkeypatch):
         yield
 
 
+def _host_us(benchmark, call, *, impl: str, phase: str, err: float, no_grad: bool) -> float:
+    """Host µs per ``call`` (the best of 5 rounds of :data:`CALLS` calls, after a warm-up),
+    recorded with its derived figures; ``phase`` names the workload (``""`` or ``"fwdbwd"``)."""
+    grad_mode = torch.no_grad if no_grad else contextlib.nullcontext
+
+    def rounds():
+        with grad_mode():
+            for _ in range(CALLS):
+                call()
+
+    with grad_mode():
+        for _ in range(20):  # warm-up: compiled kernels, caches
+            call()
+    U._sync()
+    t0 = time.perf_counter()
+    rounds()
+    host_s = time.perf_counter() - t0
+    U._sync()
+    benchmark.group = "host-overhead"
+    benchmark.pedantic(rounds, rounds=5, warmup_rounds=1, iterations=1)
+    U._sync()
+    best = benchmark.stats.stats.min if benchmark.stats is not None else host_s
+    us = best / CALLS * 1e6
+    suffix = f"-{phase}" if phase else ""
+    benchmark.extra_info.update(
+        workload=f"host-overhead{suffix}-T{USERS}-U{USERS}-{K}x{N}", impl=impl, op="host", time_ms=us / 1e3,
+        host_us_per_call=us, calls_per_round=CALLS, rel_err=err, device=str(U.DEVICE),
+        launches="real" if U.CUDA else "stubbed (host code only)", tokens=USERS,
+        tokens_per_s=USERS / (us * 1e-6),
+    )
+    _US[impl + suffix] = us
+    if impl == "milp" and "base" + suffix in _US:  # what the adapters add to each eager linear
+        benchmark.extra_info["host_us_over_base"] = us - _US["base" + suffix]
+    return us
+
+
 @pytest.mark.parametrize("impl", ["base", "milp"])
 def test_host_us_per_call(benchmark, problem, stubbed_launches, impl):
     bank, plan, ids, x, w = problem
@@ -91,32 +128,7 @@ def test_host_us_per_call(benchmark, problem, stubbed_launches, impl):
         def call():
             return F.linear(x, w)
 
-    def rounds():
-        with torch.no_grad():
-            for _ in range(CALLS):
-                call()
-
-    with torch.no_grad():
-        for _ in range(20):  # warm-up: compiled kernels, caches
-            call()
-    U._sync()
-    t0 = time.perf_counter()
-    rounds()
-    host_s = time.perf_counter() - t0
-    U._sync()
-    benchmark.group = "host-overhead"
-    benchmark.pedantic(rounds, rounds=5, warmup_rounds=1, iterations=1)
-    best = benchmark.stats.stats.min if benchmark.stats is not None else host_s
-    us = best / CALLS * 1e6
-    benchmark.extra_info.update(
-        workload=f"host-overhead-T{USERS}-U{USERS}-{K}x{N}", impl=impl, op="host", time_ms=us / 1e3,
-        host_us_per_call=us, calls_per_round=CALLS, rel_err=err, device=str(U.DEVICE),
-        launches="real" if U.CUDA else "stubbed (host code only)", tokens=USERS,
-        tokens_per_s=USERS / (us * 1e-6),
-    )
-    _US[impl] = us
-    if impl == "milp" and "base" in _US:  # what the adapters add to each eager linear
-        benchmark.extra_info["host_us_over_base"] = us - _US["base"]
+    _host_us(benchmark, call, impl=impl, phase="", err=err, no_grad=True)
 
 
 @pytest.mark.parametrize("impl", ["base", "milp"])
@@ -155,27 +167,8 @@ def test_host_us_per_training_step(benchmark, problem, stubbed_launches, impl):
                 x.grad = None
                 F.linear(x, w).backward(dy)
 
-        def rounds():
-            for _ in range(CALLS):
-                step()
-
-        for _ in range(20):
-            step()
-        U._sync()
-        benchmark.group = "host-overhead"
-        benchmark.pedantic(rounds, rounds=5, warmup_rounds=1, iterations=1)
-        U._sync()
+        _host_us(benchmark, step, impl=impl, phase="fwdbwd", err=err, no_grad=False)
     finally:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-    us = benchmark.stats.stats.min / CALLS * 1e6
-    key = impl + "-fwdbwd"
-    benchmark.extra_info.update(
-        workload=f"host-overhead-fwdbwd-T{USERS}-U{USERS}-{K}x{N}", impl=impl, op="host", time_ms=us / 1e3,
-        host_us_per_call=us, calls_per_round=CALLS, rel_err=err, device=str(U.DEVICE),
-        launches="real" if U.CUDA else "stubbed (host code only)", tokens=USERS, tokens_per_s=USERS / (us * 1e-6),
-    )
-    _US[key] = us
-    if impl == "milp" and "base-fwdbwd" in _US:
-        benchmark.extra_info["host_us_over_base"] = us - _US["base-fwdbwd"]
