@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -134,7 +135,8 @@ def _build(problem: Problem, dtype: torch.dtype, device: torch.device, seed: int
 
 
 def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device):
-    """``(run, check)``: a closure launching ``op`` once, and one returning its relative error."""
+    """``(run, check)``: a closure launching ``op`` once, and one returning its relative error.
+    The reference is computed at the first check (:func:`precompile` only runs ``run``)."""
     from .ops.expand import lora_expand_
     from .ops.fused_linear import fused_lora_linear
     from .ops.grad_weights import lora_grad_weights
@@ -153,20 +155,20 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
         def run():
             return fused_lora_linear(x, w, None, a, b, s, slots, st, tiles, segs, bms, R, precompute_t=True)[0]
 
-        ref = lora_linear_ref(x, w, None, a, b, s, slots, ids, compute_dtype=c)
-        return run, lambda: rel(run(), ref)
+        ref = functools.cache(lambda: lora_linear_ref(x, w, None, a, b, s, slots, ids, compute_dtype=c))
+        return run, lambda: rel(run(), ref())
     t = shrink_ref(x, a, s, slots, ids, R, compute_dtype=c)
     if op == "shrink" and decode_like(problem):
         # decode: timed as the op's split path runs it, the split-K partial sums and the
         # expand that adds them (a larger split is cheaper for the shrink, dearer for the expand)
         y0 = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
-        ref = expand_ref(y0, t, b, slots, ids, compute_dtype=c)
+        ref = functools.cache(lambda: expand_ref(y0, t, b, slots, ids, compute_dtype=c))
 
         def run():
             parts = lora_shrink(x, a, s, slots, st, tiles, segs, bms, R, partials=True)
             return lora_expand_(y0.clone(), parts, b, slots, st, tiles, segs, bms)
 
-        return run, lambda: rel(run(), ref)
+        return run, lambda: rel(run(), ref())
     if op == "shrink":
         def run():
             return lora_shrink(x, a, s, slots, st, tiles, segs, bms, R)
@@ -174,24 +176,28 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
         return run, lambda: rel(run(), t)
     if op == "expand":
         y0 = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
-        ref = expand_ref(y0, t, b, slots, ids, compute_dtype=c)
+        ref = functools.cache(lambda: expand_ref(y0, t, b, slots, ids, compute_dtype=c))
 
         def run():
             return lora_expand_(y0.clone(), t, b, slots, st, tiles, segs, bms)
 
-        return run, lambda: rel(run(), ref)
+        return run, lambda: rel(run(), ref())
     dy = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
     t_b = shrink_ref(dy, b, s, slots, ids, R, compute_dtype=c)
-    da_ref = torch.zeros_like(a, dtype=c)
-    for u in range(problem.users):
-        off, r = slots[u].tolist()
-        m = ids == u
-        da_ref[off : off + r] = t_b[m, :r].t() @ x[m].to(c)
+
+    @functools.cache
+    def da_ref():
+        out = torch.zeros_like(a, dtype=c)
+        for u in range(problem.users):
+            off, r = slots[u].tolist()
+            m = ids == u
+            out[off : off + r] = t_b[m, :r].t() @ x[m].to(c)
+        return out
 
     def run():
         return lora_grad_weights(x, dy, t_b, t, slots, st, segs, a.shape[0], R)[0]
 
-    return run, lambda: rel(run(), da_ref)
+    return run, lambda: rel(run(), da_ref())
 
 
 def _time(fn: Callable[[], object], device: torch.device, quick: bool = False) -> float:
