@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import AdapterBank, BatchPlan
+from kernels import AdapterBank, BatchPlan, aot
 from kernels.reference import lora_linear_ref
 
 pytestmark = U.PYTESTMARK
@@ -48,13 +48,6 @@ def problem():
     return bank, plan, ids, x, w
 
 
-class _NoLaunch:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
 @pytest.fixture
 def stubbed_launches(monkeypatch):
     """CPU: the Triton path with every launch a no-op (host code only)."""
@@ -63,14 +56,9 @@ def stubbed_launches(monkeypatch):
         return
     if not kernels.interpreting():
         pytest.skip("the CPU measurement needs TRITON_INTERPRET=1 (bench/conftest.py sets it without CUDA)")
-    from kernels.ops import expand, fused_linear, grad_weights, shrink
-
-    for mod, name in ((shrink, "_shrink_kernel"), (expand, "_expand_kernel"),
-                      (fused_linear, "_fused_lora_linear_kernel"), (grad_weights, "_grad_weights_kernel")):
-        monkeypatch.setattr(mod, name, _NoLaunch())
     # value checks read tensors on CPU (free there, skipped on GPUs): time what a GPU host runs
     monkeypatch.setattr(kernels._library, "_values_checked", lambda t: False)
-    with kernels.use_backend("triton"):
+    with kernels.use_backend("triton"), aot.LaunchRecorder(launch=False, record=False):
         yield
 
 

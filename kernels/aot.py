@@ -285,11 +285,14 @@ class LaunchRecorder:
         True
     """
 
-    def __init__(self, *, launch: bool = True) -> None:
+    def __init__(self, *, launch: bool = True, record: bool = True) -> None:
         """``launch=False``: record only, skip the launches (outputs stay uninitialised), to
-        enumerate the variants of problems too large to run here (``bench/variants.py``)."""
+        enumerate the variants of problems too large to run here (``bench/variants.py``).
+        ``record=False`` with it: every launch a no-op and nothing written down, to time the
+        host code alone (``bench/test_host_overhead.py``)."""
         self.records: dict[str, dict] = {}
         self.launch = launch
+        self.record = record
         self._stack = contextlib.ExitStack()
 
     def _wrap(self, kernel: str, fn):
@@ -303,8 +306,9 @@ class LaunchRecorder:
                 launch = fn[grid] if recorder.launch else None
 
                 def run(*args, **kwargs):
-                    rec = launch_record(kernel, fn, args, kwargs)
-                    recorder.records.setdefault(json.dumps(rec, sort_keys=True), rec)
+                    if recorder.record:
+                        rec = launch_record(kernel, fn, args, kwargs)
+                        recorder.records.setdefault(json.dumps(rec, sort_keys=True), rec)
                     return launch(*args, **kwargs) if recorder.launch else None
 
                 return run
