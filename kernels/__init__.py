@@ -78,7 +78,7 @@ def _flat(x: torch.Tensor, name: str = "x") -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension, got a scalar")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
@@ -122,7 +122,7 @@ def lora_linear(
         y = _library.EagerLoraLinear.apply(*args, path)
     else:
         y, _ = _library.lora_linear_forward(*args, False, path)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def lora_shrink(x: torch.Tensor, bank: AdapterBank, plan: BatchPlan) -> torch.Tensor:

@@ -55,7 +55,17 @@ def env(name: str, default: str | None = None) -> str | None:
     if key is None:
         key = _ENV_KEYS[name] = os.fsencode(name)
     value = _ENV_DATA.get(key)
-    return default if value is None else os.fsdecode(value)
+    if value is None:
+        return default
+    # the decoded text of the raw value last seen: os.environ stores a new bytes object on
+    # every assignment, so the same object means the same text (no decoding per call)
+    seen = _ENV_TEXT.get(key)
+    if seen is None or seen[0] is not value:
+        seen = _ENV_TEXT[key] = (value, os.fsdecode(value))
+    return seen[1]
+
+
+_ENV_TEXT: dict[bytes, tuple[bytes, str]] = {}
 
 
 def interpreting() -> bool:

@@ -32,6 +32,10 @@ from torch import Tensor
 from ._backend import backend_for, env, nvtx_range
 from ._checks import FLOAT_DTYPES, check_tensor
 from .ops._common import acc_dtype
+from .ops.expand import lora_expand_, lora_expand_torch_
+from .ops.fused_linear import fused_lora_linear, fused_lora_linear_torch
+from .ops.grad_weights import lora_grad_weights, lora_grad_weights_torch
+from .ops.shrink import lora_shrink, lora_shrink_torch
 from .tuning import PATHS, choose_path, split_expand_first
 
 __all__ = ["check_lora_args", "direct_call_ok", "lora_linear_forward", "lora_linear_backward", "EagerLoraLinear"]
@@ -65,6 +69,57 @@ def check_lora_args(
 
     ``values=False`` skips the checks that read tensor contents (fake/meta tensors).
     """
+    if not _structure_ok(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, weight,
+                         bias, lora_b, n):
+        _check_structure(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, weight,
+                         bias, lora_b, n)
+    if values and _values_checked(x):
+        _check_values(x, lora_a, lora_scale, slots, segments, max_rank)
+
+
+def _structure_ok(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, weight, bias,
+                  lora_b, n) -> bool:
+    """Whether every structural check of :func:`_check_structure` passes, without its messages:
+    the common case, about a third of its host time. ``False`` sends the call to
+    :func:`_check_structure`, which names what is wrong (and may still accept the arguments)."""
+    tensors = (x, lora_a, slots, sorted_tokens, tiles, segments)
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return False
+    dt, dev = x.dtype, x.device
+    if x.dim() != 2 or dt not in FLOAT_DTYPES or x.stride(-1) != 1:
+        return False
+    T, K = x.shape
+    if weight is not None:
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.dtype != dt or weight.device != dev \
+                or weight.shape[1] != K:
+            return False
+        n = weight.shape[0]
+    cap = lora_a.shape[0] if lora_a.dim() == 2 else -1
+    if (bias is not None and not (isinstance(bias, Tensor) and bias.shape == (n,) and bias.dtype == dt
+                                  and bias.device == dev)) \
+            or (lora_b is not None and not (isinstance(lora_b, Tensor) and lora_b.shape == (cap, n)
+                                            and lora_b.dtype == dt and lora_b.device == dev
+                                            and (lora_b.stride(1) == 1 or not lora_b.numel()))) \
+            or (lora_scale is not None and not (isinstance(lora_scale, Tensor) and lora_scale.shape == (cap,)
+                                                and lora_scale.dtype == torch.float32 and lora_scale.device == dev)):
+        return False
+    i32 = torch.int32
+    return (cap >= 0 and lora_a.dtype == dt and lora_a.device == dev and lora_a.shape[1] == K
+            and (lora_a.stride(1) == 1 or not lora_a.numel())
+            and slots.dim() == 2 and slots.dtype == i32 and slots.device == dev and slots.shape[1] == 2
+            and slots.is_contiguous()
+            and sorted_tokens.dim() == 1 and sorted_tokens.dtype == i32 and sorted_tokens.device == dev
+            and sorted_tokens.numel() >= T
+            and segments.dim() == 2 and segments.dtype == i32 and segments.device == dev and segments.shape[1] == 3
+            and segments.is_contiguous()
+            and tiles.dim() == 2 and tiles.dtype == i32 and tiles.device == dev and tiles.shape[1] == 3
+            and tiles.is_contiguous()
+            and bool(block_ms) and type(max_rank) is int and max_rank >= 0)
+
+
+def _check_structure(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, weight, bias,
+                     lora_b, n) -> None:
+    """The shapes, dtypes, devices and layouts of :func:`check_lora_args`, each failure named."""
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     dev = x.device
     T, K = x.shape
@@ -102,21 +157,25 @@ def check_lora_args(
         raise ValueError("block_ms must list the plan's tile heights")
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0:
         raise ValueError(f"max_rank must be an int >= 0, got {max_rank!r}")
-    if values and _values_checked(x):
-        if lora_scale is not None and not torch.isfinite(lora_scale).all():
-            raise ValueError("lora_scale contains NaN or inf")
-        if slots.numel():
-            off, rank = slots[:, 0], slots[:, 1]
-            if (rank < 0).any() or (off < 0).any():
-                raise ValueError("slots must hold offsets >= 0 and ranks >= 0 (rank 0 = no adapter)")
-            if (off + rank > cap).any():
-                raise ValueError(f"slots point past lora_a's {cap} rows")
-            if int(rank.max()) > max_rank:
-                raise ValueError(f"max_rank={max_rank} is smaller than the largest slot rank {int(rank.max())}")
-        if segments.numel():
-            users = segments[:, 2]
-            if int(users.max()) >= slots.shape[0]:
-                raise ValueError(f"segments name user {int(users.max())}, outside slots' {slots.shape[0]} users")
+
+
+def _check_values(x, lora_a, lora_scale, slots, segments, max_rank) -> None:
+    """The checks of :func:`check_lora_args` that read tensor contents."""
+    cap = lora_a.shape[0]
+    if lora_scale is not None and not torch.isfinite(lora_scale).all():
+        raise ValueError("lora_scale contains NaN or inf")
+    if slots.numel():
+        off, rank = slots[:, 0], slots[:, 1]
+        if (rank < 0).any() or (off < 0).any():
+            raise ValueError("slots must hold offsets >= 0 and ranks >= 0 (rank 0 = no adapter)")
+        if (off + rank > cap).any():
+            raise ValueError(f"slots point past lora_a's {cap} rows")
+        if int(rank.max()) > max_rank:
+            raise ValueError(f"max_rank={max_rank} is smaller than the largest slot rank {int(rank.max())}")
+    if segments.numel():
+        users = segments[:, 2]
+        if int(users.max()) >= slots.shape[0]:
+            raise ValueError(f"segments name user {int(users.max())}, outside slots' {slots.shape[0]} users")
 
 
 def direct_call_ok(x: Tensor) -> bool:
@@ -146,14 +205,8 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
     (``weight_layout="kn"``), ``P = B``, ``Q = A``.
     """
     if backend_for(x) == "torch":
-        from .ops.fused_linear import fused_lora_linear_torch
-
         return fused_lora_linear_torch(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, segments, max_rank,
                                        weight_layout=weight_layout, store_t=store_t)
-    from .ops.expand import lora_expand_
-    from .ops.fused_linear import fused_lora_linear
-    from .ops.shrink import lora_shrink
-
     if path == "auto":
         path = choose_path(x.shape[0], max_rank, device=x.device)
     if path == "split":
@@ -252,14 +305,9 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorte
         if not need_dlora:
             return dx, x.new_empty(0), x.new_empty(0)
         if torch_path:
-            from .ops.grad_weights import lora_grad_weights_torch
-            from .ops.shrink import lora_shrink_torch
-
             def shrink(inp, a):
                 return lora_shrink_torch(inp, a, lora_scale, slots, sorted_tokens, segments, max_rank)
         else:
-            from .ops.shrink import lora_shrink
-
             def shrink(inp, a):
                 return lora_shrink(inp, a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
 
@@ -270,8 +318,6 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorte
         if torch_path:
             da, db = lora_grad_weights_torch(x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, cap)
         else:
-            from .ops.grad_weights import lora_grad_weights
-
             da, db = lora_grad_weights(x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, cap, max_rank)
         return dx, da, db
 
@@ -386,11 +432,7 @@ def lora_shrink_op(
     check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
     with nvtx_range("milp.lora_shrink"):
         if backend_for(x) == "torch":
-            from .ops.shrink import lora_shrink_torch
-
             return lora_shrink_torch(x, lora_a, lora_scale, slots, sorted_tokens, segments, max_rank)
-        from .ops.shrink import lora_shrink
-
         return lora_shrink(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
 
 
@@ -418,12 +460,8 @@ def lora_expand_op(
     check_lora_args(y, lora_b, None, slots, sorted_tokens, tiles, segments, block_ms, t.shape[1])
     with nvtx_range("milp.lora_expand"):
         if backend_for(y) == "torch":
-            from .ops.expand import lora_expand_torch_
-
             lora_expand_torch_(y, t, lora_b, slots, sorted_tokens, segments)
             return
-        from .ops.expand import lora_expand_
-
         lora_expand_(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms)
 
 

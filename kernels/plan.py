@@ -26,7 +26,7 @@ import torch
 
 from ._checks import check_positive_int, check_tensor
 
-__all__ = ["BatchPlan", "max_tiles", "tile_block", "DEFAULT_BLOCK_MS"]
+__all__ = ["BatchPlan", "max_tiles", "tile_block", "tile_span", "DEFAULT_BLOCK_MS"]
 
 DEFAULT_BLOCK_MS: tuple[int, ...] = (16, 32, 64, 128)
 
@@ -44,12 +44,26 @@ def tile_block(
     The layout follows from the capacities alone (``sorted_tokens.numel()`` tokens,
     ``segments.shape[0]`` segments), so the ops can slice it without the plan object.
     """
-    key = (sorted_tokens.numel(), segments.shape[0], tuple(block_ms), block_m)
+    off, n = tile_span(sorted_tokens.numel(), segments.shape[0], tuple(block_ms), block_m, tiles.shape[0])
+    return tiles[off : off + n]
+
+
+def tile_span(max_tokens: int, max_segments: int, block_ms: tuple[int, ...], block_m: int,
+              tile_rows: int | None = None) -> tuple[int, int]:
+    """``(first row, rows)`` of the ``block_m`` schedule in the concatenated ``tiles`` of a plan
+    with these capacities (:func:`tile_block` slices them); ``tile_rows``, when given, is the
+    ``tiles`` table's length, checked to hold them.
+
+    Example:
+        >>> tile_span(100, 4, (16, 64), 64)  # after the 7 + 4 tiles of block_m = 16
+        (11, 6)
+    """
+    key = (max_tokens, max_segments, block_ms, block_m)
     span = _TILE_SPANS.get(key)
     if span is None:
         off = 0
         for bm in block_ms:
-            n = max_tiles(key[0], key[1], bm)
+            n = max_tiles(max_tokens, max_segments, bm)
             if bm == block_m:
                 span = (off, n)
                 break
@@ -59,10 +73,9 @@ def tile_block(
         if len(_TILE_SPANS) > 4096:
             _TILE_SPANS.clear()
         _TILE_SPANS[key] = span
-    off, n = span
-    if off + n > tiles.shape[0]:
-        raise ValueError(f"tiles has {tiles.shape[0]} rows, fewer than block_ms={list(block_ms)} need")
-    return tiles[off : off + n]
+    if tile_rows is not None and span[0] + span[1] > tile_rows:
+        raise ValueError(f"tiles has {tile_rows} rows, fewer than block_ms={list(block_ms)} need")
+    return span
 
 
 # (tokens, segments, block_ms, block_m) -> (first row, rows) in the concatenated tiles

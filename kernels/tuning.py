@@ -22,10 +22,13 @@ import contextlib
 import dataclasses
 import functools
 import json
+import operator
 import re
 import threading
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -34,6 +37,7 @@ from ._backend import env
 __all__ = [
     "LaunchConfig",
     "get_config",
+    "launch_plan",
     "heuristic_config",
     "config_path_for",
     "choose_path",
@@ -47,6 +51,7 @@ __all__ = [
     "split_expand_first",
 ]
 
+_T = TypeVar("_T")
 CONFIG_DIR = Path(__file__).parent / "configs"
 OPS = ("fused_linear", "shrink", "expand", "grad_weights")
 #: the three ways to compute ``x Wᵀ + Σ s (x Aᵀ) B`` (see :func:`choose_path`)
@@ -121,15 +126,22 @@ def choose_path(
     return "fused" if max_rank <= knobs["fused_max_rank"] else "fused_t"
 
 
-def _dispatch_knobs(device: torch.device | None) -> dict[str, int]:
+def _dispatch_knobs(device: torch.device | None) -> types.MappingProxyType:
     """The dispatch thresholds: this module's defaults, overridden by the GPU's own config
     file, overridden by the ``MILP_KERNEL_CONFIGS`` table (the same precedence as the launch
     configs of :func:`get_config`), each through its ``"dispatch"`` object."""
-    knobs = {"decode_max_tokens": DECODE_MAX_TOKENS, "split_tokens_per_segment": SPLIT_TOKENS_PER_SEGMENT,
-             "fused_max_rank": FUSED_MAX_RANK, "split_expand_first_max_tokens": SPLIT_EXPAND_FIRST_MAX_TOKENS}
-    if device is not None:
-        for table in reversed(_tables(device)):
+    tables = _tables(device) if device is not None else []
+    # the module's defaults are in the key: assigning one (kernels.tuning.DECODE_MAX_TOKENS = …) takes effect
+    key = ("__dispatch__", device, DECODE_MAX_TOKENS, SPLIT_TOKENS_PER_SEGMENT, FUSED_MAX_RANK,
+           SPLIT_EXPAND_FIRST_MAX_TOKENS)
+    knobs = _memo_get(_CONFIG_MEMO, key, tables)
+    if knobs is None:  # memoised like the configs: the path is chosen for every call
+        knobs = {"decode_max_tokens": DECODE_MAX_TOKENS, "split_tokens_per_segment": SPLIT_TOKENS_PER_SEGMENT,
+                 "fused_max_rank": FUSED_MAX_RANK, "split_expand_first_max_tokens": SPLIT_EXPAND_FIRST_MAX_TOKENS}
+        for table in reversed(tables):
             knobs.update({k: v for k, v in table.get("__dispatch__", {}).items() if k in knobs})
+        knobs = types.MappingProxyType(knobs)
+        _memo_put(_CONFIG_MEMO, key, tables, knobs)
     return knobs
 
 
@@ -287,11 +299,9 @@ def get_config(
         return _fit_block_m(cfg, block_ms)
     tables = _tables(device)
     key = (op, num_tokens, n, k, max_rank, dtype, tuple(block_ms) if block_ms else ())
-    hit = _CONFIG_MEMO.get(key)
-    # the memo holds the tables it was computed from; a reloaded table (another file,
-    # _load_table.cache_clear()) is another object, so the entry is recomputed
-    if hit is not None and len(hit[0]) == len(tables) and all(a is b for a, b in zip(hit[0], tables)):
-        return hit[1]
+    hit = _memo_get(_CONFIG_MEMO, key, tables)
+    if hit is not None:
+        return hit
     for table in tables:
         for entry in table.get(op, []):
             if _match(entry, num_tokens, n, k, max_rank, dtype):
@@ -302,16 +312,53 @@ def get_config(
     if cfg is None:
         cfg = heuristic_config(op, num_tokens=num_tokens, n=n, k=k, max_rank=max_rank, dtype=dtype)
     cfg = _fit_block_m(cfg, block_ms)
-    if len(_CONFIG_MEMO) >= _CONFIG_MEMO_SIZE:
-        _CONFIG_MEMO.clear()
-    _CONFIG_MEMO[key] = (tables, cfg)
+    _memo_put(_CONFIG_MEMO, key, tables, cfg)
     return cfg
 
 
-# (op, tokens, n, k, max_rank, dtype, block_ms) -> (tables it came from, config): the lookup
-# runs for every launch, and a decode step launches a few hundred kernels
+def launch_plan(key: tuple, device: torch.device, build: Callable[[], _T]) -> _T:
+    """``build()`` memoised under ``(key, device)``: what a launcher decides on the host before
+    its launch (config, tile rows, grid, constexprs), once per problem instead of once per
+    launch. ``key`` must hold everything ``build`` reads besides the config tables; a
+    reloaded table (another ``MILP_KERNEL_CONFIGS``, a cleared cache) rebuilds, and inside a
+    :func:`use_config` block nothing is memoised.
+
+    Example:
+        >>> launch_plan(("demo", 7), torch.device("cpu"), lambda: 7 * 6)
+        42
+    """
+    if getattr(_override, "table", None):
+        return build()
+    tables = _tables(device)
+    full = (key, device)
+    hit = _memo_get(_PLAN_MEMO, full, tables)
+    if hit is None:
+        hit = build()
+        _memo_put(_PLAN_MEMO, full, tables, hit)
+    return hit
+
+
+def _memo_get(memo: dict, key: tuple, tables: list[dict]):
+    # an entry holds the tables it was computed from; a reloaded table (another file,
+    # _load_table.cache_clear()) is another object, so the entry is recomputed
+    hit = memo.get(key)
+    if hit is not None and len(hit[0]) == len(tables) and all(map(operator.is_, hit[0], tables)):
+        return hit[1]
+    return None
+
+
+def _memo_put(memo: dict, key: tuple, tables: list[dict], value) -> None:
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[key] = (tables, value)
+
+
+# (op, tokens, n, k, max_rank, dtype, block_ms) -> (tables it came from, config), and the
+# launchers' plans by their keys: the lookups run for every launch, and a decode step
+# launches a few hundred kernels
 _CONFIG_MEMO: dict[tuple, tuple[list[dict], LaunchConfig]] = {}
-_CONFIG_MEMO_SIZE = 4096
+_PLAN_MEMO: dict[tuple, tuple[list[dict], object]] = {}
+_MEMO_SIZE = 4096
 
 
 def _fit_block_m(cfg: LaunchConfig, block_ms: tuple[int, ...] | list[int] | None) -> LaunchConfig:

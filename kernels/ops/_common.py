@@ -1,6 +1,8 @@
 """Pieces shared by the Triton kernels and their launchers."""
 from __future__ import annotations
 
+import types
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +22,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dot_flags(dtype: torch.dtype) -> dict[str, object]:
+def dot_flags(dtype: torch.dtype) -> types.MappingProxyType:
     """Constexpr flags of :func:`mma` for operands of ``dtype``.
 
     ``UPCAST``: the Triton interpreter multiplies bf16 operands as their raw uint16 bits
@@ -28,12 +30,29 @@ def dot_flags(dtype: torch.dtype) -> dict[str, object]:
     fp32 first (exact: a bf16×bf16 product fits fp32, and the accumulator is fp32 anyway).
     ``IEEE``: full-precision fp32/fp64 products unless torch allows TF32 for matmuls.
     """
-    ieee = dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
-    return {
-        "UPCAST": bool(dtype == torch.bfloat16 and interpreting()),
-        "IEEE": bool(ieee),
-        "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
-    }
+    key = flags_key(dtype)
+    flags = _DOT_FLAGS.get(key)
+    if flags is None:  # memoised: every launch asks, and a decode step launches hundreds
+        ieee = dtype == torch.float64 or (dtype == torch.float32 and not key[1])
+        flags = _DOT_FLAGS[key] = types.MappingProxyType({
+            "UPCAST": bool(dtype == torch.bfloat16 and key[2]),
+            "IEEE": bool(ieee),
+            "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
+        })
+    return flags
+
+
+_DOT_FLAGS: dict[tuple, types.MappingProxyType] = {}
+
+
+def flags_key(dtype: torch.dtype) -> tuple:
+    """What :func:`dot_flags` of ``dtype`` depends on (part of every launcher's memo key)."""
+    return (dtype, _allow_tf32(), interpreting())
+
+
+# torch.backends.cuda.matmul.allow_tf32 goes through a module __getattr__ to this getter (0.7 µs
+# against 0.05 on a CPU host); the property where a torch lacks it
+_allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None) or (lambda: torch.backends.cuda.matmul.allow_tf32)
 
 
 @triton.jit

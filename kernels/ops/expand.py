@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 
 from .._backend import nvtx_range
-from ..plan import tile_block
-from ..tuning import get_config
-from ._common import acc_dtype, active_segments, cdiv, dot_flags, load_tile_info, mma
+from ..plan import tile_span
+from ..tuning import get_config, launch_plan
+from ._common import acc_dtype, active_segments, cdiv, dot_flags, flags_key, load_tile_info, mma
 
 __all__ = ["lora_expand_", "lora_expand_torch_"]
 
@@ -93,19 +93,30 @@ def lora_expand_(
         return y
     if max_rank == 0:
         return y if accumulate else y.zero_()
-    cfg = get_config("expand", num_tokens=T, n=N, k=max_rank, max_rank=max_rank, dtype=y.dtype,
-                     device=y.device, block_ms=block_ms)
-    tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, cfg.block_m)
-    grid = (tiles_bm.shape[0], cdiv(N, cfg.block_n))
+    dev = y.device
+    split = t.shape[0] if t.dim() == 3 else 1
+    dims = (T, N, max_rank, tuple(block_ms), sorted_tokens.numel(), segments.shape[0], tiles.shape[0], split,
+            bool(accumulate))
+    off, rows, grid, kw = launch_plan(("expand", dims, flags_key(y.dtype)), dev,
+                                      lambda: _expand_plan(*dims, y.dtype, dev))
     with nvtx_range("milp.kernel.lora_expand"):
         _expand_kernel[grid](
-            t, lora_b, slots, sorted_tokens, tiles_bm, y, N,
-            t.stride(-2), lora_b.stride(0), y.stride(0), t.stride(0) if t.dim() == 3 else 0,
-            SPLIT=t.shape[0] if t.dim() == 3 else 1, ACCUMULATE=bool(accumulate),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
-            **dot_flags(y.dtype), **cfg.kwargs(),
+            t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N,
+            t.stride(-2), lora_b.stride(0), y.stride(0), t.stride(0) if t.dim() == 3 else 0, **kw,
         )
     return y
+
+
+def _expand_plan(T, N, max_rank, block_ms, max_tokens, max_segments, tile_rows, split, accumulate, dtype, device):
+    """The expand's host decisions for one problem (memoised by :func:`kernels.tuning.launch_plan`):
+    ``(first tile row, tiles, grid, constexprs and launch options)``."""
+    cfg = get_config("expand", num_tokens=T, n=N, k=max_rank, max_rank=max_rank, dtype=dtype, device=device,
+                     block_ms=block_ms)
+    off, rows = tile_span(max_tokens, max_segments, block_ms, cfg.block_m, tile_rows)
+    grid = (rows, cdiv(N, cfg.block_n))
+    kw = dict(SPLIT=split, ACCUMULATE=accumulate, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+              **dot_flags(dtype), **cfg.kwargs())
+    return off, rows, grid, kw
 
 
 def lora_expand_torch_(

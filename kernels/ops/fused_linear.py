@@ -22,13 +22,14 @@ import triton
 import triton.language as tl
 
 from .._backend import nvtx_range
-from ..plan import tile_block
-from ..tuning import FUSED_MAX_BLOCK_R, get_config
+from ..plan import tile_span
+from ..tuning import FUSED_MAX_BLOCK_R, get_config, launch_plan
 from ._common import (
     acc_dtype,
     active_segments,
     cdiv,
     dot_flags,
+    flags_key,
     load_tile_info,
     mma,
     next_pow2,
@@ -201,34 +202,43 @@ def fused_lora_linear(
     if T == 0:
         return y, (torch.zeros(0, max_rank, dtype=acc, device=x.device) if store_t else empty)
 
-    # a rank too large for registers runs as fused_t whatever the caller asked (FUSED_MAX_BLOCK_R)
-    load_t = (bool(precompute_t) or next_pow2(max_rank) > FUSED_MAX_BLOCK_R) and max_rank > 0
+    dims = (T, N, K, max_rank, tuple(block_ms), sorted_tokens.numel(), segments.shape[0], tiles.shape[0],
+            bias is not None, bool(store_t), bool(precompute_t))
+    off, rows, grid, load_t, kw = launch_plan(("fused_linear", dims, flags_key(x.dtype)), x.device,
+                                              lambda: _fused_plan(*dims, x.dtype, x.device))
     t = empty
     if load_t:
         t = lora_shrink(x, lora_a, scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
     elif store_t:
         t = torch.zeros(T, max_rank, dtype=acc, device=x.device)
-
-    cfg = get_config("fused_linear", num_tokens=T, n=N, k=K, max_rank=max_rank, dtype=x.dtype,
-                     device=x.device, block_ms=block_ms)
-    bm = cfg.block_m
-    tiles_bm = tile_block(tiles, sorted_tokens, segments, block_ms, bm)
-    n_tiles = tiles_bm.shape[0]
-    block_r = cfg.block_r if load_t else next_pow2(max_rank)
-    grid = (n_tiles * cdiv(N, cfg.block_n),)
     with nvtx_range("milp.kernel.fused_lora_linear"):
         _fused_lora_linear_kernel[grid](
-            x, weight, bias if bias is not None else y, lora_a, lora_b, scale, slots, sorted_tokens, tiles_bm,
-            t if t.numel() else y, y,
-            n_tiles, K, N,
+            x, weight, bias if bias is not None else y, lora_a, lora_b, scale, slots, sorted_tokens,
+            tiles[off : off + rows], t if t.numel() else y, y,
+            rows, K, N,
             x.stride(0), x.stride(1), stride_wn, stride_wk, lora_a.stride(0), lora_b.stride(0),
-            t.stride(0) if t.dim() == 2 else 0, y.stride(0),
-            HAS_BIAS=bias is not None, LOAD_T=load_t, STORE_T=bool(store_t and not load_t),
-            EVEN_K=K % cfg.block_k == 0,
-            BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=8,
-            **dot_flags(x.dtype), **cfg.kwargs(),
+            t.stride(0) if t.dim() == 2 else 0, y.stride(0), **kw,
         )
     return y, (t if store_t else empty)
+
+
+def _fused_plan(T, N, K, max_rank, block_ms, max_tokens, max_segments, tile_rows, has_bias, store_t, precompute_t,
+                dtype, device):
+    """The fused launch's host decisions for one problem (memoised by
+    :func:`kernels.tuning.launch_plan`): ``(first tile row, tiles, grid, load_t, constexprs and
+    launch options)``."""
+    # a rank too large for registers runs as fused_t whatever the caller asked (FUSED_MAX_BLOCK_R)
+    load_t = (precompute_t or next_pow2(max_rank) > FUSED_MAX_BLOCK_R) and max_rank > 0
+    cfg = get_config("fused_linear", num_tokens=T, n=N, k=K, max_rank=max_rank, dtype=dtype, device=device,
+                     block_ms=block_ms)
+    bm = cfg.block_m
+    off, rows = tile_span(max_tokens, max_segments, block_ms, bm, tile_rows)
+    block_r = cfg.block_r if load_t else next_pow2(max_rank)
+    grid = (rows * cdiv(N, cfg.block_n),)
+    kw = dict(HAS_BIAS=has_bias, LOAD_T=load_t, STORE_T=store_t and not load_t, EVEN_K=K % cfg.block_k == 0,
+              BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=8,
+              **dot_flags(dtype), **cfg.kwargs())
+    return off, rows, grid, load_t, kw
 
 
 def fused_lora_linear_torch(

@@ -74,6 +74,34 @@ def test_use_config_forces_a_launch_config(device):
             pass
 
 
+def test_launch_plans_follow_the_tables_and_overrides(table_path, device):
+    """The launchers memoise their host decisions (``launch_plan``): a launch must still see a
+    new table (file rewritten and the cache cleared, as ``autotune`` does), a ``use_config``
+    block, and the table again after the block."""
+    from kernels import aot
+
+    case = make_case(40, 24, 20, {0: [8], 1: [3]}, max_users=2, device=device)
+
+    def shrink_blocks():
+        with use_backend("triton"), aot.LaunchRecorder() as rec:
+            lora_linear(case.x, case.w, case.b, case.bank, case.plan, path="split")
+        return {(r["constexprs"]["BLOCK_K"], r["constexprs"]["SPLIT_K"]) for r in rec.records.values()
+                if r["kernel"] == "lora_shrink"}
+
+    def write(block_k, split_k):
+        entry = dict(max_tokens=None, n=None, k=None, block_m=16, block_r=16, block_k=block_k, split_k=split_k)
+        table_path.write_text(json.dumps({"ops": {"shrink": [entry]}}))
+        _load_table.cache_clear()
+
+    write(16, 1)
+    assert shrink_blocks() == {(16, 1)}
+    write(8, 2)
+    assert shrink_blocks() == {(8, 2)}
+    with use_config("shrink", LaunchConfig(block_m=16, block_r=16, block_k=16, split_k=3)):
+        assert shrink_blocks() == {(16, 2)}  # split_k 3 of 24 columns in blocks of 16: 2 blocks
+    assert shrink_blocks() == {(8, 2)}
+
+
 def test_bad_table_is_reported(table_path):
     table_path.write_text(json.dumps({"ops": [1, 2]}))
     with pytest.raises(ValueError, match="'ops' must be an object"):

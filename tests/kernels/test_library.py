@@ -164,6 +164,65 @@ def test_bad_raw_op_input(over, exc, match):
         _raw(case, **over(case))
 
 
+@pytest.mark.parametrize(
+    "over",
+    [
+        lambda c: {"x": c.x[:, :7].contiguous()},
+        lambda c: {"x": c.x.double()},
+        lambda c: {"x": c.x.long()},
+        lambda c: {"x": c.x[0]},
+        lambda c: {"x": c.x.t().contiguous().t()},
+        lambda c: {"x": c.x.numpy()},
+        lambda c: {"weight": c.w.t()},
+        lambda c: {"bias": c.b[:3]},
+        lambda c: {"bias": c.b.double()},
+        lambda c: {"lora_a": c.bank.lora_a[:, :5]},
+        lambda c: {"lora_a": c.bank.lora_a[:3]},
+        lambda c: {"lora_b": c.bank.lora_b.half()},
+        lambda c: {"lora_b": c.bank.lora_b.t().contiguous().t()},
+        lambda c: {"lora_scale": c.bank.scale.double()},
+        lambda c: {"lora_scale": c.bank.scale[:2]},
+        lambda c: {"slots": c.bank.slots.long()},
+        lambda c: {"slots": c.bank.slots.t().contiguous().t()},
+        lambda c: {"sorted_tokens": c.plan.sorted_tokens[:2]},
+        lambda c: {"sorted_tokens": c.plan.sorted_tokens.long()},
+        lambda c: {"segments": c.plan.segments[:, :2].contiguous()},
+        lambda c: {"tiles": c.plan.tiles.t().contiguous().t()},
+        lambda c: {"block_ms": []},
+        lambda c: {"max_rank": -1},
+        lambda c: {"max_rank": True},
+        lambda c: {"max_rank": 4.0},
+    ],
+)
+def test_fast_structure_check_rejects_what_the_detailed_one_names(over):
+    """``check_lora_args`` first runs one quick expression (``_structure_ok``) and names the
+    problem only when it fails; the quick one must fail on every input the detailed checks
+    reject, and pass the good arguments."""
+    from kernels import library
+
+    case = make_case(9, 8, 10, {0: [2, 3], 1: [4]}, max_users=3)
+    names = ["x", "weight", "bias", "lora_a", "lora_b", "lora_scale", "slots", "sorted_tokens", "tiles", "segments",
+             "block_ms", "max_rank"]
+    good = dict(zip(names, _op_args(case, save_t=False)))
+
+    def fast(a):
+        return library._structure_ok(a["x"], a["lora_a"], a["lora_scale"], a["slots"], a["sorted_tokens"],
+                                     a["tiles"], a["segments"], a["block_ms"], a["max_rank"], a["weight"], a["bias"],
+                                     a["lora_b"], None)
+
+    def detailed(a):
+        library._check_structure(a["x"], a["lora_a"], a["lora_scale"], a["slots"], a["sorted_tokens"], a["tiles"],
+                                 a["segments"], a["block_ms"], a["max_rank"], a["weight"], a["bias"], a["lora_b"],
+                                 None)
+
+    assert fast(good)
+    detailed(good)
+    bad = dict(good, **over(case))
+    with pytest.raises((TypeError, ValueError)):
+        detailed(bad)
+    assert not fast(bad)
+
+
 def _slots_with(case, user, offset=None, rank=None):
     slots = case.bank.slots.clone()
     if offset is not None:
@@ -228,6 +287,9 @@ def test_env_reads_follow_os_environ(monkeypatch):
     assert env("MILP_TEST_ENV_VAR") == "é1"
     os.environ["MILP_TEST_ENV_VAR"] = "2"
     assert env("MILP_TEST_ENV_VAR") == "2"
+    for value in ("1", "0", "1", "10", "1"):  # the decoded text is reused only for the same raw value
+        os.environ["MILP_TEST_ENV_VAR"] = value
+        assert env("MILP_TEST_ENV_VAR") == value
     monkeypatch.delenv("MILP_TEST_ENV_VAR")
     assert env("MILP_TEST_ENV_VAR") is None
 
