@@ -603,7 +603,8 @@ def run(
 
     ``workload``: the key the ratios group by (the pytest-benchmark group too); ``impl``: this
     implementation's name (``milp`` = ours); ``flops``/``nbytes``: the problem's FLOPs and
-    minimum bytes (README formulas); ``graph``: also time CUDA-graph replays (decode).
+    minimum bytes (README formulas); ``graph``: also time CUDA-graph replays (decode, forward +
+    backward).
     """
     benchmark.group = workload
     extra = benchmark.extra_info

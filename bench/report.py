@@ -189,7 +189,8 @@ def header(machine: dict, paths: list[str], notes: list[str]) -> list[str]:
     lines += [f"> note: {n}" for n in notes] + ([""] if notes else [])
     lines += [
         "Times: median of CUDA-event timings with the L2 cache flushed before each repetition (CPU:",
-        "host-clock minimum). `graph ms`: the same over CUDA-graph replays (decode). `milp/base`: our time",
+        "host-clock minimum). `graph ms`: the same over CUDA-graph replays (decode, forward + backward). "
+        "`milp/base`: our time",
         "over the base linear's (the floor; the targets' ratio). `×loop`, `×padded`, `×peft`: speedup of",
         "ours over that baseline (its time / ours; > 1 = ours faster); `×milp-split` etc.: the same for",
         "our op with its path forced (`MILP_BENCH_PATHS=1`; > 1 = the automatic choice was faster).",
