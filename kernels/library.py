@@ -281,18 +281,21 @@ def _(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, 
 
 
 def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
-                         max_rank, t_fwd, need_dx, need_dlora, path="auto"):
+                         max_rank, t_fwd, need_dx, need_dlora, path="auto", *, checked=False):
     """The body of ``milp::lora_linear_backward`` as a plain function: ``(dx, dA, dB)``; an
     output not asked for is an empty tensor.
 
     ``dx = dy W + (s ⊙ dy Bᵀ) A`` runs through the forward's kernels with the roles of
     ``A`` and ``B`` swapped, keeping ``t_bwd = s ⊙ dy Bᵀ`` for ``dA``; ``dA`` and ``dB``
-    of every user come from one grouped launch.
+    of every user come from one grouped launch. ``checked=True`` skips the argument checks:
+    :class:`EagerLoraLinear` passes the tensors its forward checked, and autograd hands it a
+    ``dy`` of ``y``'s shape, dtype and device.
     """
-    check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
-                    weight=weight, lora_b=lora_b)
-    check_tensor("dy", dy, shape=(x.shape[0], weight.shape[0]), dtypes=(x.dtype,), device=x.device)
-    _check_path(path)
+    if not checked:
+        check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
+                        weight=weight, lora_b=lora_b)
+        check_tensor("dy", dy, shape=(x.shape[0], weight.shape[0]), dtypes=(x.dtype,), device=x.device)
+        _check_path(path)
     dy = dy.contiguous()
     cap = lora_a.shape[0]
     torch_path = backend_for(x) == "torch"
@@ -410,7 +413,12 @@ class EagerLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _grads(ctx, grad_y, lora_linear_backward)[:13]  # no save_t input here
+        return _grads(ctx, grad_y, _checked_backward)[:13]  # no save_t input here
+
+
+def _checked_backward(*args):
+    """:func:`lora_linear_backward` on arguments its forward already checked."""
+    return lora_linear_backward(*args, checked=True)
 
 
 torch.library.register_autograd("milp::lora_linear", _backward_lora_linear, setup_context=_setup_lora_linear)

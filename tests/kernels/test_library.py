@@ -223,6 +223,20 @@ def test_fast_structure_check_rejects_what_the_detailed_one_names(over):
     assert not fast(bad)
 
 
+def test_eager_backward_gets_a_checked_dy():
+    """The eager autograd path (``EagerLoraLinear``) skips the backward's argument checks: its
+    forward checked the tensors, and autograd refuses a ``dy`` unlike ``y`` before our code runs."""
+    case = make_case(9, 8, 10, {0: [2, 3], 1: [4]}, max_users=3)
+    x = case.x.clone().requires_grad_(True)
+    y = lora_linear(x, case.w, case.b, case.bank, case.plan)
+    with pytest.raises(RuntimeError, match="shape"):
+        y.backward(torch.ones(y.shape[0] + 1, y.shape[1]))
+    y.backward(torch.ones(y.shape, dtype=torch.int64), retain_graph=True)  # autograd casts it to y's dtype
+    dx_int, x.grad = x.grad, None
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(dx_int, x.grad)
+
+
 def _slots_with(case, user, offset=None, rank=None):
     slots = case.bank.slots.clone()
     if offset is not None:
