@@ -240,9 +240,13 @@ for s in "${STAGES[@]}"; do
         tests) run_tests ;;
         kernel-tests) T=${MILP_KERNEL_TESTS_S:-$T} run_tests tests/kernels ;;
         precompile) precompile ;;
-        profile) log "bench/profile_step.py: forward + backward at 512 tokens under torch.profiler"
-                 timeout -s INT -k 10 120 "$PY" bench/profile_step.py --out "$OUT" 2>&1 | tail -n 45 | tee -a "$LOG"
-                 [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1 ;;
+        profile) # 512 tokens: the step 13-15x the base on the first run; 4096: 2x, where kernels dominate
+                 for tok in ${MILP_PROFILE_TOKENS:-512 4096}; do
+                     log "bench/profile_step.py: forward + backward at $tok tokens under torch.profiler"
+                     timeout -s INT -k 10 120 "$PY" bench/profile_step.py --tokens "$tok" --out "$OUT" 2>&1 \
+                         | tail -n 45 | tee -a "$LOG"
+                     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+                 done ;;
         probe) log "bench/probe_split.py (limit ${MILP_PROBE_S:-$T}s)"
                timeout -s INT -k 10 "${MILP_PROBE_S:-$T}" "$PY" bench/probe_split.py --out "$OUT/probe_split.json" \
                    --rep-ms "${MILP_PROBE_REP_MS:-20}" 2>&1 | tail -n 40 | tee -a "$LOG"
