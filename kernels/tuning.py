@@ -1,8 +1,10 @@
 """Launch configurations as data, with a heuristic fallback.
 
 Tuned configs live in ``kernels/configs/<gpu>.json`` (``<gpu>`` = the device name
-lower-cased with non-alphanumerics as ``_``, e.g. ``nvidia_h100_80gb_hbm3``) and may be
-overridden by a file named in ``MILP_KERNEL_CONFIGS``. A file looks like::
+lower-cased with non-alphanumerics as ``_``, e.g. ``nvidia_h100_80gb_hbm3``); a GPU without
+its own file reads its architecture's, ``sm_<major><minor>.json``, where there is one
+(:func:`table_path_for`). A file named in ``MILP_KERNEL_CONFIGS`` overrides either. A file
+looks like::
 
     {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
      "ops": {"fused_linear": [
@@ -40,6 +42,7 @@ __all__ = [
     "launch_plan",
     "heuristic_config",
     "config_path_for",
+    "table_path_for",
     "choose_path",
     "use_config",
     "PATHS",
@@ -198,7 +201,24 @@ def _tables(device: torch.device) -> list[dict]:
 
 @functools.cache
 def _device_config_path(index: int) -> str:
-    return str(config_path_for(_device_name(index)))
+    return str(table_path_for(_device_name(index), torch.cuda.get_device_capability(index)))
+
+
+def table_path_for(device_name: str, capability: tuple[int, int] | None = None) -> Path:
+    """The config file a GPU reads: its own (:func:`config_path_for`, what the autotuner writes)
+    when there is one, else its architecture's (``sm_<major><minor>.json``, e.g. the H200's
+    measured dispatch for every sm_90 GPU), else its own name (a file that does not exist: the
+    heuristics).
+
+    Example:
+        >>> table_path_for("NVIDIA H100 80GB HBM3", (9, 0)).name
+        'sm_90.json'
+    """
+    own = config_path_for(device_name)
+    if own.exists() or capability is None:
+        return own
+    arch = CONFIG_DIR / f"sm_{capability[0]}{capability[1]}.json"
+    return arch if arch.exists() else own
 
 
 _FIELDS = {f.name for f in dataclasses.fields(LaunchConfig)}

@@ -181,3 +181,27 @@ def test_interrupted_tuning_keeps_the_buckets_it_finished(monkeypatch, device):
                               ops=("shrink", "fused_linear"))
     assert len(table["ops"]["shrink"]) == 1 and table["ops"]["fused_linear"] == []
     assert table["_interrupted"] == "1 of 4 buckets tuned" and table["dispatch"] == {}
+
+
+def test_a_gpu_without_its_own_file_reads_its_architecture_s(tmp_path, monkeypatch):
+    """``table_path_for``: the GPU's own file first (what the autotuner writes), else the
+    ``sm_<cc>.json`` of its architecture, else none (the heuristics)."""
+    from kernels import tuning
+
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    name = "NVIDIA H100 80GB HBM3"
+    assert tuning.table_path_for(name, (9, 0)) == tmp_path / "nvidia_h100_80gb_hbm3.json"  # neither exists
+    (tmp_path / "sm_90.json").write_text("{}")
+    assert tuning.table_path_for(name, (9, 0)) == tmp_path / "sm_90.json"
+    assert tuning.table_path_for(name, (8, 0)).name == "nvidia_h100_80gb_hbm3.json"  # not that architecture
+    assert tuning.table_path_for(name).name == "nvidia_h100_80gb_hbm3.json"  # capability unknown
+    (tmp_path / "nvidia_h100_80gb_hbm3.json").write_text("{}")
+    assert tuning.table_path_for(name, (9, 0)) == tmp_path / "nvidia_h100_80gb_hbm3.json"
+
+
+def test_shipped_architecture_file_carries_the_h200_dispatch():
+    """``sm_90.json`` (every Hopper GPU without a file of its own) holds the H200's measured dispatch."""
+    from kernels.tuning import CONFIG_DIR
+
+    h200 = json.loads((CONFIG_DIR / "nvidia_h200.json").read_text())
+    assert _load_table(str(CONFIG_DIR / "sm_90.json"))["__dispatch__"] == h200["dispatch"]
