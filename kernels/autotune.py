@@ -37,7 +37,7 @@ from triton.runtime.errors import OutOfResources
 from .bank import AdapterBank
 from .plan import BatchPlan
 from .reference import expand_ref, lora_linear_ref, shrink_ref
-from .tuning import OPS, LaunchConfig, _load_table, config_path_for, use_config
+from .tuning import OPS, LaunchConfig, _device_table_paths, _load_table, config_path_for, use_config
 
 __all__ = ["Problem", "tune", "candidates", "precompile", "write_table", "main"]
 
@@ -361,6 +361,7 @@ def write_table(table: dict, path: Path) -> Path:
         f.write("\n")
     os.replace(tmp, path)
     _load_table.cache_clear()
+    _device_table_paths.cache_clear()  # a GPU's own file may be new: it now comes before its architecture's
     return path
 
 

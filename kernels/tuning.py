@@ -1,10 +1,10 @@
 """Launch configurations as data, with a heuristic fallback.
 
 Tuned configs live in ``kernels/configs/<gpu>.json`` (``<gpu>`` = the device name
-lower-cased with non-alphanumerics as ``_``, e.g. ``nvidia_h100_80gb_hbm3``); a GPU without
-its own file reads its architecture's, ``sm_<major><minor>.json``, where there is one
-(:func:`table_path_for`). A file named in ``MILP_KERNEL_CONFIGS`` overrides either. A file
-looks like::
+lower-cased with non-alphanumerics as ``_``, e.g. ``nvidia_h100_80gb_hbm3``), over its
+architecture's, ``sm_<major><minor>.json`` (:func:`table_paths_for`: what the GPU's own file
+does not set, e.g. the dispatch thresholds, comes from there). A file named in
+``MILP_KERNEL_CONFIGS`` overrides both. A file looks like::
 
     {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
      "ops": {"fused_linear": [
@@ -42,7 +42,7 @@ __all__ = [
     "launch_plan",
     "heuristic_config",
     "config_path_for",
-    "table_path_for",
+    "table_paths_for",
     "choose_path",
     "use_config",
     "PATHS",
@@ -195,30 +195,30 @@ def _tables(device: torch.device) -> list[dict]:
         tables.append(_load_table(override))
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
-        tables.append(_load_table(_device_config_path(idx)))
+        tables.extend(_load_table(path) for path in _device_table_paths(idx))
     return tables
 
 
 @functools.cache
-def _device_config_path(index: int) -> str:
-    return str(table_path_for(_device_name(index), torch.cuda.get_device_capability(index)))
+def _device_table_paths(index: int) -> tuple[str, ...]:
+    # cached (no file-system calls per launch); write_table clears it when it adds a file
+    return tuple(str(p) for p in table_paths_for(_device_name(index), torch.cuda.get_device_capability(index)))
 
 
-def table_path_for(device_name: str, capability: tuple[int, int] | None = None) -> Path:
-    """The config file a GPU reads: its own (:func:`config_path_for`, what the autotuner writes)
-    when there is one, else its architecture's (``sm_<major><minor>.json``, e.g. the H200's
-    measured dispatch for every sm_90 GPU), else its own name (a file that does not exist: the
-    heuristics).
+def table_paths_for(device_name: str, capability: tuple[int, int] | None = None) -> list[Path]:
+    """The config files a GPU reads, the first one's entries and dispatch knobs winning: its own
+    (:func:`config_path_for`, what the autotuner writes) and its architecture's
+    (``sm_<major><minor>.json``: the H200's measured dispatch for every sm_90 GPU), those that
+    exist. None: the heuristics and this module's thresholds.
 
     Example:
-        >>> table_path_for("NVIDIA H100 80GB HBM3", (9, 0)).name
-        'sm_90.json'
+        >>> [p.name for p in table_paths_for("NVIDIA H100 80GB HBM3", (9, 0))]
+        ['sm_90.json']
     """
-    own = config_path_for(device_name)
-    if own.exists() or capability is None:
-        return own
-    arch = CONFIG_DIR / f"sm_{capability[0]}{capability[1]}.json"
-    return arch if arch.exists() else own
+    paths = [config_path_for(device_name)]
+    if capability is not None:
+        paths.append(CONFIG_DIR / f"sm_{capability[0]}{capability[1]}.json")
+    return [p for p in paths if p.exists()]
 
 
 _FIELDS = {f.name for f in dataclasses.fields(LaunchConfig)}

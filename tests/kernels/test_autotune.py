@@ -183,20 +183,26 @@ def test_interrupted_tuning_keeps_the_buckets_it_finished(monkeypatch, device):
     assert table["_interrupted"] == "1 of 4 buckets tuned" and table["dispatch"] == {}
 
 
-def test_a_gpu_without_its_own_file_reads_its_architecture_s(tmp_path, monkeypatch):
-    """``table_path_for``: the GPU's own file first (what the autotuner writes), else the
-    ``sm_<cc>.json`` of its architecture, else none (the heuristics)."""
+def test_a_gpu_reads_its_own_file_over_its_architecture_s(tmp_path, monkeypatch):
+    """``table_paths_for``: the GPU's own file (what the autotuner writes) first, then the
+    ``sm_<cc>.json`` of its architecture, those that exist; none = the heuristics."""
     from kernels import tuning
 
     monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
-    name = "NVIDIA H100 80GB HBM3"
-    assert tuning.table_path_for(name, (9, 0)) == tmp_path / "nvidia_h100_80gb_hbm3.json"  # neither exists
-    (tmp_path / "sm_90.json").write_text("{}")
-    assert tuning.table_path_for(name, (9, 0)) == tmp_path / "sm_90.json"
-    assert tuning.table_path_for(name, (8, 0)).name == "nvidia_h100_80gb_hbm3.json"  # not that architecture
-    assert tuning.table_path_for(name).name == "nvidia_h100_80gb_hbm3.json"  # capability unknown
-    (tmp_path / "nvidia_h100_80gb_hbm3.json").write_text("{}")
-    assert tuning.table_path_for(name, (9, 0)) == tmp_path / "nvidia_h100_80gb_hbm3.json"
+    name, own, arch = "NVIDIA H100 80GB HBM3", tmp_path / "nvidia_h100_80gb_hbm3.json", tmp_path / "sm_90.json"
+    assert tuning.table_paths_for(name, (9, 0)) == []
+    arch.write_text("{}")
+    assert tuning.table_paths_for(name, (9, 0)) == [arch]
+    assert tuning.table_paths_for(name, (8, 0)) == []  # another architecture
+    assert tuning.table_paths_for(name) == []  # capability unknown
+    own.write_text("{}")
+    assert tuning.table_paths_for(name, (9, 0)) == [own, arch]
+    # the knobs layer: the own file's launch configs (a tuning run writes no dispatch) keep the
+    # architecture's dispatch; a knob the own file sets wins
+    tables = [{"__dispatch__": {"fused_max_rank": 8}}, {"__dispatch__": {"decode_max_tokens": 16384}}]
+    monkeypatch.setattr(tuning, "_tables", lambda device: tables)
+    knobs = tuning._dispatch_knobs(torch.device("cuda", 0))
+    assert knobs["decode_max_tokens"] == 16384 and knobs["fused_max_rank"] == 8
 
 
 def test_shipped_architecture_file_carries_the_h200_dispatch():
