@@ -220,6 +220,7 @@ _KERNELS = {
     "fused_lora_linear": ("fused_linear", "_fused_lora_linear_kernel"),
     "lora_shrink": ("shrink", "_shrink_kernel"),
     "lora_expand": ("expand", "_expand_kernel"),
+    "lora_expand_gemv": ("expand", "_expand_gemv_kernel"),
     "lora_grad_weights": ("grad_weights", "_grad_weights_kernel"),
 }
 _OPTIONS = ("num_warps", "num_stages")

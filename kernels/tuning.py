@@ -79,6 +79,10 @@ SPLIT_EXPAND_FIRST_MAX_TOKENS = 0
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
+    """One launch configuration. ``split_n`` (the expand only): 0 runs the tensor-core kernel
+    over ``block_n``-column blocks; ``n > 0`` runs its decode (GEMV) form, ``n`` programs per
+    tile, each streaming ``1/n`` of the columns in ``block_n`` blocks for one row at a time."""
+
     block_m: int = 64
     block_n: int = 64
     block_k: int = 32
@@ -86,6 +90,7 @@ class LaunchConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    split_n: int = 0
 
     def kwargs(self) -> dict[str, int]:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}

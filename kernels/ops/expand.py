@@ -11,6 +11,15 @@ zero-filled ``t`` nor atomics.
 With ``accumulate=False`` the kernel writes ``y[i] = t[i, :R_u] B_u`` instead, and zeros for
 tokens without an adapter: every row of ``y`` is written once and none is read (the split
 path's expand-first order, where cuBLAS then adds ``x Wᵀ`` in its epilogue).
+
+A launch config with ``split_n > 0`` runs the decode form instead (``_expand_gemv_kernel``,
+Punica's BGMV shape): grid (tile, ``split_n``), one row at a time, each program streaming
+``1/split_n`` of the user's ``B`` columns and taking one dot per column on the CUDA cores. A
+decode tile holds one token, so the tensor-core kernel spends 15 of its 16 rows on padding and
+each of its programs reads a single ``[BLOCK_R, BLOCK_N]`` block of ``B`` after a chain of
+dependent loads (on an H200 that kernel read ``B`` at 16-28% of the bandwidth). The autotuner
+tries both forms for decode buckets; the heuristic keeps the tensor-core kernel until a GPU run
+has measured them.
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ import triton.language as tl
 from .._backend import nvtx_range
 from ..plan import tile_span
 from ..tuning import get_config, launch_plan
-from ._common import acc_dtype, active_segments, cdiv, dot_flags, flags_key, load_tile_info, mma
+from ._common import acc_dtype, active_segments, cdiv, dot_flags, flags_key, load_tile_info, mma, next_pow2
 
 __all__ = ["lora_expand_", "lora_expand_torch_"]
 
@@ -72,6 +81,53 @@ def _expand_kernel(
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _expand_gemv_kernel(
+    t_ptr,        # [T, R_T] acc   scaled low-rank activations, or [SPLIT, T, R_T] partial sums
+    b_ptr,        # [cap, N]       adapter rows
+    slots_ptr,    # [U, 2] int32   (row offset, rank); rank 0 = none
+    sorted_ptr,   # [T_cap] int32  token indices grouped by user
+    tiles_ptr,    # [n_tiles, 3]   (start, end, user)
+    y_ptr,        # [T, N]         updated in place
+    N, N_CHUNK,   # columns; columns per program (a multiple of BLOCK_N)
+    stride_t, stride_b, stride_yt, stride_ts,
+    SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+):
+    """The decode form (``LaunchConfig.split_n > 0``): program ``(tile, s)`` takes the tile's
+    rows one at a time and streams columns ``[s·N_CHUNK, (s+1)·N_CHUNK)`` of the user's ``B``
+    in ``[BLOCK_R ≥ rank, BLOCK_N]`` blocks, multiplying on the CUDA cores (a dot per column,
+    reduced over the rank): no 16-row tensor-core tile for one token, ``t``'s row loaded once
+    per row, and a long run of ``B`` per program instead of one block (Punica's BGMV shape)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m)
+    if start >= end:
+        return
+    if ACCUMULATE and rank == 0:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    b_rows = b_ptr + (offset + offs_r).to(tl.int64) * stride_b
+    n_lo = pid_s * N_CHUNK
+    n_hi = tl.minimum(n_lo + N_CHUNK, N)
+    for row in range(start, end):
+        tok = tl.load(sorted_ptr + row).to(tl.int64)
+        t_row = t_ptr + tok * stride_t + offs_r
+        tt = tl.load(t_row, mask=r_mask, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            tt += tl.load(t_row + s * stride_ts, mask=r_mask, other=0.0)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < n_hi
+            bt = tl.load(b_rows[:, None] + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.sum(tt[:, None] * bt.to(ACC), axis=0)
+            out = y_ptr + tok * stride_yt + offs_n
+            if ACCUMULATE:
+                acc += tl.load(out, mask=n_mask, other=0.0).to(ACC)
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
 def lora_expand_(
     y: torch.Tensor,
     t: torch.Tensor,
@@ -97,26 +153,37 @@ def lora_expand_(
     split = t.shape[0] if t.dim() == 3 else 1
     dims = (T, N, max_rank, tuple(block_ms), sorted_tokens.numel(), segments.shape[0], tiles.shape[0], split,
             bool(accumulate))
-    off, rows, grid, kw = launch_plan(("expand", dims, flags_key(y.dtype)), dev,
-                                      lambda: _expand_plan(*dims, y.dtype, dev))
+    off, rows, grid, chunk, kw = launch_plan(("expand", dims, flags_key(y.dtype)), dev,
+                                             lambda: _expand_plan(*dims, y.dtype, dev))
+    strides = (t.stride(-2), lora_b.stride(0), y.stride(0), t.stride(0) if t.dim() == 3 else 0)
     with nvtx_range("milp.kernel.lora_expand"):
-        _expand_kernel[grid](
-            t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N,
-            t.stride(-2), lora_b.stride(0), y.stride(0), t.stride(0) if t.dim() == 3 else 0, **kw,
-        )
+        if chunk:  # the decode (GEMV) form
+            _expand_gemv_kernel[grid](t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N, chunk,
+                                      *strides, **kw)
+        else:
+            _expand_kernel[grid](t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N, *strides, **kw)
     return y
 
 
 def _expand_plan(T, N, max_rank, block_ms, max_tokens, max_segments, tile_rows, split, accumulate, dtype, device):
     """The expand's host decisions for one problem (memoised by :func:`kernels.tuning.launch_plan`):
-    ``(first tile row, tiles, grid, constexprs and launch options)``."""
+    ``(first tile row, tiles, grid, columns per program of the GEMV form or 0, constexprs and
+    launch options)``."""
     cfg = get_config("expand", num_tokens=T, n=N, k=max_rank, max_rank=max_rank, dtype=dtype, device=device,
                      block_ms=block_ms)
     off, rows = tile_span(max_tokens, max_segments, block_ms, cfg.block_m, tile_rows)
+    if cfg.split_n > 0:
+        # the whole rank in one block; columns per block so that a block stays <= 8192 elements
+        block_r = next_pow2(max_rank)
+        block_n = max(16, min(cfg.block_n, 8192 // block_r))
+        chunk = cdiv(cdiv(N, min(cfg.split_n, cdiv(N, block_n))), block_n) * block_n
+        kw = dict(SPLIT=split, ACCUMULATE=accumulate, BLOCK_N=block_n, BLOCK_R=block_r, ACC=dot_flags(dtype)["ACC"],
+                  **cfg.kwargs())
+        return off, rows, (rows, cdiv(N, chunk)), chunk, kw
     grid = (rows, cdiv(N, cfg.block_n))
     kw = dict(SPLIT=split, ACCUMULATE=accumulate, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
               **dot_flags(dtype), **cfg.kwargs())
-    return off, rows, grid, kw
+    return off, rows, grid, 0, kw
 
 
 def lora_expand_torch_(

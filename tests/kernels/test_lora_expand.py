@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from kernels import lora_expand_
+from kernels import LaunchConfig, aot, lora_expand_, use_backend
 from kernels.reference import expand_ref
+from kernels.tuning import use_config
 
 from .cases import DTYPES, TOL, make_case, mixed_ranks, rel_err
 
@@ -82,3 +83,50 @@ def test_expand_overwrite(backend, device, dtype, T, ids):
     ids_cpu = case.ids.cpu()
     ranks = torch.where(ids_cpu >= 0, bank.slots.cpu()[ids_cpu.clamp(min=0).long(), 1], 0)
     assert (y[(ranks == 0).to(y.device)] == 0).all()
+
+
+GEMV = LaunchConfig(block_m=16, block_n=32, split_n=3)  # odd split: the last program's columns run short
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 7, 65])
+def test_expand_gemv_form(device, dtype, T):
+    """The decode (GEMV) form (``LaunchConfig.split_n > 0``): CUDA-core dots per column, one
+    row at a time, against float64, with odd sizes and ranks 1-40 mixed."""
+    case = make_case(T, 8, 70, {0: [8, 3], 2: [16], 3: [1, 2, 5], 5: [40]}, max_users=7, dtype=dtype, seed=T,
+                     device=device)
+    with use_backend("triton"), use_config("expand", GEMV), aot.LaunchRecorder() as rec:
+        _check(case, dtype, device)
+    assert {r["kernel"] for r in rec.records.values()} == {"lora_expand_gemv"}
+
+
+@pytest.mark.parametrize("users", [1, 64])
+def test_expand_gemv_form_ranks_up_to_256(device, users):
+    ranks = mixed_ranks(users, seed=5) if users > 1 else {0: [256]}
+    case = make_case(150, 8, 45, ranks, max_users=users, seed=users, device=device)
+    with use_backend("triton"), use_config("expand", GEMV):
+        _check(case, torch.float32, device)
+
+
+@pytest.mark.parametrize("ids", [None, "all-base"])
+def test_expand_gemv_form_overwrite_with_partials(device, ids):
+    """Expand-first (``accumulate=False``) on the shrink's split-K partial sums, the decode path's
+    inputs: every row written, zeros where there is no adapter."""
+    from kernels.ops.expand import lora_expand_ as launch
+    from kernels.ops.shrink import lora_shrink
+
+    T = 33
+    case = make_case(T, 24, 70, {0: [8, 3], 2: [16], 3: [40]}, max_users=5, dtype=torch.bfloat16, seed=T,
+                     device=device, ids=torch.full((T,), -1) if ids else None)
+    bank, plan = case.bank, case.plan
+    with use_backend("triton"), use_config("shrink", LaunchConfig(block_m=16, block_r=16, block_k=8, split_k=3)):
+        t = lora_shrink(case.x, bank.lora_a, bank.scale, bank.slots, plan.sorted_tokens, plan.tiles, plan.segments,
+                        list(plan.block_ms), bank.max_rank, partials=True)
+    assert t.dim() == 3 and t.shape[0] == 3
+    y = torch.full((T, bank.out_features), float("nan"), dtype=torch.bfloat16, device=device)
+    with use_backend("triton"), use_config("expand", GEMV):
+        launch(y, t, bank.lora_b, bank.slots, plan.sorted_tokens, plan.tiles, plan.segments, list(plan.block_ms),
+               accumulate=False)
+    ref = expand_ref(torch.zeros_like(y), t.sum(0), bank.lora_b, bank.slots, case.ids)
+    assert not y.isnan().any()
+    assert rel_err(y, ref) < TOL[torch.bfloat16] if ref.abs().max() > 0 else torch.equal(y, ref)
