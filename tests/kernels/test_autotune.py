@@ -93,13 +93,13 @@ def test_launch_plans_follow_the_tables_and_overrides(table_path, device):
         table_path.write_text(json.dumps({"ops": {"shrink": [entry]}}))
         _load_table.cache_clear()
 
-    write(16, 1)
+    write(16, 1)  # (blocks of at least 16: a GPU's tl.dot needs them)
     assert shrink_blocks() == {(16, 1)}
-    write(8, 2)
-    assert shrink_blocks() == {(8, 2)}
+    write(32, 1)
+    assert shrink_blocks() == {(32, 1)}
     with use_config("shrink", LaunchConfig(block_m=16, block_r=16, block_k=16, split_k=3)):
         assert shrink_blocks() == {(16, 2)}  # split_k 3 of 24 columns in blocks of 16: 2 blocks
-    assert shrink_blocks() == {(8, 2)}
+    assert shrink_blocks() == {(32, 1)}
 
 
 def test_bad_table_is_reported(table_path):

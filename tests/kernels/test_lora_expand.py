@@ -116,10 +116,10 @@ def test_expand_gemv_form_overwrite_with_partials(device, ids):
     from kernels.ops.shrink import lora_shrink
 
     T = 33
-    case = make_case(T, 24, 70, {0: [8, 3], 2: [16], 3: [40]}, max_users=5, dtype=torch.bfloat16, seed=T,
+    case = make_case(T, 48, 70, {0: [8, 3], 2: [16], 3: [40]}, max_users=5, dtype=torch.bfloat16, seed=T,
                      device=device, ids=torch.full((T,), -1) if ids else None)
     bank, plan = case.bank, case.plan
-    with use_backend("triton"), use_config("shrink", LaunchConfig(block_m=16, block_r=16, block_k=8, split_k=3)):
+    with use_backend("triton"), use_config("shrink", LaunchConfig(block_m=16, block_r=16, block_k=16, split_k=3)):
         t = lora_shrink(case.x, bank.lora_a, bank.scale, bank.slots, plan.sorted_tokens, plan.tiles, plan.segments,
                         list(plan.block_ms), bank.max_rank, partials=True)
     assert t.dim() == 3 and t.shape[0] == 3
