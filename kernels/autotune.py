@@ -101,7 +101,10 @@ def candidates(op: str, problem: Problem, tiny: bool = False) -> list[LaunchConf
     elif op == "shrink":
         # prefill splits K too: with K = 11008 and few tiles the unsplit shrink is latency-bound
         # (H200, bench/probe_split.py: 0.15 ms at 4096 tokens where reading x takes 0.02 ms)
-        for bm, br, bk, sk in itertools.product((16, 32) if decode else (32, 64, 128), (16, 32, 64), (32, 64, 128),
+        # prefill also tries a rank block of 128 (one block for ranks up to 96–128): the
+        # 32-row blocks of the heuristic make three programs read the same x tile at rank 96
+        for bm, br, bk, sk in itertools.product((16, 32) if decode else (32, 64, 128),
+                                               (16, 32, 64) if decode else (16, 32, 64, 128), (32, 64, 128),
                                                (1, 2, 4, 8, 16) if decode else (1, 2, 4)):
             grid.append(LaunchConfig(block_m=bm, block_r=br, block_k=bk, split_k=sk, num_warps=4, num_stages=3))
     elif op == "expand":
