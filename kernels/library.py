@@ -74,7 +74,7 @@ def check_lora_args(
         _check_structure(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, weight,
                          bias, lora_b, n)
     if values and _values_checked(x):
-        _check_values(x, lora_a, lora_scale, slots, segments, max_rank)
+        _check_values(lora_a, lora_scale, slots, segments, max_rank)
 
 
 def _structure_ok(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, weight, bias,
@@ -159,7 +159,7 @@ def _check_structure(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segment
         raise ValueError(f"max_rank must be an int >= 0, got {max_rank!r}")
 
 
-def _check_values(x, lora_a, lora_scale, slots, segments, max_rank) -> None:
+def _check_values(lora_a, lora_scale, slots, segments, max_rank) -> None:
     """The checks of :func:`check_lora_args` that read tensor contents."""
     cap = lora_a.shape[0]
     if lora_scale is not None and not torch.isfinite(lora_scale).all():
