@@ -210,3 +210,46 @@ def test_decode_path_split_k_partials_and_atomics(backend, device, dtype):
         assert rel_err(y.detach(), ref) < TOL[dtype]
         y.float().square().sum().backward()
         assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_path_with_the_gemv_expand_from_a_table(device, dtype, tmp_path, monkeypatch):
+    """A config table that picks the expand's GEMV form (``split_n``), as a tuned GPU file may:
+    the split path's forward (on the shrink's split-K partial sums) and its gradients through
+    ``lora_linear``, against float64."""
+    import json
+
+    from kernels import aot, use_backend
+    from kernels.reference import lora_linear_grads_ref
+    from kernels.tuning import _load_table
+
+    table = tmp_path / "gpu.json"
+    table.write_text(json.dumps({"ops": {
+        "shrink": [{"max_tokens": None, "n": None, "k": None, "block_m": 16, "block_r": 16, "block_k": 16,
+                    "split_k": 2}],
+        "expand": [{"max_tokens": None, "n": None, "k": None, "block_m": 16, "block_n": 32, "split_n": 3}]}}))
+    monkeypatch.setenv("MILP_KERNEL_CONFIGS", str(table))
+    _load_table.cache_clear()
+    case = make_case(24, 45, 70, {0: [8, 3], 2: [16], 3: [40]}, max_users=5, dtype=dtype, seed=4, device=device)
+    a, b = case.bank.lora_a, case.bank.lora_b
+    try:
+        with use_backend("triton"), aot.LaunchRecorder() as rec:
+            with torch.no_grad():  # inference: the expand adds the shrink's split-K partial sums
+                _check_forward(case, dtype, "split")
+            x = case.x.clone().requires_grad_(True)
+            a.requires_grad_(True)
+            b.requires_grad_(True)
+            dy = torch.randn(case.x.shape[0], case.w.shape[0], generator=torch.Generator().manual_seed(1))
+            lora_linear(x, case.w, case.b, case.bank, case.plan, path="split").backward(dy.to(x))
+        kinds = {r["kernel"] for r in rec.records.values()}
+        assert "lora_expand_gemv" in kinds and "lora_expand" not in kinds, kinds
+        splits = {r["constexprs"]["SPLIT"] for r in rec.records.values() if r["kernel"] == "lora_expand_gemv"}
+        assert splits == {1, 2}  # the forward's partial sums and the backward's whole t
+        rdx, rda, rdb = lora_linear_grads_ref(case.x, case.w, a.detach(), b.detach(), case.bank.scale,
+                                              case.bank.slots, case.ids, dy.to(x))
+        for got, want in ((x.grad, rdx), (a.grad, rda), (b.grad, rdb)):
+            assert rel_err(got, want) < TOL[dtype]
+    finally:
+        a.requires_grad_(False)
+        b.requires_grad_(False)
+        _load_table.cache_clear()
