@@ -117,8 +117,8 @@ def candidates(op: str, problem: Problem, tiny: bool = False) -> list[LaunchConf
         if decode:  # and the decode (GEMV) form: CUDA-core dots, programs streaming 1/split_n of B
             for sn, bn, w in itertools.product((8, 16, 32, 64), (64, 256), (2, 4)):
                 grid.append(LaunchConfig(block_m=16, block_n=bn, split_n=sn, num_warps=w, num_stages=3))
-    else:
-        for br, bc, bt, w in itertools.product((16, 32, 64), (64, 128), (32, 64), (4, 8)):
+    else:  # grad_weights; a 128-row rank block reads x and dy once per column block at rank 96
+        for br, bc, bt, w in itertools.product((16, 32, 64, 128), (64, 128), (32, 64), (4, 8)):
             grid.append(LaunchConfig(block_r=br, block_n=bc, block_k=bt, num_warps=w, num_stages=3))
     return grid
 
