@@ -251,7 +251,9 @@ def tune(
     order = {"shrink": 0, "expand": 1, "grad_weights": 2, "fused_linear": 3}
     work = sorted(((op, p) for op in ops for p in problems(tiny, quick) if worth_tuning(op, p, quick)),
                   key=lambda w: order.get(w[0], len(order)))
-    precompiled = precompile(work, dtype, device, tiny=tiny, jobs=jobs, progress=progress) if jobs > 1 else None
+    # the interpreter (CPU) compiles nothing: --jobs only matters on a GPU
+    precompiled = (precompile(work, dtype, device, tiny=tiny, jobs=jobs, progress=progress)
+                   if jobs > 1 and device.type == "cuda" else None)
     done = 0
     try:
         for op, problem in tqdm(work, desc="autotune", disable=not progress):
@@ -379,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: plumbing check on CPU")
     parser.add_argument("--out", default=None, help="JSON to write (default: kernels/configs/<gpu>.json)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="compile every candidate first, in this many processes (e.g. the CPU count)")
+                        help="on a GPU, compile every candidate first, in this many processes (e.g. the CPU count)")
     args = parser.parse_args(argv)
     ops = tuple(o for o in args.ops.split(",") if o)
     bad = [o for o in ops if o not in OPS]

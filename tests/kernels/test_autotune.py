@@ -134,6 +134,16 @@ def test_autotune_cli_rejects_bad_jobs():
         autotune.main(["--tiny", "--jobs", "0"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (interpreter) case")
+def test_autotune_jobs_on_cpu_skip_the_precompile(tmp_path):
+    """``--jobs`` precompiles for a GPU; under the interpreter there is nothing to compile, and
+    ``--tiny --jobs 2`` used to stop with 'compile_recorded needs TRITON_INTERPRET unset'."""
+    out = tmp_path / "tiny.json"
+    assert autotune.main(["--tiny", "--jobs", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert all(data["ops"][op] for op in ("shrink", "expand")) and "_precompiled" not in data
+
+
 def test_write_table_merges_dispatch_knobs(tmp_path):
     """A tuning run sets fused_max_rank only: the thresholds bench/dispatch.py wrote stay."""
     path = tmp_path / "gpu.json"
