@@ -146,7 +146,7 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
     from .ops.expand import lora_expand_
     from .ops.fused_linear import fused_lora_linear
     from .ops.grad_weights import lora_grad_weights
-    from .ops.shrink import lora_shrink
+    from .ops.shrink import _shrink_plan, lora_shrink
 
     bank, plan, ids, x, w = _build(problem, dtype, device)
     st, tiles, segs, bms = plan.as_args()
@@ -183,9 +183,17 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
     if op == "expand":
         y0 = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
         ref = functools.cache(lambda: expand_ref(y0, t, b, slots, ids, compute_dtype=c))
+        t_in = t
+        if decode_like(problem):
+            # the expand adds the shrink's split-K partial sums, as the op's split path hands them
+            # over: as many slices as the shrink's present config makes (t in the first, zeros
+            # after), so the timed expand reads what it reads there
+            split = _shrink_plan(problem.num_tokens, problem.k, R, tuple(bms), st.numel(), segs.shape[0],
+                                 tiles.shape[0], True, dtype, device)[2]
+            t_in = torch.cat([t[None], t.new_zeros(split - 1, *t.shape)])
 
         def run():
-            return lora_expand_(y0.clone(), t, b, slots, st, tiles, segs, bms)
+            return lora_expand_(y0.clone(), t_in, b, slots, st, tiles, segs, bms)
 
         return run, lambda: rel(run(), ref())
     dy = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
