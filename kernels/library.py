@@ -79,8 +79,8 @@ def check_lora_args(
 
 def _structure_ok(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, weight, bias,
                   lora_b, n) -> bool:
-    """Whether every structural check of :func:`_check_structure` passes, without its messages:
-    the common case, about a third of its host time. ``False`` sends the call to
+    """Whether every structural check of :func:`_check_structure` passes, without building its
+    messages (the common case; about 8 µs here against 10). ``False`` sends the call to
     :func:`_check_structure`, which names what is wrong (and may still accept the arguments)."""
     tensors = (x, lora_a, slots, sorted_tokens, tiles, segments)
     if not all(isinstance(t, Tensor) for t in tensors):
