@@ -93,6 +93,18 @@ class AdapterBank(torch.nn.Module):
         self._max_rank = 0  # kept up to date by add/remove: read on every forward (and by torch.compile)
         self.version = 0
 
+    def _apply(self, fn, recurse=True):
+        """``module.to(...)``, ``.half()``, ``.cuda()``…: ``lora_a``/``lora_b`` follow (the model's
+        dtype and device), ``scale`` only moves. It stays float32, as the kernels read it:
+        ``model.to(torch.bfloat16)`` would otherwise round it (a rank-3 module's 16/3) and every
+        forward would refuse it."""
+        scale = self._buffers["scale"]
+        out = super()._apply(fn, recurse)
+        moved = self._buffers["scale"]
+        if moved.dtype != scale.dtype:
+            self._buffers["scale"] = scale.to(device=moved.device)
+        return out
+
     # ------------------------------------------------------------------ info
     @property
     def capacity(self) -> int:

@@ -115,3 +115,18 @@ def test_bad_weights_and_constructor_args():
         bank.set_adapter_weights(0, torch.zeros(4, 4), torch.zeros(4, 5))
     with pytest.raises(ValueError, match="NaN"):
         bank.set_adapter_weights(0, torch.full((4, 3), math.nan), torch.zeros(4, 5))
+
+
+def test_module_casts_keep_scale_float32():
+    """``model.to(torch.bfloat16)`` (or ``.half()``, ``.double()``) casts the adapters with the
+    model, but the per-row scales stay float32, the kernels' contract: they used to be cast too,
+    rounding a rank-3 module's 16/3 and making every later forward raise."""
+    bank = AdapterBank(6, 5, max_users=2)
+    bank.add(0, [3, 2], alpha=16.0, init="random")
+    scale = bank.scale.clone()
+    for cast, dtype in ((lambda b: b.to(torch.bfloat16), torch.bfloat16), (lambda b: b.half(), torch.float16),
+                        (lambda b: b.double(), torch.float64), (lambda b: b.float(), torch.float32)):
+        cast(bank)
+        assert bank.lora_a.dtype == bank.lora_b.dtype == dtype
+        assert bank.scale.dtype == torch.float32 and torch.equal(bank.scale, scale)
+        assert bank.slots.dtype == torch.int32

@@ -123,6 +123,23 @@ def test_mixed_users_match_per_user_reference(arch):
         torch.testing.assert_close(out[b], want, rtol=1e-5, atol=1e-5, msg=f"row {b} (slot {slot})")
 
 
+def test_model_cast_after_injection_keeps_working():
+    """The usual order: inject, add users, then ``model.to(torch.bfloat16)``. The adapters follow
+    the model's dtype, their scales stay float32, and the forward runs (it used to refuse the
+    bf16 scales) and matches the float32 model to bf16 precision."""
+    model = tiny_model("llama")
+    state = apply_milp(model, max_users=2)
+    state.add_adapters(0, {0: [3], 1: [8]}, lora_alpha=16.0, init="random", generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 90, (2, 6))
+    with batch_users(model, [0, -1]):
+        ref = model(ids).logits
+        model.to(torch.bfloat16)
+        out = model(ids).logits
+    assert out.dtype == torch.bfloat16
+    assert all(m.bank.scale.dtype == torch.float32 for m in state.modules())
+    assert float((out.float() - ref).norm() / ref.norm()) < 2e-2
+
+
 def test_per_token_users_and_plan_reuse():
     model = tiny_model("llama")
     state = apply_milp(model, max_users=3)
