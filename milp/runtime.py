@@ -551,7 +551,9 @@ class MilpRuntime:
     def train_step(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
                    labels: torch.Tensor | None = None) -> dict[Hashable, float]:
         """One forward/backward/AdamW step over a mixed-user batch; updates the users with at
-        least one target token and returns their mean token losses (before the update).
+        least one target token and returns their mean token losses (before the update). A user
+        whose configuration has no adapter (every layer off, or 0 modules) gets its loss and no
+        update, also when no user of the batch has one (the base model's loss; no backward).
         The model's train/eval mode is left as it is (dropout, gradient checkpointing).
 
         Example:
@@ -570,6 +572,8 @@ class MilpRuntime:
                 per_user = self._per_user(slots, mean, counts)
             if not per_user:
                 raise ValueError("the batch has no target tokens of any loaded user (all labels -100 or rows None)")
+            if not total.requires_grad:  # only users without adapters (and nothing else trainable)
+                return {u: float(v.detach()) for u, v in per_user.items()}
             with nvtx_range("milp.runtime.backward"):
                 total.backward()  # inside the block: recomputed activations see the same users
         with nvtx_range("milp.runtime.optimizer"):

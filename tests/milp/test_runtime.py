@@ -478,3 +478,22 @@ def test_nvtx_ranges_name_the_runtime_phases(monkeypatch):
     with torch.profiler.profile() as prof:
         rt.train_step(ids, ["a", "b"])
     assert not {e.name for e in prof.events() if e.name.startswith("milp.")}
+
+
+def test_train_step_with_users_without_adapters():
+    """A configuration with every layer off is a legal point of the search space (0 trainable
+    parameters). Its user gets the base model's loss and no update, alone or mixed with others;
+    a batch of only such users used to fail inside autograd ("does not require grad")."""
+    model = tiny_model("llama")
+    rt = MilpRuntime(model, max_users=2)
+    rt.add_user("none", MemoryConfig((False, False), (0, 0), (8, 8)), total_steps=4)
+    rt.add_user("a", MemoryConfig.uniform(2, rank=4), init="random", seed=0, total_steps=4)
+    ids = torch.randint(3, 90, (2, 6))
+    with torch.no_grad():
+        base_loss = model(input_ids=ids, labels=ids).loss  # no users set: the base model
+    alone = rt.train_step(ids, ["none", "none"])
+    assert set(alone) == {"none"} and alone["none"] == pytest.approx(float(base_loss), rel=1e-5)
+    before = rt.adapter_state("a")
+    mixed = rt.train_step(ids, ["none", "a"])
+    assert set(mixed) == {"none", "a"}
+    assert any(not torch.equal(before[k], v) for k, v in rt.adapter_state("a").items())  # "a" was trained
