@@ -194,33 +194,24 @@ def test_bad_raw_op_input(over, exc, match):
         lambda c: {"max_rank": 4.0},
     ],
 )
-def test_fast_structure_check_rejects_what_the_detailed_one_names(over):
-    """``check_lora_args`` first runs one quick expression (``_structure_ok``) and names the
-    problem only when it fails; the quick one must fail on every input the detailed checks
-    reject, and pass the good arguments."""
-    from kernels import library
+def test_structure_checks_reject_each_bad_argument(over):
+    """``check_lora_args``'s structural checks (no value reads) refuse each of these with a
+    ``TypeError``/``ValueError`` and accept the good arguments."""
+    from kernels.library import check_lora_args
 
     case = make_case(9, 8, 10, {0: [2, 3], 1: [4]}, max_users=3)
     names = ["x", "weight", "bias", "lora_a", "lora_b", "lora_scale", "slots", "sorted_tokens", "tiles", "segments",
              "block_ms", "max_rank"]
     good = dict(zip(names, _op_args(case, save_t=False)))
 
-    def fast(a):
-        return library._structure_ok(a["x"], a["lora_a"], a["lora_scale"], a["slots"], a["sorted_tokens"],
-                                     a["tiles"], a["segments"], a["block_ms"], a["max_rank"], a["weight"], a["bias"],
-                                     a["lora_b"], None)
+    def check(a):
+        check_lora_args(a["x"], a["lora_a"], a["lora_scale"], a["slots"], a["sorted_tokens"], a["tiles"],
+                        a["segments"], a["block_ms"], a["max_rank"], weight=a["weight"], bias=a["bias"],
+                        lora_b=a["lora_b"], values=False)
 
-    def detailed(a):
-        library._check_structure(a["x"], a["lora_a"], a["lora_scale"], a["slots"], a["sorted_tokens"], a["tiles"],
-                                 a["segments"], a["block_ms"], a["max_rank"], a["weight"], a["bias"], a["lora_b"],
-                                 None)
-
-    assert fast(good)
-    detailed(good)
-    bad = dict(good, **over(case))
+    check(good)
     with pytest.raises((TypeError, ValueError)):
-        detailed(bad)
-    assert not fast(bad)
+        check(dict(good, **over(case)))
 
 
 def test_eager_backward_gets_a_checked_dy():
