@@ -135,8 +135,8 @@ def choose_path(
 
 
 def _dispatch_knobs(device: torch.device | None) -> types.MappingProxyType:
-    """The dispatch thresholds: this module's defaults, overridden by the GPU's own config
-    file, overridden by the ``MILP_KERNEL_CONFIGS`` table (the same precedence as the launch
+    """The dispatch thresholds: this module's defaults, overridden by the GPU's config files
+    (its architecture's, then its own), overridden by the ``MILP_KERNEL_CONFIGS`` table (the same precedence as the launch
     configs of :func:`get_config`), each through its ``"dispatch"`` object."""
     tables = _tables(device) if device is not None else []
     # the module's defaults are in the key: assigning one (kernels.tuning.DECODE_MAX_TOKENS = …) takes effect
