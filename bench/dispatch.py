@@ -10,7 +10,10 @@ Reads the forward entries of a ``pytest bench`` JSON made with ``MILP_BENCH_PATH
 
 * ``decode_max_tokens`` — the largest token count ``T`` such that ``split`` is within
   ``--tolerance`` of the fastest path in every measured workload with at most ``T`` tokens
-  (the split path: cuBLAS base + shrink + expand; ``choose_path`` takes it up to this ``T``);
+  (the split path: cuBLAS base + shrink + expand; ``choose_path`` takes it up to this ``T``).
+  When that holds at the largest measured ``T`` too, there is no upper bound
+  (:data:`UNBOUNDED`): past the largest size the base is more of the same compute-bound GEMM,
+  so cuBLAS's lead over our fused kernels' GEMM, which made the split path win, stays;
 * ``fused_max_rank`` — the largest bank rank at which ``fused`` (one launch, ``t`` in
   registers) is within tolerance of ``fused_t`` in every measured workload above
   ``decode_max_tokens``; 0 when it never is.
@@ -30,6 +33,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from kernels.tuning import PATHS, config_path_for
+
+#: ``decode_max_tokens`` when the split path wins at every measured size (an int32's maximum)
+UNBOUNDED = 2**31 - 1
 
 
 def path_times(paths: list[str]) -> tuple[str | None, dict[str, dict]]:
@@ -75,6 +81,8 @@ def propose(rows: dict[str, dict], tolerance: float = 0.02) -> tuple[dict, dict]
             decode_max = T
         else:
             break
+    if decode_max == max(r["T"] for r in complete.values()):
+        decode_max = UNBOUNDED  # split fastest up to the largest size measured: no bound above
     dispatch["decode_max_tokens"] = decode_max
     above = [r for r in complete.values() if r["T"] > decode_max]
     if above:
@@ -125,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         best = min(PATHS, key=lambda p: r[p])
         print(f"  {w}: " + ", ".join(f"{p} {r[p]:.4g} ms" for p in PATHS) + f"  -> {best}")
     print("dispatch:", json.dumps(dispatch))
+    if dispatch.get("decode_max_tokens") == UNBOUNDED:
+        print("  (split within tolerance of the fastest at every measured size, the largest included: "
+              "decode_max_tokens has no upper bound)")
     if args.write:
         print(f"wrote {write(device, dispatch, evidence, args.out)}")
     return 0

@@ -56,7 +56,9 @@ def test_dispatch_thresholds_follow_the_measured_winners(tmp_path):
 
 def test_dispatch_tolerance_and_split_everywhere(tmp_path):
     rows = dispatch.path_times([str(_run(tmp_path, {(32, 96): (0.101, 0.2, 0.1), (4096, 96): (1.0, 2.0, 1.5)}))])[1]
-    assert dispatch.propose(rows, tolerance=0.02) == ({"decode_max_tokens": 4096}, dispatch.propose(rows)[1])
+    # split within 2% of the fastest at every size, the largest (4096) included: no upper bound
+    assert dispatch.propose(rows, tolerance=0.02) == ({"decode_max_tokens": dispatch.UNBOUNDED},
+                                                      dispatch.propose(rows)[1])
     assert dispatch.propose(rows, tolerance=0.0)[0] == {"decode_max_tokens": 0, "fused_max_rank": 0}
 
 
