@@ -8,9 +8,11 @@ This script times, on the benchmark's own problems (``bench/_util.Problem``, bf1
 of the split path alone: the base GEMM (``F.linear``), the same GEMM adding into ``y``
 (``y.addmm_``, cuBLAS ``beta = 1``), the shrink, the expand adding into ``y``, the expand
 overwriting ``y`` (``accumulate=False``). It also times the whole op in both orders
-(expand-first off and on, whatever the GPU's config file says); for decode, over CUDA-graph replays too. For training it
-times forward + backward through the op, with the backward's grouped ``dA``/``dB`` kernel alone
-beside it. The two orders are checked against each other before they are timed.
+(expand-first off and on, whatever the GPU's config file says) and GEMM-first with the shrink
+on a side stream beside the GEMM (``kernels.tuning.split_overlap``); for decode, over CUDA-graph
+replays too. For training it times forward + backward through the op, serial and overlapped,
+with the backward's grouped ``dA``/``dB`` kernel alone beside it. The orders are checked
+against each other before they are timed.
 Every figure is a CUDA-event median with the L2 flushed before each repetition.
 Prediction (before the first run): expand-first saves one read and one write of ``y``
 (0.17 ms at 16384 × 11008 bf16 on 4.2 TB/s) minus a ``beta = 1`` epilogue that a compute-bound
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import library, tuning  # noqa: E402
+from kernels import tuning  # noqa: E402
 from kernels.ops.expand import lora_expand_  # noqa: E402
 from kernels.ops.grad_weights import lora_grad_weights  # noqa: E402
 from kernels.ops.shrink import lora_shrink  # noqa: E402
@@ -47,11 +49,16 @@ def _time(fn, rep_ms: float) -> float:
     return round(U.cuda_median_ms(fn, rep_ms=rep_ms)[0], 5)
 
 
-def _split(p: U.Problem, expand_first: int):
-    def fn():
-        library.split_expand_first = lambda num_tokens, device=None: bool(expand_first)
-        return kernels.lora_linear(p.x, p.w, None, p.bank, p.plan, path="split")
-    return fn
+#: the split path's schedules: dispatch knobs forced by ``kernels.tuning.use_dispatch``
+ORDERS = {
+    "split_gemm_first": dict(split_expand_first_max_tokens=0, split_overlap_min_tokens=0),
+    "split_expand_first": dict(split_expand_first_max_tokens=1 << 30, split_overlap_min_tokens=0),
+    "split_overlap": dict(split_expand_first_max_tokens=0, split_overlap_min_tokens=1),
+}
+
+
+def _split(p: U.Problem):
+    return lambda: kernels.lora_linear(p.x, p.w, None, p.bank, p.plan, path="split")
 
 
 def probe_forward(wl: U.Workload, rep_ms: float, decode: bool) -> dict:
@@ -61,12 +68,15 @@ def probe_forward(wl: U.Workload, rep_ms: float, decode: bool) -> dict:
     y = torch.randn(wl.tokens, wl.n, device=p.x.device, dtype=p.x.dtype)
     t = lora_shrink(p.x, b.lora_a, b.scale, b.slots, plan.sorted_tokens, plan.tiles, plan.segments,
                     list(plan.block_ms), b.max_rank, partials=decode)
+    outs = {}
     with torch.no_grad():
-        y0, y1 = _split(p, 0)(), _split(p, 1)()
-    err = U.rel_err(y1, y0)
+        for name, knobs in ORDERS.items():
+            with tuning.use_dispatch(**knobs):
+                outs[name] = _split(p)()
+    err = max(U.rel_err(y_, outs["split_gemm_first"]) for y_ in outs.values())
     row = {"workload": wl.id, "T": wl.tokens, "k": wl.k, "n": wl.n, "orders_rel_err": err}
     if not err <= 1e-2:
-        row["error"] = f"expand-first differs from gemm-first by {err:.2e}"
+        row["error"] = f"the split path's orders differ by {err:.2e}"
         return row
     pieces = {
         "base_linear": lambda: F.linear(p.x, p.w),
@@ -75,16 +85,14 @@ def probe_forward(wl: U.Workload, rep_ms: float, decode: bool) -> dict:
                                       plan.segments, list(plan.block_ms), b.max_rank, partials=decode),
         "expand_add": lambda: lora_expand_(y, t, b.lora_b, *args),
         "expand_write": lambda: lora_expand_(y, t, b.lora_b, *args, accumulate=False),
-        "split_gemm_first": _split(p, 0),
-        "split_expand_first": _split(p, 1),
+        **dict.fromkeys(ORDERS, _split(p)),
     }
     with torch.no_grad():
         for name, fn in pieces.items():
-            row[name] = _time(fn, rep_ms)
-        if decode:
-            for name in ("base_linear", "split_gemm_first", "split_expand_first"):
-                row[name + "_graph"] = round(U.cuda_graph_median_ms(pieces[name], rep_ms=rep_ms), 5)
-    library.split_expand_first = tuning.split_expand_first
+            with tuning.use_dispatch(**ORDERS.get(name, {})):
+                row[name] = _time(fn, rep_ms)
+                if decode and (name == "base_linear" or name in ORDERS):
+                    row[name + "_graph"] = round(U.cuda_graph_median_ms(fn, rep_ms=rep_ms), 5)
     row["bytes_y_gb"] = wl.tokens * wl.n * p.elem / 1e9
     return row
 
@@ -116,6 +124,9 @@ def probe_fwdbwd(wl: U.Workload, rep_ms: float) -> dict:
             wl.tokens, b.max_rank, num_segments=plan.num_segments, device=p.x.device)}
         row["base_fwdbwd"] = _time(base, rep_ms)
         row["milp_fwdbwd"] = _time(ours, rep_ms)
+        for name in ("split_gemm_first", "split_overlap"):
+            with tuning.use_dispatch(**ORDERS[name]):
+                row[f"milp_fwdbwd_{name}"] = _time(ours, rep_ms)
         with torch.no_grad():
             row["grad_weights"] = _time(lambda: lora_grad_weights(
                 p.x, dy, t_bwd, t_fwd, b.slots, plan.sorted_tokens, plan.segments, b.capacity, b.max_rank), rep_ms)
@@ -149,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
         os.replace(tmp, args.out)
-    cols = ("base_linear", "base_addmm_beta1", "shrink", "expand_add", "expand_write", "split_gemm_first",
-            "split_expand_first")
+    cols = ("base_linear", "base_addmm_beta1", "shrink", "expand_add", "expand_write", *ORDERS)
     print("workload".ljust(34) + "".join(c[:12].rjust(13) for c in cols))
     for r in rows:
         if "base_linear" in r:

@@ -34,6 +34,7 @@ from .tuning import (
     LaunchConfig,
     choose_path,
     get_config,
+    use_dispatch,
 )
 
 __version__ = "0.1.0"  # keep outside [0.18.2, 0.19): transformers probes a package named `kernels`
@@ -57,6 +58,7 @@ __all__ = [
     "lora_shrink",
     "nvtx_range",
     "use_backend",
+    "use_dispatch",
 ]
 
 

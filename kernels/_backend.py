@@ -34,6 +34,7 @@ __all__ = [
     "nvtx_enabled",
     "nvtx_range",
     "set_interpreter_overflow_checks",
+    "SideStream",
 ]
 
 _VALID = ("auto", "triton", "torch")
@@ -205,3 +206,65 @@ def _nvtx_range(name: str) -> Iterator[None]:
         finally:
             if cuda:
                 torch.cuda.nvtx.range_pop()
+
+
+@functools.cache
+def _side_stream(index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=index)
+
+
+class SideStream:
+    """Work issued inside ``with side:`` runs on a side stream of ``device`` (one per GPU,
+    shared), after everything the current stream has queued so far; the current stream waits
+    for it at :meth:`wait` (up to a :meth:`mark` made inside) or at :meth:`join` (all of it).
+    Tensors made on the side stream and used after the join are named to :meth:`join`, which
+    records the current stream on them for the caching allocator.
+
+    A fork and join in one call: it works eagerly and under CUDA-graph capture (the side
+    stream joins the capture and is joined back). On a CPU (the interpreter, where CI runs the
+    kernels) everything stays in program order and the stream calls do nothing.
+    """
+
+    __slots__ = ("main", "side", "_ctx")
+
+    def __init__(self, device: torch.device):
+        self.main = self.side = self._ctx = None
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.main = torch.cuda.current_stream(index)
+            self.side = _side_stream(index)
+            self.side.wait_stream(self.main)
+
+    def __enter__(self) -> SideStream:
+        if self.side is not None:
+            self._ctx = torch.cuda.stream(self.side)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+            self._ctx = None
+
+    def mark(self) -> torch.cuda.Event | None:
+        """An event after the side stream's work issued so far (``None`` on a CPU)."""
+        if self.side is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
+
+    def wait(self, mark: torch.cuda.Event | None) -> None:
+        """The current stream waits for the side stream's work up to ``mark``."""
+        if mark is not None:
+            self.main.wait_event(mark)
+
+    def join(self, *made_there: torch.Tensor | None) -> None:
+        """The current stream waits for all the side stream's work; ``made_there``: tensors
+        allocated on the side stream that live on."""
+        if self.side is None:
+            return
+        self.main.wait_stream(self.side)
+        for t in made_there:
+            if t is not None and t.numel():
+                t.record_stream(self.main)

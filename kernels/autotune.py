@@ -6,8 +6,10 @@ kept), then timed (median of ``triton.testing.do_bench``); the fastest becomes t
 entry. Decode-sized shrink buckets are timed with the expand that consumes their split-K
 partial sums, as the op's decode path runs them. It also times the ``fused`` against the
 ``fused_t`` path at a small rank and writes the ``dispatch.fused_max_rank`` threshold
-accordingly. The file is written atomically and
-merged with entries of other dtypes already in it.
+accordingly. Once the tuned configs are written it times the split path with its shrink beside
+the base GEMM on a side stream against the two one after the other, with those configs, and
+writes ``dispatch.split_overlap_min_tokens`` (:func:`tune_split_overlap`). The file is written
+atomically and merged with entries of other dtypes already in it.
 
 Usage (on a GPU)::
 
@@ -34,12 +36,13 @@ from pathlib import Path
 import torch
 from triton.runtime.errors import OutOfResources
 
+from ._backend import use_backend
 from .bank import AdapterBank
 from .plan import BatchPlan
 from .reference import expand_ref, lora_linear_ref, shrink_ref
-from .tuning import OPS, LaunchConfig, _device_table_paths, _load_table, config_path_for, use_config
+from .tuning import OPS, LaunchConfig, _device_table_paths, _load_table, config_path_for, use_config, use_dispatch
 
-__all__ = ["Problem", "tune", "candidates", "precompile", "write_table", "main"]
+__all__ = ["Problem", "tune", "candidates", "precompile", "tune_split_overlap", "write_table", "main"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -353,6 +356,43 @@ def _tune_dispatch(dtype: torch.dtype, device: torch.device, tiny: bool) -> dict
     return {"fused_max_rank": 16 if fused < fused_t else 0, "_measured": measured}
 
 
+def tune_split_overlap(dtype: torch.dtype, device: torch.device, tiny: bool = False) -> dict:
+    """``split_overlap_min_tokens`` (:func:`kernels.tuning.split_overlap`), measured: the split
+    path's forward (GEMM first) with the shrink on a side stream beside the base GEMM against
+    the two one after the other, at decode (32 users), 512, 4096 and 16384 tokens, the 7B up
+    and down projections summed. The knob is the smallest of those token counts from which the
+    overlap is at least 2% faster at every larger one; 0 (never) if it is not at the largest.
+    Run with the launch configs in force (:func:`main` runs it after writing the tuned ones).
+
+    Example:
+        >>> tune_split_overlap(torch.bfloat16, torch.device("cuda"))  # doctest: +SKIP
+        {'split_overlap_min_tokens': 4096, '_measured_overlap': [...]}
+    """
+    from .library import lora_linear_forward
+
+    shapes = [(48, 40)] if tiny else [(4096, 11008), (11008, 4096)]
+    sizes = [(8, 8), (96, 4)] if tiny else [(32, 32), (512, 32), (4096, 32), (16384, 32)]
+    measured = []
+    with use_backend("triton"):  # a CPU (--tiny) runs the kernels in the interpreter
+        for tokens, users in sizes:
+            row = {"tokens": tokens, "serial_ms": 0.0, "overlap_ms": 0.0}
+            for k, n in shapes:
+                bank, plan, _, x, w = _build(Problem(tokens, k, n, 16 if tiny else 96, users), dtype, device)
+                run = functools.partial(lora_linear_forward, x, w, None, bank.lora_a.detach(), bank.lora_b.detach(),
+                                        bank.scale, bank.slots, *plan.as_args(), bank.max_rank, False, "split")
+                for name, first in (("serial_ms", 0), ("overlap_ms", 1)):
+                    with use_dispatch(split_expand_first_max_tokens=0, split_overlap_min_tokens=first):
+                        row[name] += _time(run, device)
+                del bank, plan, x, w, run
+            measured.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+    first = 0
+    for row in reversed(measured):  # from the largest size down, while the overlap wins
+        if not row["overlap_ms"] < 0.98 * row["serial_ms"]:
+            break
+        first = row["tokens"]
+    return {"split_overlap_min_tokens": first, "_measured_overlap": measured}
+
+
 def write_table(table: dict, path: Path) -> Path:
     """Merge ``table`` into the JSON at ``path`` (entries of other dtypes and dispatch knobs
     the table does not set are kept), atomically."""
@@ -402,6 +442,25 @@ def main(argv: list[str] | None = None) -> int:
     table = tune(_DTYPES[args.dtype], ops=ops, quick=args.quick, tiny=args.tiny, jobs=args.jobs)
     out = Path(args.out) if args.out else config_path_for(table["device"])
     print(f"wrote {write_table(table, out)}")
+    if "_interrupted" in table or not {"shrink", "expand"} <= set(ops):
+        return 0
+    # the overlap of the split path's shrink with the GEMM, timed with the configs just written
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    previous = os.environ.get("MILP_KERNEL_CONFIGS")
+    os.environ["MILP_KERNEL_CONFIGS"] = str(out)
+    try:
+        dispatch = tune_split_overlap(_DTYPES[args.dtype], device, tiny=args.tiny)
+    except KeyboardInterrupt:
+        print("autotune: interrupted while timing the split path's overlap; not written", flush=True)
+        return 0
+    finally:
+        if previous is None:
+            os.environ.pop("MILP_KERNEL_CONFIGS", None)
+        else:
+            os.environ["MILP_KERNEL_CONFIGS"] = previous
+    write_table({"ops": {}, "dispatch": dispatch}, out)
+    print(f"split path: shrink beside the GEMM from {dispatch['split_overlap_min_tokens'] or 'no'} tokens on "
+          f"({dispatch['_measured_overlap']}); wrote {out}", flush=True)
     return 0
 
 

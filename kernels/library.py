@@ -29,14 +29,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import backend_for, env, nvtx_range
+from ._backend import SideStream, backend_for, env, nvtx_range
 from ._checks import FLOAT_DTYPES, check_tensor
 from .ops._common import acc_dtype
 from .ops.expand import lora_expand_, lora_expand_torch_
 from .ops.fused_linear import fused_lora_linear, fused_lora_linear_torch
 from .ops.grad_weights import lora_grad_weights, lora_grad_weights_torch
 from .ops.shrink import lora_shrink, lora_shrink_torch
-from .tuning import PATHS, choose_path, split_expand_first
+from .tuning import PATHS, choose_path, split_expand_first, split_overlap
 
 __all__ = ["check_lora_args", "direct_call_ok", "lora_linear_forward", "lora_linear_backward", "EagerLoraLinear"]
 
@@ -156,37 +156,67 @@ def _check_path(path: str) -> None:
 
 
 def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
-                          max_rank, path, store_t, weight_layout):
+                          max_rank, path, store_t, weight_layout, then=None):
     """``x W' + b + (s ⊙ x Pᵀ) Q`` and (optionally) ``t = s ⊙ x Pᵀ``, by the chosen path.
 
     Forward: ``W' = Wᵀ``, ``P = A``, ``Q = B``. Input gradient: ``W' = W``
     (``weight_layout="kn"``), ``P = B``, ``Q = A``.
+
+    ``then(t)`` (the backward's grouped ``dA``/``dB``; needs ``store_t``) runs once ``t``
+    exists and returns a tuple of tensors, handed back as a third result: where the split path
+    overlaps its shrink with the base GEMM (:func:`kernels.tuning.split_overlap`) it runs on the
+    side stream too, beside the GEMM and the expand.
     """
+    if then is not None and not store_t:
+        raise ValueError("then needs store_t: it consumes the full t")
     if backend_for(x) == "torch":
-        return fused_lora_linear_torch(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, segments, max_rank,
+        y, t = fused_lora_linear_torch(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, segments, max_rank,
                                        weight_layout=weight_layout, store_t=store_t)
+        return y, t, (then(t) if then is not None else ())
     if path == "auto":
         path = choose_path(x.shape[0], max_rank, device=x.device)
-    if path == "split":
-        # decode: the base GEMV is memory-bound and cuBLAS streams W exactly once; the
-        # adapters add one split-K shrink (reads each A once) and one expand. Without a
-        # t to keep, the shrink leaves its split-K partials for the expand to add up: three
-        # launches (no zero-fill of t), no atomics
-        w = weight if weight_layout == "nk" else weight.t()
-        t = lora_shrink(x, p, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
-                        partials=not store_t)
-        if bias is None and split_expand_first(x.shape[0], x.device):
-            # the expand writes t B into every row of y, cuBLAS adds x Wᵀ in its epilogue
-            y = x.new_empty(x.shape[0], w.shape[0])
-            lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms, accumulate=False)
-            y.addmm_(x, w.t())
-        else:
-            y = torch.nn.functional.linear(x, w, bias)
-            lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms)
-        return y, (t if store_t else t.new_empty(0))
-    return fused_lora_linear(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
-                             max_rank, weight_layout=weight_layout, store_t=store_t,
-                             precompute_t=path == "fused_t")
+    if path != "split":
+        y, t = fused_lora_linear(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
+                                 max_rank, weight_layout=weight_layout, store_t=store_t,
+                                 precompute_t=path == "fused_t")
+        return y, t, (then(t) if then is not None else ())
+    # decode: the base GEMV is memory-bound and cuBLAS streams W exactly once; the adapters add
+    # one split-K shrink (reads each A once) and one expand. Without a t to keep, the shrink
+    # leaves its split-K partials for the expand to add up: three launches (no zero-fill of t),
+    # no atomics
+    w = weight if weight_layout == "nk" else weight.t()
+
+    def shrink():
+        return lora_shrink(x, p, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
+                           partials=not store_t)
+
+    def expand(y, accumulate=True):
+        lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms, accumulate=accumulate)
+
+    if bias is None and split_expand_first(x.shape[0], x.device):
+        # the expand writes t B into every row of y, cuBLAS adds x Wᵀ in its epilogue
+        t = shrink()
+        y = x.new_empty(x.shape[0], w.shape[0])
+        expand(y, accumulate=False)
+        y.addmm_(x, w.t())
+        extra = then(t) if then is not None else ()
+    elif split_overlap(x.shape[0], x.device):
+        # the shrink (and then's work) on a side stream, beside cuBLAS; the expand waits for t
+        side = SideStream(x.device)
+        with side:
+            t = shrink()
+            t_ready = side.mark()
+            extra = then(t) if then is not None else ()
+        y = torch.nn.functional.linear(x, w, bias)
+        side.wait(t_ready)
+        expand(y)
+        side.join(t, *extra)
+    else:
+        t = shrink()
+        y = torch.nn.functional.linear(x, w, bias)
+        expand(y)
+        extra = then(t) if then is not None else ()
+    return y, (t if store_t else t.new_empty(0)), extra
 
 
 def lora_linear_forward(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments,
@@ -201,8 +231,9 @@ def lora_linear_forward(x, weight, bias, lora_a, lora_b, lora_scale, slots, sort
                     weight=weight, bias=bias, lora_b=lora_b)
     _check_path(path)
     with nvtx_range("milp.lora_linear"):
-        return _linear_with_adapters(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles,
-                                     segments, block_ms, max_rank, path, save_t, "nk")
+        y, t, _ = _linear_with_adapters(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles,
+                                        segments, block_ms, max_rank, path, save_t, "nk")
+        return y, t
 
 
 @torch.library.custom_op("milp::lora_linear", mutates_args=())
@@ -258,13 +289,6 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorte
     cap = lora_a.shape[0]
     torch_path = backend_for(x) == "torch"
     with nvtx_range("milp.lora_linear_backward"):
-        dx = x.new_empty(0)
-        t_bwd = None
-        if need_dx:
-            dx, t_bwd = _linear_with_adapters(dy, weight, None, lora_b, lora_a, lora_scale, slots, sorted_tokens,
-                                              tiles, segments, block_ms, max_rank, path, need_dlora, "kn")
-        if not need_dlora:
-            return dx, x.new_empty(0), x.new_empty(0)
         if torch_path:
             def shrink(inp, a):
                 return lora_shrink_torch(inp, a, lora_scale, slots, sorted_tokens, segments, max_rank)
@@ -272,15 +296,22 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorte
             def shrink(inp, a):
                 return lora_shrink(inp, a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
 
-        if t_bwd is None:
-            t_bwd = shrink(dy, lora_b)
-        if t_fwd.numel() == 0 and x.shape[0] and max_rank:
-            t_fwd = shrink(x, lora_a)
-        if torch_path:
-            da, db = lora_grad_weights_torch(x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, cap)
-        else:
-            da, db = lora_grad_weights(x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, cap, max_rank)
-        return dx, da, db
+        def grads(t_bwd):  # (dA, dB) of every user in one grouped launch
+            t_f = t_fwd
+            if t_f.numel() == 0 and x.shape[0] and max_rank:
+                t_f = shrink(x, lora_a)
+            if torch_path:
+                return lora_grad_weights_torch(x, dy, t_bwd, t_f, slots, sorted_tokens, segments, cap)
+            return lora_grad_weights(x, dy, t_bwd, t_f, slots, sorted_tokens, segments, cap, max_rank)
+
+        if need_dx:
+            dx, _, dab = _linear_with_adapters(dy, weight, None, lora_b, lora_a, lora_scale, slots, sorted_tokens,
+                                               tiles, segments, block_ms, max_rank, path, need_dlora, "kn",
+                                               then=grads if need_dlora else None)
+            return (dx, *dab) if need_dlora else (dx, x.new_empty(0), x.new_empty(0))
+        if not need_dlora:
+            return x.new_empty(0), x.new_empty(0), x.new_empty(0)
+        return (x.new_empty(0), *grads(shrink(dy, lora_b)))
 
 
 @torch.library.custom_op("milp::lora_linear_backward", mutates_args=())

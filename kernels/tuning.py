@@ -12,7 +12,10 @@ does not set, e.g. the dispatch thresholds, comes from there). A file named in
          {"max_tokens": null, "n": 11008, "k": 4096, "block_m": 128, "block_n": 128, ...}]}}
 
 An optional ``"dispatch"`` object overrides the thresholds of :func:`choose_path`
-(``decode_max_tokens``, ``split_tokens_per_segment``, ``fused_max_rank``).
+(``decode_max_tokens``, ``split_tokens_per_segment``, ``fused_max_rank``) and of the split
+path's schedule (``split_expand_first_max_tokens``: :func:`split_expand_first`;
+``split_overlap_min_tokens``: :func:`split_overlap`); :func:`use_dispatch` overrides them all
+for a block of code.
 
 The first entry whose ``max_tokens`` (inclusive, ``null`` = any), ``n``, ``k``, ``max_rank``
 and ``dtype`` (``null`` = any) all match wins; otherwise :func:`heuristic_config` decides.
@@ -52,6 +55,10 @@ __all__ = [
     "SPLIT_TOKENS_PER_SEGMENT",
     "SPLIT_EXPAND_FIRST_MAX_TOKENS",
     "split_expand_first",
+    "SPLIT_OVERLAP_MIN_TOKENS",
+    "split_overlap",
+    "use_dispatch",
+    "DISPATCH_KNOBS",
 ]
 
 _T = TypeVar("_T")
@@ -75,6 +82,12 @@ FUSED_MAX_BLOCK_R = 128
 #: batches of at most this many tokens run the split path expand-first (see
 #: :func:`split_expand_first`); 0 = never: cuBLAS GEMM first, then the expand adds into ``y``
 SPLIT_EXPAND_FIRST_MAX_TOKENS = 0
+#: split-path batches of at least this many tokens run the shrink on a side CUDA stream,
+#: concurrently with the base GEMM (see :func:`split_overlap`); 0 = never
+SPLIT_OVERLAP_MIN_TOKENS = 0
+#: the dispatch knobs a config table's ``"dispatch"`` object (or :func:`use_dispatch`) can set
+DISPATCH_KNOBS = ("decode_max_tokens", "split_tokens_per_segment", "fused_max_rank", "split_expand_first_max_tokens",
+                  "split_overlap_min_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,21 +149,49 @@ def choose_path(
 
 def _dispatch_knobs(device: torch.device | None) -> types.MappingProxyType:
     """The dispatch thresholds: this module's defaults, overridden by the GPU's config files
-    (its architecture's, then its own), overridden by the ``MILP_KERNEL_CONFIGS`` table (the same precedence as the launch
-    configs of :func:`get_config`), each through its ``"dispatch"`` object."""
+    (its architecture's, then its own), overridden by the ``MILP_KERNEL_CONFIGS`` table (the
+    same precedence as the launch configs of :func:`get_config`), each through its
+    ``"dispatch"`` object; :func:`use_dispatch` overrides them all."""
+    forced = getattr(_override, "dispatch", None)
     tables = _tables(device) if device is not None else []
     # the module's defaults are in the key: assigning one (kernels.tuning.DECODE_MAX_TOKENS = …) takes effect
     key = ("__dispatch__", device, DECODE_MAX_TOKENS, SPLIT_TOKENS_PER_SEGMENT, FUSED_MAX_RANK,
-           SPLIT_EXPAND_FIRST_MAX_TOKENS)
+           SPLIT_EXPAND_FIRST_MAX_TOKENS, SPLIT_OVERLAP_MIN_TOKENS, forced)
     knobs = _memo_get(_CONFIG_MEMO, key, tables)
     if knobs is None:  # memoised like the configs: the path is chosen for every call
         knobs = {"decode_max_tokens": DECODE_MAX_TOKENS, "split_tokens_per_segment": SPLIT_TOKENS_PER_SEGMENT,
-                 "fused_max_rank": FUSED_MAX_RANK, "split_expand_first_max_tokens": SPLIT_EXPAND_FIRST_MAX_TOKENS}
+                 "fused_max_rank": FUSED_MAX_RANK, "split_expand_first_max_tokens": SPLIT_EXPAND_FIRST_MAX_TOKENS,
+                 "split_overlap_min_tokens": SPLIT_OVERLAP_MIN_TOKENS}
         for table in reversed(tables):
             knobs.update({k: v for k, v in table.get("__dispatch__", {}).items() if k in knobs})
+        knobs.update(forced or ())
         knobs = types.MappingProxyType(knobs)
         _memo_put(_CONFIG_MEMO, key, tables, knobs)
     return knobs
+
+
+@contextlib.contextmanager
+def use_dispatch(**knobs: int) -> Iterator[None]:
+    """Force dispatch knobs (names in :data:`DISPATCH_KNOBS`) inside the block, over the
+    config tables and this module's defaults (experiments, autotuning, tests).
+
+    Example:
+        >>> with use_dispatch(decode_max_tokens=0):
+        ...     choose_path(8, 96)
+        'fused_t'
+    """
+    bad = sorted(set(knobs) - set(DISPATCH_KNOBS))
+    if bad:
+        raise ValueError(f"use_dispatch: unknown knob(s) {bad}; expected names from {DISPATCH_KNOBS}")
+    for name, value in knobs.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"use_dispatch: {name} must be an int >= 0, got {value!r}")
+    previous = getattr(_override, "dispatch", None)
+    _override.dispatch = tuple(sorted({**dict(previous or ()), **knobs}.items()))
+    try:
+        yield
+    finally:
+        _override.dispatch = previous
 
 
 def split_expand_first(num_tokens: int, device: torch.device | None = None) -> bool:
@@ -170,6 +211,30 @@ def split_expand_first(num_tokens: int, device: torch.device | None = None) -> b
         False
     """
     return num_tokens <= _dispatch_knobs(device)["split_expand_first_max_tokens"]
+
+
+def split_overlap(num_tokens: int, device: torch.device | None = None) -> bool:
+    """Whether the split path runs its shrink on a side CUDA stream, concurrently with the base
+    GEMM (GEMM first only; the backward's grouped ``dA``/``dB`` follows the shrink there).
+
+    The shrink needs only ``x`` and the base GEMM only ``x`` and ``W``; serially the shrink's
+    time adds to the GEMM's. On an H200 (``bench/probe_split.py``) the shrink was latency-bound
+    at prefill: 0.15 ms beside a 0.45 ms GEMM at 4096 tokens with ``K = 11008``. Concurrently it
+    can fill SMs the GEMM leaves idle (its tail wave) at the price of a stream fork and join
+    (a few µs of host time, none in a CUDA graph). Whether that wins depends on how cuBLAS's
+    kernel occupies the GPU, so it is measured: ``python -m kernels.autotune`` times both and
+    writes knob ``"split_overlap_min_tokens"`` of a config table's ``"dispatch"`` (overlap from
+    that many tokens on; 0 = never, the default :data:`SPLIT_OVERLAP_MIN_TOKENS`).
+
+    Example:
+        >>> split_overlap(4096)
+        False
+        >>> with use_dispatch(split_overlap_min_tokens=1024):
+        ...     split_overlap(512), split_overlap(4096)
+        (False, True)
+    """
+    first = _dispatch_knobs(device)["split_overlap_min_tokens"]
+    return 0 < first <= num_tokens
 
 
 @functools.cache

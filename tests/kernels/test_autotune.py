@@ -16,6 +16,7 @@ from kernels.tuning import (
     get_config,
     heuristic_config,
     use_config,
+    use_dispatch,
 )
 
 from .cases import make_case
@@ -142,6 +143,39 @@ def test_autotune_jobs_on_cpu_skip_the_precompile(tmp_path):
     assert autotune.main(["--tiny", "--jobs", "2", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert all(data["ops"][op] for op in ("shrink", "expand")) and "_precompiled" not in data
+    # the split path's overlap was timed after the configs were written, and merged in
+    assert data["dispatch"]["split_overlap_min_tokens"] in (0, 8, 96)
+    assert [r["tokens"] for r in data["dispatch"]["_measured_overlap"]] == [8, 96]
+    assert "fused_max_rank" in data["dispatch"]
+
+
+def test_tune_split_overlap_picks_the_first_size_of_a_winning_run(monkeypatch):
+    """The knob is the smallest size from which the overlap wins at every larger one."""
+    times = iter([1.0, 1.0, 2.0, 1.5])  # (serial, overlap) at 8 then 96 tokens: no gain, then a win
+    monkeypatch.setattr(autotune, "_time", lambda fn, device, quick=False: next(times))
+    knob = autotune.tune_split_overlap(torch.float32, torch.device("cpu"), tiny=True)
+    assert knob["split_overlap_min_tokens"] == 96
+    assert [(r["serial_ms"], r["overlap_ms"]) for r in knob["_measured_overlap"]] == [(1.0, 1.0), (2.0, 1.5)]
+    times = iter([1.0, 0.5, 1.0, 0.99])  # not 2% faster at the largest size: never
+    assert autotune.tune_split_overlap(torch.float32, torch.device("cpu"), tiny=True)["split_overlap_min_tokens"] == 0
+
+
+def test_use_dispatch_forces_knobs_over_the_tables(table_path, device):
+    dev = torch.device(device)
+    table_path.write_text(json.dumps({"ops": {}, "dispatch": {"decode_max_tokens": 4096}}))
+    assert choose_path(1000, 96, device=dev) == "split"
+    with use_dispatch(decode_max_tokens=64):
+        assert choose_path(1000, 96, device=dev) == "fused_t"
+        with use_dispatch(fused_max_rank=96):  # nested: both hold
+            assert choose_path(1000, 96, device=dev) == "fused"
+        assert choose_path(1000, 96, device=dev) == "fused_t"
+    assert choose_path(1000, 96, device=dev) == "split"
+    with pytest.raises(ValueError, match="unknown knob.*decode_max_token"):
+        with use_dispatch(decode_max_token=1):
+            pass
+    with pytest.raises(ValueError, match="split_overlap_min_tokens must be an int >= 0"):
+        with use_dispatch(split_overlap_min_tokens=-1):
+            pass
 
 
 def test_write_table_merges_dispatch_knobs(tmp_path):

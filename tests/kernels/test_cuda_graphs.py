@@ -4,14 +4,22 @@ import torch
 
 from kernels import AdapterBank, BatchPlan, lora_linear
 from kernels.reference import lora_linear_ref
+from kernels.tuning import use_dispatch
 
 from .cases import rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
-@pytest.mark.parametrize("T", [32, 512])  # split (decode) and fused paths
-def test_graph_replays_two_different_batches(T):
+# split (decode) and fused paths, and the split path with its shrink on a side stream (the
+# capture forks to it and joins back)
+@pytest.mark.parametrize("T,overlap", [(32, False), (512, False), (512, True)], ids=["32", "512", "512-overlap"])
+def test_graph_replays_two_different_batches(T, overlap):
+    with use_dispatch(**(dict(decode_max_tokens=T, split_overlap_min_tokens=1) if overlap else {})):
+        _graph_replays_two_different_batches(T)
+
+
+def _graph_replays_two_different_batches(T):
     torch.manual_seed(0)
     K, N, U = 256, 384, 16
     bank = AdapterBank(K, N, max_users=U, dtype=torch.bfloat16, device="cuda")

@@ -54,6 +54,28 @@ def test_backward_every_path(backend, device, path):
     _check(case, torch.float32, device, path=path)
 
 
+@pytest.mark.parametrize("T", [5, 96])
+def test_split_path_with_the_shrink_beside_the_gemm(backend, device, T):
+    """``split_overlap``: the shrink (and the backward's grouped dA/dB) on a side stream beside
+    the base GEMM (on a CPU, the same calls in program order) gives the serial schedule's
+    forward and gradients, and the float64 reference's."""
+    from kernels import tuning
+
+    case = make_case(T, 45, 70, {0: [8, 3], 2: [16], 3: [40]}, max_users=5, seed=T, device=device)
+    dy = torch.randn(T, 70, device=device)
+    with tuning.use_dispatch(split_overlap_min_tokens=T + 1):
+        assert not tuning.split_overlap(T, case.x.device)
+        serial = _grads(case, dy, path="split")
+    with tuning.use_dispatch(split_overlap_min_tokens=T):
+        assert tuning.split_overlap(T, case.x.device)
+        overlapped = _grads(case, dy, path="split")
+        _check(case, torch.float32, device, seed=T, path="split")
+        y = lora_linear(case.x, case.w, case.b, case.bank, case.plan, path="split")
+    for got, want in zip(overlapped, serial, strict=True):
+        assert rel_err(got, want) < 1e-6
+    assert rel_err(y, lora_linear(case.x, case.w, case.b, case.bank, case.plan, path="split")) < 1e-6
+
+
 @pytest.mark.parametrize("users", [1, 64])
 def test_backward_ranks_1_to_256_mixed(backend, device, users):
     ranks = mixed_ranks(users, seed=11) if users > 1 else {0: [256]}
