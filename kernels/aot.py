@@ -120,7 +120,8 @@ def _variants(dtype: str):
             # decode: adds the shrink's split-K partials (its split for K = 4096)
             split = get_config("shrink", num_tokens=prob["num_tokens"], n=prob["max_rank"], k=4096,
                                max_rank=prob["max_rank"], dtype=torch_dtype, device=torch.device("cpu")).split_k
-            consts = dict(SPLIT=split, ACCUMULATE=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r)
+            consts = dict(SPLIT=split, ACCUMULATE=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+                          N_BLOCKS=1, HOIST_T=False)
         else:
             consts = dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_n, BLOCK_T=cfg.block_k)
         fn, ptr_kinds, ints = kinds[kernel]

@@ -94,7 +94,9 @@ DISPATCH_KNOBS = ("decode_max_tokens", "split_tokens_per_segment", "fused_max_ra
 class LaunchConfig:
     """One launch configuration. ``split_n`` (the expand only): 0 runs the tensor-core kernel
     over ``block_n``-column blocks; ``n > 0`` runs its decode (GEMV) form, ``n`` programs per
-    tile, each streaming ``1/n`` of the columns in ``block_n`` blocks for one row at a time."""
+    tile, each streaming ``1/n`` of the columns in ``block_n`` blocks for one row at a time.
+    ``n_blocks`` (the tensor-core expand only): column blocks per program, streamed with ``t``
+    loaded once (1: a program per block)."""
 
     block_m: int = 64
     block_n: int = 64
@@ -104,6 +106,7 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 2
     split_n: int = 0
+    n_blocks: int = 1
 
     def kwargs(self) -> dict[str, int]:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}

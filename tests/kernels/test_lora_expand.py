@@ -86,6 +86,9 @@ def test_expand_overwrite(backend, device, dtype, T, ids):
 
 
 GEMV = LaunchConfig(block_m=16, block_n=32, split_n=3)  # odd split: the last program's columns run short
+# the streaming form: a program takes n_blocks column blocks; 70 columns in blocks of 16 leave the
+# last program of n_blocks=3 one block and a part (and a block wholly past N)
+STREAM = LaunchConfig(block_m=16, block_n=16, block_r=16, n_blocks=3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -108,10 +111,12 @@ def test_expand_gemv_form_ranks_up_to_256(device, users):
         _check(case, torch.float32, device)
 
 
+@pytest.mark.parametrize("form", ["gemv", "streaming"])
 @pytest.mark.parametrize("ids", [None, "all-base"])
-def test_expand_gemv_form_overwrite_with_partials(device, ids):
+def test_expand_forms_overwrite_with_partials(device, ids, form):
     """Expand-first (``accumulate=False``) on the shrink's split-K partial sums, the decode path's
-    inputs: every row written, zeros where there is no adapter."""
+    inputs, in the GEMV and the streaming forms: every row written, zeros where there is no
+    adapter."""
     from kernels.ops.expand import lora_expand_ as launch
     from kernels.ops.shrink import lora_shrink
 
@@ -124,9 +129,36 @@ def test_expand_gemv_form_overwrite_with_partials(device, ids):
                         list(plan.block_ms), bank.max_rank, partials=True)
     assert t.dim() == 3 and t.shape[0] == 3
     y = torch.full((T, bank.out_features), float("nan"), dtype=torch.bfloat16, device=device)
-    with use_backend("triton"), use_config("expand", GEMV):
+    with use_backend("triton"), use_config("expand", GEMV if form == "gemv" else STREAM):
         launch(y, t, bank.lora_b, bank.slots, plan.sorted_tokens, plan.tiles, plan.segments, list(plan.block_ms),
                accumulate=False)
     ref = expand_ref(torch.zeros_like(y), t.sum(0), bank.lora_b, bank.slots, case.ids)
     assert not y.isnan().any()
     assert rel_err(y, ref) < TOL[torch.bfloat16] if ref.abs().max() > 0 else torch.equal(y, ref)
+
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 7, 65])
+def test_expand_streaming_form(device, dtype, T):
+    """``LaunchConfig.n_blocks > 1``: each program streams several column blocks with ``t``
+    loaded once (ranks 1-40 mixed, within one rank block) against float64."""
+    case = make_case(T, 8, 70, {0: [8, 3], 2: [16], 3: [1, 2, 5], 5: [40]}, max_users=7, dtype=dtype, seed=T,
+                     device=device)
+    with use_backend("triton"), use_config("expand", STREAM), aot.LaunchRecorder() as rec:
+        _check(case, dtype, device)
+    (launch,) = rec.records.values()
+    assert launch["kernel"] == "lora_expand"
+    assert launch["constexprs"]["N_BLOCKS"] == 3 and launch["constexprs"]["HOIST_T"] is True
+    assert launch["constexprs"]["BLOCK_R"] == 64  # the bank's rank (40) in one block
+
+
+@pytest.mark.parametrize("users", [1, 64])
+def test_expand_streaming_form_ranks_up_to_256(device, users):
+    """Above a 128-row rank block ``t`` is not held: each column block walks the rank."""
+    ranks = mixed_ranks(users, seed=5) if users > 1 else {0: [256]}
+    case = make_case(150, 8, 45, ranks, max_users=users, seed=users, device=device)
+    with use_backend("triton"), use_config("expand", STREAM), aot.LaunchRecorder() as rec:
+        _check(case, torch.float32, device)
+    assert {(r["constexprs"]["HOIST_T"], r["constexprs"]["BLOCK_R"]) for r in rec.records.values()} == {(False, 16)}

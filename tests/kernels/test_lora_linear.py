@@ -212,11 +212,18 @@ def test_decode_path_split_k_partials_and_atomics(backend, device, dtype):
         assert torch.isfinite(x.grad).all()
 
 
+EXPAND_FORMS = {  # the expand's entry of a config table, and the kernel it must launch
+    "gemv": ({"block_m": 16, "block_n": 32, "split_n": 3}, "lora_expand_gemv"),
+    "streaming": ({"block_m": 16, "block_n": 16, "block_r": 16, "n_blocks": 3}, "lora_expand"),
+}
+
+
+@pytest.mark.parametrize("form", EXPAND_FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_decode_path_with_the_gemv_expand_from_a_table(device, dtype, tmp_path, monkeypatch):
-    """A config table that picks the expand's GEMV form (``split_n``), as a tuned GPU file may:
-    the split path's forward (on the shrink's split-K partial sums) and its gradients through
-    ``lora_linear``, against float64."""
+def test_decode_path_with_an_expand_form_from_a_table(device, dtype, form, tmp_path, monkeypatch):
+    """A config table that picks the expand's GEMV form (``split_n``) or its streaming form
+    (``n_blocks``), as a tuned GPU file may: the split path's forward (on the shrink's split-K
+    partial sums) and its gradients through ``lora_linear``, against float64."""
     import json
 
     from kernels import aot, use_backend
@@ -227,7 +234,7 @@ def test_decode_path_with_the_gemv_expand_from_a_table(device, dtype, tmp_path, 
     table.write_text(json.dumps({"ops": {
         "shrink": [{"max_tokens": None, "n": None, "k": None, "block_m": 16, "block_r": 16, "block_k": 16,
                     "split_k": 2}],
-        "expand": [{"max_tokens": None, "n": None, "k": None, "block_m": 16, "block_n": 32, "split_n": 3}]}}))
+        "expand": [{"max_tokens": None, "n": None, "k": None, **EXPAND_FORMS[form][0]}]}}))
     monkeypatch.setenv("MILP_KERNEL_CONFIGS", str(table))
     _load_table.cache_clear()
     case = make_case(24, 45, 70, {0: [8, 3], 2: [16], 3: [40]}, max_users=5, dtype=dtype, seed=4, device=device)
@@ -241,10 +248,12 @@ def test_decode_path_with_the_gemv_expand_from_a_table(device, dtype, tmp_path, 
             b.requires_grad_(True)
             dy = torch.randn(case.x.shape[0], case.w.shape[0], generator=torch.Generator().manual_seed(1))
             lora_linear(x, case.w, case.b, case.bank, case.plan, path="split").backward(dy.to(x))
-        kinds = {r["kernel"] for r in rec.records.values()}
-        assert "lora_expand_gemv" in kinds and "lora_expand" not in kinds, kinds
-        splits = {r["constexprs"]["SPLIT"] for r in rec.records.values() if r["kernel"] == "lora_expand_gemv"}
-        assert splits == {1, 2}  # the forward's partial sums and the backward's whole t
+        kernel = EXPAND_FORMS[form][1]
+        expands = [r for r in rec.records.values() if r["kernel"].startswith("lora_expand")]
+        assert {r["kernel"] for r in expands} == {kernel}
+        assert {r["constexprs"]["SPLIT"] for r in expands} == {1, 2}  # the forward's partials, the backward's t
+        if form == "streaming":
+            assert {(r["constexprs"]["N_BLOCKS"], r["constexprs"]["HOIST_T"]) for r in expands} == {(3, True)}
         rdx, rda, rdb = lora_linear_grads_ref(case.x, case.w, a.detach(), b.detach(), case.bank.scale,
                                               case.bank.slots, case.ids, dy.to(x))
         for got, want in ((x.grad, rdx), (a.grad, rda), (b.grad, rdb)):
