@@ -4,7 +4,9 @@ For each op and shape bucket (LLaMA-7B/13B FFN shapes × token buckets × rank b
 candidate config is first checked against the reference (a wrong fast config is never
 kept), then timed (median of ``triton.testing.do_bench``); the fastest becomes the bucket's
 entry. Decode-sized shrink buckets are timed with the expand that consumes their split-K
-partial sums, as the op's decode path runs them. It also times the ``fused`` against the
+partial sums, as the op's decode path runs them; the expand is timed in place, in the mode the
+split path runs it at that size (adding into ``y``, or writing it where
+:func:`kernels.tuning.split_expand_first` holds). It also times the ``fused`` against the
 ``fused_t`` path at a small rank and writes the ``dispatch.fused_max_rank`` threshold
 accordingly. Once the tuned configs are written it times the split path with its shrink beside
 the base GEMM on a side stream against the two one after the other, with those configs, and
@@ -40,7 +42,16 @@ from ._backend import use_backend
 from .bank import AdapterBank
 from .plan import BatchPlan
 from .reference import expand_ref, lora_linear_ref, shrink_ref
-from .tuning import OPS, LaunchConfig, _device_table_paths, _load_table, config_path_for, use_config, use_dispatch
+from .tuning import (
+    OPS,
+    LaunchConfig,
+    _device_table_paths,
+    _load_table,
+    config_path_for,
+    split_expand_first,
+    use_config,
+    use_dispatch,
+)
 
 __all__ = ["Problem", "tune", "candidates", "precompile", "tune_split_overlap", "write_table", "main"]
 
@@ -171,25 +182,28 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
         ref = functools.cache(lambda: lora_linear_ref(x, w, None, a, b, s, slots, ids, compute_dtype=c))
         return run, lambda: rel(run(), ref())
     t = shrink_ref(x, a, s, slots, ids, R, compute_dtype=c)
+    if op == "expand" or (op == "shrink" and decode_like(problem)):
+        # the expand in the mode the split path runs it at this size: adding into y (GEMM first)
+        # or writing y (expand first, cuBLAS adding x Wᵀ after)
+        accumulate = not split_expand_first(problem.num_tokens, device)
+        y0 = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
+        y_run = y0.clone()  # timed runs work in place, as the op does: a copy per call would move y twice more
+        ref_y = functools.cache(lambda: expand_ref(y0 if accumulate else torch.zeros_like(y0), t, b, slots, ids,
+                                                   compute_dtype=c))
     if op == "shrink" and decode_like(problem):
         # decode: timed as the op's split path runs it, the split-K partial sums and the
         # expand that adds them (a larger split is cheaper for the shrink, dearer for the expand)
-        y0 = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
-        ref = functools.cache(lambda: expand_ref(y0, t, b, slots, ids, compute_dtype=c))
-
-        def run():
+        def run(y=y_run):
             parts = lora_shrink(x, a, s, slots, st, tiles, segs, bms, R, partials=True)
-            return lora_expand_(y0.clone(), parts, b, slots, st, tiles, segs, bms)
+            return lora_expand_(y, parts, b, slots, st, tiles, segs, bms, accumulate=accumulate)
 
-        return run, lambda: rel(run(), ref())
+        return run, lambda: rel(run(y0.clone()), ref_y())
     if op == "shrink":
         def run():
             return lora_shrink(x, a, s, slots, st, tiles, segs, bms, R)
 
         return run, lambda: rel(run(), t)
     if op == "expand":
-        y0 = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
-        ref = functools.cache(lambda: expand_ref(y0, t, b, slots, ids, compute_dtype=c))
         t_in = t
         if decode_like(problem):
             # the expand adds the shrink's split-K partial sums, as the op's split path hands them
@@ -199,10 +213,10 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
                                  tiles.shape[0], True, dtype, device)[2]
             t_in = torch.cat([t[None], t.new_zeros(split - 1, *t.shape)])
 
-        def run():
-            return lora_expand_(y0.clone(), t_in, b, slots, st, tiles, segs, bms)
+        def run(y=y_run):
+            return lora_expand_(y, t_in, b, slots, st, tiles, segs, bms, accumulate=accumulate)
 
-        return run, lambda: rel(run(), ref())
+        return run, lambda: rel(run(y0.clone()), ref_y())
     dy = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
     t_b = shrink_ref(dy, b, s, slots, ids, R, compute_dtype=c)
 

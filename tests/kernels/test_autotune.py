@@ -255,3 +255,20 @@ def test_shipped_architecture_file_carries_the_h200_dispatch():
 
     h200 = json.loads((CONFIG_DIR / "nvidia_h200.json").read_text())
     assert _load_table(str(CONFIG_DIR / "sm_90.json"))["__dispatch__"] == h200["dispatch"]
+
+
+@pytest.mark.parametrize("tokens", [8, 96])  # a decode bucket (on split-K partials) and a prefill one
+def test_expand_is_tuned_in_the_mode_the_split_path_runs_it(device, tokens):
+    """Expand-first sizes (``split_expand_first``) time and check the expand writing ``y``;
+    the others adding into it. The timed run works in place (no copy of ``y`` per call)."""
+    from kernels import aot
+
+    p = autotune.Problem(tokens, 48, 40, 16, 8)
+    for first, accumulate in ((0, True), (1 << 20, False)):
+        with use_dispatch(split_expand_first_max_tokens=first), use_backend("triton"), aot.LaunchRecorder() as rec:
+            run, check = autotune._runner("expand", p, torch.float32, torch.device(device))
+            assert check() < 1e-4
+            y = run()
+            assert run().data_ptr() == y.data_ptr()
+        modes = {r["constexprs"]["ACCUMULATE"] for r in rec.records.values() if r["kernel"].startswith("lora_expand")}
+        assert modes == {accumulate}
