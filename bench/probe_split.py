@@ -10,7 +10,7 @@ of the split path alone: the base GEMM (``F.linear``), the same GEMM adding into
 overwriting ``y`` (``accumulate=False``). It also times the whole op in both orders
 (expand-first off and on, whatever the GPU's config file says) and GEMM-first with the shrink
 on a side stream beside the GEMM (``kernels.tuning.split_overlap``); for decode, over CUDA-graph
-replays too. For training it times forward + backward through the op, serial and overlapped,
+replays too, with the two-branch schedule of ``kernels.tuning.split_parallel`` (graphs only). For training it times forward + backward through the op, serial and overlapped,
 with the backward's grouped ``dA``/``dB`` kernel alone beside it. The orders are checked
 against each other before they are timed.
 Every figure is a CUDA-event median with the L2 flushed before each repetition.
@@ -93,6 +93,9 @@ def probe_forward(wl: U.Workload, rep_ms: float, decode: bool) -> dict:
                 row[name] = _time(fn, rep_ms)
                 if decode and (name == "base_linear" or name in ORDERS):
                     row[name + "_graph"] = round(U.cuda_graph_median_ms(fn, rep_ms=rep_ms), 5)
+        if decode:  # the two-branch schedule (kernels.tuning.split_parallel) exists under capture only
+            with tuning.use_dispatch(split_parallel_max_tokens=1 << 30):
+                row["split_parallel_graph"] = round(U.cuda_graph_median_ms(_split(p), rep_ms=rep_ms), 5)
     row["bytes_y_gb"] = wl.tokens * wl.n * p.elem / 1e9
     return row
 

@@ -10,7 +10,9 @@ split path runs it at that size (adding into ``y``, or writing it where
 ``fused_t`` path at a small rank and writes the ``dispatch.fused_max_rank`` threshold
 accordingly. Once the tuned configs are written it times the split path with its shrink beside
 the base GEMM on a side stream against the two one after the other, with those configs, and
-writes ``dispatch.split_overlap_min_tokens`` (:func:`tune_split_overlap`). The file is written
+writes ``dispatch.split_overlap_min_tokens`` (:func:`tune_split_overlap`), and times decode as
+two branches from CUDA-graph replays for ``dispatch.split_parallel_max_tokens``
+(:func:`tune_split_parallel`). The file is written
 atomically and merged with entries of other dtypes already in it.
 
 Usage (on a GPU)::
@@ -53,7 +55,8 @@ from .tuning import (
     use_dispatch,
 )
 
-__all__ = ["Problem", "tune", "candidates", "precompile", "tune_split_overlap", "write_table", "main"]
+__all__ = ["Problem", "tune", "candidates", "precompile", "tune_split_overlap", "tune_split_parallel", "write_table",
+           "main"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -374,6 +377,29 @@ def _tune_dispatch(dtype: torch.dtype, device: torch.device, tiny: bool) -> dict
     return {"fused_max_rank": 16 if fused < fused_t else 0, "_measured": measured}
 
 
+def _schedule_rows(dtype: torch.dtype, device: torch.device, tiny: bool, sizes: list[tuple[int, int]],
+                   schedules: dict[str, dict], timer: Callable) -> list[dict]:
+    """Per ``(tokens, users)`` size, the split path's inference forward (the 7B up and down
+    projections summed) timed by ``timer`` under each schedule (column name -> dispatch knobs)."""
+    from .library import lora_linear_forward
+
+    shapes = [(48, 40)] if tiny else [(4096, 11008), (11008, 4096)]
+    rows = []
+    with use_backend("triton"):  # a CPU (--tiny) runs the kernels in the interpreter
+        for tokens, users in sizes:
+            row = {"tokens": tokens, **dict.fromkeys(schedules, 0.0)}
+            for k, n in shapes:
+                bank, plan, _, x, w = _build(Problem(tokens, k, n, 16 if tiny else 96, users), dtype, device)
+                run = functools.partial(lora_linear_forward, x, w, None, bank.lora_a.detach(), bank.lora_b.detach(),
+                                        bank.scale, bank.slots, *plan.as_args(), bank.max_rank, False, "split")
+                for name, knobs in schedules.items():
+                    with use_dispatch(**knobs):
+                        row[name] += timer(run, device)
+                del bank, plan, x, w, run
+            rows.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+    return rows
+
+
 def tune_split_overlap(dtype: torch.dtype, device: torch.device, tiny: bool = False) -> dict:
     """``split_overlap_min_tokens`` (:func:`kernels.tuning.split_overlap`), measured: the split
     path's forward (GEMM first) with the shrink on a side stream beside the base GEMM against
@@ -386,29 +412,50 @@ def tune_split_overlap(dtype: torch.dtype, device: torch.device, tiny: bool = Fa
         >>> tune_split_overlap(torch.bfloat16, torch.device("cuda"))  # doctest: +SKIP
         {'split_overlap_min_tokens': 4096, '_measured_overlap': [...]}
     """
-    from .library import lora_linear_forward
-
-    shapes = [(48, 40)] if tiny else [(4096, 11008), (11008, 4096)]
     sizes = [(8, 8), (96, 4)] if tiny else [(32, 32), (512, 32), (4096, 32), (16384, 32)]
-    measured = []
-    with use_backend("triton"):  # a CPU (--tiny) runs the kernels in the interpreter
-        for tokens, users in sizes:
-            row = {"tokens": tokens, "serial_ms": 0.0, "overlap_ms": 0.0}
-            for k, n in shapes:
-                bank, plan, _, x, w = _build(Problem(tokens, k, n, 16 if tiny else 96, users), dtype, device)
-                run = functools.partial(lora_linear_forward, x, w, None, bank.lora_a.detach(), bank.lora_b.detach(),
-                                        bank.scale, bank.slots, *plan.as_args(), bank.max_rank, False, "split")
-                for name, first in (("serial_ms", 0), ("overlap_ms", 1)):
-                    with use_dispatch(split_expand_first_max_tokens=0, split_overlap_min_tokens=first):
-                        row[name] += _time(run, device)
-                del bank, plan, x, w, run
-            measured.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+    gemm_first = dict(split_expand_first_max_tokens=0, split_parallel_max_tokens=0)
+    measured = _schedule_rows(dtype, device, tiny, sizes, {
+        "serial_ms": dict(gemm_first, split_overlap_min_tokens=0),
+        "overlap_ms": dict(gemm_first, split_overlap_min_tokens=1)}, _time)
     first = 0
     for row in reversed(measured):  # from the largest size down, while the overlap wins
         if not row["overlap_ms"] < 0.98 * row["serial_ms"]:
             break
         first = row["tokens"]
     return {"split_overlap_min_tokens": first, "_measured_overlap": measured}
+
+
+def _graph_time(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of ``fn`` replayed from a CUDA graph (the interpreter's wall time on a CPU)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    return _time(fn, device)
+
+
+def tune_split_parallel(dtype: torch.dtype, device: torch.device, tiny: bool = False) -> dict:
+    """``split_parallel_max_tokens`` (:func:`kernels.tuning.split_parallel`), measured from
+    CUDA-graph replays (the schedule applies only under capture): the inference forward at
+    decode, 32 and 256 users with a token each, the 7B up and down projections summed, as two
+    branches against the schedule the other knobs give. The knob is the largest of those sizes
+    up to which the branches are at least 2% faster at every size; 0 (never) if they are not at
+    the smallest. Run with the launch configs in force (:func:`main` runs it after writing them).
+
+    Example:
+        >>> tune_split_parallel(torch.bfloat16, torch.device("cuda"))  # doctest: +SKIP
+        {'split_parallel_max_tokens': 256, '_measured_parallel': [...]}
+    """
+    sizes = [(8, 8), (16, 16)] if tiny else [(32, 32), (256, 256)]
+    measured = _schedule_rows(dtype, device, tiny, sizes, {
+        "serial_ms": dict(split_parallel_max_tokens=0),
+        "parallel_ms": dict(split_parallel_max_tokens=1 << 30)}, _graph_time)
+    last = 0
+    for row in measured:  # from the smallest size up, while the branches win
+        if not row["parallel_ms"] < 0.98 * row["serial_ms"]:
+            break
+        last = row["tokens"]
+    return {"split_parallel_max_tokens": last, "_measured_parallel": measured}
 
 
 def write_table(table: dict, path: Path) -> Path:
@@ -466,19 +513,21 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     previous = os.environ.get("MILP_KERNEL_CONFIGS")
     os.environ["MILP_KERNEL_CONFIGS"] = str(out)
+    dispatch: dict = {}
     try:
-        dispatch = tune_split_overlap(_DTYPES[args.dtype], device, tiny=args.tiny)
+        dispatch.update(tune_split_overlap(_DTYPES[args.dtype], device, tiny=args.tiny))
+        dispatch.update(tune_split_parallel(_DTYPES[args.dtype], device, tiny=args.tiny))
     except KeyboardInterrupt:
-        print("autotune: interrupted while timing the split path's overlap; not written", flush=True)
-        return 0
+        print("autotune: interrupted while timing the split path's schedules; keeping what was measured", flush=True)
     finally:
         if previous is None:
             os.environ.pop("MILP_KERNEL_CONFIGS", None)
         else:
             os.environ["MILP_KERNEL_CONFIGS"] = previous
-    write_table({"ops": {}, "dispatch": dispatch}, out)
-    print(f"split path: shrink beside the GEMM from {dispatch['split_overlap_min_tokens'] or 'no'} tokens on "
-          f"({dispatch['_measured_overlap']}); wrote {out}", flush=True)
+    if dispatch:
+        write_table({"ops": {}, "dispatch": dispatch}, out)
+        print("split path: " + "; ".join(f"{k} = {v}" for k, v in dispatch.items() if not k.startswith("_"))
+              + f" ({ {k: v for k, v in dispatch.items() if k.startswith('_')} }); wrote {out}", flush=True)
     return 0
 
 

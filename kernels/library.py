@@ -36,7 +36,7 @@ from .ops.expand import lora_expand_, lora_expand_torch_
 from .ops.fused_linear import fused_lora_linear, fused_lora_linear_torch
 from .ops.grad_weights import lora_grad_weights, lora_grad_weights_torch
 from .ops.shrink import lora_shrink, lora_shrink_torch
-from .tuning import PATHS, choose_path, split_expand_first, split_overlap
+from .tuning import PATHS, choose_path, split_expand_first, split_overlap, split_parallel
 
 __all__ = ["check_lora_args", "direct_call_ok", "lora_linear_forward", "lora_linear_backward", "EagerLoraLinear"]
 
@@ -193,7 +193,18 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
     def expand(y, accumulate=True):
         lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms, accumulate=accumulate)
 
-    if bias is None and split_expand_first(x.shape[0], x.device):
+    if not store_t and split_parallel(x.shape[0], x.device) and _capturing(x.device):
+        # inference, in a CUDA graph: shrink and t B on a side stream beside cuBLAS, then y += t B
+        side = SideStream(x.device)
+        with side:
+            t = shrink()
+            d = x.new_empty(x.shape[0], w.shape[0])
+            expand(d, accumulate=False)
+        y = torch.nn.functional.linear(x, w, bias)
+        side.join(t, d)
+        y.add_(d)
+        extra = ()
+    elif bias is None and split_expand_first(x.shape[0], x.device):
         # the expand writes t B into every row of y, cuBLAS adds x Wᵀ in its epilogue
         t = shrink()
         y = x.new_empty(x.shape[0], w.shape[0])
@@ -217,6 +228,11 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
         expand(y)
         extra = then(t) if then is not None else ()
     return y, (t if store_t else t.new_empty(0)), extra
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether work on ``device``'s current stream is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def lora_linear_forward(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments,

@@ -14,8 +14,8 @@ does not set, e.g. the dispatch thresholds, comes from there). A file named in
 An optional ``"dispatch"`` object overrides the thresholds of :func:`choose_path`
 (``decode_max_tokens``, ``split_tokens_per_segment``, ``fused_max_rank``) and of the split
 path's schedule (``split_expand_first_max_tokens``: :func:`split_expand_first`;
-``split_overlap_min_tokens``: :func:`split_overlap`); :func:`use_dispatch` overrides them all
-for a block of code.
+``split_overlap_min_tokens``: :func:`split_overlap`; ``split_parallel_max_tokens``:
+:func:`split_parallel`); :func:`use_dispatch` overrides them all for a block of code.
 
 The first entry whose ``max_tokens`` (inclusive, ``null`` = any), ``n``, ``k``, ``max_rank``
 and ``dtype`` (``null`` = any) all match wins; otherwise :func:`heuristic_config` decides.
@@ -57,6 +57,8 @@ __all__ = [
     "split_expand_first",
     "SPLIT_OVERLAP_MIN_TOKENS",
     "split_overlap",
+    "SPLIT_PARALLEL_MAX_TOKENS",
+    "split_parallel",
     "use_dispatch",
     "DISPATCH_KNOBS",
 ]
@@ -85,9 +87,12 @@ SPLIT_EXPAND_FIRST_MAX_TOKENS = 0
 #: split-path batches of at least this many tokens run the shrink on a side CUDA stream,
 #: concurrently with the base GEMM (see :func:`split_overlap`); 0 = never
 SPLIT_OVERLAP_MIN_TOKENS = 0
+#: inference split-path batches of at most this many tokens, captured in a CUDA graph, compute
+#: ``t B`` on a side stream beside the base GEMM (see :func:`split_parallel`); 0 = never
+SPLIT_PARALLEL_MAX_TOKENS = 0
 #: the dispatch knobs a config table's ``"dispatch"`` object (or :func:`use_dispatch`) can set
 DISPATCH_KNOBS = ("decode_max_tokens", "split_tokens_per_segment", "fused_max_rank", "split_expand_first_max_tokens",
-                  "split_overlap_min_tokens")
+                  "split_overlap_min_tokens", "split_parallel_max_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +164,13 @@ def _dispatch_knobs(device: torch.device | None) -> types.MappingProxyType:
     tables = _tables(device) if device is not None else []
     # the module's defaults are in the key: assigning one (kernels.tuning.DECODE_MAX_TOKENS = …) takes effect
     key = ("__dispatch__", device, DECODE_MAX_TOKENS, SPLIT_TOKENS_PER_SEGMENT, FUSED_MAX_RANK,
-           SPLIT_EXPAND_FIRST_MAX_TOKENS, SPLIT_OVERLAP_MIN_TOKENS, forced)
+           SPLIT_EXPAND_FIRST_MAX_TOKENS, SPLIT_OVERLAP_MIN_TOKENS, SPLIT_PARALLEL_MAX_TOKENS, forced)
     knobs = _memo_get(_CONFIG_MEMO, key, tables)
     if knobs is None:  # memoised like the configs: the path is chosen for every call
         knobs = {"decode_max_tokens": DECODE_MAX_TOKENS, "split_tokens_per_segment": SPLIT_TOKENS_PER_SEGMENT,
                  "fused_max_rank": FUSED_MAX_RANK, "split_expand_first_max_tokens": SPLIT_EXPAND_FIRST_MAX_TOKENS,
-                 "split_overlap_min_tokens": SPLIT_OVERLAP_MIN_TOKENS}
+                 "split_overlap_min_tokens": SPLIT_OVERLAP_MIN_TOKENS,
+                 "split_parallel_max_tokens": SPLIT_PARALLEL_MAX_TOKENS}
         for table in reversed(tables):
             knobs.update({k: v for k, v in table.get("__dispatch__", {}).items() if k in knobs})
         knobs.update(forced or ())
@@ -238,6 +244,30 @@ def split_overlap(num_tokens: int, device: torch.device | None = None) -> bool:
     """
     first = _dispatch_knobs(device)["split_overlap_min_tokens"]
     return 0 < first <= num_tokens
+
+
+def split_parallel(num_tokens: int, device: torch.device | None = None) -> bool:
+    """Whether an inference split-path batch of ``num_tokens`` may run as two branches: the
+    shrink and an expand writing ``d = t B`` on a side CUDA stream, beside the base GEMM (or
+    GEMV) on the current one, then ``y += d``.
+
+    At decode every piece is small and latency-bound: on an H200 with 32 users the GEMV took
+    0.034 ms, the shrink 0.013 and the expand 0.045, one after the other (0.082 ms replayed
+    from a CUDA graph). As two branches the adapters' work can hide beside the GEMV, for one
+    more small launch (the add) and a ``[T, N]`` buffer. :mod:`kernels.library` takes it only
+    while a CUDA graph is being captured: eagerly, decode is bound by the host, and the
+    stream fork, join and add would only add host time. Knob ``"split_parallel_max_tokens"``
+    of a config table's ``"dispatch"`` (up to that many tokens; 0 = never, the default
+    :data:`SPLIT_PARALLEL_MAX_TOKENS`), which ``python -m kernels.autotune`` measures from
+    CUDA-graph replays.
+
+    Example:
+        >>> with use_dispatch(split_parallel_max_tokens=256):
+        ...     split_parallel(32), split_parallel(512)
+        (True, False)
+    """
+    last = _dispatch_knobs(device)["split_parallel_max_tokens"]
+    return 0 < num_tokens <= last
 
 
 @functools.cache

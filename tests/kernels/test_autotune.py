@@ -146,7 +146,20 @@ def test_autotune_jobs_on_cpu_skip_the_precompile(tmp_path):
     # the split path's overlap was timed after the configs were written, and merged in
     assert data["dispatch"]["split_overlap_min_tokens"] in (0, 8, 96)
     assert [r["tokens"] for r in data["dispatch"]["_measured_overlap"]] == [8, 96]
+    assert data["dispatch"]["split_parallel_max_tokens"] in (0, 8, 16)
+    assert [r["tokens"] for r in data["dispatch"]["_measured_parallel"]] == [8, 16]
     assert "fused_max_rank" in data["dispatch"]
+
+
+def test_tune_split_parallel_picks_the_last_size_of_a_winning_run(monkeypatch):
+    """The knob is the largest size up to which the two branches win at every smaller one."""
+    times = iter([2.0, 1.5, 1.0, 1.0])  # (serial, branches) at 8 then 16 tokens: a win, then no gain
+    monkeypatch.setattr(autotune, "_graph_time", lambda fn, device: next(times))
+    knob = autotune.tune_split_parallel(torch.float32, torch.device("cpu"), tiny=True)
+    assert knob["split_parallel_max_tokens"] == 8
+    assert [(r["serial_ms"], r["parallel_ms"]) for r in knob["_measured_parallel"]] == [(2.0, 1.5), (1.0, 1.0)]
+    times = iter([1.0, 0.99, 1.0, 0.5])  # not 2% faster at the smallest size: never
+    assert autotune.tune_split_parallel(torch.float32, torch.device("cpu"), tiny=True)["split_parallel_max_tokens"] == 0
 
 
 def test_tune_split_overlap_picks_the_first_size_of_a_winning_run(monkeypatch):

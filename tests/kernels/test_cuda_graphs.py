@@ -11,11 +11,17 @@ from .cases import rel_err
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
-# split (decode) and fused paths, and the split path with its shrink on a side stream (the
-# capture forks to it and joins back)
-@pytest.mark.parametrize("T,overlap", [(32, False), (512, False), (512, True)], ids=["32", "512", "512-overlap"])
-def test_graph_replays_two_different_batches(T, overlap):
-    with use_dispatch(**(dict(decode_max_tokens=T, split_overlap_min_tokens=1) if overlap else {})):
+# split (decode) and fused paths, and the split path with work on a side stream (the capture
+# forks to it and joins back): the shrink beside the GEMM, and decode as two branches
+SCHEDULES = {"32": (32, {}), "512": (512, {}),
+             "512-overlap": (512, dict(decode_max_tokens=512, split_overlap_min_tokens=1)),
+             "32-parallel": (32, dict(split_parallel_max_tokens=32))}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_graph_replays_two_different_batches(schedule):
+    T, knobs = SCHEDULES[schedule]
+    with use_dispatch(**knobs):
         _graph_replays_two_different_batches(T)
 
 

@@ -97,6 +97,37 @@ def test_split_path_expand_first(backend, device, monkeypatch, dtype, T, bias):
         a.grad = b.grad = None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T,bias", [(5, False), (40, True)])
+def test_split_path_in_two_branches_under_graph_capture(device, monkeypatch, dtype, T, bias):
+    """``split_parallel``: while a CUDA graph is captured (faked here, so that the interpreter
+    runs it too), inference runs the shrink and an expand writing ``d = t B`` beside the base
+    GEMM, then ``y += d``; the same forward as the serial schedule and float64. Eager calls and
+    training keep their schedule."""
+    from kernels import aot, library, tuning, use_backend
+
+    case = make_case(T, 45, 70, {0: [8, 3], 2: [16], 3: [40]}, max_users=5, dtype=dtype, bias=bias, seed=T,
+                     device=device)
+
+    def expand_modes(rec):
+        return {r["constexprs"]["ACCUMULATE"] for r in rec.records.values() if r["kernel"].startswith("lora_expand")}
+
+    with use_backend("triton"), tuning.use_dispatch(split_parallel_max_tokens=T, split_expand_first_max_tokens=0):
+        assert tuning.split_parallel(T, case.x.device) and not tuning.split_parallel(T + 1, case.x.device)
+        with torch.no_grad(), aot.LaunchRecorder() as rec:
+            serial = _check_forward(case, dtype, "split")  # not capturing: the serial schedule
+        assert expand_modes(rec) == {True}
+        monkeypatch.setattr(library, "_capturing", lambda device: True)
+        with torch.no_grad(), aot.LaunchRecorder() as rec:
+            parallel = _check_forward(case, dtype, "split")
+        assert expand_modes(rec) == {False}  # d = t B written beside the GEMM
+        assert rel_err(parallel, serial) < TOL[dtype]
+        x = case.x.clone().requires_grad_(True)
+        with aot.LaunchRecorder() as rec:  # training keeps t for the backward: the serial schedule
+            lora_linear(x, case.w, case.b, case.bank, case.plan, path="split")
+        assert expand_modes(rec) == {True}
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_every_path_bf16_odd_sizes(backend, device, path):
     case = make_case(77, 45, 70, {0: [8, 3], 2: [16], 3: [1, 2, 5], 5: [40]}, max_users=7, dtype=torch.bfloat16,
