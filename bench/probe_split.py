@@ -10,8 +10,9 @@ of the split path alone: the base GEMM (``F.linear``), the same GEMM adding into
 overwriting ``y`` (``accumulate=False``). It also times the whole op in both orders
 (expand-first off and on, whatever the GPU's config file says) and GEMM-first with the shrink
 on a side stream beside the GEMM (``kernels.tuning.split_overlap``); for decode, over CUDA-graph
-replays too, with the two-branch schedule of ``kernels.tuning.split_parallel`` (graphs only). For training it times forward + backward through the op, serial and overlapped,
-with the backward's grouped ``dA``/``dB`` kernel alone beside it. The orders are checked
+replays too, with the two-branch schedule of ``kernels.tuning.split_parallel`` (graphs only).
+For training it times forward + backward through the op, serial and overlapped, with the
+backward's grouped ``dA``/``dB`` kernel alone beside it. The orders are checked
 against each other before they are timed.
 Every figure is a CUDA-event median with the L2 flushed before each repetition.
 Prediction (before the first run): expand-first saves one read and one write of ``y``

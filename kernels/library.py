@@ -36,7 +36,7 @@ from .ops.expand import lora_expand_, lora_expand_torch_
 from .ops.fused_linear import fused_lora_linear, fused_lora_linear_torch
 from .ops.grad_weights import lora_grad_weights, lora_grad_weights_torch
 from .ops.shrink import lora_shrink, lora_shrink_torch
-from .tuning import PATHS, choose_path, split_expand_first, split_overlap, split_parallel
+from .tuning import PATHS, choose_path, split_schedule
 
 __all__ = ["check_lora_args", "direct_call_ok", "lora_linear_forward", "lora_linear_backward", "EagerLoraLinear"]
 
@@ -193,7 +193,8 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
     def expand(y, accumulate=True):
         lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms, accumulate=accumulate)
 
-    if not store_t and split_parallel(x.shape[0], x.device) and _capturing(x.device):
+    parallel, expand_first, overlap = split_schedule(x.shape[0], x.device)
+    if parallel and not store_t and _capturing(x.device):
         # inference, in a CUDA graph: shrink and t B on a side stream beside cuBLAS, then y += t B
         side = SideStream(x.device)
         with side:
@@ -204,14 +205,14 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
         side.join(t, d)
         y.add_(d)
         extra = ()
-    elif bias is None and split_expand_first(x.shape[0], x.device):
+    elif expand_first and bias is None:
         # the expand writes t B into every row of y, cuBLAS adds x Wᵀ in its epilogue
         t = shrink()
         y = x.new_empty(x.shape[0], w.shape[0])
         expand(y, accumulate=False)
         y.addmm_(x, w.t())
         extra = then(t) if then is not None else ()
-    elif split_overlap(x.shape[0], x.device):
+    elif overlap:
         # the shrink (and then's work) on a side stream, beside cuBLAS; the expand waits for t
         side = SideStream(x.device)
         with side:

@@ -67,14 +67,13 @@ def test_split_path_expand_first(backend, device, monkeypatch, dtype, T, bias):
     """The split path's expand-first order (``split_expand_first``: the expand writes ``t B``,
     cuBLAS adds ``x Wᵀ``) gives the same forward and gradients; with a bias it keeps the
     GEMM-first order."""
-    from kernels import aot, library, tuning
+    from kernels import aot, tuning
 
     case = make_case(T, 45, 70, {0: [8, 3], 2: [16], 3: [40]}, max_users=5, dtype=dtype, bias=bias, seed=T,
                      device=device)
     monkeypatch.setattr(tuning, "SPLIT_EXPAND_FIRST_MAX_TOKENS", T)  # the knob's default, no config file
     assert tuning.split_expand_first(T) and not tuning.split_expand_first(T + 1)
-    monkeypatch.setattr(library, "split_expand_first", lambda num_tokens, device=None: True)
-    with aot.LaunchRecorder() as rec:
+    with aot.LaunchRecorder() as rec, tuning.use_dispatch(split_expand_first_max_tokens=T):  # over a GPU's file
         y = _check_forward(case, dtype, "split")
     if backend == "triton":  # which order ran: the expand overwrites y only without a bias
         modes = {r["constexprs"]["ACCUMULATE"] for r in rec.records.values() if r["kernel"] == "lora_expand"}
@@ -84,11 +83,12 @@ def test_split_path_expand_first(backend, device, monkeypatch, dtype, T, bias):
     a.requires_grad_(True)
     b.requires_grad_(True)
     try:
-        lora_linear(x, case.w, case.b, case.bank, case.plan, path="split").backward(torch.ones_like(y))
+        with tuning.use_dispatch(split_expand_first_max_tokens=T):
+            lora_linear(x, case.w, case.b, case.bank, case.plan, path="split").backward(torch.ones_like(y))
         grads = [x.grad, a.grad, b.grad]
         x.grad = a.grad = b.grad = None
-        monkeypatch.setattr(library, "split_expand_first", lambda num_tokens, device=None: False)
-        lora_linear(x, case.w, case.b, case.bank, case.plan, path="split").backward(torch.ones_like(y))
+        with tuning.use_dispatch(split_expand_first_max_tokens=0):
+            lora_linear(x, case.w, case.b, case.bank, case.plan, path="split").backward(torch.ones_like(y))
         for got, want in zip(grads, [x.grad, a.grad, b.grad], strict=True):
             assert rel_err(got, want) < TOL[dtype]
     finally:
