@@ -100,7 +100,8 @@ def write(device: str, dispatch: dict, evidence: dict, out: Path | None = None) 
     """Merge ``dispatch`` into the GPU's config JSON (other keys kept), atomically."""
     path = Path(out) if out else config_path_for(device)
     data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"device": device, "ops": {}}
-    data["dispatch"] = {**{k: v for k, v in data.get("dispatch", {}).items() if not k.startswith("_")}, **dispatch}
+    # every other knob stays, with the autotuner's evidence for it ("_measured…" keys)
+    data["dispatch"] = {**data.get("dispatch", {}), **dispatch}
     data["_dispatch_measured"] = evidence
     from milp.config import atomic_write_text  # the project's atomic writer
 

@@ -70,11 +70,14 @@ def test_dispatch_write_merges_into_the_config_and_choose_path_reads_it(tmp_path
     run = _run(tmp_path, {(32, 96): (0.1, 0.5, 0.4), (4096, 96): (2.0, 1.5, 1.2)})
     cfg = tmp_path / "gpu.json"
     cfg.write_text(json.dumps({"device": "x", "ops": {"shrink": [{"max_tokens": 64, "block_m": 16}]},
-                               "dispatch": {"split_tokens_per_segment": 8}}))
+                               "dispatch": {"split_tokens_per_segment": 8, "split_overlap_min_tokens": 4096,
+                                            "_measured_overlap": [{"tokens": 4096}]}}))
     assert dispatch.main([str(run), "--write", "--out", str(cfg)]) == 0
     data = json.loads(cfg.read_text())
     assert data["ops"]["shrink"] == [{"max_tokens": 64, "block_m": 16}]  # kept
-    assert data["dispatch"] == {"split_tokens_per_segment": 8, "decode_max_tokens": 32, "fused_max_rank": 0}
+    # the other knobs are kept, and the autotuner's evidence for them
+    assert data["dispatch"] == {"split_tokens_per_segment": 8, "split_overlap_min_tokens": 4096,
+                                "_measured_overlap": [{"tokens": 4096}], "decode_max_tokens": 32, "fused_max_rank": 0}
     assert "fwd:7b-up-T4096-R96" in data["_dispatch_measured"]
     assert "decode_max_tokens" in capsys.readouterr().out
     monkeypatch.setenv("MILP_KERNEL_CONFIGS", str(cfg))
