@@ -55,20 +55,32 @@ def test_backward_every_path(backend, device, path):
 
 
 @pytest.mark.parametrize("T", [5, 96])
-def test_split_path_with_the_shrink_beside_the_gemm(backend, device, T):
+def test_split_path_with_the_shrink_beside_the_gemm(backend, device, T, monkeypatch):
     """``split_overlap``: the shrink (and the backward's grouped dA/dB) on a side stream beside
     the base GEMM (on a CPU, the same calls in program order) gives the serial schedule's
     forward and gradients, and the float64 reference's."""
-    from kernels import tuning
+    from kernels import library, tuning
 
+    forks = []
+
+    class Spy(library.SideStream):  # counts the forks: the overlapped schedule did run
+        def __init__(self, device):
+            forks.append(device)
+            super().__init__(device)
+
+    monkeypatch.setattr(library, "SideStream", Spy)
     case = make_case(T, 45, 70, {0: [8, 3], 2: [16], 3: [40]}, max_users=5, seed=T, device=device)
     dy = torch.randn(T, 70, device=device)
-    with tuning.use_dispatch(split_overlap_min_tokens=T + 1):
+    gemm_first = dict(split_expand_first_max_tokens=0)  # the overlap's order (a GPU's file may set expand-first)
+    with tuning.use_dispatch(split_overlap_min_tokens=T + 1, **gemm_first):
         assert not tuning.split_overlap(T, case.x.device)
         serial = _grads(case, dy, path="split")
-    with tuning.use_dispatch(split_overlap_min_tokens=T):
+    assert not forks
+    with tuning.use_dispatch(split_overlap_min_tokens=T, **gemm_first):
         assert tuning.split_overlap(T, case.x.device)
         overlapped = _grads(case, dy, path="split")
+        # Triton: the forward and the backward's dx each forked once; the torch path has no split
+        assert len(forks) == (2 if backend == "triton" else 0)
         _check(case, torch.float32, device, seed=T, path="split")
         y = lora_linear(case.x, case.w, case.b, case.bank, case.plan, path="split")
     for got, want in zip(overlapped, serial, strict=True):
