@@ -723,4 +723,15 @@ def machine_info() -> dict:
     }
     if PEAKS is not None:
         info["peaks"] = dataclasses.asdict(PEAKS)
+    # what chose the kernels: the config files read (the GPU's own, its architecture's, an
+    # override) and the dispatch knobs they give (path thresholds, the split path's schedules)
+    from kernels import tuning
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    files = [os.environ["MILP_KERNEL_CONFIGS"]] if os.environ.get("MILP_KERNEL_CONFIGS") else []
+    if CUDA:
+        files += [p.name for p in tuning.table_paths_for(torch.cuda.get_device_name(),
+                                                         torch.cuda.get_device_capability())]
+    info["config_files"] = files
+    info["dispatch"] = dict(tuning._dispatch_knobs(device))
     return info

@@ -181,6 +181,8 @@ def header(machine: dict, paths: list[str], notes: list[str]) -> list[str]:
         ("git commit", commit),
         ("date (UTC)", machine.get("datetime", "?")),
         ("workload grid", mi.get("bench_size", "?")),
+        ("config files", ", ".join(mi.get("config_files") or []) or "none (heuristics)"),
+        ("dispatch knobs", ", ".join(f"{k}={v}" for k, v in (mi.get("dispatch") or {}).items()) or "?"),
         ("peak compute (measured this run)", f"{_f(pk.get('tflops'))} TFLOP/s — {pk.get('matmul', '?')}"),
         ("peak bandwidth (measured this run)", f"{_f(pk.get('gbs'), '{:.4g}')} GB/s — {pk.get('copy', '?')}"),
         ("sources", ", ".join(os.path.basename(p) for p in paths)),

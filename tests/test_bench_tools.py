@@ -135,7 +135,8 @@ def _gpu_run(tmp_path, name="gpu.json"):
         {"extra_info": {"workload": "runtime-decode-U32", "impl": "base", "op": "runtime-decode-U32", "time_ms": 1.0}},
     ]
     machine = {"milp": {"device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "torch": "2.11.0",
-                        "triton": "3.6.0", "git_commit": "0123456789abcdef"}}
+                        "triton": "3.6.0", "git_commit": "0123456789abcdef", "config_files": ["sm_90.json"],
+                        "dispatch": {"decode_max_tokens": 2147483647, "split_overlap_min_tokens": 4096}}}
     path = tmp_path / name
     path.write_text(json.dumps({"machine_info": machine, "datetime": "2026-11-28T05:00:00", "benchmarks": benches}))
     return path
@@ -151,6 +152,9 @@ def test_report_targets_forced_paths_and_runtime_targets(tmp_path):
     # issue 5: training 4.6 >= 4 (as stored); decode: base/ours from the merged times, 0.80 < 0.85
     assert "| `runtime-train-U16` | 4.60 | – | ≥ 4.00 | yes |" in text
     assert "| `runtime-decode-U32` | 0.80 | 0.840 | ≥ 0.85 | **no** |" in text
+    # what chose the kernels: the config files read and the dispatch knobs in force
+    assert "| config files | sm_90.json |" in text
+    assert "| dispatch knobs | decode_max_tokens=2147483647, split_overlap_min_tokens=4096 |" in text
 
 
 def test_report_writes_the_readme_summary_between_its_markers(tmp_path):
