@@ -8,11 +8,11 @@ partial sums, as the op's decode path runs them; the expand is timed in place, i
 split path runs it at that size (adding into ``y``, or writing it where
 :func:`kernels.tuning.split_expand_first` holds). It also times the ``fused`` against the
 ``fused_t`` path at a small rank and writes the ``dispatch.fused_max_rank`` threshold
-accordingly. Once the tuned configs are written it times the split path with its shrink beside
-the base GEMM on a side stream against the two one after the other, with those configs, and
-writes ``dispatch.split_overlap_min_tokens`` (:func:`tune_split_overlap`), and times decode as
-two branches from CUDA-graph replays for ``dispatch.split_parallel_max_tokens``
-(:func:`tune_split_parallel`). The file is written
+accordingly. Once the split path's kernels are tuned (before the fused kernel's buckets) it
+times, with their tuned configs, the split path with its shrink beside the base GEMM on a side
+stream against the two one after the other (``dispatch.split_overlap_min_tokens``,
+:func:`tune_split_overlap`), and decode as two branches against the serial schedule from
+CUDA-graph replays (``dispatch.split_parallel_max_tokens``, :func:`tune_split_parallel`). The file is written
 atomically and merged with entries of other dtypes already in it.
 
 Usage (on a GPU)::
@@ -287,8 +287,15 @@ def tune(
     precompiled = (precompile(work, dtype, device, tiny=tiny, jobs=jobs, progress=progress)
                    if jobs > 1 and device.type == "cuda" else None)
     done = 0
+    # the split path's schedules are timed with its kernels' tuned configs, before the fused
+    # kernel's buckets: a run cut short there still has them
+    schedules: dict = {}
+    want_schedules = {"shrink", "expand"} <= set(ops)
     try:
         for op, problem in tqdm(work, desc="autotune", disable=not progress):
+            if op == "fused_linear" and want_schedules:
+                want_schedules = False
+                _time_split_schedules(out, schedules, dtype, device, tiny)
             run, check = _runner(op, problem, dtype, device)  # inputs and reference built once per bucket
             best: tuple[float, LaunchConfig] | None = None
             for cfg in candidates(op, problem, tiny):
@@ -304,12 +311,15 @@ def tune(
             if best is not None:
                 out[op].append(_bucket_entry(op, problem, best[1], dtype, best[0]))
             done += 1
+        if want_schedules:
+            _time_split_schedules(out, schedules, dtype, device, tiny)
     except KeyboardInterrupt:
         print(f"autotune: interrupted after {done} of {len(work)} buckets; keeping those", flush=True)
     for entries in out.values():  # first match wins: smallest buckets first
         entries.sort(key=lambda e: (e["n"], e["k"], e["max_tokens"], e["max_rank"]))
     interrupted = done < len(work)
     dispatch = _tune_dispatch(dtype, device, tiny) if "fused_linear" in ops and not interrupted else {}
+    dispatch.update(schedules)
     import triton
 
     return {
@@ -377,6 +387,30 @@ def _tune_dispatch(dtype: torch.dtype, device: torch.device, tiny: bool) -> dict
     return {"fused_max_rank": 16 if fused < fused_t else 0, "_measured": measured}
 
 
+def _time_split_schedules(tuned: dict[str, list[dict]], into: dict, dtype: torch.dtype, device: torch.device,
+                          tiny: bool) -> None:
+    """Time the split path's schedules (:func:`tune_split_overlap`, :func:`tune_split_parallel`)
+    with the launch configs tuned so far (``tuned``, read before the GPU's files through a
+    temporary ``MILP_KERNEL_CONFIGS`` table); their knobs and evidence go ``into`` the dict as
+    each is measured, so an interruption keeps what was."""
+    fd, tmp = tempfile.mkstemp(prefix="milp_tuned_", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"ops": {op: sorted(entries, key=lambda e: (e["n"], e["k"], e["max_tokens"], e["max_rank"]))
+                           for op, entries in tuned.items()}}, f)
+    previous = os.environ.get("MILP_KERNEL_CONFIGS")
+    os.environ["MILP_KERNEL_CONFIGS"] = tmp
+    try:
+        into.update(tune_split_overlap(dtype, device, tiny))
+        into.update(tune_split_parallel(dtype, device, tiny))
+    finally:
+        if previous is None:
+            os.environ.pop("MILP_KERNEL_CONFIGS", None)
+        else:
+            os.environ["MILP_KERNEL_CONFIGS"] = previous
+        os.unlink(tmp)
+        _load_table.cache_clear()
+
+
 def _schedule_rows(dtype: torch.dtype, device: torch.device, tiny: bool, sizes: list[tuple[int, int]],
                    schedules: dict[str, dict], timer: Callable) -> list[dict]:
     """Per ``(tokens, users)`` size, the split path's inference forward (the 7B up and down
@@ -406,7 +440,7 @@ def tune_split_overlap(dtype: torch.dtype, device: torch.device, tiny: bool = Fa
     the two one after the other, at decode (32 users), 512, 4096 and 16384 tokens, the 7B up
     and down projections summed. The knob is the smallest of those token counts from which the
     overlap is at least 2% faster at every larger one; 0 (never) if it is not at the largest.
-    Run with the launch configs in force (:func:`main` runs it after writing the tuned ones).
+    Run with the launch configs in force (:func:`tune` runs it with the split path's tuned ones).
 
     Example:
         >>> tune_split_overlap(torch.bfloat16, torch.device("cuda"))  # doctest: +SKIP
@@ -440,7 +474,7 @@ def tune_split_parallel(dtype: torch.dtype, device: torch.device, tiny: bool = F
     decode, 32 and 256 users with a token each, the 7B up and down projections summed, as two
     branches against the schedule the other knobs give. The knob is the largest of those sizes
     up to which the branches are at least 2% faster at every size; 0 (never) if they are not at
-    the smallest. Run with the launch configs in force (:func:`main` runs it after writing them).
+    the smallest. Run with the launch configs in force (:func:`tune` runs it with the tuned ones).
 
     Example:
         >>> tune_split_parallel(torch.bfloat16, torch.device("cuda"))  # doctest: +SKIP
@@ -506,28 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     table = tune(_DTYPES[args.dtype], ops=ops, quick=args.quick, tiny=args.tiny, jobs=args.jobs)
     out = Path(args.out) if args.out else config_path_for(table["device"])
+    knobs = {k: v for k, v in table["dispatch"].items() if not k.startswith("_")}
+    print(f"dispatch: {knobs}")
     print(f"wrote {write_table(table, out)}")
-    if "_interrupted" in table or not {"shrink", "expand"} <= set(ops):
-        return 0
-    # the overlap of the split path's shrink with the GEMM, timed with the configs just written
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    previous = os.environ.get("MILP_KERNEL_CONFIGS")
-    os.environ["MILP_KERNEL_CONFIGS"] = str(out)
-    dispatch: dict = {}
-    try:
-        dispatch.update(tune_split_overlap(_DTYPES[args.dtype], device, tiny=args.tiny))
-        dispatch.update(tune_split_parallel(_DTYPES[args.dtype], device, tiny=args.tiny))
-    except KeyboardInterrupt:
-        print("autotune: interrupted while timing the split path's schedules; keeping what was measured", flush=True)
-    finally:
-        if previous is None:
-            os.environ.pop("MILP_KERNEL_CONFIGS", None)
-        else:
-            os.environ["MILP_KERNEL_CONFIGS"] = previous
-    if dispatch:
-        write_table({"ops": {}, "dispatch": dispatch}, out)
-        print("split path: " + "; ".join(f"{k} = {v}" for k, v in dispatch.items() if not k.startswith("_"))
-              + f" ({ {k: v for k, v in dispatch.items() if k.startswith('_')} }); wrote {out}", flush=True)
     return 0
 
 

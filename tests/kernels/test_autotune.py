@@ -285,3 +285,45 @@ def test_expand_is_tuned_in_the_mode_the_split_path_runs_it(device, tokens):
             assert run().data_ptr() == y.data_ptr()
         modes = {r["constexprs"]["ACCUMULATE"] for r in rec.records.values() if r["kernel"].startswith("lora_expand")}
         assert modes == {accumulate}
+
+
+def test_split_schedules_are_timed_with_the_tuned_configs_before_the_fused_buckets(monkeypatch, device):
+    """The overlap and two-branch timings run once the split path's kernels are tuned, with those
+    configs in force (a temporary table read before the GPU's files), and before the fused
+    kernel's buckets: a run cut short there keeps the schedule knobs."""
+    from kernels.tuning import get_config
+
+    seen = {}
+
+    def overlap(dtype, dev, tiny):  # what the schedule timing sees: the tuned expand config
+        entry = table_so_far()["expand"][-1]
+        cfg = get_config("expand", num_tokens=entry["max_tokens"], n=entry["n"], k=entry["k"],
+                         max_rank=entry["max_rank"], dtype=dtype, device=dev)
+        seen["expand"] = (cfg.block_n, cfg.n_blocks, cfg.split_n) == (entry["block_n"], entry["n_blocks"],
+                                                                        entry["split_n"])
+        return {"split_overlap_min_tokens": 96, "_measured_overlap": []}
+
+    def table_so_far():
+        with open(os.environ["MILP_KERNEL_CONFIGS"], encoding="utf-8") as f:
+            return json.load(f)["ops"]
+
+    calls = {"n": 0}
+    real = autotune._runner
+
+    def runner(op, problem, dtype, dev):  # interrupt the first fused bucket
+        if op == "fused_linear":
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(op, problem, dtype, dev)
+
+    monkeypatch.setattr(autotune, "tune_split_overlap", overlap)
+    monkeypatch.setattr(autotune, "tune_split_parallel", lambda *a: {"split_parallel_max_tokens": 8})
+    monkeypatch.setattr(autotune, "_runner", runner)
+    before = os.environ.get("MILP_KERNEL_CONFIGS")
+    with use_backend("triton"):
+        table = autotune.tune(torch.float32, device=torch.device(device), tiny=True, progress=False,
+                              ops=("shrink", "expand", "fused_linear"))
+    assert seen == {"expand": True} and calls["n"] == 4  # shrink and expand, two buckets each
+    assert table["dispatch"] == {"split_overlap_min_tokens": 96, "_measured_overlap": [],
+                                 "split_parallel_max_tokens": 8}
+    assert "_interrupted" in table and os.environ.get("MILP_KERNEL_CONFIGS") == before  # restored
