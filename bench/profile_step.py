@@ -6,7 +6,9 @@ On the H200 (2026-11-28) forward + backward at 512 tokens took 1.92 ms against t
 0.19 ms. The kernels timed alone add up to about 0.45 ms (bench/README.md, "Measured on an
 H200"). This script profiles a few steps of the benchmark's own problem (``bench/_util.Problem``,
 32 users, mixed ranks, bf16) and prints the ops and kernels by device time, and by host time
-(host-side gaps show up there). It writes ``profile_<workload>.txt`` and a Chrome trace
+(host-side gaps show up there), then the kernels per CUDA stream and how long two streams ran
+kernels at once (the split path's side stream, ``bench/streams.py``). It writes
+``profile_<workload>.txt`` and a Chrome trace
 (``.json``) to ``--out``. The NVTX-style names of the op (``milp.*``) are recorded too
 (``MILP_NVTX=1``). On CPU it profiles the torch reference path, which says nothing of the GPU.
 """
@@ -24,6 +26,7 @@ os.environ.setdefault("MILP_NVTX", "1")
 
 import _util as U  # noqa: E402
 import torch  # noqa: E402
+from streams import stream_summary  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import kernels  # noqa: E402
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"{wl.id} on {torch.cuda.get_device_name(0) if U.CUDA else 'cpu'}, {args.steps} steps, "
             f"path {kernels.choose_path(wl.tokens, bank.max_rank, num_segments=plan.num_segments, device=p.x.device)}"
             f"\n\n-- by device time --\n{prof.key_averages().table(sort_by=sort, row_limit=30)}"
-            f"\n\n-- by host time --\n{prof.key_averages().table(sort_by='cpu_time_total', row_limit=30)}\n")
+            f"\n\n-- by host time --\n{prof.key_averages().table(sort_by='cpu_time_total', row_limit=30)}"
+            f"\n\n-- CUDA streams --\n{stream_summary(prof.events())}\n")
     (out / f"profile_{wl.id}.txt").write_text(text, encoding="utf-8")
     prof.export_chrome_trace(str(out / f"profile_{wl.id}.json"))
     print(text)

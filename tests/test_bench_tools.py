@@ -190,3 +190,23 @@ def test_report_readme_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(run), "--readme", str(tmp_path / "missing.md")])
     assert "--readme: no such file" in capsys.readouterr().err
+
+
+# =========================================================================== bench/streams.py
+def test_stream_summary_counts_kernels_per_stream_and_the_time_they_overlap():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    streams = _module("streams")
+
+    def ev(sid, a, b, name="k", dev=DeviceType.CUDA):
+        return SimpleNamespace(device_type=dev, device_resource_id=sid, time_range=SimpleNamespace(start=a, end=b),
+                               name=name)
+
+    events = [ev(7, 0, 100, "gemm"), ev(7, 100, 150, "expand"), ev(9, 20, 60, "shrink"), ev(9, 140, 170, "dA"),
+              ev(0, 0, 1000, "aten::mm", DeviceType.CPU)]  # host events are not kernels
+    text = streams.stream_summary(events)
+    assert "stream 7: 2 kernels, busy 0.150 ms" in text and "stream 9: 2 kernels, busy 0.070 ms" in text
+    assert "at once: 0.050 ms" in text  # 20-60 beside the GEMM, 140-150 beside the expand
+    assert streams.stream_summary([ev(0, 0, 1, dev=DeviceType.CPU)]) == "no CUDA kernels in the profile"
