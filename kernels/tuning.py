@@ -272,7 +272,7 @@ def split_parallel(num_tokens: int, device: torch.device | None = None) -> bool:
 def split_schedule(num_tokens: int, device: torch.device | None = None) -> tuple[bool, bool, bool]:
     """``(parallel, expand_first, overlap)``: :func:`split_parallel`, :func:`split_expand_first`
     and :func:`split_overlap` for a split-path batch of ``num_tokens``, from one lookup of the
-    knobs (the op asks on every call; the three answered apart cost about 5 µs of host time).
+    knobs (the op asks on every call; answered apart they cost a few µs more of host time).
 
     Example:
         >>> split_schedule(32)
