@@ -208,14 +208,28 @@ def _nvtx_range(name: str) -> Iterator[None]:
                 torch.cuda.nvtx.range_pop()
 
 
-@functools.cache
+class _SideStreams(threading.local):
+    by_device: dict | None = None
+
+
+_SIDE_STREAMS = _SideStreams()
+
+
 def _side_stream(index: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device=index)
+    # one per thread and GPU (torch hands streams out of a fixed pool: nothing leaks): a thread
+    # capturing a CUDA graph must not find another thread's work on the stream it joined
+    streams = _SIDE_STREAMS.by_device
+    if streams is None:
+        streams = _SIDE_STREAMS.by_device = {}
+    stream = streams.get(index)
+    if stream is None:
+        stream = streams[index] = torch.cuda.Stream(device=index)
+    return stream
 
 
 class SideStream:
-    """Work issued inside ``with side:`` runs on a side stream of ``device`` (one per GPU,
-    shared), after everything the current stream has queued so far; the current stream waits
+    """Work issued inside ``with side:`` runs on a side stream of ``device`` (one per GPU and
+    thread), after everything the current stream has queued so far; the current stream waits
     for it at :meth:`wait` (up to a :meth:`mark` made inside) or at :meth:`join` (all of it).
     Tensors made on the side stream and used after the join are named to :meth:`join`, which
     records the current stream on them for the caching allocator.

@@ -99,3 +99,19 @@ def test_cpu_is_program_order():
     assert mark is None and side.main is None
     side.wait(mark)
     side.join(torch.ones(2))  # nothing to record on a CPU
+
+
+def test_one_side_stream_per_thread_and_gpu(monkeypatch):
+    """A thread capturing a CUDA graph must not find another thread's work on its side stream."""
+    import threading
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or object())
+    monkeypatch.setattr(_backend, "_SIDE_STREAMS", _backend._SideStreams())
+    first, again, gpu1 = _backend._side_stream(0), _backend._side_stream(0), _backend._side_stream(1)
+    assert first is again and gpu1 is not first
+    other = []
+    thread = threading.Thread(target=lambda: other.append(_backend._side_stream(0)))
+    thread.start()
+    thread.join()
+    assert other[0] is not first and made == [0, 1, 0]
