@@ -22,7 +22,9 @@ Argument conventions: ``x [T, K]``; ``weight [N, K]``; ``lora_a [cap, K]``;
 :mod:`kernels._backend`). ``path`` picks the kernels (:func:`kernels.tuning.choose_path`):
 ``"split"`` (cuBLAS base + split-K shrink + expand: decode), ``"fused"`` (one launch, ``t``
 in registers: small ranks) or ``"fused_t"`` (shrink, then the base GEMM with the expand in
-its epilogue); ``"auto"`` decides by token count and rank.
+its epilogue); ``"auto"`` decides by token count and rank. The split path's schedule (GEMM or
+expand first, the shrink on a side stream beside the GEMM, decode as two branches inside a
+CUDA graph) follows the dispatch knobs of :func:`kernels.tuning.split_schedule`.
 """
 from __future__ import annotations
 
