@@ -8,8 +8,8 @@ partial sums, as the op's decode path runs them; the expand is timed in place, i
 split path runs it at that size (adding into ``y``, or writing it where
 :func:`kernels.tuning.split_expand_first` holds). It also times the ``fused`` against the
 ``fused_t`` path at a small rank and writes the ``dispatch.fused_max_rank`` threshold
-accordingly. Once the split path's kernels are tuned (before the fused kernel's buckets) it
-times, with their tuned configs, the split path with its shrink beside the base GEMM on a side
+accordingly. Once the shrink and the expand are tuned (before the other buckets) it times,
+with their tuned configs, the split path with its shrink beside the base GEMM on a side
 stream against the two one after the other (``dispatch.split_overlap_min_tokens``,
 :func:`tune_split_overlap`), and decode as two branches against the serial schedule from
 CUDA-graph replays (``dispatch.split_parallel_max_tokens``, :func:`tune_split_parallel`). The file is written
@@ -287,13 +287,14 @@ def tune(
     precompiled = (precompile(work, dtype, device, tiny=tiny, jobs=jobs, progress=progress)
                    if jobs > 1 and device.type == "cuda" else None)
     done = 0
-    # the split path's schedules are timed with its kernels' tuned configs, before the fused
-    # kernel's buckets: a run cut short there still has them
+    # the split path's schedules (forward only) are timed with the shrink's and the expand's
+    # tuned configs, before the grouped dA/dB and the fused kernel's buckets: a run cut short
+    # there still has them
     schedules: dict = {}
     want_schedules = {"shrink", "expand"} <= set(ops)
     try:
         for op, problem in tqdm(work, desc="autotune", disable=not progress):
-            if op == "fused_linear" and want_schedules:
+            if op not in ("shrink", "expand") and want_schedules:
                 want_schedules = False
                 _time_split_schedules(out, schedules, dtype, device, tiny)
             run, check = _runner(op, problem, dtype, device)  # inputs and reference built once per bucket
@@ -440,7 +441,7 @@ def tune_split_overlap(dtype: torch.dtype, device: torch.device, tiny: bool = Fa
     the two one after the other, at decode (32 users), 512, 4096 and 16384 tokens, the 7B up
     and down projections summed. The knob is the smallest of those token counts from which the
     overlap is at least 2% faster at every larger one; 0 (never) if it is not at the largest.
-    Run with the launch configs in force (:func:`tune` runs it with the split path's tuned ones).
+    Run with the launch configs in force (:func:`tune` runs it with the shrink's and expand's tuned ones).
 
     Example:
         >>> tune_split_overlap(torch.bfloat16, torch.device("cuda"))  # doctest: +SKIP

@@ -287,10 +287,10 @@ def test_expand_is_tuned_in_the_mode_the_split_path_runs_it(device, tokens):
         assert modes == {accumulate}
 
 
-def test_split_schedules_are_timed_with_the_tuned_configs_before_the_fused_buckets(monkeypatch, device):
-    """The overlap and two-branch timings run once the split path's kernels are tuned, with those
-    configs in force (a temporary table read before the GPU's files), and before the fused
-    kernel's buckets: a run cut short there keeps the schedule knobs."""
+def test_split_schedules_are_timed_with_the_tuned_configs_before_the_other_buckets(monkeypatch, device):
+    """The overlap and two-branch timings run once the shrink and the expand are tuned, with those
+    configs in force (a temporary table read before the GPU's files), and before the grouped
+    dA/dB and fused kernels' buckets: a run cut short there keeps the schedule knobs."""
     from kernels.tuning import get_config
 
     seen = {}
@@ -310,8 +310,8 @@ def test_split_schedules_are_timed_with_the_tuned_configs_before_the_fused_bucke
     calls = {"n": 0}
     real = autotune._runner
 
-    def runner(op, problem, dtype, dev):  # interrupt the first fused bucket
-        if op == "fused_linear":
+    def runner(op, problem, dtype, dev):  # interrupt the first bucket after the shrink and expand ones
+        if op not in ("shrink", "expand"):
             raise KeyboardInterrupt
         calls["n"] += 1
         return real(op, problem, dtype, dev)
@@ -322,7 +322,7 @@ def test_split_schedules_are_timed_with_the_tuned_configs_before_the_fused_bucke
     before = os.environ.get("MILP_KERNEL_CONFIGS")
     with use_backend("triton"):
         table = autotune.tune(torch.float32, device=torch.device(device), tiny=True, progress=False,
-                              ops=("shrink", "expand", "fused_linear"))
+                              ops=("shrink", "expand", "grad_weights", "fused_linear"))
     assert seen == {"expand": True} and calls["n"] == 4  # shrink and expand, two buckets each
     assert table["dispatch"] == {"split_overlap_min_tokens": 96, "_measured_overlap": [],
                                  "split_parallel_max_tokens": 8}
