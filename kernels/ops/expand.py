@@ -112,11 +112,7 @@ def _expand_kernel(
     row_mask = rows < end
     tok = tl.load(sorted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     n_first = pid_n * (BLOCK_N * N_BLOCKS)
-    if N_BLOCKS == 1:
-        _expand_cols(t_ptr, b_ptr, y_ptr, tok, row_mask, offset, rank, n_first + tl.arange(0, BLOCK_N), N,
-                     stride_t, stride_b, stride_yt, stride_ts, SPLIT, ACCUMULATE, BLOCK_M, BLOCK_N, BLOCK_R,
-                     UPCAST, IEEE, ACC)
-    elif HOIST_T:
+    if HOIST_T:
         # the whole rank in one block (BLOCK_R >= the bank's rank): t is loaded once, and the
         # program streams its N_BLOCKS column blocks of B (and y), a pipelined loop of loads,
         # one MMA and a store each, instead of a program per block that waits on its own
@@ -131,7 +127,7 @@ def _expand_kernel(
             bt = tl.load(b_rows + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
             acc = mma(tt, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), UPCAST, IEEE)
             _store_y(y_ptr, tok, row_mask, offs_n, n_mask, acc, stride_yt, ACCUMULATE, ACC)
-    else:
+    else:  # a rank loop per column block (N_BLOCKS = 1: one block per program)
         for j in range(N_BLOCKS):
             _expand_cols(t_ptr, b_ptr, y_ptr, tok, row_mask, offset, rank,
                          n_first + j * BLOCK_N + tl.arange(0, BLOCK_N), N, stride_t, stride_b, stride_yt, stride_ts,
