@@ -250,6 +250,11 @@ def _time(fn: Callable[[], object], device: torch.device, quick: bool = False) -
     return (time.perf_counter() - t0) * 1e3
 
 
+def _bucket_order(entry: dict) -> tuple:
+    """Sort key of a table's entries: the first match wins, so smaller buckets come first."""
+    return entry["n"], entry["k"], entry["max_tokens"], entry["max_rank"]
+
+
 def _bucket_entry(op: str, problem: Problem, cfg: LaunchConfig, dtype: torch.dtype, ms: float) -> dict:
     entry = {"max_tokens": problem.num_tokens, "n": problem.n, "k": problem.k, "max_rank": problem.max_rank,
              "dtype": str(dtype).replace("torch.", ""), "median_ms": round(ms, 5)}
@@ -316,8 +321,8 @@ def tune(
             _time_split_schedules(out, schedules, dtype, device, tiny)
     except KeyboardInterrupt:
         print(f"autotune: interrupted after {done} of {len(work)} buckets; keeping those", flush=True)
-    for entries in out.values():  # first match wins: smallest buckets first
-        entries.sort(key=lambda e: (e["n"], e["k"], e["max_tokens"], e["max_rank"]))
+    for entries in out.values():
+        entries.sort(key=_bucket_order)
     interrupted = done < len(work)
     dispatch = _tune_dispatch(dtype, device, tiny) if "fused_linear" in ops and not interrupted else {}
     dispatch.update(schedules)
@@ -396,8 +401,7 @@ def _time_split_schedules(tuned: dict[str, list[dict]], into: dict, dtype: torch
     each is measured, so an interruption keeps what was."""
     fd, tmp = tempfile.mkstemp(prefix="milp_tuned_", suffix=".json")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({"ops": {op: sorted(entries, key=lambda e: (e["n"], e["k"], e["max_tokens"], e["max_rank"]))
-                           for op, entries in tuned.items()}}, f)
+        json.dump({"ops": {op: sorted(entries, key=_bucket_order) for op, entries in tuned.items()}}, f)
     previous = os.environ.get("MILP_KERNEL_CONFIGS")
     os.environ["MILP_KERNEL_CONFIGS"] = tmp
     try:
@@ -504,7 +508,7 @@ def write_table(table: dict, path: Path) -> Path:
         ops = {op: [e for e in old.get("ops", {}).get(op, []) if e.get("dtype") not in dtypes]
                for op in set(old.get("ops", {})) | set(table["ops"])}
         for op, entries in table["ops"].items():
-            ops[op] = sorted(ops[op] + entries, key=lambda e: (e["n"], e["k"], e["max_tokens"], e["max_rank"]))
+            ops[op] = sorted(ops[op] + entries, key=_bucket_order)
         # dispatch thresholds merge key by key: a tuning run writes fused_max_rank only, and
         # must keep what bench/dispatch.py measured (decode_max_tokens, ...)
         dispatch = {**old.get("dispatch", {}), **table.get("dispatch", {})}
