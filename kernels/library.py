@@ -169,19 +169,21 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
     overlaps its shrink with the base GEMM (:func:`kernels.tuning.split_overlap`) it runs on the
     side stream too, beside the GEMM and the expand.
     """
-    if then is not None and not store_t:
+    if then is None:
+        then = _no_extra
+    elif not store_t:
         raise ValueError("then needs store_t: it consumes the full t")
     if backend_for(x) == "torch":
         y, t = fused_lora_linear_torch(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, segments, max_rank,
                                        weight_layout=weight_layout, store_t=store_t)
-        return y, t, (then(t) if then is not None else ())
+        return y, t, then(t)
     if path == "auto":
         path = choose_path(x.shape[0], max_rank, device=x.device)
     if path != "split":
         y, t = fused_lora_linear(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
                                  max_rank, weight_layout=weight_layout, store_t=store_t,
                                  precompute_t=path == "fused_t")
-        return y, t, (then(t) if then is not None else ())
+        return y, t, then(t)
     # decode: the base GEMV is memory-bound and cuBLAS streams W exactly once; the adapters add
     # one split-K shrink (reads each A once) and one expand. Without a t to keep, the shrink
     # leaves its split-K partials for the expand to add up: three launches (no zero-fill of t),
@@ -213,14 +215,14 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
         y = x.new_empty(x.shape[0], w.shape[0])
         expand(y, accumulate=False)
         y.addmm_(x, w.t())
-        extra = then(t) if then is not None else ()
+        extra = then(t)
     elif overlap:
         # the shrink (and then's work) on a side stream, beside cuBLAS; the expand waits for t
         side = SideStream(x.device)
         with side:
             t = shrink()
             t_ready = side.mark()
-            extra = then(t) if then is not None else ()
+            extra = then(t)
         y = torch.nn.functional.linear(x, w, bias)
         side.wait(t_ready)
         expand(y)
@@ -229,8 +231,13 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
         t = shrink()
         y = torch.nn.functional.linear(x, w, bias)
         expand(y)
-        extra = then(t) if then is not None else ()
+        extra = then(t)
     return y, (t if store_t else t.new_empty(0)), extra
+
+
+def _no_extra(t: Tensor) -> tuple:
+    """The ``then`` of :func:`_linear_with_adapters` when there is nothing to run after ``t``."""
+    return ()
 
 
 def _capturing(device: torch.device) -> bool:
