@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from .config import MAX_MODULES, MemoryConfig, atomic_directory, atomic_write_bytes, atomic_write_text
-from .export import export_peft, peft_adapter
+from .export import export_peft, import_peft, peft_adapter, read_peft
 from .inject import (
     SUPPORTED_ARCHITECTURES,
     MilpState,
@@ -70,11 +70,13 @@ __all__ = [
     "ffn_target_shapes",
     "ffn_targets",
     "get_milp",
+    "import_peft",
     "is_injected",
     "lr_multiplier",
     "mixed_batches",
     "pad_sequences",
     "peft_adapter",
+    "read_peft",
     "remove_milp",
     "tiny_model",
     "user_losses",

@@ -448,6 +448,21 @@ class MilpRuntime:
             raise
         return key
 
+    def load_peft(self, directory: str | os.PathLike[str], user: Hashable, *, total_steps: int | None = None,
+                  optim: AdamWConfig | None = None) -> MemoryConfig:
+        """Load a PEFT LoRA adapter of the FFN linears as the new user ``user`` (see
+        :func:`milp.export.import_peft`); returns its :class:`MemoryConfig`.
+
+        Example:
+            >>> import tempfile; from milp.inject import tiny_model; from milp.export import export_peft
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=2); rt.add_user("u", MemoryConfig.uniform(2))
+            >>> rt.load_peft(export_peft(rt, "u", tempfile.mkdtemp() + "/a"), "v").layer_ranks(1)
+            (8,)
+        """
+        from .export import import_peft
+
+        return import_peft(self, user, directory, total_steps=total_steps, optim=optim)
+
     # ------------------------------------------------------------- batches
     def row_slots(self, users: Hashable | Sequence[Hashable | None] | None, batch_size: int) -> torch.Tensor:
         """``[B]`` slots of per-row user ids (``None`` = base model; one id = every row)."""
