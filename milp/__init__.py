@@ -43,11 +43,13 @@ from .pipeline import (
     score,
 )
 from .runtime import MilpRuntime, mixed_batches, pad_sequences, user_losses, user_losses_from_ce
+from .store import CacheInfo, UserStore, user_dirname
 
 __all__ = [
     "MAX_MODULES",
     "SUPPORTED_ARCHITECTURES",
     "AdamWConfig",
+    "CacheInfo",
     "InstructionAdapter",
     "MemoryConfig",
     "MilpRuntime",
@@ -61,6 +63,7 @@ __all__ = [
     "response_losses",
     "score",
     "PackedAdamW",
+    "UserStore",
     "apply_milp",
     "atomic_directory",
     "atomic_write_bytes",
@@ -79,6 +82,7 @@ __all__ = [
     "read_peft",
     "remove_milp",
     "tiny_model",
+    "user_dirname",
     "user_losses",
     "user_losses_from_ce",
     "token_losses",

@@ -45,6 +45,7 @@ from .config import MemoryConfig, atomic_directory
 from .inject import MilpState, apply_milp, batch_users, get_milp, is_injected
 from .losses import token_losses
 from .optim import AdamWConfig, PackedAdamW
+from .store import CacheInfo, UserStore
 
 __all__ = [
     "ADAPTERS_FILE",
@@ -200,6 +201,8 @@ class MilpRuntime:
         max_users: how many users may be loaded at once (bank slots).
         optim: default :class:`AdamWConfig` of new users.
         capacity: rank rows to preallocate per target linear.
+        store: a :class:`~milp.store.UserStore`; batches may then name any user saved there
+            (loaded on demand, least recently used store users evicted: :mod:`milp.store`).
 
     Example:
         >>> from milp.inject import tiny_model
@@ -209,7 +212,9 @@ class MilpRuntime:
     """
 
     def __init__(self, model: nn.Module, *, max_users: int = 64, optim: AdamWConfig | None = None,
-                 capacity: int = 0) -> None:
+                 capacity: int = 0, store: UserStore | None = None) -> None:
+        if store is not None and not isinstance(store, UserStore):
+            raise TypeError(f"store must be a milp.UserStore, got {type(store).__name__}")
         self.model = model
         if is_injected(model):
             self.state: MilpState = get_milp(model)
@@ -223,6 +228,11 @@ class MilpRuntime:
         self.optimizer = PackedAdamW(self.state.banks(), self.state.max_users)
         self._slots: dict[Hashable, int] = {}
         self._configs: dict[Hashable, MemoryConfig] = {}
+        self.store = store
+        self._from_store: dict[Hashable, int] = {}  # users the store loaded -> their step count then
+        self._last_used: dict[Hashable, int] = {}   # store users -> batch counter of last use
+        self._batches = 0
+        self._cache = [0, 0, 0, 0]  # hits, loads, evictions, write_backs
 
     # ---------------------------------------------------------------- users
     @property
@@ -320,6 +330,8 @@ class MilpRuntime:
         self.optimizer.drop_user(slot)
         self.optimizer.sync()
         del self._slots[user], self._configs[user]
+        self._from_store.pop(user, None)
+        self._last_used.pop(user, None)
 
     def evict_user(self, user: Hashable, directory: str | os.PathLike[str]) -> Path:
         """:meth:`save_user` then :meth:`remove_user`; returns the directory."""
@@ -474,7 +486,64 @@ class MilpRuntime:
             raise TypeError(f"users must be a user id or a sequence with one id per row, got {type(users).__name__}")
         if len(rows) != batch_size:
             raise ValueError(f"users has {len(rows)} entries but the batch has {batch_size} rows")
+        if self.store is not None:
+            self._admit(rows)
         return torch.tensor([-1 if u is None else self.slot(u) for u in rows], dtype=torch.int64)
+
+    # -------------------------------------------------------------- store
+    def cache_info(self) -> CacheInfo:
+        """What the store did so far (:class:`milp.store.CacheInfo`)."""
+        return CacheInfo(*self._cache)
+
+    def _dirty(self, user: Hashable) -> bool:
+        """Whether a store user was trained since the store loaded it."""
+        return self.optimizer.step_count(self._slots[user]) != self._from_store[user]
+
+    def _admit(self, rows: Sequence[Hashable | None]) -> None:
+        """Load the batch's users that are not loaded from the store, first evicting the least
+        recently used store users the batch does not need; refuses (changing nothing) a batch
+        that cannot be placed."""
+        store = self.store
+        assert store is not None
+        need = list(dict.fromkeys(_as_key(u) for u in rows if u is not None))
+        if len(need) > self.max_users:
+            raise ValueError(f"the batch names {len(need)} distinct users but the runtime holds at most "
+                             f"max_users={self.max_users} at once; split the batch")
+        missing = [u for u in need if u not in self._slots]
+        paths = {}
+        for u in missing:
+            paths[u] = store.path(u)
+            if paths[u] is None:
+                raise KeyError(f"unknown user {u!r}: not loaded, and {store} has no such user")
+        free = self.max_users - len(self._slots)
+        victims: list[Hashable] = []
+        if len(missing) > free:
+            wanted = set(need)
+            movable = [u for u in self._from_store if u not in wanted and (store.write_back or not self._dirty(u))]
+            movable.sort(key=lambda u: self._last_used.get(u, -1))
+            victims = movable[: len(missing) - free]
+            if len(victims) < len(missing) - free:
+                kept = [u for u in self._from_store if u not in wanted and u not in movable]
+                raise ValueError(
+                    f"the batch needs {len(missing)} users loaded from the store but only {free + len(victims)} "
+                    f"slots can be freed (max_users={self.max_users}; users added directly are never evicted"
+                    + (f"; {len(kept)} store users were trained since loading, e.g. {kept[:3]}: open the store "
+                       f"with write_back=True, or save and remove them" if kept else "") + ")")
+        for u in victims:
+            if self._dirty(u):
+                self.save_user(u, store.save_path(u))
+                self._cache[3] += 1
+            self.remove_user(u)
+            self._cache[2] += 1
+        for u in missing:
+            self.load_user(paths[u], u)
+            self._from_store[u] = self.optimizer.step_count(self._slots[u])
+            self._cache[1] += 1
+        self._cache[0] += len(need) - len(missing)
+        self._batches += 1
+        for u in need:
+            if u in self._from_store:
+                self._last_used[u] = self._batches
 
     @contextlib.contextmanager
     def using(self, users: Hashable | Sequence[Hashable | None] | None, batch_size: int | None = None

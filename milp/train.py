@@ -59,6 +59,7 @@ from .pipeline import (
     response_losses,
     score,
 )
+from .store import user_dirname
 
 __all__ = ["build_parser", "main", "run", "select_users", "load_records", "user_dirname", "Dist"]
 
@@ -264,19 +265,6 @@ def select_users(records: Sequence[Record], n: int, seed: int) -> list[Record]:
         keep = set(random.Random(seed).sample(users, n))
         return [r for r in records if r.user_id in keep]
     return list(records)
-
-
-def user_dirname(user: str) -> str:
-    """A file-system-safe, collision-free directory name for a user id.
-
-    Example:
-        >>> user_dirname("meddia-d2-0001"), user_dirname("a/b")
-        ('meddia-d2-0001', 'a_b-3ec69c85')
-    """
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", user)[:80]
-    if safe == user and safe not in (".", ".."):
-        return safe
-    return f"{safe}-{hashlib.sha1(user.encode()).hexdigest()[:8]}"
 
 
 def _atomic_json(path: Path, obj: Any) -> None:

@@ -1,0 +1,150 @@
+"""Serve (and train) far more users than the runtime has slots: a :class:`UserStore` of saved
+users, loaded on demand.
+
+A runtime holds at most ``max_users`` users' adapters at once (its bank slots). Give it a
+store (``MilpRuntime(model, max_users=64, store=UserStore(dir))``) and every batch may name
+any user saved there: users the batch needs that are not loaded are loaded from the store,
+and when no slot is free the least recently used users that the batch does not need are
+evicted first. The store is a directory with one subdirectory per user, as written by
+:meth:`MilpRuntime.save_user <milp.runtime.MilpRuntime.save_user>`, which is also what
+``python -m milp.train`` writes to ``<output>/users/``.
+
+Which users may be evicted: only users the runtime loaded from the store itself. Users added
+with ``add_user`` / ``load_user`` / ``load_peft`` stay until removed. A store user trained
+since it was loaded (``train_step`` moved its step count) is written back to the store
+before it is evicted when the store was opened with ``write_back=True``; otherwise it is
+kept, so no training is ever dropped silently. A batch that cannot be placed (more distinct
+users than slots, or too few evictable users) is refused before anything is loaded or
+evicted.
+
+Example:
+    >>> import tempfile, torch
+    >>> from milp.inject import tiny_model
+    >>> from milp.runtime import MilpRuntime
+    >>> from milp.config import MemoryConfig
+    >>> d = tempfile.mkdtemp()
+    >>> writer = MilpRuntime(tiny_model("llama"), max_users=3)
+    >>> for u in ("a", "b", "c"):
+    ...     writer.add_user(u, MemoryConfig.uniform(2, 1, 4), init="random", seed=len(u))
+    ...     _ = writer.save_user(u, f"{d}/{user_dirname(u)}")
+    >>> rt = MilpRuntime(tiny_model("llama"), max_users=2, store=UserStore(d))
+    >>> for batch in (["a", "b"], ["c", None], ["a", "c"]):
+    ...     _ = rt.forward(torch.ones(2, 3, dtype=torch.long), batch)
+    >>> rt.users, rt.cache_info()
+    (['c', 'a'], CacheInfo(hits=1, loads=4, evictions=2, write_backs=0))
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Hashable
+from pathlib import Path
+from typing import NamedTuple
+
+__all__ = ["CacheInfo", "UserStore", "user_dirname"]
+
+_USER_FILE = "user.json"  # milp.runtime.USER_FILE (not imported: runtime imports this module)
+
+
+def user_dirname(user: str | int) -> str:
+    """A file-system-safe, collision-free directory name for a user id.
+
+    Example:
+        >>> user_dirname("meddia-d2-0001"), user_dirname("a/b"), user_dirname(7)
+        ('meddia-d2-0001', 'a_b-3ec69c85', '7')
+    """
+    user = str(user)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", user)[:80]
+    if safe == user and safe not in (".", ".."):
+        return safe
+    return f"{safe}-{hashlib.sha1(user.encode()).hexdigest()[:8]}"
+
+
+class CacheInfo(NamedTuple):
+    """What a runtime's store did so far: users found loaded (``hits``, counted once per
+    batch), ``loads`` from the store, ``evictions``, and evictions that first saved a trained
+    user back (``write_backs``)."""
+
+    hits: int
+    loads: int
+    evictions: int
+    write_backs: int
+
+
+def _saved_id(path: Path) -> Hashable | None:
+    """The user id recorded in ``path/user.json`` (``None`` when unreadable)."""
+    try:
+        info = json.loads((path / _USER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    user = info.get("user") if isinstance(info, dict) else None
+    return user if isinstance(user, (str, int)) and not isinstance(user, bool) else None
+
+
+class UserStore:
+    """A directory of saved users, indexed by user id (the id in each ``user.json``).
+
+    Args:
+        root: the directory (``<output>/users`` of ``python -m milp.train``, or any directory
+            of :meth:`~milp.runtime.MilpRuntime.save_user` outputs).
+        write_back: save a user trained since it was loaded back here before evicting it
+            (atomically, optimizer state included); without it such users are not evicted.
+
+    Example:
+        >>> import tempfile
+        >>> UserStore(tempfile.mkdtemp()).users()
+        []
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, write_back: bool = False) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"user store {str(root)!r} is not a directory")
+        if not isinstance(write_back, bool):
+            raise TypeError(f"write_back must be a bool, got {type(write_back).__name__}")
+        self.root = root
+        self.write_back = write_back
+        self._index: dict[Hashable, Path] | None = None
+
+    def __repr__(self) -> str:
+        return f"UserStore({str(self.root)!r}, write_back={self.write_back})"
+
+    def refresh(self) -> None:
+        """Re-read the directory (users saved into it by another process since)."""
+        index: dict[Hashable, Path] = {}
+        for p in sorted(self.root.iterdir()):
+            if p.is_dir() and (user := _saved_id(p)) is not None:
+                index.setdefault(user, p)
+        self._index = index
+
+    def path(self, user: Hashable) -> Path | None:
+        """The directory holding ``user`` (``None`` when the store has no such user). Tries
+        :func:`user_dirname` first, then the index of every subdirectory's ``user.json``
+        (read once, and again on a miss)."""
+        if isinstance(user, (str, int)) and not isinstance(user, bool):
+            direct = self.root / user_dirname(user)
+            saved = _saved_id(direct)
+            if saved == user and type(saved) is type(user):
+                return direct
+        fresh = self._index is None
+        if fresh:
+            self.refresh()
+        p = self._index.get(user)  # type: ignore[union-attr]
+        if (p is None or not (p / _USER_FILE).is_file()) and not fresh:
+            self.refresh()
+            p = self._index.get(user)  # type: ignore[union-attr]
+        return p
+
+    def __contains__(self, user: object) -> bool:
+        return self.path(user) is not None  # type: ignore[arg-type]
+
+    def users(self) -> list[Hashable]:
+        """Every user id in the store (re-reads the directory)."""
+        self.refresh()
+        return list(self._index or ())
+
+    def save_path(self, user: Hashable) -> Path:
+        """Where ``user`` is (or will be) saved: its current directory, else :func:`user_dirname`."""
+        return self.path(user) or self.root / user_dirname(user)  # type: ignore[arg-type]

@@ -1,0 +1,126 @@
+"""UserStore: a runtime with few slots serves (and trains) any user saved in a store, loading
+on demand and evicting the least recently used store users."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from milp.config import MemoryConfig
+from milp.inject import tiny_model
+from milp.runtime import MilpRuntime
+from milp.store import CacheInfo, UserStore, user_dirname
+
+USERS = ["u0", "u1", "u2", 3, "a/b"]  # an int id and one needing a hashed directory name
+PROMPT = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def store_dir(tmp_path):
+    """Five saved users with different configs, and each one's logits on PROMPT."""
+    writer = MilpRuntime(tiny_model("llama"), max_users=len(USERS))
+    want = {}
+    for i, u in enumerate(USERS):
+        cfg = MemoryConfig((True, i % 2 == 0), (1 + i % 3, 1), (4 * (i + 1), 8))
+        writer.add_user(u, cfg, init="random", seed=i)
+        writer.save_user(u, tmp_path / user_dirname(u))
+        with torch.no_grad():
+            want[u] = writer.forward(PROMPT, u).logits[0]
+    with torch.no_grad():
+        want[None] = writer.forward(PROMPT, None).logits[0]
+    return tmp_path, want
+
+
+def check_rows(rt, batch, want):
+    with torch.no_grad():
+        got = rt.forward(PROMPT.repeat(len(batch), 1), batch).logits
+    for row, u in zip(got, batch):
+        torch.testing.assert_close(row, want[u], rtol=1e-5, atol=1e-5)
+
+
+def test_loads_on_demand_and_evicts_least_recently_used(store_dir):
+    root, want = store_dir
+    rt = MilpRuntime(tiny_model("llama"), max_users=2, store=UserStore(root))
+    check_rows(rt, ["u0", "u1"], want)
+    assert rt.users == ["u0", "u1"] and rt.cache_info() == CacheInfo(0, 2, 0, 0)
+    check_rows(rt, ["u0", None, "u0"], want)  # a hit; u1 is now the least recently used
+    check_rows(rt, [3], want)
+    assert rt.users == ["u0", 3] and rt.cache_info() == CacheInfo(1, 3, 1, 0)
+    check_rows(rt, ["a/b", "u0"], want)  # 3 goes, not the more recently used u0
+    assert rt.users == ["u0", "a/b"]
+    check_rows(rt, ["u1", "u2"], want)
+    assert rt.users == ["u1", "u2"] and rt.cache_info() == CacheInfo(2, 6, 4, 0)
+
+
+def test_refuses_batches_it_cannot_place_without_changing_anything(store_dir):
+    root, want = store_dir
+    rt = MilpRuntime(tiny_model("llama"), max_users=2, store=UserStore(root))
+    rt.add_user("pinned", MemoryConfig.uniform(2, 1, 4))
+    check_rows(rt, ["u0"], want)
+    with pytest.raises(ValueError, match="names 3 distinct users but the runtime holds at most max_users=2"):
+        rt.forward(PROMPT.repeat(3, 1), ["u1", "u2", "u0"])
+    with pytest.raises(ValueError, match="needs 2 users loaded from the store but only 1 slots can be freed"):
+        rt.forward(PROMPT.repeat(2, 1), ["u1", "u2"])
+    with pytest.raises(KeyError, match="unknown user 'nobody': not loaded, and UserStore"):
+        rt.forward(PROMPT, "nobody")
+    assert rt.users == ["pinned", "u0"] and rt.cache_info().evictions == 0
+    check_rows(rt, ["u1", "pinned"], want | {"pinned": rt.forward(PROMPT, "pinned").logits[0].detach()})
+    assert rt.users == ["pinned", "u1"]  # the directly added user is never evicted
+
+
+def test_trained_users_are_kept_or_written_back(store_dir):
+    root, want = store_dir
+    rt = MilpRuntime(tiny_model("llama"), max_users=1, store=UserStore(root))
+    rt.train_step(PROMPT, "u0")
+    with pytest.raises(ValueError, match=r"trained since loading, e\.g\. \['u0'\]: open the store with write"):
+        rt.forward(PROMPT, "u1")
+    assert rt.users == ["u0"]
+
+    rt = MilpRuntime(tiny_model("llama"), max_users=1, store=UserStore(root, write_back=True))
+    rt.train_step(PROMPT, "u0")
+    trained = rt.adapter_state("u0")
+    rt.forward(PROMPT, "u1")  # u0 saved back, then evicted
+    assert rt.users == ["u1"] and rt.cache_info() == CacheInfo(0, 2, 1, 1)
+    info = json.loads((root / "u0" / "user.json").read_text())
+    assert info["step"] == 1
+    reread = MilpRuntime(tiny_model("llama"), max_users=1)
+    reread.load_user(root / "u0")
+    for k, v in trained.items():
+        torch.testing.assert_close(reread.adapter_state("u0")[k], v, rtol=0, atol=0)
+    assert reread.optimizer.step_count(reread.slot("u0")) == 1
+    rt.forward(PROMPT, "u0")  # loads the trained copy: its step count carries on, it is clean again
+    assert rt.optimizer.step_count(rt.slot("u0")) == 1 and rt.cache_info().write_backs == 1
+    rt.forward(PROMPT, "u1")
+    assert rt.cache_info().write_backs == 1  # u0 was not trained again: evicted without saving
+
+
+def test_generate_with_store_users_equals_all_loaded(store_dir):
+    root, _ = store_dir
+    full = MilpRuntime(tiny_model("llama"), max_users=len(USERS))
+    for u in USERS:
+        full.load_user(root / user_dirname(u))
+    rt = MilpRuntime(tiny_model("llama"), max_users=2, store=UserStore(root))
+    prompts = PROMPT.repeat(2, 1)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    for batch in (["u0", "u1"], ["u2", 3], ["a/b", "u0"]):
+        torch.testing.assert_close(rt.generate(prompts, batch, **kw), full.generate(prompts, batch, **kw))
+
+
+def test_store_index_and_errors(store_dir, tmp_path_factory):
+    root, _ = store_dir
+    store = UserStore(root)
+    assert sorted(map(str, store.users())) == sorted(map(str, USERS))
+    assert 3 in store and "3" not in store and "a/b" in store and store.path("a/b").name == user_dirname("a/b")
+    assert store.save_path("new") == root / "new"
+    # a user saved by another process later is found (the index is re-read on a miss)
+    other = MilpRuntime(tiny_model("llama"), max_users=1)
+    other.add_user("late", MemoryConfig.uniform(2))
+    other.save_user("late", root / "some-other-name")
+    assert store.path("late") == root / "some-other-name"
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        UserStore(tmp_path_factory.mktemp("x") / "missing")
+    with pytest.raises(TypeError, match="write_back must be a bool"):
+        UserStore(root, write_back="yes")
+    with pytest.raises(TypeError, match="store must be a milp.UserStore"):
+        MilpRuntime(tiny_model("llama"), store=str(root))
