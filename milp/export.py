@@ -56,7 +56,6 @@ __all__ = ["PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "export_peft", "import_peft"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"  # older PEFT versions (a torch pickle, read weights-only)
-_PREFIX = "base_model.model."
 # adapter_config.json settings the runtime cannot reproduce: (key, is-set test, why)
 _UNSUPPORTED = (
     ("use_dora", bool, "DoRA (weight-decomposed LoRA) rescales the merged weight per column"),
