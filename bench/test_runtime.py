@@ -32,7 +32,7 @@ import _util as U
 import pytest
 import torch
 
-from milp import MemoryConfig, MilpRuntime, pad_sequences
+from milp import MemoryConfig, MilpRuntime, UserStore, pad_sequences, user_dirname
 
 pytestmark = U.PYTESTMARK
 
@@ -274,3 +274,42 @@ def test_decode_throughput(benchmark, peaks, impl, mode):
     if impl == "milp" and base_tps:
         benchmark.extra_info["tokens_per_s_vs_base"] = tps / base_tps
         benchmark.extra_info["target_tokens_per_s_vs_base"] = 0.85
+
+
+# ------------------------------------------------------------------------------ store
+def test_store_swap(benchmark, tmp_path):
+    """Serving from a :class:`milp.UserStore`: the time to bring a user that is not loaded
+    into a full runtime (evict the least recently used store user, read the adapters from
+    disk, copy them into the banks), per user and as adapter bytes per second. Decode users'
+    configurations; 2 slots and 6 users visited in turn, so every call swaps. Host timing with
+    the device synchronised at the end of each call (the page cache holds the files: a warm
+    store). Correctness first: a swapped-in user's adapters equal the saved ones."""
+    users, slots = 6, 2
+    writer = runtime(build_model(), users, decode=True)
+    saved = {}
+    for u in range(users):
+        writer.save_user(u, tmp_path / user_dirname(u), include_optimizer=False)
+        saved[u] = writer.adapter_state(u)
+    elem = torch.finfo(U.DTYPE).bits // 8
+    nbytes = elem * sum(writer.num_parameters(u) for u in range(users)) / users  # per user, mean
+    del writer
+    rt = MilpRuntime(build_model(), max_users=slots, store=UserStore(tmp_path))
+    for u in range(users):  # a full round: every user once (banks grown to their final size)
+        rt.row_slots([u], 1)
+        for k, v in rt.adapter_state(u).items():
+            assert torch.equal(v, saved[u][k]), f"user {u}: {k} differs from the saved adapters"
+    order = iter(range(10**9))
+
+    def swap():
+        rt.row_slots([next(order) % users], 1)
+        U._sync()
+
+    benchmark.group = "runtime-store-swap"
+    benchmark.pedantic(swap, rounds=20, warmup_rounds=users, iterations=1)
+    info = rt.cache_info()
+    assert info.hits == 0 and info.evictions == info.loads - slots  # every call swapped
+    best = benchmark.stats.stats.median if benchmark.stats is not None else float("nan")
+    benchmark.extra_info.update(
+        workload=f"runtime-store-swap-U{users}-S{slots}", op="store", device=str(U.DEVICE),
+        swap_ms=best * 1e3, adapter_bytes_per_user=nbytes, gbs=nbytes / best / 1e9, users_per_s=1 / best,
+        layers=rt.num_layers, loads=info.loads, evictions=info.evictions)
