@@ -268,9 +268,9 @@ def _runtime_users(runtime: Any, records: Sequence[Record], user_key: Callable[[
         return None
     key = user_key or (lambda r: r.user_id)
     users = [key(r) for r in records]
-    for u in users:
+    for u in dict.fromkeys(users):
         if u is not None:
-            runtime.slot(u)  # KeyError naming the unknown user
+            runtime.check_user(u)  # KeyError naming the unknown user (a store's users are known)
     return users
 
 

@@ -251,6 +251,14 @@ class MilpRuntime:
     def has_user(self, user: Hashable) -> bool:
         return user in self._slots
 
+    def check_user(self, user: Hashable) -> None:
+        """``KeyError`` naming ``user`` unless it is loaded or, with a store, saved there (a
+        batch may name it)."""
+        if user in self._slots or (self.store is not None and _as_key(user) in self.store):
+            return
+        where = f", nor saved in {self.store}" if self.store is not None else ""
+        raise KeyError(f"unknown user {user!r}: not loaded{where}; loaded users: {self.users[:20]}")
+
     def slot(self, user: Hashable) -> int:
         """The bank slot of ``user`` (``KeyError`` when not loaded)."""
         try:

@@ -152,6 +152,30 @@ def test_mixed_user_generation_and_losses_equal_per_user(tiny_chat_tokenizer):
     assert base != pytest.approx(ce_mixed, rel=1e-3)  # the adapters matter
 
 
+def test_generation_and_losses_with_users_from_a_store(tiny_chat_tokenizer, tmp_path):
+    """A runtime with 2 slots answers 5 users saved in a store (loaded and evicted as batches
+    need them) exactly as a runtime holding all of them."""
+    tok = tiny_chat_tokenizer
+    recs = _records(5)
+    full = milp.MilpRuntime(_model(), max_users=5)
+    for i, r in enumerate(recs):
+        full.add_user(r.user_id, milp.MemoryConfig.uniform(2, 1 + i % 2, 4), init="random", seed=i)
+    with torch.no_grad():
+        for m in full.state.modules():
+            m.bank.lora_b.normal_(std=0.5)
+    for r in recs:
+        full.save_user(r.user_id, tmp_path / milp.user_dirname(r.user_id))
+    rt = milp.MilpRuntime(_model(), max_users=2, store=milp.UserStore(tmp_path))
+    kw = dict(max_new_tokens=5, batch_size=2, progress=False)
+    assert generate_responses(rt.model, tok, recs, runtime=rt, **kw) == generate_responses(
+        full.model, tok, recs, runtime=full, **kw)
+    assert response_losses(rt.model, tok, recs, runtime=rt, batch_size=2) == pytest.approx(
+        response_losses(full.model, tok, recs, runtime=full, batch_size=2), rel=1e-5)
+    assert rt.cache_info().loads >= 5 and len(rt.users) == 2
+    with pytest.raises(KeyError, match="unknown user 'nobody': not loaded, nor saved in UserStore"):
+        generate_responses(rt.model, tok, [Record("nobody", "", ["h"], "q", "r")], runtime=rt, **kw)
+
+
 def test_context_fn_reaches_the_prompt(tiny_chat_tokenizer):
     tok = tiny_chat_tokenizer
     model = _model()
