@@ -7,7 +7,11 @@ On the H200 (2026-11-28) forward + backward at 512 tokens took 1.92 ms against t
 H200"). This script profiles a few steps of the benchmark's own problem (``bench/_util.Problem``,
 32 users, mixed ranks, bf16) and prints the ops and kernels by device time, and by host time
 (host-side gaps show up there), then the kernels per CUDA stream and how long two streams ran
-kernels at once (the split path's side stream, ``bench/streams.py``). It writes
+kernels at once (the split path's side stream, ``bench/streams.py``). Then, without the
+profiler, whether the host or the device bounds the step: the host time to issue the steps
+back to back against the device time of the same steps (CUDA events; when the two are close
+the device waited for the host), and where the host time goes (``cProfile``, summed by
+package: our ``kernels``, Triton's launcher, torch's Python and C++ calls). It writes
 ``profile_<workload>.txt`` and a Chrome trace
 (``.json``) to ``--out``. The NVTX-style names of the op (``milp.*``) are recorded too
 (``MILP_NVTX=1``). On CPU it profiles the torch reference path, which says nothing of the GPU.
@@ -15,8 +19,12 @@ kernels at once (the split path's side stream, ``bench/streams.py``). It writes
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,6 +38,55 @@ from streams import stream_summary  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import kernels  # noqa: E402
+
+
+def _package(filename: str) -> str:
+    """The package a profiled function belongs to (``~`` = a C function: torch's bindings,
+    the launcher, builtins)."""
+    f = filename.replace(os.sep, "/")
+    for name in ("/kernels/", "/milp/", "/triton/", "/torch/"):
+        if name in f:
+            return name.strip("/")
+    return "C calls" if f == "~" else "other"
+
+
+def host_profile(step, steps: int) -> str:
+    """Host issue time against device time of ``steps`` back-to-back steps, then the host time
+    by package and the top functions (``cProfile``; the timed steps run without it)."""
+    U._sync()
+    if U.CUDA:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    issue_us = (time.perf_counter() - t0) / steps * 1e6
+    if U.CUDA:
+        end.record()
+    U._sync()
+    wall_us = (time.perf_counter() - t0) / steps * 1e6
+    lines = [f"host issue {issue_us:.1f} us/step, wall {wall_us:.1f} us/step (synchronised at the end)"]
+    if U.CUDA:
+        dev_us = start.elapsed_time(end) / steps * 1e3
+        bound = "host-bound: the device waited for the host" if issue_us > 0.9 * dev_us else "device-bound"
+        lines.append(f"device {dev_us:.1f} us/step between events -> {bound}")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    U._sync()
+    st = pstats.Stats(prof)
+    by: dict[str, float] = {}
+    for (filename, _, _), (_, _, tottime, _, _) in st.stats.items():  # type: ignore[attr-defined]
+        by[_package(filename)] = by.get(_package(filename), 0.0) + tottime
+    total = sum(by.values()) or 1.0
+    lines.append("host time by package (cProfile, self time; profiling inflates it): " + ", ".join(
+        f"{k} {v / steps * 1e6:.0f} us ({100 * v / total:.0f}%)" for k, v in sorted(by.items(), key=lambda kv: -kv[1])))
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    lines.append(buf.getvalue().split("\n", 4)[-1] if buf.getvalue() else "")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             f"path {kernels.choose_path(wl.tokens, bank.max_rank, num_segments=plan.num_segments, device=p.x.device)}"
             f"\n\n-- by device time --\n{prof.key_averages().table(sort_by=sort, row_limit=30)}"
             f"\n\n-- by host time --\n{prof.key_averages().table(sort_by='cpu_time_total', row_limit=30)}"
-            f"\n\n-- CUDA streams --\n{stream_summary(prof.events())}\n")
+            f"\n\n-- CUDA streams --\n{stream_summary(prof.events())}\n"
+            f"\n-- host or device (no profiler) --\n{host_profile(step, max(args.steps, 20))}\n")
     (out / f"profile_{wl.id}.txt").write_text(text, encoding="utf-8")
     prof.export_chrome_trace(str(out / f"profile_{wl.id}.json"))
     print(text)

@@ -210,3 +210,20 @@ def test_stream_summary_counts_kernels_per_stream_and_the_time_they_overlap():
     assert "stream 7: 2 kernels, busy 0.150 ms" in text and "stream 9: 2 kernels, busy 0.070 ms" in text
     assert "at once: 0.050 ms" in text  # 20-60 beside the GEMM, 140-150 beside the expand
     assert streams.stream_summary([ev(0, 0, 1, dev=DeviceType.CPU)]) == "no CUDA kernels in the profile"
+
+
+def test_profile_step_reports_host_or_device_and_host_time_by_package(tmp_path, capsys, monkeypatch):
+    """bench/profile_step.py on CPU (the torch path, a small shape): the profiler tables and the
+    host section the GPU session reads (issue time per step, time by package, top functions)."""
+    monkeypatch.setenv("MILP_BENCH_SIZE", "small")
+    monkeypatch.setenv("MILP_NVTX", "1")  # what the script sets by default, undone after the test
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts bench/ first
+    profile_step = _module("profile_step")
+    assert profile_step.main(["--tokens", "40", "--users", "4", "--shape", "7b-up-small", "--steps", "1",
+                              "--out", str(tmp_path)]) == 0
+    text = next(tmp_path.glob("profile_*.txt")).read_text()
+    assert "-- by device time --" in text and "-- host or device (no profiler) --" in text
+    assert "host issue" in text and "us/step" in text
+    assert "host time by package" in text and "kernels " in text and "tottime" in text
+    assert profile_step._package("/x/site-packages/triton/runtime/jit.py") == "triton"
+    assert profile_step._package("~") == "C calls"
