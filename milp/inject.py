@@ -77,23 +77,40 @@ class _Arch:
 _LLAMA = _Arch("LLaMA-family", ("model.layers", "layers"), ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 _GPT2 = _Arch("GPT-2/DialoGPT", ("transformer.h", "h"), ("mlp.c_fc", "mlp.c_proj"))
 _ROBERTA = _Arch("RoBERTa", ("roberta.encoder.layer", "encoder.layer"), ("intermediate.dense", "output.dense"))
+_PHI = _Arch("Phi", ("model.layers", "layers"), ("mlp.fc1", "mlp.fc2"))
+_OPT = _Arch("OPT", ("model.decoder.layers", "decoder.layers"), ("fc1", "fc2"))
+_NEOX = _Arch("GPT-NeoX/Pythia", ("gpt_neox.layers", "layers"), ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
+_FALCON = _Arch("Falcon", ("transformer.h", "h"), ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
 
-#: ``config.model_type`` → where the FFN targets are.
+#: ``config.model_type`` → where the FFN targets are. Each is tested on a tiny random-init
+#: model (:func:`tiny_model`): injection, outputs against a reference, removal, losses.
 SUPPORTED_ARCHITECTURES: dict[str, _Arch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "olmo": _LLAMA,
+    "olmo2": _LLAMA,
+    "granite": _LLAMA,
+    "phi": _PHI,
+    "opt": _OPT,
+    "gpt_neox": _NEOX,
+    "falcon": _FALCON,
     "gpt2": _GPT2,
     "roberta": _ROBERTA,
 }
 
 
 def _supported_text() -> str:
-    return (
-        "supported: LLaMA-family (model_type llama, mistral, qwen2: mlp.gate_proj/up_proj/down_proj), "
-        "GPT-2/DialoGPT (gpt2: mlp.c_fc/mlp.c_proj, Conv1D) and RoBERTa "
-        "(roberta, e.g. RobertaForCausalLM: intermediate.dense/output.dense)"
-    )
+    by_family: dict[str, list[str]] = {}
+    for mtype, arch in SUPPORTED_ARCHITECTURES.items():
+        by_family.setdefault(f"{arch.family} ({', '.join(arch.targets)})", []).append(mtype)
+    return "supported model_type values: " + "; ".join(
+        f"{', '.join(types)}: {family}" for family, types in by_family.items()) + (
+        " (GPT-2's targets are Conv1D; Phi-3's fused gate_up_proj and mixture-of-experts FFNs are not supported)")
 
 
 def _conv1d_type() -> type | None:
@@ -626,10 +643,51 @@ def batch_users(model: nn.Module, users: torch.Tensor | Sequence[int] | None) ->
 
 
 # --------------------------------------------------------------------------- tiny models
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_DECODER = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128, **_TOKENS)
+_GQA = dict(_DECODER, num_key_value_heads=2, tie_word_embeddings=False)
+_GEMMA = dict(_GQA, head_dim=8)
+#: model_type -> (config class, model class, config kwargs, {generic override name: this config's})
+_TINY: dict[str, tuple[str, str, dict[str, Any], dict[str, str]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _GQA, {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", _GQA, {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _GQA, {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_GQA, head_dim=8), {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", _GEMMA, {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_GEMMA, query_pre_attn_scalar=8, sliding_window=64), {}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                    dict(_GEMMA, query_pre_attn_scalar=8, sliding_window=64), {}),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", _GQA, {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _GQA, {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", _GQA, {}),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(_DECODER, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0), {}),
+    "opt": ("OPTConfig", "OPTForCausalLM",
+            dict(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0, **_TOKENS),
+            {"intermediate_size": "ffn_dim"}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 dict(_DECODER, hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False), {}),
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               dict(vocab_size=96, hidden_size=32, ffn_hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0, **_TOKENS),
+               {"intermediate_size": "ffn_hidden_size"}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             dict(vocab_size=96, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, **_TOKENS),
+             {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "intermediate_size": "n_inner"}),
+    "roberta": ("RobertaConfig", "RobertaForCausalLM",
+                dict(_DECODER, max_position_embeddings=130, is_decoder=True, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2), {}),
+}
+
+
 def tiny_model(arch: str = "llama", *, seed: int = 0, **overrides: Any) -> nn.Module:
-    """A tiny random-init causal LM of a supported architecture (hidden 32, FFN 64, 2 layers,
-    vocab 96), in eval mode and float32 — for examples, tests and CPU benchmarks.
-    ``overrides`` go to the config (e.g. ``num_hidden_layers=4``).
+    """A tiny random-init causal LM of a supported architecture (``arch``: a ``model_type`` of
+    :data:`SUPPORTED_ARCHITECTURES`; hidden 32, FFN 64, 2 layers, vocab 96), in eval mode and
+    float32 — for examples, tests and CPU benchmarks. ``overrides`` go to the config (e.g.
+    ``num_hidden_layers=4``; ``hidden_size``/``intermediate_size``/``num_hidden_layers`` are
+    renamed where an architecture calls them otherwise).
 
     Example:
         >>> type(tiny_model("qwen2")).__name__
@@ -637,32 +695,13 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, **overrides: Any) -> nn.Mo
     """
     import transformers as tf
 
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128)
-    if arch in ("llama", "mistral", "qwen2"):
-        cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]
-        kw = dict(common, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                  tie_word_embeddings=False)
-    elif arch == "gpt2":
-        cls = (tf.GPT2Config, tf.GPT2LMHeadModel)
-        kw = dict(vocab_size=96, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
-                  embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        if "num_hidden_layers" in overrides:
-            overrides["n_layer"] = overrides.pop("num_hidden_layers")
-        if "hidden_size" in overrides:
-            overrides["n_embd"] = overrides.pop("hidden_size")
-        if "intermediate_size" in overrides:
-            overrides["n_inner"] = overrides.pop("intermediate_size")
-    elif arch == "roberta":
-        cls = (tf.RobertaConfig, tf.RobertaForCausalLM)
-        kw = dict(common, max_position_embeddings=130, is_decoder=True, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    else:
-        raise ValueError(f"arch must be one of llama, mistral, qwen2, gpt2, roberta; got {arch!r}")
-    kw.update(overrides)
-    config = cls[0](**kw)
+    if arch not in _TINY:
+        raise ValueError(f"arch must be one of {', '.join(_TINY)}; got {arch!r}")
+    config_cls, model_cls, kw, renames = _TINY[arch]
+    kw = dict(kw)
+    kw.update({renames.get(k, k): v for k, v in overrides.items()})
+    config = getattr(tf, config_cls)(**kw)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = cls[1](config)
+        model = getattr(tf, model_cls)(config)
     return model.eval()

@@ -43,8 +43,10 @@ __all__ = ["SPLIT_ARCHITECTURES", "DEFAULT_CHUNK_TOKENS", "token_losses", "mean_
 DEFAULT_CHUNK_TOKENS = 2048
 #: Causal-LM classes whose logits are exactly ``lm_head(base_model(...)[0])``.
 SPLIT_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel", "RobertaForCausalLM",
-})
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
+    "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "OPTForCausalLM", "FalconForCausalLM",
+    "GPT2LMHeadModel", "RobertaForCausalLM",
+})  # not Gemma 2/3 (soft-capped logits), Granite (scaled logits), GPT-NeoX (embed_out)
 
 
 def _split(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:

@@ -63,11 +63,13 @@ __all__ = [
     "user_content",
 ]
 
+_QV = ("self_attn.q_proj", "self_attn.v_proj")
 #: Attention projections that get the shared instruction adapter, per ``model_type``.
 INSTRUCTION_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("self_attn.q_proj", "self_attn.v_proj"),
-    "mistral": ("self_attn.q_proj", "self_attn.v_proj"),
-    "qwen2": ("self_attn.q_proj", "self_attn.v_proj"),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
+                     "granite", "phi", "opt"), _QV),
+    "gpt_neox": ("attention.query_key_value",),
+    "falcon": ("self_attention.query_key_value",),
     "gpt2": ("attn.c_attn",),
     "roberta": ("attention.self.query", "attention.self.value"),
 }

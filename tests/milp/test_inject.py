@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from milp.inject import (
+    SUPPORTED_ARCHITECTURES,
     MultiLoraLinear,
     apply_milp,
     batch_users,
@@ -19,14 +20,22 @@ from milp.inject import (
     tiny_model,
 )
 
-ARCHS = ["llama", "mistral", "qwen2", "gpt2", "roberta"]
-TARGETS = {
-    "llama": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-    "mistral": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-    "qwen2": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+GATED = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+TARGETS = {  # written out here, independently of SUPPORTED_ARCHITECTURES
+    **{a: GATED for a in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
+                          "granite")},
+    "phi": ["mlp.fc1", "mlp.fc2"],
+    "opt": ["fc1", "fc2"],
+    "gpt_neox": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
+    "falcon": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
     "gpt2": ["mlp.c_fc", "mlp.c_proj"],
     "roberta": ["intermediate.dense", "output.dense"],
 }
+ARCHS = list(SUPPORTED_ARCHITECTURES)  # every supported model_type is tested
+
+
+def test_every_supported_architecture_has_expected_targets():
+    assert sorted(TARGETS) == sorted(ARCHS)
 
 
 def peft_style_reference(model: nn.Module, adapters: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]):
@@ -168,7 +177,7 @@ def test_gradients_reach_banks_only():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match=r"unsupported architecture.*LLaMA-family.*GPT-2.*RoBERTa"):
+    with pytest.raises(ValueError, match=r"unsupported architecture.*qwen3.*gemma2.*LLaMA-family.*GPT-2.*RoBERTa"):
         apply_milp(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         apply_milp("llama")

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import milp
 from milp.data import Record
 from milp.pipeline import (
+    INSTRUCTION_TARGETS,
     add_instruction_adapter,
     generate_responses,
     get_instruction_adapter,
@@ -38,8 +39,9 @@ def _model(seed: int = 0):
                                         bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta", "qwen2"])
+@pytest.mark.parametrize("arch", list(milp.SUPPORTED_ARCHITECTURES))
 def test_instruction_adapter_starts_as_identity_and_removes_cleanly(arch):
+    assert sorted(INSTRUCTION_TARGETS) == sorted(milp.SUPPORTED_ARCHITECTURES)
     model = milp.tiny_model(arch)
     ids = torch.randint(3, 90, (2, 7))
     ref = model(ids).logits
