@@ -86,7 +86,7 @@ def _flat(x: torch.Tensor, name: str = "x") -> torch.Tensor:
 
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     bank: AdapterBank,
     plan: BatchPlan,
@@ -96,7 +96,10 @@ def lora_linear(
     """``x Wᵀ + b`` plus each token's user adapters from ``bank``; differentiable.
 
     ``x``: ``[..., in_features]``, tokens in the order ``plan`` was built with (leading
-    dimensions flattened). ``weight``: ``[out_features, in_features]``. ``path``:
+    dimensions flattened). ``weight``: ``[out_features, in_features]``, or ``None`` for the
+    adapters' contribution alone, ``Σ s B A x`` (with ``bias=None``): add it to a base output
+    computed elsewhere (a quantized or sharded linear, a serving stack's own GEMM); it runs the
+    split path's shrink and expand and is differentiable the same way. ``path``:
     ``"auto"`` (by :func:`choose_path` from the token count, the bank's largest rank and
     the users present) or one of :data:`PATHS`.
 
@@ -105,6 +108,8 @@ def lora_linear(
         >>> plan = BatchPlan.build(torch.zeros(5, dtype=torch.long), max_users=1)
         >>> lora_linear(torch.randn(5, 16), torch.randn(16, 16), None, bank, plan).shape
         torch.Size([5, 16])
+        >>> x = torch.randn(5, 16); base = torch.nn.Linear(16, 16)  # any module computing the base
+        >>> y = base(x) + lora_linear(x, None, None, bank, plan)    # the adapters alone, added
     """
     x2 = _flat(x)
     _check_plan(x2, bank, plan)
@@ -112,7 +117,11 @@ def lora_linear(
         x.requires_grad or bank.lora_a.requires_grad or bank.lora_b.requires_grad
     )
     sorted_tokens, tiles, segments, block_ms = plan.as_args()
-    if path == "auto" and x2.is_cuda and not torch.compiler.is_compiling():
+    if weight is None:
+        if path not in ("auto", "split"):
+            raise ValueError(f"path={path!r} fuses the base GEMM; with weight=None the path is 'split' (or 'auto')")
+        path = "split"
+    elif path == "auto" and x2.is_cuda and not torch.compiler.is_compiling():
         # eager only: under torch.compile the op decides at run time by token count, so the
         # graph does not depend on the batch's users (plan.num_segments) and needs no re-trace
         path = choose_path(x2.shape[0], bank.max_rank, num_segments=plan.num_segments, device=x2.device)

@@ -90,6 +90,8 @@ def _check_structure(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segment
         if weight.shape[1] != K:
             raise ValueError(f"weight must have shape [N, {K}] to match x [{T}, {K}], got {list(weight.shape)}")
         n = weight.shape[0]
+    elif bias is not None:
+        raise ValueError("bias must be None when weight is None (the adapters' contribution alone)")
     if bias is not None:
         check_tensor("bias", bias, shape=(n,), dtypes=(x.dtype,), device=dev)
     check_tensor("lora_a", lora_a, ndim=2, dtypes=(x.dtype,), device=dev)
@@ -173,12 +175,15 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
         then = _no_extra
     elif not store_t:
         raise ValueError("then needs store_t: it consumes the full t")
+    if weight is None and path not in ("auto", "split"):
+        raise ValueError(f"path={path!r} fuses the base GEMM into the adapters' kernels; with weight=None (the "
+                         f"adapters' contribution alone) the path is 'split' (or 'auto')")
     if backend_for(x) == "torch":
         y, t = fused_lora_linear_torch(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, segments, max_rank,
                                        weight_layout=weight_layout, store_t=store_t)
         return y, t, then(t)
     if path == "auto":
-        path = choose_path(x.shape[0], max_rank, device=x.device)
+        path = "split" if weight is None else choose_path(x.shape[0], max_rank, device=x.device)
     if path != "split":
         y, t = fused_lora_linear(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
                                  max_rank, weight_layout=weight_layout, store_t=store_t,
@@ -188,7 +193,7 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
     # one split-K shrink (reads each A once) and one expand. Without a t to keep, the shrink
     # leaves its split-K partials for the expand to add up: three launches (no zero-fill of t),
     # no atomics
-    w = weight if weight_layout == "nk" else weight.t()
+    w = weight if weight is None or weight_layout == "nk" else weight.t()
 
     def shrink():
         return lora_shrink(x, p, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
@@ -197,6 +202,11 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
     def expand(y, accumulate=True):
         lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms, accumulate=accumulate)
 
+    if w is None:  # the adapters alone: the expand writes t B into every row of y
+        t = shrink()
+        y = x.new_empty(x.shape[0], q.shape[1])
+        expand(y, accumulate=False)
+        return y, (t if store_t else t.new_empty(0)), then(t)
     parallel, expand_first, overlap = split_schedule(x.shape[0], x.device)
     if parallel and not store_t and _capturing(x.device):
         # inference, in a CUDA graph: shrink and t B on a side stream beside cuBLAS, then y += t B
@@ -265,7 +275,7 @@ def lora_linear_forward(x, weight, bias, lora_a, lora_b, lora_scale, slots, sort
 @torch.library.custom_op("milp::lora_linear", mutates_args=())
 def lora_linear_op(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
@@ -292,7 +302,7 @@ def _(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, 
     _check_path(path)
     acc = acc_dtype(x.dtype)
     t = x.new_empty(x.shape[0], max_rank, dtype=acc) if save_t else x.new_empty(0, dtype=acc)
-    return x.new_empty(x.shape[0], weight.shape[0]), t
+    return x.new_empty(x.shape[0], lora_b.shape[1] if weight is None else weight.shape[0]), t
 
 
 def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
@@ -309,7 +319,7 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorte
     if not checked:
         check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
                         weight=weight, lora_b=lora_b)
-        check_tensor("dy", dy, shape=(x.shape[0], weight.shape[0]), dtypes=(x.dtype,), device=x.device)
+        check_tensor("dy", dy, shape=(x.shape[0], lora_b.shape[1]), dtypes=(x.dtype,), device=x.device)
         _check_path(path)
     dy = dy.contiguous()
     cap = lora_a.shape[0]
@@ -344,7 +354,7 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorte
 def lora_linear_backward_op(
     dy: Tensor,
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
     lora_scale: Tensor,

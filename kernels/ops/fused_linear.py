@@ -243,7 +243,7 @@ def _fused_plan(T, N, K, max_rank, block_ms, max_tokens, max_segments, tile_rows
 
 def fused_lora_linear_torch(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
@@ -263,9 +263,11 @@ def fused_lora_linear_torch(
     rows are gathered and applied by two batched matmuls — a fixed handful of ops whatever
     the number of users; otherwise a loop over the plan's segments (two matmuls per user).
     """
-    w = weight if weight_layout == "nk" else weight.t()
     acc = acc_dtype(x.dtype)
-    y = torch.nn.functional.linear(x, w, bias)
+    if weight is None:  # the adapters' contribution alone
+        y = x.new_zeros(x.shape[0], lora_b.shape[1])
+    else:
+        y = torch.nn.functional.linear(x, weight if weight_layout == "nk" else weight.t(), bias)
     t = torch.zeros(x.shape[0], max_rank, dtype=acc, device=x.device) if store_t else x.new_empty(0, dtype=acc)
     T = x.shape[0]
     if T * max_rank * (lora_a.shape[1] + lora_b.shape[1]) <= GATHER_MAX_ELEMENTS:

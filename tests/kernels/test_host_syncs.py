@@ -149,3 +149,26 @@ def test_no_host_reads_in_eager_forward_and_backward(host_only, monkeypatch, pat
         assert not rec.seen, f"host reads of device data on the {path} path: {dict(rec.seen)}"
     if host_only is not None:  # the knobs chose the path named
         assert {r["kernel"] for r in host_only.records.values()} == KERNELS[path]
+
+
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_no_host_reads_for_the_adapters_alone(host_only, monkeypatch, tokens):
+    """``weight=None`` (a base computed elsewhere): shrink and expand only, no host reads."""
+    bank, plan, x0, _, dy = problem(tokens)
+    x = x0.clone().requires_grad_(True)
+    for p in (bank.lora_a, bank.lora_b):
+        p.requires_grad_(True)
+
+    def both():
+        x.grad = bank.lora_a.grad = bank.lora_b.grad = None
+        kernels.lora_linear(x, None, None, bank, plan).backward(dy)
+        with torch.no_grad():
+            kernels.lora_linear(x0, None, None, bank, plan)
+
+    both()
+    with host_reads(monkeypatch) as rec:
+        both()
+    if rec is not None:
+        assert not rec.seen, dict(rec.seen)
+    if host_only is not None:
+        assert {r["kernel"] for r in host_only.records.values()} == SPLIT_KERNELS

@@ -363,3 +363,29 @@ def test_transformers_still_works_with_our_kernels_package_installed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "torch.Size([1, 3, 64])" in out.stdout
+
+
+def test_torch_compile_fullgraph_adapters_alone(device):
+    """``lora_linear(x, None, None, ...)`` beside a base computed by another module: the op with
+    ``weight=None`` traces (fake impl, schema) and its backward runs, fullgraph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24).to(device)
+    bank = AdapterBank(16, 24, max_users=3, device=device)
+    bank.add(0, [4], init="random")
+    bank.add(2, [2, 3], init="random")
+    plan = BatchPlan.build(torch.tensor([0, 2, -1, 0, 1, 2, 2], device=device), 3)
+
+    def f(x):
+        return base(x) + lora_linear(x, None, None, bank, plan)
+
+    x = torch.randn(7, 16, device=device, requires_grad=True)
+    eager = f(x)
+    eager.square().sum().backward()
+    want = (x.grad.clone(), bank.lora_a.grad.clone(), bank.lora_b.grad.clone())
+    x.grad = bank.lora_a.grad = bank.lora_b.grad = None
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(out, eager)
+    out.square().sum().backward()
+    for a, b in zip((x.grad, bank.lora_a.grad, bank.lora_b.grad), want):
+        torch.testing.assert_close(a, b)

@@ -293,3 +293,60 @@ def test_decode_path_with_an_expand_form_from_a_table(device, dtype, form, tmp_p
         a.requires_grad_(False)
         b.requires_grad_(False)
         _load_table.cache_clear()
+
+
+# ------------------------------------------------------------------------ the adapters alone
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 7, 65])
+def test_weight_none_gives_the_adapters_alone(backend, device, dtype, T):
+    """``weight=None``: ``Σ s B A x`` (zeros for tokens without an adapter), to add to a base
+    output computed elsewhere; the split path's kernels."""
+    case = make_case(T, 45, 70, {0: [8, 3], 2: [16], 3: [1, 2, 5]}, max_users=6, dtype=dtype, seed=T,
+                     device=device)
+    bank = case.bank
+    d = lora_linear(case.x, None, None, bank, case.plan)
+    zero = torch.zeros_like(case.w)
+    ref = lora_linear_ref(case.x, zero, None, bank.lora_a, bank.lora_b, bank.scale, bank.slots, case.ids)
+    assert d.dtype == dtype and d.shape == ref.shape
+    assert rel_err(d, ref) < TOL[dtype]
+    none = (case.ids < 0).cpu()
+    assert bool((d[none] == 0).all())  # tokens without an adapter: exactly zero
+    base = torch.nn.functional.linear(case.x, case.w, case.b)
+    full = lora_linear_ref(case.x, case.w, case.b, bank.lora_a, bank.lora_b, bank.scale, bank.slots, case.ids)
+    assert rel_err(base + d, full) < 2 * TOL[dtype]
+
+
+def test_weight_none_gradients_and_gradcheck(backend, device):
+    """Gradients of the adapters alone, for ``x`` and the banks, against float64 autograd of the
+    reference, and ``gradcheck`` of the op with ``weight=None``."""
+    case = make_case(23, 9, 11, {0: [2, 3], 1: [4], 3: [1]}, max_users=4, dtype=torch.float64, seed=5,
+                     device=device)
+    bank = case.bank
+    x = case.x.clone().requires_grad_(True)
+    dy = torch.randn(23, 11, dtype=torch.float64, device=device)
+    got = torch.autograd.grad(lora_linear(x, None, None, bank, case.plan), (x, bank.lora_a, bank.lora_b), dy)
+    ref = lora_linear_ref(x, torch.zeros_like(case.w), None, bank.lora_a, bank.lora_b, bank.scale, bank.slots,
+                          case.ids)
+    want = torch.autograd.grad(ref, (x, bank.lora_a, bank.lora_b), dy)
+    for name, a, b in zip(("dx", "dA", "dB"), got, want):
+        assert rel_err(a, b) < TOL[torch.float64], name
+    sorted_tokens, tiles, segments, block_ms = case.plan.as_args()
+
+    def f(x, a, lb):
+        return torch.ops.milp.lora_linear(x, None, None, a, lb, bank.scale, bank.slots, sorted_tokens, tiles,
+                                          segments, block_ms, bank.max_rank, True)[0]
+
+    args = (x.detach().requires_grad_(True), bank.lora_a.detach().clone().requires_grad_(True),
+            bank.lora_b.detach().clone().requires_grad_(True))
+    fast = backend == "triton" and device == "cpu"
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, fast_mode=fast)
+
+
+def test_weight_none_refusals(device):
+    case = make_case(9, 8, 10, {0: [2]}, max_users=1, device=device)
+    with pytest.raises(ValueError, match="bias must be None when weight is None"):
+        lora_linear(case.x, None, case.b, case.bank, case.plan)
+    for path in ("fused", "fused_t"):
+        with pytest.raises(ValueError, match=f"path='{path}' fuses the base GEMM; with weight=None"):
+            lora_linear(case.x, None, None, case.bank, case.plan, path=path)
+    assert lora_linear(case.x, None, None, case.bank, case.plan, path="split").shape == (9, 10)
