@@ -124,51 +124,38 @@ def test_the_recorder_sees_host_reads(monkeypatch):
     assert {"aten::_local_scalar_dense", "aten::nonzero", "Tensor.tolist", "Tensor.cpu"} <= kinds, kinds
 
 
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("tokens", [1, 37, 300])
-def test_no_host_reads_in_eager_forward_and_backward(host_only, monkeypatch, path, tokens):
+def check_steps(monkeypatch, host_only, tokens: int, weighted: bool, knobs: dict, kernels_expected: set) -> None:
+    """One training step and one inference call (first calls outside: compile, memoise), no
+    host reads during the second pair; the launched kernels are ``kernels_expected``."""
     bank, plan, x0, w, dy = problem(tokens)
-    x = x0.clone().requires_grad_(True)
-    for p in (bank.lora_a, bank.lora_b):
-        p.requires_grad_(True)
-
-    def train_step():
-        x.grad = bank.lora_a.grad = bank.lora_b.grad = None
-        kernels.lora_linear(x, w, None, bank, plan).backward(dy)
-
-    def inference():
-        with torch.no_grad():
-            kernels.lora_linear(x0, w, None, bank, plan)
-
-    with kernels.use_dispatch(**PATHS[path]):
-        train_step(), inference()  # first calls: compile, memoise launch plans
-        with host_reads(monkeypatch) as rec:
-            train_step()
-            inference()
-    if rec is not None:
-        assert not rec.seen, f"host reads of device data on the {path} path: {dict(rec.seen)}"
-    if host_only is not None:  # the knobs chose the path named
-        assert {r["kernel"] for r in host_only.records.values()} == KERNELS[path]
-
-
-@pytest.mark.parametrize("tokens", [1, 300])
-def test_no_host_reads_for_the_adapters_alone(host_only, monkeypatch, tokens):
-    """``weight=None`` (a base computed elsewhere): shrink and expand only, no host reads."""
-    bank, plan, x0, _, dy = problem(tokens)
+    w = w if weighted else None
     x = x0.clone().requires_grad_(True)
     for p in (bank.lora_a, bank.lora_b):
         p.requires_grad_(True)
 
     def both():
         x.grad = bank.lora_a.grad = bank.lora_b.grad = None
-        kernels.lora_linear(x, None, None, bank, plan).backward(dy)
+        kernels.lora_linear(x, w, None, bank, plan).backward(dy)
         with torch.no_grad():
-            kernels.lora_linear(x0, None, None, bank, plan)
+            kernels.lora_linear(x0, w, None, bank, plan)
 
-    both()
-    with host_reads(monkeypatch) as rec:
+    with kernels.use_dispatch(**knobs):
         both()
+        with host_reads(monkeypatch) as rec:
+            both()
     if rec is not None:
-        assert not rec.seen, dict(rec.seen)
-    if host_only is not None:
-        assert {r["kernel"] for r in host_only.records.values()} == SPLIT_KERNELS
+        assert not rec.seen, f"host reads of device data: {dict(rec.seen)}"
+    if host_only is not None:  # the knobs chose the path named
+        assert {r["kernel"] for r in host_only.records.values()} == kernels_expected
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+def test_no_host_reads_in_eager_forward_and_backward(host_only, monkeypatch, path, tokens):
+    check_steps(monkeypatch, host_only, tokens, True, PATHS[path], KERNELS[path])
+
+
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_no_host_reads_for_the_adapters_alone(host_only, monkeypatch, tokens):
+    """``weight=None`` (a base computed elsewhere): shrink and expand only."""
+    check_steps(monkeypatch, host_only, tokens, False, {}, SPLIT_KERNELS)
