@@ -174,9 +174,10 @@ def ffn_targets(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
             if m is None:
                 raise ValueError(f"layer {i} ({path}.{i}) has no FFN target {t!r}; {_supported_text()}")
             base = m.base if isinstance(m, MultiLoraLinear) else m
-            if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+            if _in_out_attrs(base) is None:
                 raise TypeError(
-                    f"{path}.{i}.{t} is a {type(base).__name__}, expected nn.Linear or transformers Conv1D"
+                    f"{path}.{i}.{t} is a {type(base).__name__}, expected nn.Linear, transformers Conv1D or a "
+                    f"linear-like module (a quantized linear) with int in_features/out_features attributes"
                 )
             row.append((f"{path}.{i}.{t}", m))
         out.append(row)
@@ -185,12 +186,41 @@ def ffn_targets(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
     return out
 
 
+def _in_out_attrs(base: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` features of a linear-like module: ``nn.Linear`` (and its quantized
+    subclasses), ``Conv1D`` (weight ``[in, out]``), or any module with int ``in_features`` /
+    ``out_features`` (``infeatures`` / ``outfeatures``: GPTQ's); ``None`` otherwise."""
+    if _is_conv1d(base):
+        w = base.weight
+        return int(w.shape[0]), int(w.shape[1])
+    for names in (("in_features", "out_features"), ("infeatures", "outfeatures")):
+        dims = tuple(getattr(base, n, None) for n in names)
+        if all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+            return dims  # type: ignore[return-value]
+    return None
+
+
 def _in_out(m: nn.Module) -> tuple[int, int]:
-    base = m.base if isinstance(m, MultiLoraLinear) else m
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features
-    w = base.weight  # Conv1D: [in, out]
-    return int(w.shape[0]), int(w.shape[1])
+    dims = _in_out_attrs(m.base if isinstance(m, MultiLoraLinear) else m)
+    assert dims is not None
+    return dims
+
+
+def _dense_weight(base: nn.Module) -> bool:
+    """Whether the kernels can read ``base``'s weight as a plain float matrix: an ``nn.Linear``
+    or ``Conv1D`` itself (not a subclass with its own forward) holding a plain float tensor (not
+    a quantized or other tensor subclass)."""
+    conv1d = _conv1d_type()
+    if type(base) is not nn.Linear and (conv1d is None or type(base) is not conv1d):
+        return False
+    w = getattr(base, "weight", None)
+    return isinstance(w, torch.Tensor) and type(w.data) is torch.Tensor and w.dtype.is_floating_point
+
+
+def _module_device(m: nn.Module) -> torch.device:
+    for t in (*m.parameters(), *m.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def ffn_target_shapes(model: nn.Module) -> list[list[tuple[int, int]]]:
@@ -205,10 +235,15 @@ def ffn_target_shapes(model: nn.Module) -> list[list[tuple[int, int]]]:
 
 # --------------------------------------------------------------------------- the layer
 class MultiLoraLinear(nn.Module):
-    """A frozen FFN linear (``nn.Linear`` or ``Conv1D``) plus all users' adapters for it.
+    """A frozen FFN linear plus all users' adapters for it.
 
     ``forward(x)`` = ``base(x)`` when no users are set (bit-identical to the original),
-    else ``kernels.lora_linear`` with the current batch's plan.
+    else ``kernels.lora_linear`` with the current batch's plan: the base GEMM and the adapters
+    together where the base is a plain ``nn.Linear`` / ``Conv1D`` with a float weight
+    (``dense``); otherwise (a quantized linear: bitsandbytes, GPTQ, AWQ, a torchao tensor
+    subclass…) ``base(x)`` plus the adapters' contribution alone (``weight=None``), with
+    adapters of ``dtype`` (default: the base weight's dtype where it is a float, else the
+    default float dtype; :func:`apply_milp` passes the model's).
 
     Example:
         >>> m = MultiLoraLinear(nn.Linear(8, 4), max_users=2, layer=0, target="mlp.up_proj")
@@ -216,15 +251,22 @@ class MultiLoraLinear(nn.Module):
         torch.Size([3, 4])
     """
 
-    def __init__(self, base: nn.Module, max_users: int, layer: int, target: str, capacity: int = 0) -> None:
+    def __init__(self, base: nn.Module, max_users: int, layer: int, target: str, capacity: int = 0,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dims = _in_out_attrs(base)
+        if dims is None:
+            raise TypeError(f"base must be a linear-like module (in_features/out_features), got {type(base).__name__}")
         self.base = base
         self.layer = layer
         self.target = target
         self.conv1d = _is_conv1d(base)
-        in_f, out_f = _in_out(base)
-        w = base.weight
-        self.bank = AdapterBank(in_f, out_f, max_users, capacity=capacity, dtype=w.dtype, device=w.device)
+        self.dense = _dense_weight(base)
+        if self.dense:
+            dtype, device = base.weight.dtype, base.weight.device
+        else:
+            dtype, device = dtype or torch.get_default_dtype(), _module_device(base)
+        self.bank = AdapterBank(dims[0], dims[1], max_users, capacity=capacity, dtype=dtype, device=device)
         self._milp_state: MilpState | None = None
 
     @property
@@ -250,13 +292,17 @@ class MultiLoraLinear(nn.Module):
         elif st is None or st.row_users is None or not st.any_adapter(self.bank):
             return self.base(x)
         plan = st.plan_for(x)
+        if not self.dense:  # the base computes itself; the adapters' contribution is added
+            y = self.base(x)
+            dt = self.bank.lora_a.dtype
+            return y + kernels.lora_linear(x.to(dt), None, None, self.bank, plan).to(y.dtype)
         w = self.base_weight()
         if x.dtype != w.dtype:  # e.g. under autocast: run in the weights' dtype, hand back x's
             return kernels.lora_linear(x.to(w.dtype), w, self.base.bias, self.bank, plan).to(x.dtype)
         return kernels.lora_linear(x, w, self.base.bias, self.bank, plan)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, target={self.target!r}, conv1d={self.conv1d}"
+        return f"layer={self.layer}, target={self.target!r}, conv1d={self.conv1d}, dense={self.dense}"
 
 
 # --------------------------------------------------------------------------- shared state
@@ -574,6 +620,8 @@ def apply_milp(model: nn.Module, max_users: int = 64, *, capacity: int = 0) -> M
             if isinstance(m, MultiLoraLinear):
                 raise ValueError(f"{name} is already a MultiLoraLinear")
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    # adapters of a quantized base get the model's float dtype (its embeddings', norms'…)
+    float_dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), None)
     for p in model.parameters():
         p.requires_grad_(False)
     layers: list[list[MultiLoraLinear]] = []
@@ -584,7 +632,7 @@ def apply_milp(model: nn.Module, max_users: int = 64, *, capacity: int = 0) -> M
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             target = name.split(f".{li}.", 1)[1] if f".{li}." in name else child
-            w = MultiLoraLinear(m, max_users, li, target, capacity=capacity)
+            w = MultiLoraLinear(m, max_users, li, target, capacity=capacity, dtype=float_dtype)
             setattr(parent, child, w)
             wrapped.append(w)
             row_names.append(name)

@@ -354,3 +354,104 @@ def test_triton_kernels_through_whole_models(arch, path, tmp_path, monkeypatch):
     for name, g in grads.items():
         want = ref_grads[name]
         assert float((g - want).norm() / want.norm().clamp_min(1e-30)) < 1e-4, name
+
+
+# --------------------------------------------------------------------- quantized base linears
+class Int8Linear(nn.Module):
+    """A weight-only int8 linear (per-row scales), as quantized linears are: no float ``weight``,
+    ``in_features``/``out_features`` attributes, its own forward."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        w = lin.weight.detach()
+        scale = w.abs().amax(1).clamp(min=1e-8) / 127
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scales", scale)
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.qweight.to(x.dtype) * self.scales[:, None].to(x.dtype), self.bias)
+
+
+def quantized(arch: str = "llama", dtype: torch.dtype = torch.float32) -> nn.Module:
+    model = tiny_model(arch).to(dtype)
+    for layer in ffn_targets(model):
+        for name, m in layer:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Int8Linear(m))
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_quantized_base_linears_get_the_adapters_added(arch):
+    """Linears the kernels cannot read (int8 here; bitsandbytes, GPTQ, AWQ, torchao alike) keep
+    computing themselves; the adapters' contribution is added (``weight=None``), in the model's
+    float dtype. Outputs match per-user references, gradients reach the banks only."""
+    model = quantized(arch)
+    base = copy.deepcopy(model)
+    ids = torch.randint(3, 90, (4, 6))
+    ref = model(ids).logits
+    state = apply_milp(model, max_users=3)
+    assert all(not m.dense and m.bank.lora_a.dtype == torch.float32 for m in state.modules())
+    assert "dense=False" in repr(state.layers[0][0])
+    assert torch.equal(model(ids).logits, ref)
+    gen = torch.Generator().manual_seed(0)
+    state.add_adapters(0, {0: [8], 1: [2, 6]}, lora_alpha=16.0, init="random", generator=gen)
+    state.add_adapters(2, {1: [5]}, lora_alpha=4.0, init="random", generator=gen)
+    rows = [2, 0, -1, 0]
+    with batch_users(model, rows):
+        out = model(ids).logits
+        out.square().sum().backward()
+    for b, slot in enumerate(rows):
+        ref_model = base if slot < 0 else peft_style_reference(base, user_modules(state, slot))
+        torch.testing.assert_close(out[b], ref_model(ids[b : b + 1]).logits[0], rtol=1e-5, atol=1e-5)
+    assert all(m.bank.lora_a.grad is not None for m in state.modules())
+    assert all(p.grad is None for n, p in model.named_parameters() if ".bank." not in n)
+    remove_milp(model)
+    assert all(isinstance(m, Int8Linear) for layer in ffn_targets(model) for _, m in layer)
+
+
+def test_quantized_base_in_bfloat16_runs_the_adapters_in_the_models_dtype():
+    model = quantized("llama", torch.bfloat16)
+    state = apply_milp(model, max_users=1)
+    assert {m.bank.lora_a.dtype for m in state.modules()} == {torch.bfloat16}
+    state.add_adapters(0, {0: [4]}, init="random", generator=torch.Generator().manual_seed(0))
+    with batch_users(model, [0]):
+        assert model(torch.randint(3, 90, (1, 5))).logits.dtype == torch.bfloat16
+
+
+def test_a_module_that_is_not_linear_like_is_refused():
+    model = tiny_model("llama")
+    model.model.layers[0].mlp.up_proj = nn.Identity()
+    with pytest.raises(TypeError, match=r"layers\.0\.mlp\.up_proj is a Identity, expected nn\.Linear, .*in_features"):
+        apply_milp(model)
+
+
+def test_runtime_on_a_quantized_base_trains_jointly_and_generates_mixed():
+    """The runtime on a quantized base (float64 adapters and activations, int8 weights): a joint
+    step of two users equals each user's own step, and mixed-user generation equals per-user."""
+    from milp import MemoryConfig, MilpRuntime
+
+    def runtime(users):
+        rt = MilpRuntime(quantized("llama", torch.float64), max_users=2)
+        for i, u in enumerate(users):
+            rt.add_user(u, MemoryConfig.uniform(2, 1 + i, 4), total_steps=5, init="random", seed=10 + i)
+        return rt
+
+    joint, alone = runtime(["a", "b"]), {"a": runtime(["a"]), "b": runtime(["a", "b"])}
+    alone["b"].remove_user("a")
+    start = joint.adapter_state("b")
+    ids = torch.randint(3, 90, (4, 7), generator=torch.Generator().manual_seed(1))
+    joint.train_step(ids, ["a", "b", "a", "b"])
+    alone["a"].train_step(ids[0::2], "a")
+    alone["b"].train_step(ids[1::2], "b")
+    for u, rt in alone.items():
+        for k, v in rt.adapter_state(u).items():
+            torch.testing.assert_close(joint.adapter_state(u)[k], v, rtol=1e-9, atol=1e-11)
+    assert any((joint.adapter_state("b")[k] - v).abs().max() > 1e-4 for k, v in start.items())  # it trained
+    joint.model.generation_config.eos_token_id = None
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = joint.generate(ids[:2], ["a", "b"], **kw)
+    for b, u in enumerate(["a", "b"]):
+        assert out[b].tolist() == joint.generate(ids[b : b + 1], [u], **kw)[0].tolist()
