@@ -1,0 +1,149 @@
+"""``python -m milp.answer``: ask the personalized model of a finished ``milp.train`` run.
+
+Each user is answered with their own memory adapters (loaded on demand from the run's
+``users/`` directory through a :class:`~milp.store.UserStore`, so any number of users fit the
+run's slots) and the run's shared instruction adapter, the way the run's evaluation answered
+its test users: the same model, dtype, prompt and greedy decoding. Queries of many users are
+answered in mixed-user batches.
+
+    python -m milp.answer runs/milp --user meddia-d2-0001 "My knee hurts when I run. What now?"
+    python -m milp.answer runs/milp --queries queries.jsonl --output answers.jsonl
+
+``queries.jsonl``: one ``{"user_id": ..., "query": ...}`` per line (other fields are
+ignored, so a dataset file works too). Answers are printed, or written as JSONL rows
+``{"user_id", "query", "answer"}`` to ``--output`` (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["answer", "build_parser", "main"]
+
+_PLACEHOLDER = "-"  # Record needs a history and a response; the MiLP prompt is the query alone
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m milp.answer",
+                                description="Ask the personalized model of a finished milp.train run.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("run", metavar="RUN", help="output directory of a finished `python -m milp.train` run")
+    p.add_argument("queries", nargs="*", metavar="QUERY", help="questions for --user")
+    p.add_argument("--user", default=None, help="the user who asks the QUERY arguments")
+    p.add_argument("--queries", dest="queries_file", default=None, metavar="FILE",
+                   help="JSONL file of {\"user_id\", \"query\"} rows to answer (instead of --user QUERY...)")
+    p.add_argument("--output", default=None, metavar="FILE", help="write JSONL answers here instead of printing")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None, help="queries per batch (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def _fail(msg: str) -> SystemExit:
+    return SystemExit(f"milp.answer: {msg}")
+
+
+def _read_queries(path: str) -> list[tuple[str, str]]:
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise _fail(f"--queries: cannot read {path!r}: {e.strerror or e}") from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _fail(f"{path}:{no}: not JSON ({e.msg})") from None
+        user, query = (obj.get("user_id"), obj.get("query")) if isinstance(obj, dict) else (None, None)
+        if not isinstance(user, str) or not user.strip() or not isinstance(query, str) or not query.strip():
+            raise _fail(f"{path}:{no}: needs non-empty string fields \"user_id\" and \"query\"")
+        rows.append((user, query))
+    if not rows:
+        raise _fail(f"--queries: {path!r} holds no queries")
+    return rows
+
+
+def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_tokens: int | None = None,
+           batch_size: int | None = None, device: str = "auto", progress: bool = True) -> list[str]:
+    """Answers to ``(user_id, query)`` pairs with the personalized model of the run in ``run``,
+    in order.
+
+    Example:
+        >>> answer("runs/milp", [("meddia-d2-0001", "What should I eat?")])  # doctest: +SKIP
+        ['...']
+    """
+    from safetensors.torch import load_file
+
+    from .data import Record
+    from .models import load_model
+    from .pipeline import add_instruction_adapter, generate_responses
+    from .runtime import MilpRuntime
+    from .store import UserStore
+    from .train import _dtype, _resolve_device
+
+    run = Path(run)
+    if not (run / "run.json").is_file():
+        raise _fail(f"{str(run)!r} is not a milp.train output directory (no run.json)")
+    if not (run / "users").is_dir():
+        raise _fail(f"{str(run)!r} has no users/ directory: the run has not injected any user yet")
+    settings: dict[str, Any] = json.loads((run / "run.json").read_text(encoding="utf-8"))["settings"]
+    store = UserStore(run / "users")
+    known = None
+    for user, _ in queries:
+        if user not in store:
+            known = known if known is not None else sorted(map(str, store.users()))
+            raise _fail(f"unknown user {user!r}: the run holds {len(known)} users, e.g. {known[:5]}")
+    dev = _resolve_device(device)
+    model, tok = load_model(settings.get("model"), dtype=_dtype(argparse.Namespace(**settings), dev), device=dev)
+    adapter_file = run / "instruction_adapter.safetensors"
+    if adapter_file.is_file():
+        rank = settings["instruct_rank"]
+        adapter = add_instruction_adapter(model, rank=rank, alpha=2.0 * rank, seed=settings["seed"])
+        adapter.to(dev)
+        adapter.load_state_dict(load_file(str(adapter_file), device=str(dev)))
+    rt = MilpRuntime(model, max_users=settings["slots"], store=store)
+    records = [Record(user, "", [_PLACEHOLDER], query, _PLACEHOLDER) for user, query in queries]
+    return generate_responses(model, tok, records, runtime=rt,
+                              max_new_tokens=max_new_tokens or settings["max_new_tokens"],
+                              batch_size=batch_size or settings["eval_batch_size"],
+                              max_length=settings["max_length"] + 128, progress=progress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .config import atomic_write_text
+
+    args = build_parser().parse_intermixed_args(argv)
+    if args.queries_file is not None:
+        if args.queries or args.user is not None:
+            raise _fail("give either --queries FILE or --user with QUERY arguments, not both")
+        queries = _read_queries(args.queries_file)
+    else:
+        if args.user is None or not args.queries:
+            raise _fail("give --user USER and at least one QUERY (or --queries FILE)")
+        queries = [(args.user, q) for q in args.queries]
+    for name in ("max_new_tokens", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise _fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    answers = answer(args.run, queries, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                     device=args.device, progress=args.progress)
+    rows = [{"user_id": u, "query": q, "answer": a} for (u, q), a in zip(queries, answers)]
+    if args.output:
+        atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(f"milp.answer: {len(rows)} answers -> {args.output}")
+    else:
+        for r in rows:
+            print(f"[{r['user_id']}] {r['query']}\n-> {r['answer']}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

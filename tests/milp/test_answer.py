@@ -1,0 +1,72 @@
+"""``python -m milp.answer``: a finished run's personalized model answers any of its users."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import milp.answer as answer
+import milp.train as train
+
+FAST = ["--users", "7", "--memory-steps", "2", "--instruct-steps", "2", "--max-new-tokens", "3",
+        "--max-length", "96", "--no-progress", "--slots", "2"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_chat_tokenizer, tmp_path_factory):
+    """A finished FAST run on a tiny local checkpoint (as tests/milp/test_train.py's), once per module."""
+    import torch
+    from conftest import make_tiny_config
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path_factory.mktemp("answer")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_tiny_config("llama", len(tiny_chat_tokenizer)))
+    model.save_pretrained(base / "ckpt")
+    tiny_chat_tokenizer.save_pretrained(base / "ckpt")
+    assert train.main(["--model", str(base / "ckpt"), "--output", str(base / "run"), *FAST]) == 0
+    return base / "run"
+
+
+def test_answers_equal_the_runs_own_predictions(run, tmp_path):
+    """The test user's queries, asked through milp.answer (users loaded from the run's store into
+    2 slots, mixed with other users' queries), get exactly the run's evaluation answers."""
+    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    others = json.loads((run / "split.json").read_text())["train"][:3]
+    rows = [{"user_id": p["user_id"], "query": p["query"]} for p in preds]
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "a.jsonl"
+    assert answer.main([str(run), "--queries", str(queries), "--output", str(out), "--no-progress"]) == 0
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g["answer"] for g in got] == [p["prediction"] for p in preds]
+    assert [(g["user_id"], g["query"]) for g in got] == [(r["user_id"], r["query"]) for r in rows]
+    # more users than the run's 2 slots in one call, swapped through the store: each answer is
+    # the one that user gets alone
+    asked = [(u, "What should I do?") for u in others] + [(rows[0]["user_id"], rows[0]["query"])]
+    mixed = answer.answer(run, asked, batch_size=1, progress=False)
+    assert mixed == [answer.answer(run, [q], batch_size=1, progress=False)[0] for q in asked]
+
+
+def test_prints_answers_for_one_user(run, capsys):
+    user = json.loads((run / "split.json").read_text())["test"][0]
+    assert answer.main([str(run), "--user", user, "Is coffee fine?", "Should I rest?", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(f"[{user}]") == 2 and "Is coffee fine?" in printed and "\n-> " in printed
+
+
+def test_bad_input_is_refused_by_name(run, tmp_path):
+    with pytest.raises(SystemExit, match="unknown user 'nobody': the run holds 7 users"):
+        answer.main([str(run), "--user", "nobody", "hi", "--no-progress"])
+    with pytest.raises(SystemExit, match="is not a milp.train output directory"):
+        answer.main([str(tmp_path), "--user", "u", "hi"])
+    with pytest.raises(SystemExit, match="give --user USER and at least one QUERY"):
+        answer.main([str(run), "--user", "u"])
+    with pytest.raises(SystemExit, match="not both"):
+        answer.main([str(run), "--user", "u", "hi", "--queries", "x.jsonl"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user_id": "u", "query": "q"}\n{"user_id": "u"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: needs non-empty string fields"):
+        answer.main([str(run), "--queries", str(bad)])
+    with pytest.raises(SystemExit, match="--max-new-tokens must be >= 1"):
+        answer.main([str(run), "--user", "u", "hi", "--max-new-tokens", "0"])
