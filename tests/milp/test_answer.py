@@ -13,15 +13,14 @@ FAST = ["--users", "7", "--memory-steps", "2", "--instruct-steps", "2", "--max-n
 
 
 @pytest.fixture(scope="module")
-def run(tiny_chat_tokenizer, tmp_path_factory):
+def run(tiny_chat_tokenizer, tiny_config, tmp_path_factory):
     """A finished FAST run on a tiny local checkpoint (as tests/milp/test_train.py's), once per module."""
     import torch
-    from conftest import make_tiny_config
     from transformers import AutoModelForCausalLM
 
     base = tmp_path_factory.mktemp("answer")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(make_tiny_config("llama", len(tiny_chat_tokenizer)))
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tiny_chat_tokenizer)))
     model.save_pretrained(base / "ckpt")
     tiny_chat_tokenizer.save_pretrained(base / "ckpt")
     assert train.main(["--model", str(base / "ckpt"), "--output", str(base / "run"), *FAST]) == 0
