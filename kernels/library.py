@@ -14,7 +14,8 @@ op                          what
 ``milp::lora_expand_``      ``y += t B`` per segment, in place
 ==========================  ==========================================================
 
-Argument conventions: ``x [T, K]``; ``weight [N, K]``; ``lora_a [cap, K]``;
+Argument conventions: ``x [T, K]``; ``weight [N, K]`` (or ``None``, with no bias: the
+adapters' contribution alone, by the split path's kernels); ``lora_a [cap, K]``;
 ``lora_b [cap, N]``; ``lora_scale [cap] float32``; ``slots [U, 2] int32``;
 ``sorted_tokens``, ``tiles``, ``segments``, ``block_ms`` from
 :meth:`kernels.plan.BatchPlan.as_args`; ``max_rank`` ≥ every slot's rank (the bank's
