@@ -17,6 +17,11 @@ kept, so no training is ever dropped silently. A batch that cannot be placed (mo
 users than slots, or too few evictable users) is refused before anything is loaded or
 evicted.
 
+A loaded user takes rows an evicted one freed (the banks compact in place when the free rows
+are fragmented), so once the banks have grown to their working size a swap allocates no new
+tensors and a compiled, graph-captured decode step stays valid; give the runtime a
+``capacity`` to start at that size.
+
 Example:
     >>> import tempfile, torch
     >>> from milp.inject import tiny_model
