@@ -18,8 +18,8 @@ users than slots, or too few evictable users) is refused before anything is load
 evicted.
 
 A loaded user takes rows an evicted one freed (the banks compact in place when the free rows
-are fragmented), so once the banks have grown to their working size a swap allocates no new
-tensors and a compiled, graph-captured decode step stays valid; give the runtime a
+are fragmented), so once the banks have grown to their working size a swap reallocates none of
+their tensors and a compiled, graph-captured decode step stays valid; give the runtime a
 ``capacity`` to start at that size.
 
 Example:
