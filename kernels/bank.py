@@ -120,7 +120,10 @@ class AdapterBank(torch.nn.Module):
 
     @property
     def max_rank(self) -> int:
-        """Largest total rank of any user in the bank (0 when empty). Host value, no sync."""
+        """Largest total rank any user of the bank has had (0 before the first). Like the
+        capacity it does not shrink when users leave: buffers sized by it, and a compiled step
+        that reads it (an int argument of the op), stay valid as users come and go. Host value,
+        no sync."""
         return self._max_rank
 
     @property
@@ -207,7 +210,6 @@ class AdapterBank(torch.nn.Module):
         """Drop ``user``'s adapters at this layer; its rows return to the free list."""
         self._check_user(user, must_exist=True)
         seg = self._segments.pop(user)
-        self._max_rank = max((s.rank for s in self._segments.values()), default=0)
         with torch.no_grad():
             self.slots[user].zero_()
             self.scale[seg.offset : seg.offset + seg.rank] = 0

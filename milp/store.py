@@ -18,9 +18,10 @@ users than slots, or too few evictable users) is refused before anything is load
 evicted.
 
 A loaded user takes rows an evicted one freed (the banks compact in place when the free rows
-are fragmented), so once the banks have grown to their working size a swap reallocates none of
-their tensors and a compiled, graph-captured decode step stays valid; give the runtime a
-``capacity`` to start at that size.
+are fragmented), and a bank's ``max_rank`` is a high-water mark. So once the banks have grown
+to their working size and seen their largest user, a swap reallocates none of their tensors
+and changes no argument a compiled decode step was traced with: one graph keeps serving
+(tested). Give the runtime a ``capacity`` to start at that size.
 
 Example:
     >>> import tempfile, torch

@@ -21,6 +21,21 @@ def test_add_packs_modules_contiguously_with_per_row_scales():
     assert bank.max_rank == 6
 
 
+def test_max_rank_is_a_high_water_mark():
+    """Like the capacity, ``max_rank`` does not shrink when users leave (an int the compiled op
+    reads: evictions must not re-trace it); a larger user raises it."""
+    bank = AdapterBank(8, 12, max_users=4)
+    bank.add(0, [4])
+    bank.add(1, [16, 8])
+    assert bank.max_rank == 24
+    bank.remove(1)
+    assert bank.max_rank == 24 and bank.rank_of(0) == 4
+    bank.add(2, [2])
+    assert bank.max_rank == 24
+    bank.add(3, [32])
+    assert bank.max_rank == 32
+
+
 def test_remove_frees_rows_for_reuse_without_reallocation():
     bank = AdapterBank(4, 4, max_users=8, capacity=64)
     for u in range(4):

@@ -124,3 +124,36 @@ def test_store_index_and_errors(store_dir, tmp_path_factory):
         UserStore(root, write_back="yes")
     with pytest.raises(TypeError, match="store must be a milp.UserStore"):
         MilpRuntime(tiny_model("llama"), store=str(root))
+
+
+def test_compiled_decode_step_survives_store_swaps(store_dir):
+    """A compiled decode step (static cache, as tests/milp/test_runtime.py's) keeps serving while
+    the store swaps users in and out: once the banks have seen their largest user (max_rank, a
+    high-water mark) and hold enough rows (capacity given), evictions and loads reallocate
+    nothing and re-trace nothing: one graph serves every batch, with the eager tokens of a
+    runtime holding all users."""
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    root, _ = store_dir
+    full = MilpRuntime(tiny_model("llama"), max_users=len(USERS))
+    for u in USERS:
+        full.load_user(root / user_dirname(u))
+    rt = MilpRuntime(tiny_model("llama"), max_users=2, store=UserStore(root), capacity=256)
+    for m in (full.model, rt.model):
+        m.generation_config.eos_token_id = None
+    cc = CompileConfig(fullgraph=True, backend="eager")
+    cc._compile_all_devices = True
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ids = PROMPT.repeat(2, 1)
+    for u in USERS:  # a first round: the banks see every user's rank
+        rt.row_slots([u], 1)
+    banks = [m.bank.lora_a for m in rt.state.modules()]
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for batch in (["u0", "u1"], ["u2", 3], ["a/b", "u0"], ["u1", "u2"]):
+        got = rt.generate(ids, batch, cache_implementation="static", compile_config=cc, **gen)
+        assert got.tolist() == full.generate(ids, batch, **gen).tolist(), batch
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    assert all(a is b for a, b in zip(banks, (m.bank.lora_a for m in rt.state.modules())))
+    assert rt.cache_info().evictions == 3 + 8  # the first round, then every batch swaps both slots
