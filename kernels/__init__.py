@@ -117,11 +117,7 @@ def lora_linear(
         x.requires_grad or bank.lora_a.requires_grad or bank.lora_b.requires_grad
     )
     sorted_tokens, tiles, segments, block_ms = plan.as_args()
-    if weight is None:
-        if path not in ("auto", "split"):
-            raise ValueError(f"path={path!r} fuses the base GEMM; with weight=None the path is 'split' (or 'auto')")
-        path = "split"
-    elif path == "auto" and x2.is_cuda and not torch.compiler.is_compiling():
+    if path == "auto" and weight is not None and x2.is_cuda and not torch.compiler.is_compiling():
         # eager only: under torch.compile the op decides at run time by token count, so the
         # graph does not depend on the batch's users (plan.num_segments) and needs no re-trace
         path = choose_path(x2.shape[0], bank.max_rank, num_segments=plan.num_segments, device=x2.device)

@@ -177,8 +177,8 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
     elif not store_t:
         raise ValueError("then needs store_t: it consumes the full t")
     if weight is None and path not in ("auto", "split"):
-        raise ValueError(f"path={path!r} fuses the base GEMM into the adapters' kernels; with weight=None (the "
-                         f"adapters' contribution alone) the path is 'split' (or 'auto')")
+        raise ValueError(f"path={path!r} fuses the base GEMM; with weight=None (the adapters' contribution alone) "
+                         f"the path is 'split' (or 'auto')")
     if backend_for(x) == "torch":
         y, t = fused_lora_linear_torch(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, segments, max_rank,
                                        weight_layout=weight_layout, store_t=store_t)
@@ -203,12 +203,9 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
     def expand(y, accumulate=True):
         lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms, accumulate=accumulate)
 
-    if w is None:  # the adapters alone: the expand writes t B into every row of y
-        t = shrink()
-        y = x.new_empty(x.shape[0], q.shape[1])
-        expand(y, accumulate=False)
-        return y, (t if store_t else t.new_empty(0)), then(t)
-    parallel, expand_first, overlap = split_schedule(x.shape[0], x.device)
+    # the adapters alone (no weight): the expand-first schedule without its GEMM
+    parallel, expand_first, overlap = (split_schedule(x.shape[0], x.device) if w is not None
+                                       else (False, True, False))
     if parallel and not store_t and _capturing(x.device):
         # inference, in a CUDA graph: shrink and t B on a side stream beside cuBLAS, then y += t B
         side = SideStream(x.device)
@@ -223,9 +220,10 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
     elif expand_first and bias is None:
         # the expand writes t B into every row of y, cuBLAS adds x Wᵀ in its epilogue
         t = shrink()
-        y = x.new_empty(x.shape[0], w.shape[0])
+        y = x.new_empty(x.shape[0], q.shape[1])
         expand(y, accumulate=False)
-        y.addmm_(x, w.t())
+        if w is not None:
+            y.addmm_(x, w.t())
         extra = then(t)
     elif overlap:
         # the shrink (and then's work) on a side stream, beside cuBLAS; the expand waits for t
