@@ -80,14 +80,12 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
         >>> answer("runs/milp", [("meddia-d2-0001", "What should I eat?")])  # doctest: +SKIP
         ['...']
     """
-    from safetensors.torch import load_file
-
     from .data import Record
     from .models import load_model
-    from .pipeline import add_instruction_adapter, generate_responses
+    from .pipeline import generate_responses
     from .runtime import MilpRuntime
     from .store import UserStore
-    from .train import _dtype, _resolve_device
+    from .train import _dtype, _resolve_device, run_instruction_adapter
 
     run = Path(run)
     if not (run / "run.json").is_file():
@@ -105,10 +103,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     model, tok = load_model(settings.get("model"), dtype=_dtype(argparse.Namespace(**settings), dev), device=dev)
     adapter_file = run / "instruction_adapter.safetensors"
     if adapter_file.is_file():
-        rank = settings["instruct_rank"]
-        adapter = add_instruction_adapter(model, rank=rank, alpha=2.0 * rank, seed=settings["seed"])
-        adapter.to(dev)
-        adapter.load_state_dict(load_file(str(adapter_file), device=str(dev)))
+        run_instruction_adapter(model, settings["instruct_rank"], settings["seed"], dev, adapter_file)
     rt = MilpRuntime(model, max_users=settings["slots"], store=store)
     records = [Record(user, "", [_PLACEHOLDER], query, _PLACEHOLDER) for user, query in queries]
     return generate_responses(model, tok, records, runtime=rt,

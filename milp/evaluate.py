@@ -83,7 +83,6 @@ from .config import MemoryConfig, atomic_write_bytes, atomic_write_text
 from .data import Record, group_by_user, split_users
 from .pipeline import (
     PrefixEncoder,
-    add_instruction_adapter,
     generate_responses,
     instruction_tune,
     remove_instruction_adapter,
@@ -372,16 +371,9 @@ class _Models:
 
 
 def _shared_adapter(model: Any, st: _Seed, models: _Models, path: Path | None = None) -> Any:
-    """Exactly milp.train's shared instruction adapter (rank, alpha = 2 * rank, init seed) on
-    ``model``, on the device; loaded from ``path`` when given."""
-    from safetensors.torch import load_file
-
-    rank = st.args.instruct_rank
-    adapter = add_instruction_adapter(model, rank=rank, alpha=2.0 * rank, seed=st.seed)
-    adapter.to(models.device)
-    if path is not None:
-        adapter.load_state_dict(load_file(str(path), device=str(models.device)))
-    return adapter
+    """Exactly milp.train's shared instruction adapter (:func:`milp.train.run_instruction_adapter`)
+    on ``model``, on the device; loaded from ``path`` when given."""
+    return train.run_instruction_adapter(model, st.args.instruct_rank, st.seed, models.device, path)
 
 
 def _uelp_prefix(st: _Seed, models: _Models, model: Any, encoder_path: Path | None = None) -> UelpPrefix:

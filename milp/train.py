@@ -267,6 +267,21 @@ def select_users(records: Sequence[Record], n: int, seed: int) -> list[Record]:
     return list(records)
 
 
+def run_instruction_adapter(model: Any, rank: int, seed: int, device: torch.device | str,
+                            path: str | os.PathLike[str] | None = None) -> Any:
+    """The shared instruction adapter as this CLI makes it (``rank``, alpha = 2 * rank, init
+    ``seed``) on ``model``, on ``device``; its weights loaded from ``path`` when given (the
+    run's ``instruction_adapter.safetensors``). ``milp.evaluate`` and ``milp.answer`` rebuild
+    a run's adapter with it."""
+    from safetensors.torch import load_file
+
+    adapter = add_instruction_adapter(model, rank=rank, alpha=2.0 * rank, seed=seed)
+    adapter.to(device)
+    if path is not None:
+        adapter.load_state_dict(load_file(str(path), device=str(device)))
+    return adapter
+
+
 def _atomic_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
@@ -648,15 +663,13 @@ class _KeyOf:
 
 # ---- instruction tuning
 def _instruction(st: _State, split: dict[str, list[Record]]) -> list[float]:
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     args = st.args
     path = st.out / "instruction_adapter.safetensors"
-    adapter = add_instruction_adapter(st.model, rank=args.instruct_rank, alpha=2.0 * args.instruct_rank,
-                                      seed=args.seed)
-    adapter.to(st.device)
-    if path.exists():
-        adapter.load_state_dict(load_file(str(path), device=str(st.device)))
+    done = path.exists()
+    adapter = run_instruction_adapter(st.model, args.instruct_rank, args.seed, st.device, path if done else None)
+    if done:
         st.log("instruction tuning: done before, adapter loaded")
         return _read_json(st.out / "instruction.json")["losses"]
     if args.instruct_steps == 0:
