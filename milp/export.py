@@ -182,6 +182,11 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
+def _positive(v: object) -> bool:
+    """A number (not a bool) > 0."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
+
+
 def _load_weights(d: Path) -> dict[str, torch.Tensor]:
     if (d / PEFT_WEIGHTS_FILE).is_file():
         from safetensors.torch import load_file
@@ -233,7 +238,7 @@ def read_peft(directory: str | os.PathLike[str]
                              f"sum h = W x + Σ s B A x cannot compute")
     for key in ("r", "lora_alpha"):
         v = config.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        if not _positive(v):
             raise ValueError(f"{str(cfg_path)!r}: {key} must be a number > 0, got {v!r}")
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -268,7 +273,7 @@ def read_peft(directory: str | os.PathLike[str]
         if r_cfg != r:
             raise ValueError(f"{str(cfg_path)!r} gives module {name!r} rank {r_cfg}, its weights have rank {r}")
         alpha = _pattern_value(alpha_pattern, name, config["lora_alpha"])
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        if not _positive(alpha):
             raise ValueError(f"{str(cfg_path)!r} gives module {name!r} lora_alpha {alpha!r}; expected a number > 0")
         alpha = float(alpha)
         modules[name] = (a, b, alpha / math.sqrt(r) if rslora else alpha / r)
