@@ -426,6 +426,8 @@ def test_a_module_that_is_not_linear_like_is_refused():
     model.model.layers[0].mlp.up_proj = nn.Identity()
     with pytest.raises(TypeError, match=r"layers\.0\.mlp\.up_proj is a Identity, expected nn\.Linear, .*in_features"):
         apply_milp(model)
+    with pytest.raises(TypeError, match=r"base must be a linear-like module \(in_features/out_features\), got Ident"):
+        MultiLoraLinear(nn.Identity(), max_users=1, layer=0, target="mlp.up_proj")
 
 
 def test_runtime_on_a_quantized_base_trains_jointly_and_generates_mixed():
