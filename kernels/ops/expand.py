@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .._backend import nvtx_range
+from .._launch import Launch
 from ..plan import tile_span
 from ..tuning import get_config, launch_plan
 from ._common import acc_dtype, active_segments, cdiv, dot_flags, flags_key, load_tile_info, mma, next_pow2
@@ -206,22 +207,21 @@ def lora_expand_(
     split = t.shape[0] if t.dim() == 3 else 1
     dims = (T, N, max_rank, tuple(block_ms), sorted_tokens.numel(), segments.shape[0], tiles.shape[0], split,
             bool(accumulate))
-    off, rows, grid, chunk, kw = launch_plan(("expand", dims, flags_key(y.dtype)), dev,
-                                             lambda: _expand_plan(*dims, y.dtype, dev))
+    off, rows, chunk, launch = launch_plan(("expand", dims, flags_key(y.dtype)), dev,
+                                           lambda: _expand_plan(*dims, y.dtype, dev))
     strides = (t.stride(-2), lora_b.stride(0), y.stride(0), t.stride(0) if t.dim() == 3 else 0)
     with nvtx_range("milp.kernel.lora_expand"):
         if chunk:  # the decode (GEMV) form
-            _expand_gemv_kernel[grid](t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N, chunk,
-                                      *strides, **kw)
+            launch(_expand_gemv_kernel, t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N, chunk, *strides)
         else:
-            _expand_kernel[grid](t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N, *strides, **kw)
+            launch(_expand_kernel, t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N, *strides)
     return y
 
 
 def _expand_plan(T, N, max_rank, block_ms, max_tokens, max_segments, tile_rows, split, accumulate, dtype, device):
     """The expand's host decisions for one problem (memoised by :func:`kernels.tuning.launch_plan`):
-    ``(first tile row, tiles, grid, columns per program of the GEMV form or 0, constexprs and
-    launch options)``."""
+    ``(first tile row, tiles, columns per program of the GEMV form or 0, the grid with its
+    constexprs and launch options)``."""
     cfg = get_config("expand", num_tokens=T, n=N, k=max_rank, max_rank=max_rank, dtype=dtype, device=device,
                      block_ms=block_ms)
     off, rows = tile_span(max_tokens, max_segments, block_ms, cfg.block_m, tile_rows)
@@ -232,7 +232,7 @@ def _expand_plan(T, N, max_rank, block_ms, max_tokens, max_segments, tile_rows, 
         chunk = cdiv(cdiv(N, min(cfg.split_n, cdiv(N, block_n))), block_n) * block_n
         kw = dict(SPLIT=split, ACCUMULATE=accumulate, BLOCK_N=block_n, BLOCK_R=block_r, ACC=dot_flags(dtype)["ACC"],
                   **cfg.kwargs())
-        return off, rows, (rows, cdiv(N, chunk)), chunk, kw
+        return off, rows, chunk, Launch((rows, cdiv(N, chunk)), kw)
     # n_blocks > 1: a program streams that many column blocks, with t loaded once where the
     # bank's rank fits one block of at most EXPAND_HOIST_MAX_R
     n_blocks = max(1, min(cfg.n_blocks, cdiv(N, cfg.block_n)))
@@ -242,7 +242,7 @@ def _expand_plan(T, N, max_rank, block_ms, max_tokens, max_segments, tile_rows, 
     grid = (rows, cdiv(N, cfg.block_n * n_blocks))
     kw = dict(SPLIT=split, ACCUMULATE=accumulate, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
               N_BLOCKS=n_blocks, HOIST_T=hoist, **dot_flags(dtype), **cfg.kwargs())
-    return off, rows, grid, 0, kw
+    return off, rows, 0, Launch(grid, kw)
 
 
 def lora_expand_torch_(

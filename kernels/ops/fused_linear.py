@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._backend import nvtx_range
+from .._launch import Launch
 from ..plan import tile_span
 from ..tuning import FUSED_MAX_BLOCK_R, get_config, launch_plan
 from ._common import (
@@ -204,20 +205,20 @@ def fused_lora_linear(
 
     dims = (T, N, K, max_rank, tuple(block_ms), sorted_tokens.numel(), segments.shape[0], tiles.shape[0],
             bias is not None, bool(store_t), bool(precompute_t))
-    off, rows, grid, load_t, kw = launch_plan(("fused_linear", dims, flags_key(x.dtype)), x.device,
-                                              lambda: _fused_plan(*dims, x.dtype, x.device))
+    off, rows, load_t, launch = launch_plan(("fused_linear", dims, flags_key(x.dtype)), x.device,
+                                            lambda: _fused_plan(*dims, x.dtype, x.device))
     t = empty
     if load_t:
         t = lora_shrink(x, lora_a, scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
     elif store_t:
         t = torch.zeros(T, max_rank, dtype=acc, device=x.device)
     with nvtx_range("milp.kernel.fused_lora_linear"):
-        _fused_lora_linear_kernel[grid](
-            x, weight, bias if bias is not None else y, lora_a, lora_b, scale, slots, sorted_tokens,
-            tiles[off : off + rows], t if t.numel() else y, y,
+        launch(
+            _fused_lora_linear_kernel, x, weight, bias if bias is not None else y, lora_a, lora_b, scale, slots,
+            sorted_tokens, tiles[off : off + rows], t if t.numel() else y, y,
             rows, K, N,
             x.stride(0), x.stride(1), stride_wn, stride_wk, lora_a.stride(0), lora_b.stride(0),
-            t.stride(0) if t.dim() == 2 else 0, y.stride(0), **kw,
+            t.stride(0) if t.dim() == 2 else 0, y.stride(0),
         )
     return y, (t if store_t else empty)
 
@@ -225,8 +226,8 @@ def fused_lora_linear(
 def _fused_plan(T, N, K, max_rank, block_ms, max_tokens, max_segments, tile_rows, has_bias, store_t, precompute_t,
                 dtype, device):
     """The fused launch's host decisions for one problem (memoised by
-    :func:`kernels.tuning.launch_plan`): ``(first tile row, tiles, grid, load_t, constexprs and
-    launch options)``."""
+    :func:`kernels.tuning.launch_plan`): ``(first tile row, tiles, load_t, the grid with its
+    constexprs and launch options)``."""
     # a rank too large for registers runs as fused_t whatever the caller asked (FUSED_MAX_BLOCK_R)
     load_t = (precompute_t or next_pow2(max_rank) > FUSED_MAX_BLOCK_R) and max_rank > 0
     cfg = get_config("fused_linear", num_tokens=T, n=N, k=K, max_rank=max_rank, dtype=dtype, device=device,
@@ -238,7 +239,7 @@ def _fused_plan(T, N, K, max_rank, block_ms, max_tokens, max_segments, tile_rows
     kw = dict(HAS_BIAS=has_bias, LOAD_T=load_t, STORE_T=store_t and not load_t, EVEN_K=K % cfg.block_k == 0,
               BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=8,
               **dot_flags(dtype), **cfg.kwargs())
-    return off, rows, grid, load_t, kw
+    return off, rows, load_t, Launch(grid, kw)
 
 
 def fused_lora_linear_torch(

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .._backend import nvtx_range
+from .._launch import Launch
 from ..tuning import get_config, launch_plan
 from ._common import acc_dtype, active_segments, cdiv, dot_flags, flags_key, load_tile_info, mma
 
@@ -96,23 +97,24 @@ def lora_grad_weights(
     if T == 0 or max_rank == 0 or capacity == 0:
         return da, db
     dims = (T, N, K, max_rank, segments.shape[0])
-    grid, kw = launch_plan(("grad_weights", dims, flags_key(x.dtype)), x.device,
-                           lambda: _grad_weights_plan(*dims, x.dtype, x.device))
+    launch = launch_plan(("grad_weights", dims, flags_key(x.dtype)), x.device,
+                         lambda: _grad_weights_plan(*dims, x.dtype, x.device))
     with nvtx_range("milp.kernel.lora_grad_weights"):
-        _grad_weights_kernel[grid](
-            x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, da, db, K, N,
-            x.stride(0), dy.stride(0), t_bwd.stride(0), t_fwd.stride(0), da.stride(0), db.stride(0), **kw,
+        launch(
+            _grad_weights_kernel, x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, da, db, K, N,
+            x.stride(0), dy.stride(0), t_bwd.stride(0), t_fwd.stride(0), da.stride(0), db.stride(0),
         )
     return da, db
 
 
 def _grad_weights_plan(T, N, K, max_rank, max_segments, dtype, device):
-    """``(grid, constexprs and launch options)`` of one problem (memoised by
+    """The grid with its constexprs and launch options of one problem (memoised by
     :func:`kernels.tuning.launch_plan`)."""
     cfg = get_config("grad_weights", num_tokens=T, n=N, k=K, max_rank=max_rank, dtype=dtype, device=device)
     bc = cfg.block_n
     grid = (max_segments, cdiv(max_rank, cfg.block_r), cdiv(K, bc) + cdiv(N, bc))
-    return grid, dict(BLOCK_R=cfg.block_r, BLOCK_C=bc, BLOCK_T=cfg.block_k, **dot_flags(dtype), **cfg.kwargs())
+    return Launch(grid, dict(BLOCK_R=cfg.block_r, BLOCK_C=bc, BLOCK_T=cfg.block_k, **dot_flags(dtype),
+                             **cfg.kwargs()))
 
 
 def lora_grad_weights_torch(

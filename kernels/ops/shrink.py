@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .._backend import nvtx_range
+from .._launch import Launch
 from ..plan import tile_span
 from ..tuning import get_config, launch_plan
 from ._common import acc_dtype, active_segments, cdiv, dot_flags, flags_key, load_tile_info, mma
@@ -107,23 +108,23 @@ def lora_shrink(
         return torch.zeros((1, T, max_rank) if partials else (T, max_rank), dtype=acc, device=x.device)
     dev, partials = x.device, bool(partials)
     dims = (T, K, max_rank, tuple(block_ms), sorted_tokens.numel(), segments.shape[0], tiles.shape[0], partials)
-    off, rows, split_k, grid, kw = launch_plan(("shrink", dims, flags_key(x.dtype)), dev,
-                                               lambda: _shrink_plan(*dims, x.dtype, dev))
+    off, rows, split_k, launch = launch_plan(("shrink", dims, flags_key(x.dtype)), dev,
+                                             lambda: _shrink_plan(*dims, x.dtype, dev))
     if partials or split_k == 1:  # the kernel writes all of t (split_k 1) or all that is read
         t = torch.empty((split_k, T, max_rank) if partials else (T, max_rank), dtype=acc, device=dev)
     else:  # zero: the atomics add into it
         t = torch.zeros(T, max_rank, dtype=acc, device=dev)
     with nvtx_range("milp.kernel.lora_shrink"):
-        _shrink_kernel[grid](
-            x, lora_a, scale, slots, sorted_tokens, tiles[off : off + rows], t, K, max_rank,
-            x.stride(0), x.stride(1), lora_a.stride(0), t.stride(-2), t.stride(0) if partials else 0, **kw,
+        launch(
+            _shrink_kernel, x, lora_a, scale, slots, sorted_tokens, tiles[off : off + rows], t, K, max_rank,
+            x.stride(0), x.stride(1), lora_a.stride(0), t.stride(-2), t.stride(0) if partials else 0,
         )
     return t
 
 
 def _shrink_plan(T, K, max_rank, block_ms, max_tokens, max_segments, tile_rows, partials, dtype, device):
     """The shrink's host decisions for one problem (memoised by :func:`kernels.tuning.launch_plan`):
-    ``(first tile row, tiles, split_k, grid, constexprs and launch options)``."""
+    ``(first tile row, tiles, split_k, the grid with its constexprs and launch options)``."""
     cfg = get_config("shrink", num_tokens=T, n=max_rank, k=K, max_rank=max_rank, dtype=dtype, device=device,
                      block_ms=block_ms)
     off, rows = tile_span(max_tokens, max_segments, block_ms, cfg.block_m, tile_rows)
@@ -131,7 +132,7 @@ def _shrink_plan(T, K, max_rank, block_ms, max_tokens, max_segments, tile_rows, 
     grid = (rows, cdiv(max_rank, cfg.block_r), split_k)
     kw = dict(SPLIT_K=split_k, PARTIALS=partials, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
               **dot_flags(dtype), **cfg.kwargs())
-    return off, rows, split_k, grid, kw
+    return off, rows, split_k, Launch(grid, kw)
 
 
 def lora_shrink_torch(

@@ -1,0 +1,197 @@
+"""Triton launches without ``JITFunction.run``'s per-call work.
+
+``kernel[grid](*args, **constexprs)`` binds every argument to the signature, specialises each
+one (dtype, 16-byte alignment, ints equal to 1 or divisible by 16), turns the specialisation and
+the options into a cache key string, looks the compiled kernel up, checks the kernel's globals
+and builds the launch metadata, on every call. On a 2-core CPU that is about 9 µs of host time
+per launch, half of a launcher call (``bench/launch_host.py``, triton 3.6 and 3.9 alike: the
+shrink's 18 µs become 9). A decode step launches a few hundred kernels, and an eager
+training step of a small linear is bound by the host.
+
+A :class:`Launch` is one launcher's memoised decision for one problem (grid, constexprs and
+launch options; :func:`kernels.tuning.launch_plan` keeps it). It remembers the compiled kernel
+that Triton picked for each *argument key*, and later calls with the same key call that
+kernel's launcher directly (``CompiledKernel.run``, what ``JITFunction.run`` ends with), with
+the same arguments, stream and hooks. The key is finer than Triton's specialisation, so a key
+never maps to a kernel that Triton would not pick for those arguments:
+
+* a tensor: its dtype and ``data_ptr() % 16`` (Triton: dtype, 16-byte aligned or not);
+* an int: its value (Triton: ``== 1``, ``% 16 == 0``, 32- or 64-bit);
+* a bool, float or ``None``: its value;
+* the current device; and the kind of each position is fixed at the first call (a position
+  that held a tensor then and holds something else now takes Triton's own path).
+
+A new key takes Triton's path once (compiling if need be) and is remembered. Triton's path
+is kept for everything else: the interpreter (``TRITON_INTERPRET=1``), anything that is not
+a plain ``JITFunction`` (``kernels.aot.LaunchRecorder``'s wrappers), kernels with pre-run
+hooks, and ``MILP_TRITON_LAUNCH=jit`` (the switch, read per call; ``direct`` is the default).
+Launch hooks (Triton's profiler, proton) are honoured: with a hook installed the launch
+metadata is built and passed as Triton does; without one, nothing is built.
+
+What the direct path does not redo per call: Triton's check that the kernel's global
+variables have not changed since it was compiled, and the reading of the ``TRITON_DEBUG`` /
+instrumentation knobs into the options (set them before the first launch, as usual).
+
+``tests/kernels/test_launch.py`` checks, on a stand-in CUDA driver that compiles for sm_90 and
+records each launch, that every launcher passes exactly what Triton's path passes (kernel,
+grid, stream, arguments), for aligned and misaligned pointers, a stride of 1 and of 2 (Triton
+specialises a 1 away), dtypes, and specialisations in turn, on the triton versions CI runs.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from triton import knobs
+from triton.compiler import CompiledKernel
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+from ._backend import env
+
+try:
+    from triton.knobs import HookChain
+except ImportError:  # a triton before HookChain: launch hooks are plain callables or None
+    HookChain = type("NoHookChain", (), {})
+
+__all__ = ["Launch", "direct_launch_enabled"]
+
+_MAX_KEYS = 256  # remembered argument keys per launch plan (a plan is one problem: a few)
+
+
+def direct_launch_enabled() -> bool:
+    """``MILP_TRITON_LAUNCH`` is ``direct`` (the default), not ``jit``.
+
+    Example:
+        >>> direct_launch_enabled()
+        True
+    """
+    value = env("MILP_TRITON_LAUNCH", "direct")
+    if value == "direct":
+        return True
+    if value == "jit":
+        return False
+    raise ValueError(f"MILP_TRITON_LAUNCH must be 'direct' or 'jit', got {value!r}")
+
+
+class _NotThatKind(Exception):
+    """An argument is not of the kind its position had when the key function was made."""
+
+
+def _not_that_kind():
+    raise _NotThatKind
+
+
+def _key_function(args: tuple):
+    """A function of ``args``' arity returning their key (see the module docstring), made from
+    the kinds of ``args`` as generated code (what Triton's binder does for its specialisation:
+    no per-argument dispatch in a loop), or ``None`` for a kind it does not key.
+
+    A tensor position reads ``dtype`` and ``data_ptr()`` (anything else there raises
+    ``AttributeError``); an int, bool, float or ``None`` position checks its class first, so
+    no tensor ever lands in a key.
+    """
+    parts, checks = [], []
+    for i, a in enumerate(args):
+        name = f"a{i}"
+        if isinstance(a, torch.Tensor):
+            parts.append(f"{name}.dtype, {name}.data_ptr() & 15")
+        elif a is None:
+            parts.append(name)
+            checks.append(f"{name} is None")
+        elif type(a) in (int, bool, float):
+            parts.append(name)
+            checks.append(f"{name}.__class__ is {type(a).__name__}")
+        else:
+            return None
+    names = ", ".join(f"a{i}" for i in range(len(args)))
+    guard = f"    if not ({' and '.join(checks)}):\n        not_that_kind()\n" if checks else ""
+    src = f"def key({names}):\n{guard}    return ({', '.join(parts)},)\n"
+    space = {"not_that_kind": _not_that_kind}
+    exec(src, space)  # noqa: S102 - generated from the argument kinds only
+    return space["key"]
+
+
+class Launch:
+    """A launcher's grid, constexprs and launch options for one problem, and the compiled
+    kernels Triton picked for its calls so far (see the module docstring).
+
+    ``launch(fn, *args)`` is ``fn[launch.grid](*args, **launch.kw)``, faster once seen. A
+    ``Launch`` serves the first compiled kernel it is called with (one problem of one
+    launcher); another one takes Triton's path.
+
+    Example:
+        >>> launch = Launch((4, 2), {"BLOCK": 16, "num_warps": 4})
+        >>> launch.grid, launch.kw["BLOCK"]
+        ((4, 2), 16)
+    """
+
+    __slots__ = ("grid", "kw", "_grid3", "_fn", "_arity", "_keyfn", "_tail", "_seen")
+
+    def __init__(self, grid: tuple[int, ...], kw: dict):
+        self.grid = tuple(grid)
+        self.kw = types.MappingProxyType(dict(kw))
+        g = self.grid + (1, 1)
+        self._grid3 = (g[0], g[1], g[2])
+        self._fn = None       # the JITFunction served, once seen
+        self._arity = -1
+        self._keyfn = None    # its key function (None: no direct path)
+        self._tail = ()       # values of the parameters after the positional ones
+        self._seen: dict = {}  # (device, key) -> compiled kernel
+
+    def __call__(self, fn, *args) -> None:
+        if fn is not self._fn and not self._serve(fn, args):
+            fn[self.grid](*args, **self.kw)
+            return
+        if self._keyfn is None or len(args) != self._arity or fn.pre_run_hooks or not direct_launch_enabled():
+            fn[self.grid](*args, **self.kw)
+            return
+        try:
+            key = self._keyfn(*args)
+        except (_NotThatKind, AttributeError):
+            fn[self.grid](*args, **self.kw)
+            return
+        drv = driver.active
+        device = drv.get_current_device()
+        kernel = self._seen.get((device, key))
+        if kernel is None:
+            self._first(fn, (device, key), args)
+            return
+        stream = drv.get_current_stream(device)
+        runtime = knobs.runtime
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        full = args + self._tail
+        if _idle(enter) and _idle(leave):
+            meta = enter = leave = None
+        else:
+            meta = kernel.launch_metadata(self.grid, stream, *full)
+        g0, g1, g2 = self._grid3
+        kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *full)
+
+    def _serve(self, fn, args: tuple) -> bool:
+        """Bind to ``fn`` when it is the first compiled kernel this launch sees."""
+        if self._fn is not None or type(fn) is not JITFunction:
+            return False
+        self._keyfn = _key_function(args)
+        self._arity = len(args)
+        params = list(fn.signature.parameters.values())[len(args):]
+        # bound as Triton binds them: the keyword values, then the defaults
+        self._tail = tuple(self.kw[p.name] if p.name in self.kw else p.default for p in params)
+        self._fn = fn
+        return True
+
+    def _first(self, fn, seen: tuple, args: tuple) -> None:
+        """Triton's own path (it compiles or finds the kernel, and launches it); its compiled
+        kernel is remembered for ``seen``."""
+        kernel = fn[self.grid](*args, **self.kw)
+        if not isinstance(kernel, CompiledKernel):  # an async compile's future, a hook's None
+            return
+        if len(self._seen) >= _MAX_KEYS:
+            self._seen.clear()
+        self._seen[seen] = kernel
+
+
+
+def _idle(hook) -> bool:
+    """No launch hook to call: ``None``, or an empty ``HookChain`` (triton 3.5 and later)."""
+    return hook is None or (hook.__class__ is HookChain and not hook.calls)
