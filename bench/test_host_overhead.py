@@ -160,3 +160,34 @@ def test_host_us_per_training_step(benchmark, problem, stubbed_launches, impl):
         for p in params:
             p.requires_grad_(False)
             p.grad = None
+
+
+@pytest.fixture(scope="module")
+def launch_host_us():
+    """``bench/launch_host.py``'s figures: in this process with CUDA, else in a fresh process
+    on the stand-in driver (this one imported the kernels under the interpreter)."""
+    import launch_host
+
+    rows = launch_host.measure() if U.CUDA else launch_host.measure_in_subprocess()
+    return {(r["kernel"], r["launch"]): r for r in rows}
+
+
+@pytest.mark.parametrize("launch", ["jit", "direct"])
+@pytest.mark.parametrize("kernel", ["shrink", "expand", "grad_weights", "fused"])
+def test_launch_host_us(benchmark, launch_host_us, kernel, launch):
+    """Host µs of one launcher call through Triton's ``JITFunction.run`` (``jit``) and through
+    the direct path (``direct``, the default: ``kernels._launch``), same problem as above. The
+    launches are the stand-in driver's on CPU (``tests/kernels/test_launch.py`` checks that
+    both paths pass the launcher the same kernel, grid, stream and arguments); on CUDA, real."""
+    r = launch_host_us[(kernel, launch)]
+    us = r["host_us_per_call"]
+    benchmark.group = "launch-host"
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # timed in launch_host.measure
+    benchmark.extra_info.update(
+        workload=f"launch-host-{kernel}-T{USERS}-U{USERS}-{K}x{N}", impl=f"launch-{launch}", op="host",
+        time_ms=us / 1e3, host_us_per_call=us, calls_per_round=r["calls"], launches=r["launches"],
+        device=r["device"], timing="host-clock-min (bench/launch_host.py)",
+    )
+    if launch == "direct":
+        jit = launch_host_us[(kernel, "jit")]["host_us_per_call"]
+        benchmark.extra_info.update(host_us_saved=jit - us, host_saved_share=(jit - us) / jit)
