@@ -57,15 +57,23 @@ _USER_FILE = "user.json"  # milp.runtime.USER_FILE (not imported: runtime import
 def user_dirname(user: str | int) -> str:
     """A file-system-safe, collision-free directory name for a user id.
 
+    A string that is already safe is its own name; any other string, and every id that is not
+    a string, gets a hash suffix, so the int ``7`` and the string ``"7"`` (two users of a
+    runtime) never share a directory.
+
     Example:
         >>> user_dirname("meddia-d2-0001"), user_dirname("a/b"), user_dirname(7)
-        ('meddia-d2-0001', 'a_b-3ec69c85', '7')
+        ('meddia-d2-0001', 'a_b-3ec69c85', '7-11b89f5c')
     """
-    user = str(user)
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", user)[:80]
-    if safe == user and safe not in (".", ".."):
-        return safe
-    return f"{safe}-{hashlib.sha1(user.encode()).hexdigest()[:8]}"
+    text = str(user)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:80]
+    if isinstance(user, str):
+        if safe == text and safe not in (".", ".."):
+            return safe
+        digest = text
+    else:
+        digest = f"{type(user).__name__}:{text}"
+    return f"{safe}-{hashlib.sha1(digest.encode()).hexdigest()[:8]}"
 
 
 class CacheInfo(NamedTuple):

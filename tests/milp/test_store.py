@@ -157,3 +157,21 @@ def test_compiled_decode_step_survives_store_swaps(store_dir):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
     assert all(a is b for a, b in zip(banks, (m.bank.lora_a for m in rt.state.modules())))
     assert rt.cache_info().evictions == 3 + 8  # the first round, then every batch swaps both slots
+
+
+def test_int_and_str_ids_get_their_own_directories(tmp_path):
+    """The int 7 and the string "7" are two users: saving both into one store keeps both (their
+    directory names were both "7", and the second save replaced the first)."""
+    assert user_dirname(7) != user_dirname("7") == "7" and user_dirname(True) != user_dirname(1)
+    writer = MilpRuntime(tiny_model("llama"), max_users=2)
+    want = {}
+    for i, u in enumerate([7, "7"]):
+        writer.add_user(u, MemoryConfig.uniform(2, 1, 4 * (i + 1)), init="random", seed=i)
+        writer.save_user(u, tmp_path / user_dirname(u))
+        with torch.no_grad():
+            want[u] = writer.forward(PROMPT, u).logits[0]
+    store = UserStore(tmp_path)
+    assert sorted(map(repr, store.users())) == ["'7'", "7"]
+    assert store.path(7) != store.path("7")
+    rt = MilpRuntime(tiny_model("llama"), max_users=2, store=store)
+    check_rows(rt, [7, "7"], want)
