@@ -25,14 +25,17 @@ import sys
 import time
 
 MODES = ("jit", "direct")
-KERNELS = ("shrink", "expand", "grad_weights", "fused")
+KERNELS = ("shrink", "expand", "grad_weights", "fused")  # one launcher call each
+OPS = ("lora_linear", "lora_linear-fwdbwd")  # kernels.lora_linear: decode forward, training step
+BASES = ("F.linear", "F.linear-fwdbwd")  # the plain linear, for what the adapters add
 USERS, K, N = 32, 256, 256
 
 
 def measure(calls: int = 2000, rounds: int = 5) -> list[dict]:
     """``[{kernel, launch, host_us_per_call}]``: the best of ``rounds`` rounds of ``calls``
-    launcher calls, after a warm-up, for every kernel and launch path (run where CUDA exists,
-    or under the stand-in driver: see the module docstring)."""
+    calls, after a warm-up, for every launcher (:data:`KERNELS`) and op call (:data:`OPS`) by
+    either launch path, and the plain linear's (:data:`BASES`, ``launch`` ``"-"``); run where
+    CUDA exists, or under the stand-in driver (see the module docstring)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -41,6 +44,7 @@ def measure(calls: int = 2000, rounds: int = 5) -> list[dict]:
 
         _fake_cuda.install(arch=90)
         _fake_cuda.RECORD = False
+    import kernels
     from kernels import AdapterBank, BatchPlan
     from kernels.ops.expand import lora_expand_
     from kernels.ops.fused_linear import fused_lora_linear
@@ -70,24 +74,53 @@ def measure(calls: int = 2000, rounds: int = 5) -> list[dict]:
     }
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     out = []
+
+    def timed(call, **what):
+        for _ in range(50):  # compile, remember the kernel, warm caches
+            call()
+        sync()
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+            best = min(best, time.perf_counter() - t0)
+            sync()
+        out.append(dict(what, host_us_per_call=best / calls * 1e6, calls=calls,
+                        launches="real" if cuda else "stand-in driver (host code only)",
+                        device=torch.cuda.get_device_name() if cuda else "cpu"))
+
     with torch.no_grad():
         for kernel in KERNELS:
-            call = launchers[kernel]
             for mode in MODES:
                 os.environ["MILP_TRITON_LAUNCH"] = mode
-                for _ in range(50):  # compile, remember the kernel, warm caches
-                    call()
-                sync()
-                best = float("inf")
-                for _ in range(rounds):
-                    t0 = time.perf_counter()
-                    for _ in range(calls):
-                        call()
-                    best = min(best, time.perf_counter() - t0)
-                    sync()
-                out.append(dict(kernel=kernel, launch=mode, host_us_per_call=best / calls * 1e6, calls=calls,
-                                launches="real" if cuda else "stand-in driver (host code only)",
-                                device=torch.cuda.get_device_name() if cuda else "cpu"))
+                timed(launchers[kernel], kernel=kernel, launch=mode)
+    # the whole op, as an eager layer calls it: a decode forward and a training step (W frozen,
+    # the adapters trainable), against the plain linear's
+    kernels.library._values_checked = lambda t: False  # value checks read device memory: GPUs skip them
+    xg = x.clone().requires_grad_(True)
+    params = (bank.lora_a, bank.lora_b)
+
+    def step(linear):
+        xg.grad = None
+        for q in params:
+            q.grad = None
+        linear().backward(dy)
+
+    with kernels.use_backend("triton"):
+        for mode in MODES:
+            os.environ["MILP_TRITON_LAUNCH"] = mode
+            with torch.no_grad():
+                timed(lambda: kernels.lora_linear(x, w, None, bank, plan), kernel="lora_linear", launch=mode)
+            for q in params:
+                q.requires_grad_(True)
+            timed(lambda: step(lambda: kernels.lora_linear(xg, w, None, bank, plan)), kernel="lora_linear-fwdbwd",
+                  launch=mode)
+            for q in params:
+                q.requires_grad_(False)
+    with torch.no_grad():
+        timed(lambda: torch.nn.functional.linear(x, w), kernel="F.linear", launch="-")
+    timed(lambda: step(lambda: torch.nn.functional.linear(xg, w)), kernel="F.linear-fwdbwd", launch="-")
     os.environ.pop("MILP_TRITON_LAUNCH", None)
     return out
 
@@ -120,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r))
         return 0
     by = {(r["kernel"], r["launch"]): r["host_us_per_call"] for r in rows}
-    print(f"host µs per launcher call ({rows[0]['launches']}, {rows[0]['device']})")
-    print("| kernel | Triton's path (jit) | direct | saved |")
+    print(f"host µs per call ({rows[0]['launches']}, {rows[0]['device']})")
+    print("| call | Triton's path (jit) | direct | saved |")
     print("|---|---:|---:|---:|")
-    for k in KERNELS:
+    for k in KERNELS + OPS:
         j, d = by[(k, "jit")], by[(k, "direct")]
         print(f"| {k} | {j:.2f} | {d:.2f} | {j - d:.2f} ({(j - d) / j:.0%}) |")
+    for k in BASES:
+        print(f"| {k} (no adapters) | {by[(k, '-')]:.2f} | | |")
     return 0
 
 

@@ -21,6 +21,7 @@ import contextlib
 import time
 
 import _util as U
+import launch_host
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,26 +167,31 @@ def test_host_us_per_training_step(benchmark, problem, stubbed_launches, impl):
 def launch_host_us():
     """``bench/launch_host.py``'s figures: in this process with CUDA, else in a fresh process
     on the stand-in driver (this one imported the kernels under the interpreter)."""
-    import launch_host
-
     rows = launch_host.measure() if U.CUDA else launch_host.measure_in_subprocess()
     return {(r["kernel"], r["launch"]): r for r in rows}
 
 
-@pytest.mark.parametrize("launch", ["jit", "direct"])
-@pytest.mark.parametrize("kernel", ["shrink", "expand", "grad_weights", "fused"])
+_LAUNCH_ROWS = [(k, m) for k in launch_host.KERNELS + launch_host.OPS for m in launch_host.MODES] + [
+    (k, "-") for k in launch_host.BASES]
+
+
+@pytest.mark.parametrize("kernel,launch", _LAUNCH_ROWS, ids=[f"{k}-{m}".replace("--", "") for k, m in _LAUNCH_ROWS])
 def test_launch_host_us(benchmark, launch_host_us, kernel, launch):
-    """Host µs of one launcher call through Triton's ``JITFunction.run`` (``jit``) and through
-    the direct path (``direct``, the default: ``kernels._launch``), same problem as above. The
-    launches are the stand-in driver's on CPU (``tests/kernels/test_launch.py`` checks that
+    """Host µs of one launcher call (:data:`launch_host.KERNELS`) or one eager op call, decode
+    forward and training step (:data:`launch_host.OPS`), through Triton's ``JITFunction.run``
+    (``jit``) and through the direct path (``direct``, the default: ``kernels._launch``), and of
+    the plain linear, on the problem above. On CPU the launches are the stand-in driver's
+    (everything above Triton's C launcher runs; ``tests/kernels/test_launch.py`` checks that
     both paths pass the launcher the same kernel, grid, stream and arguments); on CUDA, real."""
     r = launch_host_us[(kernel, launch)]
     us = r["host_us_per_call"]
     benchmark.group = "launch-host"
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # timed in launch_host.measure
+    # the plain linear is the "base" impl of its op's workload (ratios within a workload)
+    name = dict(zip(launch_host.BASES, launch_host.OPS)).get(kernel, kernel)
     benchmark.extra_info.update(
-        workload=f"launch-host-{kernel}-T{USERS}-U{USERS}-{K}x{N}", impl=f"launch-{launch}", op="host",
-        time_ms=us / 1e3, host_us_per_call=us, calls_per_round=r["calls"], launches=r["launches"],
+        workload=f"launch-host-{name}-T{USERS}-U{USERS}-{K}x{N}", impl="base" if launch == "-" else f"launch-{launch}",
+        op="host", time_ms=us / 1e3, host_us_per_call=us, calls_per_round=r["calls"], launches=r["launches"],
         device=r["device"], timing="host-clock-min (bench/launch_host.py)",
     )
     if launch == "direct":

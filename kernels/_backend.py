@@ -160,6 +160,11 @@ def use_backend(name: str) -> Iterator[None]:
         _local.backend = previous
 
 
+#: set by :func:`kernels._fake_cuda.install`: Triton runs on a stand-in CUDA driver, so the
+#: triton backend takes CPU tensors without the interpreter (launches do nothing: host timing)
+STAND_IN_DRIVER = False
+
+
 def backend_for(t: torch.Tensor) -> str:
     """The backend (``"triton"`` or ``"torch"``) that an op on ``t`` runs."""
     choice = getattr(_local, "backend", None) or _default_backend()
@@ -169,6 +174,8 @@ def backend_for(t: torch.Tensor) -> str:
         return "triton"
     if t.device.type == "cpu" and choice == "triton":
         if not interpreting():
+            if STAND_IN_DRIVER:  # kernels._fake_cuda: compiled launches that do nothing (host timing)
+                return "triton"
             raise RuntimeError(
                 "the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
             )

@@ -124,8 +124,15 @@ class FakeCudaDriver(GPUDriver):
 
 
 def install(arch: int = 90, stream: int = 0) -> list[dict]:
-    """Make the stand-in Triton's active driver; returns the list the launches are recorded in."""
+    """Make the stand-in Triton's active driver; returns the list the launches are recorded in.
+    From then on ``kernels.use_backend("triton")`` runs the ops' Triton paths on CPU tensors
+    (their outputs are garbage: the launches do nothing)."""
     from triton.runtime import driver
 
+    from . import _backend
+
+    if _backend.interpreting():
+        raise RuntimeError("the stand-in driver runs compiled kernels: start the process with TRITON_INTERPRET=0")
     driver.set_active(FakeCudaDriver(arch, stream))
+    _backend.STAND_IN_DRIVER = True  # the triton backend takes CPU tensors (use_backend("triton"))
     return _LAUNCHES
