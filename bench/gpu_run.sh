@@ -204,7 +204,7 @@ quick() {
     # wins at each shape is what the dispatch thresholds in kernels/configs/<gpu>.json need
     MILP_BENCH_PATHS=1 T=${MILP_QUICK_KERNELS_S:-170} bench quick_kernels bench/test_host_overhead.py \
         bench/test_lora_backward.py bench/test_lora_linear.py \
-        -k "test_host_us_per or (test_lora_linear and ($QUICK_FWD)) or (test_lora_backward and ($QUICK_BWD))"
+        -k "test_host_us_per or test_launch_host_us or (test_lora_linear and ($QUICK_FWD)) or (test_lora_backward and ($QUICK_BWD))"
     # MILP_QUICK_RUNTIME_K: a -k expression (e.g. decode: the training target was met on the first run)
     T=${MILP_QUICK_RUNTIME_S:-180} bench quick_runtime bench/test_runtime.py \
         ${MILP_QUICK_RUNTIME_K:+-k "$MILP_QUICK_RUNTIME_K"}

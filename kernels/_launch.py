@@ -82,34 +82,53 @@ def _not_that_kind():
     raise _NotThatKind
 
 
+def _kind(a) -> str | None:
+    if isinstance(a, torch.Tensor):
+        return "tensor"
+    if a is None:
+        return "None"
+    if type(a) in (int, bool, float):
+        return type(a).__name__
+    return None
+
+
 def _key_function(args: tuple):
     """A function of ``args``' arity returning their key (see the module docstring), made from
     the kinds of ``args`` as generated code (what Triton's binder does for its specialisation:
-    no per-argument dispatch in a loop), or ``None`` for a kind it does not key.
+    no per-argument dispatch in a loop), or ``None`` for a kind it does not key. One function
+    per sequence of kinds (generating one takes about 0.1 ms).
 
     A tensor position reads ``dtype`` and ``data_ptr()`` (anything else there raises
     ``AttributeError``); an int, bool, float or ``None`` position checks its class first, so
     no tensor ever lands in a key.
     """
+    kinds = tuple(map(_kind, args))
+    if kinds in _KEY_FUNCTIONS:
+        return _KEY_FUNCTIONS[kinds]
     parts, checks = [], []
-    for i, a in enumerate(args):
+    for i, kind in enumerate(kinds):
         name = f"a{i}"
-        if isinstance(a, torch.Tensor):
+        if kind is None:
+            _KEY_FUNCTIONS[kinds] = None
+            return None
+        if kind == "tensor":
             parts.append(f"{name}.dtype, {name}.data_ptr() & 15")
-        elif a is None:
+        elif kind == "None":
             parts.append(name)
             checks.append(f"{name} is None")
-        elif type(a) in (int, bool, float):
-            parts.append(name)
-            checks.append(f"{name}.__class__ is {type(a).__name__}")
         else:
-            return None
+            parts.append(name)
+            checks.append(f"{name}.__class__ is {kind}")
     names = ", ".join(f"a{i}" for i in range(len(args)))
     guard = f"    if not ({' and '.join(checks)}):\n        not_that_kind()\n" if checks else ""
     src = f"def key({names}):\n{guard}    return ({', '.join(parts)},)\n"
     space = {"not_that_kind": _not_that_kind}
     exec(src, space)  # noqa: S102 - generated from the argument kinds only
+    _KEY_FUNCTIONS[kinds] = space["key"]
     return space["key"]
+
+
+_KEY_FUNCTIONS: dict = {}  # kinds -> key function (or None)
 
 
 class Launch:
@@ -117,8 +136,10 @@ class Launch:
     kernels Triton picked for its calls so far (see the module docstring).
 
     ``launch(fn, *args)`` is ``fn[launch.grid](*args, **launch.kw)``, faster once seen. A
-    ``Launch`` serves the first compiled kernel it is called with (one problem of one
-    launcher); another one takes Triton's path.
+    ``Launch`` serves the compiled kernel of its second call (one problem of one launcher);
+    another one takes Triton's path, and so does a first call (a plan that is not memoised,
+    inside :func:`kernels.tuning.use_config`, is used once: it costs nothing more than
+    before).
 
     Example:
         >>> launch = Launch((4, 2), {"BLOCK": 16, "num_warps": 4})
@@ -126,13 +147,14 @@ class Launch:
         ((4, 2), 16)
     """
 
-    __slots__ = ("grid", "kw", "_grid3", "_fn", "_arity", "_keyfn", "_tail", "_seen")
+    __slots__ = ("grid", "kw", "_grid3", "_used", "_fn", "_arity", "_keyfn", "_tail", "_seen")
 
     def __init__(self, grid: tuple[int, ...], kw: dict):
         self.grid = tuple(grid)
         self.kw = types.MappingProxyType(dict(kw))
         g = self.grid + (1, 1)
         self._grid3 = (g[0], g[1], g[2])
+        self._used = False    # called before
         self._fn = None       # the JITFunction served, once seen
         self._arity = -1
         self._keyfn = None    # its key function (None: no direct path)
@@ -169,8 +191,9 @@ class Launch:
         kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *full)
 
     def _serve(self, fn, args: tuple) -> bool:
-        """Bind to ``fn`` when it is the first compiled kernel this launch sees."""
-        if self._fn is not None or type(fn) is not JITFunction:
+        """Bind to ``fn``: a compiled kernel, at this launch's second call."""
+        if self._fn is not None or type(fn) is not JITFunction or not self._used:
+            self._used = True
             return False
         self._keyfn = _key_function(args)
         self._arity = len(args)

@@ -74,6 +74,11 @@ def test_direct_launch_passes_what_triton_passes(probe, case):
     assert r["direct_runs"] == 0, "the second direct call went through JITFunction.run"
 
 
+def test_a_plan_goes_direct_from_its_third_call(probe):
+    """One-shot plans (autotuning's, under ``use_config``) cost what Triton's path costs."""
+    assert probe["runs_per_call"] == {"memoised": [1, 1, 0], "use_config": [1, 1, 1]}
+
+
 def test_a_new_specialisation_gets_its_own_kernel(probe):
     """Aligned, misaligned, then aligned again through the direct path: the kernels Triton picks
     for each, one compiled variant per specialisation."""
@@ -198,6 +203,16 @@ def _probe(report_path: str) -> None:  # pragma: no cover - runs in the probe pr
         _, first_runs = last_launch(call, "direct")
         direct, direct_runs = last_launch(call, "direct")
         report["cases"][name] = dict(jit=jit, direct=direct, direct_first_runs=first_runs, direct_runs=direct_runs)
+
+    # a problem not seen before, three direct calls: Triton's path twice (the plan's first call;
+    # then the second binds the plan and asks Triton for the kernel), then the direct path; a
+    # plan that is not memoised (inside use_config) is called once: Triton's path each time
+    from kernels.tuning import LaunchConfig, use_config
+
+    fresh = shrink_args(make_case(24, 48, 56, {0: [8]}, max_users=2, dtype=torch.bfloat16, seed=3))
+    report["runs_per_call"] = {"memoised": [last_launch(fresh, "direct")[1] for _ in range(3)]}
+    with use_config("shrink", LaunchConfig(block_m=16, block_r=16, block_k=16)):
+        report["runs_per_call"]["use_config"] = [last_launch(fresh, "direct")[1] for _ in range(3)]
 
     # one launch plan (the same problem), three specialisations in turn
     seq = [shrink_args(bf), shrink_args(bf, x=shifted(bf.x)), shrink_args(bf)]
