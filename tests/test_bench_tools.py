@@ -1,5 +1,6 @@
-"""The bench/ tools that run without a GPU: bench/dispatch.py (thresholds from a GPU run) and
-bench/report.py (targets, forced paths, the README summary)."""
+"""The bench/ tools that run without a GPU: bench/dispatch.py (thresholds from a GPU run),
+bench/report.py (targets, forced paths, the README summary) and bench/launch_host.py (launch
+host time on the stand-in driver)."""
 import importlib.util
 import json
 import sys
@@ -227,3 +228,26 @@ def test_profile_step_reports_host_or_device_and_host_time_by_package(tmp_path, 
     assert "host time by package" in text and "kernels " in text and "tottime" in text
     assert profile_step._package("/x/site-packages/triton/runtime/jit.py") == "triton"
     assert profile_step._package("~") == "C calls"
+
+
+def test_launch_host_times_both_launch_paths_on_the_stand_in_driver():
+    """bench/launch_host.py in its own process (the stand-in CUDA driver: sm_90 compiles,
+    launches that do nothing): a row per launcher and op call and launch path, and the plain
+    linear's; the table prints the saving."""
+    launch_host = _module("launch_host")
+    rows = launch_host.measure_in_subprocess(calls=3)
+    got = {(r["kernel"], r["launch"]) for r in rows}
+    want = {(k, m) for k in launch_host.KERNELS + launch_host.OPS for m in launch_host.MODES}
+    assert got == want | {(k, "-") for k in launch_host.BASES}
+    assert all(r["host_us_per_call"] > 0 and r["launches"].startswith("stand-in") for r in rows)
+
+
+def test_launch_host_cli_bad_arguments(capsys, monkeypatch):
+    launch_host = _module("launch_host")
+    with pytest.raises(SystemExit):
+        launch_host.main(["--calls", "0"])
+    assert "--calls must be >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit):
+        launch_host.main([])
+    assert "run without TRITON_INTERPRET=1" in capsys.readouterr().err
