@@ -78,6 +78,9 @@ _LLAMA = _Arch("LLaMA-family", ("model.layers", "layers"), ("mlp.gate_proj", "ml
 _GPT2 = _Arch("GPT-2/DialoGPT", ("transformer.h", "h"), ("mlp.c_fc", "mlp.c_proj"))
 _ROBERTA = _Arch("RoBERTa", ("roberta.encoder.layer", "encoder.layer"), ("intermediate.dense", "output.dense"))
 _PHI = _Arch("Phi", ("model.layers", "layers"), ("mlp.fc1", "mlp.fc2"))
+# Phi-3, Phi-3.5 and Phi-4: gate and up projections fused into one linear (chunked after it),
+# which is one target, as in PEFT
+_PHI3 = _Arch("Phi-3/Phi-4", ("model.layers", "layers"), ("mlp.gate_up_proj", "mlp.down_proj"))
 _OPT = _Arch("OPT", ("model.decoder.layers", "decoder.layers"), ("fc1", "fc2"))
 _NEOX = _Arch("GPT-NeoX/Pythia", ("gpt_neox.layers", "layers"), ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
 _FALCON = _Arch("Falcon", ("transformer.h", "h"), ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
@@ -96,6 +99,7 @@ SUPPORTED_ARCHITECTURES: dict[str, _Arch] = {
     "olmo2": _LLAMA,
     "granite": _LLAMA,
     "phi": _PHI,
+    "phi3": _PHI3,
     "opt": _OPT,
     "gpt_neox": _NEOX,
     "falcon": _FALCON,
@@ -110,7 +114,7 @@ def _supported_text() -> str:
         by_family.setdefault(f"{arch.family} ({', '.join(arch.targets)})", []).append(mtype)
     return "supported model_type values: " + "; ".join(
         f"{', '.join(types)}: {family}" for family, types in by_family.items()) + (
-        " (GPT-2's targets are Conv1D; Phi-3's fused gate_up_proj and mixture-of-experts FFNs are not supported)")
+        " (GPT-2's targets are Conv1D; mixture-of-experts FFNs are not supported)")
 
 
 def _conv1d_type() -> type | None:
@@ -710,6 +714,7 @@ _TINY: dict[str, tuple[str, str, dict[str, Any], dict[str, str]]] = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _GQA, {}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", _GQA, {}),
     "phi": ("PhiConfig", "PhiForCausalLM", dict(_DECODER, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0), {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_GQA, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0), {}),
     "opt": ("OPTConfig", "OPTForCausalLM",
             dict(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0, **_TOKENS),

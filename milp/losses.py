@@ -44,7 +44,7 @@ DEFAULT_CHUNK_TOKENS = 2048
 #: Causal-LM classes whose logits are exactly ``lm_head(base_model(...)[0])``.
 SPLIT_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
-    "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "OPTForCausalLM", "FalconForCausalLM",
+    "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "OPTForCausalLM", "FalconForCausalLM",
     "GPT2LMHeadModel", "RobertaForCausalLM",
 })  # not Gemma 2/3 (soft-capped logits), Granite (scaled logits), GPT-NeoX (embed_out)
 

@@ -68,6 +68,7 @@ _QV = ("self_attn.q_proj", "self_attn.v_proj")
 INSTRUCTION_TARGETS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
                      "granite", "phi", "opt"), _QV),
+    "phi3": ("self_attn.qkv_proj",),
     "gpt_neox": ("attention.query_key_value",),
     "falcon": ("self_attention.query_key_value",),
     "gpt2": ("attn.c_attn",),

@@ -25,6 +25,7 @@ TARGETS = {  # written out here, independently of SUPPORTED_ARCHITECTURES
     **{a: GATED for a in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
                           "granite")},
     "phi": ["mlp.fc1", "mlp.fc2"],
+    "phi3": ["mlp.gate_up_proj", "mlp.down_proj"],
     "opt": ["fc1", "fc2"],
     "gpt_neox": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
     "falcon": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
@@ -79,6 +80,8 @@ def test_targets_and_shapes(arch):
     assert [n.split(".0.", 1)[1] for n, _ in targets[0]] == TARGETS[arch]
     shapes = ffn_target_shapes(model)
     expected = [(32, 64), (64, 32)] if len(TARGETS[arch]) == 2 else [(32, 64), (32, 64), (64, 32)]
+    if arch == "phi3":  # gate and up fused: twice the FFN width out
+        expected = [(32, 128), (64, 32)]
     assert shapes == [expected, expected]
 
 
