@@ -21,8 +21,12 @@ never maps to a kernel that Triton would not pick for those arguments:
 * the current device; and the kind of each position is fixed at the first call (a position
   that held a tensor then and holds something else now takes Triton's own path).
 
-A new key takes Triton's path once (compiling if need be) and is remembered. Triton's path
-is kept for everything else: the interpreter (``TRITON_INTERPRET=1``), anything that is not
+A new key takes Triton's path twice: the first time Triton picks (or compiles) the kernel,
+the second time its launcher is watched and its call compared with the one the direct path
+would make, object for object; the key goes direct only when they are the same. So the
+direct path checks Triton's calling convention itself, on whatever Triton is installed: where
+they differ, that launch plan keeps Triton's path and a ``RuntimeWarning`` says so. Triton's
+path is kept for everything else: the interpreter (``TRITON_INTERPRET=1``), anything that is not
 a plain ``JITFunction`` (``kernels.aot.LaunchRecorder``'s wrappers), kernels with pre-run
 hooks, and ``MILP_TRITON_LAUNCH=jit`` (the switch, read per call; ``direct`` is the default).
 Launch hooks (Triton's profiler, proton) are honoured: with a hook installed the launch
@@ -39,9 +43,12 @@ specialises a 1 away), dtypes, and specialisations in turn, on the triton versio
 """
 from __future__ import annotations
 
+import threading
 import types
+import warnings
 
 import torch
+import triton
 from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.runtime import driver
@@ -139,7 +146,11 @@ class Launch:
     ``Launch`` serves the compiled kernel of its second call (one problem of one launcher);
     another one takes Triton's path, and so does a first call (a plan that is not memoised,
     inside :func:`kernels.tuning.use_config`, is used once: it costs nothing more than
-    before).
+    before). Per argument key: the first call asks Triton which kernel it launches, the
+    second is Triton's launch again with its launcher call compared to the one the direct path
+    would make (:meth:`_verify`), and the calls after that are direct. Should the two ever
+    differ (another Triton's calling convention), this launch keeps Triton's path, with a
+    warning.
 
     Example:
         >>> launch = Launch((4, 2), {"BLOCK": 16, "num_warps": 4})
@@ -147,7 +158,7 @@ class Launch:
         ((4, 2), 16)
     """
 
-    __slots__ = ("grid", "kw", "_grid3", "_used", "_fn", "_arity", "_keyfn", "_tail", "_seen")
+    __slots__ = ("grid", "kw", "_grid3", "_used", "_fn", "_arity", "_keyfn", "_tail", "_seen", "_pending")
 
     def __init__(self, grid: tuple[int, ...], kw: dict):
         self.grid = tuple(grid)
@@ -159,7 +170,8 @@ class Launch:
         self._arity = -1
         self._keyfn = None    # its key function (None: no direct path)
         self._tail = ()       # values of the parameters after the positional ones
-        self._seen: dict = {}  # (device, key) -> compiled kernel
+        self._seen: dict = {}     # (device, key) -> compiled kernel, launched directly
+        self._pending: dict = {}  # (device, key) -> compiled kernel Triton picked, not verified yet
 
     def __call__(self, fn, *args) -> None:
         if fn is not self._fn and not self._serve(fn, args):
@@ -177,7 +189,7 @@ class Launch:
         device = drv.get_current_device()
         kernel = self._seen.get((device, key))
         if kernel is None:
-            self._first(fn, (device, key), args)
+            self._learn(fn, (device, key), args)
             return
         stream = drv.get_current_stream(device)
         runtime = knobs.runtime
@@ -203,16 +215,71 @@ class Launch:
         self._fn = fn
         return True
 
-    def _first(self, fn, seen: tuple, args: tuple) -> None:
-        """Triton's own path (it compiles or finds the kernel, and launches it); its compiled
-        kernel is remembered for ``seen``."""
-        kernel = fn[self.grid](*args, **self.kw)
-        if not isinstance(kernel, CompiledKernel):  # an async compile's future, a hook's None
+    def _learn(self, fn, seen: tuple, args: tuple) -> None:
+        """A key not launched directly yet: Triton's path (it compiles or finds the kernel, and
+        launches it), remembering its kernel the first time and verifying the second."""
+        pending = self._pending.pop(seen, None)
+        if pending is not None:
+            self._verify(fn, seen, pending, args)
             return
-        if len(self._seen) >= _MAX_KEYS:
-            self._seen.clear()
-        self._seen[seen] = kernel
+        kernel = fn[self.grid](*args, **self.kw)
+        if isinstance(kernel, CompiledKernel):  # not an async compile's future, nor a hook's None
+            if len(self._pending) >= _MAX_KEYS:
+                self._pending.clear()
+            self._pending[seen] = kernel
 
+    def _verify(self, fn, seen: tuple, kernel, args: tuple) -> None:
+        """Launch through Triton's path with ``kernel``'s launcher watched: its call must be the
+        one the direct path would make (grid, stream, function, metadata, hooks, and every
+        argument, the same objects), or this launch never goes direct."""
+        calls = []
+        launcher = getattr(kernel, "_run", None)
+        if launcher is None:  # no launcher to watch: this Triton is not one the direct path knows
+            self._give_up("its compiled kernels keep their launcher elsewhere")
+            fn[self.grid](*args, **self.kw)
+            return
+        me = threading.get_ident()
+
+        def watched(*call):
+            if threading.get_ident() == me:
+                calls.append(call)
+            return launcher(*call)
+
+        kernel._run = watched
+        try:
+            fn[self.grid](*args, **self.kw)
+        finally:
+            if kernel._run is watched:
+                kernel._run = launcher
+        if not calls:  # Triton launched another kernel (its cache was cleared): learn it again
+            return
+        runtime = knobs.runtime
+        want = (self._grid3 + (driver.active.get_current_stream(seen[0]), kernel.function, kernel.packed_metadata)
+                + (calls[0][6], runtime.launch_enter_hook, runtime.launch_exit_hook) + args + self._tail)
+        if len(calls) == 1 and _same_call(calls[0], want):
+            if len(self._seen) >= _MAX_KEYS:
+                self._seen.clear()
+            self._seen[seen] = kernel
+        else:
+            self._give_up(f"Triton's launcher call for {getattr(fn, '__name__', 'a kernel')} differs from the "
+                          "direct path's")
+
+    def _give_up(self, why: str) -> None:
+        self._keyfn = None
+        if why not in _WARNED:
+            _WARNED.add(why)
+            warnings.warn(f"kernels: launching through Triton's JITFunction.run ({why}; triton "
+                          f"{triton.__version__}); MILP_TRITON_LAUNCH=jit silences this", RuntimeWarning,
+                          stacklevel=3)
+
+
+_WARNED: set[str] = set()
+
+
+def _same_call(got: tuple, want: tuple) -> bool:
+    """The same launcher call: the same objects, or equal values of the same type."""
+    return len(got) == len(want) and all(
+        a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b) for a, b in zip(got, want))
 
 
 def _idle(hook) -> bool:

@@ -5,9 +5,10 @@ pointer, a stride that is not 1, another dtype).
 
 Compiled kernels cannot run here, so a probe process (``TRITON_INTERPRET=0``) puts Triton on a
 stand-in CUDA driver (``kernels._fake_cuda``: real sm_90 compiles, recorded launches) and launches each
-kernel once through Triton's path (``MILP_TRITON_LAUNCH=jit``) and twice through the direct
-path: the first of those goes through Triton (it picks and compiles the kernel), the second
-must not call ``JITFunction.run`` at all and must record the same launch. On a GPU the whole
+kernel once through Triton's path (``MILP_TRITON_LAUNCH=jit``) and three times through the
+direct path: the first two of those go through Triton (it picks and compiles the kernel; then
+its launcher call is checked against the direct path's), the third must not call
+``JITFunction.run`` at all and must record the same launch. On a GPU the whole
 kernel suite runs through the direct path against float64 references.
 """
 from __future__ import annotations
@@ -70,13 +71,22 @@ def test_direct_launch_passes_what_triton_passes(probe, case):
     r = probe["cases"][case]
     assert r["jit"] is not None, "Triton's path launched nothing"
     assert r["direct"] == r["jit"], "the direct launch differs from Triton's"
-    assert r["direct_first_runs"] == 1  # the first direct call asks Triton (it picks the kernel)
-    assert r["direct_runs"] == 0, "the second direct call went through JITFunction.run"
+    assert r["verified"] == r["jit"]
+    assert r["direct_first_runs"] == r["direct_verify_runs"] == 1  # Triton picks the kernel, then is watched
+    assert r["direct_runs"] == 0, "the third direct call went through JITFunction.run"
 
 
-def test_a_plan_goes_direct_from_its_third_call(probe):
-    """One-shot plans (autotuning's, under ``use_config``) cost what Triton's path costs."""
-    assert probe["runs_per_call"] == {"memoised": [1, 1, 0], "use_config": [1, 1, 1]}
+def test_a_plan_goes_direct_from_its_fourth_call(probe):
+    """First call: Triton's path (a one-shot plan, autotuning's under ``use_config``, costs what
+    Triton's path costs); second: Triton's, remembering its kernel; third: Triton's with its
+    launcher call checked against the direct one; then direct."""
+    assert probe["runs_per_call"] == {"memoised": [1, 1, 1, 0, 0], "use_config": [1] * 5}
+
+
+def test_a_launcher_call_unlike_tritons_is_refused_with_a_warning(probe):
+    r = probe["refused"]
+    assert r["runs_per_call"] == [1] * 5
+    assert len(r["warnings"]) == 1 and "differs from the direct path's" in r["warnings"][0]
 
 
 def test_a_new_specialisation_gets_its_own_kernel(probe):
@@ -201,8 +211,10 @@ def _probe(report_path: str) -> None:  # pragma: no cover - runs in the probe pr
     for name, call in calls.items():
         jit, _ = last_launch(call, "jit")
         _, first_runs = last_launch(call, "direct")
+        verified, verify_runs = last_launch(call, "direct")
         direct, direct_runs = last_launch(call, "direct")
-        report["cases"][name] = dict(jit=jit, direct=direct, direct_first_runs=first_runs, direct_runs=direct_runs)
+        report["cases"][name] = dict(jit=jit, verified=verified, direct=direct, direct_first_runs=first_runs,
+                                     direct_verify_runs=verify_runs, direct_runs=direct_runs)
 
     # a problem not seen before, three direct calls: Triton's path twice (the plan's first call;
     # then the second binds the plan and asks Triton for the kernel), then the direct path; a
@@ -210,9 +222,32 @@ def _probe(report_path: str) -> None:  # pragma: no cover - runs in the probe pr
     from kernels.tuning import LaunchConfig, use_config
 
     fresh = shrink_args(make_case(24, 48, 56, {0: [8]}, max_users=2, dtype=torch.bfloat16, seed=3))
-    report["runs_per_call"] = {"memoised": [last_launch(fresh, "direct")[1] for _ in range(3)]}
+    report["runs_per_call"] = {"memoised": [last_launch(fresh, "direct")[1] for _ in range(5)]}
     with use_config("shrink", LaunchConfig(block_m=16, block_r=16, block_k=16)):
-        report["runs_per_call"]["use_config"] = [last_launch(fresh, "direct")[1] for _ in range(3)]
+        report["runs_per_call"]["use_config"] = [last_launch(fresh, "direct")[1] for _ in range(5)]
+
+    # a Triton whose launcher call is not the one the direct path would make (here: the direct
+    # path's is one argument longer): verification refuses it, with one warning, and the plan
+    # keeps Triton's path
+    import warnings
+
+    from kernels._launch import Launch
+
+    serve = Launch._serve
+
+    def longer_call(self, fn, args):
+        bound = serve(self, fn, args)
+        if bound:
+            self._tail = self._tail + (0,)
+        return bound
+
+    Launch._serve = longer_call
+    other = shrink_args(make_case(20, 48, 56, {0: [8]}, max_users=2, dtype=torch.bfloat16, seed=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        refused = [last_launch(other, "direct")[1] for _ in range(5)]
+    Launch._serve = serve
+    report["refused"] = {"runs_per_call": refused, "warnings": [str(w.message) for w in caught]}
 
     # one launch plan (the same problem), three specialisations in turn
     seq = [shrink_args(bf), shrink_args(bf, x=shifted(bf.x)), shrink_args(bf)]
