@@ -1,7 +1,9 @@
-"""Host time of one launcher call through Triton's path and through the direct path
-(:mod:`kernels._launch`), per kernel: what ``MILP_TRITON_LAUNCH=direct`` saves per launch.
+"""Host time of each launcher call through Triton's path and through the direct path
+(:mod:`kernels._launch`): what ``MILP_TRITON_LAUNCH=direct`` saves per launch, per eager op
+call (a decode forward, a training step) and per eager decode-shaped forward of a whole
+22-layer model serving 32 users, against the same calls without adapters.
 
-The problem is ``bench/test_host_overhead.py``'s (32 tokens, one per user, ranks 8/16,
+The op problem is ``bench/test_host_overhead.py``'s (32 tokens, one per user, ranks 8/16,
 256 → 256, bf16), small enough that the device never bounds the loop:
 
 * with CUDA: real launches, issued back to back without synchronising (a synchronise after
@@ -9,11 +11,12 @@ The problem is ``bench/test_host_overhead.py``'s (32 tokens, one per user, ranks
 * without: a fresh process with ``TRITON_INTERPRET=0`` and Triton on the stand-in CUDA driver
   (``kernels._fake_cuda``: the kernels compiled for sm_90, launches that do nothing), so
   everything above the C launcher runs for real: ours, and Triton's binding, specialisation,
-  cache lookup and hooks. Comparable between the two paths and across commits on one
-  machine, not with a GPU host.
+  cache lookup and hooks (the plain ``F.linear`` and the model's other ops compute on the CPU).
+  Comparable between the two paths and across commits on one machine, not with a GPU host.
 
-``python bench/launch_host.py [--calls N] [--json]`` prints the table (or JSON lines);
-``pytest bench/test_host_overhead.py -k launch`` records the same figures as benchmarks.
+``python bench/launch_host.py [--calls N] [--model-calls N] [--json]`` prints the table (or
+JSON lines); ``pytest bench/test_host_overhead.py -k launch`` records the same figures as
+benchmarks.
 """
 from __future__ import annotations
 
@@ -27,15 +30,17 @@ import time
 MODES = ("jit", "direct")
 KERNELS = ("shrink", "expand", "grad_weights", "fused")  # one launcher call each
 OPS = ("lora_linear", "lora_linear-fwdbwd")  # kernels.lora_linear: decode forward, training step
-BASES = ("F.linear", "F.linear-fwdbwd")  # the plain linear, for what the adapters add
+MODELS = ("runtime-decode",)  # a 22-layer model's eager decode-shaped forward, 32 users (_model_decode)
+BASES = ("F.linear", "F.linear-fwdbwd", "model-decode")  # without adapters, for what they add
 USERS, K, N = 32, 256, 256
 
 
-def measure(calls: int = 2000, rounds: int = 5) -> list[dict]:
+def measure(calls: int = 2000, rounds: int = 5, model_calls: int = 100) -> list[dict]:
     """``[{kernel, launch, host_us_per_call}]``: the best of ``rounds`` rounds of ``calls``
     calls, after a warm-up, for every launcher (:data:`KERNELS`) and op call (:data:`OPS`) by
-    either launch path, and the plain linear's (:data:`BASES`, ``launch`` ``"-"``); run where
-    CUDA exists, or under the stand-in driver (see the module docstring)."""
+    either launch path, and the plain linear's (:data:`BASES`, ``launch`` ``"-"``); then
+    ``model_calls`` eager decode-shaped forwards of a whole model (:func:`_model_decode`;
+    0: none); run where CUDA exists, or under the stand-in driver (see the module docstring)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -75,8 +80,8 @@ def measure(calls: int = 2000, rounds: int = 5) -> list[dict]:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     out = []
 
-    def timed(call, **what):
-        for _ in range(50):  # compile, remember the kernel, warm caches
+    def timed(call, calls=calls, **what):
+        for _ in range(min(50, 5 * calls)):  # compile, remember the kernel, warm caches
             call()
         sync()
         best = float("inf")
@@ -121,17 +126,54 @@ def measure(calls: int = 2000, rounds: int = 5) -> list[dict]:
     with torch.no_grad():
         timed(lambda: torch.nn.functional.linear(x, w), kernel="F.linear", launch="-")
     timed(lambda: step(lambda: torch.nn.functional.linear(xg, w)), kernel="F.linear-fwdbwd", launch="-")
+    if model_calls:
+        _model_decode(timed, model_calls, dev)
     os.environ.pop("MILP_TRITON_LAUNCH", None)
     return out
 
 
-def measure_in_subprocess(calls: int = 2000, timeout: float = 600) -> list[dict]:
+def _model_decode(timed, calls: int, dev) -> None:
+    """An eager decode-shaped forward (one new token for each of 32 users, no KV cache) of a
+    LLaMA with 22 narrow layers (hidden 64, FFN 176: the host's work is that of any width),
+    each user with the size of configuration the search picked on MedDia (2 rank-8 modules on
+    60% of the layers, a different set per user; ``bench/test_runtime.py``'s decode users): the
+    plain model, and through the runtime by either launch path."""
+    import torch
+    import transformers as tf
+
+    import kernels
+    from milp import MemoryConfig, MilpRuntime
+
+    layers = 22
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).to(dev).eval()
+    ids = torch.randint(3, 250, (USERS, 1), device=dev)
+    with torch.no_grad():
+        timed(lambda: model(input_ids=ids, use_cache=False), kernel="model-decode", launch="-", calls=calls)
+        rt = MilpRuntime(model, max_users=USERS)
+        for i in range(USERS):
+            mask = tuple((3 * (li + i)) % 5 < 3 for li in range(layers))
+            rt.add_user(i, MemoryConfig(mask, tuple(2 * m for m in mask), (8,) * layers, lora_alpha=16.0),
+                        init="random", seed=i)
+        users = list(range(USERS))
+        with kernels.use_backend("triton"):
+            for mode in MODES:
+                os.environ["MILP_TRITON_LAUNCH"] = mode
+                timed(lambda: rt.forward(ids, users, use_cache=False), kernel="runtime-decode", launch=mode,
+                      calls=calls)
+
+
+def measure_in_subprocess(calls: int = 2000, model_calls: int = 100, timeout: float = 900) -> list[dict]:
     """:func:`measure` in a fresh process with ``TRITON_INTERPRET=0`` (needed without CUDA: a
     process that imported the kernels under the interpreter cannot compile them)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     env.pop("MILP_TRITON_LAUNCH", None)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--json", "--calls", str(calls)],
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--json", "--calls", str(calls),
+                          "--model-calls", str(model_calls)],
                          capture_output=True, text=True, env=env, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"bench/launch_host.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
@@ -141,13 +183,17 @@ def measure_in_subprocess(calls: int = 2000, timeout: float = 600) -> list[dict]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=2000, help="launcher calls per timed round (default 2000)")
+    ap.add_argument("--model-calls", type=int, default=100,
+                    help="whole-model decode forwards per timed round (default 100; 0: none)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
     args = ap.parse_args(argv)
     if args.calls < 1:
         ap.error(f"--calls must be >= 1, got {args.calls}")
+    if args.model_calls < 0:
+        ap.error(f"--model-calls must be >= 0, got {args.model_calls}")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         ap.error("run without TRITON_INTERPRET=1: the kernels are compiled (for the stand-in driver without CUDA)")
-    rows = measure(args.calls)
+    rows = measure(args.calls, model_calls=args.model_calls)
     if args.json:
         for r in rows:
             print(json.dumps(r))
@@ -156,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host µs per call ({rows[0]['launches']}, {rows[0]['device']})")
     print("| call | Triton's path (jit) | direct | saved |")
     print("|---|---:|---:|---:|")
-    for k in KERNELS + OPS:
+    for k in KERNELS + OPS + (MODELS if args.model_calls else ()):
         j, d = by[(k, "jit")], by[(k, "direct")]
         print(f"| {k} | {j:.2f} | {d:.2f} | {j - d:.2f} ({(j - d) / j:.0%}) |")
     for k in BASES:
-        print(f"| {k} (no adapters) | {by[(k, '-')]:.2f} | | |")
+        if (k, "-") in by:
+            print(f"| {k} (no adapters) | {by[(k, '-')]:.2f} | | |")
     return 0
 
 

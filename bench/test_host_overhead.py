@@ -171,24 +171,25 @@ def launch_host_us():
     return {(r["kernel"], r["launch"]): r for r in rows}
 
 
-_LAUNCH_ROWS = [(k, m) for k in launch_host.KERNELS + launch_host.OPS for m in launch_host.MODES] + [
-    (k, "-") for k in launch_host.BASES]
+_LAUNCH_ROWS = [(k, m) for k in launch_host.KERNELS + launch_host.OPS + launch_host.MODELS
+                for m in launch_host.MODES] + [(k, "-") for k in launch_host.BASES]
 
 
 @pytest.mark.parametrize("kernel,launch", _LAUNCH_ROWS, ids=[f"{k}-{m}".replace("--", "") for k, m in _LAUNCH_ROWS])
 def test_launch_host_us(benchmark, launch_host_us, kernel, launch):
-    """Host µs of one launcher call (:data:`launch_host.KERNELS`) or one eager op call, decode
-    forward and training step (:data:`launch_host.OPS`), through Triton's ``JITFunction.run``
-    (``jit``) and through the direct path (``direct``, the default: ``kernels._launch``), and of
-    the plain linear, on the problem above. On CPU the launches are the stand-in driver's
+    """Host µs of one launcher call (:data:`launch_host.KERNELS`), one eager op call, decode
+    forward and training step (:data:`launch_host.OPS`), or one eager decode-shaped forward of
+    a 22-layer model serving 32 users (:data:`launch_host.MODELS`), through Triton's
+    ``JITFunction.run`` (``jit``) and through the direct path (``direct``, the default:
+    ``kernels._launch``), and of the same calls without adapters. On CPU the launches are the stand-in driver's
     (everything above Triton's C launcher runs; ``tests/kernels/test_launch.py`` checks that
     both paths pass the launcher the same kernel, grid, stream and arguments); on CUDA, real."""
     r = launch_host_us[(kernel, launch)]
     us = r["host_us_per_call"]
     benchmark.group = "launch-host"
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # timed in launch_host.measure
-    # the plain linear is the "base" impl of its op's workload (ratios within a workload)
-    name = dict(zip(launch_host.BASES, launch_host.OPS)).get(kernel, kernel)
+    # the plain linear (model) is the "base" impl of its op's (runtime's) workload: ratios within one
+    name = dict(zip(launch_host.BASES, launch_host.OPS + launch_host.MODELS)).get(kernel, kernel)
     benchmark.extra_info.update(
         workload=f"launch-host-{name}-T{USERS}-U{USERS}-{K}x{N}", impl="base" if launch == "-" else f"launch-{launch}",
         op="host", time_ms=us / 1e3, host_us_per_call=us, calls_per_round=r["calls"], launches=r["launches"],

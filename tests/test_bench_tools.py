@@ -235,9 +235,9 @@ def test_launch_host_times_both_launch_paths_on_the_stand_in_driver():
     launches that do nothing): a row per launcher and op call and launch path, and the plain
     linear's; the table prints the saving."""
     launch_host = _module("launch_host")
-    rows = launch_host.measure_in_subprocess(calls=3)
+    rows = launch_host.measure_in_subprocess(calls=3, model_calls=2)
     got = {(r["kernel"], r["launch"]) for r in rows}
-    want = {(k, m) for k in launch_host.KERNELS + launch_host.OPS for m in launch_host.MODES}
+    want = {(k, m) for k in launch_host.KERNELS + launch_host.OPS + launch_host.MODELS for m in launch_host.MODES}
     assert got == want | {(k, "-") for k in launch_host.BASES}
     assert all(r["host_us_per_call"] > 0 and r["launches"].startswith("stand-in") for r in rows)
 
@@ -247,6 +247,9 @@ def test_launch_host_cli_bad_arguments(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         launch_host.main(["--calls", "0"])
     assert "--calls must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        launch_host.main(["--model-calls", "-1"])
+    assert "--model-calls must be >= 0, got -1" in capsys.readouterr().err
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(SystemExit):
         launch_host.main([])
