@@ -190,8 +190,9 @@ def test_launch_host_us(benchmark, launch_host_us, kernel, launch):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # timed in launch_host.measure
     # the plain linear (model) is the "base" impl of its op's (runtime's) workload: ratios within one
     name = dict(zip(launch_host.BASES, launch_host.OPS + launch_host.MODELS)).get(kernel, kernel)
+    shape = "L22-64x176" if name in launch_host.MODELS else f"{K}x{N}"  # the model's layers and widths
     benchmark.extra_info.update(
-        workload=f"launch-host-{name}-T{USERS}-U{USERS}-{K}x{N}", impl="base" if launch == "-" else f"launch-{launch}",
+        workload=f"launch-host-{name}-T{USERS}-U{USERS}-{shape}", impl="base" if launch == "-" else f"launch-{launch}",
         op="host", time_ms=us / 1e3, host_us_per_call=us, calls_per_round=r["calls"], launches=r["launches"],
         device=r["device"], timing="host-clock-min (bench/launch_host.py)",
     )
