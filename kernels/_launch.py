@@ -177,7 +177,8 @@ class Launch:
         if fn is not self._fn and not self._serve(fn, args):
             fn[self.grid](*args, **self.kw)
             return
-        if self._keyfn is None or len(args) != self._arity or fn.pre_run_hooks or not direct_launch_enabled():
+        if (self._keyfn is None or len(args) != self._arity or getattr(fn, "pre_run_hooks", None)
+                or not direct_launch_enabled()):
             fn[self.grid](*args, **self.kw)
             return
         try:
@@ -254,8 +255,9 @@ class Launch:
         if not calls:  # Triton launched another kernel (its cache was cleared): learn it again
             return
         runtime = knobs.runtime
+        meta = calls[0][6] if len(calls[0]) > 6 else None  # built per call: not compared
         want = (self._grid3 + (driver.active.get_current_stream(seen[0]), kernel.function, kernel.packed_metadata)
-                + (calls[0][6], runtime.launch_enter_hook, runtime.launch_exit_hook) + args + self._tail)
+                + (meta, runtime.launch_enter_hook, runtime.launch_exit_hook) + args + self._tail)
         if len(calls) == 1 and _same_call(calls[0], want):
             if len(self._seen) >= _MAX_KEYS:
                 self._seen.clear()
@@ -278,8 +280,12 @@ _WARNED: set[str] = set()
 
 def _same_call(got: tuple, want: tuple) -> bool:
     """The same launcher call: the same objects, or equal values of the same type."""
-    return len(got) == len(want) and all(
-        a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b) for a, b in zip(got, want))
+    try:
+        return len(got) == len(want) and all(
+            a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and bool(a == b))
+            for a, b in zip(got, want))
+    except Exception:  # noqa: BLE001 - values that do not compare: not the same call
+        return False
 
 
 def _idle(hook) -> bool:
