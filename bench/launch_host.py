@@ -14,9 +14,9 @@ The op problem is ``bench/test_host_overhead.py``'s (32 tokens, one per user, ra
   cache lookup and hooks (the plain ``F.linear`` and the model's other ops compute on the CPU).
   Comparable between the two paths and across commits on one machine, not with a GPU host.
 
-``python bench/launch_host.py [--calls N] [--model-calls N] [--json]`` prints the table (or
-JSON lines); ``pytest bench/test_host_overhead.py -k launch`` records the same figures as
-benchmarks.
+``python bench/launch_host.py [--calls N] [--model-calls N] [--json] [--out FILE]`` prints the
+table (or JSON lines; ``--out``: also a JSON file with the machine, versions and commit);
+``pytest bench/test_host_overhead.py -k launch`` records the same figures as benchmarks.
 """
 from __future__ import annotations
 
@@ -180,12 +180,46 @@ def measure_in_subprocess(calls: int = 2000, model_calls: int = 100, timeout: fl
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
+def _write(path: str, rows: list[dict]) -> None:
+    """``{"machine": device, versions, commit, date; "rows": rows}`` to ``path``, atomically."""
+    import datetime
+    import platform
+
+    import torch
+    import triton
+    from _util import git_commit
+
+    from milp.config import atomic_write_text
+
+    machine = {
+        "device": rows[0]["device"], "launches": rows[0]["launches"], "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__, "triton": triton.__version__, "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(path, json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=2000, help="launcher calls per timed round (default 2000)")
     ap.add_argument("--model-calls", type=int, default=100,
                     help="whole-model decode forwards per timed round (default 100; 0: none)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
+    ap.add_argument("--out", metavar="PATH", help="also write the rows with the machine, versions and commit as JSON")
     args = ap.parse_args(argv)
     if args.calls < 1:
         ap.error(f"--calls must be >= 1, got {args.calls}")
@@ -194,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         ap.error("run without TRITON_INTERPRET=1: the kernels are compiled (for the stand-in driver without CUDA)")
     rows = measure(args.calls, model_calls=args.model_calls)
+    if args.out:
+        _write(args.out, rows)
     if args.json:
         for r in rows:
             print(json.dumps(r))
