@@ -40,7 +40,23 @@ def measure(calls: int = 2000, rounds: int = 5, model_calls: int = 100) -> list[
     calls, after a warm-up, for every launcher (:data:`KERNELS`) and op call (:data:`OPS`) by
     either launch path, and the plain linear's (:data:`BASES`, ``launch`` ``"-"``); then
     ``model_calls`` eager decode-shaped forwards of a whole model (:func:`_model_decode`;
-    0: none); run where CUDA exists, or under the stand-in driver (see the module docstring)."""
+    0: none); run where CUDA exists, or under the stand-in driver (see the module docstring).
+    ``MILP_TRITON_LAUNCH`` and the value checks are as they were afterwards (a GPU session
+    that exported ``MILP_TRITON_LAUNCH=jit`` keeps it for the benchmarks after this one)."""
+    import kernels.library
+
+    before, checked = os.environ.get("MILP_TRITON_LAUNCH"), kernels.library._values_checked
+    try:
+        return _measure(calls, rounds, model_calls)
+    finally:
+        kernels.library._values_checked = checked
+        if before is None:
+            os.environ.pop("MILP_TRITON_LAUNCH", None)
+        else:
+            os.environ["MILP_TRITON_LAUNCH"] = before
+
+
+def _measure(calls: int, rounds: int, model_calls: int) -> list[dict]:
     import torch
 
     cuda = torch.cuda.is_available()
@@ -128,7 +144,6 @@ def measure(calls: int = 2000, rounds: int = 5, model_calls: int = 100) -> list[
     timed(lambda: step(lambda: torch.nn.functional.linear(xg, w)), kernel="F.linear-fwdbwd", launch="-")
     if model_calls:
         _model_decode(timed, model_calls, dev)
-    os.environ.pop("MILP_TRITON_LAUNCH", None)
     return out
 
 

@@ -3,6 +3,7 @@ bench/report.py (targets, forced paths, the README summary) and bench/launch_hos
 host time on the stand-in driver)."""
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -254,3 +255,22 @@ def test_launch_host_cli_bad_arguments(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         launch_host.main([])
     assert "run without TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
+def test_launch_host_leaves_the_launch_switch_and_value_checks_as_they_were(monkeypatch):
+    """In a bench session (CUDA: in process) the figures must not change how later benchmarks
+    launch: an exported MILP_TRITON_LAUNCH=jit stays, and so do the op's value checks."""
+    import kernels.library
+
+    launch_host = _module("launch_host")
+    checked = kernels.library._values_checked
+    monkeypatch.setenv("MILP_TRITON_LAUNCH", "jit")
+
+    def measuring(*args):  # what _measure leaves behind
+        os.environ["MILP_TRITON_LAUNCH"] = "direct"
+        kernels.library._values_checked = lambda t: False
+        return []
+
+    monkeypatch.setattr(launch_host, "_measure", measuring)
+    assert launch_host.measure(calls=1) == []
+    assert os.environ["MILP_TRITON_LAUNCH"] == "jit" and kernels.library._values_checked is checked
