@@ -96,6 +96,7 @@ def test_a_new_specialisation_gets_its_own_kernel(probe):
     assert s["direct"] == s["jit"]
     aligned, misaligned, again = s["direct"]
     assert aligned == again != misaligned
+    assert s["direct_runs"] == [0, 0, 0]  # each specialisation known and verified: all direct
     # a 1 stride is specialised away by Triton: a strided x is another kernel too
     assert probe["cases"]["shrink_strided_x"]["jit"]["launcher"] != probe["cases"]["shrink"]["jit"]["launcher"]
     assert probe["cases"]["expand_gemv"]["jit"]["name"] == "_expand_gemv_kernel"
@@ -252,6 +253,7 @@ def _probe(report_path: str) -> None:  # pragma: no cover - runs in the probe pr
     # one launch plan (the same problem), three specialisations in turn
     seq = [shrink_args(bf), shrink_args(bf, x=shifted(bf.x)), shrink_args(bf)]
     report["sequence"] = {mode: [last_launch(call, mode)[0]["launcher"] for call in seq] for mode in ("jit", "direct")}
+    report["sequence"]["direct_runs"] = [last_launch(call, "direct")[1] for call in seq]
 
     import triton.knobs as knobs
 
