@@ -181,9 +181,10 @@ def test_launch_host_us(benchmark, launch_host_us, kernel, launch):
     forward and training step (:data:`launch_host.OPS`), or one eager decode-shaped forward of
     a 22-layer model serving 32 users (:data:`launch_host.MODELS`), through Triton's
     ``JITFunction.run`` (``jit``) and through the direct path (``direct``, the default:
-    ``kernels._launch``), and of the same calls without adapters. On CPU the launches are the stand-in driver's
-    (everything above Triton's C launcher runs; ``tests/kernels/test_launch.py`` checks that
-    both paths pass the launcher the same kernel, grid, stream and arguments); on CUDA, real."""
+    ``kernels._launch``), and of the same calls without adapters. On CPU the launches are the
+    stand-in driver's (everything above Triton's C launcher runs; ``tests/kernels/test_launch.py``
+    checks that both paths pass the launcher the same kernel, grid, stream and arguments); on
+    CUDA, real."""
     r = launch_host_us[(kernel, launch)]
     us = r["host_us_per_call"]
     benchmark.group = "launch-host"
