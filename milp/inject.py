@@ -84,6 +84,7 @@ _PHI3 = _Arch("Phi-3/Phi-4", ("model.layers", "layers"), ("mlp.gate_up_proj", "m
 _OPT = _Arch("OPT", ("model.decoder.layers", "decoder.layers"), ("fc1", "fc2"))
 _NEOX = _Arch("GPT-NeoX/Pythia", ("gpt_neox.layers", "layers"), ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
 _FALCON = _Arch("Falcon", ("transformer.h", "h"), ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
+_STARCODER2 = _Arch("StarCoder2", ("model.layers", "layers"), ("mlp.c_fc", "mlp.c_proj"))
 
 #: ``config.model_type`` → where the FFN targets are. Each is tested on a tiny random-init
 #: model (:func:`tiny_model`): injection, outputs against a reference, removal, losses.
@@ -98,11 +99,14 @@ SUPPORTED_ARCHITECTURES: dict[str, _Arch] = {
     "olmo": _LLAMA,
     "olmo2": _LLAMA,
     "granite": _LLAMA,
+    "stablelm": _LLAMA,
+    "cohere": _LLAMA,
     "phi": _PHI,
     "phi3": _PHI3,
     "opt": _OPT,
     "gpt_neox": _NEOX,
     "falcon": _FALCON,
+    "starcoder2": _STARCODER2,
     "gpt2": _GPT2,
     "roberta": _ROBERTA,
 }
@@ -713,6 +717,9 @@ _TINY: dict[str, tuple[str, str, dict[str, Any], dict[str, str]]] = {
     "olmo": ("OlmoConfig", "OlmoForCausalLM", _GQA, {}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _GQA, {}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", _GQA, {}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", _GQA, {}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", _GQA, {}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", _GQA, {}),
     "phi": ("PhiConfig", "PhiForCausalLM", dict(_DECODER, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0), {}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_GQA, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0), {}),
     "opt": ("OPTConfig", "OPTForCausalLM",

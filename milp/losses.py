@@ -45,8 +45,8 @@ DEFAULT_CHUNK_TOKENS = 2048
 SPLIT_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
     "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "OPTForCausalLM", "FalconForCausalLM",
-    "GPT2LMHeadModel", "RobertaForCausalLM",
-})  # not Gemma 2/3 (soft-capped logits), Granite (scaled logits), GPT-NeoX (embed_out)
+    "StableLmForCausalLM", "Starcoder2ForCausalLM", "GPT2LMHeadModel", "RobertaForCausalLM",
+})  # not Gemma 2/3 (soft-capped logits), Granite and Cohere (scaled logits), GPT-NeoX (embed_out)
 
 
 def _split(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:

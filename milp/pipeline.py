@@ -67,7 +67,7 @@ _QV = ("self_attn.q_proj", "self_attn.v_proj")
 #: Attention projections that get the shared instruction adapter, per ``model_type``.
 INSTRUCTION_TARGETS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
-                     "granite", "phi", "opt"), _QV),
+                     "granite", "stablelm", "cohere", "starcoder2", "phi", "opt"), _QV),
     "phi3": ("self_attn.qkv_proj",),
     "gpt_neox": ("attention.query_key_value",),
     "falcon": ("self_attention.query_key_value",),

@@ -43,7 +43,7 @@ def test_fold_is_exact_without_peft():
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft vs transformers 5
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta", "phi3", "starcoder2"])
 def test_peft_round_trip_same_logits(arch, tmp_path):
     peft = pytest.importorskip("peft", reason="PEFT export round trip needs the optional `peft` extra")
     rt = runtime(arch)

@@ -23,7 +23,8 @@ from milp.inject import (
 GATED = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 TARGETS = {  # written out here, independently of SUPPORTED_ARCHITECTURES
     **{a: GATED for a in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
-                          "granite")},
+                          "granite", "stablelm", "cohere")},
+    "starcoder2": ["mlp.c_fc", "mlp.c_proj"],
     "phi": ["mlp.fc1", "mlp.fc2"],
     "phi3": ["mlp.gate_up_proj", "mlp.down_proj"],
     "opt": ["fc1", "fc2"],

@@ -16,7 +16,7 @@ def _full(model, ids, labels, **kw):
 
 
 # logits = lm_head(body): split; the others (softcapped, scaled or differently named heads) are not
-NOT_SPLIT = {"gemma2", "gemma3_text", "granite", "gpt_neox"}
+NOT_SPLIT = {"gemma2", "gemma3_text", "granite", "cohere", "gpt_neox"}
 
 
 @pytest.mark.parametrize("arch", list(SUPPORTED_ARCHITECTURES))
