@@ -3,8 +3,8 @@
 call (a decode forward, a training step) and per eager decode-shaped forward of a whole
 22-layer model serving 32 users, against the same calls without adapters.
 
-The op problem is ``bench/test_host_overhead.py``'s (32 tokens, one per user, ranks 8/16,
-256 → 256, bf16), small enough that the device never bounds the loop:
+The op problem (:func:`problem`, also ``bench/test_host_overhead.py``'s: 32 tokens, one per
+user, ranks 8/16, 256 → 256, bf16 here) is small enough that the device never bounds the loop:
 
 * with CUDA: real launches, issued back to back without synchronising (a synchronise after
   each round), in this process;
@@ -33,6 +33,24 @@ OPS = ("lora_linear", "lora_linear-fwdbwd")  # kernels.lora_linear: decode forwa
 MODELS = ("runtime-decode",)  # a 22-layer model's eager decode-shaped forward, 32 users (_model_decode)
 BASES = ("F.linear", "F.linear-fwdbwd", "model-decode")  # without adapters, for what they add
 USERS, K, N = 32, 256, 256
+
+
+def problem(device, dtype):
+    """``(bank, plan, ids, x, w)``: 32 users with one rank-8 or rank-16 module each on a
+    256 → 256 linear, one token per user (this script's and ``bench/test_host_overhead.py``'s)."""
+    import torch
+
+    from kernels import AdapterBank, BatchPlan
+
+    g = torch.Generator().manual_seed(0)
+    bank = AdapterBank(K, N, max_users=USERS, dtype=dtype, device=device)
+    for u in range(USERS):
+        bank.add(u, [(8, 16)[u % 2]], alpha=16.0, init="random", generator=g)
+    ids = torch.arange(USERS, device=device)
+    plan = BatchPlan.build(ids, USERS)
+    x = torch.randn(USERS, K, generator=g).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype)
+    return bank, plan, ids, x, w
 
 
 def measure(calls: int = 2000, rounds: int = 5, model_calls: int = 100) -> list[dict]:
@@ -66,20 +84,14 @@ def _measure(calls: int, rounds: int, model_calls: int) -> list[dict]:
         _fake_cuda.install(arch=90)
         _fake_cuda.RECORD = False
     import kernels
-    from kernels import AdapterBank, BatchPlan
     from kernels.ops.expand import lora_expand_
     from kernels.ops.fused_linear import fused_lora_linear
     from kernels.ops.grad_weights import lora_grad_weights
     from kernels.ops.shrink import lora_shrink
 
     dev, dt = torch.device("cuda" if cuda else "cpu"), torch.bfloat16
-    g = torch.Generator().manual_seed(0)
-    bank = AdapterBank(K, N, max_users=USERS, dtype=dt, device=dev)
-    for u in range(USERS):
-        bank.add(u, [(8, 16)[u % 2]], alpha=16.0, init="random", generator=g)
-    plan = BatchPlan.build(torch.arange(USERS, device=dev), USERS)
-    x = torch.randn(USERS, K, generator=g).to(dev, dt)
-    w = torch.randn(N, K, generator=g).to(dev, dt)
+    bank, plan, _, x, w = problem(dev, dt)
+    g = torch.Generator().manual_seed(1)
     dy = torch.randn(USERS, N, generator=g).to(dev, dt)
     t = torch.randn(USERS, bank.max_rank, generator=g).to(dev)
     y = torch.zeros(USERS, N, device=dev, dtype=dt)

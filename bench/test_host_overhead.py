@@ -27,26 +27,18 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import AdapterBank, BatchPlan, aot
+from kernels import aot
 from kernels.reference import lora_linear_ref
 
 pytestmark = U.PYTESTMARK
-USERS, K, N = 32, 256, 256
+USERS, K, N = launch_host.USERS, launch_host.K, launch_host.N
 CALLS = 200  # calls per timed round
 _US: dict[str, float] = {}  # impl -> host µs per call
 
 
 @pytest.fixture(scope="module")
 def problem():
-    g = torch.Generator().manual_seed(0)
-    bank = AdapterBank(K, N, max_users=USERS, dtype=U.DTYPE, device=U.DEVICE)
-    for u in range(USERS):
-        bank.add(u, [(8, 16)[u % 2]], alpha=16.0, init="random", generator=g)
-    ids = torch.arange(USERS, device=U.DEVICE)
-    plan = BatchPlan.build(ids, USERS)
-    x = torch.randn(USERS, K, generator=g).to(U.DEVICE, U.DTYPE)
-    w = (torch.randn(N, K, generator=g) / K**0.5).to(U.DEVICE, U.DTYPE)
-    return bank, plan, ids, x, w
+    return launch_host.problem(U.DEVICE, U.DTYPE)
 
 
 @pytest.fixture
