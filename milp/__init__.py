@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+from . import _hf_kernels  # noqa: F401  (first: refuses a clash with Hugging Face's `kernels`)
 from .config import MAX_MODULES, MemoryConfig, atomic_directory, atomic_write_bytes, atomic_write_text
 from .export import export_peft, import_peft, peft_adapter, read_peft
 from .inject import (

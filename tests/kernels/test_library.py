@@ -365,6 +365,43 @@ def test_transformers_still_works_with_our_kernels_package_installed():
     assert "torch.Size([1, 3, 64])" in out.stdout
 
 
+def test_hugging_face_kernels_installed_alongside_is_named(tmp_path):
+    """transformers 5.25 requires Hugging Face's ``kernels`` (our import name): in such an
+    environment ``import kernels`` warns and ``import milp`` refuses with the fix, before transformers
+    fails on ``from kernels import CUDAProperties``. A stand-in distribution's metadata, at the
+    version transformers' probe accepts, makes the environment."""
+    from transformers.utils import import_utils as iu
+
+    version = iu.KERNELS_MIN_VERSION
+    dist = tmp_path / f"kernels-{version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {version}\n")
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import kernels\n"
+        "print('WARNED', [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)])\n"
+        "try:\n"
+        "    import milp\n"
+        "except ImportError as e:\n"
+        "    print('REFUSED', e)\n"
+        "else:\n"
+        "    print('IMPORTED')\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    warned, refused = out.stdout.splitlines()[:2]
+    assert f"Hugging Face's `kernels` {version} is installed" in warned and "transformers<5.25" in warned
+    assert refused.startswith("REFUSED") and "transformers will import its hub-kernel API" in refused
+    assert "pip uninstall -y kernels" in refused
+    # and without the stand-in: nothing to say (milp-toolkit's own environment)
+    from kernels import _name_clash
+
+    assert _name_clash.hf_kernels_version() is None
+
+
 def test_torch_compile_fullgraph_adapters_alone(device):
     """``lora_linear(x, None, None, ...)`` beside a base computed by another module: the op with
     ``weight=None`` traces (fake impl, schema) and its backward runs, fullgraph."""
