@@ -366,13 +366,14 @@ def test_transformers_still_works_with_our_kernels_package_installed():
 
 
 def test_hugging_face_kernels_installed_alongside_is_named(tmp_path):
-    """transformers 5.25 requires Hugging Face's ``kernels`` (our import name): in such an
-    environment ``import kernels`` warns and ``import milp`` refuses with the fix, before transformers
-    fails on ``from kernels import CUDAProperties``. A stand-in distribution's metadata, at the
-    version transformers' probe accepts, makes the environment."""
+    """transformers 5.25 requires Hugging Face's ``kernels`` (our import name). Where it is
+    installed, ``import kernels`` warns, and ``import milp`` refuses with the fix exactly when
+    transformers would fail on ``from kernels import CUDAProperties`` (5.x, once its probe accepts the
+    version; 4.x catches that itself). A stand-in distribution's metadata, at a version
+    transformers' probe accepts, makes the environment."""
     from transformers.utils import import_utils as iu
 
-    version = iu.KERNELS_MIN_VERSION
+    version = getattr(iu, "KERNELS_MIN_VERSION", "0.9.0")  # 4.x: any version (it requires <= 0.9)
     dist = tmp_path / f"kernels-{version}.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {version}\n")
@@ -388,14 +389,27 @@ def test_hugging_face_kernels_installed_alongside_is_named(tmp_path):
         "    print('REFUSED', e)\n"
         "else:\n"
         "    print('IMPORTED')\n"
+        "try:\n"
+        "    from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "    LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,\n"
+        "                                 num_attention_heads=2, num_key_value_heads=1))\n"
+        "except ImportError as e:\n"
+        "    print('TRANSFORMERS FAILS', e)\n"
+        "else:\n"
+        "    print('TRANSFORMERS WORKS')\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    warned, refused = out.stdout.splitlines()[:2]
+    warned, milp_import, transformers_import = out.stdout.splitlines()[:3]
     assert f"Hugging Face's `kernels` {version} is installed" in warned and "transformers<5.25" in warned
-    assert refused.startswith("REFUSED") and "transformers will import its hub-kernel API" in refused
-    assert "pip uninstall -y kernels" in refused
+    # refused exactly when transformers' model classes fail, and then with the fix
+    assert milp_import.startswith("REFUSED") == transformers_import.startswith("TRANSFORMERS FAILS"), out.stdout
+    if hasattr(iu, "KERNELS_MIN_VERSION"):  # transformers 5.x: its probe accepts the stand-in, and it fails
+        assert transformers_import.startswith("TRANSFORMERS FAILS") and "CUDAProperties" in transformers_import
+    if milp_import.startswith("REFUSED"):
+        assert "transformers will import its hub-kernel API" in milp_import
+        assert "pip uninstall -y kernels" in milp_import
     # and without the stand-in: nothing to say (milp-toolkit's own environment)
     from kernels import _name_clash
 
