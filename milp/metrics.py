@@ -409,7 +409,9 @@ class LMJudge:
                     enc = tok(prompts[i:i + self.batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=not getattr(tok, "chat_template", None)).to(device)
                     pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding: real positions
-                    logits = self.model(**enc, position_ids=pos).logits[:, -1].float().log_softmax(-1)
+                    # ids and mask only: some tokenizers add token_type_ids, which causal LMs refuse
+                    logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                        position_ids=pos).logits[:, -1].float().log_softmax(-1)
                     out += (logits[:, self._ids[0]] - logits[:, self._ids[1]]).tolist()
         finally:
             tok.padding_side, tok.pad_token = side, pad

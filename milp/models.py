@@ -151,7 +151,10 @@ def _cache_key(gguf: Path) -> str:
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     size = gguf.stat().st_size
-    return f"{DEFAULT_MODEL_NAME}-{gguf.stem.split('.')[-1]}-v{version}-{size}-f{_CACHE_FORMAT}"
+    # the checkpoint is saved by this transformers: 5.x writes a tokenizer config that 4.x cannot
+    # read (tokenizer_class TokenizersBackend), so environments of either major share no entry
+    tf_major = importlib.metadata.version("transformers").split(".")[0]
+    return f"{DEFAULT_MODEL_NAME}-{gguf.stem.split('.')[-1]}-v{version}-{size}-tf{tf_major}-f{_CACHE_FORMAT}"
 
 
 def _load_from_gguf(gguf: Path) -> tuple[Any, Any]:

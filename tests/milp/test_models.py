@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 import milp.models as mm
@@ -75,6 +76,8 @@ def test_default_model_is_cached_atomically(fake_gguf, tmp_path, monkeypatch, ca
     assert len(fake_gguf) == 1 and "de-quantizing" in capsys.readouterr().out
     (entry,) = list(cache.iterdir())  # one complete entry, no temp dirs
     assert entry.name.startswith("SmolLM2-135M-Instruct-Q4_1-") and (entry / "model.safetensors").is_file()
+    # one entry per transformers major version: 4.x cannot read 5.x's tokenizer config
+    assert f"-tf{transformers.__version__.split('.')[0]}-" in entry.name
     assert (entry / "milp_cache.json").is_file() and (entry / "tokenizer_config.json").is_file()
     assert not model.training and tok.pad_token_id is not None and tok.chat_template
     assert getattr(model, "hf_quantizer", None) is None
