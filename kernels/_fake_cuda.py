@@ -50,13 +50,15 @@ class _Launcher:
 
     def __init__(self, src, metadata):
         self.name = getattr(metadata, "name", "?")
+        self.fp_fusion = getattr(metadata, "enable_fp_fusion", None)  # the compile option it was built with
 
     def __call__(self, g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, leave, *args):
         if enter is not None:
             enter(launch_metadata)
         if RECORD:
             _LAUNCHES.append(dict(
-                launcher=id(self), name=self.name, grid=(g0, g1, g2), stream=stream, function=function,
+                launcher=id(self), name=self.name, fp_fusion=self.fp_fusion, grid=(g0, g1, g2), stream=stream,
+                function=function,
                 packed_metadata=repr(packed_metadata), hooks=(_calls_something(enter), _calls_something(leave)),
                 args=[describe(a) for a in args],
             ))

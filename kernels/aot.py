@@ -224,7 +224,7 @@ _KERNELS = {
     "lora_expand_gemv": ("expand", "_expand_gemv_kernel"),
     "lora_grad_weights": ("grad_weights", "_grad_weights_kernel"),
 }
-_OPTIONS = ("num_warps", "num_stages")
+_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
 def _specialize(value) -> tuple[str, object]:

@@ -56,6 +56,7 @@ def probe(tmp_path_factory):
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     env.pop("MILP_TRITON_LAUNCH", None)
     env.pop("MILP_RECORD_LAUNCHES", None)
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"  # Triton 3.10's default: the kernels must state the option themselves
     out = subprocess.run([sys.executable, str(HERE / "test_launch.py"), str(tmp / "report.json")],
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -74,6 +75,14 @@ def test_direct_launch_passes_what_triton_passes(probe, case):
     assert r["verified"] == r["jit"]
     assert r["direct_first_runs"] == r["direct_verify_runs"] == 1  # Triton picks the kernel, then is watched
     assert r["direct_runs"] == 0, "the third direct call went through JITFunction.run"
+
+
+def test_every_kernel_is_compiled_with_fp_fusion_whatever_tritons_default(probe):
+    """The launch options state ``enable_fp_fusion=True`` (``LaunchConfig.kwargs``): with Triton's
+    default set to off (``TRITON_DEFAULT_FP_FUSION=0`` in the probe, Triton 3.10's default) every
+    kernel still compiles with FMA contraction, so numerics and speed do not follow the environment."""
+    for case, r in probe["cases"].items():
+        assert r["jit"]["fp_fusion"] is True, case
 
 
 def test_a_plan_goes_direct_from_its_fourth_call(probe):
