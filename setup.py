@@ -8,7 +8,7 @@ purpose: any torch >= 2.5 already present satisfies it.
 """
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = "0.1.0"  # keep outside [0.18.2, 0.20): transformers probes a package named `kernels`
@@ -52,8 +52,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels", "kernels.*", "milp", "milp.*", "search", "search.*"]),
-    package_data={"kernels": ["configs/*.json"], "milp": ["assets/**/*"]},
+    # namespace discovery: the data folders (kernels/configs, milp/assets/meddia) are packages of their
+    # own, listed, instead of folders that setuptools warns it "would ignore" in a future release
+    packages=find_namespace_packages(include=["kernels", "kernels.*", "milp", "milp.*", "search", "search.*"],
+                                     exclude=["*.__pycache__"]),
+    package_data={"kernels.configs": ["*.json"], "milp.assets.meddia": ["*"]},
     include_package_data=True,
     install_requires=install_requires,
     extras_require=extras,

@@ -1,4 +1,5 @@
 """Promises of the repository itself: README commands, CI, package layout."""
+import os
 import re
 from pathlib import Path
 
@@ -27,6 +28,55 @@ def test_ci_runs_the_readme_test_command():
 def test_top_level_layout():
     for name in ("kernels", "milp", "search", "bench", "tests", "setup.py", "README.md"):
         assert (ROOT / name).exists(), name
+
+
+def test_wheel_ships_the_packages_and_their_data(tmp_path):
+    """A non-editable install (what ``pip install milp-toolkit`` gives) holds the GPU config files
+    and the shipped MedDia data, and setuptools builds it without its "package would be ignored"
+    warning (a data folder left out of ``packages``, which future setuptools drop). Built from the
+    tracked files only, installed into a folder of its own and imported from there."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("setuptools") is None:
+        import pytest
+
+        pytest.skip("building the wheel offline needs setuptools in this environment")
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "setup.py", "pyproject.toml", "README.md", "kernels", "milp",
+                              "search"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in tracked:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, src / rel)
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
+                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    assert "is absent from the `packages` configuration" not in built.stdout + built.stderr
+    (wheel,) = wheels.glob("milp_toolkit-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site),
+                    str(wheel)], capture_output=True, text=True, check=True, timeout=600)
+    code = (
+        "import kernels, milp\n"
+        "from kernels.tuning import CONFIG_DIR\n"
+        "from milp.data import load_meddia, meddia_dir\n"
+        f"assert kernels.__file__.startswith({str(site)!r}), kernels.__file__\n"
+        "print(sorted(p.name for p in CONFIG_DIR.glob('*.json')))\n"
+        "print(sorted(p.name for p in meddia_dir().iterdir()))\n"
+        "print(len(load_meddia()) > 100)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    configs, meddia, loaded = out.stdout.splitlines()[-3:]
+    want = sorted(p.name for p in (ROOT / "kernels" / "configs").glob("*.json"))
+    assert configs == str(want) and want
+    assert "LICENSE" in meddia and "README.md" in meddia and "profiles_4.json" in meddia
+    assert loaded == "True"
 
 
 def test_layers_import_one_way():
