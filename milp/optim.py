@@ -178,6 +178,9 @@ class PackedAdamW:
         self._beta2 = torch.full((U,), 0.999, **f32)
         self._eps = torch.full((U,), 1e-8, **f32)
         self._wd = torch.zeros(U, **f32)
+        # the same settings in float64, for float64 banks: updated (and their moments kept) in
+        # float64 like torch.optim.AdamW, not in float32 (which rounded their rows every step)
+        self._hyper64 = {k: getattr(self, k).double() for k in ("_lr", "_beta1", "_beta2", "_eps", "_wd")}
         self._warmup = torch.zeros(U, **f32)
         self._total = torch.zeros(U, **f32)  # 0 = no budget
         self._linear = torch.zeros(U, dtype=torch.bool, device=dev)
@@ -217,10 +220,10 @@ class PackedAdamW:
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
         self._configs[slot] = (config, total_steps)
-        self._lr[slot] = config.lr
-        self._beta1[slot], self._beta2[slot] = config.betas
-        self._eps[slot] = config.eps
-        self._wd[slot] = config.weight_decay
+        for name, value in (("_lr", config.lr), ("_beta1", config.betas[0]), ("_beta2", config.betas[1]),
+                            ("_eps", config.eps), ("_wd", config.weight_decay)):
+            getattr(self, name)[slot] = value
+            self._hyper64[name][slot] = value
         self._warmup[slot] = warmup_steps(total_steps, config.warmup_ratio)
         self._total[slot] = total_steps or 0
         self._linear[slot] = config.decay == "linear"
@@ -243,6 +246,7 @@ class PackedAdamW:
         self._check_slot(slot)
         self._configs.pop(slot, None)
         self._lr[slot] = 0
+        self._hyper64["_lr"][slot] = 0
         self._step[slot] = 0
         self._dirty.add(slot)
 
@@ -264,8 +268,13 @@ class PackedAdamW:
         return config.lr * lr_multiplier(self.step_count(slot) + 1, total, config.warmup_ratio, config.decay)
 
     # ---------------------------------------------------------- layout sync
+    @staticmethod
+    def _compute_dtype(b: AdapterBank) -> torch.dtype:
+        """float64 for float64 banks; float32 otherwise (bf16/fp16 rows are updated in float32)."""
+        return torch.float64 if b.lora_a.dtype == torch.float64 else torch.float32
+
     def _zeros(self, b: AdapterBank) -> dict[str, torch.Tensor]:
-        kw = dict(dtype=torch.float32, device=b.lora_a.device)
+        kw = dict(dtype=self._compute_dtype(b), device=b.lora_a.device)
         cap = b.capacity
         return {
             "exp_avg_a": torch.zeros(cap, b.in_features, **kw), "exp_avg_sq_a": torch.zeros(cap, b.in_features, **kw),
@@ -345,13 +354,8 @@ class PackedAdamW:
         active = torch.zeros(self.max_users, dtype=torch.bool, device=dev)
         active[torch.tensor(host, device=dev)] = True
         self._step += active.to(torch.int64)
-        t = self._step.to(torch.float32).clamp(min=1)
-        lr = torch.where(active, self._lr * self._multiplier(t), torch.zeros_like(t))
-        bc1 = 1 - self._beta1.double() ** t.double()
-        bc2 = 1 - self._beta2.double() ** t.double()
-        step_size = (lr.double() / bc1).float()
-        bc2_sqrt = bc2.sqrt().float()
-        decay = 1 - lr * self._wd
+        dtypes = {self._compute_dtype(b) for b in self.banks}
+        factors = {cd: self._factors(active, cd) for cd in dtypes}
 
         # per bank, the row span [lo, hi) covering the stepped users' rows (host layout, no
         # sync): a step of a few users touches their rows only, a joint step the whole bank
@@ -362,43 +366,65 @@ class PackedAdamW:
                 spans.append((i, slice(min(o for o, _ in segs), max(o + r for o, r in segs))))
         clip = None
         if any(self._configs[s][0].max_grad_norm is not None for s in host):
-            norm2 = torch.zeros(self.max_users, dtype=torch.float32, device=dev)
+            nd = max(dtypes, key=lambda d: torch.finfo(d).bits)  # float64 where a bank is
+            norm2 = torch.zeros(self.max_users, dtype=nd, device=dev)
             for i, sl in spans:
                 ru = self._row_user[i][sl]
-                ru0, valid = ru.clamp(min=0), (ru >= 0).to(torch.float32)
+                ru0, valid = ru.clamp(min=0), (ru >= 0).to(nd)
                 for p in (self.banks[i].lora_a, self.banks[i].lora_b):
                     if p.grad is not None:
-                        norm2.index_add_(0, ru0, p.grad[sl].float().pow(2).sum(1) * valid)
+                        norm2.index_add_(0, ru0, p.grad[sl].to(nd).pow(2).sum(1) * valid)
             clip = (self._max_norm / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
 
         for i, sl in spans:
             b, ru = self.banks[i], self._row_user[i][sl]
+            cd = self._compute_dtype(b)
+            lr_step, bc2_sqrt, decay, beta1, beta2, eps = factors[cd]
             ru0 = ru.clamp(min=0)
-            on = (active[ru0] & (ru >= 0)).to(torch.float32)[:, None]  # [rows, 1]: 1 = update this row
-            w1 = (1 - self._beta1[ru0])[:, None] * on
-            w2 = (1 - self._beta2[ru0])[:, None] * on
+            on = (active[ru0] & (ru >= 0)).to(cd)[:, None]  # [rows, 1]: 1 = update this row
+            w1 = (1 - beta1[ru0])[:, None] * on
+            w2 = (1 - beta2[ru0])[:, None] * on
             row_decay = torch.where(on > 0, decay[ru0][:, None], torch.ones_like(on))
-            row_step = step_size[ru0][:, None] * on
+            row_step = lr_step[ru0][:, None] * on
             row_bc2 = bc2_sqrt[ru0][:, None].clamp(min=1e-30)
-            row_eps = self._eps[ru0][:, None]
+            row_eps = eps[ru0][:, None]
             mom = self._moments[i]
+            if mom["exp_avg_a"].dtype != cd:  # the bank was cast since (model.to(...))
+                mom = self._moments[i] = {k: v.to(cd) for k, v in mom.items()}
             for p, sfx in ((b.lora_a, "a"), (b.lora_b, "b")):
                 data = p.data[sl]
                 if p.grad is not None:
-                    g = p.grad[sl].float()
+                    g = p.grad[sl].to(cd)
                 else:
-                    g = torch.zeros(data.shape, dtype=torch.float32, device=dev)
+                    g = torch.zeros(data.shape, dtype=cd, device=dev)
                 if clip is not None:
-                    g = g * clip[ru0][:, None]
+                    g = g * clip[ru0][:, None].to(cd)
                 m, v = mom["exp_avg_" + sfx][sl], mom["exp_avg_sq_" + sfx][sl]
                 m.lerp_(g, w1)
                 v.add_((g * g - v) * w2)
-                p32 = data if p.dtype == torch.float32 else data.float()
-                p32.mul_(row_decay)
+                work = data if p.dtype == cd else data.to(cd)  # bf16/fp16: exact round trip for rows left alone
+                work.mul_(row_decay)
                 denom = (v.sqrt() / row_bc2).add_(row_eps)
-                p32.addcdiv_(m * row_step, denom, value=-1.0)
-                if p32 is not data:
-                    data.copy_(p32)
+                work.addcdiv_(m * row_step, denom, value=-1.0)
+                if work is not data:
+                    data.copy_(work)
+
+    def _factors(self, active: torch.Tensor, cd: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Per user (``[max_users]`` in ``cd``): ``lr / bias correction 1``, ``sqrt(bias correction
+        2)``, the decoupled decay ``1 - lr·wd``, beta1, beta2, eps, with ``lr`` 0 for users not
+        stepped. float32 keeps the arithmetic it always had; float64 runs all of it in float64."""
+        if cd == torch.float64:
+            h = self._hyper64
+            t = self._step.to(torch.float64).clamp(min=1)
+            lr = torch.where(active, h["_lr"] * self._multiplier(t), torch.zeros_like(t))
+            bc1, bc2 = 1 - h["_beta1"] ** t, 1 - h["_beta2"] ** t
+            return lr / bc1, bc2.sqrt(), 1 - lr * h["_wd"], h["_beta1"], h["_beta2"], h["_eps"]
+        t = self._step.to(torch.float32).clamp(min=1)
+        lr = torch.where(active, self._lr * self._multiplier(t), torch.zeros_like(t))
+        bc1 = 1 - self._beta1.double() ** t.double()
+        bc2 = 1 - self._beta2.double() ** t.double()
+        return ((lr.double() / bc1).float(), bc2.sqrt().float(), 1 - lr * self._wd, self._beta1, self._beta2,
+                self._eps)
 
     def zero_grad(self) -> None:
         """Drop the banks' gradients."""

@@ -368,6 +368,47 @@ def test_packed_adamw_equals_torch_adamw_per_user():
     assert (opt.step_count(0), opt.step_count(1), opt.step_count(2)) == (10, 10, 0)
 
 
+def test_packed_adamw_in_float64_is_torch_adamw_and_leaves_other_rows_alone():
+    """Float64 banks are updated in float64 (moments too), as torch.optim.AdamW does: the
+    stepped users match it to float64 rounding, and a user whose rows lie between theirs (inside
+    the stepped span) keeps its weights bit for bit. Before, the span went through float32 and
+    back: every row in it was rounded to float32 at each step."""
+    g = torch.Generator().manual_seed(0)
+    bank = kernels.AdapterBank(8, 6, max_users=3, dtype=torch.float64)
+    for u, r in ((0, [3]), (1, [2, 2]), (2, [5])):  # rows in that order: user 1 sits between 0 and 2
+        bank.add(u, r, init="random", generator=g)
+    opt = PackedAdamW([bank], 3)
+    cfg = AdamWConfig(lr=1e-2, weight_decay=0.1, warmup_ratio=0.2, max_grad_norm=0.5)
+    for u in range(3):
+        opt.set_user(u, cfg, total_steps=10)
+    refs = {}
+    for u in (0, 2):
+        a, b, _ = bank.adapter_weights(u)
+        ra, rb = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        ref = torch.optim.AdamW([ra, rb], lr=1e-2, weight_decay=0.1)
+        refs[u] = (ra, rb, ref, torch.optim.lr_scheduler.LambdaLR(ref, lambda s: lr_multiplier(s + 1, 10, 0.2)))
+    middle = [w.detach().clone() for w in bank.adapter_weights(1)[:2]]
+    for _ in range(10):
+        bank.lora_a.grad = torch.randn(bank.lora_a.shape, generator=g, dtype=torch.float64)
+        bank.lora_b.grad = torch.randn(bank.lora_b.shape, generator=g, dtype=torch.float64)
+        for u, (ra, rb, ref, sched) in refs.items():
+            seg = bank.segment(u)
+            rows = slice(seg.offset, seg.offset + seg.rank)
+            ra.grad, rb.grad = bank.lora_a.grad[rows].clone(), bank.lora_b.grad[rows].clone()
+            torch.nn.utils.clip_grad_norm_([ra, rb], 0.5)
+            ref.step()
+            sched.step()
+        opt.step([0, 2])
+        opt.zero_grad()
+    for u, (ra, rb, _, _) in refs.items():
+        a, b, _ = bank.adapter_weights(u)
+        torch.testing.assert_close(a, ra, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(b, rb, rtol=1e-12, atol=1e-14)
+    for got, want in zip(bank.adapter_weights(1)[:2], middle):
+        assert torch.equal(got, want)
+    assert opt.user_state(0)["0.exp_avg_a"].dtype == torch.float64
+
+
 def test_packed_adamw_follows_rows_when_banks_compact():
     bank = kernels.AdapterBank(4, 4, max_users=4)
     for u in range(3):
