@@ -175,3 +175,68 @@ def test_int_and_str_ids_get_their_own_directories(tmp_path):
     assert store.path(7) != store.path("7")
     rt = MilpRuntime(tiny_model("llama"), max_users=2, store=store)
     check_rows(rt, [7, "7"], want)
+
+
+# ------------------------------------------------------------------------------------------------
+# slots are transparent: any sequence of mixed-user forwards and training steps through a runtime
+# with fewer slots than users (loading from a write-back store, evicting the least recently used)
+# gives what a runtime holding every user gives, losses, logits and final adapters alike
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _sessions(draw):
+    slots = draw(st.integers(1, 3))
+    ops = []
+    for _ in range(draw(st.integers(1, 7))):
+        users = draw(st.lists(st.sampled_from(USERS), min_size=1, max_size=slots, unique=True))
+        rows = draw(st.lists(st.sampled_from(users + [None]), min_size=1, max_size=4))
+        rows += [u for u in users if u not in rows]  # every drawn user has a row
+        ops.append((draw(st.sampled_from(["train", "forward"])), rows))
+    return slots, ops
+
+
+@pytest.fixture(scope="module")
+def saved_users(tmp_path_factory):
+    """The five users of ``store_dir`` saved from a float64 model (training compared exactly)."""
+    root = tmp_path_factory.mktemp("saved64")
+    writer = MilpRuntime(tiny_model("llama").double(), max_users=len(USERS))
+    for i, u in enumerate(USERS):
+        writer.add_user(u, MemoryConfig((True, i % 2 == 0), (1 + i % 3, 1), (4 * (i + 1), 8)), init="random",
+                        seed=i, total_steps=20)
+        writer.save_user(u, root / user_dirname(u))
+    return root
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(session=_sessions())
+def test_a_few_slots_and_a_store_act_as_every_user_loaded(saved_users, tmp_path_factory, session):
+    import shutil
+
+    slots, ops = session
+    root = tmp_path_factory.mktemp("store")
+    shutil.copytree(saved_users, root, dirs_exist_ok=True)
+    rt = MilpRuntime(tiny_model("llama").double(), max_users=slots, store=UserStore(root, write_back=True))
+    full = MilpRuntime(tiny_model("llama").double(), max_users=len(USERS))
+    for u in USERS:
+        full.load_user(saved_users / user_dirname(u))
+    tokens = torch.Generator().manual_seed(len(ops))
+    for kind, rows in ops:
+        ids = torch.randint(3, 90, (len(rows), 6), generator=tokens)
+        if kind == "train":
+            got, want = rt.train_step(ids, rows), full.train_step(ids, rows)
+            assert got.keys() == want.keys()
+            for u in want:
+                assert got[u] == pytest.approx(want[u], rel=1e-12, abs=1e-12), (u, ops)
+        else:
+            with torch.no_grad():
+                torch.testing.assert_close(rt.forward(ids, rows).logits, full.forward(ids, rows).logits,
+                                           rtol=1e-12, atol=1e-12)
+        assert len(rt.users) <= slots
+    for u in USERS:  # each one loaded (written back and reloaded as needed): adapters and step counts
+        with torch.no_grad():
+            rt.forward(PROMPT, u)
+        for k, v in full.adapter_state(u).items():
+            torch.testing.assert_close(rt.adapter_state(u)[k], v, rtol=1e-12, atol=1e-12, msg=f"{u} {k}")
+        assert rt.optimizer.step_count(rt.slot(u)) == full.optimizer.step_count(full.slot(u))
