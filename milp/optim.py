@@ -16,7 +16,8 @@ bias correction by the user's own step count) with, optionally, gradient clippin
 ``max_grad_norm`` by the norm over *that user's* adapter gradients (like
 ``torch.nn.utils.clip_grad_norm_`` on its parameters alone), and the schedule of
 :func:`lr_multiplier` (linear warm-up over ``warmup_ratio`` of the user's steps, then
-linear decay or constant).
+linear decay or constant). Moments and arithmetic are float32 (bf16/fp16 rows are updated in
+float32 and rounded back once), and float64 for float64 banks, as torch's AdamW keeps them.
 
 Example:
     >>> import kernels, torch
