@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kernels
 from milp.config import MemoryConfig
@@ -549,3 +551,57 @@ def test_train_step_with_users_without_adapters():
     mixed = rt.train_step(ids, ["none", "a"])
     assert set(mixed) == {"none", "a"}
     assert any(not torch.equal(before[k], v) for k, v in rt.adapter_state("a").items())  # "a" was trained
+
+
+# ------------------------------------------------------------------------------------------------
+# the two equivalences above over drawn users: ragged ranks, users without adapters at a layer or at
+# all, clipping, any mix of rows
+
+
+@st.composite
+def _drawn_users(draw):
+    users = {}
+    for u in range(draw(st.integers(1, 4))):
+        mask = (draw(st.booleans()), draw(st.booleans()))
+        cfg = MemoryConfig(mask, tuple(draw(st.integers(0, 3)) if m else 0 for m in mask),
+                           (draw(st.sampled_from([1, 2, 4, 8, 16])), draw(st.sampled_from([1, 2, 4, 8, 16]))),
+                           lora_alpha=draw(st.sampled_from([1.0, 8.0, 16.0])))
+        opt = AdamWConfig(lr=draw(st.sampled_from([1e-3, 1e-2])), max_grad_norm=draw(st.sampled_from([None, 0.1])))
+        users[f"u{u}"] = (cfg, opt, draw(st.integers(1, 3)))  # the last: rows per batch
+    return users
+
+
+@settings(max_examples=20, deadline=None)
+@given(users=_drawn_users(), seed=st.integers(0, 1000))
+def test_drawn_users_train_jointly_as_alone_and_generate_mixed_as_alone(users, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def runtime(which):
+        rt = MilpRuntime(tiny_model("llama").double(), max_users=8)
+        for u in which:
+            rt.add_user(u, users[u][0], optim=users[u][1], total_steps=5, init="random", seed=int(u[1:]))
+        return rt
+
+    joint, alone = runtime(users), {u: runtime([u]) for u in users}
+    for _ in range(2):
+        data = {u: [torch.randint(3, 90, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+                    for _ in range(rows)] for u, (_, _, rows) in users.items()}
+        ids, mask, who = joint_batch(data)
+        losses = joint.train_step(ids, who, attention_mask=mask)
+        for u, rt in alone.items():
+            ids_u, mask_u = pad_sequences(data[u], PAD, side="right")
+            assert losses[u] == pytest.approx(rt.train_step(ids_u, [u] * len(data[u]), attention_mask=mask_u)[u],
+                                              rel=1e-9, abs=1e-10)
+    for u, rt in alone.items():
+        mine, ref = joint.adapter_state(u), rt.adapter_state(u)
+        assert mine.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(mine[k], ref[k], rtol=1e-9, atol=1e-11, msg=f"user {u!r}: {k}")
+    names = [*users, None]
+    prompts = torch.randint(3, 90, (len(names), 5), generator=g)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    mixed = joint.generate(prompts, names, **kw)
+    for r, u in enumerate(names):
+        one = joint.generate(prompts[r : r + 1], [u], **kw)[0]
+        n = one.shape[0]  # a row that ended (EOS) on its own is padded in the mixed batch
+        assert torch.equal(mixed[r, :n], one) and bool((mixed[r, n:] == PAD).all()), u

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from milp.config import MemoryConfig
 from milp.inject import tiny_model
@@ -181,8 +183,6 @@ def test_int_and_str_ids_get_their_own_directories(tmp_path):
 # slots are transparent: any sequence of mixed-user forwards and training steps through a runtime
 # with fewer slots than users (loading from a write-back store, evicting the least recently used)
 # gives what a runtime holding every user gives, losses, logits and final adapters alike
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 @st.composite
