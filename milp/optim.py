@@ -174,14 +174,14 @@ class PackedAdamW:
         self.device = dev
         U = max_users
         f32 = dict(dtype=torch.float32, device=dev)
-        self._lr = torch.zeros(U, **f32)
-        self._beta1 = torch.full((U,), 0.9, **f32)
-        self._beta2 = torch.full((U,), 0.999, **f32)
-        self._eps = torch.full((U,), 1e-8, **f32)
-        self._wd = torch.zeros(U, **f32)
-        # the same settings in float64, for float64 banks: updated (and their moments kept) in
-        # float64 like torch.optim.AdamW, not in float32 (which rounded their rows every step)
-        self._hyper64 = {k: getattr(self, k).double() for k in ("_lr", "_beta1", "_beta2", "_eps", "_wd")}
+        # the settings as given (float64): float64 banks are updated with them as they are, like
+        # torch.optim.AdamW; the float32 arithmetic of the other banks rounds them first (_factors)
+        f64 = dict(dtype=torch.float64, device=dev)
+        self._lr = torch.zeros(U, **f64)
+        self._beta1 = torch.full((U,), 0.9, **f64)
+        self._beta2 = torch.full((U,), 0.999, **f64)
+        self._eps = torch.full((U,), 1e-8, **f64)
+        self._wd = torch.zeros(U, **f64)
         self._warmup = torch.zeros(U, **f32)
         self._total = torch.zeros(U, **f32)  # 0 = no budget
         self._linear = torch.zeros(U, dtype=torch.bool, device=dev)
@@ -221,10 +221,10 @@ class PackedAdamW:
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
         self._configs[slot] = (config, total_steps)
-        for name, value in (("_lr", config.lr), ("_beta1", config.betas[0]), ("_beta2", config.betas[1]),
-                            ("_eps", config.eps), ("_wd", config.weight_decay)):
-            getattr(self, name)[slot] = value
-            self._hyper64[name][slot] = value
+        self._lr[slot] = config.lr
+        self._beta1[slot], self._beta2[slot] = config.betas
+        self._eps[slot] = config.eps
+        self._wd[slot] = config.weight_decay
         self._warmup[slot] = warmup_steps(total_steps, config.warmup_ratio)
         self._total[slot] = total_steps or 0
         self._linear[slot] = config.decay == "linear"
@@ -247,7 +247,6 @@ class PackedAdamW:
         self._check_slot(slot)
         self._configs.pop(slot, None)
         self._lr[slot] = 0
-        self._hyper64["_lr"][slot] = 0
         self._step[slot] = 0
         self._dirty.add(slot)
 
@@ -367,7 +366,7 @@ class PackedAdamW:
                 spans.append((i, slice(min(o for o, _ in segs), max(o + r for o, r in segs))))
         clip = None
         if any(self._configs[s][0].max_grad_norm is not None for s in host):
-            nd = max(dtypes, key=lambda d: torch.finfo(d).bits)  # float64 where a bank is
+            nd = torch.float64 if torch.float64 in dtypes else torch.float32
             norm2 = torch.zeros(self.max_users, dtype=nd, device=dev)
             for i, sl in spans:
                 ru = self._row_user[i][sl]
@@ -415,17 +414,16 @@ class PackedAdamW:
         2)``, the decoupled decay ``1 - lr·wd``, beta1, beta2, eps, with ``lr`` 0 for users not
         stepped. float32 keeps the arithmetic it always had; float64 runs all of it in float64."""
         if cd == torch.float64:
-            h = self._hyper64
             t = self._step.to(torch.float64).clamp(min=1)
-            lr = torch.where(active, h["_lr"] * self._multiplier(t), torch.zeros_like(t))
-            bc1, bc2 = 1 - h["_beta1"] ** t, 1 - h["_beta2"] ** t
-            return lr / bc1, bc2.sqrt(), 1 - lr * h["_wd"], h["_beta1"], h["_beta2"], h["_eps"]
+            lr = torch.where(active, self._lr * self._multiplier(t), torch.zeros_like(t))
+            bc1, bc2 = 1 - self._beta1 ** t, 1 - self._beta2 ** t
+            return lr / bc1, bc2.sqrt(), 1 - lr * self._wd, self._beta1, self._beta2, self._eps
+        lr32, beta1, beta2, eps, wd = (h.float() for h in (self._lr, self._beta1, self._beta2, self._eps, self._wd))
         t = self._step.to(torch.float32).clamp(min=1)
-        lr = torch.where(active, self._lr * self._multiplier(t), torch.zeros_like(t))
-        bc1 = 1 - self._beta1.double() ** t.double()
-        bc2 = 1 - self._beta2.double() ** t.double()
-        return ((lr.double() / bc1).float(), bc2.sqrt().float(), 1 - lr * self._wd, self._beta1, self._beta2,
-                self._eps)
+        lr = torch.where(active, lr32 * self._multiplier(t), torch.zeros_like(t))
+        bc1 = 1 - beta1.double() ** t.double()
+        bc2 = 1 - beta2.double() ** t.double()
+        return (lr.double() / bc1).float(), bc2.sqrt().float(), 1 - lr * wd, beta1, beta2, eps
 
     def zero_grad(self) -> None:
         """Drop the banks' gradients."""

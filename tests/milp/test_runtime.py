@@ -409,6 +409,10 @@ def test_packed_adamw_in_float64_is_torch_adamw_and_leaves_other_rows_alone():
     for got, want in zip(bank.adapter_weights(1)[:2], middle):
         assert torch.equal(got, want)
     assert opt.user_state(0)["0.exp_avg_a"].dtype == torch.float64
+    empty = PackedAdamW([], max_users=1)  # no banks: no compute dtype to pick, clipping still steps
+    empty.set_user(0, cfg)
+    empty.step([0])
+    assert empty.step_count(0) == 1
 
 
 def test_packed_adamw_follows_rows_when_banks_compact():
