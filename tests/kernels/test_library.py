@@ -440,3 +440,90 @@ def test_torch_compile_fullgraph_adapters_alone(device):
     out.square().sum().backward()
     for a, b in zip((x.grad, bank.lora_a.grad, bank.lora_b.grad), want):
         torch.testing.assert_close(a, b)
+
+
+class _ServingLinear(torch.nn.Module):
+    """What a serving stack embeds: its own base linear and the raw ops. The adapter pool and the
+    batch's plan are inputs (the stack loads adapters and builds plans outside the graph), and
+    ``max_rank`` is the pool's ceiling, not the ranks loaded at export time."""
+
+    MAX_RANK = 16
+
+    def __init__(self, device):
+        super().__init__()
+        self.base = torch.nn.Linear(16, 24, device=device)
+        self.block_ms = list(BatchPlan(1, 1).block_ms)
+
+    def forward(self, x, lora_a, lora_b, scale, slots, sorted_tokens, tiles, segments):
+        bm, r = self.block_ms, self.MAX_RANK
+        fused, _ = torch.ops.milp.lora_linear(x, self.base.weight, self.base.bias, lora_a, lora_b, scale, slots,
+                                              sorted_tokens, tiles, segments, bm, r, False)
+        y = self.base(x)  # the same through shrink + in-place expand (auto-functionalized by export)
+        t = torch.ops.milp.lora_shrink(x, lora_a, scale, slots, sorted_tokens, tiles, segments, bm, r)
+        torch.ops.milp.lora_expand_(y, t, lora_b, slots, sorted_tokens, tiles, segments, bm)
+        return fused, y
+
+
+def _export_serving_linear(device, capacity=32):
+    torch.manual_seed(0)
+    m = _ServingLinear(device)
+    bank = AdapterBank(16, 24, max_users=3, device=device)
+    bank.add(0, [4], init="random")
+    bank.add(2, [2, 3], init="random")
+    plan = BatchPlan(capacity, 3, device=device)
+    plan.update(torch.tensor([0, 2, -1, 0, 1, 2, 2], device=device))
+    x = torch.randn(7, 16, device=device)
+    T = torch.export.Dim("T", min=1, max=capacity)  # any batch the plan's capacity holds
+    rows = torch.export.Dim("rows", min=2)  # the adapter pool may grow
+    dyn = ({0: T}, {0: rows}, {0: rows}, {0: rows}, None, None, None, None)
+    ep = torch.export.export(m, (x, *_pool(bank), *plan.as_args()[:3]), dynamic_shapes=dyn)
+    return m, bank, plan, ep
+
+
+def _pool(bank):
+    return bank.lora_a.detach(), bank.lora_b.detach(), bank.scale, bank.slots
+
+
+def _check_serving(m, bank, plan, run, T, device):
+    x = torch.randn(T, 16, device=device)
+    plan.update(torch.randint(-1, 3, (T,), device=device))
+    want = lora_linear(x, m.base.weight, m.base.bias, bank, plan).detach()
+    fused, split = run(x, *_pool(bank), *plan.as_args()[:3])
+    torch.testing.assert_close(fused, want)
+    torch.testing.assert_close(split, want, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_keeps_the_ops_and_serves_new_batches_and_adapters(device, tmp_path):
+    """``torch.export`` with a dynamic token count and adapter pool: the ops stay opaque nodes
+    (the in-place expand auto-functionalized by ``run_decompositions``), and the program, saved
+    and loaded back, serves other batches and a user whose adapters were loaded after export."""
+    m, bank, plan, ep = _export_serving_linear(device)
+    ops = lambda g: sorted(str(n.target) for n in g.nodes if "milp" in str(n.target))  # noqa: E731
+    assert ops(ep.graph) == ["milp.lora_expand_.default", "milp.lora_linear.default", "milp.lora_shrink.default"]
+    decomposed = ep.run_decompositions()
+    assert ops(decomposed.graph) == ["milp.lora_linear.default", "milp.lora_shrink.default"]
+    assert "auto_functionalized" in str(decomposed.graph) and "lora_expand_" in str(decomposed.graph)
+    for T in (7, 1, 32):
+        _check_serving(m, bank, plan, ep.module(), T, device)
+    torch.export.save(ep, tmp_path / "serving.pt2")
+    loaded = torch.export.load(tmp_path / "serving.pt2").module()
+    bank.add(1, [12], init="random")  # after export: the pool grows, up to the exported ceiling
+    assert bank.max_rank > 5 and bank.capacity > 9
+    for T in (19, 3):
+        _check_serving(m, bank, plan, loaded, T, device)
+    too_many = BatchPlan(33, 3, device=device)
+    with pytest.raises(AssertionError, match=r"x.size\(\)\[0\] <= 32"):  # the plan's capacity
+        loaded(torch.randn(33, 16, device=device), *_pool(bank), *too_many.as_args()[:3])
+
+
+def test_aot_inductor_package_runs_the_ops(device, tmp_path):
+    """AOTInductor compiles the exported program into a package (a C++ toolchain on CPU) that
+    calls our ops on batches and adapter pools of other sizes."""
+    import torch._inductor
+
+    m, bank, plan, ep = _export_serving_linear(device)
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "serving_aoti.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    _check_serving(m, bank, plan, runner, 7, device)
+    bank.add(1, [12], init="random")
+    _check_serving(m, bank, plan, runner, 12, device)
