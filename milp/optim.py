@@ -16,8 +16,17 @@ bias correction by the user's own step count) with, optionally, gradient clippin
 ``max_grad_norm`` by the norm over *that user's* adapter gradients (like
 ``torch.nn.utils.clip_grad_norm_`` on its parameters alone), and the schedule of
 :func:`lr_multiplier` (linear warm-up over ``warmup_ratio`` of the user's steps, then
-linear decay or constant). Moments and arithmetic are float32 (bf16/fp16 rows are updated in
-float32 and rounded back once), and float64 for float64 banks, as torch's AdamW keeps them.
+linear decay or constant). Moments and arithmetic are float32, and float64 for float64 banks,
+as torch's AdamW keeps them.
+
+bf16/fp16 banks get float32 *master weights* (as Apex/Megatron mixed precision keep them): the
+optimizer holds a float32 copy of their rows, in the moments' packed layout, updates that copy
+and writes it back rounded to the bank's dtype. Without it, an update smaller than half an ulp
+of the weight — most of them late in a decaying schedule, at bf16's 8-bit mantissa — would be
+rounded away at every step. The master never goes stale: every :meth:`PackedAdamW.step` first
+re-seeds it, elementwise over the stepped span, from the bank wherever it no longer rounds to the
+bank's value bit for bit, so rows written outside the optimizer (a user added or loaded, a
+``bank.lora_a.data[...] = ...``, ``model.to(dtype)``) simply continue from their new value.
 
 Example:
     >>> import kernels, torch
@@ -149,6 +158,19 @@ class PackedAdamW:
     :meth:`sync` after any change of a bank's layout (adding/removing users may move
     rows): moments follow their user's rows. :meth:`step` updates the given users only.
 
+    Args:
+        banks: the adapter banks (:class:`kernels.AdapterBank`) to train, each with ``max_users`` slots.
+        max_users: size of the user-id space.
+        master_weights: keep float32 master copies of the rows of bf16/fp16 banks (see the
+            module docstring): the moments (2 tensors) and the master (1) are float32, the
+            update is computed on the master in float32 and rounded to the bank's dtype once,
+            so updates below the bank's precision accumulate. Costs 4 bytes per adapter element
+            more (12 instead of 8 for the optimizer's state). ``False``: the old behaviour —
+            the bank's rows are updated in float32 from their rounded value and rounded back at
+            every step, no extra memory. float32 and float64 banks never have one (they are their
+            own master; moments and arithmetic in float32 resp. float64): the flag does not
+            change their updates.
+
     Example:
         >>> import kernels, torch
         >>> banks = [kernels.AdapterBank(8, 4, max_users=3) for _ in range(2)]
@@ -157,9 +179,16 @@ class PackedAdamW:
         >>> for b in banks: b.lora_a.grad = torch.zeros_like(b.lora_a)
         >>> opt.step([2]); opt.zero_grad(); opt.step_count(2)
         1
+        >>> bf = kernels.AdapterBank(8, 4, max_users=1, dtype=torch.bfloat16); _ = bf.add(0, [2])
+        >>> opt = PackedAdamW([bf], max_users=1); opt.set_user(0)
+        >>> sorted(k for k in opt.user_state(0) if "master" in k)  # float32 master rows of the user
+        ['0.master_a', '0.master_b']
     """
 
-    def __init__(self, banks: Sequence[AdapterBank], max_users: int) -> None:
+    def __init__(self, banks: Sequence[AdapterBank], max_users: int, *, master_weights: bool = True) -> None:
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"master_weights must be a bool, got {type(master_weights).__name__}")
+        self.master_weights = master_weights
         banks = list(banks)
         for i, b in enumerate(banks):
             if not isinstance(b, AdapterBank):
@@ -188,7 +217,7 @@ class PackedAdamW:
         self._max_norm = torch.full((U,), math.inf, **f32)
         self._step = torch.zeros(U, dtype=torch.int64, device=dev)
         self._configs: dict[int, tuple[AdamWConfig, int | None]] = {}
-        # per bank: layout {user: (offset, rank)}, capacity, row_user, moments
+        # per bank: layout {user: (offset, rank)}, capacity, row_user, moments (+ master_a/_b)
         self._layout: list[dict[int, tuple[int, int]]] = [{} for _ in banks]
         self._row_user: list[torch.Tensor] = [
             torch.full((b.capacity,), -1, dtype=torch.int64, device=dev) for b in banks]
@@ -273,14 +302,38 @@ class PackedAdamW:
         """float64 for float64 banks; float32 otherwise (bf16/fp16 rows are updated in float32)."""
         return torch.float64 if b.lora_a.dtype == torch.float64 else torch.float32
 
+    def _has_master(self, b: AdapterBank) -> bool:
+        """Whether ``b``'s rows get float32 master weights (bf16/fp16 banks, ``master_weights``)."""
+        return self.master_weights and b.lora_a.dtype in (torch.bfloat16, torch.float16)
+
     def _zeros(self, b: AdapterBank) -> dict[str, torch.Tensor]:
+        """Zero moments (and master: zeros are stale, :meth:`step` re-seeds them from the bank)."""
         kw = dict(dtype=self._compute_dtype(b), device=b.lora_a.device)
         cap = b.capacity
-        return {
-            "exp_avg_a": torch.zeros(cap, b.in_features, **kw), "exp_avg_sq_a": torch.zeros(cap, b.in_features, **kw),
-            "exp_avg_b": torch.zeros(cap, b.out_features, **kw),
-            "exp_avg_sq_b": torch.zeros(cap, b.out_features, **kw),
-        }
+        names = ("exp_avg", "exp_avg_sq", "master") if self._has_master(b) else ("exp_avg", "exp_avg_sq")
+        return {f"{n}_{s}": torch.zeros(cap, w, **kw) for n in names for s, w in (("a", b.in_features),
+                                                                                   ("b", b.out_features))}
+
+    def _conform(self, i: int) -> dict[str, torch.Tensor]:
+        """Bank ``i``'s state, recast if the bank's dtype changed since (``model.to(...)``): moments
+        to its compute dtype; a master added (zeros, re-seeded by :meth:`step`) or dropped."""
+        b, mom = self.banks[i], self._moments[i]
+        want = self._has_master(b)
+        if mom["exp_avg_a"].dtype != self._compute_dtype(b) or want != ("master_a" in mom):
+            mom = {k: v if k.startswith("master") else v.to(self._compute_dtype(b))
+                   for k, v in mom.items() if want or not k.startswith("master")}
+            if want and "master_a" not in mom:
+                mom.update({f"master_{s}": torch.zeros_like(mom[f"exp_avg_{s}"]) for s in "ab"})
+            self._moments[i] = mom
+        return mom
+
+    @staticmethod
+    def _heal(master: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+        """Re-seed ``master`` (in place, returned) from the bank's rows ``data`` wherever it does
+        not round to them bit for bit (so ``±0`` and NaNs count too): the elements written since
+        outside the optimizer."""
+        stale = master.to(data.dtype).view(torch.int16) != data.view(torch.int16)
+        return master.copy_(torch.where(stale, data.to(master.dtype), master))
 
     def sync(self) -> None:
         """Re-align moments and row maps with the banks' current layouts (host loop over the
@@ -288,7 +341,7 @@ class PackedAdamW:
         dirty = self._dirty
         for i, b in enumerate(self.banks):
             layout = {u: (b.segment(u).offset, b.segment(u).rank) for u in b.users}
-            old, mom = self._layout[i], self._moments[i]
+            old, mom = self._layout[i], self._conform(i)
             same_cap = mom["exp_avg_a"].shape[0] == b.capacity == self._row_user[i].shape[0]
             if layout == old and same_cap and not (dirty & set(layout)):
                 continue
@@ -388,9 +441,7 @@ class PackedAdamW:
             row_step = lr_step[ru0][:, None] * on
             row_bc2 = bc2_sqrt[ru0][:, None].clamp(min=1e-30)
             row_eps = eps[ru0][:, None]
-            mom = self._moments[i]
-            if mom["exp_avg_a"].dtype != cd:  # the bank was cast since (model.to(...))
-                mom = self._moments[i] = {k: v.to(cd) for k, v in mom.items()}
+            mom = self._moments[i]  # conformed to the bank's dtype by sync()
             for p, sfx in ((b.lora_a, "a"), (b.lora_b, "b")):
                 data = p.data[sl]
                 if p.grad is not None:
@@ -402,7 +453,10 @@ class PackedAdamW:
                 m, v = mom["exp_avg_" + sfx][sl], mom["exp_avg_sq_" + sfx][sl]
                 m.lerp_(g, w1)
                 v.add_((g * g - v) * w2)
-                work = data if p.dtype == cd else data.to(cd)  # bf16/fp16: exact round trip for rows left alone
+                if "master_" + sfx in mom:  # bf16/fp16: update the float32 master, re-seeded where stale
+                    work = self._heal(mom["master_" + sfx][sl], data)
+                else:  # float32/64 in place; bf16/fp16 without master: exact round trip for rows left alone
+                    work = data if p.dtype == cd else data.to(cd)
                 work.mul_(row_decay)
                 denom = (v.sqrt() / row_bc2).add_(row_eps)
                 work.addcdiv_(m * row_step, denom, value=-1.0)
@@ -433,8 +487,9 @@ class PackedAdamW:
 
     # ------------------------------------------------------------- export
     def user_state(self, slot: int) -> dict[str, torch.Tensor]:
-        """``slot``'s moments per bank (``"{bank}.exp_avg_a"`` …, rows in bank order) and its
-        step count, as CPU tensors (for saving).
+        """``slot``'s moments per bank (``"{bank}.exp_avg_a"`` …, rows in bank order), float32
+        master rows of bf16/fp16 banks (``"{bank}.master_a"``/``"_b"``, re-seeded from the bank
+        where stale) and its step count, as CPU tensors (for saving).
 
         Example:
             >>> opt = PackedAdamW([], max_users=1); opt.set_user(0); opt.user_state(0)["step"].item()
@@ -447,11 +502,16 @@ class PackedAdamW:
             if slot in layout:
                 off, r = layout[slot]
                 for k, t in self._moments[i].items():
-                    out[f"{i}.{k}"] = t[off : off + r].detach().cpu().clone()
+                    t = t[off : off + r].clone()
+                    if k.startswith("master_"):
+                        self._heal(t, getattr(self.banks[i], "lora_" + k[-1]).data[off : off + r])
+                    out[f"{i}.{k}"] = t.detach().cpu()
         return out
 
     def load_user_state(self, slot: int, state: dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`user_state` (the user's rows must already be in the banks)."""
+        """Inverse of :meth:`user_state` (the user's rows must already be in the banks). Master
+        rows are optional (a state without them: :meth:`step` re-seeds the master from the
+        bank), and skipped for banks without a master (float32/64, ``master_weights=False``)."""
         self._check_slot(slot)
         self.sync()
         for key, t in state.items():
@@ -462,6 +522,11 @@ class PackedAdamW:
             i = int(i_str)
             if not 0 <= i < len(self.banks) or slot not in self._layout[i]:
                 raise ValueError(f"optimizer state {key!r} names bank {i_str}, where user slot {slot} has no rows")
+            if name not in self._moments[i]:
+                if name in ("master_a", "master_b"):
+                    continue
+                raise ValueError(f"optimizer state {key!r}: unknown entry {name!r}, expected one of "
+                                 f"{sorted(self._moments[i])} or 'step'")
             off, r = self._layout[i][slot]
             dst = self._moments[i][name][off : off + r]
             if tuple(t.shape) != tuple(dst.shape):
