@@ -333,22 +333,8 @@ def import_peft(runtime: Any, user: Hashable, directory: str | os.PathLike[str],
     cfg = MemoryConfig(tuple(li in layer_rank for li in range(L)), tuple(int(li in layer_rank) for li in range(L)),
                        tuple(layer_rank.get(li, r_any) for li in range(L)), lora_alpha=alpha)
 
-    tensors: dict[str, torch.Tensor] = {}
-    padding = 0
-    for li, r_l in layer_rank.items():
-        for name, m in zip(st.names[li], st.layers[li]):
-            dt = m.bank.lora_a.dtype
-            a_full = torch.zeros(r_l, m.in_features, dtype=torch.float64)
-            b_full = torch.zeros(r_l, m.out_features, dtype=torch.float64)
-            r = 0
-            if name in modules:
-                a, b, s = modules[name]
-                r = a.shape[0]
-                a_full[:r] = a.double()
-                b_full[:r] = b.double().t() * (s / (alpha / r_l))
-            padding += (r_l - r) * (m.in_features + m.out_features)
-            tensors[f"layers.{li}.{m.target}.lora_A"] = a_full.to(dt)
-            tensors[f"layers.{li}.{m.target}.lora_B"] = b_full.to(dt)
+    padding = sum((r_l - (modules[name][0].shape[0] if name in modules else 0)) * (m.in_features + m.out_features)
+                  for li, r_l in layer_rank.items() for name, m in zip(st.names[li], st.layers[li]))
     if padding:
         warnings.warn(
             f"PEFT adapter {str(directory)!r}: a MemoryConfig has one rank per layer for all of its FFN targets, so "
@@ -356,6 +342,23 @@ def import_peft(runtime: Any, user: Hashable, directory: str | os.PathLike[str],
             f"the outputs are unchanged", UserWarning, stacklevel=2)
     runtime.add_user(user, cfg, total_steps=total_steps, optim=optim, init="zeros")
     try:
+        slot = runtime.slot(user)
+        tensors: dict[str, torch.Tensor] = {}
+        for li, r_l in layer_rank.items():
+            for name, m in zip(st.names[li], st.layers[li]):
+                dt = m.bank.lora_a.dtype
+                a_full = torch.zeros(r_l, m.in_features, dtype=torch.float64)
+                b_full = torch.zeros(r_l, m.out_features, dtype=torch.float64)
+                if name in modules:
+                    a, b, s = modules[name]
+                    r = a.shape[0]
+                    # fold PEFT's scaling into B relative to the scale the bank applies (alpha / r_l as the bank
+                    # stores it, in float32), not the exact quotient: a float64 model then matches PEFT in float64
+                    applied = m.bank.adapter_weights(slot)[2][:r].detach().to("cpu", torch.float64)
+                    a_full[:r] = a.double()
+                    b_full[:r] = b.double().t() * (s / applied)[:, None]
+                tensors[f"layers.{li}.{m.target}.lora_A"] = a_full.to(dt)
+                tensors[f"layers.{li}.{m.target}.lora_B"] = b_full.to(dt)
         runtime.load_adapter_state(user, tensors)
     except BaseException:
         runtime.remove_user(user)
