@@ -120,6 +120,8 @@ def hypervolume(Y: object, ref_point: Sequence[float], directions: Sequence[str]
     Ym = Ym[torch.isfinite(Ym).all(-1)]
     if Ym.shape[0] == 0:
         return 0.0
+    if Ym.shape[-1] == 1:  # one objective: a length (BoTorch's box decomposition needs m >= 2)
+        return float((Ym.max() - r[0]).clamp_min(0.0))
     return float(DominatedPartitioning(ref_point=r, Y=Ym).compute_hypervolume())
 
 
