@@ -35,10 +35,15 @@ def _signs(directions: Sequence[str], m: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _as_y(Y: object, name: str = "Y") -> torch.Tensor:
+def _num(directions: Sequence[str]) -> int:
+    return 0 if isinstance(directions, str) else len(directions)
+
+
+def _as_y(Y: object, name: str = "Y", m: int = 0) -> torch.Tensor:
+    """``Y`` as a float64 ``[n, m]`` tensor; an empty list is ``[0, m]`` (no rows of ``m`` objectives)."""
     t = torch.as_tensor(Y, dtype=torch.float64)
     if t.dim() == 1 and t.numel() == 0:
-        t = t.reshape(0, 0)
+        t = t.reshape(0, m)
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [n, m], got shape {tuple(t.shape)}")
     return t
@@ -51,7 +56,7 @@ def to_maximization(Y: object, directions: Sequence[str]) -> torch.Tensor:
         >>> to_maximization([[1.0, 2.0]], ["minimize", "maximize"]).tolist()
         [[-1.0, 2.0]]
     """
-    t = _as_y(Y)
+    t = _as_y(Y, m=_num(directions))
     return t * _signs(directions, t.shape[-1])
 
 
@@ -79,7 +84,7 @@ def infer_ref_point(Y: object, directions: Sequence[str], scale: float = 0.1) ->
         >>> infer_ref_point([[0.0, 1.0], [1.0, 0.0]], ["minimize", "minimize"])
         [1.1, 1.1]
     """
-    t = _as_y(Y)
+    t = _as_y(Y, m=_num(directions))
     signs = _signs(directions, t.shape[-1])
     Ym = t * signs
     Ym = Ym[torch.isfinite(Ym).all(-1)]
@@ -111,8 +116,8 @@ def hypervolume(Y: object, ref_point: Sequence[float], directions: Sequence[str]
         >>> hypervolume([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]], [2.0, 2.0], ["minimize"] * 2)
         3.25
     """
-    t = _as_y(Y)
-    signs = _signs(directions, t.shape[-1]) if t.shape[-1] else _signs(directions, len(directions))
+    t = _as_y(Y, m=_num(directions))
+    signs = _signs(directions, t.shape[-1])
     r = _ref_max(ref_point, signs)
     if t.shape[0] == 0:
         return 0.0

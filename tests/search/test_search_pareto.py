@@ -95,6 +95,17 @@ def test_bad_input(call, match):
         call()
 
 
+def test_no_rows():
+    """An empty history: no front, no volume, no reference point (named), in every shape of empty."""
+    for Y in ([], torch.zeros(0, 2)):
+        assert pareto_mask(Y, ["minimize", "maximize"]) == []
+        assert to_maximization(Y, ["minimize", "maximize"]).shape == (0, 2)
+        assert hypervolume(Y, [1.0, 1.0], ["minimize", "maximize"]) == 0.0
+        assert hypervolume_trace(Y, [1.0, 1.0], ["minimize", "maximize"]) == []
+        with pytest.raises(ValueError, match="no row"):
+            infer_ref_point(Y, ["minimize", "maximize"])
+
+
 def test_search_front_and_hypervolume_use_directions():
     s = Search(BoxSpace([(0, 1)]), [Objective("ce"), Objective("rouge", "maximize")], q=4, n_init=4,
                surrogate="gp", ref_point={"ce": 4.0})
