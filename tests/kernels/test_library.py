@@ -489,8 +489,9 @@ def _check_serving(m, bank, plan, run, T, device):
     plan.update(torch.randint(-1, 3, (T,), device=device))
     want = lora_linear(x, m.base.weight, m.base.bias, bank, plan).detach()
     fused, split = run(x, *_pool(bank), *plan.as_args()[:3])
-    torch.testing.assert_close(fused, want)
-    torch.testing.assert_close(split, want, rtol=1e-5, atol=1e-5)
+    # on a GPU the eager call may dispatch another path than the op's run-time choice: other sums
+    for got in (fused, split):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_export_keeps_the_ops_and_serves_new_batches_and_adapters(device, tmp_path):
