@@ -213,6 +213,8 @@ class AdapterBank(torch.nn.Module):
         with torch.no_grad():
             self.slots[user].zero_()
             self.scale[seg.offset : seg.offset + seg.rank] = 0
+            for g in self._grads():  # a pending gradient must not reach the rows' next owner
+                g[seg.offset : seg.offset + seg.rank] = 0
         self._release(seg.offset, seg.rank)
 
     def clear(self) -> None:
@@ -227,18 +229,24 @@ class AdapterBank(torch.nn.Module):
 
     def set_adapter_weights(self, user: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Copy ``A [R, in]`` and ``B [R, out]`` (``B`` stored transposed: row r of module j
-        is column r of PEFT's ``lora_B``) into ``user``'s rows."""
+        is column r of PEFT's ``lora_B``) into ``user``'s rows.
+
+        Refused (``ValueError``, rows untouched) unless finite in the bank's dtype: NaN or inf,
+        or a value the cast would overflow (a float32 ``1e5`` into a float16 bank)."""
         seg = self.segment(user)
         check_tensor("a", a, shape=(seg.rank, self.in_features), dtypes=FLOAT_DTYPES)
         check_tensor("b", b, shape=(seg.rank, self.out_features), dtypes=FLOAT_DTYPES)
+        # checked as the rows will hold them: a finite value beyond the dtype's range casts to inf
+        a, b = a.to(self.lora_a.dtype), b.to(self.lora_b.dtype)
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise ValueError(f"adapter weights of user {user} contain NaN or inf")
+            raise ValueError(f"adapter weights of user {user} contain NaN or inf (in the bank's dtype {a.dtype})")
         with torch.no_grad():
             self.lora_a[seg.offset : seg.offset + seg.rank].copy_(a)
             self.lora_b[seg.offset : seg.offset + seg.rank].copy_(b)
 
     def compact(self) -> None:
-        """Move all segments to the front, in user order, in place (no reallocation)."""
+        """Move all segments to the front, in offset order, in place (no reallocation); pending
+        gradients (``lora_a.grad``, ``lora_b.grad``) move with their rows."""
         cursor = 0
         with torch.no_grad():
             for user in sorted(self._segments, key=lambda u: self._segments[u].offset):
@@ -247,15 +255,19 @@ class AdapterBank(torch.nn.Module):
                     src = slice(seg.offset, seg.offset + seg.rank)
                     dst = slice(cursor, cursor + seg.rank)
                     # cursor < offset, so an ascending copy never overwrites unread rows; clone anyway
-                    self.lora_a[dst] = self.lora_a[src].clone()
-                    self.lora_b[dst] = self.lora_b[src].clone()
-                    self.scale[dst] = self.scale[src].clone()
+                    for t in (self.lora_a, self.lora_b, self.scale, *self._grads()):
+                        t[dst] = t[src].clone()
                     seg = AdapterSegment(cursor, seg.ranks, seg.alphas)
                     self._segments[user] = seg
                     self.slots[user, 0] = cursor
                 cursor += seg.rank
             self.scale[cursor:] = 0
+            for g in self._grads():
+                g[cursor:] = 0
         self._free = [(cursor, self.capacity - cursor)] if cursor < self.capacity else []
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in (self.lora_a, self.lora_b) if p.grad is not None]
 
     def reserve(self, capacity: int) -> None:
         """Grow storage to at least ``capacity`` rows (bumps ``version`` when it reallocates)."""
@@ -268,7 +280,10 @@ class AdapterBank(torch.nn.Module):
                 p = getattr(self, name)
                 grown = torch.zeros(capacity, p.shape[1], dtype=p.dtype, device=p.device)
                 grown[:old] = p.data
+                grad = p.grad
                 p.data = grown
+                if grad is not None:  # a pending gradient keeps its rows and the parameter's shape
+                    p.grad = torch.cat([grad, grad.new_zeros(capacity - old, grad.shape[1])])
             scale = torch.zeros(capacity, dtype=torch.float32, device=self.scale.device)
             scale[:old] = self.scale
             self.scale = scale

@@ -1,8 +1,10 @@
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kernels import BatchPlan
-from kernels.plan import max_tiles
+from kernels.plan import max_tiles, tile_span
 
 
 def _check_plan(plan: BatchPlan, ids: torch.Tensor):
@@ -108,3 +110,149 @@ def test_unvalidated_update_takes_a_segment_hint():
     assert plan.token_user_host().tolist() == ids.tolist()
     with pytest.raises(ValueError, match="num_segments"):
         plan.update(ids, validate=False, num_segments=-1)
+
+
+# ------------------------------------------------------------------ property-based: update() == a fresh plan
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@st.composite
+def _batch(draw, max_tokens: int, max_users: int) -> list[int]:
+    """Ids of a batch: random, all ``-1``, one user, every user, long runs, alternations."""
+    T = draw(st.integers(0, max_tokens), label="T")
+    uid = st.integers(-1, max_users - 1)
+    kind = draw(st.sampled_from(["random", "none", "one", "every", "runs", "alternate"]), label="kind")
+    if kind == "random":
+        return draw(st.lists(uid, min_size=T, max_size=T))
+    if kind == "none":
+        return [-1] * T
+    if kind == "one":
+        return [draw(uid)] * T
+    if kind == "every":
+        ids = [i % (max_users + 1) - 1 for i in range(T)]
+        return draw(st.permutations(ids)) if draw(st.booleans()) else ids
+    if kind == "alternate":
+        a, b = draw(uid), draw(uid)
+        return [a if i % 2 == 0 else b for i in range(T)]
+    ids: list[int] = []
+    while len(ids) < T:
+        ids += [draw(uid)] * draw(st.integers(1, max(1, T)))
+    return ids[:T]
+
+
+def _as_tensor(ids: list[int], how: str) -> torch.Tensor:
+    """``ids`` as a tensor of a drawn integer dtype, sometimes a strided view."""
+    lo, hi = min(ids, default=0), max(ids, default=0)
+    fits = [d for d in _ID_DTYPES if torch.iinfo(d).min <= lo and hi <= torch.iinfo(d).max]
+    dtype = fits[int(how[1:]) % len(fits)]
+    t = torch.tensor(ids, dtype=torch.int64).to(dtype)
+    if how[0] == "s":  # a view with stride 2 over a buffer with junk between the ids
+        buf = torch.full((2 * len(ids),), 99, dtype=dtype)
+        buf[::2] = t
+        t = buf[::2]
+    return t
+
+
+def _spec_check(plan: BatchPlan, ids: list[int]):
+    """The module docstring's layout, checked from the ids alone."""
+    T, S = len(ids), plan.max_segments
+    assert S == min(plan.max_users, plan.max_tokens) + 1
+    for name, buf, shape in (("sorted_tokens", plan.sorted_tokens, (plan.max_tokens,)),
+                             ("segments", plan.segments, (S, 3))):
+        assert buf.dtype == torch.int32 and tuple(buf.shape) == shape, name
+    assert plan.num_tokens == T
+    st_ = plan.sorted_tokens.tolist()
+    assert st_[:T] == sorted(range(T), key=lambda i: ids[i])  # grouped by user, stable (sorted() is)
+    assert st_[T:] == [0] * (plan.max_tokens - T)  # tail = 0
+    users = sorted(set(ids))
+    segs = plan.segments.tolist()
+    want, start = [], 0
+    for u in users:
+        n = ids.count(u)
+        want.append([start, start + n, u])
+        start += n
+    assert segs == want + [[0, 0, -1]] * (S - len(users))  # unused: (0, 0, -1)
+    assert plan.num_segments_host() == len(users)
+    assert plan.token_user_host().tolist() == ids
+    total = 0
+    for bm in plan.block_ms:
+        off, rows = tile_span(plan.max_tokens, S, plan.block_ms, bm)
+        assert (off, rows) == (total, max_tiles(plan.max_tokens, S, bm))  # consecutive blocks, block_ms order
+        total += rows
+        tiles = plan.tiles_for(bm)
+        assert tiles.dtype == torch.int32 and torch.equal(tiles, plan.tiles[off : off + rows])
+        tiles = tiles.tolist()
+        live = [t for t in tiles if t[1] > t[0]]
+        assert tiles[len(live):] == [[0, 0, -1]] * (rows - len(live))  # unused tiles after the live ones
+        cursor = 0
+        for s, e, u in live:  # each token once, in sorted order, ≤ bm rows, inside one segment
+            assert s == cursor and e - s <= bm, (bm, live)
+            assert any(s0 <= s and e <= e0 and u == u0 for s0, e0, u0 in want), (bm, (s, e, u), want)
+            cursor = e
+        assert cursor == T
+    assert plan.tiles.shape == (total, 3) and plan.tiles.dtype == torch.int32
+
+
+def _state(plan: BatchPlan):
+    return (plan.num_tokens, plan.num_segments, plan.sorted_tokens.clone(), plan.segments.clone(), plan.tiles.clone())
+
+
+def _same_state(a, b) -> bool:
+    return a[:2] == b[:2] and all(torch.equal(x, y) for x, y in zip(a[2:], b[2:]))
+
+
+@st.composite
+def _plan_runs(draw):
+    max_tokens = draw(st.integers(1, 70), label="max_tokens")
+    max_users = draw(st.one_of(st.integers(1, 20), st.just(1000)), label="max_users")
+    block_ms = draw(st.lists(st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128]), min_size=1, max_size=4, unique=True),
+                    label="block_ms")
+    steps = draw(st.lists(st.tuples(
+        st.sampled_from(["validate", "fast", "hint", "bad_id", "too_long"]),
+        _batch(max_tokens, max_users),
+        st.sampled_from([f"{c}{i}" for c in "cs" for i in range(5)]),
+    ), min_size=1, max_size=6), label="steps")
+    return max_tokens, max_users, tuple(block_ms), steps
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_plan_runs())
+def test_update_equals_a_fresh_plan_whatever_came_before(run):
+    """``update`` after any earlier batches (larger, smaller, refused) leaves exactly the buffers of
+    a fresh plan of the same capacities given only this batch, in the documented layout; the used
+    prefix and live tiles equal those of ``BatchPlan.build`` (capacities sized to the batch).
+    Refused batches (ids outside ``[-1, max_users)`` with ``validate=True``, more than
+    ``max_tokens`` tokens) raise the documented errors and leave the plan as it was."""
+    max_tokens, max_users, block_ms, steps = run
+    plan = BatchPlan(max_tokens, max_users, block_ms=block_ms)
+    _spec_check(plan, [])  # a new plan describes an empty batch
+    for mode, ids, how in steps:
+        if mode in ("bad_id", "too_long"):
+            before = _state(plan)
+            if mode == "bad_id":
+                bad = ids + [max_users if how[1] in "024" else -2 - int(how[1])]
+                bad = bad[len(bad) - max_tokens:]  # keep it within max_tokens, with the bad id
+                with pytest.raises(ValueError, match=rf"\[-1, {max_users}\)"):
+                    plan.update(torch.tensor(bad), validate=True)
+            else:
+                with pytest.raises(ValueError, match="max_tokens"):
+                    plan.update(torch.tensor(ids + [-1] * (max_tokens + 1 - len(ids))), validate=how[0] == "c")
+            assert _same_state(_state(plan), before)
+            continue
+        tok = _as_tensor(ids, how)
+        hint = len(set(ids)) + int(how[1]) if mode == "hint" else None
+        out = plan.update(tok, validate=mode == "validate", num_segments=hint)
+        assert out is plan
+        assert plan.num_segments == (len(set(ids)) if mode == "validate" else hint)
+        fresh = BatchPlan(max_tokens, max_users, block_ms=block_ms).update(tok, validate=mode == "validate",
+                                                                          num_segments=hint)
+        assert _same_state(_state(plan), _state(fresh)), (mode, ids)
+        _spec_check(plan, ids)
+        built = BatchPlan.build(tok, max_users, block_ms=block_ms)
+        T, n = len(ids), len(set(ids))
+        assert torch.equal(built.sorted_tokens[:T], plan.sorted_tokens[:T])
+        assert torch.equal(built.segments[:n], plan.segments[:n])
+        for bm in block_ms:
+            live = plan.tiles_for(bm)[:, 1] > plan.tiles_for(bm)[:, 0]
+            live_b = built.tiles_for(bm)[:, 1] > built.tiles_for(bm)[:, 0]
+            assert torch.equal(built.tiles_for(bm)[live_b], plan.tiles_for(bm)[live])
