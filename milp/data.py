@@ -81,7 +81,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -91,6 +90,8 @@ from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
+
+from .config import atomic_write_text
 
 __all__ = [
     "IGNORE_INDEX",
@@ -308,20 +309,7 @@ def write_jsonl(records: Iterable[Record | Mapping[str, Any]], path: str | os.Pa
         elif not isinstance(rec, Record):
             raise TypeError(f"records[{i}] must be a Record or a dict, got {type(rec).__name__}")
         lines.append(json.dumps(rec.to_dict(), ensure_ascii=False))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write_text(target, "".join(line + "\n" for line in lines))
 
 
 # =========================================================================== MedDia
@@ -598,21 +586,42 @@ def load_meddia_profiles(
 
 
 # =========================================================================== user-supplied formats
-def _iter_json_objects(path: Path, on_error: OnError, progress: bool) -> Iterator[tuple[int, Any]]:
-    """``(line_or_index, obj)`` from a JSONL file or a file holding one JSON list."""
-    text = path.read_text(encoding="utf-8")
+def _json_list(path: Path, text: str) -> list[Any] | None:
+    """The items when ``text`` is one JSON list, ``None`` when it is JSONL.
+
+    A JSON list on the first line followed by more lines is a JSONL line (one that is not an
+    object), not the file's list.
+    """
     stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(path, exc.lineno, f"invalid JSON ({exc.msg})") from None
-        if not isinstance(items, list):
-            raise DataFormatError(path, 1, "expected a JSON list of objects or one JSON object per line")
+    if not stripped.startswith("["):
+        return None
+    lead = text[: len(text) - len(stripped)].count("\n")
+    try:
+        items, end = json.JSONDecoder().raw_decode(stripped)
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(path, lead + exc.lineno, f"invalid JSON ({exc.msg})") from None
+    rest = stripped[end:]
+    if not rest.strip():
+        return items
+    if "\n" not in stripped[:end]:
+        return None
+    extra = end + len(rest) - len(rest.lstrip())
+    raise DataFormatError(path, lead + stripped[:extra].count("\n") + 1, "invalid JSON (Extra data)")
+
+
+def _iter_json_objects(path: Path, on_error: OnError, progress: bool) -> Iterator[tuple[int | str, Any]]:
+    """``(line_or_index, obj)`` from a JSONL file or a file holding one JSON list.
+
+    JSONL lines end at ``"\\n"`` only (``"\\r\\n"`` and ``"\\r"`` read as ``"\\n"``), as
+    :func:`read_jsonl` counts them: U+2028, U+2029, NEL … may stand unescaped inside JSON strings.
+    """
+    text = path.read_text(encoding="utf-8")
+    items = _json_list(path, text)
+    if items is not None:
         for i, obj in enumerate(tqdm(items, desc=f"reading {path.name}", disable=not progress)):
             yield f"item {i}", obj
         return
-    for lineno, line in enumerate(tqdm(text.splitlines(), desc=f"reading {path.name}", disable=not progress), 1):
+    for lineno, line in enumerate(tqdm(text.split("\n"), desc=f"reading {path.name}", disable=not progress), 1):
         if not line.strip():
             continue
         try:
@@ -651,7 +660,10 @@ def _text_list(value: Any, what: str) -> list[str]:
     out = []
     for v in value:
         if isinstance(v, Mapping):
-            v = _pick(v, ("text", "reviewText", "answerText", "body"), what)
+            keys = ("text", "reviewText", "answerText", "body")
+            v = _pick(v, keys, what, required=not any(k in v for k in keys))  # {"answerText": ""} is an empty item
+            if v is None:
+                continue
         s = _text(v, what)
         if s:
             out.append(s)
@@ -887,15 +899,19 @@ def _read_lamp_outputs(path: Path) -> dict[str, str]:
         except json.JSONDecodeError as exc:
             raise DataFormatError(path, exc.lineno, f"invalid JSON ({exc.msg})") from None
         golds = obj.get("golds")
+        if not isinstance(golds, list):
+            raise DataFormatError(path, 1, "expected {'golds': [{'id', 'output'}, ...]} or a list of {'id', 'output'}")
+        entries: list[tuple[int | str, Any]] = [(f"item {i}", g) for i, g in enumerate(golds)]
     else:
-        golds = [o for _, o in _iter_json_objects(path, "raise", False)]
-    if not isinstance(golds, list):
-        raise DataFormatError(path, 1, "expected {'golds': [{'id', 'output'}, ...]} or a list of {'id', 'output'}")
+        entries = list(_iter_json_objects(path, "raise", False))
     out = {}
-    for i, g in enumerate(golds):
+    for where, g in entries:
         if not isinstance(g, Mapping) or "id" not in g or "output" not in g:
-            raise DataFormatError(path, i, "each gold must be an object with 'id' and 'output'")
-        out[str(g["id"])] = _text(g["output"], "output")
+            raise DataFormatError(path, where, "each gold must be an object with 'id' and 'output'")
+        try:
+            out[str(g["id"])] = _text(g["output"], "output")
+        except ValueError as exc:
+            raise DataFormatError(path, where, str(exc)) from None
     return out
 
 
@@ -1232,6 +1248,8 @@ def tokenize_instruction(
                 break
             q_ids = q_ids[min(len(q_ids), excess + 1):]
             shorter = tokenizer.decode(q_ids, skip_special_tokens=True).strip()
+            if not shorter:  # no query left: the cut below keeps the prompt's end instead
+                break
             prompt = _prompt_ids(tokenizer, shorter, system_prompt, chat)
             excess = len(prompt) + len(response) - max_length
         if excess > 0:  # the template alone is too long: keep the prompt's end

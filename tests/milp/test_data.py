@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import tempfile
 import warnings
+from collections import Counter
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from milp.data import (
@@ -436,3 +442,600 @@ def test_no_warnings_on_clean_input(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_jsonl(path)
+
+
+# =========================================================================== property tests
+# Drawn text mixes plain words with the characters that break line-based formats: JSON escapes
+# control characters (\n, \r, NUL, \x1c) but writes U+2028/U+2029/NEL raw with ensure_ascii=False,
+# and str.splitlines() treats all of these as line breaks.
+_TRICKY = ["\n", "\r", "\r\n", "\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x00", "\t", " ",
+           "😀", "👩‍⚕️", "é", "\\", '"', "{", "}", "[", "]", ":", ","]
+_chunks = st.one_of(st.text(max_size=5), st.sampled_from(_TRICKY),
+                    st.text(alphabet="abc xyz?.", min_size=1, max_size=6))
+_any_text = st.lists(_chunks, max_size=6).map("".join)
+_nonblank = st.tuples(_any_text, st.sampled_from(list("aZé😀?7")), _any_text).map("".join)
+_long = st.tuples(_nonblank, st.integers(500, 3000)).map(lambda t: t[0] * t[1])
+_content = st.one_of(_nonblank, _nonblank, _nonblank, _long)
+
+_records = st.builds(Record, user_id=_nonblank, profile=st.one_of(st.just(""), _any_text, _content),
+                     history=st.lists(_content, min_size=1, max_size=3), query=_content, response=_content)
+_invalid_items = st.sampled_from([
+    42, None, "a string", {"user_id": "u"}, {**rec().to_dict(), "history": []},
+    {**rec().to_dict(), "history": ["ok", " "]}, {**rec().to_dict(), "query": "  "}, {**rec().to_dict(), "response": 3},
+])
+
+
+def _listing(d):
+    return sorted(os.listdir(d))
+
+
+@settings(max_examples=60, deadline=None)
+@given(first=st.lists(_records, max_size=4), second=st.lists(_records, max_size=4),
+       k=st.integers(0, 4), bad=_invalid_items, newline_at_end=st.booleans())
+def test_jsonl_round_trip_and_atomic_write_property(first, second, k, bad, newline_at_end):
+    """write_jsonl -> read_jsonl is the identity on any valid records (one physical line each);
+    a write that fails at any point (invalid item k, the iterable raising, an I/O error) leaves
+    the old file byte-identical and no temp file; a successful write replaces the file whole."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "sub" / "data.jsonl"
+        assert write_jsonl(first, path) == path
+        assert read_jsonl(path) == first
+        raw = path.read_bytes()
+        assert raw.count(b"\n") == len(first) and (not first or raw.endswith(b"\n"))
+        assert _listing(path.parent) == ["data.jsonl"]
+
+        mixed = [r.to_dict() if i % 2 else r for i, r in enumerate(second)]
+        mixed.insert(min(k, len(mixed)), bad)
+        with pytest.raises((ValueError, TypeError), match=rf"records\[{min(k, len(second))}\]"):
+            write_jsonl(mixed, path)
+
+        def failing():
+            yield from second[:k]
+            raise RuntimeError("source failed")
+
+        with pytest.raises(RuntimeError, match="source failed"):
+            write_jsonl(failing(), path)
+        with mock.patch("milp.data.os.fsync", side_effect=OSError("disk full")):
+            with pytest.raises(OSError, match="disk full"):
+                write_jsonl(second, path)
+        assert path.read_bytes() == raw and _listing(path.parent) == ["data.jsonl"]
+
+        write_jsonl((r.to_dict() if i % 2 else r for i, r in enumerate(second)), path)  # any iterable of both
+        assert read_jsonl(path) == second and _listing(path.parent) == ["data.jsonl"]
+        if not newline_at_end and second:  # a final line without "\n" still reads
+            path.write_bytes(path.read_bytes()[:-1])
+            assert read_jsonl(path) == second
+
+
+# --------------------------------------------------------------------------- malformed lines
+_BAD_JSON = ["{not json", '{"user_id": "u"', "nul", "}", "'single'", '{"a": 1}}', '{"history": ["x",]}', "{", '"open']
+_NOT_OBJECT = ["[1, 2]", '"text"', "3", "null", "true", "[]"]
+_BLANK = ["", "   ", "\t"]
+_WRONG_TEXT = ["", "  ", 3.5, True, ["x"], {"a": "b"}]
+_WRONG = {"user_id": _WRONG_TEXT, "query": _WRONG_TEXT, "response": _WRONG_TEXT,
+          "profile": [3, True, ["x"], {"a": "b"}],
+          "history": ["a string", [], [" "], ["ok", 3], 3, {"a": "b"}, [None]]}
+
+
+def _schema_bad(draw, good):
+    kind = draw(st.sampled_from(["missing", "mistyped", "mistyped", "null"]))
+    name = draw(st.sampled_from(sorted(_WRONG)))
+    if kind == "missing":
+        return {k: v for k, v in good.items() if k != name}
+    return {**good, name: None if kind == "null" else draw(st.sampled_from(_WRONG[name]))}
+
+
+def _amazon_bad(draw, good):
+    kind = draw(st.sampled_from(["missing", "mistyped"]))
+    name = draw(st.sampled_from(["user_id", "question", "answer"]))
+    if kind == "missing":
+        return {k: v for k, v in good.items() if k != name}
+    wrong = {"user_id": [True, ["u"], "  "], "question": [["q"], {"a": 1}, False, " "],
+             "answer": [[], ["", " "], {"x": 1}, True]}
+    return {**good, name: draw(st.sampled_from(wrong[name]))}
+
+
+def _reddit_bad(draw, good):
+    name = draw(st.sampled_from(["author", "body"]))
+    if draw(st.booleans()):
+        return {k: v for k, v in good.items() if k != name}
+    return {**good, name: draw(st.sampled_from([["x"], {"a": 1}, True]))}
+
+
+def _lamp_bad(draw, good):
+    return draw(st.sampled_from([
+        {k: v for k, v in good.items() if k != "input"}, {k: v for k, v in good.items() if k != "id"},
+        {k: v for k, v in good.items() if k != "output"}, {k: v for k, v in good.items() if k != "profile"},
+        {**good, "profile": "not a list"}, {**good, "profile": []}, {**good, "profile": [{"id": "1"}]},
+        {**good, "profile": [3]}, {**good, "input": ["x"]},
+    ]))
+
+
+_GOOD_OBJECTS = {
+    "jsonl": st.builds(Record, user_id=_nonblank, profile=_any_text, query=_nonblank, response=_nonblank,
+                       history=st.lists(_nonblank, min_size=1, max_size=3)).map(Record.to_dict),
+    "amazonqa": st.fixed_dictionaries({"user_id": st.sampled_from(["A", "B", "C"]), "question": _nonblank,
+                                       "answer": _nonblank, "reviews": st.lists(_nonblank, max_size=2)}),
+    "reddit": st.fixed_dictionaries({"author": st.sampled_from(["al", "bo"]), "body": _nonblank,
+                                     "parent_body": _nonblank}),
+    "lamp": st.fixed_dictionaries({"id": st.integers(0, 99).map(str), "input": _nonblank,
+                                   "profile": st.lists(st.fixed_dictionaries({"text": _nonblank}), min_size=1,
+                                                       max_size=2), "output": _nonblank}),
+}
+_BAD_OBJECT = {"jsonl": _schema_bad, "amazonqa": _amazon_bad, "reddit": _reddit_bad, "lamp": _lamp_bad}
+_LOADERS = {"jsonl": read_jsonl, "amazonqa": load_amazonqa, "reddit": load_reddit, "lamp": load_lamp}
+
+
+@st.composite
+def _file_with_bad_lines(draw, fmt):
+    """(lines, is_bad flags, layout): valid objects with malformed ones and blank lines at drawn positions."""
+    layout = "jsonl" if fmt == "jsonl" else draw(st.sampled_from(["jsonl", "jsonl", "list"]))
+    good = draw(st.lists(_GOOD_OBJECTS[fmt], min_size=1, max_size=5))
+    n_bad = draw(st.integers(1, 7))
+    bad = []
+    for _ in range(n_bad):
+        kinds = ["object", "not_object"] + (["json", "truncated"] if layout == "jsonl" else [])
+        kind = draw(st.sampled_from(kinds))
+        if kind == "object":
+            bad.append(_BAD_OBJECT[fmt](draw, draw(_GOOD_OBJECTS[fmt])))
+        elif kind == "not_object":
+            bad.append(json.loads(draw(st.sampled_from(_NOT_OBJECT))))
+        elif kind == "json":
+            bad.append(_Raw(draw(st.sampled_from(_BAD_JSON))))
+        else:
+            bad.append(_Raw(json.dumps(draw(_GOOD_OBJECTS[fmt]), ensure_ascii=False)[:-1]))
+    blanks = [_Raw(b) for b in draw(st.lists(st.sampled_from(_BLANK), max_size=3))] if layout == "jsonl" else []
+    items = [(x, False) for x in good] + [(x, True) for x in bad] + [(x, None) for x in blanks]
+    return draw(st.permutations(items)), layout
+
+
+class _Raw(str):
+    """A line written as is (not JSON-encoded)."""
+
+
+def _write_items(path, items, layout, ensure_ascii, newline):
+    if layout == "list":
+        path.write_text(json.dumps([x for x, _ in items], ensure_ascii=ensure_ascii, indent=1), encoding="utf-8")
+        return
+    lines = [x if isinstance(x, _Raw) else json.dumps(x, ensure_ascii=ensure_ascii) for x, _ in items]
+    path.write_bytes((newline.join(lines) + newline).encode("utf-8"))
+
+
+def _load(fmt, *args, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _LOADERS[fmt](*args, **kw)
+    return out, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("fmt", sorted(_LOADERS))
+@settings(max_examples=50, deadline=None)
+@given(data=st.data(), ensure_ascii=st.booleans(), newline=st.sampled_from(["\n", "\n", "\r\n"]))
+def test_malformed_lines_property(fmt, data, ensure_ascii, newline):
+    """With on_error="raise" the error names path:line (1-based, blank lines counted) or
+    path:item <i> of the FIRST bad entry; with "skip" the result is what the file without the
+    bad entries gives, and one warning counts the bad entries and names the first five."""
+    items, layout = data.draw(_file_with_bad_lines(fmt))
+    where = []  # location of each entry as the error reports it
+    for i, _ in enumerate(items):
+        where.append(f"item {i}" if layout == "list" else i + 1)
+    bad_at = [w for w, (_, flag) in zip(where, items) if flag]
+    with tempfile.TemporaryDirectory() as d:
+        path, clean = Path(d) / "in.jsonl", Path(d) / "clean.jsonl"
+        _write_items(path, items, layout, ensure_ascii, newline)
+        _write_items(clean, [it for it in items if not it[1]], layout, ensure_ascii, newline)
+        with pytest.raises(DataFormatError) as info:
+            _LOADERS[fmt](path)
+        assert (info.value.path, info.value.line) == (str(path), bad_at[0]), str(info.value)
+        assert str(info.value).startswith(f"{path}:{bad_at[0]}: ")
+
+        out, msgs = _load(fmt, path, on_error="skip")
+        expected, clean_msgs = _load(fmt, clean, on_error="skip")
+        clean_msgs = [m.replace(str(clean), str(path)) for m in clean_msgs]
+        assert out == expected and msgs[1:] == clean_msgs  # the malformed-lines warning comes first
+        assert not any("malformed" in m for m in clean_msgs)
+        assert f"skipped {len(bad_at)} malformed line(s): " in msgs[0]
+        shown = re.findall(rf"{re.escape(str(path))}:(item \d+|\d+): ", msgs[0])
+        assert shown == [str(w) for w in bad_at[:5]], msgs[0]
+        assert (f"(+{len(bad_at) - 5} more)" in msgs[0]) == (len(bad_at) > 5)
+        if fmt == "jsonl":
+            assert out == [Record.from_dict(x) for x, flag in items if flag is False]
+
+
+# --------------------------------------------------------------------------- loaders on generated files
+_pool = st.sampled_from(["Does it fit?", "Is it loud?", " padded strap ", "é 😀"])
+_snippet = st.one_of(_nonblank, _pool)  # a small pool makes repeated texts (dedup) likely
+
+
+def _norm(v):
+    return str(v) if isinstance(v, (int, float)) else v.strip()
+
+
+def _dedup_model(items):
+    return list(dict.fromkeys(items))
+
+
+def _dump(path, objs, layout, ensure_ascii):
+    if layout == "list":
+        path.write_text(json.dumps(objs, ensure_ascii=ensure_ascii, indent=1), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps(o, ensure_ascii=ensure_ascii) + "\n" for o in objs), encoding="utf-8")
+
+
+def _user_ids(n):
+    """n distinct user ids as the files write them (str, padded str or int) and as the loaders read them."""
+    raw = st.lists(st.one_of(_nonblank, st.integers(0, 50)), min_size=n, max_size=n, unique_by=lambda v: _norm(v))
+    return raw.filter(lambda ids: all(_norm(u) not in ("[deleted]", "[removed]") for u in ids))
+
+
+@st.composite
+def _amazon_file(draw):
+    ids = draw(_user_ids(draw(st.integers(1, 4))))
+    rows = []
+    for uid in ids:
+        timed = draw(st.booleans())
+        for _ in range(draw(st.integers(1, 4))):
+            row = {"uid": uid, "q": draw(_snippet), "a": draw(_nonblank),
+                   "reviews": draw(st.one_of(st.none(), _snippet, st.lists(st.one_of(_snippet, st.just("  ")),
+                                                                            max_size=3))),
+                   "t": draw(st.one_of(st.integers(-5, 5), st.floats(-5, 5))) if timed else None,
+                   "profile": draw(st.one_of(st.none(), st.just(""), _nonblank))}
+            obj = {draw(st.sampled_from(["user_id", "userID", "reviewerID"])): uid,
+                   draw(st.sampled_from(["question", "questionText"])): row["q"]}
+            form = draw(st.sampled_from(["answer", "answerText", "answers", "answers_obj"]))
+            if form.startswith("answers"):
+                others = draw(st.lists(_nonblank, max_size=2))
+                lead = draw(st.lists(st.sampled_from(["", " ", None]), max_size=2))  # empty answers are passed over
+                if form == "answers":
+                    lead = [x for x in lead if x is not None]
+                obj["answers"] = [{"answerText": x} if form == "answers_obj" else x for x in lead + [row["a"]] + others]
+            else:
+                obj[form] = row["a"]
+            if row["reviews"] is not None:
+                obj[draw(st.sampled_from(["reviews", "review_snippets", "reviewText"]))] = row["reviews"]
+            if row["t"] is not None:
+                obj[draw(st.sampled_from(["time", "unixTime", "timestamp"]))] = row["t"]
+            if row["profile"] is not None:
+                obj["profile"] = row["profile"]
+            rows.append((row, obj))
+    return draw(st.permutations(rows))
+
+
+def _amazon_model(rows, examples_per_user, max_history):
+    """The AmazonQA docstring: per user (first appearance), questions by time (file order on ties
+    or without time); the last ``examples_per_user`` become examples with history = reviews, then
+    earlier questions (duplicates dropped, last ``max_history`` kept); users with no history left out."""
+    by_user = {}
+    for pos, row in enumerate(rows):
+        by_user.setdefault(_norm(row["uid"]), []).append((row["t"] or 0.0, pos, row))
+    records, left_out = [], 0
+    for user, entries in by_user.items():
+        qs = [row for _, _, row in sorted(entries, key=lambda e: e[:2])]
+        reviews = []
+        for row in qs:
+            rv = row["reviews"]
+            rv = [] if rv is None else [rv] if isinstance(rv, str) else rv
+            reviews += [r.strip() for r in rv if r.strip()]
+        profile = next((row["profile"].strip() for row in qs if row["profile"]), "")
+        made = 0
+        for k in range(max(0, len(qs) - examples_per_user), len(qs)):
+            history = _dedup_model(reviews + [row["q"].strip() for row in qs[:k]])[-(max_history or 10**9):]
+            if history:
+                records.append(Record(user, profile, history, qs[k]["q"].strip(), qs[k]["a"].strip()))
+                made += 1
+        left_out += not made
+    return records, left_out
+
+
+def _check_left_out_warning(msgs, n):
+    found = [m for m in msgs if "had no earlier text" in m]
+    assert len(found) == bool(n) and all(f": {n} user(s) had no earlier text" in m for m in found), msgs
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=_amazon_file(), examples_per_user=st.integers(1, 3), max_history=st.one_of(st.none(), st.integers(1, 3)),
+       layout=st.sampled_from(["jsonl", "list"]), ensure_ascii=st.booleans())
+def test_load_amazonqa_property(rows, examples_per_user, max_history, layout, ensure_ascii):
+    expected, left_out = _amazon_model([r for r, _ in rows], examples_per_user, max_history)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "qa.jsonl"
+        _dump(path, [o for _, o in rows], layout, ensure_ascii)
+        out, msgs = _load("amazonqa", path, examples_per_user=examples_per_user, max_history=max_history)
+    assert out == expected
+    _check_left_out_warning(msgs, left_out)
+    assert len(msgs) == bool(left_out)
+
+
+@st.composite
+def _reddit_file(draw):
+    ids = draw(_user_ids(draw(st.integers(1, 3))))
+    rows = []
+    for uid in [*ids, "[deleted]"]:
+        timed, profiled = draw(st.booleans()), draw(st.integers(0, 3)) == 0
+        subs = draw(st.permutations("abcdefg"))
+        for j in range(draw(st.integers(0 if uid == "[deleted]" else 1, 10))):
+            how = draw(st.sampled_from(["new"] * 4 + ["again", "none"]))
+            sub = {"new": subs[j % 7], "again": subs[0], "none": None}[how]
+            gone = draw(st.integers(0, 4)) == 0
+            row = {"uid": uid, "body": draw(st.sampled_from(["[deleted]", "[removed]"]) if gone else _snippet),
+                   "parent": draw(st.one_of(st.none(), st.sampled_from(["", "  ", "[deleted]"]), _nonblank, _nonblank)),
+                   "sub": sub,
+                   "t": draw(st.integers(0, 6)) if timed else None,
+                   "profile": draw(st.one_of(st.none(), _nonblank)) if profiled else None}
+            obj = {draw(st.sampled_from(["author", "user_id"])): uid,
+                   draw(st.sampled_from(["body", "text", "comment"])): row["body"]}
+            if row["parent"] is not None:
+                obj[draw(st.sampled_from(["parent_body", "parent_text", "parent", "context", "post"]))] = row["parent"]
+            for key, name in (("sub", "subreddit"), ("profile", "profile")):
+                if row[key] is not None:
+                    obj[name] = row[key]
+            if row["t"] is not None:
+                obj[draw(st.sampled_from(["created_utc", "time", "timestamp"]))] = row["t"]
+            rows.append((row, obj))
+    return draw(st.permutations(rows))
+
+
+def _reddit_model(rows, examples_per_user, max_history):
+    """The Reddit docstring, profile left aside (returned as the subreddit counts of the history)."""
+    gone = ("[deleted]", "[removed]")
+    by_user = {}
+    for pos, row in enumerate(rows):
+        if _norm(row["uid"]) not in gone and row["body"].strip() not in gone:
+            by_user.setdefault(_norm(row["uid"]), []).append((row["t"] or 0, pos, row))
+    records, left_out = [], 0
+    for user, entries in by_user.items():
+        cs = [row for _, _, row in sorted(entries, key=lambda e: e[:2])]
+        given_profile = next((row["profile"].strip() for row in cs if row["profile"]), "")
+        has_parent = [k for k, row in enumerate(cs) if k and row["parent"] and row["parent"].strip() not in ("", *gone)]
+        for k in has_parent[-examples_per_user:]:
+            history = _dedup_model(row["body"].strip() for row in cs[:k])[-(max_history or 10**9):]
+            subs = Counter(row["sub"] for row in cs[:k] if row["sub"])
+            records.append((Record(user, "", history, cs[k]["parent"].strip(), cs[k]["body"].strip()),
+                            given_profile, subs))
+        left_out += not has_parent
+    return records, left_out
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=_reddit_file(), examples_per_user=st.integers(1, 3), max_history=st.one_of(st.none(), st.integers(1, 3)),
+       layout=st.sampled_from(["jsonl", "list"]))
+def test_load_reddit_property(rows, examples_per_user, max_history, layout):
+    """Per author, the last examples_per_user comments with a parent (not the first comment) become
+    examples; deleted authors/comments are dropped; the profile is the given one, else the most
+    frequent subreddits (at most 5) of the comments before the example."""
+    expected, left_out = _reddit_model([r for r, _ in rows], examples_per_user, max_history)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "rc.jsonl"
+        _dump(path, [o for _, o in rows], layout, False)
+        out, msgs = _load("reddit", path, examples_per_user=examples_per_user, max_history=max_history)
+    assert [Record(r.user_id, "", r.history, r.query, r.response) for r in out] == [e[0] for e in expected]
+    for r, (_, given_profile, subs) in zip(out, expected):
+        if given_profile or not subs:
+            assert r.profile == given_profile
+            continue
+        assert r.profile.startswith("Posts in r/")
+        shown = r.profile[len("Posts in r/"):].split(", r/")
+        assert len(shown) == len(set(shown)) == min(5, len(subs)) and set(shown) <= set(subs)
+        counts = [subs[s] for s in shown]
+        assert counts == sorted(counts, reverse=True) and all(subs[s] <= counts[-1] for s in set(subs) - set(shown))
+    _check_left_out_warning(msgs, left_out)
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.dictionaries(st.sampled_from("abcdefghij"), st.integers(1, 3), min_size=1, max_size=10),
+       data=st.data())
+def test_load_reddit_subreddit_profile_property(counts, data):
+    """Without a profile field the profile is "Posts in r/x, r/y" over the subreddits of the author's
+    earlier comments: every one of them up to 5, most frequent first."""
+    subs = data.draw(st.permutations([s for s, c in counts.items() for _ in range(c)]))
+    rows = [{"author": "al", "body": f"comment {i}", "subreddit": s, "created_utc": i} for i, s in enumerate(subs)]
+    rows.append({"author": "al", "body": "the answer", "parent_body": "a question?", "created_utc": len(rows)})
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "rc.jsonl"
+        _dump(path, data.draw(st.permutations(rows)), "jsonl", False)
+        (r,) = load_reddit(path)
+    shown = r.profile.removeprefix("Posts in r/").split(", r/")
+    assert r.profile.startswith("Posts in r/") and len(shown) == len(set(shown)) == min(5, len(counts))
+    assert [counts[s] for s in shown] == sorted((counts[s] for s in shown), reverse=True)
+    assert all(counts[s] <= counts[shown[-1]] for s in set(counts) - set(shown))
+    assert r.history == tuple(f"comment {i}" for i in range(len(subs)))
+
+
+@st.composite
+def _lamp_item(draw):
+    if draw(st.integers(0, 3)) == 0:
+        return draw(st.one_of(_nonblank, st.just("  ")))
+    keys = draw(st.lists(st.sampled_from(["title", "text", "abstract", "score"]), max_size=3, unique=True))
+    item = {k: draw(st.one_of(_nonblank, st.just(" "), st.integers(0, 9), st.none())) for k in keys}
+    if draw(st.booleans()):
+        item["id"] = draw(st.sampled_from(["1", 7]))
+    if draw(st.booleans()):
+        item["date"] = "2020-01-01"
+    if draw(st.booleans()):
+        item["tags"] = ["nested", "ignored"]
+    return item
+
+
+def _lamp_history_model(items):
+    out = []
+    for it in items:
+        if isinstance(it, str):
+            s = it.strip()
+        else:
+            parts = [(k, str(v).strip()) for k, v in it.items()
+                     if k not in ("id", "date", "tags") and v is not None and str(v).strip()]
+            s = parts[0][1] if len(parts) == 1 else "; ".join(f"{k}: {v}" for k, v in parts)
+        if s:
+            out.append(s)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(1, 5), max_history=st.one_of(st.none(), st.integers(1, 3)),
+       layout=st.sampled_from(["jsonl", "list"]), gold_layout=st.sampled_from(["lamp", "list", "jsonl"]))
+def test_load_lamp_property(data, n, max_history, layout, gold_layout):
+    """One record per question, in file order: user_id (else "lamp-<id>"), query = input, response =
+    the inline output or the gold for the id, history = the formatted profile items (empty dropped,
+    last max_history kept), profile "".  A bad gold names its line (JSONL) or item (a list)."""
+    questions, golds, expected = [], [], []
+    for i in range(n):
+        qid = data.draw(st.sampled_from([str(i), i, f"q-{i}"]))
+        items = data.draw(st.lists(_lamp_item(), min_size=1, max_size=4))
+        history = _lamp_history_model(items)
+        if not history:
+            items.append("fallback item")
+            history.append("fallback item")
+        q = {"id": qid, "input": data.draw(_nonblank), "profile": items}
+        output = data.draw(_nonblank)
+        if data.draw(st.booleans()):
+            q["output"] = output
+        else:
+            golds.append({"id": qid, "output": output})
+        user = data.draw(st.one_of(st.none(), st.just(""), _nonblank))
+        if user is not None:
+            q["user_id"] = user
+        questions.append(q)
+        expected.append(Record(user.strip() if user else f"lamp-{qid}", "", history[-(max_history or 10**9):],
+                               q["input"].strip(), output.strip()))
+    with tempfile.TemporaryDirectory() as d:
+        qpath, gpath = Path(d) / "q.json", Path(d) / "o.json"
+        _dump(qpath, questions, layout, False)
+        if gold_layout == "lamp":
+            gpath.write_text(json.dumps({"task": "LaMP_x", "golds": golds}), encoding="utf-8")
+        else:
+            _dump(gpath, golds, gold_layout, False)
+        out, msgs = _load("lamp", qpath, gpath, max_history=max_history)
+        assert out == expected and msgs == []
+        # a malformed gold: named by its JSONL line (blank lines counted) or its item index
+        k = data.draw(st.integers(0, len(golds)))
+        bad, reason = data.draw(st.sampled_from([({"id": "x"}, "each gold must be an object"),
+                                                 ({"id": "x", "output": ["a"]}, "output must be a string")]))
+        bad_golds = [*golds[:k], bad, *golds[k:]]
+        if gold_layout == "jsonl":
+            lines = [json.dumps(g) for g in bad_golds]
+            blank = data.draw(st.integers(0, len(lines)))
+            lines.insert(blank, "")
+            gpath.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            where = str(k + 1 + (blank <= k))
+        else:
+            _dump(gpath, {"task": "t", "golds": bad_golds} if gold_layout == "lamp" else bad_golds, "list", False)
+            where = f"item {k}"
+        with pytest.raises(DataFormatError, match=re.escape(f"{gpath}:{where}: {reason}")):
+            load_lamp(qpath, gpath)
+
+
+# --------------------------------------------------------------------------- split_users, more
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), n=st.integers(0, 25), weights=st.lists(st.integers(0, 9), min_size=1, max_size=4),
+       seed=st.integers(-(2**40), 2**40))
+def test_split_users_order_and_rounding_property(data, n, weights, seed):
+    """Users with several interleaved records: each split holds whole users, in input order; the
+    assignment depends on the user ids and the seed only (not on record order); each split's
+    size is its quota rounded down or up whenever every positive quota is at least 1."""
+    assume(sum(weights) > 0)
+    fractions = [w / sum(weights) for w in weights]
+    ids = data.draw(st.lists(_nonblank, min_size=n, max_size=n, unique=True))
+    records = [Record(u, "", [f"h{j}"], f"q{j}?", "r") for u in ids for j in range(data.draw(st.integers(1, 3)))]
+    records = data.draw(st.permutations(records))
+    parts = split_users(records, fractions, seed=seed)
+    sets = [{r.user_id for r in p} for p in parts]
+    assert len(parts) == len(fractions) and sum(map(len, sets)) == len(set().union(*sets)) == n
+    for p, s in zip(parts, sets):
+        assert p == [r for r in records if r.user_id in s]  # whole users, original order
+    shuffled = data.draw(st.permutations(records))
+    assert [{r.user_id for r in p} for p in split_users(shuffled, fractions, seed=seed)] == sets
+    assert split_users(list(records), fractions, seed=seed) == parts
+    quotas = [f * n for f in fractions]
+    if all(q >= 1 for q in quotas if q > 0):
+        for s, q in zip(sets, quotas):
+            assert math.floor(q - 1e-9) <= len(s) <= math.ceil(q + 1e-9), (len(s), q)
+
+
+# --------------------------------------------------------------------------- tokenization, more
+_ascii_text = st.text(alphabet="abcdefghij klmnop?.,'\n", min_size=1, max_size=80).filter(lambda s: s.strip())
+_tok_text = st.one_of(_ascii_text, _nonblank)
+# words numbered by position: no prefix of such a text is also a suffix, so "which end was kept" is decidable
+_numbered = st.lists(st.sampled_from(["my", "knee", "hurts", "what", "should", "I", "do?"]), min_size=1,
+                     max_size=30).map(lambda ws: " ".join(f"{w}{i}" for i, w in enumerate(ws)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(profile=st.one_of(st.just(""), st.just("  "), _tok_text), history=st.lists(_tok_text, min_size=1, max_size=4),
+       max_length=st.integers(1, 40), include_profile=st.booleans(), chat=st.booleans())
+def test_tokenize_memory_property(tiny_tokenizer, tiny_chat_tokenizer, profile, history, max_length,
+                                  include_profile, chat):
+    """Chunks of <= max_length, each starting with the special prefix (BOS or nothing); labels equal
+    the ids exactly on the user's own (stripped) profile/history text and IGNORE_INDEX elsewhere;
+    the chunks are consecutive windows of the whole text, dropping only windows with no label."""
+    tok = tiny_chat_tokenizer if chat else tiny_tokenizer
+    prefix = [] if chat else [tok.bos_token_id]
+    mem = UserMemory("u", profile, tuple(history))
+    if max_length <= len(prefix):  # no room for any text after the special prefix
+        with pytest.raises(ValueError, match="max_length must be an int >= 2"):
+            tokenize_memory(mem, tok, max_length=max_length)
+        return
+    chunks = tokenize_memory(mem, tok, max_length=max_length, include_profile=include_profile)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    segments = ([("Profile: ", False), (profile.strip(), True), ("\n", False)]
+                if include_profile and profile.strip() else [])
+    for i, h in enumerate(history):
+        segments += [("\n", False)] * bool(i) + [(h.strip(), True)]
+    ids, labels = [], []
+    for text, own in segments:
+        ids += enc(text)
+        labels += enc(text) if own else [IGNORE_INDEX] * len(enc(text))
+    body = max_length - len(prefix)
+    windows = [(ids[s:s + body], labels[s:s + body]) for s in range(0, len(ids), body)]
+    windows = [(i, lab) for i, lab in windows if any(x != IGNORE_INDEX for x in lab)]
+    assert [(c["input_ids"], c["labels"]) for c in chunks] == [
+        (prefix + i, [IGNORE_INDEX] * len(prefix) + lab) for i, lab in windows]
+    assert all(len(c["input_ids"]) <= max_length and c["user_id"] == "u" for c in chunks)
+    trained = [x for c in chunks for x in c["labels"] if x != IGNORE_INDEX]
+    assert tok.decode(trained) == "".join(t for t, own in segments if own)  # exactly the user's own text
+
+
+def _kept_query_end(text, pre, post, query):
+    """``text`` is a tail of ``pre + q + post`` for some tail ``q`` of ``query`` (the query's end is kept)."""
+    if len(text) <= len(post):
+        return post.endswith(text)
+    if not text.endswith(post):
+        return False
+    body = text[: len(text) - len(post)]
+    return any(pre.endswith(body[:j]) and query.endswith(body[j:]) for j in range(len(body) + 1))
+
+
+@settings(max_examples=150, deadline=None)
+@given(query=st.one_of(_numbered, _ascii_text, _nonblank), response=_tok_text, max_length=st.integers(4, 48),
+       chat=st.booleans())
+def test_tokenize_instruction_property(tiny_tokenizer, tiny_chat_tokenizer, query, response, max_length, chat):
+    """Any record at any max_length >= 4: at most max_length tokens; labels IGNORE_INDEX on the
+    prompt, then a prefix of the response tokens (response + EOS, or the template's end of turn)
+    of at least min(all, max_length // 2) tokens; untouched when it fits; when cut, what is left of
+    the prompt is a tail of the template around a tail of the query."""
+    tok = tiny_chat_tokenizer if chat else tiny_tokenizer
+    r = rec(query=query, response=response)
+    full = tokenize_instruction(r, tok, max_length=10_000)
+    n_prompt = next(i for i, x in enumerate(full["labels"]) if x != IGNORE_INDEX)
+    resp_ids = full["input_ids"][n_prompt:]
+    assert full["labels"] == [IGNORE_INDEX] * n_prompt + resp_ids
+    decode = lambda ids, **kw: tok.decode(ids, clean_up_tokenization_spaces=False, **kw)  # noqa: E731
+    if chat:
+        pre, post, skip, answer = "<|user|>", "</s>\n<|assistant|>", False, f"{response.strip()}</s>\n"
+    else:
+        pre, post, skip, answer = "Question: ", "\nAnswer:", True, f" {response.strip()}</s>"
+        assert resp_ids[-1] == tok.eos_token_id
+    prompt_text = ("" if chat else "<s>") + pre + query.strip() + post
+    assert (decode(full["input_ids"][:n_prompt]), decode(resp_ids)) == (prompt_text, answer)
+
+    ex = tokenize_instruction(r, tok, max_length=max_length)
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert len(ids) == len(labels) <= max_length
+    if len(full["input_ids"]) <= max_length:
+        assert ex == full
+        return
+    kept = sum(x != IGNORE_INDEX for x in labels)
+    assert kept >= min(len(resp_ids), max_length // 2)
+    assert labels == [IGNORE_INDEX] * (len(ids) - kept) + resp_ids[:kept] and ids[len(ids) - kept:] == resp_ids[:kept]
+    if query.isascii():  # byte-level tokens of ASCII text decode to exact substrings
+        prompt_text = decode(ids[: len(ids) - kept], skip_special_tokens=skip)
+        assert _kept_query_end(prompt_text, pre, post, query.strip()), (prompt_text, query)
