@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ RankSpec = Union[int, tuple[int, ...]]
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename (never half-written).
+    A new file gets the mode ``open`` gives (``0o666`` less the umask); a replaced one keeps its own.
 
     Example:
         >>> import tempfile; d = tempfile.mkdtemp()
@@ -53,11 +55,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -90,6 +100,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise ValueError(f"{str(path)!r} exists and is not a directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700: the mode a plain mkdir would give
         yield tmp
         old = None
         if path.exists():

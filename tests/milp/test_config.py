@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -149,3 +150,27 @@ def test_num_parameters_matches_banks_and_formula():
     assert rt.num_parameters("u") == expected
     with pytest.raises(ValueError, match="has 3 layers but the model has 2"):
         cfg.num_parameters(tiny_model("gpt2"))
+
+
+def test_atomic_writes_give_ordinary_modes(tmp_path):
+    """Temporary files and folders are private (0o600/0o700); what they become is not: a new file
+    or folder gets the umask's mode, a replaced file keeps its own."""
+    from milp.config import atomic_directory, atomic_write_text
+    from milp.data import Record, write_jsonl
+
+    old = os.umask(0o022)
+    try:
+        kept = tmp_path / "kept.jsonl"
+        kept.write_text("")
+        kept.chmod(0o664)
+        rec = Record("u", "p", ("h",), "q", "r")
+        write_jsonl([rec], tmp_path / "new.jsonl")
+        write_jsonl([rec], kept)
+        atomic_write_text(tmp_path / "new.json", "{}")
+        with atomic_directory(tmp_path / "user") as d:
+            (d / "a.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
+    assert [mode(p) for p in ("new.jsonl", "kept.jsonl", "new.json", "user")] == [0o644, 0o664, 0o644, 0o755]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.jsonl", "new.json", "new.jsonl", "user"]
