@@ -141,6 +141,22 @@ class DataFormatError(ValueError):
         super().__init__(f"{self.path}:{line}: {reason}")
 
 
+def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """UTF-8 text of ``raw`` (a leading byte-order mark dropped; newlines as ``open`` reads them);
+    bytes that are not UTF-8 raise :class:`DataFormatError` at their line."""
+    try:
+        text = raw.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + raw.count(b"\n", 0, exc.start)
+        raise DataFormatError(path, line, f"not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as text (see :func:`_decode`)."""
+    return _decode(path.read_bytes(), path)
+
+
 def _check_text(name: str, value: Any, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise TypeError(f"field {name!r} must be a string, got {type(value).__name__}")
@@ -264,21 +280,28 @@ def read_jsonl(path: str | os.PathLike[str], *, on_error: OnError = "raise", pro
     p = _as_path(path)
     records: list[Record] = []
     skipped: list[DataFormatError] = []
-    with p.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(tqdm(fh, desc=f"reading {p.name}", unit=" lines", disable=not progress), 1):
-            if not line.strip():
-                continue
+    lines = p.read_bytes().replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    for lineno, raw in enumerate(tqdm(lines, desc=f"reading {p.name}", unit=" lines", disable=not progress), 1):
+        try:
+            line = _decode(raw, p, lineno)  # a line that is not UTF-8 is a malformed line
+        except DataFormatError as err:
+            if on_error == "raise":
+                raise
+            skipped.append(err)
+            continue
+        if not line.strip():
+            continue
+        try:
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-                records.append(Record.from_dict(obj))
-            except (ValueError, TypeError) as exc:
-                err = DataFormatError(p, lineno, str(exc))
-                if on_error == "raise":
-                    raise err from None
-                skipped.append(err)
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+            records.append(Record.from_dict(obj))
+        except (ValueError, TypeError) as exc:
+            err = DataFormatError(p, lineno, str(exc))
+            if on_error == "raise":
+                raise err from None
+            skipped.append(err)
     _warn_skipped(p, skipped)
     return records
 
@@ -509,7 +532,7 @@ def load_meddia(
     users = skipped = 0
     for f in _meddia_files(path):
         try:
-            dialogues = json.loads(f.read_text(encoding="utf-8"))
+            dialogues = json.loads(_read_text(f))
         except json.JSONDecodeError as exc:
             raise DataFormatError(f, exc.lineno, f"invalid JSON ({exc.msg})") from None
         if not isinstance(dialogues, list):
@@ -561,7 +584,7 @@ def load_meddia_profiles(
     """
     _check_on_error(on_error)
     p = meddia_dir() / "profiles_4.json" if path is None else _as_path(path)
-    items = json.loads(p.read_text(encoding="utf-8"))
+    items = json.loads(_read_text(p))
     if not isinstance(items, list):
         raise DataFormatError(p, 1, "expected a JSON list of JSON strings")
     out: list[dict[str, Any]] = []
@@ -615,7 +638,7 @@ def _iter_json_objects(path: Path, on_error: OnError, progress: bool) -> Iterato
     JSONL lines end at ``"\\n"`` only (``"\\r\\n"`` and ``"\\r"`` read as ``"\\n"``), as
     :func:`read_jsonl` counts them: U+2028, U+2029, NEL … may stand unescaped inside JSON strings.
     """
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     items = _json_list(path, text)
     if items is not None:
         for i, obj in enumerate(tqdm(items, desc=f"reading {path.name}", disable=not progress)):
@@ -891,7 +914,7 @@ def _format_lamp_item(item: Any) -> str:
 
 
 def _read_lamp_outputs(path: Path) -> dict[str, str]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("{") and '"golds"' in text[:2000]:
         try:

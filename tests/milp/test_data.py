@@ -1039,3 +1039,24 @@ def test_tokenize_instruction_property(tiny_tokenizer, tiny_chat_tokenizer, quer
     if query.isascii():  # byte-level tokens of ASCII text decode to exact substrings
         prompt_text = decode(ids[: len(ids) - kept], skip_special_tokens=skip)
         assert _kept_query_end(prompt_text, pre, post, query.strip()), (prompt_text, query)
+
+
+def test_byte_order_mark_and_bytes_that_are_not_utf8(tmp_path):
+    """A UTF-8 byte-order mark is not part of the first line (Windows editors write one); bytes
+    that are not UTF-8 are a malformed line named by file:line, skipped with ``on_error="skip"``,
+    and named by line in the other loaders (not a bare UnicodeDecodeError)."""
+    good = [json.dumps(rec(f"u{i}").to_dict()).encode() for i in range(3)]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(good) + b"\r\n")
+    assert [r.user_id for r in read_jsonl(bom)] == ["u0", "u1", "u2"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(good[0] + b"\n\n" + good[1][:-3] + b"\xff\"}\n" + good[2] + b"\n")
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:3: not UTF-8 text \(byte 0xff\)"):
+        read_jsonl(bad)
+    with pytest.warns(UserWarning, match="bad.jsonl:3"):
+        assert [r.user_id for r in read_jsonl(bad, on_error="skip")] == ["u0", "u2"]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_bytes(b'{"user_id": "a", "question": "q", "answer": "a", "reviews": ["r"]}\n'
+                   b'{"user_id": "a", "question": "q\xc3", "answer": "a"}\n')
+    with pytest.raises(DataFormatError, match=r"qa.jsonl:2: not UTF-8"):
+        load_amazonqa(qa)
