@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,35 +38,19 @@ RankSpec = Union[int, tuple[int, ...]]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written).
-    A new file gets the mode ``open`` gives (``0o666`` less the umask); a replaced one keeps its own.
+    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written):
+    :func:`search.trial_log.atomic_write_bytes`, which gives a new file mode ``0o644`` and keeps a
+    replaced one's.
 
     Example:
         >>> import tempfile; d = tempfile.mkdtemp()
         >>> atomic_write_bytes(os.path.join(d, "x.bin"), b"hi").read_bytes()
         b'hi'
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if path.exists():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    from search.trial_log import atomic_write_bytes as write  # stdlib only; keeps `import milp` light
 
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    write(path, data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -100,7 +83,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise ValueError(f"{str(path)!r} exists and is not a directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700: the mode a plain mkdir would give
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a result folder is an ordinary one
         yield tmp
         old = None
         if path.exists():

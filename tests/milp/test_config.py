@@ -154,7 +154,8 @@ def test_num_parameters_matches_banks_and_formula():
 
 def test_atomic_writes_give_ordinary_modes(tmp_path):
     """Temporary files and folders are private (0o600/0o700); what they become is not: a new file
-    or folder gets the umask's mode, a replaced file keeps its own."""
+    gets 0o644 and a folder 0o755 (the project's convention: search.trial_log, the model cache), a
+    replaced file keeps its own."""
     from milp.config import atomic_directory, atomic_write_text
     from milp.data import Record, write_jsonl
 
