@@ -141,20 +141,24 @@ class DataFormatError(ValueError):
         super().__init__(f"{self.path}:{line}: {reason}")
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes with ``"\\r\\n"`` and ``"\\r"`` read as ``"\\n"`` (as ``open`` reads text)."""
+    return path.read_bytes().replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
 def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
-    """UTF-8 text of ``raw`` (a leading byte-order mark dropped; newlines as ``open`` reads them);
-    bytes that are not UTF-8 raise :class:`DataFormatError` at their line."""
+    """UTF-8 text of ``raw`` (from :func:`_read_bytes`; at ``first_line`` 1 a byte-order mark is
+    dropped); bytes that are not UTF-8 raise :class:`DataFormatError` at their line."""
     try:
-        text = raw.decode("utf-8-sig" if first_line == 1 else "utf-8")
+        return raw.decode("utf-8-sig" if first_line == 1 else "utf-8")
     except UnicodeDecodeError as exc:
         line = first_line + raw.count(b"\n", 0, exc.start)
         raise DataFormatError(path, line, f"not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_text(path: Path) -> str:
     """The whole file as text (see :func:`_decode`)."""
-    return _decode(path.read_bytes(), path)
+    return _decode(_read_bytes(path), path)
 
 
 def _check_text(name: str, value: Any, *, allow_empty: bool = False) -> str:
@@ -280,7 +284,7 @@ def read_jsonl(path: str | os.PathLike[str], *, on_error: OnError = "raise", pro
     p = _as_path(path)
     records: list[Record] = []
     skipped: list[DataFormatError] = []
-    lines = p.read_bytes().replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    lines = _read_bytes(p).split(b"\n")
     for lineno, raw in enumerate(tqdm(lines, desc=f"reading {p.name}", unit=" lines", disable=not progress), 1):
         try:
             line = _decode(raw, p, lineno)  # a line that is not UTF-8 is a malformed line
