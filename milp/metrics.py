@@ -270,7 +270,6 @@ class EmbeddingJudge:
                 f"ref={self.reference_weight:g}, ctx={1 - self.reference_weight:g}, tie_band={self.tie_band:g})")
 
     def _scores(self, answers: Sequence[str], context: list[str], reference: str | None) -> list[float | None]:
-        reference = reference if reference and reference.strip() else None  # blank: no reference
         texts = [a for a in answers] + context + ([reference] if reference else [])
         emb = self.embedder.encode(texts)
         n = len(answers)
@@ -288,7 +287,7 @@ class EmbeddingJudge:
                 terms.append((1 - self.reference_weight, float((ctx @ ans[i]).max())))
             # one term alone counts whole, whatever its weight (reference_weight 1 without a reference
             # scores by the context); both: weights w and 1 - w
-            out.append(terms[0][1] if len(terms) == 1 else sum(w * s for w, s in terms) if terms else 0.0)
+            out.append(terms[0][1] if len(terms) == 1 else sum(w * s for w, s in terms))
         return out
 
     def _decide(self, sa: float | None, sb: float | None) -> Preference:
@@ -302,7 +301,8 @@ class EmbeddingJudge:
               reference: str | None = None) -> Preference:
         """Compare two answers for one example; see the class docstring."""
         ctx = _context_items(context)
-        if not ctx and not (reference and reference.strip()):
+        reference = reference if reference and reference.strip() else None  # blank: no reference
+        if not ctx and not reference:
             return "tie"
         sa, sb = self._scores([answer_a, answer_b], ctx, reference)
         return self._decide(sa, sb)
