@@ -10,6 +10,7 @@ import torch
 import kernels
 from kernels import AdapterBank, BatchPlan, lora_linear, use_backend
 from kernels._backend import interpreting, set_interpreter_overflow_checks
+from kernels.plan import DEFAULT_BLOCK_MS
 from kernels.reference import lora_linear_ref
 
 from .cases import make_case, rel_err
@@ -452,7 +453,7 @@ class _ServingLinear(torch.nn.Module):
     def __init__(self, device):
         super().__init__()
         self.base = torch.nn.Linear(16, 24, device=device)
-        self.block_ms = list(BatchPlan(1, 1).block_ms)
+        self.block_ms = list(DEFAULT_BLOCK_MS)
 
     def forward(self, x, lora_a, lora_b, scale, slots, sorted_tokens, tiles, segments):
         bm, r = self.block_ms, self.MAX_RANK
