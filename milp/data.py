@@ -613,11 +613,28 @@ def load_meddia_profiles(
 
 
 # =========================================================================== user-supplied formats
+def _objects_after_first_line(text: str) -> bool:
+    """Whether every non-blank line after the first is a JSON object on its own: JSONL, not a
+    document spread over lines (a pretty-printed list or object has lines such as ``{"a": 1},``,
+    ``{`` or ``]`` that are not)."""
+    lines = [line for line in text.split("\n")[1:] if line.strip()]
+    if not lines:
+        return False
+    for line in lines:
+        try:
+            if not isinstance(json.loads(line), dict):
+                return False
+        except json.JSONDecodeError:
+            return False
+    return True
+
+
 def _json_list(path: Path, text: str) -> list[Any] | None:
     """The items when ``text`` is one JSON list, ``None`` when it is JSONL.
 
     A JSON list on the first line followed by more lines is a JSONL line (one that is not an
-    object), not the file's list.
+    object), not the file's list; so is a broken first line starting with ``[`` followed by
+    lines that are each a JSON object.
     """
     stripped = text.lstrip()
     if not stripped.startswith("["):
@@ -626,6 +643,8 @@ def _json_list(path: Path, text: str) -> list[Any] | None:
     try:
         items, end = json.JSONDecoder().raw_decode(stripped)
     except json.JSONDecodeError as exc:
+        if _objects_after_first_line(stripped):
+            return None  # JSONL whose first line is broken (and starts with "["): that line is reported
         raise DataFormatError(path, lead + exc.lineno, f"invalid JSON ({exc.msg})") from None
     rest = stripped[end:]
     if not rest.strip():
@@ -723,7 +742,8 @@ def _dedup(items: Iterable[str]) -> list[str]:
 def _check_common(examples_per_user: Any, max_history: Any, on_error: Any) -> None:
     if not isinstance(examples_per_user, int) or isinstance(examples_per_user, bool) or examples_per_user < 1:
         raise ValueError(f"examples_per_user must be a positive int, got {examples_per_user!r}")
-    if max_history is not None and (not isinstance(max_history, int) or max_history < 1):
+    if max_history is not None and (not isinstance(max_history, int) or isinstance(max_history, bool)
+                                    or max_history < 1):
         raise ValueError(f"max_history must be a positive int or None, got {max_history!r}")
     _check_on_error(on_error)
 
@@ -917,17 +937,38 @@ def _format_lamp_item(item: Any) -> str:
     return "; ".join(f"{k}: {str(v).strip()}" for k, v in parts)
 
 
-def _read_lamp_outputs(path: Path) -> dict[str, str]:
-    text = _read_text(path)
+def _golds_document(path: Path, text: str) -> list[Any] | None:
+    """The ``golds`` list when ``text`` is one JSON object holding it (LaMP's layout, wherever
+    the key stands in it), ``None`` when it is JSONL or a JSON list of golds. A broken document
+    is reported at its line, unless its first line is a JSON object of its own (JSONL: the
+    JSONL reader names the broken line)."""
     stripped = text.lstrip()
-    if stripped.startswith("{") and '"golds"' in text[:2000]:
+    if not stripped.startswith("{"):
+        return None
+    lead = text[: len(text) - len(stripped)].count("\n")
+    try:
+        obj, end = json.JSONDecoder().raw_decode(stripped)
+    except json.JSONDecodeError as exc:
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(path, exc.lineno, f"invalid JSON ({exc.msg})") from None
-        golds = obj.get("golds")
-        if not isinstance(golds, list):
-            raise DataFormatError(path, 1, "expected {'golds': [{'id', 'output'}, ...]} or a list of {'id', 'output'}")
+            json.loads(stripped.split("\n", 1)[0])
+            return None
+        except json.JSONDecodeError:
+            raise DataFormatError(path, lead + exc.lineno, f"invalid JSON ({exc.msg})") from None
+    if not isinstance(obj, dict) or "golds" not in obj:
+        return None  # a JSONL line of its own (one gold per line)
+    rest = stripped[end:]
+    if rest.strip():
+        at = lead + stripped[: end + len(rest) - len(rest.lstrip())].count("\n") + 1
+        raise DataFormatError(path, at, "invalid JSON (Extra data after the golds object)")
+    if not isinstance(obj["golds"], list):
+        raise DataFormatError(path, lead + 1,
+                              "expected {'golds': [{'id', 'output'}, ...]} or a list of {'id', 'output'}")
+    return obj["golds"]
+
+
+def _read_lamp_outputs(path: Path) -> dict[str, str]:
+    golds = _golds_document(path, _read_text(path))
+    if golds is not None:
         entries: list[tuple[int | str, Any]] = [(f"item {i}", g) for i, g in enumerate(golds)]
     else:
         entries = list(_iter_json_objects(path, "raise", False))

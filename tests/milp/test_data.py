@@ -1060,3 +1060,56 @@ def test_byte_order_mark_and_bytes_that_are_not_utf8(tmp_path):
                    b'{"user_id": "a", "question": "q\xc3", "answer": "a"}\n')
     with pytest.raises(DataFormatError, match=r"qa.jsonl:2: not UTF-8"):
         load_amazonqa(qa)
+
+
+def test_jsonl_with_a_broken_first_line_starting_with_a_bracket(tmp_path):
+    """A JSONL file whose first line is broken and starts with ``[`` is JSONL with a bad line 1
+    (skipped with ``on_error="skip"``), not one broken JSON list; a pretty-printed list that
+    is broken is still reported at its line."""
+    good = {"user_id": "A", "question": "Is the strap padded?", "answer": "Yes.", "reviews": ["Sturdy."]}
+    path = write_lines(tmp_path / "qa.jsonl", ['[{"user_id": "A", "question": ', good, dict(good, question="Fit?")])
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}:1: invalid JSON")):
+        load_amazonqa(path)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        out = load_amazonqa(path, on_error="skip", examples_per_user=2)
+    assert sorted(r.query for r in out) == ["Fit?", "Is the strap padded?"]
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text('[\n  {"user_id": "A", "question": "q?", "answer": "a"},\n'
+                      '  {"user_id": "B"\n  "question": 1}\n]\n')
+    with pytest.raises(DataFormatError, match=re.escape(f"{pretty}:4: invalid JSON")):
+        load_amazonqa(pretty, on_error="skip")
+
+
+def test_lamp_golds_layout_is_detected_by_parsing_not_by_a_prefix(tmp_path):
+    """LaMP's ``{"task", "golds"}`` file is recognised wherever ``"golds"`` stands (after a long
+    ``task`` field too); extra data after it, and a broken JSONL gold line, are named by line."""
+    questions = write_lines(tmp_path / "q.jsonl", [
+        {"id": "1", "input": "q1", "profile": [{"text": "h"}]}, {"id": "2", "input": "q2", "profile": [{"text": "h"}]}])
+    golds = [{"id": "1", "output": "a1"}, {"id": "2", "output": "a2"}]
+    late = tmp_path / "late.json"
+    late.write_text(json.dumps({"task": "LaMP " + "x" * 3000, "golds": golds}, indent=1))
+    assert [r.response for r in load_lamp(questions, late)] == ["a1", "a2"]
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"task": "t", "golds": golds}, indent=1) + "\n\n{}\n")
+    n = json.dumps({"task": "t", "golds": golds}, indent=1).count("\n")
+    with pytest.raises(DataFormatError, match=re.escape(f"{extra}:{n + 3}: invalid JSON (Extra data")):
+        load_lamp(questions, extra)
+    broken_doc = tmp_path / "broken.json"
+    broken_doc.write_text('{"task": "t",\n "golds": [\n  {"id": "1", "output": "a1"}\n  {"id": "2"}]}\n')
+    with pytest.raises(DataFormatError, match=re.escape(f"{broken_doc}:4: invalid JSON")):
+        load_lamp(questions, broken_doc)
+    lines = write_lines(tmp_path / "g.jsonl", [golds[0], '{"id": "2", "output": ', golds[1]])
+    with pytest.raises(DataFormatError, match=re.escape(f"{lines}:2: invalid JSON")):
+        load_lamp(questions, lines)
+    single = write_lines(tmp_path / "single.jsonl", [{"id": "1", "output": "only"}])  # one gold: a JSONL line
+    with pytest.warns(UserWarning, match="no gold output for id '2'"):
+        assert [r.response for r in load_lamp(questions, single, on_error="skip")] == ["only"]
+
+
+@pytest.mark.parametrize("loader", ["load_amazonqa", "load_reddit", "load_lamp"])
+def test_max_history_refuses_a_bool(tmp_path, loader):
+    import milp.data as data
+
+    path = write_lines(tmp_path / "x.jsonl", [{"user_id": "A"}])
+    with pytest.raises(ValueError, match="max_history must be a positive int or None, got True"):
+        getattr(data, loader)(path, max_history=True)
