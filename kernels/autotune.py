@@ -400,11 +400,11 @@ def _time_split_schedules(tuned: dict[str, list[dict]], into: dict, dtype: torch
     temporary ``MILP_KERNEL_CONFIGS`` table); their knobs and evidence go ``into`` the dict as
     each is measured, so an interruption keeps what was."""
     fd, tmp = tempfile.mkstemp(prefix="milp_tuned_", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({"ops": {op: sorted(entries, key=_bucket_order) for op, entries in tuned.items()}}, f)
     previous = os.environ.get("MILP_KERNEL_CONFIGS")
-    os.environ["MILP_KERNEL_CONFIGS"] = tmp
     try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"ops": {op: sorted(entries, key=_bucket_order) for op, entries in tuned.items()}}, f)
+        os.environ["MILP_KERNEL_CONFIGS"] = tmp
         into.update(tune_split_overlap(dtype, device, tiny))
         into.update(tune_split_parallel(dtype, device, tiny))
     finally:
@@ -514,12 +514,11 @@ def write_table(table: dict, path: Path) -> Path:
         dispatch = {**old.get("dispatch", {}), **table.get("dispatch", {})}
         merged = dict(old, **{k: v for k, v in table.items() if k not in ("ops", "dispatch")}, ops=ops,
                       dispatch=dispatch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(merged, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    # the project's atomic writer (fsync, a new file 0o644 and a replaced one keeping its mode, no
+    # temp file left on failure); imported here, so `import kernels` never imports `search`
+    from search.trial_log import atomic_write_text
+
+    atomic_write_text(path, json.dumps(merged, indent=1) + "\n")
     _load_table.cache_clear()
     _device_table_paths.cache_clear()  # a GPU's own file may be new: it now comes before its architecture's
     return path

@@ -203,6 +203,30 @@ def test_write_table_merges_dispatch_knobs(tmp_path):
     assert data["_dispatch_measured"] == {"w": 1} and data["ops"]["shrink"] == [entry]
 
 
+def test_write_table_is_atomic_with_the_projects_file_modes(tmp_path):
+    """A new config file is 0o644 (not mkstemp's 0o600: a shared GPU box reads it as another
+    user), a replaced one keeps its mode, and a table that cannot be written leaves the old
+    file whole and no temp file behind."""
+    import os
+    import stat
+
+    path = tmp_path / "gpu.json"
+    entry = {"max_tokens": 8, "n": 40, "k": 48, "max_rank": 16, "dtype": "bfloat16", "block_m": 16}
+    old_umask = os.umask(0o022)
+    try:
+        autotune.write_table({"device": "x", "ops": {"shrink": [entry]}}, path)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    path.chmod(0o664)
+    autotune.write_table({"device": "x", "ops": {"expand": [dict(entry, block_n=32)]}}, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        autotune.write_table({"device": object(), "ops": {"shrink": [dict(entry, dtype="float16")]}}, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json"]
+
+
 def test_quick_buckets_cover_the_targets():
     """``--quick`` tunes the targets' sizes: decode at 32 and 256 users (a token each: a bucket
     covers every smaller count, so 256 users must not land in a prefill bucket) and prefill at
