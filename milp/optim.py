@@ -374,6 +374,43 @@ class PackedAdamW:
             self._layout[i] = layout
         self._dirty = set()
 
+    def seed_master(self, slot: int, bank: AdapterBank, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Set ``slot``'s float32 master rows of ``bank`` from ``a [R, in]`` and ``b [R, out]``,
+        the values its rows were rounded from (float32 adapters written into a bf16 bank by
+        :meth:`kernels.AdapterBank.set_adapter_weights`), so training continues from them and
+        not from the rounded rows. Returns whether ``bank`` has a master (bf16/fp16 bank,
+        ``master_weights``); without one there is nothing to seed. An element that does not
+        round to the bank's row (written since, or a float64 source double-rounded) is re-seeded
+        from the bank by :meth:`step`, as always.
+
+        Example:
+            >>> import kernels, torch
+            >>> bf = kernels.AdapterBank(4, 2, max_users=1, dtype=torch.bfloat16); _ = bf.add(0, [1])
+            >>> opt = PackedAdamW([bf], max_users=1); opt.set_user(0)
+            >>> a, b = torch.full((1, 4), 1 + 2**-10), torch.zeros(1, 2)
+            >>> bf.set_adapter_weights(0, a, b); opt.seed_master(0, bf, a, b)
+            True
+            >>> opt.user_state(0)["0.master_a"][0, 0].item() == 1 + 2**-10  # the bank holds 1.0
+            True
+        """
+        self._check_slot(slot)
+        i = next((j for j, x in enumerate(self.banks) if x is bank), None)
+        if i is None:
+            raise ValueError("bank is not one of the optimizer's banks")
+        self.sync()
+        if slot not in self._layout[i]:
+            raise ValueError(f"user slot {slot} has no rows in bank {i}")
+        mom = self._moments[i]
+        if "master_a" not in mom:
+            return False
+        off, r = self._layout[i][slot]
+        for sfx, src in (("a", a), ("b", b)):
+            dst = mom["master_" + sfx][off : off + r]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"{sfx} has shape {list(src.shape)}, expected {list(dst.shape)}")
+            dst.copy_(src.detach().to(dst))
+        return True
+
     # ---------------------------------------------------------------- step
     def _multiplier(self, t: torch.Tensor) -> torch.Tensor:
         W, T = self._warmup, self._total

@@ -203,6 +203,10 @@ class MilpRuntime:
         capacity: rank rows to preallocate per target linear.
         store: a :class:`~milp.store.UserStore`; batches may then name any user saved there
             (loaded on demand, least recently used store users evicted: :mod:`milp.store`).
+        master_weights: float32 master copies of bf16/fp16 adapters in the optimizer
+            (:class:`~milp.optim.PackedAdamW`; default on: updates below bf16's precision
+            accumulate). ``False`` saves 4 bytes per adapter element and rounds every update.
+            No effect on float32/float64 models.
 
     Example:
         >>> from milp.inject import tiny_model
@@ -212,7 +216,9 @@ class MilpRuntime:
     """
 
     def __init__(self, model: nn.Module, *, max_users: int = 64, optim: AdamWConfig | None = None,
-                 capacity: int = 0, store: UserStore | None = None) -> None:
+                 capacity: int = 0, store: UserStore | None = None, master_weights: bool = True) -> None:
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"master_weights must be a bool, got {type(master_weights).__name__}")
         if store is not None and not isinstance(store, UserStore):
             raise TypeError(f"store must be a milp.UserStore, got {type(store).__name__}")
         self.model = model
@@ -225,7 +231,7 @@ class MilpRuntime:
         if optim is not None and not isinstance(optim, AdamWConfig):
             raise TypeError(f"optim must be an AdamWConfig, got {type(optim).__name__}")
         self.default_optim = optim or AdamWConfig()
-        self.optimizer = PackedAdamW(self.state.banks(), self.state.max_users)
+        self.optimizer = PackedAdamW(self.state.banks(), self.state.max_users, master_weights=master_weights)
         self._slots: dict[Hashable, int] = {}
         self._configs: dict[Hashable, MemoryConfig] = {}
         self.store = store
@@ -373,7 +379,10 @@ class MilpRuntime:
         return out
 
     def load_adapter_state(self, user: Hashable, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy :meth:`adapter_state`-style tensors into ``user``'s rows (shapes checked)."""
+        """Copy :meth:`adapter_state`-style tensors into ``user``'s rows (shapes checked). Into
+        bf16/fp16 banks the optimizer's float32 master rows take the tensors as given
+        (:meth:`~milp.optim.PackedAdamW.seed_master`), so float32 adapters keep training from
+        their own values, not from the rounded rows."""
         slot = self.slot(user)
         expected = set()
         for m in self.state.modules():
@@ -383,7 +392,10 @@ class MilpRuntime:
             expected |= {key + ".lora_A", key + ".lora_B"}
             if key + ".lora_A" not in tensors or key + ".lora_B" not in tensors:
                 raise KeyError(f"adapter tensors lack {key}.lora_A/.lora_B for user {user!r}")
-            m.bank.set_adapter_weights(slot, tensors[key + ".lora_A"], tensors[key + ".lora_B"])
+            a, b = tensors[key + ".lora_A"], tensors[key + ".lora_B"]
+            m.bank.set_adapter_weights(slot, a, b)
+            if a.dtype.itemsize > m.bank.lora_a.dtype.itemsize or b.dtype.itemsize > m.bank.lora_b.dtype.itemsize:
+                self.optimizer.seed_master(slot, m.bank, a, b)
         extra = set(tensors) - expected
         if extra:
             raise ValueError(f"adapter tensors name targets user {user!r} has no adapters at: {sorted(extra)[:5]}")

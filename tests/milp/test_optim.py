@@ -336,3 +336,63 @@ def test_runtime_save_and_load_carry_the_master_of_a_bf16_model(tmp_path):
     assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     sa, sb = rt.optimizer.user_state(rt.slot("u")), rt2.optimizer.user_state(rt2.slot("u"))
     assert sa.keys() == sb.keys() and all(same(sa[k], sb[k]) for k in sa)
+
+
+def test_float32_adapters_loaded_into_a_bf16_runtime_seed_the_master(tmp_path):
+    """A user trained in float32 (its adapters, no master in its optimizer state) loaded into a
+    bf16 runtime: the master rows are the float32 adapters, not their bf16 rounding, so the user
+    trains on from its own values; after a step with zero gradients and no weight decay the
+    master is still exactly those values. ``master_weights=False`` keeps no master."""
+    from milp.config import MemoryConfig
+    from milp.inject import tiny_model
+    from milp.runtime import MilpRuntime
+
+    rt32 = MilpRuntime(tiny_model("llama"), max_users=1)
+    rt32.add_user("u", MemoryConfig.uniform(2), optim=AdamWConfig(weight_decay=0.0), total_steps=10, init="random",
+                  seed=3)
+    d = rt32.save_user("u", tmp_path / "u")
+    src = rt32.adapter_state("u")
+    assert all(v.dtype == torch.float32 for v in src.values())
+
+    rt = MilpRuntime(tiny_model("llama").to(torch.bfloat16), max_users=1)
+    rt.load_user(d)
+    slot = rt.slot("u")
+    banks = rt.optimizer.banks
+    masters = {k: v for k, v in rt.optimizer.user_state(slot).items() if "master" in k}
+    assert len(masters) == 2 * len(banks)
+    rows = {}  # bank index -> (A, B) of the source, as the runtime's modules order the banks
+    for m in rt.state.modules():
+        i = next(j for j, b in enumerate(banks) if b is m.bank)
+        rows[i] = (src[f"layers.{m.layer}.{m.target}.lora_A"], src[f"layers.{m.layer}.{m.target}.lora_B"])
+    for i, (a, b) in rows.items():
+        assert same(masters[f"{i}.master_a"], a) and same(masters[f"{i}.master_b"], b)
+        assert not same(masters[f"{i}.master_a"], a.bfloat16().float())  # seeding mattered
+    rt.optimizer.zero_grad()
+    rt.optimizer.step([slot])
+    after = rt.optimizer.user_state(slot)
+    assert all(same(after[k], v) for k, v in masters.items())
+
+    off = MilpRuntime(tiny_model("llama").to(torch.bfloat16), max_users=1, master_weights=False)
+    off.load_user(d)
+    assert not any("master" in k for k in off.optimizer.user_state(off.slot("u")))
+    with pytest.raises(TypeError, match="master_weights must be a bool"):
+        MilpRuntime(tiny_model("llama"), max_users=1, master_weights=1)
+
+
+def test_seed_master_refuses_a_foreign_bank_a_user_without_rows_and_wrong_shapes():
+    bf = kernels.AdapterBank(6, 4, max_users=2, dtype=torch.bfloat16)
+    bf.add(0, [2, 1])
+    opt = PackedAdamW([bf], max_users=2)
+    opt.set_user(0)
+    a, b = torch.randn(3, 6), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="not one of the optimizer's banks"):
+        opt.seed_master(0, kernels.AdapterBank(6, 4, max_users=2, dtype=torch.bfloat16), a, b)
+    with pytest.raises(ValueError, match="user slot 1 has no rows in bank 0"):
+        opt.seed_master(1, bf, a, b)
+    with pytest.raises(ValueError, match=r"b has shape \[3, 5\], expected \[3, 4\]"):
+        opt.seed_master(0, bf, a, torch.randn(3, 5))
+    f32 = kernels.AdapterBank(6, 4, max_users=2)
+    f32.add(0, [3])
+    plain = PackedAdamW([f32], max_users=2)
+    plain.set_user(0)
+    assert plain.seed_master(0, f32, a, b) is False  # float32 banks are their own master
