@@ -85,7 +85,7 @@ def _variants(dtype: str):
             _jit_kernel("fused_lora_linear"),
             dict(x_ptr="dt", w_ptr="dt", bias_ptr="dt", a_ptr="dt", b_ptr="dt", scale_ptr="fp32", slots_ptr="i32",
                  sorted_ptr="i32", tiles_ptr="i32", t_ptr="fp32", y_ptr="dt"),
-            ["n_tiles", "K", "N", "stride_xt", "stride_xk", "stride_wn", "stride_wk", "stride_a", "stride_b",
+            ["n_tiles", "K", "N", "R_T", "stride_xt", "stride_xk", "stride_wn", "stride_wk", "stride_a", "stride_b",
              "stride_t", "stride_yt"]),
         "lora_shrink": (
             _jit_kernel("lora_shrink"),
@@ -95,12 +95,12 @@ def _variants(dtype: str):
         "lora_expand": (
             _jit_kernel("lora_expand"),
             dict(t_ptr="fp32", b_ptr="dt", slots_ptr="i32", sorted_ptr="i32", tiles_ptr="i32", y_ptr="dt"),
-            ["N", "stride_t", "stride_b", "stride_yt", "stride_ts"]),
+            ["N", "R_T", "stride_t", "stride_b", "stride_yt", "stride_ts"]),
         "lora_grad_weights": (
             _jit_kernel("lora_grad_weights"),
             dict(x_ptr="dt", dy_ptr="dt", t_bwd_ptr="fp32", t_fwd_ptr="fp32", slots_ptr="i32", sorted_ptr="i32",
                  seg_ptr="i32", da_ptr="dt", db_ptr="dt"),
-            ["K", "N", "stride_x", "stride_dy", "stride_tb", "stride_tf", "stride_da", "stride_db"]),
+            ["K", "N", "R_T", "stride_x", "stride_dy", "stride_tb", "stride_tf", "stride_da", "stride_db"]),
     }
     out = []
     for kernel, name, prob in SCENARIOS:

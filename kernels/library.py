@@ -15,17 +15,19 @@ op                          what
 ==========================  ==========================================================
 
 Argument conventions: ``x [T, K]``; ``weight [N, K]`` (or ``None``, with no bias: the
-adapters' contribution alone, by the split path's kernels); ``lora_a [cap, K]``;
-``lora_b [cap, N]``; ``lora_scale [cap] float32``; ``slots [U, 2] int32``;
-``sorted_tokens``, ``tiles``, ``segments``, ``block_ms`` from
-:meth:`kernels.plan.BatchPlan.as_args`; ``max_rank`` ≥ every slot's rank (the bank's
-``max_rank``). CUDA tensors run the Triton kernels; CPU tensors the torch paths (see
-:mod:`kernels._backend`). ``path`` picks the kernels (:func:`kernels.tuning.choose_path`):
-``"split"`` (cuBLAS base + split-K shrink + expand: decode), ``"fused"`` (one launch, ``t``
-in registers: small ranks) or ``"fused_t"`` (shrink, then the base GEMM with the expand in
-its epilogue); ``"auto"`` decides by token count and rank. The split path's schedule (GEMM or
-expand first, the shrink on a side stream beside the GEMM, decode as two branches inside a
-CUDA graph) follows the dispatch knobs of :func:`kernels.tuning.split_schedule`.
+adapters' contribution alone, by the split path's kernels); ``lora_a [cap, K]``; ``lora_b
+[cap, N]``; ``lora_scale [cap] float32``; ``slots [U, 2] int32``; ``sorted_tokens``,
+``tiles``, ``segments``, ``block_ms`` from :meth:`kernels.plan.BatchPlan.as_args`;
+``max_rank`` ≥ every slot's rank (the bank's ``max_rank``: refused otherwise on CPU and
+under ``MILP_DEBUG=1``; on a GPU without it the kernels clamp a larger slot rank to
+``max_rank`` and stay inside ``t``). CUDA tensors run the Triton kernels; CPU tensors the
+torch paths (see :mod:`kernels._backend`). ``path`` picks the kernels
+(:func:`kernels.tuning.choose_path`): ``"split"`` (cuBLAS base + split-K shrink + expand:
+decode), ``"fused"`` (one launch, ``t`` in registers: small ranks) or ``"fused_t"`` (shrink,
+then the base GEMM with the expand in its epilogue); ``"auto"`` decides by token count and
+rank. The split path's schedule (GEMM or expand first, the shrink on a side stream beside
+the GEMM, decode as two branches inside a CUDA graph) follows the dispatch knobs of
+:func:`kernels.tuning.split_schedule`.
 """
 from __future__ import annotations
 

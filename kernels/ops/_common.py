@@ -69,16 +69,23 @@ def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def load_tile_info(tiles_ptr, slots_ptr, pid):
+def load_tile_info(tiles_ptr, slots_ptr, pid, max_rank):
     """``(start, end, user, row_offset, rank)`` of tile ``pid``; rank 0 when the tile's user
-    has no adapter (user -1, or rank 0 at this layer)."""
+    has no adapter (user -1, or rank 0 at this layer).
+
+    The rank is clamped to ``max_rank``, the width of the launch's ``t`` rows: every ``t``
+    access and every rank-block loop is bounded by it, so a slot whose rank exceeds the
+    caller's ``max_rank`` (a contract violation the op layer refuses on CPU and under
+    ``MILP_DEBUG=1``, but cannot see on a GPU without reading device memory) only loses its
+    rank rows past ``max_rank`` instead of writing past ``t`` into other tokens' rows or out
+    of the allocation."""
     start = tl.load(tiles_ptr + pid * 3)
     end = tl.load(tiles_ptr + pid * 3 + 1)
     user = tl.load(tiles_ptr + pid * 3 + 2)
     safe = tl.maximum(user, 0)
     offset = tl.load(slots_ptr + safe * 2)
     rank = tl.load(slots_ptr + safe * 2 + 1)
-    rank = tl.where(user >= 0, rank, 0)
+    rank = tl.where(user >= 0, tl.minimum(rank, max_rank), 0)
     return start, end, user, offset, rank
 
 

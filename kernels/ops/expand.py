@@ -95,7 +95,7 @@ def _expand_kernel(
     sorted_ptr,   # [T_cap] int32  token indices grouped by user
     tiles_ptr,    # [n_tiles, 3]   (start, end, user)
     y_ptr,        # [T, N]         updated in place
-    N,
+    N, R_T,       #                columns; t's row width (the launch's max_rank)
     stride_t, stride_b, stride_yt, stride_ts,
     SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -104,7 +104,7 @@ def _expand_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m)
+    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m, R_T)
     if start >= end:
         return
     if ACCUMULATE and rank == 0:
@@ -144,6 +144,7 @@ def _expand_gemv_kernel(
     tiles_ptr,    # [n_tiles, 3]   (start, end, user)
     y_ptr,        # [T, N]         updated in place
     N, N_CHUNK,   # columns; columns per program (a multiple of BLOCK_N)
+    R_T,          #                t's row width (the launch's max_rank)
     stride_t, stride_b, stride_yt, stride_ts,
     SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
@@ -155,7 +156,7 @@ def _expand_gemv_kernel(
     per row, and a long run of ``B`` per program instead of one block (Punica's BGMV shape)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m)
+    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m, R_T)
     if start >= end:
         return
     if ACCUMULATE and rank == 0:
@@ -212,9 +213,11 @@ def lora_expand_(
     strides = (t.stride(-2), lora_b.stride(0), y.stride(0), t.stride(0) if t.dim() == 3 else 0)
     with nvtx_range("milp.kernel.lora_expand"):
         if chunk:  # the decode (GEMV) form
-            launch(_expand_gemv_kernel, t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N, chunk, *strides)
+            launch(_expand_gemv_kernel, t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N, chunk,
+                   max_rank, *strides)
         else:
-            launch(_expand_kernel, t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N, *strides)
+            launch(_expand_kernel, t, lora_b, slots, sorted_tokens, tiles[off : off + rows], y, N, max_rank,
+                   *strides)
     return y
 
 

@@ -87,7 +87,7 @@ def _fused_lora_linear_kernel(
     tiles_ptr,    # [n_tiles, 3]    (start, end, user) per tile of <= BLOCK_M sorted rows
     t_ptr,        # [T, R_T] acc    t = s * (x A^T): written if STORE_T, read if LOAD_T
     y_ptr,        # [T, N]          output
-    n_tiles, K, N,
+    n_tiles, K, N, R_T,                 # R_T: t's row width, the launch's max_rank
     stride_xt, stride_xk, stride_wn, stride_wk, stride_a, stride_b, stride_t, stride_yt,
     HAS_BIAS: tl.constexpr,
     LOAD_T: tl.constexpr,
@@ -106,7 +106,7 @@ def _fused_lora_linear_kernel(
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
 
-    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m)
+    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m, R_T)
     if start >= end:
         return
     # Loads stay in bounds without masks: rows past the tile's end re-read its last token,
@@ -216,7 +216,7 @@ def fused_lora_linear(
         launch(
             _fused_lora_linear_kernel, x, weight, bias if bias is not None else y, lora_a, lora_b, scale, slots,
             sorted_tokens, tiles[off : off + rows], t if t.numel() else y, y,
-            rows, K, N,
+            rows, K, N, max_rank,
             x.stride(0), x.stride(1), stride_wn, stride_wk, lora_a.stride(0), lora_b.stride(0),
             t.stride(0) if t.dim() == 2 else 0, y.stride(0),
         )

@@ -56,7 +56,7 @@ def _grad_weights_kernel(
     seg_ptr,      # [S, 3] int32   (start, end, user) per segment
     da_ptr,       # [cap, K]       output, rows of present users
     db_ptr,       # [cap, N]       output, rows of present users
-    K, N,
+    K, N, R_T,    #                R_T: t's row width, the launch's max_rank
     stride_x, stride_dy, stride_tb, stride_tf, stride_da, stride_db,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
@@ -64,7 +64,7 @@ def _grad_weights_kernel(
     pid_s = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_c = tl.program_id(2)
-    start, end, user, offset, rank = load_tile_info(seg_ptr, slots_ptr, pid_s)
+    start, end, user, offset, rank = load_tile_info(seg_ptr, slots_ptr, pid_s, R_T)
     if start >= end or pid_r * BLOCK_R >= rank:
         return
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -101,7 +101,7 @@ def lora_grad_weights(
                          lambda: _grad_weights_plan(*dims, x.dtype, x.device))
     with nvtx_range("milp.kernel.lora_grad_weights"):
         launch(
-            _grad_weights_kernel, x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, da, db, K, N,
+            _grad_weights_kernel, x, dy, t_bwd, t_fwd, slots, sorted_tokens, segments, da, db, K, N, max_rank,
             x.stride(0), dy.stride(0), t_bwd.stride(0), t_fwd.stride(0), da.stride(0), db.stride(0),
         )
     return da, db

@@ -50,7 +50,7 @@ def _shrink_kernel(
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
-    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m)
+    start, end, user, offset, rank = load_tile_info(tiles_ptr, slots_ptr, pid_m, R_T)
     if start >= end:
         return
     rows = start + tl.arange(0, BLOCK_M)
