@@ -67,8 +67,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; when the block succeeds it replaces
-    ``path`` (an older ``path`` is moved away first, then deleted), otherwise it is removed,
-    so ``path`` never holds a half-written set of files.
+    ``path`` (an older ``path`` is moved away first, then deleted; put back if the final rename
+    fails), otherwise it is removed, so ``path`` never holds a half-written set of files.
 
     Example:
         >>> d = Path(tempfile.mkdtemp()) / "user"
@@ -82,19 +82,26 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{str(path)!r} exists and is not a directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a result folder is an ordinary one
         yield tmp
-        old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "d")
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None:
+            moved = old / "d"
+            if moved.exists() and not path.exists():  # the final rename failed: put the old one back
+                with contextlib.suppress(OSError):
+                    os.replace(moved, path)
+            if not moved.exists():  # never delete the previous directory unless it is back in place
+                shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_int(v: object) -> bool:
@@ -171,8 +178,13 @@ class MemoryConfig:
         alpha = self.lora_alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise TypeError(f"lora_alpha must be a number, got {type(alpha).__name__}")
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"lora_alpha must be a finite number > 0, got {alpha}")
+        try:
+            finite = math.isfinite(alpha)
+        except OverflowError:  # an int beyond the float range
+            finite = False
+        if not finite or alpha <= 0:
+            shown = alpha if isinstance(alpha, float) or abs(alpha) < 10**18 else "an int beyond the float range"
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {shown}")
         object.__setattr__(self, "layer_mask", mask)
         object.__setattr__(self, "modules", tuple(modules))
         object.__setattr__(self, "ranks", ranks)
@@ -215,6 +227,8 @@ class MemoryConfig:
         mask = get("layer_mask")
         if hasattr(mask, "tolist"):
             mask = mask.tolist()
+        if isinstance(mask, (str, bytes)) or not isinstance(mask, Sequence):
+            raise TypeError(f"layer_mask must be a sequence with one entry per layer, got {type(mask).__name__}")
         mask = list(mask)
         L = len(mask)
         if num_layers is not None and L != num_layers:
@@ -223,8 +237,8 @@ class MemoryConfig:
         def per_layer(name: str, v: Any) -> list[Any]:
             if hasattr(v, "tolist"):
                 v = v.tolist()
-            if _is_int(v):
-                return [v] * L
+            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+                return [v] * L  # one value for all layers (validated, naming the field, by the constructor)
             v = list(v)
             if len(v) != L:
                 raise ValueError(f"{name} has {len(v)} entries but layer_mask has {L} layers")
@@ -323,8 +337,13 @@ class MemoryConfig:
         unknown = set(d) - {"format", "layer_mask", "modules", "ranks", "lora_alpha"}
         if unknown:
             raise ValueError(f"MemoryConfig dict has unknown keys {sorted(unknown)}")
-        ranks = tuple(tuple(r) if isinstance(r, list) else r for r in d["ranks"])
-        return cls(tuple(d["layer_mask"]), tuple(d["modules"]), ranks, d.get("lora_alpha", 16.0))
+        def seq(v: Any) -> Any:  # JSON lists become tuples; anything else is left to the constructor to refuse
+            return tuple(v) if isinstance(v, list) else v
+
+        ranks = d["ranks"]
+        if isinstance(ranks, list):
+            ranks = tuple(seq(r) for r in ranks)
+        return cls(seq(d["layer_mask"]), seq(d["modules"]), ranks, d.get("lora_alpha", 16.0))
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """The config as JSON text; also written atomically to ``path`` when given.
@@ -351,6 +370,14 @@ class MemoryConfig:
         ):
             p = Path(text_or_path)
             if not p.is_file():
+                if isinstance(text_or_path, str):
+                    try:  # JSON text of something other than an object: a malformed config, not a path
+                        value = json.loads(text_or_path)
+                    except ValueError:
+                        pass
+                    else:
+                        raise ValueError(f"MemoryConfig JSON text must be an object {{...}}, got "
+                                         f"{type(value).__name__} {text_or_path[:40]!r} (and no file has that name)")
                 raise FileNotFoundError(f"MemoryConfig file {str(p)!r} does not exist")
             text = p.read_text(encoding="utf-8")
             where = str(p)

@@ -623,10 +623,15 @@ def apply_milp(model: nn.Module, max_users: int = 64, *, capacity: int = 0) -> M
     if is_injected(model):
         raise ValueError("model already has MiLP adapters (apply_milp was called); use get_milp(model)")
     targets = ffn_targets(model)
+    seen: dict[int, str] = {}
     for row in targets:
         for name, m in row:
             if isinstance(m, MultiLoraLinear):
                 raise ValueError(f"{name} is already a MultiLoraLinear")
+            if id(m) in seen:  # one wrapper would replace the other: one layer's adapters never run
+                raise ValueError(f"{name} is the same module as {seen[id(m)]} (layers sharing FFN modules): "
+                                 f"every FFN target needs a module of its own to get its own adapters")
+            seen[id(m)] = name
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     # adapters of a quantized base get the model's float dtype (its embeddings', norms'…)
     float_dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), None)
@@ -634,18 +639,28 @@ def apply_milp(model: nn.Module, max_users: int = 64, *, capacity: int = 0) -> M
         p.requires_grad_(False)
     layers: list[list[MultiLoraLinear]] = []
     names: list[list[str]] = []
-    for li, row in enumerate(targets):
-        wrapped, row_names = [], []
-        for name, m in row:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            target = name.split(f".{li}.", 1)[1] if f".{li}." in name else child
-            w = MultiLoraLinear(m, max_users, li, target, capacity=capacity, dtype=float_dtype)
-            setattr(parent, child, w)
-            wrapped.append(w)
-            row_names.append(name)
-        layers.append(wrapped)
-        names.append(row_names)
+    installed: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child, original): undone on failure
+    try:
+        for li, row in enumerate(targets):
+            wrapped, row_names = [], []
+            for name, m in row:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                target = name.split(f".{li}.", 1)[1] if f".{li}." in name else child
+                w = MultiLoraLinear(m, max_users, li, target, capacity=capacity, dtype=float_dtype)
+                setattr(parent, child, w)
+                installed.append((parent, child, m))
+                wrapped.append(w)
+                row_names.append(name)
+            layers.append(wrapped)
+            names.append(row_names)
+    except BaseException:  # a bank that cannot be built (its dtype, memory): the model as it was
+        for parent, child, m in reversed(installed):
+            setattr(parent, child, m)
+        for n, p in model.named_parameters():
+            if n in requires_grad:
+                p.requires_grad_(requires_grad[n])
+        raise
     state = MilpState(model, layers, max_users, names, requires_grad)
     for w in state.modules():
         w._milp_state = state
@@ -663,14 +678,17 @@ def remove_milp(model: nn.Module) -> nn.Module:
         'Conv1D'
     """
     st = get_milp(model)
+    places = []
     for row_names, row in zip(st.names, st.layers):
         for name, w in zip(row_names, row):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            if getattr(parent, child) is not w:
+            if getattr(parent, child, None) is not w:  # checked for all before any is put back
                 raise RuntimeError(f"{name} is no longer the MultiLoraLinear apply_milp installed")
-            setattr(parent, child, w.base)
-            w._milp_state = None
+            places.append((parent, child, w))
+    for parent, child, w in places:
+        setattr(parent, child, w.base)
+        w._milp_state = None
     for n, p in model.named_parameters():
         if n in st._requires_grad:
             p.requires_grad_(st._requires_grad[n])

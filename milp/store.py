@@ -52,23 +52,31 @@ from typing import NamedTuple
 __all__ = ["CacheInfo", "UserStore", "user_dirname"]
 
 _USER_FILE = "user.json"  # milp.runtime.USER_FILE (not imported: runtime imports this module)
+# what a hashed name ends with: a safe string that ends so is hashed too, or the string
+# "a_b-3ec69c85" would share the directory of "a/b"
+_HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}\Z")
+# the temporary folders of milp.config.atomic_directory (left behind by a crashed writer)
+_TEMP_DIR = re.compile(r"\A\..+\.(tmp|old)-[A-Za-z0-9_]+\Z")
 
 
 def user_dirname(user: str | int) -> str:
     """A file-system-safe, collision-free directory name for a user id.
 
-    A string that is already safe is its own name; any other string, and every id that is not
-    a string, gets a hash suffix, so the int ``7`` and the string ``"7"`` (two users of a
-    runtime) never share a directory.
+    A string that is already safe is its own name; any other string (the empty one, ``"."``,
+    ``".."``, one that already ends like a hashed name), and every id that is not a string,
+    gets a hash suffix, so the int ``7`` and the string ``"7"`` (two users of a runtime) never
+    share a directory, and no id's directory is the store itself.
 
     Example:
         >>> user_dirname("meddia-d2-0001"), user_dirname("a/b"), user_dirname(7)
         ('meddia-d2-0001', 'a_b-3ec69c85', '7-11b89f5c')
+        >>> user_dirname(""), user_dirname("a_b-3ec69c85")
+        ('_-da39a3ee', 'a_b-3ec69c85-d64fa8bc')
     """
     text = str(user)
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:80]
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:80] or "_"
     if isinstance(user, str):
-        if safe == text and safe not in (".", ".."):
+        if safe == text and safe not in (".", "..") and not _HASH_SUFFIX.search(safe):
             return safe
         digest = text
     else:
@@ -130,18 +138,22 @@ class UserStore:
         index: dict[Hashable, Path] = {}
         for p in sorted(self.root.iterdir()):
             if p.is_dir() and (user := _saved_id(p)) is not None:
+                if _TEMP_DIR.match(p.name) and p.name != user_dirname(user):
+                    continue  # a save that never completed (its writer crashed), not a saved user
                 index.setdefault(user, p)
         self._index = index
 
     def path(self, user: Hashable) -> Path | None:
         """The directory holding ``user`` (``None`` when the store has no such user). Tries
         :func:`user_dirname` first, then the index of every subdirectory's ``user.json``
-        (read once, and again on a miss)."""
-        if isinstance(user, (str, int)) and not isinstance(user, bool):
-            direct = self.root / user_dirname(user)
-            saved = _saved_id(direct)
-            if saved == user and type(saved) is type(user):
-                return direct
+        (read once, and again on a miss). Only str and int ids are saved: ``True`` or ``1.0``
+        is no user here, even where ``1`` is."""
+        if isinstance(user, bool) or not isinstance(user, (str, int)):
+            return None
+        direct = self.root / user_dirname(user)
+        saved = _saved_id(direct)
+        if saved == user and type(saved) is type(user):
+            return direct
         fresh = self._index is None
         if fresh:
             self.refresh()
