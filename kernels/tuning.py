@@ -114,6 +114,23 @@ class LaunchConfig:
     split_n: int = 0
     n_blocks: int = 1
 
+    def __post_init__(self) -> None:
+        """Refuse what no GPU compiles, naming the field: a Triton tile side must be a power of
+        two, and a tensor-core ``tl.dot`` needs a reduction of at least 16 (``block_k`` in the
+        shrink and fused kernels and ``dA``/``dB``'s token blocks, ``block_r`` in the expand),
+        which the Triton interpreter on a CPU does not check."""
+        for name in ("block_m", "block_n", "block_k", "block_r"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"LaunchConfig.{name} must be a power of two >= 16, got {v!r}")
+        v = self.num_warps
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v > 32 or v & (v - 1):
+            raise ValueError(f"LaunchConfig.num_warps must be a power of two in 1..32, got {v!r}")
+        for name, lo in (("split_k", 1), ("num_stages", 1), ("split_n", 0), ("n_blocks", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"LaunchConfig.{name} must be an int >= {lo}, got {v!r}")
+
     def kwargs(self) -> dict[str, int | bool]:
         """Launch options. ``enable_fp_fusion`` is stated rather than left to Triton's default,
         which ``TRITON_DEFAULT_FP_FUSION`` sets and Triton 3.10 turns off (3.9 warns that it will):
@@ -454,7 +471,10 @@ def get_config(
     for table in tables:
         for entry in table.get(op, []):
             if _match(entry, num_tokens, n, k, max_rank, dtype):
-                cfg = LaunchConfig(**{key: v for key, v in entry.items() if key in _FIELDS})
+                try:
+                    cfg = LaunchConfig(**{key: v for key, v in entry.items() if key in _FIELDS})
+                except ValueError as exc:
+                    raise ValueError(f"kernel config table entry of {op!r} {entry}: {exc}") from None
                 break
         if cfg is not None:
             break

@@ -351,3 +351,37 @@ def test_split_schedules_are_timed_with_the_tuned_configs_before_the_other_bucke
     assert table["dispatch"] == {"split_overlap_min_tokens": 96, "_measured_overlap": [],
                                  "split_parallel_max_tokens": 8}
     assert "_interrupted" in table and os.environ.get("MILP_KERNEL_CONFIGS") == before  # restored
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("block_k", 8, "block_k must be a power of two >= 16"),     # the GPU's tl.dot: K >= 16 (the interpreter runs it)
+    ("block_m", 48, "block_m must be a power of two >= 16"),    # tl.arange: powers of two
+    ("block_r", True, "block_r must be a power of two >= 16"),
+    ("num_warps", 3, "num_warps must be a power of two in 1..32"),
+    ("split_k", 0, "split_k must be an int >= 1"),
+    ("split_n", -1, "split_n must be an int >= 0"),
+    ("n_blocks", 1.0, "n_blocks must be an int >= 1"),
+])
+def test_launch_config_refuses_what_no_gpu_compiles(field, value, expected):
+    """A config that only the Triton interpreter would run (CI's tests once used ``block_k=8``,
+    which sm_90's compile refuses) is refused where it is made, naming the field; so is a tuned
+    table's entry, with its op and entry named."""
+    from kernels.tuning import LaunchConfig
+
+    with pytest.raises(ValueError, match=f"LaunchConfig.{expected}, got {value!r}"):
+        LaunchConfig(**{field: value})
+
+
+def test_a_bad_table_entry_is_named(tmp_path, monkeypatch):
+    from kernels.tuning import _load_table, get_config
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"ops": {"shrink": [{"max_tokens": 64, "dtype": "float32", "block_k": 8}]}}))
+    monkeypatch.setenv("MILP_KERNEL_CONFIGS", str(path))
+    _load_table.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"entry of 'shrink' .*'block_k': 8.*block_k must be a power of two"):
+            get_config("shrink", num_tokens=8, n=16, k=32, max_rank=16, dtype=torch.float32, device=torch.device("cpu"))
+    finally:
+        monkeypatch.delenv("MILP_KERNEL_CONFIGS")
+        _load_table.cache_clear()

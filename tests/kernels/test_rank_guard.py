@@ -30,7 +30,7 @@ def case():
     # user 1 has rank 40 (> MAX_RANK) over two modules; users 0 and 2 fit. Tokens alternate
     # users, and the last tokens belong to user 2, so a store past a row lands in a neighbour.
     ids = torch.tensor([1, 0, 1, -1, 1, 2, 0, 1, 1, 2, 2])
-    c = make_case(ids.numel(), 24, 40, {0: [8, 3], 1: [24, 16], 2: [16]}, max_users=4, dtype=DT, seed=3, ids=ids)
+    c = make_case(ids.numel(), 48, 40, {0: [8, 3], 1: [24, 16], 2: [16]}, max_users=4, dtype=DT, seed=3, ids=ids)
     assert int(c.bank.slots[1, 1]) == 40 and int(c.bank.slots[:, 1].max()) == 40
     return c
 
@@ -48,10 +48,10 @@ def _clamped(slots):
 
 SHRINK = {
     "split_k1": (LaunchConfig(block_m=16, block_r=16, block_k=16, split_k=1), False),
-    "atomic-split_k3": (LaunchConfig(block_m=16, block_r=16, block_k=8, split_k=3), False),
-    "partials": (LaunchConfig(block_m=16, block_r=16, block_k=8, split_k=3), True),
+    "atomic-split_k3": (LaunchConfig(block_m=16, block_r=16, block_k=16, split_k=3), False),
+    "partials": (LaunchConfig(block_m=16, block_r=16, block_k=16, split_k=3), True),
     "block_r32-over-max_rank": (LaunchConfig(block_m=16, block_r=32, block_k=16, split_k=1), False),
-    "atomic-block_r32": (LaunchConfig(block_m=16, block_r=32, block_k=8, split_k=3), False),
+    "atomic-block_r32": (LaunchConfig(block_m=16, block_r=32, block_k=16, split_k=3), False),
 }
 
 
