@@ -260,9 +260,15 @@ class Search:
                 elif kind == "trial":
                     try:
                         trial = self._trial_from_record(rec)
-                    except (KeyError, TypeError, ValueError) as e:
+                    except (KeyError, TypeError, ValueError, OverflowError) as e:  # huge ints, Infinity
                         warnings.warn(f"{path}:{lineno}: skipping invalid trial record ({e})", stacklevel=2)
                         continue
+                    why = self._known_mismatch(trial)
+                    if why is not None:  # the space describes itself the same but computes other values
+                        raise ValueError(
+                            f"log_path {str(path)!r} was written for a different search: trial "
+                            f"{trial.trial_id} (line {lineno}) has {why} (another space's target_shapes?)"
+                        )
                     if trial.trial_id in self._finished:
                         warnings.warn(
                             f"{path}:{lineno}: skipping duplicate record of trial {trial.trial_id}", stacklevel=2
@@ -278,6 +284,24 @@ class Search:
             self._next_id = max(self._finished) + 1
             self._round = max(t.round for t in self._finished.values()) + 1
             self._used_design = {t.design_index for t in self._finished.values() if t.design_index is not None}
+
+    def _known_mismatch(self, t: Trial) -> str | None:
+        """Why ``t``'s logged values of the known objectives are not what they compute, or ``None``.
+
+        Known objectives are computed from the configuration, so a resumed log must hold the
+        values this search computes; the space's description does not cover everything they
+        depend on (``SearchSpace.describe`` has no ``target_shapes``).
+        """
+        x = torch.tensor([t.x], dtype=torch.float64)
+        for o in self.objectives:
+            if o.is_known:
+                assert o.known is not None
+                now, logged = float(o.known(x).reshape(-1)[0]), t.values[o.name]
+                if not math.isfinite(logged):  # a failed trial's missing value (an ok one is refused before)
+                    continue
+                if not (now == logged or math.isclose(now, logged, rel_tol=1e-9)):
+                    return f"{o.name} = {logged!r} in the log, but this search computes {now!r}"
+        return None
 
     def _trial_from_record(self, rec: Mapping[str, Any]) -> Trial:
         tid = rec["trial_id"]
@@ -411,14 +435,23 @@ class Search:
 
         canon = self.space.canonical
         seen = {canon(t.config) for t in self._finished.values()} | {canon(t.config) for t in self._pending.values()}
-        for i in self._next_design_indices(n, self.n_init):
-            x = self._sobol_point(i)
-            key = canon(self.space.decode(x))
-            if key in seen:  # a small space: the design repeats itself; skip the point for good
-                self._used_design.add(i)
-                continue
-            add(x, "sobol", i)
-            seen.add(key)
+        # The design: the first unused points below ``n_init`` that repeat no configuration
+        # asked so far.  A repeat is skipped for good and the scan goes on, so a round gets
+        # ``n`` design points while the design has them: what is asked depends only on the
+        # finished and pending trials, never on which repeats this object happened to skip
+        # before (a search resumed from its log asks what an uninterrupted one would).
+        while len(trials) < n:
+            idx = self._next_design_indices(n - len(trials), self.n_init)
+            if not idx:
+                break
+            for i in idx:
+                x = self._sobol_point(i)
+                key = canon(self.space.decode(x))
+                if key in seen:  # a small space: the design repeats itself; skip the point for good
+                    self._used_design.add(i)
+                    continue
+                add(x, "sobol", i)
+                seen.add(key)
         k = n - len(trials)
         if k == 0:
             return trials

@@ -143,6 +143,9 @@ def hypervolume_trace(Y: object, ref_point: Sequence[float], directions: Sequenc
     for k in range(1, t.shape[0] + 1):
         row = t[k - 1]
         if k == 1 or bool(torch.isfinite(row).all()):
-            best = hypervolume(t[:k], ref_point, directions)
+            # max: a dominated row adds nothing, but the box decomposition of the larger set can
+            # round one ulp below the smaller set's volume
+            hv = hypervolume(t[:k], ref_point, directions)
+            best = hv if k == 1 else max(best, hv)
         out.append(best if math.isfinite(best) else 0.0)
     return out

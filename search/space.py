@@ -298,7 +298,7 @@ class LoRAConfig:
         missing = {"layer_mask", "modules", "ranks"} - set(data)
         if missing:
             raise ValueError(f"data is missing the key(s) {sorted(missing)}")
-        return cls(tuple(data["layer_mask"]), tuple(data["modules"]), tuple(data["ranks"]))
+        return cls(*(tuple(_check_seq(data[k], k)) for k in ("layer_mask", "modules", "ranks")))
 
     def to_json(self) -> str:
         """Compact JSON text of :meth:`to_dict`.
@@ -905,7 +905,11 @@ class BoxSpace(Space):
     def decode(self, x: Any) -> tuple[float, ...]:
         """Point of the box for a unit-cube point (clipped to [0, 1])."""
         v = _check_point(x, self.dim)
-        return tuple(lo + u * (hi - lo) for u, (lo, hi) in zip(v, self.bounds))
+        # ``lo + u (hi - lo)`` can round past ``hi`` (-0.1 + 1.0 * 0.30000000000000004); keep the
+        # point in the box, so that ``encode(decode(x))`` never calls it out of bounds.
+        return tuple(
+            hi if u == 1.0 else min(max(lo + u * (hi - lo), lo), hi) for u, (lo, hi) in zip(v, self.bounds)
+        )
 
     def encode(self, config: Sequence[float]) -> tuple[float, ...]:
         """Unit-cube point of a point of the box (``ValueError`` outside the box)."""

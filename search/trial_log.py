@@ -98,11 +98,17 @@ def decode_float(v: Any) -> float:
         raise ValueError(f"not a number: {v!r}")
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"not a number: {v!r}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # a JSON integer beyond the float range
+        raise ValueError(f"not a number in the float range: {v!r}") from None
 
 
 def append_record(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Append one record as one whole line, then flush and fsync.
+
+    A write that fails part-way (e.g. the disk is full) is undone before the error propagates,
+    so a process that goes on appends its next record on a line of its own.
 
     Example:
         >>> import tempfile, pathlib
@@ -114,11 +120,21 @@ def append_record(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     data = line.encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        except BaseException:
+            # A write that failed part-way (disk full, an interrupt) while the process goes
+            # on: drop its bytes, or the next record would be glued onto them.
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
     finally:
         os.close(fd)
 
@@ -152,7 +168,7 @@ def read_log(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]
                 continue
             try:
                 rec = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # too deeply nested
                 warnings.warn(f"{path}:{lineno}: skipping corrupt trial-log line ({e})", stacklevel=3)
                 continue
             if not isinstance(rec, dict):

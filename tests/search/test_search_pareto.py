@@ -299,3 +299,13 @@ def test_inferred_reference_point_follows_the_documented_rule(problem, scale, da
         if m:
             assert all(v > r for v, r in zip(row, rm))
     assert hypervolume(rows, ref, dirs) > 0
+
+
+def test_hypervolume_trace_never_decreases_by_rounding():
+    """The box decomposition of a larger set can round one ulp below the smaller set's volume
+    (found by tests/search/test_loop_props.py); the trace is non-decreasing as documented."""
+    from search.pareto import hypervolume_trace
+
+    trace = hypervolume_trace([[-2.5104365263543036, -1.175494351e-38], [0.0, 0.0]], [6.0, -6.0],
+                              ["minimize", "maximize"])
+    assert trace == sorted(trace) and trace[1] == trace[0]
