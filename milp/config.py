@@ -86,6 +86,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a result folder is an ordinary one
         yield tmp
+        _fsync_tree(tmp)  # the files are on disk before the rename publishes them
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "d")
@@ -100,8 +101,22 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
                 shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    from search.trial_log import fsync_dir  # stdlib only
+
+    fsync_dir(path.parent)  # the rename survives a power loss
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Sync every file under ``root``, then its folders (deepest first)."""
+    from search.trial_log import fsync_dir  # stdlib only
+
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)
 
 
 def _is_int(v: object) -> bool:

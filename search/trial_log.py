@@ -29,8 +29,24 @@ def _final_mode(path: Path) -> int:
         return 0o644
 
 
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the renames inside folder ``path`` durable: ``os.replace`` is atomic, but until the
+    folder itself is synced a power loss may bring back the old entry (POSIX). A no-op where a
+    folder cannot be opened or synced (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``).
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write_with`).
 
     Example:
         >>> import tempfile, pathlib
@@ -38,22 +54,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         >>> atomic_write_bytes(p, b"hi"); p.read_bytes()
         b'hi'
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _final_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -62,7 +63,10 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def atomic_write_with(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Atomically create ``path`` with ``write(tmp_path)`` (e.g. ``fig.savefig``)."""
+    """Atomically create or replace ``path`` with ``write(tmp_path)`` (e.g. ``fig.savefig``): a
+    temp file in the same folder, synced, given the replaced file's mode (a new one ``0o644``),
+    renamed over ``path`` and the folder synced; on failure the temp file is removed and ``path``
+    is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -79,6 +83,7 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[str], None]
         except FileNotFoundError:
             pass
         raise
+    fsync_dir(path.parent)
 
 
 def encode_float(v: float) -> float | str:

@@ -175,3 +175,28 @@ def test_atomic_writes_give_ordinary_modes(tmp_path):
     mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
     assert [mode(p) for p in ("new.jsonl", "kept.jsonl", "new.json", "user")] == [0o644, 0o664, 0o644, 0o755]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.jsonl", "new.json", "new.jsonl", "user"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names synced fds through /proc (Linux)")
+def test_atomic_writes_sync_files_and_folders_before_and_after_the_rename(tmp_path, monkeypatch):
+    """Durable, not only atomic: the files a directory holds are synced before the rename that
+    publishes it, and the parent folder after it (else a power loss may bring back the old entry)."""
+    import search.trial_log as tl
+    from milp.config import atomic_directory, atomic_write_text
+
+    synced: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (synced.append(f"replace {b}"), real_replace(a, b)))
+    with atomic_directory(tmp_path / "user") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.bin").write_bytes(b"x")
+        (tmp / "b.json").write_text("{}")
+    rename = synced.index(f"replace {tmp_path / 'user'}")
+    before = {os.path.relpath(p, tmp) for p in synced[:rename]}
+    assert {"sub/a.bin", "b.json", "sub", "."} <= before
+    assert str(tmp_path) in synced[rename + 1:]
+    synced.clear()
+    atomic_write_text(tmp_path / "r.json", "{}")
+    assert synced[-2:] == [f"replace {tmp_path / 'r.json'}", str(tmp_path)]
+    assert tl.fsync_dir(tmp_path / "missing") is None  # nothing to sync: no error
