@@ -534,7 +534,7 @@ class PackedAdamW:
         """
         self._check_slot(slot)
         self.sync()
-        out = {"step": self._step[slot].detach().cpu().reshape(1)}
+        out = {"step": self._step[slot].detach().cpu().reshape(1).clone()}  # on CPU .cpu() is a view
         for i, layout in enumerate(self._layout):
             if slot in layout:
                 off, r = layout[slot]

@@ -396,3 +396,17 @@ def test_seed_master_refuses_a_foreign_bank_a_user_without_rows_and_wrong_shapes
     plain = PackedAdamW([f32], max_users=2)
     plain.set_user(0)
     assert plain.seed_master(0, f32, a, b) is False  # float32 banks are their own master
+
+
+def test_user_state_is_a_snapshot_not_a_view():
+    """On CPU ``.cpu()`` returns the tensor itself: the state's step was a view of the live
+    counter, and a later step changed a state someone held (found by the runtime state machine)."""
+    bank = kernels.AdapterBank(4, 2, max_users=1)
+    bank.add(0, [2])
+    opt = PackedAdamW([bank], max_users=1)
+    opt.set_user(0)
+    state = opt.user_state(0)
+    held = {k: v.clone() for k, v in state.items()}
+    bank.lora_a.grad = torch.ones_like(bank.lora_a)
+    opt.step([0])
+    assert all(torch.equal(state[k], held[k]) for k in state) and int(state["step"]) == 0
