@@ -55,6 +55,8 @@ def _read_queries(path: str) -> list[tuple[str, str]]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise _fail(f"--queries: cannot read {path!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise _fail(f"--queries: {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -74,7 +76,13 @@ def _read_queries(path: str) -> list[tuple[str, str]]:
 def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_tokens: int | None = None,
            batch_size: int | None = None, device: str = "auto", progress: bool = True) -> list[str]:
     """Answers to ``(user_id, query)`` pairs with the personalized model of the run in ``run``,
-    in order.
+    in order. Any number of distinct users: they are answered the run's ``--slots`` users at a
+    time (a generation batch may name at most that many), loaded from the run's store.
+    ``max_new_tokens`` / ``batch_size``: ``None`` for the run's.
+
+    Raises ``ValueError`` for a query that is not a pair of non-empty strings or a count that
+    is not an int >= 1; ``SystemExit`` (a message) for a run directory without a finished run or
+    a user the run does not hold.
 
     Example:
         >>> answer("runs/milp", [("meddia-d2-0001", "What should I eat?")])  # doctest: +SKIP
@@ -87,6 +95,15 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     from .store import UserStore
     from .train import _dtype, _resolve_device, run_instruction_adapter
 
+    if isinstance(queries, (str, bytes)) or not isinstance(queries, Sequence):
+        raise ValueError(f"queries must be a sequence of (user_id, query) pairs, got {type(queries).__name__}")
+    queries = list(queries)
+    for i, q in enumerate(queries):
+        if not (isinstance(q, (tuple, list)) and len(q) == 2 and all(isinstance(v, str) and v.strip() for v in q)):
+            raise ValueError(f"queries[{i}] must be a (user_id, query) pair of non-empty strings, got {q!r}")
+    for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be an int >= 1 (or None for the run's), got {v!r}")
     run = Path(run)
     if not (run / "run.json").is_file():
         raise _fail(f"{str(run)!r} is not a milp.train output directory (no run.json)")
@@ -99,17 +116,30 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
         if user not in store:
             known = known if known is not None else sorted(map(str, store.users()))
             raise _fail(f"unknown user {user!r}: the run holds {len(known)} users, e.g. {known[:5]}")
+    if not queries:
+        return []
     dev = _resolve_device(device)
     model, tok = load_model(settings.get("model"), dtype=_dtype(argparse.Namespace(**settings), dev), device=dev)
     adapter_file = run / "instruction_adapter.safetensors"
     if adapter_file.is_file():
         run_instruction_adapter(model, settings["instruct_rank"], settings["seed"], dev, adapter_file)
-    rt = MilpRuntime(model, max_users=settings["slots"], store=store)
+    slots = settings["slots"]
+    rt = MilpRuntime(model, max_users=slots, store=store)
     records = [Record(user, "", [_PLACEHOLDER], query, _PLACEHOLDER) for user, query in queries]
-    return generate_responses(model, tok, records, runtime=rt,
-                              max_new_tokens=max_new_tokens or settings["max_new_tokens"],
-                              batch_size=batch_size or settings["eval_batch_size"],
-                              max_length=settings["max_length"] + 128, progress=progress)
+    # a generation batch may name at most `slots` distinct users (the runtime refuses more), so
+    # the users are answered `slots` at a time, in order of first appearance, each loaded once
+    users = list(dict.fromkeys(user for user, _ in queries))
+    answers: list[str] = [""] * len(queries)
+    for start in range(0, len(users), slots):
+        window = set(users[start:start + slots])
+        idx = [i for i, (user, _) in enumerate(queries) if user in window]
+        out = generate_responses(model, tok, [records[i] for i in idx], runtime=rt,
+                                 max_new_tokens=max_new_tokens or settings["max_new_tokens"],
+                                 batch_size=batch_size or settings["eval_batch_size"],
+                                 max_length=settings["max_length"] + 128, progress=progress)
+        for i, a in zip(idx, out):
+            answers[i] = a
+    return answers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.user is None or not args.queries:
             raise _fail("give --user USER and at least one QUERY (or --queries FILE)")
         queries = [(args.user, q) for q in args.queries]
+        if any(not q.strip() for q in args.queries):
+            raise _fail("each QUERY must be non-empty text")
     for name in ("max_new_tokens", "batch_size"):
         v = getattr(args, name)
         if v is not None and v < 1:

@@ -79,16 +79,28 @@ def token_losses(
     target; valid [B, S-1] bool)``. Extra keyword arguments go to the model (e.g.
     ``position_ids``).
 
-    Raises ``ValueError`` for a ``labels`` shape that does not match the inputs or a
-    ``chunk_tokens`` below 1.
+    ``labels`` of any integer dtype are token ids (taken as int64).
+
+    Raises ``ValueError`` for ``input_ids`` that are not ``[B, S]`` (``inputs_embeds`` not
+    ``[B, S, hidden]``), a ``labels`` shape that does not match them or a ``chunk_tokens``
+    below 1; ``TypeError`` for ``labels`` that are not a tensor of integers.
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None and input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, S], got shape {list(input_ids.shape)}")
+    if inputs_embeds is not None and inputs_embeds.dim() != 3:
+        raise ValueError(f"inputs_embeds must be [B, S, hidden], got shape {list(inputs_embeds.shape)}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer token ids (-100 = no target), got dtype {labels.dtype}")
     shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
     if labels.dim() != 2 or tuple(labels.shape) != shape:
         raise ValueError(f"labels must be [B, S] = {list(shape)}, got {list(labels.shape)}")
+    labels = labels.long()  # cross_entropy takes int64 targets only (int32 ids, e.g. from numpy)
     inputs = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
     split = _split(model)
     if split is None:  # plain path: the model's own logits

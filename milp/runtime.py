@@ -179,8 +179,9 @@ def user_losses_from_ce(
     slots = row_slots.to(ce.device).view(B, 1).expand(B, S1)
     valid = valid.to(ce.device) & (slots >= 0)
     tok_user = slots.clamp(min=0).reshape(-1)
-    vf = valid.reshape(-1).to(ce.dtype)
-    sums = torch.zeros(max_users, dtype=ce.dtype, device=ce.device).index_add(0, tok_user, ce.reshape(-1) * vf)
+    # where, not ce * valid: an ignored position (a row of slot -1) holding inf/NaN must not reach slot 0
+    kept = torch.where(valid.reshape(-1), ce.reshape(-1), torch.zeros((), dtype=ce.dtype, device=ce.device))
+    sums = torch.zeros(max_users, dtype=ce.dtype, device=ce.device).index_add(0, tok_user, kept)
     counts = torch.zeros(max_users, dtype=torch.int64, device=ce.device).index_add(
         0, tok_user, valid.reshape(-1).to(torch.int64))
     mean = sums / counts.clamp(min=1).to(ce.dtype)
@@ -681,7 +682,8 @@ class MilpRuntime:
             with nvtx_range("milp.runtime.backward"):
                 total.backward()  # inside the block: recomputed activations see the same users
         with nvtx_range("milp.runtime.optimizer"):
-            self.optimizer.step([self._slots[u] for u in per_user])
+            # a user without adapters gets no update, so no step (as in a batch of only such users)
+            self.optimizer.step([self._slots[u] for u in per_user if self._configs[u].active_layers])
             self.optimizer.zero_grad()
         return {u: float(v.detach()) for u, v in per_user.items()}
 
@@ -707,8 +709,7 @@ class MilpRuntime:
             torch.Size([2, 7])
         """
         ids = self._check_ids(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(ids)
+        # no mask: model.generate's own (from pad_token_id: left padding is masked), not all ones
         with self.using(users, ids.shape[0]), nvtx_range("milp.runtime.generate"):
             if self._compiles_decode(kwargs):
                 self.state.prepare_static((ids.shape[0] * self._rows_per_prompt(kwargs), 1), ids.device)

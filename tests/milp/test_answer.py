@@ -69,3 +69,24 @@ def test_bad_input_is_refused_by_name(run, tmp_path):
         answer.main([str(run), "--queries", str(bad)])
     with pytest.raises(SystemExit, match="--max-new-tokens must be >= 1"):
         answer.main([str(run), "--user", "u", "hi", "--max-new-tokens", "0"])
+
+
+def test_more_distinct_users_than_slots_in_one_batch(run):
+    """Regression: the run has 2 slots; 3 users' queries in one generation batch (the run's
+    batch size) were refused by the runtime ("the batch names 3 distinct users but the runtime
+    holds at most max_users=2 at once; split the batch"). Now answered 2 users at a time, in
+    order, each as asked alone."""
+    users = json.loads((run / "split.json").read_text())["train"][:3]
+    asked = [(users[0], "Is coffee fine?"), (users[1], "What should I do?"), (users[2], "Should I rest?"),
+             (users[0], "What should I do?")]
+    assert answer.answer(run, asked, progress=False) == [
+        answer.answer(run, [q], batch_size=1, progress=False)[0] for q in asked]
+
+
+def test_blank_query_argument_is_refused_by_name(run):
+    """Regression: a blank QUERY crashed in Record() with a traceback, after loading the model."""
+    user = json.loads((run / "split.json").read_text())["test"][0]
+    with pytest.raises(SystemExit, match="QUERY must be non-empty text"):
+        answer.main([str(run), "--user", user, "  ", "--no-progress"])
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        answer.answer(run, [(user, "hi")], max_new_tokens=0)

@@ -92,3 +92,25 @@ def test_bad_arguments():
         token_losses(model, labels=ids)
     with pytest.raises(ValueError, match="labels must be"):
         token_losses(model, input_ids=ids, labels=ids[:, :3])
+
+
+def test_integer_labels_of_any_dtype_and_bad_labels_by_name():
+    """Regression: int32 token ids (numpy's, a collator's) crashed in cross_entropy ("expected
+    target dtype to be Long"), also through MilpRuntime.train_step, whose input check accepts
+    any integer ids; a list of labels raised AttributeError ('list' has no attribute 'dim')."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 90, (2, 6))
+    ce, valid = token_losses(model, input_ids=ids, labels=ids)
+    ce32, valid32 = token_losses(model, input_ids=ids.int(), labels=ids.int())
+    assert torch.equal(ce, ce32) and torch.equal(valid, valid32)
+    rt = MilpRuntime(model, max_users=1)
+    rt.add_user("a", MemoryConfig.uniform(2), init="random", seed=0)
+    assert rt.loss(ids.int(), "a")[1]["a"].item() == pytest.approx(rt.loss(ids, "a")[1]["a"].item())
+    assert set(rt.train_step(ids.int(), "a")) == {"a"}
+    with pytest.raises(TypeError, match="labels must be a tensor"):
+        token_losses(model, input_ids=ids, labels=ids.tolist())
+    with pytest.raises(TypeError, match="labels must hold integer token ids"):
+        token_losses(model, input_ids=ids, labels=ids.float())
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, S\]"):
+        token_losses(model, input_ids=ids[0], labels=ids[0])
