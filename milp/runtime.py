@@ -188,6 +188,44 @@ def user_losses_from_ce(
     return mean.sum(), mean, counts
 
 
+def _read_user_info(path: Path) -> dict[str, Any]:
+    """``user.json`` of a saved user, with each way it can be broken named by the file."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({exc}): a damaged save_user directory") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(info).__name__}")
+    if info.get("format") != _FORMAT:
+        raise ValueError(f"{str(path)!r} has format {info.get('format')!r}, expected {_FORMAT!r}")
+    missing = [k for k in ("user", "target_shapes", "optimizer") if k not in info]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks {missing}: a damaged save_user directory")
+    shapes = info["target_shapes"]
+    if not (isinstance(shapes, list) and all(isinstance(layer, list) and all(
+            isinstance(s, list) and len(s) == 2 and all(_is_count(v) for v in s) for s in layer) for layer in shapes)):
+        raise ValueError(f"{str(path)!r}: target_shapes must be a list per layer of [in, out] pairs")
+    if not isinstance(info["optimizer"], dict):
+        raise ValueError(f"{str(path)!r}: optimizer must be an object of AdamW settings")
+    return info
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of a saved user, a damaged one named (safetensors says only
+    "Error while deserializing header")."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError (not exported by every safetensors release), OSError
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({exc}): a damaged save_user "
+                         f"directory") from None
+
+
 def _as_key(user: object) -> Hashable:
     if user is None or isinstance(user, (bool, float)) or not isinstance(user, Hashable):
         raise TypeError(f"user must be a hashable id (str or int), got {user!r}")
@@ -452,15 +490,11 @@ class MilpRuntime:
             >>> d = rt.save_user("u", tempfile.mkdtemp() + "/u"); rt.load_user(d, "v")
             'v'
         """
-        from safetensors.torch import load_file
-
         d = Path(directory)
         for name in (ADAPTERS_FILE, CONFIG_FILE, USER_FILE):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{str(d / name)!r} does not exist (not a directory written by save_user)")
-        info = json.loads((d / USER_FILE).read_text(encoding="utf-8"))
-        if info.get("format") != _FORMAT:
-            raise ValueError(f"{str(d / USER_FILE)!r} has format {info.get('format')!r}, expected {_FORMAT!r}")
+        info = _read_user_info(d / USER_FILE)
         shapes = [[tuple(s) for s in layer] for layer in info["target_shapes"]]
         if shapes != self.state.target_shapes():
             raise ValueError(
@@ -469,13 +503,14 @@ class MilpRuntime:
             )
         cfg = MemoryConfig.from_json(d / CONFIG_FILE)
         key = _as_key(info["user"] if user is None else user)
-        tensors = load_file(str(d / ADAPTERS_FILE))
+        tensors = _read_tensors(d / ADAPTERS_FILE)
+        moments = _read_tensors(d / OPTIMIZER_FILE) if load_optimizer and (d / OPTIMIZER_FILE).is_file() else None
         self.add_user(key, cfg, total_steps=info.get("total_steps"),
                       optim=AdamWConfig.from_dict(info["optimizer"]), init="zeros")
         try:
             self.load_adapter_state(key, tensors)
-            if load_optimizer and (d / OPTIMIZER_FILE).is_file():
-                self.optimizer.load_user_state(self._slots[key], load_file(str(d / OPTIMIZER_FILE)))
+            if moments is not None:
+                self.optimizer.load_user_state(self._slots[key], moments)
         except BaseException:
             self.remove_user(key)
             raise

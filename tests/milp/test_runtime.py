@@ -2,6 +2,9 @@
 per-user generation, save/load, the per-user AdamW, bad input."""
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 import transformers
@@ -609,3 +612,33 @@ def test_drawn_users_train_jointly_as_alone_and_generate_mixed_as_alone(users, s
         one = joint.generate(prompts[r : r + 1], [u], **kw)[0]
         n = one.shape[0]  # a row that ended (EOS) on its own is padded in the mixed batch
         assert torch.equal(mixed[r, :n], one) and bool((mixed[r, n:] == PAD).all()), u
+
+
+@pytest.mark.parametrize("damage", ["user.json not JSON", "user.json a list", "user.json lacks user",
+                                    "user.json bad shapes", "adapters truncated", "optimizer truncated"])
+def test_load_user_names_the_damaged_file(tmp_path, damage):
+    """A damaged save_user directory is refused with a ValueError naming its file (safetensors
+    says only "Error while deserializing header", json a bare JSONDecodeError, a missing key a
+    KeyError), and nothing is loaded."""
+    from milp.runtime import ADAPTERS_FILE, OPTIMIZER_FILE, USER_FILE
+
+    rt = MilpRuntime(tiny_model("llama"), max_users=2)
+    rt.add_user("u", MemoryConfig.uniform(2))
+    d = rt.save_user("u", tmp_path / "u")
+    info = json.loads((d / USER_FILE).read_text())
+    name = {"adapters truncated": ADAPTERS_FILE, "optimizer truncated": OPTIMIZER_FILE}.get(damage, USER_FILE)
+    if damage == "user.json not JSON":
+        (d / USER_FILE).write_text('{"format": ')
+    elif damage == "user.json a list":
+        (d / USER_FILE).write_text("[1]")
+    elif damage == "user.json lacks user":
+        (d / USER_FILE).write_text(json.dumps({k: v for k, v in info.items() if k != "user"}))
+    elif damage == "user.json bad shapes":
+        (d / USER_FILE).write_text(json.dumps(dict(info, target_shapes=[[32, 64]])))
+    else:
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[: len(data) // 3])
+    other = MilpRuntime(tiny_model("llama"), max_users=2)
+    with pytest.raises(ValueError, match=re.escape(repr(str(d / name)))):
+        other.load_user(d, "v")
+    assert other.users == []
