@@ -94,3 +94,26 @@ def tiny_checkpoint(tmp_path, tiny_chat_tokenizer):
     model.save_pretrained(path)
     tiny_chat_tokenizer.save_pretrained(path)
     return path
+
+
+#: the flags of :func:`answer_run`: a small run with 2 slots (fewer than its users)
+ANSWER_RUN_FLAGS = ["--users", "7", "--memory-steps", "2", "--instruct-steps", "2", "--max-new-tokens", "3",
+                    "--max-length", "96", "--no-progress", "--slots", "2"]
+
+
+@pytest.fixture(scope="session")
+def answer_run(tiny_chat_tokenizer, tmp_path_factory):
+    """A finished ``python -m milp.train`` run (:data:`ANSWER_RUN_FLAGS`) on a tiny local
+    checkpoint, once per session, for the tests of ``milp.answer`` (read only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import milp.train as train
+
+    base = tmp_path_factory.mktemp("answer-run")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_tiny_config("llama", len(tiny_chat_tokenizer)))
+    model.save_pretrained(base / "ckpt")
+    tiny_chat_tokenizer.save_pretrained(base / "ckpt")
+    assert train.main(["--model", str(base / "ckpt"), "--output", str(base / "run"), *ANSWER_RUN_FLAGS]) == 0
+    return base / "run"

@@ -6,25 +6,11 @@ import json
 import pytest
 
 import milp.answer as answer
-import milp.train as train
-
-FAST = ["--users", "7", "--memory-steps", "2", "--instruct-steps", "2", "--max-new-tokens", "3",
-        "--max-length", "96", "--no-progress", "--slots", "2"]
 
 
-@pytest.fixture(scope="module")
-def run(tiny_chat_tokenizer, tiny_config, tmp_path_factory):
-    """A finished FAST run on a tiny local checkpoint (as tests/milp/test_train.py's), once per module."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    base = tmp_path_factory.mktemp("answer")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tiny_chat_tokenizer)))
-    model.save_pretrained(base / "ckpt")
-    tiny_chat_tokenizer.save_pretrained(base / "ckpt")
-    assert train.main(["--model", str(base / "ckpt"), "--output", str(base / "run"), *FAST]) == 0
-    return base / "run"
+@pytest.fixture(scope="session")
+def run(answer_run):
+    return answer_run  # conftest.py: one finished run for this file and its twin
 
 
 def test_answers_equal_the_runs_own_predictions(run, tmp_path):

@@ -10,27 +10,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import milp.answer as answer
-import milp.train as train
 
 SLOTS = 2
-FAST = ["--users", "7", "--memory-steps", "1", "--instruct-steps", "1", "--max-new-tokens", "3",
-        "--max-length", "64", "--no-progress", "--slots", str(SLOTS)]
 QUESTIONS = ["What should I do?", "Is coffee fine?", "My knee hurts when I run.", "Should I rest?"]
 
 
-@pytest.fixture(scope="module")
-def run(tiny_chat_tokenizer, tiny_config, tmp_path_factory):
-    """A finished FAST run on a tiny local checkpoint (as tests/milp/test_answer.py's), once per module."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    base = tmp_path_factory.mktemp("answer-props")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tiny_chat_tokenizer)))
-    model.save_pretrained(base / "ckpt")
-    tiny_chat_tokenizer.save_pretrained(base / "ckpt")
-    assert train.main(["--model", str(base / "ckpt"), "--output", str(base / "run"), *FAST]) == 0
-    return base / "run"
+@pytest.fixture(scope="session")
+def run(answer_run):
+    return answer_run  # conftest.py: one finished run for this file and its twin
 
 
 @pytest.fixture(scope="module")
