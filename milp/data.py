@@ -83,10 +83,10 @@ import random
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -629,6 +629,35 @@ def _objects_after_first_line(text: str) -> bool:
     return True
 
 
+class _Leading(NamedTuple):
+    """The JSON value a file's text opens with (:func:`_leading_value`)."""
+
+    value: Any
+    first_line: int       # the line it starts on
+    multiline: bool       # whether it spans more than that line
+    next_line: int | None  # the line where other text follows it, None when nothing does
+
+
+def _leading_value(path: Path, text: str, opener: str, broken_is_jsonl: Callable[[str], bool]) -> _Leading | None:
+    """The JSON value ``text`` opens with (after blank space), when its first character is
+    ``opener``; ``None`` otherwise, or when that value is broken and ``broken_is_jsonl`` (of the
+    text from that character on) says the file is JSONL, whose reader then names the broken
+    line. A broken value otherwise raises :class:`DataFormatError` at its line."""
+    stripped = text.lstrip()
+    if not stripped.startswith(opener):
+        return None
+    lead = text[: len(text) - len(stripped)].count("\n")
+    try:
+        value, end = json.JSONDecoder().raw_decode(stripped)
+    except json.JSONDecodeError as exc:
+        if broken_is_jsonl(stripped):
+            return None
+        raise DataFormatError(path, lead + exc.lineno, f"invalid JSON ({exc.msg})") from None
+    rest = stripped[end:]
+    after = lead + stripped[: end + len(rest) - len(rest.lstrip())].count("\n") + 1 if rest.strip() else None
+    return _Leading(value, lead + 1, "\n" in stripped[:end], after)
+
+
 def _json_list(path: Path, text: str) -> list[Any] | None:
     """The items when ``text`` is one JSON list, ``None`` when it is JSONL.
 
@@ -636,32 +665,23 @@ def _json_list(path: Path, text: str) -> list[Any] | None:
     object), not the file's list; so is a broken first line starting with ``[`` followed by
     lines that are each a JSON object.
     """
-    stripped = text.lstrip()
-    if not stripped.startswith("["):
+    found = _leading_value(path, text, "[", _objects_after_first_line)
+    if found is None or (found.next_line is not None and not found.multiline):
         return None
-    lead = text[: len(text) - len(stripped)].count("\n")
-    try:
-        items, end = json.JSONDecoder().raw_decode(stripped)
-    except json.JSONDecodeError as exc:
-        if _objects_after_first_line(stripped):
-            return None  # JSONL whose first line is broken (and starts with "["): that line is reported
-        raise DataFormatError(path, lead + exc.lineno, f"invalid JSON ({exc.msg})") from None
-    rest = stripped[end:]
-    if not rest.strip():
-        return items
-    if "\n" not in stripped[:end]:
-        return None
-    extra = end + len(rest) - len(rest.lstrip())
-    raise DataFormatError(path, lead + stripped[:extra].count("\n") + 1, "invalid JSON (Extra data)")
+    if found.next_line is not None:
+        raise DataFormatError(path, found.next_line, "invalid JSON (Extra data)")
+    return found.value
 
 
-def _iter_json_objects(path: Path, on_error: OnError, progress: bool) -> Iterator[tuple[int | str, Any]]:
-    """``(line_or_index, obj)`` from a JSONL file or a file holding one JSON list.
+def _iter_json_objects(path: Path, on_error: OnError, progress: bool,
+                       text: str | None = None) -> Iterator[tuple[int | str, Any]]:
+    """``(line_or_index, obj)`` from a JSONL file or a file holding one JSON list (``text``: the
+    file's text when the caller has read it already).
 
     JSONL lines end at ``"\\n"`` only (``"\\r\\n"`` and ``"\\r"`` read as ``"\\n"``), as
     :func:`read_jsonl` counts them: U+2028, U+2029, NEL … may stand unescaped inside JSON strings.
     """
-    text = _read_text(path)
+    text = _read_text(path) if text is None else text
     items = _json_list(path, text)
     if items is not None:
         for i, obj in enumerate(tqdm(items, desc=f"reading {path.name}", disable=not progress)):
@@ -940,38 +960,25 @@ def _format_lamp_item(item: Any) -> str:
 def _golds_document(path: Path, text: str) -> list[Any] | None:
     """The ``golds`` list when ``text`` is one JSON object holding it (LaMP's layout, wherever
     the key stands in it), ``None`` when it is JSONL or a JSON list of golds. A broken document
-    is reported at its line, unless its first line is a JSON object of its own (JSONL: the
-    JSONL reader names the broken line)."""
-    stripped = text.lstrip()
-    if not stripped.startswith("{"):
-        return None
-    lead = text[: len(text) - len(stripped)].count("\n")
-    try:
-        obj, end = json.JSONDecoder().raw_decode(stripped)
-    except json.JSONDecodeError as exc:
-        try:
-            json.loads(stripped.split("\n", 1)[0])
-            return None
-        except json.JSONDecodeError:
-            raise DataFormatError(path, lead + exc.lineno, f"invalid JSON ({exc.msg})") from None
-    if not isinstance(obj, dict) or "golds" not in obj:
-        return None  # a JSONL line of its own (one gold per line)
-    rest = stripped[end:]
-    if rest.strip():
-        at = lead + stripped[: end + len(rest) - len(rest.lstrip())].count("\n") + 1
-        raise DataFormatError(path, at, "invalid JSON (Extra data after the golds object)")
-    if not isinstance(obj["golds"], list):
-        raise DataFormatError(path, lead + 1,
+    is reported at its line (a JSONL file's first line is a whole object)."""
+    found = _leading_value(path, text, "{", lambda _: False)
+    if found is None or not isinstance(found.value, dict) or "golds" not in found.value:
+        return None  # a JSON list, or a JSONL line of its own (one gold per line)
+    if found.next_line is not None:
+        raise DataFormatError(path, found.next_line, "invalid JSON (Extra data after the golds object)")
+    if not isinstance(found.value["golds"], list):
+        raise DataFormatError(path, found.first_line,
                               "expected {'golds': [{'id', 'output'}, ...]} or a list of {'id', 'output'}")
-    return obj["golds"]
+    return found.value["golds"]
 
 
 def _read_lamp_outputs(path: Path) -> dict[str, str]:
-    golds = _golds_document(path, _read_text(path))
+    text = _read_text(path)
+    golds = _golds_document(path, text)
     if golds is not None:
         entries: list[tuple[int | str, Any]] = [(f"item {i}", g) for i, g in enumerate(golds)]
     else:
-        entries = list(_iter_json_objects(path, "raise", False))
+        entries = list(_iter_json_objects(path, "raise", False, text))
     out = {}
     for where, g in entries:
         if not isinstance(g, Mapping) or "id" not in g or "output" not in g:
