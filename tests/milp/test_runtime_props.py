@@ -117,7 +117,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.loaded: list = []           # in order of adding
         self.cfg: dict = {}
         self.shadow: dict = {}           # user -> one-user runtime (kept while the user is saved)
-        self.saved: dict = {}            # user -> (directory, shadow at saving time's state)
+        self.saved: dict = {}            # user -> (directory, weights, optimizer state, config) when saved
         self.n_saves = 0
 
     def teardown(self) -> None:
@@ -180,7 +180,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         weights, opt_cfg = self.rt.adapter_state(user), self.rt.optimizer.config(slot)
         assert self.rt.evict_user(user, d) == d
         self.loaded.remove(user)
-        self.saved[user] = (d, weights, opt_state)
+        self.saved[user] = (d, weights, opt_state, self.cfg[user])
         back = fresh_runtime(1)  # what was written is the user: weights, optimizer state, settings
         assert back.load_user(d) == user and back.config(user) == self.cfg[user]
         assert back.optimizer.config(0) == opt_cfg
@@ -191,7 +191,7 @@ class RuntimeMachine(RuleBasedStateMachine):
     @rule(data=st.data(), other_id=st.booleans())
     def reload(self, data, other_id):
         user = data.draw(st.sampled_from(sorted(self.saved, key=repr)))
-        d, weights, opt_state = self.saved[user]
+        d, weights, opt_state, cfg = self.saved[user]
         key = data.draw(st.sampled_from([u for u in POOL if u != user])) if other_id else user
         if key in self.loaded:
             with pytest.raises(ValueError, match="already loaded"):
@@ -209,7 +209,7 @@ class RuntimeMachine(RuleBasedStateMachine):
         sh = fresh_runtime(1)  # a shadow that is the saved user, whatever happened to the old one since
         sh.load_user(d, key)
         self.loaded.append(key)
-        self.cfg[key] = self.cfg[user]
+        self.cfg[key] = cfg  # the saved user's, not that of a user added under its id since
         self.shadow[key] = sh
 
     @rule(user=st.sampled_from(POOL))
