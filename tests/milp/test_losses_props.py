@@ -237,6 +237,8 @@ def test_runtime_loss_is_each_users_mean_over_its_own_rows(case):
         if n:
             want[u] = float(ref.sum()) / n
     assert set(per_user) == set(want)
+    # the runtime's loss is float32 cross-entropy by design (token_losses), even for this float64
+    # model: a few float32 ulp (1 ulp = 1.2e-7 relative) apart from the float64 brute force
     for u, v in want.items():
-        assert float(per_user[u]) == pytest.approx(v, rel=1e-7, abs=1e-9), u
-    assert float(total) == pytest.approx(sum(want.values()), rel=1e-7, abs=1e-9)
+        assert float(per_user[u]) == pytest.approx(v, rel=1e-6, abs=1e-9), u
+    assert float(total) == pytest.approx(sum(want.values()), rel=1e-6, abs=1e-9)
