@@ -30,8 +30,9 @@ Design
   written whole and fsync-ed.  A new :class:`Search` on an existing log resumes: finished
   trials are loaded, never re-evaluated, and ``run(n_trials=N)`` stops at exactly ``N``
   finished trials.  Trials asked but not told when the process died are simply asked
-  again.  Corrupt lines are skipped with a warning; a log written for another space or
-  other objectives is refused.
+  again.  Corrupt lines are skipped with a warning; a log written for another space,
+  other objectives or another ``seed`` (its design indices name that seed's Sobol points) is
+  refused.  ``q``, ``n_init`` and ``surrogate`` may change between runs of one log.
 * Reference point: the user's (natural units, per objective), else the rule of
   :func:`search.pareto.infer_ref_point` applied to the current successful trials.
 """
@@ -255,6 +256,12 @@ class Search:
                             f"log_path {str(path)!r} was written for a different search "
                             f"(space {rec.get('space')}, objectives {rec.get('objectives')}); "
                             f"this search has space {want['space']} and objectives {want['objectives']}"
+                        )
+                    if "seed" in rec and rec["seed"] != want["seed"]:
+                        # the log's design indices name points of that seed's Sobol sequence
+                        raise ValueError(
+                            f"log_path {str(path)!r} was written with seed={rec['seed']!r}; resume it with "
+                            f"that seed (this search has seed={self.seed}), or start a new log"
                         )
                     header_seen = True
                 elif kind == "trial":

@@ -309,6 +309,12 @@ def test_log_of_another_search_is_refused(tmp_path, lora_space, lora_objectives)
         make(paper_space(4), [Objective("val_ce"), Objective("x")], log_path=log)
     with pytest.raises(ValueError, match="log_path .* directory"):
         make(lora_space, lora_objectives, log_path=tmp_path)
+    # another seed's Sobol design: its logged design indices name other points
+    with pytest.raises(ValueError, match="log_path .* seed=0; resume it with that seed .*seed=3"):
+        make(lora_space, lora_objectives, q=2, n_init=4, log_path=log, seed=3)
+    # q, n_init and the surrogate may change between runs of one log
+    s = make(lora_space, lora_objectives, q=3, n_init=5, log_path=log, surrogate="saas")
+    assert s.n_finished == 2
 
 
 def test_log_lines_are_whole_and_files_left_clean(tmp_path, lora_space, lora_objectives):
