@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import zlib
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -79,6 +80,9 @@ def pad_sequences(
     """
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral):
+        raise TypeError(f"pad_token_id must be an int, got {pad_token_id!r} "
+                        "(does the tokenizer have a pad or eos token?)")
     seqs = [list(s) for s in sequences]
     if not seqs:
         raise ValueError("sequences must hold at least one sequence")
@@ -533,7 +537,9 @@ class MilpRuntime:
 
     # ------------------------------------------------------------- batches
     def row_slots(self, users: Hashable | Sequence[Hashable | None] | None, batch_size: int) -> torch.Tensor:
-        """``[B]`` slots of per-row user ids (``None`` = base model; one id = every row)."""
+        """``[B]`` slots of per-row user ids (``None`` = base model; one ``str``/``int`` id = every
+        row). Any other sequence, a tuple included, lists one id per row: pass a tuple-valued
+        user id as ``[uid] * batch_size``."""
         if users is None or isinstance(users, (str, int)) and not isinstance(users, bool):
             rows = [users] * batch_size
         elif isinstance(users, Sequence):

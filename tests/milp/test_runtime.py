@@ -334,6 +334,11 @@ def test_bad_input(tmp_path):
         gpt2.load_user(saved)
     with pytest.raises(ValueError, match="already holds MiLP adapters"):
         MilpRuntime(rt.model)
+    # GPT-2's tokenizer has no pad token: a clear error, not int(None)'s
+    with pytest.raises(TypeError, match="pad_token_id must be an int, got None"):
+        pad_sequences([[1, 2]], None)
+    with pytest.raises(ValueError, match="side must be 'left' or 'right'"):
+        pad_sequences([[1, 2]], 0, side="up")
 
 
 # ------------------------------------------------------------------ optimizer
