@@ -918,6 +918,8 @@ class BoxSpace(Space):
             raise ValueError(f"config must have length {self.dim}, got {len(v)}")
         out = []
         for i, (c, (lo, hi)) in enumerate(zip(v, self.bounds)):
+            if isinstance(c, bool) or not isinstance(c, numbers.Real):
+                raise TypeError(f"config[{i}] must be a real number, got {type(c).__name__} ({c!r})")
             c = float(c)
             if not (lo <= c <= hi):
                 raise ValueError(f"config[{i}] = {c} is outside the bounds [{lo}, {hi}]")

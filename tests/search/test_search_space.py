@@ -251,6 +251,9 @@ def test_box_space():
             BoxSpace(bad)
     with pytest.raises(ValueError, match="outside the bounds"):
         s.encode((2.0, 0.0))
+    for bad in [("0.5", 0.0), (True, 0.0), (None, 0.0)]:  # float("0.5") is no point of the box
+        with pytest.raises(TypeError, match=r"config\[0\] must be a real number"):
+            s.encode(bad)
 
 
 def test_small_space_enumeration_is_a_bijection():
