@@ -564,7 +564,9 @@ class MilpRuntime:
     def _admit(self, rows: Sequence[Hashable | None]) -> None:
         """Load the batch's users that are not loaded from the store, first evicting the least
         recently used store users the batch does not need; refuses (changing nothing) a batch
-        that cannot be placed."""
+        that cannot be placed. A damaged store file raises from :meth:`load_user` after the
+        evictions: the evicted users were written back first where trained, so nothing is lost,
+        and the users loaded before it stay loaded."""
         store = self.store
         assert store is not None
         need = list(dict.fromkeys(_as_key(u) for u in rows if u is not None))
