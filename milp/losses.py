@@ -127,7 +127,9 @@ def token_losses(
 
 def mean_token_loss(model: nn.Module, **kwargs: Any) -> torch.Tensor:
     """Mean next-token loss over the positions with a target (Hugging Face's ``outputs.loss``),
-    by :func:`token_losses`; takes its arguments.
+    by :func:`token_losses`; takes its arguments. A batch without a target gives 0, where
+    Hugging Face's loss is NaN; with gradients enabled ``backward`` on it still runs and gives
+    the model no gradient (the parameters' ``grad`` stay ``None``: optimizers skip them).
 
     Example:
         >>> import torch
@@ -137,4 +139,7 @@ def mean_token_loss(model: nn.Module, **kwargs: Any) -> torch.Tensor:
         True
     """
     ce, valid = token_losses(model, **kwargs)
-    return ce.sum() / valid.sum().clamp(min=1)
+    loss = ce.sum() / valid.sum().clamp(min=1)
+    if not loss.requires_grad and torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        loss.requires_grad_()  # no target: a constant 0, which backward must still accept
+    return loss

@@ -57,6 +57,23 @@ def test_inputs_embeds_and_no_target():
     assert int(valid.sum()) == 3 and torch.allclose(ce, want, atol=1e-5)
 
 
+def test_mean_loss_without_a_target_is_zero_and_backward_runs():
+    """A batch whose targets were all cut away (say, prompts longer than max_length): the mean
+    loss is 0, not Hugging Face's NaN, and a training loop's backward runs on it and gives the
+    model no gradient; under no_grad it stays a plain constant."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 90, (2, 6))
+    loss = mean_token_loss(model, input_ids=ids, labels=torch.full_like(ids, -100))
+    assert float(loss) == 0.0
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        assert not mean_token_loss(model, input_ids=ids, labels=torch.full_like(ids, -100)).requires_grad
+    loss = mean_token_loss(model, input_ids=ids, labels=ids)  # with targets: the real graph
+    loss.backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters())
+
+
 def test_an_unknown_architecture_takes_the_plain_path(monkeypatch):
     model = tiny_model("llama")
     ids = torch.randint(3, 90, (2, 5))
