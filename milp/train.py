@@ -464,12 +464,12 @@ def _optim(args: argparse.Namespace) -> Any:
 
 # ---- memory injection
 def _inject_users(st: _State, records: Sequence[Record], config: MemoryConfig, users_dir: Path,
-                  desc: str = "memory injection") -> dict[str, list[float]]:
-    """Memory-inject and save every user of ``records`` not yet saved (this rank's share)."""
+                  desc: str = "memory injection") -> None:
+    """Memory-inject and save every user of ``records`` not yet saved (this rank's share),
+    recording each group's losses (:func:`_record_losses`)."""
     args, rt = st.args, st.runtime
     by_user = group_by_user(records)
     todo = [u for u in st.dist.shard(sorted(by_user)) if not (users_dir / user_dirname(u) / "user.json").is_file()]
-    losses: dict[str, list[float]] = {}
     for start in range(0, len(todo), args.slots):
         group = todo[start : start + args.slots]
         recs = [by_user[u][0] for u in group]
@@ -481,33 +481,39 @@ def _inject_users(st: _State, records: Sequence[Record], config: MemoryConfig, u
         st.log(f"{desc}: users {start + 1}-{start + len(group)} of {len(todo)} (rank {st.dist.rank})")
         hist = memory_inject(rt, recs, st.tokenizer, steps=args.memory_steps, rows_per_user=args.rows_per_user,
                              max_length=args.max_length, seed=args.seed, progress=args.progress)
+        # the losses go to disk before their users: a run stopped in between redoes the users,
+        # never leaves a saved user without its losses
+        _record_losses(st, {u: hist.get(u, []) for u in group})
         for u in group:
             rt.save_user(u, users_dir / user_dirname(u), include_optimizer=False)
             rt.remove_user(u)
-            losses[u] = hist.get(u, [])
-    return losses
+
+
+def _record_losses(st: _State, losses: dict[str, list[float]]) -> None:
+    """Add ``losses`` to this rank's part file (merged by :func:`_merge_losses`)."""
+    part = st.out / f"memory_losses.rank{st.dist.rank}.json"
+    old = _read_json(part) if part.exists() else {}
+    old.update(losses)
+    _atomic_json(part, old)
 
 
 def _stable_int(text: str) -> int:
     return int(hashlib.sha1(text.encode()).hexdigest()[:6], 16)
 
 
-def _merge_losses(st: _State, losses: dict[str, list[float]]) -> None:
+def _merge_losses(st: _State) -> None:
+    """Merge every rank's part file into ``memory_losses.json`` (idempotent: a run stopped
+    part-way merges again)."""
     path = st.out / "memory_losses.json"
-    part = st.out / f"memory_losses.rank{st.dist.rank}.json"
-    if losses:
-        old = _read_json(part) if part.exists() else {}
-        old.update(losses)
-        _atomic_json(part, old)
     st.dist.barrier()
     if st.dist.main:
         merged = _read_json(path) if path.exists() else {}
-        for r in range(st.dist.world):
-            p = st.out / f"memory_losses.rank{r}.json"
-            if p.exists():
-                merged.update(_read_json(p))
-                p.unlink()
+        parts = sorted(st.out.glob("memory_losses.rank*.json"))  # any world size's, a stopped run's too
+        for p in parts:
+            merged.update(_read_json(p))
         _atomic_json(path, merged)
+        for p in parts:  # only once the merged file holds them
+            p.unlink()
     st.dist.barrier()
 
 
@@ -667,7 +673,8 @@ def _instruction(st: _State, split: dict[str, list[Record]]) -> list[float]:
 
     args = st.args
     path = st.out / "instruction_adapter.safetensors"
-    done = path.exists()
+    # instruction.json is written last: an adapter without it is from a run stopped in between
+    done = path.exists() and (st.out / "instruction.json").exists()
     adapter = run_instruction_adapter(st.model, args.instruct_rank, args.seed, st.device, path if done else None)
     if done:
         st.log("instruction tuning: done before, adapter loaded")
@@ -781,8 +788,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shapes = st.runtime.state.target_shapes()
         t0 = time.perf_counter()
         everyone = split["train"] + split["val"] + split["test"]
-        losses = _inject_users(st, everyone, config, st.out / "users")
-        _merge_losses(st, losses)
+        _inject_users(st, everyone, config, st.out / "users")
+        _merge_losses(st)
         st.timings["memory_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         it_losses = _instruction(st, split)
