@@ -29,7 +29,8 @@ MedDia conversion rule (:func:`load_meddia`)
   empty ones are dropped; utterances mentioning "simulation" or "AI language model" are
   dropped as generation artefacts.
 * **Users.** One dialogue = one user, id ``meddia-<file tag>-<index>`` (``meddia-d2-0007``
-  is dialogue 7 of ``dialogues2_cleaned.json``; ``d3`` for ``dialogues_3_cleaned.json``).
+  is dialogue 7 of ``dialogues2_cleaned.json``; ``d3`` for ``dialogues_3_cleaned.json``; a
+  later file whose tag is taken gets ``d3-2``, ``d3-3`` …).
 * **Examples.** A candidate example is a patient utterance (the query, ≥ 4 words) followed
   by the doctor's reply (the response, ≥ 8 words) with at least one earlier patient
   utterance.  Candidates are ranked by quality (+1 when the response is not a closing
@@ -161,12 +162,25 @@ def _read_text(path: Path) -> str:
     return _decode(_read_bytes(path), path)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_unicode(what: str, value: str) -> str:
+    """``value`` unless it holds a lone surrogate (``json.loads`` makes one of an escape such as
+    ``"\\ud83d"`` cut from a pair): not Unicode text, so it cannot be written as UTF-8 or tokenized."""
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise ValueError(f"{what} is not valid Unicode text (lone surrogate U+{ord(bad.group()):04X} "
+                         f"at character {bad.start()})")
+    return value
+
+
 def _check_text(name: str, value: Any, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise TypeError(f"field {name!r} must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise ValueError(f"field {name!r} is empty")
-    return value
+    return _check_unicode(f"field {name!r}", value)
 
 
 def _check_history(value: Any) -> tuple[str, ...]:
@@ -179,6 +193,7 @@ def _check_history(value: Any) -> tuple[str, ...]:
             raise TypeError(f"field 'history' item {i} must be a string, got {type(item).__name__}")
         if not item.strip():
             raise ValueError(f"field 'history' item {i} is empty")
+        _check_unicode(f"field 'history' item {i}", item)
     return tuple(value)
 
 
@@ -187,7 +202,8 @@ class Record:
     """One personalization example; validated on construction.
 
     ``history`` may be given as a list; it is stored as a tuple.  ``profile`` may be
-    empty; every other field must be non-blank text.
+    empty; every other field must be non-blank text.  Text holding a lone surrogate
+    (not Unicode: it cannot be written as UTF-8 nor tokenized) is refused.
 
     Example:
         >>> r = Record("u1", "likes tea", ["I drink tea daily."], "What should I drink?", "Tea.")
@@ -252,6 +268,10 @@ class UserMemory:
 def _check_on_error(on_error: Any) -> None:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _warn_skipped(path: Any, skipped: list[DataFormatError]) -> None:
@@ -484,6 +504,27 @@ def _file_tag(path: Path) -> str:
     return f"d{digits[0]}" if digits else re.sub(r"[^A-Za-z0-9]+", "", path.stem)[:16] or "d"
 
 
+def _file_tags(files: Sequence[Path]) -> list[str]:
+    """:func:`_file_tag` of each file; a tag already taken by an earlier file gets ``-2``, ``-3`` …
+    (``dialogues_1.json``, ``dialogues_1_more.json`` → ``d1``, ``d1-2``), so that no two dialogues
+    share a user id."""
+    seen: Counter[str] = Counter()
+    tags = []
+    for f in files:
+        tag = _file_tag(f)
+        seen[tag] += 1
+        tags.append(tag if seen[tag] == 1 else f"{tag}-{seen[tag]}")
+    return tags
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON document in ``path``; broken JSON raises :class:`DataFormatError` at its line."""
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(path, exc.lineno, f"invalid JSON ({exc.msg})") from None
+
+
 def _meddia_files(path: str | os.PathLike[str] | None) -> list[Path]:
     if path is None:
         base = meddia_dir()
@@ -523,25 +564,22 @@ def load_meddia(
         >>> recs[0].user_id, len(recs) > 600
         ('meddia-d2-0000', True)
     """
-    if examples_per_user is not None and (not isinstance(examples_per_user, int) or examples_per_user < 1):
+    if examples_per_user is not None and not _is_positive_int(examples_per_user):
         raise ValueError(f"examples_per_user must be a positive int or None, got {examples_per_user!r}")
     if profile not in ("summary", "none"):
         raise ValueError(f"profile must be 'summary' or 'none', got {profile!r}")
     for name, v in (("min_query_words", min_query_words), ("min_response_words", min_response_words)):
-        if not isinstance(v, int) or v < 1:
+        if not _is_positive_int(v):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if max_users is not None and (not isinstance(max_users, int) or max_users < 1):
+    if max_users is not None and not _is_positive_int(max_users):
         raise ValueError(f"max_users must be a positive int or None, got {max_users!r}")
     records: list[Record] = []
     users = skipped = 0
-    for f in _meddia_files(path):
-        try:
-            dialogues = json.loads(_read_text(f))
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(f, exc.lineno, f"invalid JSON ({exc.msg})") from None
+    files = _meddia_files(path)
+    for f, tag in zip(files, _file_tags(files)):
+        dialogues = _read_json(f)
         if not isinstance(dialogues, list):
             raise DataFormatError(f, 1, "expected a JSON list of dialogues")
-        tag = _file_tag(f)
         for index, dialogue in enumerate(dialogues):
             if max_users is not None and users >= max_users:
                 break
@@ -588,7 +626,7 @@ def load_meddia_profiles(
     """
     _check_on_error(on_error)
     p = meddia_dir() / "profiles_4.json" if path is None else _as_path(path)
-    items = json.loads(_read_text(p))
+    items = _read_json(p)
     if not isinstance(items, list):
         raise DataFormatError(p, 1, "expected a JSON list of JSON strings")
     out: list[dict[str, Any]] = []
@@ -713,14 +751,14 @@ def _text(value: Any, what: str) -> str:
         return str(value)
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a string, got {type(value).__name__}")
-    return value.strip()
+    return _check_unicode(what, value).strip()
 
 
 def _text_list(value: Any, what: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [value.strip()] if value.strip() else []
+        value = [value]
     if not isinstance(value, list):
         raise ValueError(f"{what} must be a string or a list of strings, got {type(value).__name__}")
     out = []
@@ -739,13 +777,14 @@ def _text_list(value: Any, what: str) -> list[str]:
 def _order_key(obj: Mapping[str, Any], keys: Sequence[str], position: int) -> tuple[float, int]:
     for k in keys:
         v = obj.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return (float(v), position)
-        if isinstance(v, str):
-            try:
-                return (float(v), position)
-            except ValueError:
-                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            continue
+        try:
+            t = float(v)
+        except ValueError:
+            continue
+        if not math.isnan(t):  # NaN (JSON's NaN, "nan") is no time: it would make the sort order arbitrary
+            return (t, position)
     return (0.0, position)  # no usable time: file order
 
 
@@ -760,10 +799,9 @@ def _dedup(items: Iterable[str]) -> list[str]:
 
 
 def _check_common(examples_per_user: Any, max_history: Any, on_error: Any) -> None:
-    if not isinstance(examples_per_user, int) or isinstance(examples_per_user, bool) or examples_per_user < 1:
+    if not _is_positive_int(examples_per_user):
         raise ValueError(f"examples_per_user must be a positive int, got {examples_per_user!r}")
-    if max_history is not None and (not isinstance(max_history, int) or isinstance(max_history, bool)
-                                    or max_history < 1):
+    if max_history is not None and not _is_positive_int(max_history):
         raise ValueError(f"max_history must be a positive int or None, got {max_history!r}")
     _check_on_error(on_error)
 
@@ -884,7 +922,8 @@ def load_reddit(
 
     Fields (aliases in brackets; ``*`` = required):
 
-    * ``author``\\* [``user_id``] — the commenting user (``[deleted]`` authors are dropped);
+    * ``author``\\* [``user_id``] — the commenting user (``[deleted]`` authors are dropped, a
+      blank one is a malformed line);
     * ``body``\\* [``text``, ``comment``] — the comment (``[deleted]``/``[removed]`` dropped);
     * ``parent_body`` [``parent_text``, ``parent``, ``context``, ``post``] — the text the
       comment replies to, optional;
@@ -906,6 +945,8 @@ def load_reddit(
     def parse(obj: Mapping[str, Any]) -> dict[str, Any] | None:
         user = _text(_pick(obj, ("author", "user_id"), "author"), "author")
         body = _text(_pick(obj, ("body", "text", "comment"), "comment body"), "comment body")
+        if not user:
+            raise ValueError("author must be non-empty")
         if user in _DELETED or body in _DELETED or not body:
             return None
         parent = _pick(obj, ("parent_body", "parent_text", "parent", "context", "post"), "parent", required=False)
@@ -913,7 +954,8 @@ def load_reddit(
         if parent in _DELETED:
             parent = ""
         sub = obj.get("subreddit")
-        return {"user": user, "body": body, "parent": parent, "subreddit": sub if isinstance(sub, str) else "",
+        return {"user": user, "body": body, "parent": parent,
+                "subreddit": _text(sub, "subreddit") if isinstance(sub, str) else "",
                 "profile": _text(obj.get("profile") or "", "profile"), "order": obj}
 
     items, skipped = _parse_items(p, on_error, progress, parse)
@@ -984,7 +1026,7 @@ def _read_lamp_outputs(path: Path) -> dict[str, str]:
         if not isinstance(g, Mapping) or "id" not in g or "output" not in g:
             raise DataFormatError(path, where, "each gold must be an object with 'id' and 'output'")
         try:
-            out[str(g["id"])] = _text(g["output"], "output")
+            out[_text(g["id"], "id")] = _text(g["output"], "output")  # the id as a question's is read
         except ValueError as exc:
             raise DataFormatError(path, where, str(exc)) from None
     return out
@@ -1003,8 +1045,9 @@ def load_lamp(
     Each question: ``{"id"*, "input"*, "profile"*: [item, ...], "output"?, "user_id"?}``.
     The gold ``output`` is taken from the question or from ``outputs_path`` —
     ``{"task": ..., "golds": [{"id", "output"}, ...]}`` (LaMP's layout) or a list/JSONL
-    of ``{"id", "output"}``.  Mapping: ``user_id`` = the ``user_id`` field, else
-    ``"lamp-<id>"``; ``query`` = ``input``; ``response`` = ``output``; ``history`` = the
+    of ``{"id", "output"}`` (ids read as the questions' are: stripped, a number as text).
+    Mapping: ``user_id`` = the ``user_id`` field (a number as text, ``0`` too), else (absent,
+    ``null`` or ``""``) ``"lamp-<id>"``; ``query`` = ``input``; ``response`` = ``output``; ``history`` = the
     profile items in file order, each formatted as its only text field, or as
     ``"key: value; key: value"`` over its fields except ``id``/``date`` (e.g. LaMP-4's
     ``title``/``text``); ``profile`` = ``""`` (LaMP's "profile" *is* the user's history).
@@ -1031,7 +1074,8 @@ def load_lamp(
         history = [s for s in (_format_lamp_item(it) for it in items) if s]
         if max_history is not None:
             history = history[-max_history:]
-        user = _text(obj.get("user_id") or f"lamp-{qid}", "user_id")
+        user = _pick(obj, ("user_id",), "user_id", required=False)
+        user = f"lamp-{qid}" if user is None else _text(user, "user_id")
         return Record(user, "", history, query, _text(output, "output"))
 
     items, skipped = _parse_items(p, on_error, progress, parse)
@@ -1058,7 +1102,7 @@ def group_by_user(records: Iterable[Record]) -> dict[str, list[Record]]:
 
 def user_memories(records: Iterable[Record]) -> list[UserMemory]:
     """One :class:`UserMemory` per user: the union of their records' histories (order
-    kept, duplicates dropped) and their first non-empty profile.
+    kept, duplicates dropped) and their first non-blank profile.
 
     Example:
         >>> rs = [Record("a", "", ["x"], "q1", "r"), Record("a", "p", ["x", "y"], "q2", "r")]
@@ -1068,7 +1112,7 @@ def user_memories(records: Iterable[Record]) -> list[UserMemory]:
     out = []
     for user, recs in group_by_user(records).items():
         history = _dedup(h for r in recs for h in r.history)
-        profile = next((r.profile for r in recs if r.profile), "")
+        profile = next((r.profile for r in recs if r.profile.strip()), "")
         out.append(UserMemory(user, profile, tuple(history)))
     return out
 

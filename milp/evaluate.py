@@ -65,10 +65,10 @@ import argparse
 import copy
 import io
 import json
-import math
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -575,10 +575,10 @@ def _fill_response_ce(st: _Seed, models: _Models, methods: Sequence[str]) -> Non
 
 # --------------------------------------------------------------------------- aggregation
 def _mean_std(xs: Sequence[float]) -> tuple[float, float | None]:
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, None
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    """Mean and sample standard deviation (``None`` for one value), correctly rounded: equal
+    values give exactly that value and 0 (``sum(xs) / n`` gives 0.1 + 2⁻⁵⁶ for three 0.1s)."""
+    m = float(statistics.mean(xs))
+    return m, statistics.stdev(xs, m) if len(xs) > 1 else None
 
 
 def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[Record]]], judge: Any,

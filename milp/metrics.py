@@ -92,6 +92,13 @@ def _check_str_list(name: str, value: Any) -> list[str]:
     return list(value)
 
 
+def _check_context(name: str, value: Any) -> Context:
+    """A user's content: a string or a sequence of strings (``TypeError`` naming ``name`` otherwise)."""
+    if not isinstance(value, str):
+        _check_str_list(name, value)
+    return value
+
+
 def _check_same_length(**seqs: Sequence[Any]) -> int:
     lengths = {k: len(v) for k, v in seqs.items() if v is not None}
     if len(set(lengths.values())) > 1:
@@ -168,7 +175,7 @@ def persona_f1_single(prediction: str, user_content: str | Sequence[str]) -> flo
     if not isinstance(prediction, str):
         raise TypeError(f"prediction must be a string, got {type(prediction).__name__}")
     pred = Counter(content_tokens(prediction))
-    ctx = Counter(content_tokens(user_content))
+    ctx = Counter(content_tokens(_check_context("user_content", user_content)))
     if not pred or not ctx:
         return 0.0
     overlap = sum((pred & ctx).values())
@@ -194,7 +201,8 @@ def persona_f1(predictions: Sequence[str], user_contents: Sequence[str | Sequenc
     n = _check_same_length(predictions=preds, user_contents=user_contents)
     if n == 0:
         raise ValueError("predictions and user_contents are empty; nothing to score")
-    return sum(persona_f1_single(p, c) for p, c in zip(preds, user_contents)) / n
+    contents = [_check_context(f"user_contents[{i}]", c) for i, c in enumerate(user_contents)]
+    return sum(persona_f1_single(p, c) for p, c in zip(preds, contents)) / n
 
 
 # =========================================================================== judges
@@ -423,7 +431,8 @@ class LMJudge:
     def judge_batch(self, queries: Sequence[str], contexts: Sequence[Context], answers_a: Sequence[str],
                     answers_b: Sequence[str], references: Sequence[str | None] | None = None) -> list[Preference]:
         """:meth:`judge` over aligned lists, batched through the model."""
-        refs = list(references) if references is not None else [None] * len(queries)
+        refs = [r if r and r.strip() else None for r in references] if references is not None \
+            else [None] * len(queries)  # a blank reference is no reference, as for EmbeddingJudge
         verdicts: list[Preference | None] = []
         prompts: list[str] = []
         for q, c, a, b, r in zip(queries, contexts, answers_a, answers_b, refs):
@@ -478,7 +487,9 @@ def win_rate(
 
     ``judge`` is any :class:`Judge` (default :class:`EmbeddingJudge`).  With
     ``swap=True`` each pair is also judged with the answers swapped and the two verdicts
-    must agree, else it is a tie (removes position bias of order-sensitive judges).
+    must agree, else it is a tie (removes position bias of order-sensitive judges).  A verdict
+    other than ``"A"``/``"B"``/``"tie"`` in either pass, or a ``judge_batch`` answering for
+    another number of examples, raises ``ValueError``.
 
     Example:
         >>> class LongerWins:
@@ -493,6 +504,7 @@ def win_rate(
     q = _check_str_list("queries", queries)
     if isinstance(contexts, (str, bytes)) or not isinstance(contexts, Sequence):
         raise TypeError(f"contexts must be a sequence (one user context per example), got {type(contexts).__name__}")
+    contexts = [_check_context(f"contexts[{i}]", c) for i, c in enumerate(contexts)]
     refs = _check_str_list("references", references) if references is not None else None
     n = _check_same_length(answers=a, baseline_answers=b, queries=q, contexts=contexts, references=refs)
     if n == 0:
@@ -506,18 +518,22 @@ def win_rate(
     def run(x: list[str], y: list[str]) -> list[str]:
         batch = getattr(judge, "judge_batch", None)
         if callable(batch):
-            return list(batch(q, list(contexts), x, y, rlist))
-        return [judge.judge(q[i], contexts[i], x[i], y[i], rlist[i])
-                for i in tqdm(range(n), desc=f"judging ({name})", disable=not progress)]
+            out = list(batch(q, contexts, x, y, rlist))
+            if len(out) != n:
+                raise ValueError(f"judge {name!r}: judge_batch returned {len(out)} verdicts for {n} examples")
+        else:
+            out = [judge.judge(q[i], contexts[i], x[i], y[i], rlist[i])
+                   for i in tqdm(range(n), desc=f"judging ({name})", disable=not progress)]
+        for i, v in enumerate(out):  # each pass, before swap=True merges the two
+            if v not in ("A", "B", "tie"):
+                raise ValueError(f"judge {name!r} returned {v!r} for example {i}; expected 'A', 'B' or 'tie'")
+        return out
 
     verdicts = run(a, b)
     if swap:
         flipped = {"A": "B", "B": "A", "tie": "tie"}
-        second = [flipped.get(v, v) for v in run(b, a)]
+        second = [flipped[v] for v in run(b, a)]
         verdicts = [v if v == s else "tie" for v, s in zip(verdicts, second)]
-    for i, v in enumerate(verdicts):
-        if v not in ("A", "B", "tie"):
-            raise ValueError(f"judge {name!r} returned {v!r} for example {i}; expected 'A', 'B' or 'tie'")
     wins, losses = verdicts.count("A"), verdicts.count("B")
     ties = n - wins - losses
     return WinRate(100.0 * (wins + 0.5 * ties) / n, wins, losses, ties, n, name)
