@@ -202,8 +202,9 @@ def _render(header: str, titles: Sequence[str | None], items: Sequence[_Item]) -
 
 
 def _cut(text: str, keep: int, tokenizer: Any) -> str:
+    # no special tokens were added, so any in ``ids`` are the user's own text ("<s>" typed in a turn): keep them
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:keep]
-    head = tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd").rstrip()
+    head = tokenizer.decode(ids, skip_special_tokens=False).rstrip("\ufffd").rstrip()
     return head + ELLIPSIS
 
 

@@ -74,11 +74,12 @@ def _pattern(name: str) -> str:
     return "^" + re.escape(name)
 
 
-def peft_adapter(runtime: Any, user: Hashable, *, base_model_name_or_path: str | None = None
+def peft_adapter(runtime: Any, user: Hashable, *, base_model_name_or_path: str | os.PathLike[str] | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, config)`` of ``user``'s adapters in PEFT's LoRA format (CPU tensors
     keyed ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``; the config as
-    the dict ``LoraConfig`` reads).
+    the dict ``LoraConfig`` reads). ``base_model_name_or_path`` (a hub id or a local path;
+    default: the model's ``config._name_or_path``) goes into the config as a str.
 
     Example:
         >>> from milp.inject import tiny_model
@@ -94,6 +95,11 @@ def peft_adapter(runtime: Any, user: Hashable, *, base_model_name_or_path: str |
 
     if not isinstance(runtime, MilpRuntime):
         raise TypeError(f"runtime must be a MilpRuntime, got {type(runtime).__name__}")
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str, a path or None, "
+                        f"got {type(base_model_name_or_path).__name__}")
     slot = runtime.slot(user)
     st = runtime.state
     tensors: dict[str, torch.Tensor] = {}
@@ -108,7 +114,11 @@ def peft_adapter(runtime: Any, user: Hashable, *, base_model_name_or_path: str |
             # PEFT: y += (alpha_peft / R) * (x A^T) B_peft^T; alpha_peft = R -> scaling 1
             b_peft = (b.detach().to(torch.float64) * scale.detach().to(torch.float64)[:, None]).t()
             tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().clone().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b_peft.to(b.dtype).cpu().contiguous()
+            b_out = b_peft.to(b.dtype)
+            if not torch.isfinite(b_out).all() and torch.isfinite(b_peft).all():
+                raise ValueError(f"user {user!r}: {name}'s lora_B times its scale ({float(scale.max()):g}) "
+                                 f"overflows {b.dtype}; PEFT's lora_B holds it folded (export from a float32 copy)")
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b_out.cpu().contiguous()
             ranks[name] = R
             if m.conv1d:
                 conv1d.add(name)
@@ -139,7 +149,7 @@ def peft_adapter(runtime: Any, user: Hashable, *, base_model_name_or_path: str |
 
 
 def export_peft(runtime: Any, user: Hashable, directory: str | os.PathLike[str], *,
-                base_model_name_or_path: str | None = None) -> Path:
+                base_model_name_or_path: str | os.PathLike[str] | None = None) -> Path:
     """Write ``user``'s adapters as a PEFT LoRA adapter directory, atomically; returns it.
     Uses ``peft.LoraConfig`` to write the config when PEFT is installed.
 

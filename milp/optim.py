@@ -9,7 +9,7 @@ gathers them per row (``hyper[row_user]``) and updates each bank with a handful 
 tensor ops over the row span holding the stepped users (the whole bank for a joint step,
 one user's rows for a single-user step) — no Python loop over rows, no host
 synchronisation. Rows of users not stepped (not in the batch) and free rows inside the
-span get a zero weight and stay untouched.
+span get a zero weight and stay untouched, whatever their gradients hold (NaN and inf too).
 
 Per user the update is exactly :class:`torch.optim.AdamW` (decoupled weight decay,
 bias correction by the user's own step count) with, optionally, gradient clipping to
@@ -214,7 +214,7 @@ class PackedAdamW:
         self._warmup = torch.zeros(U, **f32)
         self._total = torch.zeros(U, **f32)  # 0 = no budget
         self._linear = torch.zeros(U, dtype=torch.bool, device=dev)
-        self._max_norm = torch.full((U,), math.inf, **f32)
+        self._max_norm = torch.full((U,), math.inf, **f64)
         self._step = torch.zeros(U, dtype=torch.int64, device=dev)
         self._configs: dict[int, tuple[AdamWConfig, int | None]] = {}
         # per bank: layout {user: (offset, rank)}, capacity, row_user, moments (+ master_a/_b)
@@ -429,7 +429,11 @@ class PackedAdamW:
             >>> opt = PackedAdamW([], max_users=2); opt.set_user(1); opt.step([1]); opt.step_count(1)
             1
         """
-        idx = torch.as_tensor(slots if not isinstance(slots, torch.Tensor) else slots.tolist(), dtype=torch.int64)
+        idx = torch.as_tensor(slots if not isinstance(slots, torch.Tensor) else slots.tolist())
+        if idx.numel() and (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
+            # as_tensor(..., dtype=int64) would truncate 0.5 to user 0 and step a user nobody named
+            raise TypeError(f"slots must hold int user slots, got {idx.dtype} values")
+        idx = idx.to(torch.int64)
         if idx.dim() != 1:
             raise ValueError(f"slots must be a 1-D list of user slots, got shape {tuple(idx.shape)}")
         host = idx.unique().tolist()
@@ -460,11 +464,11 @@ class PackedAdamW:
             norm2 = torch.zeros(self.max_users, dtype=nd, device=dev)
             for i, sl in spans:
                 ru = self._row_user[i][sl]
-                ru0, valid = ru.clamp(min=0), (ru >= 0).to(nd)
+                ru0 = ru.clamp(min=0)
                 for p in (self.banks[i].lora_a, self.banks[i].lora_b):
-                    if p.grad is not None:
-                        norm2.index_add_(0, ru0, p.grad[sl].to(nd).pow(2).sum(1) * valid)
-            clip = (self._max_norm / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
+                    if p.grad is not None:  # free rows add 0 (not 0 · their gradient: NaN · 0 is NaN)
+                        norm2.index_add_(0, ru0, torch.where(ru >= 0, p.grad[sl].to(nd).pow(2).sum(1), 0))
+            clip = (self._max_norm.to(nd) / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
 
         for i, sl in spans:
             b, ru = self.banks[i], self._row_user[i][sl]
@@ -487,6 +491,8 @@ class PackedAdamW:
                     g = torch.zeros(data.shape, dtype=cd, device=dev)
                 if clip is not None:
                     g = g * clip[ru0][:, None].to(cd)
+                # rows not stepped see a zero gradient, whatever theirs holds (NaN/inf · 0 weight is NaN)
+                g = torch.where(on > 0, g, 0)
                 m, v = mom["exp_avg_" + sfx][sl], mom["exp_avg_sq_" + sfx][sl]
                 m.lerp_(g, w1)
                 v.add_((g * g - v) * w2)
@@ -551,14 +557,16 @@ class PackedAdamW:
         bank), and skipped for banks without a master (float32/64, ``master_weights=False``)."""
         self._check_slot(slot)
         self.sync()
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # every entry checked before any is loaded
+        step = None
         for key, t in state.items():
             if key == "step":
-                self._step[slot] = int(t.reshape(-1)[0])
+                step = int(t.reshape(-1)[0])
                 continue
             i_str, _, name = key.partition(".")
-            i = int(i_str)
+            i = int(i_str) if i_str.isascii() and i_str.isdigit() else -1
             if not 0 <= i < len(self.banks) or slot not in self._layout[i]:
-                raise ValueError(f"optimizer state {key!r} names bank {i_str}, where user slot {slot} has no rows")
+                raise ValueError(f"optimizer state {key!r} names bank {i_str!r}, where user slot {slot} has no rows")
             if name not in self._moments[i]:
                 if name in ("master_a", "master_b"):
                     continue
@@ -568,4 +576,8 @@ class PackedAdamW:
             dst = self._moments[i][name][off : off + r]
             if tuple(t.shape) != tuple(dst.shape):
                 raise ValueError(f"optimizer state {key!r} has shape {list(t.shape)}, expected {list(dst.shape)}")
+            copies.append((dst, t))
+        for dst, t in copies:
             dst.copy_(t.to(dst))
+        if step is not None:
+            self._step[slot] = step

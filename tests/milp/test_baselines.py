@@ -429,3 +429,16 @@ def test_malp_and_user_vectors_with_minilm(tiny_chat_tokenizer):
     assert history[0] in mem.context(r, tiny_chat_tokenizer)
     u = user_vectors([r], emb)
     assert u.shape == (1, 384) and 0 < float(u.norm()) <= 1 + 1e-5
+
+
+def test_cut_item_keeps_special_token_text_of_the_user(tok):
+    """Regression: the cut decoded with ``skip_special_tokens=True``, so a ``<s>`` or ``</s>`` typed in
+    the user's own text vanished from a cut item ("knee knee  kn…"), which then was not the item's
+    beginning (found by tests/milp/test_baselines_props.py)."""
+    profile = "knee knee <s> knee knee </s> run " * 4
+    r = SimpleNamespace(profile=profile, history=[])
+    budget = count_tokens(f"{TPLP_HEADER}\nProfile: knee knee <s> knee", tok) + 1
+    ctx = tplp_context(r, tok, max_tokens=budget)
+    line = ctx.splitlines()[1]
+    assert count_tokens(ctx, tok) <= budget and line.endswith(ELLIPSIS)
+    assert ("Profile: " + profile).startswith(line[: -len(ELLIPSIS)]) and "<s>" in line

@@ -446,3 +446,24 @@ def test_drawn_peft_adapters_import_with_peft_outputs(case):
         base = rt.forward(ids, None).logits
     torch.testing.assert_close(got[:2], want, **tol)
     torch.testing.assert_close(got[3], base[1], **tol)
+
+
+def test_export_takes_a_path_as_base_model_and_refuses_other_types(tmp_path):
+    """Regression: ``base_model_name_or_path=Path(...)`` (a local checkpoint) crashed in json with
+    "Object of type PosixPath is not JSON serializable"; an int was written into the config."""
+    rt = runtime("llama")
+    d = export_peft(rt, "u", tmp_path / "a", base_model_name_or_path=tmp_path / "ckpt")
+    assert json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "ckpt")
+    with pytest.raises(TypeError, match="base_model_name_or_path must be a str, a path or None, got int"):
+        export_peft(rt, "u", tmp_path / "b", base_model_name_or_path=123)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_export_refuses_a_fold_that_overflows_half_precision(tmp_path):
+    """Regression: ``lora_B`` is written with the module's scale folded in, in the bank's dtype; an
+    fp16 user with a large ``lora_alpha`` exported an inf ``lora_B`` silently (NaN logits in PEFT)."""
+    rt = MilpRuntime(tiny_model("llama").half(), max_users=1)
+    rt.add_user("u", MemoryConfig.uniform(2, 1, 1, lora_alpha=1e5), init="random", seed=0)
+    with pytest.raises(ValueError, match=r"lora_B times its scale \(100000\) overflows torch.float16"):
+        export_peft(rt, "u", tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []

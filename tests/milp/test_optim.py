@@ -410,3 +410,66 @@ def test_user_state_is_a_snapshot_not_a_view():
     bank.lora_a.grad = torch.ones_like(bank.lora_a)
     opt.step([0])
     assert all(torch.equal(state[k], held[k]) for k in state) and int(state["step"]) == 0
+
+
+def test_users_not_stepped_and_free_rows_ignore_non_finite_gradients():
+    """Regression: rows of users not stepped got ``lerp(g, 0)``, i.e. ``m + 0·(g - m)``: a NaN or inf
+    in their gradient (a user skipped *because* its gradient overflowed) turned their moments and
+    weights into NaN; a NaN in a free row's gradient reached user 0's clipping norm the same way."""
+    g = torch.Generator().manual_seed(9)
+    bank = ragged_bank(torch.float32, g)  # users 0, 3, 1, 2 with free rows 3..5 between 0 and 3
+    opt = PackedAdamW([bank], 6)
+    for u in (0, 1, 2, 3):
+        opt.set_user(u, AdamWConfig(lr=1e-2, max_grad_norm=1.0))
+    set_grads(bank, g)
+    bank.lora_a.grad[3, 0] = float("nan")  # a free row
+    bank.lora_a.grad[6, 1] = float("inf")  # user 3, not stepped
+    bank.lora_b.grad[bank.segment(1).offset, 2] = float("nan")  # user 1, not stepped
+    kept, state = {u: rows(bank, u) for u in (1, 3)}, {u: opt.user_state(u) for u in (1, 3)}
+    opt.step([0, 2])
+    for u in (1, 3):
+        assert all(same(x, y) for x, y in zip(rows(bank, u), kept[u]))
+        assert all(same(opt.user_state(u)[k], v) for k, v in state[u].items())
+    for u in (0, 2):
+        assert all(torch.isfinite(x).all() for x in rows(bank, u)) and opt.step_count(u) == 1
+
+
+def test_float64_clipping_uses_max_grad_norm_unrounded():
+    """Regression: ``max_grad_norm`` was held in float32, so a float64 bank clipped to 0.3 rounded to
+    float32 (relative 4e-8): off from torch's AdamW + clip_grad_norm_ far beyond float64 rounding."""
+    bank = kernels.AdapterBank(3, 2, max_users=1, dtype=torch.float64)
+    bank.add(0, [2], init="random", generator=torch.Generator().manual_seed(0))
+    opt = PackedAdamW([bank], 1)
+    opt.set_user(0, AdamWConfig(lr=1e-2, max_grad_norm=0.3, weight_decay=0.0))
+    a, b = (w.clone().requires_grad_() for w in rows(bank, 0))
+    ref = torch.optim.AdamW([a, b], lr=1e-2, weight_decay=0.0)
+    for _ in range(3):
+        bank.lora_a.grad, bank.lora_b.grad = torch.randn_like(bank.lora_a), torch.randn_like(bank.lora_b)
+        a.grad, b.grad = bank.lora_a.grad[:2].clone(), bank.lora_b.grad[:2].clone()
+        torch.nn.utils.clip_grad_norm_([a, b], 0.3)
+        ref.step()
+        opt.step([0])
+    torch.testing.assert_close(opt.user_state(0)["0.exp_avg_a"], ref.state[a]["exp_avg"], rtol=1e-13, atol=0)
+
+
+def test_step_refuses_non_integer_slots_and_load_user_state_loads_all_or_nothing():
+    """Regression: ``step([0.5])`` stepped user 0 (``as_tensor(..., dtype=int64)`` truncates); a state
+    with a bad entry after good ones had loaded those, and a key ``"x.exp_avg_a"`` raised int()'s error."""
+    bank = kernels.AdapterBank(4, 2, max_users=2)
+    bank.add(0, [2])
+    opt = PackedAdamW([bank], max_users=2)
+    opt.set_user(0)
+    for slots in ([0.5], torch.tensor([0.0]), [True]):
+        with pytest.raises(TypeError, match="slots must hold int user slots"):
+            opt.step(slots)
+    assert opt.step_count(0) == 0
+    opt.step(torch.tensor([0]))
+    assert opt.step_count(0) == 1
+    before = opt.user_state(0)
+    bad = {"step": torch.tensor([7]), "0.exp_avg_a": torch.ones(2, 4), "0.exp_avg_b": torch.ones(3, 2)}
+    with pytest.raises(ValueError, match=r"'0.exp_avg_b' has shape \[3, 2\], expected \[2, 2\]"):
+        opt.load_user_state(0, bad)
+    after = opt.user_state(0)
+    assert all(same(after[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match="names bank 'x', where user slot 0 has no rows"):
+        opt.load_user_state(0, {"x.exp_avg_a": torch.ones(2, 4)})
