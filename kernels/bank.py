@@ -19,6 +19,7 @@ increments: re-capture graphs and rebuild optimizers).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -174,33 +175,40 @@ class AdapterBank(torch.nn.Module):
         self._check_user(user)
         if isinstance(ranks, int) and not isinstance(ranks, bool):
             ranks = [ranks]
-        ranks = list(ranks)
+        ranks = _as_list("ranks", ranks, "an int or a sequence of ints")
         if not ranks:
             raise ValueError("ranks must name at least one module; use remove() for none")
         for r in ranks:
             check_positive_int("ranks[...]", r)
-        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-            alphas = [float(alpha)] * len(ranks)
+        if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+            alphas = [alpha] * len(ranks)
         else:
-            alphas = [float(a) for a in alpha]
+            alphas = _as_list("alpha", alpha, "a number or a sequence of numbers (one per module)")
             if len(alphas) != len(ranks):
                 raise ValueError(f"alpha has {len(alphas)} values for {len(ranks)} ranks")
-        for a in alphas:
-            check_finite("alpha", a)
+        alphas = [check_finite("alpha", float(a) if isinstance(a, numbers.Real) and not isinstance(a, bool) else a)
+                  for a in alphas]  # a numpy float32 too
+        # stored as float32 (the kernels read them so): a finite alpha / r beyond its range is inf there
+        scales = torch.tensor([a / r for a, r in zip(alphas, ranks)], dtype=torch.float32)
+        if not torch.isfinite(scales).all():
+            raise ValueError(f"alpha / rank must be finite in float32 (the scales' dtype), got alpha={alphas}")
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
 
-        if user in self._segments:
-            self.remove(user)
         total = sum(ranks)
+        replaced = self._segments.get(user)
+        held = replaced.rank if replaced else 0  # rows the replaced modules give back
+        if self.capacity - self.used_rows + held < total:
+            # grown before the replaced user goes: a failed allocation leaves the bank as it was
+            self.reserve(max(self.used_rows - held + total, 2 * self.capacity, 64))
+        if replaced:
+            self.remove(user)
         offset = self._allocate(total)
         seg = AdapterSegment(offset, tuple(ranks), tuple(alphas))
         self._segments[user] = seg
         self._max_rank = max(self._max_rank, total)
         with torch.no_grad():
-            self.scale[offset : offset + total] = torch.tensor(
-                [s for s, r in zip(seg.scales, ranks) for _ in range(r)], dtype=torch.float32
-            )
+            self.scale[offset : offset + total] = scales.repeat_interleave(torch.tensor(ranks))
             self._init_rows(seg, init, generator)
             self.slots[user, 0] = offset
             self.slots[user, 1] = total
@@ -248,23 +256,38 @@ class AdapterBank(torch.nn.Module):
         """Move all segments to the front, in offset order, in place (no reallocation); pending
         gradients (``lora_a.grad``, ``lora_b.grad``) move with their rows."""
         cursor = 0
-        with torch.no_grad():
-            for user in sorted(self._segments, key=lambda u: self._segments[u].offset):
-                seg = self._segments[user]
-                if seg.offset != cursor:
-                    src = slice(seg.offset, seg.offset + seg.rank)
-                    dst = slice(cursor, cursor + seg.rank)
-                    # cursor < offset, so an ascending copy never overwrites unread rows; clone anyway
-                    for t in (self.lora_a, self.lora_b, self.scale, *self._grads()):
-                        t[dst] = t[src].clone()
-                    seg = AdapterSegment(cursor, seg.ranks, seg.alphas)
-                    self._segments[user] = seg
-                    self.slots[user, 0] = cursor
-                cursor += seg.rank
-            self.scale[cursor:] = 0
-            for g in self._grads():
-                g[cursor:] = 0
-        self._free = [(cursor, self.capacity - cursor)] if cursor < self.capacity else []
+        try:
+            with torch.no_grad():
+                for user in sorted(self._segments, key=lambda u: self._segments[u].offset):
+                    seg = self._segments[user]
+                    if seg.offset != cursor:
+                        src = slice(seg.offset, seg.offset + seg.rank)
+                        dst = slice(cursor, cursor + seg.rank)
+                        # the rows may overlap: copies of all of them first, so a copy that fails (out
+                        # of memory) leaves this segment where it was, whole
+                        tensors = (self.lora_a, self.lora_b, self.scale, *self._grads())
+                        for t, rows in zip(tensors, [t[src].clone() for t in tensors]):
+                            t[dst] = rows
+                        self._segments[user] = seg = AdapterSegment(cursor, seg.ranks, seg.alphas)
+                        self.slots[user, 0] = cursor
+                    cursor += seg.rank
+        finally:  # after a failed copy too: the free list is the rows no segment holds, their scale 0
+            self._free = self._gaps()
+            with torch.no_grad():
+                for start, rows in self._free:
+                    for t in (self.scale, *self._grads()):
+                        t[start : start + rows] = 0
+
+    def _gaps(self) -> list[tuple[int, int]]:
+        """``(start, length)`` of the runs of rows no segment holds, in order."""
+        gaps, cursor = [], 0
+        for seg in sorted(self._segments.values(), key=lambda s: s.offset):
+            if seg.offset > cursor:
+                gaps.append((cursor, seg.offset - cursor))
+            cursor = seg.offset + seg.rank
+        if cursor < self.capacity:
+            gaps.append((cursor, self.capacity - cursor))
+        return gaps
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for p in (self.lora_a, self.lora_b) if p.grad is not None]
@@ -276,16 +299,22 @@ class AdapterBank(torch.nn.Module):
             return
         old = self.capacity
         with torch.no_grad():
-            for name in ("lora_a", "lora_b"):
-                p = getattr(self, name)
-                grown = torch.zeros(capacity, p.shape[1], dtype=p.dtype, device=p.device)
-                grown[:old] = p.data
-                grad = p.grad
-                p.data = grown
-                if grad is not None:  # a pending gradient keeps its rows and the parameter's shape
-                    p.grad = torch.cat([grad, grad.new_zeros(capacity - old, grad.shape[1])])
-            scale = torch.zeros(capacity, dtype=torch.float32, device=self.scale.device)
-            scale[:old] = self.scale
+            # every new tensor first, then the swap: an allocation that fails (out of memory)
+            # leaves the bank as it was, not lora_a grown and lora_b not
+            def grown(t: torch.Tensor) -> torch.Tensor:
+                out = t.new_zeros(capacity, *t.shape[1:])
+                out[:old] = t
+                return out
+
+            params = (self.lora_a, self.lora_b)
+            data = [grown(p.data) for p in params]
+            # a pending gradient keeps its rows and the parameter's shape
+            grads = [None if p.grad is None else grown(p.grad) for p in params]
+            scale = grown(self.scale)
+            for p, d, g in zip(params, data, grads):
+                p.data = d
+                if g is not None:
+                    p.grad = g
             self.scale = scale
         self._release(old, capacity - old)
         self.version += 1
@@ -310,6 +339,8 @@ class AdapterBank(torch.nn.Module):
             raise KeyError(f"user {user} has no adapters in this bank")
 
     def _allocate(self, rows: int) -> int:
+        """First fit of ``rows`` free rows (``add`` has grown the bank to hold them), compacting
+        when they are free but not contiguous."""
         for i, (start, length) in enumerate(self._free):
             if length >= rows:
                 if length == rows:
@@ -317,10 +348,7 @@ class AdapterBank(torch.nn.Module):
                 else:
                     self._free[i] = (start + rows, length - rows)
                 return start
-        if self.capacity - self.used_rows >= rows:
-            self.compact()
-        else:
-            self.reserve(max(self.used_rows + rows, 2 * self.capacity, 64))
+        self.compact()  # the free rows are all at the end now
         return self._allocate(rows)
 
     def _release(self, start: int, rows: int) -> None:
@@ -352,6 +380,16 @@ class AdapterBank(torch.nn.Module):
                 else:
                     b[sb] = _uniform((r, self.out_features), 1.0 / math.sqrt(r), b, generator)
             row += r
+
+
+def _as_list(name: str, value: object, expected: str) -> list:
+    """``list(value)``, or a ``TypeError`` naming ``name`` when it is no sequence (a string neither)."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    try:
+        return list(value)
+    except TypeError:  # not iterable (a bool, a numpy scalar, a 0-d tensor)
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}") from None
 
 
 def _uniform(shape: tuple[int, int], bound: float, like: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:

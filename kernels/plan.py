@@ -20,6 +20,7 @@ Layout (all ``int32``)::
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -44,11 +45,11 @@ def tile_block(
     The layout follows from the capacities alone (``sorted_tokens.numel()`` tokens,
     ``segments.shape[0]`` segments), so the ops can slice it without the plan object.
     """
-    off, n = tile_span(sorted_tokens.numel(), segments.shape[0], tuple(block_ms), block_m, tiles.shape[0])
+    off, n = tile_span(sorted_tokens.numel(), segments.shape[0], block_ms, block_m, tiles.shape[0])
     return tiles[off : off + n]
 
 
-def tile_span(max_tokens: int, max_segments: int, block_ms: tuple[int, ...], block_m: int,
+def tile_span(max_tokens: int, max_segments: int, block_ms: Sequence[int], block_m: int,
               tile_rows: int | None = None) -> tuple[int, int]:
     """``(first row, rows)`` of the ``block_m`` schedule in the concatenated ``tiles`` of a plan
     with these capacities (:func:`tile_block` slices them); ``tile_rows``, when given, is the
@@ -58,6 +59,7 @@ def tile_span(max_tokens: int, max_segments: int, block_ms: tuple[int, ...], blo
         >>> tile_span(100, 4, (16, 64), 64)  # after the 7 + 4 tiles of block_m = 16
         (11, 6)
     """
+    block_ms = tuple(block_ms)  # a list (as_args() gives one) is taken too: the key must hash
     key = (max_tokens, max_segments, block_ms, block_m)
     span = _TILE_SPANS.get(key)
     if span is None:
@@ -80,6 +82,20 @@ def tile_span(max_tokens: int, max_segments: int, block_ms: tuple[int, ...], blo
 
 # (tokens, segments, block_ms, block_m) -> (first row, rows) in the concatenated tiles
 _TILE_SPANS: dict[tuple, tuple[int, int]] = {}
+
+
+def _check_block_ms(block_ms: object) -> tuple[int, ...]:
+    """``block_ms`` as a tuple of distinct powers of two: ints (numpy's too), not ``16.5`` cut to
+    16, nor a bare ``16`` or a string."""
+    try:
+        if isinstance(block_ms, (str, bytes)):
+            raise TypeError
+        bms = tuple(map(operator.index, block_ms))
+    except TypeError:
+        raise TypeError(f"block_ms must be a sequence of ints (tile heights), got {block_ms!r}") from None
+    if not bms or any(b < 1 or b & (b - 1) for b in bms) or len(set(bms)) != len(bms):
+        raise ValueError(f"block_ms must be distinct powers of two, got {block_ms!r}")
+    return bms
 
 
 class BatchPlan:
@@ -107,9 +123,7 @@ class BatchPlan:
     ) -> None:
         check_positive_int("max_tokens", max_tokens)
         check_positive_int("max_users", max_users)
-        block_ms = tuple(int(b) for b in block_ms)
-        if not block_ms or any(b < 1 or b & (b - 1) for b in block_ms) or len(set(block_ms)) != len(block_ms):
-            raise ValueError(f"block_ms must be distinct powers of two, got {block_ms}")
+        block_ms = _check_block_ms(block_ms)
         self.max_tokens = max_tokens
         self.max_users = max_users
         self.max_segments = min(max_users, max_tokens) + 1

@@ -19,7 +19,9 @@ path's schedule (``split_expand_first_max_tokens``: :func:`split_expand_first`;
 
 The first entry whose ``max_tokens`` (inclusive, ``null`` = any), ``n``, ``k``, ``max_rank``
 and ``dtype`` (``null`` = any) all match wins; otherwise :func:`heuristic_config` decides.
-``block_m`` must be one of the plan's ``block_ms``; the nearest one is taken otherwise.
+``block_m`` must be one of the plan's ``block_ms``; the nearest one (of those a config can take,
+``>= MIN_BLOCK``) is taken otherwise. A file is checked whole when it is read: a malformed entry
+or knob raises a ``ValueError`` naming the file, the op and the field.
 """
 from __future__ import annotations
 
@@ -91,6 +93,8 @@ SPLIT_OVERLAP_MIN_TOKENS = 0
 #: inference split-path batches of at most this many tokens, captured in a CUDA graph, compute
 #: ``t B`` on a side stream beside the base GEMM (see :func:`split_parallel`); 0 = never
 SPLIT_PARALLEL_MAX_TOKENS = 0
+#: the smallest tile side of a launch config (a tensor-core ``tl.dot`` needs a reduction of 16)
+MIN_BLOCK = 16
 #: the dispatch knobs a config table's ``"dispatch"`` object (or :func:`use_dispatch`) can set
 DISPATCH_KNOBS = ("decode_max_tokens", "split_tokens_per_segment", "fused_max_rank", "split_expand_first_max_tokens",
                   "split_overlap_min_tokens", "split_parallel_max_tokens")
@@ -121,8 +125,8 @@ class LaunchConfig:
         which the Triton interpreter on a CPU does not check."""
         for name in ("block_m", "block_n", "block_k", "block_r"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
-                raise ValueError(f"LaunchConfig.{name} must be a power of two >= 16, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < MIN_BLOCK or v & (v - 1):
+                raise ValueError(f"LaunchConfig.{name} must be a power of two >= {MIN_BLOCK}, got {v!r}")
         v = self.num_warps
         if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v > 32 or v & (v - 1):
             raise ValueError(f"LaunchConfig.num_warps must be a power of two in 1..32, got {v!r}")
@@ -214,8 +218,7 @@ def use_dispatch(**knobs: int) -> Iterator[None]:
     if bad:
         raise ValueError(f"use_dispatch: unknown knob(s) {bad}; expected names from {DISPATCH_KNOBS}")
     for name, value in knobs.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"use_dispatch: {name} must be an int >= 0, got {value!r}")
+        _check_count("use_dispatch", name, value)
     previous = _override.dispatch
     _override.dispatch = tuple(sorted({**dict(previous or ()), **knobs}.items()))
     try:
@@ -300,24 +303,73 @@ def split_schedule(num_tokens: int, device: torch.device | None = None) -> tuple
     """
     knobs = _dispatch_knobs(device)
     return (0 < num_tokens <= knobs["split_parallel_max_tokens"],
-            num_tokens <= knobs["split_expand_first_max_tokens"],
+            0 < num_tokens <= knobs["split_expand_first_max_tokens"],
             0 < knobs["split_overlap_min_tokens"] <= num_tokens)
 
 
 @functools.cache
 def _load_table(path: str) -> dict:
+    """The table at ``path`` (``{}`` when there is none), checked whole when it is read: a bad
+    entry or knob is refused naming the file, the op and the field, even one no lookup reaches."""
     p = Path(path)
     if not p.exists():
         return {}
     with open(p, encoding="utf-8") as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: a kernel config table must be valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a kernel config table must be a JSON object, got {type(data).__name__}")
     ops = data.get("ops", {})
     if not isinstance(ops, dict):
         raise ValueError(f"{path}: 'ops' must be an object of op name -> list of configs")
+    for op, entries in ops.items():
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: 'ops' of {op!r} must be a list of config entries, got {type(entries).__name__}")
+        for i, entry in enumerate(entries):
+            problem = _entry_problem(entry)
+            if problem:
+                raise ValueError(f"{path}: kernel config table entry of {op!r} #{i} {entry}: {problem}")
     dispatch = data.get("dispatch", {})
     if not isinstance(dispatch, dict):
         raise ValueError(f"{path}: 'dispatch' must be an object of threshold name -> int")
+    for name in DISPATCH_KNOBS:
+        if name in dispatch:
+            _check_count(f"{path}: 'dispatch'", name, dispatch[name])
     return dict(ops, __dispatch__=dispatch)
+
+
+def _check_count(where: str, name: str, value: object) -> None:
+    """A dispatch knob (a token count or a rank): an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: {name} must be an int >= 0, got {value!r}")
+
+
+#: the ``dtype`` names an entry may match (as :func:`_match` spells a dtype)
+_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _entry_problem(entry: object) -> str | None:
+    """What is wrong with a config table entry, naming the field; ``None`` when it is good."""
+    if not isinstance(entry, dict):
+        return f"an entry must be an object of fields, got {type(entry).__name__}"
+    for key in ("max_tokens", "n", "k", "max_rank"):
+        v = entry.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            return f"{key} must be an int >= 0 or null (any), got {v!r}"
+    dt = entry.get("dtype")
+    if dt is not None and dt not in _DTYPE_NAMES:
+        return f"dtype must be one of {_DTYPE_NAMES} or null (any), got {dt!r}"
+    try:
+        _entry_config(entry)
+    except ValueError as exc:  # LaunchConfig's own check, naming the field
+        return str(exc)
+    return None
+
+
+def _entry_config(entry: dict) -> LaunchConfig:
+    return LaunchConfig(**{key: v for key, v in entry.items() if key in _FIELDS})
 
 
 @functools.cache
@@ -471,10 +523,7 @@ def get_config(
     for table in tables:
         for entry in table.get(op, []):
             if _match(entry, num_tokens, n, k, max_rank, dtype):
-                try:
-                    cfg = LaunchConfig(**{key: v for key, v in entry.items() if key in _FIELDS})
-                except ValueError as exc:
-                    raise ValueError(f"kernel config table entry of {op!r} {entry}: {exc}") from None
+                cfg = _entry_config(entry)  # checked when the table was read
                 break
         if cfg is not None:
             break
@@ -531,8 +580,13 @@ _MEMO_SIZE = 4096
 
 
 def _fit_block_m(cfg: LaunchConfig, block_ms: tuple[int, ...] | list[int] | None) -> LaunchConfig:
-    """``cfg`` with its ``block_m`` moved to the nearest of the plan's tile heights."""
+    """``cfg`` with its ``block_m`` moved to the nearest of the plan's tile heights that a launch
+    config can take (``>= MIN_BLOCK``: a plan may also keep smaller ones)."""
     if block_ms and cfg.block_m not in block_ms:
-        nearest = min(block_ms, key=lambda b: (abs(b - cfg.block_m), b))
+        fit = [b for b in block_ms if b >= MIN_BLOCK]
+        if not fit:
+            raise ValueError(f"block_ms={list(block_ms)} (the plan's tile heights) has none >= {MIN_BLOCK}, "
+                             f"the smallest block_m the kernels take")
+        nearest = min(fit, key=lambda b: (abs(b - cfg.block_m), b))
         cfg = dataclasses.replace(cfg, block_m=nearest)
     return cfg
