@@ -660,8 +660,9 @@ def run(
 
 def fill_ratios(entries: Sequence[dict]) -> None:
     """For every pair of implementations of one workload: ``ratio_vs_<other>`` = this time /
-    the other's (``< 1``: faster), and ``graph_ratio_vs_<other>`` from CUDA-graph times.
-    Entries without ``workload``/``impl``/``time_ms`` (other benchmarks) are left alone."""
+    the other's (``< 1``: faster), and ``graph_ratio_vs_<other>`` from CUDA-graph times, where
+    both times are measurements (:func:`_measured`). Entries without ``workload``/``impl``/``time_ms``
+    (other benchmarks) are left alone."""
     by_wl: dict[str, dict[str, dict]] = {}
     for e in entries:
         if isinstance(e, dict) and {"workload", "impl", "time_ms"} <= e.keys():
@@ -671,10 +672,15 @@ def fill_ratios(entries: Sequence[dict]) -> None:
             for other, o in impls.items():
                 if other == name:
                     continue
-                if o.get("time_ms"):
+                if _measured(e.get("time_ms")) and _measured(o.get("time_ms")):
                     e[f"ratio_vs_{other}"] = e["time_ms"] / o["time_ms"]
-                if e.get("graph_ms") and o.get("graph_ms"):
+                if _measured(e.get("graph_ms")) and _measured(o.get("graph_ms")):
                     e[f"graph_ratio_vs_{other}"] = e["graph_ms"] / o["graph_ms"]
+
+
+def _measured(ms) -> bool:
+    """A time that is a measurement: a finite number > 0 (not None, 0, NaN or inf)."""
+    return isinstance(ms, (int, float)) and math.isfinite(ms) and ms > 0
 
 
 # ----------------------------------------------------------------------------- provenance

@@ -8,7 +8,10 @@ table per op; other benchmarks), ``<out>/<name>_speedup_vs_users.png`` and
 ``<out>/<name>_pct_peak_vs_tokens.png``; with ``--readme``, a GPU run's summary (device,
 versions, commit, the target tables, a link to the report) between the README's
 ``bench:gpu`` markers.
-Several JSON files (one per ``gpu_run.sh`` stage) are merged. ``<name>`` defaults to
+Several JSON files (one per ``gpu_run.sh`` stage) are merged: a benchmark measured in several is
+taken from the newest run, and the header notes that and any device/dtype/version/commit the
+files differ in. A time that is no measurement (missing, zero, NaN: a stage cut short, a failed
+benchmark) gives no ratio, and a target without one says "no measurement". ``<name>`` defaults to
 ``gpu_<device>`` or ``cpu``. Works on CPU JSON too; its header then says that CPU times mean
 nothing for the GPU targets. Needs only the standard library and matplotlib.
 """
@@ -23,6 +26,7 @@ import re
 import sys
 import tempfile
 from collections import OrderedDict
+from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,27 +83,90 @@ TARGETS = [
 
 
 # ----------------------------------------------------------------------------- loading
-def load(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
-    """``(machine_info of the first file, all benchmarks, notes)`` from pytest-benchmark JSONs."""
-    machine, benches, notes, commits = None, [], [], []
-    for path in paths:
+#: ``machine_info["milp"]`` fields that must agree across merged files (a note says where they do not)
+SAME_RUN = ("device", "dtype", "bench_size", "backend", "torch", "triton", "git_commit")
+
+
+def _read(path: str) -> dict:
+    """One pytest-benchmark JSON; ``ValueError`` naming the file when it is not one."""
+    try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        mi = data.get("machine_info", {})
-        if machine is None:
-            machine = dict(mi, datetime=data.get("datetime"), commit_info=data.get("commit_info", {}))
-        elif mi.get("milp", {}).get("device") != machine.get("milp", {}).get("device"):
-            notes.append(
-                f"{path} ran on {mi.get('milp', {}).get('device')!r}, not "
-                f"{machine.get('milp', {}).get('device')!r}: do not compare across them"
-            )
-        commits.append(mi.get("milp", {}).get("git_commit"))
-        for b in data.get("benchmarks", []):
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8
+        raise ValueError(f"{path}: not a readable JSON file ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ValueError(f"{path}: not a pytest-benchmark JSON (no 'benchmarks' list); "
+                         "pass the files of `pytest bench --benchmark-json=...`")
+    return data
+
+
+def _when(data: dict) -> datetime:
+    """When a file's run ended (``datetime``; the earliest possible time when it does not say)."""
+    try:
+        t = datetime.fromisoformat(str(data.get("datetime")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _key(b: dict) -> tuple:
+    """What makes two benchmarks the same measurement: the workload and impl of ours, else the test."""
+    if _ours(b):
+        return ("ours", b["extra_info"]["workload"], b["extra_info"]["impl"])
+    return ("other", b.get("fullname") or b.get("name") or id(b))
+
+
+def load(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
+    """``(machine_info, all benchmarks, notes)`` from pytest-benchmark JSONs.
+
+    ``machine_info`` is the first file's that has the bench's ``milp`` section (the header shows
+    it; a note names every field of :data:`SAME_RUN` in which the files differ). A benchmark
+    measured in several files is taken from the newest run (the file's ``datetime``; the later
+    file on a tie), in the place it first appeared; a note says which.
+    """
+    runs = [(path, _read(path)) for path in paths]
+    infos = [(path, data.get("machine_info") or {}) for path, data in runs]
+    first = next((i for i, (_, mi) in enumerate(infos) if isinstance(mi.get("milp"), dict)), 0)
+    data = runs[first][1] if runs else {}
+    machine = dict(infos[first][1] if runs else {}, datetime=data.get("datetime"),
+                   commit_info=data.get("commit_info") or {})
+    notes = []
+    for field in SAME_RUN:
+        seen = {os.path.basename(path): (mi.get("milp") or {}).get(field) for path, mi in infos}
+        seen = {p: v for p, v in seen.items() if v is not None}
+        if len(set(seen.values())) > 1:
+            notes.append(f"the files differ in {field}: " + ", ".join(f"{p} {v}" for p, v in seen.items())
+                         + ("; do not compare across them" if field == "device" else "")
+                         + f" (the header shows {os.path.basename(runs[first][0])}'s)")
+    benches: list[dict] = []
+    where: dict[tuple, tuple[int, datetime]] = {}  # key -> (index in benches, its run's time)
+    dups: dict[tuple, list[str]] = {}
+    for path, data in runs:
+        when = _when(data)
+        for b in data["benchmarks"]:
+            if not isinstance(b, dict):
+                continue
             b = dict(b, source=os.path.basename(path))
-            benches.append(b)
-    if len({c for c in commits if c}) > 1:
-        notes.append(f"the files come from different commits: {sorted({c for c in commits if c})}")
-    return machine or {}, benches, notes
+            key = _key(b)
+            if key not in where:
+                where[key] = (len(benches), when)
+                benches.append(b)
+                continue
+            i, old_when = where[key]
+            if benches[i]["source"] != b["source"]:
+                dups.setdefault(key, [benches[i]["source"]]).append(b["source"])
+            if when >= old_when:
+                where[key] = (i, when)
+                benches[i] = b
+    if dups:
+        shown = "; ".join(
+            f"`{k[1]}` {k[2]} in {', '.join(files)}: {benches[where[k][0]]['source']}'s" if k[0] == "ours"
+            else f"`{k[1]}` in {', '.join(files)}: {benches[where[k][0]]['source']}'s"
+            for k, files in list(dups.items())[:5]
+        )
+        more = f" and {len(dups) - 5} more" if len(dups) > 5 else ""
+        notes.append(f"{len(dups)} benchmark(s) ran in several files; the newest run's is shown: {shown}{more}")
+    return machine, benches, notes
 
 
 def op_of(e: dict) -> str:
@@ -108,24 +175,34 @@ def op_of(e: dict) -> str:
 
 
 def _ours(b: dict) -> bool:
-    e = b.get("extra_info") or {}
-    return {"workload", "impl", "time_ms"} <= e.keys()
+    """A benchmark of ``_util.run`` (its ``time_ms`` may be missing: a run cut short)."""
+    e = b.get("extra_info")
+    return isinstance(e, dict) and isinstance(e.get("workload"), str) and isinstance(e.get("impl"), str)
+
+
+def _ms(e: dict, key: str = "time_ms") -> float | None:
+    """``e[key]`` where it is a measurement (a finite number > 0), else None."""
+    v = e.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        return None
+    return float(v)
 
 
 def fill_ratios(benches: list[dict]) -> None:
-    """Same rule as ``bench/_util.fill_ratios`` (recomputed: files may have been merged)."""
-    by: dict[str, dict[str, dict]] = {}
-    for b in benches:
-        if _ours(b):
-            e = b["extra_info"]
-            by.setdefault(e["workload"], {})[e["impl"]] = e
-    for impls in by.values():
+    """Same rule as ``bench/_util.fill_ratios``, recomputed (files may have been merged): a ratio
+    the JSON holds against an entry not shown here, or from a time that is no measurement
+    (missing, zero, NaN), is dropped."""
+    for impls in workloads(benches).values():
         for name, e in impls.items():
+            for k in [k for k in e if k.startswith(("ratio_vs_", "graph_ratio_vs_"))]:
+                del e[k]
             for other, o in impls.items():
-                if other != name and o.get("time_ms"):
-                    e[f"ratio_vs_{other}"] = e["time_ms"] / o["time_ms"]
-                if other != name and e.get("graph_ms") and o.get("graph_ms"):
-                    e[f"graph_ratio_vs_{other}"] = e["graph_ms"] / o["graph_ms"]
+                if other == name:
+                    continue
+                if _ms(e) and _ms(o):
+                    e[f"ratio_vs_{other}"] = _ms(e) / _ms(o)
+                if _ms(e, "graph_ms") and _ms(o, "graph_ms"):
+                    e[f"graph_ratio_vs_{other}"] = _ms(e, "graph_ms") / _ms(o, "graph_ms")
 
 
 def workloads(benches: list[dict]) -> OrderedDict[str, dict[str, dict]]:
@@ -140,28 +217,42 @@ def workloads(benches: list[dict]) -> OrderedDict[str, dict[str, dict]]:
 
 # ----------------------------------------------------------------------------- markdown
 def _f(v, spec="{:.3g}") -> str:
-    if v is None:
+    if v is None or isinstance(v, float) and math.isnan(v):
         return "–"
-    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+    if isinstance(v, float) and math.isinf(v):
         return str(v)
     return spec.format(v) if isinstance(v, (int, float)) else str(v)
 
 
+def _row(cells) -> str:
+    """A markdown table row: a ``|`` inside a cell escaped, a line break made a space."""
+    return "| " + " | ".join(" ".join(str(c).splitlines()).replace("|", "\\|") for c in cells) + " |"
+
+
 def _speedup(impls: dict, other: str) -> float | None:
     m, o = impls.get("milp"), impls.get(other)
-    if not m or not o or not m.get("time_ms"):
+    if not m or not o or not _ms(m) or not _ms(o):
         return None
-    return o["time_ms"] / m["time_ms"]
+    return _ms(o) / _ms(m)
+
+
+def _run_info(machine: dict) -> tuple[dict, str, str]:
+    """``(machine_info["milp"], device, git commit)`` of a run, ``"unknown"`` where the JSON does not say."""
+    mi = machine.get("milp") if isinstance(machine.get("milp"), dict) else {}
+    commit = mi.get("git_commit") or (machine.get("commit_info") or {}).get("id") or "unknown"
+    return mi, str(mi.get("device") or "unknown"), str(commit)
+
+
+def _q(v):
+    return "?" if v is None or v == "" else v
 
 
 def header(machine: dict, paths: list[str], notes: list[str]) -> list[str]:
-    mi = machine.get("milp", {})
-    dev = mi.get("device", "unknown")
+    mi, dev, commit = _run_info(machine)
     cpu = dev == "cpu"
     pk = mi.get("peaks") or {}
-    commit = mi.get("git_commit") or (machine.get("commit_info") or {}).get("id", "unknown")
     title = "CPU example run (not a GPU result)" if cpu else dev
-    lines = [f"# milp-toolkit benchmarks — {title}", ""]
+    lines = [f"# milp-toolkit benchmarks — {' '.join(title.splitlines())}", ""]
     if cpu:
         lines += [
             "> **CPU run.** The ops ran their torch path at small shapes (LLaMA-7B FFN / 16) on a shared",
@@ -169,26 +260,26 @@ def header(machine: dict, paths: list[str], notes: list[str]) -> list[str]:
             "> shows what `pytest bench` and `bench/report.py` produce.",
             "",
         ]
+    older = "not recorded (older bench files)"
     rows = [
         ("device", dev + (f" (CUDA {mi['cuda']})" if mi.get("cuda") else "")),
-        ("backend", mi.get("backend", "?")),
-        ("dtype", mi.get("dtype", "?")),
-        (
-            "torch / triton / peft",
-            f"{mi.get('torch', '?')} / {mi.get('triton', '?')} / {mi.get('peft', '?')}",
-        ),
-        ("python", machine.get("python_version", "?")),
+        ("backend", _q(mi.get("backend"))),
+        ("dtype", _q(mi.get("dtype"))),
+        ("torch / triton / peft", f"{_q(mi.get('torch'))} / {_q(mi.get('triton'))} / {_q(mi.get('peft'))}"),
+        ("python", _q(machine.get("python_version"))),
         ("git commit", commit),
-        ("date (UTC)", machine.get("datetime", "?")),
-        ("workload grid", mi.get("bench_size", "?")),
-        ("config files", ", ".join(mi.get("config_files") or []) or "none (heuristics)"),
-        ("dispatch knobs", ", ".join(f"{k}={v}" for k, v in (mi.get("dispatch") or {}).items()) or "?"),
-        ("peak compute (measured this run)", f"{_f(pk.get('tflops'))} TFLOP/s — {pk.get('matmul', '?')}"),
-        ("peak bandwidth (measured this run)", f"{_f(pk.get('gbs'), '{:.4g}')} GB/s — {pk.get('copy', '?')}"),
+        ("date (UTC)", _q(machine.get("datetime"))),
+        ("workload grid", _q(mi.get("bench_size"))),
+        ("config files", ", ".join(map(str, mi["config_files"] or [])) or "none (heuristics)"
+         if "config_files" in mi else older),
+        ("dispatch knobs", ", ".join(f"{k}={v}" for k, v in (mi["dispatch"] or {}).items()) or "?"
+         if "dispatch" in mi else older),
+        ("peak compute (measured this run)", f"{_f(pk.get('tflops'))} TFLOP/s — {_q(pk.get('matmul'))}"),
+        ("peak bandwidth (measured this run)", f"{_f(pk.get('gbs'), '{:.4g}')} GB/s — {_q(pk.get('copy'))}"),
         ("sources", ", ".join(os.path.basename(p) for p in paths)),
     ]
-    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
-    lines += [f"> note: {n}" for n in notes] + ([""] if notes else [])
+    lines += ["| | |", "|---|---|"] + [_row(r) for r in rows] + [""]
+    lines += [f"> note: {' '.join(n.splitlines())}" for n in notes] + ([""] if notes else [])
     lines += [
         "Times: median of CUDA-event timings with the L2 cache flushed before each repetition (CPU:",
         "host-clock minimum). `graph ms`: the same over CUDA-graph replays (decode, forward + backward). "
@@ -218,54 +309,69 @@ def targets_section(wls: OrderedDict[str, dict[str, dict]], cpu: bool) -> list[s
     ]
     found = False
     for label, op, pred, limit in TARGETS:
-        for wl, impls in wls.items():
-            m = impls.get("milp")
-            if not m or op_of(m) != op or not pred(m) or "ratio_vs_base" not in m:
-                continue
+        rows = [(wl, impls) for wl, impls in wls.items() if _matches(op, pred, impls)]
+        if not rows and not cpu:  # cut short, or not in the files given: say so, do not drop the target
+            lines.append(_row([label, "–", "–", "–", "–", f"≤ {limit:.2f}", "no measurement"]))
+        for wl, impls in rows:
             found = True
-            r = m["ratio_vs_base"]
+            m, b = impls.get("milp") or {}, impls.get("base") or {}
+            r = m.get("ratio_vs_base")
             g = m.get("graph_ratio_vs_base")
-            best = min(x for x in (r, g) if x is not None)
-            met = "n/a (CPU)" if cpu else ("yes" if best <= limit else "**no**")
-            b = impls.get("base", {})
-            floor = (
-                m["roofline_ms"] / b["roofline_ms"] if m.get("roofline_ms") and b.get("roofline_ms") else None
-            )
-            lines.append(
-                f"| {label} | `{wl.split(':', 1)[1]}` | {_f(r, '{:.3f}')} | {_f(g, '{:.3f}')} | "
-                f"{_f(floor, '{:.3f}')} | ≤ {limit:.2f} | {met} |"
-            )
-    if not found:
+            measured = [x for x in (r, g) if x is not None]
+            met = ("n/a (CPU)" if cpu else "no measurement" if not measured
+                   else "yes" if min(measured) <= limit else "**no**")
+            roof_m, roof_b = _ms(m, "roofline_ms"), _ms(b, "roofline_ms")
+            floor = roof_m / roof_b if roof_m and roof_b else None
+            lines.append(_row([label, f"`{wl.split(':', 1)[-1]}`", _f(r, "{:.3f}"), _f(g, "{:.3f}"),
+                               _f(floor, "{:.3f}"), f"≤ {limit:.2f}", met]))
+    if not found and cpu:
         lines.append("| (no workload of this run matches a target) | | | | | | |")
     return lines + [""]
 
 
-#: issue 5's runtime targets: (label, the extra_info key of the target, of the measured value,
-#: the baseline whose time ratio gives the value when files were merged, at least / at most)
+def _matches(op: str, pred, impls: dict[str, dict]) -> bool:
+    """Whether a workload is one of a target's: its fields (milp's entry, else any) are the op's
+    and pass ``pred``; a field of the wrong type (an older or damaged JSON) does not match."""
+    e = impls.get("milp") or next(iter(impls.values()))
+    try:
+        return op_of(e) == op and bool(pred(e))
+    except (TypeError, ValueError):
+        return False
+
+
+#: issue 5's runtime targets: (label, the prefix of its workloads, the extra_info key of the target,
+#: of the measured value, the baseline whose time ratio gives the value when files were merged,
+#: the target where the JSON does not hold it; at least)
 RUNTIME_TARGETS = [
-    ("joint training of 16 users ≥ 4× sequential per-user training (tokens/s)",
-     "target_speedup_vs_sequential", "speedup_vs_sequential", "loop"),
-    ("mixed-user decode of 32 users ≥ 0.85× the base model's tokens/s",
-     "target_tokens_per_s_vs_base", "tokens_per_s_vs_base", "base"),
+    ("joint training of 16 users ≥ 4× sequential per-user training (tokens/s)", "runtime-train-",
+     "target_speedup_vs_sequential", "speedup_vs_sequential", "loop", 4.0),
+    ("mixed-user decode of 32 users ≥ 0.85× the base model's tokens/s", "runtime-decode-",
+     "target_tokens_per_s_vs_base", "tokens_per_s_vs_base", "base", 0.85),
 ]
 
 
 def runtime_targets_section(wls: OrderedDict[str, dict[str, dict]], cpu: bool) -> list[str]:
-    """Issue 5's targets from the ``bench/test_runtime.py`` workloads (rows only where the run has them)."""
+    """Issue 5's targets from the ``bench/test_runtime.py`` workloads: a row per workload of a
+    target, measured or not; on a GPU also a row for a target no workload of the run has."""
     rows = []
-    for label, target_key, value_key, other in RUNTIME_TARGETS:
+    for label, prefix, target_key, value_key, other, default in RUNTIME_TARGETS:
+        matched = False
         for wl, impls in wls.items():
-            m = impls.get("milp")
-            if not m or target_key not in m:
+            m = impls.get("milp") or {}
+            if not wl.startswith(prefix) and target_key not in m:
                 continue
-            value = m.get(value_key)
+            matched = True
+            value = _ms(m, value_key)
             if value is None and m.get(f"ratio_vs_{other}"):
                 value = 1.0 / m[f"ratio_vs_{other}"]  # other's time / ours
-            target = m[target_key]
-            met = "n/a (CPU)" if cpu else ("–" if value is None else "yes" if value >= target else "**no**")
+            target = _ms(m, target_key) or default
+            met = ("n/a (CPU)" if cpu else "no measurement" if value is None
+                   else "yes" if value >= target else "**no**")
             ceiling = m.get("bytes_floor_vs_base") if value_key == "tokens_per_s_vs_base" else None
-            rows.append(f"| {label} | `{wl.split(':', 1)[-1]}` | {_f(value, '{:.2f}')} | "
-                        f"{_f(ceiling, '{:.3f}')} | ≥ {target:.2f} | {met} |")
+            rows.append(_row([label, f"`{wl.split(':', 1)[-1]}`", _f(value, "{:.2f}"), _f(ceiling, "{:.3f}"),
+                              f"≥ {target:.2f}", met]))
+        if not matched and not cpu:
+            rows.append(_row([label, "–", "–", "–", f"≥ {default:.2f}", "no measurement"]))
     if not rows:
         return []
     return [
@@ -286,30 +392,31 @@ def op_section(op: str, title: str, wls: OrderedDict[str, dict[str, dict]]) -> l
     present = [b for b in BASELINES if any(b in impls for _, impls in rows)]
     # other implementations of the same workloads (e.g. milp-split: our op with a forced path)
     present += sorted({i for _, impls in rows for i in impls} - set(BASELINES) - {"milp", "base"})
-    graph = any(impls.get("milp", {}).get("graph_ms") for _, impls in rows)
+    graph = any(_ms(impls.get("milp", {}), "graph_ms") for _, impls in rows)
     cols = (
         ["workload", "milp ms"] + (["graph ms"] if graph else []) + ["base ms"] + [f"{b} ms" for b in present]
     )
     cols += ["milp/base"] + [f"×{b}" for b in present] + ["TFLOP/s", "GB/s", "%roof", "bound", "rel err"]
-    lines = [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = [f"## {title}", "", _row(cols), "|" + "---|" * len(cols)]
     for wl, impls in rows:
         m = impls.get("milp", {})
-        cells = [f"`{wl.split(':', 1)[-1]}`", _f(m.get("time_ms"), "{:.4g}")]
+        timed = _ms(m) is not None  # figures derived from a time that is no measurement are not shown
+        cells = [f"`{wl.split(':', 1)[-1]}`", _f(_ms(m), "{:.4g}")]
         if graph:
-            cells.append(_f(m.get("graph_ms"), "{:.4g}"))
-        cells.append(_f(impls.get("base", {}).get("time_ms"), "{:.4g}"))
-        cells += [_f(impls.get(b, {}).get("time_ms"), "{:.4g}") for b in present]
+            cells.append(_f(_ms(m, "graph_ms"), "{:.4g}"))
+        cells.append(_f(_ms(impls.get("base", {})), "{:.4g}"))
+        cells += [_f(_ms(impls.get(b, {})), "{:.4g}") for b in present]
         cells.append(_f(m.get("ratio_vs_base"), "{:.3f}"))
         cells += [_f(_speedup(impls, b), "{:.2f}") for b in present]
         err = m.get("rel_err", m.get("rel_err_dx"))
         cells += [
-            _f(m.get("tflops")),
-            _f(m.get("gbs"), "{:.4g}"),
-            _f(m.get("pct_roofline"), "{:.1f}"),
-            m.get("bound", "–"),
+            _f(m.get("tflops") if timed else None),
+            _f(m.get("gbs") if timed else None, "{:.4g}"),
+            _f(m.get("pct_roofline") if timed else None, "{:.1f}"),
+            _f(m.get("bound")),
             _f(err, "{:.1e}"),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     return lines + [""]
 
 
@@ -324,15 +431,15 @@ def others_section(benches: list[dict]) -> list[str]:
         "|---|---|---|---|",
     ]
     for b in rest:
-        st = b.get("stats") or {}
+        st = b.get("stats") if isinstance(b.get("stats"), dict) else {}
         med = st.get("median")
-        extra = ", ".join(
-            f"{k}={_f(v) if isinstance(v, float) else v}" for k, v in (b.get("extra_info") or {}).items()
-        )
-        lines.append(
-            f"| `{b.get('fullname', b.get('name'))}` | {_f(med * 1e3 if med is not None else None, '{:.4g}')}"
-            f" | {st.get('rounds', '–')} | {extra.replace('|', '/')} |"
-        )
+        extra = b.get("extra_info") if isinstance(b.get("extra_info"), dict) else {}
+        lines.append(_row([
+            f"`{b.get('fullname') or b.get('name') or '?'}`",
+            _f(med * 1e3 if isinstance(med, (int, float)) else None, "{:.4g}"),
+            _f(st.get("rounds"), "{}"),
+            ", ".join(f"{k}={_f(v) if isinstance(v, float) else v}" for k, v in extra.items()),
+        ]))
     return lines + [""]
 
 
@@ -345,11 +452,13 @@ def _series(wls, key_fn, x_field):
             continue
         try:
             key = key_fn(m)
-        except KeyError:  # an entry without the workload fields (another benchmark)
+            hash(key)
+        except (KeyError, TypeError):  # an entry without the workload fields (another benchmark)
             key = None
-        if key is None:
+        x = _ms(m, x_field)  # a log axis: a positive number
+        if key is None or x is None:
             continue
-        out.setdefault(key, []).append((m[x_field], impls))
+        out.setdefault(key, []).append((x, impls))
     order = {op: i for i, op in enumerate(OPS)}
     keys = sorted(
         (k for k, v in out.items() if len({x for x, _ in v}) >= 2), key=lambda k: order.get(k[0], 99)
@@ -423,7 +532,7 @@ def plot_pct_peak_vs_tokens(wls, path: Path, title: str, max_panels: int = 16) -
             ("padded", "d:"),
             ("peft", "^:"),
         ):
-            ys = [impls.get(impl, {}).get("pct_roofline") for _, impls in pts]
+            ys = [_ms(impls.get(impl, {}), "pct_roofline") if _ms(impls.get(impl, {})) else None for _, impls in pts]
             if any(y is not None for y in ys):
                 ax.plot(xs, [y if y is not None else float("nan") for y in ys], style, label=impl)
         ax.set_xscale("log", base=2)
@@ -454,10 +563,14 @@ def _save(fig, path: Path, plt) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".md", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------- README
@@ -467,11 +580,10 @@ README_END = "<!-- bench:gpu:end -->"
 
 def readme_block(machine: dict, wls: OrderedDict[str, dict[str, dict]], report_link: str) -> list[str]:
     """The README's summary of a GPU run: where, with what, at which commit; the targets."""
-    mi = machine.get("milp", {})
-    commit = mi.get("git_commit") or (machine.get("commit_info") or {}).get("id", "unknown")
+    mi, dev, commit = _run_info(machine)
     lines = [
-        f"Latest GPU run: **{mi.get('device', '?')}**, {mi.get('dtype', '?')}, torch {mi.get('torch', '?')}, "
-        f"triton {mi.get('triton', '?')}, commit `{str(commit)[:12]}`, {machine.get('datetime', '?')} (UTC). "
+        f"Latest GPU run: **{dev}**, {_q(mi.get('dtype'))}, torch {_q(mi.get('torch'))}, "
+        f"triton {_q(mi.get('triton'))}, commit `{commit[:12]}`, {_q(machine.get('datetime'))} (UTC). "
         f"Every table and plot: [{report_link}]({report_link}).",
         "",
     ]
@@ -502,11 +614,14 @@ def build(paths: list[str], out: Path, name: str | None = None, readme: Path | N
     machine, benches, notes = load(paths)
     fill_ratios(benches)
     wls = workloads(benches)
-    dev = machine.get("milp", {}).get("device", "unknown")
+    _, dev, _ = _run_info(machine)
     cpu = dev == "cpu"
     if readme is not None:  # refuse before writing anything
         if cpu:
             raise ValueError("--readme takes a GPU run: the README shows GPU results only (this run is a CPU run)")
+        if dev == "unknown":
+            raise ValueError("--readme takes a GPU run: the JSON does not say which device it ran on "
+                             "(no machine_info['milp']['device'])")
         _readme_text(readme)
     if name is None:
         name = "cpu" if cpu else "gpu_" + re.sub(r"[^a-z0-9]+", "_", dev.lower()).strip("_")
