@@ -27,28 +27,8 @@ from kernels.ops import fused_linear
 from kernels.plan import max_tiles, tile_block, tile_span
 from kernels.reference import expand_ref, lora_linear_grads_ref, lora_linear_ref, shrink_ref
 
-_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
-
-@st.composite
-def batches(draw, max_tokens: int, max_users: int) -> list[int]:
-    """Token ids: any length up to ``max_tokens`` (the ends more often), random, all ``-1``, one
-    user, runs, every user."""
-    T = draw(st.one_of(st.integers(1, max_tokens), st.sampled_from([0, 1, max_tokens])), label="T")
-    uid = st.integers(-1, max_users - 1)
-    kind = draw(st.sampled_from(["random", "none", "one", "runs", "every"]), label="kind")
-    if kind == "random":
-        return draw(st.lists(uid, min_size=T, max_size=T))
-    if kind == "none":
-        return [-1] * T
-    if kind == "one":
-        return [draw(uid)] * T
-    if kind == "every":
-        return [i % (max_users + 1) - 1 for i in range(T)][::-1]
-    ids: list[int] = []
-    while len(ids) < T:
-        ids += [draw(uid)] * draw(st.integers(1, max(1, T)))
-    return ids[:T]
+from .test_plan import _ID_DTYPES
+from .test_plan import _batch as batches
 
 
 def as_ids(ids: list[int], dtype_pick: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_metrics import _TextModel  # tests/milp is on sys.path (pytest's rootdir-relative import)
 
 from milp.metrics import EmbeddingJudge, LMJudge, persona_f1, persona_f1_single, rouge_scores, win_rate
 
@@ -112,22 +113,6 @@ def test_win_rate_counts_each_verdict_once_and_refuses_bad_judges(pairs, table, 
     k = data.draw(st.integers(0, n - 1))
     with pytest.raises(TypeError, match=rf"contexts\[{k}\]"):
         win_rate(a, b, q, [*ctx[:k], data.draw(_bad_content), *ctx[k + 1:]], judge=TableJudge(table))
-
-
-class _TextModel(torch.nn.Module):
-    """A causal LM stand-in whose "A"/"B" logits follow a rule on the decoded prompt."""
-
-    def __init__(self, tok, rule):
-        super().__init__()
-        self.tok, self.rule, self.w = tok, rule, torch.nn.Parameter(torch.zeros(1))
-        self.ids = [tok.encode(c, add_special_tokens=False)[0] for c in "AB"]
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        logits = torch.zeros(*input_ids.shape, len(self.tok))
-        for i, row in enumerate(input_ids):
-            a, b = self.rule(self.tok.decode(row[attention_mask[i].bool()]))
-            logits[i, -1, self.ids[0]], logits[i, -1, self.ids[1]] = a, b
-        return type("Out", (), {"logits": logits})()
 
 
 def _with_reference_a_wins(text):
