@@ -27,11 +27,13 @@ Design
 * Trial log: one header line (space, objectives) then one line per *finished* trial
   (``trial_id``, ``round``, ``status``, ``config``, encoded ``x``, ``objectives``, extra
   ``metrics``, ``source``, ``seed``, ``design_index``, ``elapsed_s``, ``timestamp``), each
-  written whole and fsync-ed.  A new :class:`Search` on an existing log resumes: finished
-  trials are loaded, never re-evaluated, and ``run(n_trials=N)`` stops at exactly ``N``
-  finished trials.  Trials asked but not told when the process died are simply asked
-  again.  Corrupt lines are skipped with a warning; a log written for another space,
-  other objectives or another ``seed`` (its design indices name that seed's Sobol points) is
+  written whole and fsync-ed; ``run`` writes a round's lines in one write, so a process
+  stopped while telling a round leaves none of it (the rest of a round asked anew would be
+  another round).  A new :class:`Search` on an existing log resumes: finished trials are
+  loaded, never re-evaluated, and ``run(n_trials=N)`` stops at exactly ``N`` finished
+  trials.  Trials asked but not told when the process died are simply asked again.
+  Corrupt lines are skipped with a warning; a log written for another space, other
+  objectives or another ``seed`` (its design indices name that seed's Sobol points) is
   refused.  ``q``, ``n_init`` and ``surrogate`` may change between runs of one log.
 * Reference point: the user's (natural units, per objective), else the rule of
   :func:`search.pareto.infer_ref_point` applied to the current successful trials.
@@ -578,6 +580,24 @@ class Search:
             >>> s.tell(s.ask()[0], {"a": 1.0, "b": float("nan")}).status
             'failed'
         """
+        return self._tell([(trial, values)])[0]
+
+    def _tell(self, told: Sequence[tuple[Trial | int, Mapping[str, Any] | Sequence[Any]]]) -> list[Trial]:
+        """:meth:`tell` of several trials whose records reach the log in one write: a process
+        stopped while telling a round leaves none of it in the log, so a resumed search asks
+        that round again as it was asked, not the rest of it as a new round."""
+        done = [self._scored(trial, values) for trial, values in told]
+        if self.log_path is not None and done:
+            append_record(self.log_path, [self._record(t) for t in done])
+        for t in done:
+            del self._pending[t.trial_id]
+            self._finished[t.trial_id] = t
+            if t.design_index is not None:
+                self._used_design.add(t.design_index)
+        return done
+
+    def _scored(self, trial: Trial | int, values: Mapping[str, Any] | Sequence[Any]) -> Trial:
+        """The pending trial ``trial`` with ``values`` set (still pending: :meth:`_tell` moves it)."""
         tid = trial.trial_id if isinstance(trial, Trial) else trial
         if isinstance(tid, bool) or not isinstance(tid, numbers.Integral):
             raise TypeError(f"trial must be a Trial or a trial id, got {type(trial).__name__}")
@@ -597,12 +617,6 @@ class Search:
         t.status = "ok" if all(math.isfinite(v) for v in t.values.values()) else "failed"
         t.elapsed_s = round(time.monotonic() - t.asked_at, 6)
         t.timestamp = time.time()
-        if self.log_path is not None:
-            append_record(self.log_path, self._record(t))
-        del self._pending[tid]
-        self._finished[tid] = t
-        if t.design_index is not None:
-            self._used_design.add(t.design_index)
         return t
 
     # ------------------------------------------------------------------ loop
@@ -659,9 +673,8 @@ class Search:
                         )
                     if len(results) != len(trials):
                         raise ValueError(f"objective returned {len(results)} results for {len(trials)} configurations")
-                    for t, r in zip(trials, results):
-                        self.tell(t, r)
-                        bar.update(1)
+                    self._tell(list(zip(trials, results)))  # the round in one log write
+                    bar.update(len(trials))
                 else:
                     for t in trials:
                         self.tell(t, objective(t.config))

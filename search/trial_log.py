@@ -109,8 +109,9 @@ def decode_float(v: Any) -> float:
         raise ValueError(f"not a number in the float range: {v!r}") from None
 
 
-def append_record(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Append one record as one whole line, then flush and fsync.
+def append_record(path: str | os.PathLike[str], record: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """Append one record as one whole line (a list of records: a line each, in the same single
+    write, so all of them reach the log or none), then flush and fsync.
 
     A write that fails part-way (e.g. the disk is full) is undone before the error propagates,
     so a process that goes on appends its next record on a line of its own.
@@ -121,8 +122,8 @@ def append_record(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
         >>> append_record(p, {"a": 1}); p.read_text()
         '{"a":1}\\n'
     """
-    line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
-    data = line.encode("utf-8")
+    records = record if isinstance(record, list) else [record]
+    data = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         start = os.lseek(fd, 0, os.SEEK_END)

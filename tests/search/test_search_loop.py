@@ -317,6 +317,35 @@ def test_log_of_another_search_is_refused(tmp_path, lora_space, lora_objectives)
     assert s.n_finished == 2
 
 
+def test_run_logs_each_round_in_one_write_so_a_stop_inside_it_loses_the_round(tmp_path, lora_space,
+                                                                             lora_objectives, monkeypatch):
+    """``run`` appends a round's records in one write: a process stopped while telling a round
+    leaves none of it, and the resumed search asks that round again, the same trials as a search
+    never stopped (told one at a time, the rest of a round was asked as a new round)."""
+    straight = make(lora_space, lora_objectives, q=3, n_init=3, log_path=tmp_path / "a.jsonl")
+    writes = []
+    real = search.loop.append_record
+    monkeypatch.setattr(search.loop, "append_record", lambda p, r: writes.append(r) or real(p, r))
+    straight.run(lora_round, 6, progress=False)
+    assert [len(w) if isinstance(w, list) else 1 for w in writes] == [3, 3]  # the header came before
+
+    def stop_at_round_2(path, record):
+        if isinstance(record, list) and record[0]["round"] == 1:
+            raise KeyboardInterrupt
+        return real(path, record)
+
+    log = tmp_path / "b.jsonl"
+    monkeypatch.setattr(search.loop, "append_record", stop_at_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        make(lora_space, lora_objectives, q=3, n_init=3, log_path=log).run(lora_round, 6, progress=False)
+    monkeypatch.setattr(search.loop, "append_record", real)
+    resumed = make(lora_space, lora_objectives, q=3, n_init=3, log_path=log)
+    assert resumed.n_finished == 3  # round 0 whole, nothing of round 1
+    resumed.run(lora_round, 6, progress=False)
+    assert [(t.round, t.config, t.source) for t in resumed.trials] == \
+        [(t.round, t.config, t.source) for t in straight.trials]
+
+
 def test_log_lines_are_whole_and_files_left_clean(tmp_path, lora_space, lora_objectives):
     log = tmp_path / "sub" / "trials.jsonl"
     s = make(lora_space, lora_objectives, q=2, n_init=4, log_path=log).run(lora_round, 4, progress=False)
