@@ -466,26 +466,38 @@ def _optim(args: argparse.Namespace) -> Any:
 def _inject_users(st: _State, records: Sequence[Record], config: MemoryConfig, users_dir: Path,
                   desc: str = "memory injection") -> None:
     """Memory-inject and save every user of ``records`` not yet saved (this rank's share),
-    recording each group's losses (:func:`_record_losses`)."""
+    ``--slots`` users at a time, recording each group's losses (:func:`_record_losses`).
+
+    The groups are cut from all of this rank's users, saved or not, and a group with a user
+    not yet saved trains whole again: a user's adapters depend, in the last bits, on the shapes
+    of the batches it shares with the others, so a run stopped part-way through saving a group
+    and resumed gives the adapters of a run never stopped."""
     args, rt = st.args, st.runtime
     by_user = group_by_user(records)
-    todo = [u for u in st.dist.shard(sorted(by_user)) if not (users_dir / user_dirname(u) / "user.json").is_file()]
-    for start in range(0, len(todo), args.slots):
-        group = todo[start : start + args.slots]
+    mine = st.dist.shard(sorted(by_user))
+
+    def saved(u: str) -> bool:
+        return (users_dir / user_dirname(u) / "user.json").is_file()
+
+    for start in range(0, len(mine), args.slots):
+        group = mine[start : start + args.slots]
+        if all(saved(u) for u in group):
+            continue
         recs = [by_user[u][0] for u in group]
         for r in recs:
             total = memory_total_steps(r, st.tokenizer, steps=args.memory_steps, rows_per_user=args.rows_per_user,
                                        max_length=args.max_length)
             rt.add_user(r.user_id, config, total_steps=total, optim=_optim(args),
                         seed=args.seed + _stable_int(r.user_id))
-        st.log(f"{desc}: users {start + 1}-{start + len(group)} of {len(todo)} (rank {st.dist.rank})")
+        st.log(f"{desc}: users {start + 1}-{start + len(group)} of {len(mine)} (rank {st.dist.rank})")
         hist = memory_inject(rt, recs, st.tokenizer, steps=args.memory_steps, rows_per_user=args.rows_per_user,
                              max_length=args.max_length, seed=args.seed, progress=args.progress)
         # the losses go to disk before their users: a run stopped in between redoes the users,
         # never leaves a saved user without its losses
         _record_losses(st, {u: hist.get(u, []) for u in group})
         for u in group:
-            rt.save_user(u, users_dir / user_dirname(u), include_optimizer=False)
+            if not saved(u):
+                rt.save_user(u, users_dir / user_dirname(u), include_optimizer=False)
             rt.remove_user(u)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,98 @@ def test_resume_skips_finished_work_and_adds_new_methods(tiny_checkpoint, tmp_pa
     assert set(res["summary"]) == {"tplp", "malp"}
     # the memory-injected users were reused, not injected again
     assert sorted((out / "seed0" / "milp_run" / "users").iterdir()) == injected
+
+
+#: what may differ between two comparisons of the same settings, at any depth of a JSON file
+_TIMINGS = {"wall_s", "timings_s", "invocation_wall_s", "train_s", "compute_s", "wall_s_total"}
+
+
+def _untimed(data: object) -> object:
+    if isinstance(data, dict):
+        return {k: _untimed(v) for k, v in data.items() if k not in _TIMINGS}
+    if isinstance(data, list):
+        return [_untimed(v) for v in data]
+    return data
+
+
+def _outputs(out: Path) -> dict[str, object]:
+    """A comparison's results, file by file, without what may differ between two runs of the
+    same settings: timings (the wall-time column of the cost table too), the output folder's
+    name, the run files, plots, safetensors' header order."""
+    from safetensors import safe_open
+
+    res: dict[str, object] = {}
+    for p in sorted(out.rglob("*")):
+        if not p.is_file() or p.name == "run.json" or p.suffix == ".png":
+            continue
+        key = str(p.relative_to(out))
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), "pt") as f:
+                res[key] = (f.metadata(), {n: f.get_tensor(n).tolist() for n in sorted(f.keys())})
+            continue
+        text = p.read_text().replace(str(out), "OUT")
+        if p.suffix == ".json":
+            res[key] = _untimed(json.loads(text))
+        elif p.suffix == ".jsonl":
+            res[key] = [_untimed(json.loads(x)) for x in text.splitlines()]
+        else:
+            lines, cost = [], False
+            for x in text.splitlines():
+                if x.startswith(("wall time:", "Sum of the methods' wall times")):
+                    continue
+                cost = cost or x == "## Cost"
+                lines.append(x.rsplit("|", 2)[0] if cost and x.startswith("|") else x)
+            res[key] = lines
+    return res
+
+
+#: where a comparison is stopped: the ``n``-th file published (``os.replace``) at ``path`` under
+#: the output folder, or in that folder for a path ending in ``/``, one per stage: seed 1's MiLP
+#: run after its first memory-injected user was saved (all 7 users train in one group), UeLP
+#: trained but its encoder not saved, UeLP's answers being rewritten with their response CE,
+#: the tables
+_STOPS = [("seed1/milp_run/users/", 2), ("seed0/uelp/prefix.safetensors", 1), ("seed0/uelp/predictions.json", 2),
+          ("comparison.md", 1)]
+
+
+@pytest.mark.parametrize("path, n", _STOPS)
+def test_a_comparison_stopped_at_any_write_resumes_to_the_same_results(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                       path, n):
+    """Stopped while publishing any of its files (``KeyboardInterrupt`` from that ``os.replace``)
+    and run again, a comparison ends with exactly the files of one never stopped, and no debris.
+    (A sweep over all 102 writes of the comparison of every method on seeds 0 and 1 passed the
+    same way.) The MiLP run stopped after saving its first user used to train the other six
+    without it, and their adapters, hence the instruction adapter and answers, differed."""
+    args = ["--model", str(tiny_checkpoint), *FAST, "--seeds", "0,1", "--methods", "uelp,milp-no-instruction"]
+    real_replace = os.replace
+    published: list[Path] = []
+
+    def recording(src, dst):
+        published.append(Path(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording)
+    want = tmp_path / "straight"
+    assert ev.main([*args, "--output", str(want)]) == 0
+    at = [i for i, p in enumerate(published)
+          if str(p.relative_to(want)) == path or f"{p.parent.relative_to(want)}/" == path][n - 1]
+
+    def dies_at(src, dst):
+        if len(published) == at:
+            raise KeyboardInterrupt
+        return recording(src, dst)
+
+    published.clear()
+    monkeypatch.setattr(os, "replace", dies_at)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        ev.main([*args, "--output", str(out)])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert ev.main([*args, "--output", str(out)]) == 0
+    got, ref = _outputs(out), _outputs(want)
+    assert sorted(got) == sorted(ref)
+    assert [k for k in ref if got[k] != ref[k]] == []
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or ".old-" in p.name or ".rank" in p.name]
 
 
 def test_other_settings_are_refused(tiny_checkpoint, tmp_path):
