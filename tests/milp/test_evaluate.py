@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_outputs import run_outputs  # tests/milp is on sys.path (pytest's rootdir-relative import)
 
 import milp.data
 import milp.evaluate as ev
@@ -135,47 +136,16 @@ def test_resume_skips_finished_work_and_adds_new_methods(tiny_checkpoint, tmp_pa
     assert sorted((out / "seed0" / "milp_run" / "users").iterdir()) == injected
 
 
-#: what may differ between two comparisons of the same settings, at any depth of a JSON file
-_TIMINGS = {"wall_s", "timings_s", "invocation_wall_s", "train_s", "compute_s", "wall_s_total"}
-
-
-def _untimed(data: object) -> object:
-    if isinstance(data, dict):
-        return {k: _untimed(v) for k, v in data.items() if k not in _TIMINGS}
-    if isinstance(data, list):
-        return [_untimed(v) for v in data]
-    return data
-
-
-def _outputs(out: Path) -> dict[str, object]:
-    """A comparison's results, file by file, without what may differ between two runs of the
-    same settings: timings (the wall-time column of the cost table too), the output folder's
-    name, the run files, plots, safetensors' header order."""
-    from safetensors import safe_open
-
-    res: dict[str, object] = {}
-    for p in sorted(out.rglob("*")):
-        if not p.is_file() or p.name == "run.json" or p.suffix == ".png":
+def _without_wall_times(lines: list[str]) -> list[str]:
+    """A comparison's text without the methods' summed wall time and the cost table's wall-time
+    column."""
+    out, cost = [], False
+    for x in lines:
+        if x.startswith("Sum of the methods' wall times"):
             continue
-        key = str(p.relative_to(out))
-        if p.suffix == ".safetensors":
-            with safe_open(str(p), "pt") as f:
-                res[key] = (f.metadata(), {n: f.get_tensor(n).tolist() for n in sorted(f.keys())})
-            continue
-        text = p.read_text().replace(str(out), "OUT")
-        if p.suffix == ".json":
-            res[key] = _untimed(json.loads(text))
-        elif p.suffix == ".jsonl":
-            res[key] = [_untimed(json.loads(x)) for x in text.splitlines()]
-        else:
-            lines, cost = [], False
-            for x in text.splitlines():
-                if x.startswith(("wall time:", "Sum of the methods' wall times")):
-                    continue
-                cost = cost or x == "## Cost"
-                lines.append(x.rsplit("|", 2)[0] if cost and x.startswith("|") else x)
-            res[key] = lines
-    return res
+        cost = cost or x == "## Cost"
+        out.append(x.rsplit("|", 2)[0] if cost and x.startswith("|") else x)
+    return out
 
 
 #: where a comparison is stopped: the ``n``-th file published (``os.replace``) at ``path`` under
@@ -221,7 +191,7 @@ def test_a_comparison_stopped_at_any_write_resumes_to_the_same_results(tiny_chec
         ev.main([*args, "--output", str(out)])
     monkeypatch.setattr(os, "replace", real_replace)
     assert ev.main([*args, "--output", str(out)]) == 0
-    got, ref = _outputs(out), _outputs(want)
+    got, ref = run_outputs(out, _without_wall_times), run_outputs(want, _without_wall_times)
     assert sorted(got) == sorted(ref)
     assert [k for k in ref if got[k] != ref[k]] == []
     assert not [p for p in out.rglob("*") if ".tmp" in p.name or ".old-" in p.name or ".rank" in p.name]

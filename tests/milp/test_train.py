@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from run_outputs import run_outputs  # tests/milp is on sys.path (pytest's rootdir-relative import)
 from safetensors.torch import load_file
 
 import milp.pipeline
@@ -80,39 +80,6 @@ def test_interrupted_run_resumes_without_redoing_work(tiny_checkpoint, tmp_path,
     assert _run(tiny_checkpoint, out) == 0
 
 
-#: what may differ between two runs of the same settings, at any depth of a JSON file (the
-#: search summary in metrics.json, the lines of the search's trial log)
-_TIMINGS = {"wall_s", "timings_s", "elapsed_s", "timestamp"}
-
-
-def _untimed(data: object) -> object:
-    if isinstance(data, dict):
-        return {k: _untimed(v) for k, v in data.items() if k not in _TIMINGS}
-    if isinstance(data, list):
-        return [_untimed(v) for v in data]
-    return data
-
-
-def _outputs(out: Path) -> dict[str, object]:
-    """A run's results, file by file, without what may differ between two runs of the same
-    settings: timings, the run file (command, start time), plots, safetensors' header order."""
-    res: dict[str, object] = {}
-    for p in sorted(out.rglob("*")):
-        if not p.is_file() or p.name == "run.json" or p.suffix == ".png":
-            continue
-        key = str(p.relative_to(out))
-        if p.suffix == ".safetensors":
-            with safe_open(str(p), "pt") as f:
-                res[key] = (f.metadata(), {n: f.get_tensor(n).tolist() for n in sorted(f.keys())})
-        elif p.suffix == ".json":
-            res[key] = _untimed(json.loads(p.read_text()))
-        elif p.suffix == ".jsonl":
-            res[key] = [_untimed(json.loads(x)) for x in p.read_text().splitlines()]
-        else:
-            res[key] = [x for x in p.read_text().splitlines() if not x.startswith("wall time:")]
-    return res
-
-
 def _stop_and_resume(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], stop: str) -> None:
     """Run ``args`` straight, then again in another directory stopped at the write ``stop``
     (``KeyboardInterrupt`` from it, before it writes anything) and resumed; both must end with
@@ -154,7 +121,7 @@ def _stop_and_resume(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(os, "replace", real_replace)
     monkeypatch.setattr(search.loop, "append_record", real_append)
     assert train.main(["--model", str(ckpt), "--output", str(out), *args]) == 0
-    got, ref = _outputs(out), _outputs(want)
+    got, ref = run_outputs(out), run_outputs(want)
     assert sorted(got) == sorted(ref)
     assert [k for k in ref if got[k] != ref[k]] == []
     assert not [p for p in out.rglob("*") if ".tmp" in p.name or ".old-" in p.name or ".rank" in p.name]
