@@ -7,12 +7,10 @@ The invariants: the report is written, every markdown table stays a table (as ma
 row as header columns, no 'nan'/'None' for a missing figure), a speed target says 'yes' or
 '**no**' only from a measurement and 'no measurement' otherwise, the README block is replaced
 idempotently and atomically, and the CLI names a file it cannot use."""
-import importlib.util
 import json
 import math
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,16 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}_props", ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
+from .test_bench_tools import ROOT, _module
 
 report = _module("report")
 
