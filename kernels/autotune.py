@@ -48,6 +48,7 @@ from .tuning import (
     OPS,
     LaunchConfig,
     _device_table_paths,
+    _dtype_name,
     _load_table,
     config_path_for,
     split_expand_first,
@@ -257,7 +258,7 @@ def _bucket_order(entry: dict) -> tuple:
 
 def _bucket_entry(op: str, problem: Problem, cfg: LaunchConfig, dtype: torch.dtype, ms: float) -> dict:
     entry = {"max_tokens": problem.num_tokens, "n": problem.n, "k": problem.k, "max_rank": problem.max_rank,
-             "dtype": str(dtype).replace("torch.", ""), "median_ms": round(ms, 5)}
+             "dtype": _dtype_name(dtype), "median_ms": round(ms, 5)}
     entry.update(dataclasses.asdict(cfg))
     return entry
 

@@ -40,6 +40,7 @@ from typing import TypeVar
 import torch
 
 from ._backend import env
+from ._checks import FLOAT_DTYPES
 
 __all__ = [
     "LaunchConfig",
@@ -346,8 +347,13 @@ def _check_count(where: str, name: str, value: object) -> None:
         raise ValueError(f"{where}: {name} must be an int >= 0, got {value!r}")
 
 
-#: the ``dtype`` names an entry may match (as :func:`_match` spells a dtype)
-_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+def _dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as a table entry's ``dtype`` spells it (``"bfloat16"``)."""
+    return str(dtype).replace("torch.", "")
+
+
+#: the ``dtype`` names an entry may match: the kernels' float dtypes
+_DTYPE_NAMES = tuple(_dtype_name(d) for d in FLOAT_DTYPES)
 
 
 def _entry_problem(entry: object) -> str | None:
@@ -424,7 +430,7 @@ def _match(entry: dict, num_tokens: int, n: int, k: int, max_rank: int, dtype: t
     if mr is not None and max_rank > mr:
         return False
     dt = entry.get("dtype")
-    return dt is None or dt == str(dtype).replace("torch.", "")
+    return dt is None or dt == _dtype_name(dtype)
 
 
 def heuristic_config(op: str, *, num_tokens: int, n: int, k: int, max_rank: int, dtype: torch.dtype) -> LaunchConfig:
