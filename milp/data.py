@@ -110,6 +110,7 @@ __all__ = [
     "load_lamp",
     "split_users",
     "group_by_user",
+    "record_keys",
     "user_memories",
     "format_memory",
     "tokenize_memory",
@@ -1098,6 +1099,35 @@ def group_by_user(records: Iterable[Record]) -> dict[str, list[Record]]:
             raise TypeError(f"records[{i}] must be a Record, got {type(r).__name__}")
         out.setdefault(r.user_id, []).append(r)
     return out
+
+
+def record_keys(items: Iterable[Record | Mapping[str, Any]]) -> list[tuple[str, str, int]]:
+    """A key per test record (or per saved prediction row, a mapping with ``user_id`` and
+    ``query``) that tells records apart: ``(user_id, query, n)``, ``n`` counting the earlier
+    items with the same user and query. A user asking the same query twice (a repeated
+    question, with another reference answer or history) thus keeps two answers and two
+    losses, while rows saved in the records' order map back to them one to one.
+
+    Example:
+        >>> rs = [Record("a", "", ["x"], "q", "r1"), Record("b", "", ["y"], "q", "r"),
+        ...       Record("a", "", ["x"], "q", "r2")]
+        >>> record_keys(rs)
+        [('a', 'q', 0), ('b', 'q', 0), ('a', 'q', 1)]
+    """
+    seen: dict[tuple[str, str], int] = {}
+    keys = []
+    for i, item in enumerate(items):
+        if isinstance(item, Record):
+            pair = (item.user_id, item.query)
+        elif isinstance(item, Mapping) and isinstance(item.get("user_id"), str) and isinstance(item.get("query"), str):
+            pair = (item["user_id"], item["query"])
+        else:
+            raise TypeError(f"items[{i}] must be a Record or a mapping with str 'user_id' and 'query', "
+                            f"got {type(item).__name__}")
+        n = seen.get(pair, 0)
+        seen[pair] = n + 1
+        keys.append((*pair, n))
+    return keys
 
 
 def user_memories(records: Iterable[Record]) -> list[UserMemory]:

@@ -80,7 +80,7 @@ import torch
 from . import train
 from .baselines import MemoryRetriever, UserEncoder, tplp_context, user_vectors
 from .config import MemoryConfig, atomic_write_bytes, atomic_write_text
-from .data import Record, group_by_user, split_users
+from .data import Record, group_by_user, record_keys, split_users
 from .pipeline import (
     PrefixEncoder,
     generate_responses,
@@ -308,12 +308,13 @@ def _save_predictions(path: Path, method: str, seed: int, records: Sequence[Reco
 def _predictions(path: Path, test: Sequence[Record]) -> list[str]:
     """The answers of ``path`` in ``test``'s order (a clear error if they do not match)."""
     rows = _read_json(path)["rows"]
-    by_key = {(r["user_id"], r["query"]): r["prediction"] for r in rows}
-    missing = [r.user_id for r in test if (r.user_id, r.query) not in by_key]
+    by_key = dict(zip(record_keys(rows), (r["prediction"] for r in rows)))
+    keys = record_keys(test)
+    missing = sorted({k[0] for k in keys if k not in by_key})
     if missing or len(rows) != len(test):
         raise ValueError(f"{path} does not hold this split's test answers (missing users {missing[:5]}); "
                          "delete it to evaluate again")
-    return [by_key[(r.user_id, r.query)] for r in test]
+    return [by_key[k] for k in keys]
 
 
 # --------------------------------------------------------------------------- one seed
@@ -389,9 +390,10 @@ def _uelp_prefix(st: _Seed, models: _Models, model: Any, encoder_path: Path | No
 
 
 def _over_injected_users(rt: Any, users_dir: Path, records: Sequence[Record], slots: int,
-                         fn: Callable[[list[Record]], Sequence[Any]]) -> dict[tuple[str, str], Any]:
+                         fn: Callable[[list[Record]], Sequence[Any]]) -> dict[tuple[str, str, int], Any]:
     """``fn(records of a group)`` with the group's memory-injected users (from ``users_dir``)
-    loaded in ``rt``, ``slots`` users at a time; keyed by ``(user_id, query)``."""
+    loaded in ``rt``, ``slots`` users at a time; keyed by :func:`~milp.data.record_keys` of
+    ``records`` (a group holds whole users in their order, so its keys are the same)."""
     by_user = group_by_user(records)
     users = sorted(by_user)
     out: dict[tuple[str, str], Any] = {}
@@ -400,7 +402,7 @@ def _over_injected_users(rt: Any, users_dir: Path, records: Sequence[Record], sl
         for u in group:
             rt.load_user(users_dir / train.user_dirname(u), u, load_optimizer=False)
         recs = [r for u in group for r in by_user[u]]
-        out.update({(r.user_id, r.query): v for r, v in zip(recs, fn(recs))})
+        out.update(zip(record_keys(recs), fn(recs)))
         for u in group:
             rt.remove_user(u)
     return out
@@ -426,7 +428,7 @@ def _run_milp(st: _Seed, method: str = "milp") -> None:
         raise SystemExit(f"milp.evaluate: {run_dir} used another user split than {st.dir / 'split.json'}")
     test = st.split["test"]
     rows = [json.loads(x) for x in (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if x]
-    by_key = {(r["user_id"], r["query"]): r["prediction"] for r in rows}
+    by_key = dict(zip(record_keys(rows), (r["prediction"] for r in rows)))
     info = _read_json(run_dir / "instruction.json") if (run_dir / "instruction.json").exists() else {}
     if method == "milp":
         _save_predictions(st.pred_path("base"), "base", st.seed, test,
@@ -435,7 +437,7 @@ def _run_milp(st: _Seed, method: str = "milp") -> None:
     timings = {k: v for k, v in (metrics.get("timings_s") or {}).items() if k != "load_model_s"}
     if metrics.get("search"):
         timings["search_s"] = metrics["search"]["wall_s"]
-    _save_predictions(st.pred_path(method), method, st.seed, test, [by_key[(r.user_id, r.query)] for r in test],
+    _save_predictions(st.pred_path(method), method, st.seed, test, [by_key[k] for k in record_keys(test)],
                       invocation_wall_s=time.perf_counter() - t0, timings_s=timings,
                       memory_parameters_per_user=metrics.get("parameters_per_user"),
                       trainable_parameters=info.get("parameters"), memory_config=metrics.get("memory_config"),
@@ -461,7 +463,7 @@ def _run_memory_only(st: _Seed, models: _Models) -> None:
         model, tok, recs, runtime=rt, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
         max_length=args.max_length + 128, progress=args.progress))
     _save_predictions(st.pred_path("milp-no-instruction"), "milp-no-instruction", st.seed, test,
-                      [answers[(r.user_id, r.query)] for r in test], trainable_parameters=0,
+                      [answers[k] for k in record_keys(test)], trainable_parameters=0,
                       timings_s={"generate_s": time.perf_counter() - t0}, reuses=str(users_dir))
 
 
@@ -544,7 +546,7 @@ def _response_ce(method: str, st: _Seed, models: _Models) -> list[float]:
             _shared_adapter(model, st, models, run_dir / "instruction_adapter.safetensors")
         ce = _over_injected_users(rt, run_dir / "users", test, args.slots,
                                   lambda recs: response_losses(model, tok, recs, runtime=rt, **kw))
-        return [ce[(r.user_id, r.query)] for r in test]
+        return [ce[k] for k in record_keys(test)]
     mdir = st.dir / method
     context_fn = _context_fn(method, st, models, tok)
     prefix = _uelp_prefix(st, models, base, mdir / "prefix.safetensors") if method == "uelp" else None
@@ -567,9 +569,9 @@ def _fill_response_ce(st: _Seed, models: _Models, methods: Sequence[str]) -> Non
         _log(f"seed {st.seed}: response CE of {LABELS[m]}")
         test = st.split["test"]
         _predictions(path, test)  # the file holds this split's test answers
-        ce = dict(zip([(r.user_id, r.query) for r in test], _response_ce(m, st, models)))
-        for row in info["rows"]:
-            row["response_ce"] = ce[(row["user_id"], row["query"])]
+        ce = dict(zip(record_keys(test), _response_ce(m, st, models)))
+        for row, key in zip(info["rows"], record_keys(info["rows"])):
+            row["response_ce"] = ce[key]
         _atomic_json(path, info)
 
 

@@ -48,7 +48,17 @@ from typing import Any
 import torch
 
 from .config import MAX_MODULES, MemoryConfig, atomic_write_bytes, atomic_write_text
-from .data import Record, group_by_user, load_amazonqa, load_lamp, load_meddia, load_reddit, read_jsonl, split_users
+from .data import (
+    Record,
+    group_by_user,
+    load_amazonqa,
+    load_lamp,
+    load_meddia,
+    load_reddit,
+    read_jsonl,
+    record_keys,
+    split_users,
+)
 from .pipeline import (
     add_instruction_adapter,
     generate_responses,
@@ -812,8 +822,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
         if dist.main:
             test = split["test"]
-            by_key = {(r["user_id"], r["query"]): r["prediction"] for r in rows}
-            preds = [by_key[(r.user_id, r.query)] for r in test]
+            by_key = dict(zip(record_keys(rows), (r["prediction"] for r in rows)))
+            preds = [by_key[k] for k in record_keys(test)]
             metrics.update(score(test, preds))
             base_path = st.out / "predictions_base.json"
             if not base_path.exists():  # reference row: the base model as shipped

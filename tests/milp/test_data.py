@@ -34,6 +34,7 @@ from milp.data import (
     load_reddit,
     meddia_dir,
     read_jsonl,
+    record_keys,
     split_users,
     tokenize_instruction,
     tokenize_memory,
@@ -333,6 +334,19 @@ def test_group_and_user_memories():
     assert {k: len(v) for k, v in group_by_user(rs).items()} == {"a": 2, "b": 1}
     mems = user_memories(rs)
     assert mems[0] == UserMemory("a", "p", ("x", "y")) and mems[1].history == ("z",)
+
+
+def test_record_keys_tell_a_repeated_query_apart_and_match_saved_rows():
+    rs = [rec("a", response="1"), rec("b"), rec("a", response="2"), rec("a", query="other")]
+    keys = record_keys(rs)
+    assert len(set(keys)) == 4 and keys[0][:2] == keys[2][:2]
+    rows = [{"user_id": r.user_id, "query": r.query, "prediction": "p"} for r in rs]
+    assert record_keys(rows) == keys
+    # rows saved user by user (the CLIs' order) keep each user's records in order: the same keys
+    by_user = [rows[0], rows[2], rows[3], rows[1]]
+    assert sorted(record_keys(by_user)) == sorted(keys)
+    with pytest.raises(TypeError, match=r"items\[1\] must be a Record or a mapping"):
+        record_keys([rs[0], {"user_id": 1, "query": "q"}])
 
 
 # --------------------------------------------------------------------------- tokenization

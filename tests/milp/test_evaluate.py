@@ -299,3 +299,31 @@ def test_judge_flag_and_user_jsonl(tiny_checkpoint, tmp_path, capsys):
     capsys.readouterr()
     assert _run(tiny_checkpoint, out, *args, "--report-only", "--judge", str(tmp_path / "nope")) == 2
     assert "--judge" in capsys.readouterr().err
+
+
+def test_a_query_asked_twice_keeps_its_own_answer_and_loss(tiny_checkpoint, tmp_path):
+    """Each user asks the same query twice with other references: every record keeps its own
+    prediction row and response CE (they were keyed by ``(user_id, query)``, so the second
+    reference's loss was given to both rows)."""
+    from milp.data import load_meddia, write_jsonl
+    from milp.models import load_model
+    from milp.pipeline import response_losses
+
+    recs = load_meddia()[:7]
+    twice = [r for i, r in enumerate(recs)
+             for r in (r, Record(r.user_id, r.profile, r.history, r.query, recs[i - 1].response))]
+    data = tmp_path / "twice.jsonl"
+    write_jsonl(twice, data)
+    out = tmp_path / "cmp"
+    assert _run(tiny_checkpoint, out, "--data", str(data), "--seeds", "0", "--methods", "milp") == 0
+    split = json.loads((out / "seed0" / "split.json").read_text())
+    test = [r for r in twice if r.user_id in split["test"]]
+    model, tok = load_model(str(tiny_checkpoint), dtype=torch.float32)
+    want = response_losses(model, tok, test, max_length=224)
+    assert want[0] != pytest.approx(want[1], rel=1e-3)  # the two references differ
+    for m in ("base", "milp"):
+        rows = json.loads((out / "seed0" / m / "predictions.json").read_text())["rows"]
+        assert [(r["user_id"], r["query"], r["reference"]) for r in rows] == [(r.user_id, r.query, r.response)
+                                                                             for r in test]
+    base = json.loads((out / "seed0" / "base" / "predictions.json").read_text())["rows"]
+    assert [r["response_ce"] for r in base] == pytest.approx(want, rel=1e-5)
