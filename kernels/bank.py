@@ -59,6 +59,11 @@ class AdapterBank(torch.nn.Module):
         capacity: rank rows to preallocate (grows on demand).
         dtype / device: of ``lora_a`` and ``lora_b``.
 
+    ``state_dict()`` holds the tensors and the segment table (``_extra_state``, a float64
+    tensor), so ``load_state_dict`` gives a bank of any size the saved users, free rows and
+    ``max_rank``. A model's user ids live in its runtime, not here: save and load users with
+    :meth:`milp.MilpRuntime.save_user` / ``load_user``.
+
     Example:
         >>> bank = AdapterBank(64, 96, max_users=4)
         >>> seg = bank.add(2, ranks=[8, 16], alpha=16.0)
@@ -105,6 +110,120 @@ class AdapterBank(torch.nn.Module):
         if moved.dtype != scale.dtype:
             self._buffers["scale"] = scale.to(device=moved.device)
         return out
+
+    # ------------------------------------------------------------- state dict
+    # The segment table travels in the state dict as a float64 tensor (``<prefix>_extra_state``:
+    # tensors only, so ``safetensors`` and ``torch.save`` both take it): a header row
+    # ``(format, max_rank, 0, 0)``, then a row ``(user, offset, rank_j, alpha_j)`` per module, in
+    # user order. Ints below 2⁵³ and the float alphas are exact in float64.
+    _STATE_FORMAT = 1
+
+    def get_extra_state(self) -> torch.Tensor:
+        rows = [(float(self._STATE_FORMAT), float(self._max_rank), 0.0, 0.0)]
+        for user in sorted(self._segments):
+            seg = self._segments[user]
+            offset = seg.offset
+            for r, alpha in zip(seg.ranks, seg.alphas):
+                rows.append((float(user), float(offset), float(r), float(alpha)))
+                offset += r
+        return torch.tensor(rows, dtype=torch.float64)
+
+    def set_extra_state(self, state: object) -> None:
+        segments, max_rank = self._segments_from_state(state, self.slots.tolist(), self.capacity)
+        self._segments = segments
+        self._free = self._gaps()
+        self._max_rank = max_rank
+
+    @staticmethod
+    def _segments_from_state(state: object, slots: list[list[int]],
+                             capacity: int) -> tuple[dict[int, AdapterSegment], int]:
+        """The segment table of a saved ``_extra_state``, checked against the ``slots`` table
+        and ``capacity`` it comes with: ``ValueError`` naming what does not fit."""
+        def bad(why: str) -> ValueError:
+            return ValueError(f"AdapterBank state: _extra_state {why}")
+
+        if not isinstance(state, torch.Tensor) or state.dim() != 2 or state.shape[1] != 4 or state.shape[0] < 1:
+            shape = f" of shape {tuple(state.shape)}" if isinstance(state, torch.Tensor) else ""
+            raise bad(f"must be a [1 + modules, 4] tensor, got {type(state).__name__}{shape}")
+        rows = state.detach().to("cpu", torch.float64).tolist()
+        fmt, max_rank = rows[0][0], rows[0][1]
+        if fmt != AdapterBank._STATE_FORMAT:
+            raise bad(f"has format {fmt:g}; this version reads format {AdapterBank._STATE_FORMAT}")
+        modules: dict[int, list[tuple[int, int, float]]] = {}
+        for i, (user, offset, r, alpha) in enumerate(rows[1:], 1):
+            if not all(math.isfinite(v) and v == int(v) for v in (user, offset, r)) or not math.isfinite(alpha):
+                raise bad(f"row {i} is not (user, offset, rank, alpha) numbers: {rows[i]}")
+            modules.setdefault(int(user), []).append((int(offset), int(r), alpha))
+        segments: dict[int, AdapterSegment] = {}
+        held = [False] * capacity
+        for user, mods in modules.items():
+            offset, ranks = mods[0][0], tuple(r for _, r, _ in mods)
+            total = sum(ranks)
+            if not 0 <= user < len(slots) or min(ranks) < 1 or offset < 0 or offset + total > capacity \
+                    or [o for o, _, _ in mods] != [offset + sum(ranks[:j]) for j in range(len(mods))]:
+                raise bad(f"holds an impossible segment for user {user} (ranks {ranks} at row {offset}; "
+                          f"{capacity} rows, {len(slots)} users)")
+            if any(held[offset : offset + total]):
+                raise bad(f"gives user {user} rows another user holds")
+            held[offset : offset + total] = [True] * total
+            if slots[user] != [offset, total]:
+                raise bad(f"places user {user} at (row {offset}, rank {total}) but slots say {tuple(slots[user])}")
+            segments[user] = AdapterSegment(offset, ranks, tuple(a for _, _, a in mods))
+        orphans = [u for u, (_, rank) in enumerate(slots) if rank and u not in segments]
+        if orphans:
+            raise bad(f"lists no segment for users {orphans[:5]} that slots give rows")
+        need = max([s.rank for s in segments.values()], default=0)
+        if max_rank != int(max_rank) or max_rank < need:
+            raise bad(f"has max_rank {max_rank:g} below its largest segment's rank {need}")
+        return segments, int(max_rank)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """``load_state_dict``: the bank takes the saved capacity and user-id space (its tensors
+        are resized first, bumping ``version``) and the saved segment table, so ``add`` and
+        ``remove`` go on from the loaded state. A state that does not fit (other feature
+        widths, a damaged table, or no table while users hold rows: the bank could not tell
+        which rows are free) is an error and leaves the bank as it was."""
+        names = ("lora_a", "lora_b", "scale", "slots")
+        got = {n: state_dict.get(prefix + n) for n in names}
+        extra = state_dict.get(prefix + "_extra_state")
+        if not all(isinstance(t, torch.Tensor) for t in got.values()):  # missing keys: torch reports them
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        a, b, scale, slots = got.values()
+        rows = a.shape[0] if a.dim() == 2 else -1
+        if not (a.dim() == 2 and a.shape[1] == self.in_features and b.dim() == 2 and b.shape[1] == self.out_features
+                and b.shape[0] == rows and scale.shape == (rows,) and slots.dim() == 2 and slots.shape[1] == 2):
+            error_msgs.append(
+                f"AdapterBank {prefix!r}: the state holds lora_a {tuple(a.shape)}, lora_b {tuple(b.shape)}, "
+                f"scale {tuple(scale.shape)}, slots {tuple(slots.shape)}; this bank needs lora_a [rows, "
+                f"{self.in_features}], lora_b [rows, {self.out_features}], scale [rows], slots [users, 2]")
+            return
+        slot_rows = slots.tolist()
+        try:
+            if extra is None:
+                if any(rank for _, rank in slot_rows):
+                    raise ValueError(f"AdapterBank state: no {prefix + '_extra_state'!r} (the segment table), "
+                                     "but slots give users rows; save the bank with this version's state_dict()")
+            else:
+                self._segments_from_state(extra, slot_rows, rows)
+        except ValueError as e:
+            error_msgs.append(f"{prefix!r}: {e}")
+            return
+        if rows != self.capacity or slots.shape[0] != self.max_users:
+            with torch.no_grad():  # the saved sizes; the copy below fills them
+                for p in (self.lora_a, self.lora_b):
+                    p.data = p.data.new_zeros(rows, p.shape[1])
+                    p.grad = None
+                self.scale = self.scale.new_zeros(rows)
+                self.slots = self.slots.new_zeros(slots.shape[0], 2)
+            self.version += 1
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if extra is None:  # an empty bank's state from before the table: every row free
+            if prefix + "_extra_state" in missing_keys:
+                missing_keys.remove(prefix + "_extra_state")
+            self.set_extra_state(torch.tensor([[float(self._STATE_FORMAT), 0.0, 0.0, 0.0]], dtype=torch.float64))
 
     # ------------------------------------------------------------------ info
     @property

@@ -145,7 +145,76 @@ def test_bank_moves_and_casts_with_module_api():
     bank.add(1, 2)
     assert bank.lora_a.dtype == torch.float16 and bank.scale.dtype == torch.float32
     state = bank.state_dict()
-    assert set(state) == {"lora_a", "lora_b", "scale", "slots"}
+    assert set(state) == {"lora_a", "lora_b", "scale", "slots", "_extra_state"}
+
+
+def _churned_bank() -> AdapterBank:
+    """A bank with a hole in its rows, modules of several ranks and alphas, and a max rank
+    larger than any current user's."""
+    bank = AdapterBank(6, 5, max_users=4)
+    gen = torch.Generator().manual_seed(0)
+    bank.add(1, [2, 3], alpha=[4.0, 6.0], init="random", generator=gen)
+    bank.add(3, 4, alpha=0.1, init="random", generator=gen)
+    bank.add(2, [1, 7], init="random", generator=gen)
+    bank.remove(1)
+    bank.remove(2)
+    bank.add(0, [1, 2], alpha=[3.0, 5.0], init="random", generator=gen)
+    return bank
+
+
+def _bank_state(bank: AdapterBank) -> tuple:
+    return ({u: bank.segment(u) for u in bank.users}, bank._free, bank.max_rank, bank.capacity, bank.max_users,
+            [t.tolist() for t in bank.state_dict().values()])
+
+
+def test_state_dict_round_trips_the_segment_table(tmp_path):
+    """``load_state_dict`` restores the users' segments, the free rows and the max rank (not
+    only the tensors), into a bank of any capacity and user-id space, through safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    bank = _churned_bank()
+    save_file(bank.state_dict(), tmp_path / "bank.safetensors")
+    for fresh in (AdapterBank(6, 5, max_users=1), AdapterBank(6, 5, max_users=9, capacity=300)):
+        version = fresh.version
+        fresh.load_state_dict(load_file(tmp_path / "bank.safetensors"))
+        assert _bank_state(fresh) == _bank_state(bank) and fresh.version == version + 1
+        assert fresh.max_rank == 8 and fresh.segment(0).alphas == (3.0, 5.0)
+        # the banks go on alike: the same rows for the same adds, the loaded users' rows untouched
+        for b in (bank, fresh):
+            b.add(2, 3, init="zeros")
+            b.remove(3)
+            b.add(1, [2, 2], init="zeros")
+        assert _bank_state(fresh) == _bank_state(bank)
+        bank = _churned_bank()
+
+
+def test_state_dict_that_does_not_fit_is_refused_and_leaves_the_bank_as_it_was():
+    state = _churned_bank().state_dict()
+    target = AdapterBank(6, 5, max_users=2)
+    target.add(1, 3, init="random")
+    before = _bank_state(target)
+    no_table = {k: v for k, v in state.items() if k != "_extra_state"}
+    overlap = dict(state, _extra_state=torch.tensor([[1, 8, 0, 0], [0, 0, 3, 16], [3, 1, 4, 16]], dtype=torch.float64))
+    moved = dict(state, _extra_state=state["_extra_state"].clone())
+    moved["_extra_state"][1:3, 1] += 1  # user 0's modules one row on
+    for bad, match in [
+        (no_table, "no '_extra_state'.*slots give users rows"),
+        (dict(state, _extra_state=torch.zeros(2, 3)), r"must be a \[1 \+ modules, 4\] tensor"),
+        (dict(state, _extra_state=torch.tensor([[2.0, 0, 0, 0]])), "format 2"),
+        (overlap, "rows another user holds"),
+        (moved, "but slots say"),
+        (dict(state, _extra_state=state["_extra_state"][:3]), r"no segment for users \[3\]"),
+        ({k: v[:, :4] if k == "lora_a" else v for k, v in state.items()}, r"needs lora_a \[rows, 6\]"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            target.load_state_dict(bad)
+        assert _bank_state(target) == before
+    # an empty bank saved before the table was kept still loads
+    empty = AdapterBank(6, 5, max_users=3, capacity=16).state_dict()
+    del empty["_extra_state"]
+    target = AdapterBank(6, 5, max_users=2)
+    target.load_state_dict(empty)
+    assert target.users == [] and target._free == [(0, 16)] and target.max_users == 3
 
 
 @pytest.mark.parametrize(
