@@ -21,7 +21,9 @@ The first entry whose ``max_tokens`` (inclusive, ``null`` = any), ``n``, ``k``, 
 and ``dtype`` (``null`` = any) all match wins; otherwise :func:`heuristic_config` decides.
 ``block_m`` must be one of the plan's ``block_ms``; the nearest one (of those a config can take,
 ``>= MIN_BLOCK``) is taken otherwise. A file is checked whole when it is read: a malformed entry
-or knob raises a ``ValueError`` naming the file, the op and the field.
+or knob raises a ``ValueError`` naming the file, the op and the field, and so does an unknown
+key (a misspelt field or knob would leave its default in force unseen): notes and the tuner's
+measurements go under keys starting with ``_``.
 """
 from __future__ import annotations
 
@@ -322,6 +324,10 @@ def _load_table(path: str) -> dict:
             raise ValueError(f"{path}: a kernel config table must be valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a kernel config table must be a JSON object, got {type(data).__name__}")
+    unknown = _unknown(data, _TABLE_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown} in a kernel config table; expected {_TABLE_KEYS} "
+                         "(notes and measurements go under keys starting with '_')")
     ops = data.get("ops", {})
     if not isinstance(ops, dict):
         raise ValueError(f"{path}: 'ops' must be an object of op name -> list of configs")
@@ -335,10 +341,26 @@ def _load_table(path: str) -> dict:
     dispatch = data.get("dispatch", {})
     if not isinstance(dispatch, dict):
         raise ValueError(f"{path}: 'dispatch' must be an object of threshold name -> int")
+    unknown = _unknown(dispatch, DISPATCH_KNOBS)
+    if unknown:  # a misspelt knob would leave its default in force unseen
+        raise ValueError(f"{path}: 'dispatch': unknown knob(s) {unknown}; expected names from {DISPATCH_KNOBS} "
+                         "(measurements go under keys starting with '_')")
     for name in DISPATCH_KNOBS:
         if name in dispatch:
             _check_count(f"{path}: 'dispatch'", name, dispatch[name])
     return dict(ops, __dispatch__=dispatch)
+
+
+#: a table's top-level keys (others must start with ``_``: notes, the tuner's evidence)
+_TABLE_KEYS = ("device", "triton", "torch", "created", "ops", "dispatch")
+#: what an entry matches on, and what the autotuner records beside its launch config
+_MATCH_KEYS = ("max_tokens", "n", "k", "max_rank", "dtype")
+_ENTRY_NOTES = ("median_ms",)
+
+
+def _unknown(obj: dict, known: tuple[str, ...] | set[str]) -> list[str]:
+    """The keys of ``obj`` that are neither ``known`` nor notes (``_``-prefixed), sorted."""
+    return sorted(k for k in obj if k not in known and not str(k).startswith("_"))
 
 
 def _check_count(where: str, name: str, value: object) -> None:
@@ -360,7 +382,11 @@ def _entry_problem(entry: object) -> str | None:
     """What is wrong with a config table entry, naming the field; ``None`` when it is good."""
     if not isinstance(entry, dict):
         return f"an entry must be an object of fields, got {type(entry).__name__}"
-    for key in ("max_tokens", "n", "k", "max_rank"):
+    unknown = _unknown(entry, {*_MATCH_KEYS, *_FIELDS, *_ENTRY_NOTES})
+    if unknown:  # a misspelt field would leave its default in force unseen
+        return (f"unknown field(s) {unknown}; expected match keys {_MATCH_KEYS}, launch config fields "
+                f"{tuple(sorted(_FIELDS))} or notes starting with '_'")
+    for key in _MATCH_KEYS[:-1]:
         v = entry.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             return f"{key} must be an int >= 0 or null (any), got {v!r}"

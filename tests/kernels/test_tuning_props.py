@@ -216,6 +216,11 @@ def test_a_bad_entry_is_refused_naming_the_file_op_and_field(op, good, bad, wher
     ({"ops": {"expand": [7]}}, None, "entry of 'expand' #0 7: an entry must be an object of fields, got int"),
     ({"ops": {"shrink": [{"split_k": 2}, "x"]}}, None, "entry of 'shrink' #1"),
     ({"dispatch": [1]}, None, "'dispatch' must be an object"),
+    # misspelt keys used to be skipped, leaving the default in force unseen
+    ({"dispatch": {"decode_max_token": 64}}, None, r"'dispatch': unknown knob\(s\) \['decode_max_token'\]"),
+    ({"ops": {"shrink": [{"max_tokens": 8, "blok_k": 64}]}}, None,
+     r"entry of 'shrink' #0 .*unknown field\(s\) \['blok_k'\]"),
+    ({"dispach": {"decode_max_tokens": 64}}, None, r"unknown key\(s\) \['dispach'\] in a kernel config table"),
 ])
 def test_a_malformed_table_is_refused_naming_the_file(obj, raw, message):
     """Each used to raise from inside the lookup (``AttributeError: 'list' object has no attribute
@@ -227,6 +232,18 @@ def test_a_malformed_table_is_refused_naming_the_file(obj, raw, message):
             with pytest.raises(ValueError, match=message) as info:
                 call()
             assert path in str(info.value)
+
+
+def test_notes_and_the_tuners_records_are_read_beside_the_knobs_and_fields():
+    """Keys starting with ``_`` (anywhere) and what ``kernels.autotune`` writes are not unknown."""
+    entry = dict(dataclasses.asdict(LaunchConfig(block_k=64)), max_tokens=None, n=None, k=None, max_rank=None,
+                 dtype="float32", median_ms=0.01, _why="measured")
+    obj = {"device": "x", "triton": "3.6.0", "torch": "2.11", "created": "now", "_note": "hand-made",
+           "ops": {"shrink": [entry]}, "dispatch": {"decode_max_tokens": 3, "_measured_overlap": []}}
+    with table(obj):
+        assert get_config("shrink", num_tokens=8, n=8, k=8, max_rank=8, dtype=torch.float32,
+                          device=CPU).block_k == 64
+        assert choose_path(3, 8, device=CPU) == "split" and choose_path(4, 8, device=CPU) != "split"
 
 
 @_SETTINGS
