@@ -78,11 +78,16 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         ['a.txt']
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{str(path)!r} exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
+    path.parent.mkdir(parents=True, exist_ok=True)
     old = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a result folder is an ordinary one
         yield tmp
@@ -100,12 +105,23 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
             if not moved.exists():  # never delete the previous directory unless it is back in place
                 shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)  # a failed first write into a new nested path leaves no empty folders
         raise
     from search.trial_log import fsync_dir  # stdlib only
 
     fsync_dir(path.parent)  # the rename survives a power loss
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: the ones a failed call made."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (someone else wrote there meanwhile) or already gone
+            if folder.exists():
+                return
 
 
 def _fsync_tree(root: Path) -> None:

@@ -134,6 +134,23 @@ def test_atomic_directory_replaces_and_cleans_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_failed_atomic_directory_leaves_no_folders_it_made(tmp_path):
+    """A failed first write into a new nested path takes back the parents it created, not
+    the ones that were there, nor one that another writer filled meanwhile."""
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "kept" / "a" / "b" / "user") as tmp:
+            (tmp / "x").write_text("1")
+            raise RuntimeError("boom")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["kept"]
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "kept" / "a" / "b" / "user"):
+            (tmp_path / "kept" / "a" / "other").write_text("meanwhile")
+            raise RuntimeError("boom")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "kept", "kept/a", "kept/a/other"]
+
+
 def test_num_parameters_matches_banks_and_formula():
     pytest.importorskip("search.space", reason="search.space.parameter_count (the search package) is not there yet")
     from milp.inject import tiny_model
