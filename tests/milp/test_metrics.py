@@ -15,8 +15,10 @@ from milp.metrics import (
     LMJudge,
     WinRate,
     content_tokens,
+    paired_difference,
     persona_f1,
     persona_f1_single,
+    rouge_per_example,
     rouge_scores,
     win_rate,
 )
@@ -483,3 +485,55 @@ def test_embedding_judge_empty_answers_lose(vecs, answers, context, reference, s
     v = EmbeddingJudge(FakeEmbedder(vecs)).judge("q", context, x, y, reference=reference)
     if not x.strip() or not y.strip():
         assert v == ("tie" if not x.strip() and not y.strip() else "B" if not x.strip() else "A")
+
+
+# --------------------------------------------------------------------------- paired differences
+@settings(max_examples=40, deadline=None)
+@given(pairs=st.lists(st.tuples(st.text(" abc", max_size=12), st.text(" abcd", max_size=12)), min_size=1,
+                      max_size=6))
+def test_rouge_per_example_is_what_rouge_scores_averages(pairs):
+    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    each, mean = rouge_per_example(preds, refs), rouge_scores(preds, refs)
+    for key in ("rouge1", "rougeL"):
+        assert len(each[key]) == len(pairs) and all(0 <= v <= 100 for v in each[key])
+        assert sum(each[key]) / len(pairs) == approx(mean[key], abs=1e-9)
+
+
+def test_paired_difference_on_hand_computed_cases():
+    d = paired_difference([3.0, 4.0, 5.0, 6.0], [1.0, 2.5, 4.0, 4.0])
+    # four positive differences: 2 of the 16 sign patterns are as extreme, exactly
+    assert (d.mean, d.n, d.p_value, d.confidence) == (1.625, 4, 0.125, 0.95)
+    assert d.ci_low <= d.mean <= d.ci_high and d.ci_low >= 1.0 and d.ci_high <= 2.0
+    assert paired_difference([1, 1, 1], [0, 0, 0]).to_dict() == {
+        "mean": 1.0, "ci_low": 1.0, "ci_high": 1.0, "p_value": 0.25, "n": 3, "confidence": 0.95}
+    assert paired_difference([2.0, 5.0], [2.0, 5.0]).p_value == 1.0
+    one = paired_difference([2.0], [0.5])
+    assert (one.mean, one.ci_low, one.ci_high, one.p_value) == (1.5, None, None, None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.tuples(st.floats(-50, 50), st.floats(-50, 50)), min_size=2, max_size=11),
+       shift=st.floats(-20, 20))
+def test_paired_difference_is_antisymmetric_and_shift_free(rows, shift):
+    a, b = [x for x, _ in rows], [y for _, y in rows]
+    d, back = paired_difference(a, b), paired_difference(b, a)
+    assert d.mean == approx(sum(a) / len(a) - sum(b) / len(b), abs=1e-9)
+    assert back.mean == approx(-d.mean, abs=1e-9) and back.p_value == approx(d.p_value, abs=1e-9)
+    assert 0 < d.p_value <= 1 and d.ci_low - 1e-9 <= d.ci_high
+    moved = paired_difference([x + shift for x in a], [y + shift for y in b])
+    assert moved.p_value == approx(d.p_value, abs=1e-6)
+    assert moved.mean == approx(d.mean, abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"a": [], "b": []}, ValueError, "empty"),
+    ({"a": [1.0], "b": [1.0, 2.0]}, ValueError, "same length"),
+    ({"a": [1.0, math.nan], "b": [1.0, 2.0]}, ValueError, r"a\[1\] must be a finite number"),
+    ({"a": [1.0, 2.0], "b": [True, 2.0]}, ValueError, r"b\[0\] must be a finite number"),
+    ({"a": "12", "b": [1.0, 2.0]}, TypeError, "a must be a sequence of numbers"),
+    ({"a": [1.0, 2.0], "b": [1.0, 2.0], "confidence": 1.0}, ValueError, "confidence"),
+    ({"a": [1.0, 2.0], "b": [1.0, 2.0], "n_resamples": 0}, ValueError, "n_resamples"),
+])
+def test_paired_difference_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        paired_difference(**kwargs)
