@@ -362,9 +362,9 @@ class SentenceEmbedder:
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str = "encoder", max_length: int = 256,
                  batch_size: int = 32, device: str | torch.device = "cpu") -> None:
-        if not isinstance(max_length, int) or max_length < 2:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer

@@ -177,13 +177,16 @@ def add_instruction_adapter(
             raise ValueError(f"no default instruction-adapter targets for model_type {mt!r}; "
                              f"pass targets= (known: {sorted(INSTRUCTION_TARGETS)})")
         targets = INSTRUCTION_TARGETS[mt]
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence) or not all(
+            isinstance(t, str) and t for t in targets):
+        raise TypeError(f"targets must be a sequence of module-name suffixes (non-empty str), got {targets!r}")
     adapter = InstructionAdapter(rank, float(alpha))
     gen = torch.Generator().manual_seed(seed)
     found = [(n, m) for n, m in model.named_modules() if any(n.endswith("." + t) or n == t for t in targets)]
     if not found:
         raise ValueError(f"model has no module named like {list(targets)}")
-    for name, m in found:
-        k, d = _linear_shape(m)
+    shapes = [_linear_shape(m) for _, m in found]  # every target checked before the model is changed
+    for (name, m), (k, d) in zip(found, shapes):
         w = m.weight
         key = name.replace(".", "__")
         a = torch.empty(rank, k, dtype=torch.float32)
@@ -245,6 +248,14 @@ def _pos_int(v: Any, name: str, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
     return v
+
+
+def _number(v: Any, name: str, lo: float, hi: float = math.inf, *, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise TypeError(f"{name} must be a finite number, got {v!r}")
+    if v < lo or v > hi or (lo_open and v == lo):
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+    return float(v)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -392,6 +403,8 @@ def memory_total_steps(record: Record, tokenizer: Any, *, steps: int, rows_per_u
         >>> memory_total_steps(record, tok, steps=10)  # one chunk of memory  # doctest: +SKIP
         10
     """
+    _pos_int(steps, "steps")
+    _pos_int(rows_per_user, "rows_per_user")
     n = len(tokenize_memory(record, tokenizer, max_length=max_length))
     return steps * max(1, math.ceil(n / rows_per_user))
 
@@ -435,6 +448,10 @@ def instruction_tune(
         raise ValueError("records must hold at least one example to instruction-tune on")
     _pos_int(steps, "steps")
     _pos_int(batch_size, "batch_size")
+    _number(lr, "lr", 0.0)
+    _number(weight_decay, "weight_decay", 0.0)
+    _number(warmup_ratio, "warmup_ratio", 0.0, 1.0)
+    _number(max_grad_norm, "max_grad_norm", 0.0, lo_open=True)
     adapter = adapter if adapter is not None else get_instruction_adapter(model)
     params: list[nn.Parameter] = []
     if adapter is not None:
@@ -448,7 +465,8 @@ def instruction_tune(
     pad = _pad_id(tokenizer)
     device = _device_of(model)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, steps, warmup_ratio))
+    # LambdaLR counts from 0 (the lr of the first update); lr_multiplier's steps are 1-based
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s + 1, steps, warmup_ratio))
     rng = random.Random(seed)
     order: list[int] = []
     losses: list[float] = []
@@ -475,7 +493,10 @@ def instruction_tune(
                 loss = mean_token_loss(model, **inputs)
                 loss.backward()
             if all_reduce is not None:
-                all_reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+                for p in params:  # reduce into .grad itself: a rank without a gradient still gets the others'
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                all_reduce([p.grad for p in params])
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
             sched.step()
@@ -602,6 +623,8 @@ def score(records: Sequence[Record], predictions: Sequence[str]) -> dict[str, fl
     from .metrics import persona_f1, rouge_scores
 
     records = _check_records(records)
+    if isinstance(predictions, (str, bytes)) or not isinstance(predictions, Sequence):
+        raise TypeError(f"predictions must be a sequence of str (one per record), got {type(predictions).__name__}")
     if len(predictions) != len(records):
         raise ValueError(f"predictions has {len(predictions)} entries, records {len(records)}")
     rs = rouge_scores(list(predictions), [r.response for r in records])
