@@ -435,8 +435,10 @@ def instruction_tune(
     With a ``runtime``, row ``b`` runs through the memory adapters of ``records[b]``'s user
     (frozen: only the shared weights learn). ``context_fn(record)`` puts a per-record
     system prompt in front (the text-prompt baselines). AdamW with the paper's settings
-    (lr 5e-4, 10% linear warm-up then linear decay, weight decay 1e-4), ``batch_size``
-    examples a step drawn without replacement (reshuffled every epoch). ``all_reduce`` is
+    (lr 5e-4, 10% linear warm-up then linear decay, weight decay 1e-4). A step takes the next
+    ``batch_size`` examples of a stream of shuffled epochs: a batch may span two epochs (and
+    then hold an example twice), and with fewer records than ``batch_size`` a batch is every
+    record once. ``all_reduce`` is
     called with the gradients before each step (data parallelism across processes).
     Returns the loss of every step.
 
