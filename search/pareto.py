@@ -14,6 +14,7 @@ objective; where the front has zero range in an objective the margin is
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -80,10 +81,16 @@ def pareto_mask(Y: object, directions: Sequence[str]) -> list[bool]:
 def infer_ref_point(Y: object, directions: Sequence[str], scale: float = 0.1) -> list[float]:
     """The reference point of the module's rule, in natural units.
 
+    ``scale`` is the margin as a fraction of the front's range (finite, ``>= 0``).
+
     Example:
         >>> infer_ref_point([[0.0, 1.0], [1.0, 0.0]], ["minimize", "minimize"])
         [1.1, 1.1]
     """
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__} ({scale!r})")
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"scale must be finite and >= 0, got {scale}")
     t = _as_y(Y, m=_num(directions))
     signs = _signs(directions, t.shape[-1])
     Ym = t * signs
@@ -137,7 +144,8 @@ def hypervolume_trace(Y: object, ref_point: Sequence[float], directions: Sequenc
         >>> hypervolume_trace([[1.0, 1.0], [0.0, 2.0], [3.0, 3.0]], [2.0, 2.0], ["minimize"] * 2)
         [1.0, 1.0, 1.0]
     """
-    t = _as_y(Y)
+    t = _as_y(Y, m=_num(directions))
+    _ref_max(ref_point, _signs(directions, t.shape[-1]))  # bad arguments are named even with no row
     out: list[float] = []
     best = 0.0
     for k in range(1, t.shape[0] + 1):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .pareto import pareto_mask
+from .pareto import _signs, pareto_mask
 from .trial_log import atomic_write_with
 
 __all__ = ["plot_hypervolume", "plot_pareto"]
@@ -47,12 +47,18 @@ def plot_pareto(
         >>> p.read_bytes()[:4]
         b'\\x89PNG'
     """
-    rows = [list(map(float, r)) for r in Y]
+    if isinstance(names, (str, bytes)):
+        raise TypeError(f"names must be a sequence of objective names, got {type(names).__name__} ({names!r})")
+    try:
+        rows = [list(map(float, r)) for r in Y]
+    except TypeError as e:
+        raise ValueError(f"Y must be a 2-D sequence of numbers [n, m] ({e})") from e
     m = len(names)
     if m < 2:
         raise ValueError(f"names must list at least 2 objectives, got {list(names)}")
     if any(len(r) != m for r in rows):
         raise ValueError(f"Y rows must have {m} values (one per name)")
+    _signs(directions, m)  # named even when Y has no row
     mask = pareto_mask(rows, directions) if rows else []
     pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
     fig = _figure(len(pairs))
@@ -87,8 +93,18 @@ def plot_hypervolume(
         >>> p.exists()
         True
     """
+    if isinstance(traces, (str, bytes)):
+        raise TypeError(f"traces must be a sequence of values or a dict name -> sequence, got {traces!r}")
     if not isinstance(traces, dict):
         traces = {"search": list(traces)}
+    for name, (lo, hi) in (bands or {}).items():
+        if name not in traces:
+            raise ValueError(f"bands has {name!r}, which is not a trace name ({list(traces)})")
+        if not len(lo) == len(hi) == len(traces[name]):
+            raise ValueError(
+                f"bands[{name!r}] must be (low, high) with {len(traces[name])} values each (the trace's length), "
+                f"got {len(lo)} and {len(hi)}"
+            )
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     for k, (name, tr) in enumerate(traces.items()):

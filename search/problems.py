@@ -21,6 +21,7 @@ the linear scale squeezes against zero.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,11 +59,19 @@ class LoRASynthetic:
         intermediate_size: int = 11008,
         seed: int = 0,
     ) -> None:
-        a, b = relevant_layers
+        if isinstance(relevant_layers, (str, bytes)) or not isinstance(relevant_layers, Sequence):
+            raise TypeError(f"relevant_layers must be a pair of ints, got {type(relevant_layers).__name__}")
+        if len(relevant_layers) != 2:
+            raise ValueError(f"relevant_layers must be two distinct layers, got {tuple(relevant_layers)}")
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in relevant_layers):
+            raise TypeError(f"relevant_layers must be a pair of ints, got {tuple(relevant_layers)!r}")
+        a, b = (int(v) for v in relevant_layers)
         if not (0 <= a < num_layers and 0 <= b < num_layers and a != b):
             raise ValueError(f"relevant_layers must be two distinct layers in [0, {num_layers}), got {relevant_layers}")
-        if not noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real):
+            raise TypeError(f"noise_std must be a real number, got {type(noise_std).__name__} ({noise_std!r})")
+        if not (noise_std >= 0 and math.isfinite(noise_std)):
+            raise ValueError(f"noise_std must be finite and >= 0, got {noise_std}")
         self.layers = (a, b)
         self.noise_std = float(noise_std)
         self.space: SearchSpace = paper_space(

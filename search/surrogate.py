@@ -16,6 +16,7 @@ Everything here works in BoTorch's convention: inputs in the unit cube, outputs 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,11 +53,18 @@ def _pos_int(v: object, name: str) -> int:
     return v
 
 
+def _int(v: object, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} ({v!r})")
+    return int(v)
+
+
 @dataclass(frozen=True)
 class NUTSSettings:
     """NUTS settings of the SAAS fit; the defaults are the paper's / BoTorch's.
 
-    ``num_samples // thinning`` posterior samples are kept (16 by default).  Tests use
+    ``ceil(num_samples / thinning)`` posterior samples are kept (every ``thinning``-th
+    one, starting with the first: 16 by default).  Tests use
     tiny settings such as ``NUTSSettings(16, 16, 4)``.
 
     Example:
@@ -147,6 +155,10 @@ def _check_xy(X: torch.Tensor, Y: torch.Tensor) -> None:
         raise ValueError(f"Y must be a 2-D tensor [n, m] with n = {X.shape[0]}, got {getattr(Y, 'shape', type(Y))}")
     if X.shape[0] < 1:
         raise ValueError("X must have at least one row")
+    if X.shape[1] < 1:
+        raise ValueError(f"X must have at least one column (input dimension), got shape {tuple(X.shape)}")
+    if Y.shape[1] < 1:
+        raise ValueError(f"Y must have at least one column (one per modelled objective), got shape {tuple(Y.shape)}")
     if not torch.isfinite(Y).all():
         raise ValueError("Y must be finite (failed trials are never fed to the surrogate)")
     if not torch.isfinite(X).all() or (X < 0).any() or (X > 1).any():
@@ -182,9 +194,11 @@ def fit_surrogate(
     if kind not in SURROGATES:
         raise ValueError(f"kind must be one of {SURROGATES}, got {kind!r}")
     _check_xy(X, Y)
-    nuts = nuts or NUTSSettings()
-    if not isinstance(nuts, NUTSSettings):
-        raise TypeError(f"nuts must be NUTSSettings, got {type(nuts).__name__}")
+    if nuts is None:
+        nuts = NUTSSettings()
+    elif not isinstance(nuts, NUTSSettings):
+        raise TypeError(f"nuts must be NUTSSettings or None, got {type(nuts).__name__}")
+    seed = _int(seed, "seed")
     X = X.to(torch.float64)
     Y = Y.to(torch.float64)
     tf = (lambda: EffectiveInput(input_map)) if input_map is not None else None
@@ -243,7 +257,7 @@ def _mc_objective(
 def propose(
     model: ModelListGP,
     X_baseline: torch.Tensor,
-    ref_point: torch.Tensor,
+    ref_point: torch.Tensor | Sequence[float],
     space: Space,
     q: int,
     *,
@@ -258,7 +272,8 @@ def propose(
     Args:
         model: the surrogate of the modelled objectives (maximisation convention).
         X_baseline: ``[n, d]`` evaluated points (noisy baseline; pruned to the likely front).
-        ref_point: ``[m]`` reference point over *all* objectives (maximisation convention).
+        ref_point: ``[m]`` finite reference point over *all* objectives (maximisation convention;
+            a tensor or a sequence of floats).
         space: the search space (its grid and fixed dimensions).
         q: number of candidates (chosen sequentially, each conditioned on the previous).
         modelled: objective index of each model output (default ``0..model.num_outputs-1``).
@@ -278,11 +293,32 @@ def propose(
         torch.Size([2, 2])
     """
     q = _pos_int(q, "q")
-    settings = settings or AcquisitionSettings()
+    seed = _int(seed, "seed")
+    if settings is None:
+        settings = AcquisitionSettings()
+    elif not isinstance(settings, AcquisitionSettings):
+        raise TypeError(f"settings must be AcquisitionSettings or None, got {type(settings).__name__}")
+    if not isinstance(X_baseline, torch.Tensor) or X_baseline.dim() != 2 or X_baseline.shape[-1] != space.dim:
+        raise ValueError(
+            f"X_baseline must be a 2-D tensor [n, {space.dim}] (the space's dimension), "
+            f"got {getattr(X_baseline, 'shape', type(X_baseline))}"
+        )
     modelled = list(range(model.num_outputs)) if modelled is None else list(modelled)
+    if len(modelled) != model.num_outputs:
+        raise ValueError(
+            f"modelled must list one objective index per model output ({model.num_outputs}), got {modelled}"
+        )
     n_obj = len(modelled) + len(known)
+    if sorted(modelled + [k[0] for k in known]) != list(range(n_obj)):
+        raise ValueError(
+            f"modelled and known must name each objective index 0..{n_obj - 1} exactly once, got "
+            f"modelled {modelled} and known {[k[0] for k in known]}"
+        )
+    ref_point = torch.as_tensor(ref_point, dtype=torch.float64)
     if ref_point.shape != (n_obj,):
         raise ValueError(f"ref_point must have shape ({n_obj},), got {tuple(ref_point.shape)}")
+    if not torch.isfinite(ref_point).all():
+        raise ValueError(f"ref_point must be finite, got {ref_point.tolist()}")
     objective = None
     if known:
         objective = _mc_objective(n_obj, modelled, known, _is_fully_bayesian(model))
@@ -298,7 +334,7 @@ def propose(
         warnings.filterwarnings("ignore", category=RuntimeWarning, message=r"Optimization failed")
         acq = qLogNoisyExpectedHypervolumeImprovement(
             model=model,
-            ref_point=ref_point.to(torch.float64),
+            ref_point=ref_point,
             X_baseline=X_baseline.to(torch.float64),
             sampler=SobolQMCNormalSampler(sample_shape=torch.Size([settings.mc_samples]), seed=seed),
             objective=objective,

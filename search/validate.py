@@ -59,6 +59,8 @@ def run_one(problem_name: str, method: str, seed: int, args: argparse.Namespace)
     from .loop import Search
     from .surrogate import AcquisitionSettings, NUTSSettings
 
+    if method not in ("bo", "sobol"):
+        raise ValueError(f"method must be 'bo' or 'sobol', got {method!r}")
     prob = _problem(problem_name, seed)
     total = args.n_init + args.n_bo
     n_init = args.n_init if method == "bo" else total
@@ -118,6 +120,13 @@ def _stats(xs: list[float]) -> dict[str, float]:
     }
 
 
+def _paired_wins(bo: list[dict[str, Any]], sobol: list[dict[str, Any]], key: str) -> tuple[int, int]:
+    """``(BO wins, pairs)`` over the seeds both methods have run (runs finish in any order)."""
+    so = {r["seed"]: r[key] for r in sobol}
+    pairs = [(r[key], so[r["seed"]]) for r in bo if r["seed"] in so]
+    return sum(1 for a, b in pairs if a > b), len(pairs)
+
+
 def _markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
     lines = [
@@ -144,8 +153,7 @@ def _markdown(res: dict[str, Any]) -> str:
     for pname, pres in res["problems"].items():
         bo = [r["final_hv"] for r in pres.get("bo", [])]
         so = [r["final_hv"] for r in pres.get("sobol", [])]
-        n = min(len(bo), len(so))
-        wins = sum(1 for a, b in zip(bo[:n], so[:n]) if a > b)
+        wins, n = _paired_wins(pres.get("bo", []), pres.get("sobol", []), "final_hv")
         for method, vals in (("SAAS+qLogNEHVI" if s["surrogate"] == "saas" else "GP+qLogNEHVI", bo), ("Sobol", so)):
             if not vals:
                 continue
@@ -171,10 +179,7 @@ def _markdown(res: dict[str, Any]) -> str:
             "near-best params (per seed) |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        bo = [r["final_hv_log"] for r in pres.get("bo", [])]
-        so = [r["final_hv_log"] for r in pres.get("sobol", [])]
-        n = min(len(bo), len(so))
-        wins = sum(1 for a, b in zip(bo[:n], so[:n]) if a > b)
+        wins, n = _paired_wins(pres.get("bo", []), pres.get("sobol", []), "final_hv_log")
         for key, label in (("bo", "BO"), ("sobol", "Sobol")):
             rs = pres.get(key, [])
             if not rs:
@@ -270,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--{name} must be >= 1")
     if args.n_init < 0 or args.n_bo < 0:
         raise SystemExit("--n-init and --n-bo must be >= 0")
+    if args.n_init + args.n_bo < 1:
+        raise SystemExit("--n-init + --n-bo must be >= 1 (nothing to evaluate)")
     problems = [p.strip() for p in args.problems.split(",") if p.strip()]
     for p in problems:
         if p not in ("dtlz2", "lora34"):
