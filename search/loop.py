@@ -93,6 +93,9 @@ class Trial:
         return self.status == "ok"
 
 
+_MAX_SEED = 2**62
+
+
 def _check_int(v: Any, name: str, minimum: int) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__} ({v!r})")
@@ -160,6 +163,8 @@ class Search:
         if not isinstance(self.acquisition, AcquisitionSettings):
             raise TypeError(f"acquisition must be AcquisitionSettings, got {type(self.acquisition).__name__}")
         self.seed = _check_int(seed, "seed", 0)
+        if self.seed >= _MAX_SEED:  # torch and JAX take 63-bit seeds: BO would fail each round, Sobol standing in
+            raise ValueError(f"seed must be < 2**62 (round r seeds torch and JAX with seed + r), got {self.seed}")
         self._user_ref = self._check_ref_point(ref_point)
         self.log_path = None if log_path is None else Path(log_path)
 

@@ -375,6 +375,15 @@ def test_run_budget_and_modes(lora_space, lora_objectives):
         s.run(lora_round, -1)
 
 
+def test_a_seed_torch_and_jax_cannot_take_is_refused(lora_space, lora_objectives):
+    """A seed of 2**63 or more used to be taken: every Bayesian round then failed to seed torch
+    and JAX and fell back to Sobol points with only a warning."""
+    make(lora_space, lora_objectives, seed=2**62 - 1)
+    for seed in (2**62, 2**63, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be < 2\*\*62"):
+            make(lora_space, lora_objectives, seed=seed)
+
+
 def test_module_level_run_and_select(lora_space, lora_objectives):
     s = run(lora_round, 8, lora_space, lora_objectives, q=4, n_init=8, progress=False, surrogate="gp")
     front = s.pareto_front()
