@@ -456,8 +456,11 @@ def instruction_tune(
     _number(max_grad_norm, "max_grad_norm", 0.0, lo_open=True)
     adapter = adapter if adapter is not None else get_instruction_adapter(model)
     params: list[nn.Parameter] = []
-    if adapter is not None:
+    if adapter is not None and adapter.enabled:  # a disabled adapter is skipped by the forward: no gradient
         params += list(adapter.parameters())
+    elif adapter is not None and prefix is None:
+        raise ValueError("adapter is disabled (adapter.enabled is False): instruction tuning would train nothing; "
+                         "set adapter.enabled = True first")
     if prefix is not None:
         params += [p for p in prefix.parameters() if p.requires_grad]
     if not params:
@@ -596,7 +599,9 @@ def generate_responses(
             batch = collate([{"input_ids": examples[i]["input_ids"]} for i in idx], pad, padding_side="left")
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            if eos is not None:  # None would override the model's own generation_config.eos_token_id
+                kwargs["eos_token_id"] = eos
             if runtime is not None:
                 with runtime.using([users[i] for i in idx]):
                     out = model.generate(**inputs, **kwargs)

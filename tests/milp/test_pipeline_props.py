@@ -360,6 +360,33 @@ def test_max_new_tokens_must_be_a_positive_int(tiny_chat_tokenizer, n):
         generate_responses(base("llama"), tiny_chat_tokenizer, [rec()], max_new_tokens=n, progress=False)
 
 
+def test_instruction_tuning_a_disabled_adapter_is_refused(tiny_chat_tokenizer):
+    """It ran every step, returned losses and trained nothing (the forward skips the adapter)."""
+    model = base("llama")
+    adapter = add_instruction_adapter(model, rank=2)
+    adapter.enabled = False
+    before = copy.deepcopy(adapter.state_dict())
+    with pytest.raises(ValueError, match="adapter is disabled"):
+        instruction_tune(model, tiny_chat_tokenizer, [rec()], steps=1, progress=False)
+    assert all(torch.equal(v, adapter.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_tokenizer_without_eos_leaves_the_models_own_eos_in_force(tiny_chat_tokenizer, monkeypatch):
+    """``eos_token_id=None`` passed to ``generate`` overrode the model's generation config, so a
+    tokenizer without an EOS made generation run to ``max_new_tokens`` past the model's EOS."""
+    model, tok = base("llama"), copy.deepcopy(tiny_chat_tokenizer)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    tok.eos_token = None
+    assert tok.eos_token_id is None and tok.pad_token_id is not None
+    seen = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: seen.append(k) or real(*a, **k))
+    generate_responses(model, tok, [rec()], max_new_tokens=2, progress=False)
+    assert seen and "eos_token_id" not in seen[0]
+    monkeypatch.setattr(model, "generate", real)
+    generate_responses(model, tiny_chat_tokenizer, [rec()], max_new_tokens=2, progress=False)
+
+
 def test_empty_record_lists_and_unknown_users(tiny_chat_tokenizer):
     tok = tiny_chat_tokenizer
     assert generate_responses(base("llama"), tok, [], progress=False) == []
