@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search-space", default="paper", choices=["paper", "extended"],
                    help="paper: layer bits + one count + one rank; extended: a rank per layer")
     g.add_argument("--search-tolerance", type=_pos(float, 0.0), default=0.01,
-                   help="pick rule: fewest parameters among the evaluated configurations (\"all layers\" included) "
-                   "within this relative tolerance of the best validation loss")
+                   help="pick rule: fewest parameters among the evaluated configurations with memory (\"all "
+                   "layers\" included; a configuration without any adapter is never picked) within this relative "
+                   "tolerance of the best validation loss")
     g = p.add_argument_group("run")
     g.add_argument("--output", default=DEFAULT_OUTPUT, metavar="DIR", help="output directory (resumed if present)")
     g.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
@@ -646,8 +647,8 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
         "dominates_reference": bool(val_ce <= ref["val_ce"] and params < ref["parameters"]),
         "matches_reference_within_tolerance": bool(val_ce <= ref["val_ce"] * (1 + args.search_tolerance)
                                                    and params <= ref["parameters"]),
-        "rule": f"fewest parameters among the evaluated configurations (the reference included) whose val_ce is "
-                f"within {args.search_tolerance:.1%} of the best val_ce",
+        "rule": f"fewest parameters among the evaluated configurations with memory (the reference included; "
+                f"none without any adapter) whose val_ce is within {args.search_tolerance:.1%} of the best val_ce",
         "tolerance": args.search_tolerance,
         "n_trials": s.n_finished,
         "n_failed": s.n_failed,
@@ -662,12 +663,18 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
 
 def _pick(s: Any, ref: dict[str, Any], tolerance: float, lora_alpha: float, num_layers: int
           ) -> tuple[MemoryConfig, Any]:
-    """The documented pick rule: among the successful trials *and* the reference ("adapters on
-    every layer"), those whose validation CE is within ``tolerance`` (relative) of the best
-    one; of these the fewest parameters, then the lower CE. Returns ``(config, trial)``, with
-    ``trial = None`` when the reference wins. (:meth:`search.Search.select` is the same rule
-    on the Pareto front without the reference.)"""
-    ok = [t for t in s.trials if t.ok]
+    """The documented pick rule: among the successful trials *with memory* (at least one
+    adapter) and the reference ("adapters on every layer"), those whose validation CE is within
+    ``tolerance`` (relative) of the best one; of these the fewest parameters, then the lower CE.
+    Returns ``(config, trial)``, with ``trial = None`` when the reference wins.
+
+    A configuration without any adapter is a point of the space (every layer off, or 0
+    modules), so the search may propose and evaluate it, but it is never picked: it is the
+    model without memory, which the ablation "w/o memory injection" measures, and on few
+    validation users it can land within the tolerance of the best and turn MiLP into that
+    ablation. (:meth:`search.Search.select` is the same rule on the Pareto front without the
+    reference.)"""
+    ok = [t for t in s.trials if t.ok and t.values["parameters"] > 0]
     best = min([t.values["val_ce"] for t in ok] + [ref["val_ce"]])
     limit = best + tolerance * abs(best)
     near = [t for t in ok if t.values["val_ce"] <= limit]

@@ -272,3 +272,9 @@ def test_pick_rule_includes_the_reference():
     assert pick.trial_id == 1  # strict: the best loss
     cfg, pick = train._pick(NS(trials=[trial(0, 1.5, 40)]), ref, 0.01, 16.0, 2)
     assert pick is None and cfg == MemoryConfig.uniform(2, 2, 8)  # nothing near: the reference
+    # a configuration without memory is never picked, nor sets the best loss the others must come near
+    s = NS(trials=[trial(0, 0.95, 0), trial(1, 1.004, 40), trial(2, 1.2, 1)])
+    cfg, pick = train._pick(s, ref, 0.01, 16.0, 2)
+    assert pick.trial_id == 1
+    cfg, pick = train._pick(NS(trials=[trial(0, 0.5, 0)]), ref, 0.01, 16.0, 2)
+    assert pick is None and cfg == MemoryConfig.uniform(2, 2, 8)
