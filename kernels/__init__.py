@@ -73,7 +73,9 @@ def _check_plan(x2: torch.Tensor, bank: AdapterBank, plan: BatchPlan) -> None:
         raise TypeError(f"bank must be an AdapterBank, got {type(bank).__name__}")
     if not isinstance(plan, BatchPlan):
         raise TypeError(f"plan must be a BatchPlan, got {type(plan).__name__}")
-    if x2.shape[0] != plan.num_tokens:
+    # not while compiling: plan.num_tokens is a Python int, and comparing x's token count with it
+    # would specialize a dynamic token count (the op's own checks still see a plan too small)
+    if not torch.compiler.is_compiling() and x2.shape[0] != plan.num_tokens:
         raise ValueError(f"x has {x2.shape[0]} tokens but the plan was built for {plan.num_tokens}")
     if plan.max_users > bank.max_users:
         raise ValueError(f"plan.max_users={plan.max_users} exceeds bank.max_users={bank.max_users}")
@@ -119,8 +121,10 @@ def lora_linear(
     """
     x2 = _flat(x)
     _check_plan(x2, bank, plan)
+    # any differentiable input takes the autograd path: a weight or bias alone too
     save_t = torch.is_grad_enabled() and (
         x.requires_grad or bank.lora_a.requires_grad or bank.lora_b.requires_grad
+        or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
     )
     sorted_tokens, tiles, segments, block_ms = plan.as_args()
     if path == "auto" and weight is not None and x2.is_cuda and not torch.compiler.is_compiling():

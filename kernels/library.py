@@ -69,25 +69,35 @@ def check_lora_args(
     lora_b: Tensor | None = None,
     n: int | None = None,
     values: bool = True,
+    names: tuple[str, str, str] = ("x", "lora_a", "max_rank"),
 ) -> None:
     """Validate the shared arguments of the ops; errors name the argument and the expectation.
 
     ``values=False`` skips the checks that read tensor contents (fake/meta tensors).
+    ``names``: what the errors call ``x``, ``lora_a`` and ``max_rank`` (``lora_expand_``
+    passes ``y``, ``lora_b`` and ``t``'s columns in their places).
     """
     _check_structure(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, weight, bias,
-                     lora_b, n)
+                     lora_b, n, names)
     if values and _values_checked(x):
-        _check_values(lora_a, lora_scale, slots, segments, max_rank)
+        _check_values(lora_a, lora_scale, slots, sorted_tokens, segments, max_rank, x.shape[0], names)
+
+
+def _unit_last(t: Tensor) -> bool:
+    """Whether ``t``'s last dimension is dense: stride 1, or a size of 0 or 1, where the stride
+    means nothing (``torch.randn(0, 1) * 2`` has strides ``(1, 0)`` and is contiguous)."""
+    return t.stride(-1) == 1 or t.shape[-1] <= 1
 
 
 def _check_structure(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, weight, bias,
-                     lora_b, n) -> None:
+                     lora_b, n, names=("x", "lora_a", "max_rank")) -> None:
     """The shapes, dtypes, devices and layouts of :func:`check_lora_args`, each failure named."""
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    x_name, a_name, _ = names
+    check_tensor(x_name, x, ndim=2, dtypes=FLOAT_DTYPES)
     dev = x.device
     T, K = x.shape
-    if x.stride(-1) != 1:
-        raise ValueError("x must have unit stride in its last dimension (call .contiguous())")
+    if not _unit_last(x):
+        raise ValueError(f"{x_name} must have unit stride in its last dimension (call .contiguous())")
     if weight is not None:
         check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=dev)
         if weight.shape[1] != K:
@@ -97,14 +107,14 @@ def _check_structure(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segment
         raise ValueError("bias must be None when weight is None (the adapters' contribution alone)")
     if bias is not None:
         check_tensor("bias", bias, shape=(n,), dtypes=(x.dtype,), device=dev)
-    check_tensor("lora_a", lora_a, ndim=2, dtypes=(x.dtype,), device=dev)
+    check_tensor(a_name, lora_a, ndim=2, dtypes=(x.dtype,), device=dev)
     if lora_a.shape[1] != K:
-        raise ValueError(f"lora_a must have shape [capacity, {K}] to match x, got {list(lora_a.shape)}")
+        raise ValueError(f"{a_name} must have shape [capacity, {K}] to match {x_name}, got {list(lora_a.shape)}")
     cap = lora_a.shape[0]
     if lora_b is not None:
         check_tensor("lora_b", lora_b, shape=(cap, n), dtypes=(x.dtype,), device=dev)
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
-        if t is not None and t.numel() and t.stride(1) != 1:
+    for name, t in ((a_name, lora_a), ("lora_b", lora_b)):
+        if t is not None and t.numel() and not _unit_last(t):
             raise ValueError(f"{name} must be row-contiguous (stride 1 along its columns)")
     if lora_scale is not None:
         check_tensor("lora_scale", lora_scale, shape=(cap,), dtypes=(torch.float32,), device=dev)
@@ -113,47 +123,90 @@ def _check_structure(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segment
         raise ValueError(f"slots must be a contiguous [max_users, 2] int32 table, got {list(slots.shape)}")
     check_tensor("sorted_tokens", sorted_tokens, ndim=1, dtypes=_INT_DTYPES, device=dev)
     if sorted_tokens.numel() < T:
-        raise ValueError(f"sorted_tokens holds {sorted_tokens.numel()} tokens, fewer than x's {T} (plan too small)")
+        raise ValueError(f"sorted_tokens holds {sorted_tokens.numel()} tokens, fewer than {x_name}'s {T} "
+                         f"(plan too small)")
+    # the kernels index these 1-D tensors as dense arrays (a strided one reads other elements)
+    if sorted_tokens.stride(0) != 1 or (lora_scale is not None and lora_scale.stride(0) != 1) or (
+            bias is not None and bias.stride(0) != 1):
+        for name, t in (("bias", bias), ("lora_scale", lora_scale), ("sorted_tokens", sorted_tokens)):
+            if t is not None and t.numel() > 1 and t.stride(0) != 1:
+                raise ValueError(f"{name} must be contiguous (call .contiguous()), got stride {t.stride(0)}")
     check_tensor("segments", segments, ndim=2, dtypes=_INT_DTYPES, device=dev)
     check_tensor("tiles", tiles, ndim=2, dtypes=_INT_DTYPES, device=dev)
     if segments.shape[1] != 3 or tiles.shape[1] != 3 or not (segments.is_contiguous() and tiles.is_contiguous()):
         raise ValueError("segments and tiles must be contiguous [*, 3] int32 tables (from BatchPlan.as_args())")
     if not block_ms:
         raise ValueError("block_ms must list the plan's tile heights")
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0:
+    # (a SymInt in the fake impls under a dynamic-shape trace: the backward's comes from the forward's)
+    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, torch.SymInt)) or max_rank < 0:
         raise ValueError(f"max_rank must be an int >= 0, got {max_rank!r}")
 
 
-def _check_values(lora_a, lora_scale, slots, segments, max_rank) -> None:
-    """The checks of :func:`check_lora_args` that read tensor contents."""
-    cap = lora_a.shape[0]
-    if lora_scale is not None and not torch.isfinite(lora_scale).all():
+def _check_values(lora_a, lora_scale, slots, sorted_tokens, segments, max_rank, num_tokens,
+                  names=("x", "lora_a", "max_rank")) -> None:
+    """The checks of :func:`check_lora_args` that read tensor contents (in one host read)."""
+    x_name, a_name, rank_name = names
+    parts = {}
+    if lora_scale is not None:
+        parts["finite"] = torch.isfinite(lora_scale).all().reshape(1)
+    if slots.numel():  # in int64: an offset near 2**31 plus a rank must not wrap below the row count
+        s = slots.long()
+        # columns (offset, rank, offset + rank): their minima, then their maxima
+        parts["slots"] = torch.cat(torch.aminmax(torch.cat([s, s.sum(1, keepdim=True)], 1), dim=0))
+    if segments.numel():
+        g = segments.long()
+        # columns (start, end, user, end - start): their minima, then their maxima
+        parts["segments"] = torch.cat(torch.aminmax(torch.cat([g, torch.diff(g[:, :2], dim=1)], 1), dim=0))
+    if num_tokens:
+        parts["tokens"] = torch.stack(torch.aminmax(sorted_tokens[:num_tokens]))
+    if not parts:
+        return
+    flat = torch.cat([p.long() for p in parts.values()]).tolist()
+    v, i = {}, 0
+    for key, p in parts.items():
+        v[key], i = flat[i : i + p.numel()], i + p.numel()
+    if lora_scale is not None and not v["finite"][0]:
         raise ValueError("lora_scale contains NaN or inf")
     if slots.numel():
-        off, rank = slots[:, 0], slots[:, 1]
-        if (rank < 0).any() or (off < 0).any():
+        off_min, rank_min, _, _, rank, end = v["slots"]
+        if off_min < 0 or rank_min < 0:
             raise ValueError("slots must hold offsets >= 0 and ranks >= 0 (rank 0 = no adapter)")
-        if (off + rank > cap).any():
-            raise ValueError(f"slots point past lora_a's {cap} rows")
-        if int(rank.max()) > max_rank:
-            raise ValueError(f"max_rank={max_rank} is smaller than the largest slot rank {int(rank.max())}")
+        if end > lora_a.shape[0]:
+            raise ValueError(f"slots point past {a_name}'s {lora_a.shape[0]} rows")
+        if rank > max_rank:
+            raise ValueError(f"{rank_name}={max_rank} is smaller than the largest slot rank {rank}")
     if segments.numel():
-        users = segments[:, 2]
-        if int(users.max()) >= slots.shape[0]:
-            raise ValueError(f"segments name user {int(users.max())}, outside slots' {slots.shape[0]} users")
+        start, _, _, length, _, end, user, _ = v["segments"]
+        if user >= slots.shape[0]:
+            raise ValueError(f"segments name user {user}, outside slots' {slots.shape[0]} users")
+        if length < 0:
+            raise ValueError("segments must be (start, end, user) rows with start <= end")
+        # the segments cover x's first num_tokens sorted positions, and these name x's tokens
+        if start < 0 or end > num_tokens:
+            raise ValueError(f"segments span sorted positions [{start}, {end}), outside {x_name}'s {num_tokens} "
+                             f"tokens (a plan for another batch?)")
+    if num_tokens:
+        lo, hi = v["tokens"]
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f"sorted_tokens name tokens in [{lo}, {hi}], outside {x_name}'s {num_tokens} "
+                             f"(a plan for another batch?)")
 
 
 def direct_call_ok(x: Tensor) -> bool:
     """Whether ``lora_linear`` may skip the dispatcher in this call: eager, a plain tensor (no
-    subclass, no ``torch.func`` wrapper), no torch function/dispatch mode and no profiler (whose
-    traces name the op ``milp::lora_linear``). Then :func:`lora_linear_forward` runs directly
+    subclass, no ``torch.func`` wrapper, no ``torch.func`` transform of another argument), no
+    torch function/dispatch mode and no profiler (whose traces name the op
+    ``milp::lora_linear``). Then :func:`lora_linear_forward` runs directly
     when there is nothing to differentiate, and :class:`EagerLoraLinear` when there is."""
     return (type(x) is Tensor and not torch.compiler.is_compiling()
             and not torch._C._len_torch_function_stack() and not torch._C._len_torch_dispatch_stack()
-            and not torch.autograd._profiler_enabled() and not _functorch_wrapped(x))
+            and not torch.autograd._profiler_enabled() and not _functorch_wrapped(x) and not _functorch_depth())
 
 
 _functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+# a transform of another argument (vmap over the weight) leaves x plain but would hand the
+# kernels wrapped tensors: any active functorch layer takes the op
+_functorch_depth = getattr(getattr(torch._C, "_functorch", None), "get_dynamic_layer_stack_depth", lambda: 0)
 
 
 # --------------------------------------------------------------------------- lora_linear
@@ -318,10 +371,8 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorte
     ``dy`` of ``y``'s shape, dtype and device.
     """
     if not checked:
-        check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
-                        weight=weight, lora_b=lora_b)
-        check_tensor("dy", dy, shape=(x.shape[0], lora_b.shape[1]), dtypes=(x.dtype,), device=x.device)
-        _check_path(path)
+        _check_backward_args(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments,
+                             block_ms, max_rank, t_fwd, path)
     dy = dy.contiguous()
     cap = lora_a.shape[0]
     torch_path = backend_for(x) == "torch"
@@ -351,6 +402,25 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorte
         return (x.new_empty(0), *grads(shrink(dy, lora_b)))
 
 
+def _check_backward_args(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments,
+                         block_ms, max_rank, t_fwd, path, values=True) -> None:
+    """The arguments of ``milp::lora_linear_backward`` (``values=False``: its fake impl)."""
+    check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
+                    weight=weight, lora_b=lora_b, values=values)
+    check_tensor("dy", dy, shape=(x.shape[0], lora_b.shape[1]), dtypes=(x.dtype,), device=x.device)
+    _check_t_fwd(t_fwd, x, max_rank)
+    _check_path(path)
+
+
+def _check_t_fwd(t_fwd, x, max_rank) -> None:
+    """``t_fwd``: the forward's ``t`` (``[T, max_rank]``, accumulator dtype), or empty (recomputed)."""
+    check_tensor("t_fwd", t_fwd, device=x.device)
+    if t_fwd.numel():
+        check_tensor("t_fwd", t_fwd, shape=(x.shape[0], max_rank), dtypes=(acc_dtype(x.dtype),))
+        if not _unit_last(t_fwd):
+            raise ValueError("t_fwd must have unit stride in its last dimension (call .contiguous())")
+
+
 @torch.library.custom_op("milp::lora_linear_backward", mutates_args=())
 def lora_linear_backward_op(
     dy: Tensor,
@@ -378,6 +448,8 @@ def lora_linear_backward_op(
 @lora_linear_backward_op.register_fake
 def _(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, t_fwd,
       need_dx, need_dlora, path="auto"):
+    _check_backward_args(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
+                         max_rank, t_fwd, path, values=False)
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     if need_dlora:
         return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
@@ -472,6 +544,7 @@ def lora_shrink_op(
 
 @lora_shrink_op.register_fake
 def _(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank):
+    check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, values=False)
     return x.new_empty(x.shape[0], max_rank, dtype=acc_dtype(x.dtype))
 
 
@@ -486,12 +559,7 @@ def lora_expand_op(
     segments: Tensor,
     block_ms: list[int],
 ) -> None:
-    check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("t", t, shape=(y.shape[0], None), dtypes=(acc_dtype(y.dtype),), device=y.device)
-    if y.stride(-1) != 1 or t.stride(-1) != 1:
-        raise ValueError("y and t must have unit stride in their last dimension")
-    # lora_b plays lora_a's role in the shared checks: [cap, N] rows against y's N columns
-    check_lora_args(y, lora_b, None, slots, sorted_tokens, tiles, segments, block_ms, t.shape[1])
+    _check_expand_args(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms)
     with nvtx_range("milp.lora_expand"):
         if backend_for(y) == "torch":
             lora_expand_torch_(y, t, lora_b, slots, sorted_tokens, segments)
@@ -501,4 +569,16 @@ def lora_expand_op(
 
 @lora_expand_op.register_fake
 def _(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms):
+    _check_expand_args(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms, values=False)
     return None
+
+
+def _check_expand_args(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms, values=True) -> None:
+    """The arguments of ``milp::lora_expand_`` (``values=False``: its fake impl)."""
+    check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("t", t, shape=(y.shape[0], None), dtypes=(acc_dtype(y.dtype),), device=y.device)
+    if not (_unit_last(y) and _unit_last(t)):
+        raise ValueError("y and t must have unit stride in their last dimension")
+    # lora_b plays lora_a's role in the shared checks: [cap, N] rows against y's N columns
+    check_lora_args(y, lora_b, None, slots, sorted_tokens, tiles, segments, block_ms, t.shape[1], values=values,
+                    names=("y", "lora_b", "t's columns (max_rank)"))
