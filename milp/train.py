@@ -630,6 +630,7 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
            f"{n_init} Sobol, surrogate {args.search_surrogate}, {len(val_recs)} validation users")
     s.run(objective, args.search, progress=args.progress)
     cfg, pick = _pick(s, ref, args.search_tolerance, args.lora_alpha, rt.num_layers)
+    _fresh_runtime(st)
     try:
         s.plot(sdir)
     except Exception as e:  # plotting is a convenience; never lose a finished search to it
@@ -659,6 +660,19 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
     st.log(f"search: picked {summary['trial']}: val CE {val_ce:.4f} with {params:,} parameters "
            f"(all layers: {ref['val_ce']:.4f} with {ref['parameters']:,})")
     return cfg
+
+
+def _fresh_runtime(st: _State) -> None:
+    """A runtime with empty banks, as the model had before the search: the search's virtual
+    users leave the banks grown, fragmented and with a larger ``max_rank`` (it never shrinks),
+    which changes the shapes the adapters' sums run in and so their last bits. Without this, a
+    search resumed after all its trials were logged (nothing evaluated again) trained the users
+    differently from a search that ran straight through."""
+    from .inject import remove_milp
+    from .runtime import MilpRuntime
+
+    remove_milp(st.model)
+    st.runtime = MilpRuntime(st.model, max_users=st.args.slots)
 
 
 def _pick(s: Any, ref: dict[str, Any], tolerance: float, lora_alpha: float, num_layers: int
