@@ -284,6 +284,26 @@ def test_interpreter_probe_and_its_error(monkeypatch):
         kernels.backend_for(torch.zeros(1))
 
 
+def test_interpreter_probe_gives_the_same_answer_inside_a_torch_func_transform():
+    """Its first call inside ``torch.func.grad`` made the probe's tensor a wrapper the
+    interpreter cannot read, and the cached failure refused the interpreter for the process."""
+    from kernels import _backend
+
+    outside = _backend.interpreter_problem()
+    seen = []
+
+    def f(x):
+        _backend.interpreter_problem.cache_clear()
+        seen.append(_backend.interpreter_problem())
+        return (x * 2).sum()
+
+    try:
+        torch.func.grad(f)(torch.ones(3))
+    finally:
+        _backend.interpreter_problem.cache_clear()
+    assert seen == [outside] and _backend.interpreter_problem() == outside
+
+
 def test_env_reads_follow_os_environ(monkeypatch):
     from kernels._backend import env
 
