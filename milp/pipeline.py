@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -288,6 +288,16 @@ def _runtime_users(runtime: Any, records: Sequence[Record], user_key: Callable[[
     return users
 
 
+def _batches(runtime: Any, users: list[Hashable | None] | None, batch_size: int,
+             order: Sequence[int]) -> Iterator[list[int]]:
+    """Groups of row indices in ``order``: ``batch_size`` rows each, split further where a
+    store-backed runtime has fewer slots than a group names users (:meth:`MilpRuntime.row_batches`)."""
+    if runtime is None or users is None:
+        order = list(order)
+        return iter([order[s:s + batch_size] for s in range(0, len(order), batch_size)])
+    return runtime.row_batches(users, batch_size, order)
+
+
 def _instruction_examples(records: Sequence[Record], tokenizer: Any, context_fn: ContextFn | None,
                           max_length: int, add_response: bool) -> list[dict[str, Any]]:
     out = []
@@ -438,7 +448,8 @@ def instruction_tune(
     (lr 5e-4, 10% linear warm-up then linear decay, weight decay 1e-4). A step takes the next
     ``batch_size`` examples of a stream of shuffled epochs: a batch may span two epochs (and
     then hold an example twice), and with fewer records than ``batch_size`` a batch is every
-    record once. ``all_reduce`` is
+    record once (with a store-backed runtime, one that names more users than it has free slots
+    is refused: splitting it would change the step). ``all_reduce`` is
     called with the gradients before each step (data parallelism across processes).
     Returns the loss of every step.
 
@@ -528,7 +539,8 @@ def response_losses(
     max_length: int = 384,
 ) -> list[float]:
     """Mean cross-entropy of each record's response given its query (the validation loss the
-    search minimises), one float per record, in order.
+    search minimises), one float per record, in order. Batches hold ``batch_size`` records,
+    fewer where a store-backed ``runtime`` has fewer free slots than a batch names users.
 
     Example:
         >>> response_losses(model, tok, val_records, runtime=rt)  # doctest: +SKIP
@@ -544,8 +556,7 @@ def response_losses(
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(records), batch_size):
-            idx = list(range(start, min(start + batch_size, len(records))))
+        for idx in _batches(runtime, users, batch_size, range(len(records))):
             batch = collate([examples[i] for i in idx], pad)
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
@@ -573,7 +584,8 @@ def generate_responses(
     progress: bool = True,
 ) -> list[str]:
     """Greedy answers to each record's query, with the record's user's adapters (mixed-user
-    batches through the runtime), in order.
+    batches through the runtime), in order. Batches hold ``batch_size`` records, fewer where a
+    store-backed ``runtime`` has fewer free slots than a batch names users.
 
     Example:
         >>> generate_responses(model, tok, test_records, runtime=rt, max_new_tokens=32)  # doctest: +SKIP
@@ -594,8 +606,7 @@ def generate_responses(
     model.eval()
     try:
         bar = _progress(total=len(records), desc="generation", enabled=progress)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in _batches(runtime, users, batch_size, order):
             batch = collate([{"input_ids": examples[i]["input_ids"]} for i in idx], pad, padding_side="left")
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)

@@ -561,6 +561,53 @@ class MilpRuntime:
         """Whether a store user was trained since the store loaded it."""
         return self.optimizer.step_count(self._slots[user]) != self._from_store[user]
 
+    def row_batches(self, users: Sequence[Hashable | None], batch_size: int,
+                    order: Sequence[int] | None = None) -> Iterator[list[int]]:
+        """Row indices of ``users`` (one id or ``None`` per row) in consecutive groups of at most
+        ``batch_size`` rows that the runtime can place, taken in ``order`` (default: row order).
+
+        Without a store every group is just the next ``batch_size`` rows. With one, a group
+        also ends before it would name more store users than the slots that users added
+        directly (never evicted) and store users trained since loading (kept without
+        ``write_back``) leave free, so a list naming any number of stored users can be
+        served group by group. A group that cannot be placed even alone (one store user and
+        no slot to put it in) is still yielded: :meth:`using` then refuses it by name.
+
+        Example:
+            >>> from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=2)
+            >>> list(rt.row_batches(["a", "b", None, "a"], 3))
+            [[0, 1, 2], [3]]
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(users, (str, bytes)) or not isinstance(users, Sequence):
+            raise TypeError(f"users must be a sequence with one id (or None) per row, got {type(users).__name__}")
+        if order is None:
+            order = range(len(users))
+        elif sorted(order) != list(range(len(users))):
+            raise ValueError(f"order must be a permutation of range({len(users)}) (the rows of users)")
+        free: int | None = None
+        pinned: set[Hashable] = set()
+        if self.store is not None:
+            write_back = self.store.write_back
+            pinned = {u for u in self._slots
+                      if u not in self._from_store or (not write_back and self._dirty(u))}
+            free = self.max_users - len(pinned)
+        group: list[int] = []
+        named: set[Hashable] = set()  # the group's users that take an evictable slot
+        for i in order:
+            u = users[i]
+            new = free is not None and u is not None and u not in named and u not in pinned
+            if group and (len(group) == batch_size or (new and len(named) >= free)):
+                yield group
+                group, named = [], set()
+            group.append(i)
+            if new:
+                named.add(u)
+        if group:
+            yield group
+
     def _admit(self, rows: Sequence[Hashable | None]) -> None:
         """Load the batch's users that are not loaded from the store, first evicting the least
         recently used store users the batch does not need; refuses (changing nothing) a batch

@@ -15,7 +15,10 @@ since it was loaded (``train_step`` moved its step count) is written back to the
 before it is evicted when the store was opened with ``write_back=True``; otherwise it is
 kept, so no training is ever dropped silently. A batch that cannot be placed (more distinct
 users than slots, or too few evictable users) is refused before anything is loaded or
-evicted.
+evicted; :meth:`MilpRuntime.row_batches <milp.runtime.MilpRuntime.row_batches>` splits any
+list of rows into groups that can be placed, which is how
+:func:`milp.pipeline.response_losses` and :func:`milp.pipeline.generate_responses` evaluate
+any number of store users (a training batch is not split: its step would change).
 
 A loaded user takes rows an evicted one freed (the banks compact in place when the free rows
 are fragmented), and a bank's ``max_rank`` is a high-water mark. So once the banks have grown

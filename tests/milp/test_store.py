@@ -240,3 +240,55 @@ def test_a_few_slots_and_a_store_act_as_every_user_loaded(saved_users, tmp_path_
         for k, v in full.adapter_state(u).items():
             torch.testing.assert_close(rt.adapter_state(u)[k], v, rtol=1e-12, atol=1e-12, msg=f"{u} {k}")
         assert rt.optimizer.step_count(rt.slot(u)) == full.optimizer.step_count(full.slot(u))
+
+
+# ------------------------------------------------------------------------------------------------
+# the pipeline's evaluation over more store users than slots: row_batches splits each batch so it
+# names no more store users than the runtime can place
+
+
+def test_row_batches_groups_rows_the_runtime_can_place(store_dir):
+    root, _ = store_dir
+    rows = ["u0", "u1", None, "u0", "u2", 3, None, "u1"]
+    plain = MilpRuntime(tiny_model("llama"), max_users=2)
+    assert list(plain.row_batches(rows, 3)) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert list(plain.row_batches(rows, 8, order=[7, 6, 5, 4, 3, 2, 1, 0])) == [[7, 6, 5, 4, 3, 2, 1, 0]]
+    rt = MilpRuntime(tiny_model("llama"), max_users=2, store=UserStore(root))
+    groups = list(rt.row_batches(rows, 8))
+    assert groups == [[0, 1, 2, 3], [4, 5, 6], [7]]
+    for g in groups:  # each group is placed (two slots), in turn
+        check_rows(rt, [rows[i] for i in g], store_dir[1])
+    # a user added directly is never evicted: it takes a slot from every group, but its own rows are free
+    pinned = MilpRuntime(tiny_model("llama"), max_users=2, store=UserStore(root))
+    pinned.add_user("p", MemoryConfig.uniform(2, 1, 4))
+    assert list(pinned.row_batches(["p", "u0", "p", "u1", None, "u2"], 8)) == [[0, 1, 2], [3, 4], [5]]
+    with pytest.raises(ValueError, match="batch_size"):
+        list(rt.row_batches(rows, 0))
+    with pytest.raises(ValueError, match="order must be a permutation"):
+        list(rt.row_batches(rows, 2, order=[0, 0, 1, 2, 3, 4, 5, 6]))
+    with pytest.raises(TypeError, match="users must be a sequence"):
+        list(rt.row_batches("u0", 2))
+
+
+def test_pipeline_evaluates_more_store_users_than_slots(tmp_path, tiny_tokenizer):
+    from milp.data import Record
+    from milp.pipeline import generate_responses, response_losses
+
+    vocab = len(tiny_tokenizer)
+    names = [f"user{i}" for i in range(5)]
+    writer = MilpRuntime(tiny_model("llama", vocab_size=vocab), max_users=len(names))
+    for i, u in enumerate(names):
+        writer.add_user(u, MemoryConfig((True, True), (1 + i % 2, 1), (4, 8)), init="random", seed=i)
+        writer.save_user(u, tmp_path / user_dirname(u))
+    records = [Record(names[i % 5], "", [f"history {i}"], f"What about {i}?", f"Answer {i}.") for i in range(9)]
+    full = MilpRuntime(tiny_model("llama", vocab_size=vocab), max_users=len(names))
+    for u in names:
+        full.load_user(tmp_path / user_dirname(u))
+    rt = MilpRuntime(tiny_model("llama", vocab_size=vocab), max_users=2, store=UserStore(tmp_path))
+    want = response_losses(full.model, tiny_tokenizer, records, runtime=full, batch_size=8)
+    got = response_losses(rt.model, tiny_tokenizer, records, runtime=rt, batch_size=8)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    kw = dict(max_new_tokens=3, batch_size=8, progress=False)
+    assert (generate_responses(rt.model, tiny_tokenizer, records, runtime=rt, **kw)
+            == generate_responses(full.model, tiny_tokenizer, records, runtime=full, **kw))
+    assert len(rt.users) <= 2 and rt.cache_info().evictions > 0
