@@ -500,14 +500,11 @@ def instruction_tune(
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
             opt.zero_grad(set_to_none=True)
-            if runtime is not None:
-                with runtime.using([users[i] for i in idx]):
-                    loss = mean_token_loss(model, **inputs)
-                    loss.backward()
-                runtime.optimizer.zero_grad()  # memory adapters stay frozen here
-            else:
+            # gradients go to the trained parameters alone: the memory adapters stay frozen here,
+            # and an unfrozen base model gathers no .grad (it used to, step after step)
+            with runtime.using([users[i] for i in idx]) if runtime is not None else contextlib.nullcontext():
                 loss = mean_token_loss(model, **inputs)
-                loss.backward()
+                loss.backward(inputs=params)
             if all_reduce is not None:
                 for p in params:  # reduce into .grad itself: a rank without a gradient still gets the others'
                     if p.grad is None:

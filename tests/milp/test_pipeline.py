@@ -124,6 +124,21 @@ def test_instruction_tuning_trains_only_the_shared_weights(tiny_chat_tokenizer):
     after = adapter.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(a, m.bank.lora_a) for a, m in zip(banks, rt.state.modules()))  # memory frozen
+    assert all(m.bank.lora_a.grad is None for m in rt.state.modules())  # no gradient gathered either
+
+
+def test_instruction_tuning_leaves_no_gradient_on_an_unfrozen_base(tiny_chat_tokenizer):
+    model = _model()
+    assert all(p.requires_grad for p in model.parameters())  # a plain HF model: nothing frozen
+    adapter = add_instruction_adapter(model, rank=4)
+    base = [p for n, p in model.named_parameters() if not any(p is q for q in adapter.parameters())]
+    before = [p.detach().clone() for p in base]
+    tuned = {k: v.detach().clone() for k, v in adapter.state_dict().items()}
+    instruction_tune(model, tiny_chat_tokenizer, _records(2), steps=3, batch_size=2, progress=False)
+    assert all(p.grad is None for p in base)
+    assert all(torch.equal(a, p) for a, p in zip(before, base))
+    assert any(not torch.equal(v, adapter.state_dict()[k]) for k, v in tuned.items())
+    assert all(p.grad is None for p in adapter.parameters())  # freed at the end, as before
 
 
 def test_instruction_tuning_needs_something_to_train(tiny_tokenizer):
