@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +81,16 @@ def _package_dir(name: str, hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+#: the dtypes a model's weights load in
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_dtype(dtype: Any, arg: str = "dtype") -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        value = getattr(torch, dtype, None)
-        if isinstance(value, torch.dtype):
-            return value
-    raise TypeError(f"{arg} must be a torch.dtype (e.g. torch.float32) or its name, got {dtype!r}")
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if dtype is None or (isinstance(value, torch.dtype) and value in _WEIGHT_DTYPES):
+        return value
+    raise TypeError(f"{arg} must be a torch.dtype (e.g. torch.float32) or its name, of floating point: float16, "
+                    f"bfloat16, float32 or float64; got {dtype!r}")
 
 
 def _ensure_pad_token(tokenizer: Any) -> Any:
@@ -375,9 +377,14 @@ class SentenceEmbedder:
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embed ``texts`` → float32 ``[len(texts), dim]``, each row of unit norm (zeros for "")."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        """Embed ``texts`` → float32 ``[len(texts), dim]``, each row of unit norm (zeros for a text
+        without any token: "", whitespace, ...)."""
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+            raise TypeError(f"texts must be a sequence of str, got {type(texts).__name__}")
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a sequence of str")
+        n_special = self.tokenizer.num_special_tokens_to_add(pair=False)
         dim = int(getattr(self.model.config, "hidden_size", 0))
         out: list[torch.Tensor] = []
         for i in range(0, len(texts), self.batch_size):
@@ -388,7 +395,9 @@ class SentenceEmbedder:
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)          # [b, t, 1]
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-            empty = torch.tensor([not t.strip() for t in chunk], device=pooled.device)
+            # no token of the text itself ("", "\u200b", ...): the embedding of [CLS] [SEP] alone means nothing
+            empty = (enc["attention_mask"].sum(1) <= n_special) | torch.tensor([not t.strip() for t in chunk],
+                                                                                 device=pooled.device)
             pooled[empty] = 0.0
             out.append(pooled.cpu())
         if not out:

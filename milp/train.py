@@ -77,6 +77,8 @@ DEFAULT_OUTPUT = "runs/milp"
 _SPLIT = (0.7, 0.1, 0.2)
 # settings that may change between a run and its resumption
 _VOLATILE = {"output", "progress", "overwrite", "device", "slots", "eval_batch_size", "on_error"}
+# seeds are < 2**62: the search seeds torch and JAX with seed + round (search.loop), the users seed + 2**24
+_MAX_SEED = 2**62 - 1
 
 
 # --------------------------------------------------------------------------- CLI
@@ -89,6 +91,8 @@ def _int_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"range {text!r} is inverted (LO > HI)")
     if hi > MAX_MODULES:
         raise argparse.ArgumentTypeError(f"module counts are 0..{MAX_MODULES}, got {text!r}")
+    if hi == 0:  # every configuration without memory: none could ever be picked
+        raise argparse.ArgumentTypeError(f"the range needs HI >= 1 (0 modules = no memory), got {text!r}")
     return lo, hi
 
 
@@ -99,6 +103,8 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
     if not vals or any(v <= 0 for v in vals):
         raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    if len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"values must not repeat, got {text!r}")
     return vals
 
 
@@ -127,12 +133,14 @@ def _name_list(choices: Sequence[str], noun: str) -> Callable[[str], tuple[str, 
 _dims_list = _name_list(SEARCH_DIMS, "search dimension")
 
 
-def _pos(kind: type, minimum: float) -> Callable[[str], Any]:
+def _pos(kind: type, minimum: float, maximum: float | None = None) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if maximum is not None and not (minimum <= v <= maximum):
+            raise argparse.ArgumentTypeError(f"expected a value in {minimum}..{maximum}, got {text!r}")
         if not (v >= minimum) or (kind is float and not math.isfinite(v)):
             raise argparse.ArgumentTypeError(f"expected a value >= {minimum}, got {text!r}")
         return v
@@ -160,12 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="malformed data lines: stop with file:line, or skip them with a warning")
     g.add_argument("--users", type=_pos(int, 0), default=10,
                    help="number of users drawn (by --seed) from the data before the 70/10/20 split; 0 = all")
-    g.add_argument("--seed", type=_pos(int, 0), default=0, help="seed of the user sample, split, init and batches")
+    g.add_argument("--seed", type=_pos(int, 0, _MAX_SEED), default=0,
+                   help="seed of the user sample, split, init and batches (0..2**62-1)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype; auto = bfloat16 on GPU, float32 on CPU")
     g = p.add_argument_group("memory injection")
-    g.add_argument("--modules", type=_pos(int, 0), default=2, help="LoRA modules per layer (0..32)")
+    g.add_argument("--modules", type=_pos(int, 0, MAX_MODULES), default=2,
+                   help=f"LoRA modules per layer (0..{MAX_MODULES})")
     g.add_argument("--rank", type=_pos(int, 1), default=8, help="rank of every module")
     g.add_argument("--layers", default="all", help="layers with adapters: all, or a comma list like 0,1,5-9")
     g.add_argument("--lora-alpha", type=_pos(float, 1e-9), default=16.0, help="scale s = alpha / rank")
@@ -215,15 +225,17 @@ def _parse_layers(text: str, num_layers: int) -> tuple[bool, ...]:
     if text.strip() == "all":
         return (True,) * num_layers
     mask = [False] * num_layers
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:  # "" or "," would silently give a model without any memory adapter
+        raise ValueError(f"--layers: expected 'all' or a list like 0,1,5-9, got {text!r}")
+    for part in parts:
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m:
             raise ValueError(f"--layers: expected 'all' or a list like 0,1,5-9, got {text!r}")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo or hi >= num_layers:
+        if hi < lo:
+            raise ValueError(f"--layers: range {part!r} is inverted (LO > HI)")
+        if hi >= num_layers:
             raise ValueError(f"--layers: {part!r} is out of range for a model with {num_layers} layers")
         for i in range(lo, hi + 1):
             mask[i] = True
@@ -242,10 +254,16 @@ def load_records(data: str | None, data_format: str = "auto", *, on_error: str =
     fmt = data_format
     if fmt == "auto":
         fmt = "meddia" if data is None else "jsonl"
+    if fmt not in ("meddia", "jsonl", "amazonqa", "reddit", "lamp"):
+        raise ValueError(f"--data-format: unknown format {fmt!r}")
     if data is None and fmt != "meddia":
         raise ValueError(f"--data-format {fmt} needs --data PATH")
+    if data is not None and not str(data).strip():
+        raise ValueError(f"--data: expected a file path, got {data!r}")
     if data is not None and not Path(data).exists():
         raise FileNotFoundError(f"--data: {data!r} does not exist")
+    if data is not None and fmt != "meddia" and Path(data).is_dir():  # meddia also reads a folder of dialogues
+        raise ValueError(f"--data: {data!r} is a directory; --data-format {fmt} reads one file")
     if fmt == "meddia":
         records = load_meddia(data)
     elif fmt == "jsonl":
@@ -271,6 +289,8 @@ def select_users(records: Sequence[Record], n: int, seed: int) -> list[Record]:
         >>> sorted({r.user_id for r in select_users(rs, 2, 0)})
         ['u3', 'u4']
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n (--users) must be an int >= 0 (0 = all), got {n!r}")
     users = sorted(group_by_user(records))
     if n and n < len(users):
         keep = set(random.Random(seed).sample(users, n))
@@ -302,6 +322,15 @@ def _read_json(path: Path) -> Any:
 
 
 # --------------------------------------------------------------------------- distributed
+def _world_size() -> int:
+    """``$WORLD_SIZE`` (set by ``torchrun``; 1 without it)."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE (set by torchrun) must be an int, got {text!r}") from None
+
+
 @dataclass
 class Dist:
     """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
@@ -312,11 +341,13 @@ class Dist:
 
     @classmethod
     def from_env(cls, device: torch.device) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = _world_size()
         if world <= 1:
             return cls()
         import torch.distributed as dist
 
+        if device.type == "cuda" and device.index is not None:  # NCCL runs on the current device: this rank's GPU
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         return cls(dist.get_rank(), dist.get_world_size(), True)
@@ -376,7 +407,50 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: d[k] for k in sorted(d)}
 
 
+def _check_output(st: _State) -> None:
+    """Refuse, before any work and writing nothing, an ``--output`` this run cannot use: not a
+    directory, a run of other settings (``run.json``; ``--dtype auto`` compared as the dtype it
+    ran in, since ``--device`` may change), or ``--overwrite`` of a non-empty directory that
+    holds no run (it would be deleted)."""
+    out, args = st.out, st.args
+    run_file = out / "run.json"
+    if not str(args.output).strip():
+        raise SystemExit(f"milp.train: --output: expected a directory path, got {args.output!r}")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"milp.train: --output: {out} is not a directory")
+    if args.overwrite:
+        if out.is_dir() and not run_file.is_file() and any(out.iterdir()):
+            raise SystemExit(f"milp.train: --overwrite: {out} holds no milp.train run (no run.json); "
+                             "refusing to delete it")
+        return
+    if not run_file.exists():
+        return
+    try:
+        ran = _read_json(run_file)
+        old = ran["settings"]
+        if not isinstance(old, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise SystemExit(f"milp.train: {run_file} is not a milp.train run file; pass --overwrite or "
+                         "another --output") from None
+    new = _settings(args)
+    default = _settings(build_parser().parse_args([]))  # a flag added since: its default is what ran
+    skip = _VOLATILE | ({"dtype"} if "dtype" in ran else set())
+    diff = [k for k in sorted(set(old) | set(new)) if k not in skip and old.get(k, default.get(k)) != new.get(k)]
+    lines = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff]
+    now = _dtype_name(args, st.device)
+    if "dtype" in ran and ran["dtype"] != now:
+        lines.append(f"dtype: {ran['dtype']!r} -> {now!r} (--dtype {args.dtype} on {st.device})")
+    if lines:
+        raise SystemExit(
+            f"milp.train: {out} holds a run with other settings ({', '.join(lines)}); resume it with the same "
+            "settings, or pass --overwrite or another --output"
+        )
+
+
 def _prepare_output(st: _State) -> None:
+    """Start or resume ``--output`` (checked by :func:`_check_output`, once the input has been
+    checked too): ``--overwrite`` deletes it; a new run writes ``run.json``."""
     out, args = st.out, st.args
     run_file = out / "run.json"
     if st.dist.main:
@@ -385,33 +459,36 @@ def _prepare_output(st: _State) -> None:
 
             shutil.rmtree(out)
         if run_file.exists():
-            old = _read_json(run_file)["settings"]
-            new = _settings(args)
-            default = _settings(build_parser().parse_args([]))  # a flag added since: its default is what ran
-            diff = [k for k in sorted(set(old) | set(new))
-                    if k not in _VOLATILE and old.get(k, default.get(k)) != new.get(k)]
-            if diff:
-                lines = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-                raise SystemExit(
-                    f"milp.train: {out} holds a run with other settings ({lines}); resume it with the same "
-                    "settings, or pass --overwrite or another --output"
-                )
             st.log(f"resuming the run in {out}")
         else:
             out.mkdir(parents=True, exist_ok=True)
-            _atomic_json(run_file, {"settings": _settings(args), "command": sys.argv, "started": time.time()})
+            _atomic_json(run_file, {"settings": _settings(args), "dtype": _dtype_name(args, st.device),
+                                    "command": sys.argv, "started": time.time()})
     st.dist.barrier()
 
 
 def _resolve_device(text: str) -> torch.device:
     if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        text = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(text)
     except RuntimeError:
         raise SystemExit(f"milp.train: --device: not a device: {text!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("milp.train: --device cuda, but CUDA is not available on this machine")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("milp.train: --device cuda, but CUDA is not available on this machine")
+        if dev.index is None and _world_size() > 1 and "LOCAL_RANK" in os.environ:
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: each process its own GPU
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise SystemExit(f"milp.train: --device {dev}, but this machine has {n} CUDA device(s)")
+    elif dev.type == "meta":
+        raise SystemExit("milp.train: --device meta holds no data; use cpu or cuda")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception:  # backend not built in (AssertionError, NotImplementedError, ImportError, ...)
+            raise SystemExit(f"milp.train: --device {text}, but it is not available on this machine") from None
     return dev
 
 
@@ -421,7 +498,13 @@ def _dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
     return getattr(torch, args.dtype)
 
 
+def _dtype_name(args: argparse.Namespace, device: torch.device) -> str:
+    return str(_dtype(args, device)).removeprefix("torch.")
+
+
 def _load_split(st: _State) -> dict[str, list[Record]]:
+    """The run's train / val / test records (refused when ``split.json`` of the run being
+    resumed lists other users); written by :func:`_save_split`."""
     args = st.args
     records = load_records(args.data, args.data_format, on_error=args.on_error, progress=args.progress and st.dist.main)
     records = select_users(records, args.users, args.seed)
@@ -432,13 +515,17 @@ def _load_split(st: _State) -> dict[str, list[Record]]:
     split = {"train": train, "val": val, "test": test}
     ids = {k: sorted(group_by_user(v)) for k, v in split.items()}
     path = st.out / "split.json"
-    if path.exists() and _read_json(path) != ids:
+    if not args.overwrite and path.exists() and _read_json(path) != ids:
         raise SystemExit(f"milp.train: {path} lists other users than this run's data gives; use another --output")
-    if st.dist.main and not path.exists():
-        _atomic_json(path, ids)
     st.log(f"{len(records)} records of {n_users} users -> train {len(ids['train'])}, val {len(ids['val'])}, "
            f"test {len(ids['test'])} users")
     return split
+
+
+def _save_split(st: _State, split: dict[str, list[Record]]) -> None:
+    path = st.out / "split.json"
+    if st.dist.main and not path.exists():
+        _atomic_json(path, {k: sorted(group_by_user(v)) for k, v in split.items()})
 
 
 def _load_model(st: _State) -> None:
@@ -819,10 +906,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     st = _State(args=args, out=Path(args.output), dist=dist, device=device)
     try:
         torch.manual_seed(args.seed)
-        _prepare_output(st)
+        # every check of the input comes before the first file is written (or --overwrite deletes
+        # one): a refused run leaves nothing behind, and its corrected command is not refused as a
+        # resumption with other settings
+        _check_output(st)
         split = _load_split(st)
         _load_model(st)
         config = _default_config(st)
+        _prepare_output(st)
+        _save_split(st, split)
         if args.search:
             if dist.world > 1:
                 raise SystemExit("milp.train: --search runs in one process; run it without torchrun first, "
