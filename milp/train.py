@@ -418,6 +418,9 @@ def _check_output(st: _State) -> None:
         raise SystemExit(f"milp.train: --output: expected a directory path, got {args.output!r}")
     if out.exists() and not out.is_dir():
         raise SystemExit(f"milp.train: --output: {out} is not a directory")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # mkdir would fail only after the model has loaded
+        raise SystemExit(f"milp.train: --output: {out} is inside {above}, which is not a directory")
     if args.overwrite:
         if out.is_dir() and not run_file.is_file() and any(out.iterdir()):
             raise SystemExit(f"milp.train: --overwrite: {out} holds no milp.train run (no run.json); "
@@ -985,7 +988,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing/unreadable file or folder, bad data: no traceback
         print(f"milp.train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -347,6 +347,8 @@ def test_output_that_is_a_file_or_empty_is_refused(tmp_path):
         with pytest.raises(SystemExit, match="--output: .* is not a directory"):
             train.main([*_fast(f), *extra])
     assert f.read_text() == "x"
+    with pytest.raises(SystemExit, match="--output: .* is inside .*file, which is not a directory"):
+        train.main([*_fast(f / "sub" / "run")])  # was: NotADirectoryError once the model had loaded
     with pytest.raises(SystemExit, match="--output: expected a directory path"):
         train._check_output(_state(parse("--output", "")))
 
