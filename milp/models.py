@@ -191,6 +191,10 @@ def _strip_gguf_quantizer(model: Any) -> Any:
     return model
 
 
+#: a cache build's temp folder untouched this long was left by a killed process
+_STALE_BUILD_S = 6 * 3600
+
+
 def _is_valid_cache(path: Path) -> bool:
     return (path / _CACHE_MARKER).is_file() and (path / "config.json").is_file()
 
@@ -198,6 +202,12 @@ def _is_valid_cache(path: Path) -> bool:
 def _build_cache(target: Path, loader: Callable[[], tuple[Any, Any]], meta: dict[str, Any]) -> None:
     """Build the checkpoint in a temp dir beside ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed build (~0.5 GB each)
+        try:
+            if time.time() - stale.stat().st_mtime > _STALE_BUILD_S:  # a live build writes every few seconds
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         model, tokenizer = loader()

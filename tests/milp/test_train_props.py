@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -615,6 +616,22 @@ def test_a_cache_build_failing_anywhere_leaves_no_half_cache(tmp_path, monkeypat
     assert mm._is_valid_cache(target) and [p.name for p in target.parent.iterdir()] == ["entry"]
     if target_was != "valid":  # rebuilt whole; a valid entry of another process is kept
         assert (target / "model.safetensors").is_file() and (target / "config.json").read_text() == "x"
+
+
+def test_cache_build_takes_back_what_killed_builds_left(tmp_path):
+    """Was: the temp folder of a build killed mid-way (~0.5 GB) stayed forever; one of a build
+    still running (recent) is left alone."""
+    target = tmp_path / "entry"
+    dead, live = tmp_path / ".entry.tmp-dead", tmp_path / ".entry.tmp-live"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "model.safetensors").write_text("partial")
+    old = time.time() - mm._STALE_BUILD_S - 60
+    os.utime(dead, (old, old))
+    (tmp_path / ".other.tmp-dead").mkdir()  # another entry's: not this build's business
+    os.utime(tmp_path / ".other.tmp-dead", (old, old))
+    mm._build_cache(target, lambda: (_Saves(["config.json"]), _Saves(["tokenizer.json"])), {"format": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".entry.tmp-live", ".other.tmp-dead", "entry"]
 
 
 # --------------------------------------------------------------------------- milp.models: SentenceEmbedder
