@@ -376,6 +376,9 @@ class SentenceEmbedder:
                  batch_size: int = 32, device: str | torch.device = "cpu") -> None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and max_length > limit:  # a longer text would index past the positions
+            raise ValueError(f"max_length must be <= the encoder's max_position_embeddings ({limit}), got {max_length}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model.to(device).eval()

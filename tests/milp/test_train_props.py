@@ -644,6 +644,15 @@ def embedder():
     return mm.load_default_embedder()
 
 
+def test_embedder_max_length_within_the_encoders_positions(embedder):
+    """Was: max_length above the encoder's 512 positions was accepted; a long text then failed
+    inside the model."""
+    limit = embedder.model.config.max_position_embeddings
+    mm.SentenceEmbedder(embedder.model, embedder.tokenizer, max_length=limit)
+    with pytest.raises(ValueError, match="max_length must be <= the encoder's max_position_embeddings"):
+        mm.SentenceEmbedder(embedder.model, embedder.tokenizer, max_length=limit + 1)
+
+
 WORDS = ["chest", "pain", "the", "doctor", "said", "rest", "water", "knee", "run", "fever", "?", "."]
 sentences = st.one_of(
     st.lists(st.sampled_from(WORDS), min_size=1, max_size=12).map(" ".join),
