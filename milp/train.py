@@ -514,6 +514,8 @@ def _load_split(st: _State) -> dict[str, list[Record]]:
     n_users = len(group_by_user(records))
     if n_users < 3:
         raise SystemExit(f"milp.train: need at least 3 users for the 70/10/20 split, got {n_users} (--users)")
+    if args.users > n_users:
+        st.log(f"--users {args.users}: the data holds {n_users} users; all of them are used")
     train, val, test = split_users(records, _SPLIT, seed=args.seed)
     split = {"train": train, "val": val, "test": test}
     ids = {k: sorted(group_by_user(v)) for k, v in split.items()}
