@@ -338,8 +338,25 @@ class LaunchRecorder:
         return len(self.records)
 
 
+def _record_problem(rec: object) -> str | None:
+    """What is wrong with the shape of a launch record (:func:`launch_record`), naming the
+    field; ``None`` when it is good."""
+    if not isinstance(rec, dict):
+        return f"a record must be a JSON object, got {type(rec).__name__}"
+    if rec.get("kernel") not in _KERNELS:
+        return f"kernel must be one of {sorted(_KERNELS)}, got {rec.get('kernel')!r}"
+    for key, kind in (("signature", dict), ("constexprs", dict), ("div16", list), ("options", dict)):
+        if not isinstance(rec.get(key), kind):
+            return f"{key} must be a JSON {'object' if kind is dict else 'array'}, got {rec.get(key)!r}"
+    bad = [name for name, v in rec["constexprs"].items() if isinstance(v, dict) and v.get("tl_dtype") not in _DT]
+    if bad:
+        return f"constexprs {bad}: a dtype must be {{'tl_dtype': one of {sorted(_DT)}}}"
+    return None
+
+
 def read_records(path: str) -> list[dict]:
-    """The distinct records of a JSON-lines file written by :meth:`LaunchRecorder.write`."""
+    """The distinct records of a JSON-lines file written by :meth:`LaunchRecorder.write`; a line
+    that is not one raises a ``ValueError`` naming the file, the line and what is wrong."""
     seen: dict[str, dict] = {}
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -348,6 +365,9 @@ def read_records(path: str) -> list[dict]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{i}: not a JSON record ({exc})") from None
+                problem = _record_problem(rec)
+                if problem:
+                    raise ValueError(f"{path}:{i}: not a launch record: {problem}")
                 seen.setdefault(json.dumps(rec, sort_keys=True), rec)
     return list(seen.values())
 
@@ -392,6 +412,10 @@ def compile_recorded(records: list[dict], arch: int = 90, jobs: int = 1) -> list
     _require_compiler("compile_recorded")
     out = []
     for rec in records:
+        problem = _record_problem(rec)
+        if problem:  # reported with the others, not raised: the variants after it still compile
+            out.append((rec, None, f"not a launch record: {problem}"))
+            continue
         fn = _jit_kernel(rec["kernel"])
         # a tl.dtype constexpr was saved by its name (str(tl.bfloat16) == "bf16", the keys of _DT)
         consts = {k: _DT[v["tl_dtype"]] if isinstance(v, dict) else v for k, v in rec["constexprs"].items()}
@@ -435,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--recorded: no such file: {args.recorded}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    records = [r for r in read_records(args.recorded) if args.kernel in (None, r["kernel"])]
+    try:
+        records = [r for r in read_records(args.recorded) if args.kernel in (None, r["kernel"])]
+    except ValueError as exc:  # a damaged line: named, before any compile
+        parser.error(f"--recorded: {exc}")
     bad = 0
     for rec, report, error in compile_recorded(records, args.arch, args.jobs):
         if error is not None:

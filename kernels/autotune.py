@@ -13,7 +13,7 @@ with their tuned configs, the split path with its shrink beside the base GEMM on
 stream against the two one after the other (``dispatch.split_overlap_min_tokens``,
 :func:`tune_split_overlap`), and decode as two branches against the serial schedule from
 CUDA-graph replays (``dispatch.split_parallel_max_tokens``, :func:`tune_split_parallel`). The file is written
-atomically and merged with entries of other dtypes already in it.
+atomically and merged with the one already there: a tuned bucket replaces its entry, the others stay.
 
 Usage (on a GPU)::
 
@@ -21,8 +21,8 @@ Usage (on a GPU)::
     python -m kernels.autotune --dtype bf16 --quick    # a few buckets and candidates (~minutes)
     python -m kernels.autotune --dtype bf16 --quick --jobs 16   # candidates compiled in parallel first
 
-On CPU it runs under the Triton interpreter with ``--tiny`` (plumbing only: the times of
-the interpreter mean nothing).
+On CPU it runs under the Triton interpreter with ``--tiny --out FILE`` (plumbing only: the
+times of the interpreter mean nothing).
 """
 from __future__ import annotations
 
@@ -42,9 +42,11 @@ from triton.runtime.errors import OutOfResources
 
 from ._backend import use_backend
 from .bank import AdapterBank
+from .ops._common import cdiv, next_pow2
 from .plan import BatchPlan
 from .reference import expand_ref, lora_linear_ref, shrink_ref
 from .tuning import (
+    _MATCH_KEYS,
     OPS,
     LaunchConfig,
     _device_table_paths,
@@ -137,8 +139,16 @@ def candidates(op: str, problem: Problem, tiny: bool = False) -> list[LaunchConf
         for bm, bn, nb, w in itertools.product((16,) if decode else (32, 64), (64, 128), (4, 8, 16), (4, 8)):
             grid.append(LaunchConfig(block_m=bm, block_n=bn, block_r=32, n_blocks=nb, num_warps=w, num_stages=3))
         if decode:  # and the decode (GEMV) form: CUDA-core dots, programs streaming 1/split_n of B
+            # its launcher takes the whole rank in one block, caps a block at 8192 elements and
+            # runs at most a program per column block (kernels/ops/expand.py, _expand_plan):
+            # configs it launches alike at this bucket are timed once
+            block_r, launches = next_pow2(problem.max_rank), set()
             for sn, bn, w in itertools.product((8, 16, 32, 64), (64, 256), (2, 4)):
-                grid.append(LaunchConfig(block_m=16, block_n=bn, split_n=sn, num_warps=w, num_stages=3))
+                bn_run = max(16, min(bn, 8192 // block_r))
+                chunk = cdiv(cdiv(problem.n, min(sn, cdiv(problem.n, bn_run))), bn_run) * bn_run
+                if (bn_run, chunk, w) not in launches:
+                    launches.add((bn_run, chunk, w))
+                    grid.append(LaunchConfig(block_m=16, block_n=bn, split_n=sn, num_warps=w, num_stages=3))
     else:  # grad_weights; a 128-row rank block reads x and dy once per column block at rank 96
         for br, bc, bt, w in itertools.product((16, 32, 64, 128), (64, 128), (32, 64), (4, 8)):
             grid.append(LaunchConfig(block_r=br, block_n=bc, block_k=bt, num_warps=w, num_stages=3))
@@ -251,13 +261,34 @@ def _time(fn: Callable[[], object], device: torch.device, quick: bool = False) -
     return (time.perf_counter() - t0) * 1e3
 
 
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _device_label(device: torch.device) -> str:
+    """The table's ``"device"``; on a GPU, the name its config file is named after."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
+
+
 def _bucket_order(entry: dict) -> tuple:
-    """Sort key of a table's entries: the first match wins, so smaller buckets come first."""
-    return entry["n"], entry["k"], entry["max_tokens"], entry["max_rank"]
+    """Sort key of a table's entries: the first match wins, so smaller buckets come first, and an
+    entry matching any ``n``, ``k``, token count, rank or dtype (``null`` or absent) after the others."""
+    return tuple((entry.get(key) is None, entry.get(key) or 0) for key in ("n", "k", "max_tokens", "max_rank", "dtype"))
+
+
+def _bucket(entry: dict) -> tuple:
+    """What an entry matches on (:data:`kernels.tuning._MATCH_KEYS`): a tuned bucket replaces
+    an entry of the same op with the same bucket."""
+    return tuple(entry.get(key) for key in _MATCH_KEYS)
 
 
 def _bucket_entry(op: str, problem: Problem, cfg: LaunchConfig, dtype: torch.dtype, ms: float) -> dict:
-    entry = {"max_tokens": problem.num_tokens, "n": problem.n, "k": problem.k, "max_rank": problem.max_rank,
+    """The table entry of a tuned bucket, keyed as the op's launcher looks its config up: the
+    shrink (``k`` → rank) by the layer's ``k`` and the expand (rank → ``n``) by its ``n`` alone,
+    their other side (``null``: any) being the bank's rank, which ``max_rank`` bounds."""
+    n = None if op == "shrink" else problem.n
+    k = None if op == "expand" else problem.k
+    entry = {"max_tokens": problem.num_tokens, "n": n, "k": k, "max_rank": problem.max_rank,
              "dtype": _dtype_name(dtype), "median_ms": round(ms, 5)}
     entry.update(dataclasses.asdict(cfg))
     return entry
@@ -282,7 +313,11 @@ def tune(
     """
     from tqdm.auto import tqdm
 
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bad = [op for op in ops if op not in OPS]
+    if bad:
+        raise ValueError(f"ops: unknown {bad}; choose from {OPS}")
+    ops = tuple(dict.fromkeys(ops))  # an op named twice is tuned once
+    device = device or _default_device()
     out: dict[str, list[dict]] = {op: [] for op in ops}
     # the split path's kernels first (every target runs them), the fused kernel last: a run cut
     # short (SIGINT, e.g. the device call's time limit) keeps the buckets it finished
@@ -297,7 +332,9 @@ def tune(
     # tuned configs, before the grouped dA/dB and the fused kernel's buckets: a run cut short
     # there still has them
     schedules: dict = {}
+    dispatch: dict = {}
     want_schedules = {"shrink", "expand"} <= set(ops)
+    interrupted = False
     try:
         for op, problem in tqdm(work, desc="autotune", disable=not progress):
             if op not in ("shrink", "expand") and want_schedules:
@@ -320,17 +357,18 @@ def tune(
             done += 1
         if want_schedules:
             _time_split_schedules(out, schedules, dtype, device, tiny)
+        if "fused_linear" in ops:  # last: a run cut short in it still keeps every bucket
+            dispatch = _tune_dispatch(dtype, device, tiny)
     except KeyboardInterrupt:
+        interrupted = True
         print(f"autotune: interrupted after {done} of {len(work)} buckets; keeping those", flush=True)
     for entries in out.values():
         entries.sort(key=_bucket_order)
-    interrupted = done < len(work)
-    dispatch = _tune_dispatch(dtype, device, tiny) if "fused_linear" in ops and not interrupted else {}
     dispatch.update(schedules)
     import triton
 
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",
+        "device": _device_label(device),
         "triton": triton.__version__,
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -498,18 +536,43 @@ def tune_split_parallel(dtype: torch.dtype, device: torch.device, tiny: bool = F
     return {"split_parallel_max_tokens": last, "_measured_parallel": measured}
 
 
+#: notes of one tuning run, replaced by the next run's (absent when it has none)
+_RUN_NOTES = ("_precompiled", "_interrupted")
+
+
+def _table_problem(path: Path) -> str | None:
+    """Why the config table at ``path`` cannot take the tuned entries (it is a folder, or a
+    table the strict reader of :mod:`kernels.tuning` refuses); ``None`` when it can."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder, not a config table file"
+    try:
+        _load_table.__wrapped__(str(path))  # checked whole, as a launch would read it (not cached)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def write_table(table: dict, path: Path) -> Path:
-    """Merge ``table`` into the JSON at ``path`` (entries of other dtypes and dispatch knobs
-    the table does not set are kept), atomically."""
+    """Merge ``table`` into the JSON at ``path``, atomically: a tuned bucket replaces the entry
+    of the same op and bucket (``max_tokens``, ``n``, ``k``, ``max_rank``, ``dtype``), other
+    entries (other ops, dtypes or sizes, those a run cut short did not reach) and dispatch knobs
+    the table does not set are kept. A file :func:`_table_problem` refuses raises a ``ValueError``."""
     path = Path(path)
     merged = table
     if path.exists():
+        problem = _table_problem(path)
+        if problem:
+            raise ValueError(f"write_table: cannot merge into {path}: {problem}")
         old = json.loads(path.read_text(encoding="utf-8"))
-        dtypes = {e["dtype"] for entries in table["ops"].values() for e in entries}
-        ops = {op: [e for e in old.get("ops", {}).get(op, []) if e.get("dtype") not in dtypes]
-               for op in set(old.get("ops", {})) | set(table["ops"])}
-        for op, entries in table["ops"].items():
-            ops[op] = sorted(ops[op] + entries, key=_bucket_order)
+        old = {k: v for k, v in old.items() if k not in _RUN_NOTES}  # another run's
+        old_ops = old.get("ops", {})
+        ops = {}
+        for op in [*old_ops, *(op for op in table["ops"] if op not in old_ops)]:  # the file's order, new ops after
+            tuned = table["ops"].get(op, [])
+            buckets = {_bucket(e) for e in tuned}
+            ops[op] = sorted([e for e in old_ops.get(op, []) if _bucket(e) not in buckets] + tuned,
+                             key=_bucket_order)
         # dispatch thresholds merge key by key: a tuning run writes fused_max_rank only, and
         # must keep what bench/dispatch.py measured (decode_max_tokens, ...)
         dispatch = {**old.get("dispatch", {}), **table.get("dispatch", {})}
@@ -530,21 +593,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES), help="operand dtype to tune")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     parser.add_argument("--quick", action="store_true", help="a few buckets (minutes instead of an hour)")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes: plumbing check on CPU")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes: plumbing check on CPU (with --out)")
     parser.add_argument("--out", default=None, help="JSON to write (default: kernels/configs/<gpu>.json)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="on a GPU, compile every candidate first, in this many processes (e.g. the CPU count)")
     args = parser.parse_args(argv)
-    ops = tuple(o for o in args.ops.split(",") if o)
+    ops = tuple(dict.fromkeys(o.strip() for o in args.ops.split(",") if o.strip()))  # named twice: once
     bad = [o for o in ops if o not in OPS]
-    if bad:
-        parser.error(f"--ops: unknown {bad}; choose from {OPS}")
+    if bad or not ops:
+        parser.error(f"--ops must name some of {OPS}, got {args.ops!r}")
     if not torch.cuda.is_available() and not args.tiny:
-        parser.error("no CUDA device: tuning needs a GPU (use --tiny for a CPU plumbing check)")
+        parser.error("no CUDA device: tuning needs a GPU (use --tiny --out FILE for a CPU plumbing check)")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.tiny and not args.out:
+        # its entries and dispatch knobs (measured at toy sizes) must not land in the GPU's table
+        parser.error("--tiny needs --out: the default, kernels/configs/<gpu>.json, is the GPU's tuned table")
+    # the file is checked before the tuning, not after minutes of it
+    out = Path(args.out) if args.out else config_path_for(_device_label(_default_device()))
+    problem = _table_problem(out)
+    if problem:
+        parser.error(f"--out: {problem}")
     table = tune(_DTYPES[args.dtype], ops=ops, quick=args.quick, tiny=args.tiny, jobs=args.jobs)
-    out = Path(args.out) if args.out else config_path_for(table["device"])
     knobs = {k: v for k, v in table["dispatch"].items() if not k.startswith("_")}
     print(f"dispatch: {knobs}")
     print(f"wrote {write_table(table, out)}")
