@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 import tempfile
 import time
@@ -261,6 +262,27 @@ def _time(fn: Callable[[], object], device: torch.device, quick: bool = False) -
     return (time.perf_counter() - t0) * 1e3
 
 
+#: candidates whose failure is printed as it happens (all go into the table's ``_failed``)
+_FAILURES_SHOWN = 5
+
+
+class _DeviceLost(Exception):
+    """A candidate's failure left the device unusable (a broken CUDA context)."""
+
+
+def _device_alive(device: torch.device) -> bool:
+    """Whether ``device`` still runs work after a candidate failed (always, off CUDA)."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        torch.empty(1, device=device).add_(1)
+        torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - any error here means the context is gone
+        return False
+    return True
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -335,6 +357,7 @@ def tune(
     dispatch: dict = {}
     want_schedules = {"shrink", "expand"} <= set(ops)
     interrupted = False
+    failed: list[str] = []
     try:
         for op, problem in tqdm(work, desc="autotune", disable=not progress):
             if op not in ("shrink", "expand") and want_schedules:
@@ -350,6 +373,15 @@ def tune(
                         ms = _time(run, device, quick)
                 except OutOfResources:  # too much shared memory / too many registers on this GPU
                     continue
+                except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is skipped
+                    failed.append(f"{op} {problem} {cfg}: {type(exc).__name__}: {str(exc).strip()[:300]}")
+                    if len(failed) <= _FAILURES_SHOWN:
+                        print(f"autotune: skipped {failed[-1]}", flush=True)
+                    if not _device_alive(device):  # a launch that broke the CUDA context ends the run
+                        raise _DeviceLost(failed[-1]) from exc
+                    continue
+                if not math.isfinite(ms):
+                    continue
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
             if best is not None:
@@ -359,9 +391,10 @@ def tune(
             _time_split_schedules(out, schedules, dtype, device, tiny)
         if "fused_linear" in ops:  # last: a run cut short in it still keeps every bucket
             dispatch = _tune_dispatch(dtype, device, tiny)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _DeviceLost) as exc:
         interrupted = True
-        print(f"autotune: interrupted after {done} of {len(work)} buckets; keeping those", flush=True)
+        why = "the device failed" if isinstance(exc, _DeviceLost) else "interrupted"
+        print(f"autotune: {why} after {done} of {len(work)} buckets; keeping those", flush=True)
     for entries in out.values():
         entries.sort(key=_bucket_order)
     dispatch.update(schedules)
@@ -376,6 +409,7 @@ def tune(
         "dispatch": dispatch,
         **({"_precompiled": precompiled} if precompiled else {}),
         **({"_interrupted": f"{done} of {len(work)} buckets tuned"} if interrupted else {}),
+        **({"_failed": failed} if failed else {}),
     }
 
 
@@ -537,7 +571,7 @@ def tune_split_parallel(dtype: torch.dtype, device: torch.device, tiny: bool = F
 
 
 #: notes of one tuning run, replaced by the next run's (absent when it has none)
-_RUN_NOTES = ("_precompiled", "_interrupted")
+_RUN_NOTES = ("_precompiled", "_interrupted", "_failed")
 
 
 def _table_problem(path: Path) -> str | None:

@@ -118,11 +118,11 @@ class _Run:
 
 
 def _verdict(seed: int, op: str, problem: autotune.Problem, cfg: LaunchConfig) -> float | str:
-    """A stubbed candidate's fate: ``"wrong"`` (fails the check), ``"oor"`` (out of resources)
-    or its time in ms (few values: ties happen)."""
+    """A stubbed candidate's fate: ``"wrong"`` (fails the check), ``"oor"`` (out of resources),
+    ``"error"`` (another compile or launch error) or its time in ms (few values: ties happen)."""
     r = random.Random(f"{seed}|{op}|{problem}|{cfg}")
     u = r.random()
-    return "wrong" if u < 0.1 else "oor" if u < 0.15 else float(r.randint(1, 12))
+    return "wrong" if u < 0.1 else "oor" if u < 0.15 else "error" if u < 0.2 else float(r.randint(1, 12))
 
 
 def _forced(op: str) -> LaunchConfig:
@@ -149,6 +149,8 @@ def stubbed_tuner(seed: int, interrupt_at: int | None):
         v = _verdict(seed, run.op, run.problem, _forced(run.op))
         if v == "oor":
             raise OutOfResources(300000, 232448, "shared memory")
+        if v == "error":  # any other compile or launch failure of one variant
+            raise RuntimeError("PassManager::run failed")
         return v
 
     def schedules(tuned, into, dtype, device, tiny):
@@ -267,6 +269,27 @@ def test_a_run_cut_short_while_timing_the_dispatch_keeps_every_bucket(monkeypatc
     assert cut["ops"] == full["ops"] and all(cut["ops"][op] for op in ("shrink", "expand", "fused_linear"))
     assert "fused_max_rank" not in cut["dispatch"] and cut["dispatch"]["split_overlap_min_tokens"] == 96
     assert "_interrupted" in cut and "_interrupted" not in full
+
+
+def test_a_failing_candidate_is_skipped_and_a_broken_device_ends_the_run(monkeypatch, capsys):
+    """Was: only OutOfResources was skipped; any other compile or launch error of one candidate
+    ended tune() with a traceback and lost every bucket. Now the candidate is skipped and named
+    (``_failed``); when the failure broke the device, the run ends keeping what it tuned."""
+    with stubbed_tuner(seed=3, interrupt_at=None):
+        table = run_tune(tiny=True)
+    errors = [(op, p, cfg) for op in OPS for p in autotune.problems(True, False) if autotune.worth_tuning(op, p)
+              for cfg in autotune.candidates(op, p, True) if _verdict(3, op, p, cfg) == "error"]
+    assert errors and len(table["_failed"]) == len(errors) and "_interrupted" not in table
+    assert all("RuntimeError: PassManager::run failed" in f for f in table["_failed"])
+    assert capsys.readouterr().out.count("autotune: skipped") == min(len(errors), autotune._FAILURES_SHOWN)
+    monkeypatch.setattr(autotune, "_device_alive", lambda device: False)
+    with stubbed_tuner(seed=3, interrupt_at=None):
+        cut = run_tune(tiny=True)
+    assert len(cut["_failed"]) == 1 and "_interrupted" in cut
+    assert "the device failed" in capsys.readouterr().out
+    for op in OPS:  # the buckets before the failing one are kept as tuned
+        assert cut["ops"][op] == table["ops"][op][: len(cut["ops"][op])]
+    assert sum(map(len, cut["ops"].values())) < sum(map(len, table["ops"].values()))
 
 
 def test_tune_refuses_an_unknown_op_before_tuning():
