@@ -79,8 +79,15 @@ SIZE = os.environ.get("MILP_BENCH_SIZE", "full" if CUDA else "small").strip().lo
 if SIZE not in ("small", "full"):
     raise ValueError(f"MILP_BENCH_SIZE must be 'small' or 'full', got {SIZE!r}")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DTYPE = _DTYPES[os.environ.get("MILP_BENCH_DTYPE", "bfloat16" if CUDA else "float32")]
-REP_MS = float(os.environ.get("MILP_BENCH_REP_MS", "100"))
+_dtype = os.environ.get("MILP_BENCH_DTYPE", "bfloat16" if CUDA else "float32").strip().lower()
+if _dtype not in _DTYPES:
+    raise ValueError(f"MILP_BENCH_DTYPE must be one of {sorted(_DTYPES)}, got {_dtype!r}")
+DTYPE = _DTYPES[_dtype]
+try:
+    REP_MS = float(os.environ.get("MILP_BENCH_REP_MS", "100"))
+except ValueError:
+    raise ValueError(f"MILP_BENCH_REP_MS must be a number of milliseconds, got "
+                     f"{os.environ['MILP_BENCH_REP_MS']!r}") from None
 GRAPHS = CUDA and os.environ.get("MILP_BENCH_GRAPHS", "1") != "0"
 
 #: relative error ‖out − ref‖ / ‖ref‖ allowed against the float64 reference (as in tests/kernels)

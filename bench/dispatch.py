@@ -11,9 +11,12 @@ Reads the forward entries of a ``pytest bench`` JSON made with ``MILP_BENCH_PATH
 * ``decode_max_tokens`` — the largest token count ``T`` such that ``split`` is within
   ``--tolerance`` of the fastest path in every measured workload with at most ``T`` tokens
   (the split path: cuBLAS base + shrink + expand; ``choose_path`` takes it up to this ``T``).
-  When that holds at the largest measured ``T`` too, there is no upper bound
-  (:data:`UNBOUNDED`): past the largest size the base is more of the same compute-bound GEMM,
-  so cuBLAS's lead over our fused kernels' GEMM, which made the split path win, stays;
+  When that holds at the largest measured ``T`` too, and that size is a prefill workload, there
+  is no upper bound (:data:`UNBOUNDED`): past the largest size the base is more of the same
+  compute-bound GEMM, so cuBLAS's lead over our fused kernels' GEMM, which made the split path
+  win, stays. When the largest measured size is a decode one (a run cut short before its
+  prefill workloads), the run says nothing of where the split path stops winning: the
+  threshold is left out;
 * ``fused_max_rank`` — the largest bank rank at which ``fused`` (one launch, ``t`` in
   registers) is within tolerance of ``fused_t`` in every measured workload above
   ``decode_max_tokens``; 0 when it never is.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections import defaultdict
@@ -43,25 +47,35 @@ def path_times(paths: list[str]) -> tuple[str | None, dict[str, dict]]:
     device = None
     rows: dict[str, dict] = defaultdict(dict)
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        mi = data.get("machine_info", {}).get("milp", {})
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON (a file cut off while written), bad UTF-8
+            raise SystemExit(f"{path}: not a readable JSON file ({exc})") from None
+        if not isinstance(data, dict):
+            raise SystemExit(f"{path}: not a pytest-benchmark JSON (no 'benchmarks' list)")
+        mi = (data.get("machine_info") or {}).get("milp") or {}
         dev = mi.get("device")
         if device is None:
             device = dev
         elif dev != device:
             raise SystemExit(f"{path} ran on {dev!r}, the first file on {device!r}: one GPU at a time")
-        for b in data.get("benchmarks", []):
-            e = b.get("extra_info") or {}
+        for b in data.get("benchmarks") or []:
+            e = (b.get("extra_info") if isinstance(b, dict) else None) or {}
             impl = e.get("impl", "")
             if e.get("op") != "fwd" or not impl.startswith("milp-") or impl[5:] not in PATHS:
                 continue
-            if e.get("time_ms") is None:
+            if not _measured(e.get("time_ms")):  # missing, zero, NaN, inf: no measurement
                 continue
             row = rows[e["workload"]]
             row.update(T=int(e["T"]), max_rank=int(e["max_rank"]), phase=e.get("phase"))
             row[impl[5:]] = float(e["time_ms"])
     return device, dict(rows)
+
+
+def _measured(ms) -> bool:
+    """A time that is a measurement: a finite number > 0 (``bench/_util._measured``'s rule)."""
+    return isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms) and ms > 0
 
 
 def propose(rows: dict[str, dict], tolerance: float = 0.02) -> tuple[dict, dict]:
@@ -81,8 +95,11 @@ def propose(rows: dict[str, dict], tolerance: float = 0.02) -> tuple[dict, dict]
             decode_max = T
         else:
             break
-    if decode_max == max(r["T"] for r in complete.values()):
-        decode_max = UNBOUNDED  # split fastest up to the largest size measured: no bound above
+    largest = max(r["T"] for r in complete.values())
+    if decode_max == largest:
+        if not any(r.get("phase") == "prefill" for r in complete.values() if r["T"] == largest):
+            return dispatch, evidence  # decode sizes only: no data on where split stops winning
+        decode_max = UNBOUNDED  # split fastest up to the largest (prefill) size measured: no bound above
     dispatch["decode_max_tokens"] = decode_max
     above = [r for r in complete.values() if r["T"] > decode_max]
     if above:
@@ -101,7 +118,7 @@ def write(device: str, dispatch: dict, evidence: dict, out: Path | None = None) 
     path = Path(out) if out else config_path_for(device)
     data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"device": device, "ops": {}}
     # every other knob stays, with the autotuner's evidence for it ("_measured…" keys)
-    data["dispatch"] = {**data.get("dispatch", {}), **dispatch}
+    data["dispatch"] = {**(data.get("dispatch") or {}), **dispatch}
     data["_dispatch_measured"] = evidence
     from milp.config import atomic_write_text  # the project's atomic writer
 
@@ -121,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"no such JSON file: {', '.join(missing)}")
     if not 0 <= args.tolerance < 1:
         ap.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    if args.out is not None and not args.write:
+        ap.error("--out names the config JSON that --write writes: pass --write too")
+    if args.out is not None and args.out.is_dir():
+        ap.error(f"--out must be a JSON file, got the directory {args.out}")
     device, rows = path_times(args.json)
     dispatch, evidence = propose(rows, args.tolerance)
     if not evidence:
@@ -137,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     if dispatch.get("decode_max_tokens") == UNBOUNDED:
         print("  (split within tolerance of the fastest at every measured size, the largest included: "
               "decode_max_tokens has no upper bound)")
+    if not dispatch:
+        print("  (split within tolerance of the fastest at every measured size, all of them decode sizes: the run "
+              "says nothing of where split stops winning, so no threshold is proposed; time the prefill workloads too)")
+        if args.write:
+            print("nothing written", file=sys.stderr)
+            return 1
     if args.write:
         print(f"wrote {write(device, dispatch, evidence, args.out)}")
     return 0

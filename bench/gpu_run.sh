@@ -42,7 +42,17 @@
 #   1) setup tests   2) setup decode   3) setup prefill   4) setup bwd ops others report
 # and pass MILP_GIT_COMMIT=$(git rev-parse HEAD) (the device's copy has no .git).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
+# every stage name is checked before any stage runs: a misspelt one in the middle of a list must
+# not end the call after the stages before it have spent the device time
+STAGE_NAMES="quick setup tests kernel-tests precompile probe profile decode prefill bwd ops aot autotune others report all"
+for s in "$@"; do
+    case " $STAGE_NAMES " in
+        *" $s "*) [[ -n "$s" && "$s" != *" "* ]] && continue ;;
+    esac
+    echo "unknown stage '$s' ($STAGE_NAMES)" >&2
+    exit 2
+done
 OUT="${OUT:-bench/results/gpu_local}"
 RES=bench/results/gpu
 mkdir -p "$OUT"
@@ -261,7 +271,7 @@ for s in "${STAGES[@]}"; do
                   log "autotune --quick into $cfg (limit ${T}s)"
                   # merged into the GPU's committed file (its dispatch knobs kept), so the stages after
                   # this one in the same call use the tuned configs; the file comes back in $OUT
-                  timeout -s INT "$T" "$PY" -m kernels.autotune --dtype bf16 --quick --jobs "${MILP_TUNE_JOBS:-14}" \
+                  timeout -s INT -k 30 "$T" "$PY" -m kernels.autotune --dtype bf16 --quick --jobs "${MILP_TUNE_JOBS:-14}" \
                       --out "$cfg" 2>&1 | tail -n 5 | tee -a "$LOG"
                   [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
                   cp "$cfg" "$OUT/"
@@ -270,8 +280,7 @@ for s in "${STAGES[@]}"; do
                   mkdir -p "$TUNED_DIR" && cp "$cfg" "$TUNED_DIR/" ;;
         others) others ;;
         report) report ;;
-        *) echo "unknown stage '$s' (quick setup tests kernel-tests precompile probe profile decode prefill bwd ops aot" \
-                "autotune others report all)" >&2
+        *) echo "unknown stage '$s' ($STAGE_NAMES)" >&2  # refused above already
            exit 2 ;;
     esac
 done

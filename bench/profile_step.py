@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import math
 import os
 import pstats
 import sys
@@ -39,15 +40,25 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import kernels  # noqa: E402
 
+_PACKAGES = ("kernels", "milp", "triton", "torch")
+
 
 def _package(filename: str) -> str:
     """The package a profiled function belongs to (``~`` = a C function: torch's bindings,
-    the launcher, builtins)."""
+    the launcher, builtins). An installed file is named by its top folder under
+    ``site-packages``: the folders above it say nothing (the device's Python is
+    ``/opt/torch/.venv``, where every package's path holds ``/torch/``)."""
     f = filename.replace(os.sep, "/")
-    for name in ("/kernels/", "/milp/", "/triton/", "/torch/"):
-        if name in f:
-            return name.strip("/")
-    return "C calls" if f == "~" else "other"
+    if f == "~":
+        return "C calls"
+    _, installed, rest = f.rpartition("-packages/")  # site-packages/, dist-packages/
+    if installed:
+        top = rest.split("/", 1)[0]
+        return top if top in _PACKAGES else "other"
+    for name in _PACKAGES:  # a source tree (this project's, an editable install)
+        if f"/{name}/" in f:
+            return name
+    return "other"
 
 
 def host_profile(step, steps: int) -> str:
@@ -100,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokens < args.users or args.users < 1 or args.steps < 1:
         ap.error("need --tokens >= --users >= 1 and --steps >= 1")
     wl = U._prefill("fwdbwd", args.shape, args.tokens, args.users)
+    adapter_tokens = wl.tokens - math.floor(wl.none_share * wl.tokens + 1e-9)  # as _util.Problem deals them
+    if adapter_tokens < args.users:
+        ap.error(f"--tokens {args.tokens} has {adapter_tokens} adapter tokens ({round(100 * wl.none_share)}% carry "
+                 f"none), fewer than --users {args.users}: every user needs one")
+    out = Path(args.out)
+    try:  # before the work: an --out that cannot be written fails now, not after the profile
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"--out {args.out}: not a directory that can be made ({exc})")
     p = U.problem(wl)
     bank, plan = p.bank, p.plan
     bank.lora_a.requires_grad_(True)
@@ -119,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
             step()
         U._sync()
     sort = "self_cuda_time_total" if U.CUDA else "self_cpu_time_total"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     text = (f"{wl.id} on {torch.cuda.get_device_name(0) if U.CUDA else 'cpu'}, {args.steps} steps, "
             f"path {kernels.choose_path(wl.tokens, bank.max_rank, num_segments=plan.num_segments, device=p.x.device)}"
             f"\n\n-- by device time --\n{prof.key_averages().table(sort_by=sort, row_limit=30)}"

@@ -466,6 +466,14 @@ def _series(wls, key_fn, x_field):
     return OrderedDict((k, sorted(out[k], key=lambda t: t[0])) for k in keys)
 
 
+def _none_label(share) -> str:
+    """A panel title's `` none<pct>%`` for a workload's share of tokens without an adapter; nothing
+    when there are none, or when the field is no number (an older or damaged JSON)."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not math.isfinite(share) or not share:
+        return ""
+    return f" none{round(share * 100)}%"
+
+
 def _grid(n):
     import matplotlib
 
@@ -503,7 +511,7 @@ def plot_speedup_vs_users(wls, path: Path, title: str, max_panels: int = 16) -> 
         ax.set_yscale("log")
         ax.set_xlabel("users")
         ax.set_ylabel("speedup of milp (×)")
-        none = f" none{round(k[4] * 100)}%" if k[4] else ""
+        none = _none_label(k[4])
         ax.set_title(f"{k[0]} {k[1]} {k[2]} {k[3]}{none} {' '.join(k[5:])}".strip(), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -538,7 +546,7 @@ def plot_pct_peak_vs_tokens(wls, path: Path, title: str, max_panels: int = 16) -
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens")
         ax.set_ylabel("% of roofline bound")
-        none = f" none{round(k[4] * 100)}%" if k[4] else ""
+        none = _none_label(k[4])
         ax.set_title(f"{k[0]} {k[1]} {k[2]} U{k[3]}{none}", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
@@ -670,6 +678,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"no such JSON file: {', '.join(missing)}")
     if args.readme is not None and not args.readme.is_file():
         ap.error(f"--readme: no such file: {args.readme}")
+    if args.name is not None and (not args.name or args.name in (".", "..") or "/" in args.name
+                                  or os.sep in args.name):
+        ap.error(f"--name is a file stem (the files are <out>/<name>.md and its PNGs), got {args.name!r}; "
+                 "put the folder in --out")
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out must be a folder, got the file {args.out}")
     try:
         for p in build(args.json, args.out, args.name, args.readme):
             print(p)
