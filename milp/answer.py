@@ -49,6 +49,19 @@ def _fail(msg: str) -> SystemExit:
     return SystemExit(f"milp.answer: {msg}")
 
 
+def _check_output(path: str) -> None:
+    """Refuse, before the model is loaded, an ``--output`` the answers could not be written to
+    (they used to be lost once all were generated)."""
+    p = Path(path)
+    if not path.strip():
+        raise _fail(f"--output: expected a file path, got {path!r}")
+    if p.is_dir():
+        raise _fail(f"--output: {path!r} is a directory; expected a file path")
+    above = next((q for q in p.absolute().parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise _fail(f"--output: {path!r} is inside {str(above)!r}, which is not a directory")
+
+
 def _read_queries(path: str) -> list[tuple[str, str]]:
     rows = []
     try:
@@ -71,6 +84,26 @@ def _read_queries(path: str) -> list[tuple[str, str]]:
     if not rows:
         raise _fail(f"--queries: {path!r} holds no queries")
     return rows
+
+
+def _run_settings(run: Path) -> tuple[dict[str, Any], str | None]:
+    """The settings of the ``milp.train`` run in ``run`` (its ``run.json``; a flag added since
+    reads as its default, which is what ran) and the dtype it ran in (``None`` for a run.json
+    from before the dtype was recorded); refused by name when the file is damaged."""
+    from .train import _settings, build_parser
+
+    run_file = run / "run.json"
+    try:
+        ran = json.loads(run_file.read_text(encoding="utf-8"))
+        settings = ran["settings"]
+        dtype = ran.get("dtype")
+        if not isinstance(settings, dict) or dtype not in (None, "float16", "bfloat16", "float32", "float64"):
+            raise TypeError
+    except OSError as e:
+        raise _fail(f"cannot read {run_file}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON / UTF-8, not {"settings": {...}}
+        raise _fail(f"{run_file} is not a milp.train run file") from None
+    return {**_settings(build_parser().parse_args([])), **settings}, dtype
 
 
 def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_tokens: int | None = None,
@@ -109,7 +142,11 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
         raise _fail(f"{str(run)!r} is not a milp.train output directory (no run.json)")
     if not (run / "users").is_dir():
         raise _fail(f"{str(run)!r} has no users/ directory: the run has not injected any user yet")
-    settings: dict[str, Any] = json.loads((run / "run.json").read_text(encoding="utf-8"))["settings"]
+    settings, ran_dtype = _run_settings(run)
+    if settings["instruct_steps"] and not ((run / "instruction.json").is_file()
+                                           and (run / "instruction_adapter.safetensors").is_file()):
+        raise _fail(f"{str(run)!r} has not finished instruction tuning (no instruction.json): its answers would "
+                    "lack the run's shared adapter; finish the run first (its own python -m milp.train command)")
     store = UserStore(run / "users")
     known = None
     for user, _ in queries:
@@ -119,7 +156,9 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     if not queries:
         return []
     dev = _resolve_device(device)
-    model, tok = load_model(settings.get("model"), dtype=_dtype(argparse.Namespace(**settings), dev), device=dev)
+    # the dtype the run ran in: --dtype auto follows the device, which may differ here
+    dtype = ran_dtype if ran_dtype is not None else _dtype(argparse.Namespace(**settings), dev)
+    model, tok = load_model(settings.get("model"), dtype=dtype, device=dev)
     adapter_file = run / "instruction_adapter.safetensors"
     if adapter_file.is_file():
         run_instruction_adapter(model, settings["instruct_rank"], settings["seed"], dev, adapter_file)
@@ -146,6 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import atomic_write_text
 
     args = build_parser().parse_intermixed_args(argv)
+    if not args.run.strip():
+        raise _fail(f"RUN: expected the output directory of a milp.train run, got {args.run!r}")
+    if args.user is not None and not args.user.strip():
+        raise _fail(f"--user: expected a user id, got {args.user!r}")
+    if args.output is not None:
+        _check_output(args.output)
     if args.queries_file is not None:
         if args.queries or args.user is not None:
             raise _fail("give either --queries FILE or --user with QUERY arguments, not both")
@@ -160,11 +205,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise _fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    answers = answer(args.run, queries, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                     device=args.device, progress=args.progress)
-    rows = [{"user_id": u, "query": q, "answer": a} for (u, q), a in zip(queries, answers)]
-    if args.output:
-        atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    try:
+        answers = answer(args.run, queries, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         device=args.device, progress=args.progress)
+        rows = [{"user_id": u, "query": q, "answer": a} for (u, q), a in zip(queries, answers)]
+        if args.output is not None:
+            atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    except (OSError, ValueError) as e:  # a model that is gone or unreadable, a folder that cannot be written
+        print(f"milp.answer: error: {e}", file=sys.stderr)
+        return 2
+    if args.output is not None:
         print(f"milp.answer: {len(rows)} answers -> {args.output}")
     else:
         for r in rows:

@@ -66,6 +66,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import io
 import json
@@ -74,6 +75,7 @@ import shlex
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -160,6 +162,8 @@ def _seed_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 0 like 0,1,2, got {text!r}") from None
     if any(s < 0 for s in seeds):
         raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
+    if any(s > train._MAX_SEED for s in seeds):  # milp.train --seed's bound (torch, the search's seeding)
+        raise argparse.ArgumentTypeError(f"seeds must be <= 2**62-1, got {text!r}")
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"seeds must not repeat, got {text!r}")
     return seeds
@@ -270,33 +274,135 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-    return {k: d[k] for k in sorted(d)}
-
-
 def _command(argv: Sequence[str]) -> str:
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     return f"{env}python -m milp.evaluate {shlex.join(argv)}".rstrip()
 
 
-def _prepare_output(out: Path, args: argparse.Namespace, argv: Sequence[str]) -> None:
+def _is_comparison(settings: Any) -> bool:
+    """Whether ``settings`` (a run.json's) are a comparison's, not those of a milp.train run."""
+    return isinstance(settings, dict) and "seeds" in settings and "methods" in settings
+
+
+def _read_run_file(run_file: Path) -> dict[str, Any]:
+    """``run_file`` of a comparison; refused by name when it is damaged or not a comparison's
+    (a milp.train run's, say)."""
+    try:
+        ran = _read_json(run_file)
+        if not isinstance(ran, dict) or not _is_comparison(ran.get("settings")):
+            raise TypeError
+    except (ValueError, TypeError):
+        raise SystemExit(f"milp.evaluate: {run_file} is not a milp.evaluate comparison file; use another "
+                         "--output") from None
+    return ran
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    return next((p for p in (path, *path.parents) if p.exists()), None)
+
+
+def _check_output(out: Path, args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse, before any work and writing nothing, an ``--output`` this comparison cannot use:
+    not a directory; a comparison of other settings (``run.json``; ``--dtype auto`` compared as
+    the dtype it ran in, since ``--device`` may change) or a damaged one; ``--overwrite`` of a
+    non-empty directory that holds no comparison (it would be deleted); ``--report-only``
+    where there is no comparison to report (or with ``--overwrite``, which would delete it)."""
+    run_file = out / "run.json"
+    if not str(args.output).strip():
+        raise SystemExit(f"milp.evaluate: --output: expected a directory path, got {args.output!r}")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"milp.evaluate: --output: {out} is not a directory")
+    above = _nearest_existing(out.absolute().parent)
+    if above is not None and not above.is_dir():  # mkdir would fail only after the checks
+        raise SystemExit(f"milp.evaluate: --output: {out} is inside {above}, which is not a directory")
+    if args.report_only and args.overwrite:
+        raise SystemExit("milp.evaluate: --report-only reports the predictions in --output; --overwrite would "
+                         "delete them first")
+    if args.overwrite:
+        if out.is_dir() and any(out.iterdir()):
+            try:
+                ours = run_file.is_file() and _is_comparison(_read_json(run_file).get("settings"))
+            except (ValueError, AttributeError):
+                ours = False
+            if not ours:
+                raise SystemExit(f"milp.evaluate: --overwrite: {out} holds no milp.evaluate comparison (no "
+                                 "run.json of one); refusing to delete it")
+        return
+    if not run_file.exists():
+        if args.report_only:
+            raise SystemExit(f"milp.evaluate: --report-only: {out} holds no comparison (no run.json); nothing "
+                             "to report")
+        return
+    ran = _read_run_file(run_file)
+    old, new = ran["settings"], train._settings(args)
+    default = train._settings(build_parser().parse_args([]))  # a flag added since: its default is what ran
+    skip = _VOLATILE | ({"dtype"} if "dtype" in ran else set())
+    diff = [k for k in sorted(set(old) | set(new)) if k not in skip and old.get(k, default.get(k)) != new.get(k)]
+    lines = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff]
+    now = train._dtype_name(args, device)
+    if "dtype" in ran and ran["dtype"] != now:
+        lines.append(f"dtype: {ran['dtype']!r} -> {now!r} (--dtype {args.dtype} on {device})")
+    if lines:
+        raise SystemExit(f"milp.evaluate: {out} holds a comparison with other settings ({', '.join(lines)}); "
+                         "continue it with the same settings, or pass --overwrite or another --output")
+
+
+def _prepare_output(out: Path, args: argparse.Namespace, argv: Sequence[str], device: torch.device) -> None:
+    """Start or continue ``--output`` (checked by :func:`_check_output`, once the rest of the
+    input has been checked too): ``--overwrite`` deletes it; a new comparison writes
+    ``run.json``, with the dtype it runs in."""
     if args.overwrite and out.exists():
         shutil.rmtree(out)
     run_file = out / "run.json"
     if run_file.exists():
-        old, new = _read_json(run_file)["settings"], _settings(args)
-        default = _settings(build_parser().parse_args([]))  # a flag added since: its default is what ran
-        diff = [k for k in sorted(set(old) | set(new))
-                if k not in _VOLATILE and old.get(k, default.get(k)) != new.get(k)]
-        if diff:
-            lines = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-            raise SystemExit(f"milp.evaluate: {out} holds a comparison with other settings ({lines}); continue it "
-                             "with the same settings, or pass --overwrite or another --output")
         _log(f"continuing the comparison in {out}")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_json(run_file, {"settings": _settings(args), "command": _command(argv), "started": time.time()})
+        _atomic_json(run_file, {"settings": train._settings(args), "dtype": train._dtype_name(args, device),
+                                "command": _command(argv), "started": time.time()})
+
+
+_REPORT_SUFFIXES = (".json", ".md", ".png")
+
+
+def _report_paths(prefix: str | Path) -> list[Path]:
+    """``PREFIX.json``, ``PREFIX.md``, ``PREFIX.png``."""
+    p = Path(prefix)
+    return [p.with_name(p.name + suffix) for suffix in _REPORT_SUFFIXES]
+
+
+def _check_report(prefix: str | None) -> None:
+    """Refuse, before any work, a ``--report PREFIX`` whose files could not be written: an empty
+    prefix or one naming a folder, a ``PREFIX.<suffix>`` that is a directory, a folder inside a
+    file, or a folder this process may not write in."""
+    if prefix is None:
+        return
+    p = Path(prefix)
+    if not prefix.strip() or p.name in ("", ".", "..") or prefix.endswith(("/", os.sep)):
+        raise SystemExit(f"milp.evaluate: --report: expected a file prefix like bench/results/comparison "
+                         f"(PREFIX.json, .md and .png are written), got {prefix!r}")
+    for t in _report_paths(p):
+        if t.is_dir():
+            raise SystemExit(f"milp.evaluate: --report: {t} is a directory")
+    above = _nearest_existing(p.absolute().parent)
+    if above is not None and not above.is_dir():
+        raise SystemExit(f"milp.evaluate: --report: {p} is inside {above}, which is not a directory")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):
+        raise SystemExit(f"milp.evaluate: --report: cannot write in {above}")
+
+
+def _check_judge(judge: str) -> None:
+    """Refuse, before any work, a ``--judge`` that is neither ``embedding``, ``lm`` nor a local
+    checkpoint (a typo used to fail only once every method had run)."""
+    if judge in ("embedding", "lm"):
+        return
+    path = Path(judge).expanduser()
+    if not judge.strip() or not path.exists():
+        raise FileNotFoundError(f"--judge: expected embedding, lm or a local checkpoint path, got {judge!r}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"--judge: {judge!r} has no config.json; expected a Hugging Face checkpoint directory")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"--judge: {judge!r} is a file but not a .gguf; pass the checkpoint directory")
 
 
 def _rows(records: Sequence[Record], answers: Sequence[str]) -> list[dict[str, str]]:
@@ -323,7 +429,11 @@ def _predictions(path: Path, test: Sequence[Record]) -> list[str]:
 
 # --------------------------------------------------------------------------- one seed
 class _Seed:
-    """One seed's split and the methods run on it (models shared across seeds via ``_Models``)."""
+    """One seed's split and the methods run on it (models shared across seeds via ``_Models``).
+
+    Made before the output is prepared, writing nothing (refused: too few users, a
+    ``split.json`` of other users that ``--overwrite`` does not delete); :meth:`save` writes
+    ``split.json``."""
 
     def __init__(self, args: argparse.Namespace, seed: int, records: Sequence[Record], out: Path) -> None:
         self.args, self.seed, self.dir = args, seed, out / f"seed{seed}"
@@ -333,13 +443,22 @@ class _Seed:
             raise SystemExit(f"milp.evaluate: need at least 3 users for the 70/10/20 split, got {n_users} (--users)")
         tr, va, te = split_users(chosen, train._SPLIT, seed=seed)
         self.split = {"train": tr, "val": va, "test": te}
-        ids = {k: sorted(group_by_user(v)) for k, v in self.split.items()}
+        self.ids = {k: sorted(group_by_user(v)) for k, v in self.split.items()}
         path = self.dir / "split.json"
-        if path.exists() and _read_json(path) != ids:
-            raise SystemExit(f"milp.evaluate: {path} lists other users than this data gives; use another --output")
+        if not args.overwrite and path.exists():
+            try:
+                same = _read_json(path) == self.ids
+            except ValueError:
+                raise SystemExit(f"milp.evaluate: {path} is not a split file; use another --output") from None
+            if not same:
+                raise SystemExit(f"milp.evaluate: {path} lists other users than this data gives; use another "
+                                 "--output")
+        self.sizes = {k: len(v) for k, v in self.ids.items()}
+
+    def save(self) -> None:
+        path = self.dir / "split.json"
         if not path.exists():
-            _atomic_json(path, ids)
-        self.sizes = {k: len(v) for k, v in ids.items()}
+            _atomic_json(path, self.ids)
 
     def pred_path(self, method: str) -> Path:
         return self.dir / method / "predictions.json"
@@ -351,9 +470,9 @@ class _Seed:
 class _Models:
     """The base model (frozen, no adapters between methods), tokenizer and embedder, loaded once."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
         self.args = args
-        self.device = train._resolve_device(args.device)
+        self.device = device
         self._model: Any = None
         self._tok: Any = None
         self._embedder: Any = None
@@ -890,13 +1009,51 @@ def _cost(out: Path, seeds: Sequence[int], methods: Sequence[str]) -> dict[str, 
     return cost
 
 
+def _publish(files: dict[Path, bytes]) -> None:
+    """Write ``files`` (path -> content) all or none: each to a temporary file beside it first
+    (where a full disk or a folder that cannot be written fails, before anything changed),
+    then all renamed into place. On failure the temporary files, and the folders made for
+    them, are removed."""
+    from search.trial_log import _final_mode, fsync_dir
+
+    tmps: list[tuple[str, Path]] = []
+    made: list[Path] = []
+    try:
+        for path, data in files.items():
+            if path.is_dir():
+                raise IsADirectoryError(f"{path} is a directory")
+            made += [p for p in (path.parent, *path.parent.parents) if not p.exists() and p not in made]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            tmps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, _final_mode(path))
+        for tmp, path in tmps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # deepest first, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    for folder in dict.fromkeys(path.parent for path in files):
+        fsync_dir(folder)
+
+
 def _write_results(out: Path, report: dict[str, Any], prefix: str | None) -> None:
+    """``comparison.{json,md,png}`` in ``out`` and, with a ``prefix``, ``PREFIX.{json,md,png}``:
+    all six written, or (a write failing) none changed."""
     md, js, png = _markdown(report), json.dumps(report, indent=2) + "\n", _plot(report)
-    targets = [out / "comparison"] + ([Path(prefix)] if prefix else [])
-    for t in targets:
-        atomic_write_text(t.with_name(t.name + ".json"), js)
-        atomic_write_text(t.with_name(t.name + ".md"), md)
-        atomic_write_bytes(t.with_name(t.name + ".png"), png)
+    content = (js.encode("utf-8"), md.encode("utf-8"), png)  # in _REPORT_SUFFIXES order
+    files: dict[Path, bytes] = {}
+    for t in [out / "comparison"] + ([Path(prefix)] if prefix else []):
+        files.update(zip(_report_paths(t), content))
+    _publish(files)
 
 
 def _describe_memory(out: Path, seeds: Sequence[int], args: argparse.Namespace) -> str:
@@ -936,6 +1093,56 @@ def _judge(args: argparse.Namespace, models: _Models) -> Any:
     return LMJudge.from_pretrained(args.judge, device=models.device, batch_size=args.eval_batch_size)
 
 
+def _plan_methods(args: argparse.Namespace) -> list[str]:
+    """The methods to run: ``--methods``, with ``milp`` added where another method needs it;
+    ``--methods all`` without ``--search`` leaves out the search-space ablations (they need
+    one), any other request of them without ``--search`` is refused."""
+    methods = list(args.methods)
+    ablations = [m for m in methods if m in SEARCH_ABLATIONS]
+    if ablations and not args.search:
+        if tuple(args.methods) != ALL_METHODS:
+            raise SystemExit(f"milp.evaluate: the search-space ablations {ablations} vary what the configuration "
+                             "search varies: pass --search N (N configurations per search)")
+        methods = [m for m in methods if m not in SEARCH_ABLATIONS]
+        ablations = []
+        _log("--methods all without --search: the search-space ablations (paper Table 4) need --search N; "
+             "running the other methods")
+    if "milp-no-instruction" in methods and "milp" not in methods:
+        methods.insert(methods.index("milp-no-instruction"), "milp")
+        _log("milp-no-instruction reuses MiLP's memory-injected users: running milp too")
+    if ablations and "milp" not in methods:
+        methods.insert(methods.index(ablations[0]), "milp")
+        _log("the search-space ablation compares with full MiLP: running milp too")
+    return methods
+
+
+def _finished(st: _Seed, method: str) -> bool:
+    """Whether ``method`` has its answers for seed ``st`` (MiLP also the base model's)."""
+    return st.done(method) and (method != "milp" or st.done("base"))
+
+
+def _check_models(models: _Models, args: argparse.Namespace, todo: Sequence[str]) -> None:
+    """Load what the methods ``todo`` (those still to run) and the judge need, before anything
+    is written: the base model (a missing or unsupported ``--model``, or a ``--layers`` it
+    lacks, used to stop the first MiLP run only after ``run.json`` was written, and the
+    corrected command was then refused as a comparison with other settings) and the sentence
+    embedder (a missing one used to stop the comparison once every method had run)."""
+    from .inject import ffn_targets
+
+    try:
+        if todo:
+            model, _ = models.base()
+            if any(m == "milp" or m in SEARCH_ABLATIONS for m in todo):  # a milp.train run to come
+                try:
+                    train._parse_layers(args.layers, len(ffn_targets(model)))
+                except ValueError as e:
+                    raise SystemExit(f"milp.evaluate: {e}") from None
+        if args.judge == "embedding" or any(m in ("malp", "uelp") for m in todo):
+            models.embedder()
+    except ImportError as e:  # an optional package of the default model or embedder is missing
+        raise SystemExit(f"milp.evaluate: {e}") from None
+
+
 # --------------------------------------------------------------------------- the run
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
     """Run the comparison for parsed ``args`` (see :func:`build_parser`); returns the report
@@ -949,27 +1156,21 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if train._world_size() > 1:
         raise SystemExit("milp.evaluate runs in one process; scale MiLP out with torchrun -m milp.train instead")
     out = Path(args.output)
-    methods = list(args.methods)
-    ablations = [m for m in methods if m in SEARCH_ABLATIONS]
-    if ablations and not args.search:
-        raise SystemExit(f"milp.evaluate: the search-space ablations {ablations} vary what the configuration "
-                         "search varies: pass --search N (N configurations per search)")
-    if "milp-no-instruction" in methods and "milp" not in methods:
-        methods.insert(methods.index("milp-no-instruction"), "milp")
-        _log("milp-no-instruction reuses MiLP's memory-injected users: running milp too")
-    if ablations and "milp" not in methods:
-        methods.insert(methods.index(ablations[0]), "milp")
-        _log("the search-space ablation compares with full MiLP: running milp too")
+    methods = _plan_methods(args)
+    # every check of the input comes before the first file is written (or --overwrite deletes
+    # one): a refused comparison leaves nothing behind, and its corrected command is not refused
+    # as a continuation with other settings
+    _check_report(args.report)
+    _check_judge(args.judge)
+    device = train._resolve_device(args.device)
+    _check_output(out, args, device)
     records = train.load_records(args.data, args.data_format, on_error=args.on_error, progress=args.progress)
     seeds = list(args.seeds)
-    _prepare_output(out, args, argv)
     st_of = {seed: _Seed(args, seed, records, out) for seed in seeds}
-    for seed, st in st_of.items():
-        _log(f"seed {seed}: {st.sizes['train']} train / {st.sizes['val']} val / {st.sizes['test']} test users")
-    models = _Models(args)
+    models = _Models(args, device)
     order = [m for m in ("milp", "milp-no-instruction", "tplp", "malp", "uelp", "milp-no-memory", *SEARCH_ABLATIONS)
              if m in methods]
     # the search-space ablations (a whole search each) after every seed's main methods
@@ -977,12 +1178,19 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
     jobs += [(seed, m) for seed in seeds for m in order if m in SEARCH_ABLATIONS]
     if args.report_only:
         jobs = []
+    _check_models(models, args, [m for seed, m in jobs if not _finished(st_of[seed], m)])
+    _prepare_output(out, args, argv, device)
+    for seed, st in st_of.items():
+        if not args.report_only:  # --report-only writes nothing but the tables
+            st.save()
+        _log(f"seed {seed}: {st.sizes['train']} train / {st.sizes['val']} val / {st.sizes['test']} test users")
+    if args.report_only:
         _log("--report-only: tables from the predictions already in the output directory")
     bar = tqdm(jobs, desc="comparison", disable=not args.progress, dynamic_ncols=True)
     for seed, m in bar:
         st = st_of[seed]
         bar.set_postfix(seed=seed, method=m)
-        if st.done(m) and (m != "milp" or st.done("base")):
+        if _finished(st, m):
             continue
         _log(f"seed {seed}: {LABELS[m]}")
         torch.manual_seed(seed)
@@ -1008,7 +1216,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
         "seeds": seeds,
         "methods": {m: LABELS[m] for m in (*ALL_METHODS, "base") if m in res["summary"]},
         "split_sizes": {str(s): st.sizes for s, st in st_of.items()},
-        "settings": _settings(args),
+        "settings": train._settings(args),
         "memory": memory,
         "judge": res["judge"],
         "summary": res["summary"],
@@ -1034,7 +1242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args, argv)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing/unreadable file or folder, bad data: no traceback
         print(f"milp.evaluate: error: {e}", file=sys.stderr)
         return 2
     return 0
