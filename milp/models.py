@@ -363,7 +363,8 @@ class SentenceEmbedder:
 
     Reproduces sentence-transformers' all-MiniLM-L6-v2 pipeline (mean pooling over the
     attention mask, then normalisation) with plain ``transformers``; inputs longer than
-    ``max_length`` tokens (256, the model's training length) are truncated.
+    ``max_length`` tokens (default: 256, the model's training length, or the encoder's
+    ``max_position_embeddings`` when fewer) are truncated; a larger one is refused.
 
     Example:
         >>> emb = load_default_embedder()                                   # doctest: +SKIP
@@ -372,15 +373,18 @@ class SentenceEmbedder:
         True
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str = "encoder", max_length: int = 256,
+    def __init__(self, model: Any, tokenizer: Any, *, name: str = "encoder", max_length: int | None = None,
                  batch_size: int = 32, device: str | torch.device = "cpu") -> None:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
-        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if isinstance(limit, int) and max_length > limit:  # a longer text would index past the positions
-            raise ValueError(f"max_length must be <= the encoder's max_position_embeddings ({limit}), got {max_length}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 2):
+            raise ValueError(f"max_length must be an int >= 2 (or None), got {max_length!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if max_length is None:  # 256, the default model's training length, within the encoder's positions
+            max_length = min(256, limit) if isinstance(limit, int) and limit >= 2 else 256
+        elif isinstance(limit, int) and max_length > limit:  # a longer text would index past the positions
+            raise ValueError(f"max_length must be <= the encoder's max_position_embeddings ({limit}), got {max_length}")
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.name = name

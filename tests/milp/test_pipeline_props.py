@@ -494,6 +494,17 @@ def test_sentence_embedder_bad_sizes_are_refused_by_name(tiny_tokenizer, encoder
         SentenceEmbedder(encoder, tiny_tokenizer, **kw)
 
 
+def test_sentence_embedder_default_length_fits_the_encoder(tiny_tokenizer, encoder):
+    """The default max_length (256) is capped at a smaller encoder's positions; an explicit
+    larger one is refused (a long text would index past them)."""
+    limit = encoder.config.max_position_embeddings
+    assert limit < 256 and SentenceEmbedder(encoder, tiny_tokenizer).max_length == limit
+    long_text = " ".join(["pain"] * 4 * limit)
+    assert SentenceEmbedder(encoder, tiny_tokenizer).encode([long_text]).norm().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        SentenceEmbedder(encoder, tiny_tokenizer, max_length=limit + 1)
+
+
 def test_load_model_dtype_names_and_paths_agree(tiny_checkpoint):
     from milp.models import load_model
 
