@@ -155,7 +155,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
             raise _fail(f"unknown user {user!r}: the run holds {len(known)} users, e.g. {known[:5]}")
     if not queries:
         return []
-    dev = _resolve_device(device)
+    dev = _resolve_device(device, "milp.answer")
     # the dtype the run ran in: --dtype auto follows the device, which may differ here
     dtype = ran_dtype if ran_dtype is not None else _dtype(argparse.Namespace(**settings), dev)
     model, tok = load_model(settings.get("model"), dtype=dtype, device=dev)

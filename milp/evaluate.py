@@ -1165,7 +1165,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
     # as a continuation with other settings
     _check_report(args.report)
     _check_judge(args.judge)
-    device = train._resolve_device(args.device)
+    device = train._resolve_device(args.device, "milp.evaluate")
     _check_output(out, args, device)
     records = train.load_records(args.data, args.data_format, on_error=args.on_error, progress=args.progress)
     seeds = list(args.seeds)

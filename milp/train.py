@@ -470,28 +470,29 @@ def _prepare_output(st: _State) -> None:
     st.dist.barrier()
 
 
-def _resolve_device(text: str) -> torch.device:
+def _resolve_device(text: str, prog: str = "milp.train") -> torch.device:
+    """``--device`` as a torch device, refused (``SystemExit`` starting with ``prog``) where it cannot run."""
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(text)
     except RuntimeError:
-        raise SystemExit(f"milp.train: --device: not a device: {text!r}") from None
+        raise SystemExit(f"{prog}: --device: not a device: {text!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("milp.train: --device cuda, but CUDA is not available on this machine")
+            raise SystemExit(f"{prog}: --device cuda, but CUDA is not available on this machine")
         if dev.index is None and _world_size() > 1 and "LOCAL_RANK" in os.environ:
             dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: each process its own GPU
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
-            raise SystemExit(f"milp.train: --device {dev}, but this machine has {n} CUDA device(s)")
+            raise SystemExit(f"{prog}: --device {dev}, but this machine has {n} CUDA device(s)")
     elif dev.type == "meta":
-        raise SystemExit("milp.train: --device meta holds no data; use cpu or cuda")
+        raise SystemExit(f"{prog}: --device meta holds no data; use cpu or cuda")
     elif dev.type != "cpu":
         try:
             torch.empty(0, device=dev)
         except Exception:  # backend not built in (AssertionError, NotImplementedError, ImportError, ...)
-            raise SystemExit(f"milp.train: --device {text}, but it is not available on this machine") from None
+            raise SystemExit(f"{prog}: --device {text}, but it is not available on this machine") from None
     return dev
 
 

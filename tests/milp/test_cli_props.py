@@ -90,7 +90,7 @@ def test_a_missing_model_or_device_writes_nothing(tmp_path, no_work, monkeypatch
     assert ev.main(["--model", str(tmp_path / "nope"), *cmp(out)]) == 2
     assert "does not exist" in capsys.readouterr().err and not out.exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="CUDA is not available"):
+    with pytest.raises(SystemExit, match="^milp.evaluate: --device cuda, but CUDA is not available"):
         ev.main(["--model", str(tmp_path / "nope"), *cmp(out, "--device", "cuda")])
     assert not out.exists()
 
@@ -246,7 +246,8 @@ def test_a_continuation_on_another_device_keeps_the_dtype_it_ran_in(tiny_checkpo
     out = tmp_path / "cmp"
     start(tiny_checkpoint, out)
     assert json.loads((out / "run.json").read_text())["dtype"] == "float32"
-    monkeypatch.setattr(train, "_resolve_device", lambda text: torch.device("cuda" if "cuda" in text else "cpu"))
+    monkeypatch.setattr(train, "_resolve_device",
+                        lambda text, prog="milp.train": torch.device("cuda" if "cuda" in text else "cpu"))
     with pytest.raises(SystemExit, match=r"dtype: 'float32' -> 'bfloat16' \(--dtype auto on cuda\)"):
         ev.main(["--model", str(tiny_checkpoint), *cmp(out, "--device", "cuda")])
     cuda = torch.device("cuda")
@@ -469,7 +470,7 @@ def test_answer_reads_flags_an_older_run_json_lacks_as_their_defaults(tmp_path, 
 def test_answer_runs_in_the_dtype_the_run_ran_in(tmp_path, loads, monkeypatch):
     """Was: ``--dtype auto`` follows the device: a run trained in float32 on CPU and asked with
     ``--device cuda`` answered in bfloat16, not as the run evaluated its users."""
-    monkeypatch.setattr(train, "_resolve_device", lambda text: torch.device("cuda"))
+    monkeypatch.setattr(train, "_resolve_device", lambda text, prog="milp.train": torch.device("cuda"))
     run = fake_run(tmp_path)
     with pytest.raises(Loaded):
         answer.answer(run, [("u1", "hi")], device="cuda", progress=False)
