@@ -52,14 +52,14 @@ def _fail(msg: str) -> SystemExit:
 def _check_output(path: str) -> None:
     """Refuse, before the model is loaded, an ``--output`` the answers could not be written to
     (they used to be lost once all were generated)."""
+    from .train import _outside_files
+
     p = Path(path)
     if not path.strip():
         raise _fail(f"--output: expected a file path, got {path!r}")
     if p.is_dir():
         raise _fail(f"--output: {path!r} is a directory; expected a file path")
-    above = next((q for q in p.absolute().parents if q.exists()), None)
-    if above is not None and not above.is_dir():
-        raise _fail(f"--output: {path!r} is inside {str(above)!r}, which is not a directory")
+    _outside_files(p, "--output", "milp.answer")
 
 
 def _read_queries(path: str) -> list[tuple[str, str]]:

@@ -297,10 +297,6 @@ def _read_run_file(run_file: Path) -> dict[str, Any]:
     return ran
 
 
-def _nearest_existing(path: Path) -> Path | None:
-    return next((p for p in (path, *path.parents) if p.exists()), None)
-
-
 def _check_output(out: Path, args: argparse.Namespace, device: torch.device) -> None:
     """Refuse, before any work and writing nothing, an ``--output`` this comparison cannot use:
     not a directory; a comparison of other settings (``run.json``; ``--dtype auto`` compared as
@@ -308,13 +304,7 @@ def _check_output(out: Path, args: argparse.Namespace, device: torch.device) -> 
     non-empty directory that holds no comparison (it would be deleted); ``--report-only``
     where there is no comparison to report (or with ``--overwrite``, which would delete it)."""
     run_file = out / "run.json"
-    if not str(args.output).strip():
-        raise SystemExit(f"milp.evaluate: --output: expected a directory path, got {args.output!r}")
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"milp.evaluate: --output: {out} is not a directory")
-    above = _nearest_existing(out.absolute().parent)
-    if above is not None and not above.is_dir():  # mkdir would fail only after the checks
-        raise SystemExit(f"milp.evaluate: --output: {out} is inside {above}, which is not a directory")
+    train._check_output_dir(out, args.output, "milp.evaluate")
     if args.report_only and args.overwrite:
         raise SystemExit("milp.evaluate: --report-only reports the predictions in --output; --overwrite would "
                          "delete them first")
@@ -333,15 +323,7 @@ def _check_output(out: Path, args: argparse.Namespace, device: torch.device) -> 
             raise SystemExit(f"milp.evaluate: --report-only: {out} holds no comparison (no run.json); nothing "
                              "to report")
         return
-    ran = _read_run_file(run_file)
-    old, new = ran["settings"], train._settings(args)
-    default = train._settings(build_parser().parse_args([]))  # a flag added since: its default is what ran
-    skip = _VOLATILE | ({"dtype"} if "dtype" in ran else set())
-    diff = [k for k in sorted(set(old) | set(new)) if k not in skip and old.get(k, default.get(k)) != new.get(k)]
-    lines = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff]
-    now = train._dtype_name(args, device)
-    if "dtype" in ran and ran["dtype"] != now:
-        lines.append(f"dtype: {ran['dtype']!r} -> {now!r} (--dtype {args.dtype} on {device})")
+    lines = train._settings_changes(_read_run_file(run_file), args, build_parser(), _VOLATILE, device)
     if lines:
         raise SystemExit(f"milp.evaluate: {out} holds a comparison with other settings ({', '.join(lines)}); "
                          "continue it with the same settings, or pass --overwrite or another --output")
@@ -384,9 +366,7 @@ def _check_report(prefix: str | None) -> None:
     for t in _report_paths(p):
         if t.is_dir():
             raise SystemExit(f"milp.evaluate: --report: {t} is a directory")
-    above = _nearest_existing(p.absolute().parent)
-    if above is not None and not above.is_dir():
-        raise SystemExit(f"milp.evaluate: --report: {p} is inside {above}, which is not a directory")
+    above = train._outside_files(p, "--report", "milp.evaluate")
     if above is not None and not os.access(above, os.W_OK | os.X_OK):
         raise SystemExit(f"milp.evaluate: --report: cannot write in {above}")
 

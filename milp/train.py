@@ -407,6 +407,41 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: d[k] for k in sorted(d)}
 
 
+def _outside_files(path: Path, flag: str, prog: str) -> Path | None:
+    """The nearest existing folder above ``path`` (``None``: none exists); refused by name
+    (``SystemExit``) when that is a file, where no folder for ``path`` could be made."""
+    above = next((p for p in Path(path).absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # mkdir would fail only once the work is done
+        raise SystemExit(f"{prog}: {flag}: {path} is inside {above}, which is not a directory")
+    return above
+
+
+def _check_output_dir(out: Path, text: str, prog: str) -> None:
+    """Refuse an ``--output`` (given as ``text``) that is empty, a file, or inside a file."""
+    if not str(text).strip():
+        raise SystemExit(f"{prog}: --output: expected a directory path, got {text!r}")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"{prog}: --output: {out} is not a directory")
+    _outside_files(out, "--output", prog)
+
+
+def _settings_changes(ran: dict[str, Any], args: argparse.Namespace, parser: argparse.ArgumentParser,
+                      volatile: set[str], device: torch.device) -> list[str]:
+    """``"key: old -> new"`` for each setting of ``args`` that differs from those ``ran`` with
+    (a ``run.json``'s content; ``volatile`` settings may differ, a flag added since reads as its
+    ``parser`` default, which is what ran); with ``--dtype auto``, the dtype it ran in is
+    compared, since ``--device`` may change."""
+    old, new = ran["settings"], _settings(args)
+    default = _settings(parser.parse_args([]))
+    skip = volatile | ({"dtype"} if "dtype" in ran else set())
+    diff = [k for k in sorted(set(old) | set(new)) if k not in skip and old.get(k, default.get(k)) != new.get(k)]
+    lines = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff]
+    now = _dtype_name(args, device)
+    if "dtype" in ran and ran["dtype"] != now:
+        lines.append(f"dtype: {ran['dtype']!r} -> {now!r} (--dtype {args.dtype} on {device})")
+    return lines
+
+
 def _check_output(st: _State) -> None:
     """Refuse, before any work and writing nothing, an ``--output`` this run cannot use: not a
     directory, a run of other settings (``run.json``; ``--dtype auto`` compared as the dtype it
@@ -414,13 +449,7 @@ def _check_output(st: _State) -> None:
     holds no run (it would be deleted)."""
     out, args = st.out, st.args
     run_file = out / "run.json"
-    if not str(args.output).strip():
-        raise SystemExit(f"milp.train: --output: expected a directory path, got {args.output!r}")
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"milp.train: --output: {out} is not a directory")
-    above = next((p for p in out.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():  # mkdir would fail only after the model has loaded
-        raise SystemExit(f"milp.train: --output: {out} is inside {above}, which is not a directory")
+    _check_output_dir(out, args.output, "milp.train")
     if args.overwrite:
         if out.is_dir() and not run_file.is_file() and any(out.iterdir()):
             raise SystemExit(f"milp.train: --overwrite: {out} holds no milp.train run (no run.json); "
@@ -436,14 +465,7 @@ def _check_output(st: _State) -> None:
     except (ValueError, KeyError, TypeError, IndexError):
         raise SystemExit(f"milp.train: {run_file} is not a milp.train run file; pass --overwrite or "
                          "another --output") from None
-    new = _settings(args)
-    default = _settings(build_parser().parse_args([]))  # a flag added since: its default is what ran
-    skip = _VOLATILE | ({"dtype"} if "dtype" in ran else set())
-    diff = [k for k in sorted(set(old) | set(new)) if k not in skip and old.get(k, default.get(k)) != new.get(k)]
-    lines = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff]
-    now = _dtype_name(args, st.device)
-    if "dtype" in ran and ran["dtype"] != now:
-        lines.append(f"dtype: {ran['dtype']!r} -> {now!r} (--dtype {args.dtype} on {st.device})")
+    lines = _settings_changes(ran, args, build_parser(), _VOLATILE, st.device)
     if lines:
         raise SystemExit(
             f"milp.train: {out} holds a run with other settings ({', '.join(lines)}); resume it with the same "
