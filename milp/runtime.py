@@ -561,6 +561,11 @@ class MilpRuntime:
         """Whether a store user was trained since the store loaded it."""
         return self.optimizer.step_count(self._slots[user]) != self._from_store[user]
 
+    def _evictable(self, user: Hashable) -> bool:
+        """Whether the store may evict loaded ``user``: loaded from it, and written back first
+        or untrained since loading."""
+        return user in self._from_store and (self.store.write_back or not self._dirty(user))
+
     def row_batches(self, users: Sequence[Hashable | None], batch_size: int,
                     order: Sequence[int] | None = None) -> Iterator[list[int]]:
         """Row indices of ``users`` (one id or ``None`` per row) in consecutive groups of at most
@@ -590,9 +595,7 @@ class MilpRuntime:
         free: int | None = None
         pinned: set[Hashable] = set()
         if self.store is not None:
-            write_back = self.store.write_back
-            pinned = {u for u in self._slots
-                      if u not in self._from_store or (not write_back and self._dirty(u))}
+            pinned = {u for u in self._slots if not self._evictable(u)}
             free = self.max_users - len(pinned)
         group: list[int] = []
         named: set[Hashable] = set()  # the group's users that take an evictable slot
@@ -630,7 +633,7 @@ class MilpRuntime:
         victims: list[Hashable] = []
         if len(missing) > free:
             wanted = set(need)
-            movable = [u for u in self._from_store if u not in wanted and (store.write_back or not self._dirty(u))]
+            movable = [u for u in self._from_store if u not in wanted and self._evictable(u)]
             movable.sort(key=lambda u: self._last_used.get(u, -1))
             victims = movable[: len(missing) - free]
             if len(victims) < len(missing) - free:
