@@ -296,6 +296,11 @@ class Workload:
         return 32 if self.ranks.startswith("32x") else 1
 
     @property
+    def none_tokens(self) -> int:
+        """How many of the T tokens carry no adapter (the rest are dealt to the users)."""
+        return int(math.floor(self.none_share * self.tokens + 1e-9))
+
+    @property
     def id(self) -> str:
         s = f"{self.shape}-{self.phase}-T{self.tokens}-U{self.users}-{self.ranks}"
         return s + (f"-none{round(self.none_share * 100)}" if self.none_share else "")
@@ -405,7 +410,7 @@ class Problem:
     def __init__(self, wl: Workload, *, device: torch.device = DEVICE, dtype: torch.dtype = DTYPE) -> None:
         self.wl, self.device, self.dtype = wl, device, dtype
         T, k, n, U = wl.tokens, wl.k, wl.n, wl.users
-        n_none = int(math.floor(wl.none_share * T + 1e-9))
+        n_none = wl.none_tokens
         if T - n_none < U:
             raise ValueError(f"{wl.id}: {T - n_none} adapter tokens cannot cover {U} users")
         cpu_gen = torch.Generator().manual_seed(wl.seed)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import math
 import os
 import pstats
 import sys
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokens < args.users or args.users < 1 or args.steps < 1:
         ap.error("need --tokens >= --users >= 1 and --steps >= 1")
     wl = U._prefill("fwdbwd", args.shape, args.tokens, args.users)
-    adapter_tokens = wl.tokens - math.floor(wl.none_share * wl.tokens + 1e-9)  # as _util.Problem deals them
+    adapter_tokens = wl.tokens - wl.none_tokens  # as _util.Problem deals them
     if adapter_tokens < args.users:
         ap.error(f"--tokens {args.tokens} has {adapter_tokens} adapter tokens ({round(100 * wl.none_share)}% carry "
                  f"none), fewer than --users {args.users}: every user needs one")
