@@ -1,10 +1,12 @@
 """Compile the Triton kernels ahead of time for a GPU architecture — no GPU needed.
 
 Triton's compiler and the ``ptxas`` it ships run on any machine, so every kernel variant
-can be lowered to PTX and SASS for Hopper (sm_90a) or Ampere (sm_80) on a CPU-only
+can be lowered to PTX and SASS for Hopper (sm_90a), Ampere (sm_80) or the other
+architectures of :data:`SHARED_LIMIT` on a CPU-only
 machine: this catches code that the CPU interpreter accepts but the compiler rejects,
 and reports what matters for speed — shared memory, registers, spills, and whether the
-matrix products use Hopper's ``wgmma`` (``HGMMA`` in SASS) or the older ``mma``.
+matrix products use Hopper's ``wgmma`` (``HGMMA`` in SASS), Blackwell's ``tcgen05.mma`` or the
+older ``mma``.
 
 Usage::
 
@@ -37,8 +39,10 @@ __all__ = ["AotReport", "LaunchRecorder", "compile_recorded", "compile_variants"
            "VARIANTS"]
 
 _DT = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
-#: the most shared memory one block may use (bytes): H100/H200 227 KB, A100 163 KB
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+#: the most shared memory one block may use (bytes, CUDA's opt-in limit per compute capability
+#: x10): H100/H200 227 KB, A100 163 KB, consumer Ampere/Ada/Blackwell 99 KB
+SHARED_LIMIT = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
+                90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 
 
 @dataclasses.dataclass
@@ -52,9 +56,11 @@ class AotReport:
     spill_bytes: int | None
     wgmma: bool
     mma: bool
+    #: Blackwell's (sm_100) tensor-core MMA, from tensor memory
+    tcgen05: bool = False
 
     def row(self) -> str:
-        mm = "wgmma" if self.wgmma else ("mma" if self.mma else "fma")
+        mm = "wgmma" if self.wgmma else "tcgen05" if self.tcgen05 else "mma" if self.mma else "fma"
         return (f"{self.kernel:<18} {self.variant:<43} sm_{self.arch} {self.dtype:<5} smem={self.shared_bytes:>6} "
                 f"regs={self.registers!s:>4} spill={self.spill_bytes!s:>4} {mm}")
 
@@ -178,7 +184,7 @@ def _compile(kernel: str, variant: str, dtype: str, fn, signature: dict, constex
     ptx = compiled.asm["ptx"]
     regs, spill = _ptxas_info(ptx, arch)
     return AotReport(kernel, variant, arch, dtype, int(compiled.metadata.shared), regs, spill,
-                     wgmma="wgmma" in ptx, mma="mma.sync" in ptx)
+                     wgmma="wgmma" in ptx, mma="mma.sync" in ptx, tcgen05="tcgen05.mma" in ptx)
 
 
 def compile_variants(arch: int = 90, dtype: str = "bf16", only: str | None = None) -> list[AotReport]:
@@ -443,15 +449,22 @@ def compile_recorded(records: list[dict], arch: int = 90, jobs: int = 1) -> list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200, 80 = A100)")
+    parser.add_argument("--arch", type=int, default=90,
+                        help=f"compute capability x10, one of {sorted(SHARED_LIMIT)} (90 = H100/H200, 80 = A100)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(_DT), help="operand dtype")
-    parser.add_argument("--kernel", default=None, choices=VARIANTS, help="only this kernel")
+    parser.add_argument("--kernel", default=None, choices=sorted(_KERNELS),
+                        help=f"only this kernel (without --recorded: one of {', '.join(VARIANTS)})")
     parser.add_argument("--recorded", default=None, metavar="FILE",
                         help="compile every variant recorded in FILE (MILP_RECORD_LAUNCHES) instead of the "
                              "scenarios; exit 1 if one fails or exceeds the shared memory of sm_<arch>")
     parser.add_argument("--jobs", type=int, default=1, help="compile processes for --recorded (default 1)")
     args = parser.parse_args(argv)
+    if args.arch not in SHARED_LIMIT:  # its shared-memory limit is what the check needs
+        parser.error(f"--arch must be one of {sorted(SHARED_LIMIT)} (compute capability x10), got {args.arch}")
     if args.recorded is None:
+        if args.kernel is not None and args.kernel not in VARIANTS:
+            parser.error(f"--kernel {args.kernel} has no scenario (scenarios cover {', '.join(VARIANTS)}); "
+                         f"compile its recorded launches with --recorded FILE")
         for r in compile_variants(args.arch, args.dtype, args.kernel):
             print(r.row())
         return 0
@@ -463,12 +476,16 @@ def main(argv: list[str] | None = None) -> int:
         records = [r for r in read_records(args.recorded) if args.kernel in (None, r["kernel"])]
     except ValueError as exc:  # a damaged line: named, before any compile
         parser.error(f"--recorded: {exc}")
+    if not records:  # nothing compiled is no evidence that the launches fit
+        parser.error(f"--recorded: {args.recorded} holds no launch records"
+                     + (f" of {args.kernel}" if args.kernel else "")
+                     + " (was it written by a run with MILP_RECORD_LAUNCHES set that launched the kernels?)")
     bad = 0
     for rec, report, error in compile_recorded(records, args.arch, args.jobs):
         if error is not None:
             bad += 1
             print(f"FAILED {rec['kernel']} {json.dumps(rec['constexprs'])}: {error}")
-        elif report.shared_bytes > SHARED_LIMIT.get(args.arch, report.shared_bytes):
+        elif report.shared_bytes > SHARED_LIMIT[args.arch]:
             bad += 1
             print(f"TOO MUCH SHARED MEMORY {report.row()}")
         else:

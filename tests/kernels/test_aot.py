@@ -176,3 +176,48 @@ def test_bench_variants_records_the_grid(monkeypatch):
     assert all(r["constexprs"]["UPCAST"] is False for r in rec.records.values())
     with pytest.raises(SystemExit):
         variants.main(["--out", "/dev/null", "--ops", "gemm"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "95"], "--arch must be one of [70, 75, 80, 86, 87, 89, 90, 100, 120] (compute capability x10), got 95"),
+    (["--arch", "9"], "--arch must be one of"),  # 9.0 written without the x10
+    (["--kernel", "lora_expand_gemv"], "--kernel lora_expand_gemv has no scenario"),
+])
+def test_cli_refuses_what_it_cannot_check(args, message, capsys):
+    """Refused before any compile: an arch whose shared memory is unknown (the check would pass
+    anything), a kernel the scenarios do not cover."""
+    from kernels import aot
+
+    with pytest.raises(SystemExit) as exc:
+        aot.main(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_refuses_a_recorded_file_without_records(tmp_path, capsys):
+    """An empty record file (a recording run that launched nothing) is no evidence that the
+    launches fit: refused, where it used to report "0 recorded variants ... 0 do not" and exit 0.
+    Records of other kernels than ``--kernel`` count as none."""
+    from kernels import aot
+
+    path = tmp_path / "launches.jsonl"
+    path.write_text("\n")
+    with pytest.raises(SystemExit) as exc:
+        aot.main(["--recorded", str(path)])
+    assert exc.value.code == 2 and "holds no launch records" in capsys.readouterr().err
+    rec = {"kernel": "lora_shrink", "signature": {"x_ptr": "*bf16"}, "constexprs": {}, "div16": [], "options": {}}
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(SystemExit) as exc:
+        aot.main(["--recorded", str(path), "--kernel", "lora_expand_gemv"])  # a recorded kernel's name is taken
+    assert exc.value.code == 2 and "holds no launch records of lora_expand_gemv" in capsys.readouterr().err
+
+
+def test_blackwell_tensor_cores_are_named():
+    """sm_100 lowers the prefill shrink's dots to ``tcgen05.mma``: reported as such, not as ``fma``."""
+    code = ("from kernels.aot import compile_variants\n"
+            "for r in compile_variants(100, 'bf16', 'lora_shrink'): print(r.row())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = dict((line.split(" sm_")[0].split(None, 1)[1].strip(), line) for line in out.stdout.splitlines())
+    assert rows["prefill 4096 tokens r=3072"].endswith("tcgen05"), out.stdout
+    assert rows["decode 32 tokens k=4096 r<=96"].endswith(" mma"), out.stdout
