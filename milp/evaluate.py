@@ -1219,7 +1219,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m milp.evaluate``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ignored = train._ignored_flags(args, parser, searched_dims=False)  # its ablations search other dims
+    if ignored:
+        parser.error("; ".join(ignored))
     try:
         run(args, argv)
     except (OSError, ValueError) as e:  # a missing/unreadable file or folder, bad data: no traceback

@@ -402,8 +402,55 @@ class _State:
             print(f"milp.train: {msg}", flush=True)
 
 
+#: settings that name files: recorded as absolute paths, so that a run resumed, or asked by
+#: milp.answer, from another working directory finds the same files (and a resume that names them
+#: by another spelling, ``./data.jsonl`` for ``data.jsonl``, is not refused)
+_PATH_SETTINGS = ("model", "data")
+
+
+def _absolute(value: Any) -> Any:
+    """A path setting's text as an absolute path (``~`` expanded); anything else unchanged."""
+    return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value.strip() else value
+
+
+#: the search's own flags: without --search N they change nothing
+_SEARCH_FLAGS = ("search_q", "search_init", "search_surrogate", "search_nuts", "search_modules", "search_ranks",
+                 "search_dims", "search_space", "search_tolerance")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _ignored_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
+                   searched_dims: bool = True) -> list[str]:
+    """Why each flag of ``args`` that differs from its default would change nothing in this run
+    (a user who sets it expects it to): search flags without ``--search``; with it, ``--layers``
+    (the search turns layers on and off, or keeps every one on), and the fixed value of a searched
+    dimension or the range of one not searched. ``searched_dims=False`` leaves out the last two
+    (``milp.evaluate``, whose ablations search other dimensions)."""
+    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+    why: list[str] = []
+    if not args.search:
+        why += [f"{_flag(k)} has no effect without --search N (N >= 1)" for k in _SEARCH_FLAGS if k in given]
+        return why
+    if "layers" in given:
+        why.append("--layers has no effect with --search: the search picks the layers"
+                   + ("" if "layers" in args.search_dims else " (--search-dims lacks layers: every layer is on)"))
+    if searched_dims:
+        dims = args.search_dims
+        for fixed, rng, dim in (("modules", "search_modules", "num"), ("rank", "search_ranks", "size")):
+            if dim in dims and fixed in given:
+                why.append(f"{_flag(fixed)} has no effect with --search: the search picks it (from {_flag(rng)})")
+            if dim not in dims and rng in given:
+                why.append(f"{_flag(rng)} has no effect: --search-dims lacks {dim}, so {_flag(fixed)} is used")
+    return why
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``args`` as a ``run.json``'s settings: sorted, tuples as lists, the path settings absolute."""
     d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    d.update({k: _absolute(d[k]) for k in _PATH_SETTINGS if k in d})
     return {k: d[k] for k in sorted(d)}
 
 
@@ -431,7 +478,9 @@ def _settings_changes(ran: dict[str, Any], args: argparse.Namespace, parser: arg
     (a ``run.json``'s content; ``volatile`` settings may differ, a flag added since reads as its
     ``parser`` default, which is what ran); with ``--dtype auto``, the dtype it ran in is
     compared, since ``--device`` may change."""
-    old, new = ran["settings"], _settings(args)
+    # a run.json from before the paths were recorded absolute: its relative paths read from here
+    old = {k: (_absolute(v) if k in _PATH_SETTINGS else v) for k, v in ran["settings"].items()}
+    new = _settings(args)
     default = _settings(parser.parse_args([]))
     skip = volatile | ({"dtype"} if "dtype" in ran else set())
     diff = [k for k in sorted(set(old) | set(new)) if k not in skip and old.get(k, default.get(k)) != new.get(k)]
@@ -1010,7 +1059,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m milp.train``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ignored = _ignored_flags(args, parser)
+    if ignored:
+        parser.error("; ".join(ignored))
     try:
         run(args)
     except (OSError, ValueError) as e:  # a missing/unreadable file or folder, bad data: no traceback

@@ -82,6 +82,21 @@ def test_a_refused_comparison_writes_nothing(tiny_checkpoint, tmp_path, no_work,
     start(tiny_checkpoint, out)  # the corrected command
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--search-ranks", "8,16"], "--search-ranks has no effect without --search N"),
+    (["--search", "3", "--layers", "0"], "--layers has no effect with --search"),
+])
+def test_a_flag_that_would_change_nothing_is_refused(tmp_path, no_work, capsys, extra, message):
+    """As in milp.train; the fixed value of a searched dimension is not refused here, since the
+    search-space ablations (milp-num, ...) search the others and use it."""
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as e:
+        ev.main(cmp(out, *extra))
+    assert e.value.code == 2 and message in capsys.readouterr().err and not out.exists()
+    args = ev.build_parser().parse_args(["--search", "3", "--rank", "4", "--search-dims", "num"])
+    assert train._ignored_flags(args, ev.build_parser(), searched_dims=False) == []
+
+
 def test_a_missing_model_or_device_writes_nothing(tmp_path, no_work, monkeypatch, capsys):
     """Was: a missing --model failed only in the first method, after run.json was written (and
     the corrected --model was then refused as other settings); --device cuda on a machine without

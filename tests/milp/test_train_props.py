@@ -159,6 +159,45 @@ def test_int_flags_accept_their_minimum_and_refuse_below_it(flag, minimum, capsy
     assert f"argument {flag}" in refused(capsys, flag, f"{minimum}.5")
 
 
+#: a value other than the default for each flag the search reads or overrides
+_OTHER = {"search_q": ["--search-q", "2"], "search_init": ["--search-init", "3"],
+          "search_surrogate": ["--search-surrogate", "gp"], "search_nuts": ["--search-nuts", "fast"],
+          "search_modules": ["--search-modules", "1-4"], "search_ranks": ["--search-ranks", "8,16"],
+          "search_space": ["--search-space", "extended"], "search_tolerance": ["--search-tolerance", "0.1"],
+          "layers": ["--layers", "0"], "modules": ["--modules", "3"], "rank": ["--rank", "4"]}
+_DIMS = ("layers", "num", "size")
+
+
+def _has_effect(flag: str, search: int, dims: tuple[str, ...]) -> bool:
+    """Whether ``flag`` changes the run, read off what ``train._search`` and ``_default_config`` use."""
+    if not search:
+        return flag in ("layers", "modules", "rank")
+    return {"layers": False, "modules": "num" not in dims, "rank": "size" not in dims,
+            "search_modules": "num" in dims, "search_ranks": "size" in dims}.get(flag, True)
+
+
+@settings(SETTINGS, max_examples=150)
+@given(flags=st.sets(st.sampled_from(sorted(_OTHER))), search=st.sampled_from([0, 4]),
+       dims=st.sets(st.sampled_from(_DIMS), min_size=1))
+def test_a_flag_that_would_change_nothing_is_refused_by_name(flags, search, dims, capsys):
+    """Was: ``--search-ranks 8,16`` without ``--search``, ``--rank 4`` with the rank searched,
+    or ``--layers 0`` with any search ran as if they were not given, silently."""
+    dims = tuple(d for d in _DIMS if d in dims)
+    argv = [a for f in sorted(flags) for a in _OTHER[f]] + ["--search", str(search), "--search-dims", ",".join(dims)]
+    if not search and dims != _DIMS:
+        flags = flags | {"search_dims"}
+    ignored = [f for f in flags if not _has_effect(f, search, dims)]
+    parser = train.build_parser()
+    said = train._ignored_flags(parser.parse_args(argv), parser)
+    assert len(said) == len(ignored)
+    for f in ignored:
+        assert any(m.startswith("--" + f.replace("_", "-") + " has no effect") for m in said), (f, said)
+    if ignored:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + ["--output", "/nonexistent/never-written"])
+        assert e.value.code == 2 and "has no effect" in capsys.readouterr().err
+
+
 def test_defaults_parse_back_to_themselves():
     """Every default is a value its own parser accepts (a resumption compares parsed settings)."""
     args = parse()
@@ -403,6 +442,42 @@ def test_a_resumption_on_another_device_keeps_the_dtype_it_ran_in(tmp_path):
     train._check_output(_state(parse("--output", out, "--dtype", "float32")))
     with pytest.raises(SystemExit, match="dtype: 'float32' -> 'bfloat16'"):
         train._check_output(_state(parse("--output", out, "--dtype", "bfloat16")))
+
+
+def test_path_settings_are_recorded_absolute_and_compared_as_paths(tmp_path, monkeypatch):
+    """Was: --data and --model were recorded and compared as typed. A resume naming the same
+    file as ``./d.jsonl`` for ``d.jsonl`` was refused; a resume from another working directory
+    with the same relative text was taken for the same run, on other files; and milp.answer,
+    run from elsewhere, loaded the base model from a path relative to its own directory."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    out = str(tmp_path / "run")
+    train._prepare_output(_state(parse("--output", out, "--data", "d.jsonl", "--model", "~/m")))
+    ran = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert ran["data"] == str(tmp_path / "a" / "d.jsonl")
+    assert ran["model"] == os.path.join(os.path.expanduser("~"), "m")
+    train._check_output(_state(parse("--output", out, "--data", "./d.jsonl", "--model", "~/m")))
+    train._check_output(_state(parse("--output", out, "--data", str(tmp_path / "a" / "d.jsonl"),
+                                     "--model", os.path.expanduser("~/m/"))))
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(SystemExit, match=r"data: .*a/d\.jsonl' -> .*b/d\.jsonl'"):
+        train._check_output(_state(parse("--output", out, "--data", "d.jsonl", "--model", "~/m")))
+    train._check_output(_state(parse("--output", out, "--data", "../a/d.jsonl", "--model", "~/m")))
+
+
+def test_a_run_json_with_relative_paths_reads_them_from_here(tmp_path, monkeypatch):
+    """A run.json from before the paths were recorded absolute: its relative paths are read
+    from the working directory, as they were when it ran from there."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    train._prepare_output(_state(parse("--output", str(out), "--data", "d.jsonl")))
+    run = json.loads((out / "run.json").read_text())
+    run["settings"]["data"] = "d.jsonl"
+    (out / "run.json").write_text(json.dumps(run))
+    train._check_output(_state(parse("--output", str(out), "--data", "./d.jsonl")))
+    with pytest.raises(SystemExit, match="data: "):
+        train._check_output(_state(parse("--output", str(out), "--data", "e.jsonl")))
 
 
 def test_a_run_json_without_the_dtype_compares_the_flag(tmp_path):
