@@ -691,8 +691,9 @@ def fill_ratios(entries: Sequence[dict]) -> None:
 
 
 def _measured(ms) -> bool:
-    """A time that is a measurement: a finite number > 0 (not None, 0, NaN or inf)."""
-    return isinstance(ms, (int, float)) and math.isfinite(ms) and ms > 0
+    """A time that is a measurement: a finite number > 0 (not None, a bool, 0, NaN or inf;
+    ``bench/dispatch.py`` keeps its own copy of this rule, to read results without torch)."""
+    return isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms) and ms > 0
 
 
 # ----------------------------------------------------------------------------- provenance
