@@ -90,19 +90,10 @@ def _run_settings(run: Path) -> tuple[dict[str, Any], str | None]:
     """The settings of the ``milp.train`` run in ``run`` (its ``run.json``; a flag added since
     reads as its default, which is what ran) and the dtype it ran in (``None`` for a run.json
     from before the dtype was recorded); refused by name when the file is damaged."""
-    from .train import _settings, build_parser
+    from .train import _read_run_file, _settings, build_parser
 
-    run_file = run / "run.json"
-    try:
-        ran = json.loads(run_file.read_text(encoding="utf-8"))
-        settings = ran["settings"]
-        dtype = ran.get("dtype")
-        if not isinstance(settings, dict) or dtype not in (None, "float16", "bfloat16", "float32", "float64"):
-            raise TypeError
-    except OSError as e:
-        raise _fail(f"cannot read {run_file}: {e.strerror or e}") from None
-    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON / UTF-8, not {"settings": {...}}
-        raise _fail(f"{run_file} is not a milp.train run file") from None
+    ran = _read_run_file(run / "run.json", "milp.answer")
+    settings, dtype = ran["settings"], ran.get("dtype")
     return {**_settings(build_parser().parse_args([])), **settings}, dtype
 
 

@@ -279,24 +279,6 @@ def _command(argv: Sequence[str]) -> str:
     return f"{env}python -m milp.evaluate {shlex.join(argv)}".rstrip()
 
 
-def _is_comparison(settings: Any) -> bool:
-    """Whether ``settings`` (a run.json's) are a comparison's, not those of a milp.train run."""
-    return isinstance(settings, dict) and "seeds" in settings and "methods" in settings
-
-
-def _read_run_file(run_file: Path) -> dict[str, Any]:
-    """``run_file`` of a comparison; refused by name when it is damaged or not a comparison's
-    (a milp.train run's, say)."""
-    try:
-        ran = _read_json(run_file)
-        if not isinstance(ran, dict) or not _is_comparison(ran.get("settings")):
-            raise TypeError
-    except (ValueError, TypeError):
-        raise SystemExit(f"milp.evaluate: {run_file} is not a milp.evaluate comparison file; use another "
-                         "--output") from None
-    return ran
-
-
 def _check_output(out: Path, args: argparse.Namespace, device: torch.device) -> None:
     """Refuse, before any work and writing nothing, an ``--output`` this comparison cannot use:
     not a directory; a comparison of other settings (``run.json``; ``--dtype auto`` compared as
@@ -310,10 +292,7 @@ def _check_output(out: Path, args: argparse.Namespace, device: torch.device) -> 
                          "delete them first")
     if args.overwrite:
         if out.is_dir() and any(out.iterdir()):
-            try:
-                ours = run_file.is_file() and _is_comparison(_read_json(run_file).get("settings"))
-            except (ValueError, AttributeError):
-                ours = False
+            ours = train._holds_run(out, "milp.evaluate", comparison=True)
             if not ours:
                 raise SystemExit(f"milp.evaluate: --overwrite: {out} holds no milp.evaluate comparison (no "
                                  "run.json of one); refusing to delete it")
@@ -323,7 +302,8 @@ def _check_output(out: Path, args: argparse.Namespace, device: torch.device) -> 
             raise SystemExit(f"milp.evaluate: --report-only: {out} holds no comparison (no run.json); nothing "
                              "to report")
         return
-    lines = train._settings_changes(_read_run_file(run_file), args, build_parser(), _VOLATILE, device)
+    ran = train._read_run_file(run_file, "milp.evaluate", comparison=True, hint="; use another --output")
+    lines = train._settings_changes(ran, args, build_parser(), _VOLATILE, device)
     if lines:
         raise SystemExit(f"milp.evaluate: {out} holds a comparison with other settings ({', '.join(lines)}); "
                          "continue it with the same settings, or pass --overwrite or another --output")

@@ -463,6 +463,41 @@ def _outside_files(path: Path, flag: str, prog: str) -> Path | None:
     return above
 
 
+def _is_comparison(settings: Any) -> bool:
+    """Whether ``settings`` (a run.json's) are those of a ``milp.evaluate`` comparison."""
+    return isinstance(settings, dict) and "seeds" in settings and "methods" in settings
+
+
+def _read_run_file(run_file: Path, prog: str, *, comparison: bool = False, hint: str = "") -> dict[str, Any]:
+    """The content of ``run_file``, a ``milp.train`` run's ``run.json`` (``comparison``: a
+    ``milp.evaluate`` comparison's): ``{"settings": {...}, "dtype": ...}``, the dtype absent in
+    one written before it was recorded. Refused by name (``SystemExit`` starting with ``prog``,
+    then ``hint``) when it cannot be read, is damaged, or is the other kind's."""
+    what = "milp.evaluate comparison" if comparison else "milp.train run"
+    try:
+        ran = _read_json(run_file)
+        ok = (isinstance(ran, dict) and isinstance(ran.get("settings"), dict)
+              and ran.get("dtype") in (None, "float16", "bfloat16", "float32", "float64")
+              and _is_comparison(ran["settings"]) == comparison)
+    except OSError as e:
+        raise SystemExit(f"{prog}: cannot read {run_file}: {e.strerror or e}") from None
+    except ValueError:  # not JSON, not UTF-8
+        ok = False
+    if not ok:
+        raise SystemExit(f"{prog}: {run_file} is not a {what} file{hint}")
+    return ran
+
+
+def _holds_run(out: Path, prog: str, comparison: bool = False) -> bool:
+    """Whether ``out`` holds a readable run (``comparison``: a comparison) in its ``run.json``:
+    what ``--overwrite`` may delete."""
+    try:
+        _read_run_file(out / "run.json", prog, comparison=comparison)
+    except SystemExit:
+        return False
+    return True
+
+
 def _check_output_dir(out: Path, text: str, prog: str) -> None:
     """Refuse an ``--output`` (given as ``text``) that is empty, a file, or inside a file."""
     if not str(text).strip():
@@ -500,20 +535,13 @@ def _check_output(st: _State) -> None:
     run_file = out / "run.json"
     _check_output_dir(out, args.output, "milp.train")
     if args.overwrite:
-        if out.is_dir() and not run_file.is_file() and any(out.iterdir()):
-            raise SystemExit(f"milp.train: --overwrite: {out} holds no milp.train run (no run.json); "
+        if out.is_dir() and any(out.iterdir()) and not _holds_run(out, "milp.train"):
+            raise SystemExit(f"milp.train: --overwrite: {out} holds no milp.train run (no run.json of one); "
                              "refusing to delete it")
         return
     if not run_file.exists():
         return
-    try:
-        ran = _read_json(run_file)
-        old = ran["settings"]
-        if not isinstance(old, dict):
-            raise TypeError
-    except (ValueError, KeyError, TypeError, IndexError):
-        raise SystemExit(f"milp.train: {run_file} is not a milp.train run file; pass --overwrite or "
-                         "another --output") from None
+    ran = _read_run_file(run_file, "milp.train", hint="; pass --overwrite or another --output")
     lines = _settings_changes(ran, args, build_parser(), _VOLATILE, st.device)
     if lines:
         raise SystemExit(

@@ -473,6 +473,32 @@ def test_answer_refuses_a_damaged_run_json_by_name(tmp_path, loads, text):
     assert loads == []
 
 
+def test_each_cli_refuses_the_other_kinds_run_folder(tmp_path, loads, no_work):
+    """Was: ``milp.train --overwrite --output DIR`` deleted a milp.evaluate comparison in DIR
+    (hours of predictions) as if it were a run of its own; without ``--overwrite`` it listed a
+    dozen "other settings"; milp.answer took a comparison's folder for a run. One reader of
+    run.json (``train._read_run_file``) now tells the two apart for all three."""
+    cmp_dir = tmp_path / "cmp"
+    start_settings = ev.build_parser().parse_args(["--output", str(cmp_dir)])
+    cmp_dir.mkdir()
+    (cmp_dir / "run.json").write_text(json.dumps({"settings": train._settings(start_settings), "dtype": "float32"}))
+    (cmp_dir / "seed0").mkdir()
+    with pytest.raises(SystemExit, match="holds no milp.train run .*refusing to delete it"):
+        train.main(["--output", str(cmp_dir), "--overwrite", "--no-progress"])
+    with pytest.raises(SystemExit, match="run.json is not a milp.train run file; pass --overwrite"):
+        train.main(["--output", str(cmp_dir), "--no-progress"])
+    (cmp_dir / "users" / "u1").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="^milp.answer: .*run.json is not a milp.train run file"):
+        answer.answer(cmp_dir, [("u1", "hi")], progress=False)
+    assert (cmp_dir / "seed0").is_dir() and loads == []
+    run = fake_run(tmp_path)  # and the other way round
+    with pytest.raises(SystemExit, match="holds no milp.evaluate comparison .*refusing to delete it"):
+        ev.main(cmp(run, "--overwrite"))
+    with pytest.raises(SystemExit, match="run.json is not a milp.evaluate comparison file; use another"):
+        ev.main(cmp(run))
+    assert (run / "users" / "u1" / "user.json").is_file()
+
+
 def test_answer_reads_flags_an_older_run_json_lacks_as_their_defaults(tmp_path, loads):
     """Was: a run.json from before a flag existed (here --dtype and --slots) stopped with
     ``AttributeError: 'Namespace' object has no attribute 'dtype'``."""
