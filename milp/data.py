@@ -1313,14 +1313,22 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_pro
     return [int(x) for x in out]
 
 
+def _blank(system_prompt: str | None) -> bool:
+    """A system prompt that says nothing (``None``, ``""`` or whitespace only): no system message."""
+    return not system_prompt or not system_prompt.strip()
+
+
 def _messages(query: str, system_prompt: str | None) -> list[dict[str, str]]:
-    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    msgs = [] if _blank(system_prompt) else [{"role": "system", "content": system_prompt}]
     return msgs + [{"role": "user", "content": query}]
 
 
 def format_prompt(query: str, tokenizer: Any, *, system_prompt: str | None = None,
                   use_chat_template: bool | None = None) -> str:
     """The generation prompt for ``query`` as text (chat template if the tokenizer has one).
+
+    It is the text of :func:`tokenize_instruction`'s prompt after any BOS (the query stripped); a blank
+    ``system_prompt`` (``None``, ``""`` or whitespace) adds no system message.
 
     Example:
         >>> format_prompt("Is tea healthy?", tok)                  # doctest: +SKIP
@@ -1329,11 +1337,11 @@ def format_prompt(query: str, tokenizer: Any, *, system_prompt: str | None = Non
     _check_tokenizer(tokenizer)
     _check_text("query", query)
     chat = _has_chat_template(tokenizer) if use_chat_template is None else use_chat_template
-    if chat:
-        messages = _messages(query, system_prompt)
+    if chat:  # the query stripped, as tokenize_instruction feeds it
+        messages = _messages(query.strip(), system_prompt)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     text = _PLAIN_PROMPT.format(query=query.strip())
-    return f"{system_prompt.strip()}\n\n{text}" if system_prompt else text
+    return text if _blank(system_prompt) else f"{system_prompt.strip()}\n\n{text}"
 
 
 def _prompt_ids(tokenizer: Any, query: str, system_prompt: str | None, chat: bool) -> list[int]:
@@ -1396,7 +1404,8 @@ def tokenize_instruction(
             if excess <= 0 or not q_ids:
                 break
             q_ids = q_ids[min(len(q_ids), excess + 1):]
-            shorter = tokenizer.decode(q_ids, skip_special_tokens=True).strip()
+            # a cut inside a multi-byte character decodes to U+FFFD: drop it, keep only the query's own text
+            shorter = tokenizer.decode(q_ids, skip_special_tokens=True).lstrip("\ufffd").strip()
             if not shorter:  # no query left: the cut below keeps the prompt's end instead
                 break
             prompt = _prompt_ids(tokenizer, shorter, system_prompt, chat)
