@@ -704,7 +704,9 @@ def aggregate(out: Path, seeds: Sequence[int], splits: dict[int, dict[str, list[
             res[m]["timings_s"] = info.get("timings_s")
             if info.get("memory_parameters_per_user") is not None:
                 res[m]["memory_parameters_per_user"] = info["memory_parameters_per_user"]
-            ces = [r.get("response_ce") for r in info["rows"]]
+            # in the split's order, as every other per-example score (the saved rows may be in any order)
+            ce_of = dict(zip(record_keys(info["rows"]), (r.get("response_ce") for r in info["rows"])))
+            ces = [ce_of[k] for k in record_keys(test)]
             if ces and all(c is not None for c in ces):
                 res[m][_CE[0]] = sum(ces) / len(ces)
                 each[m][_CE[0]] = ces
@@ -762,7 +764,9 @@ def _paired(per_example: dict[str, dict[str, dict[str, list[float]]]], methods: 
         for key, _ in _PAIRED:
             a: list[float] = []
             b: list[float] = []
-            for each in per_example.values():
+            # seeds in ascending order: the seeded bootstrap resamples positions, so the pooled
+            # order must not depend on the order the seeds were given in
+            for _, each in sorted(per_example.items(), key=lambda kv: int(kv[0])):
                 if key in each.get(reference, {}) and key in each.get(m, {}):
                     a += each[reference][key]
                     b += each[m][key]
@@ -773,12 +777,15 @@ def _paired(per_example: dict[str, dict[str, dict[str, list[float]]]], methods: 
     return out
 
 
-def _cell(stat: dict[str, Any] | None, digits: int = 2) -> str:
+def _cell(stat: dict[str, Any] | None, digits: int = 2, seeds: int | None = None) -> str:
+    """``mean ± std`` of ``stat``; ``(n of seeds seeds)`` where it averages fewer seeds than its
+    row has (the win rate where TpLP lacks a seed, a response CE not computed on one)."""
     if stat is None:
         return "—"
-    if stat["std"] is None:
-        return f"{stat['mean']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    cell = f"{stat['mean']:.{digits}f}"
+    if stat["std"] is not None:
+        cell += f" ± {stat['std']:.{digits}f}"
+    return cell if seeds is None or stat["n"] == seeds else f"{cell} ({stat['n']} of {seeds} seeds)"
 
 
 def _table(methods: Sequence[str], summary: dict[str, Any]) -> list[str]:
@@ -789,21 +796,24 @@ def _table(methods: Sequence[str], summary: dict[str, Any]) -> list[str]:
             continue
         cells = []
         for key, _ in (*_METRICS, _CE):
-            cell = _cell(summary[m].get(key), digits=3 if key == _CE[0] else 2)
+            cell = _cell(summary[m].get(key), digits=3 if key == _CE[0] else 2, seeds=len(summary[m]["seeds"]))
             cells.append(f"{cell} (ref.)" if key == "win_rate" and m == "tplp" and cell != "—" else cell)
         label = f"*{LABELS[m]}*" if m == "base" else LABELS[m]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(summary[m]['seeds'])} |")
     return lines
 
 
-def _diff_cell(d: dict[str, Any] | None, digits: int) -> str:
+def _diff_cell(d: dict[str, Any] | None, digits: int, n: int | None = None) -> str:
+    """``mean [interval] p value`` of a paired difference; ``(n N)`` where it pairs fewer examples
+    than its row's ``n`` (a response CE not computed on every seed)."""
     if d is None:
         return "—"
     cell = f"{d['mean']:+.{digits}f}"
     if d["ci_low"] is not None:
         cell += f" [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]"
     cell = cell.replace("-", "−")
-    return cell if d["p_value"] is None else f"{cell} p {d['p_value']:.2g}"
+    cell = cell if d["p_value"] is None else f"{cell} p {d['p_value']:.2g}"
+    return cell if n is None or d["n"] == n else f"{cell} (n {d['n']})"
 
 
 def _paired_section(paired: dict[str, Any]) -> list[str]:
@@ -827,8 +837,8 @@ def _paired_section(paired: dict[str, Any]) -> list[str]:
     ]
     order = [m for m in (*ALL_METHODS, "base") if m in rows]
     for m in order:
-        cells = [_diff_cell(rows[m].get(key), 3 if key == _CE[0] else 2) for key, _ in _PAIRED]
         n = max(d["n"] for d in rows[m].values())
+        cells = [_diff_cell(rows[m].get(key), 3 if key == _CE[0] else 2, n) for key, _ in _PAIRED]
         label = f"*{LABELS[m]}*" if m == "base" else LABELS[m]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {n} |")
     return [*lines, ""]
@@ -844,8 +854,9 @@ def _search_table(summary: dict[str, Any]) -> list[str]:
         if m not in summary:
             continue
         p, ce = summary[m].get("memory_parameters_per_user"), summary[m].get("search_val_ce")
-        cells = [_cell(summary[m].get(key), digits=3 if key == _CE[0] else 2) for key, _ in (*_METRICS, _CE)]
-        cells += ["—" if p is None else f"{p['mean']:,.0f}", _cell(ce, digits=4), str(len(summary[m]["seeds"]))]
+        k = len(summary[m]["seeds"])
+        cells = [_cell(summary[m].get(key), digits=3 if key == _CE[0] else 2, seeds=k) for key, _ in (*_METRICS, _CE)]
+        cells += ["—" if p is None else f"{p['mean']:,.0f}", _cell(ce, digits=4, seeds=k), str(k)]
         lines.append(f"| {_SEARCH_LABELS[m]} | " + " | ".join(cells) + " |")
     return lines
 
@@ -951,21 +962,22 @@ def _plot(report: dict[str, Any]) -> bytes:
 def _cost(out: Path, seeds: Sequence[int], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     cost: dict[str, dict[str, Any]] = {}
     for m in methods:
-        walls, params, mem = [], None, []
+        walls, params, mem, found = [], None, [], False
         for seed in seeds:
             p = out / f"seed{seed}" / m / "predictions.json"
             if not p.is_file():
                 continue
-            info = _read_json(p)
+            info, found = _read_json(p), True
             params = info.get("trainable_parameters")
             if info.get("memory_parameters_per_user") is not None:  # per seed: each seed's search picks its own
                 mem.append(info["memory_parameters_per_user"])
-            walls.append(sum((info.get("timings_s") or {}).values()))
-        if walls:
+            if info.get("timings_s") is not None:  # a seed that recorded no timings is not a seed of 0 s
+                walls.append(sum(info["timings_s"].values()))
+        if found:  # no timings at all (the base row, whose answers come from the MiLP run): 0 s
             cost[m] = {"trainable_parameters": params,
                        "memory_parameters_per_user": round(sum(mem) / len(mem)) if mem else None,
                        "memory_parameters_per_user_per_seed": mem or None,
-                       "wall_s": sum(walls) / len(walls), "wall_s_total": sum(walls)}
+                       "wall_s": sum(walls) / len(walls) if walls else 0.0, "wall_s_total": sum(walls)}
     return cost
 
 
