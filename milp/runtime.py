@@ -65,6 +65,11 @@ CONFIG_FILE = "memory_config.json"
 USER_FILE = "user.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 _FORMAT = "milp.user/1"
+try:  # every cache_implementation that makes generate build a StaticCache (compiled decode)
+    from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS as _STATIC_CACHES
+except ImportError:  # pragma: no cover - older transformers
+    _STATIC_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "hybrid_chunked",
+                      "offloaded_hybrid", "offloaded_hybrid_chunked")
 
 
 def pad_sequences(
@@ -282,6 +287,7 @@ class MilpRuntime:
         self._last_used: dict[Hashable, int] = {}   # store users -> batch counter of last use
         self._batches = 0
         self._cache = [0, 0, 0, 0]  # hits, loads, evictions, write_backs
+        self._active: list[frozenset[Hashable]] = []  # users of the open using() blocks (never evicted)
 
     # ---------------------------------------------------------------- users
     @property
@@ -563,8 +569,10 @@ class MilpRuntime:
 
     def _evictable(self, user: Hashable) -> bool:
         """Whether the store may evict loaded ``user``: loaded from it, and written back first
-        or untrained since loading."""
-        return user in self._from_store and (self.store.write_back or not self._dirty(user))
+        or untrained since loading, and not a user of an open :meth:`using` block (whose rows
+        would then run another user's adapters)."""
+        return (user in self._from_store and (self.store.write_back or not self._dirty(user))
+                and not any(user in users for users in self._active))
 
     def row_batches(self, users: Sequence[Hashable | None], batch_size: int,
                     order: Sequence[int] | None = None) -> Iterator[list[int]]:
@@ -601,12 +609,14 @@ class MilpRuntime:
         named: set[Hashable] = set()  # the group's users that take an evictable slot
         for i in order:
             u = users[i]
-            new = free is not None and u is not None and u not in named and u not in pinned
-            if group and (len(group) == batch_size or (new and len(named) >= free)):
+            evictable = free is not None and u is not None and u not in pinned
+            # "new to the group" is decided against the group the row joins: after a group ends at
+            # batch_size, a user of the ended group is new to the next one again
+            if group and (len(group) == batch_size or (evictable and u not in named and len(named) >= free)):
                 yield group
                 group, named = [], set()
             group.append(i)
-            if new:
+            if evictable:
                 named.add(u)
         if group:
             yield group
@@ -637,12 +647,15 @@ class MilpRuntime:
             movable.sort(key=lambda u: self._last_used.get(u, -1))
             victims = movable[: len(missing) - free]
             if len(victims) < len(missing) - free:
-                kept = [u for u in self._from_store if u not in wanted and u not in movable]
+                busy = [u for u in self._from_store if u not in wanted and any(u in a for a in self._active)]
+                kept = [u for u in self._from_store if u not in wanted and u not in movable and u not in busy]
                 raise ValueError(
                     f"the batch needs {len(missing)} users loaded from the store but only {free + len(victims)} "
                     f"slots can be freed (max_users={self.max_users}; users added directly are never evicted"
                     + (f"; {len(kept)} store users were trained since loading, e.g. {kept[:3]}: open the store "
-                       f"with write_back=True, or save and remove them" if kept else "") + ")")
+                       f"with write_back=True, or save and remove them" if kept else "")
+                    + (f"; {len(busy)} store users are in use by an enclosing using() block, e.g. {busy[:3]}"
+                       if busy else "") + ")")
         for u in victims:
             if self._dirty(u):
                 self.save_user(u, store.save_path(u))
@@ -662,7 +675,8 @@ class MilpRuntime:
     @contextlib.contextmanager
     def using(self, users: Hashable | Sequence[Hashable | None] | None, batch_size: int | None = None
               ) -> Iterator[torch.Tensor]:
-        """Run the model inside the block with these per-row users; yields the row slots.
+        """Run the model inside the block with these per-row users; yields the row slots. A call
+        of the runtime inside the block (a nested batch) never evicts the block's users.
 
         Example:
             >>> from milp.inject import tiny_model
@@ -675,8 +689,14 @@ class MilpRuntime:
                 raise ValueError("batch_size is needed when users is a single id")
             batch_size = len(users)
         slots = self.row_slots(users, batch_size)
-        with batch_users(self.model, slots):
-            yield slots
+        taken = set(slots.tolist())
+        inside = frozenset(u for u, s in self._slots.items() if s in taken)
+        self._active.append(inside)
+        try:
+            with batch_users(self.model, slots):
+                yield slots
+        finally:
+            self._active.remove(inside)
 
     def forward(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
@@ -786,11 +806,13 @@ class MilpRuntime:
         """``model.generate`` where row ``b`` uses ``users[b]``'s adapters (``None`` = base).
         Pad prompts on the left (:func:`pad_sequences` with ``side="left"``).
 
-        With a static cache (``cache_implementation="static"``, or a ``compile_config``)
+        With a static cache (``cache_implementation="static"`` or another that builds one,
+        a compileable ``cache``/``past_key_values``, or a ``compile_config``)
         ``transformers`` compiles the decode step (on a GPU with CUDA graphs,
         ``mode="reduce-overhead"``); the decode shape's static plan is registered first
         (:meth:`MilpState.prepare_static`), so one compiled graph serves every later batch
-        of the same size whatever its users. The prefill runs eagerly as usual.
+        of the same size whatever its users. The prefill runs eagerly as usual, except a
+        chunked one (``prefill_chunk_size``): its chunks' shapes are registered too.
 
         Example:
             >>> from milp.inject import tiny_model
@@ -805,16 +827,34 @@ class MilpRuntime:
         # no mask: model.generate's own (from pad_token_id: left padding is masked), not all ones
         with self.using(users, ids.shape[0]), nvtx_range("milp.runtime.generate"):
             if self._compiles_decode(kwargs):
-                self.state.prepare_static((ids.shape[0] * self._rows_per_prompt(kwargs), 1), ids.device)
+                rows = ids.shape[0] * self._rows_per_prompt(kwargs)
+                self.state.prepare_static((rows, 1), ids.device)
+                for length in self._prefill_chunks(kwargs, ids.shape[1]):  # a chunked prefill is compiled too
+                    self.state.prepare_static((rows, length), ids.device)
             return self.model.generate(input_ids=ids, attention_mask=attention_mask, **kwargs)
 
     def _compiles_decode(self, kwargs: Mapping[str, Any]) -> bool:
         """Whether ``generate`` with these arguments may run a compiled decode step."""
         gc = kwargs.get("generation_config") or self.model.generation_config
         cache = kwargs.get("cache_implementation", getattr(gc, "cache_implementation", None))
-        past = kwargs.get("past_key_values")
-        return (cache == "static" or kwargs.get("compile_config") is not None
+        # a Cache passed in: ``cache`` (transformers >= 5.x), or its older name ``past_key_values``
+        past = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        return (cache in _STATIC_CACHES or kwargs.get("compile_config") is not None
                 or (past is not None and bool(getattr(past, "is_compileable", False))))
+
+    def _prefill_chunks(self, kwargs: Mapping[str, Any], length: int) -> list[int]:
+        """Lengths of the chunks a chunked prefill (``prefill_chunk_size``) runs the prompt in
+        (the tokens past a given cache's length: restarting from it)."""
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        chunk = kwargs.get("prefill_chunk_size", getattr(gc, "prefill_chunk_size", None))
+        if not chunk:
+            return []
+        chunk = int(chunk)
+        past = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        lengths = {length}
+        if past is not None and hasattr(past, "get_seq_length"):
+            lengths.add(length - int(past.get_seq_length()))
+        return sorted({c for n in lengths if n > 0 for c in (min(chunk, n), n % chunk) if c > 0})
 
     def _rows_per_prompt(self, kwargs: Mapping[str, Any]) -> int:
         """Rows ``generate`` decodes per prompt: the beams, else the returned sequences."""
