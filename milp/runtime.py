@@ -431,9 +431,11 @@ class MilpRuntime:
         """Copy :meth:`adapter_state`-style tensors into ``user``'s rows (shapes checked). Into
         bf16/fp16 banks the optimizer's float32 master rows take the tensors as given
         (:meth:`~milp.optim.PackedAdamW.seed_master`), so float32 adapters keep training from
-        their own values, not from the rounded rows."""
+        their own values, not from the rounded rows. Refused (``KeyError``/``ValueError``) with
+        the user's adapters as they were: a missing or extra target, a wrong shape, NaN/inf."""
         slot = self.slot(user)
         expected = set()
+        pairs = []
         for m in self.state.modules():
             if not m.bank.has(slot):
                 continue
@@ -441,13 +443,25 @@ class MilpRuntime:
             expected |= {key + ".lora_A", key + ".lora_B"}
             if key + ".lora_A" not in tensors or key + ".lora_B" not in tensors:
                 raise KeyError(f"adapter tensors lack {key}.lora_A/.lora_B for user {user!r}")
-            a, b = tensors[key + ".lora_A"], tensors[key + ".lora_B"]
-            m.bank.set_adapter_weights(slot, a, b)
-            if a.dtype.itemsize > m.bank.lora_a.dtype.itemsize or b.dtype.itemsize > m.bank.lora_b.dtype.itemsize:
-                self.optimizer.seed_master(slot, m.bank, a, b)
+            pairs.append((m.bank, tensors[key + ".lora_A"], tensors[key + ".lora_B"]))
         extra = set(tensors) - expected
         if extra:
             raise ValueError(f"adapter tensors name targets user {user!r} has no adapters at: {sorted(extra)[:5]}")
+        # a module refused (shape, NaN) after others were written: those get their rows back
+        old = [(bank, *(w.detach().clone() for w in bank.adapter_weights(slot)[:2])) for bank, _, _ in pairs]
+        try:
+            for bank, a, b in pairs:
+                bank.set_adapter_weights(slot, a, b)
+        except BaseException:
+            with torch.no_grad():
+                for bank, a, b in old:
+                    wa, wb, _ = bank.adapter_weights(slot)
+                    wa.copy_(a)
+                    wb.copy_(b)
+            raise
+        for bank, a, b in pairs:  # any other dtype, not only a wider one: fp16 into bf16 rounds too
+            if a.dtype != bank.lora_a.dtype or b.dtype != bank.lora_b.dtype:
+                self.optimizer.seed_master(slot, bank, a, b)
 
     def save_user(self, user: Hashable, directory: str | os.PathLike[str], *,
                   include_optimizer: bool = True) -> Path:
@@ -772,7 +786,8 @@ class MilpRuntime:
         least one target token and returns their mean token losses (before the update). A user
         whose configuration has no adapter (every layer off, or 0 modules) gets its loss and no
         update, also when no user of the batch has one (the base model's loss; no backward).
-        The model's train/eval mode is left as it is (dropout, gradient checkpointing).
+        The model's train/eval mode is left as it is (dropout, gradient checkpointing). A
+        caller's ``torch.no_grad()`` does not stop the step; ``torch.inference_mode()`` is refused.
 
         Example:
             >>> from milp.inject import tiny_model
@@ -783,8 +798,11 @@ class MilpRuntime:
         """
         ids = self._check_ids(input_ids)
         labels = self._labels(ids, attention_mask, labels)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("train_step cannot train under torch.inference_mode(); call it outside")
         self.optimizer.zero_grad()
-        with self.using(users, ids.shape[0]) as slots:
+        # under a caller's torch.no_grad() too: else the loss would not require grad and the step be skipped
+        with self.using(users, ids.shape[0]) as slots, torch.enable_grad():
             with nvtx_range("milp.runtime.forward"):
                 total, mean, counts = self._user_losses(ids, attention_mask, labels, slots)
                 per_user = self._per_user(slots, mean, counts)
