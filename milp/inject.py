@@ -273,7 +273,12 @@ class MultiLoraLinear(nn.Module):
         if self.dense:
             dtype, device = base.weight.dtype, base.weight.device
         else:
-            dtype, device = dtype or torch.get_default_dtype(), _module_device(base)
+            if dtype is None:  # the base weight's dtype where the banks can hold it (not int8, float8…)
+                w = getattr(base, "weight", None)
+                w_dtype = w.dtype if isinstance(w, torch.Tensor) else None
+                dtype = w_dtype if w_dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) \
+                    else torch.get_default_dtype()
+            device = _module_device(base)
         self.bank = AdapterBank(dims[0], dims[1], max_users, capacity=capacity, dtype=dtype, device=device)
         self._milp_state: MilpState | None = None
 
@@ -782,4 +787,4 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, **overrides: Any) -> nn.Mo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(tf, model_cls)(config)
-    return model.eval()
+    return model.to(torch.float32).eval()  # float32 whatever torch's default dtype
