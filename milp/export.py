@@ -23,7 +23,10 @@ gets an all-zero module, and a scaling other than the config's ``lora_alpha / r`
 into ``B``. The outputs are the same as PEFT's (tested against ``PeftModel``); padding costs
 parameters (a ``UserWarning`` says how many). What the runtime cannot compute is refused:
 targets outside the FFN (attention projections, embeddings), DoRA, LoRA biases,
-``modules_to_save``, trainable tokens, layer replication.
+``modules_to_save``, trainable tokens, layer replication, activated LoRA (aLoRA), adapters
+initialised by methods that rewrite the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ: PEFT
+converts them to plain LoRAs with ``path_initial_model_for_weight_conversion``), block-diagonal
+LoRA, KaSA, MonteCLoRA, Arrow routing.
 
 Example:
     >>> import tempfile, torch
@@ -56,6 +59,9 @@ __all__ = ["PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "export_peft", "import_peft"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"  # older PEFT versions (a torch pickle, read weights-only)
+# init_lora_weights methods that subtract the initial adapter from the base weights (when PEFT creates the adapter
+# and again when it loads it): the adapter applies to those rewritten weights, not to the model's
+_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # adapter_config.json settings the runtime cannot reproduce: (key, is-set test, why)
 _UNSUPPORTED = (
     ("use_dora", bool, "DoRA (weight-decomposed LoRA) rescales the merged weight per column"),
@@ -66,6 +72,16 @@ _UNSUPPORTED = (
     ("layer_replication", bool, "the adapter duplicates layers (layer_replication)"),
     ("target_parameters", bool, "the adapter targets raw parameters (target_parameters)"),
     ("use_qalora", bool, "QA-LoRA pools the input before lora_A"),
+    ("alora_invocation_tokens", bool, "activated LoRA (aLoRA) applies only from its invocation tokens on"),
+    ("init_lora_weights", lambda v: isinstance(v, str) and v.lower().startswith(_REWRITING_INITS),
+     "this initialisation rewrites the base weights (PEFT subtracts the initial adapter from them, again on "
+     "load; PEFT converts such an adapter to a plain LoRA with save_pretrained(..., "
+     "path_initial_model_for_weight_conversion=...))"),
+    ("use_bdlora", lambda v: bool(v) and not (isinstance(v, Mapping) and v.get("nblocks") == 1),
+     "block-diagonal LoRA (BD-LoRA) stores block-diagonal lora_A / lora_B blocks"),
+    ("kasa_config", bool, "KaSA truncates the base weights' singular values and scales B A by a learned diagonal"),
+    ("monteclora_config", bool, "MonteCLoRA samples its adapters"),
+    ("arrow_config", bool, "Arrow routes each token among several LoRA experts"),
 )
 
 
@@ -356,7 +372,11 @@ def import_peft(runtime: Any, user: Hashable, directory: str | os.PathLike[str],
         tensors: dict[str, torch.Tensor] = {}
         for li, r_l in layer_rank.items():
             for name, m in zip(st.names[li], st.layers[li]):
+                # into a bf16/fp16 bank hand over float32: the bank rounds, the optimizer's float32 master is
+                # seeded with the adapter's own values (load_adapter_state), not with their rounding
                 dt = m.bank.lora_a.dtype
+                if dt in (torch.bfloat16, torch.float16):
+                    dt = torch.float32
                 a_full = torch.zeros(r_l, m.in_features, dtype=torch.float64)
                 b_full = torch.zeros(r_l, m.out_features, dtype=torch.float64)
                 if name in modules:
