@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import Record, collate, tokenize_instruction, tokenize_memory
+from .data import IGNORE_INDEX, Record, collate, tokenize_instruction, tokenize_memory
 from .losses import mean_token_loss, token_losses
 from .optim import lr_multiplier
 
@@ -107,7 +107,11 @@ class _SharedLoRA(nn.Module):
             return y
         a = owner.lora_A[self.name]
         b = owner.lora_B[self.name]
-        return y + (x.to(a.dtype) @ a.t() @ b.t()).to(y.dtype) * owner.scale
+        # in float32 at least (a bf16/fp16 model), in the model's own float64 where it is one:
+        # casting a float64 model's activations to float32 here made its outputs depend, in
+        # float32's last bits, on the batch's shape (its padding)
+        dt = torch.promote_types(x.dtype, a.dtype)
+        return y + (x.to(dt) @ a.t().to(dt) @ b.t().to(dt)).to(y.dtype) * owner.scale
 
 
 def _linear_shape(m: nn.Module) -> tuple[int, int]:
@@ -448,8 +452,9 @@ def instruction_tune(
     (lr 5e-4, 10% linear warm-up then linear decay, weight decay 1e-4). A step takes the next
     ``batch_size`` examples of a stream of shuffled epochs: a batch may span two epochs (and
     then hold an example twice), and with fewer records than ``batch_size`` a batch is every
-    record once (with a store-backed runtime, one that names more users than it has free slots
-    is refused: splitting it would change the step). ``all_reduce`` is
+    record once. With a store-backed runtime, a batch that names more users than it has free
+    slots runs in groups it can place (:meth:`MilpRuntime.row_batches`) whose gradients add up
+    to the batch's: the step is the same, to rounding, whatever the slots. ``all_reduce`` is
     called with the gradients before each step (data parallelism across processes).
     Returns the loss of every step.
 
@@ -496,15 +501,34 @@ def instruction_tune(
                 rng.shuffle(perm)
                 order += perm
             idx, order = order[:batch_size], order[batch_size:]
-            batch = collate([examples[i] for i in idx], pad)
-            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
             opt.zero_grad(set_to_none=True)
-            # gradients go to the trained parameters alone: the memory adapters stay frozen here,
-            # and an unfrozen base model gathers no .grad (it used to, step after step)
-            with runtime.using([users[i] for i in idx]) if runtime is not None else contextlib.nullcontext():
-                loss = mean_token_loss(model, **inputs)
-                loss.backward(inputs=params)
+            # the rows a store-backed runtime can place at once (one group without a store, or
+            # with enough free slots); a step over several groups is the same step: each group's
+            # summed token loss over the whole batch's target count, gradients accumulated
+            groups = [[idx[j] for j in g] for g in _batches(runtime, None if users is None else
+                                                             [users[i] for i in idx], len(idx), range(len(idx)))]
+            parts = []
+            for g in groups:
+                batch = collate([examples[i] for i in g], pad)
+                batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                parts.append((g, _with_prefix(model, prefix, [records[i] for i in g], batch)))
+            n_targets = sum(int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, inputs in parts)
+            loss = torch.zeros((), device=device)
+            for g, inputs in parts:
+                # gradients go to the trained parameters alone: the memory adapters stay frozen here,
+                # and an unfrozen base model gathers no .grad (it used to, step after step)
+                with runtime.using([users[i] for i in g]) if runtime is not None else contextlib.nullcontext():
+                    if len(parts) == 1:
+                        part = mean_token_loss(model, **inputs)
+                    else:
+                        part = token_losses(model, **inputs)[0].sum() / max(n_targets, 1)
+                    if part.requires_grad:
+                        part.backward(inputs=params)
+                loss = loss + part.detach()
+                # no graph outlives its group: the next group's users may grow the adapter banks
+                # (kernels.AdapterBank.reserve swaps their .data), and a live graph keeps the banks'
+                # gradient accumulators at the old shape, which the next backward then fails on
+                part = None
             if all_reduce is not None:
                 for p in params:  # reduce into .grad itself: a rank without a gradient still gets the others'
                     if p.grad is None:

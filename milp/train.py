@@ -69,7 +69,7 @@ from .pipeline import (
     response_losses,
     score,
 )
-from .store import user_dirname
+from .store import UserStore, user_dirname
 
 __all__ = ["build_parser", "main", "run", "select_users", "load_records", "user_dirname", "Dist"]
 
@@ -774,38 +774,36 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
     s = srch.Search(space, [srch.VALIDATION_CE, space.parameter_count_objective()], q=args.search_q,
                     n_init=n_init, surrogate=args.search_surrogate, nuts=nuts, seed=args.seed,
                     log_path=sdir / "trials.jsonl")
-    per_round = max(1, args.slots // max(1, len(val_recs)))
 
     def evaluate(configs: Sequence[MemoryConfig]) -> list[float]:
         """Mean validation CE of each configuration: every (configuration, val user) pair is a
-        virtual user; all of a chunk's virtual users train in the same batches."""
-        out: list[float] = []
-        for start in range(0, len(configs), per_round):
-            chunk = configs[start : start + per_round]
+        virtual user, named by the configuration's place in ``configs``; ``--slots`` pairs at a
+        time train in the same batches. (Chunked by whole configurations, the virtual users were
+        named by their place in a chunk of ``--slots // val users`` configurations, so a
+        configuration's memory batches, shuffled by that name, depended on --slots; and fewer slots
+        than validation users failed to hold one configuration's pairs.)"""
+        todo = [(ci, r) for ci in range(len(configs)) for r in val_recs]
+        ce: list[float] = []
+        for start in range(0, len(todo), args.slots):
             pairs: list[tuple[str, Record]] = []  # (virtual user, its own copy of the record)
-            owner: list[int] = []
-            for ci, cfg in enumerate(chunk):
-                for r in val_recs:
+            try:
+                for ci, r in todo[start : start + args.slots]:
                     key = f"search:{ci}:{r.user_id}"
                     total = memory_total_steps(r, st.tokenizer, steps=args.memory_steps,
                                                rows_per_user=args.rows_per_user, max_length=args.max_length)
-                    rt.add_user(key, cfg, total_steps=total, optim=_optim(args),
+                    rt.add_user(key, configs[ci], total_steps=total, optim=_optim(args),
                                 seed=args.seed + _stable_int(r.user_id))
                     pairs.append((key, copy.copy(r)))
-                    owner.append(ci)
-            try:
                 recs = [r for _, r in pairs]
                 memory_inject(rt, recs, st.tokenizer, steps=args.memory_steps, rows_per_user=args.rows_per_user,
                               max_length=args.max_length, seed=args.seed, progress=False, user_key=_KeyOf(pairs))
-                ce = response_losses(st.model, st.tokenizer, recs, runtime=rt, user_key=_KeyOf(pairs),
-                                     batch_size=args.eval_batch_size, max_length=args.max_length + 128)
+                ce += response_losses(st.model, st.tokenizer, recs, runtime=rt, user_key=_KeyOf(pairs),
+                                      batch_size=args.eval_batch_size, max_length=args.max_length + 128)
             finally:
                 for key, _ in pairs:
                     rt.remove_user(key)
-            for ci in range(len(chunk)):
-                vals = [c for cj, c in zip(owner, ce) if cj == ci]
-                out.append(sum(vals) / len(vals))
-        return out
+        n = len(val_recs)
+        return [sum(ce[ci * n : (ci + 1) * n]) / n for ci in range(len(configs))]
 
     def objective(configs: Sequence[Any]) -> list[dict[str, float]]:
         mcs = [MemoryConfig.from_search(c, lora_alpha=args.lora_alpha, num_layers=rt.num_layers) for c in configs]
@@ -916,25 +914,22 @@ def _instruction(st: _State, split: dict[str, list[Record]]) -> list[float]:
         return _read_json(st.out / "instruction.json")["losses"]
     if args.instruct_steps == 0:
         return []
-    train = split["train"]
-    users = sorted(group_by_user(train))
-    windows = [users[i : i + args.slots] for i in range(0, len(users), args.slots)]
-    losses: list[float] = []
-    steps_left = args.instruct_steps
-    for wi, window in enumerate(windows):  # more training users than slots: train window by window
-        steps = steps_left // (len(windows) - wi)
-        steps_left -= steps
-        if steps == 0:
-            continue
-        _unload_all(st)
-        _load_users(st, window)
-        keep = set(window)
-        recs = [r for r in train if r.user_id in keep]
-        losses += instruction_tune(st.model, st.tokenizer, recs, runtime=st.runtime, adapter=adapter, steps=steps,
-                                   batch_size=args.batch_size, lr=args.instruct_lr, max_length=args.max_length + 128,
-                                   seed=args.seed + 1000 * st.dist.rank + wi, progress=args.progress and st.dist.main,
-                                   all_reduce=st.dist.all_reduce_mean if st.dist.initialized else None)
+    # every step draws from all training users, whatever --slots (volatile: it must not change
+    # the adapter): the runtime loads them from the run's user store as the batches name them,
+    # and a batch naming more users than slots runs in groups whose gradients add up to its own.
+    # (Trained window by window of --slots users, each window with its share of the steps and
+    # its own seed, the adapter depended on --slots.)
     _unload_all(st)
+    store, st.runtime.store = st.runtime.store, UserStore(st.out / "users")
+    try:
+        losses = instruction_tune(st.model, st.tokenizer, split["train"], runtime=st.runtime, adapter=adapter,
+                                  steps=args.instruct_steps, batch_size=args.batch_size, lr=args.instruct_lr,
+                                  max_length=args.max_length + 128, seed=args.seed + 1000 * st.dist.rank,
+                                  progress=args.progress and st.dist.main,
+                                  all_reduce=st.dist.all_reduce_mean if st.dist.initialized else None)
+    finally:
+        _unload_all(st)
+        st.runtime.store = store
     if st.dist.main:
         tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
         atomic_write_bytes(path, save(tensors))
