@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -78,14 +78,16 @@ ARCHS = ["llama", "gpt2", "phi3"]  # separate q/v, GPT-2's Conv1D c_attn, a fuse
 
 def manual_logits(model: nn.Module, adapter, ids: torch.Tensor) -> torch.Tensor:
     """Logits of the unwrapped ``model`` with ``h = W x + (alpha / r) B A x`` added by hooks
-    (``A``, ``B`` are float32: the LoRA term is computed in float32, as the adapter does)."""
+    (``A``, ``B`` are float32: the LoRA term is computed in the wider of the activations' dtype
+    and float32, as the adapter does; float64 for these float64 models)."""
     hooks = []
     try:
         for key, a in adapter.lora_A.items():
             b = adapter.lora_B[key]
 
             def hook(_m, inp, out, a=a.detach(), b=b.detach()):
-                return out + (inp[0].float() @ a.T @ b.T).double() * (adapter.alpha / adapter.rank)
+                dt = torch.promote_types(inp[0].dtype, a.dtype)
+                return out + (inp[0].to(dt) @ a.T.to(dt) @ b.T.to(dt)).to(out.dtype) * (adapter.alpha / adapter.rank)
 
             hooks.append(model.get_submodule(key.replace("__", ".")).register_forward_hook(hook))
         with torch.no_grad():
@@ -98,6 +100,7 @@ def manual_logits(model: nn.Module, adapter, ids: torch.Tensor) -> torch.Tensor:
 @SETTINGS
 @given(arch=st.sampled_from(ARCHS), rank=st.integers(1, 6), alpha=st.floats(0.25, 64.0), seed=st.integers(0, 2**31 - 1),
        ids_seed=st.integers(0, 2**16))
+@example(arch="gpt2", rank=3, alpha=26.0, seed=329485911, ids_seed=171)  # off by 1.6e-6 from a float32 reference
 def test_adapter_matches_a_hand_written_lora_and_removes_exactly(arch, rank, alpha, seed, ids_seed):
     """B = 0 changes nothing; with drawn B the model equals a hook-based LoRA on an unwrapped
     copy; ``enabled = False`` is the base; removing restores the very modules, state_dict keys
