@@ -586,7 +586,11 @@ class MilpRuntime:
         or untrained since loading, and not a user of an open :meth:`using` block (whose rows
         would then run another user's adapters)."""
         return (user in self._from_store and (self.store.write_back or not self._dirty(user))
-                and not any(user in users for users in self._active))
+                and not self._in_use(user))
+
+    def _in_use(self, user: Hashable) -> bool:
+        """Whether ``user`` is a user of an open :meth:`using` block."""
+        return any(user in users for users in self._active)
 
     def row_batches(self, users: Sequence[Hashable | None], batch_size: int,
                     order: Sequence[int] | None = None) -> Iterator[list[int]]:
@@ -661,7 +665,7 @@ class MilpRuntime:
             movable.sort(key=lambda u: self._last_used.get(u, -1))
             victims = movable[: len(missing) - free]
             if len(victims) < len(missing) - free:
-                busy = [u for u in self._from_store if u not in wanted and any(u in a for a in self._active)]
+                busy = [u for u in self._from_store if u not in wanted and self._in_use(u)]
                 kept = [u for u in self._from_store if u not in wanted and u not in movable and u not in busy]
                 raise ValueError(
                     f"the batch needs {len(missing)} users loaded from the store but only {free + len(victims)} "
