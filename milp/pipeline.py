@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .data import IGNORE_INDEX, Record, collate, tokenize_instruction, tokenize_memory
-from .losses import mean_token_loss, token_losses
+from .losses import token_losses
 from .optim import lr_multiplier
 
 __all__ = [
@@ -504,7 +504,8 @@ def instruction_tune(
             opt.zero_grad(set_to_none=True)
             # the rows a store-backed runtime can place at once (one group without a store, or
             # with enough free slots); a step over several groups is the same step: each group's
-            # summed token loss over the whole batch's target count, gradients accumulated
+            # summed token loss over the whole batch's target count (mean_token_loss's division,
+            # for one group), gradients accumulated
             groups = [[idx[j] for j in g] for g in _batches(runtime, None if users is None else
                                                              [users[i] for i in idx], len(idx), range(len(idx)))]
             parts = []
@@ -518,11 +519,8 @@ def instruction_tune(
                 # gradients go to the trained parameters alone: the memory adapters stay frozen here,
                 # and an unfrozen base model gathers no .grad (it used to, step after step)
                 with runtime.using([users[i] for i in g]) if runtime is not None else contextlib.nullcontext():
-                    if len(parts) == 1:
-                        part = mean_token_loss(model, **inputs)
-                    else:
-                        part = token_losses(model, **inputs)[0].sum() / max(n_targets, 1)
-                    if part.requires_grad:
+                    part = token_losses(model, **inputs)[0].sum() / max(n_targets, 1)
+                    if part.requires_grad:  # not without a target: no gradient, as mean_token_loss gives
                         part.backward(inputs=params)
                 loss = loss + part.detach()
                 # no graph outlives its group: the next group's users may grow the adapter banks
