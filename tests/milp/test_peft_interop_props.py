@@ -239,6 +239,17 @@ def _plain_at_eval():
     return cases
 
 
+def _assert_loads_with_peft_logits(path, tol: float) -> None:
+    """The float32 llama adapter saved in ``path``, loaded by ``load_peft``, gives
+    ``PeftModel.from_pretrained``'s logits to ``tol``."""
+    ids = ids_for(0)
+    ref = peft.PeftModel.from_pretrained(model("llama", 2, torch.float32), str(path)).eval()
+    rt = MilpRuntime(model("llama", 2, torch.float32), max_users=1)
+    rt.load_peft(path, "p")
+    with torch.no_grad():
+        torch.testing.assert_close(rt.forward(ids, "p").logits, ref(input_ids=ids).logits, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("lora", _plain_at_eval())
 def test_lora_variants_that_are_plain_loras_at_eval_load_with_peft_logits(lora, tmp_path):
     """Initialisations that leave the base weights alone, and BD-LoRA of one block, are plain LoRAs
@@ -247,12 +258,7 @@ def test_lora_variants_that_are_plain_loras_at_eval_load_with_peft_logits(lora, 
     trained = peft_model("llama", 2, torch.float32, 0, init=lora.pop("init"), r=4, lora_alpha=8,
                          target_modules=["up_proj", "down_proj"], **lora)
     trained.save_pretrained(str(tmp_path / "a"))
-    ids = ids_for(0)
-    ref = peft.PeftModel.from_pretrained(model("llama", 2, torch.float32), str(tmp_path / "a")).eval()
-    rt = MilpRuntime(model("llama", 2, torch.float32), max_users=1)
-    rt.load_peft(tmp_path / "a", "p")
-    with torch.no_grad():
-        torch.testing.assert_close(rt.forward(ids, "p").logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    _assert_loads_with_peft_logits(tmp_path / "a", tol=1e-5)
 
 
 @pytest.mark.skipif(not _has("alora_invocation_tokens"), reason="this PEFT has no activated LoRA")
@@ -295,12 +301,7 @@ def test_pissa_converted_to_plain_lora_loads_with_peft_logits(tmp_path):
                 p.add_(0.2 * torch.randn_like(p))
     m.save_pretrained(str(tmp_path / "a"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     assert json.loads((tmp_path / "a" / PEFT_CONFIG_FILE).read_text())["init_lora_weights"] is True
-    ids = ids_for(0)
-    ref = peft.PeftModel.from_pretrained(model("llama", 2, torch.float32), str(tmp_path / "a")).eval()
-    rt = MilpRuntime(model("llama", 2, torch.float32), max_users=1)
-    rt.load_peft(tmp_path / "a", "p")
-    with torch.no_grad():
-        torch.testing.assert_close(rt.forward(ids, "p").logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    _assert_loads_with_peft_logits(tmp_path / "a", tol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------

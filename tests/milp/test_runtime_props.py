@@ -41,21 +41,23 @@ def fresh_runtime(max_users: int, **kw) -> MilpRuntime:
 
 
 @st.composite
-def configs(draw, adapters: bool | None = None):
-    """A 2-layer MemoryConfig: layers on/off, 0-3 modules, shared or per-module ranks."""
+def configs(draw, adapters: bool | None = None, max_modules: int = 3, rank_choices=(1, 2, 4, 8),
+            alphas=(1.0, 8.0, 16.0)):
+    """A 2-layer MemoryConfig: layers on/off, 0-``max_modules`` modules, shared or per-module
+    ranks; ``adapters``: at least one module somewhere."""
     mask, modules, ranks = [], [], []
     for _ in range(2):
         on = draw(st.booleans())
-        n = draw(st.integers(0, 3)) if on else 0
+        n = draw(st.integers(0, max_modules)) if on else 0
         mask.append(on)
         modules.append(n)
         if n > 1 and draw(st.booleans()):
-            ranks.append(tuple(draw(st.sampled_from([1, 2, 4, 8])) for _ in range(n)))
+            ranks.append(tuple(draw(st.sampled_from(rank_choices)) for _ in range(n)))
         else:
-            ranks.append(draw(st.sampled_from([1, 2, 4, 8])))
+            ranks.append(draw(st.sampled_from(rank_choices)))
     if adapters and not any(m and n for m, n in zip(mask, modules)):
         mask[0], modules[0] = True, 1
-    return MemoryConfig(tuple(mask), tuple(modules), tuple(ranks), lora_alpha=draw(st.sampled_from([1.0, 8.0, 16.0])))
+    return MemoryConfig(tuple(mask), tuple(modules), tuple(ranks), lora_alpha=draw(st.sampled_from(alphas)))
 
 
 optims = st.builds(AdamWConfig, lr=st.sampled_from([1e-3, 2e-2]), max_grad_norm=st.sampled_from([None, 0.05]),

@@ -28,6 +28,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from test_runtime_props import configs as _configs  # tests/milp is on sys.path (pytest's rootdir-relative import)
 
 from milp.config import MemoryConfig
 from milp.inject import tiny_model
@@ -45,21 +46,9 @@ def fresh_runtime(dtype: torch.dtype = torch.float64, max_users: int = 3, **kw) 
     return MilpRuntime(copy.deepcopy(_BASES[dtype]), max_users=max_users, **kw)
 
 
-@st.composite
-def configs(draw, adapters: bool = True):
-    mask, modules, ranks = [], [], []
-    for _ in range(2):
-        on = draw(st.booleans())
-        n = draw(st.integers(0, 2)) if on else 0
-        mask.append(on)
-        modules.append(n)
-        if n > 1 and draw(st.booleans()):
-            ranks.append(tuple(draw(st.sampled_from([1, 2, 4])) for _ in range(n)))
-        else:
-            ranks.append(draw(st.sampled_from([1, 2, 4])))
-    if adapters and not any(m and n for m, n in zip(mask, modules)):
-        mask[0], modules[0] = True, 1
-    return MemoryConfig(tuple(mask), tuple(modules), tuple(ranks), lora_alpha=draw(st.sampled_from([1.0, 8.0])))
+def configs(adapters: bool = True):
+    """test_runtime_props' configurations, smaller: 0-2 modules of rank 1-4."""
+    return _configs(adapters=adapters, max_modules=2, rank_choices=(1, 2, 4), alphas=(1.0, 8.0))
 
 
 optims = st.builds(
