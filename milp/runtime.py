@@ -855,24 +855,32 @@ class MilpRuntime:
                     self.state.prepare_static((rows, length), ids.device)
             return self.model.generate(input_ids=ids, attention_mask=attention_mask, **kwargs)
 
+    def _generation_setting(self, kwargs: Mapping[str, Any], name: str, default: Any = None) -> Any:
+        """``generate``'s setting ``name``: from its arguments, else from the generation config."""
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        return kwargs.get(name, getattr(gc, name, default))
+
+    @staticmethod
+    def _given_cache(kwargs: Mapping[str, Any]) -> Any:
+        """The Cache passed to ``generate``: ``cache`` (transformers >= 5.x), or its older name
+        ``past_key_values``; ``None`` without one."""
+        return kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+
     def _compiles_decode(self, kwargs: Mapping[str, Any]) -> bool:
         """Whether ``generate`` with these arguments may run a compiled decode step."""
-        gc = kwargs.get("generation_config") or self.model.generation_config
-        cache = kwargs.get("cache_implementation", getattr(gc, "cache_implementation", None))
-        # a Cache passed in: ``cache`` (transformers >= 5.x), or its older name ``past_key_values``
-        past = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
-        return (cache in _STATIC_CACHES or kwargs.get("compile_config") is not None
+        past = self._given_cache(kwargs)
+        return (self._generation_setting(kwargs, "cache_implementation") in _STATIC_CACHES
+                or kwargs.get("compile_config") is not None
                 or (past is not None and bool(getattr(past, "is_compileable", False))))
 
     def _prefill_chunks(self, kwargs: Mapping[str, Any], length: int) -> list[int]:
         """Lengths of the chunks a chunked prefill (``prefill_chunk_size``) runs the prompt in
         (the tokens past a given cache's length: restarting from it)."""
-        gc = kwargs.get("generation_config") or self.model.generation_config
-        chunk = kwargs.get("prefill_chunk_size", getattr(gc, "prefill_chunk_size", None))
+        chunk = self._generation_setting(kwargs, "prefill_chunk_size")
         if not chunk:
             return []
         chunk = int(chunk)
-        past = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        past = self._given_cache(kwargs)
         lengths = {length}
         if past is not None and hasattr(past, "get_seq_length"):
             lengths.add(length - int(past.get_seq_length()))
@@ -880,7 +888,6 @@ class MilpRuntime:
 
     def _rows_per_prompt(self, kwargs: Mapping[str, Any]) -> int:
         """Rows ``generate`` decodes per prompt: the beams, else the returned sequences."""
-        gc = kwargs.get("generation_config") or self.model.generation_config
-        beams = int(kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1)
-        seqs = int(kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1)
+        beams = int(self._generation_setting(kwargs, "num_beams", 1) or 1)
+        seqs = int(self._generation_setting(kwargs, "num_return_sequences", 1) or 1)
         return beams if beams > 1 else seqs
