@@ -107,3 +107,36 @@ def test_readme_keeps_the_gpu_results_markers():
     end = "<!-- bench:gpu:end -->"
     assert text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end)
     assert start in (ROOT / "bench" / "report.py").read_text(encoding="utf-8")
+
+
+def _cells(line: str) -> int:
+    """Cells of a markdown table row: ``|`` separators outside backticks, ``\\|`` not one."""
+    plain = re.sub(r"`[^`]*`", "``", line.replace("\\|", ""))
+    return plain.strip().strip("|").count("|") + 1
+
+
+def test_markdown_tables_are_whole():
+    """Was: a paragraph inserted into the README's flag table cut it in two; the rows after it
+    (``--output``, ``--device``) rendered as plain text. Every run of ``|`` lines in the repo's
+    markdown is one table: a header, its ``|---|`` separator, rows of the header's width."""
+    root = Path(__file__).resolve().parents[1]
+    files = [p for p in root.rglob("*.md") if not {".venv", "node_modules", ".git"} & set(p.parts)]
+    bad = []
+    for path in files:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        fence = False
+        block: list[tuple[int, str]] = []
+        for i, line in enumerate([*lines, ""], 1):
+            if line.startswith("```"):
+                fence = not fence
+            if not fence and line.startswith("|"):
+                block.append((i, line))
+                continue
+            if block:
+                (n0, head), *rows = block
+                if not rows or not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", rows[0][1].strip()):
+                    bad.append(f"{path.relative_to(root)}:{n0}: a table without its |---| line")
+                bad += [f"{path.relative_to(root)}:{n}: {_cells(r)} cells, the header has {_cells(head)}"
+                        for n, r in rows if _cells(r) != _cells(head)]
+                block = []
+    assert bad == []
