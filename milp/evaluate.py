@@ -914,7 +914,8 @@ def _markdown(report: dict[str, Any]) -> str:
     for m in (*ALL_METHODS, "base"):
         if m in report["cost"]:
             c = report["cost"][m]
-            params = "—" if c["trainable_parameters"] is None else f"{c['trainable_parameters']:,}"
+            params = "—" if c["trainable_parameters"] is None else f"{c['trainable_parameters']:,}" + (
+                " (mean over seeds)" if c.get("trainable_parameters_per_seed") else "")
             if c.get("memory_parameters_per_user"):
                 per_seed = c.get("memory_parameters_per_user_per_seed") or []
                 params += f" shared + {c['memory_parameters_per_user']:,} per user" + (
@@ -962,19 +963,21 @@ def _plot(report: dict[str, Any]) -> bytes:
 def _cost(out: Path, seeds: Sequence[int], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     cost: dict[str, dict[str, Any]] = {}
     for m in methods:
-        walls, params, mem, found = [], None, [], False
+        walls, params, mem, found = [], [], [], False
         for seed in seeds:
             p = out / f"seed{seed}" / m / "predictions.json"
             if not p.is_file():
                 continue
             info, found = _read_json(p), True
-            params = info.get("trainable_parameters")
+            if info.get("trainable_parameters") is not None:  # a seed that recorded none does not blank the others
+                params.append(info["trainable_parameters"])
             if info.get("memory_parameters_per_user") is not None:  # per seed: each seed's search picks its own
                 mem.append(info["memory_parameters_per_user"])
             if info.get("timings_s") is not None:  # a seed that recorded no timings is not a seed of 0 s
                 walls.append(sum(info["timings_s"].values()))
         if found:  # no timings at all (the base row, whose answers come from the MiLP run): 0 s
-            cost[m] = {"trainable_parameters": params,
+            cost[m] = {"trainable_parameters": round(sum(params) / len(params)) if params else None,
+                       "trainable_parameters_per_seed": params if len(set(params)) > 1 else None,
                        "memory_parameters_per_user": round(sum(mem) / len(mem)) if mem else None,
                        "memory_parameters_per_user_per_seed": mem or None,
                        "wall_s": sum(walls) / len(walls) if walls else 0.0, "wall_s_total": sum(walls)}

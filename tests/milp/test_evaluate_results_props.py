@@ -439,6 +439,23 @@ def test_cost_wall_time_averages_the_seeds_that_recorded_it(per_seed):
     assert c["trainable_parameters"] == 5
 
 
+@settings(max_examples=20, deadline=None)
+@given(params=st.lists(st.one_of(st.none(), st.integers(0, 10**6)), min_size=1, max_size=4))
+@example(params=[1000, None])
+def test_cost_trainable_parameters_come_from_every_seed(params):
+    """Was: the cost row took the last seed's ``trainable_parameters``: a seed that recorded none
+    blanked the others ("—"), and seeds that differed showed one of them as if all had it."""
+    test = _test_records(1, False)
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d)
+        for seed, n in enumerate(params):
+            _write(out, seed, "milp", test, ["rest"], **({} if n is None else {"trainable_parameters": n}))
+        c = ev._cost(out, range(len(params)), ["milp"])["milp"]
+    have = [n for n in params if n is not None]
+    assert c["trainable_parameters"] == (round(sum(have) / len(have)) if have else None)
+    assert c["trainable_parameters_per_seed"] == (have if len(set(have)) > 1 else None)
+
+
 # --------------------------------------------------------------------------- the statistics themselves
 _score = st.sampled_from([0.0, 12.5, 25.0, 40.0, 50.0, 66.66666666666667, 100.0])  # ROUGE-like: many ties
 
