@@ -68,17 +68,21 @@ __all__ = [
 ]
 
 
-def _check_plan(x2: torch.Tensor, bank: AdapterBank, plan: BatchPlan) -> None:
+def _check_bank_plan(bank: AdapterBank, plan: BatchPlan) -> None:
     if not isinstance(bank, AdapterBank):
         raise TypeError(f"bank must be an AdapterBank, got {type(bank).__name__}")
     if not isinstance(plan, BatchPlan):
         raise TypeError(f"plan must be a BatchPlan, got {type(plan).__name__}")
+    if plan.max_users > bank.max_users:
+        raise ValueError(f"plan.max_users={plan.max_users} exceeds bank.max_users={bank.max_users}")
+
+
+def _check_plan(x2: torch.Tensor, bank: AdapterBank, plan: BatchPlan) -> None:
+    _check_bank_plan(bank, plan)
     # not while compiling: plan.num_tokens is a Python int, and comparing x's token count with it
     # would specialize a dynamic token count (the op's own checks still see a plan too small)
     if not torch.compiler.is_compiling() and x2.shape[0] != plan.num_tokens:
         raise ValueError(f"x has {x2.shape[0]} tokens but the plan was built for {plan.num_tokens}")
-    if plan.max_users > bank.max_users:
-        raise ValueError(f"plan.max_users={plan.max_users} exceeds bank.max_users={bank.max_users}")
     if x2.shape[-1] != bank.in_features:
         raise ValueError(f"x must have {bank.in_features} features (bank.in_features), got {x2.shape[-1]}")
 
@@ -121,6 +125,9 @@ def lora_linear(
     """
     x2 = _flat(x)
     _check_plan(x2, bank, plan)
+    for name, t in (("weight", weight), ("bias", bias)):  # before .requires_grad is read below
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     # any differentiable input takes the autograd path: a weight or bias alone too
     save_t = torch.is_grad_enabled() and (
         x.requires_grad or bank.lora_a.requires_grad or bank.lora_b.requires_grad
@@ -167,8 +174,13 @@ def lora_expand_(y: torch.Tensor, t: torch.Tensor, bank: AdapterBank, plan: Batc
         >>> plan = BatchPlan.build(torch.zeros(3, dtype=torch.long), max_users=1)
         >>> y = torch.zeros(3, 24); _ = lora_expand_(y, torch.randn(3, 8), bank, plan)
     """
-    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if y.dim() != 2:
         raise ValueError("y must be a 2-D [tokens, out_features] tensor")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+    _check_bank_plan(bank, plan)
     if y.shape[0] != plan.num_tokens:
         raise ValueError(f"y has {y.shape[0]} tokens but the plan was built for {plan.num_tokens}")
     if y.shape[1] != bank.out_features:

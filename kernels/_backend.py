@@ -172,6 +172,8 @@ STAND_IN_DRIVER = False
 
 def backend_for(t: torch.Tensor) -> str:
     """The backend (``"triton"`` or ``"torch"``) that an op on ``t`` runs."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
     choice = getattr(_local, "backend", None) or _default_backend()
     if choice == "torch" or not triton_available():
         return "torch"
@@ -202,6 +204,8 @@ _NO_RANGE = contextlib.nullcontext()
 def nvtx_range(name: str) -> contextlib.AbstractContextManager:
     """An NVTX range (and a ``torch.profiler`` record) named ``name`` when ``MILP_NVTX=1``;
     otherwise a shared no-op context (no generator per call: ops open several per launch)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
     if not nvtx_enabled():
         return _NO_RANGE
     return _nvtx_range(name)

@@ -52,3 +52,16 @@ def check_finite(name: str, value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
+
+
+def check_device(name: str, device: object) -> torch.device | None:
+    """``device`` as a ``torch.device`` (``None`` stays ``None``): a ``torch.device``, a device string
+    such as ``"cuda:0"`` or a CUDA index; a ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"{name} must be a torch.device, a device string or None, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name} must name a device such as 'cpu' or 'cuda:0', got {device!r}") from None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor
+from ._checks import FLOAT_DTYPES, check_device, check_finite, check_positive_int, check_tensor
 
 __all__ = ["AdapterBank", "AdapterSegment"]
 
@@ -88,6 +88,7 @@ class AdapterBank(torch.nn.Module):
         check_positive_int("capacity", capacity, minimum=0)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+        device = check_device("device", device)
         self.in_features = in_features
         self.out_features = out_features
         self.lora_a = torch.nn.Parameter(torch.zeros(capacity, in_features, dtype=dtype, device=device))
@@ -251,6 +252,9 @@ class AdapterBank(torch.nn.Module):
         return sorted(self._segments)
 
     def has(self, user: int) -> bool:
+        """Whether ``user`` has adapters here (``False`` for an id outside ``[0, max_users)``)."""
+        if isinstance(user, bool) or not isinstance(user, int):
+            raise TypeError(f"user must be an int id, got {type(user).__name__}")
         return user in self._segments
 
     def segment(self, user: int) -> AdapterSegment:
@@ -288,7 +292,7 @@ class AdapterBank(torch.nn.Module):
 
         ``alpha`` is ``lora_alpha`` (one per module or shared); module ``j`` is scaled by
         ``alpha_j / r_j``. ``init="lora"`` draws ``A`` like PEFT (Kaiming-uniform) and sets
-        ``B = 0`` so the adapter starts as the identity; ``"random"`` draws both (tests,
+        ``B = 0`` so the adapter starts at zero (the linear's output unchanged); ``"random"`` draws both (tests,
         benchmarks); ``"zeros"`` zeroes both.
         """
         self._check_user(user)
@@ -313,6 +317,8 @@ class AdapterBank(torch.nn.Module):
             raise ValueError(f"alpha / rank must be finite in float32 (the scales' dtype), got alpha={alphas}")
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):  # before the bank changes
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
         total = sum(ranks)
         replaced = self._segments.get(user)

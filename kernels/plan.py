@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import check_positive_int, check_tensor
+from ._checks import check_device, check_positive_int, check_tensor
 
 __all__ = ["BatchPlan", "max_tiles", "tile_block", "tile_span", "DEFAULT_BLOCK_MS"]
 
@@ -71,7 +71,7 @@ def tile_span(max_tokens: int, max_segments: int, block_ms: Sequence[int], block
                 break
             off += n
         else:
-            raise ValueError(f"block_m={block_m} is not one of the plan's block_ms {list(block_ms)}")
+            raise ValueError(f"block_m={block_m!r} is not one of the plan's block_ms {list(block_ms)}")
         if len(_TILE_SPANS) > 4096:
             _TILE_SPANS.clear()
         _TILE_SPANS[key] = span
@@ -128,7 +128,8 @@ class BatchPlan:
         self.max_users = max_users
         self.max_segments = min(max_users, max_tokens) + 1
         self.block_ms = block_ms
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        device = check_device("device", device)
+        self.device = device if device is not None else torch.device("cpu")
         dev = self.device
         self.num_tokens = 0
         #: segments (users, with -1) present in the batch: a host value set by a validated
@@ -176,9 +177,8 @@ class BatchPlan:
         e.g. the distinct ids of the batch rows; an upper bound is fine) still lets the ops
         pick the decode path for batches with few tokens per user.
         """
-        if num_segments is not None and (isinstance(num_segments, bool) or not isinstance(num_segments, int)
-                                         or num_segments < 0):
-            raise ValueError(f"num_segments must be an int >= 0 or None, got {num_segments!r}")
+        if num_segments is not None:
+            check_positive_int("num_segments", num_segments, minimum=0)
         check_tensor("token_user", token_user, ndim=1)
         if token_user.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"token_user must be an integer tensor, got {token_user.dtype}")

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import numbers
 import operator
 import re
 import threading
@@ -42,7 +43,8 @@ from typing import TypeVar
 import torch
 
 from ._backend import env
-from ._checks import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES, check_device, check_positive_int
+from .plan import _check_block_ms
 
 __all__ = [
     "LaunchConfig",
@@ -125,7 +127,12 @@ class LaunchConfig:
         """Refuse what no GPU compiles, naming the field: a Triton tile side must be a power of
         two, and a tensor-core ``tl.dot`` needs a reduction of at least 16 (``block_k`` in the
         shrink and fused kernels and ``dA``/``dB``'s token blocks, ``block_r`` in the expand),
-        which the Triton interpreter on a CPU does not check."""
+        which the Triton interpreter on a CPU does not check. NumPy ints (a sweep's values) are
+        taken, as plain ints."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
+                object.__setattr__(self, f.name, operator.index(v))
         for name in ("block_m", "block_n", "block_k", "block_r"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < MIN_BLOCK or v & (v - 1):
@@ -175,7 +182,11 @@ def choose_path(
         >>> choose_path(8, 96), choose_path(4096, 96), choose_path(4096, 8)
         ('split', 'fused_t', 'fused')
     """
-    knobs = _dispatch_knobs(device)
+    check_positive_int("num_tokens", num_tokens, minimum=0)
+    check_positive_int("max_rank", max_rank, minimum=0)
+    if num_segments is not None:
+        check_positive_int("num_segments", num_segments, minimum=0)
+    knobs = _dispatch_knobs(check_device("device", device))
     if num_tokens <= knobs["decode_max_tokens"]:
         return "split"
     if num_segments and num_tokens < knobs["split_tokens_per_segment"] * num_segments:
@@ -544,6 +555,16 @@ def get_config(
     """
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    for name, v in (("num_tokens", num_tokens), ("n", n), ("k", k), ("max_rank", max_rank)):
+        if v is not None or name in ("num_tokens", "max_rank"):  # n, k = None: any (a table entry's null)
+            check_positive_int(name, v, minimum=0)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    device = check_device("device", device)
+    if device is None:
+        raise TypeError("device must be a torch.device, got None")
+    if block_ms is not None and not (isinstance(block_ms, (tuple, list)) and not block_ms):
+        block_ms = _check_block_ms(block_ms)
     cfg = (_override.table or {}).get(op)
     if cfg is not None:
         return _fit_block_m(cfg, block_ms)

@@ -40,6 +40,7 @@ Design
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -104,6 +105,15 @@ def _check_int(v: Any, name: str, minimum: int) -> int:
     return int(v)
 
 
+def _as_float(v: numbers.Real, name: str) -> float:
+    """``float(v)``; an int beyond the float range is a ``ValueError`` naming ``name``."""
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be a number in the float range, got an int of {int(v).bit_length()} bits") \
+            from None
+
+
 class Search:
     """Multi-objective Bayesian configuration search with an ask/tell API.
 
@@ -156,16 +166,18 @@ class Search:
         if surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
         self.surrogate = surrogate
-        self.nuts = nuts or NUTSSettings()
+        self.nuts = NUTSSettings() if nuts is None else nuts  # not `or`: a falsy 0 or "" is refused
         if not isinstance(self.nuts, NUTSSettings):
             raise TypeError(f"nuts must be NUTSSettings, got {type(self.nuts).__name__}")
-        self.acquisition = acquisition or AcquisitionSettings()
+        self.acquisition = AcquisitionSettings() if acquisition is None else acquisition
         if not isinstance(self.acquisition, AcquisitionSettings):
             raise TypeError(f"acquisition must be AcquisitionSettings, got {type(self.acquisition).__name__}")
         self.seed = _check_int(seed, "seed", 0)
         if self.seed >= _MAX_SEED:  # torch and JAX take 63-bit seeds: BO would fail each round, Sobol standing in
             raise ValueError(f"seed must be < 2**62 (round r seeds torch and JAX with seed + r), got {self.seed}")
         self._user_ref = self._check_ref_point(ref_point)
+        if log_path is not None and not isinstance(log_path, (str, os.PathLike)):
+            raise TypeError(f"log_path must be a str or os.PathLike or None, got {type(log_path).__name__}")
         self.log_path = None if log_path is None else Path(log_path)
 
         self._finished: dict[int, Trial] = {}
@@ -562,12 +574,12 @@ class Search:
                     continue
                 raise TypeError(f"values[{k!r}] must be a real number (or None for a failure), got {type(v).__name__}")
             else:
-                out[k] = float(v)
+                out[k] = _as_float(v, f"values[{k!r}]")
         for k, v in extras.items():
             if isinstance(v, (bool, str)) or v is None:
                 continue
             if isinstance(v, numbers.Real):
-                extras[k] = encode_float(float(v))
+                extras[k] = encode_float(_as_float(v, f"values[{k!r}] (an extra metric)"))
             else:
                 raise TypeError(f"values[{k!r}] (an extra metric) must be a number, str, bool or None")
         return out, extras
@@ -591,18 +603,24 @@ class Search:
         """:meth:`tell` of several trials whose records reach the log in one write: a process
         stopped while telling a round leaves none of it in the log, so a resumed search asks
         that round again as it was asked, not the rest of it as a new round."""
-        done = [self._scored(trial, values) for trial, values in told]
-        if self.log_path is not None and done:
-            append_record(self.log_path, [self._record(t) for t in done])
-        for t in done:
+        # scored as copies: a refused value or a failed log write leaves every pending trial as it was
+        scored = [self._scored(trial, values) for trial, values in told]
+        if self.log_path is not None and scored:
+            append_record(self.log_path, [self._record(s) for _, s in scored])
+        done = []
+        for t, s in scored:
+            t.values, t.metrics, t.status, t.elapsed_s, t.timestamp = s.values, s.metrics, s.status, s.elapsed_s, \
+                s.timestamp
             del self._pending[t.trial_id]
             self._finished[t.trial_id] = t
             if t.design_index is not None:
                 self._used_design.add(t.design_index)
+            done.append(t)
         return done
 
-    def _scored(self, trial: Trial | int, values: Mapping[str, Any] | Sequence[Any]) -> Trial:
-        """The pending trial ``trial`` with ``values`` set (still pending: :meth:`_tell` moves it)."""
+    def _scored(self, trial: Trial | int, values: Mapping[str, Any] | Sequence[Any]) -> tuple[Trial, Trial]:
+        """The pending trial ``trial`` and a copy of it with ``values`` set (:meth:`_tell` copies them
+        into the trial once all are scored and logged, and moves it)."""
         tid = trial.trial_id if isinstance(trial, Trial) else trial
         if isinstance(tid, bool) or not isinstance(tid, numbers.Integral):
             raise TypeError(f"trial must be a Trial or a trial id, got {type(trial).__name__}")
@@ -610,7 +628,8 @@ class Search:
         if tid not in self._pending:
             state = "already told" if tid in self._finished else "unknown"
             raise ValueError(f"trial {tid} is {state}; only pending trials (from ask()) can be told")
-        t = self._pending[tid]
+        t0 = self._pending[tid]
+        t = dataclasses.replace(t0, values={}, metrics={})
         vals, extras = self._coerce_values(values)
         x = torch.tensor([t.x], dtype=torch.float64)
         for o in self.objectives:
@@ -622,7 +641,7 @@ class Search:
         t.status = "ok" if all(math.isfinite(v) for v in t.values.values()) else "failed"
         t.elapsed_s = round(time.monotonic() - t.asked_at, 6)
         t.timestamp = time.time()
-        return t
+        return t0, t
 
     # ------------------------------------------------------------------ loop
     def run(
@@ -721,18 +740,30 @@ class Search:
             3.0
         """
         _, Y = self._ok_data()
+        given = self._ref_point_arg(ref_point)
         if Y.shape[0] == 0:
             return 0.0
-        ref = self.reference_point() if ref_point is None else list(ref_point)
-        return _pareto.hypervolume(Y, ref, self.directions)
+        return _pareto.hypervolume(Y, self._full_ref(given), self.directions)
 
     def hypervolume_trace(self, ref_point: Sequence[float] | None = None) -> list[float]:
         """Hypervolume after each finished trial (by trial id), with one fixed reference point."""
+        given = self._ref_point_arg(ref_point)
         if not any(t.ok for t in self._finished.values()):
             return [0.0] * self.n_finished
-        ref = self.reference_point() if ref_point is None else list(ref_point)
         Y = [[t.values[n] for n in self.names] for t in self.trials]
-        return _pareto.hypervolume_trace(Y, ref, self.directions)
+        return _pareto.hypervolume_trace(Y, self._full_ref(given), self.directions)
+
+    def _ref_point_arg(self, ref_point: Sequence[float] | Mapping[str, float] | None) -> dict[str, float] | None:
+        """A ``ref_point`` argument checked as the constructor's (``None``: the search's own)."""
+        return None if ref_point is None else self._check_ref_point(ref_point)
+
+    def _full_ref(self, given: dict[str, float] | None) -> list[float]:
+        """The reference point: ``given`` values (a mapping may name only some objectives), the
+        rest :meth:`reference_point`'s."""
+        if given is not None and len(given) == len(self.names):
+            return [given[n] for n in self.names]
+        base = self.reference_point()
+        return [(given or {}).get(n, v) for n, v in zip(self.names, base)]
 
     def select(self, primary: str, *, tolerance: float = 0.0, then: str | None = None) -> Trial:
         """Pick one configuration from the Pareto front by a simple documented rule.
@@ -740,9 +771,10 @@ class Search:
         Among Pareto-optimal trials whose ``primary`` objective is within ``tolerance``
         (relative, e.g. 0.01 = 1 %) of the best value, return the best by ``then``
         (default: the other objectives in order as tie-breakers), ties broken by
-        ``primary``.  The pipeline's rule for a user's configuration is
-        ``select("val_ce", tolerance=0.01, then="parameters")``: the fewest trainable
-        parameters among the front's configurations within 1 % of the best validation CE.
+        ``primary``.  ``select("val_ce", tolerance=0.01, then="parameters")``: the fewest
+        trainable parameters among the front's configurations within 1 % of the best
+        validation CE.  (``python -m milp.train`` picks by this rule over its trials with at
+        least one adapter and an "adapters on every layer" reference, not over the front.)
         Raises ``ValueError`` before any trial succeeded.
 
         Example:

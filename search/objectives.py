@@ -96,6 +96,10 @@ def default_objectives(space: SearchSpace, *, rouge: bool = True) -> list[Object
         >>> [o.name for o in default_objectives(s)]
         ['val_ce', 'rouge_l', 'parameters']
     """
+    from .space import SearchSpace
+
+    if not isinstance(space, SearchSpace):  # the parameter count needs a LoRA space's target shapes
+        raise TypeError(f"space must be a SearchSpace (with target_shapes), got {type(space).__name__}")
     objs: list[Objective] = [VALIDATION_CE]
     if rouge:
         objs.append(ROUGE_L)

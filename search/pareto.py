@@ -26,6 +26,8 @@ __all__ = ["hypervolume", "hypervolume_trace", "infer_ref_point", "pareto_mask",
 
 
 def _signs(directions: Sequence[str], m: int) -> torch.Tensor:
+    if not isinstance(directions, Sequence):
+        raise TypeError(f"directions must be a sequence of 'minimize'/'maximize', got {type(directions).__name__}")
     if isinstance(directions, str) or len(directions) != m:
         raise ValueError(f"directions must list one of 'minimize'/'maximize' per objective ({m}), got {directions!r}")
     out = []
@@ -37,12 +39,25 @@ def _signs(directions: Sequence[str], m: int) -> torch.Tensor:
 
 
 def _num(directions: Sequence[str]) -> int:
-    return 0 if isinstance(directions, str) else len(directions)
+    return 0 if isinstance(directions, str) or not isinstance(directions, Sequence) else len(directions)
+
+
+def _as_tensor(v: object, name: str, expected: str) -> torch.Tensor:
+    """``v`` as a float64 tensor; what torch cannot convert (text, ``None``, ragged rows) is a
+    ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(v, (str, bytes)) or v is None:
+        raise TypeError(f"{name} must be {expected}, got {type(v).__name__}")
+    try:
+        return torch.as_tensor(v, dtype=torch.float64)
+    except TypeError as e:
+        raise TypeError(f"{name} must be {expected} ({e})") from None
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{name} must be {expected} ({e})") from None
 
 
 def _as_y(Y: object, name: str = "Y", m: int = 0) -> torch.Tensor:
     """``Y`` as a float64 ``[n, m]`` tensor; an empty list is ``[0, m]`` (no rows of ``m`` objectives)."""
-    t = torch.as_tensor(Y, dtype=torch.float64)
+    t = _as_tensor(Y, name, "a 2-D array of numbers [n, m]")
     if t.dim() == 1 and t.numel() == 0:
         t = t.reshape(0, m)
     if t.dim() != 2:
@@ -106,7 +121,7 @@ def infer_ref_point(Y: object, directions: Sequence[str], scale: float = 0.1) ->
 
 
 def _ref_max(ref_point: Sequence[float], signs: torch.Tensor) -> torch.Tensor:
-    r = torch.as_tensor(ref_point, dtype=torch.float64)
+    r = _as_tensor(ref_point, "ref_point", f"{signs.numel()} numbers (one per objective)")
     if r.shape != signs.shape:
         raise ValueError(f"ref_point must have {signs.numel()} values, got shape {tuple(r.shape)}")
     if not torch.isfinite(r).all():

@@ -321,7 +321,7 @@ class LoRAConfig:
             raise TypeError(f"text must be str, got {type(text).__name__}")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # bytes that are not UTF-8 text
             raise ValueError(f"text is not valid JSON: {e}") from None
         return cls.from_dict(data)
 
@@ -670,7 +670,7 @@ class SearchSpace(Space):
 
         if not isinstance(X, torch.Tensor):
             raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
-        if X.shape[-1] != self.dim:
+        if X.dim() == 0 or X.shape[-1] != self.dim:
             raise ValueError(f"X must have last dimension {self.dim}, got shape {tuple(X.shape)}")
         lo, hi = self.modules_range
         bits = self._bits(X)
@@ -730,7 +730,7 @@ class SearchSpace(Space):
 
         if not isinstance(X, torch.Tensor):
             raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
-        if X.shape[-1] != self.dim:
+        if X.dim() == 0 or X.shape[-1] != self.dim:
             raise ValueError(f"X must have last dimension {self.dim}, got shape {tuple(X.shape)}")
         X = X.clamp(0.0, 1.0)
 
@@ -766,7 +766,7 @@ class SearchSpace(Space):
 
         if not isinstance(X, torch.Tensor):
             raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
-        if X.shape[-1] != self.dim:
+        if X.dim() == 0 or X.shape[-1] != self.dim:
             raise ValueError(f"X must have last dimension {self.dim}, got shape {tuple(X.shape)}")
         X = X.clamp(0.0, 1.0)
         widths = torch.tensor(
@@ -936,6 +936,16 @@ class BoxSpace(Space):
 
     def config_from_dict(self, data: Mapping[str, Any]) -> tuple[float, ...]:
         """Inverse of :meth:`config_to_dict`."""
-        if not isinstance(data, Mapping) or "x" not in data:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data must be a mapping with key 'x', got {type(data).__name__}")
+        if "x" not in data:
             raise ValueError("data must be a mapping with key 'x'")
-        return tuple(float(v) for v in data["x"])
+        x = _check_seq(data["x"], "data['x']")
+        if len(x) != self.dim:
+            raise ValueError(f"data['x'] must have length {self.dim} (the space's dimension), got {len(x)}")
+        for i, v in enumerate(x):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"data['x'][{i}] must be a real number, got {type(v).__name__} ({v!r})")
+            if not math.isfinite(float(v)):
+                raise ValueError(f"data['x'][{i}] must be finite, got {v}")
+        return tuple(float(v) for v in x)

@@ -46,11 +46,11 @@ SURROGATES = ("saas", "gp")
 
 
 def _pos_int(v: object, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # a numpy int too
         raise TypeError(f"{name} must be an int, got {type(v).__name__} ({v!r})")
     if v < 1:
         raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
+    return int(v)
 
 
 def _int(v: object, name: str) -> int:
@@ -79,7 +79,7 @@ class NUTSSettings:
 
     def __post_init__(self) -> None:
         for name in ("warmup_steps", "num_samples", "thinning", "max_tree_depth"):
-            _pos_int(getattr(self, name), name)
+            object.__setattr__(self, name, _pos_int(getattr(self, name), name))
         if self.thinning > self.num_samples:
             raise ValueError(
                 f"thinning ({self.thinning}) must be <= num_samples ({self.num_samples}) "
@@ -121,7 +121,7 @@ class AcquisitionSettings:
 
     def __post_init__(self) -> None:
         for name in ("mc_samples", "raw_samples", "num_restarts", "maxiter_alternating"):
-            _pos_int(getattr(self, name), name)
+            object.__setattr__(self, name, _pos_int(getattr(self, name), name))
 
 
 class EffectiveInput(InputTransform):
