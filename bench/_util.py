@@ -6,9 +6,9 @@ Every benchmark file (``bench/test_<op>.py``) does the same four things, with th
 2. check the implementation's result against the float64 reference (:func:`check`, per-dtype
    tolerance :data:`TOL`);
 3. time it (:func:`run`): on CUDA a median of CUDA-event timings with the L2 cache flushed
-   before every repetition (and, for decode, of CUDA-graph replays), plus pytest-benchmark's
-   own host-clock rounds with the device synchronised before and after each round
-   (:data:`PYTESTMARK` installs a synchronising timer); on CPU the pytest-benchmark minimum
+   before every repetition (and, for decode and forward + backward, of CUDA-graph replays),
+   plus pytest-benchmark's own host-clock rounds with the device synchronised before and after
+   each round (:data:`PYTESTMARK` installs a synchronising timer); on CPU the pytest-benchmark minimum
    (shared cores: the least-disturbed round);
 4. report derived figures in ``benchmark.extra_info`` (tokens/s, TFLOP/s, GB/s, % of the peaks
    measured in the same run, the roofline bound); ratios to the other implementations of the

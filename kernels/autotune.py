@@ -607,8 +607,8 @@ def write_table(table: dict, path: Path) -> Path:
             buckets = {_bucket(e) for e in tuned}
             ops[op] = sorted([e for e in old_ops.get(op, []) if _bucket(e) not in buckets] + tuned,
                              key=_bucket_order)
-        # dispatch thresholds merge key by key: a tuning run writes fused_max_rank only, and
-        # must keep what bench/dispatch.py measured (decode_max_tokens, ...)
+        # dispatch thresholds merge key by key: a tuning run writes fused_max_rank and the split
+        # schedule's knobs only, and must keep what bench/dispatch.py measured (decode_max_tokens, ...)
         dispatch = {**old.get("dispatch", {}), **table.get("dispatch", {})}
         merged = dict(old, **{k: v for k, v in table.items() if k not in ("ops", "dispatch")}, ops=ops,
                       dispatch=dispatch)

@@ -314,8 +314,9 @@ def lora_linear_forward(x, weight, bias, lora_a, lora_b, lora_scale, slots, sort
     """The body of ``milp::lora_linear`` as a plain function: checks, then the chosen path.
 
     :func:`kernels.lora_linear` calls it directly for eager work without autograd (no
-    dispatcher round trip, a few tens of microseconds per call on the host); everything
-    else (autograd, ``torch.compile``, fake tensors, profiling) goes through the op.
+    dispatcher round trip, a few tens of microseconds per call on the host), and eager
+    training through :class:`EagerLoraLinear`; everything else (``torch.compile``, fake
+    tensors, profiling, modes, ``torch.func``) goes through the op.
     """
     check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
                     weight=weight, bias=bias, lora_b=lora_b)

@@ -27,10 +27,12 @@ How the pipeline drives it
    or a kill, build the same ``Search`` on the same ``log_path``: finished trials are
    loaded (never evaluated again), trials that were asked but not told are asked again,
    and ``run(score_round, n_trials)`` stops at exactly ``n_trials`` finished trials.
-5. Pick: ``search.select("val_ce", tolerance=0.01, then="parameters")`` is the rule for a
-   user's configuration: among the Pareto-optimal trials whose validation CE is within
-   1 % (relative) of the best CE found, the one with the fewest trainable parameters
-   (ties: the lower CE).  ``search.pareto_front()``, ``search.hypervolume()`` and
+5. Pick: ``search.select("val_ce", tolerance=0.01, then="parameters")``: among the
+   Pareto-optimal trials whose validation CE is within 1 % (relative) of the best CE found,
+   the one with the fewest trainable parameters (ties: the lower CE).  ``python -m
+   milp.train`` applies this rule (``--search-tolerance``) to its successful trials with at
+   least one adapter plus an "adapters on every layer" reference, so a configuration without
+   memory is never its pick.  ``search.pareto_front()``, ``search.hypervolume()`` and
    ``search.plot(directory)`` report the front.
 
 Example (Sobol rounds only, so it runs in a second; a real search has ``n_init=100``):

@@ -9,7 +9,8 @@ each problem's fixed reference point and noise-free objective values.
 
 Writes ``<out>/search_validation.json`` (settings, per-seed final hypervolumes, traces,
 timings), ``<out>/search_validation.md`` (the table) and ``<out>/search_validation.png``
-(hypervolume vs evaluations, mean and min–max band), atomically, after every run.
+(hypervolume vs evaluations, mean and min–max band), atomically: the JSON and the markdown
+after every run, the plot once all runs are done.
 """
 from __future__ import annotations
 
