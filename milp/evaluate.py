@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with python -m milp.train mean the same there; MiLP is exactly that pipeline.",
         parents=[train.build_parser()],
         conflict_handler="resolve",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=train.HelpFormatter,
     )
     p.set_defaults(output=DEFAULT_OUTPUT)
     g = p.add_argument_group("comparison")

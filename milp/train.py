@@ -148,6 +148,21 @@ def _pos(kind: type, minimum: float, maximum: float | None = None) -> Callable[[
     return parse
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each default as it would be typed: none for an on/off switch (``store_true``
+    / ``store_false``: "(default: True)" read as if ``--no-progress`` were on) or for a flag whose
+    help states its default itself; a sequence comma-joined, not as a Python tuple."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("(default:" in text or action.default is None or action.default is argparse.SUPPRESS
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return text
+        if isinstance(action.default, (tuple, list)):
+            return f"{text} (default: {','.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m milp.train`` (also used by ``milp.evaluate``)."""
     p = argparse.ArgumentParser(
@@ -155,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="MiLP: inject each user's history into LoRA adapters on the FFN layers of a base LM, "
         "instruction-tune, and evaluate on held-out users. With no arguments: the embedded SmolLM2-135M "
         "and MedDia, small enough for a few minutes on 2 CPU cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data and model")
     g.add_argument("--model", default=None, metavar="PATH",
@@ -201,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search-nuts", default="paper", choices=["paper", "fast"],
                    help="NUTS settings: paper (512/256/16) or fast (128/128/16)")
     g.add_argument("--search-modules", type=_int_range, default=(0, MAX_MODULES), metavar="LO-HI",
-                   help="module-count range of the search space")
+                   help=f"module-count range of the search space (default: 0-{MAX_MODULES})")
     g.add_argument("--search-ranks", type=_int_list, default=(8, 16, 32, 64, 96), metavar="R,R,...",
                    help="ranks of the search space")
     g.add_argument("--search-dims", type=_dims_list, default=SEARCH_DIMS, metavar="D,D,...",
@@ -217,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default=DEFAULT_OUTPUT, metavar="DIR", help="output directory (resumed if present)")
     g.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
     g.add_argument("--slots", type=_pos(int, 1), default=64, help="users held in the runtime at once")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (default: bars on)")
     return p
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -120,6 +121,31 @@ def test_name_list_refuses_empty_repeated_or_unknown(text, match):
 
 
 # --------------------------------------------------------------------------- numeric flags and their --help
+def test_help_shows_each_default_as_it_would_be_typed():
+    """Was: ``--help`` said "--no-progress ... (default: True)" (read as if bars were off by
+    default), "(default: embedded SmolLM2-135M-Instruct) (default: None)" and showed sequences as
+    Python tuples ("(default: (0, 32))"); ``milp.evaluate --help`` the same. Every default shown
+    must parse back to the flag's default."""
+    import milp.evaluate as ev
+
+    checked = 0
+    for parser in (train.build_parser(), ev.build_parser()):
+        text = " ".join(parser.format_help().split())
+        assert not re.search(r"\(default: (None|True|False|\(|\[)", text), text
+        assert text.count("(default:") == len(re.findall(r"\(default: [^)]*\)", text))
+        for action in parser._actions:
+            m = re.search(r"\(default: ([^)]*)\)$", " ".join((parser._get_formatter()._expand_help(action)
+                                                            if action.help else "").split()))
+            if m and action.type is not None and callable(action.type) and action.option_strings:
+                shown = m.group(1)
+                if not shown.startswith(("embedded", "the ", "half", "bars")):
+                    assert action.type(shown) == action.default, (action.option_strings, shown)
+                    checked += 1
+    assert checked > 40  # both parsers' typed flags, the sequences included
+    text = " ".join(train.build_parser().format_help().split())
+    assert f"(default: 0-{MAX_MODULES})" in text and "(default: bars on)" in text
+
+
 @SETTINGS
 @given(n=st.integers(-5, MAX_MODULES + 5))
 def test_modules_flag_accepts_exactly_the_range_its_help_states(n, capsys):
