@@ -8,7 +8,7 @@
 #            (in the background) the benchmark grid's kernel variants compiled into Triton's
 #            cache, the kernel tests on the GPU (junit XML, capped at 100 s), then only the
 #            benchmarks behind the speed targets (issue 3: 7B FFN fused forward at 4096/16384
-#            tokens, decode 32/256 users, forward+backward at 4096; issue 5: runtime decode and
+#            tokens, decode 32/256 users, forward+backward at 512/4096; issue 5: runtime decode and
 #            joint training, 180 s; issue 4: the whole decoder layer), then, in the time left of
 #            MILP_QUICK_TOTAL_S (540), the rest of the op grid. No report on the device: make it
 #            here from the returned bench_quick_*.json. Run it as
