@@ -88,6 +88,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from milp.data import _PROFILE_PREFIX, IGNORE_INDEX, _check_tokenizer
+from milp.losses import values_checked
 
 __all__ = [
     "TPLP_HEADER",
@@ -163,7 +164,10 @@ def _encode(embedder: Any, texts: list[str]) -> Tensor:
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != len(texts):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"embedder.encode returned {shape} for {len(texts)} texts; expected a Tensor [n, dim]")
-    return out.detach().to("cpu", torch.float32)
+    out = out.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(out).all()):  # NaN rows would rank (and average) silently as garbage
+        raise ValueError(f"embedder.encode returned NaN or inf embeddings for {len(texts)} texts")
+    return out
 
 
 # =========================================================================== token budget
@@ -406,6 +410,7 @@ class MemoryRetriever:
         """
         if isinstance(record, Sequence) and not isinstance(record, (str, bytes)):
             raise TypeError("record must be one Record; use contexts(records, tokenizer) for a batch")
+        _user_texts(record, "record", need_query=True)  # named as this method's argument, not records[0]
         return self.contexts([record], tokenizer)[0]
 
 
@@ -461,6 +466,7 @@ def user_vector(record: Any, embedder: Any) -> Tensor:
         >>> user_vector(record, load_default_embedder()).shape                    # doctest: +SKIP
         torch.Size([384])
     """
+    _user_texts(record, "record")  # named as this function's argument, not records[0]
     return user_vectors([record], embedder)[0]
 
 
@@ -582,6 +588,13 @@ def prefix_inputs(model: Any, input_ids: Tensor, attention_mask: Tensor | None, 
         raise ValueError(f"input_ids must be an integer Tensor [B, T], got "
                          f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
     bsz, width = input_ids.shape
+    if not isinstance(with_position_ids, bool):
+        raise TypeError(f"with_position_ids must be a bool, got {with_position_ids!r}")
+    rows = int(table.weight.shape[0])
+    if input_ids.numel() and values_checked(input_ids) and (int(input_ids.min()) < 0 or int(input_ids.max()) >= rows):
+        # an IndexError deep in the embedding on CPU, a device-side assert on a GPU
+        raise ValueError(f"input_ids must be token ids in [0, {rows}) (the model's vocabulary), got values in "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -49,6 +50,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """
     from search.trial_log import atomic_write_bytes as write  # stdlib only; keeps `import milp` light
 
+    _check_path(path)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__} (atomic_write_text writes a str)")
     write(path, data)
     return Path(path)
 
@@ -61,6 +65,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         >>> atomic_write_text(os.path.join(d, "x.txt"), "hi").read_text()
         'hi'
     """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__} (atomic_write_bytes writes bytes)")
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -77,6 +83,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         >>> sorted(p.name for p in d.iterdir())
         ['a.txt']
     """
+    _check_path(path)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{str(path)!r} exists and is not a directory")
@@ -112,6 +119,11 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     fsync_dir(path.parent)  # the rename survives a power loss
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_path(path: object) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
 
 
 def _remove_empty(folders: Sequence[Path]) -> None:
@@ -255,6 +267,8 @@ class MemoryConfig:
                 )
             return getattr(config, name)
 
+        if num_layers is not None and not _is_int(num_layers):
+            raise TypeError(f"num_layers must be an int (the model's layer count) or None, got {num_layers!r}")
         mask = get("layer_mask")
         if hasattr(mask, "tolist"):
             mask = mask.tolist()
@@ -295,6 +309,8 @@ class MemoryConfig:
             >>> MemoryConfig.uniform(3, 2, 8).layer_ranks(2)
             (8, 8)
         """
+        if isinstance(layer, numbers.Integral) and not isinstance(layer, bool):
+            layer = int(layer)  # a numpy int (an np.nonzero index) is that layer; was "must be in [0, L), got 0"
         if not _is_int(layer) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
         if not self.layer_mask[layer] or self.modules[layer] == 0:
@@ -308,6 +324,8 @@ class MemoryConfig:
         Example:
             >>> MemoryConfig.uniform(2).check_num_layers(2)
         """
+        if not _is_int(num_layers):
+            raise TypeError(f"num_layers must be an int (the model's layer count), got {num_layers!r}")
         if self.num_layers != num_layers:
             raise ValueError(
                 f"MemoryConfig.layer_mask has {self.num_layers} layers but the model has {num_layers}"
@@ -323,8 +341,15 @@ class MemoryConfig:
         """
         from search.space import parameter_count
 
+        if isinstance(model_or_shapes, (str, bytes)):
+            raise TypeError(f"model_or_shapes must be a model or per-layer [(in, out), ...] shapes, got "
+                            f"{type(model_or_shapes).__name__}")
         if isinstance(model_or_shapes, Sequence):
-            shapes = [[(int(i), int(o)) for i, o in layer] for layer in model_or_shapes]
+            try:
+                shapes = [[(int(i), int(o)) for i, o in layer] for layer in model_or_shapes]
+            except (TypeError, ValueError):  # not pairs of ints
+                raise ValueError(f"model_or_shapes must be per-layer [(in, out), ...] shapes, got "
+                                 f"{model_or_shapes!r:.80}") from None
         else:
             from .inject import ffn_target_shapes
 

@@ -1208,6 +1208,12 @@ _SEPARATOR = "\n"
 _PLAIN_PROMPT = "Question: {query}\nAnswer:"
 
 
+def _check_bool(name: str, value: Any) -> None:
+    """A flag: ``"no"`` or ``0`` would be taken by truthiness, not refused."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def _check_tokenizer(tokenizer: Any) -> None:
     if not callable(tokenizer) or not hasattr(tokenizer, "convert_tokens_to_ids"):
         raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
@@ -1248,6 +1254,7 @@ def format_memory(memory: Record | UserMemory, *, include_profile: bool = True) 
     """
     if not isinstance(memory, (Record, UserMemory)):
         raise TypeError(f"memory must be a Record or UserMemory, got {type(memory).__name__}")
+    _check_bool("include_profile", include_profile)
     segs: list[tuple[str, bool]] = []
     if include_profile and memory.profile.strip():
         segs += [(_PROFILE_PREFIX, False), (memory.profile.strip(), True), (_SEPARATOR, False)]
@@ -1323,6 +1330,13 @@ def _messages(query: str, system_prompt: str | None) -> list[dict[str, str]]:
     return msgs + [{"role": "user", "content": query}]
 
 
+def _check_prompt_options(system_prompt: Any, use_chat_template: Any) -> None:
+    if use_chat_template is not None:
+        _check_bool("use_chat_template", use_chat_template)
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise TypeError(f"system_prompt must be a str or None, got {type(system_prompt).__name__}")
+
+
 def format_prompt(query: str, tokenizer: Any, *, system_prompt: str | None = None,
                   use_chat_template: bool | None = None) -> str:
     """The generation prompt for ``query`` as text (chat template if the tokenizer has one).
@@ -1336,7 +1350,10 @@ def format_prompt(query: str, tokenizer: Any, *, system_prompt: str | None = Non
     """
     _check_tokenizer(tokenizer)
     _check_text("query", query)
+    _check_prompt_options(system_prompt, use_chat_template)
     chat = _has_chat_template(tokenizer) if use_chat_template is None else use_chat_template
+    if chat and not _has_chat_template(tokenizer):
+        raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
     if chat:  # the query stripped, as tokenize_instruction feeds it
         messages = _messages(query.strip(), system_prompt)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -1379,7 +1396,9 @@ def tokenize_instruction(
         raise TypeError(f"record must be a Record, got {type(record).__name__}")
     _check_tokenizer(tokenizer)
     _check_max_length(max_length, 4)
-    chat = _has_chat_template(tokenizer) if use_chat_template is None else bool(use_chat_template)
+    _check_bool("add_response", add_response)
+    _check_prompt_options(system_prompt, use_chat_template)
+    chat = _has_chat_template(tokenizer) if use_chat_template is None else use_chat_template
     if chat and not _has_chat_template(tokenizer):
         raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
     query = record.query.strip()
@@ -1444,7 +1463,8 @@ def collate(
                         "(does the tokenizer have a pad or eos token?)")
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+    multiple = pad_to_multiple_of
+    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
         raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
     has_labels = ["labels" in ex for ex in examples]
     if any(has_labels) and not all(has_labels):
@@ -1464,13 +1484,23 @@ def collate(
     input_ids = torch.full((bsz, width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((bsz, width), dtype=torch.long)
     labels = torch.full((bsz, width), IGNORE_INDEX, dtype=torch.long) if all(has_labels) else None
+    def ids_of(i: int, key: str) -> torch.Tensor:
+        try:
+            t = torch.as_tensor(list(ex[key]))
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        # a float id would be truncated to another token by the long tensor, a bool taken as 0/1
+        if t is None or t.dim() != 1 or t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"examples[{i}][{key!r}] must be a list of int token ids, got {list(ex[key])[:5]!r}")
+        return t
+
     for i, ex in enumerate(examples):
         n = len(ex["input_ids"])
         sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
-        input_ids[i, sl] = torch.as_tensor(list(ex["input_ids"]), dtype=torch.long)
+        input_ids[i, sl] = ids_of(i, "input_ids")
         attention[i, sl] = 1
         if labels is not None:
-            labels[i, sl] = torch.as_tensor(list(ex["labels"]), dtype=torch.long)
+            labels[i, sl] = ids_of(i, "labels")
     out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention}
     if labels is not None:
         out["labels"] = labels

@@ -262,6 +262,10 @@ class MultiLoraLinear(nn.Module):
     def __init__(self, base: nn.Module, max_users: int, layer: int, target: str, capacity: int = 0,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layer must be an int >= 0 (the block index), got {layer!r}")
+        if not isinstance(target, str) or not target:
+            raise TypeError(f"target must be the target's non-empty name (a str), got {target!r}")
         dims = _in_out_attrs(base)
         if dims is None:
             raise TypeError(f"base must be a linear-like module (in_features/out_features), got {type(base).__name__}")
@@ -395,9 +399,17 @@ class MilpState:
             12
         """
         self._check_slot(slot)
+        if not isinstance(layer_ranks, Mapping):
+            raise TypeError(f"layer_ranks must be a mapping {{layer: ranks}}, got {type(layer_ranks).__name__}")
         for li in layer_ranks:
             if isinstance(li, bool) or not isinstance(li, int) or not 0 <= li < self.num_layers:
                 raise ValueError(f"layer_ranks keys must be layer indices in [0, {self.num_layers}), got {li!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        # the slot's adapters as they are: put back when the new ones are refused (a rank, the
+        # alpha, init) part-way, so a refused call leaves the slot as it was
+        saved = [(m.bank, m.bank.segment(slot), *(w.detach().clone() for w in m.bank.adapter_weights(slot)[:2]))
+                 for m in self.modules() if m.bank.has(slot)]
         self.remove_adapters(slot, missing_ok=True)
         try:
             for li, layer in enumerate(self.layers):
@@ -408,6 +420,12 @@ class MilpState:
                     m.bank.add(slot, ranks, lora_alpha, init=init, generator=generator)
         except BaseException:
             self.remove_adapters(slot, missing_ok=True)
+            with torch.no_grad():
+                for bank, seg, a, b in saved:
+                    bank.add(slot, list(seg.ranks), list(seg.alphas), init="zeros")
+                    wa, wb, _ = bank.adapter_weights(slot)
+                    wa.copy_(a)
+                    wb.copy_(b)
             raise
 
     def remove_adapters(self, slot: int, *, missing_ok: bool = False) -> None:
@@ -418,6 +436,8 @@ class MilpState:
             >>> st.remove_adapters(1, missing_ok=True)
         """
         self._check_slot(slot)
+        if not isinstance(missing_ok, bool):
+            raise TypeError(f"missing_ok must be a bool, got {missing_ok!r}")
         found = False
         for b in self.banks():
             if b.has(slot):
@@ -434,20 +454,29 @@ class MilpState:
     def set_users(self, users: torch.Tensor | Sequence[int] | None) -> None:
         """Set the user slot of each batch row (``[B]``) or token (``[B, S]``); ``-1`` = base
         model only; ``None`` clears (every layer then runs its base module alone)."""
-        self._version += 1
-        self._row_users_dev.clear()
         if users is None:
+            self._version += 1
+            self._row_users_dev.clear()
             self.row_users, self._batch_slots = None, frozenset()
             return
-        t = users if isinstance(users, torch.Tensor) else torch.as_tensor(list(users))
-        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"users must hold integer user slots, got dtype {t.dtype}")
+        if isinstance(users, torch.Tensor):
+            t = users
+        else:
+            try:  # a str, a bare int, None entries or ragged rows: no [B] / [B, S] of slots
+                t = torch.as_tensor(list(users))
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"users must be a [B] or [B, S] sequence (or tensor) of int user slots, "
+                                f"got {type(users).__name__} {users!r:.60}") from None
         if t.dim() not in (1, 2) or t.numel() == 0:
             raise ValueError(f"users must be [B] (one slot per row) or [B, S] (per token), got shape {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"users must hold integer user slots, got dtype {t.dtype}")
         t = t.detach().to("cpu", torch.int64)
         lo, hi = int(t.min()), int(t.max())
         if lo < -1 or hi >= self.max_users:
             raise ValueError(f"users must be slots in [-1, {self.max_users}) (-1 = no adapter), got [{lo}, {hi}]")
+        self._version += 1
+        self._row_users_dev.clear()
         self.row_users = t.contiguous()
         values = t.unique().tolist()
         self._batch_slots = frozenset(v for v in values if v >= 0)
@@ -529,7 +558,11 @@ class MilpState:
             raise ValueError(f"lead must be a non-empty sequence of ints > 0 (the activations' leading shape), "
                              f"got {lead!r}")
         lead = tuple(lead)
-        dev = torch.device(device) if device is not None else self.layers[0][0].bank.lora_a.device
+        try:
+            dev = torch.device(device) if device is not None else self.layers[0][0].bank.lora_a.device
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"device must be a torch.device or a device string like 'cuda:0', "
+                             f"got {device!r}") from None
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         key = (dev.type, dev.index, lead)
@@ -573,7 +606,10 @@ class MilpState:
         return plan
 
     def resize_users(self, max_users: int) -> None:
-        """Grow the slot space of every bank (and the plans) to ``max_users``."""
+        """Grow the slot space of every bank (and the plans) to ``max_users`` (a smaller one
+        changes nothing)."""
+        if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+            raise ValueError(f"max_users must be an int >= 1, got {max_users!r}")
         if max_users <= self.max_users:
             return
         for b in self.banks():
@@ -778,8 +814,10 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, **overrides: Any) -> nn.Mo
     """
     import transformers as tf
 
-    if arch not in _TINY:
+    if not isinstance(arch, str) or arch not in _TINY:
         raise ValueError(f"arch must be one of {', '.join(_TINY)}; got {arch!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     config_cls, model_cls, kw, renames = _TINY[arch]
     kw = dict(kw)
     kw.update({renames.get(k, k): v for k, v in overrides.items()})

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE_INDEX
 
-__all__ = ["SPLIT_ARCHITECTURES", "DEFAULT_CHUNK_TOKENS", "token_losses", "mean_token_loss"]
+__all__ = ["SPLIT_ARCHITECTURES", "DEFAULT_CHUNK_TOKENS", "check_token_inputs", "token_losses", "mean_token_loss"]
 
 #: Position chunk of the head: ``chunk × V`` float32 logits at a time (2048 × 49,152 = 0.4 GB).
 DEFAULT_CHUNK_TOKENS = 2048
@@ -60,6 +61,106 @@ def _split(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 def _head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def values_checked(t: torch.Tensor) -> bool:
+    """Whether to check ``t``'s values (token ids in the vocabulary, slots in range): always on
+    CPU, where reading them is free; on a GPU only under ``MILP_DEBUG=1``, as the kernels' own
+    value checks, since reading them back stalls the host on every step (and cannot happen
+    while a CUDA graph is captured)."""
+    return t.device.type == "cpu" or os.environ.get("MILP_DEBUG", "0") == "1"
+
+
+def _vocab(model: nn.Module | None, getter: str | None = None) -> int | None:
+    """Rows of an embedding / outputs of a head, or of ``model.<getter>()`` (``None`` when it is
+    neither, or the model has no such getter)."""
+    module = model
+    if getter is not None:
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError, TypeError):
+            return None
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return None
+
+
+def check_token_inputs(model: nn.Module, input_ids: Any, attention_mask: Any = None,
+                       inputs_embeds: Any = None, *, cached: bool = False) -> None:
+    """``ValueError``/``TypeError`` naming the argument unless ``input_ids`` is a non-empty ``[B, S]``
+    integer tensor of ids in ``[0, vocab)`` (the model's input embedding rows; an id beyond
+    them is an ``IndexError`` deep in the embedding on CPU and a device-side assert on a GPU)
+    and a 2-D ``attention_mask`` is a tensor of that shape (with a KV cache, ``cached``: ``[B, past + S]``;
+    a 4-D one is the model's to check).
+
+    Example:
+        >>> from milp.inject import tiny_model
+        >>> check_token_inputs(tiny_model("llama"), torch.tensor([[5, 96]]))
+        Traceback (most recent call last):
+        ValueError: input_ids must be token ids in [0, 96) (the model's vocabulary), got values in [5, 96]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
+    x = input_ids if input_ids is not None else inputs_embeds
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a [B, S] tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {list(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids must hold at least one row and one token, got shape {list(input_ids.shape)}")
+        vocab = _vocab(model, "get_input_embeddings")
+        if vocab is not None and values_checked(input_ids):
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), "
+                                 f"got values in [{lo}, {hi}]")
+    elif inputs_embeds is not None:
+        if not isinstance(inputs_embeds, torch.Tensor):
+            raise TypeError(f"inputs_embeds must be a [B, S, hidden] tensor, got {type(inputs_embeds).__name__}")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"inputs_embeds must be [B, S, hidden] with B, S >= 1, "
+                             f"got shape {list(inputs_embeds.shape)}")
+        try:
+            emb = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            emb = None
+        if isinstance(emb, nn.Embedding) and inputs_embeds.shape[-1] != emb.embedding_dim:
+            raise ValueError(f"inputs_embeds must be [B, S, hidden] with the model's hidden = {emb.embedding_dim}, "
+                             f"got shape {list(inputs_embeds.shape)}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dim() < 2:
+            raise ValueError(f"attention_mask must be [B, S] (or a model's 4-D mask), got shape "
+                             f"{list(attention_mask.shape)}")
+        if x is not None and attention_mask.dim() == 2:
+            (B, S), (mb, ms) = x.shape[:2], attention_mask.shape
+            if mb != B or ms < S or (ms != S and not cached):
+                raise ValueError(f"attention_mask must be [B, S] = {[B, S]} (input_ids' shape"
+                                 + (", or [B, past + S] with the cache" if cached else "")
+                                 + f"), got {list(attention_mask.shape)}")
+
+
+def _cached(kwargs: Any) -> bool:
+    """Whether a model call's keyword arguments hand it a KV cache (its mask then covers the past)."""
+    return any(kwargs.get(k) is not None for k in ("past_key_values", "cache"))
+
+
+def _check_labels(labels: torch.Tensor, vocab: int | None) -> None:
+    """Every target (``labels[:, 1:]``) is ``-100`` or a token id in ``[0, vocab)``."""
+    if vocab is None or labels.shape[1] < 2 or not values_checked(labels):
+        return
+    t = labels[:, 1:]
+    bad = (t != IGNORE_INDEX) & ((t < 0) | (t >= vocab))
+    if bool(bad.any()):
+        v = t[bad]
+        raise ValueError(f"labels must be token ids in [0, {vocab}) or {IGNORE_INDEX} (no target), got values in "
+                         f"[{int(v.min())}, {int(v.max())}]")
 
 
 def token_losses(
@@ -89,10 +190,7 @@ def token_losses(
         raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    if input_ids is not None and input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, S], got shape {list(input_ids.shape)}")
-    if inputs_embeds is not None and inputs_embeds.dim() != 3:
-        raise ValueError(f"inputs_embeds must be [B, S, hidden], got shape {list(inputs_embeds.shape)}")
+    check_token_inputs(model, input_ids, attention_mask, inputs_embeds, cached=_cached(model_kwargs))
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
@@ -104,12 +202,17 @@ def token_losses(
     inputs = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
     split = _split(model)
     if split is None:  # plain path: the model's own logits
+        vocab = _vocab(model, "get_output_embeddings")
+        _check_labels(labels, vocab)
         logits = model(**inputs, attention_mask=attention_mask, **model_kwargs).logits
+        if vocab is None:
+            _check_labels(labels, logits.shape[-1])
         targets = labels[:, 1:].to(logits.device)
         ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
                                                ignore_index=IGNORE_INDEX, reduction="none")
         return ce, targets != IGNORE_INDEX
     body, head = split
+    _check_labels(labels, _vocab(head))
     hidden = body(**inputs, attention_mask=attention_mask, **model_kwargs)[0]
     targets = labels[:, 1:].to(hidden.device)
     valid = targets != IGNORE_INDEX

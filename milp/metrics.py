@@ -203,7 +203,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, confidence: flo
     n = _check_same_length(a=xa, b=xb)
     if n == 0:
         raise ValueError("a and b are empty; nothing to compare")
-    if not 0 < confidence < 1:
+    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
         raise ValueError(f"n_resamples must be an int >= 1, got {n_resamples!r}")
@@ -458,8 +458,9 @@ class LMJudge:
             raise TypeError(f"model must be a causal LM (torch module), got {type(model).__name__}")
         if not callable(getattr(tokenizer, "encode", None)):
             raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
-        if not isinstance(tie_band, (int, float)) or isinstance(tie_band, bool) or tie_band < 0:
-            raise ValueError(f"tie_band must be a number >= 0, got {tie_band!r}")
+        if (not isinstance(tie_band, (int, float)) or isinstance(tie_band, bool) or not math.isfinite(tie_band)
+                or tie_band < 0):  # NaN passed `tie_band < 0`: no pair was ever a tie
+            raise ValueError(f"tie_band must be a finite number >= 0, got {tie_band!r}")
         for arg, v in (("max_context_tokens", max_context_tokens), ("max_answer_tokens", max_answer_tokens),
                        ("batch_size", batch_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -614,6 +615,8 @@ def win_rate(
         raise TypeError(f"contexts must be a sequence (one user context per example), got {type(contexts).__name__}")
     contexts = [_check_context(f"contexts[{i}]", c) for i, c in enumerate(contexts)]
     refs = _check_str_list("references", references) if references is not None else None
+    if not isinstance(swap, bool):  # "no" would judge every pair twice, and 0 is no bool either
+        raise TypeError(f"swap must be a bool, got {swap!r}")
     n = _check_same_length(answers=a, baseline_answers=b, queries=q, contexts=contexts, references=refs)
     if n == 0:
         raise ValueError("no examples to judge")

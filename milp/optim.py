@@ -40,7 +40,9 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass
 
 import torch
@@ -74,26 +76,36 @@ class AdamWConfig:
     max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
-        def num(name: str, v: object, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        def num(name: str, v: object, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+            # any real number (a numpy float32 too), kept as a float: to_dict writes it to JSON
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{name} must be a finite number, got {v!r}")
-            if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            try:
+                f = float(v)
+            except OverflowError:  # an int beyond the float range
+                f = math.inf
+            if not math.isfinite(f):
+                raise TypeError(f"{name} must be a finite number, got {v!r:.40}")
+            if f < lo or f > hi or (lo_open and f == lo) or (hi_open and f == hi):
                 a, b = "(" if lo_open else "[", ")" if hi_open else "]"
                 raise ValueError(f"{name} must be in {a}{lo}, {hi}{b}, got {v}")
+            return f
 
-        num("lr", self.lr, 0.0, math.inf)
+        lr = num("lr", self.lr, 0.0, math.inf)
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise TypeError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
-        num("betas[0]", self.betas[0], 0.0, 1.0, hi_open=True)
-        num("betas[1]", self.betas[1], 0.0, 1.0, hi_open=True)
-        num("eps", self.eps, 0.0, math.inf, lo_open=True)
-        num("weight_decay", self.weight_decay, 0.0, math.inf)
-        num("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        if self.decay not in _DECAYS:
+        betas = (num("betas[0]", self.betas[0], 0.0, 1.0, hi_open=True),
+                 num("betas[1]", self.betas[1], 0.0, 1.0, hi_open=True))
+        eps = num("eps", self.eps, 0.0, math.inf, lo_open=True)
+        wd = num("weight_decay", self.weight_decay, 0.0, math.inf)
+        warmup = num("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        if not isinstance(self.decay, str) or self.decay not in _DECAYS:
             raise ValueError(f"decay must be one of {_DECAYS}, got {self.decay!r}")
         if self.max_grad_norm is not None:
-            num("max_grad_norm", self.max_grad_norm, 0.0, math.inf, lo_open=True)
-        object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
+            object.__setattr__(self, "max_grad_norm",
+                               num("max_grad_norm", self.max_grad_norm, 0.0, math.inf, lo_open=True))
+        for name, v in (("lr", lr), ("betas", betas), ("eps", eps), ("weight_decay", wd), ("warmup_ratio", warmup)):
+            object.__setattr__(self, name, v)
 
     def to_dict(self) -> dict:
         """JSON-ready dict.
@@ -114,8 +126,14 @@ class AdamWConfig:
             >>> AdamWConfig.from_dict({"lr": 1e-3}).weight_decay
             0.0001
         """
+        if not isinstance(d, Mapping):
+            raise TypeError(f"d must be a mapping of AdamWConfig fields, got {type(d).__name__}")
         d = dict(d)
-        if "betas" in d:
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__), key=str)
+        if unknown:
+            raise ValueError(f"AdamWConfig dict has unknown keys {unknown}; expected some of "
+                             f"{list(cls.__dataclass_fields__)}")
+        if isinstance(d.get("betas"), list):  # JSON's list; anything else is the constructor's to refuse
             d["betas"] = tuple(d["betas"])
         return cls(**d)
 
@@ -127,9 +145,22 @@ def warmup_steps(total_steps: int | None, warmup_ratio: float) -> int:
         >>> warmup_steps(25, 0.1)
         3
     """
+    _check_schedule(total_steps, warmup_ratio)
     if not total_steps:
         return 0
     return math.ceil(warmup_ratio * total_steps - 1e-9)
+
+
+def _check_schedule(total_steps: object, warmup_ratio: object, decay: object = "linear") -> None:
+    """The arguments of :func:`warmup_steps` / :func:`lr_multiplier`, as :class:`AdamWConfig` and
+    :meth:`PackedAdamW.set_user` take them (``total_steps`` ``0`` too: no budget)."""
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral)
+                                    or total_steps < 0):
+        raise ValueError(f"total_steps must be an int >= 0 or None, got {total_steps!r}")
+    if isinstance(warmup_ratio, bool) or not isinstance(warmup_ratio, numbers.Real) or not 0 <= warmup_ratio <= 1:
+        raise ValueError(f"warmup_ratio must be a number in [0, 1], got {warmup_ratio!r}")
+    if not isinstance(decay, str) or decay not in _DECAYS:
+        raise ValueError(f"decay must be one of {_DECAYS}, got {decay!r}")
 
 
 def lr_multiplier(step: int, total_steps: int | None, warmup_ratio: float = 0.1, decay: str = "linear") -> float:
@@ -143,6 +174,9 @@ def lr_multiplier(step: int, total_steps: int | None, warmup_ratio: float = 0.1,
         >>> [round(lr_multiplier(s, 10), 3) for s in (1, 2, 10)]
         [1.0, 1.0, 0.111]
     """
+    _check_schedule(total_steps, warmup_ratio, decay)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (the update's 1-based number), got {step!r}")
     W = warmup_steps(total_steps, warmup_ratio)
     if W and step <= W:
         return step / W
@@ -188,15 +222,17 @@ class PackedAdamW:
     def __init__(self, banks: Sequence[AdapterBank], max_users: int, *, master_weights: bool = True) -> None:
         if not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be a bool, got {type(master_weights).__name__}")
+        if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+            raise ValueError(f"max_users must be an int >= 1, got {max_users!r}")
         self.master_weights = master_weights
+        if isinstance(banks, (str, bytes, AdapterBank)) or not isinstance(banks, Sequence):
+            raise TypeError(f"banks must be a sequence of kernels.AdapterBank, got {type(banks).__name__}")
         banks = list(banks)
         for i, b in enumerate(banks):
             if not isinstance(b, AdapterBank):
                 raise TypeError(f"banks[{i}] must be a kernels.AdapterBank, got {type(b).__name__}")
             if b.max_users != max_users:
                 raise ValueError(f"banks[{i}].max_users={b.max_users} differs from max_users={max_users}")
-        if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
-            raise ValueError(f"max_users must be an int >= 1, got {max_users!r}")
         self.banks = banks
         self.max_users = max_users
         dev = banks[0].lora_a.device if banks else torch.device("cpu")
@@ -394,6 +430,10 @@ class PackedAdamW:
             True
         """
         self._check_slot(slot)
+        for sfx, src in (("a", a), ("b", b)):
+            if not isinstance(src, torch.Tensor) or not src.dtype.is_floating_point:
+                raise TypeError(f"{sfx} must be a float tensor [R, features], got "
+                                f"{getattr(src, 'dtype', type(src).__name__)}")
         i = next((j for j, x in enumerate(self.banks) if x is bank), None)
         if i is None:
             raise ValueError("bank is not one of the optimizer's banks")
@@ -404,10 +444,11 @@ class PackedAdamW:
         if "master_a" not in mom:
             return False
         off, r = self._layout[i][slot]
-        for sfx, src in (("a", a), ("b", b)):
-            dst = mom["master_" + sfx][off : off + r]
+        pairs = [(mom["master_" + sfx][off : off + r], sfx, src) for sfx, src in (("a", a), ("b", b))]
+        for dst, sfx, src in pairs:  # both checked before either is written
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"{sfx} has shape {list(src.shape)}, expected {list(dst.shape)}")
+        for dst, _, src in pairs:
             dst.copy_(src.detach().to(dst))
         return True
 
@@ -429,7 +470,12 @@ class PackedAdamW:
             >>> opt = PackedAdamW([], max_users=2); opt.set_user(1); opt.step([1]); opt.step_count(1)
             1
         """
-        idx = torch.as_tensor(slots if not isinstance(slots, torch.Tensor) else slots.tolist())
+        if isinstance(slots, (str, bytes, AbstractSet, Mapping)) or not isinstance(slots, (Iterable, torch.Tensor)):
+            raise TypeError(f"slots must be a sequence (or 1-D tensor) of int user slots, got {type(slots).__name__}")
+        try:
+            idx = torch.as_tensor(slots if not isinstance(slots, torch.Tensor) else slots.tolist())
+        except (TypeError, ValueError, RuntimeError):  # None entries, nested ragged lists
+            raise TypeError(f"slots must hold int user slots, got {slots!r:.60}") from None
         if idx.numel() and (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
             # as_tensor(..., dtype=int64) would truncate 0.5 to user 0 and step a user nobody named
             raise TypeError(f"slots must hold int user slots, got {idx.dtype} values")
@@ -556,12 +602,21 @@ class PackedAdamW:
         rows are optional (a state without them: :meth:`step` re-seeds the master from the
         bank), and skipped for banks without a master (float32/64, ``master_weights=False``)."""
         self._check_slot(slot)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of names to tensors (user_state), got {type(state).__name__}")
         self.sync()
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # every entry checked before any is loaded
         step = None
         for key, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"optimizer state {key!r} must be a tensor, got {type(t).__name__}")
             if key == "step":
-                step = int(t.reshape(-1)[0])
+                if t.numel() != 1 or t.is_complex() or t.dtype == torch.bool:
+                    raise ValueError(f"optimizer state 'step' must hold one step count, got shape {list(t.shape)}")
+                v = t.reshape(-1)[0].item()
+                if not (math.isfinite(v) and v >= 0 and v == int(v)):
+                    raise ValueError(f"optimizer state 'step' must be an int >= 0 (a step count), got {v}")
+                step = int(v)
                 continue
             i_str, _, name = key.partition(".")
             i = int(i_str) if i_str.isascii() and i_str.isdigit() else -1
@@ -576,6 +631,11 @@ class PackedAdamW:
             dst = self._moments[i][name][off : off + r]
             if tuple(t.shape) != tuple(dst.shape):
                 raise ValueError(f"optimizer state {key!r} has shape {list(t.shape)}, expected {list(dst.shape)}")
+            if not (t.dtype.is_floating_point and bool(torch.isfinite(t).all())):
+                raise ValueError(f"optimizer state {key!r} must hold finite floats, got dtype {t.dtype}"
+                                 + ("" if not t.dtype.is_floating_point else " with NaN or inf"))
+            if name.startswith("exp_avg_sq") and bool((t < 0).any()):
+                raise ValueError(f"optimizer state {key!r} (a second moment) must be >= 0, got a negative value")
             copies.append((dst, t))
         for dst, t in copies:
             dst.copy_(t.to(dst))

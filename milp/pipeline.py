@@ -139,6 +139,7 @@ class InstructionAdapter(nn.Module):
 
     def __init__(self, rank: int, alpha: float) -> None:
         super().__init__()
+        _check_rank_alpha(rank, alpha)
         self.rank = rank
         self.alpha = alpha
         self.scale = alpha / rank
@@ -146,6 +147,13 @@ class InstructionAdapter(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self._wrapped: list[tuple[nn.Module, str, _SharedLoRA]] = []
+
+
+def _check_rank_alpha(rank: Any, alpha: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
 
 
 def add_instruction_adapter(
@@ -169,10 +177,11 @@ def add_instruction_adapter(
         >>> len(a.lora_A), get_instruction_adapter(m) is a
         (4, True)
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    _check_rank_alpha(rank, alpha)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     if getattr(model, _ADAPTER_ATTR, None) is not None:
         raise ValueError("model already has an instruction adapter; remove_instruction_adapter(model) first")
     if targets is None:
@@ -185,7 +194,10 @@ def add_instruction_adapter(
             isinstance(t, str) and t for t in targets):
         raise TypeError(f"targets must be a sequence of module-name suffixes (non-empty str), got {targets!r}")
     adapter = InstructionAdapter(rank, float(alpha))
-    gen = torch.Generator().manual_seed(seed)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+    except (RuntimeError, ValueError, OverflowError):  # beyond torch's 64-bit seeds
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}") from None
     found = [(n, m) for n, m in model.named_modules() if any(n.endswith("." + t) or n == t for t in targets)]
     if not found:
         raise ValueError(f"model has no module named like {list(targets)}")
@@ -260,6 +272,24 @@ def _number(v: Any, name: str, lo: float, hi: float = math.inf, *, lo_open: bool
     if v < lo or v > hi or (lo_open and v == lo):
         raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
     return float(v)
+
+
+def _check_stage_args(runtime: Any = None, adapter: Any = None, prefix: Any = None, **callables: Any) -> None:
+    """The objects a stage takes, refused by name before anything runs (an ``AttributeError``
+    or a bare "'int' object is not callable" part-way otherwise)."""
+    from .runtime import MilpRuntime
+
+    if runtime is not None and not isinstance(runtime, MilpRuntime):
+        raise TypeError(f"runtime must be a milp.MilpRuntime or None, got {type(runtime).__name__}")
+    if adapter is not None and not isinstance(adapter, InstructionAdapter):
+        raise TypeError(f"adapter must be an InstructionAdapter (add_instruction_adapter) or None, "
+                        f"got {type(adapter).__name__}")
+    if prefix is not None and not isinstance(prefix, nn.Module):
+        raise TypeError(f"prefix must be a PrefixEncoder (an nn.Module mapping records to soft prompts) or None, "
+                        f"got {type(prefix).__name__}")
+    for name, fn in callables.items():
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -363,6 +393,9 @@ def memory_inject(
     records = _check_records(records)
     _pos_int(steps, "steps")
     _pos_int(rows_per_user, "rows_per_user")
+    if runtime is None:
+        raise TypeError("runtime must be a milp.MilpRuntime holding the records' users, got None")
+    _check_stage_args(runtime, user_key=user_key)
     key = user_key or (lambda r: r.user_id)
     chunks_of: dict[Hashable, list[dict[str, Any]]] = {}
     skipped: set[Hashable] = set()
@@ -470,6 +503,7 @@ def instruction_tune(
     _number(weight_decay, "weight_decay", 0.0)
     _number(warmup_ratio, "warmup_ratio", 0.0, 1.0)
     _number(max_grad_norm, "max_grad_norm", 0.0, lo_open=True)
+    _check_stage_args(runtime, adapter, prefix, context_fn=context_fn, all_reduce=all_reduce)
     adapter = adapter if adapter is not None else get_instruction_adapter(model)
     params: list[nn.Parameter] = []
     if adapter is not None and adapter.enabled:  # a disabled adapter is skipped by the forward: no gradient
@@ -567,6 +601,7 @@ def response_losses(
     """
     records = _check_records(records)
     _pos_int(batch_size, "batch_size")
+    _check_stage_args(runtime, None, prefix, user_key=user_key, context_fn=context_fn)
     users = _runtime_users(runtime, records, user_key)
     examples = _instruction_examples(records, tokenizer, context_fn, max_length, add_response=True)
     pad = _pad_id(tokenizer)
@@ -613,6 +648,7 @@ def generate_responses(
     records = _check_records(records)
     _pos_int(batch_size, "batch_size")
     _pos_int(max_new_tokens, "max_new_tokens")
+    _check_stage_args(runtime, None, prefix, context_fn=context_fn)
     users = _runtime_users(runtime, records, None)
     examples = _instruction_examples(records, tokenizer, context_fn, max_length, add_response=False)
     pad = _pad_id(tokenizer)

@@ -33,7 +33,7 @@ import math
 import numbers
 import os
 import zlib
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from kernels import nvtx_range
 
 from .config import MemoryConfig, atomic_directory
 from .inject import MilpState, apply_milp, batch_users, get_milp, is_injected
-from .losses import token_losses
+from .losses import _cached, check_token_inputs, token_losses, values_checked
 from .optim import AdamWConfig, PackedAdamW
 from .store import CacheInfo, UserStore
 
@@ -88,7 +88,20 @@ def pad_sequences(
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral):
         raise TypeError(f"pad_token_id must be an int, got {pad_token_id!r} "
                         "(does the tokenizer have a pad or eos token?)")
-    seqs = [list(s) for s in sequences]
+    if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Iterable):
+        raise TypeError(f"sequences must be a sequence of token-id lists, got {type(sequences).__name__}")
+    seqs = []
+    for i, s in enumerate(sequences):
+        if isinstance(s, (str, bytes)) or not isinstance(s, Iterable):
+            raise TypeError(f"sequences[{i}] must be a list of int token ids, got {type(s).__name__}")
+        s = list(s)
+        for v in s:  # a float id would be truncated by the long tensor, a bool taken as 0/1
+            if isinstance(v, torch.Tensor) and v.dim() == 0 and not (v.dtype.is_floating_point or v.is_complex()
+                                                                      or v.dtype == torch.bool):
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"sequences[{i}] must hold int token ids, got {v!r}")
+        seqs.append(s)
     if not seqs:
         raise ValueError("sequences must hold at least one sequence")
     if any(len(s) == 0 for s in seqs):
@@ -126,8 +139,17 @@ def mixed_batches(
     """
     if isinstance(rows_per_user, bool) or not isinstance(rows_per_user, int) or rows_per_user < 1:
         raise ValueError(f"rows_per_user must be an int >= 1, got {rows_per_user!r}")
+    if not isinstance(per_user, Mapping):
+        raise TypeError(f"per_user must be a mapping {{user: sequences}}, got {type(per_user).__name__}")
+    if not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle must be a bool, got {shuffle!r}")
+    for name, v in (("seed", seed), ("epoch", epoch)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {v!r}")
     orders: dict[Hashable, list[int]] = {}
     for u, seqs in per_user.items():
+        if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Sequence):
+            raise TypeError(f"per_user[{u!r}] must be a sequence of token-id lists, got {type(seqs).__name__}")
         if len(seqs) == 0:
             raise ValueError(f"user {u!r} has no sequences")
         idx = list(range(len(seqs)))
@@ -162,9 +184,17 @@ def user_losses(
         >>> round(float(total), 4), count.tolist()
         (3.2189, [2, 2])
     """
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"logits and labels must be tensors, got {type(logits).__name__}, {type(labels).__name__}")
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be [B, S, V] and labels [B, S]; got {list(logits.shape)}, {list(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer token ids (-100 = no target), got dtype {labels.dtype}")
     B, S, V = logits.shape
+    from .losses import _check_labels
+
+    _check_labels(labels, V)
+    labels = labels.long()
     ce = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1).to(logits.device),
         ignore_index=-100, reduction="none",
@@ -184,7 +214,27 @@ def user_losses_from_ce(
         >>> float(total), mean.tolist(), count.tolist()
         (4.0, [2.0, 2.0], [2, 1])
     """
+    for name, t in (("ce", ce), ("valid", valid), ("row_slots", row_slots)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not ce.dtype.is_floating_point:
+        raise TypeError(f"ce must hold float per-position losses, got dtype {ce.dtype}")
+    if ce.dim() != 2:
+        raise ValueError(f"ce must be [B, S-1] per-position losses, got shape {list(ce.shape)}")
     B, S1 = ce.shape
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool mask (True = a target), got dtype {valid.dtype}")
+    if tuple(valid.shape) != (B, S1):
+        raise ValueError(f"valid must have ce's shape {[B, S1]}, got {list(valid.shape)}")
+    if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+        raise ValueError(f"max_users must be an int >= 1, got {max_users!r}")
+    if row_slots.dtype.is_floating_point or row_slots.is_complex() or row_slots.dtype == torch.bool:
+        raise TypeError(f"row_slots must hold integer user slots, got dtype {row_slots.dtype}")
+    if row_slots.dim() != 1 or row_slots.shape[0] != B:
+        raise ValueError(f"row_slots must be [B] = [{B}] (one slot per row), got shape {list(row_slots.shape)}")
+    if B and values_checked(row_slots) and (int(row_slots.min()) < -1 or int(row_slots.max()) >= max_users):
+        raise ValueError(f"row_slots must be slots in [-1, {max_users}) (-1 = no user), got values in "
+                         f"[{int(row_slots.min())}, {int(row_slots.max())}]")
     slots = row_slots.to(ce.device).view(B, 1).expand(B, S1)
     valid = valid.to(ce.device) & (slots >= 0)
     tok_user = slots.clamp(min=0).reshape(-1)
@@ -219,6 +269,11 @@ def _read_user_info(path: Path) -> dict[str, Any]:
     return info
 
 
+def _check_path(name: str, path: object) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}")
+
+
 def _is_count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -235,8 +290,14 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                          f"directory") from None
 
 
+def _not_a_key(user: object) -> bool:
+    """A bool or a non-integral number: equal (and hashed alike) to an int id (``True == 1``,
+    ``1.0 == 1``), so it would silently name that user."""
+    return isinstance(user, bool) or (isinstance(user, numbers.Number) and not isinstance(user, numbers.Integral))
+
+
 def _as_key(user: object) -> Hashable:
-    if user is None or isinstance(user, (bool, float)) or not isinstance(user, Hashable):
+    if user is None or _not_a_key(user) or not isinstance(user, Hashable):
         raise TypeError(f"user must be a hashable id (str or int), got {user!r}")
     return user
 
@@ -269,6 +330,8 @@ class MilpRuntime:
             raise TypeError(f"master_weights must be a bool, got {type(master_weights).__name__}")
         if store is not None and not isinstance(store, UserStore):
             raise TypeError(f"store must be a milp.UserStore, got {type(store).__name__}")
+        if optim is not None and not isinstance(optim, AdamWConfig):  # before the model is injected
+            raise TypeError(f"optim must be an AdamWConfig, got {type(optim).__name__}")
         self.model = model
         if is_injected(model):
             self.state: MilpState = get_milp(model)
@@ -276,8 +339,6 @@ class MilpRuntime:
                 raise ValueError("model already holds MiLP adapters; start the runtime on a model without users")
         else:
             self.state = apply_milp(model, max_users=max_users, capacity=capacity)
-        if optim is not None and not isinstance(optim, AdamWConfig):
-            raise TypeError(f"optim must be an AdamWConfig, got {type(optim).__name__}")
         self.default_optim = optim or AdamWConfig()
         self.optimizer = PackedAdamW(self.state.banks(), self.state.max_users, master_weights=master_weights)
         self._slots: dict[Hashable, int] = {}
@@ -304,18 +365,23 @@ class MilpRuntime:
         return list(self._slots)
 
     def has_user(self, user: Hashable) -> bool:
-        return user in self._slots
+        return not _not_a_key(user) and isinstance(user, Hashable) and user in self._slots
 
     def check_user(self, user: Hashable) -> None:
         """``KeyError`` naming ``user`` unless it is loaded or, with a store, saved there (a
         batch may name it)."""
+        if _not_a_key(user) or not isinstance(user, Hashable):
+            raise TypeError(f"user must be a hashable id (str or int), got {user!r}")
         if user in self._slots or (self.store is not None and _as_key(user) in self.store):
             return
         where = f", nor saved in {self.store}" if self.store is not None else ""
         raise KeyError(f"unknown user {user!r}: not loaded{where}; loaded users: {self.users[:20]}")
 
     def slot(self, user: Hashable) -> int:
-        """The bank slot of ``user`` (``KeyError`` when not loaded)."""
+        """The bank slot of ``user`` (``KeyError`` when not loaded; ``TypeError`` for a bool or a
+        float, which would otherwise name the int user it equals)."""
+        if _not_a_key(user):
+            raise TypeError(f"user must be a hashable id (str or int), got {user!r}")
         try:
             return self._slots[user]
         except (KeyError, TypeError):
@@ -356,6 +422,8 @@ class MilpRuntime:
         user = _as_key(user)
         if not isinstance(config, MemoryConfig):
             raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
+        if optim is not None and not isinstance(optim, AdamWConfig):  # named here, not as set_user's `config`
+            raise TypeError(f"optim must be an AdamWConfig or None, got {type(optim).__name__}")
         config.check_num_layers(self.num_layers)
         if user in self._slots:
             raise ValueError(f"user {user!r} is already loaded; remove_user({user!r}) first")
@@ -365,7 +433,12 @@ class MilpRuntime:
             raise ValueError(
                 f"the runtime holds max_users={self.max_users} users; remove or evict one before adding {user!r}"
             )
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        try:
+            gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        except (RuntimeError, ValueError, OverflowError):  # beyond torch's 64-bit seeds
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}") from None
         self.optimizer.zero_grad()
         layer_ranks = {li: config.layer_ranks(li) for li in config.active_layers}
         self.state.add_adapters(free, layer_ranks, config.lora_alpha, init=init, generator=gen)
@@ -398,6 +471,7 @@ class MilpRuntime:
 
     def evict_user(self, user: Hashable, directory: str | os.PathLike[str]) -> Path:
         """:meth:`save_user` then :meth:`remove_user`; returns the directory."""
+        self.slot(user)
         path = self.save_user(user, directory)
         self.remove_user(user)
         return path
@@ -434,6 +508,9 @@ class MilpRuntime:
         their own values, not from the rounded rows. Refused (``KeyError``/``ValueError``) with
         the user's adapters as they were: a missing or extra target, a wrong shape, NaN/inf."""
         slot = self.slot(user)
+        if not isinstance(tensors, Mapping):
+            raise TypeError(f"tensors must be a mapping of names to tensors (adapter_state), "
+                            f"got {type(tensors).__name__}")
         expected = set()
         pairs = []
         for m in self.state.modules():
@@ -477,6 +554,9 @@ class MilpRuntime:
         """
         from safetensors.torch import save_file
 
+        if not isinstance(include_optimizer, bool):
+            raise TypeError(f"include_optimizer must be a bool, got {include_optimizer!r}")
+        _check_path("directory", directory)
         slot = self.slot(user)
         cfg = self._configs[user]
         opt_cfg, total = self.optimizer.config(slot)
@@ -514,6 +594,9 @@ class MilpRuntime:
             >>> d = rt.save_user("u", tempfile.mkdtemp() + "/u"); rt.load_user(d, "v")
             'v'
         """
+        if not isinstance(load_optimizer, bool):
+            raise TypeError(f"load_optimizer must be a bool, got {load_optimizer!r}")
+        _check_path("directory", directory)
         d = Path(directory)
         for name in (ADAPTERS_FILE, CONFIG_FILE, USER_FILE):
             if not (d / name).is_file():
@@ -560,6 +643,8 @@ class MilpRuntime:
         """``[B]`` slots of per-row user ids (``None`` = base model; one ``str``/``int`` id = every
         row). Any other sequence, a tuple included, lists one id per row: pass a tuple-valued
         user id as ``[uid] * batch_size``."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1 (the batch's rows), got {batch_size!r}")
         if users is None or isinstance(users, (str, int)) and not isinstance(users, bool):
             rows = [users] * batch_size
         elif isinstance(users, Sequence):
@@ -616,7 +701,9 @@ class MilpRuntime:
             raise TypeError(f"users must be a sequence with one id (or None) per row, got {type(users).__name__}")
         if order is None:
             order = range(len(users))
-        elif sorted(order) != list(range(len(users))):
+        elif (isinstance(order, (str, bytes)) or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                         for i in order)
+              or sorted(order) != list(range(len(users)))):
             raise ValueError(f"order must be a permutation of range({len(users)}) (the rows of users)")
         free: int | None = None
         pinned: set[Hashable] = set()
@@ -705,6 +792,8 @@ class MilpRuntime:
         if batch_size is None:
             if users is None or isinstance(users, (str, int)):
                 raise ValueError("batch_size is needed when users is a single id")
+            if not isinstance(users, Sequence):
+                raise TypeError(f"users must be a sequence with one id per row, got {type(users).__name__}")
             batch_size = len(users)
         slots = self.row_slots(users, batch_size)
         taken = set(slots.tolist())
@@ -726,15 +815,17 @@ class MilpRuntime:
             >>> rt.forward(torch.ones(1, 3, dtype=torch.long), ["u"]).logits.shape
             torch.Size([1, 3, 96])
         """
-        ids = self._check_ids(input_ids)
+        ids = self._check_ids(input_ids, attention_mask, kwargs)
         with self.using(users, ids.shape[0]):
             return self.model(input_ids=ids, attention_mask=attention_mask, **kwargs)
 
-    def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _check_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a [B, S] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        if input_ids.dtype.is_floating_point:
+        if input_ids.dtype.is_floating_point or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        check_token_inputs(self.model, input_ids, attention_mask, cached=_cached(kwargs or {}))
         return input_ids
 
     def _labels(self, ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -778,7 +869,7 @@ class MilpRuntime:
             >>> sorted(per_user)
             ['a', 'b']
         """
-        ids = self._check_ids(input_ids)
+        ids = self._check_ids(input_ids, attention_mask)
         labels = self._labels(ids, attention_mask, labels)
         with self.using(users, ids.shape[0]) as slots:
             total, mean, counts = self._user_losses(ids, attention_mask, labels, slots)
@@ -800,7 +891,7 @@ class MilpRuntime:
             >>> _ = rt.train_step(torch.randint(3, 90, (2, 6)), "a"); rt.optimizer.step_count(rt.slot("a"))
             1
         """
-        ids = self._check_ids(input_ids)
+        ids = self._check_ids(input_ids, attention_mask)
         labels = self._labels(ids, attention_mask, labels)
         if torch.is_inference_mode_enabled():
             raise RuntimeError("train_step cannot train under torch.inference_mode(); call it outside")
@@ -845,7 +936,7 @@ class MilpRuntime:
             >>> out.shape
             torch.Size([2, 7])
         """
-        ids = self._check_ids(input_ids)
+        ids = self._check_ids(input_ids, attention_mask, kwargs)
         # no mask: model.generate's own (from pad_token_id: left padding is masked), not all ones
         with self.using(users, ids.shape[0]), nvtx_range("milp.runtime.generate"):
             if self._compiles_decode(kwargs):

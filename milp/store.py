@@ -124,6 +124,8 @@ class UserStore:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, write_back: bool = False) -> None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a path (str or os.PathLike), got {type(root).__name__}")
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"user store {str(root)!r} is not a directory")
@@ -176,4 +178,6 @@ class UserStore:
 
     def save_path(self, user: Hashable) -> Path:
         """Where ``user`` is (or will be) saved: its current directory, else :func:`user_dirname`."""
+        if isinstance(user, bool) or not isinstance(user, (str, int)):
+            raise TypeError(f"user must be a str or int id (the ids a store saves), got {user!r}")
         return self.path(user) or self.root / user_dirname(user)  # type: ignore[arg-type]
