@@ -283,7 +283,10 @@ def fused_lora_linear_torch(
         tu = torch.where(mask, tu * scale[rows].to(acc), 0)
         if store_t:
             t[:, :r_max] = tu
-        delta = torch.bmm(tu[:, None, :], lora_b[rows].to(acc))[:, 0]  # [T, d]
+        # the masked columns' rows (row 0: another user's, or a freed one) are zeroed, not
+        # multiplied by a zero t: a NaN or inf there would make 0 * NaN = NaN in this token's row
+        b_rows = torch.where(mask[:, :, None], lora_b[rows].to(acc), 0)
+        delta = torch.bmm(tu[:, None, :], b_rows)[:, 0]  # [T, d]
         live = rank > 0  # tokens without an adapter keep y exactly
         y = torch.where(live[:, None], (y.to(acc) + delta).to(y.dtype), y)
         return y, t

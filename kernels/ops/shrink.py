@@ -80,8 +80,9 @@ def _shrink_kernel(
     mask = row_mask[:, None] & r_mask[None, :]
     if PARTIALS:
         tl.store(out + pid_k * stride_ts, acc, mask=mask)
-    elif SPLIT_K == 1:  # the block's columns past the rank are zeros in acc (masked loads, scale 0)
-        tl.store(out, acc, mask=row_mask[:, None] & (offs_r < R_T)[None, :])
+    elif SPLIT_K == 1:  # the block's columns past the rank are written too, as zeros: selected, for
+        # acc holds x · 0 there (masked loads, scale 0), NaN where x has a NaN or inf
+        tl.store(out, tl.where(r_mask[None, :], acc, 0.0), mask=row_mask[:, None] & (offs_r < R_T)[None, :])
     else:
         tl.atomic_add(out, acc, mask=mask)
 
