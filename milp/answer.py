@@ -6,7 +6,7 @@ run's slots) and the run's shared instruction adapter, the way the run's evaluat
 its test users: the same model, dtype, prompt and greedy decoding. Queries of many users are
 answered in mixed-user batches.
 
-    python -m milp.answer runs/milp --user meddia-d2-0001 "My knee hurts when I run. What now?"
+    python -m milp.answer runs/milp --user meddia-d3-0294 "I have had a headache for three days. What should I do?"
     python -m milp.answer runs/milp --queries queries.jsonl --output answers.jsonl
 
 ``queries.jsonl``: one ``{"user_id": ..., "query": ...}`` per line (other fields are
