@@ -181,7 +181,9 @@ def lora_expand_(y: torch.Tensor, t: torch.Tensor, bank: AdapterBank, plan: Batc
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
     _check_bank_plan(bank, plan)
-    if y.shape[0] != plan.num_tokens:
+    # not while compiling, as in _check_plan: comparing with plan.num_tokens (a Python int) would
+    # specialize a dynamic token count (the op's own checks still refuse a plan too small)
+    if not torch.compiler.is_compiling() and y.shape[0] != plan.num_tokens:
         raise ValueError(f"y has {y.shape[0]} tokens but the plan was built for {plan.num_tokens}")
     if y.shape[1] != bank.out_features:
         raise ValueError(f"y must have {bank.out_features} columns (bank.out_features), got {y.shape[1]}")

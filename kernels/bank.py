@@ -15,6 +15,11 @@ by a first-fit free list; :meth:`AdapterBank.compact` defragments in place (tens
 storage unchanged, so captured CUDA graphs stay valid) and the bank grows by
 reallocation only when the free rows cannot hold a new segment (``version`` then
 increments: re-capture graphs and rebuild optimizers).
+
+Under ``torch.compile`` a compiled step re-traces when the bank grows (every growth, not only
+the first: torch takes a parameter's shape as static) and when ``max_rank`` rises (an int
+the op takes); adding, removing and swapping users inside the capacity and the rank seen so
+far re-traces nothing. Reserve the working capacity up front to serve from one graph.
 """
 from __future__ import annotations
 
@@ -418,7 +423,8 @@ class AdapterBank(torch.nn.Module):
         return [p.grad for p in (self.lora_a, self.lora_b) if p.grad is not None]
 
     def reserve(self, capacity: int) -> None:
-        """Grow storage to at least ``capacity`` rows (bumps ``version`` when it reallocates)."""
+        """Grow storage to at least ``capacity`` rows (bumps ``version`` when it reallocates; a
+        compiled step that reads the bank then re-traces)."""
         check_positive_int("capacity", capacity, minimum=0)
         if capacity <= self.capacity:
             return

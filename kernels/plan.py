@@ -161,7 +161,12 @@ class BatchPlan:
         block_ms: Sequence[int] = DEFAULT_BLOCK_MS,
         validate: bool = True,
     ) -> BatchPlan:
-        """A plan sized exactly for ``token_user`` (``[T]`` ids, ``-1`` = no adapter)."""
+        """A plan sized exactly for ``token_user`` (``[T]`` ids, ``-1`` = no adapter).
+
+        For compiled code keep one plan of a fixed capacity and :meth:`update` it: a plan built
+        per batch has buffers sized by that batch (the tokens, and the segment table once a
+        batch has fewer tokens than ``max_users``), and each such dimension costs
+        ``torch.compile`` a re-trace when it first changes (torch then makes it dynamic)."""
         check_tensor("token_user", token_user, ndim=1)
         plan = cls(max(1, token_user.numel()), max_users, device=token_user.device, block_ms=block_ms)
         return plan.update(token_user, validate=validate)

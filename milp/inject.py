@@ -303,8 +303,10 @@ class MultiLoraLinear(nn.Module):
         st = self._milp_state
         if torch.compiler.is_compiling():
             # no test of the batch's users here: it would make the graph depend on them;
-            # users without adapters in this bank have rank 0 and leave y = base(x)
-            if st is None or st.row_users is None:
+            # users without adapters in this bank have rank 0 and leave y = base(x). A bool, not
+            # ``row_users is None``: reading the tensor guards on its shape, so per-row [B] and
+            # per-token [B, S] users of the same activations would each trace a graph
+            if st is None or not st.has_users:
                 return self.base(x)
         elif st is None or st.row_users is None or not st.any_adapter(self.bank):
             return self.base(x)
@@ -343,6 +345,8 @@ class MilpState:
         self.model_type = str(model.config.model_type)
         self._requires_grad = requires_grad
         self.row_users: torch.Tensor | None = None  # [B] or [B, S] int64 on CPU
+        #: whether users are set (``row_users is not None``): what compiled forwards read
+        self.has_users = False
         self._batch_slots: frozenset[int] = frozenset()
         self._num_row_values = 0
         self._version = 0
@@ -458,6 +462,7 @@ class MilpState:
             self._version += 1
             self._row_users_dev.clear()
             self.row_users, self._batch_slots = None, frozenset()
+            self.has_users = False
             return
         if isinstance(users, torch.Tensor):
             t = users
@@ -478,6 +483,7 @@ class MilpState:
         self._version += 1
         self._row_users_dev.clear()
         self.row_users = t.contiguous()
+        self.has_users = True
         values = t.unique().tolist()
         self._batch_slots = frozenset(v for v in values if v >= 0)
         self._num_row_values = len(values)  # segments of every plan of this batch (incl. -1)
@@ -543,6 +549,17 @@ class MilpState:
         time). Every :meth:`set_users` rewrites each registered plan in place, so a
         compiled graph (and a captured CUDA graph) serves any later batch of that shape
         without re-tracing. Registering costs one plan update per ``set_users``.
+
+        One graph per shape: the lookup by leading shape specializes it, so each registered
+        shape traces a graph of its own, also under ``torch.compile(dynamic=True)`` or after
+        torch marked the batch dimension dynamic (a model without adapters serves every size
+        after its second from one dynamic graph; here 2, 3 and 4 rows are three graphs). Past
+        ``torch._dynamo.config.recompile_limit`` graphs (8 by default) torch runs the forward
+        eagerly (under ``fullgraph=True``, e.g. ``CompileConfig(fullgraph=True)``, it raises).
+        Serve batches of changing size by padding them to a few bucket shapes (extra rows of
+        user ``-1``), each registered once. What else re-traces: a user with a larger total
+        rank than any before at a layer (the bank's ``max_rank``, an int the op takes) and a
+        bank that grows (:meth:`kernels.AdapterBank.reserve`; pass ``capacity`` up front).
 
         Example:
             >>> st = apply_milp(tiny_model("llama"), max_users=2)

@@ -924,8 +924,10 @@ class MilpRuntime:
         ``transformers`` compiles the decode step (on a GPU with CUDA graphs,
         ``mode="reduce-overhead"``); the decode shape's static plan is registered first
         (:meth:`MilpState.prepare_static`), so one compiled graph serves every later batch
-        of the same size whatever its users. The prefill runs eagerly as usual, except a
-        chunked one (``prefill_chunk_size``): its chunks' shapes are registered too.
+        of the same size whatever its users. Each other size (rows × beams or returned
+        sequences) traces a graph of its own, dynamic shapes or not (the static plan is
+        looked up by shape): pad batches to a few sizes. The prefill runs eagerly as usual,
+        except a chunked one (``prefill_chunk_size``): its chunks' shapes are registered too.
 
         Example:
             >>> from milp.inject import tiny_model
