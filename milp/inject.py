@@ -325,6 +325,46 @@ class MultiLoraLinear(nn.Module):
 
 
 # --------------------------------------------------------------------------- shared state
+@torch.library.custom_op("milp::static_plan_snapshot", mutates_args=())
+def _static_plan_snapshot(sorted_tokens: torch.Tensor, tiles: torch.Tensor, segments: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copies of a static plan's buffers. An op, not ``Tensor.clone``: torch.compile's partitioner
+    (inductor's) may recompute a clone in the backward from the static buffers, which would then
+    be saved (and rewritten by the next set_users); an op it is not allowed to recompute is saved."""
+    return sorted_tokens.clone(), tiles.clone(), segments.clone()
+
+
+@_static_plan_snapshot.register_fake
+def _(sorted_tokens, tiles, segments):
+    return torch.empty_like(sorted_tokens), torch.empty_like(tiles), torch.empty_like(segments)
+
+
+class _PlanSnapshot(BatchPlan):
+    """A copy of a static plan's buffers, made inside a compiled forward under autograd (see
+    :meth:`MilpState.plan_for`): what the op saves for the backward, which a later
+    :meth:`MilpState.set_users` (rewriting the static plan in place) leaves alone.
+
+    Only what the ops read is copied (the buffers, ``max_users``, ``block_ms``): no host value
+    that changes with the batch (``num_segments``), which ``torch.compile`` would guard on.
+    """
+
+    def __init__(self, plan: BatchPlan) -> None:  # no BatchPlan.__init__: no buffers to allocate
+        self.max_tokens = self.num_tokens = plan.max_tokens  # a static plan holds max_tokens tokens
+        self.max_users = plan.max_users
+        self.max_segments = plan.max_segments
+        self.block_ms = plan.block_ms
+        self.device = plan.device
+        self.num_segments = None  # unknown on the host: the ops choose by token count
+        self._tile_offsets = plan._tile_offsets
+        self._user_range = plan._user_range
+        self.sorted_tokens, self.tiles, self.segments = torch.ops.milp.static_plan_snapshot(
+            plan.sorted_tokens, plan.tiles, plan.segments)
+
+    def update(self, token_user: torch.Tensor, *, validate: bool = True,
+               num_segments: int | None = None) -> BatchPlan:
+        raise RuntimeError("a snapshot of a static plan is read-only: update the static plan")
+
+
 class MilpState:
     """Per-model injection state: the wrappers, the current batch's users and the plans.
 
@@ -548,7 +588,11 @@ class MilpState:
         static plan of their input's leading shape (a missing one is an error at trace
         time). Every :meth:`set_users` rewrites each registered plan in place, so a
         compiled graph (and a captured CUDA graph) serves any later batch of that shape
-        without re-tracing. Registering costs one plan update per ``set_users``.
+        without re-tracing. Registering costs one plan update per ``set_users``. A compiled
+        forward under autograd saves a copy of the plan for its backward (one small copy per
+        injected layer), so losses of several batches of one shape may be summed before one
+        ``backward`` (gradient accumulation); without autograd (decode, serving) the graph reads
+        the plan's buffers themselves, with no copy.
 
         One graph per shape: the lookup by leading shape specializes it, so each registered
         shape traces a graph of its own, also under ``torch.compile(dynamic=True)`` or after
@@ -605,7 +649,13 @@ class MilpState:
                     f"torch.compile call MilpState.prepare_static({lead}) first (MilpRuntime.generate "
                     f"does it for a static cache)"
                 )
-            return plan
+            # under autograd the op saves the plan for a backward that may come after the next
+            # set_users (losses of several batches summed, then one backward) has rewritten the
+            # static buffers in place: the graph reads a copy of them instead (a few small int32
+            # copies per layer). Without autograd (decode, serving) it reads the buffers themselves:
+            # no copies, and a captured CUDA graph sees every later batch. Grad mode is guarded by
+            # torch.compile anyway: one graph per shape and grad mode.
+            return _PlanSnapshot(plan) if torch.is_grad_enabled() else plan
         T = max(1, math.prod(lead))
         bucket = 1 << (T - 1).bit_length()
         key = (x.device, bucket)
