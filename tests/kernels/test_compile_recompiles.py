@@ -145,15 +145,21 @@ def test_one_graph_for_training_batches():
     assert counter.frame_count <= 2
 
 
-def test_users_coming_and_going_inside_capacity_and_max_rank_retrace_nothing():
-    """``remove``/``add`` of users whose total rank is at most ``max_rank``, in a bank with rows
-    to spare (no reallocation): the graph of the first batch serves them all."""
+def _frozen_bank_compiled():
+    """A frozen bank with rows to spare (capacity 64), a compiled ``lora_linear`` over it, a plan
+    of users 0-3 and -1, and its input: ``(bank, w, fn, counter, plan, x)``."""
     bank = _bank(capacity=64)
     bank.requires_grad_(False)
     w = torch.randn(N, K, device=DEVICE)
     fn, counter = _compiled(lambda x, plan: lora_linear(x, w, None, bank, plan))
     plan = BatchPlan(8, USERS, device=DEVICE).update(_ids([0, 1, 2, 3, -1]))
-    x = torch.randn(5, K, device=DEVICE)
+    return bank, w, fn, counter, plan, torch.randn(5, K, device=DEVICE)
+
+
+def test_users_coming_and_going_inside_capacity_and_max_rank_retrace_nothing():
+    """``remove``/``add`` of users whose total rank is at most ``max_rank``, in a bank with rows
+    to spare (no reallocation): the graph of the first batch serves them all."""
+    bank, w, fn, counter, plan, x = _frozen_bank_compiled()
     with torch.no_grad():
         fn(x, plan)
         ptr = bank.lora_a.data_ptr()
@@ -176,12 +182,7 @@ def test_what_retraces_by_design_is_the_rank_ceiling_and_a_growing_bank():
     import kernels.bank
 
     assert "re-traces when the bank grows" in kernels.bank.__doc__
-    bank = _bank(capacity=64)
-    bank.requires_grad_(False)
-    w = torch.randn(N, K, device=DEVICE)
-    fn, counter = _compiled(lambda x, plan: lora_linear(x, w, None, bank, plan))
-    plan = BatchPlan(8, USERS, device=DEVICE).update(_ids([0, 1, 2, 3, -1]))
-    x = torch.randn(5, K, device=DEVICE)
+    bank, w, fn, counter, plan, x = _frozen_bank_compiled()
     with torch.no_grad():
         fn(x, plan)
         bank.add(1, [8], init="random")  # max_rank 5 -> 8
