@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._backend import env
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -65,3 +67,10 @@ def check_device(name: str, device: object) -> torch.device | None:
         return torch.device(device)
     except (RuntimeError, ValueError):
         raise ValueError(f"{name} must name a device such as 'cpu' or 'cuda:0', got {device!r}") from None
+
+
+def values_checked(t: torch.Tensor) -> bool:
+    """Whether to check ``t``'s values (slots, ranks, token ids, row slots): always on CPU, where
+    reading them is free; on a GPU only under ``MILP_DEBUG=1``, since reading them back stalls
+    the host on every call (and cannot happen while a CUDA graph is captured)."""
+    return t.device.type == "cpu" or env("MILP_DEBUG", "0") == "1"

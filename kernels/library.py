@@ -34,8 +34,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import SideStream, backend_for, env, nvtx_range
+from ._backend import SideStream, backend_for, nvtx_range
 from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import values_checked as _values_checked  # patched by bench tools to time a GPU host's work
 from .ops._common import acc_dtype
 from .ops.expand import lora_expand_, lora_expand_torch_
 from .ops.fused_linear import fused_lora_linear, fused_lora_linear_torch
@@ -46,11 +47,6 @@ from .tuning import PATHS, choose_path, split_schedule
 __all__ = ["check_lora_args", "direct_call_ok", "lora_linear_forward", "lora_linear_backward", "EagerLoraLinear"]
 
 _INT_DTYPES = (torch.int32,)
-
-
-def _values_checked(t: Tensor) -> bool:
-    # value checks read device memory: free on CPU, opt-in (MILP_DEBUG=1) on GPUs
-    return t.device.type == "cpu" or env("MILP_DEBUG", "0") == "1"
 
 
 def check_lora_args(

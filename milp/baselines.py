@@ -87,8 +87,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from milp.config import _check_bool
 from milp.data import _PROFILE_PREFIX, IGNORE_INDEX, _check_tokenizer
-from milp.losses import values_checked
+from milp.losses import check_ids_in_vocab
 
 __all__ = [
     "TPLP_HEADER",
@@ -588,13 +589,8 @@ def prefix_inputs(model: Any, input_ids: Tensor, attention_mask: Tensor | None, 
         raise ValueError(f"input_ids must be an integer Tensor [B, T], got "
                          f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
     bsz, width = input_ids.shape
-    if not isinstance(with_position_ids, bool):
-        raise TypeError(f"with_position_ids must be a bool, got {with_position_ids!r}")
-    rows = int(table.weight.shape[0])
-    if input_ids.numel() and values_checked(input_ids) and (int(input_ids.min()) < 0 or int(input_ids.max()) >= rows):
-        # an IndexError deep in the embedding on CPU, a device-side assert on a GPU
-        raise ValueError(f"input_ids must be token ids in [0, {rows}) (the model's vocabulary), got values in "
-                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    _check_bool("with_position_ids", with_position_ids)
+    check_ids_in_vocab(input_ids, int(table.weight.shape[0]))
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:

@@ -50,7 +50,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """
     from search.trial_log import atomic_write_bytes as write  # stdlib only; keeps `import milp` light
 
-    _check_path(path)
+    _check_path("path", path)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__} (atomic_write_text writes a str)")
     write(path, data)
@@ -83,7 +83,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         >>> sorted(p.name for p in d.iterdir())
         ['a.txt']
     """
-    _check_path(path)
+    _check_path("path", path)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{str(path)!r} exists and is not a directory")
@@ -121,9 +121,17 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_path(path: object) -> None:
+def _check_path(name: str, path: object) -> None:
+    """A ``TypeError`` naming ``name`` unless ``path`` is a str or ``os.PathLike`` (pathlib's own
+    error names no argument)."""
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    """A flag: ``"no"`` or ``0`` would be taken by truthiness, not refused."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def _remove_empty(folders: Sequence[Path]) -> None:

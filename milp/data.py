@@ -92,7 +92,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .config import atomic_write_text
+from .config import _check_bool, atomic_write_text
 
 __all__ = [
     "IGNORE_INDEX",
@@ -1206,12 +1206,6 @@ def split_users(
 _PROFILE_PREFIX = "Profile: "
 _SEPARATOR = "\n"
 _PLAIN_PROMPT = "Question: {query}\nAnswer:"
-
-
-def _check_bool(name: str, value: Any) -> None:
-    """A flag: ``"no"`` or ``0`` would be taken by truthiness, not refused."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def _check_tokenizer(tokenizer: Any) -> None:

@@ -49,6 +49,9 @@ from torch import nn
 
 import kernels
 from kernels import AdapterBank, BatchPlan
+from kernels._checks import check_device
+
+from .config import _check_bool
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -480,8 +483,7 @@ class MilpState:
             >>> st.remove_adapters(1, missing_ok=True)
         """
         self._check_slot(slot)
-        if not isinstance(missing_ok, bool):
-            raise TypeError(f"missing_ok must be a bool, got {missing_ok!r}")
+        _check_bool("missing_ok", missing_ok)
         found = False
         for b in self.banks():
             if b.has(slot):
@@ -619,11 +621,9 @@ class MilpState:
             raise ValueError(f"lead must be a non-empty sequence of ints > 0 (the activations' leading shape), "
                              f"got {lead!r}")
         lead = tuple(lead)
-        try:
-            dev = torch.device(device) if device is not None else self.layers[0][0].bank.lora_a.device
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"device must be a torch.device or a device string like 'cuda:0', "
-                             f"got {device!r}") from None
+        dev = check_device("device", device)
+        if dev is None:
+            dev = self.layers[0][0].bank.lora_a.device
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         key = (dev.type, dev.index, lead)

@@ -29,12 +29,13 @@ Example:
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from kernels._checks import values_checked  # the kernels' rule: on CPU, or under MILP_DEBUG=1
 
 from .data import IGNORE_INDEX
 
@@ -63,14 +64,6 @@ def _head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> to
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
-def values_checked(t: torch.Tensor) -> bool:
-    """Whether to check ``t``'s values (token ids in the vocabulary, slots in range): always on
-    CPU, where reading them is free; on a GPU only under ``MILP_DEBUG=1``, as the kernels' own
-    value checks, since reading them back stalls the host on every step (and cannot happen
-    while a CUDA graph is captured)."""
-    return t.device.type == "cpu" or os.environ.get("MILP_DEBUG", "0") == "1"
-
-
 def _vocab(model: nn.Module | None, getter: str | None = None) -> int | None:
     """Rows of an embedding / outputs of a head, or of ``model.<getter>()`` (``None`` when it is
     neither, or the model has no such getter)."""
@@ -85,6 +78,17 @@ def _vocab(model: nn.Module | None, getter: str | None = None) -> int | None:
     if isinstance(module, nn.Linear):
         return module.out_features
     return None
+
+
+def check_ids_in_vocab(input_ids: torch.Tensor, vocab: int) -> None:
+    """``ValueError`` unless every id of ``input_ids`` is in ``[0, vocab)`` (an id beyond the
+    embedding's rows is an ``IndexError`` deep in it on CPU, a device-side assert on a GPU);
+    checked where :func:`values_checked` says so."""
+    if input_ids.numel() and values_checked(input_ids):
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), "
+                             f"got values in [{lo}, {hi}]")
 
 
 def check_token_inputs(model: nn.Module, input_ids: Any, attention_mask: Any = None,
@@ -114,11 +118,8 @@ def check_token_inputs(model: nn.Module, input_ids: Any, attention_mask: Any = N
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids must hold at least one row and one token, got shape {list(input_ids.shape)}")
         vocab = _vocab(model, "get_input_embeddings")
-        if vocab is not None and values_checked(input_ids):
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= vocab:
-                raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), "
-                                 f"got values in [{lo}, {hi}]")
+        if vocab is not None:
+            check_ids_in_vocab(input_ids, vocab)
     elif inputs_embeds is not None:
         if not isinstance(inputs_embeds, torch.Tensor):
             raise TypeError(f"inputs_embeds must be a [B, S, hidden] tensor, got {type(inputs_embeds).__name__}")

@@ -53,6 +53,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from tqdm.auto import tqdm
 
+from .config import _check_bool
+
 __all__ = [
     "STOP_WORDS",
     "rouge_scores",
@@ -615,8 +617,7 @@ def win_rate(
         raise TypeError(f"contexts must be a sequence (one user context per example), got {type(contexts).__name__}")
     contexts = [_check_context(f"contexts[{i}]", c) for i, c in enumerate(contexts)]
     refs = _check_str_list("references", references) if references is not None else None
-    if not isinstance(swap, bool):  # "no" would judge every pair twice, and 0 is no bool either
-        raise TypeError(f"swap must be a bool, got {swap!r}")
+    _check_bool("swap", swap)
     n = _check_same_length(answers=a, baseline_answers=b, queries=q, contexts=contexts, references=refs)
     if n == 0:
         raise ValueError("no examples to judge")

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from .config import _check_path
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "DEFAULT_GGUF_PACKAGE",
@@ -114,8 +116,7 @@ def default_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         '/tmp/milp-cache'
     """
     if cache_dir is not None:
-        if not isinstance(cache_dir, (str, os.PathLike)):
-            raise TypeError(f"cache_dir must be a path (str or os.PathLike), got {type(cache_dir).__name__}")
+        _check_path("cache_dir", cache_dir)
         return Path(cache_dir).expanduser()
     env = os.environ.get(CACHE_ENV_VAR)
     if env:

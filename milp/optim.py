@@ -49,6 +49,8 @@ import torch
 
 from kernels import AdapterBank
 
+from .config import _check_bool
+
 __all__ = ["AdamWConfig", "PackedAdamW", "lr_multiplier", "warmup_steps"]
 
 _DECAYS = ("linear", "constant")
@@ -220,8 +222,7 @@ class PackedAdamW:
     """
 
     def __init__(self, banks: Sequence[AdapterBank], max_users: int, *, master_weights: bool = True) -> None:
-        if not isinstance(master_weights, bool):
-            raise TypeError(f"master_weights must be a bool, got {type(master_weights).__name__}")
+        _check_bool("master_weights", master_weights)
         if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
             raise ValueError(f"max_users must be an int >= 1, got {max_users!r}")
         self.master_weights = master_weights

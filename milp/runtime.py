@@ -42,9 +42,9 @@ from torch import nn
 
 from kernels import nvtx_range
 
-from .config import MemoryConfig, atomic_directory
+from .config import MemoryConfig, _check_bool, _check_path, atomic_directory
 from .inject import MilpState, apply_milp, batch_users, get_milp, is_injected
-from .losses import _cached, check_token_inputs, token_losses, values_checked
+from .losses import _cached, _check_labels, check_token_inputs, token_losses, values_checked
 from .optim import AdamWConfig, PackedAdamW
 from .store import CacheInfo, UserStore
 
@@ -141,8 +141,7 @@ def mixed_batches(
         raise ValueError(f"rows_per_user must be an int >= 1, got {rows_per_user!r}")
     if not isinstance(per_user, Mapping):
         raise TypeError(f"per_user must be a mapping {{user: sequences}}, got {type(per_user).__name__}")
-    if not isinstance(shuffle, bool):
-        raise TypeError(f"shuffle must be a bool, got {shuffle!r}")
+    _check_bool("shuffle", shuffle)
     for name, v in (("seed", seed), ("epoch", epoch)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {v!r}")
@@ -191,8 +190,6 @@ def user_losses(
     if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must hold integer token ids (-100 = no target), got dtype {labels.dtype}")
     B, S, V = logits.shape
-    from .losses import _check_labels
-
     _check_labels(labels, V)
     labels = labels.long()
     ce = torch.nn.functional.cross_entropy(
@@ -269,11 +266,6 @@ def _read_user_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def _check_path(name: str, path: object) -> None:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}")
-
-
 def _is_count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -326,8 +318,7 @@ class MilpRuntime:
 
     def __init__(self, model: nn.Module, *, max_users: int = 64, optim: AdamWConfig | None = None,
                  capacity: int = 0, store: UserStore | None = None, master_weights: bool = True) -> None:
-        if not isinstance(master_weights, bool):
-            raise TypeError(f"master_weights must be a bool, got {type(master_weights).__name__}")
+        _check_bool("master_weights", master_weights)
         if store is not None and not isinstance(store, UserStore):
             raise TypeError(f"store must be a milp.UserStore, got {type(store).__name__}")
         if optim is not None and not isinstance(optim, AdamWConfig):  # before the model is injected
@@ -554,8 +545,7 @@ class MilpRuntime:
         """
         from safetensors.torch import save_file
 
-        if not isinstance(include_optimizer, bool):
-            raise TypeError(f"include_optimizer must be a bool, got {include_optimizer!r}")
+        _check_bool("include_optimizer", include_optimizer)
         _check_path("directory", directory)
         slot = self.slot(user)
         cfg = self._configs[user]
@@ -594,8 +584,7 @@ class MilpRuntime:
             >>> d = rt.save_user("u", tempfile.mkdtemp() + "/u"); rt.load_user(d, "v")
             'v'
         """
-        if not isinstance(load_optimizer, bool):
-            raise TypeError(f"load_optimizer must be a bool, got {load_optimizer!r}")
+        _check_bool("load_optimizer", load_optimizer)
         _check_path("directory", directory)
         d = Path(directory)
         for name in (ADAPTERS_FILE, CONFIG_FILE, USER_FILE):
@@ -821,10 +810,8 @@ class MilpRuntime:
 
     def _check_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a [B, S] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        if input_ids.dtype.is_floating_point or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if not isinstance(input_ids, torch.Tensor):  # shape and dtype: check_token_inputs
+            raise ValueError(f"input_ids must be a [B, S] tensor, got {type(input_ids)}")
         check_token_inputs(self.model, input_ids, attention_mask, cached=_cached(kwargs or {}))
         return input_ids
 

@@ -52,6 +52,8 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import NamedTuple
 
+from .config import _check_bool, _check_path
+
 __all__ = ["CacheInfo", "UserStore", "user_dirname"]
 
 _USER_FILE = "user.json"  # milp.runtime.USER_FILE (not imported: runtime imports this module)
@@ -124,13 +126,11 @@ class UserStore:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, write_back: bool = False) -> None:
-        if not isinstance(root, (str, os.PathLike)):
-            raise TypeError(f"root must be a path (str or os.PathLike), got {type(root).__name__}")
+        _check_path("root", root)
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"user store {str(root)!r} is not a directory")
-        if not isinstance(write_back, bool):
-            raise TypeError(f"write_back must be a bool, got {type(write_back).__name__}")
+        _check_bool("write_back", write_back)
         self.root = root
         self.write_back = write_back
         self._index: dict[Hashable, Path] | None = None
