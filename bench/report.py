@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections import OrderedDict
@@ -238,8 +239,8 @@ def _speedup(impls: dict, other: str) -> float | None:
 
 def _run_info(machine: dict) -> tuple[dict, str, str]:
     """``(machine_info["milp"], device, git commit)`` of a run, ``"unknown"`` where the JSON does not say."""
-    mi = machine.get("milp") if isinstance(machine.get("milp"), dict) else {}
-    commit = mi.get("git_commit") or (machine.get("commit_info") or {}).get("id") or "unknown"
+    mi = _obj(machine.get("milp"))
+    commit = mi.get("git_commit") or _obj(machine.get("commit_info")).get("id") or "unknown"
     return mi, str(mi.get("device") or "unknown"), str(commit)
 
 
@@ -247,10 +248,24 @@ def _q(v):
     return "?" if v is None or v == "" else v
 
 
+def _recorded(mi: dict, key: str, kind: type, show) -> str:
+    """``show(mi[key])`` for a field newer bench files record (``None`` or a ``kind``); older files
+    lack it, a damaged one reads ``?``."""
+    if key not in mi:
+        return "not recorded (older bench files)"
+    v = mi[key]
+    return show(v) if v is None or isinstance(v, kind) else "?"
+
+
+def _obj(v) -> dict:
+    """``v`` if it is a JSON object, else ``{}``: a damaged field of a saved run reads as unknown."""
+    return v if isinstance(v, dict) else {}
+
+
 def header(machine: dict, paths: list[str], notes: list[str]) -> list[str]:
     mi, dev, commit = _run_info(machine)
     cpu = dev == "cpu"
-    pk = mi.get("peaks") or {}
+    pk = _obj(mi.get("peaks"))
     title = "CPU example run (not a GPU result)" if cpu else dev
     lines = [f"# milp-toolkit benchmarks — {' '.join(title.splitlines())}", ""]
     if cpu:
@@ -260,7 +275,6 @@ def header(machine: dict, paths: list[str], notes: list[str]) -> list[str]:
             "> shows what `pytest bench` and `bench/report.py` produce.",
             "",
         ]
-    older = "not recorded (older bench files)"
     rows = [
         ("device", dev + (f" (CUDA {mi['cuda']})" if mi.get("cuda") else "")),
         ("backend", _q(mi.get("backend"))),
@@ -270,10 +284,10 @@ def header(machine: dict, paths: list[str], notes: list[str]) -> list[str]:
         ("git commit", commit),
         ("date (UTC)", _q(machine.get("datetime"))),
         ("workload grid", _q(mi.get("bench_size"))),
-        ("config files", ", ".join(map(str, mi["config_files"] or [])) or "none (heuristics)"
-         if "config_files" in mi else older),
-        ("dispatch knobs", ", ".join(f"{k}={v}" for k, v in (mi["dispatch"] or {}).items()) or "?"
-         if "dispatch" in mi else older),
+        ("config files", _recorded(mi, "config_files", list,
+                                   lambda v: ", ".join(map(str, v or [])) or "none (heuristics)")),
+        ("dispatch knobs", _recorded(mi, "dispatch", dict,
+                                     lambda v: ", ".join(f"{k}={x}" for k, x in (v or {}).items()) or "?")),
         ("peak compute (measured this run)", f"{_f(pk.get('tflops'))} TFLOP/s — {_q(pk.get('matmul'))}"),
         ("peak bandwidth (measured this run)", f"{_f(pk.get('gbs'), '{:.4g}')} GB/s — {_q(pk.get('copy'))}"),
         ("sources", ", ".join(os.path.basename(p) for p in paths)),
@@ -607,12 +621,17 @@ def _readme_text(readme: Path) -> str:
     return text
 
 
-def update_readme(readme: Path, block: list[str]) -> None:
-    """Replace what stands between :data:`README_START` and :data:`README_END` in ``readme``."""
+def _readme_with(readme: Path, block: list[str]) -> str:
+    """``readme``'s text with ``block`` between :data:`README_START` and :data:`README_END`."""
     text = _readme_text(readme)
     head, rest = text.split(README_START)
     _, tail = rest.split(README_END)
-    _write_text(readme, head + README_START + "\n" + "\n".join(block).rstrip("\n") + "\n" + README_END + tail)
+    return head + README_START + "\n" + "\n".join(block).rstrip("\n") + "\n" + README_END + tail
+
+
+def update_readme(readme: Path, block: list[str]) -> None:
+    """Replace what stands between :data:`README_START` and :data:`README_END` in ``readme``."""
+    _write_text(readme, _readme_with(readme, block))
 
 
 # ----------------------------------------------------------------------------- main
@@ -634,31 +653,42 @@ def build(paths: list[str], out: Path, name: str | None = None, readme: Path | N
     if name is None:
         name = "cpu" if cpu else "gpu_" + re.sub(r"[^a-z0-9]+", "_", dev.lower()).strip("_")
     out.mkdir(parents=True, exist_ok=True)
-    title = "CPU (torch path, small shapes)" if cpu else dev
-    written = []
-    p_users = out / f"{name}_speedup_vs_users.png"
-    p_tokens = out / f"{name}_pct_peak_vs_tokens.png"
-    plots = []
-    if plot_speedup_vs_users(wls, p_users, title):
-        written.append(p_users)
-        plots.append(f"![speedup vs users]({p_users.name})")
-    if plot_pct_peak_vs_tokens(wls, p_tokens, title):
-        written.append(p_tokens)
-        plots.append(f"![% of peak vs tokens]({p_tokens.name})")
-    lines = header(machine, paths, notes) + targets_section(wls, cpu) + runtime_targets_section(wls, cpu)
-    for op, t in OPS.items():
-        lines += op_section(op, t, wls)
-    for op in dict.fromkeys(op_of(next(iter(i.values()))) for i in wls.values()):
-        if op not in OPS:  # e.g. a decoder-layer or runtime benchmark that uses _util.run
-            lines += op_section(op, f"`{op}`", wls)
-    lines += others_section(benches)
-    lines += (["## Plots", ""] + plots + [""]) if plots else []
-    md = out / f"{name}.md"
-    _write_text(md, "\n".join(lines))
-    if readme is not None:
-        link = os.path.relpath(md.resolve(), readme.resolve().parent).replace(os.sep, "/")
-        update_readme(readme, readme_block(machine, wls, link))
-        written.append(readme)
+    # every file is made in a staging folder first (the plots take seconds) and moved into place
+    # at the end, the README last: a report stopped or failing part-way leaves the old files, not
+    # new plots beside an old table
+    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        title = "CPU (torch path, small shapes)" if cpu else dev
+        made = []
+        plots = []
+        for plot, stem, alt in ((plot_speedup_vs_users, "speedup_vs_users", "speedup vs users"),
+                                (plot_pct_peak_vs_tokens, "pct_peak_vs_tokens", "% of peak vs tokens")):
+            p = stage / f"{name}_{stem}.png"
+            if plot(wls, p, title):
+                made.append(p)
+                plots.append(f"![{alt}]({p.name})")
+        lines = header(machine, paths, notes) + targets_section(wls, cpu) + runtime_targets_section(wls, cpu)
+        for op, t in OPS.items():
+            lines += op_section(op, t, wls)
+        for op in dict.fromkeys(op_of(next(iter(i.values()))) for i in wls.values()):
+            if op not in OPS:  # e.g. a decoder-layer or runtime benchmark that uses _util.run
+                lines += op_section(op, f"`{op}`", wls)
+        lines += others_section(benches)
+        lines += (["## Plots", ""] + plots + [""]) if plots else []
+        md = out / f"{name}.md"
+        _write_text(stage / md.name, "\n".join(lines))
+        readme_text = None
+        if readme is not None:
+            link = os.path.relpath(md.resolve(), readme.resolve().parent).replace(os.sep, "/")
+            readme_text = _readme_with(readme, readme_block(machine, wls, link))
+        written = [out / p.name for p in made]
+        for p in made + [stage / md.name]:  # the plots, then the table that shows them
+            os.replace(p, out / p.name)
+        if readme_text is not None:
+            _write_text(readme, readme_text)
+            written.append(readme)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return [md] + written
 
 

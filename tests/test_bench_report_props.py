@@ -259,6 +259,26 @@ def test_an_older_json_without_the_kernel_choice_fields_says_not_recorded(tmp_pa
     assert "| config files | none (heuristics) |" in md
 
 
+@pytest.mark.parametrize("damage", [
+    {"peaks": 5}, {"peaks": [1.0]}, {"config_files": 5}, {"config_files": "a.json"}, {"dispatch": [1]},
+    {"dispatch": "split"},
+])
+def test_a_damaged_machine_info_field_reads_as_unknown(tmp_path, monkeypatch, damage):
+    """A machine_info field of the wrong JSON type (a hand-edited or damaged file) crashed the header
+    (``'int' object has no attribute 'get'``); it reads ``?`` and the rest of the report stands."""
+    _no_plots(monkeypatch)
+    md = _md(tmp_path, _write(tmp_path / "b.json", [_entry("milp", 1.0), _entry("base", 0.9)], dict(GPU, **damage)))
+    field = {"peaks": "peak compute (measured this run)", "config_files": "config files",
+             "dispatch": "dispatch knobs"}[next(iter(damage))]
+    (row,) = [r for h, rows in _tables(md) if h == ["", ""] for r in rows if r[0] == field]
+    assert row[1] in ("?", "– TFLOP/s — ?"), row
+    assert _targets(md)[FWD][0][1] == "1.111"
+    data = json.loads((tmp_path / "b.json").read_text())
+    data["commit_info"] = 3  # not an object either
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    assert "| git commit |" in _md(tmp_path, str(tmp_path / "c.json"))
+
+
 # =========================================================================== damaged entries
 def test_cells_with_pipes_or_line_breaks_keep_the_tables_whole(tmp_path, monkeypatch):
     _no_plots(monkeypatch)
@@ -435,6 +455,48 @@ def test_a_failed_plot_leaves_the_old_png(tmp_path):
     with pytest.raises(RuntimeError):
         report._save(fig, target, plt)
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
+
+@pytest.mark.parametrize("fails", ["second plot", "table", "readme block"])
+def test_a_report_failing_part_way_leaves_every_old_file(tmp_path, monkeypatch, fails):
+    """The plots, the table and the README are moved into place together at the end: a report
+    that fails after its first plot (or while rendering the table or the README's block) leaves
+    the previous report whole, not a new plot beside an old table, and no staging folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    old = {"gpu_nvidia_h100_80gb_hbm3.md": b"old table", "gpu_nvidia_h100_80gb_hbm3_speedup_vs_users.png": b"old 1",
+           "gpu_nvidia_h100_80gb_hbm3_pct_peak_vs_tokens.png": b"old 2"}
+    for name, data in old.items():
+        (out / name).write_bytes(data)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{report.README_START}\nold\n{report.README_END}\n")
+
+    def plot(wls, path, title):
+        Path(path).write_bytes(b"new")
+        return True
+
+    def broken(*a, **k):
+        raise RuntimeError("died")
+
+    monkeypatch.setattr(report, "plot_speedup_vs_users", plot)
+    monkeypatch.setattr(report, "plot_pct_peak_vs_tokens", broken if fails == "second plot" else plot)
+    if fails == "table":
+        monkeypatch.setattr(report, "others_section", broken)
+    if fails == "readme block":
+        monkeypatch.setattr(report, "readme_block", broken)
+    h100 = dict(GPU, device="NVIDIA H100 80GB HBM3")
+    src = _write(tmp_path / "b.json", [_entry("milp", 1.0), _entry("base", 0.9)], h100)
+    with pytest.raises(RuntimeError, match="died"):
+        report.build([src], out, readme=readme)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    assert "old" in readme.read_text()
+    monkeypatch.setattr(report, "plot_pct_peak_vs_tokens", plot)
+    monkeypatch.setattr(report, "others_section", lambda b: [])
+    monkeypatch.setattr(report, "readme_block", lambda *a: ["new"])
+    written = report.build([src], out, readme=readme)
+    assert [p.name for p in written] == [*old, "README.md"]
+    assert all(p.read_bytes() != old.get(p.name) for p in written)
+    assert sorted(p.name for p in out.iterdir()) == sorted(old)
 
 
 # =========================================================================== property
