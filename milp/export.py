@@ -208,6 +208,22 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
+def _patterns(cfg_path: Path, config: dict, key: str) -> dict[str, Any]:
+    """``config[key]`` (a ``rank_pattern`` / ``alpha_pattern``): an object of module regexes, checked."""
+    patterns = config.get(key)
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{str(cfg_path)!r}: {key} must be an object of module pattern -> value, "
+                         f"got {patterns!r}")
+    for k in patterns:
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise ValueError(f"{str(cfg_path)!r}: {key} key {k!r} is not a valid regular expression: {e}") from None
+    return patterns
+
+
 def _positive(v: object) -> bool:
     """A number (not a bool) > 0."""
     return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
@@ -266,8 +282,12 @@ def read_peft(directory: str | os.PathLike[str]
         v = config.get(key)
         if not _positive(v):
             raise ValueError(f"{str(cfg_path)!r}: {key} must be a number > 0, got {v!r}")
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    tm = config.get("target_modules")
+    if not (tm is None or isinstance(tm, str) or isinstance(tm, list) and all(isinstance(m, str) for m in tm)):
+        raise ValueError(f"{str(cfg_path)!r}: target_modules must be a list of module names, a regex string or "
+                         f"null, got {tm!r}")
+    rank_pattern = _patterns(cfg_path, config, "rank_pattern")
+    alpha_pattern = _patterns(cfg_path, config, "alpha_pattern")
     rslora = bool(config.get("use_rslora"))
 
     parts: dict[str, dict[str, torch.Tensor]] = {}

@@ -223,6 +223,12 @@ def test_import_errors_name_the_problem_and_load_nothing(tmp_path):
     refused(ValueError, "lora_alpha must be a number > 0", cfg=dict(config, lora_alpha=0))
     refused(ValueError, "lora_alpha -2; expected a number > 0", cfg=dict(config, alpha_pattern={"up_proj": -2}))
     refused(ValueError, "rank 16, its weights have rank 12", cfg=dict(config, rank_pattern={}, r=16))
+    # config fields of the wrong JSON type or with a broken regex: named, not a crash inside the lookup
+    refused(ValueError, "target_modules must be a list of module names", cfg=dict(config, target_modules=5))
+    refused(ValueError, "target_modules must be a list", cfg=dict(config, target_modules=["up_proj", 3]))
+    refused(ValueError, "rank_pattern must be an object", cfg=dict(config, rank_pattern=["up_proj"]))
+    refused(ValueError, "alpha_pattern key '\\(' is not a valid regular expression",
+            cfg=dict(config, alpha_pattern={"(": 2}))
     q = "base_model.model.model.layers.0.self_attn.q_proj"
     refused(ValueError, r"does not wrap, e\.g\. \['model\.layers\.0\.self_attn\.q_proj'\]; MiLP adapters sit on",
             sd=dict(tensors, **{q + ".lora_A.weight": torch.zeros(4, 32), q + ".lora_B.weight": torch.zeros(32, 4)}),
