@@ -475,6 +475,7 @@ def instruction_tune(
     seed: int = 0,
     progress: bool = True,
     all_reduce: Callable[[list[torch.Tensor]], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[float]:
     """Teach the model to answer: train the shared ``adapter`` (and the ``prefix`` encoder, if
     any) on query → response pairs of ``records`` (labels on the response only).
@@ -489,6 +490,10 @@ def instruction_tune(
     slots runs in groups it can place (:meth:`MilpRuntime.row_batches`) whose gradients add up
     to the batch's: the step is the same, to rounding, whatever the slots. ``all_reduce`` is
     called with the gradients before each step (data parallelism across processes).
+    ``shard=(rank, world)``: this process is ``rank`` of ``world`` that share every step's batch
+    (the same ``seed`` on each: the same batches); it runs rows ``rank::world`` of it, and
+    ``all_reduce`` must *sum* the gradients and, last in its list, the step's loss: the step and
+    the losses are those of one process, to rounding, whatever ``world``.
     Returns the loss of every step.
 
     Example:
@@ -504,6 +509,12 @@ def instruction_tune(
     _number(warmup_ratio, "warmup_ratio", 0.0, 1.0)
     _number(max_grad_norm, "max_grad_norm", 0.0, lo_open=True)
     _check_stage_args(runtime, adapter, prefix, context_fn=context_fn, all_reduce=all_reduce)
+    if shard is not None:
+        if (not isinstance(shard, tuple) or len(shard) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in shard) or not 0 <= shard[0] < shard[1]):
+            raise ValueError(f"shard must be a tuple (rank, world) of ints with 0 <= rank < world, got {shard!r}")
+        if all_reduce is None:
+            raise ValueError("shard needs all_reduce (summing the gradients and the loss of the processes)")
     adapter = adapter if adapter is not None else get_instruction_adapter(model)
     params: list[nn.Parameter] = []
     if adapter is not None and adapter.enabled:  # a disabled adapter is skipped by the forward: no gradient
@@ -535,19 +546,27 @@ def instruction_tune(
                 rng.shuffle(perm)
                 order += perm
             idx, order = order[:batch_size], order[batch_size:]
+            mine = idx if shard is None else idx[shard[0] :: shard[1]]
             opt.zero_grad(set_to_none=True)
             # the rows a store-backed runtime can place at once (one group without a store, or
             # with enough free slots); a step over several groups is the same step: each group's
             # summed token loss over the whole batch's target count (mean_token_loss's division,
             # for one group), gradients accumulated
-            groups = [[idx[j] for j in g] for g in _batches(runtime, None if users is None else
-                                                             [users[i] for i in idx], len(idx), range(len(idx)))]
+            groups: list[list[int]] = []  # none for a process beyond the batch's rows (more processes than rows)
+            if mine:
+                named = None if users is None else [users[i] for i in mine]
+                groups = [[mine[j] for j in g] for g in _batches(runtime, named, len(mine), range(len(mine)))]
             parts = []
             for g in groups:
                 batch = collate([examples[i] for i in g], pad)
                 batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 parts.append((g, _with_prefix(model, prefix, [records[i] for i in g], batch)))
-            n_targets = sum(int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, inputs in parts)
+            if shard is None:
+                n_targets = sum(int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, inputs in parts)
+            else:  # the whole batch's, every process's rows, from the token lists (no device read): the
+                # shifted labels drop each row's first token, unless a prefix comes before it
+                first = 1 if prefix is None else 0
+                n_targets = sum(sum(t != IGNORE_INDEX for t in examples[i]["labels"][first:]) for i in idx)
             loss = torch.zeros((), device=device)
             for g, inputs in parts:
                 # gradients go to the trained parameters alone: the memory adapters stay frozen here,
@@ -565,7 +584,7 @@ def instruction_tune(
                 for p in params:  # reduce into .grad itself: a rank without a gradient still gets the others'
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                all_reduce([p.grad for p in params])
+                all_reduce([p.grad for p in params] + ([loss] if shard is not None else []))
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
             sched.step()

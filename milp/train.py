@@ -25,8 +25,10 @@ Every file is written atomically and every stage skips work already on disk, so 
 interrupted run continues where it stopped when started again with the same command.
 
 Scale-out: ``torchrun --nproc_per_node N -m milp.train ...`` shards users across processes
-(memory injection, evaluation) and averages the instruction-tuning gradients (gloo on CPU,
-NCCL on GPU).
+(memory injection, evaluation) and each instruction-tuning batch, whose gradients the processes
+sum (gloo on CPU, NCCL on GPU): the results of one process, to rounding, and a run stopped in
+one world size resumes in another. ``--search`` runs in one process; a run whose search is done
+resumes under torchrun.
 """
 from __future__ import annotations
 
@@ -380,14 +382,14 @@ class Dist:
 
             dist.barrier()
 
-    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+    def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
+        """Sum ``tensors`` across the processes, in place (one collective)."""
         if not self.initialized:
             return
         import torch.distributed as dist
 
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat)
-        flat /= self.world
         off = 0
         for t in tensors:
             t.copy_(flat[off : off + t.numel()].view_as(t))
@@ -565,11 +567,31 @@ def _check_output(st: _State) -> None:
         )
 
 
+#: what a process killed while publishing a file leaves beside it: the temp file of
+#: search.trial_log.atomic_write_with (``.NAME.XXXX.tmp``), the temp folder of
+#: milp.config.atomic_directory (``.NAME.tmp-XXXX``)
+_DEBRIS = re.compile(r"\A\..+(\.tmp|\.tmp-[A-Za-z0-9_]+)\Z")
+
+
+def _remove_debris(out: Path) -> None:
+    """Delete the half-written temp files and folders under ``out`` of a stopped run (under
+    ``torchrun`` the other processes of a failed one are killed wherever they are)."""
+    import shutil
+
+    for p in [p for p in out.rglob(".*") if _DEBRIS.match(p.name)]:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def _prepare_output(st: _State) -> None:
     """Start or resume ``--output`` (checked by :func:`_check_output`, once the input has been
-    checked too): ``--overwrite`` deletes it; a new run writes ``run.json``."""
+    checked too): ``--overwrite`` deletes it; a new run writes ``run.json``; a resumed one
+    deletes the temp files of a writer that was killed (:func:`_remove_debris`)."""
     out, args = st.out, st.args
     run_file = out / "run.json"
+    st.dist.barrier()  # every process has read and checked the output before rank 0 deletes or cleans it
     if st.dist.main:
         if args.overwrite and out.exists():
             import shutil
@@ -577,6 +599,7 @@ def _prepare_output(st: _State) -> None:
             shutil.rmtree(out)
         if run_file.exists():
             st.log(f"resuming the run in {out}")
+            _remove_debris(out)
         else:
             out.mkdir(parents=True, exist_ok=True)
             _atomic_json(run_file, {"settings": _settings(args), "dtype": _dtype_name(args, st.device),
@@ -649,12 +672,21 @@ def _save_split(st: _State, split: dict[str, list[Record]]) -> None:
 
 
 def _load_model(st: _State) -> None:
+    from transformers.utils import logging as hf_logging
+
     from .models import load_model
     from .runtime import MilpRuntime
 
     args = st.args
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=_dtype(args, st.device), device=st.device)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not (args.progress and st.dist.main):  # transformers' "Loading weights" bar: once, and not with --no-progress
+        hf_logging.disable_progress_bar()
+    try:
+        model, tok = load_model(args.model, dtype=_dtype(args, st.device), device=st.device)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     st.model, st.tokenizer = model, tok
     st.runtime = MilpRuntime(model, max_users=args.slots)
     st.timings["load_model_s"] = time.perf_counter() - t0
@@ -709,7 +741,7 @@ def _inject_users(st: _State, records: Sequence[Record], config: MemoryConfig, u
                         seed=args.seed + _stable_int(r.user_id))
         st.log(f"{desc}: users {start + 1}-{start + len(group)} of {len(mine)} (rank {st.dist.rank})")
         hist = memory_inject(rt, recs, st.tokenizer, steps=args.memory_steps, rows_per_user=args.rows_per_user,
-                             max_length=args.max_length, seed=args.seed, progress=args.progress)
+                             max_length=args.max_length, seed=args.seed, progress=args.progress and st.dist.main)
         # the losses go to disk before their users: a run stopped in between redoes the users,
         # never leaves a saved user without its losses
         _record_losses(st, {u: hist.get(u, []) for u in group})
@@ -741,7 +773,7 @@ def _merge_losses(st: _State) -> None:
         parts = sorted(st.out.glob("memory_losses.rank*.json"))  # any world size's, a stopped run's too
         for p in parts:
             merged.update(_read_json(p))
-        _atomic_json(path, merged)
+        _atomic_json(path, dict(sorted(merged.items())))  # by user: the same file whatever the world size
         for p in parts:  # only once the merged file holds them
             p.unlink()
     st.dist.barrier()
@@ -939,9 +971,10 @@ def _instruction(st: _State, split: dict[str, list[Record]]) -> list[float]:
     try:
         losses = instruction_tune(st.model, st.tokenizer, split["train"], runtime=st.runtime, adapter=adapter,
                                   steps=args.instruct_steps, batch_size=args.batch_size, lr=args.instruct_lr,
-                                  max_length=args.max_length + 128, seed=args.seed + 1000 * st.dist.rank,
+                                  max_length=args.max_length + 128, seed=args.seed,
                                   progress=args.progress and st.dist.main,
-                                  all_reduce=st.dist.all_reduce_mean if st.dist.initialized else None)
+                                  all_reduce=st.dist.all_reduce_sum if st.dist.initialized else None,
+                                  shard=(st.dist.rank, st.dist.world) if st.dist.initialized else None)
     finally:
         _unload_all(st)
         st.runtime.store = store
@@ -968,7 +1001,7 @@ def _evaluate(st: _State, split: dict[str, list[Record]]) -> list[dict[str, Any]
         recs = [r for u in group for r in by_user[u]]
         answers = generate_responses(st.model, st.tokenizer, recs, runtime=st.runtime,
                                      max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
-                                     max_length=args.max_length + 128, progress=args.progress)
+                                     max_length=args.max_length + 128, progress=args.progress and st.dist.main)
         for u in group:
             rows = [{"user_id": r.user_id, "query": r.query, "reference": r.response, "prediction": a}
                     for r, a in zip(recs, answers) if r.user_id == u]
@@ -1025,15 +1058,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # one): a refused run leaves nothing behind, and its corrected command is not refused as a
         # resumption with other settings
         _check_output(st)
+        if args.search and dist.world > 1 and (args.overwrite or not (st.out / "search" / "selected.json").exists()):
+            raise SystemExit("milp.train: --search runs in one process; run it without torchrun first, "
+                             "then resume the same --output with torchrun")
         split = _load_split(st)
         _load_model(st)
         config = _default_config(st)
         _prepare_output(st)
         _save_split(st, split)
-        if args.search:
-            if dist.world > 1:
-                raise SystemExit("milp.train: --search runs in one process; run it without torchrun first, "
-                                 "then resume the same --output with torchrun")
+        if args.search:  # under torchrun: the search of the run resumed (refused above without one)
             config = _search(st, split, config)
         shapes = st.runtime.state.target_shapes()
         t0 = time.perf_counter()

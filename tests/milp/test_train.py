@@ -4,12 +4,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 from run_outputs import run_outputs  # tests/milp is on sys.path (pytest's rootdir-relative import)
 from safetensors.torch import load_file
 
@@ -237,24 +234,7 @@ def test_user_jsonl_with_a_malformed_line(tiny_checkpoint, tmp_path, capsys):
                        "--on-error", "skip", *FAST]) == 0
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is tested on Linux")
-def test_torchrun_two_cpu_processes_match_one(tiny_checkpoint, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert _run(tiny_checkpoint, one) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "milp.train", "--model", str(tiny_checkpoint), "--output", str(two), *FAST]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "world_size" in (two / "metrics.json").read_text()
-    assert json.loads((two / "metrics.json").read_text())["world_size"] == 2
-    for d in (one / "users").iterdir():  # users are independent: sharding changes nothing
-        a = load_file(str(d / "adapters.safetensors"))
-        b = load_file(str(two / "users" / d.name / "adapters.safetensors"))
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    # instruction tuning ran data-parallel (gradients averaged across the two processes)
-    assert len(json.loads((two / "instruction.json").read_text())["losses"]) == 2
-    assert len((two / "predictions.jsonl").read_text().splitlines()) == 1
+# torchrun: tests/milp/test_torchrun_props.py (2 processes against one, every output file)
 
 
 def test_pick_rule_includes_the_reference():
