@@ -23,6 +23,7 @@ far re-traces nothing. Reserve the working capacity up front to serve from one g
 """
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 from collections.abc import Sequence
@@ -103,6 +104,11 @@ class AdapterBank(torch.nn.Module):
         self._segments: dict[int, AdapterSegment] = {}
         self._free: list[tuple[int, int]] = [(0, capacity)] if capacity else []  # (start, length)
         self._max_rank = 0  # kept up to date by add/remove: read on every forward (and by torch.compile)
+        self._used = 0  # rows the segments hold (used_rows), kept up to date: add reads it
+        # the users whose segment was added or removed in this layout epoch, in order, for mirrors of
+        # the segment table (layout_changes); an epoch ends when rows of other users move
+        self._layout_epoch = 0
+        self._journal: list[int] = []
         self.version = 0
 
     def _apply(self, fn, recurse=True):
@@ -139,6 +145,8 @@ class AdapterBank(torch.nn.Module):
         self._segments = segments
         self._free = self._gaps()
         self._max_rank = max_rank
+        self._used = sum(s.rank for s in segments.values())
+        self._new_layout_epoch()
 
     @staticmethod
     def _segments_from_state(state: object, slots: list[list[int]],
@@ -242,7 +250,7 @@ class AdapterBank(torch.nn.Module):
 
     @property
     def used_rows(self) -> int:
-        return sum(s.rank for s in self._segments.values())
+        return self._used
 
     @property
     def max_rank(self) -> int:
@@ -255,6 +263,23 @@ class AdapterBank(torch.nn.Module):
     @property
     def users(self) -> list[int]:
         return sorted(self._segments)
+
+    def layout_changes(self, since: tuple[int, int] | None) -> tuple[tuple[int, int], set[int] | None]:
+        """``(mark, users)``: the users whose segment was added, replaced or removed since ``since``
+        (a ``mark`` this method returned before), or ``users=None`` when they are not known one by
+        one: ``since`` is ``None``, or from before a :meth:`compact` that moved rows, a loaded
+        state, or many changes ago. Lets a mirror of the segment table (an optimizer's moments)
+        follow the bank in time proportional to the changes, not to the users; host values only.
+
+        Example:
+            >>> bank = AdapterBank(8, 8, max_users=4); mark, _ = bank.layout_changes(None)
+            >>> _ = bank.add(3, 2); bank.layout_changes(mark)[1]
+            {3}
+        """
+        mark = (self._layout_epoch, len(self._journal))
+        if since is None or since[0] != self._layout_epoch or since[1] > len(self._journal):
+            return mark, None
+        return mark, set(self._journal[since[1]:])
 
     def has(self, user: int) -> bool:
         """Whether ``user`` has adapters here (``False`` for an id outside ``[0, max_users)``)."""
@@ -336,6 +361,8 @@ class AdapterBank(torch.nn.Module):
         offset = self._allocate(total)
         seg = AdapterSegment(offset, tuple(ranks), tuple(alphas))
         self._segments[user] = seg
+        self._used += total
+        self._note_change(user)
         self._max_rank = max(self._max_rank, total)
         with torch.no_grad():
             self.scale[offset : offset + total] = scales.repeat_interleave(torch.tensor(ranks))
@@ -348,6 +375,8 @@ class AdapterBank(torch.nn.Module):
         """Drop ``user``'s adapters at this layer; its rows return to the free list."""
         self._check_user(user, must_exist=True)
         seg = self._segments.pop(user)
+        self._used -= seg.rank
+        self._note_change(user)
         with torch.no_grad():
             self.slots[user].zero_()
             self.scale[seg.offset : seg.offset + seg.rank] = 0
@@ -386,6 +415,7 @@ class AdapterBank(torch.nn.Module):
         """Move all segments to the front, in offset order, in place (no reallocation); pending
         gradients (``lora_a.grad``, ``lora_b.grad``) move with their rows."""
         cursor = 0
+        moved = False
         try:
             with torch.no_grad():
                 for user in sorted(self._segments, key=lambda u: self._segments[u].offset):
@@ -400,9 +430,12 @@ class AdapterBank(torch.nn.Module):
                             t[dst] = rows
                         self._segments[user] = seg = AdapterSegment(cursor, seg.ranks, seg.alphas)
                         self.slots[user, 0] = cursor
+                        moved = True
                     cursor += seg.rank
         finally:  # after a failed copy too: the free list is the rows no segment holds, their scale 0
             self._free = self._gaps()
+            if moved:
+                self._new_layout_epoch()
             with torch.no_grad():
                 for start, rows in self._free:
                     for t in (self.scale, *self._grads()):
@@ -483,16 +516,32 @@ class AdapterBank(torch.nn.Module):
         return self._allocate(rows)
 
     def _release(self, start: int, rows: int) -> None:
+        """Return ``rows`` rows at ``start`` to the free list (sorted, runs apart), merged with the
+        runs it touches: a bisect, not a sort of the whole list (churn of many users)."""
         if rows == 0:
             return
-        free = sorted(self._free + [(start, rows)])
-        merged: list[tuple[int, int]] = []
-        for s, n in free:
-            if merged and merged[-1][0] + merged[-1][1] == s:
-                merged[-1] = (merged[-1][0], merged[-1][1] + n)
-            else:
-                merged.append((s, n))
-        self._free = merged
+        free = self._free
+        i = bisect.bisect_left(free, (start, rows))
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == start:
+            i -= 1
+            start, rows = free[i][0], free[i][1] + rows
+            del free[i]
+        if i < len(free) and start + rows == free[i][0]:
+            rows += free[i][1]
+            del free[i]
+        free.insert(i, (start, rows))
+
+    def _note_change(self, user: int) -> None:
+        """Journal a change of ``user``'s segment (:meth:`layout_changes`); a long journal ends the
+        epoch (mirrors then re-read the table once, amortized over the changes)."""
+        self._journal.append(user)
+        if len(self._journal) > 2 * self.max_users + 64:
+            self._new_layout_epoch()
+
+    def _new_layout_epoch(self) -> None:
+        """Rows of users not journaled moved (or the table was replaced): marks from before are void."""
+        self._layout_epoch += 1
+        self._journal = []
 
     def _init_rows(self, seg: AdapterSegment, init: str, generator: torch.Generator | None) -> None:
         a = self.lora_a.data

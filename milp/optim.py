@@ -7,7 +7,8 @@ map (``-1`` = free row). Each user has its own hyper-parameters, step count and
 learning-rate schedule, all held in ``[max_users]`` tensors; one :meth:`PackedAdamW.step`
 gathers them per row (``hyper[row_user]``) and updates each bank with a handful of
 tensor ops over the row span holding the stepped users (the whole bank for a joint step,
-one user's rows for a single-user step) — no Python loop over rows, no host
+one user's rows for a single-user step; the stepped users' rows alone, gathered, where they
+are scattered over a span at least twice their size) — no Python loop over rows, no host
 synchronisation. Rows of users not stepped (not in the batch) and free rows inside the
 span get a zero weight and stay untouched, whatever their gradients hold (NaN and inf too).
 
@@ -140,6 +141,11 @@ class AdamWConfig:
         return cls(**d)
 
 
+def _take(t: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+    """``t``'s ``rows``: a view of a slice, a copy of the rows an index tensor names."""
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
 def warmup_steps(total_steps: int | None, warmup_ratio: float) -> int:
     """Warm-up length: ``ceil(warmup_ratio * total_steps)`` (0 without a step budget).
 
@@ -253,6 +259,9 @@ class PackedAdamW:
         self._linear = torch.zeros(U, dtype=torch.bool, device=dev)
         self._max_norm = torch.full((U,), math.inf, **f64)
         self._step = torch.zeros(U, dtype=torch.int64, device=dev)
+        # its host copy, kept alongside: step_count reads it without a device sync (a store-backed
+        # runtime asks for the step count of every loaded user when it picks users to evict)
+        self._host_step = [0] * U
         self._configs: dict[int, tuple[AdamWConfig, int | None]] = {}
         # per bank: layout {user: (offset, rank)}, capacity, row_user, moments (+ master_a/_b)
         self._layout: list[dict[int, tuple[int, int]]] = [{} for _ in banks]
@@ -260,6 +269,7 @@ class PackedAdamW:
             torch.full((b.capacity,), -1, dtype=torch.int64, device=dev) for b in banks]
         self._moments: list[dict[str, torch.Tensor]] = [self._zeros(b) for b in banks]
         self._dirty: set[int] = set()
+        self._marks: list[tuple[int, int] | None] = [None] * len(banks)  # per bank: its layout_changes mark
         self.sync()
 
     # --------------------------------------------------------------- users
@@ -296,17 +306,19 @@ class PackedAdamW:
         self._linear[slot] = config.decay == "linear"
         self._max_norm[slot] = math.inf if config.max_grad_norm is None else config.max_grad_norm
         self._step[slot] = 0
+        self._host_step[slot] = 0
         self._dirty.add(slot)
         self.sync()
 
     def set_total_steps(self, slot: int, total_steps: int | None) -> None:
         """Change ``slot``'s step budget (its schedule) without resetting its state."""
         config, _ = self.config(slot)
-        step = int(self._step[slot])
+        step = self._host_step[slot]
         moments = self.user_state(slot)
         self.set_user(slot, config, total_steps)
         self.load_user_state(slot, moments)
         self._step[slot] = step
+        self._host_step[slot] = step
 
     def drop_user(self, slot: int) -> None:
         """Forget ``slot``'s settings and state (call :meth:`sync` after removing its rows)."""
@@ -314,6 +326,7 @@ class PackedAdamW:
         self._configs.pop(slot, None)
         self._lr[slot] = 0
         self._step[slot] = 0
+        self._host_step[slot] = 0
         self._dirty.add(slot)
 
     def config(self, slot: int) -> tuple[AdamWConfig, int | None]:
@@ -324,9 +337,9 @@ class PackedAdamW:
         return self._configs[slot]
 
     def step_count(self, slot: int) -> int:
-        """Updates applied to ``slot`` so far."""
+        """Updates applied to ``slot`` so far (a host value: no device sync)."""
         self._check_slot(slot)
-        return int(self._step[slot])
+        return self._host_step[slot]
 
     def current_lr(self, slot: int) -> float:
         """Learning rate ``slot``'s next update will use."""
@@ -373,43 +386,85 @@ class PackedAdamW:
         return master.copy_(torch.where(stale, data.to(master.dtype), master))
 
     def sync(self) -> None:
-        """Re-align moments and row maps with the banks' current layouts (host loop over the
-        users of each bank; cheap, and only needed after adapters were added/removed)."""
+        """Re-align moments and row maps with the banks' current layouts (needed after adapters
+        were added/removed). Host work in proportion to the users changed since the last sync
+        (:meth:`kernels.AdapterBank.layout_changes`), not to all users: :meth:`step` calls it on
+        every step. A bank whose rows moved (compaction, growth, a loaded state) is re-read whole."""
         dirty = self._dirty
         for i, b in enumerate(self.banks):
-            layout = {u: (b.segment(u).offset, b.segment(u).rank) for u in b.users}
-            old, mom = self._layout[i], self._conform(i)
+            mark, changed = b.layout_changes(self._marks[i])
+            mom = self._conform(i)
             same_cap = mom["exp_avg_a"].shape[0] == b.capacity == self._row_user[i].shape[0]
-            if layout == old and same_cap and not (dirty & set(layout)):
-                continue
-            kept = {u: v for u, v in old.items() if u in layout}
-            if same_cap and all(layout[u] == v and u not in dirty for u, v in kept.items()):
-                # only users added, removed or reset: fix their rows in place
-                ru = self._row_user[i]
-                for u, (off, r) in old.items():
-                    if u not in layout:
-                        ru[off : off + r] = -1
-                for u, (off, r) in layout.items():
-                    if u in dirty or u not in old:
-                        for t in mom.values():
-                            t[off : off + r].zero_()
-                        ru[off : off + r] = u
-                self._layout[i] = layout
-                continue
-            new = self._zeros(b)
-            for u, (off, r) in layout.items():
-                if u in dirty or old.get(u, (None, None))[1] != r:
-                    continue
-                o_off = old[u][0]
-                for k in new:
-                    new[k][off : off + r] = mom[k][o_off : o_off + r]
-            row_user = torch.full((b.capacity,), -1, dtype=torch.int64)
-            for u, (off, r) in layout.items():
-                row_user[off : off + r] = u
-            self._row_user[i] = row_user.to(b.lora_a.device)
-            self._moments[i] = new
-            self._layout[i] = layout
+            if changed is None or not same_cap or not self._sync_users(i, changed | dirty, dirty):
+                self._sync_all(i, dirty)
+            self._marks[i] = mark
         self._dirty = set()
+
+    def _sync_users(self, i: int, users: set[int], dirty: set[int]) -> bool:
+        """Bank ``i``'s state for ``users`` alone (the others' rows have not moved): the rows of
+        users gone or moved freed, those of users new, moved or reset zeroed and theirs. ``False``
+        (nothing changed) when a user's rows moved without a reset: :meth:`_sync_all` carries its
+        moments over."""
+        b, old = self.banks[i], self._layout[i]
+        new: dict[int, tuple[int, int] | None] = {}
+        for u in users:
+            seg = b.segment(u) if b.has(u) else None
+            new[u] = None if seg is None else (seg.offset, seg.rank)
+            if new[u] is not None and u in old and new[u] != old[u] and u not in dirty:
+                return False
+        ru, mom = self._row_user[i], self._moments[i]
+        for u, v in new.items():  # first free every row left: another of these users may take it
+            if u in old and v != old[u]:
+                off, r = old[u]
+                ru[off : off + r] = -1
+        for u, v in new.items():
+            if v is None:
+                old.pop(u, None)
+                continue
+            if u in dirty or old.get(u) != v:
+                off, r = v
+                for t in mom.values():
+                    t[off : off + r].zero_()
+                ru[off : off + r] = u
+            old[u] = v
+        return True
+
+    def _sync_all(self, i: int, dirty: set[int]) -> None:
+        """Bank ``i``'s state re-aligned with its whole segment table (moments of users whose
+        rows moved carried over)."""
+        b = self.banks[i]
+        layout = {u: (s.offset, s.rank) for u in b.users for s in (b.segment(u),)}
+        old, mom = self._layout[i], self._conform(i)
+        same_cap = mom["exp_avg_a"].shape[0] == b.capacity == self._row_user[i].shape[0]
+        if layout == old and same_cap and not (dirty & set(layout)):
+            return
+        kept = {u: v for u, v in old.items() if u in layout}
+        if same_cap and all(layout[u] == v and u not in dirty for u, v in kept.items()):
+            # only users added, removed or reset: fix their rows in place
+            ru = self._row_user[i]
+            for u, (off, r) in old.items():
+                if u not in layout:
+                    ru[off : off + r] = -1
+            for u, (off, r) in layout.items():
+                if u in dirty or u not in old:
+                    for t in mom.values():
+                        t[off : off + r].zero_()
+                    ru[off : off + r] = u
+            self._layout[i] = layout
+            return
+        new = self._zeros(b)
+        for u, (off, r) in layout.items():
+            if u in dirty or old.get(u, (None, None))[1] != r:
+                continue
+            o_off = old[u][0]
+            for k in new:
+                new[k][off : off + r] = mom[k][o_off : o_off + r]
+        row_user = torch.full((b.capacity,), -1, dtype=torch.int64)
+        for u, (off, r) in layout.items():
+            row_user[off : off + r] = u
+        self._row_user[i] = row_user.to(b.lora_a.device)
+        self._moments[i] = new
+        self._layout[i] = layout
 
     def seed_master(self, slot: int, bank: AdapterBank, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Set ``slot``'s float32 master rows of ``bank`` from ``a [R, in]`` and ``b [R, out]``,
@@ -495,30 +550,40 @@ class PackedAdamW:
         active = torch.zeros(self.max_users, dtype=torch.bool, device=dev)
         active[torch.tensor(host, device=dev)] = True
         self._step += active.to(torch.int64)
+        for s in host:
+            self._host_step[s] += 1
         dtypes = {self._compute_dtype(b) for b in self.banks}
         factors = {cd: self._factors(active, cd) for cd in dtypes}
 
-        # per bank, the row span [lo, hi) covering the stepped users' rows (host layout, no
-        # sync): a step of a few users touches their rows only, a joint step the whole bank
-        spans: list[tuple[int, slice]] = []
+        # per bank, the rows to update (host layout, no sync): the span [lo, hi) covering the
+        # stepped users' rows, updated in place, or, where their rows are scattered over a span at
+        # least twice as long (a few users of a big bank), just those rows, gathered and written
+        # back; the update is elementwise per row, so both give the same values. A step of a few
+        # users thus costs in proportion to their rows, not to the bank's; a joint step takes the span.
+        spans: list[tuple[int, slice | torch.Tensor]] = []
         for i, layout in enumerate(self._layout):
             segs = [layout[s] for s in host if s in layout]
             if segs:
-                spans.append((i, slice(min(o for o, _ in segs), max(o + r for o, r in segs))))
+                lo, hi = min(o for o, _ in segs), max(o + r for o, r in segs)
+                if 2 * sum(r for _, r in segs) <= hi - lo:
+                    rows = [j for o, r in sorted(segs) for j in range(o, o + r)]
+                    spans.append((i, torch.tensor(rows, dtype=torch.int64, device=dev)))
+                else:
+                    spans.append((i, slice(lo, hi)))
         clip = None
         if any(self._configs[s][0].max_grad_norm is not None for s in host):
             nd = torch.float64 if torch.float64 in dtypes else torch.float32
             norm2 = torch.zeros(self.max_users, dtype=nd, device=dev)
             for i, sl in spans:
-                ru = self._row_user[i][sl]
+                ru = _take(self._row_user[i], sl)
                 ru0 = ru.clamp(min=0)
                 for p in (self.banks[i].lora_a, self.banks[i].lora_b):
                     if p.grad is not None:  # free rows add 0 (not 0 · their gradient: NaN · 0 is NaN)
-                        norm2.index_add_(0, ru0, torch.where(ru >= 0, p.grad[sl].to(nd).pow(2).sum(1), 0))
+                        norm2.index_add_(0, ru0, torch.where(ru >= 0, _take(p.grad, sl).to(nd).pow(2).sum(1), 0))
             clip = (self._max_norm.to(nd) / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
 
         for i, sl in spans:
-            b, ru = self.banks[i], self._row_user[i][sl]
+            b, ru = self.banks[i], _take(self._row_user[i], sl)
             cd = self._compute_dtype(b)
             lr_step, bc2_sqrt, decay, beta1, beta2, eps = factors[cd]
             ru0 = ru.clamp(min=0)
@@ -531,20 +596,20 @@ class PackedAdamW:
             row_eps = eps[ru0][:, None]
             mom = self._moments[i]  # conformed to the bank's dtype by sync()
             for p, sfx in ((b.lora_a, "a"), (b.lora_b, "b")):
-                data = p.data[sl]
+                data = _take(p.data, sl)
                 if p.grad is not None:
-                    g = p.grad[sl].to(cd)
+                    g = _take(p.grad, sl).to(cd)
                 else:
                     g = torch.zeros(data.shape, dtype=cd, device=dev)
                 if clip is not None:
                     g = g * clip[ru0][:, None].to(cd)
                 # rows not stepped see a zero gradient, whatever theirs holds (NaN/inf · 0 weight is NaN)
                 g = torch.where(on > 0, g, 0)
-                m, v = mom["exp_avg_" + sfx][sl], mom["exp_avg_sq_" + sfx][sl]
+                m, v = _take(mom["exp_avg_" + sfx], sl), _take(mom["exp_avg_sq_" + sfx], sl)
                 m.lerp_(g, w1)
                 v.add_((g * g - v) * w2)
                 if "master_" + sfx in mom:  # bf16/fp16: update the float32 master, re-seeded where stale
-                    work = self._heal(mom["master_" + sfx][sl], data)
+                    work = self._heal(_take(mom["master_" + sfx], sl), data)
                 else:  # float32/64 in place; bf16/fp16 without master: exact round trip for rows left alone
                     work = data if p.dtype == cd else data.to(cd)
                 work.mul_(row_decay)
@@ -552,6 +617,11 @@ class PackedAdamW:
                 work.addcdiv_(m * row_step, denom, value=-1.0)
                 if work is not data:
                     data.copy_(work)
+                if not isinstance(sl, slice):  # gathered copies: write the rows back
+                    for name, rows in (("exp_avg_", m), ("exp_avg_sq_", v), ("master_", work)):
+                        if name + sfx in mom:
+                            mom[name + sfx].index_copy_(0, sl, rows)
+                    p.data.index_copy_(0, sl, data)
 
     def _factors(self, active: torch.Tensor, cd: torch.dtype) -> tuple[torch.Tensor, ...]:
         """Per user (``[max_users]`` in ``cd``): ``lr / bias correction 1``, ``sqrt(bias correction
@@ -642,3 +712,4 @@ class PackedAdamW:
             dst.copy_(t.to(dst))
         if step is not None:
             self._step[slot] = step
+            self._host_step[slot] = step

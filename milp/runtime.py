@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import math
 import numbers
@@ -333,10 +334,18 @@ class MilpRuntime:
         self.default_optim = optim or AdamWConfig()
         self.optimizer = PackedAdamW(self.state.banks(), self.state.max_users, master_weights=master_weights)
         self._slots: dict[Hashable, int] = {}
+        self._slot_user: dict[int, Hashable] = {}  # the inverse of _slots (per batch: no scan of all users)
+        # free slots: the freed ones below _next_slot (a heap) and every slot from _next_slot up, so
+        # add_user takes the lowest without a scan of all slots
+        self._free_slots: list[int] = []
+        self._next_slot = 0
         self._configs: dict[Hashable, MemoryConfig] = {}
         self.store = store
         self._from_store: dict[Hashable, int] = {}  # users the store loaded -> their step count then
-        self._last_used: dict[Hashable, int] = {}   # store users -> batch counter of last use
+        # store users -> batch counter of last use, kept in eviction order (least recently used
+        # first, ties in load order), so a batch finds its victims without sorting every loaded user
+        self._last_used: dict[Hashable, int] = {}
+        self._load_seq: dict[Hashable, int] = {}  # store users -> when loaded (the ties' order)
         self._batches = 0
         self._cache = [0, 0, 0, 0]  # hits, loads, evictions, write_backs
         self._active: list[frozenset[Hashable]] = []  # users of the open using() blocks (never evicted)
@@ -418,8 +427,10 @@ class MilpRuntime:
         config.check_num_layers(self.num_layers)
         if user in self._slots:
             raise ValueError(f"user {user!r} is already loaded; remove_user({user!r}) first")
-        used = set(self._slots.values())
-        free = next((s for s in range(self.max_users) if s not in used), None)
+        if self._free_slots:
+            free: int | None = self._free_slots[0]
+        else:
+            free = self._next_slot if self._next_slot < self.max_users else None
         if free is None:
             raise ValueError(
                 f"the runtime holds max_users={self.max_users} users; remove or evict one before adding {user!r}"
@@ -439,7 +450,12 @@ class MilpRuntime:
             self.state.remove_adapters(free, missing_ok=True)
             self.optimizer.sync()
             raise
+        if self._free_slots and self._free_slots[0] == free:
+            heapq.heappop(self._free_slots)
+        else:
+            self._next_slot = free + 1
         self._slots[user] = free
+        self._slot_user[free] = user
         self._configs[user] = config
 
     def remove_user(self, user: Hashable) -> None:
@@ -456,9 +472,11 @@ class MilpRuntime:
         self.state.remove_adapters(slot, missing_ok=True)
         self.optimizer.drop_user(slot)
         self.optimizer.sync()
-        del self._slots[user], self._configs[user]
+        del self._slots[user], self._configs[user], self._slot_user[slot]
+        heapq.heappush(self._free_slots, slot)
         self._from_store.pop(user, None)
         self._last_used.pop(user, None)
+        self._load_seq.pop(user, None)
 
     def evict_user(self, user: Hashable, directory: str | os.PathLike[str]) -> Path:
         """:meth:`save_user` then :meth:`remove_user`; returns the directory."""
@@ -737,10 +755,16 @@ class MilpRuntime:
         victims: list[Hashable] = []
         if len(missing) > free:
             wanted = set(need)
-            movable = [u for u in self._from_store if u not in wanted and self._evictable(u)]
-            movable.sort(key=lambda u: self._last_used.get(u, -1))
-            victims = movable[: len(missing) - free]
+            order: Iterable[Hashable] = self._last_used
+            if len(self._from_store) != len(self._last_used):  # loaded by a batch that then failed: never used
+                order = [*(u for u in self._from_store if u not in self._last_used), *self._last_used]
+            for u in order:  # least recently used first, up to the slots needed
+                if u not in wanted and self._evictable(u):
+                    victims.append(u)
+                    if len(victims) == len(missing) - free:
+                        break
             if len(victims) < len(missing) - free:
+                movable = [u for u in self._from_store if u not in wanted and self._evictable(u)]
                 busy = [u for u in self._from_store if u not in wanted and self._in_use(u)]
                 kept = [u for u in self._from_store if u not in wanted and u not in movable and u not in busy]
                 raise ValueError(
@@ -759,12 +783,14 @@ class MilpRuntime:
         for u in missing:
             self.load_user(paths[u], u)
             self._from_store[u] = self.optimizer.step_count(self._slots[u])
+            self._load_seq[u] = self._cache[1]
             self._cache[1] += 1
         self._cache[0] += len(need) - len(missing)
         self._batches += 1
-        for u in need:
-            if u in self._from_store:
-                self._last_used[u] = self._batches
+        # to the end of the eviction order, in load order (the order of ties)
+        for u in sorted((u for u in need if u in self._from_store), key=self._load_seq.__getitem__):
+            self._last_used.pop(u, None)
+            self._last_used[u] = self._batches
 
     @contextlib.contextmanager
     def using(self, users: Hashable | Sequence[Hashable | None] | None, batch_size: int | None = None
@@ -786,7 +812,7 @@ class MilpRuntime:
             batch_size = len(users)
         slots = self.row_slots(users, batch_size)
         taken = set(slots.tolist())
-        inside = frozenset(u for u, s in self._slots.items() if s in taken)
+        inside = frozenset(self._slot_user[s] for s in taken if s in self._slot_user)
         self._active.append(inside)
         try:
             with batch_users(self.model, slots):
@@ -836,7 +862,7 @@ class MilpRuntime:
 
     def _per_user(self, slots: torch.Tensor, mean: torch.Tensor, counts: torch.Tensor
                   ) -> dict[Hashable, torch.Tensor]:
-        slot_user = {s: u for u, s in self._slots.items()}
+        slot_user = self._slot_user
         present = sorted(set(slots.tolist()) - {-1})
         nonzero = counts[present].tolist() if present else []
         return {slot_user[s]: mean[s] for s, c in zip(present, nonzero) if c > 0}

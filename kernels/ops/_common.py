@@ -130,13 +130,15 @@ def token_adapters(slots: torch.Tensor, sorted_tokens: torch.Tensor, segments: t
 def active_segments(slots: torch.Tensor, sorted_tokens: torch.Tensor, segments: torch.Tensor):
     """Yield ``(token indices, row offset, rank)`` of each segment whose user has an adapter.
 
-    Host loop over the plan (the torch path); reads the tables to the host once.
+    Host loop over the plan (the torch path); reads the tables to the host once: of the slot
+    table only the rows of the plan's users (not all ``max_users``: one read per layer and call).
     """
-    segs = segments.tolist()
-    slot_rows = slots.tolist()
+    segs = [(start, end, user) for start, end, user in segments.tolist() if user >= 0 and end > start]
+    if not segs:
+        return
+    users = [user for _, _, user in segs]
+    slot_rows = dict(zip(users, slots[torch.tensor(users, device=slots.device)].tolist()))
     for start, end, user in segs:
-        if user < 0 or end <= start:
-            continue
         off, rank = slot_rows[user]
         if rank <= 0:
             continue
