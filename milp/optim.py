@@ -146,6 +146,15 @@ def _take(t: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
 
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``; to a GPU from pinned memory, non-blocking: no
+    host sync (the caching host allocator keeps the pinned block until the copy has run)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def warmup_steps(total_steps: int | None, warmup_ratio: float) -> int:
     """Warm-up length: ``ceil(warmup_ratio * total_steps)`` (0 without a step budget).
 
@@ -547,29 +556,35 @@ class PackedAdamW:
             return
         self.sync()
         dev = self.device
-        active = torch.zeros(self.max_users, dtype=torch.bool, device=dev)
-        active[torch.tensor(host, device=dev)] = True
-        self._step += active.to(torch.int64)
-        for s in host:
-            self._host_step[s] += 1
-        dtypes = {self._compute_dtype(b) for b in self.banks}
-        factors = {cd: self._factors(active, cd) for cd in dtypes}
 
         # per bank, the rows to update (host layout, no sync): the span [lo, hi) covering the
         # stepped users' rows, updated in place, or, where their rows are scattered over a span at
         # least twice as long (a few users of a big bank), just those rows, gathered and written
         # back; the update is elementwise per row, so both give the same values. A step of a few
         # users thus costs in proportion to their rows, not to the bank's; a joint step takes the span.
-        spans: list[tuple[int, slice | torch.Tensor]] = []
+        spans: list[tuple[int, slice | list[int]]] = []
         for i, layout in enumerate(self._layout):
             segs = [layout[s] for s in host if s in layout]
             if segs:
                 lo, hi = min(o for o, _ in segs), max(o + r for o, r in segs)
                 if 2 * sum(r for _, r in segs) <= hi - lo:
-                    rows = [j for o, r in sorted(segs) for j in range(o, o + r)]
-                    spans.append((i, torch.tensor(rows, dtype=torch.int64, device=dev)))
+                    spans.append((i, [j for o, r in sorted(segs) for j in range(o, o + r)]))
                 else:
                     spans.append((i, slice(lo, hi)))
+        # the stepped slots and every gathered row list reach the device in one copy, without a
+        # sync (a copy from pageable host memory waits for the stream: one sync per bank)
+        lists = [host] + [sl for _, sl in spans if isinstance(sl, list)]
+        flat = _to_device([v for values in lists for v in values], dev).split([len(v) for v in lists])
+        gathered = iter(flat[1:])
+        spans = [(i, next(gathered) if isinstance(sl, list) else sl) for i, sl in spans]
+        active = torch.zeros(self.max_users, dtype=torch.bool, device=dev)
+        active[flat[0]] = True
+        self._step += active.to(torch.int64)
+        for s in host:
+            self._host_step[s] += 1
+        dtypes = {self._compute_dtype(b) for b in self.banks}
+        factors = {cd: self._factors(active, cd) for cd in dtypes}
+
         clip = None
         if any(self._configs[s][0].max_grad_norm is not None for s in host):
             nd = torch.float64 if torch.float64 in dtypes else torch.float32

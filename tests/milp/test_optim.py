@@ -473,3 +473,29 @@ def test_step_refuses_non_integer_slots_and_load_user_state_loads_all_or_nothing
     assert all(same(after[k], v) for k, v in before.items())
     with pytest.raises(ValueError, match="names bank 'x', where user slot 0 has no rows"):
         opt.load_user_state(0, {"x.exp_avg_a": torch.ones(2, 4)})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync is a GPU matter (CPU: no device to wait for)")
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_step_makes_no_host_sync_on_the_gpu(clip):
+    """A step sends its slots and the gathered rows of a few users of a big bank to the GPU in one
+    copy from pinned memory: before, one copy from pageable memory per bank (each waits for the
+    stream) plus one for the slots. Scattered users (the gathered rows) and a joint step (the span)."""
+    banks = [kernels.AdapterBank(24, 20, max_users=8, capacity=64, device="cuda") for _ in range(3)]
+    for b in banks:
+        for u in range(8):
+            b.add(u, [4], init="random")
+    opt = PackedAdamW(banks, 8)
+    for u in range(8):
+        opt.set_user(u, AdamWConfig(max_grad_norm=clip), total_steps=10)
+    g = torch.Generator().manual_seed(0)
+    for b in banks:
+        set_grads(b, g)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step([0, 7])  # rows 0-3 and 28-31 of a 32-row span: gathered
+        opt.step(list(range(8)))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [opt.step_count(u) for u in range(8)] == [2, 1, 1, 1, 1, 1, 1, 2]
