@@ -70,6 +70,31 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save(tensors, metadata)`` with the metadata's keys sorted: safetensors
+    writes them from a Rust hash map, in an order drawn anew in every process, so two runs that
+    saved the same tensors and metadata wrote files with other bytes (another checksum).
+
+    Example:
+        >>> import torch
+        >>> data = _safetensors_bytes({"w": torch.zeros(1)}, {"user": "u", "format": "f"})
+        >>> data[8:48]
+        b'{"__metadata__":{"format":"f","user":"u"'
+    """
+    from safetensors.torch import save
+
+    data = save(dict(tensors), metadata=None if metadata is None else dict(metadata))
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.get("__metadata__")
+    if not meta or len(meta) < 2:
+        return data
+    header["__metadata__"] = dict(sorted(meta.items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors pads it
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; when the block succeeds it replaces

@@ -397,7 +397,7 @@ class _Seed:
 
     def __init__(self, args: argparse.Namespace, seed: int, records: Sequence[Record], out: Path) -> None:
         self.args, self.seed, self.dir = args, seed, out / f"seed{seed}"
-        chosen = train.select_users(records, args.users, seed)
+        chosen = train._in_user_order(train.select_users(records, args.users, seed))  # as milp.train orders them
         n_users = len(group_by_user(chosen))
         if n_users < 3:
             raise SystemExit(f"milp.evaluate: need at least 3 users for the 70/10/20 split, got {n_users} (--users)")

@@ -377,7 +377,8 @@ def memory_inject(
     each user's memory chunks run in mixed-user batches (``rows_per_user`` rows of each user
     per batch: the paper's batch 8); every user sees exactly the batches it would see trained
     alone. Returns each user's loss after every step (the loss *before* that step's update);
-    users whose configuration has no adapter are skipped (an empty list).
+    users whose configuration has no adapter are skipped (an empty list). The users come in the
+    records' order, those trained first, then those skipped.
 
     ``user_key(record)`` names the runtime user of a record (default ``record.user_id``); the
     search uses it to train one user's memory into several *virtual users*.
@@ -398,14 +399,16 @@ def memory_inject(
     _check_stage_args(runtime, user_key=user_key)
     key = user_key or (lambda r: r.user_id)
     chunks_of: dict[Hashable, list[dict[str, Any]]] = {}
-    skipped: set[Hashable] = set()
+    # an ordered set: the history lists the skipped users in the records' order (a set's order of
+    # str ids changed with the process's hash seed, PYTHONHASHSEED)
+    skipped: dict[Hashable, None] = {}
     for r in records:
         u = key(r)
         runtime.slot(u)  # KeyError naming an unknown user
         if u in chunks_of or u in skipped:
             continue  # one memory per user (records of one user share the history)
         if runtime.num_parameters(u) == 0:  # a configuration without adapters: nothing to inject
-            skipped.add(u)
+            skipped[u] = None
             continue
         chunks = tokenize_memory(r, tokenizer, max_length=max_length)
         if not chunks:

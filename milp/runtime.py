@@ -43,7 +43,7 @@ from torch import nn
 
 from kernels import nvtx_range
 
-from .config import MemoryConfig, _check_bool, _check_path, atomic_directory
+from .config import MemoryConfig, _check_bool, _check_path, _safetensors_bytes, atomic_directory
 from .inject import MilpState, apply_milp, batch_users, get_milp, is_injected
 from .losses import _cached, _check_labels, check_token_inputs, token_losses, values_checked
 from .optim import AdamWConfig, PackedAdamW
@@ -583,7 +583,8 @@ class MilpRuntime:
         }
         with atomic_directory(directory) as tmp:
             tensors = self.adapter_state(user)
-            save_file(tensors, str(tmp / ADAPTERS_FILE), metadata={"format": _FORMAT, "user": str(user)})
+            # the metadata's keys in order: the same adapters, the same bytes in every process
+            (tmp / ADAPTERS_FILE).write_bytes(_safetensors_bytes(tensors, {"format": _FORMAT, "user": str(user)}))
             cfg.to_json(tmp / CONFIG_FILE)
             (tmp / USER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
             if include_optimizer:

@@ -315,6 +315,21 @@ def select_users(records: Sequence[Record], n: int, seed: int) -> list[Record]:
     return list(records)
 
 
+def _in_user_order(records: Sequence[Record]) -> list[Record]:
+    """``records`` grouped by user, users in id order, each user's records in their order in
+    ``records``. The runs put the records of :func:`select_users` in this order, so the order of
+    the data's lines changes nothing: not the search's validation users, instruction tuning's
+    shuffled batches (drawn by position), nor the order the scores are summed in.
+
+    Example:
+        >>> rs = [Record(u, "", ["h"], q, "r") for u, q in [("b", "q1"), ("a", "q"), ("b", "q2")]]
+        >>> [(r.user_id, r.query) for r in _in_user_order(rs)]
+        [('a', 'q'), ('b', 'q1'), ('b', 'q2')]
+    """
+    by_user = group_by_user(records)
+    return [r for u in sorted(by_user) for r in by_user[u]]
+
+
 def run_instruction_adapter(model: Any, rank: int, seed: int, device: torch.device | str,
                             path: str | os.PathLike[str] | None = None) -> Any:
     """The shared instruction adapter as this CLI makes it (``rank``, alpha = 2 * rank, init
@@ -648,7 +663,7 @@ def _load_split(st: _State) -> dict[str, list[Record]]:
     resumed lists other users); written by :func:`_save_split`."""
     args = st.args
     records = load_records(args.data, args.data_format, on_error=args.on_error, progress=args.progress and st.dist.main)
-    records = select_users(records, args.users, args.seed)
+    records = _in_user_order(select_users(records, args.users, args.seed))  # whatever the data's line order
     n_users = len(group_by_user(records))
     if n_users < 3:
         raise SystemExit(f"milp.train: need at least 3 users for the 70/10/20 split, got {n_users} (--users)")

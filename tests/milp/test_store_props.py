@@ -210,7 +210,7 @@ class Crash(Exception):
 
 
 @SETTINGS
-@given(fail_at=st.integers(0, 15), existed=st.booleans(), cfg=small_configs())
+@given(fail_at=st.integers(0, 16), existed=st.booleans(), cfg=small_configs())
 def test_a_save_failing_anywhere_keeps_the_previous_save(fail_at, existed, cfg):
     """Every file-system step of save_user (temporary folders, each file written, each rename)
     may fail: the user's folder then holds the previous save byte for byte (or does not exist),
@@ -246,7 +246,8 @@ def test_a_save_failing_anywhere_keeps_the_previous_save(fail_at, existed, cfg):
             failed = False
             with pytest.MonkeyPatch.context() as mp:
                 for obj, name in [(safetensors.torch, "save_file"), (os, "replace"), (os, "fsync"), (os, "chmod"),
-                                  (pathlib.Path, "write_text"), (tempfile, "mkdtemp"), (tempfile, "mkstemp")]:
+                                  (pathlib.Path, "write_text"), (pathlib.Path, "write_bytes"), (tempfile, "mkdtemp"),
+                                  (tempfile, "mkstemp")]:
                     mp.setattr(obj, name, failing(getattr(obj, name)))
                 try:
                     rt.save_user("u", store.save_path("u"))
