@@ -231,9 +231,10 @@ def _positive(v: object) -> bool:
 
 def _load_weights(d: Path) -> dict[str, torch.Tensor]:
     if (d / PEFT_WEIGHTS_FILE).is_file():
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        return load_file(str(d / PEFT_WEIGHTS_FILE))
+        # from the bytes, not load_file: its mmap reader (safetensors 0.8) leaks per call (_read_tensors)
+        return load((d / PEFT_WEIGHTS_FILE).read_bytes())
     if (d / PEFT_WEIGHTS_BIN).is_file():
         sd = torch.load(d / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
         if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -374,11 +374,19 @@ class MilpState:
     Obtain it from :func:`apply_milp` or :func:`get_milp`; user ids here are *slots*
     ``0 .. max_users-1`` (the runtime maps its own user keys to slots).
 
+    At most :attr:`max_static_plans` static plans registered by ``generate`` stay registered
+    (:meth:`prepare_static` with ``evictable=True``): one more drops the least recently registered.
+
     Example:
         >>> st = apply_milp(tiny_model("llama"), max_users=2)
         >>> st.num_layers, [m.target for m in st.layers[0]]
         (2, ['mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj'])
     """
+
+    #: evictable static plans kept registered at most: every set_users rewrites each one, and a server
+    #: whose generate registers every batch size and prefill chunk it meets would otherwise pay for all
+    #: of them, for good (torch runs the forward eagerly past its recompile limit, 8 graphs, anyway)
+    max_static_plans = 64
 
     def __init__(self, model: nn.Module, layers: list[list[MultiLoraLinear]], max_users: int,
                  names: list[list[str]], requires_grad: dict[str, bool]) -> None:
@@ -398,6 +406,10 @@ class MilpState:
         self._plan_keys: dict[tuple[torch.device, int], tuple] = {}
         # (device type, device index, leading shape) -> plan kept current by set_users
         self._static_plans: dict[tuple[str, int | None, tuple[int, ...]], BatchPlan] = {}
+        # the keys of evictable plans -> when last registered (prepare_static), for dropping the least
+        # recent past max_static_plans; apart from _static_plans, whose order compiled graphs may guard on
+        self._static_used: dict[tuple[str, int | None, tuple[int, ...]], int] = {}
+        self._static_clock = 0
         self.plan_builds = 0  # number of plan updates (inspection and tests)
 
     # ----------------------------------------------------------------- info
@@ -582,7 +594,8 @@ class MilpState:
                 plan.update(token_user, validate=False, num_segments=self._num_row_values)
         self.plan_builds += 1
 
-    def prepare_static(self, lead: Sequence[int], device: torch.device | str | None = None) -> BatchPlan:
+    def prepare_static(self, lead: Sequence[int], device: torch.device | str | None = None, *,
+                       evictable: bool = False) -> BatchPlan:
         """Register a static plan for activations of leading shape ``lead`` (e.g. ``(B, 1)``
         for the decode steps of ``generate``) on ``device``, for compiled code.
 
@@ -590,7 +603,13 @@ class MilpState:
         static plan of their input's leading shape (a missing one is an error at trace
         time). Every :meth:`set_users` rewrites each registered plan in place, so a
         compiled graph (and a captured CUDA graph) serves any later batch of that shape
-        without re-tracing. Registering costs one plan update per ``set_users``. A compiled
+        without re-tracing. Registering costs one plan update per ``set_users``. A plan stays
+        registered for good, unless ``evictable`` (``generate`` registers its shapes so): past
+        :attr:`max_static_plans` evictable shapes the least recently registered one is dropped
+        (a compiled graph traced with it needs it registered again, as ``generate`` does before
+        every call, and then reads the new plan). Register a shape whose buffers a captured CUDA
+        graph reads without ``evictable`` (the default; registering it so pins an evictable
+        one). A compiled
         forward under autograd saves a copy of the plan for its backward (one small copy per
         injected layer), so losses of several batches of one shape may be summed before one
         ``backward`` (gradient accumulation); without autograd (decode, serving) the graph reads
@@ -627,9 +646,21 @@ class MilpState:
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         key = (dev.type, dev.index, lead)
+        _check_bool("evictable", evictable)
         plan = self._static_plans.get(key)
+        known = plan is not None
         if plan is None or plan.max_users != self.max_users:
             plan = self._static_plans[key] = BatchPlan(max(1, math.prod(lead)), self.max_users, device=dev)
+        if not evictable:
+            self._static_used.pop(key, None)  # pinned: never dropped
+        elif not known or key in self._static_used:  # new or evictable already (a pinned one stays pinned)
+            self._static_clock += 1
+            self._static_used[key] = self._static_clock
+            if len(self._static_used) > max(1, self.max_static_plans):
+                # the least recently registered evictable shape goes (not this one); a graph traced
+                # with it reads the plan registered anew for its shape (generate registers first)
+                stale = min(self._static_used, key=self._static_used.__getitem__)
+                del self._static_plans[stale], self._static_used[stale]
         if self.row_users is not None:
             if not self._fits(lead):
                 raise ValueError(f"leading shape {lead} does not split into the current batch's "

@@ -274,10 +274,12 @@ def _is_count(v: object) -> bool:
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file of a saved user, a damaged one named (safetensors says only
     "Error while deserializing header")."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     try:
-        return load_file(str(path))
+        # from the bytes, not load_file: safetensors' mmap reader (0.8) keeps ~56 bytes per tensor
+        # alive after every call, which a store loading users for days piles up without bound
+        return load(path.read_bytes())
     except Exception as exc:  # SafetensorError (not exported by every safetensors release), OSError
         raise ValueError(f"{str(path)!r} is not a readable safetensors file ({exc}): a damaged save_user "
                          f"directory") from None
@@ -957,9 +959,10 @@ class MilpRuntime:
         with self.using(users, ids.shape[0]), nvtx_range("milp.runtime.generate"):
             if self._compiles_decode(kwargs):
                 rows = ids.shape[0] * self._rows_per_prompt(kwargs)
-                self.state.prepare_static((rows, 1), ids.device)
+                # evictable: a server meeting ever new batch sizes and prompt chunks keeps a bounded set
+                self.state.prepare_static((rows, 1), ids.device, evictable=True)
                 for length in self._prefill_chunks(kwargs, ids.shape[1]):  # a chunked prefill is compiled too
-                    self.state.prepare_static((rows, length), ids.device)
+                    self.state.prepare_static((rows, length), ids.device, evictable=True)
             return self.model.generate(input_ids=ids, attention_mask=attention_mask, **kwargs)
 
     def _generation_setting(self, kwargs: Mapping[str, Any], name: str, default: Any = None) -> Any:
