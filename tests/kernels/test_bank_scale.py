@@ -7,38 +7,18 @@ No timings (the project's rule): complexity shows as the Python lines one operat
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
 import kernels
 from kernels import AdapterBank
+from tests.host_work import lines_run as _lines_run
 
 BANK_FILE = kernels.bank.__file__
 
 
-def lines_run(fn, *args, files=(BANK_FILE,), **kwargs):
-    """``(fn(*args, **kwargs), lines)``: the Python lines executed in ``files`` while ``fn`` runs (each loop
-    iteration, comprehensions' included, counts)."""
-    count = 0
-    files = set(files)
-
-    def local(frame, event, arg):
-        nonlocal count
-        if event == "line":
-            count += 1
-        return local
-
-    def tracer(frame, event, arg):
-        return local if frame.f_code.co_filename in files else None
-
-    old = sys.gettrace()
-    sys.settrace(tracer)
-    try:
-        out = fn(*args, **kwargs)
-    finally:
-        sys.settrace(old)
-    return out, count
+def lines_run(fn, *args, **kwargs):
+    """:func:`tests.host_work.lines_run` over kernels/bank.py."""
+    return _lines_run(fn, *args, files=(BANK_FILE,), **kwargs)
 
 
 def bank_of(n: int, rank: int = 1) -> AdapterBank:

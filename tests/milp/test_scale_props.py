@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import sys
 from unittest import mock
 
 import pytest
@@ -28,33 +27,15 @@ from milp.inject import tiny_model
 from milp.optim import AdamWConfig, PackedAdamW
 from milp.runtime import MilpRuntime
 from milp.store import UserStore, user_dirname
+from tests.host_work import lines_run as _lines_run
 
 LIB_FILES = (milp.runtime.__file__, milp.optim.__file__, milp.inject.__file__, kernels.bank.__file__)
 CFG = MemoryConfig.uniform(2, 1, 1)  # rank 1 on both layers of the tiny model
 
 
-def lines_run(fn, *args, files=LIB_FILES, **kwargs):
-    """``(fn(*args, **kwargs), lines)``: the Python lines executed in ``files`` while ``fn`` runs (each loop
-    iteration, comprehensions' and generators' included, counts)."""
-    count = 0
-    files = set(files)
-
-    def local(frame, event, arg):
-        nonlocal count
-        if event == "line":
-            count += 1
-        return local
-
-    def tracer(frame, event, arg):
-        return local if frame.f_code.co_filename in files else None
-
-    old = sys.gettrace()
-    sys.settrace(tracer)
-    try:
-        out = fn(*args, **kwargs)
-    finally:
-        sys.settrace(old)
-    return out, count
+def lines_run(fn, *args, **kwargs):
+    """:func:`tests.host_work.lines_run` over the runtime's files."""
+    return _lines_run(fn, *args, files=LIB_FILES, **kwargs)
 
 
 class HostReads:
