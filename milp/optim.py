@@ -146,13 +146,21 @@ def _take(t: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
 
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as an int64 tensor on ``device``; to a GPU from pinned memory, non-blocking: no
-    host sync (the caching host allocator keeps the pinned block until the copy has run)."""
-    t = torch.tensor(values, dtype=torch.int64)
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU tensor ``t`` on ``device``; to a GPU from pinned memory, non-blocking: no host sync (the
+    caching host allocator keeps the pinned block until the copy has run)."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def _segment_rows(segs: list[tuple[int, int]]) -> torch.Tensor:
+    """The rows ``offset .. offset + rank - 1`` of every ``(offset, rank)`` in ``segs``, in order,
+    as a CPU int64 tensor (built by tensor ops: a user of 32 rank-96 modules has 3072 rows)."""
+    off = torch.tensor([o for o, _ in segs], dtype=torch.int64)
+    rank = torch.tensor([r for _, r in segs], dtype=torch.int64)
+    first = torch.cumsum(rank, 0) - rank  # each segment's first position in the result
+    return torch.arange(int(rank.sum())) + torch.repeat_interleave(off - first, rank)
 
 
 def warmup_steps(total_steps: int | None, warmup_ratio: float) -> int:
@@ -562,21 +570,21 @@ class PackedAdamW:
         # least twice as long (a few users of a big bank), just those rows, gathered and written
         # back; the update is elementwise per row, so both give the same values. A step of a few
         # users thus costs in proportion to their rows, not to the bank's; a joint step takes the span.
-        spans: list[tuple[int, slice | list[int]]] = []
+        spans: list[tuple[int, slice | torch.Tensor]] = []
         for i, layout in enumerate(self._layout):
             segs = [layout[s] for s in host if s in layout]
             if segs:
                 lo, hi = min(o for o, _ in segs), max(o + r for o, r in segs)
                 if 2 * sum(r for _, r in segs) <= hi - lo:
-                    spans.append((i, [j for o, r in sorted(segs) for j in range(o, o + r)]))
+                    spans.append((i, _segment_rows(sorted(segs))))
                 else:
                     spans.append((i, slice(lo, hi)))
         # the stepped slots and every gathered row list reach the device in one copy, without a
         # sync (a copy from pageable host memory waits for the stream: one sync per bank)
-        lists = [host] + [sl for _, sl in spans if isinstance(sl, list)]
-        flat = _to_device([v for values in lists for v in values], dev).split([len(v) for v in lists])
+        lists = [torch.tensor(host, dtype=torch.int64)] + [sl for _, sl in spans if isinstance(sl, torch.Tensor)]
+        flat = _to_device(torch.cat(lists), dev).split([len(v) for v in lists])
         gathered = iter(flat[1:])
-        spans = [(i, next(gathered) if isinstance(sl, list) else sl) for i, sl in spans]
+        spans = [(i, next(gathered) if isinstance(sl, torch.Tensor) else sl) for i, sl in spans]
         active = torch.zeros(self.max_users, dtype=torch.bool, device=dev)
         active[flat[0]] = True
         self._step += active.to(torch.int64)
