@@ -17,11 +17,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import numbers
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -98,8 +100,13 @@ def _safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] |
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; when the block succeeds it replaces
-    ``path`` (an older ``path`` is moved away first, then deleted; put back if the final rename
-    fails), otherwise it is removed, so ``path`` never holds a half-written set of files.
+    ``path``, otherwise it is removed, so ``path`` never holds a half-written set of files.
+
+    An older ``path`` is swapped for the new folder in one atomic rename (Linux's
+    ``RENAME_EXCHANGE``), then deleted: another process finds a complete folder at ``path`` at
+    every moment, and of two processes writing ``path`` at once the last rename wins, whole.
+    Where the file system cannot exchange, the older folder is moved away first (put back if the
+    final rename fails): ``path`` is then missing between the two renames.
 
     Example:
         >>> d = Path(tempfile.mkdtemp()) / "user"
@@ -124,10 +131,12 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a result folder is an ordinary one
         yield tmp
         _fsync_tree(tmp)  # the files are on disk before the rename publishes them
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "d")
-        os.replace(tmp, path)
+        swapped = _publish_directory(tmp, path)
+        if swapped is None:  # no RENAME_EXCHANGE here
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.replace(path, old / "d")
+            os.replace(tmp, path)
     except BaseException:
         if old is not None:
             moved = old / "d"
@@ -144,6 +153,60 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     fsync_dir(path.parent)  # the rename survives a power loss
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    if swapped:  # tmp holds the previous path now
+        if tmp.is_symlink():
+            tmp.unlink()
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish_directory(tmp: Path, path: Path) -> bool | None:
+    """Rename the folder ``tmp`` to ``path``: ``True`` when it was swapped with an existing
+    ``path`` (``tmp`` then holds that one), ``False`` when ``path`` did not exist, ``None`` (and
+    nothing renamed) when this file system cannot swap folders."""
+    for _ in range(100):  # path appears and goes only by other writers' renames: a few rounds at most
+        swapped = _swap_directories(tmp, path)
+        if swapped is not False:
+            return swapped
+        try:
+            os.replace(tmp, path)
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # another writer published path since the swap found none: swap with that one
+    raise OSError(errno.EBUSY, "other processes kept replacing the folder; not published", str(path))
+
+
+_renameat2: Any = None
+
+
+def _swap_directories(a: Path, b: Path) -> bool | None:
+    """Exchange the folders ``a`` and ``b`` in one atomic rename (``renameat2`` with
+    ``RENAME_EXCHANGE``): ``True`` when swapped, ``False`` when ``b`` does not exist, ``None``
+    where the platform or file system cannot (not Linux, an old C library, NFS)."""
+    import ctypes
+
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                fn = ctypes.CDLL(None, use_errno=True).renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _renameat2 = fn
+    if _renameat2 is False:
+        return None
+    at_fdcwd, rename_exchange = -100, 2
+    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.ENOENT and os.path.lexists(a):
+        return False
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return None
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _check_path(name: str, path: object) -> None:

@@ -33,6 +33,7 @@ import json
 import math
 import numbers
 import os
+import stat
 import zlib
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -245,10 +246,60 @@ def user_losses_from_ce(
     return mean.sum(), mean, counts
 
 
-def _read_user_info(path: Path) -> dict[str, Any]:
-    """``user.json`` of a saved user, with each way it can be broken named by the file."""
+def _read_saved(d: Path, names: Sequence[str], optional: Sequence[str]) -> dict[str, bytes]:
+    """The bytes of the files ``names`` (each must exist) and ``optional`` of the save_user
+    directory ``d``, all read through one open handle of the directory, so all from one save:
+    another process re-saving the user swaps in a new folder and deletes the old one
+    (:func:`~milp.config.atomic_directory`), and a file gone from the folder being read (that
+    folder no longer at ``d``) reads the new one from the start, never a mix of two saves."""
+    for _ in range(20):
+        try:
+            dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{str(d)!r} does not exist (not a directory written by save_user)") from None
+        except NotADirectoryError:
+            raise FileNotFoundError(f"{str(d)!r} is not a directory (not a directory written by save_user)") from None
+        try:
+            out: dict[str, bytes] = {}
+            for name in (*names, *optional):
+                try:
+                    fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    fd = -1
+                if fd >= 0:
+                    try:
+                        if stat.S_ISREG(os.fstat(fd).st_mode):  # a folder of that name is no file
+                            with os.fdopen(fd, "rb", closefd=False) as f:
+                                out[name] = f.read()
+                    finally:
+                        os.close(fd)
+                if name in out or name in optional and _same_directory(d, dir_fd):
+                    continue
+                if _same_directory(d, dir_fd):
+                    raise FileNotFoundError(f"{str(d / name)!r} does not exist (not a directory written by save_user)")
+                break  # replaced while being read: read the new folder
+            else:
+                return out
+        finally:
+            os.close(dir_fd)
+    raise OSError(f"{str(d)!r} was replaced again and again while being read (a process re-saving it in a loop?)")
+
+
+def _same_directory(d: Path, dir_fd: int) -> bool:
+    """Whether the folder open as ``dir_fd`` is (still) the one at ``d``."""
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        st = os.stat(d)
+    except OSError:
+        return False
+    here = os.fstat(dir_fd)
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+
+
+def _read_user_info(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """``user.json`` of a saved user (read from ``path`` unless its bytes are given), with each
+    way it can be broken named by the file."""
+    try:
+        info = json.loads((path.read_bytes() if data is None else data).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{str(path)!r} is not valid JSON ({exc}): a damaged save_user directory") from None
     if not isinstance(info, dict):
@@ -271,15 +322,15 @@ def _is_count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file of a saved user, a damaged one named (safetensors says only
-    "Error while deserializing header")."""
+def _read_tensors(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file of a saved user (read from ``path`` unless its bytes are given), a
+    damaged one named (safetensors says only "Error while deserializing header")."""
     from safetensors.torch import load
 
     try:
         # from the bytes, not load_file: safetensors' mmap reader (0.8) keeps ~56 bytes per tensor
         # alive after every call, which a store loading users for days piles up without bound
-        return load(path.read_bytes())
+        return load(path.read_bytes() if data is None else data)
     except Exception as exc:  # SafetensorError (not exported by every safetensors release), OSError
         raise ValueError(f"{str(path)!r} is not a readable safetensors file ({exc}): a damaged save_user "
                          f"directory") from None
@@ -608,20 +659,22 @@ class MilpRuntime:
         _check_bool("load_optimizer", load_optimizer)
         _check_path("directory", directory)
         d = Path(directory)
-        for name in (ADAPTERS_FILE, CONFIG_FILE, USER_FILE):
-            if not (d / name).is_file():
-                raise FileNotFoundError(f"{str(d / name)!r} does not exist (not a directory written by save_user)")
-        info = _read_user_info(d / USER_FILE)
+        files = _read_saved(d, (USER_FILE, CONFIG_FILE, ADAPTERS_FILE), (OPTIMIZER_FILE,) if load_optimizer else ())
+        info = _read_user_info(d / USER_FILE, files[USER_FILE])
         shapes = [[tuple(s) for s in layer] for layer in info["target_shapes"]]
         if shapes != self.state.target_shapes():
             raise ValueError(
                 f"user in {str(d)!r} was saved for a model with FFN target shapes {shapes}, "
                 f"this model has {self.state.target_shapes()}"
             )
-        cfg = MemoryConfig.from_json(d / CONFIG_FILE)
+        try:
+            cfg = MemoryConfig.from_dict(json.loads(files[CONFIG_FILE].decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{str(d / CONFIG_FILE)!r} is not valid JSON ({exc}): a damaged save_user "
+                             f"directory") from None
         key = _as_key(info["user"] if user is None else user)
-        tensors = _read_tensors(d / ADAPTERS_FILE)
-        moments = _read_tensors(d / OPTIMIZER_FILE) if load_optimizer and (d / OPTIMIZER_FILE).is_file() else None
+        tensors = _read_tensors(d / ADAPTERS_FILE, files[ADAPTERS_FILE])
+        moments = _read_tensors(d / OPTIMIZER_FILE, files[OPTIMIZER_FILE]) if OPTIMIZER_FILE in files else None
         self.add_user(key, cfg, total_steps=info.get("total_steps"),
                       optim=AdamWConfig.from_dict(info["optimizer"]), init="zeros")
         try:

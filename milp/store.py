@@ -26,6 +26,15 @@ to their working size and seen their largest user, a swap reallocates none of th
 and changes no argument a compiled decode step was traced with: one graph keeps serving
 (tested). Give the runtime a ``capacity`` to start at that size.
 
+One store may be written while other processes serve from it (a trainer re-saving users, or
+servers with ``write_back``): a save swaps the user's folder for the complete new one in one
+atomic rename (:func:`milp.config.atomic_directory`), so a reader always finds the user, and a
+load reads all of its files from one save (a folder replaced mid-load is read again). Of two
+processes saving one user at once, the last to rename wins, whole. A loaded user is not
+reloaded when its save changes: a runtime serves the save it loaded until the user is evicted
+(or removed) and loaded again. (Tested with real processes on Linux; on a file system without
+``RENAME_EXCHANGE`` the folder is missing for a moment between two renames.)
+
 Example:
     >>> import tempfile, torch
     >>> from milp.inject import tiny_model

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import milp.config
 from milp.config import MAX_MODULES, MemoryConfig, atomic_directory
 
 FAST = settings(max_examples=60, deadline=None)
@@ -290,8 +291,18 @@ def test_regression_atomic_directory_restores_the_old_directory_when_the_final_r
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
+    # where folders cannot be exchanged (the move-aside path), and where the exchange itself fails
+    monkeypatch.setattr(milp.config, "_swap_directories", lambda a, b: None)
     with pytest.raises(OSError, match="disk gone"):
         with atomic_directory(target) as tmp:
             (tmp / "b").write_text("2")
+
+    def failing_swap(a, b):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(milp.config, "_swap_directories", failing_swap)
+    with pytest.raises(OSError, match="disk gone"):
+        with atomic_directory(target) as tmp:
+            (tmp / "c").write_text("3")
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["user"] and (target / "a").read_text() == "1"
