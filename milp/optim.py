@@ -412,15 +412,17 @@ class PackedAdamW:
             mark, changed = b.layout_changes(self._marks[i])
             mom = self._conform(i)
             same_cap = mom["exp_avg_a"].shape[0] == b.capacity == self._row_user[i].shape[0]
-            if changed is None or not same_cap or not self._sync_users(i, changed | dirty, dirty):
-                self._sync_all(i, dirty)
+            # users not known one by one: every user the state or the bank holds
+            users = set(self._layout[i]) | set(b.users) if changed is None else changed
+            if not (same_cap and self._sync_users(i, users | dirty, dirty)):
+                self._rebuild(i, dirty)
             self._marks[i] = mark
         self._dirty = set()
 
     def _sync_users(self, i: int, users: set[int], dirty: set[int]) -> bool:
         """Bank ``i``'s state for ``users`` alone (the others' rows have not moved): the rows of
         users gone or moved freed, those of users new, moved or reset zeroed and theirs. ``False``
-        (nothing changed) when a user's rows moved without a reset: :meth:`_sync_all` carries its
+        (nothing changed) when a user's rows moved without a reset: :meth:`_rebuild` carries its
         moments over."""
         b, old = self.banks[i], self._layout[i]
         new: dict[int, tuple[int, int] | None] = {}
@@ -446,29 +448,11 @@ class PackedAdamW:
             old[u] = v
         return True
 
-    def _sync_all(self, i: int, dirty: set[int]) -> None:
-        """Bank ``i``'s state re-aligned with its whole segment table (moments of users whose
-        rows moved carried over)."""
-        b = self.banks[i]
+    def _rebuild(self, i: int, dirty: set[int]) -> None:
+        """Bank ``i``'s state made anew for its whole segment table (a grown bank, or users whose
+        rows moved): the moments of users whose rows moved carried over, reset users' zeroed."""
+        b, old, mom = self.banks[i], self._layout[i], self._moments[i]
         layout = {u: (s.offset, s.rank) for u in b.users for s in (b.segment(u),)}
-        old, mom = self._layout[i], self._conform(i)
-        same_cap = mom["exp_avg_a"].shape[0] == b.capacity == self._row_user[i].shape[0]
-        if layout == old and same_cap and not (dirty & set(layout)):
-            return
-        kept = {u: v for u, v in old.items() if u in layout}
-        if same_cap and all(layout[u] == v and u not in dirty for u, v in kept.items()):
-            # only users added, removed or reset: fix their rows in place
-            ru = self._row_user[i]
-            for u, (off, r) in old.items():
-                if u not in layout:
-                    ru[off : off + r] = -1
-            for u, (off, r) in layout.items():
-                if u in dirty or u not in old:
-                    for t in mom.values():
-                        t[off : off + r].zero_()
-                    ru[off : off + r] = u
-            self._layout[i] = layout
-            return
         new = self._zeros(b)
         for u, (off, r) in layout.items():
             if u in dirty or old.get(u, (None, None))[1] != r:
@@ -585,6 +569,7 @@ class PackedAdamW:
         flat = _to_device(torch.cat(lists), dev).split([len(v) for v in lists])
         gathered = iter(flat[1:])
         spans = [(i, next(gathered) if isinstance(sl, torch.Tensor) else sl) for i, sl in spans]
+        row_users = {i: _take(self._row_user[i], sl) for i, sl in spans}  # each row's user (-1: free)
         active = torch.zeros(self.max_users, dtype=torch.bool, device=dev)
         active[flat[0]] = True
         self._step += active.to(torch.int64)
@@ -598,7 +583,7 @@ class PackedAdamW:
             nd = torch.float64 if torch.float64 in dtypes else torch.float32
             norm2 = torch.zeros(self.max_users, dtype=nd, device=dev)
             for i, sl in spans:
-                ru = _take(self._row_user[i], sl)
+                ru = row_users[i]
                 ru0 = ru.clamp(min=0)
                 for p in (self.banks[i].lora_a, self.banks[i].lora_b):
                     if p.grad is not None:  # free rows add 0 (not 0 · their gradient: NaN · 0 is NaN)
@@ -606,7 +591,7 @@ class PackedAdamW:
             clip = (self._max_norm.to(nd) / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
 
         for i, sl in spans:
-            b, ru = self.banks[i], _take(self._row_user[i], sl)
+            b, ru = self.banks[i], row_users[i]
             cd = self._compute_dtype(b)
             lr_step, bc2_sqrt, decay, beta1, beta2, eps = factors[cd]
             ru0 = ru.clamp(min=0)
