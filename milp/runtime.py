@@ -295,13 +295,18 @@ def _same_directory(d: Path, dir_fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
-def _read_user_info(path: Path, data: bytes | None = None) -> dict[str, Any]:
-    """``user.json`` of a saved user (read from ``path`` unless its bytes are given), with each
-    way it can be broken named by the file."""
+def _saved_json(path: Path, data: bytes) -> Any:
+    """The JSON ``data`` read from ``path`` of a saved user, a malformed one named by the file."""
     try:
-        info = json.loads((path.read_bytes() if data is None else data).decode("utf-8"))
+        return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{str(path)!r} is not valid JSON ({exc}): a damaged save_user directory") from None
+
+
+def _read_user_info(path: Path, data: bytes) -> dict[str, Any]:
+    """``user.json`` of a saved user (its bytes ``data``, read from ``path``), with each way it
+    can be broken named by the file."""
+    info = _saved_json(path, data)
     if not isinstance(info, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(info).__name__}")
     if info.get("format") != _FORMAT:
@@ -322,16 +327,16 @@ def _is_count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _read_tensors(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
-    """A safetensors file of a saved user (read from ``path`` unless its bytes are given), a
-    damaged one named (safetensors says only "Error while deserializing header")."""
+def _read_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    """A safetensors file of a saved user (its bytes ``data``, read from ``path``), a damaged one
+    named (safetensors says only "Error while deserializing header")."""
     from safetensors.torch import load
 
     try:
-        # from the bytes, not load_file: safetensors' mmap reader (0.8) keeps ~56 bytes per tensor
-        # alive after every call, which a store loading users for days piles up without bound
-        return load(path.read_bytes() if data is None else data)
-    except Exception as exc:  # SafetensorError (not exported by every safetensors release), OSError
+        # the bytes, not load_file: safetensors' mmap reader (0.8) keeps ~56 bytes per tensor alive
+        # after every call, which a store loading users for days piles up without bound
+        return load(data)
+    except Exception as exc:  # SafetensorError (not exported by every safetensors release)
         raise ValueError(f"{str(path)!r} is not a readable safetensors file ({exc}): a damaged save_user "
                          f"directory") from None
 
@@ -667,11 +672,7 @@ class MilpRuntime:
                 f"user in {str(d)!r} was saved for a model with FFN target shapes {shapes}, "
                 f"this model has {self.state.target_shapes()}"
             )
-        try:
-            cfg = MemoryConfig.from_dict(json.loads(files[CONFIG_FILE].decode("utf-8")))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{str(d / CONFIG_FILE)!r} is not valid JSON ({exc}): a damaged save_user "
-                             f"directory") from None
+        cfg = MemoryConfig.from_dict(_saved_json(d / CONFIG_FILE, files[CONFIG_FILE]))
         key = _as_key(info["user"] if user is None else user)
         tensors = _read_tensors(d / ADAPTERS_FILE, files[ADAPTERS_FILE])
         moments = _read_tensors(d / OPTIMIZER_FILE, files[OPTIMIZER_FILE]) if OPTIMIZER_FILE in files else None
