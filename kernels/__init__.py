@@ -26,7 +26,7 @@ import torch
 
 from . import _name_clash
 from . import library as _library  # noqa: F401  (registers torch.ops.milp.*)
-from ._backend import backend_for, interpreting, nvtx_range, use_backend
+from ._backend import TRITON_MIN_CAPABILITY, backend_for, interpreting, nvtx_range, triton_supports, use_backend
 from .bank import AdapterBank, AdapterSegment
 from .plan import DEFAULT_BLOCK_MS, BatchPlan
 from .tuning import (
@@ -55,6 +55,7 @@ __all__ = [
     "LaunchConfig",
     "PATHS",
     "SPLIT_TOKENS_PER_SEGMENT",
+    "TRITON_MIN_CAPABILITY",
     "backend_for",
     "choose_path",
     "get_config",
@@ -63,6 +64,7 @@ __all__ = [
     "lora_linear",
     "lora_shrink",
     "nvtx_range",
+    "triton_supports",
     "use_backend",
     "use_dispatch",
 ]

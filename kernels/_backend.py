@@ -2,7 +2,13 @@
 
 The rule, for every op:
 
-* CUDA tensors run the Triton kernels.
+* CUDA tensors run the Triton kernels, on GPUs Triton supports: NVIDIA compute capability
+  8.0 and up (Triton's README; AMD GPUs under ROCm too). On older NVIDIA GPUs (V100 sm_70,
+  T4 sm_75) Triton still compiles these kernels, but without tensor cores: every dot becomes
+  FMA, and ptxas reports 12–14 KB of spill stores for the fused GEMM in bf16/fp16
+  (``python -m kernels.aot --arch 75``). There ``auto`` runs the torch path (cuBLAS; its
+  gather form, which decode and CUDA-graph capture take, reads nothing back on the host);
+  ``MILP_KERNELS=triton`` still forces Triton.
 * CPU tensors run the torch reference, except under ``TRITON_INTERPRET=1``
   with the backend forced to ``"triton"`` (``MILP_KERNELS=triton`` or
   :func:`use_backend`), which is how CI executes the Triton kernels on CPU.
@@ -31,6 +37,8 @@ __all__ = [
     "triton_available",
     "use_backend",
     "backend_for",
+    "triton_supports",
+    "TRITON_MIN_CAPABILITY",
     "nvtx_enabled",
     "nvtx_range",
     "set_interpreter_overflow_checks",
@@ -170,6 +178,29 @@ def use_backend(name: str) -> Iterator[None]:
 STAND_IN_DRIVER = False
 
 
+#: the oldest NVIDIA compute capability Triton supports ("NVIDIA GPUs (Compute Capability 8.0+)")
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+def triton_supports(index: int | None = None) -> bool:
+    """Whether CUDA device ``index`` (``None``: the current one) is a GPU Triton supports:
+    an NVIDIA GPU of compute capability :data:`TRITON_MIN_CAPABILITY` or newer, or any GPU of
+    a ROCm build. :func:`backend_for`'s ``auto`` runs the torch path on the others.
+
+    Example:
+        >>> triton_supports() if torch.cuda.is_available() else True  # an H100: True
+        True
+    """
+    return _triton_supports(torch.cuda.current_device() if index is None else index)
+
+
+@functools.cache
+def _triton_supports(index: int) -> bool:  # cached: backend_for asks on every op call
+    if getattr(torch.version, "hip", None):
+        return True
+    return tuple(torch.cuda.get_device_capability(index)) >= TRITON_MIN_CAPABILITY
+
+
 def backend_for(t: torch.Tensor) -> str:
     """The backend (``"triton"`` or ``"torch"``) that an op on ``t`` runs."""
     if not isinstance(t, torch.Tensor):
@@ -178,7 +209,7 @@ def backend_for(t: torch.Tensor) -> str:
     if choice == "torch" or not triton_available():
         return "torch"
     if t.is_cuda:
-        return "triton"
+        return "triton" if choice == "triton" or _triton_supports(t.device.index) else "torch"
     if t.device.type == "cpu" and choice == "triton":
         if not interpreting():
             if STAND_IN_DRIVER:  # kernels._fake_cuda: compiled launches that do nothing (host timing)

@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the user sample, split, init and batches (0..2**62-1)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model dtype; auto = bfloat16 on GPU, float32 on CPU")
+                   help="model dtype; auto = bfloat16 on a GPU with native bf16 (NVIDIA compute "
+                        "capability 8.0+: A100, L4, RTX 30xx and newer), float32 elsewhere (CPU, V100, T4)")
     g = p.add_argument_group("memory injection")
     g.add_argument("--modules", type=_pos(int, 0, MAX_MODULES), default=2,
                    help=f"LoRA modules per layer (0..{MAX_MODULES})")
@@ -648,9 +649,16 @@ def _resolve_device(text: str, prog: str = "milp.train") -> torch.device:
     return dev
 
 
+def _native_bf16(device: torch.device) -> bool:
+    """Whether CUDA ``device`` computes in bf16 natively (an NVIDIA GPU of compute capability
+    8.0+, or a ROCm GPU with bf16): older GPUs (V100, T4) emulate it, slowly."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
     if args.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and _native_bf16(device) else torch.float32
     return getattr(torch, args.dtype)
 
 

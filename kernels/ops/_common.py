@@ -104,6 +104,12 @@ def token_adapters(slots: torch.Tensor, sorted_tokens: torch.Tensor, segments: t
     """Per-token ``(row offset, rank)`` (``[T]`` int64 each; rank 0 = no adapter) from the plan,
     with tensor ops only (no loop over segments): the torch path's gather form.
 
+    No op reads device data on the host (no ``repeat_interleave`` without a size, no
+    ``nonzero``): on a GPU it enqueues work without waiting for the device, and it can be
+    captured in a CUDA graph. The plan's segments, in row order, are laid end to end over the
+    positions of ``sorted_tokens``; each position finds its segment by a search in their
+    cumulative lengths, and positions past the last segment change nothing.
+
     Example:
         >>> import torch
         >>> slots = torch.tensor([[0, 2], [2, 3]], dtype=torch.int32)
@@ -112,19 +118,22 @@ def token_adapters(slots: torch.Tensor, sorted_tokens: torch.Tensor, segments: t
         >>> off.tolist(), rank.tolist()
         ([0, 2, 0, 2], [0, 3, 2, 3])
     """
+    dev = segments.device
     start, end, user = segments.long().unbind(-1)
     length = (end - start).clamp(min=0)
     safe = user.clamp(min=0)
     seg_off = slots[safe, 0].long()
     seg_rank = torch.where(user >= 0, slots[safe, 1].long(), 0)
-    seg = torch.repeat_interleave(torch.arange(segments.shape[0], device=segments.device), length)
-    first = torch.cumsum(length, 0) - length  # position of each segment's first entry in `seg`
-    pos = start[seg] + torch.arange(seg.numel(), device=segments.device) - first[seg]
-    tok = sorted_tokens.long()[pos]
-    off = torch.zeros(num_tokens, dtype=torch.long, device=segments.device)
-    rank = torch.zeros(num_tokens, dtype=torch.long, device=segments.device)
+    cum = torch.cumsum(length, 0)  # [S]: where each segment ends, laid end to end
+    p = torch.arange(sorted_tokens.shape[0], device=dev)
+    seg = torch.searchsorted(cum, p, right=True).clamp_(max=segments.shape[0] - 1)  # [P]: its segment
+    live = p < cum[-1] if segments.shape[0] else torch.zeros_like(p, dtype=torch.bool)
+    pos = (start[seg] + p - (cum[seg] - length[seg])).clamp_(0, max(sorted_tokens.shape[0] - 1, 0))
+    tok = torch.where(live, sorted_tokens.long()[pos], num_tokens)  # a position past the segments: row T, dropped
+    off = torch.zeros(num_tokens + 1, dtype=torch.long, device=dev)
+    rank = torch.zeros(num_tokens + 1, dtype=torch.long, device=dev)
     off[tok], rank[tok] = seg_off[seg], seg_rank[seg]
-    return off, rank
+    return off[:num_tokens], rank[:num_tokens]
 
 
 def active_segments(slots: torch.Tensor, sorted_tokens: torch.Tensor, segments: torch.Tensor):

@@ -242,6 +242,16 @@ def _fused_plan(T, N, K, max_rank, block_ms, max_tokens, max_segments, tile_rows
     return off, rows, load_t, Launch(grid, kw)
 
 
+def _gather_width(x: torch.Tensor, rank: torch.Tensor, max_rank: int) -> int:
+    """How many rank columns the gather form computes: on CPU the batch's own largest rank (a
+    cheap read that saves work), on a device the launch's ``max_rank``, so that nothing waits
+    for the device and a CUDA graph can capture the call (the extra columns are masked to 0:
+    the same result, bit for bit)."""
+    if x.device.type != "cpu":
+        return max_rank
+    return int(rank.max()) if rank.numel() else 0
+
+
 def fused_lora_linear_torch(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -260,9 +270,10 @@ def fused_lora_linear_torch(
     """Torch implementation over the plan's segments (the CPU path); same contract.
 
     Two forms, same result: when the per-token copies of the adapter rows are small
-    (``T · R_max · (k + d) <= GATHER_MAX_ELEMENTS``: decode, short batches) every token's
-    rows are gathered and applied by two batched matmuls — a fixed handful of ops whatever
-    the number of users; otherwise a loop over the plan's segments (two matmuls per user).
+    (``T · R_max · (k + d) <= GATHER_MAX_ELEMENTS``: decode, short batches) or a CUDA graph
+    is being captured, every token's rows are gathered and applied by two batched matmuls — a
+    fixed handful of ops whatever the number of users, none reading device data on the host;
+    otherwise a loop over the plan's segments (two matmuls per user; it reads the plan).
     """
     acc = acc_dtype(x.dtype)
     if weight is None:  # the adapters' contribution alone
@@ -271,10 +282,13 @@ def fused_lora_linear_torch(
         y = torch.nn.functional.linear(x, weight if weight_layout == "nk" else weight.t(), bias)
     t = torch.zeros(x.shape[0], max_rank, dtype=acc, device=x.device) if store_t else x.new_empty(0, dtype=acc)
     T = x.shape[0]
-    if T * max_rank * (lora_a.shape[1] + lora_b.shape[1]) <= GATHER_MAX_ELEMENTS:
+    # the gather form also under CUDA-graph capture, whatever its size: the loop over
+    # segments reads the plan on the host, which a capture cannot
+    if T * max_rank * (lora_a.shape[1] + lora_b.shape[1]) <= GATHER_MAX_ELEMENTS or (
+            x.is_cuda and torch.cuda.is_current_stream_capturing()):
         off, rank = token_adapters(slots, sorted_tokens, segments, T)
-        r_max = int(rank.max()) if T else 0
-        if r_max == 0:
+        r_max = _gather_width(x, rank, max_rank)
+        if r_max == 0 or T == 0:
             return y, t
         j = torch.arange(r_max, device=x.device)
         mask = j < rank[:, None]  # [T, R]

@@ -597,11 +597,17 @@ def test_dist_under_torchrun_uses_this_ranks_gpu(monkeypatch):
     assert calls == [("init", "gloo")]
 
 
-@pytest.mark.parametrize("dtype, device, want", [("auto", "cpu", torch.float32), ("auto", "cuda", torch.bfloat16),
-                                                 ("float16", "cpu", torch.float16),
-                                                 ("bfloat16", "cpu", torch.bfloat16),
-                                                 ("float32", "cuda", torch.float32)])
-def test_dtype_follows_the_flag_and_the_device(dtype, device, want):
+@pytest.mark.parametrize("dtype, device, bf16, want", [("auto", "cpu", False, torch.float32),
+                                                       ("auto", "cuda", True, torch.bfloat16),
+                                                       ("auto", "cuda", False, torch.float32),
+                                                       ("float16", "cpu", False, torch.float16),
+                                                       ("bfloat16", "cpu", False, torch.bfloat16),
+                                                       ("bfloat16", "cuda", False, torch.bfloat16),
+                                                       ("float32", "cuda", True, torch.float32)])
+def test_dtype_follows_the_flag_and_the_device(monkeypatch, dtype, device, bf16, want):
+    """``auto``: bf16 on a GPU that computes in it natively (compute capability 8.0+), float32 on
+    one that would emulate it (V100, T4: was bf16) and on CPU; a named dtype is that dtype."""
+    monkeypatch.setattr(train, "_native_bf16", lambda dev: bf16)
     assert train._dtype(parse("--dtype", dtype), torch.device(device)) == want
     assert mm._check_dtype(train._dtype(parse("--dtype", dtype), torch.device(device))) == want
 
