@@ -28,12 +28,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import json
 import math
 import numbers
 import os
 import stat
+import threading
 import zlib
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -353,8 +355,24 @@ def _as_key(user: object) -> Hashable:
     return user
 
 
+def _serialized(method):
+    """Run ``method`` holding the runtime's lock: one call at a time per runtime, across threads
+    (a server answering requests from a thread pool); re-entrant, so the runtime's own nested
+    calls (a store load inside a batch, :meth:`MilpRuntime.using` around a forward) go through."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class MilpRuntime:
     """Trains and serves many users' memory adapters on one base model, in mixed batches.
+
+    Thread-safe: calls from several threads take turns (one re-entrant lock per runtime), as
+    the users' slots, the banks, the batch's plan and the adapters' gradients are shared by all
+    of them; a :meth:`using` block holds the runtime until it ends. Batch requests together for
+    throughput. A model driven directly through :class:`~milp.inject.MilpState` has no lock.
 
     Args:
         model: a supported Hugging Face causal LM (injected here unless it already is).
@@ -407,6 +425,9 @@ class MilpRuntime:
         self._batches = 0
         self._cache = [0, 0, 0, 0]  # hits, loads, evictions, write_backs
         self._active: list[frozenset[Hashable]] = []  # users of the open using() blocks (never evicted)
+        # the users' slots, the banks, the batch's plan and the gradients are shared by every call:
+        # calls from several threads take turns (a thread's batch would otherwise run on another's plan)
+        self._lock = threading.RLock()
 
     # ---------------------------------------------------------------- users
     @property
@@ -457,6 +478,7 @@ class MilpRuntime:
         """Trainable adapter parameters of ``user`` (as held in the banks)."""
         return self.state.num_parameters(self.slot(user))
 
+    @_serialized
     def add_user(
         self,
         user: Hashable,
@@ -516,6 +538,7 @@ class MilpRuntime:
         self._slot_user[free] = user
         self._configs[user] = config
 
+    @_serialized
     def remove_user(self, user: Hashable) -> None:
         """Drop ``user``'s adapters and optimizer state; its slot becomes free.
 
@@ -536,6 +559,7 @@ class MilpRuntime:
         self._last_used.pop(user, None)
         self._load_seq.pop(user, None)
 
+    @_serialized
     def evict_user(self, user: Hashable, directory: str | os.PathLike[str]) -> Path:
         """:meth:`save_user` then :meth:`remove_user`; returns the directory."""
         self.slot(user)
@@ -543,11 +567,13 @@ class MilpRuntime:
         self.remove_user(user)
         return path
 
+    @_serialized
     def set_total_steps(self, user: Hashable, total_steps: int | None) -> None:
         """Change ``user``'s step budget (its learning-rate schedule)."""
         self.optimizer.set_total_steps(self.slot(user), total_steps)
 
     # ------------------------------------------------------------ weights
+    @_serialized
     def adapter_state(self, user: Hashable) -> dict[str, torch.Tensor]:
         """``user``'s adapters as CPU tensors: ``"layers.{l}.{target}.lora_A"`` ``[Σr, in]`` and
         ``".lora_B"`` ``[Σr, out]`` (modules stacked, ``B`` stored transposed; unscaled).
@@ -568,6 +594,7 @@ class MilpRuntime:
                 out[f"layers.{m.layer}.{m.target}.lora_B"] = b.detach().cpu().clone().contiguous()
         return out
 
+    @_serialized
     def load_adapter_state(self, user: Hashable, tensors: dict[str, torch.Tensor]) -> None:
         """Copy :meth:`adapter_state`-style tensors into ``user``'s rows (shapes checked). Into
         bf16/fp16 banks the optimizer's float32 master rows take the tensors as given
@@ -607,6 +634,7 @@ class MilpRuntime:
             if a.dtype != bank.lora_a.dtype or b.dtype != bank.lora_b.dtype:
                 self.optimizer.seed_master(slot, bank, a, b)
 
+    @_serialized
     def save_user(self, user: Hashable, directory: str | os.PathLike[str], *,
                   include_optimizer: bool = True) -> Path:
         """Write ``user``'s adapters (``adapters.safetensors``), its ``memory_config.json``,
@@ -650,6 +678,7 @@ class MilpRuntime:
                 save_file(state, str(tmp / OPTIMIZER_FILE), metadata={"format": _FORMAT})
         return Path(directory)
 
+    @_serialized
     def load_user(self, directory: str | os.PathLike[str], user: Hashable | None = None, *,
                   load_optimizer: bool = True) -> Hashable:
         """Load a user saved by :meth:`save_user` (as ``user``, or under its saved id);
@@ -687,6 +716,7 @@ class MilpRuntime:
             raise
         return key
 
+    @_serialized
     def load_peft(self, directory: str | os.PathLike[str], user: Hashable, *, total_steps: int | None = None,
                   optim: AdamWConfig | None = None) -> MemoryConfig:
         """Load a PEFT LoRA adapter of the FFN linears as the new user ``user`` (see
@@ -703,6 +733,7 @@ class MilpRuntime:
         return import_peft(self, user, directory, total_steps=total_steps, optim=optim)
 
     # ------------------------------------------------------------- batches
+    @_serialized
     def row_slots(self, users: Hashable | Sequence[Hashable | None] | None, batch_size: int) -> torch.Tensor:
         """``[B]`` slots of per-row user ids (``None`` = base model; one ``str``/``int`` id = every
         row). Any other sequence, a tuple included, lists one id per row: pass a tuple-valued
@@ -722,6 +753,7 @@ class MilpRuntime:
         return torch.tensor([-1 if u is None else self.slot(u) for u in rows], dtype=torch.int64)
 
     # -------------------------------------------------------------- store
+    @_serialized
     def cache_info(self) -> CacheInfo:
         """What the store did so far (:class:`milp.store.CacheInfo`)."""
         return CacheInfo(*self._cache)
@@ -853,7 +885,8 @@ class MilpRuntime:
     def using(self, users: Hashable | Sequence[Hashable | None] | None, batch_size: int | None = None
               ) -> Iterator[torch.Tensor]:
         """Run the model inside the block with these per-row users; yields the row slots. A call
-        of the runtime inside the block (a nested batch) never evicts the block's users.
+        of the runtime inside the block (a nested batch) never evicts the block's users. The block
+        holds the runtime's lock: another thread's call waits until it ends.
 
         Example:
             >>> from milp.inject import tiny_model
@@ -867,16 +900,18 @@ class MilpRuntime:
             if not isinstance(users, Sequence):
                 raise TypeError(f"users must be a sequence with one id per row, got {type(users).__name__}")
             batch_size = len(users)
-        slots = self.row_slots(users, batch_size)
-        taken = set(slots.tolist())
-        inside = frozenset(self._slot_user[s] for s in taken if s in self._slot_user)
-        self._active.append(inside)
-        try:
-            with batch_users(self.model, slots):
-                yield slots
-        finally:
-            self._active.remove(inside)
+        with self._lock:  # the block's batch keeps the model until it ends (other threads wait)
+            slots = self.row_slots(users, batch_size)
+            taken = set(slots.tolist())
+            inside = frozenset(self._slot_user[s] for s in taken if s in self._slot_user)
+            self._active.append(inside)
+            try:
+                with batch_users(self.model, slots):
+                    yield slots
+            finally:
+                self._active.remove(inside)
 
+    @_serialized
     def forward(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
         """``model(input_ids, attention_mask, **kwargs)`` with per-row users.
@@ -924,6 +959,7 @@ class MilpRuntime:
         nonzero = counts[present].tolist() if present else []
         return {slot_user[s]: mean[s] for s, c in zip(present, nonzero) if c > 0}
 
+    @_serialized
     def loss(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
         """``(Σ_u mean_u, {user: mean_u})`` of a mixed-user batch (differentiable).
@@ -945,6 +981,7 @@ class MilpRuntime:
             total, mean, counts = self._user_losses(ids, attention_mask, labels, slots)
         return total, self._per_user(slots, mean, counts)
 
+    @_serialized
     def train_step(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
                    labels: torch.Tensor | None = None) -> dict[Hashable, float]:
         """One forward/backward/AdamW step over a mixed-user batch; updates the users with at
@@ -983,6 +1020,7 @@ class MilpRuntime:
             self.optimizer.zero_grad()
         return {u: float(v.detach()) for u, v in per_user.items()}
 
+    @_serialized
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, users: Any, attention_mask: torch.Tensor | None = None,
                  **kwargs: Any) -> Any:
