@@ -86,13 +86,13 @@ def _read_queries(path: str) -> list[tuple[str, str]]:
     return rows
 
 
-def _run_settings(run: Path) -> tuple[dict[str, Any], str | None]:
+def _run_settings(run: Path, prog: str = "milp.answer") -> tuple[dict[str, Any], str | None]:
     """The settings of the ``milp.train`` run in ``run`` (its ``run.json``; a flag added since
     reads as its default, which is what ran) and the dtype it ran in (``None`` for a run.json
     from before the dtype was recorded); refused by name when the file is damaged."""
     from .train import _read_run_file, _settings, build_parser
 
-    ran = _read_run_file(run / "run.json", "milp.answer")
+    ran = _read_run_file(run / "run.json", prog)
     settings, dtype = ran["settings"], ran.get("dtype")
     return {**_settings(build_parser().parse_args([])), **settings}, dtype
 

@@ -429,10 +429,11 @@ class _State:
     tokenizer: Any = None
     runtime: Any = None
     timings: dict[str, float] = field(default_factory=dict)
+    prog: str = "milp.train"
 
     def log(self, msg: str) -> None:
         if self.dist.main:
-            print(f"milp.train: {msg}", flush=True)
+            print(f"{self.prog}: {msg}", flush=True)
 
 
 #: settings that name files: recorded as absolute paths, so that a run resumed, or asked by

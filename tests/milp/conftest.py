@@ -12,6 +12,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+@pytest.fixture(autouse=True)
+def _simulated_cuda_has_bf16(monkeypatch):
+    """Tests that pass ``torch.device("cuda")`` on a machine without one (settings checks,
+    resumption rules) stand for a GPU that computes in bf16 (compute capability 8.0+), whose
+    ``--dtype auto`` is bfloat16; a test of another GPU patches ``milp.train._native_bf16``
+    itself. Where CUDA exists the real capability is read."""
+    import torch
+
+    if not torch.cuda.is_available():
+        import milp.train
+
+        monkeypatch.setattr(milp.train, "_native_bf16", lambda device: True)
+
+
 _CORPUS = [
     "I have had a headache for three days. What should I do?",
     "Drink water, rest, and see a doctor if the pain gets worse.",

@@ -1,0 +1,190 @@
+"""``python -m milp.add_users``: write new users' histories into a ``milp.train`` run's memory.
+
+A deployment meets users the run never saw. MiLP gives a new user memory the way the run gave
+its test users theirs: memory injection alone, with the run's memory configuration (the one its
+search picked, or its ``--modules``/``--rank``/``--layers``), model, dtype, steps and seed; the
+shared instruction adapter is the run's and is not trained again. Each new user's adapters go to
+the run's ``users/`` folder, where ``python -m milp.answer`` (and any runtime with a
+:class:`~milp.store.UserStore` on that folder) serves them at once. A user's adapters are those
+the run would have given it had it been in the run's data (to rounding: the users trained
+together share batches, whose shapes move the last bits).
+
+    python -m milp.add_users runs/milp --data new_users.jsonl
+    python -m milp.answer runs/milp --user NEW_ID "What should I do about my cough?"
+
+``--data`` takes the formats of ``milp.train`` (the record schema ``{"user_id", "profile",
+"history", "query", "response"}``, or ``--data-format amazonqa/reddit/lamp``); only the users'
+histories are used. Users the run already holds are refused by name (delete their folder under
+``users/`` to inject them again). Every user is saved atomically, so a stopped command run
+again continues where it stopped. The new users' memory-injection losses are kept in
+``RUN/added/memory_losses.json``. Under ``torchrun`` the new users are shared out among the
+processes, as in ``milp.train``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_users", "build_parser", "main"]
+
+PROG = "milp.add_users"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}",
+                                description="Inject the memory of new users into a milp.train run.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("run", metavar="RUN", help="output directory of a `python -m milp.train` run")
+    p.add_argument("--data", required=True, metavar="PATH", help="dataset file holding the new users' histories")
+    p.add_argument("--data-format", default="auto", choices=["auto", "jsonl", "meddia", "amazonqa", "reddit", "lamp"],
+                   help="format of --data (auto: jsonl, the record schema)")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="malformed data lines: stop with file:line, or skip them with a warning")
+    p.add_argument("--user", dest="users", action="append", default=None, metavar="ID",
+                   help="inject only this user of --data (repeat for several; default: every user of the file)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def _fail(msg: str) -> SystemExit:
+    return SystemExit(f"{PROG}: {msg}")
+
+
+def _searched_config(run: Path, settings: dict[str, Any]) -> Any:
+    """The memory configuration the run's search picked (``None`` for a run without a search:
+    its flags name the configuration); refused while the search has not picked one."""
+    from .config import MemoryConfig
+    from .train import _read_json
+
+    if not settings.get("search"):
+        return None
+    selected = run / "search" / "selected.json"
+    if not selected.is_file():
+        raise _fail(f"{str(run)!r} runs a configuration search that has not picked a configuration yet "
+                    f"(no search/selected.json): finish the run first (its own python -m milp.train command)")
+    try:
+        return MemoryConfig.from_dict(_read_json(selected)["memory_config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise _fail(f"{selected} is damaged ({e})") from None
+
+
+def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", users: Sequence[str] | None = None,
+              device: str = "auto", on_error: str = "raise", progress: bool = True) -> dict[str, list[float]]:
+    """Inject the memory of the users of ``data`` (or of ``users`` among them) into the run in
+    ``run``; returns each new user's memory-injection losses (per epoch), those of users
+    injected by an earlier, stopped call included.
+
+    Raises ``SystemExit`` (a message naming the problem, before anything is written) for a
+    folder without a ``milp.train`` run, a search run that has not picked its configuration, a
+    ``users`` id missing from ``data``, or a user the run already holds.
+
+    Example:
+        >>> add_users("runs/milp", "new_users.jsonl")  # doctest: +SKIP
+        {'alice': [2.31, 2.02, 1.84, 1.71, 1.62, 1.57]}
+    """
+    from .answer import _run_settings
+    from .data import group_by_user
+    from .store import UserStore
+    from .train import (
+        Dist,
+        _default_config,
+        _inject_users,
+        _load_model,
+        _merge_losses,
+        _read_json,
+        _resolve_device,
+        _State,
+        load_records,
+    )
+
+    run = Path(run)
+    if not str(run).strip():
+        raise _fail(f"RUN: expected the output directory of a milp.train run, got {str(run)!r}")
+    if not (run / "run.json").is_file():
+        raise _fail(f"{str(run)!r} is not a milp.train output directory (no run.json)")
+    if users is not None and (isinstance(users, (str, bytes)) or not all(isinstance(u, str) and u.strip()
+                                                                       for u in users)):
+        raise _fail(f"users: expected a list of non-empty user ids, got {users!r}")
+    settings, ran_dtype = _run_settings(run, PROG)
+    searched = _searched_config(run, settings)
+    try:
+        records = load_records(str(data), data_format, on_error=on_error, progress=progress)
+    except (OSError, ValueError) as e:
+        raise _fail(str(e)) from None
+    by_user = group_by_user(records)
+    if users is not None:
+        missing = [u for u in dict.fromkeys(users) if u not in by_user]
+        if missing:
+            raise _fail(f"--user {missing[0]!r} has no record in {str(data)!r} (it holds {len(by_user)} users, "
+                        f"e.g. {sorted(by_user)[:5]})")
+        by_user = {u: by_user[u] for u in dict.fromkeys(users)}
+    users_dir = run / "users"
+    store = UserStore(users_dir) if users_dir.is_dir() else None
+    log_dir = run / "added"
+    # a user an earlier call named (stopped, or done) is that call's work, resumed here, not a user the run held
+    claimed = _claimed(log_dir)
+    held = [u for u in by_user if store is not None and u in store and u not in claimed]
+    if held:
+        raise _fail(f"the run already holds {len(held)} of these users, e.g. {held[:5]}: delete their folders under "
+                    f"{users_dir} to inject them again")
+    dev = _resolve_device(device, PROG)
+    args = argparse.Namespace(**{**settings, "progress": progress})
+    if ran_dtype is not None:  # the dtype the run ran in: --dtype auto follows the device, which may differ here
+        args.dtype = ran_dtype
+    dist = Dist.from_env(dev)
+    st = _State(args=args, out=log_dir, dist=dist, device=dev, prog=PROG)
+    try:
+        _load_model(st)
+        config = searched if searched is not None else _default_config(st)
+        if dist.main:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            _claim(log_dir, list(by_user))
+        dist.barrier()
+        picked = [by_user[u][0] for u in sorted(by_user)]
+        st.log(f"{len(picked)} users of {data} into {users_dir} "
+               f"({config.num_parameters(st.runtime.state.target_shapes()):,} parameters a user)")
+        _inject_users(st, picked, config, users_dir, desc="memory injection")
+        _merge_losses(st)
+        losses = _read_json(log_dir / "memory_losses.json")
+        return {u: losses.get(u, []) for u in sorted(by_user)}
+    finally:
+        dist.close()
+
+
+def _claimed(log_dir: Path) -> set[str]:
+    from .train import _read_json
+
+    path = log_dir / "claimed.json"
+    return set(_read_json(path)) if path.is_file() else set()
+
+
+def _claim(log_dir: Path, users: Sequence[str]) -> None:
+    """Record ``users`` as this command's before any of them is saved, so that a stopped call
+    run again resumes them instead of refusing them as users the run already held."""
+    from .train import _atomic_json
+
+    _atomic_json(log_dir / "claimed.json", sorted(_claimed(log_dir) | set(users)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for u in args.users or ():
+        if not u.strip():
+            raise _fail(f"--user: expected a user id, got {u!r}")
+    losses = add_users(args.run, args.data, data_format=args.data_format, users=args.users, device=args.device,
+                       on_error=args.on_error, progress=args.progress)
+    first = [v[0] for v in losses.values() if v]
+    last = [v[-1] for v in losses.values() if v]
+    mean = (lambda xs: sum(xs) / len(xs)) if first else None
+    print(f"{PROG}: {len(losses)} users in {Path(args.run) / 'users'}"
+          + (f"; memory-injection loss (mean over users): {mean(first):.3f} -> {mean(last):.3f}" if mean else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""``python -m milp.add_users``: new users' memory injected into a finished run, served at once."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import milp.train as train
+from milp.add_users import add_users, main
+from milp.answer import answer
+from milp.config import MemoryConfig
+from milp.data import write_jsonl
+from milp.store import user_dirname
+
+
+@pytest.fixture
+def run(answer_run, tmp_path) -> Path:
+    """A copy of the session's finished run (``--slots 2``, 7 MedDia users), to change."""
+    return Path(shutil.copytree(answer_run, tmp_path / "run"))
+
+
+def _run_users(run: Path) -> list[str]:
+    split = json.loads((run / "split.json").read_text())
+    return sorted(split["train"] + split["val"] + split["test"])
+
+
+def _new_records(run: Path, n: int):
+    """``n`` shipped MedDia users the run does not hold."""
+    held = set(_run_users(run))
+    return [r for r in train.load_records(None) if r.user_id not in held][:n]
+
+
+def _adapters(run: Path, user: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "users" / user_dirname(user) / "adapters.safetensors"))
+
+
+def test_a_user_gets_the_adapters_the_run_gave_it(run, tmp_path):
+    """A run user injected again through add_users (its folder deleted) gets the run's
+    adapters and losses, to rounding (it shared batches with other users in the run)."""
+    user = json.loads((run / "split.json").read_text())["test"][0]
+    want = _adapters(run, user)
+    want_losses = json.loads((run / "memory_losses.json").read_text())[user]
+    shutil.rmtree(run / "users" / user_dirname(user))
+    data = write_jsonl([r for r in train.load_records(None) if r.user_id == user], tmp_path / "again.jsonl")
+    losses = add_users(run, data, progress=False)
+    assert list(losses) == [user] and losses[user] == pytest.approx(want_losses, rel=1e-5)
+    got = _adapters(run, user)
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+
+
+def test_new_users_are_saved_with_the_run_config_and_answered(run, tmp_path, capsys):
+    new = _new_records(run, 3)
+    data = write_jsonl(new, tmp_path / "new.jsonl")
+    assert main([str(run), "--data", str(data), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "milp.add_users: 3 users in" in printed and "memory-injection loss" in printed
+    config = MemoryConfig.from_json(run / "users" / user_dirname(_run_users(run)[0]) / "memory_config.json")
+    for r in new:
+        assert MemoryConfig.from_json(run / "users" / user_dirname(r.user_id) / "memory_config.json") == config
+    losses = json.loads((run / "added" / "memory_losses.json").read_text())
+    assert sorted(losses) == sorted(r.user_id for r in new) and all(len(v) == 2 for v in losses.values())
+    # the run's own record of its users is untouched
+    assert sorted(json.loads((run / "memory_losses.json").read_text())) == _run_users(run)
+    out = answer(run, [(r.user_id, "What should I do about a cough?") for r in new], progress=False)
+    assert len(out) == 3 and all(isinstance(a, str) for a in out)
+    assert not list(run.rglob("*.tmp*"))
+
+
+def test_only_the_named_users_are_injected(run, tmp_path):
+    new = _new_records(run, 3)
+    data = write_jsonl(new, tmp_path / "new.jsonl")
+    losses = add_users(run, data, users=[new[1].user_id], progress=False)
+    assert list(losses) == [new[1].user_id]
+    assert not (run / "users" / user_dirname(new[0].user_id)).exists()
+
+
+def test_a_stopped_call_resumes_to_the_adapters_of_one_never_stopped(run, tmp_path, monkeypatch):
+    """Three new users, two slots: two groups. A call stopped in the second group's training,
+    run again, skips the saved group and ends with the adapters of a straight call."""
+    new = _new_records(run, 3)
+    data = write_jsonl(new, tmp_path / "new.jsonl")
+    straight = Path(shutil.copytree(run, tmp_path / "straight"))
+    add_users(straight, data, progress=False)
+    real, calls = train.memory_inject, []
+
+    def stop_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "memory_inject", stop_second)
+    with pytest.raises(KeyboardInterrupt):
+        add_users(run, data, progress=False)
+    saved = [r.user_id for r in new if (run / "users" / user_dirname(r.user_id) / "user.json").is_file()]
+    assert len(saved) == 2
+    monkeypatch.setattr(train, "memory_inject", real)
+    losses = add_users(run, data, progress=False)  # its own saved users are not refused as the run's
+    assert losses == add_users(straight, data, progress=False)
+    for r in new:
+        a, b = _adapters(run, r.user_id), _adapters(straight, r.user_id)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_users_the_run_holds_are_refused_before_anything_is_written(run, tmp_path):
+    held = _run_users(run)[0]
+    data = write_jsonl([r for r in train.load_records(None) if r.user_id == held] + _new_records(run, 1),
+                       tmp_path / "mixed.jsonl")
+    before = sorted(p.name for p in (run / "users").iterdir())
+    with pytest.raises(SystemExit, match=f"already holds 1 of these users.*{held}"):
+        add_users(run, data, progress=False)
+    assert sorted(p.name for p in (run / "users").iterdir()) == before and not (run / "added").exists()
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no run", "not a milp.train output directory"),
+    ("unknown user", "--user 'nobody' has no record"),
+    ("search unfinished", "has not picked a configuration yet"),
+    ("missing data", "does not exist"),
+])
+def test_bad_input_is_refused_by_name(run, tmp_path, case, match):
+    data = write_jsonl(_new_records(run, 1), tmp_path / "new.jsonl")
+    target, kw = run, {}
+    if case == "no run":
+        target = tmp_path / "elsewhere"
+        target.mkdir()
+    elif case == "unknown user":
+        kw = dict(users=["nobody"])
+    elif case == "search unfinished":
+        ran = json.loads((run / "run.json").read_text())
+        ran["settings"]["search"] = 4
+        (run / "run.json").write_text(json.dumps(ran))
+    else:
+        data = tmp_path / "absent.jsonl"
+    with pytest.raises(SystemExit, match=match):
+        add_users(target, data, progress=False, **kw)
+    assert not (run / "added").exists()
