@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["answer", "build_parser", "main"]
+__all__ = ["answer", "build_parser", "check_run", "load_run", "main"]
 
 _PLACEHOLDER = "-"  # Record needs a history and a response; the MiLP prompt is the query alone
 
@@ -97,6 +97,45 @@ def _run_settings(run: Path, prog: str = "milp.answer") -> tuple[dict[str, Any],
     return {**_settings(build_parser().parse_args([])), **settings}, dtype
 
 
+def check_run(run: Path, prog: str = "milp.answer") -> dict[str, Any]:
+    """The settings of the finished ``milp.train`` run in ``run``, refused by name (``SystemExit``
+    starting with ``prog``) where there is no run, no user, or an unfinished instruction tuning
+    (its answers would lack the run's shared adapter)."""
+    if not (run / "run.json").is_file():
+        raise SystemExit(f"{prog}: {str(run)!r} is not a milp.train output directory (no run.json)")
+    if not (run / "users").is_dir():
+        raise SystemExit(f"{prog}: {str(run)!r} has no users/ directory: the run has not injected any user yet")
+    settings, _ = _run_settings(run, prog)
+    if settings["instruct_steps"] and not ((run / "instruction.json").is_file()
+                                           and (run / "instruction_adapter.safetensors").is_file()):
+        raise SystemExit(f"{prog}: {str(run)!r} has not finished instruction tuning (no instruction.json): its "
+                         "answers would lack the run's shared adapter; finish the run first (its own python -m "
+                         "milp.train command)")
+    return settings
+
+
+def load_run(run: Path, device: str = "auto", prog: str = "milp.answer") -> tuple[Any, Any, Any, dict[str, Any]]:
+    """``(model, tokenizer, runtime, settings)`` of the finished run in ``run``, as its evaluation
+    answered: the run's model in the dtype it ran in, its shared instruction adapter, and a
+    :class:`~milp.runtime.MilpRuntime` of the run's ``--slots`` serving ``users/`` through a
+    :class:`~milp.store.UserStore`."""
+    from .models import load_model
+    from .runtime import MilpRuntime
+    from .store import UserStore
+    from .train import _dtype, _resolve_device, run_instruction_adapter
+
+    settings = check_run(run, prog)
+    _, ran_dtype = _run_settings(run, prog)
+    dev = _resolve_device(device, prog)
+    # the dtype the run ran in: --dtype auto follows the device, which may differ here
+    dtype = ran_dtype if ran_dtype is not None else _dtype(argparse.Namespace(**settings), dev)
+    model, tok = load_model(settings.get("model"), dtype=dtype, device=dev)
+    adapter_file = run / "instruction_adapter.safetensors"
+    if adapter_file.is_file():
+        run_instruction_adapter(model, settings["instruct_rank"], settings["seed"], dev, adapter_file)
+    return model, tok, MilpRuntime(model, max_users=settings["slots"], store=UserStore(run / "users")), settings
+
+
 def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_tokens: int | None = None,
            batch_size: int | None = None, device: str = "auto", progress: bool = True) -> list[str]:
     """Answers to ``(user_id, query)`` pairs with the personalized model of the run in ``run``,
@@ -113,11 +152,8 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
         ['...']
     """
     from .data import Record
-    from .models import load_model
     from .pipeline import generate_responses
-    from .runtime import MilpRuntime
     from .store import UserStore
-    from .train import _dtype, _resolve_device, run_instruction_adapter
 
     if isinstance(queries, (str, bytes)) or not isinstance(queries, Sequence):
         raise ValueError(f"queries must be a sequence of (user_id, query) pairs, got {type(queries).__name__}")
@@ -129,15 +165,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be an int >= 1 (or None for the run's), got {v!r}")
     run = Path(run)
-    if not (run / "run.json").is_file():
-        raise _fail(f"{str(run)!r} is not a milp.train output directory (no run.json)")
-    if not (run / "users").is_dir():
-        raise _fail(f"{str(run)!r} has no users/ directory: the run has not injected any user yet")
-    settings, ran_dtype = _run_settings(run)
-    if settings["instruct_steps"] and not ((run / "instruction.json").is_file()
-                                           and (run / "instruction_adapter.safetensors").is_file()):
-        raise _fail(f"{str(run)!r} has not finished instruction tuning (no instruction.json): its answers would "
-                    "lack the run's shared adapter; finish the run first (its own python -m milp.train command)")
+    settings = check_run(run)
     store = UserStore(run / "users")
     known = None
     for user, _ in queries:
@@ -146,15 +174,8 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
             raise _fail(f"unknown user {user!r}: the run holds {len(known)} users, e.g. {known[:5]}")
     if not queries:
         return []
-    dev = _resolve_device(device, "milp.answer")
-    # the dtype the run ran in: --dtype auto follows the device, which may differ here
-    dtype = ran_dtype if ran_dtype is not None else _dtype(argparse.Namespace(**settings), dev)
-    model, tok = load_model(settings.get("model"), dtype=dtype, device=dev)
-    adapter_file = run / "instruction_adapter.safetensors"
-    if adapter_file.is_file():
-        run_instruction_adapter(model, settings["instruct_rank"], settings["seed"], dev, adapter_file)
+    model, tok, rt, settings = load_run(run, device)
     slots = settings["slots"]
-    rt = MilpRuntime(model, max_users=slots, store=store)
     records = [Record(user, "", [_PLACEHOLDER], query, _PLACEHOLDER) for user, query in queries]
     # a generation batch may name at most `slots` distinct users (the runtime refuses more), so
     # the users are answered `slots` at a time, in order of first appearance, each loaded once

@@ -1,0 +1,339 @@
+"""``python -m milp.serve``: answer many users over HTTP, their concurrent requests in one batch.
+
+A reference server for a finished ``milp.train`` run: the run's model, dtype and shared
+instruction adapter, each user with their own memory adapters loaded on demand from the run's
+``users/`` (a :class:`~milp.store.UserStore`, least recently used users evicted past the run's
+``--slots``), answering as ``python -m milp.answer`` does (greedy). Requests that arrive together,
+from any users, are answered together: a batcher thread takes up to ``--batch-size`` of them,
+waiting at most ``--max-wait-ms`` after the first, and runs them as one mixed-user batch through
+the fused multi-LoRA kernels. Standard library only (``http.server``); put a real front end
+(TLS, authentication, rate limits) before it in production.
+
+    python -m milp.serve runs/milp --port 8000
+    curl -s localhost:8000/v1/answer -d '{"user_id": "meddia-d3-0294", "query": "I have a headache."}'
+
+Endpoints:
+
+* ``POST /v1/answer`` with ``{"user_id": str, "query": str, "max_new_tokens": int (optional,
+  at most the server's)}`` → ``{"user_id", "query", "answer"}``; ``400`` for a malformed request,
+  ``404`` for a user the run does not hold (users added since, by ``python -m milp.add_users``,
+  are found), ``500`` when generation fails, ``503`` once the server is closing.
+* ``GET /health`` → ``{"status": "ok", "requests": …, "batches": …, "largest_batch": …}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AnswerServer", "build_parser", "main"]
+
+PROG = "milp.serve"
+MAX_BODY_BYTES = 1 << 20  # a request larger than this is refused (413)
+REQUEST_TIMEOUT_S = 600.0  # a request not answered by then gets 504
+
+
+@dataclass
+class _Request:
+    user: str
+    query: str
+    max_new_tokens: int
+    done: Future = field(default_factory=Future)
+
+
+class AnswerServer:
+    """An HTTP server answering the users of the finished run in ``run`` (see the module doc).
+
+    Args:
+        run: output directory of a finished ``python -m milp.train`` run.
+        host, port: where to listen (``port=0``: any free port, see :attr:`address`).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        batch_size: requests answered together at most (default: the run's ``--eval-batch-size``).
+        max_wait_ms: how long the batcher waits for more requests after the first one.
+        max_new_tokens: the longest answer (default: the run's ``--max-new-tokens``); a request
+            may ask for fewer tokens.
+        log: print one line per batch to stderr.
+
+    Example:
+        >>> server = AnswerServer("runs/milp", port=0)   # doctest: +SKIP
+        >>> server.start(); host, port = server.address  # serves in background threads
+        >>> server.close()
+    """
+
+    def __init__(self, run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+                 batch_size: int | None = None, max_wait_ms: float = 10.0, max_new_tokens: int | None = None,
+                 log: bool = False) -> None:
+        from .answer import check_run, load_run
+        from .store import UserStore
+
+        for name, v, lo in (("port", port, 0), ("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo or (name == "port"
+                                                                                            and v > 65535)):
+                raise ValueError(f"{name} must be an int {'in [0, 65535]' if name == 'port' else '>= 1'}, got {v!r}")
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < 1e6:
+            raise ValueError(f"max_wait_ms must be a number of milliseconds in [0, 1e6), got {max_wait_ms!r}")
+        self.run = Path(run)
+        settings = check_run(self.run, PROG)  # before the model loads
+        self.batch_size = batch_size or settings["eval_batch_size"]
+        self.max_new_tokens = max_new_tokens or settings["max_new_tokens"]
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.log = log
+        # listen before the model loads: a port in use is refused at once, not after the load
+        self._httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self._httpd.daemon_threads = True
+        try:
+            self.model, self.tokenizer, self.runtime, self.settings = load_run(self.run, device, PROG)
+        except BaseException:
+            self._httpd.server_close()
+            raise
+        self._users = UserStore(self.run / "users")  # the handlers' own (the runtime's is the batcher's)
+        self._users_lock = threading.Lock()
+        self._queue: queue.Queue[_Request] = queue.Queue()
+        self._stop = threading.Event()
+        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self._stats_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` the server listens on."""
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    def stats(self) -> dict[str, int]:
+        """Requests answered, batches run and the largest batch so far."""
+        with self._stats_lock:
+            return dict(self._stats)
+
+    def start(self) -> None:
+        """Serve in background threads (the HTTP listener and the batcher)."""
+        if self._threads:
+            raise RuntimeError("the server is already started")
+        self._threads = [threading.Thread(target=self._batcher, name="milp-serve-batcher", daemon=True),
+                         threading.Thread(target=self._httpd.serve_forever, name="milp-serve-http", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def serve_forever(self) -> None:
+        """Serve until interrupted (Ctrl-C), then close."""
+        self.start()
+        try:
+            while not self._stop.is_set():
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop listening, answer the requests already taken, refuse the queued ones (503)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._threads:
+            self._httpd.shutdown()
+        self._httpd.server_close()
+        for t in self._threads:
+            t.join(timeout=REQUEST_TIMEOUT_S)
+        while True:
+            try:
+                r = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            r.done.set_exception(_Closing())
+
+    def __enter__(self) -> AnswerServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ requests
+    def knows(self, user: str) -> bool:
+        """Whether the run holds ``user`` (its store is read again on a miss: users added since count)."""
+        with self._users_lock:
+            return user in self._users
+
+    def submit(self, user: str, query: str, max_new_tokens: int | None = None) -> Future:
+        """Queue one request; its future gives the answer."""
+        if self._stop.is_set():
+            raise _Closing()
+        r = _Request(user, query, max_new_tokens or self.max_new_tokens)
+        self._queue.put(r)
+        return r.done
+
+    def _batcher(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.batch_size:
+                left = deadline - time.monotonic()
+                try:
+                    batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._answer(batch)
+
+    def _answer(self, batch: list[_Request]) -> None:
+        from .answer import _PLACEHOLDER
+        from .data import Record
+        from .pipeline import generate_responses
+
+        t0 = time.perf_counter()
+        by_length: dict[int, list[_Request]] = {}
+        for r in batch:  # one generation per answer length (greedy: the same tokens as alone)
+            by_length.setdefault(r.max_new_tokens, []).append(r)
+        for n, reqs in by_length.items():
+            try:
+                records = [Record(r.user, "", [_PLACEHOLDER], r.query, _PLACEHOLDER) for r in reqs]
+                answers = generate_responses(self.model, self.tokenizer, records, runtime=self.runtime,
+                                             max_new_tokens=n, batch_size=self.batch_size,
+                                             max_length=self.settings["max_length"] + 128, progress=False)
+            except Exception as e:  # one failed batch answers 500 to its requests; the server goes on
+                for r in reqs:
+                    r.done.set_exception(e)
+                continue
+            for r, a in zip(reqs, answers):
+                r.done.set_result(a)
+        with self._stats_lock:
+            self._stats["requests"] += len(batch)
+            self._stats["batches"] += 1
+            self._stats["largest_batch"] = max(self._stats["largest_batch"], len(batch))
+        if self.log:
+            users = len({r.user for r in batch})
+            print(f"{PROG}: {len(batch)} requests of {users} users in {time.perf_counter() - t0:.2f} s",
+                  file=sys.stderr, flush=True)
+
+
+class _Closing(Exception):
+    """The server is closing: the request was not taken."""
+
+
+def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "milp-serve"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+            pass  # one line per batch instead (AnswerServer(log=True))
+
+        def _send(self, status: HTTPStatus, obj: dict[str, Any]) -> None:
+            body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, status: HTTPStatus, msg: str) -> None:
+            self._send(status, {"error": msg})
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0] != "/health":
+                return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: GET {self.path} (GET /health, "
+                                                         f"POST /v1/answer)")
+            self._send(HTTPStatus.OK, {"status": "ok", **server.stats()})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path.split("?")[0] != "/v1/answer":
+                return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path} (POST /v1/answer)")
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                return self._error(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+            if not 0 <= length <= MAX_BODY_BYTES:
+                self.close_connection = True
+                return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                   f"the request body must be at most {MAX_BODY_BYTES} bytes, got {length}")
+            try:
+                req = json.loads(self.rfile.read(length).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                return self._error(HTTPStatus.BAD_REQUEST, f"the body must be a JSON object ({e})")
+            problem = _check_request(req, server.max_new_tokens)
+            if problem:
+                return self._error(HTTPStatus.BAD_REQUEST, problem)
+            user, query = req["user_id"], req["query"]
+            if not server.knows(user):
+                return self._error(HTTPStatus.NOT_FOUND, f"unknown user {user!r}: the run holds no such user")
+            try:
+                answer = server.submit(user, query, req.get("max_new_tokens")).result(timeout=REQUEST_TIMEOUT_S)
+            except _Closing:
+                return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
+            except TimeoutError:
+                return self._error(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {REQUEST_TIMEOUT_S:.0f} s")
+            except Exception as e:
+                return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(e).__name__}: {e}")
+            self._send(HTTPStatus.OK, {"user_id": user, "query": query, "answer": answer})
+
+    return Handler
+
+
+def _check_request(req: Any, max_new_tokens: int) -> str | None:
+    """What is wrong with a decoded ``/v1/answer`` body (``None``: nothing)."""
+    if not isinstance(req, dict):
+        return f"the body must be a JSON object, got {type(req).__name__}"
+    for key in ("user_id", "query"):
+        v = req.get(key)
+        if not isinstance(v, str) or not v.strip():
+            return f"{key!r} must be a non-empty string, got {v!r:.80}"
+    n = req.get("max_new_tokens")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_new_tokens):
+        return f"'max_new_tokens' must be an int in [1, {max_new_tokens}] (the server's), got {n!r:.40}"
+    unknown = sorted(set(req) - {"user_id", "query", "max_new_tokens"})
+    if unknown:
+        return f"unknown fields {unknown}: expected user_id, query and optionally max_new_tokens"
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}",
+                                description="Answer the users of a finished milp.train run over HTTP, batching "
+                                            "concurrent requests of any users together.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("run", metavar="RUN", help="output directory of a finished `python -m milp.train` run")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=None, help="requests answered together (default: the run's)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long to wait for more requests after the first of a batch (default: 10)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the run's)")
+    p.add_argument("--quiet", action="store_true", help="no line per batch on stderr")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        server = AnswerServer(args.run, host=args.host, port=args.port, device=args.device,
+                              batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
+                              max_new_tokens=args.max_new_tokens, log=not args.quiet)
+    except ValueError as e:
+        raise SystemExit(f"{PROG}: {e}") from None
+    except OSError as e:  # the port is taken, the address is not this machine's
+        raise SystemExit(f"{PROG}: cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    host, port = server.address
+    print(f"{PROG}: serving {args.run} on http://{host}:{port} (POST /v1/answer, GET /health); Ctrl-C stops",
+          flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

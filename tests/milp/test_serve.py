@@ -1,0 +1,148 @@
+"""``python -m milp.serve``: concurrent requests of several users answered in mixed batches, with
+the answers ``milp.answer`` gives; bad requests get their status and a message."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+import milp.pipeline
+from milp.add_users import add_users
+from milp.answer import answer
+from milp.data import write_jsonl
+from milp.serve import AnswerServer, main
+from milp.train import load_records
+
+QUERIES = ["I have had a headache for three days.", "My knee hurts when I run. Is it serious?",
+           "Should I take ibuprofen?", "What should I eat when I have a cold?"]
+
+
+def _post(server: AnswerServer, body, path: str = "/v1/answer") -> tuple[int, dict]:
+    host, port = server.address
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _get(server: AnswerServer, path: str) -> tuple[int, dict]:
+    host, port = server.address
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _users(run) -> list[str]:
+    return json.loads((run / "split.json").read_text())["test"] + json.loads((run / "split.json").read_text())["train"]
+
+
+def test_concurrent_requests_are_batched_and_answered_as_milp_answer_does(answer_run):
+    users = _users(answer_run)[:3]
+    asks = [(users[i % 3], q) for i, q in enumerate(QUERIES)]
+    want = answer(answer_run, asks, progress=False)
+    with AnswerServer(answer_run, port=0, batch_size=4, max_wait_ms=2000) as server:
+        got: dict[int, tuple[int, dict]] = {}
+
+        def ask(i):
+            got[i] = _post(server, {"user_id": asks[i][0], "query": asks[i][1]})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stats = server.stats()
+    assert [got[i][0] for i in range(len(asks))] == [200] * 4
+    assert [got[i][1]["answer"] for i in range(len(asks))] == want
+    assert [got[i][1]["user_id"] for i in range(len(asks))] == [u for u, _ in asks]
+    assert stats["requests"] == 4 and stats["batches"] == 1 and stats["largest_batch"] == 4
+
+
+def test_a_shorter_answer_is_the_start_of_the_longer_one(answer_run):
+    user = _users(answer_run)[0]
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        status, full = _post(server, {"user_id": user, "query": QUERIES[0]})
+        status1, short = _post(server, {"user_id": user, "query": QUERIES[0], "max_new_tokens": 1})
+    assert (status, status1) == (200, 200)
+    assert full["answer"] == answer(answer_run, [(user, QUERIES[0])], progress=False)[0]
+    assert full["answer"].startswith(short["answer"])
+
+
+@pytest.mark.parametrize("body, status, match", [
+    (b"{not json", 400, "JSON object"),
+    ([1, 2], 400, "JSON object, got list"),
+    ({"user_id": "x"}, 400, "'query' must be a non-empty string"),
+    ({"user_id": "", "query": "q"}, 400, "'user_id' must be a non-empty string"),
+    ({"user_id": "nobody", "query": "q"}, 404, "unknown user 'nobody'"),
+    ({"user_id": "u", "query": "q", "max_new_tokens": 0}, 400, "'max_new_tokens' must be an int in"),
+    ({"user_id": "u", "query": "q", "max_new_tokens": 10**6}, 400, "'max_new_tokens' must be an int in"),
+    ({"user_id": "u", "query": "q", "temperature": 1.0}, 400, "unknown fields \\['temperature'\\]"),
+])
+def test_bad_requests_get_their_status_and_a_message(answer_run, body, status, match):
+    if isinstance(body, dict) and body.get("user_id") == "u":
+        body = {**body, "user_id": _users(answer_run)[0]}
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        code, out = _post(server, body)
+        assert code == status and re.search(match, out["error"]), out
+        assert _get(server, "/health")[1]["requests"] == 0  # nothing reached the model
+
+
+def test_unknown_endpoints_and_health(answer_run):
+    with AnswerServer(answer_run, port=0) as server:
+        assert _get(server, "/health") == (200, {"status": "ok", "requests": 0, "batches": 0, "largest_batch": 0})
+        code, out = _get(server, "/v2/answer")
+        assert code == 404 and "GET /health" in out["error"]
+        code, out = _post(server, {"user_id": "a", "query": "b"}, path="/answer")
+        assert code == 404 and "POST /v1/answer" in out["error"]
+
+
+def test_a_failed_batch_answers_500_and_the_server_goes_on(answer_run, monkeypatch):
+    user = _users(answer_run)[0]
+    real, calls = milp.pipeline.generate_responses, []
+
+    def fail_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(milp.pipeline, "generate_responses", fail_once)
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        code, out = _post(server, {"user_id": user, "query": QUERIES[0]})
+        assert code == 500 and "out of memory (simulated)" in out["error"]
+        code, out = _post(server, {"user_id": user, "query": QUERIES[0]})
+        assert code == 200 and out["answer"]
+
+
+def test_users_added_while_serving_are_found(answer_run, tmp_path):
+    run = shutil.copytree(answer_run, tmp_path / "run")
+    held = set(_users(run)) | set(json.loads((run / "split.json").read_text())["val"])
+    new = [r for r in load_records(None) if r.user_id not in held][:1]
+    with AnswerServer(run, port=0, max_wait_ms=0) as server:
+        assert _post(server, {"user_id": new[0].user_id, "query": QUERIES[0]})[0] == 404
+        add_users(run, write_jsonl(new, tmp_path / "new.jsonl"), progress=False)
+        code, out = _post(server, {"user_id": new[0].user_id, "query": QUERIES[0]})
+    assert code == 200 and out["answer"] == answer(run, [(new[0].user_id, QUERIES[0])], progress=False)[0]
+
+
+def test_bad_settings_are_refused_before_the_model_loads(answer_run, tmp_path):
+    for kw, match in ((dict(port=70000), "port must be an int in"), (dict(batch_size=0), "batch_size must be"),
+                      (dict(max_wait_ms=-1), "max_wait_ms must be")):
+        with pytest.raises(ValueError, match=match):
+            AnswerServer(answer_run, **kw)
+    with pytest.raises(SystemExit, match="milp.serve: .* is not a milp.train output directory"):
+        AnswerServer(tmp_path)
+    with AnswerServer(answer_run, port=0) as server:  # a port in use, by the CLI
+        with pytest.raises(SystemExit, match="cannot listen on 127.0.0.1"):
+            main([str(answer_run), "--port", str(server.address[1]), "--quiet"])
