@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import signal
 import sys
 import threading
 import time
@@ -125,14 +126,19 @@ class AnswerServer:
             t.start()
 
     def serve_forever(self) -> None:
-        """Serve until interrupted (Ctrl-C), then close."""
+        """Serve until interrupted (Ctrl-C, or SIGTERM: ``docker stop``, systemd), then close."""
+        requested = threading.Event()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job starts with it ignored
+                previous[sig] = signal.signal(sig, lambda *_: requested.set())
         self.start()
         try:
-            while not self._stop.is_set():
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass
+            while not (requested.wait(0.2) or self._stop.is_set()):
+                pass
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.close()
 
     def close(self) -> None:

@@ -146,3 +146,28 @@ def test_bad_settings_are_refused_before_the_model_loads(answer_run, tmp_path):
     with AnswerServer(answer_run, port=0) as server:  # a port in use, by the CLI
         with pytest.raises(SystemExit, match="cannot listen on 127.0.0.1"):
             main([str(answer_run), "--port", str(server.address[1]), "--quiet"])
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_the_command_stops_cleanly_on_a_signal(answer_run, sig):
+    """``docker stop``/systemd send SIGTERM; a job started in the background ignores SIGINT
+    unless the server installs its own handler: both stop it, exit code 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "milp.serve", str(answer_run), "--port", "0", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)", line).group(1))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
+            assert json.loads(r.read())["status"] == "ok"
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
