@@ -246,7 +246,7 @@ def _gather_width(x: torch.Tensor, rank: torch.Tensor, max_rank: int) -> int:
     """How many rank columns the gather form computes: on CPU the batch's own largest rank (a
     cheap read that saves work), on a device the launch's ``max_rank``, so that nothing waits
     for the device and a CUDA graph can capture the call (the extra columns are masked to 0:
-    the same result, bit for bit)."""
+    the same values, to rounding)."""
     if x.device.type != "cpu":
         return max_rank
     return int(rank.max()) if rank.numel() else 0
