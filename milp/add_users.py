@@ -15,14 +15,17 @@ together share batches, whose shapes move the last bits).
 ``--data`` takes the formats of ``milp.train`` (the record schema ``{"user_id", "profile",
 "history", "query", "response"}``, or ``--data-format amazonqa/reddit/lamp``); only the users'
 histories are used. Users the run already holds are refused by name (delete their folder under
-``users/`` to inject them again). Every user is saved atomically, so a stopped command run
-again continues where it stopped. The new users' memory-injection losses are kept in
+``users/`` to inject them again), and so is a user an earlier call added from another history.
+Every user is saved atomically, so a stopped command run again (with the same data) continues
+where it stopped. The new users' memory-injection losses are kept in
 ``RUN/added/memory_losses.json``. Under ``torchrun`` the new users are shared out among the
 processes, as in ``milp.train``.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,7 +84,9 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
 
     Raises ``SystemExit`` (a message naming the problem, before anything is written) for a
     folder without a ``milp.train`` run, a search run that has not picked its configuration, a
-    ``users`` id missing from ``data``, or a user the run already holds.
+    ``users`` id missing from ``data``, a user the run already holds (one an earlier call added
+    from another history included), or a damaged ``RUN/added/claimed.json`` or
+    ``memory_losses.json``.
 
     Example:
         >>> add_users("runs/milp", "new_users.jsonl")  # doctest: +SKIP
@@ -124,14 +129,21 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
                         f"e.g. {sorted(by_user)[:5]})")
         by_user = {u: by_user[u] for u in dict.fromkeys(users)}
     users_dir = run / "users"
-    store = UserStore(users_dir) if users_dir.is_dir() else None
+    # one read of the folder: `u in store` re-reads all of it on each miss, i.e. once per new user
+    saved = set(UserStore(users_dir).users()) if users_dir.is_dir() else set()
     log_dir = run / "added"
-    # a user an earlier call named (stopped, or done) is that call's work, resumed here, not a user the run held
+    _check_losses(log_dir)  # a damaged file used to fail only once every user was trained and saved
+    # a user an earlier call named (stopped, or done) is that call's work, resumed here, not a user the run
+    # held; unless that call gave it another memory: its saved adapters are not this data's
     claimed = _claimed(log_dir)
-    held = [u for u in by_user if store is not None and u in store and u not in claimed]
+    memory = {u: _memory_digest(recs[0]) for u, recs in by_user.items()}
+    held = [u for u in by_user if u in saved and (u not in claimed or claimed[u] not in (None, memory[u]))]
     if held:
-        raise _fail(f"the run already holds {len(held)} of these users, e.g. {held[:5]}: delete their folders under "
-                    f"{users_dir} to inject them again")
+        other = [u for u in held if u in claimed]
+        raise _fail(f"the run already holds {len(held)} of these users, e.g. {held[:5]}"
+                    + (f" ({len(other)} added by an earlier milp.add_users call from another history, e.g. "
+                       f"{other[:5]})" if other else "")
+                    + f": delete their folders under {users_dir} to inject them again")
     dev = _resolve_device(device, PROG)
     args = argparse.Namespace(**{**settings, "progress": progress})
     if ran_dtype is not None:  # the dtype the run ran in: --dtype auto follows the device, which may differ here
@@ -143,7 +155,7 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
         config = searched if searched is not None else _default_config(st)
         if dist.main:
             log_dir.mkdir(parents=True, exist_ok=True)
-            _claim(log_dir, list(by_user))
+            _claim(log_dir, memory)
         dist.barrier()
         picked = [by_user[u][0] for u in sorted(by_user)]
         st.log(f"{len(picked)} users of {data} into {users_dir} "
@@ -156,19 +168,61 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
         dist.close()
 
 
-def _claimed(log_dir: Path) -> set[str]:
+def _memory_digest(record: Any) -> str:
+    """A digest of what memory injection writes of ``record``'s user: its profile and history."""
+    text = json.dumps([record.profile, list(record.history)], ensure_ascii=True)
+    return hashlib.sha1(text.encode("ascii")).hexdigest()
+
+
+def _claimed(log_dir: Path) -> dict[str, str | None]:
+    """The users earlier calls claimed, each with the digest of the memory it was given
+    (``None``: claimed by a call that kept no digest, a list of ids); refused by name when the
+    file is damaged (it used to stop the call with a JSONDecodeError, or read a string as its
+    characters)."""
     from .train import _read_json
 
     path = log_dir / "claimed.json"
-    return set(_read_json(path)) if path.is_file() else set()
+    if not path.is_file():
+        return {}
+    try:
+        obj = _read_json(path)
+    except (OSError, ValueError) as e:
+        obj = e
+    if isinstance(obj, list) and all(isinstance(u, str) for u in obj):
+        return dict.fromkeys(obj)
+    if isinstance(obj, dict) and all(isinstance(v, str) or v is None for v in obj.values()):
+        return obj
+    why = f"{type(obj).__name__}: {obj}" if isinstance(obj, Exception) else f"got a JSON {type(obj).__name__}"
+    raise _fail(f"{path} is damaged ({why:.200}): expected a JSON object of the user ids earlier calls claimed; "
+                f"delete it to go on (users a stopped call saved are then refused as the run's: delete their "
+                f"folders under users/ too)")
 
 
-def _claim(log_dir: Path, users: Sequence[str]) -> None:
-    """Record ``users`` as this command's before any of them is saved, so that a stopped call
-    run again resumes them instead of refusing them as users the run already held."""
+def _check_losses(log_dir: Path) -> None:
+    """Refuse by name, before anything is trained, a damaged ``memory_losses.json`` (or a part
+    file of a stopped call) that :func:`milp.train._merge_losses` could not merge into."""
+    from .train import _read_json
+
+    for path in [log_dir / "memory_losses.json", *sorted(log_dir.glob("memory_losses.rank*.json"))]:
+        if not path.is_file():
+            continue
+        try:
+            obj = _read_json(path)
+        except (OSError, ValueError) as e:
+            obj = e
+        if not (isinstance(obj, dict) and all(isinstance(v, list) for v in obj.values())):
+            why = f"{type(obj).__name__}: {obj}" if isinstance(obj, Exception) else f"got a JSON {type(obj).__name__}"
+            raise _fail(f"{path} is damaged ({why:.200}): expected a JSON object of each user's losses; delete it "
+                        f"to go on (the losses it recorded are lost, the users' adapters are not)")
+
+
+def _claim(log_dir: Path, memory: dict[str, str]) -> None:
+    """Record the users of ``memory`` (each with its memory's digest) as this command's before
+    any of them is saved, so that a stopped call run again resumes them instead of refusing
+    them as users the run already held."""
     from .train import _atomic_json
 
-    _atomic_json(log_dir / "claimed.json", sorted(_claimed(log_dir) | set(users)))
+    _atomic_json(log_dir / "claimed.json", dict(sorted({**_claimed(log_dir), **memory}.items())))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,8 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for u in args.users or ():
         if not u.strip():
             raise _fail(f"--user: expected a user id, got {u!r}")
-    losses = add_users(args.run, args.data, data_format=args.data_format, users=args.users, device=args.device,
-                       on_error=args.on_error, progress=args.progress)
+    try:
+        losses = add_users(args.run, args.data, data_format=args.data_format, users=args.users, device=args.device,
+                           on_error=args.on_error, progress=args.progress)
+    except (OSError, ValueError) as e:  # a model that is gone or unreadable, a folder that cannot be written
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     first = [v[0] for v in losses.values() if v]
     last = [v[-1] for v in losses.values() if v]
     mean = (lambda xs: sum(xs) / len(xs)) if first else None

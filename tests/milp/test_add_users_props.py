@@ -1,0 +1,115 @@
+"""``python -m milp.add_users`` on damaged bookkeeping and changed data: refused by name before
+anything is trained or written, never a traceback after the work, never a stale user kept
+silently."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import milp.train as train
+from milp.add_users import add_users, main
+from milp.data import Record, write_jsonl
+from milp.store import user_dirname
+
+
+@pytest.fixture
+def run(answer_run, tmp_path) -> Path:
+    """A copy of the session's finished run (``--slots 2``, 7 MedDia users), to change."""
+    return Path(shutil.copytree(answer_run, tmp_path / "run"))
+
+
+def _new_records(run: Path, n: int) -> list[Record]:
+    split = json.loads((run / "split.json").read_text())
+    held = set(split["train"] + split["val"] + split["test"])
+    return [r for r in train.load_records(None) if r.user_id not in held][:n]
+
+
+def _saved(run: Path, user: str) -> bool:
+    return (run / "users" / user_dirname(user) / "user.json").is_file()
+
+
+@pytest.mark.parametrize("content, why", [("[\"meddia-d2-0000\",", "JSONDecodeError"),
+                                          ('"meddia-d2-0000"', "got a JSON str")])
+def test_a_damaged_claims_file_is_refused_by_name_before_anything_is_written(run, tmp_path, content, why):
+    """RUN/added/claimed.json not JSON stopped the call with a JSONDecodeError traceback; a JSON
+    string was read as the set of its characters (and so let through)."""
+    new = _new_records(run, 1)
+    data = write_jsonl(new, tmp_path / "new.jsonl")
+    (run / "added").mkdir()
+    (run / "added" / "claimed.json").write_text(content)
+    with pytest.raises(SystemExit, match=rf"milp.add_users: .*claimed.json is damaged \({why}.*expected a JSON "
+                                         rf"object of the user ids"):
+        add_users(run, data, progress=False)
+    assert not _saved(run, new[0].user_id)
+
+
+@pytest.mark.parametrize("content", ["{\"meddia-d2-0000\": [6.0,", "[6.0]"])
+def test_a_damaged_losses_file_is_refused_before_any_user_is_trained(run, tmp_path, content):
+    """A damaged RUN/added/memory_losses.json failed only when the losses were merged, after
+    every user was trained and saved (a JSONDecodeError, or AttributeError for a list), and a
+    call run again failed there again."""
+    new = _new_records(run, 1)
+    data = write_jsonl(new, tmp_path / "new.jsonl")
+    (run / "added").mkdir()
+    (run / "added" / "memory_losses.json").write_text(content)
+    with pytest.raises(SystemExit, match=r"milp.add_users: .*memory_losses.json is damaged .*expected a JSON object "
+                                         r"of each user's losses"):
+        add_users(run, data, progress=False)
+    assert not _saved(run, new[0].user_id)
+    assert sorted(p.name for p in (run / "added").iterdir()) == ["memory_losses.json"]
+
+
+def test_a_user_added_before_from_another_history_is_refused_not_kept_silently(run, tmp_path):
+    """A user an earlier call added counts as that call's work, resumed: given again with
+    another history, it was "resumed" too (its old adapters kept, its old losses returned) with no
+    word. It is refused as a user the run holds; the same data again still resumes."""
+    rec = _new_records(run, 1)[0]
+    first = write_jsonl([rec], tmp_path / "first.jsonl")
+    losses = add_users(run, first, progress=False)
+    changed = Record(rec.user_id, rec.profile, ["I have been vegetarian for ten years.", *rec.history], rec.query,
+                     rec.response)
+    adapters = (run / "users" / user_dirname(rec.user_id) / "adapters.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=rf"already holds 1 of these users.*added by an earlier milp.add_users call "
+                                         rf"from another history.*{rec.user_id}"):
+        add_users(run, write_jsonl([changed], tmp_path / "changed.jsonl"), progress=False)
+    assert (run / "users" / user_dirname(rec.user_id) / "adapters.safetensors").read_bytes() == adapters
+    assert add_users(run, first, progress=False) == losses  # the same data: resumed (nothing to do)
+
+
+def test_an_unreadable_model_is_an_error_message_not_a_traceback(run, tmp_path, capsys):
+    """milp.train and milp.answer report a run whose model is gone as ``error: ...`` (exit 2);
+    milp.add_users raised the ValueError."""
+    ran = json.loads((run / "run.json").read_text())
+    ran["settings"]["model"] = str(tmp_path / "gone")
+    (run / "run.json").write_text(json.dumps(ran))
+    data = write_jsonl(_new_records(run, 1), tmp_path / "new.jsonl")
+    assert main([str(run), "--data", str(data), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("milp.add_users: error: ") and "gone" in err and "does not exist" in err
+
+
+def test_the_run_users_folder_is_read_once_not_once_per_new_user(run, tmp_path, monkeypatch):
+    """Telling the run's users from new ones asked the store ``u in store`` for each new user:
+    a miss re-reads the whole users/ folder (every user.json), so adding N users to a run of M
+    read N x M files. One read of the folder answers for all of them."""
+    import milp.store
+
+    reads = []
+    real = milp.store.UserStore.refresh
+    monkeypatch.setattr(milp.store.UserStore, "refresh", lambda self: (reads.append(1), real(self))[1])
+    new = _new_records(run, 3)
+    losses = add_users(run, write_jsonl(new, tmp_path / "new.jsonl"), progress=False)
+    assert sorted(losses) == sorted(r.user_id for r in new) and all(_saved(run, r.user_id) for r in new)
+    assert len(reads) == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "milp/store.py user_dirname: ids differing only in case ('Alice', 'alice') get folder names differing "
+    "only in case; on a case-insensitive file system (macOS, Windows) both users share one folder, and "
+    "milp.train._inject_users (which checks only that folder) skips the second as already saved. The fix "
+    "belongs in milp/store.py (e.g. a hash suffix for ids holding upper-case letters)."))
+def test_ids_differing_only_in_case_get_folders_that_differ_case_insensitively():
+    assert user_dirname("Alice").lower() != user_dirname("alice").lower()
