@@ -17,14 +17,18 @@ Endpoints:
 * ``POST /v1/answer`` with ``{"user_id": str, "query": str, "max_new_tokens": int (optional,
   at most the server's)}`` → ``{"user_id", "query", "answer"}``; ``400`` for a malformed request,
   ``404`` for a user the run does not hold (users added since, by ``python -m milp.add_users``,
-  are found), ``500`` when generation fails, ``503`` once the server is closing.
-* ``GET /health`` → ``{"status": "ok", "requests": …, "batches": …, "largest_batch": …}``.
+  are found), ``500`` when generation fails (for that request alone: the others of its batch are
+  answered), ``503`` once the server is closing. The body needs a ``Content-Length`` (``411``
+  without one, ``413`` past 1 MiB, ``408`` when fewer bytes come within ``READ_TIMEOUT_S``).
+* ``GET /health`` → ``{"status": "ok", "requests": …, "batches": …, "largest_batch": …}``
+  (``503`` with ``"status": "closing"`` once the server is closing).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import queue
+import re
 import signal
 import sys
 import threading
@@ -42,6 +46,9 @@ __all__ = ["AnswerServer", "build_parser", "main"]
 PROG = "milp.serve"
 MAX_BODY_BYTES = 1 << 20  # a request larger than this is refused (413)
 REQUEST_TIMEOUT_S = 600.0  # a request not answered by then gets 504
+# a connection silent this long is closed: an idle keep-alive one, or a body shorter than its
+# Content-Length (408), which used to hold its handler thread forever
+READ_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -67,8 +74,8 @@ class AnswerServer:
 
     Example:
         >>> server = AnswerServer("runs/milp", port=0)   # doctest: +SKIP
-        >>> server.start(); host, port = server.address  # serves in background threads
-        >>> server.close()
+        >>> server.start(); host, port = server.address  # serves in background threads  # doctest: +SKIP
+        >>> server.close()  # doctest: +SKIP
     """
 
     def __init__(self, run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
@@ -101,6 +108,9 @@ class AnswerServer:
         self._users_lock = threading.Lock()
         self._queue: queue.Queue[_Request] = queue.Queue()
         self._stop = threading.Event()
+        # a request is queued, or refused (503), under this lock, and close() sets _stop under it:
+        # none can be queued after close() emptied the queue (it would wait REQUEST_TIMEOUT_S)
+        self._submit_lock = threading.Lock()
         self._stats = {"requests": 0, "batches": 0, "largest_batch": 0}
         self._stats_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -111,6 +121,11 @@ class AnswerServer:
         host, port = self._httpd.server_address[:2]
         return str(host), int(port)
 
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` was called (requests get 503, ``/health`` too)."""
+        return self._stop.is_set()
+
     def stats(self) -> dict[str, int]:
         """Requests answered, batches run and the largest batch so far."""
         with self._stats_lock:
@@ -118,6 +133,8 @@ class AnswerServer:
 
     def start(self) -> None:
         """Serve in background threads (the HTTP listener and the batcher)."""
+        if self._stop.is_set():
+            raise RuntimeError("the server is closed: make a new AnswerServer")
         if self._threads:
             raise RuntimeError("the server is already started")
         self._threads = [threading.Thread(target=self._batcher, name="milp-serve-batcher", daemon=True),
@@ -129,28 +146,40 @@ class AnswerServer:
         """Serve until interrupted (Ctrl-C, or SIGTERM: ``docker stop``, systemd), then close."""
         requested = threading.Event()
         previous = {}
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job starts with it ignored
                 previous[sig] = signal.signal(sig, lambda *_: requested.set())
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # not started here (already started, closed): Ctrl-C as it was, nothing closed
+            restore()
+            raise
         try:
             while not (requested.wait(0.2) or self._stop.is_set()):
                 pass
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            restore()
             self.close()
 
     def close(self) -> None:
         """Stop listening, answer the requests already taken, refuse the queued ones (503)."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        if self._threads:
+        with self._submit_lock:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+        # shutdown() waits for serve_forever to end: only where its thread runs (a start() that
+        # failed part-way, or a listener that died, left none, and close() hung)
+        if any(t.name == "milp-serve-http" and t.is_alive() for t in self._threads):
             self._httpd.shutdown()
         self._httpd.server_close()
         for t in self._threads:
-            t.join(timeout=REQUEST_TIMEOUT_S)
+            if t.ident is not None:  # started
+                t.join(timeout=REQUEST_TIMEOUT_S)
         while True:
             try:
                 r = self._queue.get_nowait()
@@ -173,10 +202,11 @@ class AnswerServer:
 
     def submit(self, user: str, query: str, max_new_tokens: int | None = None) -> Future:
         """Queue one request; its future gives the answer."""
-        if self._stop.is_set():
-            raise _Closing()
         r = _Request(user, query, max_new_tokens or self.max_new_tokens)
-        self._queue.put(r)
+        with self._submit_lock:
+            if self._stop.is_set():
+                raise _Closing()
+            self._queue.put(r)
         return r.done
 
     def _batcher(self) -> None:
@@ -204,15 +234,20 @@ class AnswerServer:
         by_length: dict[int, list[_Request]] = {}
         for r in batch:  # one generation per answer length (greedy: the same tokens as alone)
             by_length.setdefault(r.max_new_tokens, []).append(r)
-        for n, reqs in by_length.items():
+        groups = list(by_length.values())
+        while groups:
+            reqs = groups.pop(0)
+            n = reqs[0].max_new_tokens
             try:
                 records = [Record(r.user, "", [_PLACEHOLDER], r.query, _PLACEHOLDER) for r in reqs]
                 answers = generate_responses(self.model, self.tokenizer, records, runtime=self.runtime,
                                              max_new_tokens=n, batch_size=self.batch_size,
                                              max_length=self.settings["max_length"] + 128, progress=False)
-            except Exception as e:  # one failed batch answers 500 to its requests; the server goes on
-                for r in reqs:
-                    r.done.set_exception(e)
+            except Exception as e:
+                if len(reqs) > 1:  # one bad request (a damaged user, say) must not fail the others: one by one
+                    groups[:0] = [[r] for r in reqs]
+                    continue
+                reqs[0].done.set_exception(e)  # 500 to its request; the server goes on
                 continue
             for r, a in zip(reqs, answers):
                 r.done.set_result(a)
@@ -234,6 +269,7 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "milp-serve"
+        timeout = READ_TIMEOUT_S  # socket reads: an idle or stalled client does not hold its thread forever
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
             pass  # one line per batch instead (AnswerServer(log=True))
@@ -243,8 +279,13 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:  # else an HTTP/1.1 client sends its next request into a closed socket
+                self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except ConnectionError:  # the client left: nothing to answer, no traceback
+                self.close_connection = True
 
         def _error(self, status: HTTPStatus, msg: str) -> None:
             self._send(status, {"error": msg})
@@ -253,23 +294,46 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             if self.path.split("?")[0] != "/health":
                 return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: GET {self.path} (GET /health, "
                                                          f"POST /v1/answer)")
+            if server.closing:  # a load balancer stops sending what would be refused
+                return self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "closing", **server.stats()})
             self._send(HTTPStatus.OK, {"status": "ok", **server.stats()})
 
         def do_POST(self) -> None:  # noqa: N802
+            # a response sent before the body is read closes the connection: on a kept-alive one the
+            # unread body (or a chunked one) was read as the next request
             if self.path.split("?")[0] != "/v1/answer":
+                self.close_connection = True
                 return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path} (POST /v1/answer)")
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                return self._error(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
-            if not 0 <= length <= MAX_BODY_BYTES:
+            text = self.headers.get("Content-Length")
+            if text is None or "Transfer-Encoding" in self.headers:
+                self.close_connection = True
+                return self._error(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required (a chunked "
+                                                               "body is not read)")
+            if not re.fullmatch(r"[0-9]+", text.strip()):
+                self.close_connection = True
+                return self._error(HTTPStatus.BAD_REQUEST,
+                                   f"Content-Length must be a number of bytes, got {text!r:.40}")
+            length = int(text)
+            if length > MAX_BODY_BYTES:
                 self.close_connection = True
                 return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                    f"the request body must be at most {MAX_BODY_BYTES} bytes, got {length}")
+            body = bytearray()
+            try:  # piece by piece: what came before a stall is kept, and named in the 408
+                while len(body) < length and (piece := self.rfile.read1(length - len(body))):
+                    body += piece
+            except TimeoutError:
+                pass
+            if len(body) < length:  # the client sent less than it announced, then stalled or hung up
+                self.close_connection = True
+                return self._error(HTTPStatus.REQUEST_TIMEOUT, f"the body ended after {len(body)} of its "
+                                                               f"Content-Length {length} bytes")
             try:
-                req = json.loads(self.rfile.read(length).decode("utf-8"))
+                req = json.loads(body.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 return self._error(HTTPStatus.BAD_REQUEST, f"the body must be a JSON object ({e})")
+            except RecursionError:  # "[[[[…" within the size limit: the handler died without an answer
+                return self._error(HTTPStatus.BAD_REQUEST, "the body must be a JSON object (it is nested too deeply)")
             problem = _check_request(req, server.max_new_tokens)
             if problem:
                 return self._error(HTTPStatus.BAD_REQUEST, problem)
@@ -297,6 +361,11 @@ def _check_request(req: Any, max_new_tokens: int) -> str | None:
         v = req.get(key)
         if not isinstance(v, str) or not v.strip():
             return f"{key!r} must be a non-empty string, got {v!r:.80}"
+        try:  # JSON escapes make lone surrogates ("\\ud83d" cut from a pair): not text, not encodable
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (f"{key!r} must be valid Unicode text, got a lone surrogate U+{ord(v[e.start]):04X} "
+                    f"at character {e.start}")
     n = req.get("max_new_tokens")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_new_tokens):
         return f"'max_new_tokens' must be an int in [1, {max_new_tokens}] (the server's), got {n!r:.40}"
