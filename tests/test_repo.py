@@ -140,3 +140,25 @@ def test_markdown_tables_are_whole():
                         for n, r in rows if _cells(r) != _cells(head)]
                 block = []
     assert bad == []
+
+
+_ELAPSED_ASSERT = re.compile(r"\bassert\b[^\n]*\b(?:perf_counter|monotonic|time|perf_counter_ns|monotonic_ns)\(\)\s*-")
+
+
+def test_no_timing_assertion_in_the_tests():
+    """Speed is measured in bench/, never asserted in tests/ (issue 4): no ``assert`` on an
+    elapsed time (a clock read minus another). A deadline guarding a wait against a hang is not
+    a measurement and stays allowed."""
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if _ELAPSED_ASSERT.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{no}: {line.strip()}")
+    assert not found, "timing assertions in tests/:\n" + "\n".join(found)
+
+
+def test_the_timing_check_sees_an_elapsed_time_assertion():
+    # the samples are cut in two, so that this file's own lines do not match
+    assert _ELAPSED_ASSERT.search("assert time.monotonic()" + " - t0 < 5")
+    assert _ELAPSED_ASSERT.search("    assert done and time.perf_counter()" + " - start < 1.0")
+    assert not _ELAPSED_ASSERT.search("assert self.proc.is_alive() and time.monotonic() < deadline")
