@@ -18,14 +18,16 @@ histories are used. Users the run already holds are refused by name (delete thei
 ``users/`` to inject them again), and so is a user an earlier call added from another history.
 Every user is saved atomically, so a stopped command run again (with the same data) continues
 where it stopped. The new users' memory-injection losses are kept in
-``RUN/added/memory_losses.json``. Under ``torchrun`` the new users are shared out among the
-processes, as in ``milp.train``.
+``RUN/added/memory_losses.json``. One call at a time per run: a second one is refused while
+the first runs. Under ``torchrun`` the new users are shared out among the processes, as in
+``milp.train``.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,7 +152,9 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
         args.dtype = ran_dtype
     dist = Dist.from_env(dev)
     st = _State(args=args, out=log_dir, dist=dist, device=dev, prog=PROG)
+    lock = None
     try:
+        lock = _lock_run(run) if dist.main else None
         _load_model(st)
         config = searched if searched is not None else _default_config(st)
         if dist.main:
@@ -165,7 +169,29 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
         losses = _read_json(log_dir / "memory_losses.json")
         return {u: losses.get(u, []) for u in sorted(by_user)}
     finally:
+        if lock is not None:
+            os.close(lock)  # releases the lock
         dist.close()
+
+
+def _lock_run(run: Path) -> int | None:
+    """An exclusive lock on the run's folder for this call (a file descriptor; closing it
+    releases the lock), refused by name while another ``milp.add_users`` call holds it: two
+    calls at once both rewrite ``RUN/added/claimed.json`` and the losses, and one's claims or
+    losses could be lost. ``flock`` on the folder itself writes no file; ``None`` where the
+    platform has no ``fcntl`` (Windows: no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _fail(f"another milp.add_users call is adding users to {str(run)!r}; run this one when it has "
+                    f"ended") from None
+    return fd
 
 
 def _memory_digest(record: Any) -> str:

@@ -141,3 +141,22 @@ def test_bad_input_is_refused_by_name(run, tmp_path, case, match):
     with pytest.raises(SystemExit, match=match):
         add_users(target, data, progress=False, **kw)
     assert not (run / "added").exists()
+
+
+def test_a_second_call_on_the_same_run_is_refused_while_the_first_runs(run, tmp_path):
+    """Two calls at once both rewrite RUN/added/claimed.json and the losses: the second is
+    refused by name while the first holds the run (a lock on the run's folder, no file)."""
+    import fcntl
+    import os
+
+    data = write_jsonl(_new_records(run, 1), tmp_path / "new.jsonl")
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running call holds
+        with pytest.raises(SystemExit, match="another milp.add_users call is adding users to"):
+            add_users(run, data, progress=False)
+    finally:
+        os.close(fd)
+    assert len(add_users(run, data, progress=False)) == 1  # once it has ended
+    assert not list(run.glob("*.lock")) and sorted(p.name for p in (run / "added").iterdir()) == [
+        "claimed.json", "memory_losses.json"]
