@@ -200,46 +200,45 @@ def _memory_digest(record: Any) -> str:
     return hashlib.sha1(text.encode("ascii")).hexdigest()
 
 
+def _read_checked(path: Path, ok: Any, expected: str, then: str) -> Any:
+    """``path``'s JSON where ``ok(obj)`` holds; otherwise refused by name (``SystemExit``: what
+    was found, the ``expected`` content, and what deleting the file costs, ``then``)."""
+    from .train import _read_json
+
+    try:
+        obj = _read_json(path)
+    except (OSError, ValueError) as e:
+        obj = e
+    if not isinstance(obj, Exception) and ok(obj):
+        return obj
+    why = f"{type(obj).__name__}: {obj}" if isinstance(obj, Exception) else f"got a JSON {type(obj).__name__}"
+    raise _fail(f"{path} is damaged ({why:.200}): expected {expected}; delete it to go on ({then})")
+
+
 def _claimed(log_dir: Path) -> dict[str, str | None]:
     """The users earlier calls claimed, each with the digest of the memory it was given
     (``None``: claimed by a call that kept no digest, a list of ids); refused by name when the
     file is damaged (it used to stop the call with a JSONDecodeError, or read a string as its
     characters)."""
-    from .train import _read_json
-
     path = log_dir / "claimed.json"
     if not path.is_file():
         return {}
-    try:
-        obj = _read_json(path)
-    except (OSError, ValueError) as e:
-        obj = e
-    if isinstance(obj, list) and all(isinstance(u, str) for u in obj):
-        return dict.fromkeys(obj)
-    if isinstance(obj, dict) and all(isinstance(v, str) or v is None for v in obj.values()):
-        return obj
-    why = f"{type(obj).__name__}: {obj}" if isinstance(obj, Exception) else f"got a JSON {type(obj).__name__}"
-    raise _fail(f"{path} is damaged ({why:.200}): expected a JSON object of the user ids earlier calls claimed; "
-                f"delete it to go on (users a stopped call saved are then refused as the run's: delete their "
-                f"folders under users/ too)")
+    obj = _read_checked(
+        path, lambda o: (isinstance(o, list) and all(isinstance(u, str) for u in o))
+        or (isinstance(o, dict) and all(isinstance(v, str) or v is None for v in o.values())),
+        "a JSON object of the user ids earlier calls claimed",
+        "users a stopped call saved are then refused as the run's: delete their folders under users/ too")
+    return dict.fromkeys(obj) if isinstance(obj, list) else obj
 
 
 def _check_losses(log_dir: Path) -> None:
     """Refuse by name, before anything is trained, a damaged ``memory_losses.json`` (or a part
     file of a stopped call) that :func:`milp.train._merge_losses` could not merge into."""
-    from .train import _read_json
-
     for path in [log_dir / "memory_losses.json", *sorted(log_dir.glob("memory_losses.rank*.json"))]:
-        if not path.is_file():
-            continue
-        try:
-            obj = _read_json(path)
-        except (OSError, ValueError) as e:
-            obj = e
-        if not (isinstance(obj, dict) and all(isinstance(v, list) for v in obj.values())):
-            why = f"{type(obj).__name__}: {obj}" if isinstance(obj, Exception) else f"got a JSON {type(obj).__name__}"
-            raise _fail(f"{path} is damaged ({why:.200}): expected a JSON object of each user's losses; delete it "
-                        f"to go on (the losses it recorded are lost, the users' adapters are not)")
+        if path.is_file():
+            _read_checked(path, lambda o: isinstance(o, dict) and all(isinstance(v, list) for v in o.values()),
+                          "a JSON object of each user's losses",
+                          "the losses it recorded are lost, the users' adapters are not")
 
 
 def _claim(log_dir: Path, memory: dict[str, str]) -> None:

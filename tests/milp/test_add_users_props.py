@@ -31,15 +31,22 @@ def _saved(run: Path, user: str) -> bool:
     return (run / "users" / user_dirname(user) / "user.json").is_file()
 
 
+def _with_damaged_file(run: Path, tmp_path: Path, name: str, content: str):
+    """One new user's records (and their data file) for a call on ``run`` whose
+    ``RUN/added/<name>`` holds ``content``."""
+    new = _new_records(run, 1)
+    data = write_jsonl(new, tmp_path / "new.jsonl")
+    (run / "added").mkdir()
+    (run / "added" / name).write_text(content)
+    return new, data
+
+
 @pytest.mark.parametrize("content, why", [("[\"meddia-d2-0000\",", "JSONDecodeError"),
                                           ('"meddia-d2-0000"', "got a JSON str")])
 def test_a_damaged_claims_file_is_refused_by_name_before_anything_is_written(run, tmp_path, content, why):
     """RUN/added/claimed.json not JSON stopped the call with a JSONDecodeError traceback; a JSON
     string was read as the set of its characters (and so let through)."""
-    new = _new_records(run, 1)
-    data = write_jsonl(new, tmp_path / "new.jsonl")
-    (run / "added").mkdir()
-    (run / "added" / "claimed.json").write_text(content)
+    new, data = _with_damaged_file(run, tmp_path, "claimed.json", content)
     with pytest.raises(SystemExit, match=rf"milp.add_users: .*claimed.json is damaged \({why}.*expected a JSON "
                                          rf"object of the user ids"):
         add_users(run, data, progress=False)
@@ -51,10 +58,7 @@ def test_a_damaged_losses_file_is_refused_before_any_user_is_trained(run, tmp_pa
     """A damaged RUN/added/memory_losses.json failed only when the losses were merged, after
     every user was trained and saved (a JSONDecodeError, or AttributeError for a list), and a
     call run again failed there again."""
-    new = _new_records(run, 1)
-    data = write_jsonl(new, tmp_path / "new.jsonl")
-    (run / "added").mkdir()
-    (run / "added" / "memory_losses.json").write_text(content)
+    new, data = _with_damaged_file(run, tmp_path, "memory_losses.json", content)
     with pytest.raises(SystemExit, match=r"milp.add_users: .*memory_losses.json is damaged .*expected a JSON object "
                                          r"of each user's losses"):
         add_users(run, data, progress=False)
