@@ -101,17 +101,22 @@ def check_run(run: Path, prog: str = "milp.answer") -> dict[str, Any]:
     """The settings of the finished ``milp.train`` run in ``run``, refused by name (``SystemExit``
     starting with ``prog``) where there is no run, no user, or an unfinished instruction tuning
     (its answers would lack the run's shared adapter)."""
+    return _checked_run(run, prog)[0]
+
+
+def _checked_run(run: Path, prog: str) -> tuple[dict[str, Any], str | None]:
+    """:func:`check_run`'s settings and the dtype the run ran in (one read of ``run.json``)."""
     if not (run / "run.json").is_file():
         raise SystemExit(f"{prog}: {str(run)!r} is not a milp.train output directory (no run.json)")
     if not (run / "users").is_dir():
         raise SystemExit(f"{prog}: {str(run)!r} has no users/ directory: the run has not injected any user yet")
-    settings, _ = _run_settings(run, prog)
+    settings, ran_dtype = _run_settings(run, prog)
     if settings["instruct_steps"] and not ((run / "instruction.json").is_file()
                                            and (run / "instruction_adapter.safetensors").is_file()):
         raise SystemExit(f"{prog}: {str(run)!r} has not finished instruction tuning (no instruction.json): its "
                          "answers would lack the run's shared adapter; finish the run first (its own python -m "
                          "milp.train command)")
-    return settings
+    return settings, ran_dtype
 
 
 def load_run(run: Path, device: str = "auto", prog: str = "milp.answer") -> tuple[Any, Any, Any, dict[str, Any]]:
@@ -124,8 +129,7 @@ def load_run(run: Path, device: str = "auto", prog: str = "milp.answer") -> tupl
     from .store import UserStore
     from .train import _dtype, _resolve_device, run_instruction_adapter
 
-    settings = check_run(run, prog)
-    _, ran_dtype = _run_settings(run, prog)
+    settings, ran_dtype = _checked_run(run, prog)
     dev = _resolve_device(device, prog)
     # the dtype the run ran in: --dtype auto follows the device, which may differ here
     dtype = ran_dtype if ran_dtype is not None else _dtype(argparse.Namespace(**settings), dev)

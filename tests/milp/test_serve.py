@@ -44,7 +44,8 @@ def _get(server: AnswerServer, path: str) -> tuple[int, dict]:
 
 
 def _users(run) -> list[str]:
-    return json.loads((run / "split.json").read_text())["test"] + json.loads((run / "split.json").read_text())["train"]
+    split = json.loads((run / "split.json").read_text())
+    return split["test"] + split["train"]
 
 
 def test_concurrent_requests_are_batched_and_answered_as_milp_answer_does(answer_run):
