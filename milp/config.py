@@ -150,14 +150,16 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     from search.trial_log import fsync_dir  # stdlib only
 
-    fsync_dir(path.parent)  # the rename survives a power loss
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    if swapped:  # tmp holds the previous path now
-        if tmp.is_symlink():
-            tmp.unlink()
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fsync_dir(path.parent)  # the rename survives a power loss
+    finally:  # published either way: the previous folder goes, also when the fsync fails
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        if swapped:  # tmp holds the previous path now
+            if tmp.is_symlink():
+                tmp.unlink()
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _publish_directory(tmp: Path, path: Path) -> bool | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -217,3 +218,28 @@ def test_atomic_writes_sync_files_and_folders_before_and_after_the_rename(tmp_pa
     atomic_write_text(tmp_path / "r.json", "{}")
     assert synced[-2:] == [f"replace {tmp_path / 'r.json'}", str(tmp_path)]
     assert tl.fsync_dir(tmp_path / "missing") is None  # nothing to sync: no error
+
+
+def test_an_interrupt_after_the_swap_leaves_no_previous_folder_behind(tmp_path, monkeypatch):
+    """A Ctrl-C (or any exception) in the parent folder's fsync after the rename: the new
+    folder is published by then, and the previous one (swapped into the temporary name) used to
+    stay behind as ``.NAME.tmp-*`` for good; it is removed, and the interrupt still propagates.
+    (``fsync_dir`` itself swallows ``OSError``.)"""
+    import search.trial_log
+
+    d = tmp_path / "user"
+    with atomic_directory(d) as tmp:
+        (tmp / "a.txt").write_text("old")
+    real = search.trial_log.fsync_dir
+
+    def interrupted(path):
+        if Path(path) == tmp_path:  # the parent's fsync, after the rename
+            raise KeyboardInterrupt
+        real(path)
+
+    monkeypatch.setattr(search.trial_log, "fsync_dir", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(d) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["user"]
+    assert (d / "a.txt").read_text() == "new"
