@@ -106,7 +106,10 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     ``RENAME_EXCHANGE``), then deleted: another process finds a complete folder at ``path`` at
     every moment, and of two processes writing ``path`` at once the last rename wins, whole.
     Where the file system cannot exchange, the older folder is moved away first (put back if the
-    final rename fails): ``path`` is then missing between the two renames.
+    final rename fails): ``path`` is then missing between the two renames. An exception from the
+    block or before the rename leaves ``path`` as it was; one that interrupts the folder's fsync
+    after the rename (only a ``KeyboardInterrupt`` or the like: an ``OSError`` there is ignored)
+    propagates with the new folder already, and wholly, in place.
 
     Example:
         >>> d = Path(tempfile.mkdtemp()) / "user"

@@ -639,7 +639,9 @@ class MilpRuntime:
                   include_optimizer: bool = True) -> Path:
         """Write ``user``'s adapters (``adapters.safetensors``), its ``memory_config.json``,
         ``user.json`` (id, optimizer settings) and, optionally, ``optimizer.safetensors``
-        into ``directory``, atomically (the directory is replaced as a whole).
+        into ``directory``, atomically (the directory is replaced as a whole: a failed save
+        leaves the previous one, except an interrupt during the last fsync, which leaves the
+        new one; see :func:`milp.config.atomic_directory`).
 
         Example:
             >>> import tempfile; from milp.inject import tiny_model
