@@ -96,7 +96,7 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
     """
     from .answer import _run_settings
     from .data import group_by_user
-    from .store import UserStore
+    from .store import UserStore, rename_legacy_folders
     from .train import (
         Dist,
         _default_config,
@@ -158,6 +158,7 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
         _load_model(st)
         config = searched if searched is not None else _default_config(st)
         if dist.main:
+            rename_legacy_folders(users_dir)  # an older version's case-sensitive names: _inject_users finds these
             log_dir.mkdir(parents=True, exist_ok=True)
             _claim(log_dir, memory)
         dist.barrier()

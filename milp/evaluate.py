@@ -96,6 +96,7 @@ from .pipeline import (
     score,
     user_content,
 )
+from .store import rename_legacy_folders
 
 __all__ = ["METHODS", "SEARCH_ABLATIONS", "ALL_METHODS", "LABELS", "UelpPrefix", "build_parser", "run", "aggregate",
            "main"]
@@ -477,6 +478,7 @@ def _over_injected_users(rt: Any, users_dir: Path, records: Sequence[Record], sl
     """``fn(records of a group)`` with the group's memory-injected users (from ``users_dir``)
     loaded in ``rt``, ``slots`` users at a time; keyed by :func:`~milp.data.record_keys` of
     ``records`` (a group holds whole users in their order, so its keys are the same)."""
+    rename_legacy_folders(users_dir)  # a run an older version saved: its case-sensitive folder names
     by_user = group_by_user(records)
     users = sorted(by_user)
     out: dict[tuple[str, str], Any] = {}
@@ -534,6 +536,7 @@ def _run_memory_only(st: _Seed, models: _Models) -> None:
     args, test = st.args, st.split["test"]
     users_dir = st.dir / "milp_run" / "users"
     by_user = group_by_user(test)
+    rename_legacy_folders(users_dir)
     missing = [u for u in by_user if not (users_dir / train.user_dirname(u) / "user.json").is_file()]
     if missing:
         raise SystemExit(f"milp.evaluate: milp-no-instruction needs MiLP's memory-injected users, but "

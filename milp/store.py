@@ -63,7 +63,7 @@ from typing import NamedTuple
 
 from .config import _check_bool, _check_path
 
-__all__ = ["CacheInfo", "UserStore", "user_dirname"]
+__all__ = ["CacheInfo", "UserStore", "rename_legacy_folders", "user_dirname"]
 
 _USER_FILE = "user.json"  # milp.runtime.USER_FILE (not imported: runtime imports this module)
 # what a hashed name ends with: a safe string that ends so is hashed too, or the string
@@ -74,28 +74,101 @@ _TEMP_DIR = re.compile(r"\A\..+\.(tmp|old)-[A-Za-z0-9_]+\Z")
 
 
 def user_dirname(user: str | int) -> str:
-    """A file-system-safe, collision-free directory name for a user id.
+    """A file-system-safe, collision-free directory name for a user id, also where the file
+    system ignores case (macOS, Windows).
 
-    A string that is already safe is its own name; any other string (the empty one, ``"."``,
-    ``".."``, one that already ends like a hashed name), and every id that is not a string,
-    gets a hash suffix, so the int ``7`` and the string ``"7"`` (two users of a runtime) never
-    share a directory, and no id's directory is the store itself.
+    A string of lower-case letters, digits, ``.``, ``_`` and ``-`` is its own name; any other
+    string (one with an upper-case letter, the empty one, ``"."``, ``".."``, one that already
+    ends like a hashed name), and every id that is not a string, gets a hash suffix of the exact
+    id. So ``"Alice"`` and ``"alice"`` get names that differ in more than case, the int ``7`` and
+    the string ``"7"`` (two users of a runtime) never share a directory, and no id's directory
+    is the store itself. (Before 2026-12-06 upper-case letters were kept without a suffix:
+    :func:`rename_legacy_folders` renames such folders of an older store.)
 
     Example:
         >>> user_dirname("meddia-d2-0001"), user_dirname("a/b"), user_dirname(7)
         ('meddia-d2-0001', 'a_b-3ec69c85', '7-11b89f5c')
         >>> user_dirname(""), user_dirname("a_b-3ec69c85")
         ('_-da39a3ee', 'a_b-3ec69c85-d64fa8bc')
+        >>> user_dirname("alice"), user_dirname("Alice")
+        ('alice', 'Alice-35318264')
     """
+    return _dirname(user, case_safe=True)
+
+
+def _dirname(user: str | int, *, case_safe: bool) -> str:
+    """:func:`user_dirname`; ``case_safe=False`` gives the names of stores written before
+    2026-12-06, which kept upper-case letters without a hash suffix."""
     text = str(user)
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:80] or "_"
     if isinstance(user, str):
-        if safe == text and safe not in (".", "..") and not _HASH_SUFFIX.search(safe):
+        plain = safe == text and safe not in (".", "..") and not _HASH_SUFFIX.search(safe)
+        if plain and not (case_safe and safe != safe.lower()):
             return safe
         digest = text
     else:
         digest = f"{type(user).__name__}:{text}"
     return f"{safe}-{hashlib.sha1(digest.encode()).hexdigest()[:8]}"
+
+
+def rename_legacy_folders(root: str | os.PathLike[str], suffix: str = "") -> list[tuple[str, str]]:
+    """Rename what an older version saved in ``root`` under a user's case-sensitive name
+    (``Alice/``, see :func:`user_dirname`) to the user's current name (``Alice-35318264/``).
+
+    With ``suffix=""`` the entries are user folders, named by the id in their ``user.json``;
+    with a file suffix (``".json"``) they are JSON files of rows whose ``"user_id"`` names one
+    user. An entry is renamed only when its name is exactly the user's old name, no entry has
+    the new name yet and its content names that very user (on a case-insensitive file system a
+    folder ``alice/`` may hold ``"Alice"``'s save: it goes to ``Alice``'s new name, and
+    ``alice`` has no save). Anything else stays as it is. Returns the ``(old, new)`` names
+    renamed; idempotent, so a stopped migration runs again. Callers hold their run's lock.
+
+    Example:
+        >>> import tempfile, pathlib, json
+        >>> root = pathlib.Path(tempfile.mkdtemp()); (root / "Bob").mkdir()
+        >>> _ = (root / "Bob" / "user.json").write_text(json.dumps({"user": "Bob"}))
+        >>> rename_legacy_folders(root), sorted(p.name for p in root.iterdir())
+        ([('Bob', 'Bob-da6645f6')], ['Bob-da6645f6'])
+    """
+    _check_path("root", root)
+    if not isinstance(suffix, str):
+        raise TypeError(f"suffix must be a str, got {type(suffix).__name__}")
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    renamed = []
+    for p in sorted(root.iterdir()):
+        if suffix:
+            if not (p.is_file() and p.name.endswith(suffix)):
+                continue
+            user = _rows_user(p)
+        else:
+            user = _saved_id(p) if p.is_dir() and not _TEMP_DIR.match(p.name) else None
+        if user is None:
+            continue
+        old, new = _dirname(user, case_safe=False) + suffix, user_dirname(user) + suffix
+        target = root / new
+        if p.name != old or old == new or target.exists():
+            continue
+        os.replace(p, target)
+        renamed.append((old, new))
+    if renamed:
+        from search.trial_log import fsync_dir  # stdlib only
+
+        fsync_dir(root)
+    return renamed
+
+
+def _rows_user(path: Path) -> Hashable | None:
+    """The one ``"user_id"`` of the JSON list of rows in ``path`` (``None`` when unreadable or
+    not exactly one user's)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ids = {r.get("user_id") for r in rows if isinstance(r, dict)} if isinstance(rows, list) else set()
+    user = ids.pop() if len(ids) == 1 else None
+    return user if isinstance(user, str) and len(rows) else None
 
 
 class CacheInfo(NamedTuple):

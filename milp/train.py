@@ -602,10 +602,21 @@ def _remove_debris(out: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def _rename_legacy(out: Path) -> None:
+    """Give the users an older version saved in ``out`` (adapters, predictions) under
+    case-sensitive names their current names (:func:`milp.store.rename_legacy_folders`), so a
+    resumed run finds them and a case-insensitive file system keeps two users apart."""
+    from .store import rename_legacy_folders
+
+    rename_legacy_folders(out / "users")
+    rename_legacy_folders(out / "predictions", ".json")
+
+
 def _prepare_output(st: _State) -> None:
     """Start or resume ``--output`` (checked by :func:`_check_output`, once the input has been
     checked too): ``--overwrite`` deletes it; a new run writes ``run.json``; a resumed one
-    deletes the temp files of a writer that was killed (:func:`_remove_debris`)."""
+    deletes the temp files of a writer that was killed (:func:`_remove_debris`) and renames
+    an older version's case-sensitive user folders (:func:`_rename_legacy`)."""
     out, args = st.out, st.args
     run_file = out / "run.json"
     st.dist.barrier()  # every process has read and checked the output before rank 0 deletes or cleans it
@@ -617,6 +628,7 @@ def _prepare_output(st: _State) -> None:
         if run_file.exists():
             st.log(f"resuming the run in {out}")
             _remove_debris(out)
+            _rename_legacy(out)
         else:
             out.mkdir(parents=True, exist_ok=True)
             _atomic_json(run_file, {"settings": _settings(args), "dtype": _dtype_name(args, st.device),

@@ -108,6 +108,40 @@ def test_a_stopped_call_resumes_to_the_adapters_of_one_never_stopped(run, tmp_pa
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_call_an_older_version_stopped_resumes_without_training_its_saved_users(run, tmp_path, monkeypatch):
+    """Before 2026-12-06 a user "NEW-1" was saved in users/NEW-1 (now NEW-1-<hash>). A call the
+    older version stopped after saving the first group (two slots) resumes: that folder gets the
+    user's current name and only the second group trains."""
+    from dataclasses import replace
+
+    from milp.store import _dirname
+
+    new = [replace(r, user_id=f"NEW-{i}") for i, r in enumerate(_new_records(run, 3))]
+    data = write_jsonl(new, tmp_path / "new.jsonl")
+    real, calls = train.memory_inject, []
+
+    def stop_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "memory_inject", stop_second)
+    with pytest.raises(KeyboardInterrupt):
+        add_users(run, data, progress=False)
+    saved = [r.user_id for r in new if (run / "users" / user_dirname(r.user_id)).is_dir()]
+    assert saved == ["NEW-0", "NEW-1"]
+    for u in saved:  # what the older version left
+        (run / "users" / user_dirname(u)).rename(run / "users" / _dirname(u, case_safe=False))
+    trained = []
+    monkeypatch.setattr(train, "memory_inject", lambda rt, recs, *a, **k: (trained.extend(r.user_id for r in recs),
+                                                                            real(rt, recs, *a, **k))[1])
+    losses = add_users(run, data, progress=False)
+    assert trained == ["NEW-2"] and sorted(losses) == ["NEW-0", "NEW-1", "NEW-2"]
+    assert sorted(p.name for p in (run / "users").iterdir() if p.name.startswith("NEW")) == sorted(
+        user_dirname(r.user_id) for r in new)
+
+
 def test_users_the_run_holds_are_refused_before_anything_is_written(run, tmp_path):
     held = _run_users(run)[0]
     data = write_jsonl([r for r in train.load_records(None) if r.user_id == held] + _new_records(run, 1),

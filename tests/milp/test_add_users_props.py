@@ -108,12 +108,3 @@ def test_the_run_users_folder_is_read_once_not_once_per_new_user(run, tmp_path, 
     losses = add_users(run, write_jsonl(new, tmp_path / "new.jsonl"), progress=False)
     assert sorted(losses) == sorted(r.user_id for r in new) and all(_saved(run, r.user_id) for r in new)
     assert len(reads) == 1
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "milp/store.py user_dirname: ids differing only in case ('Alice', 'alice') get folder names differing "
-    "only in case; on a case-insensitive file system (macOS, Windows) both users share one folder, and "
-    "milp.train._inject_users (which checks only that folder) skips the second as already saved. The fix "
-    "belongs in milp/store.py (e.g. a hash suffix for ids holding upper-case letters)."))
-def test_ids_differing_only_in_case_get_folders_that_differ_case_insensitively():
-    assert user_dirname("Alice").lower() != user_dirname("alice").lower()

@@ -338,3 +338,31 @@ def test_a_query_asked_twice_keeps_its_own_answer_and_loss(tiny_checkpoint, tmp_
                                                                              for r in test]
     base = json.loads((out / "seed0" / "base" / "predictions.json").read_text())["rows"]
     assert [r["response_ce"] for r in base] == pytest.approx(want, rel=1e-5)
+
+
+def test_memory_injected_users_an_older_version_saved_are_found(tmp_path):
+    """milp_run/users/Alice (an older version's name for "Alice", now Alice-<hash>) is renamed
+    and loaded when a resumed comparison evaluates the memory-injected users (MiLP's own run
+    may be done already, so train.run does not rename it first)."""
+    from milp.config import MemoryConfig
+    from milp.inject import tiny_model
+    from milp.runtime import MilpRuntime
+    from milp.store import _dirname, user_dirname
+
+    writer = MilpRuntime(tiny_model("llama"), max_users=1)
+    writer.add_user("Alice", MemoryConfig.uniform(2, 1, 4), init="random", seed=0)
+    writer.save_user("Alice", tmp_path / _dirname("Alice", case_safe=False))
+    want = writer.adapter_state("Alice")
+    recs = [Record("Alice", "", ["h"], "q1", "r1"), Record("Alice", "", ["h"], "q2", "r2")]
+    rt = MilpRuntime(tiny_model("llama"), max_users=1)
+    seen = []
+
+    def fn(group):
+        seen.append([r.query for r in group])
+        got = rt.adapter_state("Alice")
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+        return [len(seen)] * len(group)
+
+    out = ev._over_injected_users(rt, tmp_path, recs, 1, fn)
+    assert seen == [["q1", "q2"]] and sorted(out.values()) == [1, 1]
+    assert [p.name for p in tmp_path.iterdir()] == [user_dirname("Alice")]

@@ -292,3 +292,45 @@ def test_pipeline_evaluates_more_store_users_than_slots(tmp_path, tiny_tokenizer
     assert (generate_responses(rt.model, tiny_tokenizer, records, runtime=rt, **kw)
             == generate_responses(full.model, tiny_tokenizer, records, runtime=full, **kw))
     assert len(rt.users) <= 2 and rt.cache_info().evictions > 0
+
+
+def _legacy_save(root, user, name=None):
+    from milp.store import _dirname
+
+    d = root / (name or _dirname(user, case_safe=False))
+    d.mkdir()
+    (d / "user.json").write_text(json.dumps({"user": user}))
+    return d
+
+
+def test_an_older_stores_case_sensitive_folders_get_their_current_names(tmp_path):
+    """Folders an older version saved as users/Alice are renamed to user_dirname("Alice"); a
+    folder under a name of the user's own choosing, one whose new name is taken, a crashed
+    save's temp folder and a lower-case user stay; prediction files move by their rows' one user."""
+    from milp.store import rename_legacy_folders
+
+    _legacy_save(tmp_path, "Alice")
+    _legacy_save(tmp_path, "alice")
+    _legacy_save(tmp_path, "Bob", name="bobs-folder")  # a folder the user named: found by its user.json
+    _legacy_save(tmp_path, "Carol")
+    _legacy_save(tmp_path, "Carol", name=user_dirname("Carol"))  # saved again by this version
+    _legacy_save(tmp_path, "Dave", name=".Dave.tmp-abc123")
+    (tmp_path / "Eve").mkdir()  # no user.json: not a save
+    assert rename_legacy_folders(tmp_path) == [("Alice", user_dirname("Alice"))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [user_dirname("Alice"), "alice", "bobs-folder", "Carol", user_dirname("Carol"), ".Dave.tmp-abc123", "Eve"])
+    assert rename_legacy_folders(tmp_path) == []  # idempotent
+    assert UserStore(tmp_path).path("Alice").name == user_dirname("Alice")
+    assert rename_legacy_folders(tmp_path / "missing") == []
+
+    preds = tmp_path / "predictions"
+    preds.mkdir()
+    (preds / "Fay.json").write_text(json.dumps([{"user_id": "Fay", "prediction": "x"}] * 2))
+    (preds / "Gus.json").write_text(json.dumps([{"user_id": "Gus"}, {"user_id": "Hal"}]))  # not one user's
+    (preds / "Ida.json").write_text("[")  # damaged
+    (preds / "Jo.json").write_text("[]")
+    assert rename_legacy_folders(preds, ".json") == [("Fay.json", user_dirname("Fay") + ".json")]
+    assert sorted(p.name for p in preds.iterdir()) == sorted(
+        [user_dirname("Fay") + ".json", "Gus.json", "Ida.json", "Jo.json"])
+    with pytest.raises(TypeError, match="suffix"):
+        rename_legacy_folders(tmp_path, suffix=1)

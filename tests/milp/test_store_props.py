@@ -28,8 +28,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 ids = st.one_of(
     st.text(max_size=12),
     st.text(alphabet="ab.-_/7", max_size=6),
+    st.text(alphabet="aAbB-7", max_size=4),  # ids differing only in case
     st.integers(-(10**12), 10**12),
-    st.sampled_from(["", ".", "..", "a/b", "7", "-", "_", "x" * 100, "a_b-3ec69c85", "7-11b89f5c", "_-da39a3ee"]),
+    st.sampled_from(["", ".", "..", "a/b", "7", "-", "_", "x" * 100, "a_b-3ec69c85", "7-11b89f5c", "_-da39a3ee",
+                     "Alice", "alice", "ALICE", "alice-35318264", "Alice-35318264"]),
 )
 
 
@@ -50,11 +52,13 @@ def id_sets(draw, max_size: int = 6):
 @given(users=id_sets(max_size=12))
 @settings(max_examples=300, deadline=None)
 def test_dirnames_are_safe_stable_and_collision_free(users):
+    """Also where the file system ignores case (macOS, Windows): "Alice" and "alice" shared one
+    folder there, and milp.train skipped the second user as already saved."""
     names = [user_dirname(u) for u in users]
     for u, name in zip(users, names):
         assert SAFE_NAME.fullmatch(name) and name not in (".", "..") and len(name) <= 89, (u, name)
         assert user_dirname(u) == name
-    assert len(set(names)) == len(names), dict(zip(map(repr, users), names))
+    assert len({n.lower() for n in names}) == len(names), dict(zip(map(repr, users), names))
 
 
 def fake_save(root: Path, store: UserStore, u, payload: str) -> None:
@@ -211,7 +215,7 @@ class Crash(Exception):
 
 @SETTINGS
 @given(fail_at=st.integers(0, 18), existed=st.booleans(), cfg=small_configs())
-@example(fail_at=16, existed=True, cfg=MemoryConfig((True, False), (1, 0), (1, 8), lora_alpha=4.0))  # the publish's fsync
+@example(fail_at=16, existed=True, cfg=MemoryConfig((True, False), (1, 0), (1, 8), lora_alpha=4.0))  # last step
 @example(fail_at=17, existed=False, cfg=MemoryConfig((True, False), (1, 0), (1, 8), lora_alpha=4.0))
 def test_a_save_failing_anywhere_keeps_the_previous_save(fail_at, existed, cfg):
     """Every file-system step of save_user (temporary folders, each file written, each rename)
@@ -258,7 +262,7 @@ def test_a_save_failing_anywhere_keeps_the_previous_save(fail_at, existed, cfg):
                     rt.save_user("u", directory)
                 return calls[0] + (1 << 30)
 
-            with tempfile.TemporaryDirectory() as scratch:  # the same save, counted: its last step is the publish's fsync
+            with tempfile.TemporaryDirectory() as scratch:  # the same save, counted (last step: the fsync)
                 if existed:
                     rt.save_user("u", Path(scratch) / "u")
                 steps = patched_save(Path(scratch) / "u", fail=False)

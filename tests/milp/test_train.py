@@ -165,6 +165,43 @@ def test_a_search_run_stopped_at_any_write_resumes_to_the_same_results(tiny_chec
     _stop_and_resume(tiny_checkpoint, tmp_path, monkeypatch, [*FAST, *SEARCH], stop)
 
 
+def test_a_run_an_older_version_saved_under_case_sensitive_names_resumes(tiny_checkpoint, tmp_path, monkeypatch):
+    """Before 2026-12-06 a user "Alice" was saved in users/Alice and predictions/Alice.json;
+    now that is Alice-<hash> (case-insensitive file systems kept "Alice" and "alice" in one
+    folder). A run left by the older version resumes: its folders and prediction files are
+    renamed, no user is trained or answered again, and the results equal a run of this version."""
+    from dataclasses import replace
+
+    from milp.store import _dirname
+
+    records = [replace(r, user_id=r.user_id.upper()) for r in train.load_records(None)[:7]]
+    data = write_jsonl(records, tmp_path / "upper.jsonl")
+    args = ["--data", str(data)]
+    want = tmp_path / "new"
+    assert _run(tiny_checkpoint, want, *args) == 0
+    old = tmp_path / "old"
+    import shutil
+
+    shutil.copytree(want, old)
+    renamed = 0
+    for folder, suffix in (("users", ""), ("predictions", ".json")):
+        for r in records:
+            new_name = train.user_dirname(r.user_id) + suffix
+            if (old / folder / new_name).exists():
+                (old / folder / new_name).rename(old / folder / (_dirname(r.user_id, case_safe=False) + suffix))
+                renamed += 1
+    assert renamed == 8  # 7 users, 1 test user's predictions
+    for name in ("metrics.json", "predictions.jsonl", "results.md"):
+        (old / name).unlink()
+    redone = []
+    monkeypatch.setattr(train, "memory_inject", lambda *a, **k: redone.append("memory"))
+    monkeypatch.setattr(train, "generate_responses", lambda *a, **k: redone.append("answers"))
+    assert _run(tiny_checkpoint, old, *args) == 0
+    assert redone == []
+    got, ref = run_outputs(old), run_outputs(want)
+    assert sorted(got) == sorted(ref) and [k for k in ref if got[k] != ref[k]] == []
+
+
 def test_resuming_with_other_settings_is_refused(tiny_checkpoint, tmp_path):
     out = tmp_path / "run"
     assert _run(tiny_checkpoint, out) == 0
