@@ -196,7 +196,8 @@ class AnswerServer:
 
     # ------------------------------------------------------------------ requests
     def knows(self, user: str) -> bool:
-        """Whether the run holds ``user`` (its store is read again on a miss: users added since count)."""
+        """Whether the run holds ``user`` (its store is read again on a miss where its folder
+        changed: users added since count; a 404 for a user nobody added costs one ``stat``)."""
         with self._users_lock:
             return user in self._users
 

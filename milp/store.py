@@ -57,6 +57,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Hashable
 from pathlib import Path
 from typing import NamedTuple
@@ -71,6 +72,9 @@ _USER_FILE = "user.json"  # milp.runtime.USER_FILE (not imported: runtime import
 _HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}\Z")
 # the temporary folders of milp.config.atomic_directory (left behind by a crashed writer)
 _TEMP_DIR = re.compile(r"\A\..+\.(tmp|old)-[A-Za-z0-9_]+\Z")
+# how long after a change a folder's time is trusted to move with the next change (coarse file
+# systems: FAT 2 s, ext3 1 s; others ns)
+_STAMP_SLACK_S = 2.0
 
 
 def user_dirname(user: str | int) -> str:
@@ -216,25 +220,57 @@ class UserStore:
         self.root = root
         self.write_back = write_back
         self._index: dict[Hashable, Path] | None = None
+        self._stamp: tuple[int, int, int] | None = None  # the folder as of the index (None: not to be trusted)
+        self._pending: list[Path] = []  # folders with no readable user.json yet (a copy in progress)
 
     def __repr__(self) -> str:
         return f"UserStore({str(self.root)!r}, write_back={self.write_back})"
 
     def refresh(self) -> None:
         """Re-read the directory (users saved into it by another process since)."""
+        stamp = self._folder_stamp()  # before the listing: an entry renamed in meanwhile changes it
         index: dict[Hashable, Path] = {}
+        pending = []
         for p in sorted(self.root.iterdir()):
-            if p.is_dir() and (user := _saved_id(p)) is not None:
-                if _TEMP_DIR.match(p.name) and p.name != user_dirname(user):
-                    continue  # a save that never completed (its writer crashed), not a saved user
-                index.setdefault(user, p)
-        self._index = index
+            if not p.is_dir():
+                continue
+            if (user := _saved_id(p)) is None:
+                if not _TEMP_DIR.match(p.name):
+                    pending.append(p)
+                continue
+            if _TEMP_DIR.match(p.name) and p.name != user_dirname(user):
+                continue  # a save that never completed (its writer crashed), not a saved user
+            index.setdefault(user, p)
+        self._index, self._pending = index, pending
+        # a folder changed within the file system's timestamp resolution of the listing may change
+        # again without its time moving: such a stamp proves nothing
+        self._stamp = stamp if stamp is not None and time.time() - stamp[0] / 1e9 > _STAMP_SLACK_S else None
+
+    def _folder_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.root.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_ino, st.st_dev
+
+    def _reread_on_miss(self) -> None:
+        """A miss re-reads the folder only where it changed since the index (every save, copy and
+        deletion of a user renames, adds or removes an entry of it, which moves its time) or a
+        folder without a ``user.json`` was listed (being copied in): a client asking again and
+        again for users the store lacks costs one ``stat``, not a read of every ``user.json``."""
+        if self._stamp is None or self._folder_stamp() != self._stamp:
+            self.refresh()
+            return
+        for p in self._pending:
+            if (user := _saved_id(p)) is not None:
+                self._index.setdefault(user, p)  # type: ignore[union-attr]
+        self._pending = [p for p in self._pending if _saved_id(p) is None and p.is_dir()]
 
     def path(self, user: Hashable) -> Path | None:
         """The directory holding ``user`` (``None`` when the store has no such user). Tries
         :func:`user_dirname` first, then the index of every subdirectory's ``user.json``
-        (read once, and again on a miss). Only str and int ids are saved: ``True`` or ``1.0``
-        is no user here, even where ``1`` is."""
+        (read once, and again on a miss where the folder changed since). Only str and int ids
+        are saved: ``True`` or ``1.0`` is no user here, even where ``1`` is."""
         if isinstance(user, bool) or not isinstance(user, (str, int)):
             return None
         direct = self.root / user_dirname(user)
@@ -246,9 +282,9 @@ class UserStore:
             self.refresh()
         p = self._index.get(user)  # type: ignore[union-attr]
         if (p is None or not (p / _USER_FILE).is_file()) and not fresh:
-            self.refresh()
+            self._reread_on_miss()
             p = self._index.get(user)  # type: ignore[union-attr]
-        return p
+        return p if p is None or (p / _USER_FILE).is_file() else None
 
     def __contains__(self, user: object) -> bool:
         return self.path(user) is not None  # type: ignore[arg-type]

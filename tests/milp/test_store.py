@@ -334,3 +334,66 @@ def test_an_older_stores_case_sensitive_folders_get_their_current_names(tmp_path
         [user_dirname("Fay") + ".json", "Gus.json", "Ida.json", "Jo.json"])
     with pytest.raises(TypeError, match="suffix"):
         rename_legacy_folders(tmp_path, suffix=1)
+
+
+def _age(path, seconds=60):
+    """Set ``path``'s times ``seconds`` into the past (a folder nobody changed lately)."""
+    import os
+    import time
+
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_a_miss_rereads_the_store_only_where_it_changed(tmp_path, monkeypatch):
+    """A client asking again and again for a user the store lacks (milp.serve's 404s) read every
+    user.json on every miss; now one stat finds the folder unchanged. A user saved, deleted or
+    copied in by hand since is still found (or not) on the next miss."""
+    import shutil
+
+    import milp.store
+
+    writer = MilpRuntime(tiny_model("llama"), max_users=3)
+    for i, u in enumerate(["a", "b", "c"]):
+        writer.add_user(u, MemoryConfig.uniform(2, 1, 4), init="random", seed=i)
+    writer.save_user("a", tmp_path / "users" / "a")
+    root = tmp_path / "users"
+    (root / "notes").mkdir()  # a folder that is no user: checked on a miss, cheaply
+    _age(root)
+    reads = []
+    real = milp.store.UserStore.refresh
+    monkeypatch.setattr(milp.store.UserStore, "refresh", lambda self: (reads.append(1), real(self))[1])
+    store = UserStore(root)
+    for _ in range(5):
+        assert "nobody" not in store and store.path("nobody") is None
+    assert reads == [1]
+    writer.save_user("b", root / "bee")  # a save renames an entry into the folder (here not b's own name)
+    assert "b" in store and len(reads) == 2
+    _age(root)
+    store.refresh()
+    (root / "copy").mkdir()  # copied in by hand: the folder first, its files after
+    _age(root)
+    store.refresh()
+    assert "c" not in store
+    writer.save_user("c", tmp_path / "elsewhere")
+    for p in (tmp_path / "elsewhere").iterdir():
+        shutil.copy(p, root / "copy" / p.name)
+    reads.clear()
+    assert store.path("c") == root / "copy" and reads == []  # found without reading the others
+    shutil.rmtree(root / "bee")  # a deletion moves the folder's time
+    assert "b" not in store and len(reads) == 1
+    assert sorted(store.users()) == ["a", "c"]
+
+
+def test_a_folder_changed_within_its_time_resolution_is_read_again_on_every_miss(tmp_path, monkeypatch):
+    """A folder whose time is within a coarse file system's resolution of now (FAT: 2 s) may change
+    again without its time moving: its stamp proves nothing, and each miss re-reads it."""
+    import milp.store
+
+    reads = []
+    real = milp.store.UserStore.refresh
+    monkeypatch.setattr(milp.store.UserStore, "refresh", lambda self: (reads.append(1), real(self))[1])
+    store = UserStore(tmp_path)  # just made: its time is now
+    for _ in range(3):
+        assert "nobody" not in store
+    assert reads == [1, 1, 1]
