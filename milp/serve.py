@@ -26,6 +26,7 @@ Endpoints:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import re
@@ -97,7 +98,7 @@ class AnswerServer:
         self.max_wait_s = max_wait_ms / 1000.0
         self.log = log
         # listen before the model loads: a port in use is refused at once, not after the load
-        self._httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self._httpd = _http_server(host, port, _handler(self))
         self._httpd.daemon_threads = True
         try:
             self.model, self.tokenizer, self.runtime, self.settings = load_run(self.run, device, PROG)
@@ -383,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("run", metavar="RUN", help="output directory of a finished `python -m milp.train` run")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on: a name, an IPv4 or IPv6 address (default: 127.0.0.1; "
+                        "0.0.0.0 or :: for every address)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=None, help="requests answered together (default: the run's)")
@@ -392,6 +395,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the run's)")
     p.add_argument("--quiet", action="store_true", help="no line per batch on stderr")
     return p
+
+
+def _http_server(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """A threading HTTP server on ``host`` (a name, an IPv4 or an IPv6 address: ``::`` listens on
+    every address of both families where the system allows) and ``port``."""
+    import socket
+
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"host must be a host name or address (0.0.0.0 or :: for every address), got {host!r}")
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+
+    class Server(ThreadingHTTPServer):
+        address_family = family
+
+        def server_bind(self) -> None:
+            if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+                with contextlib.suppress(OSError):  # "::" takes IPv4 clients too, as in http.server
+                    self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+    return Server(addr[:2] if family == socket.AF_INET else addr, handler)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -405,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # the port is taken, the address is not this machine's
         raise SystemExit(f"{PROG}: cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.address
-    print(f"{PROG}: serving {args.run} on http://{host}:{port} (POST /v1/answer, GET /health); Ctrl-C stops",
+    print(f"{PROG}: serving {args.run} on {_url(host, port)} (POST /v1/answer, GET /health); Ctrl-C stops",
           flush=True)
     server.serve_forever()
     return 0

@@ -15,7 +15,7 @@ import milp.pipeline
 from milp.add_users import add_users
 from milp.answer import answer
 from milp.data import write_jsonl
-from milp.serve import AnswerServer, main
+from milp.serve import AnswerServer, _url, main
 from milp.train import load_records
 
 QUERIES = ["I have had a headache for three days.", "My knee hurts when I run. Is it serious?",
@@ -25,7 +25,7 @@ QUERIES = ["I have had a headache for three days.", "My knee hurts when I run. I
 def _post(server: AnswerServer, body, path: str = "/v1/answer") -> tuple[int, dict]:
     host, port = server.address
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, method="POST",
+    req = urllib.request.Request(f"{_url(host, port)}{path}", data=data, method="POST",
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
@@ -37,7 +37,7 @@ def _post(server: AnswerServer, body, path: str = "/v1/answer") -> tuple[int, di
 def _get(server: AnswerServer, path: str) -> tuple[int, dict]:
     host, port = server.address
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=30) as r:
+        with urllib.request.urlopen(f"{_url(host, port)}{path}", timeout=30) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -147,6 +147,32 @@ def test_bad_settings_are_refused_before_the_model_loads(answer_run, tmp_path):
     with AnswerServer(answer_run, port=0) as server:  # a port in use, by the CLI
         with pytest.raises(SystemExit, match="cannot listen on 127.0.0.1"):
             main([str(answer_run), "--port", str(server.address[1]), "--quiet"])
+
+
+def _ipv6() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6(), reason="this machine has no IPv6 loopback")
+def test_it_listens_on_ipv6_and_refuses_an_unknown_host(answer_run):
+    """--host ::1 (or ::) used to fail: the server was IPv4 only ("Address family for hostname
+    not supported")."""
+    user = _users(answer_run)[0]
+    with AnswerServer(answer_run, host="::1", port=0, max_wait_ms=0) as server:
+        assert server.address[0] == "::1"
+        code, out = _post(server, {"user_id": user, "query": QUERIES[0]})
+        assert code == 200 and out["answer"]
+    with pytest.raises(SystemExit, match="cannot listen on no-such-host.invalid:0"):
+        main([str(answer_run), "--host", "no-such-host.invalid", "--port", "0", "--quiet"])
+    with pytest.raises(ValueError, match="host must be a host name or address"):
+        AnswerServer(answer_run, host="", port=0)
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
