@@ -17,10 +17,10 @@ together share batches, whose shapes move the last bits).
 histories are used. Users the run already holds are refused by name (delete their folder under
 ``users/`` to inject them again), and so is a user an earlier call added from another history.
 Every user is saved atomically, so a stopped command run again (with the same data) continues
-where it stopped. The new users' memory-injection losses are kept in
-``RUN/added/memory_losses.json``. One call at a time per run: a second one is refused while
-the first runs. Under ``torchrun`` the new users are shared out among the processes, as in
-``milp.train``.
+where it stopped; a call naming other users trains none an earlier call saved. The new users'
+memory-injection losses are kept in ``RUN/added/memory_losses.json``. One call at a time per
+run: a second one is refused while the first runs. Under ``torchrun`` the new users are shared
+out among the processes, as in ``milp.train``.
 """
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
     from .store import UserStore, rename_legacy_folders
     from .train import (
         Dist,
+        _atomic_json,
         _default_config,
         _inject_users,
         _load_model,
@@ -146,6 +147,11 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
                     + (f" ({len(other)} added by an earlier milp.add_users call from another history, e.g. "
                        f"{other[:5]})" if other else "")
                     + f": delete their folders under {users_dir} to inject them again")
+    # this call's groups: a stopped call run again (the same users as the last call) trains its
+    # groups as they were, for the adapters of a call never stopped; any other call leaves out the
+    # users earlier calls saved (a call of --user X, then one of X, Y, Z trained X again with Y)
+    resumed = _last_call(log_dir) == sorted(by_user)
+    todo = sorted(by_user) if resumed else [u for u in sorted(by_user) if u not in saved]
     dev = _resolve_device(device, PROG)
     args = argparse.Namespace(**{**settings, "progress": progress})
     if ran_dtype is not None:  # the dtype the run ran in: --dtype auto follows the device, which may differ here
@@ -161,10 +167,12 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
             rename_legacy_folders(users_dir)  # an older version's case-sensitive names: _inject_users finds these
             log_dir.mkdir(parents=True, exist_ok=True)
             _claim(log_dir, memory)
+            _atomic_json(log_dir / "call.json", {"users": sorted(by_user)})
         dist.barrier()
-        picked = [by_user[u][0] for u in sorted(by_user)]
-        st.log(f"{len(picked)} users of {data} into {users_dir} "
-               f"({config.num_parameters(st.runtime.state.target_shapes()):,} parameters a user)")
+        picked = [by_user[u][0] for u in todo]
+        st.log(f"{len(picked)} users of {data} into {users_dir}"
+               + (f" ({len(by_user) - len(todo)} saved by an earlier call)" if len(todo) < len(by_user) else "")
+               + f" ({config.num_parameters(st.runtime.state.target_shapes()):,} parameters a user)")
         _inject_users(st, picked, config, users_dir, desc="memory injection")
         _merge_losses(st)
         losses = _read_json(log_dir / "memory_losses.json")
@@ -240,6 +248,18 @@ def _check_losses(log_dir: Path) -> None:
             _read_checked(path, lambda o: isinstance(o, dict) and all(isinstance(v, list) for v in o.values()),
                           "a JSON object of each user's losses",
                           "the losses it recorded are lost, the users' adapters are not")
+
+
+def _last_call(log_dir: Path) -> list[str] | None:
+    """The users the last call named (``added/call.json``; ``None`` when there is none, or it
+    is unreadable: the next call then leaves out the users already saved, which is always safe)."""
+    from .train import _read_json
+
+    try:
+        users = _read_json(log_dir / "call.json").get("users")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return users if isinstance(users, list) else None
 
 
 def _claim(log_dir: Path, memory: dict[str, str]) -> None:

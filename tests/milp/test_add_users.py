@@ -142,6 +142,24 @@ def test_a_call_an_older_version_stopped_resumes_without_training_its_saved_user
         user_dirname(r.user_id) for r in new)
 
 
+def test_users_an_earlier_call_saved_are_not_trained_again(run, tmp_path, monkeypatch):
+    """A call of --user X, then one of X, Y, Z (two slots): the second trained X again, in one
+    group with Y (the groups were cut from all three), and threw the result away. Now it trains
+    Y and Z together, and X's adapters and losses are the first call's."""
+    new = _new_records(run, 3)
+    data = write_jsonl(new, tmp_path / "new.jsonl")
+    first = new[0].user_id
+    add_users(run, data, users=[first], progress=False)
+    kept = (run / "users" / user_dirname(first) / "adapters.safetensors").read_bytes()
+    real, trained = train.memory_inject, []
+    monkeypatch.setattr(train, "memory_inject", lambda rt, recs, *a, **k: (trained.append([r.user_id for r in recs]),
+                                                                            real(rt, recs, *a, **k))[1])
+    losses = add_users(run, data, progress=False)
+    assert trained == [sorted(r.user_id for r in new[1:])]
+    assert sorted(losses) == sorted(r.user_id for r in new) and all(losses.values())
+    assert (run / "users" / user_dirname(first) / "adapters.safetensors").read_bytes() == kept
+
+
 def test_users_the_run_holds_are_refused_before_anything_is_written(run, tmp_path):
     held = _run_users(run)[0]
     data = write_jsonl([r for r in train.load_records(None) if r.user_id == held] + _new_records(run, 1),
@@ -193,4 +211,4 @@ def test_a_second_call_on_the_same_run_is_refused_while_the_first_runs(run, tmp_
         os.close(fd)
     assert len(add_users(run, data, progress=False)) == 1  # once it has ended
     assert not list(run.glob("*.lock")) and sorted(p.name for p in (run / "added").iterdir()) == [
-        "claimed.json", "memory_losses.json"]
+        "call.json", "claimed.json", "memory_losses.json"]
