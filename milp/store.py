@@ -122,10 +122,11 @@ def rename_legacy_folders(root: str | os.PathLike[str], suffix: str = "") -> lis
     With ``suffix=""`` the entries are user folders, named by the id in their ``user.json``;
     with a file suffix (``".json"``) they are JSON files of rows whose ``"user_id"`` names one
     user. An entry is renamed only when its name is exactly the user's old name, no entry has
-    the new name yet and its content names that very user (on a case-insensitive file system a
-    folder ``alice/`` may hold ``"Alice"``'s save: it goes to ``Alice``'s new name, and
-    ``alice`` has no save). Anything else stays as it is. Returns the ``(old, new)`` names
-    renamed; idempotent, so a stopped migration runs again. Callers hold their run's lock.
+    the new name yet and its content names that very user. (On a case-insensitive file system,
+    of two ids differing only in case the older version saved one, under its own name: that one
+    is renamed, and the other has no save and is trained again.) Anything else stays as it is.
+    Returns the ``(old, new)`` names renamed; idempotent, so a stopped migration runs again.
+    Callers hold their run's lock.
 
     Example:
         >>> import tempfile, pathlib, json
