@@ -94,6 +94,28 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
         >>> add_users("runs/milp", "new_users.jsonl")  # doctest: +SKIP
         {'alice': [2.31, 2.02, 1.84, 1.71, 1.62, 1.57]}
     """
+    run = Path(run)
+    if not str(run).strip():
+        raise _fail(f"RUN: expected the output directory of a milp.train run, got {str(run)!r}")
+    if not (run / "run.json").is_file():
+        raise _fail(f"{str(run)!r} is not a milp.train output directory (no run.json)")
+    if users is not None and (isinstance(users, (str, bytes)) or not all(isinstance(u, str) and u.strip()
+                                                                       for u in users)):
+        raise _fail(f"users: expected a list of non-empty user ids, got {users!r}")
+    # the lock before the run's state is read: a call reading users/, claimed.json and call.json
+    # while another finished, then locking, worked from what the other had not yet written
+    lock = _lock_run(run) if int(os.environ.get("RANK", "0") or 0) == 0 else None
+    try:
+        return _add_users(run, data, data_format=data_format, users=users, device=device, on_error=on_error,
+                          progress=progress)
+    finally:
+        if lock is not None:
+            os.close(lock)  # releases the lock
+
+
+def _add_users(run: Path, data: str | Path, *, data_format: str, users: Sequence[str] | None, device: str,
+               on_error: str, progress: bool) -> dict[str, list[float]]:
+    """:func:`add_users` once the run's folder is checked and locked."""
     from .answer import _run_settings
     from .data import group_by_user
     from .store import UserStore, rename_legacy_folders
@@ -110,14 +132,6 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
         load_records,
     )
 
-    run = Path(run)
-    if not str(run).strip():
-        raise _fail(f"RUN: expected the output directory of a milp.train run, got {str(run)!r}")
-    if not (run / "run.json").is_file():
-        raise _fail(f"{str(run)!r} is not a milp.train output directory (no run.json)")
-    if users is not None and (isinstance(users, (str, bytes)) or not all(isinstance(u, str) and u.strip()
-                                                                       for u in users)):
-        raise _fail(f"users: expected a list of non-empty user ids, got {users!r}")
     settings, ran_dtype = _run_settings(run, PROG)
     searched = _searched_config(run, settings)
     try:
@@ -150,24 +164,22 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
     # this call's groups: a stopped call run again (the same users as the last call) trains its
     # groups as they were, for the adapters of a call never stopped; any other call leaves out the
     # users earlier calls saved (a call of --user X, then one of X, Y, Z trained X again with Y)
-    resumed = _last_call(log_dir) == sorted(by_user)
-    todo = sorted(by_user) if resumed else [u for u in sorted(by_user) if u not in saved]
+    last = _last_call(log_dir, sorted(by_user))
+    todo = last if last is not None else [u for u in sorted(by_user) if u not in saved]
     dev = _resolve_device(device, PROG)
     args = argparse.Namespace(**{**settings, "progress": progress})
     if ran_dtype is not None:  # the dtype the run ran in: --dtype auto follows the device, which may differ here
         args.dtype = ran_dtype
     dist = Dist.from_env(dev)
     st = _State(args=args, out=log_dir, dist=dist, device=dev, prog=PROG)
-    lock = None
     try:
-        lock = _lock_run(run) if dist.main else None
         _load_model(st)
         config = searched if searched is not None else _default_config(st)
         if dist.main:
             rename_legacy_folders(users_dir)  # an older version's case-sensitive names: _inject_users finds these
             log_dir.mkdir(parents=True, exist_ok=True)
             _claim(log_dir, memory)
-            _atomic_json(log_dir / "call.json", {"users": sorted(by_user)})
+            _atomic_json(log_dir / "call.json", {"users": sorted(by_user), "todo": todo})
         dist.barrier()
         picked = [by_user[u][0] for u in todo]
         st.log(f"{len(picked)} users of {data} into {users_dir}"
@@ -178,8 +190,6 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
         losses = _read_json(log_dir / "memory_losses.json")
         return {u: losses.get(u, []) for u in sorted(by_user)}
     finally:
-        if lock is not None:
-            os.close(lock)  # releases the lock
         dist.close()
 
 
@@ -250,16 +260,20 @@ def _check_losses(log_dir: Path) -> None:
                           "the losses it recorded are lost, the users' adapters are not")
 
 
-def _last_call(log_dir: Path) -> list[str] | None:
-    """The users the last call named (``added/call.json``; ``None`` when there is none, or it
-    is unreadable: the next call then leaves out the users already saved, which is always safe)."""
+def _last_call(log_dir: Path, users: list[str]) -> list[str] | None:
+    """The users the last call trained (``todo`` of ``added/call.json``), where that call named
+    ``users``: this call is that one run again. ``None`` otherwise, or where the file is missing
+    or unreadable: this call then leaves out the users already saved, which is always safe."""
     from .train import _read_json
 
     try:
-        users = _read_json(log_dir / "call.json").get("users")
-    except (OSError, ValueError, AttributeError):
+        last = _read_json(log_dir / "call.json")
+        named, todo = last["users"], last["todo"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return users if isinstance(users, list) else None
+    if named != users or not isinstance(todo, list) or not set(todo) <= set(users):
+        return None
+    return todo
 
 
 def _claim(log_dir: Path, memory: dict[str, str]) -> None:

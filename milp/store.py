@@ -72,6 +72,8 @@ _USER_FILE = "user.json"  # milp.runtime.USER_FILE (not imported: runtime import
 _HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}\Z")
 # the temporary folders of milp.config.atomic_directory (left behind by a crashed writer)
 _TEMP_DIR = re.compile(r"\A\..+\.(tmp|old)-[A-Za-z0-9_]+\Z")
+# names Windows keeps for devices, with any extension ("con.json" too): no folder can have them
+_WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{p}{i}" for p in ("COM", "LPT") for i in range(10))})
 # how long after a change a folder's time is trusted to move with the next change (coarse file
 # systems: FAT 2 s, ext3 1 s; others ns)
 _STAMP_SLACK_S = 2.0
@@ -82,12 +84,14 @@ def user_dirname(user: str | int) -> str:
     system ignores case (macOS, Windows).
 
     A string of lower-case letters, digits, ``.``, ``_`` and ``-`` is its own name; any other
-    string (one with an upper-case letter, the empty one, ``"."``, ``".."``, one that already
-    ends like a hashed name), and every id that is not a string, gets a hash suffix of the exact
-    id. So ``"Alice"`` and ``"alice"`` get names that differ in more than case, the int ``7`` and
-    the string ``"7"`` (two users of a runtime) never share a directory, and no id's directory
-    is the store itself. (Before 2026-12-06 upper-case letters were kept without a suffix:
-    :func:`rename_legacy_folders` renames such folders of an older store.)
+    string (one with an upper-case letter, the empty one, ``"."``, ``".."``, one that ends with a
+    dot, which Windows drops, one that Windows keeps for a device such as ``con`` or ``nul.txt``,
+    one that already ends like a hashed name), and every id that is not a string, gets a hash
+    suffix of the exact id. So ``"Alice"`` and ``"alice"`` get names that differ in more than
+    case, the int ``7`` and the string ``"7"`` (two users of a runtime) never share a directory,
+    and no id's directory is the store itself. (Before 2026-12-06 upper-case letters, trailing
+    dots and device names were kept without a suffix: :func:`rename_legacy_folders` renames such
+    folders of an older store.)
 
     Example:
         >>> user_dirname("meddia-d2-0001"), user_dirname("a/b"), user_dirname(7)
@@ -97,17 +101,19 @@ def user_dirname(user: str | int) -> str:
         >>> user_dirname("alice"), user_dirname("Alice")
         ('alice', 'Alice-35318264')
     """
-    return _dirname(user, case_safe=True)
+    return _dirname(user, portable=True)
 
 
-def _dirname(user: str | int, *, case_safe: bool) -> str:
-    """:func:`user_dirname`; ``case_safe=False`` gives the names of stores written before
-    2026-12-06, which kept upper-case letters without a hash suffix."""
+def _dirname(user: str | int, *, portable: bool) -> str:
+    """:func:`user_dirname`; ``portable=False`` gives the names of stores written before
+    2026-12-06, which kept upper-case letters, a trailing dot and Windows' device names (``con``,
+    ``nul``, ``com1``, ...) without a hash suffix."""
     text = str(user)
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:80] or "_"
     if isinstance(user, str):
         plain = safe == text and safe not in (".", "..") and not _HASH_SUFFIX.search(safe)
-        if plain and not (case_safe and safe != safe.lower()):
+        if plain and not (portable and (safe != safe.lower() or safe.endswith(".")
+                                        or safe.split(".")[0].upper() in _WINDOWS_DEVICES)):
             return safe
         digest = text
     else:
@@ -151,9 +157,9 @@ def rename_legacy_folders(root: str | os.PathLike[str], suffix: str = "") -> lis
             user = _saved_id(p) if p.is_dir() and not _TEMP_DIR.match(p.name) else None
         if user is None:
             continue
-        old, new = _dirname(user, case_safe=False) + suffix, user_dirname(user) + suffix
+        old, new = _dirname(user, portable=False) + suffix, user_dirname(user) + suffix
         target = root / new
-        if p.name != old or old == new or target.exists():
+        if p.name != old or old == new or os.path.lexists(target):  # a dangling link is an entry too
             continue
         os.replace(p, target)
         renamed.append((old, new))
@@ -185,6 +191,12 @@ class CacheInfo(NamedTuple):
     loads: int
     evictions: int
     write_backs: int
+
+
+def _holds(path: Path, user: Hashable) -> bool:
+    """Whether ``path``'s ``user.json`` names ``user`` (``7`` and ``"7"`` are two)."""
+    saved = _saved_id(path)
+    return saved == user and type(saved) is type(user)
 
 
 def _saved_id(path: Path) -> Hashable | None:
@@ -229,6 +241,7 @@ class UserStore:
 
     def refresh(self) -> None:
         """Re-read the directory (users saved into it by another process since)."""
+        now = time.time()  # before the stat: a listing slower than the slack must not make its stamp trusted
         stamp = self._folder_stamp()  # before the listing: an entry renamed in meanwhile changes it
         index: dict[Hashable, Path] = {}
         pending = []
@@ -245,7 +258,7 @@ class UserStore:
         self._index, self._pending = index, pending
         # a folder changed within the file system's timestamp resolution of the listing may change
         # again without its time moving: such a stamp proves nothing
-        self._stamp = stamp if stamp is not None and time.time() - stamp[0] / 1e9 > _STAMP_SLACK_S else None
+        self._stamp = stamp if stamp is not None and now - stamp[0] / 1e9 > _STAMP_SLACK_S else None
 
     def _folder_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -275,17 +288,21 @@ class UserStore:
         if isinstance(user, bool) or not isinstance(user, (str, int)):
             return None
         direct = self.root / user_dirname(user)
-        saved = _saved_id(direct)
-        if saved == user and type(saved) is type(user):
+        if _holds(direct, user):
             return direct
         fresh = self._index is None
         if fresh:
             self.refresh()
         p = self._index.get(user)  # type: ignore[union-attr]
-        if (p is None or not (p / _USER_FILE).is_file()) and not fresh:
+        if p is not None and not _holds(p, user):
+            # the folder the index named changed hands (renamed, deleted and saved again, its
+            # user.json removed): the index is wrong, whatever the folder's stamp says
+            self.refresh()
+            p = self._index.get(user)  # type: ignore[union-attr]
+        elif p is None and not fresh:
             self._reread_on_miss()
             p = self._index.get(user)  # type: ignore[union-attr]
-        return p if p is None or (p / _USER_FILE).is_file() else None
+        return p if p is not None and _holds(p, user) else None
 
     def __contains__(self, user: object) -> bool:
         return self.path(user) is not None  # type: ignore[arg-type]
@@ -296,7 +313,16 @@ class UserStore:
         return list(self._index or ())
 
     def save_path(self, user: Hashable) -> Path:
-        """Where ``user`` is (or will be) saved: its current directory, else :func:`user_dirname`."""
+        """Where ``user`` is (or will be) saved: its current directory, else :func:`user_dirname`
+        (refused where that folder holds another user: the save would replace that user)."""
         if isinstance(user, bool) or not isinstance(user, (str, int)):
             raise TypeError(f"user must be a str or int id (the ids a store saves), got {user!r}")
-        return self.path(user) or self.root / user_dirname(user)  # type: ignore[arg-type]
+        found = self.path(user)
+        if found is not None:
+            return found
+        own = self.root / user_dirname(user)
+        other = _saved_id(own)
+        if other is not None:
+            raise ValueError(f"user {user!r} would be saved in {str(own)!r}, which holds user {other!r}: "
+                             f"move that folder (a store finds a user by its user.json, under any name)")
+        return own

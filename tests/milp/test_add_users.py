@@ -132,7 +132,7 @@ def test_a_call_an_older_version_stopped_resumes_without_training_its_saved_user
     saved = [r.user_id for r in new if (run / "users" / user_dirname(r.user_id)).is_dir()]
     assert saved == ["NEW-0", "NEW-1"]
     for u in saved:  # what the older version left
-        (run / "users" / user_dirname(u)).rename(run / "users" / _dirname(u, case_safe=False))
+        (run / "users" / user_dirname(u)).rename(run / "users" / _dirname(u, portable=False))
     trained = []
     monkeypatch.setattr(train, "memory_inject", lambda rt, recs, *a, **k: (trained.extend(r.user_id for r in recs),
                                                                             real(rt, recs, *a, **k))[1])
@@ -207,6 +207,10 @@ def test_a_second_call_on_the_same_run_is_refused_while_the_first_runs(run, tmp_
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running call holds
         with pytest.raises(SystemExit, match="another milp.add_users call is adding users to"):
             add_users(run, data, progress=False)
+        # the lock comes before the run's state (and the data) is read: what a call read while the
+        # other was finishing was stale once it got the lock
+        with pytest.raises(SystemExit, match="another milp.add_users call is adding users to"):
+            add_users(run, tmp_path / "missing.jsonl", progress=False)
     finally:
         os.close(fd)
     assert len(add_users(run, data, progress=False)) == 1  # once it has ended

@@ -351,7 +351,7 @@ def test_memory_injected_users_an_older_version_saved_are_found(tmp_path):
 
     writer = MilpRuntime(tiny_model("llama"), max_users=1)
     writer.add_user("Alice", MemoryConfig.uniform(2, 1, 4), init="random", seed=0)
-    writer.save_user("Alice", tmp_path / _dirname("Alice", case_safe=False))
+    writer.save_user("Alice", tmp_path / _dirname("Alice", portable=False))
     want = writer.adapter_state("Alice")
     recs = [Record("Alice", "", ["h"], "q1", "r1"), Record("Alice", "", ["h"], "q2", "r2")]
     rt = MilpRuntime(tiny_model("llama"), max_users=1)

@@ -297,7 +297,7 @@ def test_pipeline_evaluates_more_store_users_than_slots(tmp_path, tiny_tokenizer
 def _legacy_save(root, user, name=None):
     from milp.store import _dirname
 
-    d = root / (name or _dirname(user, case_safe=False))
+    d = root / (name or _dirname(user, portable=False))
     d.mkdir()
     (d / "user.json").write_text(json.dumps({"user": user}))
     return d

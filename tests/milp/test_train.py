@@ -188,7 +188,7 @@ def test_a_run_an_older_version_saved_under_case_sensitive_names_resumes(tiny_ch
         for r in records:
             new_name = train.user_dirname(r.user_id) + suffix
             if (old / folder / new_name).exists():
-                (old / folder / new_name).rename(old / folder / (_dirname(r.user_id, case_safe=False) + suffix))
+                (old / folder / new_name).rename(old / folder / (_dirname(r.user_id, portable=False) + suffix))
                 renamed += 1
     assert renamed == 8  # 7 users, 1 test user's predictions
     for name in ("metrics.json", "predictions.jsonl", "results.md"):
