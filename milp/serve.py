@@ -16,6 +16,7 @@ Endpoints:
 
 * ``POST /v1/answer`` with ``{"user_id": str, "query": str, "max_new_tokens": int (optional,
   at most the server's)}`` → ``{"user_id", "query", "answer"}``; ``400`` for a malformed request,
+  ``401`` without the server's API key where it has one (``--api-key-env``),
   ``404`` for a user the run does not hold (users added since, by ``python -m milp.add_users``,
   are found), ``500`` when generation fails (for that request alone: the others of its batch are
   answered), ``503`` once the server is closing. The body needs a ``Content-Length`` (``411``
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import json
+import os
 import queue
 import re
 import signal
@@ -72,6 +75,9 @@ class AnswerServer:
         max_new_tokens: the longest answer (default: the run's ``--max-new-tokens``); a request
             may ask for fewer tokens.
         log: print one line per batch to stderr.
+        api_key: where given, ``POST /v1/answer`` needs ``Authorization: Bearer <api_key>``
+            (``401`` without it); ``GET /health`` stays open for load balancers. Only as safe
+            as the connection: without TLS in front, the key travels in clear.
 
     Example:
         >>> server = AnswerServer("runs/milp", port=0)   # doctest: +SKIP
@@ -81,7 +87,7 @@ class AnswerServer:
 
     def __init__(self, run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
                  batch_size: int | None = None, max_wait_ms: float = 10.0, max_new_tokens: int | None = None,
-                 log: bool = False) -> None:
+                 log: bool = False, api_key: str | None = None) -> None:
         from .answer import check_run, load_run
         from .store import UserStore
 
@@ -91,6 +97,10 @@ class AnswerServer:
                 raise ValueError(f"{name} must be an int {'in [0, 65535]' if name == 'port' else '>= 1'}, got {v!r}")
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < 1e6:
             raise ValueError(f"max_wait_ms must be a number of milliseconds in [0, 1e6), got {max_wait_ms!r}")
+        if api_key is not None and (not isinstance(api_key, str) or not re.fullmatch(r"[\x21-\x7e]+", api_key)):
+            raise ValueError("api_key must be a non-empty string of printable ASCII without spaces (it goes "
+                             "in an Authorization header)")
+        self._api_key = api_key
         self.run = Path(run)
         settings = check_run(self.run, PROG)  # before the model loads
         self.batch_size = batch_size or settings["eval_batch_size"]
@@ -196,6 +206,14 @@ class AnswerServer:
         self.close()
 
     # ------------------------------------------------------------------ requests
+    def authorized(self, header: str | None) -> bool:
+        """Whether a request with this ``Authorization`` header may ask (always, without an API key)."""
+        if self._api_key is None:
+            return True
+        scheme, _, token = (header or "").strip().partition(" ")
+        # compared in constant time: the time taken tells nothing of how much of the key matched
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._api_key.encode())
+
     def knows(self, user: str) -> bool:
         """Whether the run holds ``user`` (its store is read again on a miss where its folder
         changed: users added since count; a 404 for a user nobody added costs one ``stat``)."""
@@ -276,11 +294,13 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
             pass  # one line per batch instead (AnswerServer(log=True))
 
-        def _send(self, status: HTTPStatus, obj: dict[str, Any]) -> None:
+        def _send(self, status: HTTPStatus, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
             body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             if self.close_connection:  # else an HTTP/1.1 client sends its next request into a closed socket
                 self.send_header("Connection", "close")
             self.end_headers()
@@ -289,8 +309,8 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             except ConnectionError:  # the client left: nothing to answer, no traceback
                 self.close_connection = True
 
-        def _error(self, status: HTTPStatus, msg: str) -> None:
-            self._send(status, {"error": msg})
+        def _error(self, status: HTTPStatus, msg: str, headers: dict[str, str] | None = None) -> None:
+            self._send(status, {"error": msg}, headers)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             if self.path.split("?")[0] != "/health":
@@ -306,6 +326,11 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             if self.path.split("?")[0] != "/v1/answer":
                 self.close_connection = True
                 return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path} (POST /v1/answer)")
+            if not server.authorized(self.headers.get("Authorization")):
+                self.close_connection = True
+                return self._error(HTTPStatus.UNAUTHORIZED, "an 'Authorization: Bearer <key>' header with the "
+                                                            "server's API key is required",
+                                   {"WWW-Authenticate": 'Bearer realm="milp.serve"'})
             text = self.headers.get("Content-Length")
             if text is None or "Transfer-Encoding" in self.headers:
                 self.close_connection = True
@@ -394,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to wait for more requests after the first of a batch (default: 10)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the run's)")
     p.add_argument("--quiet", action="store_true", help="no line per batch on stderr")
+    p.add_argument("--api-key-env", metavar="NAME", default=None,
+                   help="require 'Authorization: Bearer <key>' on POST /v1/answer, the key read from environment "
+                        "variable NAME (not a flag: a process list shows flags to every user of the machine)")
     return p
 
 
@@ -425,10 +453,16 @@ def _url(host: str, port: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    api_key = None
+    if args.api_key_env is not None:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise SystemExit(f"{PROG}: --api-key-env {args.api_key_env}: that environment variable is not set "
+                             f"(or empty)")
     try:
         server = AnswerServer(args.run, host=args.host, port=args.port, device=args.device,
                               batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
-                              max_new_tokens=args.max_new_tokens, log=not args.quiet)
+                              max_new_tokens=args.max_new_tokens, log=not args.quiet, api_key=api_key)
     except ValueError as e:
         raise SystemExit(f"{PROG}: {e}") from None
     except OSError as e:  # the port is taken, the address is not this machine's

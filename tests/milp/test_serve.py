@@ -22,11 +22,11 @@ QUERIES = ["I have had a headache for three days.", "My knee hurts when I run. I
            "Should I take ibuprofen?", "What should I eat when I have a cold?"]
 
 
-def _post(server: AnswerServer, body, path: str = "/v1/answer") -> tuple[int, dict]:
+def _post(server: AnswerServer, body, path: str = "/v1/answer", headers: dict | None = None) -> tuple[int, dict]:
     host, port = server.address
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(f"{_url(host, port)}{path}", data=data, method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -147,6 +147,25 @@ def test_bad_settings_are_refused_before_the_model_loads(answer_run, tmp_path):
     with AnswerServer(answer_run, port=0) as server:  # a port in use, by the CLI
         with pytest.raises(SystemExit, match="cannot listen on 127.0.0.1"):
             main([str(answer_run), "--port", str(server.address[1]), "--quiet"])
+
+
+def test_an_api_key_guards_the_answers_and_not_the_health(answer_run, monkeypatch):
+    user = _users(answer_run)[0]
+    body = {"user_id": user, "query": QUERIES[0]}
+    with AnswerServer(answer_run, port=0, max_wait_ms=0, api_key="s3cret-key") as server:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-key"},
+                        {"Authorization": "Bearer s3cret-key-and-more"}):
+            code, out = _post(server, body, headers=headers)
+            assert code == 401 and "Authorization: Bearer" in out["error"], headers
+        code, out = _post(server, body, headers={"Authorization": "bearer  s3cret-key "})
+        assert code == 200 and out["answer"]
+        assert _get(server, "/health")[0] == 200
+    for bad in ("", "with space", "é", 7):
+        with pytest.raises(ValueError, match="api_key must be a non-empty string of printable ASCII"):
+            AnswerServer(answer_run, port=0, api_key=bad)
+    monkeypatch.delenv("MILP_TEST_KEY", raising=False)
+    with pytest.raises(SystemExit, match="--api-key-env MILP_TEST_KEY: that environment variable is not set"):
+        main([str(answer_run), "--api-key-env", "MILP_TEST_KEY", "--port", "0", "--quiet"])
 
 
 def _ipv6() -> bool:
