@@ -80,13 +80,9 @@ def test_only_the_named_users_are_injected(run, tmp_path):
     assert not (run / "users" / user_dirname(new[0].user_id)).exists()
 
 
-def test_a_stopped_call_resumes_to_the_adapters_of_one_never_stopped(run, tmp_path, monkeypatch):
-    """Three new users, two slots: two groups. A call stopped in the second group's training,
-    run again, skips the saved group and ends with the adapters of a straight call."""
-    new = _new_records(run, 3)
-    data = write_jsonl(new, tmp_path / "new.jsonl")
-    straight = Path(shutil.copytree(run, tmp_path / "straight"))
-    add_users(straight, data, progress=False)
+def _stop_in_the_second_group(run: Path, data: Path, monkeypatch):
+    """Run add_users on ``run`` stopped (KeyboardInterrupt) as its second group starts training;
+    returns the real memory_inject, put back."""
     real, calls = train.memory_inject, []
 
     def stop_second(*a, **k):
@@ -98,9 +94,20 @@ def test_a_stopped_call_resumes_to_the_adapters_of_one_never_stopped(run, tmp_pa
     monkeypatch.setattr(train, "memory_inject", stop_second)
     with pytest.raises(KeyboardInterrupt):
         add_users(run, data, progress=False)
+    monkeypatch.setattr(train, "memory_inject", real)
+    return real
+
+
+def test_a_stopped_call_resumes_to_the_adapters_of_one_never_stopped(run, tmp_path, monkeypatch):
+    """Three new users, two slots: two groups. A call stopped in the second group's training,
+    run again, skips the saved group and ends with the adapters of a straight call."""
+    new = _new_records(run, 3)
+    data = write_jsonl(new, tmp_path / "new.jsonl")
+    straight = Path(shutil.copytree(run, tmp_path / "straight"))
+    add_users(straight, data, progress=False)
+    _stop_in_the_second_group(run, data, monkeypatch)
     saved = [r.user_id for r in new if (run / "users" / user_dirname(r.user_id) / "user.json").is_file()]
     assert len(saved) == 2
-    monkeypatch.setattr(train, "memory_inject", real)
     losses = add_users(run, data, progress=False)  # its own saved users are not refused as the run's
     assert losses == add_users(straight, data, progress=False)
     for r in new:
@@ -118,17 +125,7 @@ def test_a_call_an_older_version_stopped_resumes_without_training_its_saved_user
 
     new = [replace(r, user_id=f"NEW-{i}") for i, r in enumerate(_new_records(run, 3))]
     data = write_jsonl(new, tmp_path / "new.jsonl")
-    real, calls = train.memory_inject, []
-
-    def stop_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train, "memory_inject", stop_second)
-    with pytest.raises(KeyboardInterrupt):
-        add_users(run, data, progress=False)
+    real = _stop_in_the_second_group(run, data, monkeypatch)
     saved = [r.user_id for r in new if (run / "users" / user_dirname(r.user_id)).is_dir()]
     assert saved == ["NEW-0", "NEW-1"]
     for u in saved:  # what the older version left
