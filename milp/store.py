@@ -275,10 +275,13 @@ class UserStore:
         if self._stamp is None or self._folder_stamp() != self._stamp:
             self.refresh()
             return
+        pending = []
         for p in self._pending:
             if (user := _saved_id(p)) is not None:
                 self._index.setdefault(user, p)  # type: ignore[union-attr]
-        self._pending = [p for p in self._pending if _saved_id(p) is None and p.is_dir()]
+            elif p.is_dir():
+                pending.append(p)
+        self._pending = pending
 
     def path(self, user: Hashable) -> Path | None:
         """The directory holding ``user`` (``None`` when the store has no such user). Tries
@@ -294,14 +297,17 @@ class UserStore:
         if fresh:
             self.refresh()
         p = self._index.get(user)  # type: ignore[union-attr]
-        if p is not None and not _holds(p, user):
+        if p is not None and _holds(p, user):
+            return p
+        if p is not None:
             # the folder the index named changed hands (renamed, deleted and saved again, its
             # user.json removed): the index is wrong, whatever the folder's stamp says
             self.refresh()
-            p = self._index.get(user)  # type: ignore[union-attr]
-        elif p is None and not fresh:
+        elif not fresh:
             self._reread_on_miss()
-            p = self._index.get(user)  # type: ignore[union-attr]
+        else:
+            return None  # the index was read just now
+        p = self._index.get(user)  # type: ignore[union-attr]
         return p if p is not None and _holds(p, user) else None
 
     def __contains__(self, user: object) -> bool:
