@@ -345,13 +345,21 @@ def _age(path, seconds=60):
     os.utime(path, (t, t))
 
 
+def _count_refreshes(monkeypatch) -> list[int]:
+    """A list that gets a 1 at each full re-read of any UserStore's folder."""
+    import milp.store
+
+    reads: list[int] = []
+    real = milp.store.UserStore.refresh
+    monkeypatch.setattr(milp.store.UserStore, "refresh", lambda self: (reads.append(1), real(self))[1])
+    return reads
+
+
 def test_a_miss_rereads_the_store_only_where_it_changed(tmp_path, monkeypatch):
     """A client asking again and again for a user the store lacks (milp.serve's 404s) read every
     user.json on every miss; now one stat finds the folder unchanged. A user saved, deleted or
     copied in by hand since is still found (or not) on the next miss."""
     import shutil
-
-    import milp.store
 
     writer = MilpRuntime(tiny_model("llama"), max_users=3)
     for i, u in enumerate(["a", "b", "c"]):
@@ -360,9 +368,7 @@ def test_a_miss_rereads_the_store_only_where_it_changed(tmp_path, monkeypatch):
     root = tmp_path / "users"
     (root / "notes").mkdir()  # a folder that is no user: checked on a miss, cheaply
     _age(root)
-    reads = []
-    real = milp.store.UserStore.refresh
-    monkeypatch.setattr(milp.store.UserStore, "refresh", lambda self: (reads.append(1), real(self))[1])
+    reads = _count_refreshes(monkeypatch)
     store = UserStore(root)
     for _ in range(5):
         assert "nobody" not in store and store.path("nobody") is None
@@ -388,11 +394,7 @@ def test_a_miss_rereads_the_store_only_where_it_changed(tmp_path, monkeypatch):
 def test_a_folder_changed_within_its_time_resolution_is_read_again_on_every_miss(tmp_path, monkeypatch):
     """A folder whose time is within a coarse file system's resolution of now (FAT: 2 s) may change
     again without its time moving: its stamp proves nothing, and each miss re-reads it."""
-    import milp.store
-
-    reads = []
-    real = milp.store.UserStore.refresh
-    monkeypatch.setattr(milp.store.UserStore, "refresh", lambda self: (reads.append(1), real(self))[1])
+    reads = _count_refreshes(monkeypatch)
     store = UserStore(tmp_path)  # just made: its time is now
     for _ in range(3):
         assert "nobody" not in store
