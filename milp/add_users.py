@@ -104,7 +104,13 @@ def add_users(run: str | Path, data: str | Path, *, data_format: str = "auto", u
         raise _fail(f"users: expected a list of non-empty user ids, got {users!r}")
     # the lock before the run's state is read: a call reading users/, claimed.json and call.json
     # while another finished, then locking, worked from what the other had not yet written
-    lock = _lock_run(run) if int(os.environ.get("RANK", "0") or 0) == 0 else None
+    from .train import _env_int
+
+    try:
+        rank = _env_int("RANK", 0)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    lock = _lock_run(run) if rank == 0 else None
     try:
         return _add_users(run, data, data_format=data_format, users=users, device=device, on_error=on_error,
                           progress=progress)
@@ -253,11 +259,17 @@ def _claimed(log_dir: Path) -> dict[str, str | None]:
 def _check_losses(log_dir: Path) -> None:
     """Refuse by name, before anything is trained, a damaged ``memory_losses.json`` (or a part
     file of a stopped call) that :func:`milp.train._merge_losses` could not merge into."""
-    for path in [log_dir / "memory_losses.json", *sorted(log_dir.glob("memory_losses.rank*.json"))]:
-        if path.is_file():
-            _read_checked(path, lambda o: isinstance(o, dict) and all(isinstance(v, list) for v in o.values()),
-                          "a JSON object of each user's losses",
-                          "the losses it recorded are lost, the users' adapters are not")
+    from .train import _loss_parts
+
+    then = "the losses it recorded are lost, the users' adapters are not"
+    path = log_dir / "memory_losses.json"
+    if path.is_file():
+        _read_checked(path, lambda o: isinstance(o, dict) and all(isinstance(v, list) for v in o.values()),
+                      "a JSON object of each user's losses", then)
+    try:
+        _loss_parts(log_dir)
+    except (OSError, ValueError) as e:
+        raise _fail(f"{e}; delete the file to go on ({then})") from None
 
 
 def _last_call(log_dir: Path, users: list[str]) -> list[str] | None:

@@ -66,6 +66,32 @@ def test_a_damaged_losses_file_is_refused_before_any_user_is_trained(run, tmp_pa
     assert sorted(p.name for p in (run / "added").iterdir()) == ["memory_losses.json"]
 
 
+@pytest.mark.parametrize("name, content, why", [
+    ("memory_losses.rank0.jsonl", '{"t": 1, "losses": [6.0]}\n', r"rank0.jsonl:1 is damaged: expected a JSON object"),
+    ("memory_losses.rank1.json", '{"meddia-d2-0000": [6.0,', r"rank1.json is damaged: Expecting value"),
+])
+def test_a_damaged_losses_part_file_is_refused_before_any_user_is_trained(run, tmp_path, name, content, why):
+    """A stopped call's part file of losses (or an older version's) that the merge could not
+    read is refused by name before anything is trained. A torn last line is not damage: it is
+    what a crash while appending leaves (tests/milp/test_train.py)."""
+    new, data = _with_damaged_file(run, tmp_path, name, content)
+    with pytest.raises(SystemExit, match=r"milp.add_users: .*" + why + r".*delete the file to go on"):
+        add_users(run, data, progress=False)
+    assert not _saved(run, new[0].user_id)
+    assert sorted(p.name for p in (run / "added").iterdir()) == [name]
+
+
+@pytest.mark.parametrize("rank", ["one", ""])
+def test_a_malformed_rank_is_refused_by_name_before_anything_is_written(run, tmp_path, monkeypatch, rank):
+    """Was: ValueError "invalid literal for int() with base 10: 'one'", not naming RANK."""
+    new = _new_records(run, 1)
+    data = write_jsonl(new, tmp_path / "new.jsonl")
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit, match=rf"milp.add_users: RANK \(set by torchrun\) must be an int, got '{rank}'"):
+        add_users(run, data, progress=False)
+    assert not (run / "added").exists()
+
+
 def test_a_user_added_before_from_another_history_is_refused_not_kept_silently(run, tmp_path):
     """A user an earlier call added counts as that call's work, resumed: given again with
     another history, it was "resumed" too (its old adapters kept, its old losses returned) with no

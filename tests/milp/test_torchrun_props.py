@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -187,13 +188,64 @@ def test_one_process_stopped_then_two_stopped_then_two_resume(ckpt, reference, t
 def test_merged_losses_are_in_user_order_whatever_the_world_size(tmp_path):
     """Was: memory_losses.json listed rank 0's users, then rank 1's, ...: another file, and
     another order of the sums behind metrics.json's mean losses, for each world size."""
-    st = train._State(args=train.build_parser().parse_args([]), out=tmp_path, dist=train.Dist(),
-                      device=torch.device("cpu"))
+    st = _losses_state(tmp_path)
     (tmp_path / "memory_losses.rank0.json").write_text(json.dumps({"u0": [1.0], "u2": [2.0]}))
     (tmp_path / "memory_losses.rank1.json").write_text(json.dumps({"u1": [3.0]}))
     train._merge_losses(st)
     assert list(json.loads((tmp_path / "memory_losses.json").read_text())) == ["u0", "u1", "u2"]
     assert [p.name for p in tmp_path.iterdir()] == ["memory_losses.json"]
+
+
+def _losses_state(out):
+    return train._State(args=train.build_parser().parse_args([]), out=out, dist=train.Dist(),
+                        device=torch.device("cpu"))
+
+
+def test_a_group_trained_again_in_another_world_size_overrides_the_stopped_ranks_losses(tmp_path):
+    """Was: the part files were applied by name, so rank 1's losses of a group that a stopped
+    2-process run recorded (and never saved) overrode the losses rank 0 recorded when the
+    resumed 1-process run trained that group again. The latest line wins, whichever file; an
+    older version's part file (one JSON object) counts as written at its file's time."""
+    st = _losses_state(tmp_path)
+    legacy = tmp_path / "memory_losses.rank2.json"
+    legacy.write_text(json.dumps({"u3": [9.0], "u4": [4.0]}))
+    os.utime(legacy, ns=(1_000, 1_000))
+    (tmp_path / "memory_losses.rank1.jsonl").write_text(json.dumps({"t": 2_000, "losses": {"u1": [1.0]}}) + "\n")
+    (tmp_path / "memory_losses.rank0.jsonl").write_text(
+        json.dumps({"t": 500, "losses": {"u4": [5.0]}}) + "\n"
+        + json.dumps({"t": 3_000, "losses": {"u1": [2.0], "u3": ["nan"]}}) + "\n")
+    train._merge_losses(st)
+    merged = json.loads((tmp_path / "memory_losses.json").read_text(), parse_constant=float)
+    assert list(merged) == ["u1", "u3", "u4"]
+    assert merged["u1"] == [2.0] and math.isnan(merged["u3"][0]) and merged["u4"] == [4.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["memory_losses.json"]
+
+
+def test_recorded_losses_append_a_line_each_and_survive_a_torn_line(tmp_path):
+    """Each group is one appended line (the part file was one object rewritten per group); a
+    crash's torn last line is skipped, and the next group lands on a line of its own."""
+    st = _losses_state(tmp_path)
+    train._record_losses(st, {"a": [1.0, 0.5]})
+    part = tmp_path / "memory_losses.rank0.jsonl"
+    with open(part, "ab") as f:
+        f.write(b'{"t": 5, "losses": {"b": [')
+    train._record_losses(st, {"b": [2.0], "c": [float("inf")]})
+    assert len(part.read_text().splitlines()) == 3
+    _, losses = train._loss_parts(tmp_path)
+    assert losses == [{"a": [1.0, 0.5]}, {"b": [2.0], "c": [math.inf]}]
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"losses": {"a": [1.0]}}', 'expected an integer time "t", got None'),
+    ('{"t": true, "losses": {"a": [1.0]}}', 'expected an integer time "t", got True'),
+    ('{"t": 1, "losses": [1.0]}', "expected a JSON object of each user's losses, got a JSON list"),
+    ('{"t": 1, "losses": {"a": ["x"]}}', "not a number: 'x'"),
+])
+def test_a_losses_line_of_another_shape_is_refused_by_file_and_line(tmp_path, line, why):
+    part = tmp_path / "memory_losses.rank0.jsonl"
+    part.write_text('{"t": 1, "losses": {"a": [1.0]}}\n' + line + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{part}:2 is damaged: {why}")):
+        train._loss_parts(tmp_path)
 
 
 def _threads_all_reduce(world: int) -> list[Callable[[list[torch.Tensor]], None]]:

@@ -143,6 +143,44 @@ def test_a_run_stopped_at_any_write_resumes_to_the_same_results(tiny_checkpoint,
     _stop_and_resume(tiny_checkpoint, tmp_path, monkeypatch, [*FAST, "--slots", str(slots)], stop)
 
 
+def test_a_run_killed_while_appending_a_groups_losses_resumes_to_the_same_results(tiny_checkpoint, tmp_path,
+                                                                                   monkeypatch):
+    """Killed part-way through writing the second group's line of losses (a torn line: the
+    crash left half of it, as SIGKILL or a power loss can), a run resumes to the files of a run
+    never stopped: the torn line is skipped, that group trains again and its line lands on a
+    line of its own. (The losses were one JSON object of every user so far, rewritten per group.)"""
+    import search.trial_log
+
+    args = [*FAST, "--slots", "2"]
+    want = tmp_path / "straight"
+    assert train.main(["--model", str(tiny_checkpoint), "--output", str(want), *args]) == 0
+    real = search.trial_log.append_record
+    appended = []
+
+    def torn(path, record):
+        if Path(path).name.startswith("memory_losses.") and len(appended) == 1:
+            line = json.dumps(record).encode()
+            with open(path, "ab") as f:
+                f.write(line[: len(line) // 2])
+            raise KeyboardInterrupt
+        appended.append(record)
+        return real(path, record)
+
+    monkeypatch.setattr(search.trial_log, "append_record", torn)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--model", str(tiny_checkpoint), "--output", str(out), *args])
+    part = out / "memory_losses.rank0.jsonl"
+    assert len(part.read_bytes().splitlines()) == 2 and not part.read_bytes().endswith(b"\n")
+    assert len(list((out / "users").iterdir())) == 2  # the first group only
+    monkeypatch.setattr(search.trial_log, "append_record", real)
+    assert train.main(["--model", str(tiny_checkpoint), "--output", str(out), *args]) == 0
+    got, ref = run_outputs(out), run_outputs(want)
+    assert sorted(got) == sorted(ref)
+    assert [k for k in ref if got[k] != ref[k]] == []
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or ".rank" in p.name]
+
+
 #: the flags of a small configuration search (5 configurations, rounds of 3: Sobol, then GP)
 SEARCH = ["--search", "5", "--search-q", "3", "--search-surrogate", "gp", "--search-modules", "0-3",
           "--search-ranks", "4,8", "--search-init", "3"]
