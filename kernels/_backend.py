@@ -28,6 +28,7 @@ import functools
 import os
 import threading
 from collections.abc import Iterator
+from typing import overload
 
 import torch
 
@@ -54,6 +55,12 @@ _local = threading.local()
 _ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
 _ENV_DATA = _ENV_DATA if isinstance(_ENV_DATA, dict) else None
 _ENV_KEYS: dict[str, bytes] = {}
+
+
+@overload
+def env(name: str, default: str) -> str: ...
+@overload
+def env(name: str, default: None = None) -> str | None: ...
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -289,7 +296,9 @@ class SideStream:
     __slots__ = ("main", "side", "_ctx")
 
     def __init__(self, device: torch.device):
-        self.main = self.side = self._ctx = None
+        self.main: torch.cuda.Stream | None = None
+        self.side: torch.cuda.Stream | None = None
+        self._ctx: torch.cuda.StreamContext | None = None
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
             self.main = torch.cuda.current_stream(index)
@@ -318,6 +327,7 @@ class SideStream:
     def wait(self, mark: torch.cuda.Event | None) -> None:
         """The current stream waits for the side stream's work up to ``mark``."""
         if mark is not None:
+            assert self.main is not None  # a mark is only made on a GPU, where main is set
             self.main.wait_event(mark)
 
     def join(self, *made_there: torch.Tensor | None) -> None:
@@ -325,6 +335,7 @@ class SideStream:
         allocated on the side stream that live on."""
         if self.side is None:
             return
+        assert self.main is not None  # set together with side
         self.main.wait_stream(self.side)
         for t in made_there:
             if t is not None and t.numel():

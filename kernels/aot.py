@@ -31,6 +31,7 @@ import os
 import re
 import subprocess
 import tempfile
+from typing import TypedDict
 
 import triton
 import triton.language as tl
@@ -65,8 +66,15 @@ class AotReport:
                 f"regs={self.registers!s:>4} spill={self.spill_bytes!s:>4} {mm}")
 
 
+class _Problem(TypedDict):
+    num_tokens: int
+    n: int
+    k: int
+    max_rank: int
+
+
 #: (kernel, scenario name, problem) compiled with the configs the launchers would pick
-SCENARIOS = (
+SCENARIOS: tuple[tuple[str, str, _Problem], ...] = (
     ("fused_lora_linear", "prefill 4096x4096->11008 r<=16", dict(num_tokens=4096, n=11008, k=4096, max_rank=16)),
     ("fused_lora_linear", "prefill 4096x4096->11008 r<=96", dict(num_tokens=4096, n=11008, k=4096, max_rank=96)),
     ("fused_lora_linear", "prefill 4096x11008->4096 r<=96", dict(num_tokens=4096, n=4096, k=11008, max_rank=96)),
@@ -416,7 +424,7 @@ def compile_recorded(records: list[dict], arch: int = 90, jobs: int = 1) -> list
         by_key = {json.dumps(out[0], sort_keys=True): out for part in parts for out in part}
         return [by_key[json.dumps(r, sort_keys=True)] for r in records]
     _require_compiler("compile_recorded")
-    out = []
+    out: list[tuple[dict, AotReport | None, str | None]] = []
     for rec in records:
         problem = _record_problem(rec)
         if problem:  # reported with the others, not raised: the variants after it still compile
@@ -485,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         if error is not None:
             bad += 1
             print(f"FAILED {rec['kernel']} {json.dumps(rec['constexprs'])}: {error}")
-        elif report.shared_bytes > SHARED_LIMIT[args.arch]:
+            continue
+        assert report is not None  # compile_recorded gives a report wherever it gives no error
+        if report.shared_bytes > SHARED_LIMIT[args.arch]:
             bad += 1
             print(f"TOO MUCH SHARED MEMORY {report.row()}")
         else:

@@ -191,11 +191,11 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
         return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
     if op == "fused_linear":
-        def run():
+        def run_fused():
             return fused_lora_linear(x, w, None, a, b, s, slots, st, tiles, segs, bms, R, precompute_t=True)[0]
 
         ref = functools.cache(lambda: lora_linear_ref(x, w, None, a, b, s, slots, ids, compute_dtype=c))
-        return run, lambda: rel(run(), ref())
+        return run_fused, lambda: rel(run_fused(), ref())
     t = shrink_ref(x, a, s, slots, ids, R, compute_dtype=c)
     if op == "expand" or (op == "shrink" and decode_like(problem)):
         # the expand in the mode the split path runs it at this size: adding into y (GEMM first)
@@ -208,16 +208,16 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
     if op == "shrink" and decode_like(problem):
         # decode: timed as the op's split path runs it, the split-K partial sums and the
         # expand that adds them (a larger split is cheaper for the shrink, dearer for the expand)
-        def run(y=y_run):
+        def run_split(y=y_run):
             parts = lora_shrink(x, a, s, slots, st, tiles, segs, bms, R, partials=True)
             return lora_expand_(y, parts, b, slots, st, tiles, segs, bms, accumulate=accumulate)
 
-        return run, lambda: rel(run(y0.clone()), ref_y())
+        return run_split, lambda: rel(run_split(y0.clone()), ref_y())
     if op == "shrink":
-        def run():
+        def run_shrink():
             return lora_shrink(x, a, s, slots, st, tiles, segs, bms, R)
 
-        return run, lambda: rel(run(), t)
+        return run_shrink, lambda: rel(run_shrink(), t)
     if op == "expand":
         t_in = t
         if decode_like(problem):
@@ -228,10 +228,10 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
                                  tiles.shape[0], True, dtype, device)[2]
             t_in = torch.cat([t[None], t.new_zeros(split - 1, *t.shape)])
 
-        def run(y=y_run):
+        def run_expand(y=y_run):
             return lora_expand_(y, t_in, b, slots, st, tiles, segs, bms, accumulate=accumulate)
 
-        return run, lambda: rel(run(y0.clone()), ref_y())
+        return run_expand, lambda: rel(run_expand(y0.clone()), ref_y())
     dy = torch.randn(problem.num_tokens, problem.n, device=device, dtype=dtype)
     t_b = shrink_ref(dy, b, s, slots, ids, R, compute_dtype=c)
 
@@ -244,10 +244,10 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
             out[off : off + r] = t_b[m, :r].t() @ x[m].to(c)
         return out
 
-    def run():
+    def run_grad():
         return lora_grad_weights(x, dy, t_b, t, slots, st, segs, a.shape[0], R)[0]
 
-    return run, lambda: rel(run(), da_ref())
+    return run_grad, lambda: rel(run_grad(), da_ref())
 
 
 def _time(fn: Callable[[], object], device: torch.device, quick: bool = False) -> float:
@@ -502,12 +502,13 @@ def _schedule_rows(dtype: torch.dtype, device: torch.device, tiny: bool, sizes: 
             row = {"tokens": tokens, **dict.fromkeys(schedules, 0.0)}
             for k, n in shapes:
                 bank, plan, _, x, w = _build(Problem(tokens, k, n, 16 if tiny else 96, users), dtype, device)
+                st, tiles, segs, bms = plan.as_args()
                 run = functools.partial(lora_linear_forward, x, w, None, bank.lora_a.detach(), bank.lora_b.detach(),
-                                        bank.scale, bank.slots, *plan.as_args(), bank.max_rank, False, "split")
+                                        bank.scale, bank.slots, st, tiles, segs, bms, bank.max_rank, False, "split")
                 for name, knobs in schedules.items():
                     with use_dispatch(**knobs):
                         row[name] += timer(run, device)
-                del bank, plan, x, w, run
+                del bank, plan, x, w, run, st, tiles, segs, bms
             rows.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
     return rows
 

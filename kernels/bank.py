@@ -26,8 +26,9 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -334,7 +335,7 @@ class AdapterBank(torch.nn.Module):
         for r in ranks:
             check_positive_int("ranks[...]", r)
         if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
-            alphas = [alpha] * len(ranks)
+            alphas = [float(alpha)] * len(ranks)  # float() as below
         else:
             alphas = _as_list("alpha", alpha, "a number or a sequence of numbers (one per module)")
             if len(alphas) != len(ranks):
@@ -567,7 +568,7 @@ def _as_list(name: str, value: object, expected: str) -> list:
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
     try:
-        return list(value)
+        return list(cast("Iterable[Any]", value))
     except TypeError:  # not iterable (a bool, a numpy scalar, a 0-d tensor)
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}") from None
 

@@ -21,7 +21,8 @@ Layout (all ``int32``)::
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import SupportsIndex, cast
 
 import torch
 
@@ -90,7 +91,7 @@ def _check_block_ms(block_ms: object) -> tuple[int, ...]:
     try:
         if isinstance(block_ms, (str, bytes)):
             raise TypeError
-        bms = tuple(map(operator.index, block_ms))
+        bms = tuple(map(operator.index, cast("Iterable[SupportsIndex]", block_ms)))  # TypeError if not
     except TypeError:
         raise TypeError(f"block_ms must be a sequence of ints (tile heights), got {block_ms!r}") from None
     if not bms or any(b < 1 or b & (b - 1) for b in bms) or len(set(bms)) != len(bms):
@@ -205,7 +206,7 @@ class BatchPlan:
         if validate:
             # one host sync for the id range and the number of users present
             stats = torch.stack([token_user.min().long(), token_user.max().long(), active.sum()]) if n else None
-            lo, hi, n_active = stats.tolist() if n else (0, 0, 0)
+            lo, hi, n_active = stats.tolist() if stats is not None else (0, 0, 0)
             if lo < -1 or hi >= self.max_users:
                 raise ValueError(
                     f"token_user ids must be in [-1, {self.max_users}) (max_users={self.max_users}), "

@@ -560,9 +560,10 @@ def get_config(
             check_positive_int(name, v, minimum=0)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
-    device = check_device("device", device)
-    if device is None:
+    checked = check_device("device", device)
+    if checked is None:
         raise TypeError("device must be a torch.device, got None")
+    device = checked
     if block_ms is not None and not (isinstance(block_ms, (tuple, list)) and not block_ms):
         block_ms = _check_block_ms(block_ms)
     cfg = (_override.table or {}).get(op)

@@ -81,7 +81,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -142,10 +142,10 @@ def _user_texts(record: Any, arg: str = "record", *, need_query: bool = False) -
             raise TypeError(f"{arg}.history[{i}] must be a str, got {type(item).__name__}")
     query = ""
     if need_query:
-        query = getattr(record, "query", None)
-        if not isinstance(query, str) or not query.strip():
-            raise TypeError(f"{arg}.query must be a non-empty str, got {query!r}")
-        query = _one_line(query)
+        given = getattr(record, "query", None)
+        if not isinstance(given, str) or not given.strip():
+            raise TypeError(f"{arg}.query must be a non-empty str, got {given!r}")
+        query = _one_line(given)
     turns = [t for t in (_one_line(h) for h in history) if t]
     return _one_line(profile), turns, query
 
@@ -488,6 +488,8 @@ class UserEncoder(nn.Module):
         torch.Size([2, 4, 32])
     """
 
+    target_norm: Tensor  # a buffer (registered in __init__)
+
     def __init__(self, embed_dim: int, hidden_size: int, num_vectors: int = 4, dropout: float = 0.0, *,
                  mlp_dim: int | None = None, target_norm: float = 1.0) -> None:
         super().__init__()
@@ -551,7 +553,7 @@ class UserEncoder(nn.Module):
             raise ValueError(f"user_vectors must have shape [B, {self.embed_dim}], got {tuple(user_vectors.shape)}")
         if not user_vectors.is_floating_point():
             raise TypeError(f"user_vectors must be floating point, got {user_vectors.dtype}")
-        weight = self.net[0].weight
+        weight = cast(Tensor, self.net[0].weight)
         out = self.net(user_vectors.to(device=weight.device, dtype=weight.dtype))
         out = out.view(user_vectors.shape[0], self.num_vectors, self.hidden_size)
         scale = self.target_norm * self.log_gain.exp()                       # [num_vectors]

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeGuard, Union
 
 __all__ = ["MAX_MODULES", "MemoryConfig", "RankSpec", "atomic_directory", "atomic_write_bytes", "atomic_write_text"]
 
@@ -248,7 +248,7 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(folder)
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 

@@ -87,7 +87,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -218,6 +218,10 @@ class Record:
     query: str
     response: str
 
+    if TYPE_CHECKING:  # the generated __init__ takes any sequence as ``history`` (stored as a tuple)
+        def __init__(self, user_id: str, profile: str, history: Sequence[str], query: str, response: str) -> None:
+            ...
+
     def __post_init__(self) -> None:
         _check_text("user_id", self.user_id)
         _check_text("profile", self.profile, allow_empty=True)
@@ -323,10 +327,10 @@ def read_jsonl(path: str | os.PathLike[str], *, on_error: OnError = "raise", pro
                 raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
             records.append(Record.from_dict(obj))
         except (ValueError, TypeError) as exc:
-            err = DataFormatError(p, lineno, str(exc))
+            bad = DataFormatError(p, lineno, str(exc))
             if on_error == "raise":
-                raise err from None
-            skipped.append(err)
+                raise bad from None
+            skipped.append(bad)
     _warn_skipped(p, skipped)
     return records
 
@@ -889,8 +893,8 @@ def load_amazonqa(
         by_user.setdefault(it["user"], []).append((_order_key(it["order"], ("time", "unixTime", "timestamp"), pos), it))
     records: list[Record] = []
     no_history = 0
-    for user, rows in by_user.items():
-        rows = [it for _, it in sorted(rows, key=lambda x: x[0])]
+    for user, keyed in by_user.items():
+        rows = [it for _, it in sorted(keyed, key=lambda x: x[0])]
         reviews = _dedup(r for it in rows for r in it["reviews"])
         profile = next((it["profile"] for it in rows if it["profile"]), "")
         start = max(0, len(rows) - examples_per_user)
@@ -967,8 +971,8 @@ def load_reddit(
         by_user.setdefault(it["user"], []).append((key, it))
     records: list[Record] = []
     no_history = 0
-    for user, rows in by_user.items():
-        rows = [it for _, it in sorted(rows, key=lambda x: x[0])]
+    for user, keyed in by_user.items():
+        rows = [it for _, it in sorted(keyed, key=lambda x: x[0])]
         given_profile = next((it["profile"] for it in rows if it["profile"]), "")
         targets = [k for k, it in enumerate(rows) if it["parent"] and k > 0][-examples_per_user:]
         made = False
@@ -1320,7 +1324,7 @@ def _blank(system_prompt: str | None) -> bool:
 
 
 def _messages(query: str, system_prompt: str | None) -> list[dict[str, str]]:
-    msgs = [] if _blank(system_prompt) else [{"role": "system", "content": system_prompt}]
+    msgs = [] if system_prompt is None or _blank(system_prompt) else [{"role": "system", "content": system_prompt}]
     return msgs + [{"role": "user", "content": query}]
 
 
@@ -1352,7 +1356,7 @@ def format_prompt(query: str, tokenizer: Any, *, system_prompt: str | None = Non
         messages = _messages(query.strip(), system_prompt)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     text = _PLAIN_PROMPT.format(query=query.strip())
-    return text if _blank(system_prompt) else f"{system_prompt.strip()}\n\n{text}"
+    return text if system_prompt is None or _blank(system_prompt) else f"{system_prompt.strip()}\n\n{text}"
 
 
 def _prompt_ids(tokenizer: Any, query: str, system_prompt: str | None, chat: bool) -> list[int]:

@@ -481,7 +481,7 @@ def _over_injected_users(rt: Any, users_dir: Path, records: Sequence[Record], sl
     rename_legacy_folders(users_dir)  # a run an older version saved: its case-sensitive folder names
     by_user = group_by_user(records)
     users = sorted(by_user)
-    out: dict[tuple[str, str], Any] = {}
+    out: dict[tuple[str, str, int], Any] = {}
     for start in range(0, len(users), slots):
         group = users[start:start + slots]
         for u in group:

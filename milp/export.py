@@ -368,7 +368,7 @@ def import_peft(runtime: Any, user: Hashable, directory: str | os.PathLike[str],
         if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
             raise ValueError(f"{str(directory)!r}: module {name!r} maps {a.shape[1]} → {b.shape[0]} features, "
                              f"the model's maps {m.in_features} → {m.out_features}")
-    layer_rank = {}
+    layer_rank: dict[int, int] = {}
     for name, (a, _, _) in modules.items():
         li = where[name].layer
         layer_rank[li] = max(layer_rank.get(li, 0), a.shape[0])

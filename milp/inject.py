@@ -42,13 +42,13 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 import kernels
-from kernels import AdapterBank, BatchPlan
+from kernels import AdapterBank, AdapterSegment, BatchPlan
 from kernels._checks import check_device
 
 from .config import _check_bool
@@ -202,7 +202,7 @@ def _in_out_attrs(base: nn.Module) -> tuple[int, int] | None:
     subclasses), ``Conv1D`` (weight ``[in, out]``), or any module with int ``in_features`` /
     ``out_features`` (``infeatures`` / ``outfeatures``: GPTQ's); ``None`` otherwise."""
     if _is_conv1d(base):
-        w = base.weight
+        w = cast(torch.Tensor, base.weight)
         return int(w.shape[0]), int(w.shape[1])
     for names in (("in_features", "out_features"), ("infeatures", "outfeatures")):
         dims = tuple(getattr(base, n, None) for n in names)
@@ -278,13 +278,14 @@ class MultiLoraLinear(nn.Module):
         self.conv1d = _is_conv1d(base)
         self.dense = _dense_weight(base)
         if self.dense:
-            dtype, device = base.weight.dtype, base.weight.device
+            weight = cast(torch.Tensor, base.weight)
+            dtype, device = weight.dtype, weight.device
         else:
             if dtype is None:  # the base weight's dtype where the banks can hold it (not int8, float8…)
                 w = getattr(base, "weight", None)
                 w_dtype = w.dtype if isinstance(w, torch.Tensor) else None
-                dtype = w_dtype if w_dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) \
-                    else torch.get_default_dtype()
+                floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+                dtype = w_dtype if w_dtype is not None and w_dtype in floats else torch.get_default_dtype()
             device = _module_device(base)
         self.bank = AdapterBank(dims[0], dims[1], max_users, capacity=capacity, dtype=dtype, device=device)
         self._milp_state: MilpState | None = None
@@ -299,7 +300,7 @@ class MultiLoraLinear(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as ``[out, in]`` (a transposed view for ``Conv1D``)."""
-        w = self.base.weight
+        w = cast(torch.Tensor, self.base.weight)
         return w.t() if self.conv1d else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,9 +320,10 @@ class MultiLoraLinear(nn.Module):
             dt = self.bank.lora_a.dtype
             return y + kernels.lora_linear(x.to(dt), None, None, self.bank, plan).to(y.dtype)
         w = self.base_weight()
+        bias = cast("torch.Tensor | None", self.base.bias)
         if x.dtype != w.dtype:  # e.g. under autocast: run in the weights' dtype, hand back x's
-            return kernels.lora_linear(x.to(w.dtype), w, self.base.bias, self.bank, plan).to(x.dtype)
-        return kernels.lora_linear(x, w, self.base.bias, self.bank, plan)
+            return kernels.lora_linear(x.to(w.dtype), w, bias, self.bank, plan).to(x.dtype)
+        return kernels.lora_linear(x, w, bias, self.bank, plan)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, target={self.target!r}, conv1d={self.conv1d}, dense={self.dense}"
@@ -393,7 +395,8 @@ class MilpState:
         self.layers = layers
         self.names = names
         self.max_users = max_users
-        self.model_type = str(model.config.model_type)
+        config: Any = model.config  # a transformers PretrainedConfig
+        self.model_type = str(config.model_type)
         self._requires_grad = requires_grad
         self.row_users: torch.Tensor | None = None  # [B] or [B, S] int64 on CPU
         #: whether users are set (``row_users is not None``): what compiled forwards read
@@ -467,8 +470,12 @@ class MilpState:
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         # the slot's adapters as they are: put back when the new ones are refused (a rank, the
         # alpha, init) part-way, so a refused call leaves the slot as it was
-        saved = [(m.bank, m.bank.segment(slot), *(w.detach().clone() for w in m.bank.adapter_weights(slot)[:2]))
-                 for m in self.modules() if m.bank.has(slot)]
+        saved: list[tuple[AdapterBank, AdapterSegment, torch.Tensor, torch.Tensor]] = []
+        for m in self.modules():
+            if m.bank.has(slot):
+                seg = m.bank.segment(slot)
+                wa, wb, _ = m.bank.adapter_weights(slot)
+                saved.append((m.bank, seg, wa.detach().clone(), wb.detach().clone()))
         self.remove_adapters(slot, missing_ok=True)
         try:
             for li, layer in enumerate(self.layers):
@@ -550,6 +557,7 @@ class MilpState:
     def _token_users(self, lead: tuple[int, ...], device: torch.device) -> torch.Tensor:
         ru = self._row_users_dev.get(device)
         if ru is None:
+            assert self.row_users is not None  # callers plan only for a batch whose users are set
             ru = self._row_users_dev[device] = self.row_users.to(device)
         T = math.prod(lead)
         if not self._fits(lead):
@@ -572,6 +580,7 @@ class MilpState:
         """Whether activations of leading shape ``lead`` can belong to the current batch: as many
         tokens as per-token users, or a first dimension that is a multiple of the rows."""
         ru = self.row_users
+        assert ru is not None  # callers test only while the batch's users are set
         if ru.dim() == 2:
             return ru.numel() == math.prod(lead)
         return bool(lead) and lead[0] % ru.shape[0] == 0

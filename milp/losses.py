@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -127,7 +127,7 @@ def check_token_inputs(model: nn.Module, input_ids: Any, attention_mask: Any = N
             raise ValueError(f"inputs_embeds must be [B, S, hidden] with B, S >= 1, "
                              f"got shape {list(inputs_embeds.shape)}")
         try:
-            emb = model.get_input_embeddings()
+            emb = cast(Any, model).get_input_embeddings()  # a transformers model's method
         except (AttributeError, NotImplementedError):
             emb = None
         if isinstance(emb, nn.Embedding) and inputs_embeds.shape[-1] != emb.embedding_dim:
@@ -196,7 +196,9 @@ def token_losses(
         raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must hold integer token ids (-100 = no target), got dtype {labels.dtype}")
-    shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+    given = input_ids if input_ids is not None else inputs_embeds
+    assert given is not None  # exactly one of the two (checked above)
+    shape = tuple(given.shape[:2])
     if labels.dim() != 2 or tuple(labels.shape) != shape:
         raise ValueError(f"labels must be [B, S] = {list(shape)}, got {list(labels.shape)}")
     labels = labels.long()  # cross_entropy takes int64 targets only (int32 ids, e.g. from numpy)

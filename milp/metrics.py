@@ -106,7 +106,7 @@ def _check_context(name: str, value: Any) -> Context:
     return value
 
 
-def _check_same_length(**seqs: Sequence[Any]) -> int:
+def _check_same_length(**seqs: Sequence[Any] | None) -> int:
     lengths = {k: len(v) for k, v in seqs.items() if v is not None}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"inputs must have the same length, got {lengths}")

@@ -234,7 +234,7 @@ def _load_checkpoint(path: Path, dtype: torch.dtype | None, device: str | torch.
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if device is not None:
         model = model.to(device)

@@ -45,6 +45,7 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass
+from typing import TypedDict, cast
 
 import torch
 
@@ -55,6 +56,13 @@ from .config import _check_bool
 __all__ = ["AdamWConfig", "PackedAdamW", "lr_multiplier", "warmup_steps"]
 
 _DECAYS = ("linear", "constant")
+
+
+class _TensorKw(TypedDict):
+    """The ``dtype`` and ``device`` keywords of a tensor factory."""
+
+    dtype: torch.dtype
+    device: torch.device
 
 
 @dataclass(frozen=True)
@@ -182,7 +190,9 @@ def _check_schedule(total_steps: object, warmup_ratio: object, decay: object = "
     if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral)
                                     or total_steps < 0):
         raise ValueError(f"total_steps must be an int >= 0 or None, got {total_steps!r}")
-    if isinstance(warmup_ratio, bool) or not isinstance(warmup_ratio, numbers.Real) or not 0 <= warmup_ratio <= 1:
+    # cast: numbers.Real's stub has no __ge__ (for 0 <= ratio); the ones the code takes (float, int, numpy) have it
+    if isinstance(warmup_ratio, bool) or not isinstance(warmup_ratio, numbers.Real) \
+            or not 0 <= cast(float, warmup_ratio) <= 1:
         raise ValueError(f"warmup_ratio must be a number in [0, 1], got {warmup_ratio!r}")
     if not isinstance(decay, str) or decay not in _DECAYS:
         raise ValueError(f"decay must be one of {_DECAYS}, got {decay!r}")
@@ -262,10 +272,10 @@ class PackedAdamW:
         dev = banks[0].lora_a.device if banks else torch.device("cpu")
         self.device = dev
         U = max_users
-        f32 = dict(dtype=torch.float32, device=dev)
+        f32: _TensorKw = dict(dtype=torch.float32, device=dev)
         # the settings as given (float64): float64 banks are updated with them as they are, like
         # torch.optim.AdamW; the float32 arithmetic of the other banks rounds them first (_factors)
-        f64 = dict(dtype=torch.float64, device=dev)
+        f64: _TensorKw = dict(dtype=torch.float64, device=dev)
         self._lr = torch.zeros(U, **f64)
         self._beta1 = torch.full((U,), 0.9, **f64)
         self._beta2 = torch.full((U,), 0.999, **f64)
@@ -375,7 +385,7 @@ class PackedAdamW:
 
     def _zeros(self, b: AdapterBank) -> dict[str, torch.Tensor]:
         """Zero moments (and master: zeros are stale, :meth:`step` re-seeds them from the bank)."""
-        kw = dict(dtype=self._compute_dtype(b), device=b.lora_a.device)
+        kw: _TensorKw = dict(dtype=self._compute_dtype(b), device=b.lora_a.device)
         cap = b.capacity
         names = ("exp_avg", "exp_avg_sq", "master") if self._has_master(b) else ("exp_avg", "exp_avg_sq")
         return {f"{n}_{s}": torch.zeros(cap, w, **kw) for n in names for s, w in (("a", b.in_features),

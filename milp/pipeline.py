@@ -38,7 +38,7 @@ import contextlib
 import math
 import random
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -332,6 +332,14 @@ def _batches(runtime: Any, users: list[Hashable | None] | None, batch_size: int,
     return runtime.row_batches(users, batch_size, order)
 
 
+def _using(runtime: Any, users: list[Hashable | None] | None,
+           rows: Iterable[int]) -> contextlib.AbstractContextManager[Any]:
+    """``runtime.using`` the users of ``rows`` (a null context without a runtime)."""
+    if runtime is None or users is None:
+        return contextlib.nullcontext()
+    return runtime.using([users[i] for i in rows])
+
+
 def _instruction_examples(records: Sequence[Record], tokenizer: Any, context_fn: ContextFn | None,
                           max_length: int, add_response: bool) -> list[dict[str, Any]]:
     out = []
@@ -559,7 +567,7 @@ def instruction_tune(
             if mine:
                 named = None if users is None else [users[i] for i in mine]
                 groups = [[mine[j] for j in g] for g in _batches(runtime, named, len(mine), range(len(mine)))]
-            parts = []
+            parts: list[tuple[list[int], dict[str, Any]]] = []  # (rows, model keyword arguments)
             for g in groups:
                 batch = collate([examples[i] for i in g], pad)
                 batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -571,10 +579,11 @@ def instruction_tune(
                 first = 1 if prefix is None else 0
                 n_targets = sum(sum(t != IGNORE_INDEX for t in examples[i]["labels"][first:]) for i in idx)
             loss = torch.zeros((), device=device)
+            part: torch.Tensor | None
             for g, inputs in parts:
                 # gradients go to the trained parameters alone: the memory adapters stay frozen here,
                 # and an unfrozen base model gathers no .grad (it used to, step after step)
-                with runtime.using([users[i] for i in g]) if runtime is not None else contextlib.nullcontext():
+                with _using(runtime, users, g):
                     part = token_losses(model, **inputs)[0].sum() / max(n_targets, 1)
                     if part.requires_grad:  # not without a target: no gradient, as mean_token_loss gives
                         part.backward(inputs=params)
@@ -584,10 +593,12 @@ def instruction_tune(
                 # gradient accumulators at the old shape, which the next backward then fails on
                 part = None
             if all_reduce is not None:
+                grads: list[torch.Tensor] = []
                 for p in params:  # reduce into .grad itself: a rank without a gradient still gets the others'
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                all_reduce([p.grad for p in params] + ([loss] if shard is not None else []))
+                    grads.append(p.grad)
+                all_reduce(grads + ([loss] if shard is not None else []))
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
             sched.step()
@@ -635,9 +646,9 @@ def response_losses(
         for idx in _batches(runtime, users, batch_size, range(len(records))):
             batch = collate([examples[i] for i in idx], pad)
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
+            inputs: dict[str, Any] = _with_prefix(model, prefix, [records[i] for i in idx], batch)  # model kwargs
             labels = inputs.pop("labels")
-            with runtime.using([users[i] for i in idx]) if runtime is not None else contextlib.nullcontext():
+            with _using(runtime, users, idx):
                 ce, valid = token_losses(model, labels=labels, **inputs)
             out += (ce.sum(1) / valid.sum(1).clamp(min=1)).tolist()
     finally:
@@ -690,11 +701,12 @@ def generate_responses(
             kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             if eos is not None:  # None would override the model's own generation_config.eos_token_id
                 kwargs["eos_token_id"] = eos
-            if runtime is not None:
+            lm = cast(Any, model)  # a transformers model: generate()
+            if runtime is not None and users is not None:
                 with runtime.using([users[i] for i in idx]):
-                    out = model.generate(**inputs, **kwargs)
+                    out = lm.generate(**inputs, **kwargs)
             else:
-                out = model.generate(**inputs, **kwargs)
+                out = lm.generate(**inputs, **kwargs)
             # with input_ids the output repeats the prompt; with inputs_embeds it holds new tokens only
             new = out[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out
             for i, row in zip(idx, new.tolist()):

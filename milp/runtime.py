@@ -37,9 +37,9 @@ import os
 import stat
 import threading
 import zlib
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -619,7 +619,10 @@ class MilpRuntime:
         if extra:
             raise ValueError(f"adapter tensors name targets user {user!r} has no adapters at: {sorted(extra)[:5]}")
         # a module refused (shape, NaN) after others were written: those get their rows back
-        old = [(bank, *(w.detach().clone() for w in bank.adapter_weights(slot)[:2])) for bank, _, _ in pairs]
+        old = []
+        for bank, _, _ in pairs:
+            wa, wb, _ = bank.adapter_weights(slot)
+            old.append((bank, wa.detach().clone(), wb.detach().clone()))
         try:
             for bank, a, b in pairs:
                 bank.set_adapter_weights(slot, a, b)
@@ -742,6 +745,7 @@ class MilpRuntime:
         user id as ``[uid] * batch_size``."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1 (the batch's rows), got {batch_size!r}")
+        rows: list[Hashable | None]
         if users is None or isinstance(users, (str, int)) and not isinstance(users, bool):
             rows = [users] * batch_size
         elif isinstance(users, Sequence):
@@ -768,7 +772,8 @@ class MilpRuntime:
         """Whether the store may evict loaded ``user``: loaded from it, and written back first
         or untrained since loading, and not a user of an open :meth:`using` block (whose rows
         would then run another user's adapters)."""
-        return (user in self._from_store and (self.store.write_back or not self._dirty(user))
+        return (user in self._from_store and self.store is not None  # a store loaded it, so there is one
+                and (self.store.write_back or not self._dirty(user))
                 and not self._in_use(user))
 
     def _in_use(self, user: Hashable) -> bool:
@@ -815,7 +820,8 @@ class MilpRuntime:
             evictable = free is not None and u is not None and u not in pinned
             # "new to the group" is decided against the group the row joins: after a group ends at
             # batch_size, a user of the ended group is new to the next one again
-            if group and (len(group) == batch_size or (evictable and u not in named and len(named) >= free)):
+            if group and (len(group) == batch_size
+                          or (evictable and free is not None and u not in named and len(named) >= free)):
                 yield group
                 group, named = [], set()
             group.append(i)
@@ -1057,7 +1063,9 @@ class MilpRuntime:
                 self.state.prepare_static((rows, 1), ids.device, evictable=True)
                 for length in self._prefill_chunks(kwargs, ids.shape[1]):  # a chunked prefill is compiled too
                     self.state.prepare_static((rows, length), ids.device, evictable=True)
-            return self.model.generate(input_ids=ids, attention_mask=attention_mask, **kwargs)
+            # a Hugging Face model's GenerationMixin.generate: nn.Module's __getattr__ types it Tensor | Module
+            generate = cast(Callable[..., Any], self.model.generate)
+            return generate(input_ids=ids, attention_mask=attention_mask, **kwargs)
 
     def _generation_setting(self, kwargs: Mapping[str, Any], name: str, default: Any = None) -> Any:
         """``generate``'s setting ``name``: from its arguments, else from the generation config."""

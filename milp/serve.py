@@ -37,13 +37,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, cast
 
 __all__ = ["AnswerServer", "build_parser", "main"]
 
@@ -156,7 +157,7 @@ class AnswerServer:
     def serve_forever(self) -> None:
         """Serve until interrupted (Ctrl-C, or SIGTERM: ``docker stop``, systemd), then close."""
         requested = threading.Event()
-        previous = {}
+        previous: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int | None] = {}
 
         def restore() -> None:
             for sig, handler in previous.items():
@@ -444,7 +445,8 @@ def _http_server(host: str, port: int, handler: type[BaseHTTPRequestHandler]) ->
                     self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             super().server_bind()
 
-    return Server(addr[:2] if family == socket.AF_INET else addr, handler)
+    address = cast("tuple[str, int] | tuple[str, int, int, int]", addr)  # an IPv4 / IPv6 address (AF_INET[6])
+    return Server(address[:2] if family == socket.AF_INET else address, handler)
 
 
 def _url(host: str, port: int) -> str:

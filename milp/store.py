@@ -152,7 +152,7 @@ def rename_legacy_folders(root: str | os.PathLike[str], suffix: str = "") -> lis
         if suffix:
             if not (p.is_file() and p.name.endswith(suffix)):
                 continue
-            user = _rows_user(p)
+            user: str | int | None = _rows_user(p)
         else:
             user = _saved_id(p) if p.is_dir() and not _TEMP_DIR.match(p.name) else None
         if user is None:
@@ -170,7 +170,7 @@ def rename_legacy_folders(root: str | os.PathLike[str], suffix: str = "") -> lis
     return renamed
 
 
-def _rows_user(path: Path) -> Hashable | None:
+def _rows_user(path: Path) -> str | None:
     """The one ``"user_id"`` of the JSON list of rows in ``path`` (``None`` when unreadable or
     not exactly one user's)."""
     try:
@@ -199,7 +199,7 @@ def _holds(path: Path, user: Hashable) -> bool:
     return saved == user and type(saved) is type(user)
 
 
-def _saved_id(path: Path) -> Hashable | None:
+def _saved_id(path: Path) -> str | int | None:
     """The user id recorded in ``path/user.json`` (``None`` when unreadable)."""
     try:
         info = json.loads((path / _USER_FILE).read_text(encoding="utf-8"))
@@ -311,7 +311,7 @@ class UserStore:
         return p if p is not None and _holds(p, user) else None
 
     def __contains__(self, user: object) -> bool:
-        return self.path(user) is not None  # type: ignore[arg-type]
+        return self.path(user) is not None
 
     def users(self) -> list[Hashable]:
         """Every user id in the store (re-reads the directory)."""

@@ -49,7 +49,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsInt, cast
 
 import torch
 from torch.quasirandom import SobolEngine
@@ -110,8 +110,8 @@ def _as_float(v: numbers.Real, name: str) -> float:
     try:
         return float(v)
     except OverflowError:
-        raise ValueError(f"{name} must be a number in the float range, got an int of {int(v).bit_length()} bits") \
-            from None
+        bits = int(cast(SupportsInt, v)).bit_length()  # numbers.Real has no __int__ in its stub; an int or Fraction has
+        raise ValueError(f"{name} must be a number in the float range, got an int of {bits} bits") from None
 
 
 class Search:
@@ -401,7 +401,8 @@ class Search:
     def _next_design_indices(self, k: int, limit: int | None) -> list[int]:
         """The next ``k`` unused Sobol indices (below ``limit`` if given)."""
         busy = self._used_design | {t.design_index for t in self._pending.values() if t.design_index is not None}
-        out, i = [], 0
+        out: list[int] = []
+        i = 0
         while len(out) < k and (limit is None or i < limit):
             if i not in busy:
                 out.append(i)
@@ -526,7 +527,9 @@ class Search:
             kind=self.surrogate,
             nuts=self.nuts,
             seed=seed,
-            input_map=self.space.effective_tensor if self.space.effective_tensor(X[:1]) is not None else None,
+            # a space either maps every input or none (the base class's None)
+            input_map=cast(Callable[[torch.Tensor], torch.Tensor], self.space.effective_tensor)
+            if self.space.effective_tensor(X[:1]) is not None else None,
         )
         ref = torch.tensor(self.reference_point(), dtype=torch.float64) * signs
         pend = [t.x for t in self._pending.values()]

@@ -72,8 +72,8 @@ class LoRASynthetic:
             raise TypeError(f"noise_std must be a real number, got {type(noise_std).__name__} ({noise_std!r})")
         if not (noise_std >= 0 and math.isfinite(noise_std)):
             raise ValueError(f"noise_std must be finite and >= 0, got {noise_std}")
-        self.layers = (a, b)
-        self.noise_std = float(noise_std)
+        self.layers: tuple[int, int] = (a, b)
+        self.noise_std: float = float(noise_std)
         self.space: SearchSpace = paper_space(
             num_layers, target_shapes=ffn_target_shapes(num_layers, hidden_size, intermediate_size)
         )
@@ -84,12 +84,12 @@ class LoRASynthetic:
         #: Hypervolumes are reported divided by this (parameters as a fraction of the maximum).
         self.hv_scale = float(self.max_parameters)
         self.relevant = (f"layer_{a}", f"layer_{b}", "modules", "rank")
-        self._gen = torch.Generator().manual_seed(10_000 + seed)
+        self._gen: torch.Generator = torch.Generator().manual_seed(10_000 + seed)
         #: The best noise-free loss over the space (both relevant layers on, best n · r).
         self.best_loss = min(
             self.true_loss(LoRAConfig.uniform(num_layers, n, r)) for n in range(33) for r in self.space.ranks
         )
-        self._log_max = math.log10(1.0 + self.max_parameters)
+        self._log_max: float = math.log10(1.0 + self.max_parameters)
         # The true Pareto front: switching on a layer other than the two relevant ones only
         # adds parameters, so it lies among the configurations using those two at most.
         front = [

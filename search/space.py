@@ -110,7 +110,7 @@ def _check_bool(v: Any, name: str) -> bool:
 def parameter_count(
     layer_mask: Sequence[bool],
     modules: Sequence[int],
-    ranks: Sequence[int] | Sequence[Sequence[int]],
+    ranks: Sequence[int | Sequence[int]],
     target_shapes: Sequence[Sequence[tuple[int, int]]],
 ) -> int:
     """Exact number of trainable LoRA parameters of a multi-LoRA configuration.
@@ -509,16 +509,17 @@ class SearchSpace(Space):
             raise TypeError(f"modules_per_layer must be a bool, got {type(modules_per_layer).__name__}")
         self.rank_per_layer = rank_per_layer
         self.modules_per_layer = modules_per_layer
+        shapes: list[list[tuple[int, int]]] | None = None
         if target_shapes is not None:
-            target_shapes = [list(s) for s in _check_seq(target_shapes, "target_shapes")]
-            if len(target_shapes) != self.num_layers:
+            shapes = [list(s) for s in _check_seq(target_shapes, "target_shapes")]
+            if len(shapes) != self.num_layers:
                 raise ValueError(
                     f"target_shapes must have one entry per layer ({self.num_layers}), "
-                    f"got {len(target_shapes)}"
+                    f"got {len(shapes)}"
                 )
             # validate once through the counting function itself
-            parameter_count([True] * self.num_layers, [1] * self.num_layers, [1] * self.num_layers, target_shapes)
-        self.target_shapes = target_shapes
+            parameter_count([True] * self.num_layers, [1] * self.num_layers, [1] * self.num_layers, shapes)
+        self.target_shapes = shapes
 
         L = self.num_layers
         n_bits = L if self.search_layers else 0
@@ -870,10 +871,10 @@ class BoxSpace(Space):
             raise ValueError("bounds must have at least one (lo, hi) pair, got an empty sequence")
         checked = []
         for i, b in enumerate(bounds):
-            b = _check_seq(b, f"bounds[{i}]")
-            if len(b) != 2:
-                raise ValueError(f"bounds[{i}] must be a (lo, hi) pair, got {tuple(b)!r}")
-            lo, hi = b
+            pair = _check_seq(b, f"bounds[{i}]")
+            if len(pair) != 2:
+                raise ValueError(f"bounds[{i}] must be a (lo, hi) pair, got {tuple(pair)!r}")
+            lo, hi = pair
             for v, what in ((lo, "lo"), (hi, "hi")):
                 if isinstance(v, bool) or not isinstance(v, numbers.Real):
                     raise TypeError(f"bounds[{i}] {what} must be a real number, got {type(v).__name__}")

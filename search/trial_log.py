@@ -62,7 +62,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_with(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+def atomic_write_with(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
     """Atomically create or replace ``path`` with ``write(tmp_path)`` (e.g. ``fig.savefig``): a
     temp file in the same folder, synced, given the replaced file's mode (a new one ``0o644``),
     renamed over ``path`` and the folder synced; on failure the temp file is removed and ``path``
