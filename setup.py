@@ -47,7 +47,8 @@ extras = {
     "peft": ["peft>=0.13"],
     "plot": ["matplotlib>=3.7"],
 }
-extras["dev"] = sorted(set(extras["test"] + extras["peft"] + ["ruff"]))
+# mypy pinned: a newer release finds new errors, and CI runs it (.ci/run)
+extras["dev"] = sorted(set(extras["test"] + extras["peft"] + ["ruff", "mypy==2.4.1"]))
 
 setup(
     name="milp-toolkit",
@@ -61,7 +62,9 @@ setup(
     # own, listed, instead of folders that setuptools warns it "would ignore" in a future release
     packages=find_namespace_packages(include=["kernels", "kernels.*", "milp", "milp.*", "search", "search.*"],
                                      exclude=["*.__pycache__"]),
-    package_data={"kernels.configs": ["*.json"], "milp.assets.meddia": ["*"]},
+    # py.typed (PEP 561): users' type checkers read the packages' hints
+    package_data={"kernels": ["py.typed"], "milp": ["py.typed"], "search": ["py.typed"],
+                  "kernels.configs": ["*.json"], "milp.assets.meddia": ["*"]},
     include_package_data=True,
     install_requires=install_requires,
     extras_require=extras,

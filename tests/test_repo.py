@@ -45,10 +45,10 @@ def _can_build_wheels_offline() -> bool:
 
 
 def test_wheel_ships_the_packages_and_their_data(tmp_path):
-    """A non-editable install (what ``pip install milp-toolkit`` gives) holds the GPU config files
-    and the shipped MedDia data, and setuptools builds it without its "package would be ignored"
-    warning (a data folder left out of ``packages``, which future setuptools drop). Built from the
-    tracked files only, installed into a folder of its own and imported from there."""
+    """A non-editable install (what ``pip install milp-toolkit`` gives) holds the GPU config files,
+    the shipped MedDia data and the ``py.typed`` markers, and setuptools builds it without its
+    "package would be ignored" warning (a data folder left out of ``packages``, which future
+    setuptools drop). Built from the tracked files only, installed into a folder of its own and imported from there."""
     import shutil
     import subprocess
     import sys
@@ -90,6 +90,8 @@ def test_wheel_ships_the_packages_and_their_data(tmp_path):
     assert configs == str(want) and want
     assert "LICENSE" in meddia and "README.md" in meddia and "profiles_4.json" in meddia
     assert loaded == "True"
+    # PEP 561: without py.typed, users' type checkers ignore the packages' hints
+    assert [(site / pkg / "py.typed").is_file() for pkg in ("kernels", "milp", "search")] == [True] * 3
 
 
 def test_layers_import_one_way():
