@@ -811,7 +811,8 @@ def _check_common(examples_per_user: Any, max_history: Any, on_error: Any) -> No
     _check_on_error(on_error)
 
 
-def _parse_items(path: Path, on_error: OnError, progress: bool, parse) -> tuple[list[Any], list[DataFormatError]]:
+def _parse_items(path: Path, on_error: OnError, progress: bool, parse: Callable[[Mapping[str, Any]], Any]
+                 ) -> tuple[list[Any], list[DataFormatError]]:
     items, skipped = [], []
     for pos, (where, obj) in enumerate(_iter_json_objects(path, on_error, progress)):
         if isinstance(obj, DataFormatError):

@@ -340,7 +340,8 @@ def _static_plan_snapshot(sorted_tokens: torch.Tensor, tiles: torch.Tensor, segm
 
 
 @_static_plan_snapshot.register_fake
-def _(sorted_tokens, tiles, segments):
+def _(sorted_tokens: torch.Tensor, tiles: torch.Tensor, segments: torch.Tensor
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.empty_like(sorted_tokens), torch.empty_like(tiles), torch.empty_like(segments)
 
 

@@ -117,7 +117,7 @@ def _check_same_length(**seqs: Sequence[Any] | None) -> int:
 _SCORER = None
 
 
-def _scorer():
+def _scorer() -> Any:  # a rouge_score RougeScorer (untyped package)
     global _SCORER
     if _SCORER is None:
         from rouge_score import rouge_scorer

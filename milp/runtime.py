@@ -39,7 +39,7 @@ import threading
 import zlib
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import torch
 from torch import nn
@@ -355,12 +355,18 @@ def _as_key(user: object) -> Hashable:
     return user
 
 
-def _serialized(method):
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _serialized(method: Callable[Concatenate[MilpRuntime, _P], _R]) -> Callable[Concatenate[MilpRuntime, _P], _R]:
     """Run ``method`` holding the runtime's lock: one call at a time per runtime, across threads
     (a server answering requests from a thread pool); re-entrant, so the runtime's own nested
-    calls (a store load inside a batch, :meth:`MilpRuntime.using` around a forward) go through."""
+    calls (a store load inside a batch, :meth:`MilpRuntime.using` around a forward) go through.
+    Typed to keep the method's signature (an untyped decorator made every one of them ``Any``
+    to a type checker)."""
     @functools.wraps(method)
-    def locked(self, *args, **kwargs):
+    def locked(self: MilpRuntime, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with self._lock:
             return method(self, *args, **kwargs)
     return locked
@@ -843,11 +849,12 @@ class MilpRuntime:
             raise ValueError(f"the batch names {len(need)} distinct users but the runtime holds at most "
                              f"max_users={self.max_users} at once; split the batch")
         missing = [u for u in need if u not in self._slots]
-        paths = {}
+        paths: dict[Hashable, Path] = {}
         for u in missing:
-            paths[u] = store.path(u)
-            if paths[u] is None:
+            found = store.path(u)
+            if found is None:
                 raise KeyError(f"unknown user {u!r}: not loaded, and {store} has no such user")
+            paths[u] = found
         free = self.max_users - len(self._slots)
         victims: list[Hashable] = []
         if len(missing) > free:

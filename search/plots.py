@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .pareto import _signs, pareto_mask
 from .trial_log import atomic_write_with
 
+if TYPE_CHECKING:  # matplotlib is the plot extra: imported when a plot is drawn
+    from matplotlib.figure import Figure
+
 __all__ = ["plot_hypervolume", "plot_pareto"]
 
 
-def _figure(ncols: int = 1):  # noqa: ANN202 - matplotlib types are optional
+def _figure(ncols: int = 1) -> Figure:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -25,7 +29,7 @@ def _figure(ncols: int = 1):  # noqa: ANN202 - matplotlib types are optional
     return fig
 
 
-def _save(fig, path: str | os.PathLike[str]) -> None:  # noqa: ANN001
+def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
     fig.tight_layout()
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
 
