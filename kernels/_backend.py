@@ -113,7 +113,7 @@ def interpreter_problem() -> str | None:
     import triton.language as tl
 
     @triton.jit
-    def _probe(out_ptr, n):
+    def _probe(out_ptr, n):  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
         acc = tl.zeros((1,), dtype=tl.int32)
         for _ in range(tl.program_id(0), n):
             acc += 1
@@ -311,7 +311,7 @@ class SideStream:
             self._ctx.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
             self._ctx = None

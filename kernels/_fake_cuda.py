@@ -19,6 +19,9 @@ Use it in a fresh process with ``TRITON_INTERPRET=0`` (the kernels must be decor
 from __future__ import annotations
 
 import itertools
+import types
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import torch
 from triton.backends.compiler import GPUTarget
@@ -29,7 +32,7 @@ _LAUNCHES: list[dict] = []
 _HANDLES = itertools.count(1)
 
 
-def describe(arg):
+def describe(arg: object) -> object:
     """What a launch argument is, comparable across calls: tensors by dtype, shape, strides and
     pointer alignment (``data_ptr() % 16``), everything else by value (``repr`` for objects)."""
     if isinstance(arg, torch.Tensor):
@@ -39,7 +42,7 @@ def describe(arg):
     return repr(arg)
 
 
-def _calls_something(hook) -> bool:
+def _calls_something(hook: object) -> bool:
     """A launch hook that would call a function: not ``None``, not an empty ``HookChain``."""
     return hook is not None and bool(getattr(hook, "calls", True))
 
@@ -48,11 +51,13 @@ class _Launcher:
     """One compiled kernel's launcher: records ``(kernel, grid, stream, function, arguments,
     hooks)`` and calls the enter/exit hooks as Triton's C launcher does."""
 
-    def __init__(self, src, metadata):
+    def __init__(self, src: Any, metadata: Any) -> None:
         self.name = getattr(metadata, "name", "?")
         self.fp_fusion = getattr(metadata, "enable_fp_fusion", None)  # the compile option it was built with
 
-    def __call__(self, g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, leave, *args):
+    def __call__(self, g0: int, g1: int, g2: int, stream: int, function: int, packed_metadata: Any,
+                 launch_metadata: Any, enter: Callable[[Any], object] | None, leave: Callable[[Any], object] | None,
+                 *args: object) -> None:
         if enter is not None:
             enter(launch_metadata)
         if RECORD:
@@ -67,11 +72,11 @@ class _Launcher:
 
 
 class _Utils:
-    def load_binary(self, name, kernel, shared, device):
+    def load_binary(self, name: str, kernel: bytes, shared: int, device: int) -> tuple[int, int, int, int, int]:
         # (module, function, registers, spills, max threads per block)
         return next(_HANDLES), next(_HANDLES), 64, 0, 1024
 
-    def get_device_properties(self, device):
+    def get_device_properties(self, device: int) -> dict[str, int]:
         return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
                 "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 6144}
 
@@ -85,29 +90,29 @@ class FakeCudaDriver(GPUDriver):
         self.launcher_cls = _Launcher
         self.arch, self.stream = arch, stream
 
-    def get_current_device(self):
+    def get_current_device(self) -> int:
         return 0
 
-    def set_current_device(self, device):
+    def set_current_device(self, device: int) -> None:
         pass
 
-    def get_current_stream(self, device):
+    def get_current_stream(self, device: int) -> int:
         return self.stream
 
-    def get_device_capability(self, device=0):
+    def get_device_capability(self, device: int = 0) -> tuple[int, int]:
         return divmod(self.arch, 10)
 
-    def get_current_target(self):
+    def get_current_target(self) -> GPUTarget:
         return GPUTarget("cuda", self.arch, 32)
 
-    def get_active_torch_device(self):
+    def get_active_torch_device(self) -> torch.device:
         return torch.device("cpu")
 
-    def get_device_interface(self):
+    def get_device_interface(self) -> types.ModuleType:
         return torch.cuda
 
     @staticmethod
-    def is_active():
+    def is_active() -> bool:
         return True
 
     def map_python_to_cpp_type(self, ty: str) -> str:
@@ -115,13 +120,13 @@ class FakeCudaDriver(GPUDriver):
 
         return ty_to_cpp(ty)
 
-    def get_benchmarker(self):
+    def get_benchmarker(self) -> NoReturn:
         raise NotImplementedError("no timing on the stand-in driver")
 
-    def get_empty_cache_for_benchmark(self):
+    def get_empty_cache_for_benchmark(self) -> NoReturn:
         raise NotImplementedError("no timing on the stand-in driver")
 
-    def clear_cache(self, cache):
+    def clear_cache(self, cache: torch.Tensor) -> None:
         pass
 
 

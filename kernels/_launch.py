@@ -46,6 +46,8 @@ from __future__ import annotations
 import threading
 import types
 import warnings
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import torch
 import triton
@@ -85,11 +87,11 @@ class _NotThatKind(Exception):
     """An argument is not of the kind its position had when the key function was made."""
 
 
-def _not_that_kind():
+def _not_that_kind() -> NoReturn:
     raise _NotThatKind
 
 
-def _kind(a) -> str | None:
+def _kind(a: object) -> str | None:
     if isinstance(a, torch.Tensor):
         return "tensor"
     if a is None:
@@ -99,7 +101,7 @@ def _kind(a) -> str | None:
     return None
 
 
-def _key_function(args: tuple):
+def _key_function(args: tuple) -> Callable[..., tuple] | None:
     """A function of ``args``' arity returning their key (see the module docstring), made from
     the kinds of ``args`` as generated code (what Triton's binder does for its specialisation:
     no per-argument dispatch in a loop), or ``None`` for a kind it does not key. One function
@@ -135,7 +137,7 @@ def _key_function(args: tuple):
     return space["key"]
 
 
-_KEY_FUNCTIONS: dict = {}  # kinds -> key function (or None)
+_KEY_FUNCTIONS: dict[tuple[str | None, ...], Callable[..., tuple] | None] = {}  # kinds -> key function (or None)
 
 
 class Launch:
@@ -166,14 +168,14 @@ class Launch:
         g = self.grid + (1, 1)
         self._grid3 = (g[0], g[1], g[2])
         self._used = False    # called before
-        self._fn = None       # the JITFunction served, once seen
+        self._fn: Any = None  # the JITFunction served, once seen
         self._arity = -1
-        self._keyfn = None    # its key function (None: no direct path)
+        self._keyfn: Callable[..., tuple] | None = None  # its key function (None: no direct path)
         self._tail = ()       # values of the parameters after the positional ones
         self._seen: dict = {}     # (device, key) -> compiled kernel, launched directly
         self._pending: dict = {}  # (device, key) -> compiled kernel Triton picked, not verified yet
 
-    def __call__(self, fn, *args) -> None:
+    def __call__(self, fn: Any, *args: Any) -> None:
         if fn is not self._fn and not self._serve(fn, args):
             fn[self.grid](*args, **self.kw)
             return
@@ -203,7 +205,7 @@ class Launch:
         g0, g1, g2 = self._grid3
         kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *full)
 
-    def _serve(self, fn, args: tuple) -> bool:
+    def _serve(self, fn: Any, args: tuple) -> bool:
         """Bind to ``fn``: a compiled kernel, at this launch's second call."""
         if self._fn is not None or type(fn) is not JITFunction or not self._used:
             self._used = True
@@ -216,7 +218,7 @@ class Launch:
         self._fn = fn
         return True
 
-    def _learn(self, fn, seen: tuple, args: tuple) -> None:
+    def _learn(self, fn: Any, seen: tuple, args: tuple) -> None:
         """A key not launched directly yet: Triton's path (it compiles or finds the kernel, and
         launches it), remembering its kernel the first time and verifying the second."""
         pending = self._pending.pop(seen, None)
@@ -229,7 +231,7 @@ class Launch:
                 self._pending.clear()
             self._pending[seen] = kernel
 
-    def _verify(self, fn, seen: tuple, kernel, args: tuple) -> None:
+    def _verify(self, fn: Any, seen: tuple, kernel: Any, args: tuple) -> None:
         """Launch through Triton's path with ``kernel``'s launcher watched: its call must be the
         one the direct path would make (grid, stream, function, metadata, hooks, and every
         argument, the same objects), or this launch never goes direct."""
@@ -241,7 +243,7 @@ class Launch:
             return
         me = threading.get_ident()
 
-        def watched(*call):
+        def watched(*call: Any) -> Any:
             if threading.get_ident() == me:
                 calls.append(call)
             return launcher(*call)
@@ -288,6 +290,6 @@ def _same_call(got: tuple, want: tuple) -> bool:
         return False
 
 
-def _idle(hook) -> bool:
+def _idle(hook: Any) -> bool:
     """No launch hook to call: ``None``, or an empty ``HookChain`` (triton 3.5 and later)."""
     return hook is None or (hook.__class__ is HookChain and not hook.calls)

@@ -31,7 +31,8 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import TypedDict
+from collections.abc import Callable
+from typing import Any, TypedDict
 
 import triton
 import triton.language as tl
@@ -87,7 +88,8 @@ SCENARIOS: tuple[tuple[str, str, _Problem], ...] = (
 )
 
 
-def _variants(dtype: str):
+def _variants(dtype: str) -> list[tuple[str, str, Any, dict[str, str], list[str], dict[str, int | bool],
+                                       dict[str, int | bool]]]:
     import torch
 
     from .ops._common import next_pow2
@@ -181,7 +183,7 @@ def _require_compiler(what: str) -> None:
         raise RuntimeError(f"{what} needs TRITON_INTERPRET unset or 0 (interpreted kernels cannot compile)")
 
 
-def _compile(kernel: str, variant: str, dtype: str, fn, signature: dict, constexprs: dict, attrs: dict,
+def _compile(kernel: str, variant: str, dtype: str, fn: Any, signature: dict, constexprs: dict, attrs: dict,
              options: dict, arch: int) -> AotReport:
     """Compile one variant of ``fn`` for ``sm_<arch>`` and report what ptxas says of it."""
     from triton.backends.compiler import GPUTarget
@@ -241,7 +243,7 @@ _KERNELS = {
 _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
-def _specialize(value) -> tuple[str, object]:
+def _specialize(value: object) -> tuple[str, object]:
     """``(type, key)`` as the JIT specialises a launch argument: ``("*bf16", "D")`` for a
     16-byte aligned bf16 tensor, ``("i32", "D")`` for an int divisible by 16,
     ``("constexpr", 1)`` for the int 1."""
@@ -251,13 +253,13 @@ def _specialize(value) -> tuple[str, object]:
     return native_specialize_impl(BaseBackend, value, False, True, True)
 
 
-def _json_constexpr(value):
+def _json_constexpr(value: object) -> object:
     if isinstance(value, tl.dtype):
         return {"tl_dtype": str(value)}
     return value
 
 
-def launch_record(kernel: str, fn, args: tuple, kwargs: dict) -> dict:
+def launch_record(kernel: str, fn: Any, args: tuple, kwargs: dict) -> dict:
     """What compiling one launch of ``fn`` needs, in JSON: signature, constexprs, the
     arguments specialised as divisible by 16, and the options (warps, stages). ``UPCAST`` (the
     interpreter's bf16 work-around, :func:`kernels.ops._common.dot_flags`) is set to its GPU
@@ -311,21 +313,21 @@ class LaunchRecorder:
         self.record = record
         self._stack = contextlib.ExitStack()
 
-    def _wrap(self, kernel: str, fn):
+    def _wrap(self, kernel: str, fn: Any) -> Any:
         recorder = self
 
         class _Recording:
-            def __getattr__(self, name):
+            def __getattr__(self, name: str) -> Any:
                 return getattr(fn, name)
 
-            def __getitem__(self, grid):
+            def __getitem__(self, grid: object) -> Callable[..., Any]:
                 launch = fn[grid] if recorder.launch else None
 
-                def run(*args, **kwargs):
+                def run(*args: Any, **kwargs: Any) -> Any:
                     if recorder.record:
                         rec = launch_record(kernel, fn, args, kwargs)
                         recorder.records.setdefault(json.dumps(rec, sort_keys=True), rec)
-                    return launch(*args, **kwargs) if recorder.launch else None
+                    return launch(*args, **kwargs) if recorder.launch else None  # type: ignore[misc]  # not None then
 
                 return run
 
@@ -341,7 +343,7 @@ class LaunchRecorder:
             self._stack.callback(setattr, mod, attr, original)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
     def write(self, path: str) -> int:
@@ -386,7 +388,7 @@ def read_records(path: str) -> list[dict]:
     return list(seen.values())
 
 
-def _jit_kernel(kernel: str):
+def _jit_kernel(kernel: str) -> Any:
     import importlib
 
     if kernel not in _KERNELS:

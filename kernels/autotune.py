@@ -156,7 +156,8 @@ def candidates(op: str, problem: Problem, tiny: bool = False) -> list[LaunchConf
     return grid
 
 
-def _build(problem: Problem, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def _build(problem: Problem, dtype: torch.dtype, device: torch.device,
+           seed: int = 0) -> tuple[AdapterBank, BatchPlan, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     bank = AdapterBank(problem.k, problem.n, max_users=problem.users, dtype=dtype, device=device)
     choices = [r for r in (8, 16, 32, 64, 96) if r <= problem.max_rank] or [problem.max_rank]
@@ -173,7 +174,8 @@ def _build(problem: Problem, dtype: torch.dtype, device: torch.device, seed: int
     return bank, plan, ids.to(device), x, w
 
 
-def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device):
+def _runner(op: str, problem: Problem, dtype: torch.dtype,
+            device: torch.device) -> tuple[Callable[[], torch.Tensor], Callable[[], float]]:
     """``(run, check)``: a closure launching ``op`` once, and one returning its relative error.
     The reference is computed at the first check (:func:`precompile` only runs ``run``)."""
     from .ops.expand import lora_expand_
@@ -187,11 +189,11 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
     a, b, s, slots = bank.lora_a.detach(), bank.lora_b.detach(), bank.scale, bank.slots
     c = torch.float32  # references in fp32 on the device: float64 GEMMs of LLaMA size are too slow
 
-    def rel(out, ref):
+    def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
         return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
     if op == "fused_linear":
-        def run_fused():
+        def run_fused() -> torch.Tensor:
             return fused_lora_linear(x, w, None, a, b, s, slots, st, tiles, segs, bms, R, precompute_t=True)[0]
 
         ref = functools.cache(lambda: lora_linear_ref(x, w, None, a, b, s, slots, ids, compute_dtype=c))
@@ -208,13 +210,13 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
     if op == "shrink" and decode_like(problem):
         # decode: timed as the op's split path runs it, the split-K partial sums and the
         # expand that adds them (a larger split is cheaper for the shrink, dearer for the expand)
-        def run_split(y=y_run):
+        def run_split(y: torch.Tensor = y_run) -> torch.Tensor:
             parts = lora_shrink(x, a, s, slots, st, tiles, segs, bms, R, partials=True)
             return lora_expand_(y, parts, b, slots, st, tiles, segs, bms, accumulate=accumulate)
 
         return run_split, lambda: rel(run_split(y0.clone()), ref_y())
     if op == "shrink":
-        def run_shrink():
+        def run_shrink() -> torch.Tensor:
             return lora_shrink(x, a, s, slots, st, tiles, segs, bms, R)
 
         return run_shrink, lambda: rel(run_shrink(), t)
@@ -228,7 +230,7 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
                                  tiles.shape[0], True, dtype, device)[2]
             t_in = torch.cat([t[None], t.new_zeros(split - 1, *t.shape)])
 
-        def run_expand(y=y_run):
+        def run_expand(y: torch.Tensor = y_run) -> torch.Tensor:
             return lora_expand_(y, t_in, b, slots, st, tiles, segs, bms, accumulate=accumulate)
 
         return run_expand, lambda: rel(run_expand(y0.clone()), ref_y())
@@ -236,7 +238,7 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
     t_b = shrink_ref(dy, b, s, slots, ids, R, compute_dtype=c)
 
     @functools.cache
-    def da_ref():
+    def da_ref() -> torch.Tensor:
         out = torch.zeros_like(a, dtype=c)
         for u in range(problem.users):
             off, r = slots[u].tolist()
@@ -244,7 +246,7 @@ def _runner(op: str, problem: Problem, dtype: torch.dtype, device: torch.device)
             out[off : off + r] = t_b[m, :r].t() @ x[m].to(c)
         return out
 
-    def run_grad():
+    def run_grad() -> torch.Tensor:
         return lora_grad_weights(x, dy, t_b, t, slots, st, segs, a.shape[0], R)[0]
 
     return run_grad, lambda: rel(run_grad(), da_ref())

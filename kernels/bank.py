@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -78,6 +78,10 @@ class AdapterBank(torch.nn.Module):
         (24, 24)
     """
 
+    # the buffers __init__ registers (annotations only: a type checker would see Module.__getattr__'s Tensor | Module)
+    scale: torch.Tensor
+    slots: torch.Tensor
+
     def __init__(
         self,
         in_features: int,
@@ -112,7 +116,7 @@ class AdapterBank(torch.nn.Module):
         self._journal: list[int] = []
         self.version = 0
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> AdapterBank:
         """``module.to(...)``, ``.half()``, ``.cuda()``…: ``lora_a``/``lora_b`` follow (the model's
         dtype and device), ``scale`` only moves. It stays float32, as the kernels read it:
         ``model.to(torch.bfloat16)`` would otherwise round it (a rank-3 module's 16/3) and every
@@ -120,8 +124,8 @@ class AdapterBank(torch.nn.Module):
         scale = self._buffers["scale"]
         out = super()._apply(fn, recurse)
         moved = self._buffers["scale"]
-        if moved.dtype != scale.dtype:
-            self._buffers["scale"] = scale.to(device=moved.device)
+        if moved.dtype != scale.dtype:  # type: ignore[union-attr]  # the buffer __init__ registers: never None
+            self._buffers["scale"] = scale.to(device=moved.device)  # type: ignore[union-attr]  # (as above)
         return out
 
     # ------------------------------------------------------------- state dict
@@ -192,15 +196,16 @@ class AdapterBank(torch.nn.Module):
             raise bad(f"has max_rank {max_rank:g} below its largest segment's rank {need}")
         return segments, int(max_rank)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         """``load_state_dict``: the bank takes the saved capacity and user-id space (its tensors
         are resized first, bumping ``version``) and the saved segment table, so ``add`` and
         ``remove`` go on from the loaded state. A state that does not fit (other feature
         widths, a damaged table, or no table while users hold rows: the bank could not tell
         which rows are free) is an error and leaves the bank as it was."""
         names = ("lora_a", "lora_b", "scale", "slots")
-        got = {n: state_dict.get(prefix + n) for n in names}
+        got: dict[str, Any] = {n: state_dict.get(prefix + n) for n in names}
         extra = state_dict.get(prefix + "_extra_state")
         if not all(isinstance(t, torch.Tensor) for t in got.values()):  # missing keys: torch reports them
             return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -438,7 +443,7 @@ class AdapterBank(torch.nn.Module):
             if moved:
                 self._new_layout_epoch()
             with torch.no_grad():
-                for start, rows in self._free:
+                for start, rows in self._free:  # type: ignore[assignment]  # ints here: the copies' tensors above
                     for t in (self.scale, *self._grads()):
                         t[start : start + rows] = 0
 

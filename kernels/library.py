@@ -31,6 +31,9 @@ the GEMM, decode as two branches inside a CUDA graph) follows the dispatch knobs
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -85,8 +88,10 @@ def _unit_last(t: Tensor) -> bool:
     return t.stride(-1) == 1 or t.shape[-1] <= 1
 
 
-def _check_structure(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, weight, bias,
-                     lora_b, n, names=("x", "lora_a", "max_rank")) -> None:
+def _check_structure(x: Tensor, lora_a: Tensor, lora_scale: Tensor | None, slots: Tensor, sorted_tokens: Tensor,
+                     tiles: Tensor, segments: Tensor, block_ms: list[int], max_rank: int, weight: Tensor | None,
+                     bias: Tensor | None, lora_b: Tensor | None, n: int | None,
+                     names: tuple[str, str, str] = ("x", "lora_a", "max_rank")) -> None:
     """The shapes, dtypes, devices and layouts of :func:`check_lora_args`, each failure named."""
     x_name, a_name, _ = names
     check_tensor(x_name, x, ndim=2, dtypes=FLOAT_DTYPES)
@@ -138,8 +143,8 @@ def _check_structure(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segment
         raise ValueError(f"max_rank must be an int >= 0, got {max_rank!r}")
 
 
-def _check_values(lora_a, lora_scale, slots, sorted_tokens, segments, max_rank, num_tokens,
-                  names=("x", "lora_a", "max_rank")) -> None:
+def _check_values(lora_a: Tensor, lora_scale: Tensor | None, slots: Tensor, sorted_tokens: Tensor, segments: Tensor,
+                  max_rank: int, num_tokens: int, names: tuple[str, str, str] = ("x", "lora_a", "max_rank")) -> None:
     """The checks of :func:`check_lora_args` that read tensor contents (in one host read)."""
     x_name, a_name, rank_name = names
     parts = {}
@@ -211,8 +216,11 @@ def _check_path(path: str) -> None:
         raise ValueError(f"path must be 'auto' or one of {PATHS}, got {path!r}")
 
 
-def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
-                          max_rank, path, store_t, weight_layout, then=None):
+def _linear_with_adapters(x: Tensor, weight: Tensor | None, bias: Tensor | None, p: Tensor, q: Tensor,
+                          lora_scale: Tensor, slots: Tensor, sorted_tokens: Tensor, tiles: Tensor, segments: Tensor,
+                          block_ms: list[int], max_rank: int, path: str, store_t: bool, weight_layout: str,
+                          then: Callable[[Tensor], tuple[Tensor, ...]] | None = None,
+                          ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """``x W' + b + (s ⊙ x Pᵀ) Q`` and (optionally) ``t = s ⊙ x Pᵀ``, by the chosen path.
 
     Forward: ``W' = Wᵀ``, ``P = A``, ``Q = B``. Input gradient: ``W' = W``
@@ -237,7 +245,8 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
     if path == "auto":
         path = "split" if weight is None else choose_path(x.shape[0], max_rank, device=x.device)
     if path != "split":
-        y, t = fused_lora_linear(x, weight, bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
+        y, t = fused_lora_linear(x, weight,  # type: ignore[arg-type]  # weight: not None off the split path (above)
+                                 bias, p, q, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
                                  max_rank, weight_layout=weight_layout, store_t=store_t,
                                  precompute_t=path == "fused_t")
         return y, t, then(t)
@@ -247,11 +256,11 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
     # no atomics
     w = weight if weight is None or weight_layout == "nk" else weight.t()
 
-    def shrink():
+    def shrink() -> Tensor:
         return lora_shrink(x, p, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
                            partials=not store_t)
 
-    def expand(y, accumulate=True):
+    def expand(y: Tensor, accumulate: bool = True) -> None:
         lora_expand_(y, t, q, slots, sorted_tokens, tiles, segments, block_ms, accumulate=accumulate)
 
     # the adapters alone (no weight): the expand-first schedule without its GEMM
@@ -262,12 +271,12 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
         side = SideStream(x.device)
         with side:
             t = shrink()
-            d = x.new_empty(x.shape[0], w.shape[0])
+            d = x.new_empty(x.shape[0], w.shape[0])  # type: ignore[union-attr]  # w: not None where parallel
             expand(d, accumulate=False)
-        y = torch.nn.functional.linear(x, w, bias)
+        y = torch.nn.functional.linear(x, w, bias)  # type: ignore[arg-type]  # (as above)
         side.join(t, d)
         y.add_(d)
-        extra = ()
+        extra: tuple[Tensor, ...] = ()
     elif expand_first and bias is None:
         # the expand writes t B into every row of y, cuBLAS adds x Wᵀ in its epilogue
         t = shrink()
@@ -283,13 +292,13 @@ def _linear_with_adapters(x, weight, bias, p, q, lora_scale, slots, sorted_token
             t = shrink()
             t_ready = side.mark()
             extra = then(t)
-        y = torch.nn.functional.linear(x, w, bias)
+        y = torch.nn.functional.linear(x, w, bias)  # type: ignore[arg-type]  # w: not None where overlap
         side.wait(t_ready)
         expand(y)
         side.join(t, *extra)
     else:
         t = shrink()
-        y = torch.nn.functional.linear(x, w, bias)
+        y = torch.nn.functional.linear(x, w, bias)  # type: ignore[arg-type]  # w: None goes expand_first
         expand(y)
         extra = then(t)
     return y, (t if store_t else t.new_empty(0)), extra
@@ -305,8 +314,9 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def lora_linear_forward(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments,
-                        block_ms, max_rank, save_t, path="auto"):
+def lora_linear_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                        lora_scale: Tensor, slots: Tensor, sorted_tokens: Tensor, tiles: Tensor, segments: Tensor,
+                        block_ms: list[int], max_rank: int, save_t: bool, path: str = "auto") -> tuple[Tensor, Tensor]:
     """The body of ``milp::lora_linear`` as a plain function: checks, then the chosen path.
 
     :func:`kernels.lora_linear` calls it directly for eager work without autograd (no
@@ -346,8 +356,9 @@ def lora_linear_op(
 
 
 @lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, save_t,
-      path="auto"):
+def _(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_scale: Tensor,
+      slots: Tensor, sorted_tokens: Tensor, tiles: Tensor, segments: Tensor, block_ms: list[int], max_rank: int,
+      save_t: bool, path: str = "auto") -> tuple[Tensor, Tensor]:
     check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
                     weight=weight, bias=bias, lora_b=lora_b, values=False)
     _check_path(path)
@@ -356,8 +367,10 @@ def _(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, 
     return x.new_empty(x.shape[0], lora_b.shape[1] if weight is None else weight.shape[0]), t
 
 
-def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
-                         max_rank, t_fwd, need_dx, need_dlora, path="auto", *, checked=False):
+def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                         lora_scale: Tensor, slots: Tensor, sorted_tokens: Tensor, tiles: Tensor, segments: Tensor,
+                         block_ms: list[int], max_rank: int, t_fwd: Tensor, need_dx: bool, need_dlora: bool,
+                         path: str = "auto", *, checked: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The body of ``milp::lora_linear_backward`` as a plain function: ``(dx, dA, dB)``; an
     output not asked for is an empty tensor.
 
@@ -375,13 +388,13 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorte
     torch_path = backend_for(x) == "torch"
     with nvtx_range("milp.lora_linear_backward"):
         if torch_path:
-            def shrink(inp, a):
+            def shrink(inp: Tensor, a: Tensor) -> Tensor:
                 return lora_shrink_torch(inp, a, lora_scale, slots, sorted_tokens, segments, max_rank)
         else:
-            def shrink(inp, a):
+            def shrink(inp: Tensor, a: Tensor) -> Tensor:
                 return lora_shrink(inp, a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank)
 
-        def grads(t_bwd):  # (dA, dB) of every user in one grouped launch
+        def grads(t_bwd: Tensor) -> tuple[Tensor, Tensor]:  # (dA, dB) of every user in one grouped launch
             t_f = t_fwd
             if t_f.numel() == 0 and x.shape[0] and max_rank:
                 t_f = shrink(x, lora_a)
@@ -393,14 +406,16 @@ def lora_linear_backward(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorte
             dx, _, dab = _linear_with_adapters(dy, weight, None, lora_b, lora_a, lora_scale, slots, sorted_tokens,
                                                tiles, segments, block_ms, max_rank, path, need_dlora, "kn",
                                                then=grads if need_dlora else None)
-            return (dx, *dab) if need_dlora else (dx, x.new_empty(0), x.new_empty(0))
+            return ((dx, *dab) if need_dlora  # type: ignore[return-value]  # dab: grads' (dA, dB)
+                    else (dx, x.new_empty(0), x.new_empty(0)))
         if not need_dlora:
             return x.new_empty(0), x.new_empty(0), x.new_empty(0)
         return (x.new_empty(0), *grads(shrink(dy, lora_b)))
 
 
-def _check_backward_args(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments,
-                         block_ms, max_rank, t_fwd, path, values=True) -> None:
+def _check_backward_args(dy: Tensor, x: Tensor, weight: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                         lora_scale: Tensor, slots: Tensor, sorted_tokens: Tensor, tiles: Tensor, segments: Tensor,
+                         block_ms: list[int], max_rank: int, t_fwd: Tensor, path: str, values: bool = True) -> None:
     """The arguments of ``milp::lora_linear_backward`` (``values=False``: its fake impl)."""
     check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
                     weight=weight, lora_b=lora_b, values=values)
@@ -409,7 +424,7 @@ def _check_backward_args(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorte
     _check_path(path)
 
 
-def _check_t_fwd(t_fwd, x, max_rank) -> None:
+def _check_t_fwd(t_fwd: Tensor, x: Tensor, max_rank: int) -> None:
     """``t_fwd``: the forward's ``t`` (``[T, max_rank]``, accumulator dtype), or empty (recomputed)."""
     check_tensor("t_fwd", t_fwd, device=x.device)
     if t_fwd.numel():
@@ -443,8 +458,9 @@ def lora_linear_backward_op(
 
 
 @lora_linear_backward_op.register_fake
-def _(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, t_fwd,
-      need_dx, need_dlora, path="auto"):
+def _(dy: Tensor, x: Tensor, weight: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_scale: Tensor, slots: Tensor,
+      sorted_tokens: Tensor, tiles: Tensor, segments: Tensor, block_ms: list[int], max_rank: int, t_fwd: Tensor,
+      need_dx: bool, need_dlora: bool, path: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     _check_backward_args(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
                          max_rank, t_fwd, path, values=False)
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
@@ -453,7 +469,7 @@ def _(dy, x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, se
     return dx, x.new_empty(0), x.new_empty(0)
 
 
-def _setup_lora_linear(ctx, inputs, output):
+def _setup_lora_linear(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     (x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank,
      save_t, path) = inputs
     _, t = output
@@ -466,7 +482,8 @@ def _setup_lora_linear(ctx, inputs, output):
     ctx.path = path
 
 
-def _grads(ctx, grad_y, backward) -> tuple:
+def _grads(ctx: Any, grad_y: Tensor | None,
+           backward: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor | None, ...]:
     """The input gradients of ``lora_linear`` from its saved context (``backward``: the op, or
     :func:`lora_linear_backward` itself in eager mode)."""
     x, weight, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, t = ctx.saved_tensors
@@ -485,7 +502,7 @@ def _grads(ctx, grad_y, backward) -> tuple:
             None, None, None, None, None, None, None, None, None)
 
 
-def _backward_lora_linear(ctx, grad_y, grad_t):
+def _backward_lora_linear(ctx: Any, grad_y: Tensor | None, grad_t: Tensor | None) -> tuple[Tensor | None, ...]:
     return _grads(ctx, grad_y, torch.ops.milp.lora_linear_backward)
 
 
@@ -498,8 +515,9 @@ class EagerLoraLinear(torch.autograd.Function):
     the op."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles, segments, block_ms,
-                max_rank, path):
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                lora_scale: Tensor, slots: Tensor, sorted_tokens: Tensor, tiles: Tensor, segments: Tensor,
+                block_ms: list[int], max_rank: int, path: str) -> Tensor:
         y, t = lora_linear_forward(x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles,
                                    segments, block_ms, max_rank, True, path)
         _setup_lora_linear(ctx, (x, weight, bias, lora_a, lora_b, lora_scale, slots, sorted_tokens, tiles,
@@ -507,11 +525,11 @@ class EagerLoraLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx: Any, grad_y: Tensor | None) -> tuple[Tensor | None, ...]:
         return _grads(ctx, grad_y, _checked_backward)[:13]  # no save_t input here
 
 
-def _checked_backward(*args):
+def _checked_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`lora_linear_backward` on arguments its forward already checked."""
     return lora_linear_backward(*args, checked=True)
 
@@ -540,7 +558,8 @@ def lora_shrink_op(
 
 
 @lora_shrink_op.register_fake
-def _(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank):
+def _(x: Tensor, lora_a: Tensor, lora_scale: Tensor, slots: Tensor, sorted_tokens: Tensor, tiles: Tensor,
+      segments: Tensor, block_ms: list[int], max_rank: int) -> Tensor:
     check_lora_args(x, lora_a, lora_scale, slots, sorted_tokens, tiles, segments, block_ms, max_rank, values=False)
     return x.new_empty(x.shape[0], max_rank, dtype=acc_dtype(x.dtype))
 
@@ -565,12 +584,14 @@ def lora_expand_op(
 
 
 @lora_expand_op.register_fake
-def _(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms):
+def _(y: Tensor, t: Tensor, lora_b: Tensor, slots: Tensor, sorted_tokens: Tensor, tiles: Tensor, segments: Tensor,
+      block_ms: list[int]) -> None:
     _check_expand_args(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms, values=False)
     return None
 
 
-def _check_expand_args(y, t, lora_b, slots, sorted_tokens, tiles, segments, block_ms, values=True) -> None:
+def _check_expand_args(y: Tensor, t: Tensor, lora_b: Tensor, slots: Tensor, sorted_tokens: Tensor, tiles: Tensor,
+                       segments: Tensor, block_ms: list[int], values: bool = True) -> None:
     """The arguments of ``milp::lora_expand_`` (``values=False``: its fake impl)."""
     check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("t", t, shape=(y.shape[0], None), dtypes=(acc_dtype(y.dtype),), device=y.device)

@@ -6,12 +6,14 @@ also check the plan. Computation runs in ``compute_dtype`` (default float64).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 __all__ = ["shrink_ref", "expand_ref", "lora_linear_ref", "lora_linear_grads_ref"]
 
 
-def _users(token_user: torch.Tensor, slots: torch.Tensor):
+def _users(token_user: torch.Tensor, slots: torch.Tensor) -> Iterator[tuple[torch.Tensor, int, int]]:
     for u in torch.unique(token_user).tolist():
         if u < 0:
             continue
@@ -20,7 +22,8 @@ def _users(token_user: torch.Tensor, slots: torch.Tensor):
             yield (token_user == u).nonzero().flatten(), off, rank
 
 
-def shrink_ref(x, lora_a, scale, slots, token_user, max_rank, compute_dtype=torch.float64):
+def shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor,
+               token_user: torch.Tensor, max_rank: int, compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``t [T, max_rank]``: ``t[i, :R_u] = s ⊙ x_i A_uᵀ``; zero elsewhere."""
     c = compute_dtype
     t = torch.zeros(x.shape[0], max_rank, dtype=c, device=x.device)
@@ -29,7 +32,8 @@ def shrink_ref(x, lora_a, scale, slots, token_user, max_rank, compute_dtype=torc
     return t
 
 
-def expand_ref(y, t, lora_b, slots, token_user, compute_dtype=torch.float64):
+def expand_ref(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor, token_user: torch.Tensor,
+               compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``y + t[:, :R_u] B_u`` per token (out of place, in ``compute_dtype``)."""
     c = compute_dtype
     out = y.to(c).clone()
@@ -38,7 +42,9 @@ def expand_ref(y, t, lora_b, slots, token_user, compute_dtype=torch.float64):
     return out
 
 
-def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale, slots, token_user, compute_dtype=torch.float64):
+def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor, token_user: torch.Tensor,
+                    compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``x Wᵀ + b + Σ s ⊙ (x A_uᵀ) B_u`` per token (in ``compute_dtype``)."""
     c = compute_dtype
     y = x.to(c) @ weight.to(c).t()
@@ -49,7 +55,10 @@ def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale, slots, token_user, c
     return expand_ref(y, t, lora_b, slots, token_user, c)
 
 
-def lora_linear_grads_ref(x, weight, lora_a, lora_b, scale, slots, token_user, dy, compute_dtype=torch.float64):
+def lora_linear_grads_ref(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                          scale: torch.Tensor, slots: torch.Tensor, token_user: torch.Tensor, dy: torch.Tensor,
+                          compute_dtype: torch.dtype = torch.float64,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dA, dB)`` of ``<dy, lora_linear(x)>`` by the closed forms (in ``compute_dtype``)."""
     c = compute_dtype
     dx = dy.to(c) @ weight.to(c)

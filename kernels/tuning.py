@@ -38,7 +38,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -610,7 +610,7 @@ def launch_plan(key: tuple, device: torch.device, build: Callable[[], _T]) -> _T
     return hit
 
 
-def _memo_get(memo: dict, key: tuple, tables: list[dict]):
+def _memo_get(memo: dict[tuple, tuple[list[dict], Any]], key: tuple, tables: list[dict]) -> Any:
     # an entry holds the tables it was computed from; a reloaded table (another file,
     # _load_table.cache_clear()) is another object, so the entry is recomputed
     hit = memo.get(key)
@@ -619,7 +619,7 @@ def _memo_get(memo: dict, key: tuple, tables: list[dict]):
     return None
 
 
-def _memo_put(memo: dict, key: tuple, tables: list[dict], value) -> None:
+def _memo_put(memo: dict[tuple, tuple[list[dict], Any]], key: tuple, tables: list[dict], value: object) -> None:
     if len(memo) >= _MEMO_SIZE:
         memo.clear()
     memo[key] = (tables, value)
@@ -628,7 +628,7 @@ def _memo_put(memo: dict, key: tuple, tables: list[dict], value) -> None:
 # (op, tokens, n, k, max_rank, dtype, block_ms) -> (tables it came from, config), and the
 # launchers' plans by their keys: the lookups run for every launch, and a decode step
 # launches a few hundred kernels
-_CONFIG_MEMO: dict[tuple, tuple[list[dict], LaunchConfig]] = {}
+_CONFIG_MEMO: dict[tuple, tuple[list[dict], LaunchConfig | types.MappingProxyType]] = {}
 _PLAN_MEMO: dict[tuple, tuple[list[dict], object]] = {}
 _MEMO_SIZE = 4096
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -56,7 +57,9 @@ _allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None) or (lambda: torc
 
 
 @triton.jit
-def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def mma(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
+    a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
     """``acc + a @ b`` (see :func:`dot_flags`). ``out_dtype`` is the accumulator's: triton
     3.6 defaults it to fp32 and rejects an fp64 accumulator otherwise (3.7+ infers it)."""
     if UPCAST:
@@ -69,7 +72,9 @@ def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def load_tile_info(tiles_ptr, slots_ptr, pid, max_rank):
+def load_tile_info(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
+    tiles_ptr, slots_ptr, pid, max_rank,
+):
     """``(start, end, user, row_offset, rank)`` of tile ``pid``; rank 0 when the tile's user
     has no adapter (user -1, or rank 0 at this layer).
 
@@ -136,7 +141,8 @@ def token_adapters(slots: torch.Tensor, sorted_tokens: torch.Tensor, segments: t
     return off[:num_tokens], rank[:num_tokens]
 
 
-def active_segments(slots: torch.Tensor, sorted_tokens: torch.Tensor, segments: torch.Tensor):
+def active_segments(slots: torch.Tensor, sorted_tokens: torch.Tensor,
+                    segments: torch.Tensor) -> Iterator[tuple[torch.Tensor, int, int]]:
     """Yield ``(token indices, row offset, rank)`` of each segment whose user has an adapter.
 
     Host loop over the plan (the torch path); reads the tables to the host once: of the slot

@@ -48,7 +48,9 @@ EXPAND_HOIST_MAX_R = 128
 
 
 @triton.jit
-def _load_t(t_ptr, tok, row_mask, rr, rank, stride_t, stride_ts, SPLIT: tl.constexpr):
+def _load_t(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
+    t_ptr, tok, row_mask, rr, rank, stride_t, stride_ts, SPLIT: tl.constexpr,
+):
     """The ``[rows, rank block]`` tile of ``t``, its ``SPLIT`` partial-sum slices added in order."""
     t_tile = t_ptr + tok[:, None] * stride_t + rr[None, :]
     t_mask = row_mask[:, None] & (rr < rank)[None, :]
@@ -59,7 +61,9 @@ def _load_t(t_ptr, tok, row_mask, rr, rank, stride_t, stride_ts, SPLIT: tl.const
 
 
 @triton.jit
-def _store_y(y_ptr, tok, row_mask, offs_n, n_mask, acc, stride_yt, ACCUMULATE: tl.constexpr, ACC: tl.constexpr):
+def _store_y(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
+    y_ptr, tok, row_mask, offs_n, n_mask, acc, stride_yt, ACCUMULATE: tl.constexpr, ACC: tl.constexpr,
+):
     """Write a block of ``y`` once: ``acc`` (+ the old ``y`` when ``ACCUMULATE``)."""
     out = y_ptr + tok[:, None] * stride_yt + offs_n[None, :]
     mask = row_mask[:, None] & n_mask[None, :]
@@ -69,11 +73,13 @@ def _store_y(y_ptr, tok, row_mask, offs_n, n_mask, acc, stride_yt, ACCUMULATE: t
 
 
 @triton.jit
-def _expand_cols(t_ptr, b_ptr, y_ptr, tok, row_mask, offset, rank, offs_n, N,
-                 stride_t, stride_b, stride_yt, stride_ts,
-                 SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                 UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+def _expand_cols(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
+    t_ptr, b_ptr, y_ptr, tok, row_mask, offset, rank, offs_n, N,
+    stride_t, stride_b, stride_yt, stride_ts,
+    SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
+):
     """One ``[BLOCK_M, BLOCK_N]`` block of ``y``: the rank in ``BLOCK_R`` steps, then ``y`` once."""
     n_mask = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
@@ -88,7 +94,7 @@ def _expand_cols(t_ptr, b_ptr, y_ptr, tok, row_mask, offset, rank, offs_n, N,
 
 
 @triton.jit
-def _expand_kernel(
+def _expand_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
     t_ptr,        # [T, R_T] acc   scaled low-rank activations, or [SPLIT, T, R_T] partial sums
     b_ptr,        # [cap, N]       adapter rows
     slots_ptr,    # [U, 2] int32   (row offset, rank); rank 0 = none
@@ -136,7 +142,7 @@ def _expand_kernel(
 
 
 @triton.jit
-def _expand_gemv_kernel(
+def _expand_gemv_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
     t_ptr,        # [T, R_T] acc   scaled low-rank activations, or [SPLIT, T, R_T] partial sums
     b_ptr,        # [cap, N]       adapter rows
     slots_ptr,    # [U, 2] int32   (row offset, rank); rank 0 = none
@@ -221,7 +227,9 @@ def lora_expand_(
     return y
 
 
-def _expand_plan(T, N, max_rank, block_ms, max_tokens, max_segments, tile_rows, split, accumulate, dtype, device):
+def _expand_plan(T: int, N: int, max_rank: int, block_ms: tuple[int, ...], max_tokens: int, max_segments: int,
+                 tile_rows: int, split: int, accumulate: bool, dtype: torch.dtype,
+                 device: torch.device) -> tuple[int, int, int, Launch]:
     """The expand's host decisions for one problem (memoised by :func:`kernels.tuning.launch_plan`):
     ``(first tile row, tiles, columns per program of the GEMV form or 0, the grid with its
     constexprs and launch options)``."""

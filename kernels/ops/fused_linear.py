@@ -46,8 +46,10 @@ GATHER_MAX_ELEMENTS = 1 << 22
 
 
 @triton.jit
-def _k_loop(x_ptrs, w_ptrs, a_ptrs, K, step_x, step_w, acc, acc_t, WITH_A: tl.constexpr, load_a,
-            EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _k_loop(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
+    x_ptrs, w_ptrs, a_ptrs, K, step_x, step_w, acc, acc_t, WITH_A: tl.constexpr, load_a,
+    EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
     """``acc += x Wᵀ`` (and ``acc_t += x Aᵀ`` when WITH_A) over K; each x tile is loaded once.
 
     ``load_a`` (``[1, BLOCK_R]``) masks the A columns: masked columns read as zeros.
@@ -75,7 +77,7 @@ def _k_loop(x_ptrs, w_ptrs, a_ptrs, K, step_x, step_w, acc, acc_t, WITH_A: tl.co
 
 
 @triton.jit
-def _fused_lora_linear_kernel(
+def _fused_lora_linear_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
     x_ptr,        # [T, K]          input rows, token order
     w_ptr,        # [N, K] | [K, N] base weight, element (n, k) at n*stride_wn + k*stride_wk
     bias_ptr,     # [N]             (unused unless HAS_BIAS)
@@ -223,8 +225,9 @@ def fused_lora_linear(
     return y, (t if store_t else empty)
 
 
-def _fused_plan(T, N, K, max_rank, block_ms, max_tokens, max_segments, tile_rows, has_bias, store_t, precompute_t,
-                dtype, device):
+def _fused_plan(T: int, N: int, K: int, max_rank: int, block_ms: tuple[int, ...], max_tokens: int, max_segments: int,
+                tile_rows: int, has_bias: bool, store_t: bool, precompute_t: bool, dtype: torch.dtype,
+                device: torch.device) -> tuple[int, int, bool, Launch]:
     """The fused launch's host decisions for one problem (memoised by
     :func:`kernels.tuning.launch_plan`): ``(first tile row, tiles, load_t, the grid with its
     constexprs and launch options)``."""
@@ -304,7 +307,7 @@ def fused_lora_linear_torch(
         live = rank > 0  # tokens without an adapter keep y exactly
         y = torch.where(live[:, None], (y.to(acc) + delta).to(y.dtype), y)
         return y, t
-    for idx, off, rank in active_segments(slots, sorted_tokens, segments):
+    for idx, off, rank in active_segments(slots, sorted_tokens, segments):  # type: ignore[assignment]  # ints here
         tu = (x.index_select(0, idx).to(acc) @ lora_a[off : off + rank].to(acc).t()) * scale[off : off + rank].to(acc)
         if store_t:
             t[idx, :rank] = tu

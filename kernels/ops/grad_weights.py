@@ -25,10 +25,12 @@ __all__ = ["lora_grad_weights", "lora_grad_weights_torch"]
 
 
 @triton.jit
-def _reduce_block(v_ptr, t_ptr, out_ptr, sorted_ptr, start, end, offset, offs_r, r_mask, C, pid_c,
-                  stride_v, stride_t, stride_o,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-                  UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+def _reduce_block(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
+    v_ptr, t_ptr, out_ptr, sorted_ptr, start, end, offset, offs_r, r_mask, C, pid_c,
+    stride_v, stride_t, stride_o,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
+):
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
@@ -46,7 +48,7 @@ def _reduce_block(v_ptr, t_ptr, out_ptr, sorted_ptr, start, end, offset, offs_r,
 
 
 @triton.jit
-def _grad_weights_kernel(
+def _grad_weights_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
     x_ptr,        # [T, K]         layer input
     dy_ptr,       # [T, N]         gradient of the layer output
     t_bwd_ptr,    # [T, R_T] acc   s * (dy B^T)
@@ -107,7 +109,8 @@ def lora_grad_weights(
     return da, db
 
 
-def _grad_weights_plan(T, N, K, max_rank, max_segments, dtype, device):
+def _grad_weights_plan(T: int, N: int, K: int, max_rank: int, max_segments: int, dtype: torch.dtype,
+                       device: torch.device) -> Launch:
     """The grid with its constexprs and launch options of one problem (memoised by
     :func:`kernels.tuning.launch_plan`)."""
     cfg = get_config("grad_weights", num_tokens=T, n=N, k=K, max_rank=max_rank, dtype=dtype, device=device)

@@ -33,7 +33,7 @@ __all__ = ["lora_shrink", "lora_shrink_torch"]
 
 
 @triton.jit
-def _shrink_kernel(
+def _shrink_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: Triton types its params
     x_ptr,        # [T, K]        input rows, token order
     a_ptr,        # [cap, K]      adapter rows
     scale_ptr,    # [cap] fp32    per-rank-row scale
@@ -123,7 +123,9 @@ def lora_shrink(
     return t
 
 
-def _shrink_plan(T, K, max_rank, block_ms, max_tokens, max_segments, tile_rows, partials, dtype, device):
+def _shrink_plan(T: int, K: int, max_rank: int, block_ms: tuple[int, ...], max_tokens: int, max_segments: int,
+                 tile_rows: int, partials: bool, dtype: torch.dtype,
+                 device: torch.device) -> tuple[int, int, int, Launch]:
     """The shrink's host decisions for one problem (memoised by :func:`kernels.tuning.launch_plan`):
     ``(first tile row, tiles, split_k, the grid with its constexprs and launch options)``."""
     cfg = get_config("shrink", num_tokens=T, n=max_rank, k=K, max_rank=max_rank, dtype=dtype, device=device,
