@@ -819,8 +819,9 @@ def _loss_parts(out: Path) -> tuple[list[Path], list[dict[str, list[float]]]]:
     counts as written at its file's time. Sorted by that time, a group trained again after a
     resume in another world size overrides what a stopped rank of the earlier run recorded for
     it, whichever rank's file that was (the files were applied by name). A line that is not
-    JSON is a crash's torn line and skipped (with a warning); a JSON line of another shape
-    is refused: ``ValueError`` naming the file and line."""
+    JSON is a crash's torn line and skipped, silently; a JSON object of another shape is
+    refused: ``ValueError`` naming the file and line (:func:`search.trial_log.read_log` skips,
+    with its warning, a JSON line that is not an object)."""
     import warnings
 
     from search.trial_log import decode_float, read_log
@@ -848,10 +849,10 @@ def _loss_parts(out: Path) -> tuple[list[Path], list[dict[str, list[float]]]]:
             warnings.filterwarnings("ignore", message=".*skipping corrupt trial-log line")  # a torn line
             lines = list(read_log(p))
         for lineno, rec in lines:
-            where = f"{p}:{lineno}"
-            if not isinstance(rec.get("t"), int) or isinstance(rec.get("t"), bool):
-                raise ValueError(f"{where} is damaged: expected an integer time \"t\", got {rec.get('t')!r:.60}")
-            timed.append((rec["t"], losses_of(rec.get("losses"), where)))
+            where, t = f"{p}:{lineno}", rec.get("t")
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise ValueError(f"{where} is damaged: expected an integer time \"t\", got {t!r:.60}")
+            timed.append((t, losses_of(rec.get("losses"), where)))
     timed.sort(key=lambda e: e[0])  # stable: one file's lines keep their order
     return legacy + parts, [losses for _, losses in timed]
 

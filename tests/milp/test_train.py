@@ -77,6 +77,15 @@ def test_interrupted_run_resumes_without_redoing_work(tiny_checkpoint, tmp_path,
     assert _run(tiny_checkpoint, out) == 0
 
 
+def _assert_same_run(out: Path, want: Path) -> None:
+    """``out`` holds exactly the files of the run in ``want`` (timings aside), and no debris:
+    no temp file, no moved-aside folder, no rank part file of the losses."""
+    got, ref = run_outputs(out), run_outputs(want)
+    assert sorted(got) == sorted(ref)
+    assert [k for k in ref if got[k] != ref[k]] == []
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or ".old-" in p.name or ".rank" in p.name]
+
+
 def _stop_and_resume(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], stop: str) -> None:
     """Run ``args`` straight, then again in another directory stopped at the write ``stop``
     (``KeyboardInterrupt`` from it, before it writes anything) and resumed; both must end with
@@ -118,10 +127,7 @@ def _stop_and_resume(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(os, "replace", real_replace)
     monkeypatch.setattr(search.loop, "append_record", real_append)
     assert train.main(["--model", str(ckpt), "--output", str(out), *args]) == 0
-    got, ref = run_outputs(out), run_outputs(want)
-    assert sorted(got) == sorted(ref)
-    assert [k for k in ref if got[k] != ref[k]] == []
-    assert not [p for p in out.rglob("*") if ".tmp" in p.name or ".old-" in p.name or ".rank" in p.name]
+    _assert_same_run(out, want)
 
 
 #: where a run is stopped: the file being published (``os.replace``) when the process dies,
@@ -175,10 +181,7 @@ def test_a_run_killed_while_appending_a_groups_losses_resumes_to_the_same_result
     assert len(list((out / "users").iterdir())) == 2  # the first group only
     monkeypatch.setattr(search.trial_log, "append_record", real)
     assert train.main(["--model", str(tiny_checkpoint), "--output", str(out), *args]) == 0
-    got, ref = run_outputs(out), run_outputs(want)
-    assert sorted(got) == sorted(ref)
-    assert [k for k in ref if got[k] != ref[k]] == []
-    assert not [p for p in out.rglob("*") if ".tmp" in p.name or ".rank" in p.name]
+    _assert_same_run(out, want)
 
 
 #: the flags of a small configuration search (5 configurations, rounds of 3: Sobol, then GP)
