@@ -27,12 +27,13 @@ interrupted run continues where it stopped when started again with the same comm
 Scale-out: ``torchrun --nproc_per_node N -m milp.train ...`` shards users across processes
 (memory injection, evaluation) and each instruction-tuning batch, whose gradients the processes
 sum (gloo on CPU, NCCL on GPU): the results of one process, to rounding, and a run stopped in
-one world size resumes in another. ``--search`` runs in one process; a run whose search is done
-resumes under torchrun.
+one world size resumes in another. ``--search`` evaluates each round's configurations with
+every process (rank 0 runs the search and writes its files).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -42,6 +43,7 @@ import random
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,6 +420,26 @@ class Dist:
         for t in tensors:
             t.copy_(flat[off : off + t.numel()].view_as(t))
             off += t.numel()
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Rank 0's ``obj`` in every process (picklable; other ranks pass nothing)."""
+        if not self.initialized:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every process's ``obj`` (picklable), in rank order, in every process."""
+        if not self.initialized:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def close(self) -> None:
         if self.initialized:
@@ -889,14 +911,23 @@ def _unload_all(st: _State) -> None:
 
 
 # ---- configuration search
-def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -> MemoryConfig:
-    """Search the configuration on the validation users; returns the picked one."""
-    import search as srch
-    from search.surrogate import NUTSSettings
+class SearchEvaluationError(RuntimeError):
+    """A process of a ``torchrun`` job failed to evaluate its share of the search's
+    configurations; every process raises it, naming the failing ones (none waits for the
+    others at a collective)."""
 
+
+def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -> MemoryConfig:
+    """Search the configuration on the validation users; returns the picked one.
+
+    Under ``torchrun`` rank 0 runs the search (Sobol and surrogate proposals, the trial log,
+    the pick) and sends each round's configurations to every process; each process
+    memory-injects and scores its share of the round's (configuration, validation user) pairs
+    (``rank::world``), and the losses are gathered: the trials of one process, to rounding,
+    in about ``1 / world`` of the time when the pairs outnumber the processes."""
     from .inject import ffn_target_shapes
 
-    args, rt = st.args, st.runtime
+    args, rt, dist = st.args, st.runtime, st.dist
     sdir = st.out / "search"
     selected = sdir / "selected.json"
     if selected.exists():
@@ -907,27 +938,14 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
     val_users = group_by_user(val)
     val_recs = [v[0] for v in val_users.values()]
     shapes = ffn_target_shapes(st.model)
-    make = srch.paper_space if args.search_space == "paper" else srch.extended_space
-    dims = args.search_dims
-    space = make(rt.num_layers, modules=args.search_modules if "num" in dims else (args.modules, args.modules),
-                 ranks=args.search_ranks if "size" in dims else (args.rank,), search_layers="layers" in dims,
-                 target_shapes=shapes)
-    nuts = NUTSSettings() if args.search_nuts == "paper" else NUTSSettings(warmup_steps=128, num_samples=128,
-                                                                          thinning=16)
-    n_init = args.search_init if args.search_init is not None else max(2, args.search // 2)
-    sdir.mkdir(parents=True, exist_ok=True)
-    s = srch.Search(space, [srch.VALIDATION_CE, space.parameter_count_objective()], q=args.search_q,
-                    n_init=n_init, surrogate=args.search_surrogate, nuts=nuts, seed=args.seed,
-                    log_path=sdir / "trials.jsonl")
 
-    def evaluate(configs: Sequence[MemoryConfig]) -> list[float]:
-        """Mean validation CE of each configuration: every (configuration, val user) pair is a
-        virtual user, named by the configuration's place in ``configs``; ``--slots`` pairs at a
-        time train in the same batches. (Chunked by whole configurations, the virtual users were
-        named by their place in a chunk of ``--slots // val users`` configurations, so a
-        configuration's memory batches, shuffled by that name, depended on --slots; and fewer slots
-        than validation users failed to hold one configuration's pairs.)"""
-        todo = [(ci, r) for ci in range(len(configs)) for r in val_recs]
+    def pair_losses(configs: Sequence[MemoryConfig], todo: Sequence[tuple[int, Record]]) -> list[float]:
+        """The validation CE of each (configuration index, val user) pair of ``todo``: every pair
+        is a virtual user, named by the configuration's place in ``configs``; ``--slots`` pairs
+        at a time train in the same batches. (Chunked by whole configurations, the virtual users
+        were named by their place in a chunk of ``--slots // val users`` configurations, so a
+        configuration's memory batches, shuffled by that name, depended on --slots; and fewer
+        slots than validation users failed to hold one configuration's pairs.)"""
         ce: list[float] = []
         for start in range(0, len(todo), args.slots):
             pairs: list[tuple[str, Record]] = []  # (virtual user, its own copy of the record)
@@ -947,22 +965,103 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
             finally:
                 for key, _ in pairs:
                     rt.remove_user(key)
+        return ce
+
+    def evaluate(configs: Sequence[MemoryConfig]) -> list[float]:
+        """Mean validation CE of each configuration over the validation users. Under torchrun
+        every process calls it with the same ``configs`` (a collective): each scores the pairs
+        ``rank::world`` and every process gets all the losses. A process whose share fails makes
+        every process raise :class:`SearchEvaluationError` naming it (its own error chained)."""
+        todo = [(ci, r) for ci in range(len(configs)) for r in val_recs]
+        if not dist.initialized:
+            ce = pair_losses(configs, todo)
+        else:
+            err: Exception | None = None
+            try:
+                mine: tuple[str, Any] = ("ok", pair_losses(configs, dist.shard(todo)))
+            except Exception as e:  # told to every process below, so that none waits at a collective
+                mine, err = ("error", f"{type(e).__name__}: {e}"), e
+            parts = dist.all_gather_object(mine)
+            bad = [f"process {r}: {msg}" for r, (kind, msg) in enumerate(parts) if kind == "error"]
+            if bad:
+                raise SearchEvaluationError("milp.train: the search's evaluation failed in " + "; ".join(bad)) from err
+            ce = [0.0] * len(todo)
+            for r, (_, got) in enumerate(parts):
+                ce[r :: dist.world] = got
         n = len(val_recs)
         return [sum(ce[ci * n : (ci + 1) * n]) / n for ci in range(len(configs))]
 
+    if not dist.main:
+        return _search_worker(st, evaluate)
+    try:
+        cfg = _search_main(st, default, val_recs, shapes, evaluate)
+    except SearchEvaluationError:
+        raise  # every process raised it: none waits for a command
+    except Exception as e:
+        with contextlib.suppress(Exception):  # the others wait for the next command (unless they are gone)
+            dist.broadcast_object(("abort", f"{type(e).__name__}: {e}"))
+        raise
+    dist.broadcast_object(("done", cfg.to_dict()))
+    return cfg
+
+
+def _search_worker(st: _State, evaluate: Callable[[Sequence[MemoryConfig]], list[float]]) -> MemoryConfig:
+    """A process of rank > 0 during the search: evaluates its share of each round that rank 0
+    sends, until rank 0 sends the picked configuration (or that it failed)."""
+    while True:
+        cmd, payload = st.dist.broadcast_object()
+        if cmd == "eval":
+            evaluate([MemoryConfig.from_dict(d) for d in payload])
+        elif cmd == "done":
+            _fresh_runtime(st)
+            return MemoryConfig.from_dict(payload)
+        else:
+            raise SearchEvaluationError(f"milp.train: process {st.dist.rank}: the search failed in process 0 "
+                                        f"({payload})")
+
+
+def _search_main(st: _State, default: MemoryConfig, val_recs: list[Record], shapes: Any,
+                 evaluate: Callable[[Sequence[MemoryConfig]], list[float]]) -> MemoryConfig:
+    """The search itself, in rank 0 (the only process under plain ``python``): the trial log,
+    the surrogate, the pick, ``search/``'s files. ``evaluate`` scores configurations with
+    every process."""
+    import search as srch
+    from search.surrogate import NUTSSettings
+
+    args, rt, dist = st.args, st.runtime, st.dist
+    sdir = st.out / "search"
+    make = srch.paper_space if args.search_space == "paper" else srch.extended_space
+    dims = args.search_dims
+    space = make(rt.num_layers, modules=args.search_modules if "num" in dims else (args.modules, args.modules),
+                 ranks=args.search_ranks if "size" in dims else (args.rank,), search_layers="layers" in dims,
+                 target_shapes=shapes)
+    nuts = NUTSSettings() if args.search_nuts == "paper" else NUTSSettings(warmup_steps=128, num_samples=128,
+                                                                          thinning=16)
+    n_init = args.search_init if args.search_init is not None else max(2, args.search // 2)
+    sdir.mkdir(parents=True, exist_ok=True)
+    s = srch.Search(space, [srch.VALIDATION_CE, space.parameter_count_objective()], q=args.search_q,
+                    n_init=n_init, surrogate=args.search_surrogate, nuts=nuts, seed=args.seed,
+                    log_path=sdir / "trials.jsonl")
+
+    def scored(configs: Sequence[MemoryConfig]) -> list[float]:
+        if dist.initialized:
+            dist.broadcast_object(("eval", [c.to_dict() for c in configs]))
+        return evaluate(configs)
+
     def objective(configs: Sequence[Any]) -> list[dict[str, float]]:
         mcs = [MemoryConfig.from_search(c, lora_alpha=args.lora_alpha, num_layers=rt.num_layers) for c in configs]
-        return [{"val_ce": v} for v in evaluate(mcs)]
+        return [{"val_ce": v} for v in scored(mcs)]
 
     t0 = time.perf_counter()
     ref_path = sdir / "reference.json"
     if not ref_path.exists():  # "adapters on every layer" with the default modules/rank, for the report
-        ref_ce = evaluate([default])[0]
+        ref_ce = scored([default])[0]
         _atomic_json(ref_path, {"memory_config": default.to_dict(), "val_ce": ref_ce,
                                 "parameters": default.num_parameters(shapes)})
     ref = _read_json(ref_path)
     st.log(f"search: {args.search} configurations of {'/'.join(dims)} (d = {space.dim}), q={args.search_q}, "
-           f"{n_init} Sobol, surrogate {args.search_surrogate}, {len(val_recs)} validation users")
+           f"{n_init} Sobol, surrogate {args.search_surrogate}, {len(val_recs)} validation users"
+           + (f", {dist.world} processes" if dist.world > 1 else ""))
     s.run(objective, args.search, progress=args.progress)
     cfg, pick = _pick(s, ref, args.search_tolerance, args.lora_alpha, rt.num_layers)
     _fresh_runtime(st)
@@ -991,7 +1090,7 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
         "pareto_front": [{"trial": t.trial_id, **t.values} for t in s.pareto_front()],
         "wall_s": time.perf_counter() - t0,
     }
-    _atomic_json(selected, summary)
+    _atomic_json(sdir / "selected.json", summary)
     st.log(f"search: picked {summary['trial']}: val CE {val_ce:.4f} with {params:,} parameters "
            f"(all layers: {ref['val_ce']:.4f} with {ref['parameters']:,})")
     return cfg
@@ -1156,15 +1255,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # one): a refused run leaves nothing behind, and its corrected command is not refused as a
         # resumption with other settings
         _check_output(st)
-        if args.search and dist.world > 1 and (args.overwrite or not (st.out / "search" / "selected.json").exists()):
-            raise SystemExit("milp.train: --search runs in one process; run it without torchrun first, "
-                             "then resume the same --output with torchrun")
         split = _load_split(st)
         _load_model(st)
         config = _default_config(st)
         _prepare_output(st)
         _save_split(st, split)
-        if args.search:  # under torchrun: the search of the run resumed (refused above without one)
+        if args.search:
             config = _search(st, split, config)
         shapes = st.runtime.state.target_shapes()
         t0 = time.perf_counter()
@@ -1241,6 +1337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # a missing/unreadable file or folder, bad data: no traceback
         print(f"milp.train: error: {e}", file=sys.stderr)
         return 2
+    except SearchEvaluationError as e:  # raised in every process; its message names the failing ones
+        if e.__cause__ is not None:  # this process failed: its own traceback first
+            traceback.print_exception(e.__cause__)
+        print(e, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,7 @@
 """Scenario tests of ``torchrun -m milp.train`` (2 gloo processes on CPU) against one process:
 the same results (to rounding: a user's adapters depend in the last bits on the users it shares
 its batches with, and the processes' gradients add up in another order), a run stopped or
-killed in one world size resumed in another, a refused ``--search``, output printed once.
+killed in one world size resumed in another, a search shared by the processes, output printed once.
 
 The torchrun runs start this file as their script (the ``__main__`` block): ``milp.train``,
 stopped at a write as ``$MILP_TEST_STOP`` says (tests/milp/test_train.py stops its in-process
@@ -59,12 +59,14 @@ def _stopping_replace(spec: str, real: Callable[..., None]) -> Callable[..., Non
     return replacing
 
 
-def _torchrun(ckpt: Path, out: Path, *args: str, stop: str | None = None, logs: Path | None = None
-              ) -> subprocess.CompletedProcess[str]:
+def _torchrun(ckpt: Path, out: Path, *args: str, stop: str | None = None, fail: str | None = None,
+              logs: Path | None = None) -> subprocess.CompletedProcess[str]:
     """``torchrun --nproc_per_node 2 milp.train`` (this file); ``stop``: ``"RANK:TARGET:HOW"``
-    (see :func:`_stopping_replace`); ``logs``: each process's output in its own files there."""
+    (see :func:`_stopping_replace`); ``fail``: ``"RANK:NAME"``, ``milp.train``'s function NAME
+    raises ``RuntimeError("injected failure")`` in that process; ``logs``: each process's output
+    in its own files there."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", MILP_TEST_STOP=stop or "")
+    env.update(OMP_NUM_THREADS="1", MILP_TEST_STOP=stop or "", MILP_TEST_FAIL=fail or "")
     split = ["--log-dir", str(logs), "--redirects", "3"] if logs else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *split,
            __file__, "--model", str(ckpt), "--output", str(out), *args]
@@ -133,26 +135,63 @@ def test_two_processes_give_the_results_of_one_and_print_once(ckpt, reference, t
     assert "it/s" not in r1_err.read_text() and "milp.train:" not in r1_out.read_text()
 
 
-def test_a_search_is_refused_under_torchrun_until_done_then_resumed(ckpt, tmp_path, monkeypatch):
-    """``--search`` runs in one process; the refusal says to run it so, then resume under
-    torchrun. Was: the resumption was refused the same way (``--search`` is a setting, so it is
-    given again), whatever the search folder held; and the refusal came once run.json and
-    split.json were written."""
-    out = tmp_path / "run"
-    proc = _torchrun(ckpt, out, *ARGS, *SEARCH)
-    assert proc.returncode != 0 and "--search runs in one process" in proc.stderr
-    assert not out.exists()
-    monkeypatch.setattr(os, "replace", _stopping_replace("user folder 1:interrupt", os.replace))
-    with pytest.raises(KeyboardInterrupt):  # stopped once the search has picked
-        train.main(["--model", str(ckpt), "--output", str(out), *ARGS, *SEARCH])
-    monkeypatch.undo()
-    picked = json.loads((out / "search" / "selected.json").read_text())["memory_config"]
+@pytest.fixture(scope="module")
+def search_reference(ckpt, tmp_path_factory):
+    """A single-process run of :data:`ARGS` with :data:`SEARCH`, never stopped."""
+    out = tmp_path_factory.mktemp("search-reference") / "run"
+    assert train.main(["--model", str(ckpt), "--output", str(out), *ARGS, *SEARCH]) == 0
+    return out
+
+
+def test_two_processes_search_as_one(ckpt, search_reference, tmp_path):
+    """Each process scores its share of a round's (configuration, validation user) pairs (here
+    2 and 1 of the round's 3; the reference configuration's single pair leaves rank 1 nothing to
+    do): the trial log, the pick and everything trained after it are one process's, to
+    rounding. Was: ``--search`` was refused under torchrun (run it in one process, then resume)."""
+    out = tmp_path / "two"
     proc = _torchrun(ckpt, out, *ARGS, *SEARCH)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["memory_config"] == picked
+    assert "2 processes" in proc.stdout
+    _assert_same_results(out, search_reference)
+    picked = json.loads((out / "search" / "selected.json").read_text())["memory_config"]
     for d in (out / "users").iterdir():  # every process trained its users with the picked configuration
         assert json.loads((d / "memory_config.json").read_text()) == picked
+
+
+def test_a_search_stopped_in_two_processes_resumes_in_one(ckpt, search_reference, tmp_path):
+    """Rank 0 interrupted as it writes the pick (rank 1 waits for its next command and torchrun
+    stops it): the trial log is complete, and one process resumes the run to the results of one
+    never stopped, evaluating nothing again."""
+    out = tmp_path / "run"
+    proc = _torchrun(ckpt, out, *ARGS, *SEARCH, stop="0:selected.json:interrupt")
+    assert proc.returncode != 0 and not (out / "search" / "selected.json").exists()
+    assert len((out / "search" / "trials.jsonl").read_text().splitlines()) >= 3
+    assert train.main(["--model", str(ckpt), "--output", str(out), *ARGS, *SEARCH]) == 0
+    _assert_same_results(out, search_reference)
+
+
+@pytest.mark.parametrize("rank, where, says", [
+    ("1", "response_losses", ["process 1: RuntimeError: injected failure"] * 2),
+    ("0", "response_losses", ["process 0: RuntimeError: injected failure"] * 2),
+    ("0", "_pick", ["RuntimeError: injected failure", "the search failed in process 0 (RuntimeError: injected"]),
+])
+def test_a_search_failing_in_one_process_fails_every_process_by_name(ckpt, search_reference, tmp_path, rank, where,
+                                                                     says):
+    """A process whose share of a round fails (``response_losses`` raising in it), or rank 0
+    failing outside the evaluation (in the pick): every process exits with an error that names
+    the failing process, none waits at a collective for the others (the run's timeout would
+    catch a hang), and the failing process prints its own traceback. Then two processes resume
+    the run to the results of one never stopped."""
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    proc = _torchrun(ckpt, out, *ARGS, *SEARCH, fail=f"{rank}:{where}", logs=logs)
+    assert proc.returncode != 0
+    errs = [next(logs.rglob(f"{r}/stderr.log")).read_text() for r in ("0", "1")]
+    for err, want in zip(errs, says):
+        assert want in err, err[-2000:]
+    assert "Traceback" in errs[int(rank)] and "injected failure" in errs[int(rank)]
+    proc = _torchrun(ckpt, out, *ARGS, *SEARCH)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_results(out, search_reference)
 
 
 def test_a_killed_process_fails_the_run_and_one_process_resumes_it(ckpt, reference, tmp_path):
@@ -330,8 +369,16 @@ def test_instruction_tune_refuses_a_bad_shard(tiny_chat_tokenizer, shard, all_re
                          shard=shard, all_reduce=(lambda ts: None) if all_reduce else None, progress=False)
 
 
-if __name__ == "__main__":  # a process of _torchrun's: milp.train, stopped as $MILP_TEST_STOP says
+def _failing(*args, **kwargs):
+    raise RuntimeError("injected failure")
+
+
+if __name__ == "__main__":  # a process of _torchrun's: milp.train, stopped or failing as $MILP_TEST_* say
     rank, _, spec = os.environ.get("MILP_TEST_STOP", "").partition(":")
     if spec and rank == os.environ["RANK"]:
         os.replace = _stopping_replace(spec, os.replace)
+    rank, _, name = os.environ.get("MILP_TEST_FAIL", "").partition(":")
+    if name and rank == os.environ["RANK"]:
+        assert callable(getattr(train, name)), name
+        setattr(train, name, _failing)
     sys.exit(train.main(sys.argv[1:]))
