@@ -841,11 +841,8 @@ def _loss_parts(out: Path) -> tuple[list[Path], list[dict[str, list[float]]]]:
     counts as written at its file's time. Sorted by that time, a group trained again after a
     resume in another world size overrides what a stopped rank of the earlier run recorded for
     it, whichever rank's file that was (the files were applied by name). A line that is not
-    JSON is a crash's torn line and skipped, silently; a JSON object of another shape is
-    refused: ``ValueError`` naming the file and line (:func:`search.trial_log.read_log` skips,
-    with its warning, a JSON line that is not an object)."""
-    import warnings
-
+    JSON is a crash's torn line and skipped, silently; any other JSON than an object of the
+    losses' shape is refused: ``ValueError`` naming the file and line."""
     from search.trial_log import decode_float, read_log
 
     def losses_of(obj: Any, where: str) -> dict[str, list[float]]:
@@ -867,10 +864,7 @@ def _loss_parts(out: Path) -> tuple[list[Path], list[dict[str, list[float]]]]:
         timed.append((p.stat().st_mtime_ns, losses_of(obj, str(p))))
     parts = sorted(out.glob("memory_losses.rank*.jsonl"))
     for p in parts:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*skipping corrupt trial-log line")  # a torn line
-            lines = list(read_log(p))
-        for lineno, rec in lines:
+        for lineno, rec in read_log(p, torn="skip", strict=True):
             where, t = f"{p}:{lineno}", rec.get("t")
             if not isinstance(t, int) or isinstance(t, bool):
                 raise ValueError(f"{where} is damaged: expected an integer time \"t\", got {t!r:.60}")

@@ -162,12 +162,20 @@ def repair_tail(path: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
-def read_log(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_log(
+    path: str | os.PathLike[str], *, torn: str = "warn", strict: bool = False
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` of every line of ``path`` that is a JSON object.
 
-    Blank lines are ignored; a corrupt line (invalid UTF-8 or JSON, or not an object)
-    is skipped with a ``UserWarning`` naming the file and line.
+    Blank lines are ignored.  A line that is not JSON (invalid UTF-8 or JSON: a crash's torn
+    line) is skipped, with a ``UserWarning`` naming the file and line (``torn="warn"``, the
+    default) or silently (``torn="skip"``, for a log whose torn lines are expected and
+    harmless).  A JSON line that is not an object is skipped with a warning, or with
+    ``strict=True`` refused: ``ValueError`` naming the file and line (no torn line is one:
+    every prefix of a JSON object is invalid JSON).
     """
+    if torn not in ("warn", "skip"):
+        raise ValueError(f"torn must be 'warn' or 'skip', got {torn!r}")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -175,9 +183,13 @@ def read_log(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]
             try:
                 rec = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # too deeply nested
-                warnings.warn(f"{path}:{lineno}: skipping corrupt trial-log line ({e})", stacklevel=3)
+                if torn == "warn":
+                    warnings.warn(f"{path}:{lineno}: skipping corrupt log line ({e})", stacklevel=3)
                 continue
             if not isinstance(rec, dict):
-                warnings.warn(f"{path}:{lineno}: skipping trial-log line that is not a JSON object", stacklevel=3)
+                if strict:
+                    raise ValueError(f"{path}:{lineno} is damaged: expected a JSON object, got a JSON "
+                                     f"{type(rec).__name__}")
+                warnings.warn(f"{path}:{lineno}: skipping log line that is not a JSON object", stacklevel=3)
                 continue
             yield lineno, rec

@@ -124,7 +124,7 @@ def test_a_log_cut_at_any_byte_keeps_every_complete_record(tmp_path, recs, data)
     partial = cut not in ends and cut not in [e + 1 for e in ends] and cut != 0
     got, warned = read_all(path)
     assert [r for _, r in got] == complete
-    assert len(warned) == int(partial) and all("skipping corrupt trial-log line" in m for m in warned)
+    assert len(warned) == int(partial) and all("skipping corrupt log line" in m for m in warned)
     repair_tail(path)
     repair_tail(path)  # idempotent
     assert cut == 0 or path.read_bytes().endswith(b"\n")
@@ -207,6 +207,36 @@ def test_corrupt_lines_are_skipped_with_a_warning_never_raising(tmp_path, good, 
     assert [r for _, r in got] == objs
     bad = sum(1 for raw in lines if raw.strip()) - len(objs)
     assert len(warned) == bad
+    # torn="skip": the lines that are not JSON go silently, a JSON non-object still warns;
+    # strict=True: a JSON non-object is refused by file and line, whatever comes before it
+    non_objects = []
+    for i, raw in enumerate(lines, start=1):
+        try:
+            v = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        if not isinstance(v, dict):
+            non_objects.append((i, type(v).__name__))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got_quiet = list(read_log(path, torn="skip"))
+    assert got_quiet == got and len(w) == len(non_objects)
+    assert all("not a JSON object" in str(x.message) for x in w)
+    if non_objects:
+        line, kind = non_objects[0]
+        want = rf"log.jsonl:{line} is damaged: expected a JSON object, got a JSON {kind}"
+        with pytest.raises(ValueError, match=want):
+            list(read_log(path, torn="skip", strict=True))
+    else:
+        assert list(read_log(path, torn="skip", strict=True)) == got
+
+
+@pytest.mark.parametrize("torn", ["ignore", "", None, True])
+def test_read_log_refuses_an_unknown_torn_policy_by_name(tmp_path, torn):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"a": 1}\n')
+    with pytest.raises(ValueError, match="torn must be 'warn' or 'skip'"):
+        list(read_log(path, torn=torn))
 
 
 def test_deeply_nested_line_is_skipped_not_raised(tmp_path):
