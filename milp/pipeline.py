@@ -669,10 +669,18 @@ def generate_responses(
     batch_size: int = 8,
     max_length: int = 384,
     progress: bool = True,
+    stream: Callable[[int, str], None] | None = None,
 ) -> list[str]:
     """Greedy answers to each record's query, with the record's user's adapters (mixed-user
     batches through the runtime), in order. Batches hold ``batch_size`` records, fewer where a
     store-backed ``runtime`` has fewer free slots than a batch names users.
+
+    ``stream(i, text)``, where given, is called as the tokens come with record ``i``'s answer so
+    far: each text extends the one before (trailing whitespace and an incomplete UTF-8
+    character are held back until what follows them comes), and the last one is the returned
+    answer. (A tokenizer that re-spelled text it had decoded, on seeing more tokens, would pause
+    the stream until a text extends the last one again: the returned answer is the authority.)
+    It runs in the generating thread, once per row and step at most: keep it short.
 
     Example:
         >>> generate_responses(model, tok, test_records, runtime=rt, max_new_tokens=32)  # doctest: +SKIP
@@ -681,6 +689,9 @@ def generate_responses(
     records = _check_records(records)
     _pos_int(batch_size, "batch_size")
     _pos_int(max_new_tokens, "max_new_tokens")
+    if stream is not None and not callable(stream):
+        raise TypeError(f"stream must be a callable (record index, answer so far) or None, got "
+                        f"{type(stream).__name__}")
     _check_stage_args(runtime, None, prefix, context_fn=context_fn)
     users = _runtime_users(runtime, records, None)
     examples = _instruction_examples(records, tokenizer, context_fn, max_length, add_response=False)
@@ -698,9 +709,12 @@ def generate_responses(
             batch = collate([{"input_ids": examples[i]["input_ids"]} for i in idx], pad, padding_side="left")
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             if eos is not None:  # None would override the model's own generation_config.eos_token_id
                 kwargs["eos_token_id"] = eos
+            streamer = _AnswerStream(tokenizer, list(idx), stream) if stream is not None else None
+            if streamer is not None:
+                kwargs["streamer"] = streamer
             lm = cast(Any, model)  # a transformers model: generate()
             if runtime is not None and users is not None:
                 with runtime.using([users[i] for i in idx]):
@@ -711,11 +725,49 @@ def generate_responses(
             new = out[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out
             for i, row in zip(idx, new.tolist()):
                 answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            if streamer is not None:
+                streamer.finish([answers[i] for i in idx])
             bar.update(len(idx))
         bar.close()
     finally:
         model.train(was_training)
     return [answers[i] for i in range(len(records))]
+
+
+class _AnswerStream:
+    """A ``generate`` streamer (transformers' ``BaseStreamer`` protocol: ``put``, ``end``) that
+    hands ``callback(record index, answer so far)`` each row's decoded answer as its tokens
+    come: the text as :func:`generate_responses` decodes it (special tokens skipped, stripped),
+    without trailing whitespace or a trailing incomplete UTF-8 character (the next token may
+    complete them, or the answer end there and drop them), and only when it extends what was
+    handed before. :meth:`finish` hands over the final answers."""
+
+    def __init__(self, tokenizer: Any, rows: list[int], callback: Callable[[int, str], None]) -> None:
+        self.tokenizer, self.rows, self.callback = tokenizer, rows, callback
+        self.ids: list[list[int]] = [[] for _ in rows]
+        self.sent = [""] * len(rows)
+        self.prompt_seen = False
+
+    def _hand(self, j: int, text: str) -> None:
+        if len(text) > len(self.sent[j]) and text.startswith(self.sent[j]):
+            self.sent[j] = text
+            self.callback(self.rows[j], text)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate's first put: the prompts (or an empty tensor with embeddings)
+            self.prompt_seen = True
+            return
+        for j, new in enumerate(value.reshape(len(self.rows), -1).tolist()):
+            self.ids[j].extend(new)
+            text = self.tokenizer.decode(self.ids[j], skip_special_tokens=True).strip()
+            self._hand(j, text.rstrip("\ufffd").rstrip())
+
+    def end(self) -> None:
+        pass  # the answers come with finish(), decoded from generate's output
+
+    def finish(self, answers: list[str]) -> None:
+        for j, a in enumerate(answers):
+            self._hand(j, a)
 
 
 def score(records: Sequence[Record], predictions: Sequence[str]) -> dict[str, float]:

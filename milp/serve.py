@@ -15,7 +15,12 @@ the fused multi-LoRA kernels. Standard library only (``http.server``); put a rea
 Endpoints:
 
 * ``POST /v1/answer`` with ``{"user_id": str, "query": str, "max_new_tokens": int (optional,
-  at most the server's)}`` → ``{"user_id", "query", "answer"}``; ``400`` for a malformed request,
+  at most the server's), "stream": bool (optional)}`` → ``{"user_id", "query", "answer"}``;
+  with ``"stream": true`` a ``text/event-stream`` (server-sent events, chunked) instead: one
+  ``data: {"delta": str}`` event per piece of the answer as it is generated (the pieces
+  concatenate to the answer), then ``data: {"user_id", "query", "answer", "done": true}``, or
+  ``data: {"error": str, "status": int}`` where generation fails after the stream began (the
+  checks below answer with their status before it begins); ``400`` for a malformed request,
   ``401`` without the server's API key where it has one (``--api-key-env``),
   ``404`` for a user the run does not hold (users added since, by ``python -m milp.add_users``,
   are found), ``500`` when generation fails (for that request alone: the others of its batch are
@@ -62,6 +67,19 @@ class _Request:
     query: str
     max_new_tokens: int
     done: Future = field(default_factory=Future)
+    on_delta: Callable[[str], None] | None = None
+    sent: str = ""  # the answer's text handed to on_delta so far
+
+    def progress(self, text: str) -> None:
+        """The answer so far (of this attempt: a batch that failed is answered again one request
+        at a time, from the start): what extends the text already handed on goes to ``on_delta``."""
+        if self.on_delta is None or len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return
+        delta, self.sent = text[len(self.sent):], text
+        try:
+            self.on_delta(delta)
+        except Exception:  # a failing listener loses the stream, never the batch: the answer still comes
+            self.on_delta = None
 
 
 class AnswerServer:
@@ -221,9 +239,14 @@ class AnswerServer:
         with self._users_lock:
             return user in self._users
 
-    def submit(self, user: str, query: str, max_new_tokens: int | None = None) -> Future:
-        """Queue one request; its future gives the answer."""
-        r = _Request(user, query, max_new_tokens or self.max_new_tokens)
+    def submit(self, user: str, query: str, max_new_tokens: int | None = None, *,
+               on_delta: Callable[[str], None] | None = None) -> Future:
+        """Queue one request; its future gives the answer. ``on_delta(piece)``, where given, is
+        called in the batcher's thread with each new piece of the answer as it is generated (the
+        pieces concatenate to the answer; keep it short: a queue's ``put``)."""
+        if on_delta is not None and not callable(on_delta):
+            raise TypeError(f"on_delta must be a callable or None, got {type(on_delta).__name__}")
+        r = _Request(user, query, max_new_tokens or self.max_new_tokens, on_delta=on_delta)
         with self._submit_lock:
             if self._stop.is_set():
                 raise _Closing()
@@ -259,11 +282,15 @@ class AnswerServer:
         while groups:
             reqs = groups.pop(0)
             n = reqs[0].max_new_tokens
+            def progress(i: int, text: str, reqs: list[_Request] = reqs) -> None:
+                reqs[i].progress(text)
+
             try:
                 records = [Record(r.user, "", [_PLACEHOLDER], r.query, _PLACEHOLDER) for r in reqs]
                 answers = generate_responses(self.model, self.tokenizer, records, runtime=self.runtime,
                                              max_new_tokens=n, batch_size=self.batch_size,
-                                             max_length=self.settings["max_length"] + 128, progress=False)
+                                             max_length=self.settings["max_length"] + 128, progress=False,
+                                             stream=progress if any(r.on_delta for r in reqs) else None)
             except Exception as e:
                 if len(reqs) > 1:  # one bad request (a damaged user, say) must not fail the others: one by one
                     groups[:0] = [[r] for r in reqs]
@@ -271,6 +298,7 @@ class AnswerServer:
                 reqs[0].done.set_exception(e)  # 500 to its request; the server goes on
                 continue
             for r, a in zip(reqs, answers):
+                r.progress(a)  # whatever of the answer the stream has not handed on yet
                 r.done.set_result(a)
         with self._stats_lock:
             self._stats["requests"] += len(batch)
@@ -368,6 +396,8 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             user, query = req["user_id"], req["query"]
             if not server.knows(user):
                 return self._error(HTTPStatus.NOT_FOUND, f"unknown user {user!r}: the run holds no such user")
+            if req.get("stream"):
+                return self._stream(user, query, req.get("max_new_tokens"))
             try:
                 answer = server.submit(user, query, req.get("max_new_tokens")).result(timeout=REQUEST_TIMEOUT_S)
             except _Closing:
@@ -378,7 +408,58 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(e).__name__}: {e}")
             self._send(HTTPStatus.OK, {"user_id": user, "query": query, "answer": answer})
 
+        def _stream(self, user: str, query: str, max_new_tokens: int | None) -> None:
+            """The answer as server-sent events, each an HTTP chunk (the connection stays open)."""
+            pieces: queue.Queue[str | None] = queue.Queue()
+            try:
+                done = server.submit(user, query, max_new_tokens, on_delta=pieces.put)
+            except _Closing:
+                return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
+            done.add_done_callback(lambda _: pieces.put(None))  # after the last piece: the same thread
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("X-Accel-Buffering", "no")  # a proxy (nginx) in front passes each event on at once
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            deadline = time.monotonic() + REQUEST_TIMEOUT_S
+            while True:
+                try:
+                    piece = pieces.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    final: dict[str, Any] = {"error": f"no answer within {REQUEST_TIMEOUT_S:.0f} s",
+                                             "status": int(HTTPStatus.GATEWAY_TIMEOUT)}
+                    break
+                if piece is None:
+                    try:
+                        final = {"user_id": user, "query": query, "answer": done.result(timeout=0), "done": True}
+                    except _Closing:
+                        final = {"error": "the server is closing", "status": int(HTTPStatus.SERVICE_UNAVAILABLE)}
+                    except Exception as e:
+                        final = {"error": f"generation failed: {type(e).__name__}: {e}",
+                                 "status": int(HTTPStatus.INTERNAL_SERVER_ERROR)}
+                    break
+                if not self._chunk(_event({"delta": piece})):
+                    return  # the client left; its answer is still made (it shares a batch)
+            if self._chunk(_event(final)):
+                self._chunk(b"")  # the last chunk: the response ends, the connection may carry the next
+
+        def _chunk(self, data: bytes) -> bool:
+            """One chunk of a chunked response (``b""``: the last); ``False`` once the client left."""
+            try:
+                self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            except (ConnectionError, TimeoutError):
+                self.close_connection = True
+                return False
+            return True
+
     return Handler
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    """One server-sent event whose data is ``obj`` as JSON (one line: JSON escapes newlines)."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
 def _check_request(req: Any, max_new_tokens: int) -> str | None:
@@ -397,9 +478,11 @@ def _check_request(req: Any, max_new_tokens: int) -> str | None:
     n = req.get("max_new_tokens")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_new_tokens):
         return f"'max_new_tokens' must be an int in [1, {max_new_tokens}] (the server's), got {n!r:.40}"
-    unknown = sorted(set(req) - {"user_id", "query", "max_new_tokens"})
+    if not isinstance(req.get("stream", False), bool):
+        return f"'stream' must be true or false, got {req['stream']!r:.40}"
+    unknown = sorted(set(req) - {"user_id", "query", "max_new_tokens", "stream"})
     if unknown:
-        return f"unknown fields {unknown}: expected user_id, query and optionally max_new_tokens"
+        return f"unknown fields {unknown}: expected user_id, query and optionally max_new_tokens and stream"
     return None
 
 

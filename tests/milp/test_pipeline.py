@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import milp
@@ -213,3 +215,46 @@ def test_score_and_user_content():
     assert score([r], [""]) == {"rouge1": 0.0, "rougeL": 0.0, "persona_f1": 0.0}
     with pytest.raises(ValueError, match="predictions"):
         score([r], [])
+
+
+def test_streamed_answers_grow_to_the_answers_in_mixed_batches(tiny_chat_tokenizer):
+    """``stream(i, text)`` gets each record's answer so far: every text extends the one before,
+    the last is the returned answer, and the answers are those generated without a stream."""
+    tok = tiny_chat_tokenizer
+    model = _model()
+    rt = milp.MilpRuntime(model, max_users=3)
+    recs = _records(3)
+    for i, r in enumerate(recs):
+        rt.add_user(r.user_id, milp.MemoryConfig.uniform(2, i + 1, 4), init="random", seed=i)
+    kw = dict(runtime=rt, max_new_tokens=12, batch_size=2, progress=False)
+    seen: dict[int, list[str]] = {}
+    got = generate_responses(model, tok, recs, stream=lambda i, text: seen.setdefault(i, []).append(text), **kw)
+    assert got == generate_responses(model, tok, recs, **kw)
+    for i, answer in enumerate(got):
+        texts = seen.get(i, [])
+        assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(texts, texts[1:]))
+        assert (texts[-1] if texts else "") == answer
+    assert max(len(t) for t in seen.values()) > 1  # pieces came one step at a time, not only at the end
+    with pytest.raises(TypeError, match="stream must be a callable"):
+        generate_responses(model, tok, recs, stream="yes", **kw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.integers(0, 399), max_size=24), chunk=st.integers(1, 3))
+def test_answer_stream_hands_texts_that_the_answer_extends(tiny_chat_tokenizer, ids, chunk):
+    """Any token sequence (special tokens, partial UTF-8 bytes, whitespace among them), put a
+    step of ``chunk`` tokens at a time: each handed text extends the one before and the final
+    answer (decoded as generate_responses does) extends them all."""
+    from milp.pipeline import _AnswerStream
+
+    tok = tiny_chat_tokenizer
+    texts: list[str] = []
+    s = _AnswerStream(tok, [7], lambda i, t: texts.append(t) if i == 7 else None)
+    s.put(torch.tensor([[1, 2, 3]]))  # the prompt
+    for k in range(0, len(ids), chunk):
+        s.put(torch.tensor(ids[k : k + chunk]))
+    s.end()
+    final = tok.decode(ids, skip_special_tokens=True).strip()
+    s.finish([final])
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(texts, texts[1:]))
+    assert (texts[-1] if texts else "") == final

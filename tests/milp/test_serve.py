@@ -217,3 +217,124 @@ def test_the_command_stops_cleanly_on_a_signal(answer_run, sig):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---------------------------------------------------------------- streaming (server-sent events)
+def _stream(server: AnswerServer, body: dict, conn=None) -> tuple[int, str, list[dict]]:
+    """POST ``body`` with ``"stream": true``; ``(status, content type, the events' data)``. On
+    ``conn`` (an ``http.client.HTTPConnection``), which stays open for another request."""
+    import http.client
+
+    host, port = server.address
+    c = conn or http.client.HTTPConnection(host, port, timeout=120)
+    c.request("POST", "/v1/answer", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+    r = c.getresponse()
+    text = r.read().decode("utf-8")
+    if conn is None:
+        c.close()
+    if r.status != 200:
+        return r.status, r.getheader("Content-Type"), [json.loads(text)]
+    assert text.endswith("\n\n") and all(e.startswith("data: ") for e in text[:-2].split("\n\n")), text
+    return r.status, r.getheader("Content-Type"), [json.loads(e[6:]) for e in text[:-2].split("\n\n")]
+
+
+def test_a_streamed_answer_is_the_answer_in_pieces_and_the_connection_goes_on(answer_run):
+    """Every event but the last carries a piece; the pieces make the answer the last event (and a
+    request without ``stream``) gives; the chunked response ends so that the kept-alive
+    connection carries the next request."""
+    import http.client
+
+    users = _users(answer_run)[:2]
+    want = answer(answer_run, [(u, q) for u in users for q in QUERIES[:2]], progress=False)
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        conn = http.client.HTTPConnection(*server.address, timeout=120)
+        got = []
+        for u in users:
+            for q in QUERIES[:2]:
+                status, ctype, events = _stream(server, {"user_id": u, "query": q}, conn)
+                assert status == 200 and ctype == "text/event-stream; charset=utf-8"
+                *pieces, last = events
+                assert all(set(e) == {"delta"} and e["delta"] for e in pieces)
+                assert last == {"user_id": u, "query": q, "answer": "".join(e["delta"] for e in pieces), "done": True}
+                got.append(last["answer"])
+        conn.request("GET", "/health")
+        assert json.loads(conn.getresponse().read())["requests"] == 4
+        conn.close()
+    assert got == want
+
+
+def test_pieces_leave_as_they_are_made_and_a_failed_batch_repeats_none(answer_run, monkeypatch):
+    """The first piece reaches the client while the answer is still being made (the fake
+    generation waits for the client to have read it). A batch that fails after streaming part
+    of its answers is answered again one request at a time from the start: the text already
+    sent is not sent again; what of the answer the stream never handed on (", <user>" here)
+    comes as a last piece before the answer."""
+    users = _users(answer_run)[:2]
+    calls, first_read = [], threading.Event()
+
+    def fake(model, tok, records, *, stream=None, **kw):
+        calls.append(len(records))
+        for i in range(len(records)):
+            stream(i, "Hel")
+        if len(calls) == 1:  # the batch of both: fails after its first pieces
+            assert first_read.wait(60)
+            raise RuntimeError("out of memory (simulated)")
+        stream(0, "He")  # the retry starts over: nothing new to send yet
+        stream(0, "Hello")
+        return [f"Hello, {records[0].user_id}"]
+
+    monkeypatch.setattr(milp.pipeline, "generate_responses", fake)
+    import http.client
+
+    with AnswerServer(answer_run, port=0, batch_size=2, max_wait_ms=2000) as server:
+        host, port = server.address
+        results: dict[int, list[str]] = {}
+
+        def ask(k):
+            c = http.client.HTTPConnection(host, port, timeout=120)
+            c.request("POST", "/v1/answer", json.dumps({"user_id": users[k], "query": "q", "stream": True}))
+            r = c.getresponse()
+            lines = []
+            while (line := r.readline()) != b"":
+                if line.startswith(b"data: "):
+                    lines.append(json.loads(line[6:]))
+                    if lines[0] == {"delta": "Hel"} and len(lines) == 1:
+                        first_read.set()
+            results[k] = lines
+            c.close()
+
+        threads = [threading.Thread(target=ask, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert calls == [2, 1, 1]
+    for k in range(2):
+        *pieces, last = results[k]
+        assert [e["delta"] for e in pieces] == ["Hel", "lo", f", {users[k]}"]
+        assert last["answer"] == f"Hello, {users[k]}" and last["done"] is True
+
+
+def test_a_stream_whose_generation_fails_ends_with_an_error_event(answer_run, monkeypatch):
+    def fail(model, tok, records, *, stream=None, **kw):
+        stream(0, "partial")
+        raise RuntimeError("device lost (simulated)")
+
+    monkeypatch.setattr(milp.pipeline, "generate_responses", fail)
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        status, _, events = _stream(server, {"user_id": _users(answer_run)[0], "query": "q"})
+    assert status == 200 and events[0] == {"delta": "partial"}
+    assert events[1] == {"error": "generation failed: RuntimeError: device lost (simulated)", "status": 500}
+
+
+@pytest.mark.parametrize("stream", [1, "yes", None, [True]])
+def test_a_stream_flag_that_is_not_a_bool_is_refused(answer_run, stream):
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        code, out = _post(server, {"user_id": _users(answer_run)[0], "query": "q", "stream": stream})
+    assert code == 400 and "'stream' must be true or false" in out["error"]
+
+
+def test_a_stream_for_an_unknown_user_gets_404_before_it_begins(answer_run):
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        status, ctype, (out,) = _stream(server, {"user_id": "nobody", "query": "q"})
+    assert status == 404 and ctype.startswith("application/json") and "unknown user" in out["error"]
