@@ -319,6 +319,7 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
         server_version = "milp-serve"
         timeout = READ_TIMEOUT_S  # socket reads: an idle or stalled client does not hold its thread forever
+        _chunked = True  # a streamed response's framing (_stream)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
             pass  # one line per batch instead (AnswerServer(log=True))
@@ -416,11 +417,17 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             except _Closing:
                 return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
             done.add_done_callback(lambda _: pieces.put(None))  # after the last piece: the same thread
+            # an HTTP/1.0 client knows no chunks: the events as they are, the end of the stream closing it
+            self._chunked = self.request_version != "HTTP/1.0"
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("X-Accel-Buffering", "no")  # a proxy (nginx) in front passes each event on at once
-            self.send_header("Transfer-Encoding", "chunked")
+            if self._chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.close_connection = True
+                self.send_header("Connection", "close")
             self.end_headers()
             deadline = time.monotonic() + REQUEST_TIMEOUT_S
             while True:
@@ -445,9 +452,13 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 self._chunk(b"")  # the last chunk: the response ends, the connection may carry the next
 
         def _chunk(self, data: bytes) -> bool:
-            """One chunk of a chunked response (``b""``: the last); ``False`` once the client left."""
+            """One chunk of a chunked response (``b""``: the last), or the bytes alone to an
+            HTTP/1.0 client; ``False`` once the client left."""
             try:
-                self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+                if self._chunked:
+                    self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+                elif data:
+                    self.wfile.write(data)
                 self.wfile.flush()
             except (ConnectionError, TimeoutError):
                 self.close_connection = True

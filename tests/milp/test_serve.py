@@ -338,3 +338,23 @@ def test_a_stream_for_an_unknown_user_gets_404_before_it_begins(answer_run):
     with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
         status, ctype, (out,) = _stream(server, {"user_id": "nobody", "query": "q"})
     assert status == 404 and ctype.startswith("application/json") and "unknown user" in out["error"]
+
+
+def test_a_stream_to_an_http10_client_comes_unchunked_and_closes(answer_run):
+    """HTTP/1.0 knows no chunked framing: the events come as they are and the server closes the
+    connection at the end of the stream."""
+    import socket
+
+    user = _users(answer_run)[0]
+    want = answer(answer_run, [(user, QUERIES[0])], progress=False)[0]
+    body = json.dumps({"user_id": user, "query": QUERIES[0], "stream": True}).encode()
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        with socket.create_connection(server.address, timeout=120) as s:
+            s.sendall(b"POST /v1/answer HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            raw = b""
+            while chunk := s.recv(65536):  # ends: the server closed the connection
+                raw += chunk
+    head, _, text = raw.decode("utf-8").partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200 OK") and "Transfer-Encoding" not in head and "Connection: close" in head
+    *pieces, last = [json.loads(e[6:]) for e in text[:-2].split("\n\n")]
+    assert last["answer"] == want == "".join(e["delta"] for e in pieces)
