@@ -357,16 +357,25 @@ def _read_json(path: Path) -> Any:
 
 
 # --------------------------------------------------------------------------- distributed
-def _env_int(name: str, default: int) -> int:
-    """The integer in ``$name`` (set by ``torchrun``), ``default`` where it is unset;
-    ``ValueError`` naming the variable otherwise (an empty one too)."""
+def _env_int(name: str, default: int, minimum: int | None = None, setter: str = "torchrun") -> int:
+    """The integer in ``$name`` (set by ``setter``), ``default`` where it is unset;
+    ``ValueError`` naming the variable otherwise (an empty one too, or one below ``minimum``)."""
     text = os.environ.get(name)
     if text is None:
         return default
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise ValueError(f"{name} (set by torchrun) must be an int, got {text!r}") from None
+        raise ValueError(f"{name} (set by {setter}) must be an int, got {text!r}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} (set by {setter}) must be an int >= {minimum}, got {text!r}")
+    return value
+
+
+#: how long a process of a torchrun job waits for the others at a barrier or for a message
+#: (``$MILP_DIST_TIMEOUT_S``): the other ranks wait while rank 0 alone fits the search's surrogate
+#: or generates the base model's answers, which may take longer than NCCL's 10-minute default
+DIST_TIMEOUT_S = 4 * 3600
 
 
 def _world_size() -> int:
@@ -381,19 +390,26 @@ class Dist:
     rank: int = 0
     world: int = 1
     initialized: bool = False
+    #: a gloo group of every process for the objects they exchange (on the CPU, whatever the
+    #: device), waiting up to ``$MILP_DIST_TIMEOUT_S`` (:data:`DIST_TIMEOUT_S`) for each other
+    control: Any = None
 
     @classmethod
     def from_env(cls, device: torch.device) -> Dist:
         world = _world_size()
         if world <= 1:
             return cls()
+        import datetime
+
         import torch.distributed as dist
 
+        wait = _env_int("MILP_DIST_TIMEOUT_S", DIST_TIMEOUT_S, minimum=1, setter="the user")
         if device.type == "cuda" and device.index is not None:  # NCCL runs on the current device: this rank's GPU
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), True)
+        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait))
+        return cls(dist.get_rank(), dist.get_world_size(), True, control)
 
     @property
     def main(self) -> bool:
@@ -403,10 +419,13 @@ class Dist:
         return list(items[self.rank :: self.world])
 
     def barrier(self) -> None:
+        """Wait for every process (for the files they wrote: a host-side wait, on the gloo
+        :attr:`control` group, so that rank 0's work alone — the base model's answers, the
+        search's surrogate — may take longer than NCCL's collective timeout)."""
         if self.initialized:
             import torch.distributed as dist
 
-            dist.barrier()
+            dist.barrier(group=self.control)
 
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
         """Sum ``tensors`` across the processes, in place (one collective)."""
@@ -428,7 +447,7 @@ class Dist:
         import torch.distributed as dist
 
         box = [obj if self.main else None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -438,7 +457,7 @@ class Dist:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.control)
         return out
 
     def close(self) -> None:

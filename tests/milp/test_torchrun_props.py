@@ -197,6 +197,15 @@ def test_a_search_failing_in_one_process_fails_every_process_by_name(ckpt, searc
     _assert_same_results(out, search_reference)
 
 
+@pytest.mark.parametrize("value, why", [("0", "an int >= 1"), ("soon", "an int"), ("", "an int")])
+def test_a_bad_wait_for_the_other_processes_is_refused_by_name_before_any_group(monkeypatch, value, why):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MILP_DIST_TIMEOUT_S", value)
+    with pytest.raises(ValueError, match=re.escape(f"MILP_DIST_TIMEOUT_S (set by the user) must be {why}, got")):
+        train.Dist.from_env(torch.device("cpu"))
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_killed_process_fails_the_run_and_one_process_resumes_it(ckpt, reference, tmp_path):
     """Rank 1 killed while publishing its 2nd user folder: the run fails (rank 0 does not wait
     at a barrier), and a single-process run resumes it to the results of a run never stopped.
