@@ -150,16 +150,22 @@ def test_instruction_tuning_needs_something_to_train(tiny_tokenizer):
         instruction_tune(_model(), tiny_tokenizer, [], steps=1, progress=False)
 
 
-def test_mixed_user_generation_and_losses_equal_per_user(tiny_chat_tokenizer):
-    tok = tiny_chat_tokenizer
+def _three_users(max_users: int) -> tuple[torch.nn.Module, milp.MilpRuntime, list[Record]]:
+    """A tiny model with a runtime of 3 users (ranks 1, 2, 3; random A and B) and their records."""
     model = _model()
-    rt = milp.MilpRuntime(model, max_users=4)
+    rt = milp.MilpRuntime(model, max_users=max_users)
     recs = _records(3)
     for i, r in enumerate(recs):
         rt.add_user(r.user_id, milp.MemoryConfig.uniform(2, i + 1, 4), init="random", seed=i)
     with torch.no_grad():
         for m in rt.state.modules():
             m.bank.lora_b.normal_(std=0.5)
+    return model, rt, recs
+
+
+def test_mixed_user_generation_and_losses_equal_per_user(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    model, rt, recs = _three_users(max_users=4)
     recs[1] = Record("u1", "", ["x"], "A much longer question that needs more padding?", "ok")
     mixed = generate_responses(model, tok, recs, runtime=rt, max_new_tokens=5, batch_size=3, progress=False)
     alone = [generate_responses(model, tok, [r], runtime=rt, max_new_tokens=5, progress=False)[0] for r in recs]
@@ -221,11 +227,7 @@ def test_streamed_answers_grow_to_the_answers_in_mixed_batches(tiny_chat_tokeniz
     """``stream(i, text)`` gets each record's answer so far: every text extends the one before,
     the last is the returned answer, and the answers are those generated without a stream."""
     tok = tiny_chat_tokenizer
-    model = _model()
-    rt = milp.MilpRuntime(model, max_users=3)
-    recs = _records(3)
-    for i, r in enumerate(recs):
-        rt.add_user(r.user_id, milp.MemoryConfig.uniform(2, i + 1, 4), init="random", seed=i)
+    model, rt, recs = _three_users(max_users=3)
     kw = dict(runtime=rt, max_new_tokens=12, batch_size=2, progress=False)
     seen: dict[int, list[str]] = {}
     got = generate_responses(model, tok, recs, stream=lambda i, text: seen.setdefault(i, []).append(text), **kw)
