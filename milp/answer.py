@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +141,13 @@ def load_run(run: Path, device: str = "auto", prog: str = "milp.answer") -> tupl
 
 
 def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_tokens: int | None = None,
-           batch_size: int | None = None, device: str = "auto", progress: bool = True) -> list[str]:
+           batch_size: int | None = None, device: str = "auto", progress: bool = True,
+           stream: Callable[[int, str], None] | None = None) -> list[str]:
     """Answers to ``(user_id, query)`` pairs with the personalized model of the run in ``run``,
     in order. Any number of distinct users: they are answered the run's ``--slots`` users at a
     time (a generation batch may name at most that many), loaded from the run's store.
-    ``max_new_tokens`` / ``batch_size``: ``None`` for the run's.
+    ``max_new_tokens`` / ``batch_size``: ``None`` for the run's. ``stream(i, text)``: query
+    ``i``'s answer so far as it is generated (:func:`milp.pipeline.generate_responses`).
 
     Raises ``ValueError`` for a query that is not a pair of non-empty strings or a count that
     is not an int >= 1; ``SystemExit`` (a message) for a run directory without a finished run or
@@ -188,10 +190,15 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     for start in range(0, len(users), slots):
         window = set(users[start:start + slots])
         idx = [i for i, (user, _) in enumerate(queries) if user in window]
+        def stream_of(j: int, text: str, idx: list[int] = idx) -> None:  # a window's record j is query idx[j]
+            assert stream is not None
+            stream(idx[j], text)
+
         out = generate_responses(model, tok, [records[i] for i in idx], runtime=rt,
                                  max_new_tokens=max_new_tokens or settings["max_new_tokens"],
                                  batch_size=batch_size or settings["eval_batch_size"],
-                                 max_length=settings["max_length"] + 128, progress=progress)
+                                 max_length=settings["max_length"] + 128, progress=progress,
+                                 stream=stream_of if stream is not None else None)
         for i, a in zip(idx, out):
             answers[i] = a
     return answers
@@ -221,9 +228,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise _fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    # one printed answer comes as it is generated (the same text in the end); several would
+    # interleave, so they are printed once all are made
+    streamed = args.output is None and len(queries) == 1
+    shown = [""]
+
+    def show(_: int, text: str) -> None:
+        if shown[0] == "":
+            print(f"[{queries[0][0]}] {queries[0][1]}\n-> ", end="", flush=True)
+        print(text[len(shown[0]):], end="", flush=True)
+        shown[0] = text
+
     try:
         answers = answer(args.run, queries, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         device=args.device, progress=args.progress)
+                         device=args.device, progress=args.progress and not streamed,
+                         stream=show if streamed else None)
         rows = [{"user_id": u, "query": q, "answer": a} for (u, q), a in zip(queries, answers)]
         if args.output is not None:
             atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -232,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.output is not None:
         print(f"milp.answer: {len(rows)} answers -> {args.output}")
+    elif streamed and shown[0]:
+        a = rows[0]["answer"]  # the stream hands it all (nothing left), unless a tokenizer re-spelled it
+        print((a[len(shown[0]):] if a.startswith(shown[0]) else f"\n-> {a}") + "\n")
     else:
         for r in rows:
             print(f"[{r['user_id']}] {r['query']}\n-> {r['answer']}\n")

@@ -76,3 +76,37 @@ def test_blank_query_argument_is_refused_by_name(run):
         answer.main([str(run), "--user", user, "  ", "--no-progress"])
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         answer.answer(run, [(user, "hi")], max_new_tokens=0)
+
+
+def test_streamed_answers_reach_their_queries_across_slot_windows(run):
+    """``stream(i, text)`` names the query of the whole call (the run's 2 slots answer 3 users in
+    two windows, whose records are numbered from 0 each): every query's texts grow to its answer."""
+    users = json.loads((run / "split.json").read_text())["train"][:3]
+    asked = [(users[0], "Is coffee fine?"), (users[1], "What should I do?"), (users[2], "Should I rest?"),
+             (users[0], "What should I do?")]
+    seen: dict[int, list[str]] = {}
+    got = answer.answer(run, asked, progress=False, stream=lambda i, t: seen.setdefault(i, []).append(t))
+    assert got == answer.answer(run, asked, progress=False)
+    for i, a in enumerate(got):
+        texts = seen.get(i, [])
+        assert (texts[-1] if texts else "") == a
+        assert all(b.startswith(x) for x, b in zip(texts, texts[1:]))
+
+
+@pytest.mark.parametrize("max_new_tokens", ["1", "3"])
+def test_one_printed_answer_comes_as_it_is_made_and_reads_as_before(run, capsys, monkeypatch, max_new_tokens):
+    """One query printed: its answer is printed piece by piece while it is generated (no
+    progress bar), and the output is the text a printed answer always was."""
+    user = json.loads((run / "split.json").read_text())["test"][0]
+    want = answer.answer(run, [(user, "Is coffee fine?")], max_new_tokens=int(max_new_tokens), progress=False)[0]
+    writes: list[str] = []
+    real = answer.answer
+
+    def spy(*a, **k):
+        assert k["progress"] is False and k["stream"] is not None
+        return real(*a, **{**k, "stream": lambda i, t: (writes.append(t), k["stream"](i, t))})
+
+    monkeypatch.setattr(answer, "answer", spy)
+    assert answer.main([str(run), "--user", user, "Is coffee fine?", "--max-new-tokens", max_new_tokens]) == 0
+    assert capsys.readouterr().out == f"[{user}] Is coffee fine?\n-> {want}\n\n"
+    assert (writes[-1] if writes else "") == want
