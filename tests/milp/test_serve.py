@@ -358,3 +358,37 @@ def test_a_stream_to_an_http10_client_comes_unchunked_and_closes(answer_run):
     assert head.startswith("HTTP/1.1 200 OK") and "Transfer-Encoding" not in head and "Connection: close" in head
     *pieces, last = [json.loads(e[6:]) for e in text[:-2].split("\n\n")]
     assert last["answer"] == want == "".join(e["delta"] for e in pieces)
+
+
+def test_a_stream_whose_client_leaves_ends_quietly_and_the_server_goes_on(answer_run, monkeypatch, capfd):
+    """The client reads the first piece and hangs up: writing the next pieces fails in its
+    handler alone (no traceback), the batch finishes, and the next request is answered."""
+    import socket
+
+    left, real = threading.Event(), milp.pipeline.generate_responses
+
+    def slow(model, tok, records, *, stream=None, **kw):
+        if stream is None:
+            return real(model, tok, records, **kw)
+        stream(0, "Hel")
+        assert left.wait(60)
+        for k in range(2, 40):  # more than a socket buffer's worth after the client left
+            stream(0, "Hel" + "lo" * k * 1000)
+        return ["Hel" + "lo" * 39 * 1000]
+
+    monkeypatch.setattr(milp.pipeline, "generate_responses", slow)
+    user = _users(answer_run)[0]
+    body = json.dumps({"user_id": user, "query": "q", "stream": True}).encode()
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        s = socket.create_connection(server.address, timeout=60)
+        s.sendall(b"POST /v1/answer HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while b'data: {"delta": "Hel"}' not in got:
+            got += s.recv(4096)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset on close
+        s.close()
+        left.set()
+        code, out = _post(server, {"user_id": user, "query": QUERIES[0]})
+        assert code == 200 and out["answer"] == answer(answer_run, [(user, QUERIES[0])], progress=False)[0]
+        assert server.stats()["requests"] == 2
+    assert "Traceback" not in capfd.readouterr().err
