@@ -58,6 +58,11 @@ evaluated method reloads its adapter), so an interrupted
 comparison continues where it stopped, and adding ``--seeds`` or ``--methods`` later only runs
 what is new.
 
+``torchrun --nproc_per_node N -m milp.evaluate ...`` runs the seeds in N processes (each
+process whole seeds, ``rank::N``, on its own GPU where there are several), and rank 0 writes the
+report once all are done: the tables of one process, since every seed's methods run as they
+would there.
+
 Example:
     >>> args = build_parser().parse_args(["--users", "20", "--seeds", "0,1", "--methods", "tplp,milp"])
     >>> args.seeds, args.methods
@@ -150,8 +155,12 @@ _VOLATILE = {"output", "progress", "overwrite", "device", "slots", "eval_batch_s
              "methods", "report", "report_only", "judge"}
 
 
+#: ``"[rank R] "`` in a process of a torchrun job (set by :func:`run`), else empty
+_LOG_PREFIX = ""
+
+
 def _log(msg: str) -> None:
-    print(f"milp.evaluate: {msg}", flush=True)
+    print(f"milp.evaluate: {_LOG_PREFIX}{msg}", flush=True)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -506,7 +515,7 @@ def _run_milp(st: _Seed, method: str = "milp") -> None:
     if method in SEARCH_ABLATIONS:
         targs.search_dims = SEARCH_ABLATIONS[method]
     t0 = time.perf_counter()
-    metrics = train.run(targs)
+    metrics = train.run(targs, dist=train.Dist())  # in this process alone: a torchrun job's processes run whole seeds
     run_dir = Path(targs.output)
     split = _read_json(run_dir / "split.json")
     if split != {k: sorted(group_by_user(v)) for k, v in st.split.items()}:
@@ -1131,11 +1140,28 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
         >>> report["summary"]["milp"]["rougeL"]                                         # doctest: +SKIP
         {'mean': 13.1, 'std': None, 'n': 1}
     """
+    global _LOG_PREFIX
+    t_start = time.perf_counter()
+    device = train._resolve_device(args.device, "milp.evaluate")
+    dist = train.Dist.from_env(device)
+    _LOG_PREFIX = f"[rank {dist.rank}] " if dist.world > 1 else ""
+    try:
+        return _run(args, argv, device, dist, t_start)
+    finally:
+        _LOG_PREFIX = ""
+        dist.close()
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str], device: torch.device, dist: train.Dist,
+         t_start: float) -> dict[str, Any]:
+    """:func:`run` in this process of the job ``dist``: its share of the seeds (``rank::world``,
+    each seed's methods in this process), then, in rank 0 once every process is done, the report
+    (``{}`` in the others)."""
     from tqdm.auto import tqdm
 
-    t_start = time.perf_counter()
-    if train._world_size() > 1:
-        raise SystemExit("milp.evaluate runs in one process; scale MiLP out with torchrun -m milp.train instead")
+    if not dist.main:  # one process draws the bars (its own seeds'); the others' would overwrite them
+        args = copy.copy(args)
+        args.progress = False
     out = Path(args.output)
     methods = _plan_methods(args)
     # every check of the input comes before the first file is written (or --overwrite deletes
@@ -1143,28 +1169,33 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
     # as a continuation with other settings
     _check_report(args.report)
     _check_judge(args.judge)
-    device = train._resolve_device(args.device, "milp.evaluate")
     _check_output(out, args, device)
-    records = train.load_records(args.data, args.data_format, on_error=args.on_error, progress=args.progress)
+    records = train.load_records(args.data, args.data_format, on_error=args.on_error,
+                                 progress=args.progress and dist.main)
     seeds = list(args.seeds)
     st_of = {seed: _Seed(args, seed, records, out) for seed in seeds}
+    mine = dist.shard(seeds)  # a torchrun job's processes each run whole seeds
     models = _Models(args, device)
     order = [m for m in ("milp", "milp-no-instruction", "tplp", "malp", "uelp", "milp-no-memory", *SEARCH_ABLATIONS)
              if m in methods]
     # the search-space ablations (a whole search each) after every seed's main methods
-    jobs = [(seed, m) for seed in seeds for m in order if m not in SEARCH_ABLATIONS]
-    jobs += [(seed, m) for seed in seeds for m in order if m in SEARCH_ABLATIONS]
+    jobs = [(seed, m) for seed in mine for m in order if m not in SEARCH_ABLATIONS]
+    jobs += [(seed, m) for seed in mine for m in order if m in SEARCH_ABLATIONS]
     if args.report_only:
         jobs = []
     _check_models(models, args, [m for seed, m in jobs if not _finished(st_of[seed], m)])
-    _prepare_output(out, args, argv, device)
-    for seed, st in st_of.items():
+    dist.barrier()  # every process has checked the output before rank 0 deletes (--overwrite) or starts it
+    if dist.main:
+        _prepare_output(out, args, argv, device)
+    dist.barrier()
+    for seed in mine:
+        st = st_of[seed]
         if not args.report_only:  # --report-only writes nothing but the tables
             st.save()
         _log(f"seed {seed}: {st.sizes['train']} train / {st.sizes['val']} val / {st.sizes['test']} test users")
-    if args.report_only:
+    if args.report_only and dist.main:
         _log("--report-only: tables from the predictions already in the output directory")
-    bar = tqdm(jobs, desc="comparison", disable=not args.progress, dynamic_ncols=True)
+    bar = tqdm(jobs, desc="comparison", disable=not (args.progress and dist.main), dynamic_ncols=True)
     for seed, m in bar:
         st = st_of[seed]
         bar.set_postfix(seed=seed, method=m)
@@ -1181,8 +1212,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
     bar.close()
     shown = [*methods, "base"] if "milp" in methods else methods
     if not args.report_only:
-        for st in st_of.values():
-            _fill_response_ce(st, models, shown)
+        for seed in mine:
+            _fill_response_ce(st_of[seed], models, shown)
+    dist.barrier()  # every seed's answers and response CEs are written
+    if not dist.main:
+        return {}
     judge = _judge(args, models)
     res = aggregate(out, seeds, {s: st.split for s, st in st_of.items()}, judge, shown)
     cost = _cost(out, seeds, shown)

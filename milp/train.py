@@ -1256,11 +1256,14 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the pipeline for parsed ``args`` (see :func:`build_parser`); returns the metrics."""
+def run(args: argparse.Namespace, dist: Dist | None = None) -> dict[str, Any]:
+    """Run the pipeline for parsed ``args`` (see :func:`build_parser`); returns the metrics.
+    ``dist``: the processes it runs in (default: this ``torchrun`` job's, or this process
+    alone); ``Dist()`` runs it in this process alone whatever the job (``milp.evaluate``
+    gives each process of its job whole seeds)."""
     t_start = time.perf_counter()
     device = _resolve_device(args.device)
-    dist = Dist.from_env(device)
+    dist = Dist.from_env(device) if dist is None else dist
     st = _State(args=args, out=Path(args.output), dist=dist, device=device)
     try:
         torch.manual_seed(args.seed)

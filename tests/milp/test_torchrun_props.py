@@ -61,13 +61,14 @@ def _stopping_replace(spec: str, real: Callable[..., None]) -> Callable[..., Non
 
 
 def _torchrun(ckpt: Path, out: Path, *args: str, stop: str | None = None, fail: str | None = None,
-              logs: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``torchrun --nproc_per_node 2 milp.train`` (this file); ``stop``: ``"RANK:TARGET:HOW"``
-    (see :func:`_stopping_replace`); ``fail``: ``"RANK:NAME"``, ``milp.train``'s function NAME
-    raises ``RuntimeError("injected failure")`` in that process; ``logs``: each process's output
-    in its own files there."""
+              logs: Path | None = None, prog: str = "train") -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc_per_node 2 milp.train`` (this file; ``prog="evaluate"``: milp.evaluate
+    with test_evaluate.py's stand-in embedder); ``stop``: ``"RANK:TARGET:HOW"`` (see
+    :func:`_stopping_replace`); ``fail``: ``"RANK:NAME"``, ``milp.train``'s function NAME raises
+    ``RuntimeError("injected failure")`` in that process; ``logs``: each process's output in its
+    own files there."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", MILP_TEST_STOP=stop or "", MILP_TEST_FAIL=fail or "")
+    env.update(OMP_NUM_THREADS="1", MILP_TEST_STOP=stop or "", MILP_TEST_FAIL=fail or "", MILP_TEST_PROG=prog)
     split = ["--log-dir", str(logs), "--redirects", "3"] if logs else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *split,
            __file__, "--model", str(ckpt), "--output", str(out), *args]
@@ -204,6 +205,31 @@ def test_a_bad_wait_for_the_other_processes_is_refused_by_name_before_any_group(
     with pytest.raises(ValueError, match=re.escape(f"MILP_DIST_TIMEOUT_S (set by the user) must be {why}, got")):
         train.Dist.from_env(torch.device("cpu"))
     assert not torch.distributed.is_initialized()
+
+
+def test_a_comparison_in_two_processes_runs_a_seed_each_and_reports_as_one(ckpt, tmp_path, monkeypatch):
+    """``torchrun -m milp.evaluate``: each process runs whole seeds (its MiLP runs in it alone),
+    and rank 0 writes the report once both are done: the report of one process. Was: refused."""
+    from run_outputs import untimed
+    from test_evaluate import FAST, FakeEmbedder
+
+    import milp.evaluate as ev
+    import milp.models
+
+    args = ["--seeds", "0,1", "--methods", "tplp,milp", *FAST]
+    monkeypatch.setattr(milp.models, "load_default_embedder", lambda *a, **k: FakeEmbedder())
+    one = tmp_path / "one"
+    assert ev.main(["--model", str(ckpt), "--output", str(one), *args]) == 0
+    two = tmp_path / "two"
+    proc = _torchrun(ckpt, two, *args, prog="evaluate", logs=tmp_path / "logs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = (untimed(json.loads((d / "comparison.json").read_text())) for d in (one, two))
+    for r in (want, got):  # the command and --output name the folder
+        r.pop("command"), r["settings"].pop("output")
+    assert _close(got, want)
+    logs = [next((tmp_path / "logs").rglob(f"{r}/stdout.log")).read_text() for r in ("0", "1")]
+    assert "[rank 0] seed 0: MiLP" in logs[0] and "[rank 1] seed 1: MiLP" in logs[1] and "seed 1: MiLP" not in logs[0]
+    assert "# Personalization comparison" in logs[0] and "# Personalization comparison" not in logs[1]  # once
 
 
 def test_a_killed_process_fails_the_run_and_one_process_resumes_it(ckpt, reference, tmp_path):
@@ -396,4 +422,12 @@ if __name__ == "__main__":  # a process of _torchrun's: milp.train, stopped or f
     if name and rank == os.environ["RANK"]:
         assert callable(getattr(train, name)), name
         setattr(train, name, _failing)
+    if os.environ.get("MILP_TEST_PROG") == "evaluate":
+        from test_evaluate import FakeEmbedder  # this file's folder is the script's: on sys.path
+
+        import milp.evaluate
+        import milp.models
+
+        milp.models.load_default_embedder = lambda *a, **k: FakeEmbedder()
+        sys.exit(milp.evaluate.main(sys.argv[1:]))
     sys.exit(train.main(sys.argv[1:]))
