@@ -579,22 +579,30 @@ def test_resolve_device_cuda_index_and_torchrun_ranks(monkeypatch):
 
 
 def test_dist_under_torchrun_uses_this_ranks_gpu(monkeypatch):
-    """Was: every process stayed on the current device, cuda:0, for NCCL's collectives."""
+    """Was: every process stayed on the current device, cuda:0, for NCCL's collectives. The
+    processes wait for each other on a gloo group of their own, for ``$MILP_DIST_TIMEOUT_S``
+    (default 4 h; NCCL's collectives time out after 10 minutes)."""
+    import datetime
+
     import torch.distributed as dist
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MILP_DIST_TIMEOUT_S", raising=False)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "new_group", lambda backend, timeout: calls.append(("group", backend, timeout)) or "g")
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     d = train.Dist.from_env(torch.device("cuda:1"))
-    assert (d.rank, d.world, d.initialized) == (1, 2, True)
-    assert calls == [("set_device", torch.device("cuda:1")), ("init", "nccl")]
+    assert (d.rank, d.world, d.initialized, d.control) == (1, 2, True, "g")
+    four_hours = datetime.timedelta(hours=4)
+    assert calls == [("set_device", torch.device("cuda:1")), ("init", "nccl"), ("group", "gloo", four_hours)]
     calls.clear()
+    monkeypatch.setenv("MILP_DIST_TIMEOUT_S", "90")
     train.Dist.from_env(torch.device("cpu"))
-    assert calls == [("init", "gloo")]
+    assert calls == [("init", "gloo"), ("group", "gloo", datetime.timedelta(seconds=90))]
 
 
 @pytest.mark.parametrize("dtype, device, bf16, want", [("auto", "cpu", False, torch.float32),
