@@ -982,13 +982,16 @@ def _search(st: _State, split: dict[str, list[Record]], default: MemoryConfig) -
 
     def evaluate(configs: Sequence[MemoryConfig]) -> list[float]:
         """Mean validation CE of each configuration over the validation users. Under torchrun
-        every process calls it with the same ``configs`` (a collective): each scores the pairs
-        ``rank::world`` and every process gets all the losses. A process whose share fails makes
-        every process raise :class:`SearchEvaluationError` naming it (its own error chained)."""
+        a collective: rank 0 sends ``configs`` to the others (:func:`_search_worker` calls it
+        with them), each process scores the pairs ``rank::world`` and every process gets all
+        the losses. A process whose share fails makes every process raise
+        :class:`SearchEvaluationError` naming it (its own error chained)."""
         todo = [(ci, r) for ci in range(len(configs)) for r in val_recs]
         if not dist.initialized:
             ce = pair_losses(configs, todo)
         else:
+            if dist.main:
+                dist.broadcast_object(("eval", [c.to_dict() for c in configs]))
             err: Exception | None = None
             try:
                 mine: tuple[str, Any] = ("ok", pair_losses(configs, dist.shard(todo)))
@@ -1037,7 +1040,7 @@ def _search_main(st: _State, default: MemoryConfig, val_recs: list[Record], shap
                  evaluate: Callable[[Sequence[MemoryConfig]], list[float]]) -> MemoryConfig:
     """The search itself, in rank 0 (the only process under plain ``python``): the trial log,
     the surrogate, the pick, ``search/``'s files. ``evaluate`` scores configurations with
-    every process."""
+    every process (see :func:`_search`)."""
     import search as srch
     from search.surrogate import NUTSSettings
 
@@ -1056,19 +1059,14 @@ def _search_main(st: _State, default: MemoryConfig, val_recs: list[Record], shap
                     n_init=n_init, surrogate=args.search_surrogate, nuts=nuts, seed=args.seed,
                     log_path=sdir / "trials.jsonl")
 
-    def scored(configs: Sequence[MemoryConfig]) -> list[float]:
-        if dist.initialized:
-            dist.broadcast_object(("eval", [c.to_dict() for c in configs]))
-        return evaluate(configs)
-
     def objective(configs: Sequence[Any]) -> list[dict[str, float]]:
         mcs = [MemoryConfig.from_search(c, lora_alpha=args.lora_alpha, num_layers=rt.num_layers) for c in configs]
-        return [{"val_ce": v} for v in scored(mcs)]
+        return [{"val_ce": v} for v in evaluate(mcs)]
 
     t0 = time.perf_counter()
     ref_path = sdir / "reference.json"
     if not ref_path.exists():  # "adapters on every layer" with the default modules/rank, for the report
-        ref_ce = scored([default])[0]
+        ref_ce = evaluate([default])[0]
         _atomic_json(ref_path, {"memory_config": default.to_dict(), "val_ce": ref_ce,
                                 "parameters": default.num_parameters(shapes)})
     ref = _read_json(ref_path)
