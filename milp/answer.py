@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def show(_: int, text: str) -> None:
         if shown[0] == "":
-            print(f"[{queries[0][0]}] {queries[0][1]}\n-> ", end="", flush=True)
+            print(_printed(*queries[0], ""), end="", flush=True)
         print(text[len(shown[0]):], end="", flush=True)
         shown[0] = text
 
@@ -256,8 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print((a[len(shown[0]):] if a.startswith(shown[0]) else f"\n-> {a}") + "\n")
     else:
         for r in rows:
-            print(f"[{r['user_id']}] {r['query']}\n-> {r['answer']}\n")
+            print(_printed(r["user_id"], r["query"], r["answer"]) + "\n")
     return 0
+
+
+def _printed(user: str, query: str, answer: str) -> str:
+    """How a printed answer reads (a streamed one: its first part, ``answer=""``, then the pieces)."""
+    return f"[{user}] {query}\n-> {answer}"
 
 
 if __name__ == "__main__":
