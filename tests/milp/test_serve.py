@@ -392,3 +392,10 @@ def test_a_stream_whose_client_leaves_ends_quietly_and_the_server_goes_on(answer
         assert code == 200 and out["answer"] == answer(answer_run, [(user, QUERIES[0])], progress=False)[0]
         assert server.stats()["requests"] == 2
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_submit_refuses_an_on_delta_that_is_not_callable(answer_run):
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        with pytest.raises(TypeError, match="on_delta must be a callable or None, got str"):
+            server.submit(_users(answer_run)[0], "q", on_delta="print")
+        assert server.stats()["requests"] == 0
