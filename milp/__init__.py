@@ -32,7 +32,7 @@ from .inject import (
     tiny_model,
 )
 from .losses import mean_token_loss, token_losses
-from .optim import AdamWConfig, PackedAdamW, lr_multiplier, warmup_steps
+from .optim import AdamWConfig, LossScaling, PackedAdamW, lr_multiplier, warmup_steps
 from .pipeline import (
     InstructionAdapter,
     add_instruction_adapter,
@@ -52,6 +52,7 @@ __all__ = [
     "AdamWConfig",
     "CacheInfo",
     "InstructionAdapter",
+    "LossScaling",
     "MemoryConfig",
     "MilpRuntime",
     "MilpState",

@@ -45,7 +45,7 @@ from torch import nn
 
 from .data import IGNORE_INDEX, Record, collate, tokenize_instruction, tokenize_memory
 from .losses import token_losses
-from .optim import lr_multiplier
+from .optim import LossScaling, lr_multiplier, resolve_loss_scaling
 
 __all__ = [
     "INSTRUCTION_TARGETS",
@@ -296,6 +296,17 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: its input embeddings' (its first floating-point parameter's
+    where it has none)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    w = getattr(emb, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point():
+        return w.dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _pad_id(tokenizer: Any) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
@@ -433,6 +444,7 @@ def memory_inject(
     n_batches = max(math.ceil(len(v) / rows_per_user) for v in chunks_of.values())
     was_training = runtime.model.training
     runtime.model.train()
+    skipped_before = sum(runtime.skipped_steps.values())
     try:
         bar = _progress(total=steps * n_batches, desc="memory injection", enabled=progress)
         for epoch in range(steps):
@@ -444,8 +456,10 @@ def memory_inject(
                 for u, v in losses.items():
                     history[u].append(v)
                 bar.update(1)
-                if losses:
-                    bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
+                if losses:  # and the users' steps loss scaling skipped (float16), if any
+                    n_skip = sum(runtime.skipped_steps.values()) - skipped_before
+                    bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}",
+                                    **({"skipped": n_skip} if n_skip else {}))
         bar.close()
     finally:
         runtime.model.train(was_training)
@@ -487,6 +501,7 @@ def instruction_tune(
     progress: bool = True,
     all_reduce: Callable[[list[torch.Tensor]], None] | None = None,
     shard: tuple[int, int] | None = None,
+    loss_scaling: LossScaling | bool | str = "auto",
 ) -> list[float]:
     """Teach the model to answer: train the shared ``adapter`` (and the ``prefix`` encoder, if
     any) on query → response pairs of ``records`` (labels on the response only).
@@ -505,6 +520,10 @@ def instruction_tune(
     (the same ``seed`` on each: the same batches); it runs rows ``rank::world`` of it, and
     ``all_reduce`` must *sum* the gradients and, last in its list, the step's loss: the step and
     the losses are those of one process, to rounding, whatever ``world``.
+    ``loss_scaling``: dynamic loss scaling (``torch.amp.GradScaler`` with the settings of a
+    :class:`~milp.optim.LossScaling`); ``"auto"``: on for a float16 model, whose gradients
+    underflow otherwise. A step whose gradients overflow is skipped (the learning-rate schedule
+    waits for it), as ``GradScaler`` does; every process of a sharded step skips it alike.
     Returns the loss of every step.
 
     Example:
@@ -520,6 +539,7 @@ def instruction_tune(
     _number(warmup_ratio, "warmup_ratio", 0.0, 1.0)
     _number(max_grad_norm, "max_grad_norm", 0.0, lo_open=True)
     _check_stage_args(runtime, adapter, prefix, context_fn=context_fn, all_reduce=all_reduce)
+    scaling = resolve_loss_scaling(loss_scaling, _compute_dtype(model))
     if shard is not None:
         if (not isinstance(shard, tuple) or len(shard) != 2
                 or any(isinstance(v, bool) or not isinstance(v, int) for v in shard) or not 0 <= shard[0] < shard[1]):
@@ -542,6 +562,10 @@ def instruction_tune(
     pad = _pad_id(tokenizer)
     device = _device_of(model)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scaler = None if scaling is None else torch.amp.GradScaler(
+        device.type, init_scale=scaling.init_scale, growth_factor=scaling.growth_factor,
+        backoff_factor=scaling.backoff_factor, growth_interval=scaling.growth_interval)
+    skipped = 0
     # LambdaLR counts from 0 (the lr of the first update); lr_multiplier's steps are 1-based
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s + 1, steps, warmup_ratio))
     rng = random.Random(seed)
@@ -586,7 +610,7 @@ def instruction_tune(
                 with _using(runtime, users, g):
                     part = token_losses(model, **inputs)[0].sum() / max(n_targets, 1)
                     if part.requires_grad:  # not without a target: no gradient, as mean_token_loss gives
-                        part.backward(inputs=params)
+                        (part if scaler is None else scaler.scale(part)).backward(inputs=params)
                 loss = loss + part.detach()
                 # no graph outlives its group: the next group's users may grow the adapter banks
                 # (kernels.AdapterBank.reserve swaps their .data), and a live graph keeps the banks'
@@ -599,11 +623,22 @@ def instruction_tune(
                         p.grad = torch.zeros_like(p)
                     grads.append(p.grad)
                 all_reduce(grads + ([loss] if shard is not None else []))
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            sched.step()
+            if scaler is None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                opt.step()
+                sched.step()
+            else:  # unscaled before clipping; a step with inf/NaN gradients skipped, the scale backed off
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                before = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
+                if scaler.get_scale() < before:
+                    skipped += 1
+                else:
+                    sched.step()
             losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"skipped": skipped} if skipped else {}))
         bar.close()
     finally:
         model.train(was_training)

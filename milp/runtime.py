@@ -49,7 +49,7 @@ from kernels import nvtx_range
 from .config import MemoryConfig, _check_bool, _check_path, _safetensors_bytes, atomic_directory
 from .inject import MilpState, apply_milp, batch_users, get_milp, is_injected
 from .losses import _cached, _check_labels, check_token_inputs, token_losses, values_checked
-from .optim import AdamWConfig, PackedAdamW
+from .optim import AdamWConfig, LossScaling, PackedAdamW, resolve_loss_scaling
 from .store import CacheInfo, UserStore
 
 __all__ = [
@@ -391,6 +391,11 @@ class MilpRuntime:
             (:class:`~milp.optim.PackedAdamW`; default on: updates below bf16's precision
             accumulate). ``False`` saves 4 bytes per adapter element and rounds every update.
             No effect on float32/float64 models.
+        loss_scaling: dynamic loss scaling of :meth:`train_step`, per user (:class:`~milp.optim.LossScaling`;
+            see :mod:`milp.optim`). ``"auto"`` (default): on when the adapters are float16 (a
+            float16 model), where unscaled gradients underflow; ``True``/``False``; or a
+            :class:`~milp.optim.LossScaling` of your own. A user whose gradients overflow skips
+            that step (:attr:`skipped_steps` counts them).
 
     Example:
         >>> from milp.inject import tiny_model
@@ -400,8 +405,11 @@ class MilpRuntime:
     """
 
     def __init__(self, model: nn.Module, *, max_users: int = 64, optim: AdamWConfig | None = None,
-                 capacity: int = 0, store: UserStore | None = None, master_weights: bool = True) -> None:
+                 capacity: int = 0, store: UserStore | None = None, master_weights: bool = True,
+                 loss_scaling: LossScaling | bool | str = "auto") -> None:
         _check_bool("master_weights", master_weights)
+        if not (loss_scaling == "auto" or isinstance(loss_scaling, (bool, LossScaling))):
+            raise TypeError(f"loss_scaling must be 'auto', a bool or a milp.LossScaling, got {loss_scaling!r:.60}")
         if store is not None and not isinstance(store, UserStore):
             raise TypeError(f"store must be a milp.UserStore, got {type(store).__name__}")
         if optim is not None and not isinstance(optim, AdamWConfig):  # before the model is injected
@@ -414,7 +422,12 @@ class MilpRuntime:
         else:
             self.state = apply_milp(model, max_users=max_users, capacity=capacity)
         self.default_optim = optim or AdamWConfig()
-        self.optimizer = PackedAdamW(self.state.banks(), self.state.max_users, master_weights=master_weights)
+        banks = self.state.banks()
+        dtype = banks[0].lora_a.dtype if banks else torch.float32
+        self.optimizer = PackedAdamW(banks, self.state.max_users, master_weights=master_weights,
+                                     loss_scaling=resolve_loss_scaling(loss_scaling, dtype))
+        #: users' steps skipped by loss scaling (gradients not finite), per user, since the runtime began
+        self.skipped_steps: dict[Hashable, int] = {}
         self._slots: dict[Hashable, int] = {}
         self._slot_user: dict[int, Hashable] = {}  # the inverse of _slots (per batch: no scan of all users)
         # free slots: the freed ones below _next_slot (a heap) and every slot from _next_slot up, so
@@ -1005,6 +1018,9 @@ class MilpRuntime:
         update, also when no user of the batch has one (the base model's loss; no backward).
         The model's train/eval mode is left as it is (dropout, gradient checkpointing). A
         caller's ``torch.no_grad()`` does not stop the step; ``torch.inference_mode()`` is refused.
+        With loss scaling (a float16 model), each user's loss is scaled by its own scale before
+        the backward, and a user whose gradients overflow gets no update this step
+        (:attr:`skipped_steps`); its loss is returned all the same.
 
         Example:
             >>> from milp.inject import tiny_model
@@ -1027,12 +1043,18 @@ class MilpRuntime:
                 raise ValueError("the batch has no target tokens of any loaded user (all labels -100 or rows None)")
             if not total.requires_grad:  # only users without adapters (and nothing else trainable)
                 return {u: float(v.detach()) for u, v in per_user.items()}
+            scaled = self.optimizer.loss_scaling is not None
             with nvtx_range("milp.runtime.backward"):
-                total.backward()  # inside the block: recomputed activations see the same users
+                # inside the block: recomputed activations see the same users
+                (self.optimizer.scale_losses(mean) if scaled else total).backward()
         with nvtx_range("milp.runtime.optimizer"):
             # a user without adapters gets no update, so no step (as in a batch of only such users)
-            self.optimizer.step([self._slots[u] for u in per_user if self._configs[u].active_layers])
+            skipped = self.optimizer.step([self._slots[u] for u in per_user if self._configs[u].active_layers],
+                                          scaled=scaled)
             self.optimizer.zero_grad()
+        for s in skipped:
+            u = self._slot_user[s]
+            self.skipped_steps[u] = self.skipped_steps.get(u, 0) + 1
         return {u: float(v.detach()) for u, v in per_user.items()}
 
     @_serialized

@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype; auto = bfloat16 on a GPU with native bf16 (NVIDIA compute "
-                        "capability 8.0+: A100, L4, RTX 30xx and newer), float32 elsewhere (CPU, V100, T4)")
+                        "capability 8.0+: A100, L4, RTX 30xx and newer), float32 elsewhere (CPU, V100, T4); "
+                        "float16 trains with dynamic loss scaling, per user (milp.LossScaling)")
     g = p.add_argument_group("memory injection")
     g.add_argument("--modules", type=_pos(int, 0, MAX_MODULES), default=2,
                    help=f"LoRA modules per layer (0..{MAX_MODULES})")
