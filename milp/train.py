@@ -826,8 +826,13 @@ def _inject_users(st: _State, records: Sequence[Record], config: MemoryConfig, u
             rt.add_user(r.user_id, config, total_steps=total, optim=_optim(args),
                         seed=args.seed + _stable_int(r.user_id))
         st.log(f"{desc}: users {start + 1}-{start + len(group)} of {len(mine)} (rank {st.dist.rank})")
+        skipped_before = sum(rt.skipped_steps.get(u, 0) for u in group)
         hist = memory_inject(rt, recs, st.tokenizer, steps=args.memory_steps, rows_per_user=args.rows_per_user,
                              max_length=args.max_length, seed=args.seed, progress=args.progress and st.dist.main)
+        n_skip = sum(rt.skipped_steps.get(u, 0) for u in group) - skipped_before
+        if n_skip:  # float16: loss scaling skipped steps whose gradients overflowed (milp.LossScaling)
+            st.log(f"{desc}: loss scaling skipped {n_skip} of the users' {sum(len(v) for v in hist.values())} "
+                   "steps (float16 gradients overflowed; each such user's scale was halved)")
         # the losses go to disk before their users: a run stopped in between redoes the users,
         # never leaves a saved user without its losses
         _record_losses(st, {u: hist.get(u, []) for u in group})

@@ -278,13 +278,14 @@ def test_instruction_tuning_a_float16_model_skips_overflowing_steps(tiny_chat_to
     assert all(torch.equal(v, off[k]) for k, v in auto.items())
 
 
-def test_milp_train_in_float16_trains_with_loss_scaling(tiny_checkpoint, tmp_path, monkeypatch):
+def test_milp_train_in_float16_trains_with_loss_scaling(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """``python -m milp.train --dtype float16``: the whole pipeline runs, every memory step is a
-    scaled one, and its losses and float16 adapters are finite."""
+    scaled one, the steps skipped are reported, and its losses and float16 adapters are finite."""
     import json
 
     from safetensors.torch import load_file
 
+    import milp.runtime
     from milp import train
 
     calls = []
@@ -295,10 +296,16 @@ def test_milp_train_in_float16_trains_with_loss_scaling(tiny_checkpoint, tmp_pat
         return step(self, slots, **kwargs)
 
     monkeypatch.setattr(PackedAdamW, "step", recorded)
+    # a first scale the tiny model's gradients overflow at: the first steps are skipped, and said so
+    resolve = milp.runtime.resolve_loss_scaling
+    monkeypatch.setattr(milp.runtime, "resolve_loss_scaling",
+                        lambda value, dtype: resolve(LossScaling(init_scale=2.0 ** 40) if value == "auto" else value,
+                                                     dtype))
     out = tmp_path / "run"
     assert train.main(["--model", str(tiny_checkpoint), "--output", str(out), "--dtype", "float16", "--users", "7",
                        "--memory-steps", "2", "--instruct-steps", "2", "--max-new-tokens", "3", "--max-length", "96",
                        "--no-progress"]) == 0
+    assert "memory injection: loss scaling skipped 14 of the users' 14 steps" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["dtype"] == "float16"
     assert calls and all(calls)
     losses = json.loads((out / "memory_losses.json").read_text())
