@@ -58,10 +58,12 @@ evaluated method reloads its adapter), so an interrupted
 comparison continues where it stopped, and adding ``--seeds`` or ``--methods`` later only runs
 what is new.
 
-``torchrun --nproc_per_node N -m milp.evaluate ...`` runs the seeds in N processes (each
-process whole seeds, ``rank::N``, on its own GPU where there are several), and rank 0 writes the
-report once all are done: the tables of one process, since every seed's methods run as they
-would there.
+``torchrun --nproc_per_node N -m milp.evaluate ...`` runs the comparison in N processes (on
+their own GPUs where there are several), and rank 0 writes the report once all are done: the
+tables of one process, since every method runs as it would there. The work is dealt in units,
+one per (seed, method) — MiLP and its memory-only ablation, which answers with MiLP's users, are
+one unit — round-robin method by method (every seed's MiLP, then every seed's TpLP, ...), so
+that one seed's methods spread over processes and each process gets a share of every method.
 
 Example:
     >>> args = build_parser().parse_args(["--users", "20", "--seeds", "0,1", "--methods", "tplp,milp"])
@@ -515,7 +517,7 @@ def _run_milp(st: _Seed, method: str = "milp") -> None:
     if method in SEARCH_ABLATIONS:
         targs.search_dims = SEARCH_ABLATIONS[method]
     t0 = time.perf_counter()
-    metrics = train.run(targs, dist=train.Dist())  # in this process alone: a torchrun job's processes run whole seeds
+    metrics = train.run(targs, dist=train.Dist())  # in this process alone: a torchrun job deals out whole units
     run_dir = Path(targs.output)
     split = _read_json(run_dir / "split.json")
     if split != {k: sorted(group_by_user(v)) for k, v in st.split.items()}:
@@ -1154,11 +1156,46 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
         dist.close()
 
 
+def _units(seeds: Sequence[int], order: Sequence[str]) -> list[tuple[int, tuple[str, ...]]]:
+    """The comparison's units of work, ``(seed, methods)``, in the order one process runs them:
+    per seed, MiLP with its memory-only ablation (which answers with MiLP's memory-injected users:
+    one unit), then each other main method; the search-space ablations (a whole search each)
+    after every seed's main methods.
+
+    Example:
+        >>> _units([0, 1], ["milp", "milp-no-instruction", "tplp"])
+        [(0, ('milp', 'milp-no-instruction')), (0, ('tplp',)), (1, ('milp', 'milp-no-instruction')), (1, ('tplp',))]
+    """
+    main = [m for m in order if m not in SEARCH_ABLATIONS]
+    chain = tuple(m for m in main if m in ("milp", "milp-no-instruction"))
+    units: list[tuple[int, tuple[str, ...]]] = []
+    for seed in seeds:
+        units += [(seed, chain)] if chain else []
+        units += [(seed, (m,)) for m in main if m not in chain]
+    return units + [(seed, (m,)) for seed in seeds for m in order if m in SEARCH_ABLATIONS]
+
+
+def _my_units(units: Sequence[tuple[int, tuple[str, ...]]], order: Sequence[str], seeds: Sequence[int],
+              rank: int, world: int) -> list[tuple[int, tuple[str, ...]]]:
+    """Process ``rank``'s share of ``units`` (of :func:`_units`): dealt round-robin method by
+    method — every seed's MiLP, then every seed's TpLP, ... — so that each process gets a share of
+    every method's cost (MiLP's memory injection, the searches, the baselines' tuning), and run in
+    the units' order. One process gets them all, in their order.
+
+    Example:
+        >>> units = _units([0], ["milp", "tplp", "malp"])
+        >>> _my_units(units, ["milp", "tplp", "malp"], [0], 0, 2), _my_units(units, ["milp", "tplp", "malp"], [0], 1, 2)
+        ([(0, ('milp',)), (0, ('malp',))], [(0, ('tplp',))])
+    """
+    dealt = sorted(range(len(units)), key=lambda i: (order.index(units[i][1][0]), seeds.index(units[i][0])))
+    return [units[i] for i in sorted(dealt[rank::world])]
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str], device: torch.device, dist: train.Dist,
          t_start: float) -> dict[str, Any]:
-    """:func:`run` in this process of the job ``dist``: its share of the seeds (``rank::world``,
-    each seed's methods in this process), then, in rank 0 once every process is done, the report
-    (``{}`` in the others)."""
+    """:func:`run` in this process of the job ``dist``: its share of the comparison's units
+    (:func:`_my_units`), then, in rank 0 once every process is done, the report (``{}`` in the
+    others)."""
     from tqdm.auto import tqdm
 
     if not dist.main:  # one process draws the bars (its own seeds'); the others' would overwrite them
@@ -1176,27 +1213,23 @@ def _run(args: argparse.Namespace, argv: Sequence[str], device: torch.device, di
                                  progress=args.progress and dist.main)
     seeds = list(args.seeds)
     st_of = {seed: _Seed(args, seed, records, out) for seed in seeds}
-    mine = dist.shard(seeds)  # a torchrun job's processes each run whole seeds
     models = _Models(args, device)
     order = [m for m in ("milp", "milp-no-instruction", "tplp", "malp", "uelp", "milp-no-memory", *SEARCH_ABLATIONS)
              if m in methods]
-    # the search-space ablations (a whole search each) after every seed's main methods
-    jobs = [(seed, m) for seed in mine for m in order if m not in SEARCH_ABLATIONS]
-    jobs += [(seed, m) for seed in mine for m in order if m in SEARCH_ABLATIONS]
-    if args.report_only:
-        jobs = []
+    mine = _my_units(_units(seeds, order), order, seeds, dist.rank, dist.world)
+    jobs = [] if args.report_only else [(seed, m) for seed, unit in mine for m in unit]
     _check_models(models, args, [m for seed, m in jobs if not _finished(st_of[seed], m)])
     dist.barrier()  # every process has checked the output before rank 0 deletes (--overwrite) or starts it
     if dist.main:
         _prepare_output(out, args, argv, device)
+        for seed in seeds:  # every seed's split, before any process runs one of its methods
+            st = st_of[seed]
+            if not args.report_only:  # --report-only writes nothing but the tables
+                st.save()
+            _log(f"seed {seed}: {st.sizes['train']} train / {st.sizes['val']} val / {st.sizes['test']} test users")
+        if args.report_only:
+            _log("--report-only: tables from the predictions already in the output directory")
     dist.barrier()
-    for seed in mine:
-        st = st_of[seed]
-        if not args.report_only:  # --report-only writes nothing but the tables
-            st.save()
-        _log(f"seed {seed}: {st.sizes['train']} train / {st.sizes['val']} val / {st.sizes['test']} test users")
-    if args.report_only and dist.main:
-        _log("--report-only: tables from the predictions already in the output directory")
     bar = tqdm(jobs, desc="comparison", disable=not (args.progress and dist.main), dynamic_ncols=True)
     for seed, m in bar:
         st = st_of[seed]
@@ -1213,9 +1246,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str], device: torch.device, di
             _run_tuned(m, st, models)
     bar.close()
     shown = [*methods, "base"] if "milp" in methods else methods
-    if not args.report_only:
-        for seed in mine:
-            _fill_response_ce(st_of[seed], models, shown)
+    if not args.report_only:  # the response CEs of this process's methods (MiLP's unit writes the base row)
+        owned = {(seed, m) for seed, unit in mine for m in (*unit, *(("base",) if "milp" in unit else ()))}
+        for seed in seeds:
+            if any((seed, m) in owned for m in shown):
+                _fill_response_ce(st_of[seed], models, [m for m in shown if (seed, m) in owned])
     dist.barrier()  # every seed's answers and response CEs are written
     if not dist.main:
         return {}

@@ -232,6 +232,34 @@ def test_a_comparison_in_two_processes_runs_a_seed_each_and_reports_as_one(ckpt,
     assert "# Personalization comparison" in logs[0] and "# Personalization comparison" not in logs[1]  # once
 
 
+def test_one_seeds_methods_spread_over_two_processes_and_report_as_one(ckpt, tmp_path, monkeypatch):
+    """One seed in 2 processes: MiLP with its memory-only ablation (one unit: it answers with
+    MiLP's users) in rank 0, TpLP in rank 1, each writing its own methods' response CEs; the
+    report is one process's. Was: whole seeds per process, so rank 1 idled."""
+    from run_outputs import untimed
+    from test_evaluate import FAST, FakeEmbedder
+
+    import milp.evaluate as ev
+    import milp.models
+
+    args = ["--seeds", "0", "--methods", "milp,milp-no-instruction,tplp", *FAST]
+    monkeypatch.setattr(milp.models, "load_default_embedder", lambda *a, **k: FakeEmbedder())
+    one = tmp_path / "one"
+    assert ev.main(["--model", str(ckpt), "--output", str(one), *args]) == 0
+    two = tmp_path / "two"
+    proc = _torchrun(ckpt, two, *args, prog="evaluate", logs=tmp_path / "logs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = (untimed(json.loads((d / "comparison.json").read_text())) for d in (one, two))
+    for r in (want, got):
+        r.pop("command"), r["settings"].pop("output")
+    assert _close(got, want)
+    logs = [next((tmp_path / "logs").rglob(f"{r}/stdout.log")).read_text() for r in ("0", "1")]
+    assert "[rank 0] seed 0: MiLP\n" in logs[0] and f"[rank 0] seed 0: {ev.LABELS['milp-no-instruction']}" in logs[0]
+    assert f"[rank 1] seed 0: {ev.LABELS['tplp']}" in logs[1] and "seed 0: MiLP" not in logs[1]
+    assert f"seed 0: {ev.LABELS['tplp']}" not in logs[0]
+    assert "response CE of TpLP" in logs[1] and "response CE of TpLP" not in logs[0]
+
+
 def test_a_killed_process_fails_the_run_and_one_process_resumes_it(ckpt, reference, tmp_path):
     """Rank 1 killed while publishing its 2nd user folder: the run fails (rank 0 does not wait
     at a barrier), and a single-process run resumes it to the results of a run never stopped.
