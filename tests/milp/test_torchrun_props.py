@@ -207,27 +207,34 @@ def test_a_bad_wait_for_the_other_processes_is_refused_by_name_before_any_group(
     assert not torch.distributed.is_initialized()
 
 
-def test_a_comparison_in_two_processes_runs_a_seed_each_and_reports_as_one(ckpt, tmp_path, monkeypatch):
-    """``torchrun -m milp.evaluate``: each process runs whole seeds (its MiLP runs in it alone),
-    and rank 0 writes the report once both are done: the report of one process. Was: refused."""
+def _compare_in_one_and_two(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> list[str]:
+    """``milp.evaluate`` with ``args`` (and test_evaluate's FAST settings and stand-in embedder)
+    in one process and under torchrun in two: asserts the two reports are the same, to rounding
+    (the command and --output aside: they name the folder); returns the two ranks' logs."""
     from run_outputs import untimed
     from test_evaluate import FAST, FakeEmbedder
 
     import milp.evaluate as ev
     import milp.models
 
-    args = ["--seeds", "0,1", "--methods", "tplp,milp", *FAST]
     monkeypatch.setattr(milp.models, "load_default_embedder", lambda *a, **k: FakeEmbedder())
     one = tmp_path / "one"
-    assert ev.main(["--model", str(ckpt), "--output", str(one), *args]) == 0
+    assert ev.main(["--model", str(ckpt), "--output", str(one), *args, *FAST]) == 0
     two = tmp_path / "two"
-    proc = _torchrun(ckpt, two, *args, prog="evaluate", logs=tmp_path / "logs")
+    proc = _torchrun(ckpt, two, *args, *FAST, prog="evaluate", logs=tmp_path / "logs")
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, got = (untimed(json.loads((d / "comparison.json").read_text())) for d in (one, two))
-    for r in (want, got):  # the command and --output name the folder
+    for r in (want, got):
         r.pop("command"), r["settings"].pop("output")
     assert _close(got, want)
-    logs = [next((tmp_path / "logs").rglob(f"{r}/stdout.log")).read_text() for r in ("0", "1")]
+    return [next((tmp_path / "logs").rglob(f"{r}/stdout.log")).read_text() for r in ("0", "1")]
+
+
+def test_a_comparison_in_two_processes_runs_a_seed_each_and_reports_as_one(ckpt, tmp_path, monkeypatch):
+    """``torchrun -m milp.evaluate``: with 2 seeds of 2 methods, each process runs one seed's (the
+    units dealt method by method), and rank 0 writes the report once both are done: the report of
+    one process. Was: refused."""
+    logs = _compare_in_one_and_two(ckpt, tmp_path, monkeypatch, "--seeds", "0,1", "--methods", "tplp,milp")
     assert "[rank 0] seed 0: MiLP" in logs[0] and "[rank 1] seed 1: MiLP" in logs[1] and "seed 1: MiLP" not in logs[0]
     assert "# Personalization comparison" in logs[0] and "# Personalization comparison" not in logs[1]  # once
 
@@ -236,24 +243,10 @@ def test_one_seeds_methods_spread_over_two_processes_and_report_as_one(ckpt, tmp
     """One seed in 2 processes: MiLP with its memory-only ablation (one unit: it answers with
     MiLP's users) in rank 0, TpLP in rank 1, each writing its own methods' response CEs; the
     report is one process's. Was: whole seeds per process, so rank 1 idled."""
-    from run_outputs import untimed
-    from test_evaluate import FAST, FakeEmbedder
-
     import milp.evaluate as ev
-    import milp.models
 
-    args = ["--seeds", "0", "--methods", "milp,milp-no-instruction,tplp", *FAST]
-    monkeypatch.setattr(milp.models, "load_default_embedder", lambda *a, **k: FakeEmbedder())
-    one = tmp_path / "one"
-    assert ev.main(["--model", str(ckpt), "--output", str(one), *args]) == 0
-    two = tmp_path / "two"
-    proc = _torchrun(ckpt, two, *args, prog="evaluate", logs=tmp_path / "logs")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    want, got = (untimed(json.loads((d / "comparison.json").read_text())) for d in (one, two))
-    for r in (want, got):
-        r.pop("command"), r["settings"].pop("output")
-    assert _close(got, want)
-    logs = [next((tmp_path / "logs").rglob(f"{r}/stdout.log")).read_text() for r in ("0", "1")]
+    logs = _compare_in_one_and_two(ckpt, tmp_path, monkeypatch, "--seeds", "0", "--methods",
+                                   "milp,milp-no-instruction,tplp")
     assert "[rank 0] seed 0: MiLP\n" in logs[0] and f"[rank 0] seed 0: {ev.LABELS['milp-no-instruction']}" in logs[0]
     assert f"[rank 1] seed 0: {ev.LABELS['tplp']}" in logs[1] and "seed 0: MiLP" not in logs[1]
     assert f"seed 0: {ev.LABELS['tplp']}" not in logs[0]
