@@ -17,9 +17,12 @@ from milp import MemoryConfig, MilpRuntime
 from milp.inject import tiny_model
 from milp.optim import AdamWConfig, LossScaling, PackedAdamW, resolve_loss_scaling
 
+#: the optimizer tests run on the GPU too where there is one
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-def two_user_bank(dtype: torch.dtype = torch.float32, seed: int = 0) -> kernels.AdapterBank:
-    bank = kernels.AdapterBank(6, 5, max_users=3, dtype=dtype)
+
+def two_user_bank(dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu") -> kernels.AdapterBank:
+    bank = kernels.AdapterBank(6, 5, max_users=3, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(seed)
     bank.add(0, [2, 3], init="random", generator=g)
     bank.add(2, [4], init="random", generator=g)
@@ -28,8 +31,8 @@ def two_user_bank(dtype: torch.dtype = torch.float32, seed: int = 0) -> kernels.
 
 def set_grads(bank: kernels.AdapterBank, seed: int, factor: float = 1.0) -> None:
     g = torch.Generator().manual_seed(seed)
-    bank.lora_a.grad = (torch.randn(bank.lora_a.shape, generator=g) * factor).to(bank.lora_a.dtype)
-    bank.lora_b.grad = (torch.randn(bank.lora_b.shape, generator=g) * factor).to(bank.lora_b.dtype)
+    bank.lora_a.grad = (torch.randn(bank.lora_a.shape, generator=g) * factor).to(bank.lora_a)
+    bank.lora_b.grad = (torch.randn(bank.lora_b.shape, generator=g) * factor).to(bank.lora_b)
 
 
 def user_rows(bank: kernels.AdapterBank, u: int) -> list[torch.Tensor]:
@@ -44,11 +47,12 @@ def optimizer(bank: kernels.AdapterBank, scaling: LossScaling | None, clip: floa
     return opt
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("clip", [None, 0.5])
-def test_a_scaled_step_is_the_unscaled_step(clip):
+def test_a_scaled_step_is_the_unscaled_step(clip, device):
     """Gradients of the scaled losses, unscaled by each user's own power-of-two scale, give the
     unscaled run's weights and moments bit for bit, clipping (by the unscaled norm) included."""
-    plain_bank, scaled_bank = two_user_bank(), two_user_bank()
+    plain_bank, scaled_bank = two_user_bank(device=device), two_user_bank(device=device)
     plain = optimizer(plain_bank, None, clip)
     scaled = optimizer(scaled_bank, LossScaling(init_scale=2.0 ** 10, growth_interval=2), clip)
     for step in range(5):
@@ -72,9 +76,10 @@ def test_a_scaled_step_is_the_unscaled_step(clip):
         assert plain.step_count(u) == scaled.step_count(u) == 5
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
-def test_a_user_with_non_finite_gradients_is_skipped_alone(bad):
-    bank = two_user_bank(torch.float16)
+def test_a_user_with_non_finite_gradients_is_skipped_alone(bad, device):
+    bank = two_user_bank(torch.float16, device=device)
     opt = optimizer(bank, LossScaling(init_scale=64.0))
     set_grads(bank, 0)
     opt.step([0, 2], scaled=True)
@@ -108,6 +113,28 @@ def test_a_user_that_never_gets_a_finite_gradient_backs_off_to_the_floor_and_sta
         assert opt.step([0, 2], scaled=True) == [0]
     assert opt.loss_scale(0) == 2.0 ** -100 and opt.step_count(0) == 0 and opt.step_count(2) == 4
     assert all(torch.equal(x, y) for x, y in zip(start, user_rows(bank, 0)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync is a GPU matter (CPU: no device to wait for)")
+def test_a_scaled_step_syncs_once_on_the_gpu():
+    """The one read back of a scaled step is its users' finite flags (as GradScaler.step reads
+    its found_inf); the skip, the unscaling and the new scales stay on the device."""
+    import warnings
+
+    bank = two_user_bank(torch.float16, device="cuda")
+    opt = optimizer(bank, LossScaling(init_scale=64.0, growth_interval=1))
+    set_grads(bank, 0)
+    bank.lora_a.grad[bank.segment(2).offset] = math.inf
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert opt.step([0, 2], scaled=True) == [2]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1, [str(w.message) for w in caught]
+    assert (opt.loss_scale(0), opt.loss_scale(2)) == (128.0, 32.0)
 
 
 def test_scale_losses_weighs_each_user_by_its_own_scale():
