@@ -49,7 +49,7 @@ from kernels import nvtx_range
 from .config import MemoryConfig, _check_bool, _check_path, _safetensors_bytes, atomic_directory
 from .inject import MilpState, apply_milp, batch_users, get_milp, is_injected
 from .losses import _cached, _check_labels, check_token_inputs, token_losses, values_checked
-from .optim import AdamWConfig, LossScaling, PackedAdamW, resolve_loss_scaling
+from .optim import AdamWConfig, LossScaling, PackedAdamW, _check_loss_scaling, resolve_loss_scaling
 from .store import CacheInfo, UserStore
 
 __all__ = [
@@ -408,8 +408,7 @@ class MilpRuntime:
                  capacity: int = 0, store: UserStore | None = None, master_weights: bool = True,
                  loss_scaling: LossScaling | bool | str = "auto") -> None:
         _check_bool("master_weights", master_weights)
-        if not (loss_scaling == "auto" or isinstance(loss_scaling, (bool, LossScaling))):
-            raise TypeError(f"loss_scaling must be 'auto', a bool or a milp.LossScaling, got {loss_scaling!r:.60}")
+        _check_loss_scaling(loss_scaling)
         if store is not None and not isinstance(store, UserStore):
             raise TypeError(f"store must be a milp.UserStore, got {type(store).__name__}")
         if optim is not None and not isinstance(optim, AdamWConfig):  # before the model is injected
