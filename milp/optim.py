@@ -764,16 +764,16 @@ class PackedAdamW:
             if skipped:
                 active[_to_device(torch.tensor(skipped, dtype=torch.int64), dev)] = False
             unscale = 1.0 / self._scale.to(nd)
-            norm2 = norm2 * unscale * unscale
         self._step += active.to(torch.int64)
-        for s in host:
-            if s not in skipped:
-                self._host_step[s] += 1
+        for s in set(host) - set(skipped):
+            self._host_step[s] += 1
         factors = {cd: self._factors(active, cd) for cd in dtypes}
 
         clip = None
-        if clipping:
+        if clipping:  # by the norm of the unscaled gradients
             assert norm2 is not None
+            if unscale is not None:
+                norm2 = norm2 * unscale * unscale
             clip = (self._max_norm.to(norm2.dtype) / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
         if unscale is not None:  # one factor per user: the unscaling, and the clipping after it
             clip = unscale if clip is None else clip * unscale
