@@ -705,6 +705,7 @@ def generate_responses(
     max_length: int = 384,
     progress: bool = True,
     stream: Callable[[int, str], None] | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> list[str]:
     """Greedy answers to each record's query, with the record's user's adapters (mixed-user
     batches through the runtime), in order. Batches hold ``batch_size`` records, fewer where a
@@ -717,6 +718,12 @@ def generate_responses(
     the stream until a text extends the last one again: the returned answer is the authority.)
     It runs in the generating thread, once per row and step at most: keep it short.
 
+    ``stop(i)``, where given, is asked after each generated token whether record ``i``'s answer
+    ends there (a server's request whose client left, say): ``True`` ends it with the tokens so
+    far, which are its answer, and its row takes no more of the batch's steps (a batch whose rows
+    all ended stops generating). It is asked once per row and step until it says ``True`` (rows
+    that ended at the end-of-text token included), in the generating thread: keep it short.
+
     Example:
         >>> generate_responses(model, tok, test_records, runtime=rt, max_new_tokens=32)  # doctest: +SKIP
         ['You should rest and drink water ...']
@@ -727,6 +734,8 @@ def generate_responses(
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a callable (record index, answer so far) or None, got "
                         f"{type(stream).__name__}")
+    if stop is not None and not callable(stop):
+        raise TypeError(f"stop must be a callable (record index) -> bool or None, got {type(stop).__name__}")
     _check_stage_args(runtime, None, prefix, context_fn=context_fn)
     users = _runtime_users(runtime, records, None)
     examples = _instruction_examples(records, tokenizer, context_fn, max_length, add_response=False)
@@ -750,6 +759,11 @@ def generate_responses(
             streamer = _AnswerStream(tokenizer, list(idx), stream) if stream is not None else None
             if streamer is not None:
                 kwargs["streamer"] = streamer
+            stopper = _StopRows(list(idx), stop) if stop is not None else None
+            if stopper is not None:
+                from transformers import StoppingCriteriaList
+
+                kwargs["stopping_criteria"] = StoppingCriteriaList([stopper])
             lm = cast(Any, model)  # a transformers model: generate()
             if runtime is not None and users is not None:
                 with runtime.using([users[i] for i in idx]):
@@ -758,7 +772,9 @@ def generate_responses(
                 out = lm.generate(**inputs, **kwargs)
             # with input_ids the output repeats the prompt; with inputs_embeds it holds new tokens only
             new = out[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out
-            for i, row in zip(idx, new.tolist()):
+            for j, (i, row) in enumerate(zip(idx, new.tolist())):
+                if stopper is not None and stopper.ended[j] is not None:  # without an eos, generate goes on
+                    row = row[:stopper.ended[j]]  # filling an ended row with tokens, not padding
                 answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
             if streamer is not None:
                 streamer.finish([answers[i] for i in idx])
@@ -767,6 +783,30 @@ def generate_responses(
     finally:
         model.train(was_training)
     return [answers[i] for i in range(len(records))]
+
+
+class _StopRows:
+    """A ``generate`` stopping criterion (transformers' ``StoppingCriteria`` protocol) that ends
+    the rows for which ``stop(record index)`` says ``True``, asked after each step until it does;
+    :attr:`ended` holds per row the number of new tokens it ended with (``None``: not ended by
+    ``stop``). The rows' flags go to the device only when one changed: no copy on most steps."""
+
+    def __init__(self, rows: list[int], stop: Callable[[int], bool]) -> None:
+        self.rows, self.stop = rows, stop
+        self.ended: list[int | None] = [None] * len(rows)
+        self.steps = 0
+        self.flags: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        self.steps += 1
+        changed = self.flags is None
+        for j, i in enumerate(self.rows):
+            if self.ended[j] is None and self.stop(i):
+                self.ended[j], changed = self.steps, True
+        if changed:
+            self.flags = torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
+        assert self.flags is not None
+        return self.flags
 
 
 class _AnswerStream:

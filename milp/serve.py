@@ -26,8 +26,11 @@ Endpoints:
   are found), ``500`` when generation fails (for that request alone: the others of its batch are
   answered), ``503`` once the server is closing. The body needs a ``Content-Length`` (``411``
   without one, ``413`` past 1 MiB, ``408`` when fewer bytes come within ``READ_TIMEOUT_S``).
-* ``GET /health`` → ``{"status": "ok", "requests": …, "batches": …, "largest_batch": …}``
-  (``503`` with ``"status": "closing"`` once the server is closing).
+  A request whose client hangs up before its answer (or that gets ``504`` after
+  ``REQUEST_TIMEOUT_S``) is cancelled: still queued, it is never generated; being generated,
+  its row ends at the next token, and a batch whose rows all ended stops.
+* ``GET /health`` → ``{"status": "ok", "requests": …, "batches": …, "largest_batch": …,
+  "cancelled": …}`` (``503`` with ``"status": "closing"`` once the server is closing).
 """
 from __future__ import annotations
 
@@ -38,12 +41,14 @@ import json
 import os
 import queue
 import re
+import select
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,6 +64,7 @@ REQUEST_TIMEOUT_S = 600.0  # a request not answered by then gets 504
 # a connection silent this long is closed: an idle keep-alive one, or a body shorter than its
 # Content-Length (408), which used to hold its handler thread forever
 READ_TIMEOUT_S = 60.0
+POLL_S = 0.25  # how often a handler waiting for its answer looks whether its client hung up
 
 
 @dataclass
@@ -73,13 +79,22 @@ class _Request:
     def progress(self, text: str) -> None:
         """The answer so far (of this attempt: a batch that failed is answered again one request
         at a time, from the start): what extends the text already handed on goes to ``on_delta``."""
-        if self.on_delta is None or len(text) <= len(self.sent) or not text.startswith(self.sent):
+        if (self.on_delta is None or self.done.cancelled() or len(text) <= len(self.sent)
+                or not text.startswith(self.sent)):
             return
         delta, self.sent = text[len(self.sent):], text
         try:
             self.on_delta(delta)
         except Exception:  # a failing listener loses the stream, never the batch: the answer still comes
             self.on_delta = None
+
+    def finish(self, answer: str | None = None, error: BaseException | None = None) -> None:
+        """Settle the future with ``answer`` or ``error``, unless it was cancelled meanwhile."""
+        with contextlib.suppress(InvalidStateError):  # cancelled: nobody waits for it
+            if error is not None:
+                self.done.set_exception(error)
+            else:
+                self.done.set_result(answer)
 
 
 class AnswerServer:
@@ -141,7 +156,7 @@ class AnswerServer:
         # a request is queued, or refused (503), under this lock, and close() sets _stop under it:
         # none can be queued after close() emptied the queue (it would wait REQUEST_TIMEOUT_S)
         self._submit_lock = threading.Lock()
-        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0}
         self._stats_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -157,7 +172,9 @@ class AnswerServer:
         return self._stop.is_set()
 
     def stats(self) -> dict[str, int]:
-        """Requests answered, batches run and the largest batch so far."""
+        """Requests taken into batches, batches generated (one of requests all cancelled while
+        queued is not), the largest batch taken so far, and how many of the requests taken were
+        cancelled before their answer (generated in part, or not at all)."""
         with self._stats_lock:
             return dict(self._stats)
 
@@ -215,7 +232,7 @@ class AnswerServer:
                 r = self._queue.get_nowait()
             except queue.Empty:
                 break
-            r.done.set_exception(_Closing())
+            r.finish(error=_Closing())
 
     def __enter__(self) -> AnswerServer:
         self.start()
@@ -243,7 +260,11 @@ class AnswerServer:
                on_delta: Callable[[str], None] | None = None) -> Future:
         """Queue one request; its future gives the answer. ``on_delta(piece)``, where given, is
         called in the batcher's thread with each new piece of the answer as it is generated (the
-        pieces concatenate to the answer; keep it short: a queue's ``put``)."""
+        pieces concatenate to the answer; keep it short: a queue's ``put``).
+
+        ``future.cancel()`` withdraws the request at any time before its answer: one still queued
+        is never generated, one being generated ends at its next token (the rest of its batch goes
+        on; a batch whose requests were all cancelled stops)."""
         if on_delta is not None and not callable(on_delta):
             raise TypeError(f"on_delta must be a callable or None, got {type(on_delta).__name__}")
         r = _Request(user, query, max_new_tokens or self.max_new_tokens, on_delta=on_delta)
@@ -279,39 +300,52 @@ class AnswerServer:
         for r in batch:  # one generation per answer length (greedy: the same tokens as alone)
             by_length.setdefault(r.max_new_tokens, []).append(r)
         groups = list(by_length.values())
+        generated = False
         while groups:
-            reqs = groups.pop(0)
+            reqs = [r for r in groups.pop(0) if not r.done.cancelled()]  # withdrawn while queued: not generated
+            if not reqs:
+                continue
+            generated = True
             n = reqs[0].max_new_tokens
             def progress(i: int, text: str, reqs: list[_Request] = reqs) -> None:
                 reqs[i].progress(text)
+
+            def stop(i: int, reqs: list[_Request] = reqs) -> bool:  # withdrawn while generated: its row ends
+                return reqs[i].done.cancelled()
 
             try:
                 records = [Record(r.user, "", [_PLACEHOLDER], r.query, _PLACEHOLDER) for r in reqs]
                 answers = generate_responses(self.model, self.tokenizer, records, runtime=self.runtime,
                                              max_new_tokens=n, batch_size=self.batch_size,
                                              max_length=self.settings["max_length"] + 128, progress=False,
-                                             stream=progress if any(r.on_delta for r in reqs) else None)
+                                             stream=progress if any(r.on_delta for r in reqs) else None, stop=stop)
             except Exception as e:
                 if len(reqs) > 1:  # one bad request (a damaged user, say) must not fail the others: one by one
                     groups[:0] = [[r] for r in reqs]
                     continue
-                reqs[0].done.set_exception(e)  # 500 to its request; the server goes on
+                reqs[0].finish(error=e)  # 500 to its request; the server goes on
                 continue
             for r, a in zip(reqs, answers):
                 r.progress(a)  # whatever of the answer the stream has not handed on yet
-                r.done.set_result(a)
+                r.finish(a)
+        cancelled = sum(r.done.cancelled() for r in batch)
         with self._stats_lock:
             self._stats["requests"] += len(batch)
-            self._stats["batches"] += 1
+            self._stats["batches"] += int(generated)
             self._stats["largest_batch"] = max(self._stats["largest_batch"], len(batch))
+            self._stats["cancelled"] += cancelled
         if self.log:
             users = len({r.user for r in batch})
-            print(f"{PROG}: {len(batch)} requests of {users} users in {time.perf_counter() - t0:.2f} s",
-                  file=sys.stderr, flush=True)
+            print(f"{PROG}: {len(batch)} requests of {users} users in {time.perf_counter() - t0:.2f} s"
+                  + (f" ({cancelled} cancelled)" if cancelled else ""), file=sys.stderr, flush=True)
 
 
 class _Closing(Exception):
     """The server is closing: the request was not taken."""
+
+
+class _ClientLeft(Exception):
+    """The client hung up before its answer: the request was cancelled."""
 
 
 def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
@@ -400,14 +434,42 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             if req.get("stream"):
                 return self._stream(user, query, req.get("max_new_tokens"))
             try:
-                answer = server.submit(user, query, req.get("max_new_tokens")).result(timeout=REQUEST_TIMEOUT_S)
+                done = server.submit(user, query, req.get("max_new_tokens"))
+                answer = self._wait(done, lambda: done.result(timeout=POLL_S), time.monotonic() + REQUEST_TIMEOUT_S)
             except _Closing:
                 return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
+            except _ClientLeft:
+                self.close_connection = True
+                return None
             except TimeoutError:
                 return self._error(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {REQUEST_TIMEOUT_S:.0f} s")
             except Exception as e:
                 return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(e).__name__}: {e}")
             self._send(HTTPStatus.OK, {"user_id": user, "query": query, "answer": answer})
+
+        def _wait(self, done: Future, get: Callable[[], Any], deadline: float) -> Any:
+            """What ``get()`` gives (it waits at most ``POLL_S``, raising ``TimeoutError`` or
+            ``queue.Empty`` when nothing came), asked again while the client is there and the
+            ``deadline`` (``time.monotonic()``) has not passed; the request ``done`` is cancelled
+            when the client left (``_ClientLeft``) or the time is up (``TimeoutError``)."""
+            while time.monotonic() < deadline:
+                try:
+                    return get()
+                except (TimeoutError, queue.Empty):
+                    if self._client_left():
+                        done.cancel()
+                        raise _ClientLeft from None
+            done.cancel()
+            raise TimeoutError
+
+        def _client_left(self) -> bool:
+            """Whether the client hung up (its end of the connection reads as closed). A client
+            that only shut down its sending half counts as gone too, as in most servers."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):  # reset, or closed under us
+                return True
 
         def _stream(self, user: str, query: str, max_new_tokens: int | None) -> None:
             """The answer as server-sent events, each an HTTP chunk (the connection stays open)."""
@@ -429,11 +491,14 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self.send_header("Connection", "close")
             self.end_headers()
-            deadline = time.monotonic() + REQUEST_TIMEOUT_S
+            deadline = time.monotonic() + REQUEST_TIMEOUT_S  # for the whole answer, not each piece
             while True:
                 try:
-                    piece = pieces.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
+                    piece = self._wait(done, lambda: pieces.get(timeout=POLL_S), deadline)
+                except _ClientLeft:
+                    self.close_connection = True
+                    return
+                except TimeoutError:
                     final: dict[str, Any] = {"error": f"no answer within {REQUEST_TIMEOUT_S:.0f} s",
                                              "status": int(HTTPStatus.GATEWAY_TIMEOUT)}
                     break
@@ -447,7 +512,8 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                                  "status": int(HTTPStatus.INTERNAL_SERVER_ERROR)}
                     break
                 if not self._chunk(_event({"delta": piece})):
-                    return  # the client left; its answer is still made (it shares a batch)
+                    done.cancel()  # the client left: its row ends at the next token
+                    return
             if self._chunk(_event(final)):
                 self._chunk(b"")  # the last chunk: the response ends, the connection may carry the next
 

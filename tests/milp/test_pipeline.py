@@ -241,6 +241,58 @@ def test_streamed_answers_grow_to_the_answers_in_mixed_batches(tiny_chat_tokeniz
         generate_responses(model, tok, recs, stream="yes", **kw)
 
 
+class _NoEos:
+    """A tokenizer without an end-of-text token (``generate`` then fills an ended row with tokens)."""
+
+    eos_token_id = None
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+@pytest.mark.parametrize("eos", [True, False], ids=["eos", "no-eos"])
+def test_stop_ends_one_answer_where_it_says_and_spares_the_others(tiny_chat_tokenizer, eos):
+    """``stop(i)`` saying ``True`` after the 4th token: record 1's answer is the one of 4 new
+    tokens (in the same batch), the others' are untouched; once every row said ``True`` the batch
+    generates no further (3 model calls for 3 tokens, not 12). Without an end-of-text token too,
+    where ``generate`` goes on filling an ended row with tokens."""
+    tok = tiny_chat_tokenizer if eos else _NoEos(tiny_chat_tokenizer)
+    model, rt, recs = _three_users(max_users=3)
+    if not eos:
+        model.generation_config.eos_token_id = None
+    kw = dict(runtime=rt, batch_size=3, progress=False)
+    full = generate_responses(model, tok, recs, max_new_tokens=12, **kw)
+    four = generate_responses(model, tok, recs, max_new_tokens=4, **kw)
+    assert full[1] != four[1]  # the stop makes a difference
+    asked: dict[int, int] = {}
+
+    def stop_1_at_4(i: int) -> bool:
+        asked[i] = asked.get(i, 0) + 1
+        return i == 1 and asked[i] == 4
+
+    streamed: dict[int, str] = {}
+    got = generate_responses(model, tok, recs, max_new_tokens=12, stop=stop_1_at_4,
+                             stream=lambda i, text: streamed.__setitem__(i, text), **kw)
+    assert got == [full[0], four[1], full[2]]
+    assert asked[1] == 4 and streamed[1] == four[1]  # not asked again once it said True
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = generate_responses(model, tok, recs, max_new_tokens=12, stop=lambda i: True, **kw)
+    finally:
+        handle.remove()
+    one = generate_responses(model, tok, recs, max_new_tokens=1, **kw)
+    assert got == one and len(calls) == 1  # every row ended after its first token: one model call
+    with pytest.raises(TypeError, match="stop must be a callable"):
+        generate_responses(model, tok, recs, stop=True, **kw)
+
+
 @settings(max_examples=200, deadline=None)
 @given(ids=st.lists(st.integers(0, 399), max_size=24), chunk=st.integers(1, 3))
 def test_answer_stream_hands_texts_that_the_answer_extends(tiny_chat_tokenizer, ids, chunk):

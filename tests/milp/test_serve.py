@@ -101,7 +101,8 @@ def test_bad_requests_get_their_status_and_a_message(answer_run, body, status, m
 
 def test_unknown_endpoints_and_health(answer_run):
     with AnswerServer(answer_run, port=0) as server:
-        assert _get(server, "/health") == (200, {"status": "ok", "requests": 0, "batches": 0, "largest_batch": 0})
+        assert _get(server, "/health") == (200, {"status": "ok", "requests": 0, "batches": 0, "largest_batch": 0,
+                                                 "cancelled": 0})
         code, out = _get(server, "/v2/answer")
         assert code == 404 and "GET /health" in out["error"]
         code, out = _post(server, {"user_id": "a", "query": "b"}, path="/answer")
@@ -399,3 +400,101 @@ def test_submit_refuses_an_on_delta_that_is_not_callable(answer_run):
         with pytest.raises(TypeError, match="on_delta must be a callable or None, got str"):
             server.submit(_users(answer_run)[0], "q", on_delta="print")
         assert server.stats()["requests"] == 0
+
+
+def _held_generation(monkeypatch, ticking: bool = False) -> tuple[list[list[str]], threading.Event, dict[str, bool]]:
+    """Replace generation by one that waits (60 s at most) until ``stop(0)`` says its request was
+    cancelled, then answers ``"partial"`` (streaming ``"par"`` first, and where ``ticking`` a
+    ``"t"`` every 0.05 s meanwhile); returns the users of each call, an event set once a call is
+    generating, and ``{user: whether stop ended it}``."""
+    import time
+
+    calls: list[list[str]] = []
+    generating = threading.Event()
+    stopped: dict[str, bool] = {}
+
+    def held(model, tok, records, *, stop=None, stream=None, **kw):
+        calls.append([r.user_id for r in records])
+        if stream is not None:
+            stream(0, "par")
+        generating.set()
+        deadline, text = time.monotonic() + 60, "par"
+        while not stop(0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if ticking and stream is not None:
+                text += "t"
+                stream(0, text)
+        stopped[records[0].user_id] = stop(0)
+        return ["partial"] * len(records)
+
+    monkeypatch.setattr(milp.pipeline, "generate_responses", held)
+    return calls, generating, stopped
+
+
+def test_a_cancelled_future_is_never_generated_queued_and_ends_its_row_generating(answer_run, monkeypatch):
+    """``submit(...).cancel()``: the request being generated sees ``stop`` say True (its batch
+    ends), the queued one is dropped from its batch before generation, and the next request is
+    answered as usual; ``/health`` counts both as cancelled."""
+    import concurrent.futures
+
+    a, b, c = _users(answer_run)[:3]
+    calls, generating, stopped = _held_generation(monkeypatch)
+    with AnswerServer(answer_run, port=0, batch_size=1, max_wait_ms=0) as server:
+        first = server.submit(a, "q")
+        assert generating.wait(60)
+        queued = server.submit(b, "q")
+        assert queued.cancel() and first.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            first.result(timeout=0)
+        monkeypatch.setattr(milp.pipeline, "generate_responses", lambda m, t, records, **kw: ["fine"] * len(records))
+        assert server.submit(c, "q").result(timeout=60) == "fine"
+    stats = server.stats()  # closed: the batcher has counted the last batch
+    assert calls == [[a]] and stopped == {a: True}
+    assert stats == {"requests": 3, "batches": 2, "largest_batch": 1, "cancelled": 2}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_client_that_hangs_up_cancels_its_request(answer_run, monkeypatch, capfd, stream):
+    """The client hangs up while its answer is being generated (before any piece of it, or after
+    the first): its handler sees the closed connection, its row ends, and the server goes on."""
+    import socket
+
+    user = _users(answer_run)[0]
+    calls, generating, stopped = _held_generation(monkeypatch)
+    body = json.dumps({"user_id": user, "query": "q", "stream": stream}).encode()
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        with socket.create_connection(server.address, timeout=60) as s:
+            s.sendall(b"POST /v1/answer HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert generating.wait(60)
+            if stream:
+                got = b""
+                while b'data: {"delta": "par"}' not in got:
+                    got += s.recv(4096)
+        for _ in range(600):  # the handler looks every POLL_S
+            if server.stats()["cancelled"]:
+                break
+            threading.Event().wait(0.05)
+        assert stopped == {user: True} and server.stats()["cancelled"] == 1
+        monkeypatch.setattr(milp.pipeline, "generate_responses", lambda m, t, records, **kw: ["fine"] * len(records))
+        assert _post(server, {"user_id": user, "query": "q"}) == (200, {"user_id": user, "query": "q",
+                                                                        "answer": "fine"})
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_request_past_its_time_gets_504_and_is_cancelled(answer_run, monkeypatch, stream):
+    """``REQUEST_TIMEOUT_S`` after it came (the whole answer's time, however often pieces come),
+    a request gets 504 (an error event, streamed) and is cancelled."""
+    import milp.serve
+
+    user = _users(answer_run)[0]
+    _, _, stopped = _held_generation(monkeypatch, ticking=True)
+    monkeypatch.setattr(milp.serve, "REQUEST_TIMEOUT_S", 0.5)
+    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+        if stream:
+            status, _, (first, *ticks, last) = _stream(server, {"user_id": user, "query": "q"})
+            assert status == 200 and first == {"delta": "par"} and all(e == {"delta": "t"} for e in ticks)
+            assert last == {"error": "no answer within 0 s", "status": 504}
+        else:
+            assert _post(server, {"user_id": user, "query": "q"}) == (504, {"error": "no answer within 0 s"})
+    assert stopped == {user: True}
