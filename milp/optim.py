@@ -206,9 +206,9 @@ def resolve_loss_scaling(loss_scaling: LossScaling | bool | str | None, dtype: t
         >>> resolve_loss_scaling("auto", torch.float16).init_scale, resolve_loss_scaling("auto", torch.bfloat16)
         (4096.0, None)
     """
+    _check_loss_scaling(loss_scaling, name)
     if loss_scaling is None:
         return None
-    _check_loss_scaling(loss_scaling, name)
     if isinstance(loss_scaling, LossScaling):
         return loss_scaling
     if isinstance(loss_scaling, bool):
@@ -217,11 +217,11 @@ def resolve_loss_scaling(loss_scaling: LossScaling | bool | str | None, dtype: t
 
 
 def _check_loss_scaling(loss_scaling: object, name: str = "loss_scaling") -> None:
-    """Refuse, by ``name``, a ``loss_scaling`` argument other than ``"auto"``, a bool or a
-    :class:`LossScaling` (before anything is changed: :class:`~milp.MilpRuntime` checks it
-    before it injects the model)."""
-    if not (isinstance(loss_scaling, (bool, LossScaling)) or loss_scaling == "auto"):
-        raise TypeError(f"{name} must be 'auto', a bool or a milp.LossScaling, got {loss_scaling!r:.60}")
+    """Refuse, by ``name``, a ``loss_scaling`` argument other than ``"auto"``, a bool, ``None``
+    (off) or a :class:`LossScaling` (before anything is changed: :class:`~milp.MilpRuntime` checks
+    it before it injects the model)."""
+    if not (loss_scaling is None or isinstance(loss_scaling, (bool, LossScaling)) or loss_scaling == "auto"):
+        raise TypeError(f"{name} must be 'auto', a bool, None or a milp.LossScaling, got {loss_scaling!r:.60}")
 
 
 #: a user's loss scale stays in [_MIN_SCALE, _MAX_SCALE]: float32's range, with room for a loss of

@@ -501,7 +501,7 @@ def instruction_tune(
     progress: bool = True,
     all_reduce: Callable[[list[torch.Tensor]], None] | None = None,
     shard: tuple[int, int] | None = None,
-    loss_scaling: LossScaling | bool | str = "auto",
+    loss_scaling: LossScaling | bool | str | None = "auto",
 ) -> list[float]:
     """Teach the model to answer: train the shared ``adapter`` (and the ``prefix`` encoder, if
     any) on query → response pairs of ``records`` (labels on the response only).

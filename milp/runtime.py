@@ -393,7 +393,7 @@ class MilpRuntime:
             No effect on float32/float64 models.
         loss_scaling: dynamic loss scaling of :meth:`train_step`, per user (:class:`~milp.optim.LossScaling`;
             see :mod:`milp.optim`). ``"auto"`` (default): on when the adapters are float16 (a
-            float16 model), where unscaled gradients underflow; ``True``/``False``; or a
+            float16 model), where unscaled gradients underflow; ``True``/``False`` (or ``None``); or a
             :class:`~milp.optim.LossScaling` of your own. A user whose gradients overflow skips
             that step (:attr:`skipped_steps` counts them).
 
@@ -406,7 +406,7 @@ class MilpRuntime:
 
     def __init__(self, model: nn.Module, *, max_users: int = 64, optim: AdamWConfig | None = None,
                  capacity: int = 0, store: UserStore | None = None, master_weights: bool = True,
-                 loss_scaling: LossScaling | bool | str = "auto") -> None:
+                 loss_scaling: LossScaling | bool | str | None = "auto") -> None:
         _check_bool("master_weights", master_weights)
         _check_loss_scaling(loss_scaling)
         if store is not None and not isinstance(store, UserStore):

@@ -208,12 +208,13 @@ def test_resolve_and_the_runtimes_default():
     assert resolve_loss_scaling(False, torch.float16) is None
     mine = LossScaling(init_scale=2.0)
     assert resolve_loss_scaling(mine, torch.float32) is mine
-    with pytest.raises(TypeError, match="loss_scaling must be 'auto', a bool or a milp.LossScaling"):
+    with pytest.raises(TypeError, match="loss_scaling must be 'auto', a bool, None or a milp.LossScaling"):
         resolve_loss_scaling("on", torch.float16)
     assert MilpRuntime(tiny_model("llama").half(), max_users=1).optimizer.loss_scaling == LossScaling()
     assert MilpRuntime(tiny_model("llama"), max_users=1).optimizer.loss_scaling is None
     assert MilpRuntime(tiny_model("llama").bfloat16(), max_users=1).optimizer.loss_scaling is None
-    with pytest.raises(TypeError, match="loss_scaling must be 'auto', a bool or a milp.LossScaling"):
+    assert MilpRuntime(tiny_model("llama").half(), max_users=1, loss_scaling=None).optimizer.loss_scaling is None
+    with pytest.raises(TypeError, match="loss_scaling must be 'auto', a bool, None or a milp.LossScaling"):
         MilpRuntime(tiny_model("llama"), max_users=1, loss_scaling="yes")
     assert milp.LossScaling is LossScaling
 
