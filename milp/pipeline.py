@@ -756,14 +756,14 @@ def generate_responses(
             kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             if eos is not None:  # None would override the model's own generation_config.eos_token_id
                 kwargs["eos_token_id"] = eos
-            streamer = _AnswerStream(tokenizer, list(idx), stream) if stream is not None else None
-            if streamer is not None:
-                kwargs["streamer"] = streamer
             stopper = _StopRows(list(idx), stop) if stop is not None else None
             if stopper is not None:
                 from transformers import StoppingCriteriaList
 
                 kwargs["stopping_criteria"] = StoppingCriteriaList([stopper])
+            streamer = _AnswerStream(tokenizer, list(idx), stream, stopper) if stream is not None else None
+            if streamer is not None:
+                kwargs["streamer"] = streamer
             lm = cast(Any, model)  # a transformers model: generate()
             if runtime is not None and users is not None:
                 with runtime.using([users[i] for i in idx]):
@@ -817,8 +817,10 @@ class _AnswerStream:
     complete them, or the answer end there and drop them), and only when it extends what was
     handed before. :meth:`finish` hands over the final answers."""
 
-    def __init__(self, tokenizer: Any, rows: list[int], callback: Callable[[int, str], None]) -> None:
+    def __init__(self, tokenizer: Any, rows: list[int], callback: Callable[[int, str], None],
+                 stopper: _StopRows | None = None) -> None:
         self.tokenizer, self.rows, self.callback = tokenizer, rows, callback
+        self.stopper = stopper  # a row it ended takes no more tokens (without an eos, generate gives some)
         self.ids: list[list[int]] = [[] for _ in rows]
         self.sent = [""] * len(rows)
         self.prompt_seen = False
@@ -833,6 +835,9 @@ class _AnswerStream:
             self.prompt_seen = True
             return
         for j, new in enumerate(value.reshape(len(self.rows), -1).tolist()):
+            ended = self.stopper.ended[j] if self.stopper is not None else None
+            if ended is not None and len(self.ids[j]) >= ended:
+                continue
             self.ids[j].extend(new)
             text = self.tokenizer.decode(self.ids[j], skip_special_tokens=True).strip()
             self._hand(j, text.rstrip("\ufffd").rstrip())

@@ -258,10 +258,11 @@ class _NoEos:
 
 @pytest.mark.parametrize("eos", [True, False], ids=["eos", "no-eos"])
 def test_stop_ends_one_answer_where_it_says_and_spares_the_others(tiny_chat_tokenizer, eos):
-    """``stop(i)`` saying ``True`` after the 4th token: record 1's answer is the one of 4 new
-    tokens (in the same batch), the others' are untouched; once every row said ``True`` the batch
-    generates no further (3 model calls for 3 tokens, not 12). Without an end-of-text token too,
-    where ``generate`` goes on filling an ended row with tokens."""
+    """``stop(i)`` saying ``True`` after the 4th token: record 0's answer is the one of 4 new
+    tokens (in the same batch), and so is the last text streamed for it; the others' are
+    untouched; once every row said ``True`` the batch generates no further (1 model call for 1
+    token, not 12). Without an end-of-text token too, where ``generate`` goes on filling an ended
+    row with tokens."""
     tok = tiny_chat_tokenizer if eos else _NoEos(tiny_chat_tokenizer)
     model, rt, recs = _three_users(max_users=3)
     if not eos:
@@ -269,18 +270,20 @@ def test_stop_ends_one_answer_where_it_says_and_spares_the_others(tiny_chat_toke
     kw = dict(runtime=rt, batch_size=3, progress=False)
     full = generate_responses(model, tok, recs, max_new_tokens=12, **kw)
     four = generate_responses(model, tok, recs, max_new_tokens=4, **kw)
-    assert full[1] != four[1]  # the stop makes a difference
+    assert full[0] != four[0]  # the stop makes a difference
     asked: dict[int, int] = {}
 
-    def stop_1_at_4(i: int) -> bool:
+    def stop_0_at_4(i: int) -> bool:
         asked[i] = asked.get(i, 0) + 1
-        return i == 1 and asked[i] == 4
+        return i == 0 and asked[i] == 4
 
-    streamed: dict[int, str] = {}
-    got = generate_responses(model, tok, recs, max_new_tokens=12, stop=stop_1_at_4,
-                             stream=lambda i, text: streamed.__setitem__(i, text), **kw)
-    assert got == [full[0], four[1], full[2]]
-    assert asked[1] == 4 and streamed[1] == four[1]  # not asked again once it said True
+    streamed: dict[int, list[str]] = {}
+    got = generate_responses(model, tok, recs, max_new_tokens=12, stop=stop_0_at_4,
+                             stream=lambda i, text: streamed.setdefault(i, []).append(text), **kw)
+    assert got == [four[0], full[1], full[2]]
+    assert asked[0] == 4  # not asked again once it said True
+    for i, answer in enumerate(got):  # the stream stops where the answer does
+        assert streamed[i][-1] == answer and all(answer.startswith(t) for t in streamed[i]), (i, streamed[i])
     calls = []
     handle = model.register_forward_hook(lambda *a: calls.append(1))
     try:
