@@ -700,7 +700,7 @@ def generate_responses(
     runtime: Any = None,
     context_fn: ContextFn | None = None,
     prefix: PrefixEncoder | None = None,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | Sequence[int] = 64,
     batch_size: int = 8,
     max_length: int = 384,
     progress: bool = True,
@@ -710,6 +710,11 @@ def generate_responses(
     """Greedy answers to each record's query, with the record's user's adapters (mixed-user
     batches through the runtime), in order. Batches hold ``batch_size`` records, fewer where a
     store-backed ``runtime`` has fewer free slots than a batch names users.
+
+    ``max_new_tokens``: the longest answer, one for all or one per record. Records of different
+    lengths share a batch: it generates for its longest, and a row that reached its own length
+    ends there (its answer is the one it gets with that length), as it does at the end-of-text
+    token.
 
     ``stream(i, text)``, where given, is called as the tokens come with record ``i``'s answer so
     far: each text extends the one before (trailing whitespace and an incomplete UTF-8
@@ -721,8 +726,9 @@ def generate_responses(
     ``stop(i)``, where given, is asked after each generated token whether record ``i``'s answer
     ends there (a server's request whose client left, say): ``True`` ends it with the tokens so
     far, which are its answer, and its row takes no more of the batch's steps (a batch whose rows
-    all ended stops generating). It is asked once per row and step until it says ``True`` (rows
-    that ended at the end-of-text token included), in the generating thread: keep it short.
+    all ended stops generating). It is asked once per row and step until it says ``True`` or the
+    row reaches its ``max_new_tokens`` (rows that ended at the end-of-text token included), in the
+    generating thread: keep it short.
 
     Example:
         >>> generate_responses(model, tok, test_records, runtime=rt, max_new_tokens=32)  # doctest: +SKIP
@@ -730,7 +736,7 @@ def generate_responses(
     """
     records = _check_records(records)
     _pos_int(batch_size, "batch_size")
-    _pos_int(max_new_tokens, "max_new_tokens")
+    limits = _per_record_lengths(max_new_tokens, len(records))
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a callable (record index, answer so far) or None, got "
                         f"{type(stream).__name__}")
@@ -753,10 +759,12 @@ def generate_responses(
             batch = collate([{"input_ids": examples[i]["input_ids"]} for i in idx], pad, padding_side="left")
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
-            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            n = max(limits[i] for i in idx)
+            kwargs: dict[str, Any] = dict(max_new_tokens=n, do_sample=False, pad_token_id=pad)
             if eos is not None:  # None would override the model's own generation_config.eos_token_id
                 kwargs["eos_token_id"] = eos
-            stopper = _StopRows(list(idx), stop) if stop is not None else None
+            ends = [limits[i] for i in idx]
+            stopper = _StopRows(list(idx), stop, ends) if stop is not None or min(ends) < n else None
             if stopper is not None:
                 from transformers import StoppingCriteriaList
 
@@ -785,14 +793,28 @@ def generate_responses(
     return [answers[i] for i in range(len(records))]
 
 
+def _per_record_lengths(max_new_tokens: Any, n: int) -> list[int]:
+    """``max_new_tokens`` (an int, or one per record) as one int per record of ``n``."""
+    if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool):
+        return [_pos_int(max_new_tokens, "max_new_tokens")] * n
+    if isinstance(max_new_tokens, (str, bytes)) or not isinstance(max_new_tokens, Sequence):
+        raise ValueError(f"max_new_tokens must be an int >= 1 or a sequence of them, one per record, got "
+                         f"{max_new_tokens!r:.60}")
+    if len(max_new_tokens) != n:
+        raise ValueError(f"max_new_tokens must give one length per record: got {len(max_new_tokens)} for {n} records")
+    return [_pos_int(v, f"max_new_tokens[{i}]") for i, v in enumerate(max_new_tokens)]
+
+
 class _StopRows:
     """A ``generate`` stopping criterion (transformers' ``StoppingCriteria`` protocol) that ends
-    the rows for which ``stop(record index)`` says ``True``, asked after each step until it does;
-    :attr:`ended` holds per row the number of new tokens it ended with (``None``: not ended by
-    ``stop``). The rows' flags go to the device only when one changed: no copy on most steps."""
+    each row once it has ``limits[row]`` new tokens, or once ``stop(record index)`` says ``True``
+    (asked after each step until then); :attr:`ended` holds per row the number of new tokens it
+    ended with (``None``: not ended here, at the end-of-text token or the batch's own
+    ``max_new_tokens`` alone). The rows' flags go to the device only when one changed: no copy
+    on most steps."""
 
-    def __init__(self, rows: list[int], stop: Callable[[int], bool]) -> None:
-        self.rows, self.stop = rows, stop
+    def __init__(self, rows: list[int], stop: Callable[[int], bool] | None, limits: list[int]) -> None:
+        self.rows, self.stop, self.limits = rows, stop, limits
         self.ended: list[int | None] = [None] * len(rows)
         self.steps = 0
         self.flags: torch.Tensor | None = None
@@ -801,7 +823,7 @@ class _StopRows:
         self.steps += 1
         changed = self.flags is None
         for j, i in enumerate(self.rows):
-            if self.ended[j] is None and self.stop(i):
+            if self.ended[j] is None and (self.steps >= self.limits[j] or (self.stop is not None and self.stop(i))):
                 self.ended[j], changed = self.steps, True
         if changed:
             self.flags = torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)

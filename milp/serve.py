@@ -296,17 +296,15 @@ class AnswerServer:
         from .pipeline import generate_responses
 
         t0 = time.perf_counter()
-        by_length: dict[int, list[_Request]] = {}
-        for r in batch:  # one generation per answer length (greedy: the same tokens as alone)
-            by_length.setdefault(r.max_new_tokens, []).append(r)
-        groups = list(by_length.values())
+        # one generation for every answer length: a row ends at its own (greedy: the same tokens as alone)
+        groups = [batch]
         generated = False
         while groups:
             reqs = [r for r in groups.pop(0) if not r.done.cancelled()]  # withdrawn while queued: not generated
             if not reqs:
                 continue
             generated = True
-            n = reqs[0].max_new_tokens
+
             def progress(i: int, text: str, reqs: list[_Request] = reqs) -> None:
                 reqs[i].progress(text)
 
@@ -316,7 +314,8 @@ class AnswerServer:
             try:
                 records = [Record(r.user, "", [_PLACEHOLDER], r.query, _PLACEHOLDER) for r in reqs]
                 answers = generate_responses(self.model, self.tokenizer, records, runtime=self.runtime,
-                                             max_new_tokens=n, batch_size=self.batch_size,
+                                             max_new_tokens=[r.max_new_tokens for r in reqs],
+                                             batch_size=self.batch_size,
                                              max_length=self.settings["max_length"] + 128, progress=False,
                                              stream=progress if any(r.on_delta for r in reqs) else None, stop=stop)
             except Exception as e:

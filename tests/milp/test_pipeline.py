@@ -296,6 +296,34 @@ def test_stop_ends_one_answer_where_it_says_and_spares_the_others(tiny_chat_toke
         generate_responses(model, tok, recs, stop=True, **kw)
 
 
+@pytest.mark.parametrize("eos", [True, False], ids=["eos", "no-eos"])
+def test_records_of_different_lengths_share_a_batch(tiny_chat_tokenizer, eos):
+    """``max_new_tokens`` one per record: each answer (and the last text streamed for it) is the
+    one its own length gives, in one batch that generates for the longest."""
+    tok = tiny_chat_tokenizer if eos else _NoEos(tiny_chat_tokenizer)
+    model, rt, recs = _three_users(max_users=3)
+    if not eos:
+        model.generation_config.eos_token_id = None
+    kw = dict(runtime=rt, batch_size=3, progress=False)
+    by_length = {n: generate_responses(model, tok, recs, max_new_tokens=n, **kw) for n in (3, 7, 12)}
+    assert len({by_length[n][0] for n in (3, 7, 12)}) == 3  # the lengths make a difference
+    streamed: dict[int, str] = {}
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = generate_responses(model, tok, recs, max_new_tokens=(7, 12, 3),
+                                 stream=lambda i, text: streamed.__setitem__(i, text), **kw)
+    finally:
+        handle.remove()
+    assert got == [by_length[7][0], by_length[12][1], by_length[3][2]] == [streamed[i] for i in range(3)]
+    assert len(calls) == 12  # one generation of 12 tokens
+    for bad, match in (([3, 4], "one length per record: got 2 for 3 records"), ([3, 0, 4], r"max_new_tokens\[1\]"),
+                       ("12", "an int >= 1 or a sequence"), (True, "an int >= 1 or a sequence"),
+                       ([3, True, 4], r"max_new_tokens\[1\] must be an int")):
+        with pytest.raises(ValueError, match=match):
+            generate_responses(model, tok, recs, max_new_tokens=bad, **kw)
+
+
 @settings(max_examples=200, deadline=None)
 @given(ids=st.lists(st.integers(0, 399), max_size=24), chunk=st.integers(1, 3))
 def test_answer_stream_hands_texts_that_the_answer_extends(tiny_chat_tokenizer, ids, chunk):

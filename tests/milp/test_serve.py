@@ -80,6 +80,36 @@ def test_a_shorter_answer_is_the_start_of_the_longer_one(answer_run):
     assert full["answer"].startswith(short["answer"])
 
 
+def test_requests_of_different_lengths_are_answered_in_one_generation(answer_run, monkeypatch):
+    """Three requests asking for 1, 3 and 2 tokens, taken together: one generation answers them
+    all, each with the answer of its own length."""
+    u0, u1 = _users(answer_run)[:2]
+    asks = [(u0, QUERIES[0], 1), (u1, QUERIES[1], 3), (u0, QUERIES[2], 2)]
+    want = [answer(answer_run, [(u, q)], max_new_tokens=n, progress=False)[0] for u, q, n in asks]
+    calls, real = [], milp.pipeline.generate_responses
+
+    def counted(*args, **kw):
+        calls.append(kw["max_new_tokens"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(milp.pipeline, "generate_responses", counted)
+    with AnswerServer(answer_run, port=0, batch_size=3, max_wait_ms=5000) as server:
+        got: dict[int, tuple[int, dict]] = {}
+
+        def ask(i):
+            u, q, n = asks[i]
+            got[i] = _post(server, {"user_id": u, "query": q, "max_new_tokens": n})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert [got[i] for i in range(3)] == [(200, {"user_id": u, "query": q, "answer": a})
+                                          for (u, q, _), a in zip(asks, want)]
+    assert len(calls) == 1 and sorted(calls[0]) == [1, 2, 3] and server.stats()["batches"] == 1
+
+
 @pytest.mark.parametrize("body, status, match", [
     (b"{not json", 400, "JSON object"),
     ([1, 2], 400, "JSON object, got list"),
