@@ -250,3 +250,62 @@ def test_a_serve_forever_that_cannot_start_leaves_the_signal_handlers_as_they_we
             server.serve_forever()
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
         assert _get_health(server)["status"] == "ok"  # and the server it did not start still serves
+
+
+def test_clients_hanging_up_among_many_leave_the_others_answers_as_they_were(answer_run):
+    """24 concurrent clients of 4 users asking for 1–3 tokens, streamed or not; a third of them
+    hang up at a random moment (before the batch, during it, or after). Every other client gets
+    the answer of its own (user, query, length), as ``milp.answer`` gives it alone; no thread
+    hangs, the server answers on, and no more requests are cancelled than clients hung up."""
+    import random
+
+    from milp.answer import answer
+
+    users = _users(answer_run)[:4]
+    rng = random.Random(7)
+    asks = [(users[i % 4], f"Question {i}: is it serious?", 1 + i % 3, rng.random() < 0.5, i % 3 == 0)
+            for i in range(24)]  # (user, query, max_new_tokens, stream, hangs up)
+    want = {(u, q, n): a for n in (1, 2, 3)
+            for (u, q, _, _, _), a in zip([x for x in asks if x[2] == n],
+                                          answer(answer_run, [(u, q) for u, q, m, _, _ in asks if m == n],
+                                                 max_new_tokens=n, progress=False))}
+    got: dict[int, tuple[int, dict]] = {}
+
+    def client(i):
+        u, q, n, stream, hangs = asks[i]
+        body = json.dumps({"user_id": u, "query": q, "max_new_tokens": n, "stream": stream}).encode()
+        if hangs:
+            with socket.create_connection(server.address, timeout=60) as s:
+                s.sendall(b"POST /v1/answer HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                time.sleep(rng.random() * 0.05)
+            return
+        if not stream:
+            got[i] = _post(server, {"user_id": u, "query": q, "max_new_tokens": n})
+            return
+        c = http.client.HTTPConnection(*server.address, timeout=60)
+        c.request("POST", "/v1/answer", body)
+        r = c.getresponse()
+        events = [json.loads(e[6:]) for e in r.read().decode()[:-2].split("\n\n")]
+        c.close()
+        got[i] = r.status, events[-1]
+
+    with AnswerServer(answer_run, port=0, batch_size=6, max_wait_ms=20) as server:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        u, q, n, _, _ = asks[1]
+        assert _post(server, {"user_id": u, "query": q, "max_new_tokens": n}) == (
+            200, {"user_id": u, "query": q, "answer": want[u, q, n]})
+        deadline = time.monotonic() + 30  # a hung-up client's handler may be behind it
+        while server.stats()["requests"] < 25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    stats = server.stats()
+    assert sorted(got) == [i for i in range(24) if not asks[i][4]]
+    for i, (code, out) in got.items():
+        u, q, n, stream, _ = asks[i]
+        assert code == 200 and out["answer"] == want[u, q, n], (i, out)
+        assert out.get("done") is (True if stream else None)
+    assert stats["requests"] == 25 and stats["cancelled"] <= 8
