@@ -172,9 +172,9 @@ class AnswerServer:
         return self._stop.is_set()
 
     def stats(self) -> dict[str, int]:
-        """Requests taken into batches, batches generated (one of requests all cancelled while
-        queued is not), the largest batch taken so far, and how many of the requests taken were
-        cancelled before their answer (generated in part, or not at all)."""
+        """Requests taken into batches, batches generated (a batch whose requests were all
+        cancelled while queued is not counted), the largest batch taken so far, and how many of
+        the requests taken were cancelled before their answer (generated in part, or not at all)."""
         with self._stats_lock:
             return dict(self._stats)
 
