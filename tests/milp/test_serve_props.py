@@ -37,6 +37,16 @@ def _post(server: AnswerServer, body, timeout: float = 60) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def _concurrently(client, n: int) -> None:
+    """``client(i)`` for i in range(n), each in its own thread at once; all must end within 120 s."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+
+
 def _raw(server: AnswerServer, data: bytes, timeout: float = 10) -> bytes:
     """Everything the server sends back on one connection carrying ``data``, until it closes it
     (``<no close>`` appended where it kept the connection open ``timeout`` seconds)."""
@@ -114,11 +124,7 @@ def test_a_damaged_user_fails_only_its_own_requests_among_many_concurrent_client
             got[i, k] = _post(server, {"user_id": users[(i + k) % 5], "query": f"Question {i}-{k}: is it serious?"})
 
     with AnswerServer(run, port=0, batch_size=8, max_wait_ms=20) as server:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        _concurrently(client, 20)
         stats = server.stats()
     assert len(got) == 60 and stats["requests"] == 60 and stats["largest_batch"] > 1
     for (i, k), (code, out) in got.items():
@@ -290,12 +296,7 @@ def test_clients_hanging_up_among_many_leave_the_others_answers_as_they_were(ans
         got[i] = r.status, events[-1]
 
     with AnswerServer(answer_run, port=0, batch_size=6, max_wait_ms=20) as server:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(24)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not any(t.is_alive() for t in threads)
+        _concurrently(client, 24)
         u, q, n, _, _ = asks[1]
         assert _post(server, {"user_id": u, "query": q, "max_new_tokens": n}) == (
             200, {"user_id": u, "query": q, "answer": want[u, q, n]})
