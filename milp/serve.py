@@ -597,6 +597,9 @@ def _http_server(host: str, port: int, handler: type[BaseHTTPRequestHandler]) ->
 
     class Server(ThreadingHTTPServer):
         address_family = family
+        # connections waiting for accept(): socketserver's 5 overflowed under a burst of clients
+        # (20 at once on a loaded machine: some were reset before their request was read)
+        request_queue_size = socket.SOMAXCONN
 
         def server_bind(self) -> None:
             if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):

@@ -310,3 +310,24 @@ def test_clients_hanging_up_among_many_leave_the_others_answers_as_they_were(ans
         assert code == 200 and out["answer"] == want[u, q, n], (i, out)
         assert out.get("done") is (True if stream else None)
     assert stats["requests"] == 25 and stats["cancelled"] <= 8
+
+
+def test_a_burst_of_connections_waits_for_accept_instead_of_being_dropped(answer_run):
+    """64 clients connect while no connection is accepted yet (the server not started): each is
+    queued by the listening socket (socketserver's backlog of 5 dropped or reset most of such a
+    burst), and each gets its answer once the server runs."""
+    user = _users(answer_run)[0]
+    body = json.dumps({"user_id": user, "query": "q", "max_new_tokens": 1}).encode()
+    server = AnswerServer(answer_run, port=0, batch_size=8, max_wait_ms=20)  # listening, not accepting
+    try:
+        socks = [socket.create_connection(server.address, timeout=5) for _ in range(64)]
+        for s in socks:
+            s.sendall(b"POST /v1/answer HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(body), body))
+        server.start()
+        for s in socks:
+            with s:
+                assert s.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+    finally:
+        server.close()
+    assert server.stats()["requests"] == 64
