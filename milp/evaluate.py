@@ -1198,7 +1198,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str], device: torch.device, di
     others)."""
     from tqdm.auto import tqdm
 
-    if not dist.main:  # one process draws the bars (its own seeds'); the others' would overwrite them
+    if not dist.main:  # one process draws the bars (its own units'); the others' would overwrite them
         args = copy.copy(args)
         args.progress = False
     out = Path(args.output)
@@ -1249,8 +1249,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str], device: torch.device, di
     if not args.report_only:  # the response CEs of this process's methods (MiLP's unit writes the base row)
         owned = {(seed, m) for seed, unit in mine for m in (*unit, *(("base",) if "milp" in unit else ()))}
         for seed in seeds:
-            if any((seed, m) in owned for m in shown):
-                _fill_response_ce(st_of[seed], models, [m for m in shown if (seed, m) in owned])
+            if own := [m for m in shown if (seed, m) in owned]:
+                _fill_response_ce(st_of[seed], models, own)
     dist.barrier()  # every seed's answers and response CEs are written
     if not dist.main:
         return {}

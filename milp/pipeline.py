@@ -759,11 +759,11 @@ def generate_responses(
             batch = collate([{"input_ids": examples[i]["input_ids"]} for i in idx], pad, padding_side="left")
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs = _with_prefix(model, prefix, [records[i] for i in idx], batch)
-            n = max(limits[i] for i in idx)
+            ends = [limits[i] for i in idx]
+            n = max(ends)
             kwargs: dict[str, Any] = dict(max_new_tokens=n, do_sample=False, pad_token_id=pad)
             if eos is not None:  # None would override the model's own generation_config.eos_token_id
                 kwargs["eos_token_id"] = eos
-            ends = [limits[i] for i in idx]
             stopper = _StopRows(list(idx), stop, ends) if stop is not None or min(ends) < n else None
             if stopper is not None:
                 from transformers import StoppingCriteriaList

@@ -588,8 +588,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _http_server(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
     """A threading HTTP server on ``host`` (a name, an IPv4 or an IPv6 address: ``::`` listens on
     every address of both families where the system allows) and ``port``."""
-    import socket
-
     if not isinstance(host, str) or not host:
         raise ValueError(f"host must be a host name or address (0.0.0.0 or :: for every address), got {host!r}")
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
