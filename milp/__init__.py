@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from . import _hf_kernels  # noqa: F401  (first: refuses a clash with Hugging Face's `kernels`)
 from .config import MAX_MODULES, MemoryConfig, atomic_directory, atomic_write_bytes, atomic_write_text
+from .decode import ContinuousBatch, continuous_unsupported
 from .export import export_peft, import_peft, peft_adapter, read_peft
 from .inject import (
     SUPPORTED_ARCHITECTURES,
@@ -51,6 +52,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "AdamWConfig",
     "CacheInfo",
+    "ContinuousBatch",
     "InstructionAdapter",
     "LossScaling",
     "MemoryConfig",
@@ -58,6 +60,7 @@ __all__ = [
     "MilpState",
     "MultiLoraLinear",
     "add_instruction_adapter",
+    "continuous_unsupported",
     "generate_responses",
     "instruction_tune",
     "memory_inject",

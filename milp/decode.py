@@ -1,0 +1,391 @@
+"""Continuous batching: greedy decoding whose rows join and leave a running batch between steps.
+
+:func:`milp.pipeline.generate_responses` answers a batch with one ``generate`` call: a request
+that arrives while it runs waits for the whole batch to end, and a row that ended (at its
+end-of-text token, its own length, or cancelled) keeps its place, and its share of each step's
+compute, until the longest row is done. :class:`ContinuousBatch` runs the decode loop itself, so
+that between two steps
+
+* a row that ended leaves: its rows of the key/value cache are dropped (and the cache's leading
+  columns, once they are padding for every row left);
+* new rows join: their prompts are prefilled together (left-padded), and their caches are padded
+  on the left to the running batch's length and appended to it;
+
+and each step is one forward of the running rows (one token each) through the model, every row
+with its own user's adapters (one :meth:`milp.runtime.MilpRuntime.using` block per set of rows,
+kept open while the set does not change: the batch plan is built once per set, not per step).
+
+A row's tokens are the ones ``generate(do_sample=False)`` gives its prompt alone (left padding is
+masked; positions count each row's own tokens), which the tests check on every supported
+architecture. Models it cannot decode this way are named by :func:`continuous_unsupported`
+(a generation config that changes greedy choices, such as a repetition penalty, or a sliding
+attention window shorter than a row can grow): use ``generate`` for those.
+
+Joining copies the running batch's cache once (a ``torch.cat`` per layer), and a row's cache
+grows to the longest row's length since the oldest running row joined: a reference loop on
+Hugging Face's ``DynamicCache``, not a paged-attention engine.
+
+Example:
+    >>> from milp.inject import tiny_model
+    >>> batch = ContinuousBatch(tiny_model("llama"), eos_token_id=[], max_rows=4)  # rows end at their length
+    >>> batch.join("a", [5, 6, 7], max_new_tokens=3)
+    >>> [(u.key, len(u.tokens), u.done) for u in batch.step()]   # "a" prefilled: its first token
+    [('a', 1, False)]
+    >>> batch.join("b", [9, 4], max_new_tokens=1)                # joins while "a" runs
+    >>> [(u.key, len(u.tokens), u.done) for u in batch.step()]
+    [('a', 2, False), ('b', 1, True)]
+    >>> [(u.key, len(u.tokens), u.done) for u in batch.step()]
+    [('a', 3, True)]
+    >>> len(batch)
+    0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import numbers
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kernels import nvtx_range
+
+__all__ = ["ContinuousBatch", "Update", "continuous_unsupported"]
+
+#: generation-config settings that change which token greedy decoding picks, and their neutral values
+_GREEDY_CHANGERS: dict[str, Any] = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "sequence_bias": None, "exponential_decay_length_penalty": None, "min_length": 0,
+    "min_new_tokens": None, "num_beams": 1, "penalty_alpha": None, "watermarking_config": None,
+}
+
+
+def continuous_unsupported(model: nn.Module, reach: int | None = None) -> str | None:
+    """Why :class:`ContinuousBatch` cannot decode ``model`` as ``generate(do_sample=False)``
+    does (``None``: it can): not a Hugging Face causal LM with a key/value cache, a generation
+    config whose settings change greedy choices (``repetition_penalty``, ``no_repeat_ngram_size``,
+    ``bad_words_ids``, ...), or a sliding attention window shorter than ``reach`` (the longest
+    prompt plus answer a row may hold; ``None``: any window is refused).
+
+    Example:
+        >>> from milp.inject import tiny_model
+        >>> continuous_unsupported(tiny_model("llama")) is None
+        True
+        >>> continuous_unsupported(tiny_model("mistral", sliding_window=16), reach=64)
+        'its sliding attention window (16 tokens) is shorter than a row may grow (64 tokens)'
+    """
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(model, "generate", None)):
+        return "it is not a Hugging Face causal LM (no config or generate())"
+    if getattr(config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder model"
+    if not getattr(config, "use_cache", True):
+        return "its config turns the key/value cache off (use_cache=False)"
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        for name, neutral in _GREEDY_CHANGERS.items():
+            v = getattr(gc, name, None)
+            if v is not None and v != neutral and v not in ((), [], 0):  # transformers 5: None = unset
+                return f"its generation config sets {name}={v!r}, which changes greedy decoding"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) is not False and (reach is None or window < reach):
+        return (f"its sliding attention window ({window} tokens) is shorter than a row may grow "
+                + (f"({reach} tokens)" if reach is not None else "(no reach given)"))
+    return None
+
+
+@dataclass
+class Update:
+    """What one :meth:`ContinuousBatch.step` did to a row: ``tokens`` are all of its tokens so far
+    (the new one last; an end-of-text token included, as ``generate`` gives it); ``done``: the row
+    ended (end-of-text token, ``max_new_tokens`` reached, or ``error``) and has left the batch.
+    ``error``: the exception its prefill raised (it then has no tokens), or the step's forward
+    (every running row gets it, and the batch is empty after it)."""
+
+    key: Hashable
+    tokens: list[int]
+    done: bool
+    error: BaseException | None = None
+
+
+@dataclass
+class _Row:
+    key: Hashable
+    prompt: list[int]
+    limit: int
+    user: Hashable | None
+    tokens: list[int] = field(default_factory=list)
+
+
+class ContinuousBatch:
+    """Greedy decoding of rows that join (:meth:`join`) and leave (:meth:`leave`, or at their end)
+    between steps (:meth:`step`); see the module doc.
+
+    Args:
+        model: a Hugging Face causal LM (:func:`continuous_unsupported` says which decode as
+            ``generate`` does).
+        eos_token_id: the end-of-text token(s): a row whose new token is one of them ends there.
+            ``None`` (the model's generation config's, where it has one).
+        pad_token_id: fills the left of shorter prompts (masked: its value only has to be a token).
+            ``None``: the generation config's, else the first end-of-text token, else 0.
+        runtime: a :class:`milp.runtime.MilpRuntime` of ``model``: each row runs its ``user``'s
+            adapters. Without one every row runs the model as it is, and ``user`` must be ``None``.
+        max_rows: rows joined at most (running and waiting for their prefill).
+
+    Not thread-safe: one thread calls :meth:`join`, :meth:`leave` and :meth:`step`.
+    """
+
+    def __init__(self, model: nn.Module, *, eos_token_id: int | Iterable[int] | None = None,
+                 pad_token_id: int | None = None, runtime: Any = None, max_rows: int = 8) -> None:
+        if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+            raise TypeError(f"model must be a Hugging Face causal LM (an nn.Module with a config), "
+                            f"got {type(model).__name__}")
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}")
+        if runtime is not None and getattr(runtime, "model", None) is not model:
+            raise ValueError("runtime must be the MilpRuntime of model (runtime.model is model)")
+        gc = getattr(model, "generation_config", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(gc, "eos_token_id", None)
+        self.eos: frozenset[int] = frozenset(_token_ids(eos_token_id, "eos_token_id") if eos_token_id is not None
+                                             else ())
+        if pad_token_id is None:
+            pad_token_id = getattr(gc, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = min(self.eos) if self.eos else 0
+        self.pad = _token_ids(pad_token_id, "pad_token_id")[0]
+        self.model, self.runtime, self.max_rows = model, runtime, max_rows
+        params = inspect.signature(model.forward).parameters
+        # transformers 5 names the cache argument `cache` (past_key_values is deprecated there)
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        self._rows: list[_Row] = []  # running, in the cache's row order
+        self._joining: list[_Row] = []  # joined, prefilled at the next step
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # [rows, cache length]: 1 = a row's own token
+        self._next: torch.Tensor | None = None  # [rows]: each row's last token, fed at the next step
+        self._block: contextlib.ExitStack | None = None  # the running rows' runtime.using block
+
+    # ------------------------------------------------------------------ rows
+    def __len__(self) -> int:
+        """Rows joined: running, or waiting for their prefill."""
+        return len(self._rows) + len(self._joining)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        """The keys of the rows joined, running ones first."""
+        return [r.key for r in self._rows + self._joining]
+
+    def can_join(self, user: Hashable | None = None) -> bool:
+        """Whether a row of ``user`` may join now: fewer than ``max_rows`` rows, and (with a
+        store-backed runtime) slots for its user beside the users of the rows joined. A user the
+        runtime cannot place even alone may join where the batch is empty: its prefill then fails
+        with the runtime's error, in its :class:`Update`."""
+        if len(self) >= self.max_rows:
+            return False
+        if self.runtime is None or self.runtime.store is None or user is None or not len(self):
+            return True
+        users = [r.user for r in self._rows + self._joining] + [user]
+        groups = self.runtime.row_batches(users, len(users))
+        next(groups)
+        return next(groups, None) is None  # one group: all of them can be placed at once
+
+    def join(self, key: Hashable, prompt: Sequence[int], max_new_tokens: int, user: Hashable | None = None) -> None:
+        """Add a row: ``prompt``'s token ids, answered with at most ``max_new_tokens`` tokens by
+        ``user``'s adapters (``None``: the model alone). It is prefilled at the next :meth:`step`,
+        which gives its first token. ``key`` names it in :class:`Update` and :meth:`leave`."""
+        if any(r.key == key for r in self._rows + self._joining):
+            raise ValueError(f"key {key!r} is already a row of the batch")
+        if len(self) >= self.max_rows:
+            raise ValueError(f"the batch is full (max_rows={self.max_rows}): check can_join() first")
+        if isinstance(prompt, (str, bytes, torch.Tensor)) or not isinstance(prompt, Sequence) or not prompt:
+            raise ValueError(f"prompt must be a non-empty sequence of token ids, got {prompt!r:.60}")
+        ids = _token_ids(prompt, "prompt")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if user is not None:
+            if self.runtime is None:
+                raise ValueError(f"user {user!r} needs a runtime: this batch was made without one")
+            self.runtime.check_user(user)
+        self._joining.append(_Row(key, ids, max_new_tokens, user))
+
+    def leave(self, key: Hashable) -> list[int] | None:
+        """Take the row ``key`` out of the batch (a cancelled request): its tokens so far, or
+        ``None`` where no row has that key (it ended already, say)."""
+        for i, r in enumerate(self._joining):
+            if r.key == key:
+                del self._joining[i]
+                return r.tokens
+        for i, r in enumerate(self._rows):
+            if r.key == key:
+                self._keep([j for j in range(len(self._rows)) if j != i])
+                return r.tokens
+        return None
+
+    def close(self) -> None:
+        """Drop every row (and the runtime block the running ones hold)."""
+        self._joining = []
+        self._keep([])
+
+    # ------------------------------------------------------------------ steps
+    @torch.no_grad()
+    def step(self) -> list[Update]:
+        """One decode step of the running rows, then the prefill of the rows that joined since
+        the last step: every row gets one token. Returns one :class:`Update` per row that got a
+        token or an error; the rows that ended have left the batch."""
+        updates: list[Update] = []
+        stepped: list[_Row] = []
+        if self._rows:
+            try:
+                tokens = self._decode()
+            except Exception as e:  # noqa: BLE001 (handed to every running row)
+                updates += [Update(r.key, r.tokens, True, e) for r in self._rows]
+                self._keep([])
+            else:
+                for r, t in zip(self._rows, tokens):
+                    r.tokens.append(t)
+                stepped += self._rows
+        groups, self._joining = ([self._joining] if self._joining else []), []
+        while groups:
+            group = groups.pop(0)
+            try:
+                self._prefill(group)
+            except Exception as e:  # noqa: BLE001
+                if len(group) > 1:  # one bad row (a damaged user, say) must not fail the others
+                    groups[:0] = [[r] for r in group]
+                else:
+                    updates.append(Update(group[0].key, group[0].tokens, True, e))
+                continue
+            stepped += group
+        ended = {id(r) for r in self._rows if r.tokens[-1] in self.eos or len(r.tokens) >= r.limit}
+        updates += [Update(r.key, list(r.tokens), id(r) in ended) for r in stepped]
+        if ended:
+            keep = [j for j, r in enumerate(self._rows) if id(r) not in ended]
+            self._keep(keep)
+        return updates
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The model's logits at each row's last position (``cache`` filled in place)."""
+        kwargs: dict[str, Any] = {self._cache_arg: cache, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        return out.logits[:, -1]
+
+    def _decode(self) -> list[int]:
+        assert self._mask is not None and self._next is not None
+        self._open_block()
+        mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], 1)
+        positions = mask.sum(1, keepdim=True) - 1  # each row's own token count: left padding not counted
+        with nvtx_range("milp.decode.step"):
+            logits = self._forward(self._next[:, None], mask, positions, self._cache)
+        self._mask = mask
+        self._next = logits.argmax(-1)
+        return [int(t) for t in self._next.tolist()]  # one host sync per step, as generate's
+
+    def _prefill(self, group: list[_Row]) -> None:
+        """Prefill ``group``'s prompts together, give each row its first token, and append the
+        rows to the running batch."""
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        width = max(len(r.prompt) for r in group)
+        ids = torch.tensor([[self.pad] * (width - len(r.prompt)) + r.prompt for r in group], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in group], device=device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        with contextlib.ExitStack() as stack:
+            if self.runtime is not None:
+                if self._rows:
+                    self._open_block()  # the running rows' users stay placed (never evicted for these)
+                stack.enter_context(self.runtime.using([r.user for r in group]))
+            with nvtx_range("milp.decode.prefill"):
+                logits = self._forward(ids, mask, positions, cache)
+        first = logits.argmax(-1)
+        layers = _cache_layers(cache)
+        for r, t in zip(group, first.tolist()):
+            r.tokens.append(int(t))
+        if self._cache is None:
+            self._cache, self._mask, self._next = cache, mask, first
+        else:
+            assert self._mask is not None and self._next is not None
+            width = max(self._mask.shape[1], mask.shape[1])
+            for old, new in zip(_cache_layers(self._cache), layers):
+                old.keys = torch.cat([_pad_left(old.keys, width, -2), _pad_left(new.keys, width, -2)], 0)
+                old.values = torch.cat([_pad_left(old.values, width, -2), _pad_left(new.values, width, -2)], 0)
+            self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], 0)
+            self._next = torch.cat([self._next, first])
+        self._rows += group
+        self._close_block()  # the set of rows changed
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep only the running rows ``rows`` (indices, in order), dropping the leading cache
+        columns that are padding for every row kept."""
+        self._close_block()
+        if not rows:
+            self._rows, self._cache, self._mask, self._next = [], None, None, None
+            return
+        assert self._mask is not None and self._next is not None
+        index = torch.tensor(rows, device=self._mask.device)
+        mask = self._mask.index_select(0, index)
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        for layer in _cache_layers(self._cache):
+            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[..., start:, :]
+            layer.values = layer.values.index_select(0, index.to(layer.values.device))[..., start:, :]
+        self._mask, self._next = mask[:, start:], self._next.index_select(0, index)
+        self._rows = [self._rows[j] for j in rows]
+
+    def _open_block(self) -> None:
+        """Enter the runtime's ``using`` block of the running rows' users (kept until they change)."""
+        if self.runtime is None or self._block is not None:
+            return
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.runtime.using([r.user for r in self._rows]))
+        self._block = stack
+
+    def _close_block(self) -> None:
+        if self._block is not None:
+            block, self._block = self._block, None
+            block.close()
+
+    def __del__(self) -> None:  # a batch dropped with rows running must not keep the runtime's lock
+        with contextlib.suppress(Exception):
+            self._close_block()
+
+
+def _cache_layers(cache: Any) -> list[Any]:
+    """The layers of a ``DynamicCache`` (each with ``keys``/``values`` ``[rows, heads, length, dim]``)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(isinstance(getattr(x, "keys", None), torch.Tensor) and x.keys.dim() == 4
+                             and isinstance(getattr(x, "values", None), torch.Tensor) for x in layers):
+        raise RuntimeError(f"the model filled a {type(cache).__name__} whose layers are not [rows, heads, length, "
+                           "dim] keys and values: continuous batching cannot join its rows (use generate)")
+    return list(layers)
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` padded with zeros on the left of ``dim`` to ``width``."""
+    n = width - t.shape[dim]
+    if n <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim)
+
+
+def _token_ids(value: Any, name: str) -> list[int]:
+    """``value`` (a token id or a sequence of them) as a list of ints >= 0."""
+    items = [value] if isinstance(value, numbers.Integral) else value
+    if value is None or isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise ValueError(f"{name} must be a token id or a sequence of them, got {value!r:.60}")
+    out = list(items)
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 0 for v in out):
+        raise ValueError(f"{name} must hold token ids (ints >= 0), got {value!r:.60}")
+    return [int(v) for v in out]

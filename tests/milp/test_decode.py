@@ -1,0 +1,263 @@
+"""ContinuousBatch: rows joining and leaving a running greedy decode get the tokens generate()
+gives each alone, with their own users' adapters, on every supported architecture."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from milp.config import MemoryConfig
+from milp.decode import ContinuousBatch, Update, continuous_unsupported
+from milp.inject import SUPPORTED_ARCHITECTURES, tiny_model
+from milp.runtime import MilpRuntime
+from milp.store import UserStore, user_dirname
+
+USERS = {"a": MemoryConfig.uniform(2, modules=2, rank=4), "b": MemoryConfig((True, False), (1, 0), (8, 8)),
+         7: MemoryConfig.uniform(2, modules=1, rank=2)}
+
+
+def runtime(arch: str = "llama", max_users: int = 4, **model_kw) -> MilpRuntime:
+    rt = MilpRuntime(tiny_model(arch, **model_kw), max_users=max_users)
+    for i, (u, cfg) in enumerate(USERS.items()):
+        rt.add_user(u, cfg, init="random", seed=10 + i)
+    return rt
+
+
+def alone(rt: MilpRuntime, prompt: list[int], user, limit: int, eos=None) -> list[int]:
+    """What generate() gives ``prompt`` alone: its new tokens (to the end-of-text token, included)."""
+    pad = rt.model.config.pad_token_id or 0
+    kw = {} if eos is None else {"eos_token_id": eos}
+    out = rt.generate(torch.tensor([prompt]), [user], max_new_tokens=limit, do_sample=False, pad_token_id=pad, **kw)
+    new = out[0, len(prompt):].tolist()
+    stop = rt.model.generation_config.eos_token_id if eos is None else eos
+    if stop is not None and stop in new:
+        new = new[:new.index(stop) + 1]
+    return new
+
+
+def drive(batch: ContinuousBatch, joins: dict[int, list[tuple]], leaves: dict[int, list] | None = None,
+          widths: list[int] | None = None, last: dict | None = None) -> tuple[dict, list[Update]]:
+    """Step ``batch`` until it is empty: ``joins[s]`` (key, prompt, limit, user) join before step
+    ``s``, ``leaves[s]`` keys leave before it. Returns each key's last tokens (``last``: those of
+    the steps taken before), and every update."""
+    last = {} if last is None else last
+    seen: list[Update] = []
+    step = 0
+    while len(batch) or any(s >= step for s in joins):
+        for key in (leaves or {}).get(step, []):
+            left = batch.leave(key)
+            assert left is None or left == last.get(key, [])
+        for key, prompt, limit, user in joins.get(step, []):
+            assert batch.can_join(user)
+            batch.join(key, prompt, limit, user)
+        for u in batch.step():
+            assert u.error is None, u.error
+            assert u.tokens[:-1] == last.get(u.key, []), "a row's tokens only grow, one per step"
+            last[u.key] = u.tokens
+            seen.append(u)
+        if widths is not None and batch._mask is not None:
+            widths.append(batch._mask.shape[1])
+        step += 1
+        assert step < 200
+    return last, seen
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 90, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch", list(SUPPORTED_ARCHITECTURES))
+def test_rows_joining_a_running_batch_get_their_tokens_alone(arch):
+    rt = runtime(arch)
+    rt.model.generation_config.eos_token_id = None  # every row runs to its length: the most steps compared
+    assert continuous_unsupported(rt.model, reach=64) is None
+    ps = prompts(6, seed=1)
+    users = ["a", None, "b", 7, "a", None]
+    limits = [7, 2, 9, 4, 6, 3]
+    at = [0, 0, 1, 3, 3, 8]  # two join together, one a step later, two more, one after a gap
+    joins: dict[int, list[tuple]] = {}
+    for i, s in enumerate(at):
+        joins.setdefault(s, []).append((i, ps[i], limits[i], users[i]))
+    got, _ = drive(ContinuousBatch(rt.model, runtime=rt, max_rows=6), joins)
+    for i in range(6):
+        assert got[i] == alone(rt, ps[i], users[i], limits[i]), f"row {i} (user {users[i]!r})"
+
+
+def test_a_row_ends_at_its_end_of_text_token_and_one_that_leaves_keeps_the_others_as_they_were():
+    rt = runtime()
+    rt.model.generation_config.eos_token_id = None
+    ps = prompts(4, seed=2)
+    free = alone(rt, ps[0], "a", 8)
+    eos = free[3]  # row 0 says it fourth: it ends there (and the others where they say it, if they do)
+    joins = {0: [(0, ps[0], 8, "a"), (1, ps[1], 8, "b")], 2: [(2, ps[2], 8, None), (3, ps[3], 8, 7)]}
+    widths: list[int] = []
+    got, seen = drive(ContinuousBatch(rt.model, runtime=rt, eos_token_id=eos, max_rows=4), joins,
+                      leaves={3: [1]}, widths=widths)
+    assert got[0] == free[:free.index(eos) + 1] and got[0][-1] == eos
+    assert [u.done for u in seen if u.key == 0][-1] and sum(u.done for u in seen if u.key == 0) == 1
+    assert got[1] == alone(rt, ps[1], "b", 8, eos)[:3]  # left before step 3: the three tokens it had
+    assert not any(u.done for u in seen if u.key == 1)  # it left: no update ends it
+    for i, u in ((2, None), (3, 7)):
+        assert got[i] == alone(rt, ps[i], u, 8, eos)
+    # the cache never grows past the longest row since the oldest running one joined
+    assert max(widths) <= max(len(p) for p in ps) + 8
+
+
+def test_the_cache_drops_the_columns_no_running_row_uses():
+    rt = runtime()
+    rt.model.generation_config.eos_token_id = None
+    long, short = list(range(3, 40)), [5, 6]
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=2)
+    widths: list[int] = []
+    got, _ = drive(batch, {0: [("long", long, 3, "a")], 1: [("short", short, 10, "b")]}, widths=widths)
+    assert widths[:2] == [len(long), len(long) + 1]  # the short row joined padded to the long one's length
+    assert widths[2] == len(short) + 1  # the long row left: the short row's own columns only (one token fed)
+    assert widths[-1] == len(short) + 8  # its ninth token fed
+    assert got["short"] == alone(rt, short, "b", 10) and got["long"] == alone(rt, long, "a", 3)
+
+
+def test_a_row_whose_prefill_fails_gets_the_error_and_the_others_go_on(monkeypatch):
+    rt = runtime()
+    rt.model.generation_config.eos_token_id = None
+    ps = prompts(3, seed=3)
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=4)
+    batch.join("ok", ps[0], 4, "a")
+    batch.step()
+    real = rt.using
+
+    def using(users, *a, **k):
+        if "b" in list(users):  # the group's prefill, then b's alone
+            raise OSError("user b's adapters are damaged")
+        return real(users, *a, **k)
+
+    monkeypatch.setattr(rt, "using", using)
+    batch.join("bad", ps[1], 4, "b")
+    batch.join("fine", ps[2], 4, 7)
+    updates = {u.key: u for u in batch.step()}
+    assert isinstance(updates["bad"].error, OSError) and updates["bad"].done and updates["bad"].tokens == []
+    assert updates["ok"].error is None and updates["fine"].error is None
+    assert sorted(batch.keys, key=str) == ["fine", "ok"]
+    monkeypatch.undo()
+    got, _ = drive(batch, {}, last={k: u.tokens for k, u in updates.items() if k != "bad"})
+    assert got["ok"] == alone(rt, ps[0], "a", 4) and got["fine"] == alone(rt, ps[2], 7, 4)
+
+
+def test_a_failed_step_ends_every_running_row_and_the_batch_goes_on(monkeypatch):
+    rt = runtime()
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=4)
+    batch.join("x", [5, 6], 5, "a")
+    batch.join("y", [7], 5, None)
+    batch.step()
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(batch, "_forward", boom)
+    updates = batch.step()
+    assert {u.key for u in updates} == {"x", "y"} and all(u.done and isinstance(u.error, RuntimeError)
+                                                         for u in updates)
+    assert len(batch) == 0
+    monkeypatch.undo()
+    rt.model.generation_config.eos_token_id = None
+    got, _ = drive(batch, {0: [("z", [5, 6], 3, "b")]})
+    assert got["z"] == alone(rt, [5, 6], "b", 3)
+
+
+def test_the_runtime_is_free_for_other_threads_once_the_rows_end():
+    rt = runtime()
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=2)
+    batch.join(0, [5, 6, 7], 2, "a")
+    batch.step()
+    batch.step()  # the decode step held the runtime's using block; the row ended: released
+
+    def other() -> None:
+        with rt.using(["b"]):
+            pass
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    batch.join(1, [5, 6, 7], 5, "a")
+    batch.step()
+    batch.step()
+    batch.close()  # rows still running: close() releases the block
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive() and len(batch) == 0
+
+
+def test_a_store_backed_runtime_lets_in_only_the_users_it_can_place(tmp_path):
+    writer = runtime()
+    for u in USERS:
+        writer.save_user(u, tmp_path / user_dirname(u))
+    rt = MilpRuntime(tiny_model("llama"), max_users=2, store=UserStore(tmp_path))
+    rt.model.generation_config.eos_token_id = None
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=4)
+    batch.join(0, [5, 6], 6, "a")
+    assert batch.can_join("b") and batch.can_join("a") and batch.can_join(None)
+    batch.join(1, [7, 8, 9], 6, "b")
+    last = {u.key: u.tokens for u in batch.step()}
+    assert not batch.can_join(7)  # two slots, both in use by running rows
+    assert batch.can_join("a") and batch.can_join(None)
+    batch.join(2, [3], 2, None)
+    got, _ = drive(batch, {}, last=last)
+    assert batch.can_join(7)
+    got.update(drive(batch, {0: [(3, [5, 6], 6, 7)]})[0])
+    writer.model.generation_config.eos_token_id = None
+    for key, (p, u) in {0: ([5, 6], "a"), 1: ([7, 8, 9], "b"), 3: ([5, 6], 7)}.items():
+        assert got[key] == alone(writer, p, u, 6)
+
+
+def test_models_it_cannot_decode_as_generate_does_are_named():
+    m = tiny_model("llama")
+    assert continuous_unsupported(m) is None
+    m.generation_config.repetition_penalty = 1.3
+    assert "repetition_penalty=1.3" in continuous_unsupported(m)
+    w = tiny_model("mistral", sliding_window=16)
+    assert continuous_unsupported(w, reach=16) is None
+    assert "sliding attention window (16 tokens)" in continuous_unsupported(w, reach=17)
+    assert "sliding" in continuous_unsupported(w)
+    assert continuous_unsupported(torch.nn.Linear(2, 2)) is not None
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda b: b.join("k", [5], 3), "already a row"),
+    (lambda b: b.join("n", [], 3), "prompt must be a non-empty sequence"),
+    (lambda b: b.join("n", "hello", 3), "prompt must be a non-empty sequence"),
+    (lambda b: b.join("n", [5, -1], 3), "prompt must hold token ids"),
+    (lambda b: b.join("n", [5], 0), "max_new_tokens must be an int >= 1"),
+    (lambda b: b.join("n", [5], True), "max_new_tokens must be an int >= 1"),
+])
+def test_bad_joins_are_refused_by_name(call, match):
+    b = ContinuousBatch(tiny_model("llama"), max_rows=3)
+    b.join("k", [5], 3)
+    with pytest.raises(ValueError, match=match):
+        call(b)
+    assert b.keys == ["k"]
+
+
+def test_bad_settings_and_users_are_refused_by_name():
+    m = tiny_model("llama")
+    with pytest.raises(ValueError, match="max_rows must be an int >= 1"):
+        ContinuousBatch(m, max_rows=0)
+    with pytest.raises(TypeError, match="model must be a Hugging Face causal LM"):
+        ContinuousBatch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="eos_token_id must hold token ids"):
+        ContinuousBatch(m, eos_token_id=[2, -3])
+    with pytest.raises(ValueError, match="runtime must be the MilpRuntime of model"):
+        ContinuousBatch(m, runtime=runtime())
+    with pytest.raises(ValueError, match="needs a runtime"):
+        ContinuousBatch(m).join("k", [5], 2, user="a")
+    rt = runtime()
+    with pytest.raises(KeyError, match="zed"):
+        ContinuousBatch(rt.model, runtime=rt).join("k", [5], 2, user="zed")
+    full = ContinuousBatch(m, max_rows=1)
+    full.join(1, [5], 2)
+    assert not full.can_join()
+    with pytest.raises(ValueError, match="the batch is full"):
+        full.join(2, [5], 2)
