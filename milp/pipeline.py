@@ -831,6 +831,14 @@ class _StopRows:
         return self.flags
 
 
+def _partial_answer(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The text of an answer's tokens so far, as a stream may hand it on: decoded as the whole
+    answer is (special tokens skipped, stripped), without trailing whitespace or a trailing
+    incomplete UTF-8 character (the next token may complete them, or the answer end there and
+    drop them)."""
+    return str(tokenizer.decode(list(ids), skip_special_tokens=True)).strip().rstrip("\ufffd").rstrip()
+
+
 class _AnswerStream:
     """A ``generate`` streamer (transformers' ``BaseStreamer`` protocol: ``put``, ``end``) that
     hands ``callback(record index, answer so far)`` each row's decoded answer as its tokens
@@ -861,8 +869,7 @@ class _AnswerStream:
             if ended is not None and len(self.ids[j]) >= ended:
                 continue
             self.ids[j].extend(new)
-            text = self.tokenizer.decode(self.ids[j], skip_special_tokens=True).strip()
-            self._hand(j, text.rstrip("\ufffd").rstrip())
+            self._hand(j, _partial_answer(self.tokenizer, self.ids[j]))
 
     def end(self) -> None:
         pass  # the answers come with finish(), decoded from generate's output

@@ -3,11 +3,24 @@
 A reference server for a finished ``milp.train`` run: the run's model, dtype and shared
 instruction adapter, each user with their own memory adapters loaded on demand from the run's
 ``users/`` (a :class:`~milp.store.UserStore`, least recently used users evicted past the run's
-``--slots``), answering as ``python -m milp.answer`` does (greedy). Requests that arrive together,
-from any users, are answered together: a batcher thread takes up to ``--batch-size`` of them,
-waiting at most ``--max-wait-ms`` after the first, and runs them as one mixed-user batch through
-the fused multi-LoRA kernels. Standard library only (``http.server``); put a real front end
-(TLS, authentication, rate limits) before it in production.
+``--slots``), answering as ``python -m milp.answer`` does (greedy). Requests of any users are
+answered together, as one mixed-user batch through the fused multi-LoRA kernels, by a batcher
+thread in one of two ways (``--batching``):
+
+* ``continuous`` (the default where the model allows it, see
+  :func:`milp.decode.continuous_unsupported`): up to ``--batch-size`` rows generate at once, one
+  token each per step (:class:`milp.decode.ContinuousBatch`). A request that arrives while others
+  generate joins them at the next step (its prompt prefilled then), and a row leaves at its end
+  (end-of-text token, its ``max_new_tokens``, or cancelled), its place free for the next request.
+  When the server is idle, the first request waits at most ``--max-wait-ms`` for others to be
+  prefilled with it. Requests join in arrival order: one whose user has no free adapter slot
+  (``--slots``) waits, and those behind it too, until a row ends.
+* ``static``: a batch of up to ``--batch-size`` requests (taken as the first one came, waiting
+  at most ``--max-wait-ms`` for more) is answered by one ``generate`` call; requests that arrive
+  meanwhile wait for the whole batch to end.
+
+Standard library only (``http.server``); put a real front end (TLS, authentication, rate
+limits) before it in production.
 
     python -m milp.serve runs/milp --port 8000
     curl -s localhost:8000/v1/answer -d '{"user_id": "meddia-d3-0294", "query": "I have a headache."}'
@@ -29,12 +42,14 @@ Endpoints:
   A request whose client hangs up before its answer (or that gets ``504`` after
   ``REQUEST_TIMEOUT_S``) is cancelled: still queued, it is never generated; being generated,
   its row ends at the next token, and a batch whose rows all ended stops.
-* ``GET /health`` → ``{"status": "ok", "requests": …, "batches": …, "largest_batch": …,
-  "cancelled": …}`` (``503`` with ``"status": "closing"`` once the server is closing).
+* ``GET /health`` → ``{"status": "ok", "batching": "continuous" | "static", "requests": …,
+  "batches": …, "largest_batch": …, "cancelled": …, "steps": …}`` (:meth:`AnswerServer.stats`;
+  ``503`` with ``"status": "closing"`` once the server is closing).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import hmac
 import json
@@ -59,6 +74,7 @@ from typing import Any, cast
 __all__ = ["AnswerServer", "build_parser", "main"]
 
 PROG = "milp.serve"
+BATCHING = ("auto", "continuous", "static")
 MAX_BODY_BYTES = 1 << 20  # a request larger than this is refused (413)
 REQUEST_TIMEOUT_S = 600.0  # a request not answered by then gets 504
 # a connection silent this long is closed: an idle keep-alive one, or a body shorter than its
@@ -104,11 +120,15 @@ class AnswerServer:
         run: output directory of a finished ``python -m milp.train`` run.
         host, port: where to listen (``port=0``: any free port, see :attr:`address`).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-        batch_size: requests answered together at most (default: the run's ``--eval-batch-size``).
-        max_wait_ms: how long the batcher waits for more requests after the first one.
+        batch_size: requests answered together at most (continuous batching: rows generating at
+            once; default: the run's ``--eval-batch-size``).
+        max_wait_ms: how long the batcher waits for more requests after the first one (continuous
+            batching: after the first one that finds the server idle).
         max_new_tokens: the longest answer (default: the run's ``--max-new-tokens``); a request
             may ask for fewer tokens.
         log: print one line per batch to stderr.
+        batching: ``continuous``, ``static`` or ``auto`` (continuous where the model allows it;
+            see the module doc): :attr:`batching` says which runs.
         api_key: where given, ``POST /v1/answer`` needs ``Authorization: Bearer <api_key>``
             (``401`` without it); ``GET /health`` stays open for load balancers. Only as safe
             as the connection: without TLS in front, the key travels in clear.
@@ -121,8 +141,9 @@ class AnswerServer:
 
     def __init__(self, run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
                  batch_size: int | None = None, max_wait_ms: float = 10.0, max_new_tokens: int | None = None,
-                 log: bool = False, api_key: str | None = None) -> None:
+                 log: bool = False, api_key: str | None = None, batching: str = "auto") -> None:
         from .answer import check_run, load_run
+        from .decode import continuous_unsupported
         from .store import UserStore
 
         for name, v, lo in (("port", port, 0), ("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1)):
@@ -131,6 +152,8 @@ class AnswerServer:
                 raise ValueError(f"{name} must be an int {'in [0, 65535]' if name == 'port' else '>= 1'}, got {v!r}")
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < 1e6:
             raise ValueError(f"max_wait_ms must be a number of milliseconds in [0, 1e6), got {max_wait_ms!r}")
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         if api_key is not None and (not isinstance(api_key, str) or not re.fullmatch(r"[\x21-\x7e]+", api_key)):
             raise ValueError("api_key must be a non-empty string of printable ASCII without spaces (it goes "
                              "in an Authorization header)")
@@ -149,6 +172,18 @@ class AnswerServer:
         except BaseException:
             self._httpd.server_close()
             raise
+        # the longest row a request makes: its prompt (cut to the run's length, as generate_responses
+        # does) and the longest answer
+        self._max_prompt = self.settings["max_length"] + 128
+        why = continuous_unsupported(self.model, self._max_prompt + self.max_new_tokens)
+        if batching == "continuous" and why is not None:
+            self._httpd.server_close()
+            raise ValueError(f"batching='continuous': the run's model cannot be decoded so: {why}")
+        #: "continuous" or "static": how the batcher runs (see the module doc); "auto" picks continuous
+        #: where the model allows it
+        self.batching = "static" if batching == "static" or why is not None else "continuous"
+        if batching == "auto" and why is not None and log:
+            print(f"{PROG}: static batching: {why}", file=sys.stderr, flush=True)
         self._users = UserStore(self.run / "users")  # the handlers' own (the runtime's is the batcher's)
         self._users_lock = threading.Lock()
         self._queue: queue.Queue[_Request] = queue.Queue()
@@ -156,7 +191,7 @@ class AnswerServer:
         # a request is queued, or refused (503), under this lock, and close() sets _stop under it:
         # none can be queued after close() emptied the queue (it would wait REQUEST_TIMEOUT_S)
         self._submit_lock = threading.Lock()
-        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0}
+        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "steps": 0}
         self._stats_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -173,8 +208,10 @@ class AnswerServer:
 
     def stats(self) -> dict[str, int]:
         """Requests taken into batches, batches generated (a batch whose requests were all
-        cancelled while queued is not counted), the largest batch taken so far, and how many of
-        the requests taken were cancelled before their answer (generated in part, or not at all)."""
+        cancelled while queued is not counted; continuous batching: groups of requests prefilled
+        together), the largest batch taken so far (continuous: the most rows generated at once),
+        how many of the requests taken were cancelled before their answer (generated in part, or
+        not at all), and decode steps (continuous batching only: 0 with static batching)."""
         with self._stats_lock:
             return dict(self._stats)
 
@@ -184,7 +221,8 @@ class AnswerServer:
             raise RuntimeError("the server is closed: make a new AnswerServer")
         if self._threads:
             raise RuntimeError("the server is already started")
-        self._threads = [threading.Thread(target=self._batcher, name="milp-serve-batcher", daemon=True),
+        batcher = self._continuous if self.batching == "continuous" else self._batcher
+        self._threads = [threading.Thread(target=batcher, name="milp-serve-batcher", daemon=True),
                          threading.Thread(target=self._httpd.serve_forever, name="milp-serve-http", daemon=True)]
         for t in self._threads:
             t.start()
@@ -281,14 +319,19 @@ class AnswerServer:
             except queue.Empty:
                 continue
             batch = [first]
-            deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.batch_size:
-                left = deadline - time.monotonic()
-                try:
-                    batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            self._gather(batch)
             self._answer(batch)
+
+    def _gather(self, batch: list[_Request] | collections.deque[_Request]) -> None:
+        """Add queued requests to ``batch`` (its first one just taken) up to ``batch_size``,
+        waiting for them at most ``max_wait_ms``."""
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.batch_size:
+            left = deadline - time.monotonic()
+            try:
+                batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
 
     def _answer(self, batch: list[_Request]) -> None:
         from .answer import _PLACEHOLDER
@@ -339,6 +382,118 @@ class AnswerServer:
                   + (f" ({cancelled} cancelled)" if cancelled else ""), file=sys.stderr, flush=True)
 
 
+    def _continuous(self) -> None:
+        """The batcher with continuous batching: requests join the running batch between decode
+        steps and leave it at their end (see the module doc)."""
+        from .decode import ContinuousBatch
+        from .pipeline import _pad_id
+
+        eos = getattr(self.tokenizer, "eos_token_id", None)  # as generate_responses: the tokenizer's first
+        batch = ContinuousBatch(self.model, eos_token_id=eos, pad_token_id=_pad_id(self.tokenizer),
+                                runtime=self.runtime, max_rows=self.batch_size)
+        waiting: collections.deque[_Request] = collections.deque()  # taken, not yet joined
+        live: dict[int, _Request] = {}  # joined: id(request) -> request
+        busy: list[_Request] = []  # the requests of the busy period (rows running without a pause)
+        t0 = 0.0
+        try:
+            while not (self._stop.is_set() and not live):
+                if not live and not waiting:
+                    if self._stop.is_set():
+                        break
+                    try:  # idle: the first request, then up to max_wait for more to join with it
+                        waiting.append(self._queue.get(timeout=0.05))
+                    except queue.Empty:
+                        continue
+                    self._gather(waiting)
+                    t0 = time.perf_counter()
+                elif not self._stop.is_set():
+                    with contextlib.suppress(queue.Empty):
+                        while len(waiting) < self.batch_size:
+                            waiting.append(self._queue.get_nowait())
+                if self._stop.is_set():  # closing: the requests running are answered, the others refused
+                    while waiting:
+                        waiting.popleft().finish(error=_Closing())
+                try:
+                    self._step(batch, waiting, live, busy)
+                except Exception as e:  # not the model's (the batch hands those to their rows): a bug
+                    for r in live.values():  # 500 to the rows running; the server goes on with a new batch
+                        r.finish(error=e)
+                    live.clear()
+                    batch.close()
+                if not live and busy:
+                    self._busy_ended(busy, t0)
+                    busy.clear()
+        except BaseException as e:  # no request may wait forever for a batcher that is gone
+            for r in [*live.values(), *waiting]:
+                r.finish(error=e)
+            raise
+        finally:
+            batch.close()
+        for r in waiting:  # closed while they waited for a place
+            r.finish(error=_Closing())
+
+    def _step(self, batch: Any, waiting: collections.deque[_Request], live: dict[int, _Request],
+              busy: list[_Request]) -> None:
+        """Let the cancelled requests go, the waiting ones join while there is room, and run one step."""
+        from .answer import _PLACEHOLDER
+        from .data import Record
+        from .pipeline import _instruction_examples, _partial_answer
+
+        taken = cancelled = joined = 0
+        for key, r in list(live.items()):
+            if r.done.cancelled():  # withdrawn while generated: its row leaves
+                batch.leave(key)
+                del live[key]
+                cancelled += 1
+        while waiting and batch.can_join(waiting[0].user):  # in arrival order: none overtakes a waiting one
+            r = waiting.popleft()
+            taken += 1
+            if r.done.cancelled():  # withdrawn while queued: never generated
+                busy.append(r)
+                cancelled += 1
+                continue
+            try:
+                record = Record(r.user, "", [_PLACEHOLDER], r.query, _PLACEHOLDER)
+                prompt = _instruction_examples([record], self.tokenizer, None, self._max_prompt,
+                                               add_response=False)[0]["input_ids"]
+                batch.join(id(r), prompt, r.max_new_tokens, r.user)
+            except Exception as e:  # an unknown user (removed since its check), say: 500 to this one alone
+                r.finish(error=e)
+                continue
+            live[id(r)] = r
+            busy.append(r)
+            joined += 1
+        with self._stats_lock:
+            self._stats["requests"] += taken
+            self._stats["cancelled"] += cancelled
+            self._stats["batches"] += int(joined > 0)
+            self._stats["largest_batch"] = max(self._stats["largest_batch"], len(live))
+            self._stats["steps"] += int(bool(live))
+        if not live:
+            return
+        updates = batch.step()
+        for u in updates:
+            r = live[cast(int, u.key)]
+            if u.error is not None:
+                r.finish(error=u.error)
+            elif u.done:
+                answer = self.tokenizer.decode(u.tokens, skip_special_tokens=True).strip()
+                r.progress(answer)
+                r.finish(answer)
+            elif r.on_delta is not None:
+                r.progress(_partial_answer(self.tokenizer, u.tokens))
+            if u.done:
+                del live[cast(int, u.key)]
+
+    def _busy_ended(self, busy: list[_Request], t0: float) -> None:
+        """Log the requests of a busy period that ended (the batch ran empty)."""
+        cancelled = sum(r.done.cancelled() for r in busy)
+        if self.log:
+            users = len({r.user for r in busy})
+            print(f"{PROG}: {len(busy)} requests of {users} users in {time.perf_counter() - t0:.2f} s"
+                  + (f" ({cancelled} cancelled)" if cancelled else ""), file=sys.stderr, flush=True)
+
+
 class _Closing(Exception):
     """The server is closing: the request was not taken."""
 
@@ -380,8 +535,9 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: GET {self.path} (GET /health, "
                                                          f"POST /v1/answer)")
             if server.closing:  # a load balancer stops sending what would be refused
-                return self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "closing", **server.stats()})
-            self._send(HTTPStatus.OK, {"status": "ok", **server.stats()})
+                return self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "closing", "batching": server.batching,
+                                                                   **server.stats()})
+            self._send(HTTPStatus.OK, {"status": "ok", "batching": server.batching, **server.stats()})
 
         def do_POST(self) -> None:  # noqa: N802
             # a response sent before the body is read closes the connection: on a kept-alive one the
@@ -574,10 +730,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.0.0.0 or :: for every address)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=int, default=None, help="requests answered together (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="requests answered together (continuous batching: rows generating at once; default: the "
+                        "run's)")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long to wait for more requests after the first of a batch (default: 10)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the run's)")
+    p.add_argument("--batching", choices=BATCHING, default="auto",
+                   help="continuous: requests join and leave the running batch between tokens; static: one "
+                        "generate() per batch, later requests wait for it; auto (default): continuous where the "
+                        "model allows it")
     p.add_argument("--quiet", action="store_true", help="no line per batch on stderr")
     p.add_argument("--api-key-env", metavar="NAME", default=None,
                    help="require 'Authorization: Bearer <key>' on POST /v1/answer, the key read from environment "
@@ -624,7 +786,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server = AnswerServer(args.run, host=args.host, port=args.port, device=args.device,
                               batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
-                              max_new_tokens=args.max_new_tokens, log=not args.quiet, api_key=api_key)
+                              max_new_tokens=args.max_new_tokens, log=not args.quiet, api_key=api_key,
+                              batching=args.batching)
     except ValueError as e:
         raise SystemExit(f"{PROG}: {e}") from None
     except OSError as e:  # the port is taken, the address is not this machine's

@@ -48,11 +48,13 @@ def _users(run) -> list[str]:
     return split["test"] + split["train"]
 
 
-def test_concurrent_requests_are_batched_and_answered_as_milp_answer_does(answer_run):
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_concurrent_requests_are_batched_and_answered_as_milp_answer_does(answer_run, batching):
     users = _users(answer_run)[:3]
     asks = [(users[i % 3], q) for i, q in enumerate(QUERIES)]
     want = answer(answer_run, asks, progress=False)
-    with AnswerServer(answer_run, port=0, batch_size=4, max_wait_ms=2000) as server:
+    with AnswerServer(answer_run, port=0, batch_size=4, max_wait_ms=2000, batching=batching) as server:
+        assert server.batching == batching
         got: dict[int, tuple[int, dict]] = {}
 
         def ask(i):
@@ -67,7 +69,11 @@ def test_concurrent_requests_are_batched_and_answered_as_milp_answer_does(answer
     assert [got[i][0] for i in range(len(asks))] == [200] * 4
     assert [got[i][1]["answer"] for i in range(len(asks))] == want
     assert [got[i][1]["user_id"] for i in range(len(asks))] == [u for u, _ in asks]
-    assert stats["requests"] == 4 and stats["batches"] == 1 and stats["largest_batch"] == 4
+    assert stats["requests"] == 4 and stats["cancelled"] == 0
+    if batching == "static":  # one batch (generated in two groups: the run has 2 slots for 3 users)
+        assert stats["batches"] == 1 and stats["largest_batch"] == 4 and stats["steps"] == 0
+    else:  # the rows of 2 users at most run together (2 slots): the third user's join when one ends
+        assert 2 <= stats["batches"] <= 4 and 2 <= stats["largest_batch"] <= 3 and stats["steps"] > 0
 
 
 def test_a_shorter_answer_is_the_start_of_the_longer_one(answer_run):
@@ -93,7 +99,7 @@ def test_requests_of_different_lengths_are_answered_in_one_generation(answer_run
         return real(*args, **kw)
 
     monkeypatch.setattr(milp.pipeline, "generate_responses", counted)
-    with AnswerServer(answer_run, port=0, batch_size=3, max_wait_ms=5000) as server:
+    with AnswerServer(answer_run, port=0, batch_size=3, max_wait_ms=5000, batching="static") as server:
         got: dict[int, tuple[int, dict]] = {}
 
         def ask(i):
@@ -131,8 +137,8 @@ def test_bad_requests_get_their_status_and_a_message(answer_run, body, status, m
 
 def test_unknown_endpoints_and_health(answer_run):
     with AnswerServer(answer_run, port=0) as server:
-        assert _get(server, "/health") == (200, {"status": "ok", "requests": 0, "batches": 0, "largest_batch": 0,
-                                                 "cancelled": 0})
+        assert _get(server, "/health") == (200, {"status": "ok", "batching": "continuous", "requests": 0,
+                                                 "batches": 0, "largest_batch": 0, "cancelled": 0, "steps": 0})
         code, out = _get(server, "/v2/answer")
         assert code == 404 and "GET /health" in out["error"]
         code, out = _post(server, {"user_id": "a", "query": "b"}, path="/answer")
@@ -150,7 +156,7 @@ def test_a_failed_batch_answers_500_and_the_server_goes_on(answer_run, monkeypat
         return real(*a, **k)
 
     monkeypatch.setattr(milp.pipeline, "generate_responses", fail_once)
-    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+    with AnswerServer(answer_run, port=0, max_wait_ms=0, batching="static") as server:
         code, out = _post(server, {"user_id": user, "query": QUERIES[0]})
         assert code == 500 and "out of memory (simulated)" in out["error"]
         code, out = _post(server, {"user_id": user, "query": QUERIES[0]})
@@ -317,7 +323,7 @@ def test_pieces_leave_as_they_are_made_and_a_failed_batch_repeats_none(answer_ru
     monkeypatch.setattr(milp.pipeline, "generate_responses", fake)
     import http.client
 
-    with AnswerServer(answer_run, port=0, batch_size=2, max_wait_ms=2000) as server:
+    with AnswerServer(answer_run, port=0, batch_size=2, max_wait_ms=2000, batching="static") as server:
         host, port = server.address
         results: dict[int, list[str]] = {}
 
@@ -352,7 +358,7 @@ def test_a_stream_whose_generation_fails_ends_with_an_error_event(answer_run, mo
         raise RuntimeError("device lost (simulated)")
 
     monkeypatch.setattr(milp.pipeline, "generate_responses", fail)
-    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+    with AnswerServer(answer_run, port=0, max_wait_ms=0, batching="static") as server:
         status, _, events = _stream(server, {"user_id": _users(answer_run)[0], "query": "q"})
     assert status == 200 and events[0] == {"delta": "partial"}
     assert events[1] == {"error": "generation failed: RuntimeError: device lost (simulated)", "status": 500}
@@ -410,7 +416,7 @@ def test_a_stream_whose_client_leaves_ends_quietly_and_the_server_goes_on(answer
     monkeypatch.setattr(milp.pipeline, "generate_responses", slow)
     user = _users(answer_run)[0]
     body = json.dumps({"user_id": user, "query": "q", "stream": True}).encode()
-    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+    with AnswerServer(answer_run, port=0, max_wait_ms=0, batching="static") as server:
         s = socket.create_connection(server.address, timeout=60)
         s.sendall(b"POST /v1/answer HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         got = b""
@@ -469,7 +475,7 @@ def test_a_cancelled_future_is_never_generated_queued_and_ends_its_row_generatin
 
     a, b, c = _users(answer_run)[:3]
     calls, generating, stopped = _held_generation(monkeypatch)
-    with AnswerServer(answer_run, port=0, batch_size=1, max_wait_ms=0) as server:
+    with AnswerServer(answer_run, port=0, batch_size=1, max_wait_ms=0, batching="static") as server:
         first = server.submit(a, "q")
         assert generating.wait(60)
         queued = server.submit(b, "q")
@@ -480,7 +486,7 @@ def test_a_cancelled_future_is_never_generated_queued_and_ends_its_row_generatin
         assert server.submit(c, "q").result(timeout=60) == "fine"
     stats = server.stats()  # closed: the batcher has counted the last batch
     assert calls == [[a]] and stopped == {a: True}
-    assert stats == {"requests": 3, "batches": 2, "largest_batch": 1, "cancelled": 2}
+    assert stats == {"requests": 3, "batches": 2, "largest_batch": 1, "cancelled": 2, "steps": 0}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
@@ -492,7 +498,7 @@ def test_a_client_that_hangs_up_cancels_its_request(answer_run, monkeypatch, cap
     user = _users(answer_run)[0]
     calls, generating, stopped = _held_generation(monkeypatch)
     body = json.dumps({"user_id": user, "query": "q", "stream": stream}).encode()
-    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+    with AnswerServer(answer_run, port=0, max_wait_ms=0, batching="static") as server:
         with socket.create_connection(server.address, timeout=60) as s:
             s.sendall(b"POST /v1/answer HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             assert generating.wait(60)
@@ -520,7 +526,7 @@ def test_a_request_past_its_time_gets_504_and_is_cancelled(answer_run, monkeypat
     user = _users(answer_run)[0]
     _, _, stopped = _held_generation(monkeypatch, ticking=True)
     monkeypatch.setattr(milp.serve, "REQUEST_TIMEOUT_S", 0.5)
-    with AnswerServer(answer_run, port=0, max_wait_ms=0) as server:
+    with AnswerServer(answer_run, port=0, max_wait_ms=0, batching="static") as server:
         if stream:
             status, _, (first, *ticks, last) = _stream(server, {"user_id": user, "query": "q"})
             assert status == 200 and first == {"delta": "par"} and all(e == {"delta": "t"} for e in ticks)

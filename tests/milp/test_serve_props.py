@@ -123,7 +123,7 @@ def test_a_damaged_user_fails_only_its_own_requests_among_many_concurrent_client
         for k in range(3):
             got[i, k] = _post(server, {"user_id": users[(i + k) % 5], "query": f"Question {i}-{k}: is it serious?"})
 
-    with AnswerServer(run, port=0, batch_size=8, max_wait_ms=20) as server:
+    with AnswerServer(run, port=0, batch_size=8, max_wait_ms=20, batching="static") as server:
         _concurrently(client, 20)
         stats = server.stats()
     assert len(got) == 60 and stats["requests"] == 60 and stats["largest_batch"] > 1
