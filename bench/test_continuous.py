@@ -1,0 +1,124 @@
+"""Continuous batching against static batching, on answers of different lengths.
+
+What ``python -m milp.serve`` runs: :class:`milp.decode.ContinuousBatch` (``milp``: a request
+joins the running rows as soon as one ends, and leaves at its own last token) against one
+``generate`` per batch of requests (``static``: the batch runs to its longest answer, ended rows
+keep their place; what ``milp.serve --batching static`` and ``milp.answer`` do). Both through
+the multi-user runtime, every request with its own user's adapters.
+
+Workload: R requests queued at once (a loaded server), each of a user cycling over the decode
+users of ``bench/test_runtime.py`` (the searched size: 2 modules of rank 8 on 60% of the
+layers); prompts of 4–16 tokens (``full``: 16–64) and answers of N_i tokens drawn long-tailed
+between 4 and 32 (``full``: 4–48), as chat answers are (most short, a few long); B rows at
+once. Sizes (``MILP_BENCH_SIZE``): ``small`` (CPU default) the 2-layer hidden-128 LLaMA of
+``test_runtime.py``, R = 24, B = 8, fp32 on CPU; ``full`` (CUDA default) its
+TinyLlama-1.1B-shaped model in bf16, R = 32, B = 8 (about a minute on an H100: every repetition
+answers the whole queue).
+
+``tokens`` counts the answers' tokens (Σ N_i); ``steps`` the forward passes each
+implementation made (static: Σ over batches of the longest answer; continuous: one per step, the
+prefills of rows that joined inside the step they joined at); ``row_occupancy`` the share of the
+rows of those steps that produced an answer token. FLOPs ``2·P·(Σ prompt + Σ N_i)`` and bytes (the
+weights read once per step) are approximate, as in ``test_runtime.py``. Correctness first: each
+answer of both equals the same request generated alone (fp32, small model).
+"""
+from __future__ import annotations
+
+import _util as U
+import pytest
+import torch
+from test_runtime import CFG, build_model, linear_params
+from test_runtime import runtime as make_runtime
+
+from milp import pad_sequences
+from milp.decode import ContinuousBatch
+
+pytestmark = U.PYTESTMARK
+
+SIZES = {"small": dict(requests=24, rows=8, users=8, prompt=(4, 16), answer=(4, 32)),
+         "full": dict(requests=32, rows=8, users=8, prompt=(16, 64), answer=(4, 48))}
+W = SIZES["full" if U.SIZE == "full" else "small"]
+
+
+def workload(requests: int, users: int, prompt: tuple[int, int], answer: tuple[int, int], vocab: int
+             ) -> list[tuple[list[int], int, int]]:
+    """``(prompt ids, answer length, user)`` per request, drawn once (seeded): answer lengths
+    log-uniform squared between ``answer`` (most short, a long tail)."""
+    g = torch.Generator().manual_seed(5)
+    lo, hi = answer
+    out = []
+    for i in range(requests):
+        n = int(torch.randint(prompt[0], prompt[1] + 1, (1,), generator=g))
+        u = float(torch.rand(1, generator=g))
+        length = max(lo, min(hi, round(lo * (hi / lo) ** (u * u))))
+        out.append((torch.randint(3, vocab, (n,), generator=g).tolist(), length, i % users))
+    return out
+
+
+def run_static(rt, reqs, rows: int) -> tuple[list[list[int]], int]:
+    """One ``generate`` per batch of ``rows`` requests in order, to the batch's longest answer:
+    each request's tokens (cut to its length), and the forward passes made."""
+    answers, steps = [], 0
+    for s in range(0, len(reqs), rows):
+        batch = reqs[s:s + rows]
+        ids, mask = pad_sequences([p for p, _, _ in batch], 0, side="left", device=rt.model.device)
+        longest = max(n for _, n, _ in batch)
+        out = rt.generate(ids, [u for _, _, u in batch], attention_mask=mask, max_new_tokens=longest,
+                          min_new_tokens=longest, do_sample=False, pad_token_id=0)
+        answers += [row[ids.shape[1]:ids.shape[1] + n] for row, (_, n, _) in zip(out.tolist(), batch)]
+        steps += longest
+    return answers, steps
+
+
+def run_continuous(rt, reqs, rows: int) -> tuple[list[list[int]], int]:
+    """The same requests through a :class:`ContinuousBatch` of ``rows`` rows, each joining as a
+    row ends: each request's tokens, and the steps made."""
+    batch = ContinuousBatch(rt.model, eos_token_id=[], pad_token_id=0, runtime=rt, max_rows=rows)
+    answers: dict[int, list[int]] = {}
+    queue, steps = list(range(len(reqs))), 0
+    while queue or len(batch):
+        while queue and batch.can_join(reqs[queue[0]][2]):
+            i = queue.pop(0)
+            batch.join(i, reqs[i][0], reqs[i][1], reqs[i][2])
+        for u in batch.step():
+            assert u.error is None, u.error
+            if u.done:
+                answers[int(u.key)] = u.tokens
+        steps += 1
+    return [answers[i] for i in range(len(reqs))], steps
+
+
+def test_continuous_correctness():
+    """Correctness first: both implementations give every request the tokens it gets alone
+    (fp32, the small model)."""
+    model = build_model(torch.float32, num_hidden_layers=2, hidden_size=128, intermediate_size=352,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
+    rt = make_runtime(model, W["users"], decode=True)
+    reqs = workload(12, W["users"], (4, 16), (2, 12), model.config.vocab_size)
+    static, _ = run_static(rt, reqs, 4)
+    cont, _ = run_continuous(rt, reqs, 4)
+    for i, (p, n, u) in enumerate(reqs):
+        alone = rt.generate(torch.tensor([p], device=model.device), [u], max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+        assert static[i] == alone, f"request {i}: static batching"
+        assert cont[i] == alone, f"request {i}: continuous batching"
+
+
+@pytest.mark.parametrize("impl", ["static", "milp"])
+def test_continuous_throughput(benchmark, peaks, impl):
+    model = build_model()
+    rt = make_runtime(model, W["users"], decode=True)
+    reqs = workload(W["requests"], W["users"], W["prompt"], W["answer"], model.config.vocab_size)
+    rows = W["rows"]
+    fn = (lambda: run_continuous(rt, reqs, rows)) if impl == "milp" else (lambda: run_static(rt, reqs, rows))
+    _, steps = fn()
+    tokens = sum(n for _, n, _ in reqs)
+    prompt_tokens = sum(len(p) for p, _, _ in reqs)
+    elem = torch.finfo(U.DTYPE).bits // 8
+    P = linear_params(model)
+    workload_name = (f"runtime-continuous-R{W['requests']}-B{rows}-n{W['answer'][0]}-{W['answer'][1]}")
+    U.run(benchmark, workload=workload_name, impl=impl, fn=fn, flops=2 * P * (prompt_tokens + tokens),
+          nbytes=elem * P * steps, tokens=tokens, peaks=peaks, cpu_rounds=3,
+          info=dict(op="serve", phase="decode", requests=W["requests"], rows=rows, users=W["users"], steps=steps,
+                    answer_tokens=tokens, prompt_tokens=prompt_tokens,
+                    row_occupancy=tokens / (steps * rows), model=f"{CFG['model']['num_hidden_layers']} layers"))
