@@ -261,3 +261,16 @@ def test_bad_settings_and_users_are_refused_by_name():
     assert not full.can_join()
     with pytest.raises(ValueError, match="the batch is full"):
         full.join(2, [5], 2)
+
+
+def test_nvtx_ranges_name_the_prefill_and_the_steps(monkeypatch):
+    """MILP_NVTX=1: a prefill and a decode step show as ``milp.decode.prefill`` / ``.step``."""
+    rt = runtime()
+    monkeypatch.setenv("MILP_NVTX", "1")
+    batch = ContinuousBatch(rt.model, runtime=rt, eos_token_id=[])
+    batch.join(0, [5, 6], 2, "a")
+    with torch.profiler.profile() as prof:
+        batch.step()
+        batch.step()
+    names = {e.name for e in prof.events()}
+    assert {"milp.decode.prefill", "milp.decode.step", "milp.lora_linear"} <= names
