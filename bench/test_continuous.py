@@ -18,7 +18,9 @@ answers the whole queue).
 ``tokens`` counts the answers' tokens (Σ N_i); ``steps`` the forward passes each
 implementation made (static: Σ over batches of the longest answer; continuous: one per step, the
 prefills of rows that joined inside the step they joined at); ``row_occupancy`` the share of the
-rows of those steps that produced an answer token. FLOPs ``2·P·(Σ prompt + Σ N_i)`` and bytes (the
+rows of those steps that produced an answer token; ``mean_latency_steps`` and
+``p90_latency_steps`` when the requests had their answers, counted in those steps (static: at the
+end of their batch's ``generate``; continuous: at their own last token). FLOPs ``2·P·(Σ prompt + Σ N_i)`` and bytes (the
 weights read once per step) are approximate, as in ``test_runtime.py``. Correctness first: each
 answer of both equals the same request generated alone (fp32, small model).
 """
@@ -55,10 +57,11 @@ def workload(requests: int, users: int, prompt: tuple[int, int], answer: tuple[i
     return out
 
 
-def run_static(rt, reqs, rows: int) -> tuple[list[list[int]], int]:
+def run_static(rt, reqs, rows: int) -> tuple[list[list[int]], int, list[int]]:
     """One ``generate`` per batch of ``rows`` requests in order, to the batch's longest answer:
-    each request's tokens (cut to its length), and the forward passes made."""
-    answers, steps = [], 0
+    each request's tokens (cut to its length), the forward passes made, and the pass after which
+    each request had its answer (its batch's last: ``generate`` returns them all at once)."""
+    answers, steps, done = [], 0, []
     for s in range(0, len(reqs), rows):
         batch = reqs[s:s + rows]
         ids, mask = pad_sequences([p for p, _, _ in batch], 0, side="left", device=rt.model.device)
@@ -67,25 +70,27 @@ def run_static(rt, reqs, rows: int) -> tuple[list[list[int]], int]:
                           min_new_tokens=longest, do_sample=False, pad_token_id=0)
         answers += [row[ids.shape[1]:ids.shape[1] + n] for row, (_, n, _) in zip(out.tolist(), batch)]
         steps += longest
-    return answers, steps
+        done += [steps] * len(batch)
+    return answers, steps, done
 
 
-def run_continuous(rt, reqs, rows: int) -> tuple[list[list[int]], int]:
+def run_continuous(rt, reqs, rows: int) -> tuple[list[list[int]], int, list[int]]:
     """The same requests through a :class:`ContinuousBatch` of ``rows`` rows, each joining as a
-    row ends: each request's tokens, and the steps made."""
+    row ends: each request's tokens, the steps made, and the step after which each had its answer."""
     batch = ContinuousBatch(rt.model, eos_token_id=[], pad_token_id=0, runtime=rt, max_rows=rows)
     answers: dict[int, list[int]] = {}
+    done: dict[int, int] = {}
     queue, steps = list(range(len(reqs))), 0
     while queue or len(batch):
         while queue and batch.can_join(reqs[queue[0]][2]):
             i = queue.pop(0)
             batch.join(i, reqs[i][0], reqs[i][1], reqs[i][2])
+        steps += 1
         for u in batch.step():
             assert u.error is None, u.error
             if u.done:
-                answers[int(u.key)] = u.tokens
-        steps += 1
-    return [answers[i] for i in range(len(reqs))], steps
+                answers[int(u.key)], done[int(u.key)] = u.tokens, steps
+    return [answers[i] for i in range(len(reqs))], steps, [done[i] for i in range(len(reqs))]
 
 
 def test_continuous_correctness():
@@ -95,8 +100,8 @@ def test_continuous_correctness():
                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
     rt = make_runtime(model, W["users"], decode=True)
     reqs = workload(12, W["users"], (4, 16), (2, 12), model.config.vocab_size)
-    static, _ = run_static(rt, reqs, 4)
-    cont, _ = run_continuous(rt, reqs, 4)
+    static, _, _ = run_static(rt, reqs, 4)
+    cont, _, _ = run_continuous(rt, reqs, 4)
     for i, (p, n, u) in enumerate(reqs):
         alone = rt.generate(torch.tensor([p], device=model.device), [u], max_new_tokens=n, min_new_tokens=n,
                             do_sample=False, pad_token_id=0)[0, len(p):].tolist()
@@ -111,7 +116,8 @@ def test_continuous_throughput(benchmark, peaks, impl):
     reqs = workload(W["requests"], W["users"], W["prompt"], W["answer"], model.config.vocab_size)
     rows = W["rows"]
     fn = (lambda: run_continuous(rt, reqs, rows)) if impl == "milp" else (lambda: run_static(rt, reqs, rows))
-    _, steps = fn()
+    _, steps, done = fn()
+    done = sorted(done)
     tokens = sum(n for _, n, _ in reqs)
     prompt_tokens = sum(len(p) for p, _, _ in reqs)
     elem = torch.finfo(U.DTYPE).bits // 8
@@ -120,5 +126,6 @@ def test_continuous_throughput(benchmark, peaks, impl):
     U.run(benchmark, workload=workload_name, impl=impl, fn=fn, flops=2 * P * (prompt_tokens + tokens),
           nbytes=elem * P * steps, tokens=tokens, peaks=peaks, cpu_rounds=3,
           info=dict(op="serve", phase="decode", requests=W["requests"], rows=rows, users=W["users"], steps=steps,
-                    answer_tokens=tokens, prompt_tokens=prompt_tokens,
+                    answer_tokens=tokens, prompt_tokens=prompt_tokens, mean_latency_steps=sum(done) / len(done),
+                    p90_latency_steps=done[int(0.9 * (len(done) - 1))],
                     row_occupancy=tokens / (steps * rows), model=f"{CFG['model']['num_hidden_layers']} layers"))
