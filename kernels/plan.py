@@ -136,17 +136,20 @@ class BatchPlan:
         #: segments (users, with -1) present in the batch: a host value set by a validated
         #: update(), ``None`` after ``validate=False`` (kernels then choose by token count)
         self.num_segments: int | None = 0
-        self.sorted_tokens = torch.zeros(max_tokens, dtype=torch.int32, device=dev)
-        self.segments = torch.zeros(self.max_segments, 3, dtype=torch.int32, device=dev)
-        self.segments[:, 2] = -1
-        self._tile_offsets: dict[int, tuple[int, int]] = {}
-        total = 0
-        for bm in block_ms:
-            n = max_tiles(max_tokens, self.max_segments, bm)
-            self._tile_offsets[bm] = (total, n)
-            total += n
-        self.tiles = torch.zeros(total, 3, dtype=torch.int32, device=dev)
-        self.tiles[:, 2] = -1
+        # buffers updated in place by every later batch: never inference tensors (a plan made under
+        # torch.inference_mode could not be updated outside it)
+        with torch.inference_mode(False):
+            self.sorted_tokens = torch.zeros(max_tokens, dtype=torch.int32, device=dev)
+            self.segments = torch.zeros(self.max_segments, 3, dtype=torch.int32, device=dev)
+            self.segments[:, 2] = -1
+            self._tile_offsets: dict[int, tuple[int, int]] = {}
+            total = 0
+            for bm in block_ms:
+                n = max_tiles(max_tokens, self.max_segments, bm)
+                self._tile_offsets[bm] = (total, n)
+                total += n
+            self.tiles = torch.zeros(total, 3, dtype=torch.int32, device=dev)
+            self.tiles[:, 2] = -1
         # the buffers' device, with its index: a plan made for "cuda" accepts ids on "cuda:0"
         self.device = dev = self.tiles.device
         # constants reused by every update (kept so update() allocates little)

@@ -372,6 +372,21 @@ def _serialized(method: Callable[Concatenate[MilpRuntime, _P], _R]) -> Callable[
     return locked
 
 
+def _outside_inference_mode(method: Callable[Concatenate[MilpRuntime, _P], _R]
+                            ) -> Callable[Concatenate[MilpRuntime, _P], _R]:
+    """Run ``method`` outside ``torch.inference_mode()`` (and without autograd) when called inside
+    it: what it allocates (adapter banks, optimizer state) outlives the call, and an inference
+    tensor can neither be updated in place nor saved for backward by a later call outside
+    inference mode (a store load during inference-mode serving, then a training step)."""
+    @functools.wraps(method)
+    def normal(self: MilpRuntime, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not torch.is_inference_mode_enabled():
+            return method(self, *args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return method(self, *args, **kwargs)
+    return normal
+
+
 class MilpRuntime:
     """Trains and serves many users' memory adapters on one base model, in mixed batches.
 
@@ -497,6 +512,7 @@ class MilpRuntime:
         return self.state.num_parameters(self.slot(user))
 
     @_serialized
+    @_outside_inference_mode
     def add_user(
         self,
         user: Hashable,
@@ -557,6 +573,7 @@ class MilpRuntime:
         self._configs[user] = config
 
     @_serialized
+    @_outside_inference_mode
     def remove_user(self, user: Hashable) -> None:
         """Drop ``user``'s adapters and optimizer state; its slot becomes free.
 
@@ -613,6 +630,7 @@ class MilpRuntime:
         return out
 
     @_serialized
+    @_outside_inference_mode
     def load_adapter_state(self, user: Hashable, tensors: dict[str, torch.Tensor]) -> None:
         """Copy :meth:`adapter_state`-style tensors into ``user``'s rows (shapes checked). Into
         bf16/fp16 banks the optimizer's float32 master rows take the tensors as given
@@ -702,6 +720,7 @@ class MilpRuntime:
         return Path(directory)
 
     @_serialized
+    @_outside_inference_mode
     def load_user(self, directory: str | os.PathLike[str], user: Hashable | None = None, *,
                   load_optimizer: bool = True) -> Hashable:
         """Load a user saved by :meth:`save_user` (as ``user``, or under its saved id);
@@ -740,6 +759,7 @@ class MilpRuntime:
         return key
 
     @_serialized
+    @_outside_inference_mode
     def load_peft(self, directory: str | os.PathLike[str], user: Hashable, *, total_steps: int | None = None,
                   optim: AdamWConfig | None = None) -> MemoryConfig:
         """Load a PEFT LoRA adapter of the FFN linears as the new user ``user`` (see
@@ -848,6 +868,7 @@ class MilpRuntime:
         if group:
             yield group
 
+    @_outside_inference_mode
     def _admit(self, rows: Sequence[Hashable | None]) -> None:
         """Load the batch's users that are not loaded from the store, first evicting the least
         recently used store users the batch does not need; refuses (changing nothing) a batch
