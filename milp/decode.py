@@ -238,7 +238,18 @@ class ContinuousBatch:
     def step(self) -> list[Update]:
         """One decode step of the running rows, then the prefill of the rows that joined since
         the last step: every row gets one token. Returns one :class:`Update` per row that got a
-        token or an error; the rows that ended have left the batch."""
+        token or an error; the rows that ended have left the batch. The model runs in eval mode
+        (dropout off, as ``generate_responses`` runs it), the mode it was in restored after."""
+        training = self.model.training
+        if training:
+            self.model.eval()
+        try:
+            return self._step()
+        finally:
+            if training:
+                self.model.train()
+
+    def _step(self) -> list[Update]:
         updates: list[Update] = []
         stepped: list[_Row] = []
         if self._rows:

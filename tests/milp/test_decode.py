@@ -274,3 +274,15 @@ def test_nvtx_ranges_name_the_prefill_and_the_steps(monkeypatch):
         batch.step()
     names = {e.name for e in prof.events()}
     assert {"milp.decode.prefill", "milp.decode.step", "milp.lora_linear"} <= names
+
+
+def test_steps_run_the_model_in_eval_mode_and_restore_its_mode():
+    rt = runtime()
+    rt.model.train()
+    seen: list[bool] = []
+    rt.model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    batch = ContinuousBatch(rt.model, runtime=rt, eos_token_id=[])
+    batch.join(0, [5, 6], 2, "a")
+    batch.step()
+    batch.step()
+    assert seen == [False, False] and rt.model.training
