@@ -18,9 +18,10 @@ from milp.serve import AnswerServer, main
 
 
 class Gate:
-    """Holds each ``ContinuousBatch.step`` of the server until the test lets it run: ``entered``
-    counts the steps waiting; ``run(n)`` lets ``n`` steps run and waits until the next one waits
-    (or, with ``last=True``, until the batch runs empty)."""
+    """Holds each ``ContinuousBatch.step`` of the server until the test lets it run: ``wait()``
+    waits until a step is held; ``run(n)`` lets ``n`` steps run, each time waiting until the next
+    one is held; ``release(pause)`` lets every later step run, each after ``pause`` seconds.
+    ``sizes``: the rows joined at each step."""
 
     def __init__(self, monkeypatch) -> None:
         self.entered = threading.Semaphore(0)
