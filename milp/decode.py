@@ -305,10 +305,10 @@ class ContinuousBatch:
         rows to the running batch."""
         from transformers import DynamicCache
 
-        device = next(self.model.parameters()).device
-        width = max(len(r.prompt) for r in group)
-        ids = torch.tensor([[self.pad] * (width - len(r.prompt)) + r.prompt for r in group], device=device)
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in group], device=device)
+        from .pipeline import _device_of
+        from .runtime import pad_sequences
+
+        ids, mask = pad_sequences([r.prompt for r in group], self.pad, side="left", device=_device_of(self.model))
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache()
         with contextlib.ExitStack() as stack:

@@ -783,7 +783,7 @@ def generate_responses(
             for j, (i, row) in enumerate(zip(idx, new.tolist())):
                 if stopper is not None and stopper.ended[j] is not None:  # without an eos, generate goes on
                     row = row[:stopper.ended[j]]  # filling an ended row with tokens, not padding
-                answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+                answers[i] = _answer_text(tokenizer, row)
             if streamer is not None:
                 streamer.finish([answers[i] for i in idx])
             bar.update(len(idx))
@@ -831,12 +831,16 @@ class _StopRows:
         return self.flags
 
 
+def _answer_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """An answer's text from its generated tokens: special tokens skipped, stripped."""
+    return str(tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
+
+
 def _partial_answer(tokenizer: Any, ids: Sequence[int]) -> str:
-    """The text of an answer's tokens so far, as a stream may hand it on: decoded as the whole
-    answer is (special tokens skipped, stripped), without trailing whitespace or a trailing
-    incomplete UTF-8 character (the next token may complete them, or the answer end there and
-    drop them)."""
-    return str(tokenizer.decode(list(ids), skip_special_tokens=True)).strip().rstrip("\ufffd").rstrip()
+    """The text of an answer's tokens so far, as a stream may hand it on: :func:`_answer_text`
+    without trailing whitespace or a trailing incomplete UTF-8 character (the next token may
+    complete them, or the answer end there and drop them)."""
+    return _answer_text(tokenizer, ids).rstrip("\ufffd").rstrip()
 
 
 class _AnswerStream:

@@ -69,7 +69,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from .data import Record
 
 __all__ = ["AnswerServer", "build_parser", "main"]
 
@@ -103,6 +106,13 @@ class _Request:
             self.on_delta(delta)
         except Exception:  # a failing listener loses the stream, never the batch: the answer still comes
             self.on_delta = None
+
+    def record(self) -> Record:
+        """The request as a record whose MiLP prompt is the query alone (as ``milp.answer`` asks)."""
+        from .answer import _PLACEHOLDER
+        from .data import Record as _Record
+
+        return _Record(self.user, "", [_PLACEHOLDER], self.query, _PLACEHOLDER)
 
     def finish(self, answer: str | None = None, error: BaseException | None = None) -> None:
         """Settle the future with ``answer`` or ``error``, unless it was cancelled meanwhile."""
@@ -334,8 +344,6 @@ class AnswerServer:
                 break
 
     def _answer(self, batch: list[_Request]) -> None:
-        from .answer import _PLACEHOLDER
-        from .data import Record
         from .pipeline import generate_responses
 
         t0 = time.perf_counter()
@@ -355,11 +363,9 @@ class AnswerServer:
                 return reqs[i].done.cancelled()
 
             try:
-                records = [Record(r.user, "", [_PLACEHOLDER], r.query, _PLACEHOLDER) for r in reqs]
-                answers = generate_responses(self.model, self.tokenizer, records, runtime=self.runtime,
-                                             max_new_tokens=[r.max_new_tokens for r in reqs],
-                                             batch_size=self.batch_size,
-                                             max_length=self.settings["max_length"] + 128, progress=False,
+                answers = generate_responses(self.model, self.tokenizer, [r.record() for r in reqs],
+                                             runtime=self.runtime, max_new_tokens=[r.max_new_tokens for r in reqs],
+                                             batch_size=self.batch_size, max_length=self._max_prompt, progress=False,
                                              stream=progress if any(r.on_delta for r in reqs) else None, stop=stop)
             except Exception as e:
                 if len(reqs) > 1:  # one bad request (a damaged user, say) must not fail the others: one by one
@@ -376,10 +382,7 @@ class AnswerServer:
             self._stats["batches"] += int(generated)
             self._stats["largest_batch"] = max(self._stats["largest_batch"], len(batch))
             self._stats["cancelled"] += cancelled
-        if self.log:
-            users = len({r.user for r in batch})
-            print(f"{PROG}: {len(batch)} requests of {users} users in {time.perf_counter() - t0:.2f} s"
-                  + (f" ({cancelled} cancelled)" if cancelled else ""), file=sys.stderr, flush=True)
+        self._log_batch(batch, t0)
 
 
     def _continuous(self) -> None:
@@ -421,7 +424,7 @@ class AnswerServer:
                     live.clear()
                     batch.close()
                 if not live and busy:
-                    self._busy_ended(busy, t0)
+                    self._log_batch(busy, t0)
                     busy.clear()
         except BaseException as e:  # no request may wait forever for a batcher that is gone
             for r in [*live.values(), *waiting]:
@@ -435,9 +438,7 @@ class AnswerServer:
     def _step(self, batch: Any, waiting: collections.deque[_Request], live: dict[int, _Request],
               busy: list[_Request]) -> None:
         """Let the cancelled requests go, the waiting ones join while there is room, and run one step."""
-        from .answer import _PLACEHOLDER
-        from .data import Record
-        from .pipeline import _instruction_examples, _partial_answer
+        from .pipeline import _answer_text, _instruction_examples, _partial_answer
 
         taken = cancelled = joined = 0
         for key, r in list(live.items()):
@@ -453,8 +454,7 @@ class AnswerServer:
                 cancelled += 1
                 continue
             try:
-                record = Record(r.user, "", [_PLACEHOLDER], r.query, _PLACEHOLDER)
-                prompt = _instruction_examples([record], self.tokenizer, None, self._max_prompt,
+                prompt = _instruction_examples([r.record()], self.tokenizer, None, self._max_prompt,
                                                add_response=False)[0]["input_ids"]
                 batch.join(id(r), prompt, r.max_new_tokens, r.user)
             except Exception as e:  # an unknown user (removed since its check), say: 500 to this one alone
@@ -477,7 +477,7 @@ class AnswerServer:
             if u.error is not None:
                 r.finish(error=u.error)
             elif u.done:
-                answer = self.tokenizer.decode(u.tokens, skip_special_tokens=True).strip()
+                answer = _answer_text(self.tokenizer, u.tokens)
                 r.progress(answer)
                 r.finish(answer)
             elif r.on_delta is not None:
@@ -485,12 +485,13 @@ class AnswerServer:
             if u.done:
                 del live[cast(int, u.key)]
 
-    def _busy_ended(self, busy: list[_Request], t0: float) -> None:
-        """Log the requests of a busy period that ended (the batch ran empty)."""
-        cancelled = sum(r.done.cancelled() for r in busy)
+    def _log_batch(self, reqs: list[_Request], t0: float) -> None:
+        """Where ``log``: one line for the requests of a batch (continuous batching: of a busy
+        period, the rows running without a pause) that began at ``t0``."""
         if self.log:
-            users = len({r.user for r in busy})
-            print(f"{PROG}: {len(busy)} requests of {users} users in {time.perf_counter() - t0:.2f} s"
+            cancelled = sum(r.done.cancelled() for r in reqs)
+            users = len({r.user for r in reqs})
+            print(f"{PROG}: {len(reqs)} requests of {users} users in {time.perf_counter() - t0:.2f} s"
                   + (f" ({cancelled} cancelled)" if cancelled else ""), file=sys.stderr, flush=True)
 
 
