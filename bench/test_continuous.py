@@ -4,7 +4,10 @@ What ``python -m milp.serve`` runs: :class:`milp.decode.ContinuousBatch` (``milp
 joins the running rows as soon as one ends, and leaves at its own last token) against one
 ``generate`` per batch of requests (``static``: the batch runs to its longest answer, ended rows
 keep their place; what ``milp.serve --batching static`` and ``milp.answer`` do). Both through
-the multi-user runtime, every request with its own user's adapters.
+the multi-user runtime, every request with its own user's adapters. ``milp-sampled``: the
+continuous batch with every request sampled (temperature 0.8, top-p 0.95, its own seed;
+:mod:`milp.sampling`) instead of greedy: its ``ratio_vs_milp`` is what choosing tokens by
+sampling costs (a sort and a cumulative sum over the vocabulary per row and step).
 
 Workload: R requests queued at once (a loaded server), each of a user cycling over the decode
 users of ``bench/test_runtime.py`` (the searched size: 2 modules of rank 8 on 60% of the
@@ -22,7 +25,8 @@ rows of those steps that produced an answer token; ``mean_latency_steps`` and
 ``p90_latency_steps`` when the requests had their answers, counted in those steps (static: at the
 end of their batch's ``generate``; continuous: at their own last token). FLOPs ``2·P·(Σ prompt + Σ N_i)`` and bytes (the
 weights read once per step) are approximate, as in ``test_runtime.py``. Correctness first: each
-answer of both equals the same request generated alone (fp32, small model).
+answer of both equals the same request generated alone (fp32, small model); a sampled one, the
+request sampled alone with its seed by ``generate`` (through :mod:`milp.sampling`'s processor).
 """
 from __future__ import annotations
 
@@ -31,9 +35,12 @@ import pytest
 import torch
 from test_runtime import CFG, build_model, linear_params
 from test_runtime import runtime as make_runtime
+from transformers import LogitsProcessorList
 
 from milp import pad_sequences
 from milp.decode import ContinuousBatch
+from milp.pipeline import _sample_rows
+from milp.sampling import Sampling, row_sampler
 
 pytestmark = U.PYTESTMARK
 
@@ -74,9 +81,15 @@ def run_static(rt, reqs, rows: int) -> tuple[list[list[int]], int, list[int]]:
     return answers, steps, done
 
 
-def run_continuous(rt, reqs, rows: int) -> tuple[list[list[int]], int, list[int]]:
+def sampling(i: int) -> Sampling:
+    """How ``milp-sampled`` samples request ``i``."""
+    return Sampling(0.8, top_p=0.95, seed=1000 + i)
+
+
+def run_continuous(rt, reqs, rows: int, sampled: bool = False) -> tuple[list[list[int]], int, list[int]]:
     """The same requests through a :class:`ContinuousBatch` of ``rows`` rows, each joining as a
-    row ends: each request's tokens, the steps made, and the step after which each had its answer."""
+    row ends (``sampled``: each with :func:`sampling`): each request's tokens, the steps made, and
+    the step after which each had its answer."""
     batch = ContinuousBatch(rt.model, eos_token_id=[], pad_token_id=0, runtime=rt, max_rows=rows)
     answers: dict[int, list[int]] = {}
     done: dict[int, int] = {}
@@ -84,7 +97,7 @@ def run_continuous(rt, reqs, rows: int) -> tuple[list[list[int]], int, list[int]
     while queue or len(batch):
         while queue and batch.can_join(reqs[queue[0]][2]):
             i = queue.pop(0)
-            batch.join(i, reqs[i][0], reqs[i][1], reqs[i][2])
+            batch.join(i, reqs[i][0], reqs[i][1], reqs[i][2], sampling=sampling(i) if sampled else None)
         steps += 1
         for u in batch.step():
             assert u.error is None, u.error
@@ -102,20 +115,27 @@ def test_continuous_correctness():
     reqs = workload(12, W["users"], (4, 16), (2, 12), model.config.vocab_size)
     static, _, _ = run_static(rt, reqs, 4)
     cont, _, _ = run_continuous(rt, reqs, 4)
+    sampled, _, _ = run_continuous(rt, reqs, 4, sampled=True)
     for i, (p, n, u) in enumerate(reqs):
-        alone = rt.generate(torch.tensor([p], device=model.device), [u], max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        ids = torch.tensor([p], device=model.device)
+        alone = rt.generate(ids, [u], **kw)[0, len(p):].tolist()
         assert static[i] == alone, f"request {i}: static batching"
         assert cont[i] == alone, f"request {i}: continuous batching"
+        processor = LogitsProcessorList([_sample_rows([row_sampler(sampling(i))])])
+        assert sampled[i] == rt.generate(ids, [u], logits_processor=processor, **kw)[0, len(p):].tolist(), \
+            f"request {i}: sampled in the continuous batch"
+    assert sampled != cont  # it samples
 
 
-@pytest.mark.parametrize("impl", ["static", "milp"])
+@pytest.mark.parametrize("impl", ["static", "milp", "milp-sampled"])
 def test_continuous_throughput(benchmark, peaks, impl):
     model = build_model()
     rt = make_runtime(model, W["users"], decode=True)
     reqs = workload(W["requests"], W["users"], W["prompt"], W["answer"], model.config.vocab_size)
     rows = W["rows"]
-    fn = (lambda: run_continuous(rt, reqs, rows)) if impl == "milp" else (lambda: run_static(rt, reqs, rows))
+    fn = (lambda: run_static(rt, reqs, rows)) if impl == "static" else (
+        lambda: run_continuous(rt, reqs, rows, sampled=impl == "milp-sampled"))
     _, steps, done = fn()
     done = sorted(done)
     tokens = sum(n for _, n, _ in reqs)

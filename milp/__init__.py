@@ -45,6 +45,7 @@ from .pipeline import (
     score,
 )
 from .runtime import MilpRuntime, mixed_batches, pad_sequences, user_losses, user_losses_from_ce
+from .sampling import Sampling
 from .store import CacheInfo, UserStore, user_dirname
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "response_losses",
     "score",
     "PackedAdamW",
+    "Sampling",
     "UserStore",
     "apply_milp",
     "atomic_directory",

@@ -12,6 +12,11 @@ answered in mixed-user batches.
 ``queries.jsonl``: one ``{"user_id": ..., "query": ...}`` per line (other fields are
 ignored, so a dataset file works too). Answers are printed, or written as JSONL rows
 ``{"user_id", "query", "answer"}`` to ``--output`` (atomically).
+
+Sampled answers instead of greedy ones: ``--temperature T`` (> 0), with ``--top-k``, ``--top-p``,
+``--min-p`` as ``generate`` takes them, and ``--seed N``: each query samples with its own
+generator seeded ``N`` (:mod:`milp.sampling`), so a query gets the same answer again whatever it
+is asked with. Without ``--seed`` one is drawn and printed to stderr (and written with each row).
 """
 from __future__ import annotations
 
@@ -20,7 +25,10 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .sampling import Sampling
 
 __all__ = ["answer", "build_parser", "check_run", "load_run", "main"]
 
@@ -42,7 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="queries per batch (default: the run's)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g = p.add_argument_group("sampling (default: greedy, as the run's evaluation)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sample the answers at this temperature (> 0; default 0: greedy)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample among the most likely tokens whose probabilities sum to P (nucleus)")
+    g.add_argument("--min-p", type=float, default=None, metavar="P",
+                   help="drop tokens less likely than P times the most likely one")
+    g.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="each query's generator seed: the same answers again (default: one drawn, printed)")
     return p
+
+
+def _sampling(args: argparse.Namespace) -> Sampling | None:
+    """The command's sampling, its seed drawn where ``--seed`` is not given (``None``: greedy)."""
+    from .sampling import Sampling
+
+    given = {k: getattr(args, k) for k in ("top_k", "top_p", "min_p", "seed") if getattr(args, k) is not None}
+    if args.temperature == 0:
+        if given:
+            raise _fail(f"--{next(iter(given)).replace('_', '-')} shapes sampled answers: give --temperature > 0 "
+                        "too (without it the answers are greedy)")
+        return None
+    try:
+        return Sampling(args.temperature, **given).resolved()
+    except ValueError as e:
+        raise _fail(f"--{str(e).replace('_', '-')}") from None
 
 
 def _fail(msg: str) -> SystemExit:
@@ -142,12 +176,14 @@ def load_run(run: Path, device: str = "auto", prog: str = "milp.answer") -> tupl
 
 def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_tokens: int | None = None,
            batch_size: int | None = None, device: str = "auto", progress: bool = True,
-           stream: Callable[[int, str], None] | None = None) -> list[str]:
+           stream: Callable[[int, str], None] | None = None, sampling: Sampling | None = None) -> list[str]:
     """Answers to ``(user_id, query)`` pairs with the personalized model of the run in ``run``,
     in order. Any number of distinct users: they are answered the run's ``--slots`` users at a
     time (a generation batch may name at most that many), loaded from the run's store.
     ``max_new_tokens`` / ``batch_size``: ``None`` for the run's. ``stream(i, text)``: query
     ``i``'s answer so far as it is generated (:func:`milp.pipeline.generate_responses`).
+    ``sampling``: sample every answer so (:class:`milp.sampling.Sampling`; each query with its
+    own generator, seeded by its seed, or by one drawn per query where it has none); ``None``: greedy.
 
     Raises ``ValueError`` for a query that is not a pair of non-empty strings or a count that
     is not an int >= 1; ``SystemExit`` (a message) for a run directory without a finished run or
@@ -159,6 +195,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     """
     from .data import Record
     from .pipeline import generate_responses
+    from .sampling import row_sampler
     from .store import UserStore
 
     if isinstance(queries, (str, bytes)) or not isinstance(queries, Sequence):
@@ -170,6 +207,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be an int >= 1 (or None for the run's), got {v!r}")
+    row_sampler(sampling)  # a TypeError before the model loads
     run = Path(run)
     settings = check_run(run)
     store = UserStore(run / "users")
@@ -198,7 +236,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
                                  max_new_tokens=max_new_tokens or settings["max_new_tokens"],
                                  batch_size=batch_size or settings["eval_batch_size"],
                                  max_length=settings["max_length"] + 128, progress=progress,
-                                 stream=stream_of if stream is not None else None)
+                                 stream=stream_of if stream is not None else None, sampling=sampling)
         for i, a in zip(idx, out):
             answers[i] = a
     return answers
@@ -228,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise _fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    sampling = _sampling(args)
+    if sampling is not None and args.seed is None:
+        print(f"milp.answer: sampled with --seed {sampling.seed} (give it to get these answers again)", file=sys.stderr)
     # one printed answer comes as it is generated (the same text in the end); several would
     # interleave, so they are printed once all are made
     streamed = args.output is None and len(queries) == 1
@@ -242,10 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         answers = answer(args.run, queries, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          device=args.device, progress=args.progress and not streamed,
-                         stream=show if streamed else None)
+                         stream=show if streamed else None, sampling=sampling)
         rows = [{"user_id": u, "query": q, "answer": a} for (u, q), a in zip(queries, answers)]
+        lines = [dict(r, seed=sampling.seed) if sampling is not None else r for r in rows]
         if args.output is not None:
-            atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
     except (OSError, ValueError) as e:  # a model that is gone or unreadable, a folder that cannot be written
         print(f"milp.answer: error: {e}", file=sys.stderr)
         return 2

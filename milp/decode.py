@@ -1,4 +1,4 @@
-"""Continuous batching: greedy decoding whose rows join and leave a running batch between steps.
+"""Continuous batching: decoding whose rows join and leave a running batch between steps.
 
 :func:`milp.pipeline.generate_responses` answers a batch with one ``generate`` call: a request
 that arrives while it runs waits for the whole batch to end, and a row that ended (at its
@@ -17,7 +17,9 @@ kept open while the set does not change: the batch plan is built once per set, n
 
 A row's tokens are the ones ``generate(do_sample=False)`` gives its prompt alone (left padding is
 masked; positions count each row's own tokens), which the tests check on every supported
-architecture. Models it cannot decode this way are named by :func:`continuous_unsupported`
+architecture. A row may sample instead (``join(sampling=)``, :mod:`milp.sampling`): its own seeded
+generator makes its tokens the ones :func:`milp.pipeline.generate_responses` samples for it, beside
+any other rows. Models it cannot decode this way are named by :func:`continuous_unsupported`
 (a generation config that changes greedy choices, such as a repetition penalty, or a sliding
 attention window shorter than a row can grow): use ``generate`` for those.
 
@@ -53,6 +55,8 @@ import torch
 from torch import nn
 
 from kernels import nvtx_range
+
+from .sampling import Sampling, pick_tokens, row_sampler
 
 __all__ = ["ContinuousBatch", "Update", "continuous_unsupported"]
 
@@ -120,12 +124,13 @@ class _Row:
     prompt: list[int]
     limit: int
     user: Hashable | None
+    sampler: Any = None  # its milp.sampling row sampler (None: greedy)
     tokens: list[int] = field(default_factory=list)
 
 
 class ContinuousBatch:
-    """Greedy decoding of rows that join (:meth:`join`) and leave (:meth:`leave`, or at their end)
-    between steps (:meth:`step`); see the module doc.
+    """Decoding (greedy, or sampled per row) of rows that join (:meth:`join`) and leave
+    (:meth:`leave`, or at their end) between steps (:meth:`step`); see the module doc.
 
     Args:
         model: a Hugging Face causal LM (:func:`continuous_unsupported` says which decode as
@@ -196,10 +201,13 @@ class ContinuousBatch:
         next(groups)
         return next(groups, None) is None  # one group: all of them can be placed at once
 
-    def join(self, key: Hashable, prompt: Sequence[int], max_new_tokens: int, user: Hashable | None = None) -> None:
+    def join(self, key: Hashable, prompt: Sequence[int], max_new_tokens: int, user: Hashable | None = None,
+             sampling: Sampling | None = None) -> None:
         """Add a row: ``prompt``'s token ids, answered with at most ``max_new_tokens`` tokens by
         ``user``'s adapters (``None``: the model alone). It is prefilled at the next :meth:`step`,
-        which gives its first token. ``key`` names it in :class:`Update` and :meth:`leave`."""
+        which gives its first token. ``key`` names it in :class:`Update` and :meth:`leave`.
+        ``sampling``: how the row chooses its tokens (:class:`milp.sampling.Sampling`, its own
+        seeded generator: the same tokens whichever rows run beside it); ``None``: greedy."""
         if any(r.key == key for r in self._rows + self._joining):
             raise ValueError(f"key {key!r} is already a row of the batch")
         if len(self) >= self.max_rows:
@@ -213,7 +221,7 @@ class ContinuousBatch:
             if self.runtime is None:
                 raise ValueError(f"user {user!r} needs a runtime: this batch was made without one")
             self.runtime.check_user(user)
-        self._joining.append(_Row(key, ids, max_new_tokens, user))
+        self._joining.append(_Row(key, ids, max_new_tokens, user, row_sampler(sampling)))
 
     def leave(self, key: Hashable) -> list[int] | None:
         """Take the row ``key`` out of the batch (a cancelled request): its tokens so far, or
@@ -297,7 +305,7 @@ class ContinuousBatch:
         with nvtx_range("milp.decode.step"):
             logits = self._forward(self._next[:, None], mask, positions, self._cache)
         self._mask = mask
-        self._next = logits.argmax(-1)
+        self._next = pick_tokens(logits, [r.sampler for r in self._rows])
         return [int(t) for t in self._next.tolist()]  # one host sync per step, as generate's
 
     def _prefill(self, group: list[_Row]) -> None:
@@ -318,7 +326,7 @@ class ContinuousBatch:
                 stack.enter_context(self.runtime.using([r.user for r in group]))
             with nvtx_range("milp.decode.prefill"):
                 logits = self._forward(ids, mask, positions, cache)
-        first = logits.argmax(-1)
+        first = pick_tokens(logits, [r.sampler for r in group])
         layers = _cache_layers(cache)
         for r, t in zip(group, first.tolist()):
             r.tokens.append(int(t))

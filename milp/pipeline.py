@@ -46,6 +46,7 @@ from torch import nn
 from .data import IGNORE_INDEX, Record, collate, tokenize_instruction, tokenize_memory
 from .losses import token_losses
 from .optim import LossScaling, lr_multiplier, resolve_loss_scaling
+from .sampling import Sampling, pick_tokens, row_sampler, sampling_per_record
 
 __all__ = [
     "INSTRUCTION_TARGETS",
@@ -706,8 +707,9 @@ def generate_responses(
     progress: bool = True,
     stream: Callable[[int, str], None] | None = None,
     stop: Callable[[int], bool] | None = None,
+    sampling: Sampling | Sequence[Sampling | None] | None = None,
 ) -> list[str]:
-    """Greedy answers to each record's query, with the record's user's adapters (mixed-user
+    """Greedy (or sampled: ``sampling``) answers to each record's query, with the record's user's adapters (mixed-user
     batches through the runtime), in order. Batches hold ``batch_size`` records, fewer where a
     store-backed ``runtime`` has fewer free slots than a batch names users.
 
@@ -730,6 +732,12 @@ def generate_responses(
     row reaches its ``max_new_tokens`` (rows that ended at the end-of-text token included), in the
     generating thread: keep it short.
 
+    ``sampling``: a :class:`milp.sampling.Sampling` for every record, or one per record (``None``:
+    greedy, the default). Each record samples with its own generator, seeded by its sampling's
+    seed (one drawn from torch's global generator where it has none): a record's answer does not
+    depend on the records batched with it, and is the one :class:`milp.decode.ContinuousBatch`
+    gives it with that sampling.
+
     Example:
         >>> generate_responses(model, tok, test_records, runtime=rt, max_new_tokens=32)  # doctest: +SKIP
         ['You should rest and drink water ...']
@@ -743,6 +751,7 @@ def generate_responses(
     if stop is not None and not callable(stop):
         raise TypeError(f"stop must be a callable (record index) -> bool or None, got {type(stop).__name__}")
     _check_stage_args(runtime, None, prefix, context_fn=context_fn)
+    samplings = sampling_per_record(sampling, len(records))
     users = _runtime_users(runtime, records, None)
     examples = _instruction_examples(records, tokenizer, context_fn, max_length, add_response=False)
     pad = _pad_id(tokenizer)
@@ -769,6 +778,11 @@ def generate_responses(
                 from transformers import StoppingCriteriaList
 
                 kwargs["stopping_criteria"] = StoppingCriteriaList([stopper])
+            samplers = [row_sampler(samplings[i]) for i in idx]
+            if any(samplers):  # generate stays greedy: the processor leaves it one token to pick per row
+                from transformers import LogitsProcessorList
+
+                kwargs["logits_processor"] = LogitsProcessorList([_sample_rows(samplers)])
             streamer = _AnswerStream(tokenizer, list(idx), stream, stopper) if stream is not None else None
             if streamer is not None:
                 kwargs["streamer"] = streamer
@@ -829,6 +843,20 @@ class _StopRows:
             self.flags = torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
         assert self.flags is not None
         return self.flags
+
+
+def _sample_rows(samplers: list[Any]) -> Any:
+    """A ``generate`` logits processor that picks each row's token with its sampler
+    (:func:`milp.sampling.pick_tokens`; ``None``: the most likely) and leaves that token alone
+    finite, so that greedy ``generate`` takes it."""
+    from transformers import LogitsProcessor
+
+    class SampleRows(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            tokens = pick_tokens(scores, samplers)
+            return torch.full_like(scores, -math.inf).scatter_(1, tokens[:, None], 0.0)
+
+    return SampleRows()
 
 
 def _answer_text(tokenizer: Any, ids: Sequence[int]) -> str:

@@ -3,7 +3,8 @@
 A reference server for a finished ``milp.train`` run: the run's model, dtype and shared
 instruction adapter, each user with their own memory adapters loaded on demand from the run's
 ``users/`` (a :class:`~milp.store.UserStore`, least recently used users evicted past the run's
-``--slots``), answering as ``python -m milp.answer`` does (greedy). Requests of any users are
+``--slots``), answering as ``python -m milp.answer`` does (greedy, or sampled where a request
+asks: see below). Requests of any users are
 answered together, as one mixed-user batch through the fused multi-LoRA kernels, by a batcher
 thread in one of two ways (``--batching``):
 
@@ -28,7 +29,12 @@ limits) before it in production.
 Endpoints:
 
 * ``POST /v1/answer`` with ``{"user_id": str, "query": str, "max_new_tokens": int (optional,
-  at most the server's), "stream": bool (optional)}`` → ``{"user_id", "query", "answer"}``;
+  at most the server's), "stream": bool (optional)}`` → ``{"user_id", "query", "answer"}``.
+  A sampled answer instead of the greedy one: ``"temperature"`` (> 0; 0 is greedy), optionally
+  ``"top_k"``, ``"top_p"``, ``"min_p"`` (as ``generate`` takes them) and ``"seed"`` (an int; the
+  answer then has a ``"seed"`` field, drawn where the request gave none). A request sampled with
+  a seed gets the same answer again, whatever else the server generates meanwhile and with
+  either batching (:mod:`milp.sampling`: one generator per row, not one per batch);
   with ``"stream": true`` a ``text/event-stream`` (server-sent events, chunked) instead: one
   ``data: {"delta": str}`` event per piece of the answer as it is generated (the pieces
   concatenate to the answer), then ``data: {"user_id", "query", "answer", "done": true}``, or
@@ -73,6 +79,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from .data import Record
+    from .sampling import Sampling
 
 __all__ = ["AnswerServer", "build_parser", "main"]
 
@@ -93,6 +100,7 @@ class _Request:
     max_new_tokens: int
     done: Future = field(default_factory=Future)
     on_delta: Callable[[str], None] | None = None
+    sampling: Sampling | None = None  # None: greedy
     sent: str = ""  # the answer's text handed to on_delta so far
 
     def progress(self, text: str) -> None:
@@ -305,17 +313,25 @@ class AnswerServer:
             return user in self._users
 
     def submit(self, user: str, query: str, max_new_tokens: int | None = None, *,
-               on_delta: Callable[[str], None] | None = None) -> Future:
+               on_delta: Callable[[str], None] | None = None, sampling: Sampling | None = None) -> Future:
         """Queue one request; its future gives the answer. ``on_delta(piece)``, where given, is
         called in the batcher's thread with each new piece of the answer as it is generated (the
-        pieces concatenate to the answer; keep it short: a queue's ``put``).
+        pieces concatenate to the answer; keep it short: a queue's ``put``). ``sampling``: a
+        :class:`milp.sampling.Sampling` to sample the answer (give it a ``seed`` to get the same
+        answer again, whatever else the server generates meanwhile; see :meth:`Sampling.resolved`);
+        ``None``: greedy.
 
         ``future.cancel()`` withdraws the request at any time before its answer: one still queued
         is never generated, one being generated ends at its next token (the rest of its batch goes
         on; a batch whose requests were all cancelled stops)."""
+        from .sampling import row_sampler
+
         if on_delta is not None and not callable(on_delta):
             raise TypeError(f"on_delta must be a callable or None, got {type(on_delta).__name__}")
-        r = _Request(user, query, max_new_tokens or self.max_new_tokens, on_delta=on_delta)
+        row_sampler(sampling)  # a TypeError here, not in the batcher
+        if sampling is not None:  # one seed for every attempt (a failed static batch answers again one by one)
+            sampling = sampling.resolved()
+        r = _Request(user, query, max_new_tokens or self.max_new_tokens, on_delta=on_delta, sampling=sampling)
         with self._submit_lock:
             if self._stop.is_set():
                 raise _Closing()
@@ -366,7 +382,8 @@ class AnswerServer:
                 answers = generate_responses(self.model, self.tokenizer, [r.record() for r in reqs],
                                              runtime=self.runtime, max_new_tokens=[r.max_new_tokens for r in reqs],
                                              batch_size=self.batch_size, max_length=self._max_prompt, progress=False,
-                                             stream=progress if any(r.on_delta for r in reqs) else None, stop=stop)
+                                             stream=progress if any(r.on_delta for r in reqs) else None, stop=stop,
+                                             sampling=[r.sampling for r in reqs])
             except Exception as e:
                 if len(reqs) > 1:  # one bad request (a damaged user, say) must not fail the others: one by one
                     groups[:0] = [[r] for r in reqs]
@@ -456,7 +473,7 @@ class AnswerServer:
             try:
                 prompt = _instruction_examples([r.record()], self.tokenizer, None, self._max_prompt,
                                                add_response=False)[0]["input_ids"]
-                batch.join(id(r), prompt, r.max_new_tokens, r.user)
+                batch.join(id(r), prompt, r.max_new_tokens, r.user, sampling=r.sampling)
             except Exception as e:  # an unknown user (removed since its check), say: 500 to this one alone
                 r.finish(error=e)
                 continue
@@ -587,10 +604,13 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             user, query = req["user_id"], req["query"]
             if not server.knows(user):
                 return self._error(HTTPStatus.NOT_FOUND, f"unknown user {user!r}: the run holds no such user")
+            sampling = _sampling_of(req)
+            sampling = sampling.resolved() if sampling is not None else None  # its seed drawn where it names none
+            seed = {} if sampling is None else {"seed": sampling.seed}  # in the answer: the request can be repeated
             if req.get("stream"):
-                return self._stream(user, query, req.get("max_new_tokens"))
+                return self._stream(user, query, req.get("max_new_tokens"), sampling)
             try:
-                done = server.submit(user, query, req.get("max_new_tokens"))
+                done = server.submit(user, query, req.get("max_new_tokens"), sampling=sampling)
                 answer = self._wait(done, lambda: done.result(timeout=POLL_S), time.monotonic() + REQUEST_TIMEOUT_S)
             except _Closing:
                 return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
@@ -601,7 +621,7 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 return self._error(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {REQUEST_TIMEOUT_S:.0f} s")
             except Exception as e:
                 return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(e).__name__}: {e}")
-            self._send(HTTPStatus.OK, {"user_id": user, "query": query, "answer": answer})
+            self._send(HTTPStatus.OK, {"user_id": user, "query": query, "answer": answer, **seed})
 
         def _wait(self, done: Future, get: Callable[[], Any], deadline: float) -> Any:
             """What ``get()`` gives (it waits at most ``POLL_S``, raising ``TimeoutError`` or
@@ -627,11 +647,11 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             except (OSError, ValueError):  # reset, or closed under us
                 return True
 
-        def _stream(self, user: str, query: str, max_new_tokens: int | None) -> None:
+        def _stream(self, user: str, query: str, max_new_tokens: int | None, sampling: Sampling | None) -> None:
             """The answer as server-sent events, each an HTTP chunk (the connection stays open)."""
             pieces: queue.Queue[str | None] = queue.Queue()
             try:
-                done = server.submit(user, query, max_new_tokens, on_delta=pieces.put)
+                done = server.submit(user, query, max_new_tokens, on_delta=pieces.put, sampling=sampling)
             except _Closing:
                 return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
             done.add_done_callback(lambda _: pieces.put(None))  # after the last piece: the same thread
@@ -660,7 +680,8 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                     break
                 if piece is None:
                     try:
-                        final = {"user_id": user, "query": query, "answer": done.result(timeout=0), "done": True}
+                        final = {"user_id": user, "query": query, "answer": done.result(timeout=0), "done": True,
+                                 **({} if sampling is None else {"seed": sampling.seed})}
                     except _Closing:
                         final = {"error": "the server is closing", "status": int(HTTPStatus.SERVICE_UNAVAILABLE)}
                     except Exception as e:
@@ -713,10 +734,37 @@ def _check_request(req: Any, max_new_tokens: int) -> str | None:
         return f"'max_new_tokens' must be an int in [1, {max_new_tokens}] (the server's), got {n!r:.40}"
     if not isinstance(req.get("stream", False), bool):
         return f"'stream' must be true or false, got {req['stream']!r:.40}"
-    unknown = sorted(set(req) - {"user_id", "query", "max_new_tokens", "stream"})
+    unknown = sorted(set(req) - {"user_id", "query", "max_new_tokens", "stream", "temperature", *_SAMPLING})
     if unknown:
-        return f"unknown fields {unknown}: expected user_id, query and optionally max_new_tokens and stream"
+        return (f"unknown fields {unknown}: expected user_id, query and optionally max_new_tokens, stream, "
+                f"temperature, {', '.join(_SAMPLING)}")
+    try:
+        _sampling_of(req)
+    except ValueError as e:
+        return str(e)
     return None
+
+
+#: a request's fields that shape a sampled answer, beside ``temperature``
+_SAMPLING = ("top_k", "top_p", "min_p", "seed")
+
+
+def _sampling_of(req: dict[str, Any]) -> Sampling | None:
+    """The request's sampling (``None``: greedy, without a
+    ``temperature`` or with 0). ``ValueError`` names a field out of range, or one that needs a
+    ``temperature``."""
+    from .sampling import Sampling
+
+    given = [k for k in _SAMPLING if k in req]
+    if "temperature" not in req:
+        if given:
+            raise ValueError(f"{given[0]!r} shapes a sampled answer: give a 'temperature' > 0 too (without one "
+                             "the answer is greedy)")
+        return None
+    if any(req[k] is None for k in ("temperature", *given)):
+        raise ValueError(f"{next(k for k in ('temperature', *given) if req[k] is None)!r} must not be null")
+    sampling = Sampling(**{k: req[k] for k in ("temperature", *given)})
+    return None if sampling.greedy else sampling
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,7 +41,7 @@ def test_the_runtime_example_runs(tmp_path, monkeypatch):
     assert ns["out"].shape[0] == 2 and ns["out"].shape[1] <= 5 + 32
     assert set(ns["losses"]) == {"alice", "bob"}
     assert not rt.has_user("alice") and rt.has_user("bob")
-    assert ns["update"].key == "req-1" and ns["update"].done and 1 <= len(ns["update"].tokens) <= 32
+    assert ns["update"].key in {"req-1", "req-2"} and ns["update"].done and 1 <= len(ns["update"].tokens) <= 32
     assert len(ns["batch"]) == 0
     assert (tmp_path / "adapters" / "alice" / "adapters.safetensors").is_file()
     assert milp.MemoryConfig.from_json(tmp_path / "adapters" / "alice" / "memory_config.json") \

@@ -124,7 +124,16 @@ def test_requests_of_different_lengths_are_answered_in_one_generation(answer_run
     ({"user_id": "nobody", "query": "q"}, 404, "unknown user 'nobody'"),
     ({"user_id": "u", "query": "q", "max_new_tokens": 0}, 400, "'max_new_tokens' must be an int in"),
     ({"user_id": "u", "query": "q", "max_new_tokens": 10**6}, 400, "'max_new_tokens' must be an int in"),
-    ({"user_id": "u", "query": "q", "temperature": 1.0}, 400, "unknown fields \\['temperature'\\]"),
+    ({"user_id": "u", "query": "q", "beam_width": 2}, 400, "unknown fields \\['beam_width'\\]"),
+    ({"user_id": "u", "query": "q", "top_p": 0.9}, 400, "'top_p' shapes a sampled answer: give a 'temperature'"),
+    ({"user_id": "u", "query": "q", "temperature": -1}, 400, "temperature must be a finite number >= 0"),
+    ({"user_id": "u", "query": "q", "temperature": "hot"}, 400, "temperature must be a finite number"),
+    ({"user_id": "u", "query": "q", "temperature": None}, 400, "'temperature' must not be null"),
+    ({"user_id": "u", "query": "q", "temperature": 1, "top_k": 2.5}, 400, "top_k must be an int >= 0"),
+    ({"user_id": "u", "query": "q", "temperature": 1, "top_p": 0}, 400, r"top_p must be a number in \(0, 1\]"),
+    ({"user_id": "u", "query": "q", "temperature": 1, "min_p": 2}, 400, r"min_p must be a number in \[0, 1\]"),
+    ({"user_id": "u", "query": "q", "temperature": 1, "seed": -3}, 400, "seed must be an int in"),
+    ({"user_id": "u", "query": "q", "temperature": 1, "seed": True}, 400, "seed must be an int in"),
 ])
 def test_bad_requests_get_their_status_and_a_message(answer_run, body, status, match):
     if isinstance(body, dict) and body.get("user_id") == "u":
