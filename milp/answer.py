@@ -4,7 +4,8 @@ Each user is answered with their own memory adapters (loaded on demand from the 
 ``users/`` directory through a :class:`~milp.store.UserStore`, so any number of users fit the
 run's slots) and the run's shared instruction adapter, the way the run's evaluation answered
 its test users: the same model, dtype, prompt and greedy decoding. Queries of many users are
-answered in mixed-user batches.
+answered in mixed-user batches, with continuous batching where the model allows it (``--batching``:
+a query takes the row of one whose answer ended; the answers are the ones static batches give).
 
     python -m milp.answer runs/milp --user meddia-d3-0294 "I have had a headache for three days. What should I do?"
     python -m milp.answer runs/milp --queries queries.jsonl --output answers.jsonl
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: the run's)")
     p.add_argument("--batch-size", type=int, default=None, help="queries per batch (default: the run's)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--batching", choices=("auto", "continuous", "static"), default="auto",
+                   help="continuous: a query takes the place of one whose answer ended (the same answers, fewer "
+                        "steps where answers end early); static: one generate per batch, run to its longest "
+                        "answer; auto (default): continuous where the model allows it")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g = p.add_argument_group("sampling (default: greedy, as the run's evaluation)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -176,7 +181,8 @@ def load_run(run: Path, device: str = "auto", prog: str = "milp.answer") -> tupl
 
 def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_tokens: int | None = None,
            batch_size: int | None = None, device: str = "auto", progress: bool = True,
-           stream: Callable[[int, str], None] | None = None, sampling: Sampling | None = None) -> list[str]:
+           stream: Callable[[int, str], None] | None = None, sampling: Sampling | None = None,
+           batching: str = "auto") -> list[str]:
     """Answers to ``(user_id, query)`` pairs with the personalized model of the run in ``run``,
     in order. Any number of distinct users: they are answered the run's ``--slots`` users at a
     time (a generation batch may name at most that many), loaded from the run's store.
@@ -184,6 +190,8 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     ``i``'s answer so far as it is generated (:func:`milp.pipeline.generate_responses`).
     ``sampling``: sample every answer so (:class:`milp.sampling.Sampling`; each query with its
     own generator, seeded by its seed, or by one drawn per query where it has none); ``None``: greedy.
+    ``batching``: as :func:`milp.pipeline.generate_responses` takes it (``auto``: continuous
+    batching where the model allows it; the answers are the same either way).
 
     Raises ``ValueError`` for a query that is not a pair of non-empty strings or a count that
     is not an int >= 1; ``SystemExit`` (a message) for a run directory without a finished run or
@@ -208,6 +216,8 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be an int >= 1 (or None for the run's), got {v!r}")
     row_sampler(sampling)  # a TypeError before the model loads
+    if batching not in ("auto", "continuous", "static"):
+        raise ValueError(f"batching must be 'auto', 'continuous' or 'static', got {batching!r:.40}")
     run = Path(run)
     settings = check_run(run)
     store = UserStore(run / "users")
@@ -236,7 +246,8 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
                                  max_new_tokens=max_new_tokens or settings["max_new_tokens"],
                                  batch_size=batch_size or settings["eval_batch_size"],
                                  max_length=settings["max_length"] + 128, progress=progress,
-                                 stream=stream_of if stream is not None else None, sampling=sampling)
+                                 stream=stream_of if stream is not None else None, sampling=sampling,
+                                 batching=batching)
         for i, a in zip(idx, out):
             answers[i] = a
     return answers
@@ -283,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         answers = answer(args.run, queries, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          device=args.device, progress=args.progress and not streamed,
-                         stream=show if streamed else None, sampling=sampling)
+                         stream=show if streamed else None, sampling=sampling, batching=args.batching)
         rows = [{"user_id": u, "query": q, "answer": a} for (u, q), a in zip(queries, answers)]
         lines = [dict(r, seed=sampling.seed) if sampling is not None else r for r in rows]
         if args.output is not None:

@@ -708,6 +708,7 @@ def generate_responses(
     stream: Callable[[int, str], None] | None = None,
     stop: Callable[[int], bool] | None = None,
     sampling: Sampling | Sequence[Sampling | None] | None = None,
+    batching: str = "static",
 ) -> list[str]:
     """Greedy (or sampled: ``sampling``) answers to each record's query, with the record's user's adapters (mixed-user
     batches through the runtime), in order. Batches hold ``batch_size`` records, fewer where a
@@ -738,6 +739,14 @@ def generate_responses(
     depend on the records batched with it, and is the one :class:`milp.decode.ContinuousBatch`
     gives it with that sampling.
 
+    ``batching``: ``"static"`` (the default) answers each batch of ``batch_size`` records with one
+    ``generate`` call, run to its longest answer; ``"continuous"`` runs them through a
+    :class:`milp.decode.ContinuousBatch` of ``batch_size`` rows, where a record takes the place of
+    one whose answer ended (its end-of-text token, its length, ``stop``): fewer steps where answers
+    end early, the same answers (each is the one its record gets alone, either way). ``"auto"``:
+    continuous where the model allows it (:func:`milp.decode.continuous_unsupported`; not with
+    a ``prefix``), static otherwise.
+
     Example:
         >>> generate_responses(model, tok, test_records, runtime=rt, max_new_tokens=32)  # doctest: +SKIP
         ['You should rest and drink water ...']
@@ -751,6 +760,8 @@ def generate_responses(
     if stop is not None and not callable(stop):
         raise TypeError(f"stop must be a callable (record index) -> bool or None, got {type(stop).__name__}")
     _check_stage_args(runtime, None, prefix, context_fn=context_fn)
+    if batching not in ("static", "continuous", "auto"):
+        raise ValueError(f"batching must be 'static', 'continuous' or 'auto', got {batching!r:.40}")
     samplings = sampling_per_record(sampling, len(records))
     users = _runtime_users(runtime, records, None)
     examples = _instruction_examples(records, tokenizer, context_fn, max_length, add_response=False)
@@ -759,6 +770,17 @@ def generate_responses(
     device = _device_of(model)
     # longest prompts first: less padding per batch
     order = sorted(range(len(records)), key=lambda i: -len(examples[i]["input_ids"]))
+    if batching != "static" and records:
+        from .decode import continuous_unsupported
+
+        reach = max(len(e["input_ids"]) for e in examples) + max(limits)
+        why = "a prefix encoder gives the prompts as embeddings" if prefix is not None else \
+            continuous_unsupported(model, reach)
+        if why is None:
+            return _continuous_responses(model, tokenizer, examples, order, limits, runtime, users, batch_size,
+                                         samplings, progress, stream, stop)
+        if batching == "continuous":
+            raise ValueError(f"batching='continuous': the model cannot be decoded so: {why}")
     answers: dict[int, str] = {}
     was_training = model.training
     model.eval()
@@ -805,6 +827,53 @@ def generate_responses(
     finally:
         model.train(was_training)
     return [answers[i] for i in range(len(records))]
+
+
+def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[str, Any]], order: list[int],
+                          limits: list[int], runtime: Any, users: list[Hashable | None] | None, rows: int,
+                          samplings: list[Sampling | None], progress: bool, stream: Callable[[int, str], None] | None,
+                          stop: Callable[[int], bool] | None) -> list[str]:
+    """:func:`generate_responses` with ``batching="continuous"``: the records in ``order`` join a
+    :class:`milp.decode.ContinuousBatch` of ``rows`` rows as places free up (a store-backed
+    runtime's: as their users fit beside the running rows')."""
+    from collections import deque
+
+    from .decode import ContinuousBatch
+
+    batch = ContinuousBatch(model, eos_token_id=getattr(tokenizer, "eos_token_id", None),
+                            pad_token_id=_pad_id(tokenizer), runtime=runtime, max_rows=rows)
+    waiting = deque(order)
+    answers: dict[int, str] = {}
+    sent: dict[int, str] = {}
+
+    def hand(i: int, text: str) -> None:  # as _AnswerStream: only a text that extends the last one
+        if stream is not None and len(text) > len(sent.get(i, "")) and text.startswith(sent.get(i, "")):
+            sent[i] = text
+            stream(i, text)
+
+    bar = _progress(total=len(order), desc="generation", enabled=progress)
+    try:
+        while waiting or len(batch):
+            while waiting and batch.can_join(users[waiting[0]] if users is not None else None):
+                i = waiting.popleft()
+                batch.join(i, examples[i]["input_ids"], limits[i], users[i] if users is not None else None,
+                           sampling=samplings[i])
+            for u in batch.step():
+                if u.error is not None:
+                    raise u.error
+                i = cast(int, u.key)
+                if not u.done and stop is not None and stop(i):
+                    batch.leave(i)  # its answer ends with the tokens so far
+                elif not u.done:
+                    hand(i, _partial_answer(tokenizer, u.tokens))
+                    continue
+                answers[i] = _answer_text(tokenizer, u.tokens)
+                hand(i, answers[i])
+                bar.update(1)
+    finally:
+        batch.close()
+    bar.close()
+    return [answers[i] for i in range(len(examples))]
 
 
 def _per_record_lengths(max_new_tokens: Any, n: int) -> list[int]:

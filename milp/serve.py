@@ -246,7 +246,9 @@ class AnswerServer:
             t.start()
 
     def serve_forever(self) -> None:
-        """Serve until interrupted (Ctrl-C, or SIGTERM: ``docker stop``, systemd), then close."""
+        """Serve until interrupted (Ctrl-C, or SIGTERM: ``docker stop``, systemd), then close:
+        the requests being generated are answered first. A second interrupt while they are stops
+        at once, raising ``KeyboardInterrupt`` (their clients get no answer)."""
         requested = threading.Event()
         previous: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int | None] = {}
 
@@ -254,9 +256,14 @@ class AnswerServer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+        def interrupted(*_: Any) -> None:
+            if requested.is_set():  # the second: stop waiting for the rows being answered
+                raise KeyboardInterrupt
+            requested.set()
+
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job starts with it ignored
-                previous[sig] = signal.signal(sig, lambda *_: requested.set())
+                previous[sig] = signal.signal(sig, interrupted)
         try:
             self.start()
         except BaseException:  # not started here (already started, closed): Ctrl-C as it was, nothing closed
@@ -265,9 +272,14 @@ class AnswerServer:
         try:
             while not (requested.wait(0.2) or self._stop.is_set()):
                 pass
+            if self.log and requested.is_set():
+                print(f"{PROG}: closing: the requests being generated are answered first (interrupt again to "
+                      "stop at once)", file=sys.stderr, flush=True)
         finally:
-            restore()
-            self.close()
+            try:
+                self.close()
+            finally:
+                restore()
 
     def close(self) -> None:
         """Stop listening, answer the requests already taken, refuse the queued ones (503)."""
@@ -844,7 +856,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = server.address
     print(f"{PROG}: serving {args.run} on {_url(host, port)} (POST /v1/answer, GET /health); Ctrl-C stops",
           flush=True)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # a second interrupt while closing
+        print(f"{PROG}: stopped without answering the requests being generated", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

@@ -177,10 +177,9 @@ def test_mixed_user_generation_and_losses_equal_per_user(tiny_chat_tokenizer):
     assert base != pytest.approx(ce_mixed, rel=1e-3)  # the adapters matter
 
 
-def test_generation_and_losses_with_users_from_a_store(tiny_chat_tokenizer, tmp_path):
-    """A runtime with 2 slots answers 5 users saved in a store (loaded and evicted as batches
-    need them) exactly as a runtime holding all of them."""
-    tok = tiny_chat_tokenizer
+def _stored_users(folder) -> tuple[milp.MilpRuntime, milp.MilpRuntime, list[Record]]:
+    """5 users (random A and B) in a runtime holding them all, saved in a store in ``folder``, and
+    a runtime of 2 slots on that store (each on its own copy of the tiny model), and their records."""
     recs = _records(5)
     full = milp.MilpRuntime(_model(), max_users=5)
     for i, r in enumerate(recs):
@@ -189,8 +188,15 @@ def test_generation_and_losses_with_users_from_a_store(tiny_chat_tokenizer, tmp_
         for m in full.state.modules():
             m.bank.lora_b.normal_(std=0.5)
     for r in recs:
-        full.save_user(r.user_id, tmp_path / milp.user_dirname(r.user_id))
-    rt = milp.MilpRuntime(_model(), max_users=2, store=milp.UserStore(tmp_path))
+        full.save_user(r.user_id, folder / milp.user_dirname(r.user_id))
+    return full, milp.MilpRuntime(_model(), max_users=2, store=milp.UserStore(folder)), recs
+
+
+def test_generation_and_losses_with_users_from_a_store(tiny_chat_tokenizer, tmp_path):
+    """A runtime with 2 slots answers 5 users saved in a store (loaded and evicted as batches
+    need them) exactly as a runtime holding all of them."""
+    tok = tiny_chat_tokenizer
+    full, rt, recs = _stored_users(tmp_path)
     kw = dict(max_new_tokens=5, batch_size=2, progress=False)
     assert generate_responses(rt.model, tok, recs, runtime=rt, **kw) == generate_responses(
         full.model, tok, recs, runtime=full, **kw)

@@ -214,3 +214,42 @@ def test_a_batch_that_breaks_answers_500_to_its_rows_and_the_server_goes_on(answ
         assert status == 500 and "a bug of the batch" in out["error"]
         assert _post(server, {"user_id": user, "query": "hi"}) == (
             200, {"user_id": user, "query": "hi", "answer": answer(answer_run, [(user, "hi")], progress=False)[0]})
+
+
+def test_a_second_interrupt_while_closing_stops_at_once(answer_run, monkeypatch, capfd):
+    """The first SIGINT closes the server, which waits for the rows being generated; a second one
+    stops that wait: ``serve_forever`` raises ``KeyboardInterrupt`` (the command exits 130 with a
+    line, not a traceback), the signal handlers restored."""
+    import os
+    import signal
+
+    gate = Gate(monkeypatch)
+    server = AnswerServer(answer_run, port=0, max_wait_ms=0, log=True)
+    before = signal.getsignal(signal.SIGINT)
+    held: dict = {}
+
+    def interrupt_twice():
+        while not server._threads:
+            time.sleep(0.01)
+        held["future"] = server.submit(_users(answer_run)[0], "Tell me everything about sleep.")
+        gate.wait()  # its prefill is held
+        os.kill(os.getpid(), signal.SIGINT)
+        while not server.closing:
+            time.sleep(0.01)
+        time.sleep(0.3)  # close() waits for the held row
+        os.kill(os.getpid(), signal.SIGINT)
+
+    helper = threading.Thread(target=interrupt_twice)
+    helper.start()
+    with pytest.raises(KeyboardInterrupt):
+        server.serve_forever()
+    helper.join(30)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not held["future"].done()  # not answered: the second interrupt did not wait for it
+    assert "closing: the requests being generated are answered first" in capfd.readouterr().err
+    gate.release()  # the batcher, a daemon thread, would die with the process; here it finishes the row
+    assert isinstance(held["future"].result(timeout=60), str)
+
+    monkeypatch.setattr(AnswerServer, "serve_forever", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main([str(answer_run), "--port", "0", "--quiet"]) == 130
+    assert "milp.serve: stopped without answering the requests being generated" in capfd.readouterr().err

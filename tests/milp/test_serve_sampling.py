@@ -103,3 +103,20 @@ def test_the_command_refuses_bad_sampling_flags_by_name(answer_run, flags, match
         answer_cli.main([str(answer_run), "--user", user, "hi", "--no-progress", *flags])
     with pytest.raises(TypeError, match="sampling must be a milp.Sampling or None"):
         answer(answer_run, [(user, "hi")], sampling={"temperature": 1.0})
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_the_command_answers_alike_with_either_batching(answer_run, tmp_path, batching):
+    """The run's own predictions (static batches in its evaluation) from ``--batching`` either way;
+    sampled answers too, with one seed."""
+    split = json.loads((answer_run / "split.json").read_text())
+    preds = [json.loads(line) for line in (answer_run / "predictions.jsonl").read_text().splitlines()]
+    asks = [(p["user_id"], p["query"]) for p in preds if p["user_id"] in split["test"]][:6]
+    want = {(p["user_id"], p["query"]): p["prediction"] for p in preds}
+    assert answer(answer_run, asks, progress=False, batching=batching) == [want[a] for a in asks]
+    sampled = Sampling(1.1, top_k=30, seed=3)
+    assert answer(answer_run, asks, progress=False, batching=batching, sampling=sampled) == answer(
+        answer_run, asks, progress=False, batching="static" if batching == "continuous" else "continuous",
+        sampling=sampled)
+    with pytest.raises(ValueError, match="batching must be 'auto', 'continuous' or 'static', got 'x'"):
+        answer(answer_run, asks, batching="x")
