@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps where answers end early); static: one generate per batch, run to its longest "
                         "answer; auto (default): continuous where the model allows it")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end an answer at this text, which is not part of it (repeatable)")
     g = p.add_argument_group("sampling (default: greedy, as the run's evaluation)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sample the answers at this temperature (> 0; default 0: greedy)")
@@ -182,7 +184,7 @@ def load_run(run: Path, device: str = "auto", prog: str = "milp.answer") -> tupl
 def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_tokens: int | None = None,
            batch_size: int | None = None, device: str = "auto", progress: bool = True,
            stream: Callable[[int, str], None] | None = None, sampling: Sampling | None = None,
-           batching: str = "auto") -> list[str]:
+           batching: str = "auto", stop_strings: Sequence[str] | None = None) -> list[str]:
     """Answers to ``(user_id, query)`` pairs with the personalized model of the run in ``run``,
     in order. Any number of distinct users: they are answered the run's ``--slots`` users at a
     time (a generation batch may name at most that many), loaded from the run's store.
@@ -191,7 +193,8 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     ``sampling``: sample every answer so (:class:`milp.sampling.Sampling`; each query with its
     own generator, seeded by its seed, or by one drawn per query where it has none); ``None``: greedy.
     ``batching``: as :func:`milp.pipeline.generate_responses` takes it (``auto``: continuous
-    batching where the model allows it; the answers are the same either way).
+    batching where the model allows it; the answers are the same either way). ``stop_strings``:
+    texts that end every answer, which is its text before the first of them.
 
     Raises ``ValueError`` for a query that is not a pair of non-empty strings or a count that
     is not an int >= 1; ``SystemExit`` (a message) for a run directory without a finished run or
@@ -202,7 +205,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
         ['...']
     """
     from .data import Record
-    from .pipeline import generate_responses
+    from .pipeline import _stops_per_record, generate_responses
     from .sampling import row_sampler
     from .store import UserStore
 
@@ -218,6 +221,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     row_sampler(sampling)  # a TypeError before the model loads
     if batching not in ("auto", "continuous", "static"):
         raise ValueError(f"batching must be 'auto', 'continuous' or 'static', got {batching!r:.40}")
+    _stops_per_record(stop_strings, 1)
     run = Path(run)
     settings = check_run(run)
     store = UserStore(run / "users")
@@ -247,7 +251,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
                                  batch_size=batch_size or settings["eval_batch_size"],
                                  max_length=settings["max_length"] + 128, progress=progress,
                                  stream=stream_of if stream is not None else None, sampling=sampling,
-                                 batching=batching)
+                                 batching=batching, stop_strings=stop_strings)
         for i, a in zip(idx, out):
             answers[i] = a
     return answers
@@ -277,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise _fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.stop is not None and not all(args.stop):
+        raise _fail("--stop must be a non-empty text")
     sampling = _sampling(args)
     if sampling is not None and args.seed is None:
         print(f"milp.answer: sampled with --seed {sampling.seed} (give it to get these answers again)", file=sys.stderr)
@@ -294,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         answers = answer(args.run, queries, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          device=args.device, progress=args.progress and not streamed,
-                         stream=show if streamed else None, sampling=sampling, batching=args.batching)
+                         stream=show if streamed else None, sampling=sampling, batching=args.batching,
+                         stop_strings=args.stop)
         rows = [{"user_id": u, "query": q, "answer": a} for (u, q), a in zip(queries, answers)]
         lines = [dict(r, seed=sampling.seed) if sampling is not None else r for r in rows]
         if args.output is not None:

@@ -709,6 +709,7 @@ def generate_responses(
     stop: Callable[[int], bool] | None = None,
     sampling: Sampling | Sequence[Sampling | None] | None = None,
     batching: str = "static",
+    stop_strings: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
 ) -> list[str]:
     """Greedy (or sampled: ``sampling``) answers to each record's query, with the record's user's adapters (mixed-user
     batches through the runtime), in order. Batches hold ``batch_size`` records, fewer where a
@@ -739,6 +740,11 @@ def generate_responses(
     depend on the records batched with it, and is the one :class:`milp.decode.ContinuousBatch`
     gives it with that sampling.
 
+    ``stop_strings``: texts that end an answer, for every record (a sequence of strings) or one
+    sequence (or ``None``) per record: an answer ends once its text holds one of them, and is its
+    text before the first one (the stop string is not part of it). A stream holds back a text's
+    end while it could be the start of a stop string.
+
     ``batching``: ``"static"`` (the default) answers each batch of ``batch_size`` records with one
     ``generate`` call, run to its longest answer; ``"continuous"`` runs them through a
     :class:`milp.decode.ContinuousBatch` of ``batch_size`` rows, where a record takes the place of
@@ -763,6 +769,7 @@ def generate_responses(
     if batching not in ("static", "continuous", "auto"):
         raise ValueError(f"batching must be 'static', 'continuous' or 'auto', got {batching!r:.40}")
     samplings = sampling_per_record(sampling, len(records))
+    stops = _stops_per_record(stop_strings, len(records))
     users = _runtime_users(runtime, records, None)
     examples = _instruction_examples(records, tokenizer, context_fn, max_length, add_response=False)
     pad = _pad_id(tokenizer)
@@ -778,7 +785,7 @@ def generate_responses(
             continuous_unsupported(model, reach)
         if why is None:
             return _continuous_responses(model, tokenizer, examples, order, limits, runtime, users, batch_size,
-                                         samplings, progress, stream, stop)
+                                         samplings, progress, stream, stop, stops)
         if batching == "continuous":
             raise ValueError(f"batching='continuous': the model cannot be decoded so: {why}")
     answers: dict[int, str] = {}
@@ -795,7 +802,11 @@ def generate_responses(
             kwargs: dict[str, Any] = dict(max_new_tokens=n, do_sample=False, pad_token_id=pad)
             if eos is not None:  # None would override the model's own generation_config.eos_token_id
                 kwargs["eos_token_id"] = eos
-            stopper = _StopRows(list(idx), stop, ends) if stop is not None or min(ends) < n else None
+            row_stops = [stops[i] for i in idx]
+            # with input_ids the output repeats the prompt; with inputs_embeds it holds new tokens only
+            offset = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
+            stopper = _StopRows(list(idx), stop, ends, row_stops, tokenizer, offset) if (
+                stop is not None or min(ends) < n or any(row_stops)) else None
             if stopper is not None:
                 from transformers import StoppingCriteriaList
 
@@ -805,7 +816,7 @@ def generate_responses(
                 from transformers import LogitsProcessorList
 
                 kwargs["logits_processor"] = LogitsProcessorList([_sample_rows(samplers)])
-            streamer = _AnswerStream(tokenizer, list(idx), stream, stopper) if stream is not None else None
+            streamer = _AnswerStream(tokenizer, list(idx), stream, stopper, row_stops) if stream is not None else None
             if streamer is not None:
                 kwargs["streamer"] = streamer
             lm = cast(Any, model)  # a transformers model: generate()
@@ -814,12 +825,10 @@ def generate_responses(
                     out = lm.generate(**inputs, **kwargs)
             else:
                 out = lm.generate(**inputs, **kwargs)
-            # with input_ids the output repeats the prompt; with inputs_embeds it holds new tokens only
-            new = out[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out
-            for j, (i, row) in enumerate(zip(idx, new.tolist())):
+            for j, (i, row) in enumerate(zip(idx, out[:, offset:].tolist())):
                 if stopper is not None and stopper.ended[j] is not None:  # without an eos, generate goes on
                     row = row[:stopper.ended[j]]  # filling an ended row with tokens, not padding
-                answers[i] = _answer_text(tokenizer, row)
+                answers[i] = _answer_text(tokenizer, row, stops[i])
             if streamer is not None:
                 streamer.finish([answers[i] for i in idx])
             bar.update(len(idx))
@@ -832,7 +841,7 @@ def generate_responses(
 def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[str, Any]], order: list[int],
                           limits: list[int], runtime: Any, users: list[Hashable | None] | None, rows: int,
                           samplings: list[Sampling | None], progress: bool, stream: Callable[[int, str], None] | None,
-                          stop: Callable[[int], bool] | None) -> list[str]:
+                          stop: Callable[[int], bool] | None, stops: list[tuple[str, ...]]) -> list[str]:
     """:func:`generate_responses` with ``batching="continuous"``: the records in ``order`` join a
     :class:`milp.decode.ContinuousBatch` of ``rows`` rows as places free up (a store-backed
     runtime's: as their users fit beside the running rows')."""
@@ -862,12 +871,12 @@ def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[
                 if u.error is not None:
                     raise u.error
                 i = cast(int, u.key)
-                if not u.done and stop is not None and stop(i):
+                if not u.done and ((stop is not None and stop(i)) or _stop_hit(tokenizer, u.tokens, stops[i])):
                     batch.leave(i)  # its answer ends with the tokens so far
                 elif not u.done:
-                    hand(i, _partial_answer(tokenizer, u.tokens))
+                    hand(i, _partial_answer(tokenizer, u.tokens, stops[i]))
                     continue
-                answers[i] = _answer_text(tokenizer, u.tokens)
+                answers[i] = _answer_text(tokenizer, u.tokens, stops[i])
                 hand(i, answers[i])
                 bar.update(1)
     finally:
@@ -896,8 +905,10 @@ class _StopRows:
     ``max_new_tokens`` alone). The rows' flags go to the device only when one changed: no copy
     on most steps."""
 
-    def __init__(self, rows: list[int], stop: Callable[[int], bool] | None, limits: list[int]) -> None:
+    def __init__(self, rows: list[int], stop: Callable[[int], bool] | None, limits: list[int],
+                 stops: list[tuple[str, ...]] | None = None, tokenizer: Any = None, offset: int = 0) -> None:
         self.rows, self.stop, self.limits = rows, stop, limits
+        self.stops, self.tokenizer, self.offset = stops or [()] * len(rows), tokenizer, offset
         self.ended: list[int | None] = [None] * len(rows)
         self.steps = 0
         self.flags: torch.Tensor | None = None
@@ -905,8 +916,11 @@ class _StopRows:
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         self.steps += 1
         changed = self.flags is None
+        # stop strings read the rows' tokens (a copy to the host per step, only where some are given)
+        new = input_ids[:, self.offset:].tolist() if any(self.stops) else None
         for j, i in enumerate(self.rows):
-            if self.ended[j] is None and (self.steps >= self.limits[j] or (self.stop is not None and self.stop(i))):
+            if self.ended[j] is None and (self.steps >= self.limits[j] or (self.stop is not None and self.stop(i))
+                                          or (new is not None and _stop_hit(self.tokenizer, new[j], self.stops[j]))):
                 self.ended[j], changed = self.steps, True
         if changed:
             self.flags = torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
@@ -928,16 +942,54 @@ def _sample_rows(samplers: list[Any]) -> Any:
     return SampleRows()
 
 
-def _answer_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """An answer's text from its generated tokens: special tokens skipped, stripped."""
-    return str(tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
+def _stops_per_record(stop_strings: Any, n: int) -> list[tuple[str, ...]]:
+    """``stop_strings`` (strings for every record, or one sequence or ``None`` per record) as one
+    tuple per record of ``n``."""
+    def checked(v: Any, name: str) -> tuple[str, ...]:
+        if v is None:
+            return ()
+        if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not all(isinstance(t, str) and t for t in v):
+            raise ValueError(f"{name} must be a sequence of non-empty strings, got {v!r:.60}")
+        return tuple(v)
+
+    if stop_strings is None or (isinstance(stop_strings, Sequence) and not isinstance(stop_strings, (str, bytes))
+                                and all(isinstance(t, str) for t in stop_strings)):
+        return [checked(stop_strings, "stop_strings")] * n
+    if isinstance(stop_strings, (str, bytes)) or not isinstance(stop_strings, Sequence) or len(stop_strings) != n:
+        raise ValueError(f"stop_strings must be a sequence of strings (for every record) or one sequence of them "
+                         f"(or None) per record, {n} in all; got {stop_strings!r:.60}")
+    return [checked(v, f"stop_strings[{i}]") for i, v in enumerate(stop_strings)]
 
 
-def _partial_answer(tokenizer: Any, ids: Sequence[int]) -> str:
+def _cut(tokenizer: Any, ids: Sequence[int], stops: Sequence[str]) -> tuple[str, bool]:
+    """The decoded text of ``ids`` (special tokens skipped) before the first of ``stops`` in it,
+    and whether one is."""
+    text = str(tokenizer.decode(list(ids), skip_special_tokens=True))
+    at = min((k for k in (text.find(s) for s in stops) if k >= 0), default=-1)
+    return (text[:at], True) if at >= 0 else (text, False)
+
+
+def _stop_hit(tokenizer: Any, ids: Sequence[int], stops: Sequence[str]) -> bool:
+    """Whether the text of an answer's tokens holds one of its stop strings."""
+    return bool(stops) and _cut(tokenizer, ids, stops)[1]
+
+
+def _answer_text(tokenizer: Any, ids: Sequence[int], stops: Sequence[str] = ()) -> str:
+    """An answer's text from its generated tokens: special tokens skipped, cut before the first
+    of its stop strings, stripped."""
+    return _cut(tokenizer, ids, stops)[0].strip()
+
+
+def _partial_answer(tokenizer: Any, ids: Sequence[int], stops: Sequence[str] = ()) -> str:
     """The text of an answer's tokens so far, as a stream may hand it on: :func:`_answer_text`
     without trailing whitespace or a trailing incomplete UTF-8 character (the next token may
-    complete them, or the answer end there and drop them)."""
-    return _answer_text(tokenizer, ids).rstrip("\ufffd").rstrip()
+    complete them, or the answer end there and drop them), nor an end that may be the start of
+    a stop string."""
+    text, hit = _cut(tokenizer, ids, stops)
+    if not hit:
+        held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        text = text[:len(text) - held]
+    return text.strip().rstrip("\ufffd").rstrip()
 
 
 class _AnswerStream:
@@ -949,8 +1001,9 @@ class _AnswerStream:
     handed before. :meth:`finish` hands over the final answers."""
 
     def __init__(self, tokenizer: Any, rows: list[int], callback: Callable[[int, str], None],
-                 stopper: _StopRows | None = None) -> None:
+                 stopper: _StopRows | None = None, stops: list[tuple[str, ...]] | None = None) -> None:
         self.tokenizer, self.rows, self.callback = tokenizer, rows, callback
+        self.stops = stops or [()] * len(rows)
         self.stopper = stopper  # a row it ended takes no more tokens (without an eos, generate gives some)
         self.ids: list[list[int]] = [[] for _ in rows]
         self.sent = [""] * len(rows)
@@ -970,7 +1023,7 @@ class _AnswerStream:
             if ended is not None and len(self.ids[j]) >= ended:
                 continue
             self.ids[j].extend(new)
-            self._hand(j, _partial_answer(self.tokenizer, self.ids[j]))
+            self._hand(j, _partial_answer(self.tokenizer, self.ids[j], self.stops[j]))
 
     def end(self) -> None:
         pass  # the answers come with finish(), decoded from generate's output

@@ -34,7 +34,9 @@ Endpoints:
   ``"top_k"``, ``"top_p"``, ``"min_p"`` (as ``generate`` takes them) and ``"seed"`` (an int; the
   answer then has a ``"seed"`` field, drawn where the request gave none). A request sampled with
   a seed gets the same answer again, whatever else the server generates meanwhile and with
-  either batching (:mod:`milp.sampling`: one generator per row, not one per batch);
+  either batching (:mod:`milp.sampling`: one generator per row, not one per batch).
+  ``"stop"``: a string or a list of up to four: the answer ends at the first of them and is the
+  text before it (a stream holds back an end that may be the start of one);
   with ``"stream": true`` a ``text/event-stream`` (server-sent events, chunked) instead: one
   ``data: {"delta": str}`` event per piece of the answer as it is generated (the pieces
   concatenate to the answer), then ``data: {"user_id", "query", "answer", "done": true}``, or
@@ -90,6 +92,7 @@ REQUEST_TIMEOUT_S = 600.0  # a request not answered by then gets 504
 # a connection silent this long is closed: an idle keep-alive one, or a body shorter than its
 # Content-Length (408), which used to hold its handler thread forever
 READ_TIMEOUT_S = 60.0
+MAX_STOP = 4  # stop strings a request may give (OpenAI's limit)
 POLL_S = 0.25  # how often a handler waiting for its answer looks whether its client hung up
 
 
@@ -101,6 +104,7 @@ class _Request:
     done: Future = field(default_factory=Future)
     on_delta: Callable[[str], None] | None = None
     sampling: Sampling | None = None  # None: greedy
+    stop: tuple[str, ...] = ()  # texts that end the answer (not part of it)
     sent: str = ""  # the answer's text handed to on_delta so far
 
     def progress(self, text: str) -> None:
@@ -325,25 +329,30 @@ class AnswerServer:
             return user in self._users
 
     def submit(self, user: str, query: str, max_new_tokens: int | None = None, *,
-               on_delta: Callable[[str], None] | None = None, sampling: Sampling | None = None) -> Future:
+               on_delta: Callable[[str], None] | None = None, sampling: Sampling | None = None,
+               stop: Sequence[str] = ()) -> Future:
         """Queue one request; its future gives the answer. ``on_delta(piece)``, where given, is
         called in the batcher's thread with each new piece of the answer as it is generated (the
         pieces concatenate to the answer; keep it short: a queue's ``put``). ``sampling``: a
         :class:`milp.sampling.Sampling` to sample the answer (give it a ``seed`` to get the same
         answer again, whatever else the server generates meanwhile; see :meth:`Sampling.resolved`);
-        ``None``: greedy.
+        ``None``: greedy. ``stop``: texts that end the answer, which is its text before the first
+        of them.
 
         ``future.cancel()`` withdraws the request at any time before its answer: one still queued
         is never generated, one being generated ends at its next token (the rest of its batch goes
         on; a batch whose requests were all cancelled stops)."""
+        from .pipeline import _stops_per_record
         from .sampling import row_sampler
 
         if on_delta is not None and not callable(on_delta):
             raise TypeError(f"on_delta must be a callable or None, got {type(on_delta).__name__}")
         row_sampler(sampling)  # a TypeError here, not in the batcher
+        stops = _stops_per_record(stop, 1)[0]
         if sampling is not None:  # one seed for every attempt (a failed static batch answers again one by one)
             sampling = sampling.resolved()
-        r = _Request(user, query, max_new_tokens or self.max_new_tokens, on_delta=on_delta, sampling=sampling)
+        r = _Request(user, query, max_new_tokens or self.max_new_tokens, on_delta=on_delta, sampling=sampling,
+                     stop=stops)
         with self._submit_lock:
             if self._stop.is_set():
                 raise _Closing()
@@ -395,7 +404,7 @@ class AnswerServer:
                                              runtime=self.runtime, max_new_tokens=[r.max_new_tokens for r in reqs],
                                              batch_size=self.batch_size, max_length=self._max_prompt, progress=False,
                                              stream=progress if any(r.on_delta for r in reqs) else None, stop=stop,
-                                             sampling=[r.sampling for r in reqs])
+                                             sampling=[r.sampling for r in reqs], stop_strings=[r.stop for r in reqs])
             except Exception as e:
                 if len(reqs) > 1:  # one bad request (a damaged user, say) must not fail the others: one by one
                     groups[:0] = [[r] for r in reqs]
@@ -467,7 +476,7 @@ class AnswerServer:
     def _step(self, batch: Any, waiting: collections.deque[_Request], live: dict[int, _Request],
               busy: list[_Request]) -> None:
         """Let the cancelled requests go, the waiting ones join while there is room, and run one step."""
-        from .pipeline import _answer_text, _instruction_examples, _partial_answer
+        from .pipeline import _answer_text, _instruction_examples, _partial_answer, _stop_hit
 
         taken = cancelled = joined = 0
         for key, r in list(live.items()):
@@ -503,15 +512,18 @@ class AnswerServer:
         updates = batch.step()
         for u in updates:
             r = live[cast(int, u.key)]
+            ended = u.done or _stop_hit(self.tokenizer, u.tokens, r.stop)
             if u.error is not None:
                 r.finish(error=u.error)
-            elif u.done:
-                answer = _answer_text(self.tokenizer, u.tokens)
+            elif ended:
+                if not u.done:  # a stop string: the row leaves with its answer
+                    batch.leave(u.key)
+                answer = _answer_text(self.tokenizer, u.tokens, r.stop)
                 r.progress(answer)
                 r.finish(answer)
             elif r.on_delta is not None:
-                r.progress(_partial_answer(self.tokenizer, u.tokens))
-            if u.done:
+                r.progress(_partial_answer(self.tokenizer, u.tokens, r.stop))
+            if ended:
                 del live[cast(int, u.key)]
 
     def _log_batch(self, reqs: list[_Request], t0: float) -> None:
@@ -619,10 +631,11 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             sampling = _sampling_of(req)
             sampling = sampling.resolved() if sampling is not None else None  # its seed drawn where it names none
             seed = {} if sampling is None else {"seed": sampling.seed}  # in the answer: the request can be repeated
+            stop = [req["stop"]] if isinstance(req.get("stop"), str) else req.get("stop") or []
             if req.get("stream"):
-                return self._stream(user, query, req.get("max_new_tokens"), sampling)
+                return self._stream(user, query, req.get("max_new_tokens"), sampling, stop)
             try:
-                done = server.submit(user, query, req.get("max_new_tokens"), sampling=sampling)
+                done = server.submit(user, query, req.get("max_new_tokens"), sampling=sampling, stop=stop)
                 answer = self._wait(done, lambda: done.result(timeout=POLL_S), time.monotonic() + REQUEST_TIMEOUT_S)
             except _Closing:
                 return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
@@ -659,11 +672,12 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             except (OSError, ValueError):  # reset, or closed under us
                 return True
 
-        def _stream(self, user: str, query: str, max_new_tokens: int | None, sampling: Sampling | None) -> None:
+        def _stream(self, user: str, query: str, max_new_tokens: int | None, sampling: Sampling | None,
+                    stop: list[str]) -> None:
             """The answer as server-sent events, each an HTTP chunk (the connection stays open)."""
             pieces: queue.Queue[str | None] = queue.Queue()
             try:
-                done = server.submit(user, query, max_new_tokens, on_delta=pieces.put, sampling=sampling)
+                done = server.submit(user, query, max_new_tokens, on_delta=pieces.put, sampling=sampling, stop=stop)
             except _Closing:
                 return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
             done.add_done_callback(lambda _: pieces.put(None))  # after the last piece: the same thread
@@ -746,10 +760,14 @@ def _check_request(req: Any, max_new_tokens: int) -> str | None:
         return f"'max_new_tokens' must be an int in [1, {max_new_tokens}] (the server's), got {n!r:.40}"
     if not isinstance(req.get("stream", False), bool):
         return f"'stream' must be true or false, got {req['stream']!r:.40}"
-    unknown = sorted(set(req) - {"user_id", "query", "max_new_tokens", "stream", "temperature", *_SAMPLING})
+    unknown = sorted(set(req) - {"user_id", "query", "max_new_tokens", "stream", "stop", "temperature", *_SAMPLING})
     if unknown:
-        return (f"unknown fields {unknown}: expected user_id, query and optionally max_new_tokens, stream, "
+        return (f"unknown fields {unknown}: expected user_id, query and optionally max_new_tokens, stream, stop, "
                 f"temperature, {', '.join(_SAMPLING)}")
+    stop = req.get("stop")
+    if stop is not None and not (isinstance(stop, str) and stop) and not (
+            isinstance(stop, list) and 1 <= len(stop) <= MAX_STOP and all(isinstance(t, str) and t for t in stop)):
+        return f"'stop' must be a non-empty string or a list of 1 to {MAX_STOP} of them, got {stop!r:.60}"
     try:
         _sampling_of(req)
     except ValueError as e:
