@@ -4,8 +4,9 @@ Each user is answered with their own memory adapters (loaded on demand from the 
 ``users/`` directory through a :class:`~milp.store.UserStore`, so any number of users fit the
 run's slots) and the run's shared instruction adapter, the way the run's evaluation answered
 its test users: the same model, dtype, prompt and greedy decoding. Queries of many users are
-answered in mixed-user batches, with continuous batching where the model allows it (``--batching``:
-a query takes the row of one whose answer ended; the answers are the ones static batches give).
+answered in mixed-user batches: one ``generate`` per batch (``--batching static``, the default), or
+continuous batching (``--batching continuous``: a query takes the row of one whose answer ended,
+fewer steps where answer lengths vary widely; the same answers).
 
     python -m milp.answer runs/milp --user meddia-d3-0294 "I have had a headache for three days. What should I do?"
     python -m milp.answer runs/milp --queries queries.jsonl --output answers.jsonl
@@ -50,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: the run's)")
     p.add_argument("--batch-size", type=int, default=None, help="queries per batch (default: the run's)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
-    p.add_argument("--batching", choices=("auto", "continuous", "static"), default="auto",
-                   help="continuous: a query takes the place of one whose answer ended (the same answers, fewer "
-                        "steps where answers end early); static: one generate per batch, run to its longest "
-                        "answer; auto (default): continuous where the model allows it")
+    p.add_argument("--batching", choices=("auto", "continuous", "static"), default="static",
+                   help="static (default): one generate per batch, run to its longest answer; continuous: a query "
+                        "takes the row of one whose answer ended (the same answers; fewer steps where answer "
+                        "lengths vary widely, one more forward per query joining); auto: continuous where the "
+                        "model allows it")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end an answer at this text, which is not part of it (repeatable)")
@@ -184,7 +186,7 @@ def load_run(run: Path, device: str = "auto", prog: str = "milp.answer") -> tupl
 def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_tokens: int | None = None,
            batch_size: int | None = None, device: str = "auto", progress: bool = True,
            stream: Callable[[int, str], None] | None = None, sampling: Sampling | None = None,
-           batching: str = "auto", stop_strings: Sequence[str] | None = None) -> list[str]:
+           batching: str = "static", stop_strings: Sequence[str] | None = None) -> list[str]:
     """Answers to ``(user_id, query)`` pairs with the personalized model of the run in ``run``,
     in order. Any number of distinct users: they are answered the run's ``--slots`` users at a
     time (a generation batch may name at most that many), loaded from the run's store.
@@ -192,8 +194,8 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     ``i``'s answer so far as it is generated (:func:`milp.pipeline.generate_responses`).
     ``sampling``: sample every answer so (:class:`milp.sampling.Sampling`; each query with its
     own generator, seeded by its seed, or by one drawn per query where it has none); ``None``: greedy.
-    ``batching``: as :func:`milp.pipeline.generate_responses` takes it (``auto``: continuous
-    batching where the model allows it; the answers are the same either way). ``stop_strings``:
+    ``batching``: as :func:`milp.pipeline.generate_responses` takes it (the answers are the
+    same either way). ``stop_strings``:
     texts that end every answer, which is its text before the first of them.
 
     Raises ``ValueError`` for a query that is not a pair of non-empty strings or a count that
