@@ -195,8 +195,8 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     ``sampling``: sample every answer so (:class:`milp.sampling.Sampling`; each query with its
     own generator, seeded by its seed, or by one drawn per query where it has none); ``None``: greedy.
     ``batching``: as :func:`milp.pipeline.generate_responses` takes it (the answers are the
-    same either way). ``stop_strings``:
-    texts that end every answer, which is its text before the first of them.
+    same either way). ``stop_strings``: texts that end every answer, which is its text before
+    the first of them.
 
     Raises ``ValueError`` for a query that is not a pair of non-empty strings or a count that
     is not an int >= 1; ``SystemExit`` (a message) for a run directory without a finished run or

@@ -711,9 +711,9 @@ def generate_responses(
     batching: str = "static",
     stop_strings: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
 ) -> list[str]:
-    """Greedy (or sampled: ``sampling``) answers to each record's query, with the record's user's adapters (mixed-user
-    batches through the runtime), in order. Batches hold ``batch_size`` records, fewer where a
-    store-backed ``runtime`` has fewer free slots than a batch names users.
+    """Greedy (or sampled: ``sampling``) answers to each record's query, with the record's user's
+    adapters (mixed-user batches through the runtime), in order. Batches hold ``batch_size``
+    records, fewer where a store-backed ``runtime`` has fewer free slots than a batch names users.
 
     ``max_new_tokens``: the longest answer, one for all or one per record. Records of different
     lengths share a batch: it generates for its longest, and a row that reached its own length
@@ -899,8 +899,9 @@ def _per_record_lengths(max_new_tokens: Any, n: int) -> list[int]:
 
 class _StopRows:
     """A ``generate`` stopping criterion (transformers' ``StoppingCriteria`` protocol) that ends
-    each row once it has ``limits[row]`` new tokens, or once ``stop(record index)`` says ``True``
-    (asked after each step until then); :attr:`ended` holds per row the number of new tokens it
+    each row once it has ``limits[row]`` new tokens, once ``stop(record index)`` says ``True``
+    (asked after each step until then), or once its text (its new tokens from ``offset``) holds
+    one of its ``stops`` (stop strings); :attr:`ended` holds per row the number of new tokens it
     ended with (``None``: not ended here, at the end-of-text token or the batch's own
     ``max_new_tokens`` alone). The rows' flags go to the device only when one changed: no copy
     on most steps."""
