@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -847,19 +848,11 @@ def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[
     runtime's: as their users fit beside the running rows')."""
     from collections import deque
 
-    from .decode import ContinuousBatch
-
-    batch = ContinuousBatch(model, eos_token_id=getattr(tokenizer, "eos_token_id", None),
-                            pad_token_id=_pad_id(tokenizer), runtime=runtime, max_rows=rows)
+    batch = _continuous_batch(model, tokenizer, runtime, rows)
     waiting = deque(order)
     answers: dict[int, str] = {}
-    sent: dict[int, str] = {}
-
-    def hand(i: int, text: str) -> None:  # as _AnswerStream: only a text that extends the last one
-        if stream is not None and len(text) > len(sent.get(i, "")) and text.startswith(sent.get(i, "")):
-            sent[i] = text
-            stream(i, text)
-
+    # its extend-only hand-over, row j being record j
+    streamer = _AnswerStream(tokenizer, list(range(len(examples))), stream) if stream is not None else None
     bar = _progress(total=len(order), desc="generation", enabled=progress)
     try:
         while waiting or len(batch):
@@ -871,18 +864,40 @@ def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[
                 if u.error is not None:
                     raise u.error
                 i = cast(int, u.key)
-                if not u.done and ((stop is not None and stop(i)) or _stop_hit(tokenizer, u.tokens, stops[i])):
-                    batch.leave(i)  # its answer ends with the tokens so far
-                elif not u.done:
-                    hand(i, _partial_answer(tokenizer, u.tokens, stops[i]))
+                answer = _row_answer(batch, tokenizer, u, stops[i], stop=functools.partial(stop, i) if stop else None)
+                if answer is None:
+                    if streamer is not None:
+                        streamer._hand(i, _partial_answer(tokenizer, u.tokens, stops[i]))
                     continue
-                answers[i] = _answer_text(tokenizer, u.tokens, stops[i])
-                hand(i, answers[i])
+                answers[i] = answer
+                if streamer is not None:
+                    streamer._hand(i, answer)
                 bar.update(1)
     finally:
         batch.close()
     bar.close()
     return [answers[i] for i in range(len(examples))]
+
+
+def _continuous_batch(model: nn.Module, tokenizer: Any, runtime: Any, rows: int) -> Any:
+    """A :class:`milp.decode.ContinuousBatch` of ``rows`` rows that ends a row at the tokenizer's
+    end-of-text token and pads with its pad token, as :func:`generate_responses`' ``generate`` does."""
+    from .decode import ContinuousBatch
+
+    return ContinuousBatch(model, eos_token_id=getattr(tokenizer, "eos_token_id", None),
+                           pad_token_id=_pad_id(tokenizer), runtime=runtime, max_rows=rows)
+
+
+def _row_answer(batch: Any, tokenizer: Any, update: Any, stops: Sequence[str],
+                stop: Callable[[], bool] | None = None) -> str | None:
+    """The answer of the row of a :meth:`ContinuousBatch.step` ``update`` once the row ended: at
+    its own end, or here, where its text holds one of its ``stops`` or ``stop()`` says ``True``
+    (asked only while the row runs), the row then leaving ``batch``. ``None`` while it runs on."""
+    if not update.done and not ((stop is not None and stop()) or _stop_hit(tokenizer, update.tokens, stops)):
+        return None
+    if not update.done:
+        batch.leave(update.key)  # its answer ends with the tokens so far
+    return _answer_text(tokenizer, update.tokens, stops)
 
 
 def _per_record_lengths(max_new_tokens: Any, n: int) -> list[int]:

@@ -426,12 +426,9 @@ class AnswerServer:
     def _continuous(self) -> None:
         """The batcher with continuous batching: requests join the running batch between decode
         steps and leave it at their end (see the module doc)."""
-        from .decode import ContinuousBatch
-        from .pipeline import _pad_id
+        from .pipeline import _continuous_batch
 
-        eos = getattr(self.tokenizer, "eos_token_id", None)  # as generate_responses: the tokenizer's first
-        batch = ContinuousBatch(self.model, eos_token_id=eos, pad_token_id=_pad_id(self.tokenizer),
-                                runtime=self.runtime, max_rows=self.batch_size)
+        batch = _continuous_batch(self.model, self.tokenizer, self.runtime, self.batch_size)
         waiting: collections.deque[_Request] = collections.deque()  # taken, not yet joined
         live: dict[int, _Request] = {}  # joined: id(request) -> request
         busy: list[_Request] = []  # the requests of the busy period (rows running without a pause)
@@ -476,7 +473,7 @@ class AnswerServer:
     def _step(self, batch: Any, waiting: collections.deque[_Request], live: dict[int, _Request],
               busy: list[_Request]) -> None:
         """Let the cancelled requests go, the waiting ones join while there is room, and run one step."""
-        from .pipeline import _answer_text, _instruction_examples, _partial_answer, _stop_hit
+        from .pipeline import _instruction_examples, _partial_answer, _row_answer
 
         taken = cancelled = joined = 0
         for key, r in list(live.items()):
@@ -512,19 +509,18 @@ class AnswerServer:
         updates = batch.step()
         for u in updates:
             r = live[cast(int, u.key)]
-            ended = u.done or _stop_hit(self.tokenizer, u.tokens, r.stop)
             if u.error is not None:
                 r.finish(error=u.error)
-            elif ended:
-                if not u.done:  # a stop string: the row leaves with its answer
-                    batch.leave(u.key)
-                answer = _answer_text(self.tokenizer, u.tokens, r.stop)
-                r.progress(answer)
-                r.finish(answer)
-            elif r.on_delta is not None:
-                r.progress(_partial_answer(self.tokenizer, u.tokens, r.stop))
-            if ended:
                 del live[cast(int, u.key)]
+                continue
+            answer = _row_answer(batch, self.tokenizer, u, r.stop)  # a stop string: the row leaves with it
+            if answer is None:
+                if r.on_delta is not None:
+                    r.progress(_partial_answer(self.tokenizer, u.tokens, r.stop))
+                continue
+            r.progress(answer)
+            r.finish(answer)
+            del live[cast(int, u.key)]
 
     def _log_batch(self, reqs: list[_Request], t0: float) -> None:
         """Where ``log``: one line for the requests of a batch (continuous batching: of a busy
