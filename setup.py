@@ -42,6 +42,7 @@ extras = {
         "pytest>=8",
         "hypothesis>=6.100",
         "pytest-benchmark>=4",
+        "pytest-xdist>=3.5",  # the README's test command: `-n auto`, the suite on every core
         "matplotlib>=3.7",
     ],
     "peft": ["peft>=0.13"],

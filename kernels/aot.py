@@ -347,10 +347,19 @@ class LaunchRecorder:
         self._stack.close()
 
     def write(self, path: str) -> int:
-        """Append the distinct records to ``path`` (JSON lines); returns how many."""
+        """Append the distinct records to ``path`` (JSON lines); returns how many. Several
+        processes may append to one file (pytest-xdist workers, each with its recorder): each
+        appends all its lines in one write, under an exclusive lock where the OS has ``fcntl``."""
+        text = "".join(key + "\n" for key in self.records)
         with open(path, "a", encoding="utf-8") as f:
-            for key in self.records:
-                f.write(key + "\n")
+            try:
+                import fcntl
+            except ImportError:  # Windows: no lock, one write call
+                fcntl = None  # type: ignore[assignment]
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(text)
+            f.flush()
         return len(self.records)
 
 

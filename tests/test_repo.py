@@ -14,7 +14,7 @@ def _readme_commands():
 def test_readme_has_the_two_commands():
     main, tests = _readme_commands()[:2]
     assert main.endswith("python -m milp.train")
-    assert tests.endswith("python -m pytest tests")
+    assert tests.endswith("python -m pytest -n auto --maxprocesses 8 tests")  # pytest-xdist: every core
     assert "pip install torch==2.13.0 &&" in main.split("pip install -e")[0]  # torch before anything else
 
 
