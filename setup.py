@@ -43,6 +43,7 @@ extras = {
         "hypothesis>=6.100",
         "pytest-benchmark>=4",
         "pytest-xdist>=3.5",  # the README's test command: `-n auto`, the suite on every core
+        "openai>=1.40",  # milp.serve's OpenAI-compatible endpoints, tested with OpenAI's own client
         "matplotlib>=3.7",
     ],
     "peft": ["peft>=0.13"],

@@ -35,6 +35,7 @@ from .inject import (
 from .losses import mean_token_loss, token_losses
 from .optim import AdamWConfig, LossScaling, PackedAdamW, lr_multiplier, warmup_steps
 from .pipeline import (
+    Answer,
     InstructionAdapter,
     add_instruction_adapter,
     generate_responses,
@@ -52,6 +53,7 @@ __all__ = [
     "MAX_MODULES",
     "SUPPORTED_ARCHITECTURES",
     "AdamWConfig",
+    "Answer",
     "CacheInfo",
     "ContinuousBatch",
     "InstructionAdapter",

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .pipeline import Answer
     from .sampling import Sampling
 
 __all__ = ["answer", "build_parser", "check_run", "load_run", "main"]
@@ -186,10 +187,11 @@ def load_run(run: Path, device: str = "auto", prog: str = "milp.answer") -> tupl
 def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_tokens: int | None = None,
            batch_size: int | None = None, device: str = "auto", progress: bool = True,
            stream: Callable[[int, str], None] | None = None, sampling: Sampling | None = None,
-           batching: str = "static", stop_strings: Sequence[str] | None = None) -> list[str]:
+           batching: str = "static", stop_strings: Sequence[str] | None = None) -> list[Answer]:
     """Answers to ``(user_id, query)`` pairs with the personalized model of the run in ``run``,
-    in order. Any number of distinct users: they are answered the run's ``--slots`` users at a
-    time (a generation batch may name at most that many), loaded from the run's store.
+    in order (each a :class:`milp.pipeline.Answer`: its text, its token counts, why it ended).
+    Any number of distinct users: they are answered the run's ``--slots`` users at a time (a
+    generation batch may name at most that many), loaded from the run's store.
     ``max_new_tokens`` / ``batch_size``: ``None`` for the run's. ``stream(i, text)``: query
     ``i``'s answer so far as it is generated (:func:`milp.pipeline.generate_responses`).
     ``sampling``: sample every answer so (:class:`milp.sampling.Sampling`; each query with its
@@ -240,7 +242,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     # a generation batch may name at most `slots` distinct users (the runtime refuses more), so
     # the users are answered `slots` at a time, in order of first appearance, each loaded once
     users = list(dict.fromkeys(user for user, _ in queries))
-    answers: list[str] = [""] * len(queries)
+    answers: dict[int, Answer] = {}
     for start in range(0, len(users), slots):
         window = set(users[start:start + slots])
         idx = [i for i, (user, _) in enumerate(queries) if user in window]
@@ -254,9 +256,8 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
                                  max_length=settings["max_length"] + 128, progress=progress,
                                  stream=stream_of if stream is not None else None, sampling=sampling,
                                  batching=batching, stop_strings=stop_strings)
-        for i, a in zip(idx, out):
-            answers[i] = a
-    return answers
+        answers.update(zip(idx, out))
+    return [answers[i] for i in range(len(queries))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

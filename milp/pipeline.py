@@ -54,6 +54,7 @@ __all__ = [
     "InstructionAdapter",
     "PrefixEncoder",
     "add_instruction_adapter",
+    "Answer",
     "generate_responses",
     "get_instruction_adapter",
     "instruction_tune",
@@ -693,6 +694,36 @@ def response_losses(
     return out
 
 
+class Answer(str):
+    """A generated answer: its text (a ``str``: it compares, hashes, prints and serialises as
+    that text), with how it was generated, as :func:`generate_responses` gives it.
+
+    Attributes:
+        prompt_tokens: the prompt's length in tokens.
+        new_tokens: the tokens generated for it: up to and including its end-of-text token, up
+            to the one that completed a stop string, or its ``max_new_tokens``.
+        finish_reason: ``"stop"`` (its end-of-text token or a stop string ended it), ``"length"``
+            (its ``max_new_tokens`` did) or ``"cancelled"`` (``stop(i)`` did).
+
+    Example:
+        >>> a = Answer("Rest and drink water.", 31, 7, "stop")
+        >>> a == "Rest and drink water.", a.new_tokens, a.finish_reason
+        (True, 7, 'stop')
+    """
+
+    prompt_tokens: int
+    new_tokens: int
+    finish_reason: str
+
+    def __new__(cls, text: str, prompt_tokens: int, new_tokens: int, finish_reason: str) -> Answer:
+        self = super().__new__(cls, text)
+        self.prompt_tokens, self.new_tokens, self.finish_reason = prompt_tokens, new_tokens, finish_reason
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle and copy: the text and the attributes
+        return (Answer, (str(self), self.prompt_tokens, self.new_tokens, self.finish_reason))
+
+
 @torch.no_grad()
 def generate_responses(
     model: nn.Module,
@@ -711,9 +742,10 @@ def generate_responses(
     sampling: Sampling | Sequence[Sampling | None] | None = None,
     batching: str = "static",
     stop_strings: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
-) -> list[str]:
+) -> list[Answer]:
     """Greedy (or sampled: ``sampling``) answers to each record's query, with the record's user's
-    adapters (mixed-user batches through the runtime), in order. Batches hold ``batch_size``
+    adapters (mixed-user batches through the runtime), in order: each an :class:`Answer`, its
+    text with its token counts and why it ended. Batches hold ``batch_size``
     records, fewer where a store-backed ``runtime`` has fewer free slots than a batch names users.
 
     ``max_new_tokens``: the longest answer, one for all or one per record. Records of different
@@ -789,7 +821,8 @@ def generate_responses(
                                          samplings, progress, stream, stop, stops)
         if batching == "continuous":
             raise ValueError(f"batching='continuous': the model cannot be decoded so: {why}")
-    answers: dict[int, str] = {}
+    answers: dict[int, Answer] = {}
+    ends_at = _eos_ids(model, eos)
     was_training = model.training
     model.eval()
     try:
@@ -829,7 +862,7 @@ def generate_responses(
             for j, (i, row) in enumerate(zip(idx, out[:, offset:].tolist())):
                 if stopper is not None and stopper.ended[j] is not None:  # without an eos, generate goes on
                     row = row[:stopper.ended[j]]  # filling an ended row with tokens, not padding
-                answers[i] = _answer_text(tokenizer, row, stops[i])
+                answers[i] = _answer(tokenizer, row, stops[i], ends_at, limits[i], len(examples[i]["input_ids"]))
             if streamer is not None:
                 streamer.finish([answers[i] for i in idx])
             bar.update(len(idx))
@@ -842,7 +875,7 @@ def generate_responses(
 def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[str, Any]], order: list[int],
                           limits: list[int], runtime: Any, users: list[Hashable | None] | None, rows: int,
                           samplings: list[Sampling | None], progress: bool, stream: Callable[[int, str], None] | None,
-                          stop: Callable[[int], bool] | None, stops: list[tuple[str, ...]]) -> list[str]:
+                          stop: Callable[[int], bool] | None, stops: list[tuple[str, ...]]) -> list[Answer]:
     """:func:`generate_responses` with ``batching="continuous"``: the records in ``order`` join a
     :class:`milp.decode.ContinuousBatch` of ``rows`` rows as places free up (a store-backed
     runtime's: as their users fit beside the running rows')."""
@@ -850,7 +883,7 @@ def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[
 
     batch = _continuous_batch(model, tokenizer, runtime, rows)
     waiting = deque(order)
-    answers: dict[int, str] = {}
+    answers: dict[int, Answer] = {}
     # its extend-only hand-over, row j being record j
     streamer = _AnswerStream(tokenizer, list(range(len(examples))), stream) if stream is not None else None
     bar = _progress(total=len(order), desc="generation", enabled=progress)
@@ -864,7 +897,8 @@ def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[
                 if u.error is not None:
                     raise u.error
                 i = cast(int, u.key)
-                answer = _row_answer(batch, tokenizer, u, stops[i], stop=functools.partial(stop, i) if stop else None)
+                answer = _row_answer(batch, tokenizer, u, stops[i], stop=functools.partial(stop, i) if stop else None,
+                                     limit=limits[i], prompt_tokens=len(examples[i]["input_ids"]))
                 if answer is None:
                     if streamer is not None:
                         streamer._hand(i, _partial_answer(tokenizer, u.tokens, stops[i]))
@@ -889,15 +923,16 @@ def _continuous_batch(model: nn.Module, tokenizer: Any, runtime: Any, rows: int)
 
 
 def _row_answer(batch: Any, tokenizer: Any, update: Any, stops: Sequence[str],
-                stop: Callable[[], bool] | None = None) -> str | None:
+                stop: Callable[[], bool] | None = None, *, limit: int, prompt_tokens: int) -> Answer | None:
     """The answer of the row of a :meth:`ContinuousBatch.step` ``update`` once the row ended: at
     its own end, or here, where its text holds one of its ``stops`` or ``stop()`` says ``True``
-    (asked only while the row runs), the row then leaving ``batch``. ``None`` while it runs on."""
+    (asked only while the row runs), the row then leaving ``batch``. ``None`` while it runs on.
+    ``limit``: the row's ``max_new_tokens``; ``prompt_tokens``: its prompt's length."""
     if not update.done and not ((stop is not None and stop()) or _stop_hit(tokenizer, update.tokens, stops)):
         return None
     if not update.done:
         batch.leave(update.key)  # its answer ends with the tokens so far
-    return _answer_text(tokenizer, update.tokens, stops)
+    return _answer(tokenizer, update.tokens, stops, batch.eos, limit, prompt_tokens)
 
 
 def _per_record_lengths(max_new_tokens: Any, n: int) -> list[int]:
@@ -988,6 +1023,27 @@ def _cut(tokenizer: Any, ids: Sequence[int], stops: Sequence[str]) -> tuple[str,
 def _stop_hit(tokenizer: Any, ids: Sequence[int], stops: Sequence[str]) -> bool:
     """Whether the text of an answer's tokens holds one of its stop strings."""
     return bool(stops) and _cut(tokenizer, ids, stops)[1]
+
+
+def _eos_ids(model: nn.Module, eos: Any) -> frozenset[int]:
+    """The end-of-text token ids a ``generate`` call ends rows at: ``eos`` (the tokenizer's) where
+    given, the model's generation config's otherwise (an int or a list)."""
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _answer(tokenizer: Any, ids: Sequence[int], stops: Sequence[str], eos: frozenset[int], limit: int,
+            prompt_tokens: int) -> Answer:
+    """The :class:`Answer` of a row's generated tokens ``ids`` (after its end-of-text token, if
+    any, only padding): its text (:func:`_answer_text`), its new tokens, why it ended."""
+    text, hit = _cut(tokenizer, ids, stops)
+    end = next((k + 1 for k, t in enumerate(ids) if t in eos), None)
+    n = len(ids) if end is None else end
+    why = "stop" if end is not None or hit else ("length" if n >= limit else "cancelled")
+    return Answer(text.strip(), prompt_tokens, n, why)
 
 
 def _answer_text(tokenizer: Any, ids: Sequence[int], stops: Sequence[str] = ()) -> str:

@@ -50,6 +50,9 @@ Endpoints:
   A request whose client hangs up before its answer (or that gets ``504`` after
   ``REQUEST_TIMEOUT_S``) is cancelled: still queued, it is never generated; being generated,
   its row ends at the next token, and a batch whose rows all ended stops.
+* ``POST /v1/chat/completions`` and ``GET /v1/models`` (``/v1/models/<user>``): OpenAI's API, the
+  request's ``model`` naming the user (:mod:`milp.openai_api`: what it reads and answers), errors
+  in OpenAI's shape.
 * ``GET /health`` → ``{"status": "ok", "batching": "continuous" | "static", "requests": …,
   "batches": …, "largest_batch": …, "cancelled": …, "steps": …}`` (:meth:`AnswerServer.stats`;
   ``503`` with ``"status": "closing"`` once the server is closing).
@@ -81,6 +84,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from .data import Record
+    from .pipeline import Answer
     from .sampling import Sampling
 
 __all__ = ["AnswerServer", "build_parser", "main"]
@@ -106,6 +110,7 @@ class _Request:
     sampling: Sampling | None = None  # None: greedy
     stop: tuple[str, ...] = ()  # texts that end the answer (not part of it)
     sent: str = ""  # the answer's text handed to on_delta so far
+    prompt_tokens: int = 0  # its prompt's length (continuous batching: known once it joined)
 
     def progress(self, text: str) -> None:
         """The answer so far (of this attempt: a batch that failed is answered again one request
@@ -328,10 +333,16 @@ class AnswerServer:
         with self._users_lock:
             return user in self._users
 
+    def users(self) -> list[str]:
+        """The run's users, sorted (its ``users/`` read again: users added since count)."""
+        with self._users_lock:
+            return sorted(map(str, self._users.users()))
+
     def submit(self, user: str, query: str, max_new_tokens: int | None = None, *,
                on_delta: Callable[[str], None] | None = None, sampling: Sampling | None = None,
                stop: Sequence[str] = ()) -> Future:
-        """Queue one request; its future gives the answer. ``on_delta(piece)``, where given, is
+        """Queue one request; its future gives the answer (a :class:`milp.pipeline.Answer`: its
+        text, with its token counts and why it ended). ``on_delta(piece)``, where given, is
         called in the batcher's thread with each new piece of the answer as it is generated (the
         pieces concatenate to the answer; keep it short: a queue's ``put``). ``sampling``: a
         :class:`milp.sampling.Sampling` to sample the answer (give it a ``seed`` to get the same
@@ -492,6 +503,7 @@ class AnswerServer:
                 prompt = _instruction_examples([r.record()], self.tokenizer, None, self._max_prompt,
                                                add_response=False)[0]["input_ids"]
                 batch.join(id(r), prompt, r.max_new_tokens, r.user, sampling=r.sampling)
+                r.prompt_tokens = len(prompt)
             except Exception as e:  # an unknown user (removed since its check), say: 500 to this one alone
                 r.finish(error=e)
                 continue
@@ -513,7 +525,9 @@ class AnswerServer:
                 r.finish(error=u.error)
                 del live[cast(int, u.key)]
                 continue
-            answer = _row_answer(batch, self.tokenizer, u, r.stop)  # a stop string: the row leaves with it
+            # a stop string: the row leaves with it
+            answer = _row_answer(batch, self.tokenizer, u, r.stop, limit=r.max_new_tokens,
+                                 prompt_tokens=r.prompt_tokens)
             if answer is None:
                 if r.on_delta is not None:
                     r.progress(_partial_answer(self.tokenizer, u.tokens, r.stop))
@@ -546,6 +560,7 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
         server_version = "milp-serve"
         timeout = READ_TIMEOUT_S  # socket reads: an idle or stalled client does not hold its thread forever
         _chunked = True  # a streamed response's framing (_stream)
+        _openai = False  # this request's errors in OpenAI's shape (milp.openai_api)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
             pass  # one line per batch instead (AnswerServer(log=True))
@@ -565,13 +580,42 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             except ConnectionError:  # the client left: nothing to answer, no traceback
                 self.close_connection = True
 
-        def _error(self, status: HTTPStatus, msg: str, headers: dict[str, str] | None = None) -> None:
-            self._send(status, {"error": msg}, headers)
+        def _error(self, status: HTTPStatus, msg: str, headers: dict[str, str] | None = None,
+                   param: str | None = None) -> None:
+            from .openai_api import error_body
+
+            self._send(status, error_body(status, msg, param) if self._openai else {"error": msg}, headers)
+
+        def _models(self, user: str) -> None:
+            """``GET /v1/models`` (the run's users) or ``GET /v1/models/<user>``."""
+            from urllib.parse import unquote
+
+            from . import openai_api as oa
+
+            if not server.authorized(self.headers.get("Authorization")):
+                return self._unauthorized()
+            if not user:
+                return self._send(HTTPStatus.OK, oa.models(server.users()))
+            user = unquote(user)
+            if not server.knows(user):
+                return self._error(HTTPStatus.NOT_FOUND, f"unknown model {user!r}: the run holds no such user",
+                                   param="model")
+            self._send(HTTPStatus.OK, oa.model(user))
+
+        def _unauthorized(self) -> None:
+            self._error(HTTPStatus.UNAUTHORIZED, "an 'Authorization: Bearer <key>' header with the server's API key is "
+                                                 "required", {"WWW-Authenticate": 'Bearer realm="milp.serve"'})
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path.split("?")[0] != "/health":
+            from . import openai_api as oa
+
+            path = self.path.split("?")[0]
+            self._openai = path == oa.MODELS_PATH or path.startswith(oa.MODELS_PATH + "/")
+            if self._openai:
+                return self._models(path[len(oa.MODELS_PATH) + 1:])
+            if path != "/health":
                 return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: GET {self.path} (GET /health, "
-                                                         f"POST /v1/answer)")
+                                                         f"GET {oa.MODELS_PATH}, POST /v1/answer, POST {oa.CHAT_PATH})")
             if server.closing:  # a load balancer stops sending what would be refused
                 return self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "closing", "batching": server.batching,
                                                                    **server.stats()})
@@ -580,14 +624,17 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             # a response sent before the body is read closes the connection: on a kept-alive one the
             # unread body (or a chunked one) was read as the next request
-            if self.path.split("?")[0] != "/v1/answer":
+            from .openai_api import CHAT_PATH
+
+            path = self.path.split("?")[0]
+            self._openai = path == CHAT_PATH
+            if path not in ("/v1/answer", CHAT_PATH):
                 self.close_connection = True
-                return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path} (POST /v1/answer)")
+                return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path} (POST /v1/answer, "
+                                                         f"POST {CHAT_PATH})")
             if not server.authorized(self.headers.get("Authorization")):
                 self.close_connection = True
-                return self._error(HTTPStatus.UNAUTHORIZED, "an 'Authorization: Bearer <key>' header with the "
-                                                            "server's API key is required",
-                                   {"WWW-Authenticate": 'Bearer realm="milp.serve"'})
+                return self._unauthorized()
             text = self.headers.get("Content-Length")
             if text is None or "Transfer-Encoding" in self.headers:
                 self.close_connection = True
@@ -618,6 +665,8 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 return self._error(HTTPStatus.BAD_REQUEST, f"the body must be a JSON object ({e})")
             except RecursionError:  # "[[[[…" within the size limit: the handler died without an answer
                 return self._error(HTTPStatus.BAD_REQUEST, "the body must be a JSON object (it is nested too deeply)")
+            if self._openai:
+                return self._chat(req)
             problem = _check_request(req, server.max_new_tokens)
             if problem:
                 return self._error(HTTPStatus.BAD_REQUEST, problem)
@@ -629,20 +678,46 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             seed = {} if sampling is None else {"seed": sampling.seed}  # in the answer: the request can be repeated
             stop = [req["stop"]] if isinstance(req.get("stop"), str) else req.get("stop") or []
             if req.get("stream"):
-                return self._stream(user, query, req.get("max_new_tokens"), sampling, stop)
+                return self._stream(user, query, req.get("max_new_tokens"), sampling, stop,
+                                    _AnswerEvents(user, query, seed))
+            answer = self._answer(user, query, req.get("max_new_tokens"), sampling, stop)
+            if answer is not None:
+                self._send(HTTPStatus.OK, {"user_id": user, "query": query, "answer": str(answer), **seed})
+
+        def _chat(self, req: Any) -> None:
+            """``POST /v1/chat/completions`` (:mod:`milp.openai_api`)."""
+            from . import openai_api as oa
+
             try:
-                done = server.submit(user, query, req.get("max_new_tokens"), sampling=sampling, stop=stop)
-                answer = self._wait(done, lambda: done.result(timeout=POLL_S), time.monotonic() + REQUEST_TIMEOUT_S)
+                r = oa.parse_chat(req, server.max_new_tokens)
+            except oa.RequestError as e:
+                return self._error(HTTPStatus.BAD_REQUEST, str(e), param=e.param)
+            if not server.knows(r.user):
+                return self._error(HTTPStatus.NOT_FOUND, f"unknown model {r.user!r}: the run holds no such user "
+                                                         f"(GET {oa.MODELS_PATH} lists them)", param="model")
+            if r.stream:
+                return self._stream(r.user, r.query, r.max_new_tokens, r.sampling, r.stop, _ChatEvents(r))
+            answer = self._answer(r.user, r.query, r.max_new_tokens, r.sampling, r.stop)
+            if answer is not None:
+                self._send(HTTPStatus.OK, oa.completion(r, answer))
+
+        def _answer(self, user: str, query: str, max_new_tokens: int | None, sampling: Sampling | None,
+                    stop: list[str]) -> Answer | None:
+            """The request's answer, waited for; ``None`` where an error was sent instead (or the
+            client left)."""
+            try:
+                done = server.submit(user, query, max_new_tokens, sampling=sampling, stop=stop)
+                return cast("Answer", self._wait(done, lambda: done.result(timeout=POLL_S),
+                                                 time.monotonic() + REQUEST_TIMEOUT_S))
             except _Closing:
-                return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
+                self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
             except _ClientLeft:
                 self.close_connection = True
-                return None
             except TimeoutError:
-                return self._error(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {REQUEST_TIMEOUT_S:.0f} s")
+                self._error(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {REQUEST_TIMEOUT_S:.0f} s")
             except Exception as e:
-                return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(e).__name__}: {e}")
-            self._send(HTTPStatus.OK, {"user_id": user, "query": query, "answer": answer, **seed})
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(e).__name__}: {e}")
+            return None
 
         def _wait(self, done: Future, get: Callable[[], Any], deadline: float) -> Any:
             """What ``get()`` gives (it waits at most ``POLL_S``, raising ``TimeoutError`` or
@@ -669,8 +744,9 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 return True
 
         def _stream(self, user: str, query: str, max_new_tokens: int | None, sampling: Sampling | None,
-                    stop: list[str]) -> None:
-            """The answer as server-sent events, each an HTTP chunk (the connection stays open)."""
+                    stop: list[str], events: _AnswerEvents | _ChatEvents) -> None:
+            """The answer as server-sent events (``events`` gives their shape), each an HTTP chunk
+            (the connection stays open)."""
             pieces: queue.Queue[str | None] = queue.Queue()
             try:
                 done = server.submit(user, query, max_new_tokens, on_delta=pieces.put, sampling=sampling, stop=stop)
@@ -690,6 +766,9 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Connection", "close")
             self.end_headers()
             deadline = time.monotonic() + REQUEST_TIMEOUT_S  # for the whole answer, not each piece
+            if events.start() and not self._chunk(events.start()):
+                done.cancel()
+                return
             while True:
                 try:
                     piece = self._wait(done, lambda: pieces.get(timeout=POLL_S), deadline)
@@ -697,23 +776,21 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                     self.close_connection = True
                     return
                 except TimeoutError:
-                    final: dict[str, Any] = {"error": f"no answer within {REQUEST_TIMEOUT_S:.0f} s",
-                                             "status": int(HTTPStatus.GATEWAY_TIMEOUT)}
+                    final = events.error(f"no answer within {REQUEST_TIMEOUT_S:.0f} s", HTTPStatus.GATEWAY_TIMEOUT)
                     break
                 if piece is None:
                     try:
-                        final = {"user_id": user, "query": query, "answer": done.result(timeout=0), "done": True,
-                                 **({} if sampling is None else {"seed": sampling.seed})}
+                        final = events.done(done.result(timeout=0))
                     except _Closing:
-                        final = {"error": "the server is closing", "status": int(HTTPStatus.SERVICE_UNAVAILABLE)}
+                        final = events.error("the server is closing", HTTPStatus.SERVICE_UNAVAILABLE)
                     except Exception as e:
-                        final = {"error": f"generation failed: {type(e).__name__}: {e}",
-                                 "status": int(HTTPStatus.INTERNAL_SERVER_ERROR)}
+                        final = events.error(f"generation failed: {type(e).__name__}: {e}",
+                                             HTTPStatus.INTERNAL_SERVER_ERROR)
                     break
-                if not self._chunk(_event({"delta": piece})):
+                if not self._chunk(events.delta(piece)):
                     done.cancel()  # the client left: its row ends at the next token
                     return
-            if self._chunk(_event(final)):
+            if self._chunk(final):
                 self._chunk(b"")  # the last chunk: the response ends, the connection may carry the next
 
         def _chunk(self, data: bytes) -> bool:
@@ -736,6 +813,56 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
 def _event(obj: dict[str, Any]) -> bytes:
     """One server-sent event whose data is ``obj`` as JSON (one line: JSON escapes newlines)."""
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+class _AnswerEvents:
+    """The events of a streamed ``/v1/answer``: ``{"delta"}`` pieces, then the answer with
+    ``"done": true`` or ``{"error", "status"}``."""
+
+    def __init__(self, user: str, query: str, seed: dict[str, Any]) -> None:
+        self.head = {"user_id": user, "query": query}
+        self.seed = seed
+
+    def start(self) -> bytes:
+        return b""
+
+    def delta(self, piece: str) -> bytes:
+        return _event({"delta": piece})
+
+    def done(self, answer: str) -> bytes:
+        return _event({**self.head, "answer": str(answer), "done": True, **self.seed})
+
+    def error(self, msg: str, status: HTTPStatus) -> bytes:
+        return _event({"error": msg, "status": int(status)})
+
+
+class _ChatEvents:
+    """The events of a streamed ``/v1/chat/completions`` (:mod:`milp.openai_api`): OpenAI's
+    chunks, then ``[DONE]``."""
+
+    def __init__(self, request: Any) -> None:
+        self.r = request
+
+    def start(self) -> bytes:
+        from .openai_api import chunk
+
+        return _event(chunk(self.r, {"role": "assistant", "content": ""}))
+
+    def delta(self, piece: str) -> bytes:
+        from .openai_api import chunk
+
+        return _event(chunk(self.r, {"content": piece}))
+
+    def done(self, answer: Answer) -> bytes:
+        from .openai_api import chunk, usage_chunk
+
+        last = _event(chunk(self.r, {}, answer.finish_reason))
+        return last + (_event(usage_chunk(self.r, answer)) if self.r.include_usage else b"") + b"data: [DONE]\n\n"
+
+    def error(self, msg: str, status: HTTPStatus) -> bytes:
+        from .openai_api import error_body
+
+        return _event(error_body(status, msg)) + b"data: [DONE]\n\n"
 
 
 def _check_request(req: Any, max_new_tokens: int) -> str | None:

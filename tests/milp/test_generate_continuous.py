@@ -123,3 +123,54 @@ def test_auto_falls_back_where_continuous_batching_cannot_decode(tiny_chat_token
         generate_responses(model, tok, recs, prefix=prefix, batching="continuous", **kw)
     with pytest.raises(ValueError, match="batching must be 'static', 'continuous' or 'auto', got 'paged'"):
         generate_responses(model, tok, recs, batching="paged", **kw)
+
+
+def _alone(rt, tok, recs, limits):
+    """Each record generated alone by ``generate``: its new tokens and why it ended (the reference)."""
+    out = []
+    for r, e, n in zip(recs, _instruction_examples(recs, tok, None, 384, add_response=False), limits):
+        ids = e["input_ids"]
+        new = rt.generate(torch.tensor([ids]), [r.user_id], max_new_tokens=n, do_sample=False, pad_token_id=0,
+                          eos_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+        out.append((len(ids), len(new), "stop" if new[-1] == tok.eos_token_id else "length"))
+    return out
+
+
+def test_answers_carry_their_token_counts_and_why_they_ended(tiny_chat_tokenizer):
+    """Every answer is an ``Answer``: its prompt's tokens, its new tokens (the end-of-text token
+    counted) and its finish reason, those ``generate`` gives each record alone, with either
+    batching; a stop string ends one with ``"stop"``, ``stop(i)`` with ``"cancelled"``."""
+    import copy
+    import json
+    import pickle
+
+    from milp.pipeline import Answer
+
+    model, rt, recs, tok = _mixed(tiny_chat_tokenizer)
+    limits = [12, 2, 9, 3, 12, 1]
+    want = _alone(rt, tok, recs, limits)
+    assert {w[2] for w in want} == {"stop", "length"}, "precondition: answers of both ends"
+    kw = dict(runtime=rt, max_new_tokens=limits, batch_size=3, progress=False)
+    for batching in ("static", "continuous"):
+        got = generate_responses(model, tok, recs, batching=batching, **kw)
+        assert all(type(a) is Answer for a in got)
+        assert [(a.prompt_tokens, a.new_tokens, a.finish_reason) for a in got] == want, batching
+    a = got[0]
+    for b in (pickle.loads(pickle.dumps(a)), copy.deepcopy(a), copy.copy(a)):
+        assert (b, b.prompt_tokens, b.new_tokens, b.finish_reason) == (a, a.prompt_tokens, a.new_tokens,
+                                                                        a.finish_reason)
+    assert json.loads(json.dumps({"a": a})) == {"a": str(a)}
+    # a stop string: the answer ends with "stop" at the token that completed it
+    plain = generate_responses(model, _NoEos(tiny_chat_tokenizer), recs, **kw)
+    at = next(i for i, p in enumerate(plain) if len(p.strip()) > 3 and limits[i] >= 9)
+    stop_string = plain[at].strip()[2:4]
+    for batching in ("static", "continuous"):
+        cut = generate_responses(model, _NoEos(tiny_chat_tokenizer), recs, batching=batching,
+                                 stop_strings=[stop_string], **kw)[at]
+        assert (cut.finish_reason, str(cut)) == ("stop", plain[at].split(stop_string)[0].strip())
+        assert cut.new_tokens < plain[at].new_tokens == limits[at]
+        # stop(i) ends record `at` after its third token
+        ended = generate_responses(model, _NoEos(tiny_chat_tokenizer), recs, batching=batching,
+                                   stop=lambda i, n={}: i == at and n.setdefault(i, []).append(1) is None
+                                   and len(n[i]) >= 3, **kw)[at]
+        assert (ended.new_tokens, ended.finish_reason) == (3, "cancelled"), batching

@@ -1,0 +1,230 @@
+"""OpenAI-compatible chat completions for :mod:`milp.serve`: the request and response shapes.
+
+``python -m milp.serve`` answers ``POST /v1/chat/completions`` and ``GET /v1/models`` beside its
+own ``POST /v1/answer``, so OpenAI's client libraries (and tools built on them) talk to it as
+they talk to vLLM serving LoRA adapters: the request's ``model`` names the **user** (one of the
+run's, as ``GET /v1/models`` lists them), whose memory adapters answer it.
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url="http://localhost:8000/v1", api_key="-")
+    r = client.chat.completions.create(model="meddia-d3-0294",
+                                       messages=[{"role": "user", "content": "I have a headache."}])
+    r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+
+What a MiLP model answers is one query of its user, with the run's own prompt (its system
+prompt, its chat template): ``messages`` must be one message of role ``user`` (its ``content``
+a string or a list of text parts). A system message or an earlier turn is refused (``400``)
+rather than silently dropped: the instruction tuning never saw one.
+
+Fields read: ``model``, ``messages``, ``max_completion_tokens`` (or ``max_tokens``; at most the
+server's ``--max-new-tokens``, its default), ``temperature``, ``top_p``, ``seed``, ``stop`` (a
+string or up to four), ``stream``, ``stream_options.include_usage``, and as vLLM does ``top_k``
+and ``min_p``. Without a ``temperature`` the answer is greedy (the answers the run was evaluated
+with, as vLLM takes a model's own defaults; OpenAI's default is 1.0): give one to sample, and
+``seed`` to get the same answer again (a sampled answer names its seed, drawn where the request
+gave none, in a ``seed`` field beside OpenAI's). Accepted at their no-op values only: ``n`` (1),
+``presence_penalty`` and ``frequency_penalty`` (0), ``logprobs`` (false); ``user`` (OpenAI's
+end-user tag) is ignored. Any other field is refused by name.
+
+The answer: a ``chat.completion`` whose ``finish_reason`` is ``"stop"`` (the end-of-text token or
+a stop string) or ``"length"`` (``max_completion_tokens`` reached), with ``usage`` (the prompt's
+tokens, the tokens generated, the end-of-text token included). Streamed: ``chat.completion.chunk``
+events (the role first, then the text as it comes, then the ``finish_reason``; with
+``stream_options: {"include_usage": true}`` one more with the usage and no choices), then
+``data: [DONE]``. Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .sampling import Sampling
+
+__all__ = ["CHAT_PATH", "MODELS_PATH", "ChatRequest", "RequestError", "chunk", "completion", "error_body", "model",
+           "models", "parse_chat", "usage", "usage_chunk"]
+
+CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
+
+# fields a client library sends at these values without being asked: accepted there, refused elsewhere
+_NO_OP = {"n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,)}
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed")
+_READ = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+         "seed", "stop", "stream", "stream_options", "user"}
+
+
+class RequestError(ValueError):
+    """A chat completion request milp.serve cannot answer: ``param`` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What a chat completion request asks of the server."""
+
+    user: str  # the request's "model": a user of the run
+    query: str
+    max_new_tokens: int | None  # None: the server's
+    sampling: Sampling | None  # None: greedy (its seed resolved: the reply names it)
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _text(content: Any) -> str:
+    """A message's ``content`` as text: a string, or a list of ``{"type": "text", "text": str}`` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise RequestError(f"the user message's 'content' must be a string or a list of text parts "
+                       f"({{'type': 'text', 'text': str}}), got {content!r:.80}", "messages")
+
+
+def parse_chat(req: Any, max_new_tokens: int) -> ChatRequest:
+    """The request a decoded ``/v1/chat/completions`` body makes, checked; :class:`RequestError`
+    (naming the field) where it is malformed or asks for what milp.serve does not do.
+    ``max_new_tokens``: the server's longest answer."""
+    from .serve import MAX_STOP, _sampling_of
+
+    if not isinstance(req, dict):
+        raise RequestError(f"the body must be a JSON object, got {type(req).__name__}")
+    unknown = sorted(set(req) - _READ - set(_NO_OP))
+    if unknown:
+        raise RequestError(f"unsupported fields {unknown}: milp.serve reads {', '.join(sorted(_READ))}, and "
+                           f"{', '.join(sorted(_NO_OP))} at their defaults", unknown[0])
+    for k, allowed in _NO_OP.items():
+        if k in req and req[k] is not None and (isinstance(req[k], bool) != isinstance(allowed[0], bool)
+                                                or req[k] not in allowed):
+            raise RequestError(f"{k!r} must be {allowed[0]!r} (or absent) here, got {req[k]!r:.40}", k)
+    user = req.get("model")
+    if not isinstance(user, str) or not user.strip():
+        raise RequestError(f"'model' must name a user of the run (GET /v1/models lists them), got {user!r:.80}",
+                           "model")
+    msgs = req.get("messages")
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise RequestError(f"'messages' must be a non-empty list of message objects, got {msgs!r:.80}", "messages")
+    roles = [m.get("role") for m in msgs]
+    if roles != ["user"]:
+        raise RequestError(f"'messages' must be one message of role 'user', the user's query (a MiLP model answers "
+                           f"one query with the run's own prompt; got roles {roles})", "messages")
+    query = _text(msgs[0].get("content"))
+    if not query.strip():
+        raise RequestError("the user message's 'content' must not be empty", "messages")
+    try:  # JSON escapes make lone surrogates ("\\ud83d" cut from a pair): not text, not encodable
+        query.encode("utf-8")
+        user.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"the request must be valid Unicode text, got a lone surrogate ({e.reason})",
+                           "messages") from None
+    n = _max_tokens(req, max_new_tokens)
+    stream = req.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise RequestError(f"'stream' must be true or false, got {stream!r:.40}", "stream")
+    opts = req.get("stream_options")
+    include_usage = False
+    if opts is not None:
+        if not stream:
+            raise RequestError("'stream_options' is only for a streamed request ('stream': true)", "stream_options")
+        if not isinstance(opts, dict) or set(opts) - {"include_usage"} or not isinstance(
+                opts.get("include_usage", False), bool):
+            raise RequestError(f"'stream_options' must be {{'include_usage': bool}}, got {opts!r:.60}",
+                               "stream_options")
+        include_usage = bool(opts.get("include_usage", False))
+    if req.get("user") is not None and not isinstance(req["user"], str):
+        raise RequestError(f"'user' must be a string, got {req['user']!r:.40}", "user")
+    stop = req.get("stop")
+    if stop is not None and not (isinstance(stop, str) and stop) and not (
+            isinstance(stop, list) and 1 <= len(stop) <= MAX_STOP and all(isinstance(t, str) and t for t in stop)):
+        raise RequestError(f"'stop' must be a non-empty string or a list of 1 to {MAX_STOP} of them, got {stop!r:.60}",
+                           "stop")
+    try:
+        sampling = _sampling_of({k: v for k, v in req.items() if k in _SAMPLING_FIELDS})
+    except (ValueError, TypeError) as e:
+        raise RequestError(str(e), _field_named(str(e))) from None
+    return ChatRequest(user=user, query=query, max_new_tokens=n,
+                       sampling=sampling.resolved() if sampling is not None else None,
+                       stop=[stop] if isinstance(stop, str) else list(stop or []), stream=bool(stream),
+                       include_usage=include_usage)
+
+
+def _max_tokens(req: dict[str, Any], limit: int) -> int | None:
+    given = {k: req[k] for k in ("max_completion_tokens", "max_tokens") if req.get(k) is not None}
+    if len(set(map(repr, given.values()))) > 1:
+        raise RequestError(f"'max_completion_tokens' and 'max_tokens' disagree ({given}): give one",
+                           "max_completion_tokens")
+    for k, n in given.items():
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+            raise RequestError(f"{k!r} must be an int in [1, {limit}] (the server's), got {n!r:.40}", k)
+        return int(n)
+    return None
+
+
+def _field_named(message: str) -> str | None:
+    """The request field a sampling error names (the first named in it)."""
+    at = {k: message.find(k) for k in _SAMPLING_FIELDS if k in message}
+    return min(at, key=lambda k: at[k]) if at else None
+
+
+def usage(answer: Any) -> dict[str, int]:
+    """OpenAI's ``usage`` of a :class:`milp.pipeline.Answer`."""
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.new_tokens,
+            "total_tokens": answer.prompt_tokens + answer.new_tokens}
+
+
+def _seed(r: ChatRequest) -> dict[str, Any]:
+    return {} if r.sampling is None else {"seed": r.sampling.seed}
+
+
+def completion(r: ChatRequest, answer: Any) -> dict[str, Any]:
+    """The ``chat.completion`` answering ``r`` with ``answer`` (a :class:`milp.pipeline.Answer`)."""
+    return {"id": r.id, "object": "chat.completion", "created": r.created, "model": r.user,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": str(answer)},
+                         "logprobs": None, "finish_reason": answer.finish_reason}],
+            "usage": usage(answer), **_seed(r)}
+
+
+def chunk(r: ChatRequest, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` of a streamed answer to ``r``."""
+    out: dict[str, Any] = {"id": r.id, "object": "chat.completion.chunk", "created": r.created, "model": r.user,
+                           "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                        "finish_reason": finish_reason}], **_seed(r)}
+    if r.include_usage:
+        out["usage"] = None
+    return out
+
+
+def usage_chunk(r: ChatRequest, answer: Any) -> dict[str, Any]:
+    """The last chunk of a stream with ``include_usage``: no choices, the usage."""
+    return {"id": r.id, "object": "chat.completion.chunk", "created": r.created, "model": r.user, "choices": [],
+            "usage": usage(answer), **_seed(r)}
+
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          408: "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error"}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object for an HTTP ``status``."""
+    code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def models(users: list[Any]) -> dict[str, Any]:
+    """``GET /v1/models``: the run's users, each a model of OpenAI's list."""
+    return {"object": "list", "data": [model(u) for u in sorted(map(str, users))]}
+
+
+def model(user: str) -> dict[str, Any]:
+    return {"id": user, "object": "model", "created": 0, "owned_by": "milp"}
