@@ -50,11 +50,11 @@ from .optim import LossScaling, lr_multiplier, resolve_loss_scaling
 from .sampling import Sampling, pick_tokens, row_sampler, sampling_per_record
 
 __all__ = [
+    "Answer",
     "INSTRUCTION_TARGETS",
     "InstructionAdapter",
     "PrefixEncoder",
     "add_instruction_adapter",
-    "Answer",
     "generate_responses",
     "get_instruction_adapter",
     "instruction_tune",

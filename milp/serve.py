@@ -766,8 +766,9 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Connection", "close")
             self.end_headers()
             deadline = time.monotonic() + REQUEST_TIMEOUT_S  # for the whole answer, not each piece
-            if events.start() and not self._chunk(events.start()):
-                done.cancel()
+            first = events.start()  # OpenAI's: the role, before any text
+            if first and not self._chunk(first):
+                done.cancel()  # the client left
                 return
             while True:
                 try:
