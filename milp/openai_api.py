@@ -36,6 +36,7 @@ events (the role first, then the text as it comes, then the ``finish_reason``; w
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -107,7 +108,7 @@ def parse_chat(req: Any, max_new_tokens: int) -> ChatRequest:
     for k, allowed in _NO_OP.items():
         if k in req and req[k] is not None and (isinstance(req[k], bool) != isinstance(allowed[0], bool)
                                                 or req[k] not in allowed):
-            raise RequestError(f"{k!r} must be {allowed[0]!r} (or absent) here, got {req[k]!r:.40}", k)
+            raise RequestError(f"{k!r} must be {json.dumps(allowed[0])} (or absent) here, got {req[k]!r:.40}", k)
     user = req.get("model")
     if not isinstance(user, str) or not user.strip():
         raise RequestError(f"'model' must name a user of the run (GET /v1/models lists them), got {user!r:.80}",
@@ -122,12 +123,12 @@ def parse_chat(req: Any, max_new_tokens: int) -> ChatRequest:
     query = _text(msgs[0].get("content"))
     if not query.strip():
         raise RequestError("the user message's 'content' must not be empty", "messages")
-    try:  # JSON escapes make lone surrogates ("\\ud83d" cut from a pair): not text, not encodable
-        query.encode("utf-8")
-        user.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise RequestError(f"the request must be valid Unicode text, got a lone surrogate ({e.reason})",
-                           "messages") from None
+    for name, text in (("model", user), ("messages", query)):
+        try:  # JSON escapes make lone surrogates ("\\ud83d" cut from a pair): not text, not encodable
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(f"{name!r} must be valid Unicode text, got a lone surrogate U+{ord(text[e.start]):04X} "
+                               f"at character {e.start}", name) from None
     n = _max_tokens(req, max_new_tokens)
     stream = req.get("stream")
     if stream is not None and not isinstance(stream, bool):
