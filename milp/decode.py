@@ -156,10 +156,7 @@ class ContinuousBatch:
         if runtime is not None and getattr(runtime, "model", None) is not model:
             raise ValueError("runtime must be the MilpRuntime of model (runtime.model is model)")
         gc = getattr(model, "generation_config", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(gc, "eos_token_id", None)
-        self.eos: frozenset[int] = frozenset(_token_ids(eos_token_id, "eos_token_id") if eos_token_id is not None
-                                             else ())
+        self.eos: frozenset[int] = _eos_ids(model, eos_token_id)
         if pad_token_id is None:
             pad_token_id = getattr(gc, "pad_token_id", None)
         if pad_token_id is None:
@@ -397,6 +394,14 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = n
     return torch.cat([t.new_zeros(shape), t], dim)
+
+
+def _eos_ids(model: nn.Module, eos_token_id: Any) -> frozenset[int]:
+    """The end-of-text token ids rows end at, as ``generate`` takes them: ``eos_token_id`` where
+    given, the model's generation config's otherwise (none: no row ends early)."""
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return frozenset(_token_ids(eos_token_id, "eos_token_id") if eos_token_id is not None else ())
 
 
 def _token_ids(value: Any, name: str) -> list[int]:

@@ -97,7 +97,7 @@ def parse_chat(req: Any, max_new_tokens: int) -> ChatRequest:
     """The request a decoded ``/v1/chat/completions`` body makes, checked; :class:`RequestError`
     (naming the field) where it is malformed or asks for what milp.serve does not do.
     ``max_new_tokens``: the server's longest answer."""
-    from .serve import MAX_STOP, _sampling_of
+    from .serve import _sampling_of, _stop_list, _stop_problem, _unicode_problem
 
     if not isinstance(req, dict):
         raise RequestError(f"the body must be a JSON object, got {type(req).__name__}")
@@ -124,11 +124,8 @@ def parse_chat(req: Any, max_new_tokens: int) -> ChatRequest:
     if not query.strip():
         raise RequestError("the user message's 'content' must not be empty", "messages")
     for name, text in (("model", user), ("messages", query)):
-        try:  # JSON escapes make lone surrogates ("\\ud83d" cut from a pair): not text, not encodable
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RequestError(f"{name!r} must be valid Unicode text, got a lone surrogate U+{ord(text[e.start]):04X} "
-                               f"at character {e.start}", name) from None
+        if problem := _unicode_problem(name, text):
+            raise RequestError(problem, name)
     n = _max_tokens(req, max_new_tokens)
     stream = req.get("stream")
     if stream is not None and not isinstance(stream, bool):
@@ -145,18 +142,15 @@ def parse_chat(req: Any, max_new_tokens: int) -> ChatRequest:
         include_usage = bool(opts.get("include_usage", False))
     if req.get("user") is not None and not isinstance(req["user"], str):
         raise RequestError(f"'user' must be a string, got {req['user']!r:.40}", "user")
-    stop = req.get("stop")
-    if stop is not None and not (isinstance(stop, str) and stop) and not (
-            isinstance(stop, list) and 1 <= len(stop) <= MAX_STOP and all(isinstance(t, str) and t for t in stop)):
-        raise RequestError(f"'stop' must be a non-empty string or a list of 1 to {MAX_STOP} of them, got {stop!r:.60}",
-                           "stop")
+    if problem := _stop_problem(req.get("stop")):
+        raise RequestError(problem, "stop")
     try:
         sampling = _sampling_of({k: v for k, v in req.items() if k in _SAMPLING_FIELDS})
     except (ValueError, TypeError) as e:
         raise RequestError(str(e), _field_named(str(e))) from None
     return ChatRequest(user=user, query=query, max_new_tokens=n,
                        sampling=sampling.resolved() if sampling is not None else None,
-                       stop=[stop] if isinstance(stop, str) else list(stop or []), stream=bool(stream),
+                       stop=_stop_list(req.get("stop")), stream=bool(stream),
                        include_usage=include_usage)
 
 
@@ -165,9 +159,11 @@ def _max_tokens(req: dict[str, Any], limit: int) -> int | None:
     if len(set(map(repr, given.values()))) > 1:
         raise RequestError(f"'max_completion_tokens' and 'max_tokens' disagree ({given}): give one",
                            "max_completion_tokens")
+    from .serve import _count_problem
+
     for k, n in given.items():
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
-            raise RequestError(f"{k!r} must be an int in [1, {limit}] (the server's), got {n!r:.40}", k)
+        if problem := _count_problem(k, n, limit):
+            raise RequestError(problem, k)
         return int(n)
     return None
 

@@ -822,7 +822,9 @@ def generate_responses(
         if batching == "continuous":
             raise ValueError(f"batching='continuous': the model cannot be decoded so: {why}")
     answers: dict[int, Answer] = {}
-    ends_at = _eos_ids(model, eos)
+    from .decode import _eos_ids
+
+    ends_at = _eos_ids(model, eos)  # generate's: the tokenizer's, else the model's
     was_training = model.training
     model.eval()
     try:
@@ -1023,16 +1025,6 @@ def _cut(tokenizer: Any, ids: Sequence[int], stops: Sequence[str]) -> tuple[str,
 def _stop_hit(tokenizer: Any, ids: Sequence[int], stops: Sequence[str]) -> bool:
     """Whether the text of an answer's tokens holds one of its stop strings."""
     return bool(stops) and _cut(tokenizer, ids, stops)[1]
-
-
-def _eos_ids(model: nn.Module, eos: Any) -> frozenset[int]:
-    """The end-of-text token ids a ``generate`` call ends rows at: ``eos`` (the tokenizer's) where
-    given, the model's generation config's otherwise (an int or a list)."""
-    if eos is None:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)
 
 
 def _answer(tokenizer: Any, ids: Sequence[int], stops: Sequence[str], eos: frozenset[int], limit: int,

@@ -676,7 +676,7 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             sampling = _sampling_of(req)
             sampling = sampling.resolved() if sampling is not None else None  # its seed drawn where it names none
             seed = {} if sampling is None else {"seed": sampling.seed}  # in the answer: the request can be repeated
-            stop = [req["stop"]] if isinstance(req.get("stop"), str) else req.get("stop") or []
+            stop = _stop_list(req.get("stop"))
             if req.get("stream"):
                 return self._stream(user, query, req.get("max_new_tokens"), sampling, stop,
                                     _AnswerEvents(user, query, seed))
@@ -874,29 +874,55 @@ def _check_request(req: Any, max_new_tokens: int) -> str | None:
         v = req.get(key)
         if not isinstance(v, str) or not v.strip():
             return f"{key!r} must be a non-empty string, got {v!r:.80}"
-        try:  # JSON escapes make lone surrogates ("\\ud83d" cut from a pair): not text, not encodable
-            v.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return (f"{key!r} must be valid Unicode text, got a lone surrogate U+{ord(v[e.start]):04X} "
-                    f"at character {e.start}")
-    n = req.get("max_new_tokens")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_new_tokens):
-        return f"'max_new_tokens' must be an int in [1, {max_new_tokens}] (the server's), got {n!r:.40}"
+        if problem := _unicode_problem(key, v):
+            return problem
+    if problem := _count_problem("max_new_tokens", req.get("max_new_tokens"), max_new_tokens):
+        return problem
     if not isinstance(req.get("stream", False), bool):
         return f"'stream' must be true or false, got {req['stream']!r:.40}"
     unknown = sorted(set(req) - {"user_id", "query", "max_new_tokens", "stream", "stop", "temperature", *_SAMPLING})
     if unknown:
         return (f"unknown fields {unknown}: expected user_id, query and optionally max_new_tokens, stream, stop, "
                 f"temperature, {', '.join(_SAMPLING)}")
-    stop = req.get("stop")
-    if stop is not None and not (isinstance(stop, str) and stop) and not (
-            isinstance(stop, list) and 1 <= len(stop) <= MAX_STOP and all(isinstance(t, str) and t for t in stop)):
-        return f"'stop' must be a non-empty string or a list of 1 to {MAX_STOP} of them, got {stop!r:.60}"
+    if problem := _stop_problem(req.get("stop")):
+        return problem
     try:
         _sampling_of(req)
     except ValueError as e:
         return str(e)
     return None
+
+
+def _unicode_problem(name: str, text: str) -> str | None:
+    """A lone surrogate in field ``name``'s ``text`` (JSON escapes make them: "\\ud83d" cut from
+    a pair; not text, not encodable), or ``None``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"{name!r} must be valid Unicode text, got a lone surrogate U+{ord(text[e.start]):04X} "
+                f"at character {e.start}")
+    return None
+
+
+def _count_problem(name: str, n: Any, limit: int) -> str | None:
+    """What is wrong with field ``name``'s token count ``n`` (absent: ``None``; at most ``limit``,
+    the server's), or ``None``."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit):
+        return f"{name!r} must be an int in [1, {limit}] (the server's), got {n!r:.40}"
+    return None
+
+
+def _stop_problem(stop: Any) -> str | None:
+    """What is wrong with a request's ``"stop"`` (absent: ``None``), or ``None``."""
+    if stop is not None and not (isinstance(stop, str) and stop) and not (
+            isinstance(stop, list) and 1 <= len(stop) <= MAX_STOP and all(isinstance(t, str) and t for t in stop)):
+        return f"'stop' must be a non-empty string or a list of 1 to {MAX_STOP} of them, got {stop!r:.60}"
+    return None
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    """A checked ``"stop"`` as a list of strings."""
+    return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 #: a request's fields that shape a sampled answer, beside ``temperature``
