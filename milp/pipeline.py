@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .data import IGNORE_INDEX, Record, collate, tokenize_instruction, tokenize_memory
+from .detok import AnswerText, cut_at_stops, decode
 from .losses import token_losses
 from .optim import LossScaling, lr_multiplier, resolve_loss_scaling
 from .sampling import Sampling, pick_tokens, row_sampler, sampling_per_record
@@ -841,7 +842,7 @@ def generate_responses(
             row_stops = [stops[i] for i in idx]
             # with input_ids the output repeats the prompt; with inputs_embeds it holds new tokens only
             offset = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
-            stopper = _StopRows(list(idx), stop, ends, row_stops, tokenizer, offset) if (
+            stopper = _StopRows(list(idx), stop, ends, row_stops, tokenizer, offset, ends_at) if (
                 stop is not None or min(ends) < n or any(row_stops)) else None
             if stopper is not None:
                 from transformers import StoppingCriteriaList
@@ -852,7 +853,8 @@ def generate_responses(
                 from transformers import LogitsProcessorList
 
                 kwargs["logits_processor"] = LogitsProcessorList([_sample_rows(samplers)])
-            streamer = _AnswerStream(tokenizer, list(idx), stream, stopper, row_stops) if stream is not None else None
+            streamer = _AnswerStream(tokenizer, list(idx), stream, stopper, row_stops, ends_at) if (
+                stream is not None) else None
             if streamer is not None:
                 kwargs["streamer"] = streamer
             lm = cast(Any, model)  # a transformers model: generate()
@@ -886,6 +888,7 @@ def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[
     batch = _continuous_batch(model, tokenizer, runtime, rows)
     waiting = deque(order)
     answers: dict[int, Answer] = {}
+    texts: dict[int, AnswerText] = {}  # the running rows' texts, where they are read (stop strings, a stream)
     # its extend-only hand-over, row j being record j
     streamer = _AnswerStream(tokenizer, list(range(len(examples))), stream) if stream is not None else None
     bar = _progress(total=len(order), desc="generation", enabled=progress)
@@ -895,17 +898,21 @@ def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[
                 i = waiting.popleft()
                 batch.join(i, examples[i]["input_ids"], limits[i], users[i] if users is not None else None,
                            sampling=samplings[i])
+                if stops[i] or streamer is not None:
+                    texts[i] = AnswerText(tokenizer, stops[i])
             for u in batch.step():
                 if u.error is not None:
                     raise u.error
                 i = cast(int, u.key)
-                answer = _row_answer(batch, tokenizer, u, stops[i], stop=functools.partial(stop, i) if stop else None,
-                                     limit=limits[i], prompt_tokens=len(examples[i]["input_ids"]))
+                answer = _row_answer(batch, tokenizer, u, texts.get(i),
+                                     stop=functools.partial(stop, i) if stop else None, limit=limits[i],
+                                     prompt_tokens=len(examples[i]["input_ids"]))
                 if answer is None:
                     if streamer is not None:
-                        streamer._hand(i, _partial_answer(tokenizer, u.tokens, stops[i]))
+                        streamer._hand(i, texts[i].partial())
                     continue
                 answers[i] = answer
+                texts.pop(i, None)
                 if streamer is not None:
                     streamer._hand(i, answer)
                 bar.update(1)
@@ -924,17 +931,21 @@ def _continuous_batch(model: nn.Module, tokenizer: Any, runtime: Any, rows: int)
                            pad_token_id=_pad_id(tokenizer), runtime=runtime, max_rows=rows)
 
 
-def _row_answer(batch: Any, tokenizer: Any, update: Any, stops: Sequence[str],
+def _row_answer(batch: Any, tokenizer: Any, update: Any, text: AnswerText | None,
                 stop: Callable[[], bool] | None = None, *, limit: int, prompt_tokens: int) -> Answer | None:
     """The answer of the row of a :meth:`ContinuousBatch.step` ``update`` once the row ended: at
-    its own end, or here, where its text holds one of its ``stops`` or ``stop()`` says ``True``
+    its own end, or here, where its text holds one of its stop strings or ``stop()`` says ``True``
     (asked only while the row runs), the row then leaving ``batch``. ``None`` while it runs on.
-    ``limit``: the row's ``max_new_tokens``; ``prompt_tokens``: its prompt's length."""
-    if not update.done and not ((stop is not None and stop()) or _stop_hit(tokenizer, update.tokens, stops)):
+    ``text``: the row's :class:`~milp.detok.AnswerText`, with its stop strings, given the update's
+    tokens here (``None``: a row without stop strings whose text no stream reads). ``limit``: the
+    row's ``max_new_tokens``; ``prompt_tokens``: its prompt's length."""
+    if text is not None:
+        text.update(update.tokens)
+    if not update.done and not ((stop is not None and stop()) or (text is not None and text.stopped)):
         return None
     if not update.done:
         batch.leave(update.key)  # its answer ends with the tokens so far
-    return _answer(tokenizer, update.tokens, stops, batch.eos, limit, prompt_tokens)
+    return _answer(tokenizer, update.tokens, text.stops if text is not None else (), batch.eos, limit, prompt_tokens)
 
 
 def _per_record_lengths(max_new_tokens: Any, n: int) -> list[int]:
@@ -959,26 +970,38 @@ class _StopRows:
     on most steps."""
 
     def __init__(self, rows: list[int], stop: Callable[[int], bool] | None, limits: list[int],
-                 stops: list[tuple[str, ...]] | None = None, tokenizer: Any = None, offset: int = 0) -> None:
+                 stops: list[tuple[str, ...]] | None = None, tokenizer: Any = None, offset: int = 0,
+                 eos: frozenset[int] = frozenset()) -> None:
         self.rows, self.stop, self.limits = rows, stop, limits
-        self.stops, self.tokenizer, self.offset = stops or [()] * len(rows), tokenizer, offset
+        self.offset, self.eos = offset, eos
+        # each row's text, decoded as its tokens come (only where it has stop strings to look for)
+        self.texts = [AnswerText(tokenizer, s) if s else None for s in (stops or [()] * len(rows))]
         self.ended: list[int | None] = [None] * len(rows)
-        self.steps = 0
+        self.steps = self.read = 0  # generate's steps so far; new tokens read
         self.flags: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         self.steps += 1
         changed = self.flags is None
-        # stop strings read the rows' tokens (a copy to the host per step, only where some are given)
-        new = input_ids[:, self.offset:].tolist() if any(self.stops) else None
+        # stop strings read the rows' new tokens (a copy to the host per step, only where some are given)
+        new = input_ids[:, self.offset + self.read:].tolist() if any(self.texts) else None
+        self.read = input_ids.shape[1] - self.offset
         for j, i in enumerate(self.rows):
+            text = self.texts[j]
+            if text is not None and new is not None and self.ended[j] is None and not _ended_at(text, self.eos):
+                text.extend(new[j])
             if self.ended[j] is None and (self.steps >= self.limits[j] or (self.stop is not None and self.stop(i))
-                                          or (new is not None and _stop_hit(self.tokenizer, new[j], self.stops[j]))):
+                                          or (text is not None and text.stopped)):
                 self.ended[j], changed = self.steps, True
         if changed:
             self.flags = torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
         assert self.flags is not None
         return self.flags
+
+
+def _ended_at(text: AnswerText, eos: frozenset[int]) -> bool:
+    """Whether the answer ``text`` holds ended at an end-of-text token (``generate`` pads it after)."""
+    return bool(text.tokens) and text.tokens[-1] in eos
 
 
 def _sample_rows(samplers: list[Any]) -> Any:
@@ -1014,24 +1037,11 @@ def _stops_per_record(stop_strings: Any, n: int) -> list[tuple[str, ...]]:
     return [checked(v, f"stop_strings[{i}]") for i, v in enumerate(stop_strings)]
 
 
-def _cut(tokenizer: Any, ids: Sequence[int], stops: Sequence[str]) -> tuple[str, bool]:
-    """The decoded text of ``ids`` (special tokens skipped) before the first of ``stops`` in it,
-    and whether one is."""
-    text = str(tokenizer.decode(list(ids), skip_special_tokens=True))
-    at = min((k for k in (text.find(s) for s in stops) if k >= 0), default=-1)
-    return (text[:at], True) if at >= 0 else (text, False)
-
-
-def _stop_hit(tokenizer: Any, ids: Sequence[int], stops: Sequence[str]) -> bool:
-    """Whether the text of an answer's tokens holds one of its stop strings."""
-    return bool(stops) and _cut(tokenizer, ids, stops)[1]
-
-
 def _answer(tokenizer: Any, ids: Sequence[int], stops: Sequence[str], eos: frozenset[int], limit: int,
             prompt_tokens: int) -> Answer:
     """The :class:`Answer` of a row's generated tokens ``ids`` (after its end-of-text token, if
     any, only padding): its text (:func:`_answer_text`), its new tokens, why it ended."""
-    text, hit = _cut(tokenizer, ids, stops)
+    text, hit = cut_at_stops(decode(tokenizer, ids), stops)
     end = next((k + 1 for k, t in enumerate(ids) if t in eos), None)
     n = len(ids) if end is None else end
     why = "stop" if end is not None or hit else ("length" if n >= limit else "cancelled")
@@ -1041,19 +1051,7 @@ def _answer(tokenizer: Any, ids: Sequence[int], stops: Sequence[str], eos: froze
 def _answer_text(tokenizer: Any, ids: Sequence[int], stops: Sequence[str] = ()) -> str:
     """An answer's text from its generated tokens: special tokens skipped, cut before the first
     of its stop strings, stripped."""
-    return _cut(tokenizer, ids, stops)[0].strip()
-
-
-def _partial_answer(tokenizer: Any, ids: Sequence[int], stops: Sequence[str] = ()) -> str:
-    """The text of an answer's tokens so far, as a stream may hand it on: :func:`_answer_text`
-    without trailing whitespace or a trailing incomplete UTF-8 character (the next token may
-    complete them, or the answer end there and drop them), nor an end that may be the start of
-    a stop string."""
-    text, hit = _cut(tokenizer, ids, stops)
-    if not hit:
-        held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        text = text[:len(text) - held]
-    return text.strip().rstrip("\ufffd").rstrip()
+    return cut_at_stops(decode(tokenizer, ids), stops)[0].strip()
 
 
 class _AnswerStream:
@@ -1065,11 +1063,13 @@ class _AnswerStream:
     handed before. :meth:`finish` hands over the final answers."""
 
     def __init__(self, tokenizer: Any, rows: list[int], callback: Callable[[int, str], None],
-                 stopper: _StopRows | None = None, stops: list[tuple[str, ...]] | None = None) -> None:
+                 stopper: _StopRows | None = None, stops: list[tuple[str, ...]] | None = None,
+                 eos: frozenset[int] = frozenset()) -> None:
         self.tokenizer, self.rows, self.callback = tokenizer, rows, callback
         self.stops = stops or [()] * len(rows)
         self.stopper = stopper  # a row it ended takes no more tokens (without an eos, generate gives some)
-        self.ids: list[list[int]] = [[] for _ in rows]
+        self.eos = eos  # nor does a row after its end-of-text token (generate pads it)
+        self.texts = [AnswerText(tokenizer, s) for s in self.stops]
         self.sent = [""] * len(rows)
         self.prompt_seen = False
 
@@ -1084,10 +1084,11 @@ class _AnswerStream:
             return
         for j, new in enumerate(value.reshape(len(self.rows), -1).tolist()):
             ended = self.stopper.ended[j] if self.stopper is not None else None
-            if ended is not None and len(self.ids[j]) >= ended:
+            text = self.texts[j]
+            if (ended is not None and len(text.tokens) >= ended) or _ended_at(text, self.eos):
                 continue
-            self.ids[j].extend(new)
-            self._hand(j, _partial_answer(self.tokenizer, self.ids[j], self.stops[j]))
+            text.extend(new)
+            self._hand(j, text.partial())
 
     def end(self) -> None:
         pass  # the answers come with finish(), decoded from generate's output

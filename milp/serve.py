@@ -82,6 +82,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
+from .detok import AnswerText
+
 if TYPE_CHECKING:
     from .data import Record
     from .pipeline import Answer
@@ -111,6 +113,7 @@ class _Request:
     stop: tuple[str, ...] = ()  # texts that end the answer (not part of it)
     sent: str = ""  # the answer's text handed to on_delta so far
     prompt_tokens: int = 0  # its prompt's length (continuous batching: known once it joined)
+    text: AnswerText | None = None  # continuous batching: its answer's text as its tokens come, where read
 
     def progress(self, text: str) -> None:
         """The answer so far (of this attempt: a batch that failed is answered again one request
@@ -484,7 +487,7 @@ class AnswerServer:
     def _step(self, batch: Any, waiting: collections.deque[_Request], live: dict[int, _Request],
               busy: list[_Request]) -> None:
         """Let the cancelled requests go, the waiting ones join while there is room, and run one step."""
-        from .pipeline import _instruction_examples, _partial_answer, _row_answer
+        from .pipeline import _instruction_examples, _row_answer
 
         taken = cancelled = joined = 0
         for key, r in list(live.items()):
@@ -504,6 +507,8 @@ class AnswerServer:
                                                add_response=False)[0]["input_ids"]
                 batch.join(id(r), prompt, r.max_new_tokens, r.user, sampling=r.sampling)
                 r.prompt_tokens = len(prompt)
+                if r.stop or r.on_delta is not None:  # its text is read: decoded as its tokens come
+                    r.text = AnswerText(self.tokenizer, r.stop)
             except Exception as e:  # an unknown user (removed since its check), say: 500 to this one alone
                 r.finish(error=e)
                 continue
@@ -526,11 +531,11 @@ class AnswerServer:
                 del live[cast(int, u.key)]
                 continue
             # a stop string: the row leaves with it
-            answer = _row_answer(batch, self.tokenizer, u, r.stop, limit=r.max_new_tokens,
+            answer = _row_answer(batch, self.tokenizer, u, r.text, limit=r.max_new_tokens,
                                  prompt_tokens=r.prompt_tokens)
             if answer is None:
-                if r.on_delta is not None:
-                    r.progress(_partial_answer(self.tokenizer, u.tokens, r.stop))
+                if r.on_delta is not None and r.text is not None:
+                    r.progress(r.text.partial())
                 continue
             r.progress(answer)
             r.finish(answer)

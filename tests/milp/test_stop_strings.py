@@ -11,7 +11,8 @@ from test_serve import QUERIES, _post, _stream, _users
 
 from milp import answer as answer_cli
 from milp.answer import answer
-from milp.pipeline import _answer_text, _partial_answer, _stop_hit, _stops_per_record, generate_responses
+from milp.detok import partial_text, stop_hit
+from milp.pipeline import _answer_text, _stops_per_record, generate_responses
 from milp.serve import AnswerServer
 
 
@@ -40,8 +41,8 @@ def _ids(text: str) -> list[int]:
 def test_an_answer_is_its_text_before_the_first_stop_string(text, stops, answer, partial, hit):
     tok = _Chars()
     assert _answer_text(tok, _ids(text), stops) == answer
-    assert _partial_answer(tok, _ids(text), stops) == partial
-    assert _stop_hit(tok, _ids(text), stops) is hit
+    assert partial_text(tok, _ids(text), stops) == partial
+    assert stop_hit(tok, _ids(text), stops) is hit
 
 
 def test_stop_strings_are_given_for_all_records_or_one_per_record():
@@ -117,3 +118,46 @@ def test_the_server_and_the_command_end_answers_at_stop_strings(answer_run, tmp_
     assert json.loads(out.read_text())["answer"] == want
     with pytest.raises(SystemExit, match="--stop must be a non-empty text"):
         answer_cli.main([str(answer_run), "--user", user, "hi", "--stop", ""])
+
+
+class _CountingTokenizer:
+    """A tokenizer that counts the tokens it decodes (everything else is the wrapped one's)."""
+
+    def __init__(self, tok):
+        self._tok, self.decoded = tok, 0
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+    def __len__(self):
+        return len(self._tok)
+
+    def decode(self, ids, **kwargs):
+        self.decoded += len(ids)
+        return self._tok.decode(ids, **kwargs)
+
+
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_streamed_answers_with_stop_strings_decode_only_what_is_new(tiny_chat_tokenizer, batching):
+    """A stream and stop strings read every row's text after every token: the tokens decoded
+    per answer token do not grow with the answer (milp.detok.AnswerText; a whole decode per step
+    would make them grow as the answer does), and the answers are the same."""
+    model, rt, recs = _three_users(max_users=4)
+    per_token = []
+    for n in (32, 128):
+        kw = dict(runtime=rt, max_new_tokens=n, batch_size=3, progress=False, batching=batching,
+                  stop_strings=["\x00never"])
+        want = generate_responses(model, tiny_chat_tokenizer, recs, **kw)
+        tok = _CountingTokenizer(tiny_chat_tokenizer)
+        streamed: dict[int, list[str]] = {}
+        got = generate_responses(model, tok, recs, stream=lambda i, t, seen=streamed: seen.setdefault(i, []).append(t),
+                                 **kw)
+        assert got == want and all(streamed[i][-1] == a for i, a in enumerate(got) if a)
+        tokens = sum(a.new_tokens for a in got)
+        assert tokens >= 2 * n, [a.new_tokens for a in got]  # two rows run to the end
+        per_token.append(tok.decoded / tokens)
+    # (decoding the whole answer at every step: 16 and 63 tokens per answer token)
+    assert per_token[1] < 1.5 * per_token[0], per_token

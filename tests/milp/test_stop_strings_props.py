@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_stop_strings import _Chars, _ids  # tests/milp is on sys.path
 
-from milp.pipeline import _answer_text, _partial_answer, _stop_hit
+from milp.detok import partial_text, stop_hit
+from milp.pipeline import _answer_text
 
 text = st.text(alphabet="ab c\n", max_size=30)
 
@@ -16,12 +17,12 @@ text = st.text(alphabet="ab c\n", max_size=30)
 @given(full=text, stops=st.lists(st.text(alphabet="ab c\n", min_size=1, max_size=4), max_size=3))
 def test_streamed_texts_are_starts_of_the_answer_and_hold_no_stop_string(full, stops):
     tok, ids = _Chars(), _ids(full)
-    end = next((n for n in range(1, len(ids) + 1) if _stop_hit(tok, ids[:n], stops)), len(ids))
+    end = next((n for n in range(1, len(ids) + 1) if stop_hit(tok, ids[:n], stops)), len(ids))
     answer = _answer_text(tok, ids[:end], stops)  # the tokens generated until a stop string came
     assert not any(s in answer for s in stops)
     sent = ""
     for n in range(1, end + 1):
-        partial = _partial_answer(tok, ids[:n], stops)
+        partial = partial_text(tok, ids[:n], stops)
         assert answer.startswith(partial), (partial, answer)
         assert not any(s in partial for s in stops)
         if len(partial) > len(sent):  # what a stream hands on: texts that extend the last one
