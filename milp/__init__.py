@@ -46,7 +46,7 @@ from .pipeline import (
     score,
 )
 from .runtime import MilpRuntime, mixed_batches, pad_sequences, user_losses, user_losses_from_ce
-from .sampling import Sampling
+from .sampling import Sampling, TokenLogprob
 from .store import CacheInfo, UserStore, user_dirname
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "score",
     "PackedAdamW",
     "Sampling",
+    "TokenLogprob",
     "UserStore",
     "apply_milp",
     "atomic_directory",

@@ -187,7 +187,8 @@ def load_run(run: Path, device: str = "auto", prog: str = "milp.answer") -> tupl
 def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_tokens: int | None = None,
            batch_size: int | None = None, device: str = "auto", progress: bool = True,
            stream: Callable[[int, str], None] | None = None, sampling: Sampling | None = None,
-           batching: str = "static", stop_strings: Sequence[str] | None = None) -> list[Answer]:
+           batching: str = "static", stop_strings: Sequence[str] | None = None,
+           logprobs: int | None = None) -> list[Answer]:
     """Answers to ``(user_id, query)`` pairs with the personalized model of the run in ``run``,
     in order (each a :class:`milp.pipeline.Answer`: its text, its token counts, why it ended).
     Any number of distinct users: they are answered the run's ``--slots`` users at a time (a
@@ -198,7 +199,8 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     own generator, seeded by its seed, or by one drawn per query where it has none); ``None``: greedy.
     ``batching``: as :func:`milp.pipeline.generate_responses` takes it (the answers are the
     same either way). ``stop_strings``: texts that end every answer, which is its text before
-    the first of them.
+    the first of them. ``logprobs``: every answer's :attr:`~milp.pipeline.Answer.logprobs` hold
+    its tokens' log-probabilities with this many alternatives (0 to 20); ``None``: none.
 
     Raises ``ValueError`` for a query that is not a pair of non-empty strings or a count that
     is not an int >= 1; ``SystemExit`` (a message) for a run directory without a finished run or
@@ -210,7 +212,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     """
     from .data import Record
     from .pipeline import _stops_per_record, generate_responses
-    from .sampling import row_sampler
+    from .sampling import check_logprobs, row_sampler
     from .store import UserStore
 
     if isinstance(queries, (str, bytes)) or not isinstance(queries, Sequence):
@@ -226,6 +228,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
     if batching not in ("auto", "continuous", "static"):
         raise ValueError(f"batching must be 'auto', 'continuous' or 'static', got {batching!r:.40}")
     _stops_per_record(stop_strings, 1)
+    check_logprobs(logprobs)
     run = Path(run)
     settings = check_run(run)
     store = UserStore(run / "users")
@@ -255,7 +258,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
                                  batch_size=batch_size or settings["eval_batch_size"],
                                  max_length=settings["max_length"] + 128, progress=progress,
                                  stream=stream_of if stream is not None else None, sampling=sampling,
-                                 batching=batching, stop_strings=stop_strings)
+                                 batching=batching, stop_strings=stop_strings, logprobs=logprobs)
         answers.update(zip(idx, out))
     return [answers[i] for i in range(len(queries))]
 

@@ -56,7 +56,7 @@ from torch import nn
 
 from kernels import nvtx_range
 
-from .sampling import Sampling, pick_tokens, row_sampler
+from .sampling import Sampling, TokenLogprob, check_logprobs, pick_tokens, row_sampler, token_logprobs
 
 __all__ = ["ContinuousBatch", "Update", "continuous_unsupported"]
 
@@ -110,12 +110,14 @@ class Update:
     (the new one last; an end-of-text token included, as ``generate`` gives it); ``done``: the row
     ended (end-of-text token, ``max_new_tokens`` reached, or ``error``) and has left the batch.
     ``error``: the exception its prefill raised (it then has no tokens), or the step's forward
-    (every running row gets it, and the batch is empty after it)."""
+    (every running row gets it, and the batch is empty after it). ``logprob``: the new token's
+    :class:`milp.sampling.TokenLogprob`, where the row asked for them (``join(logprobs=)``)."""
 
     key: Hashable
     tokens: list[int]
     done: bool
     error: BaseException | None = None
+    logprob: TokenLogprob | None = None
 
 
 @dataclass
@@ -125,7 +127,9 @@ class _Row:
     limit: int
     user: Hashable | None
     sampler: Any = None  # its milp.sampling row sampler (None: greedy)
+    tops: int | None = None  # the alternatives its tokens' logprobs list (None: no logprobs)
     tokens: list[int] = field(default_factory=list)
+    logprob: TokenLogprob | None = None  # its last token's
 
 
 class ContinuousBatch:
@@ -199,12 +203,15 @@ class ContinuousBatch:
         return next(groups, None) is None  # one group: all of them can be placed at once
 
     def join(self, key: Hashable, prompt: Sequence[int], max_new_tokens: int, user: Hashable | None = None,
-             sampling: Sampling | None = None) -> None:
+             sampling: Sampling | None = None, logprobs: int | None = None) -> None:
         """Add a row: ``prompt``'s token ids, answered with at most ``max_new_tokens`` tokens by
         ``user``'s adapters (``None``: the model alone). It is prefilled at the next :meth:`step`,
         which gives its first token. ``key`` names it in :class:`Update` and :meth:`leave`.
         ``sampling``: how the row chooses its tokens (:class:`milp.sampling.Sampling`, its own
-        seeded generator: the same tokens whichever rows run beside it); ``None``: greedy."""
+        seeded generator: the same tokens whichever rows run beside it); ``None``: greedy.
+        ``logprobs``: each of its tokens comes with its :class:`milp.sampling.TokenLogprob`
+        (:attr:`Update.logprob`), listing this many of the most likely alternatives (0 to
+        :data:`milp.sampling.MAX_TOP_LOGPROBS`); ``None``: none."""
         if any(r.key == key for r in self._rows + self._joining):
             raise ValueError(f"key {key!r} is already a row of the batch")
         if len(self) >= self.max_rows:
@@ -218,7 +225,8 @@ class ContinuousBatch:
             if self.runtime is None:
                 raise ValueError(f"user {user!r} needs a runtime: this batch was made without one")
             self.runtime.check_user(user)
-        self._joining.append(_Row(key, ids, max_new_tokens, user, row_sampler(sampling)))
+        tops = check_logprobs(logprobs)
+        self._joining.append(_Row(key, ids, max_new_tokens, user, row_sampler(sampling), tops))
 
     def leave(self, key: Hashable) -> list[int] | None:
         """Take the row ``key`` out of the batch (a cancelled request): its tokens so far, or
@@ -280,7 +288,7 @@ class ContinuousBatch:
                 continue
             stepped += group
         ended = {id(r) for r in self._rows if r.tokens[-1] in self.eos or len(r.tokens) >= r.limit}
-        updates += [Update(r.key, list(r.tokens), id(r) in ended) for r in stepped]
+        updates += [Update(r.key, list(r.tokens), id(r) in ended, logprob=r.logprob) for r in stepped]
         if ended:
             keep = [j for j, r in enumerate(self._rows) if id(r) not in ended]
             self._keep(keep)
@@ -302,8 +310,17 @@ class ContinuousBatch:
         with nvtx_range("milp.decode.step"):
             logits = self._forward(self._next[:, None], mask, positions, self._cache)
         self._mask = mask
-        self._next = pick_tokens(logits, [r.sampler for r in self._rows])
-        return [int(t) for t in self._next.tolist()]  # one host sync per step, as generate's
+        self._next = self._pick(logits, self._rows)
+        return [int(t) for t in self._next.tolist()]  # one host sync per step, as generate's (+1 for logprobs)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """The rows' next tokens, and their logprobs where they asked (on the rows)."""
+        tokens = pick_tokens(logits, [r.sampler for r in rows])
+        if any(r.tops is not None for r in rows):
+            for r, lp in zip(rows, token_logprobs(logits, tokens, [r.tops for r in rows])):
+                r.logprob = lp
+        return tokens
 
     def _prefill(self, group: list[_Row]) -> None:
         """Prefill ``group``'s prompts together, give each row its first token, and append the
@@ -323,7 +340,7 @@ class ContinuousBatch:
                 stack.enter_context(self.runtime.using([r.user for r in group]))
             with nvtx_range("milp.decode.prefill"):
                 logits = self._forward(ids, mask, positions, cache)
-        first = pick_tokens(logits, [r.sampler for r in group])
+        first = self._pick(logits, group)
         layers = _cache_layers(cache)
         for r, t in zip(group, first.tolist()):
             r.tokens.append(int(t))

@@ -23,19 +23,25 @@ string or up to four), ``stream``, ``stream_options.include_usage``, and as vLLM
 and ``min_p``. Without a ``temperature`` the answer is greedy (the answers the run was evaluated
 with, as vLLM takes a model's own defaults; OpenAI's default is 1.0): give one to sample, and
 ``seed`` to get the same answer again (a sampled answer names its seed, drawn where the request
-gave none, in a ``seed`` field beside OpenAI's). Accepted at their no-op values only: ``n`` (1),
-``presence_penalty`` and ``frequency_penalty`` (0), ``logprobs`` (false); ``user`` (OpenAI's
-end-user tag) is ignored. Any other field is refused by name.
+gave none, in a ``seed`` field beside OpenAI's). ``logprobs: true`` (and ``top_logprobs``, 0 to
+20) gives each token of the answer's text its log-probability under the model (before
+temperature and filters, as vLLM reports them), its text and bytes, and the most likely tokens at
+its place (:func:`logprobs`). Accepted at their no-op values only: ``n`` (1),
+``presence_penalty`` and ``frequency_penalty`` (0); ``user`` (OpenAI's end-user tag) is ignored.
+Any other field is refused by name.
 
 The answer: a ``chat.completion`` whose ``finish_reason`` is ``"stop"`` (the end-of-text token or
 a stop string) or ``"length"`` (``max_completion_tokens`` reached), with ``usage`` (the prompt's
 tokens, the tokens generated, the end-of-text token included). Streamed: ``chat.completion.chunk``
 events (the role first, then the text as it comes, then the ``finish_reason``; with
 ``stream_options: {"include_usage": true}`` one more with the usage and no choices), then
-``data: [DONE]``. Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+``data: [DONE]``; asked for, the logprobs of all the answer's tokens come with the chunk of the
+``finish_reason``. Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
 import uuid
@@ -46,17 +52,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .sampling import Sampling
 
-__all__ = ["CHAT_PATH", "MODELS_PATH", "ChatRequest", "RequestError", "chunk", "completion", "error_body", "model",
-           "models", "parse_chat", "usage", "usage_chunk"]
+__all__ = ["CHAT_PATH", "MODELS_PATH", "ChatRequest", "RequestError", "chunk", "completion", "error_body",
+           "logprobs", "model", "models", "parse_chat", "token_text", "usage", "usage_chunk"]
 
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 
 # fields a client library sends at these values without being asked: accepted there, refused elsewhere
-_NO_OP = {"n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,)}
+_NO_OP = {"n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,)}
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed")
 _READ = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-         "seed", "stop", "stream", "stream_options", "user"}
+         "seed", "stop", "stream", "stream_options", "user", "logprobs", "top_logprobs"}
 
 
 class RequestError(ValueError):
@@ -78,6 +84,7 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None  # the alternatives each token's logprob lists (None: no logprobs)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -144,6 +151,7 @@ def parse_chat(req: Any, max_new_tokens: int) -> ChatRequest:
         raise RequestError(f"'user' must be a string, got {req['user']!r:.40}", "user")
     if problem := _stop_problem(req.get("stop")):
         raise RequestError(problem, "stop")
+    logprobs = _logprobs(req)
     try:
         sampling = _sampling_of({k: v for k, v in req.items() if k in _SAMPLING_FIELDS})
     except (ValueError, TypeError) as e:
@@ -151,7 +159,23 @@ def parse_chat(req: Any, max_new_tokens: int) -> ChatRequest:
     return ChatRequest(user=user, query=query, max_new_tokens=n,
                        sampling=sampling.resolved() if sampling is not None else None,
                        stop=_stop_list(req.get("stop")), stream=bool(stream),
-                       include_usage=include_usage)
+                       include_usage=include_usage, logprobs=logprobs)
+
+
+def _logprobs(req: dict[str, Any]) -> int | None:
+    """``logprobs`` (true: each token's logprob) and ``top_logprobs`` (its alternatives, 0 to 20)
+    as the alternatives listed per token, ``None`` where no logprobs are asked for."""
+    from .sampling import MAX_TOP_LOGPROBS
+
+    on, top = req.get("logprobs"), req.get("top_logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise RequestError(f"'logprobs' must be true or false, got {on!r:.40}", "logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise RequestError(f"'top_logprobs' must be an int in [0, {MAX_TOP_LOGPROBS}], got {top!r:.40}",
+                           "top_logprobs")
+    if top is not None and not on:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if on else None
 
 
 def _max_tokens(req: dict[str, Any], limit: int) -> int | None:
@@ -184,22 +208,73 @@ def _seed(r: ChatRequest) -> dict[str, Any]:
     return {} if r.sampling is None else {"seed": r.sampling.seed}
 
 
-def completion(r: ChatRequest, answer: Any) -> dict[str, Any]:
-    """The ``chat.completion`` answering ``r`` with ``answer`` (a :class:`milp.pipeline.Answer`)."""
+def completion(r: ChatRequest, answer: Any, tokenizer: Any = None) -> dict[str, Any]:
+    """The ``chat.completion`` answering ``r`` with ``answer`` (a :class:`milp.pipeline.Answer`;
+    its logprobs named with ``tokenizer``'s tokens where ``r`` asked for them)."""
     return {"id": r.id, "object": "chat.completion", "created": r.created, "model": r.user,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": str(answer)},
-                         "logprobs": None, "finish_reason": answer.finish_reason}],
+                         "logprobs": logprobs(r, answer, tokenizer), "finish_reason": answer.finish_reason}],
             "usage": usage(answer), **_seed(r)}
 
 
-def chunk(r: ChatRequest, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-    """One ``chat.completion.chunk`` of a streamed answer to ``r``."""
+def chunk(r: ChatRequest, delta: dict[str, str], finish_reason: str | None = None, answer: Any = None,
+          tokenizer: Any = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` of a streamed answer to ``r``; the last one (with its
+    ``finish_reason``) carries the ``answer``'s logprobs where ``r`` asked for them."""
     out: dict[str, Any] = {"id": r.id, "object": "chat.completion.chunk", "created": r.created, "model": r.user,
-                           "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                           "choices": [{"index": 0, "delta": delta, "logprobs": logprobs(r, answer, tokenizer),
                                         "finish_reason": finish_reason}], **_seed(r)}
     if r.include_usage:
         out["usage"] = None
     return out
+
+
+def logprobs(r: ChatRequest, answer: Any, tokenizer: Any) -> dict[str, Any] | None:
+    """OpenAI's ``logprobs`` of a choice: ``{"content": [...]}``, one entry per token of the
+    answer's text (special tokens, the end-of-text one among them, left out), each with its
+    ``token`` (its text), ``logprob``, ``bytes`` and ``top_logprobs`` (the most likely tokens at
+    its place, as many as asked). ``None`` where ``r`` asked for none (or there is no answer)."""
+    lps = getattr(answer, "logprobs", None)
+    if r.logprobs is None or lps is None:
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text, raw = token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, v) for t, v in e.top]}
+                        for e in lps if e.token not in special], "refusal": None}
+
+
+def token_text(tokenizer: Any, token: int) -> tuple[str, bytes]:
+    """A token's text, and its bytes: the bytes it stands for in the answer's UTF-8 text where
+    the tokenizer says (a byte-level BPE's symbols, a byte-fallback ``<0x..>`` token), so that
+    the bytes of consecutive tokens make up a character split across them; else its text's."""
+    text = str(tokenizer.decode([token], skip_special_tokens=False))
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if isinstance(piece, str):
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            with contextlib.suppress(ValueError):
+                return text, bytes([int(piece[3:5], 16)])
+        table = _unicode_to_byte()
+        if _byte_level(tokenizer) and all(c in table for c in piece):
+            return text, bytes(table[c] for c in piece)
+    return text, text.encode("utf-8")
+
+
+def _byte_level(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` decodes with a byte-level decoder (GPT-2's symbols for bytes)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    return type(decoder).__name__ == "ByteLevel"
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """The bytes of GPT-2's byte-level BPE symbols (transformers' table)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def usage_chunk(r: ChatRequest, answer: Any) -> dict[str, Any]:

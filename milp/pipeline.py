@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import random
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -48,7 +49,15 @@ from .data import IGNORE_INDEX, Record, collate, tokenize_instruction, tokenize_
 from .detok import AnswerText, cut_at_stops, decode
 from .losses import token_losses
 from .optim import LossScaling, lr_multiplier, resolve_loss_scaling
-from .sampling import Sampling, pick_tokens, row_sampler, sampling_per_record
+from .sampling import (
+    Sampling,
+    TokenLogprob,
+    check_logprobs,
+    pick_tokens,
+    row_sampler,
+    sampling_per_record,
+    token_logprobs,
+)
 
 __all__ = [
     "Answer",
@@ -705,6 +714,9 @@ class Answer(str):
             to the one that completed a stop string, or its ``max_new_tokens``.
         finish_reason: ``"stop"`` (its end-of-text token or a stop string ended it), ``"length"``
             (its ``max_new_tokens`` did) or ``"cancelled"`` (``stop(i)`` did).
+        logprobs: where they were asked for (``generate_responses(logprobs=)``), one
+            :class:`milp.sampling.TokenLogprob` per token generated (``new_tokens`` of them, the
+            end-of-text token included); else ``None``.
 
     Example:
         >>> a = Answer("Rest and drink water.", 31, 7, "stop")
@@ -715,14 +727,17 @@ class Answer(str):
     prompt_tokens: int
     new_tokens: int
     finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] | None
 
-    def __new__(cls, text: str, prompt_tokens: int, new_tokens: int, finish_reason: str) -> Answer:
+    def __new__(cls, text: str, prompt_tokens: int, new_tokens: int, finish_reason: str,
+                logprobs: Sequence[TokenLogprob] | None = None) -> Answer:
         self = super().__new__(cls, text)
         self.prompt_tokens, self.new_tokens, self.finish_reason = prompt_tokens, new_tokens, finish_reason
+        self.logprobs = tuple(logprobs) if logprobs is not None else None
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickle and copy: the text and the attributes
-        return (Answer, (str(self), self.prompt_tokens, self.new_tokens, self.finish_reason))
+        return (Answer, (str(self), self.prompt_tokens, self.new_tokens, self.finish_reason, self.logprobs))
 
 
 @torch.no_grad()
@@ -743,6 +758,7 @@ def generate_responses(
     sampling: Sampling | Sequence[Sampling | None] | None = None,
     batching: str = "static",
     stop_strings: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
+    logprobs: int | Sequence[int | None] | None = None,
 ) -> list[Answer]:
     """Greedy (or sampled: ``sampling``) answers to each record's query, with the record's user's
     adapters (mixed-user batches through the runtime), in order: each an :class:`Answer`, its
@@ -779,6 +795,11 @@ def generate_responses(
     text before the first one (the stop string is not part of it). A stream holds back a text's
     end while it could be the start of a stop string.
 
+    ``logprobs``: where given (for every record, or one per record, ``None`` for none), each
+    answer's :attr:`Answer.logprobs` holds every generated token's log-probability under the
+    model with this many of the most likely alternatives (0 to 20): a
+    :class:`milp.sampling.TokenLogprob` per token. The same with either batching.
+
     ``batching``: ``"static"`` (the default) answers each batch of ``batch_size`` records with one
     ``generate`` call, run to its longest answer; ``"continuous"`` runs them through a
     :class:`milp.decode.ContinuousBatch` of ``batch_size`` rows, where a record takes the place of
@@ -804,6 +825,7 @@ def generate_responses(
         raise ValueError(f"batching must be 'static', 'continuous' or 'auto', got {batching!r:.40}")
     samplings = sampling_per_record(sampling, len(records))
     stops = _stops_per_record(stop_strings, len(records))
+    tops = _logprobs_per_record(logprobs, len(records))
     users = _runtime_users(runtime, records, None)
     examples = _instruction_examples(records, tokenizer, context_fn, max_length, add_response=False)
     pad = _pad_id(tokenizer)
@@ -819,7 +841,7 @@ def generate_responses(
             continuous_unsupported(model, reach)
         if why is None:
             return _continuous_responses(model, tokenizer, examples, order, limits, runtime, users, batch_size,
-                                         samplings, progress, stream, stop, stops)
+                                         samplings, progress, stream, stop, stops, tops)
         if batching == "continuous":
             raise ValueError(f"batching='continuous': the model cannot be decoded so: {why}")
     answers: dict[int, Answer] = {}
@@ -857,16 +879,26 @@ def generate_responses(
                 stream is not None) else None
             if streamer is not None:
                 kwargs["streamer"] = streamer
+            row_tops = [tops[i] for i in idx]
+            if any(k is not None for k in row_tops):  # the raw logits of each step, for the tokens' logprobs
+                kwargs.update(output_logits=True, return_dict_in_generate=True)
             lm = cast(Any, model)  # a transformers model: generate()
             if runtime is not None and users is not None:
                 with runtime.using([users[i] for i in idx]):
                     out = lm.generate(**inputs, **kwargs)
             else:
                 out = lm.generate(**inputs, **kwargs)
+            steps: list[list[TokenLogprob | None]] = []
+            if not isinstance(out, torch.Tensor):  # a generate output with the logits
+                steps = [token_logprobs(step, out.sequences[:, offset + t], row_tops)
+                         for t, step in enumerate(out.logits)]
+                out = out.sequences
             for j, (i, row) in enumerate(zip(idx, out[:, offset:].tolist())):
                 if stopper is not None and stopper.ended[j] is not None:  # without an eos, generate goes on
                     row = row[:stopper.ended[j]]  # filling an ended row with tokens, not padding
                 answers[i] = _answer(tokenizer, row, stops[i], ends_at, limits[i], len(examples[i]["input_ids"]))
+                if tops[i] is not None:
+                    answers[i].logprobs = tuple(cast(TokenLogprob, s[j]) for s in steps[:answers[i].new_tokens])
             if streamer is not None:
                 streamer.finish([answers[i] for i in idx])
             bar.update(len(idx))
@@ -879,7 +911,8 @@ def generate_responses(
 def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[str, Any]], order: list[int],
                           limits: list[int], runtime: Any, users: list[Hashable | None] | None, rows: int,
                           samplings: list[Sampling | None], progress: bool, stream: Callable[[int, str], None] | None,
-                          stop: Callable[[int], bool] | None, stops: list[tuple[str, ...]]) -> list[Answer]:
+                          stop: Callable[[int], bool] | None, stops: list[tuple[str, ...]],
+                          tops: list[int | None]) -> list[Answer]:
     """:func:`generate_responses` with ``batching="continuous"``: the records in ``order`` join a
     :class:`milp.decode.ContinuousBatch` of ``rows`` rows as places free up (a store-backed
     runtime's: as their users fit beside the running rows')."""
@@ -889,6 +922,7 @@ def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[
     waiting = deque(order)
     answers: dict[int, Answer] = {}
     texts: dict[int, AnswerText] = {}  # the running rows' texts, where they are read (stop strings, a stream)
+    logprobs: dict[int, list[TokenLogprob]] = {}  # the running rows' tokens' logprobs, where asked for
     # its extend-only hand-over, row j being record j
     streamer = _AnswerStream(tokenizer, list(range(len(examples))), stream) if stream is not None else None
     bar = _progress(total=len(order), desc="generation", enabled=progress)
@@ -897,13 +931,15 @@ def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[
             while waiting and batch.can_join(users[waiting[0]] if users is not None else None):
                 i = waiting.popleft()
                 batch.join(i, examples[i]["input_ids"], limits[i], users[i] if users is not None else None,
-                           sampling=samplings[i])
+                           sampling=samplings[i], logprobs=tops[i])
                 if stops[i] or streamer is not None:
                     texts[i] = AnswerText(tokenizer, stops[i])
             for u in batch.step():
                 if u.error is not None:
                     raise u.error
                 i = cast(int, u.key)
+                if u.logprob is not None:
+                    logprobs.setdefault(i, []).append(u.logprob)
                 answer = _row_answer(batch, tokenizer, u, texts.get(i),
                                      stop=functools.partial(stop, i) if stop else None, limit=limits[i],
                                      prompt_tokens=len(examples[i]["input_ids"]))
@@ -913,6 +949,8 @@ def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[
                     continue
                 answers[i] = answer
                 texts.pop(i, None)
+                if tops[i] is not None:
+                    answer.logprobs = tuple(logprobs.pop(i, [])[:answer.new_tokens])
                 if streamer is not None:
                     streamer._hand(i, answer)
                 bar.update(1)
@@ -1016,6 +1054,16 @@ def _sample_rows(samplers: list[Any]) -> Any:
             return torch.full_like(scores, -math.inf).scatter_(1, tokens[:, None], 0.0)
 
     return SampleRows()
+
+
+def _logprobs_per_record(logprobs: Any, n: int) -> list[int | None]:
+    """``logprobs`` (an int or ``None`` for every record, or one per record) as one per record of ``n``."""
+    if logprobs is None or isinstance(logprobs, numbers.Integral):
+        return [check_logprobs(logprobs)] * n
+    if isinstance(logprobs, (str, bytes)) or not isinstance(logprobs, Sequence) or len(logprobs) != n:
+        raise ValueError(f"logprobs must be None, an int in [0, 20], or a sequence of them (one per record, {n} in "
+                         f"all), got {logprobs!r:.60}")
+    return [check_logprobs(v, f"logprobs[{i}]") for i, v in enumerate(logprobs)]
 
 
 def _stops_per_record(stop_strings: Any, n: int) -> list[tuple[str, ...]]:

@@ -39,14 +39,17 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-__all__ = ["MAX_SEED", "Sampling", "pick_tokens", "row_sampler", "sampling_per_record"]
+__all__ = ["MAX_SEED", "MAX_TOP_LOGPROBS", "Sampling", "TokenLogprob", "check_logprobs", "pick_tokens", "row_sampler",
+           "sampling_per_record", "token_logprobs"]
 
 #: seeds are ints in [0, MAX_SEED] (what ``torch.Generator.manual_seed`` takes without wrapping)
 MAX_SEED = 2**63 - 1
+#: the most alternatives a token's :class:`TokenLogprob` lists (OpenAI's ``top_logprobs`` limit)
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,49 @@ def pick_tokens(logits: torch.Tensor, rows: Sequence[_RowSampler | None]) -> tor
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     tokens[index] = picked.clamp_(max=logits.shape[1] - 1)
     return tokens
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token with its log-probability under the model, and the most likely tokens
+    at its place with theirs (``top``: ``(token id, logprob)`` pairs, most likely first; as many
+    as asked, none where 0). The log-probabilities are the model's own (the log-softmax of its
+    logits, in float32), before a sampled row's temperature and filters, as vLLM and OpenAI
+    report them."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def check_logprobs(value: Any, name: str = "logprobs") -> int | None:
+    """``value`` checked as a request for log-probabilities: ``None`` (none), or how many of the
+    most likely alternatives each token lists, an int in [0, :data:`MAX_TOP_LOGPROBS`]."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                              or not 0 <= int(value) <= MAX_TOP_LOGPROBS):
+        raise ValueError(f"{name} must be None (no log-probabilities) or an int in [0, {MAX_TOP_LOGPROBS}] (the "
+                         f"alternatives listed per token), got {value!r:.40}")
+    return None if value is None else int(value)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: Sequence[int | None]) -> list[TokenLogprob | None]:
+    """Each row's :class:`TokenLogprob` of its chosen token ``tokens[row]`` under ``logits``
+    ``[rows, vocab]``, with its ``tops[row]`` most likely alternatives (``None``: the row asks
+    for none, and gets ``None``). One copy to the host for all rows that ask."""
+    asked = [i for i, k in enumerate(tops) if k is not None]
+    out: list[TokenLogprob | None] = [None] * len(tops)
+    if not asked:
+        return out
+    index = torch.tensor(asked, device=logits.device)
+    lp = logits.index_select(0, index).float().log_softmax(-1)
+    chosen = lp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
+    k = max(cast(int, tops[i]) for i in asked)
+    values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    for j, (c, t, vs, ts) in enumerate(zip(chosen.tolist(), tokens.index_select(0, index).tolist(),
+                                           values.tolist(), ids.tolist())):
+        n = cast(int, tops[asked[j]])
+        out[asked[j]] = TokenLogprob(int(t), float(c), tuple(zip(ts[:n], vs[:n])))
+    return out
 
 
 def _filtered(scores: torch.Tensor, rows: Sequence[_RowSampler]) -> torch.Tensor:

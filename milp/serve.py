@@ -87,7 +87,7 @@ from .detok import AnswerText
 if TYPE_CHECKING:
     from .data import Record
     from .pipeline import Answer
-    from .sampling import Sampling
+    from .sampling import Sampling, TokenLogprob
 
 __all__ = ["AnswerServer", "build_parser", "main"]
 
@@ -114,6 +114,8 @@ class _Request:
     sent: str = ""  # the answer's text handed to on_delta so far
     prompt_tokens: int = 0  # its prompt's length (continuous batching: known once it joined)
     text: AnswerText | None = None  # continuous batching: its answer's text as its tokens come, where read
+    logprobs: int | None = None  # its tokens' logprobs with this many alternatives (None: none)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # continuous batching: so far
 
     def progress(self, text: str) -> None:
         """The answer so far (of this attempt: a batch that failed is answered again one request
@@ -343,7 +345,7 @@ class AnswerServer:
 
     def submit(self, user: str, query: str, max_new_tokens: int | None = None, *,
                on_delta: Callable[[str], None] | None = None, sampling: Sampling | None = None,
-               stop: Sequence[str] = ()) -> Future:
+               stop: Sequence[str] = (), logprobs: int | None = None) -> Future:
         """Queue one request; its future gives the answer (a :class:`milp.pipeline.Answer`: its
         text, with its token counts and why it ended). ``on_delta(piece)``, where given, is
         called in the batcher's thread with each new piece of the answer as it is generated (the
@@ -351,22 +353,24 @@ class AnswerServer:
         :class:`milp.sampling.Sampling` to sample the answer (give it a ``seed`` to get the same
         answer again, whatever else the server generates meanwhile; see :meth:`Sampling.resolved`);
         ``None``: greedy. ``stop``: texts that end the answer, which is its text before the first
-        of them.
+        of them. ``logprobs``: the answer's :attr:`~milp.pipeline.Answer.logprobs` hold each
+        token's log-probability with this many alternatives (0 to 20); ``None``: none.
 
         ``future.cancel()`` withdraws the request at any time before its answer: one still queued
         is never generated, one being generated ends at its next token (the rest of its batch goes
         on; a batch whose requests were all cancelled stops)."""
         from .pipeline import _stops_per_record
-        from .sampling import row_sampler
+        from .sampling import check_logprobs, row_sampler
 
         if on_delta is not None and not callable(on_delta):
             raise TypeError(f"on_delta must be a callable or None, got {type(on_delta).__name__}")
         row_sampler(sampling)  # a TypeError here, not in the batcher
         stops = _stops_per_record(stop, 1)[0]
+        logprobs = check_logprobs(logprobs)
         if sampling is not None:  # one seed for every attempt (a failed static batch answers again one by one)
             sampling = sampling.resolved()
         r = _Request(user, query, max_new_tokens or self.max_new_tokens, on_delta=on_delta, sampling=sampling,
-                     stop=stops)
+                     stop=stops, logprobs=logprobs)
         with self._submit_lock:
             if self._stop.is_set():
                 raise _Closing()
@@ -418,7 +422,8 @@ class AnswerServer:
                                              runtime=self.runtime, max_new_tokens=[r.max_new_tokens for r in reqs],
                                              batch_size=self.batch_size, max_length=self._max_prompt, progress=False,
                                              stream=progress if any(r.on_delta for r in reqs) else None, stop=stop,
-                                             sampling=[r.sampling for r in reqs], stop_strings=[r.stop for r in reqs])
+                                             sampling=[r.sampling for r in reqs], stop_strings=[r.stop for r in reqs],
+                                             logprobs=[r.logprobs for r in reqs])
             except Exception as e:
                 if len(reqs) > 1:  # one bad request (a damaged user, say) must not fail the others: one by one
                     groups[:0] = [[r] for r in reqs]
@@ -505,7 +510,7 @@ class AnswerServer:
             try:
                 prompt = _instruction_examples([r.record()], self.tokenizer, None, self._max_prompt,
                                                add_response=False)[0]["input_ids"]
-                batch.join(id(r), prompt, r.max_new_tokens, r.user, sampling=r.sampling)
+                batch.join(id(r), prompt, r.max_new_tokens, r.user, sampling=r.sampling, logprobs=r.logprobs)
                 r.prompt_tokens = len(prompt)
                 if r.stop or r.on_delta is not None:  # its text is read: decoded as its tokens come
                     r.text = AnswerText(self.tokenizer, r.stop)
@@ -530,6 +535,8 @@ class AnswerServer:
                 r.finish(error=u.error)
                 del live[cast(int, u.key)]
                 continue
+            if u.logprob is not None:
+                r.token_logprobs.append(u.logprob)
             # a stop string: the row leaves with it
             answer = _row_answer(batch, self.tokenizer, u, r.text, limit=r.max_new_tokens,
                                  prompt_tokens=r.prompt_tokens)
@@ -537,6 +544,8 @@ class AnswerServer:
                 if r.on_delta is not None and r.text is not None:
                     r.progress(r.text.partial())
                 continue
+            if r.logprobs is not None:
+                answer.logprobs = tuple(r.token_logprobs[:answer.new_tokens])
             r.progress(answer)
             r.finish(answer)
             del live[cast(int, u.key)]
@@ -701,17 +710,18 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 return self._error(HTTPStatus.NOT_FOUND, f"unknown model {r.user!r}: the run holds no such user "
                                                          f"(GET {oa.MODELS_PATH} lists them)", param="model")
             if r.stream:
-                return self._stream(r.user, r.query, r.max_new_tokens, r.sampling, r.stop, _ChatEvents(r))
-            answer = self._answer(r.user, r.query, r.max_new_tokens, r.sampling, r.stop)
+                return self._stream(r.user, r.query, r.max_new_tokens, r.sampling, r.stop,
+                                    _ChatEvents(r, server.tokenizer), r.logprobs)
+            answer = self._answer(r.user, r.query, r.max_new_tokens, r.sampling, r.stop, r.logprobs)
             if answer is not None:
-                self._send(HTTPStatus.OK, oa.completion(r, answer))
+                self._send(HTTPStatus.OK, oa.completion(r, answer, server.tokenizer))
 
         def _answer(self, user: str, query: str, max_new_tokens: int | None, sampling: Sampling | None,
-                    stop: list[str]) -> Answer | None:
+                    stop: list[str], logprobs: int | None = None) -> Answer | None:
             """The request's answer, waited for; ``None`` where an error was sent instead (or the
             client left)."""
             try:
-                done = server.submit(user, query, max_new_tokens, sampling=sampling, stop=stop)
+                done = server.submit(user, query, max_new_tokens, sampling=sampling, stop=stop, logprobs=logprobs)
                 return cast("Answer", self._wait(done, lambda: done.result(timeout=POLL_S),
                                                  time.monotonic() + REQUEST_TIMEOUT_S))
             except _Closing:
@@ -749,12 +759,13 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 return True
 
         def _stream(self, user: str, query: str, max_new_tokens: int | None, sampling: Sampling | None,
-                    stop: list[str], events: _AnswerEvents | _ChatEvents) -> None:
+                    stop: list[str], events: _AnswerEvents | _ChatEvents, logprobs: int | None = None) -> None:
             """The answer as server-sent events (``events`` gives their shape), each an HTTP chunk
             (the connection stays open)."""
             pieces: queue.Queue[str | None] = queue.Queue()
             try:
-                done = server.submit(user, query, max_new_tokens, on_delta=pieces.put, sampling=sampling, stop=stop)
+                done = server.submit(user, query, max_new_tokens, on_delta=pieces.put, sampling=sampling, stop=stop,
+                                     logprobs=logprobs)
             except _Closing:
                 return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
             done.add_done_callback(lambda _: pieces.put(None))  # after the last piece: the same thread
@@ -844,10 +855,10 @@ class _AnswerEvents:
 
 class _ChatEvents:
     """The events of a streamed ``/v1/chat/completions`` (:mod:`milp.openai_api`): OpenAI's
-    chunks, then ``[DONE]``."""
+    chunks, then ``[DONE]``. The answer's logprobs, where asked for, come with its last chunk."""
 
-    def __init__(self, request: Any) -> None:
-        self.r = request
+    def __init__(self, request: Any, tokenizer: Any) -> None:
+        self.r, self.tokenizer = request, tokenizer
 
     def start(self) -> bytes:
         from .openai_api import chunk
@@ -862,7 +873,7 @@ class _ChatEvents:
     def done(self, answer: Answer) -> bytes:
         from .openai_api import chunk, usage_chunk
 
-        last = _event(chunk(self.r, {}, answer.finish_reason))
+        last = _event(chunk(self.r, {}, answer.finish_reason, answer, self.tokenizer))
         return last + (_event(usage_chunk(self.r, answer)) if self.r.include_usage else b"") + b"data: [DONE]\n\n"
 
     def error(self, msg: str, status: HTTPStatus) -> bytes:

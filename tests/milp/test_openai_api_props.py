@@ -27,7 +27,7 @@ _values = {  # per field: values that may be valid, and any JSON
     "stream": st.booleans() | _json, "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | _json,
     "user": st.text(max_size=4) | _json, "n": st.sampled_from([1, 2, None]) | _json,
     "presence_penalty": st.sampled_from([0, 0.0, 0.5]) | _json, "frequency_penalty": st.sampled_from([0, -1]) | _json,
-    "logprobs": st.booleans() | _json, "tools": _json,
+    "logprobs": st.booleans() | _json, "top_logprobs": st.integers(-1, 21) | _json, "tools": _json,
 }
 
 
@@ -62,3 +62,5 @@ def test_a_body_parses_into_its_request_or_is_refused_naming_a_field(body):
     assert r.stream == bool(body.get("stream")) and (not r.include_usage or r.stream)
     stop = body.get("stop")
     assert r.stop == ([stop] if isinstance(stop, str) else list(stop or []))
+    assert r.logprobs == ((body.get("top_logprobs") or 0) if body.get("logprobs") else None)
+    assert r.logprobs is None or 0 <= r.logprobs <= 20

@@ -128,7 +128,9 @@ BAD = [  # (body change, status, the field named, words of the message)
     ({"max_tokens": 10_000}, 400, "max_tokens", "'max_tokens' must be an int in [1,"),
     ({"max_tokens": 3, "max_completion_tokens": 4}, 400, "max_completion_tokens", "disagree"),
     ({"n": 2}, 400, "n", "'n' must be 1"),
-    ({"logprobs": True}, 400, "logprobs", "'logprobs' must be false"),
+    ({"logprobs": 1}, 400, "logprobs", "'logprobs' must be true or false"),
+    ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "'top_logprobs' must be an int in [0, 20]"),
+    ({"top_logprobs": 2}, 400, "top_logprobs", "'top_logprobs' needs 'logprobs': true"),
     ({"model": "u\ud83d"}, 400, "model", "'model' must be valid Unicode text, got a lone surrogate U+D83D"),
     ({"messages": [{"role": "user", "content": "Hi \ud83d"}]}, 400, "messages", "lone surrogate U+D83D at character 3"),
     ({"presence_penalty": 0.5}, 400, "presence_penalty", "'presence_penalty' must be 0"),
@@ -186,3 +188,41 @@ def test_openais_client_library_talks_to_the_server(answer_run):
                                                                      {"role": "user", "content": "Hi?"}])
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_chat_completions_give_the_tokens_logprobs(answer_run, batching):
+    """``logprobs: true`` with ``top_logprobs``: one entry per token of the answer's text (the
+    end-of-text token left out) with ``milp.answer``'s logprobs and alternatives; the entries'
+    bytes make the answer's text (characters split across tokens included); streamed, they come
+    with the last chunk; OpenAI's client reads them."""
+    from milp.answer import load_run
+
+    user = _users(answer_run)[0]
+    want = answer(answer_run, [(user, QUERIES[2])], progress=False, logprobs=2, batching=batching)[0]
+    _, tok, _, _ = load_run(answer_run, "cpu")
+    content = [e for e in want.logprobs if e.token not in tok.all_special_ids]
+    assert len(want.logprobs) == want.new_tokens and content
+    with AnswerServer(answer_run, port=0, max_wait_ms=0, batching=batching) as server:
+        code, body = _post(server, _chat(user, QUERIES[2], logprobs=True, top_logprobs=2), CHAT)
+        plain = _post(server, _chat(user, QUERIES[2], logprobs=False), CHAT)[1]
+        status, events = _stream(server, _chat(user, QUERIES[2], logprobs=True, top_logprobs=2))
+    assert code == 200 and body["choices"][0]["message"]["content"] == str(want)
+    got = body["choices"][0]["logprobs"]["content"]
+    assert [e["logprob"] for e in got] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    assert [e["token"] for e in got] == [tok.decode([e.token]) for e in content]
+    assert [[t["logprob"] for t in e["top_logprobs"]] for e in got] == [
+        pytest.approx([v for _, v in e.top], abs=1e-4) for e in content]
+    assert bytes(b for e in got for b in e["bytes"]).decode("utf-8", "replace").strip() == str(want)
+    assert plain["choices"][0]["logprobs"] is None
+    chunks = events[:-1]
+    assert status == 200 and all(c["choices"][0]["logprobs"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"][0]["logprobs"]["content"] == got
+    openai = pytest.importorskip("openai", reason="the openai client library is not installed")
+    with AnswerServer(answer_run, port=0, max_wait_ms=0, batching=batching) as server:
+        host, port = server.address
+        client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="-", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model=user, messages=[{"role": "user", "content": QUERIES[2]}],
+                                           logprobs=True, top_logprobs=2)
+    read = r.choices[0].logprobs.content
+    assert [(e.token, e.bytes, len(e.top_logprobs)) for e in read] == [(e["token"], e["bytes"], 2) for e in got]
