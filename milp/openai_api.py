@@ -26,14 +26,18 @@ with, as vLLM takes a model's own defaults; OpenAI's default is 1.0): give one t
 gave none, in a ``seed`` field beside OpenAI's). ``logprobs: true`` (and ``top_logprobs``, 0 to
 20) gives each token of the answer's text its log-probability under the model (before
 temperature and filters, as vLLM reports them), its text and bytes, and the most likely tokens at
-its place (:func:`logprobs`). Accepted at their no-op values only: ``n`` (1),
-``presence_penalty`` and ``frequency_penalty`` (0); ``user`` (OpenAI's end-user tag) is ignored.
-Any other field is refused by name.
+its place (:func:`logprobs`). ``n`` (up to 16) asks for that many choices of a sampled answer:
+choice ``j`` is the answer the request's seed + ``j`` gives alone (:func:`samplings`), each a row
+of its own beside the server's other requests; a greedy ``n`` > 1 is refused (its choices would
+be one answer). Accepted at their no-op values only: ``presence_penalty`` and
+``frequency_penalty`` (0); ``user`` (OpenAI's end-user tag) is ignored. Any other field is
+refused by name.
 
 The answer: a ``chat.completion`` whose ``finish_reason`` is ``"stop"`` (the end-of-text token or
 a stop string) or ``"length"`` (``max_completion_tokens`` reached), with ``usage`` (the prompt's
-tokens, the tokens generated, the end-of-text token included). Streamed: ``chat.completion.chunk``
-events (the role first, then the text as it comes, then the ``finish_reason``; with
+tokens, the tokens generated for every choice, the end-of-text token included). Streamed:
+``chat.completion.chunk`` events (each choice's role first, then the text as it comes, then its
+``finish_reason``, under its ``index``; with
 ``stream_options: {"include_usage": true}`` one more with the usage and no choices), then
 ``data: [DONE]``; asked for, the logprobs of all the answer's tokens come with the chunk of the
 ``finish_reason``. Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
@@ -45,6 +49,7 @@ import functools
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -52,17 +57,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .sampling import Sampling
 
-__all__ = ["CHAT_PATH", "MODELS_PATH", "ChatRequest", "RequestError", "chunk", "completion", "error_body",
-           "logprobs", "model", "models", "parse_chat", "token_text", "usage", "usage_chunk"]
+__all__ = ["CHAT_PATH", "MAX_N", "MODELS_PATH", "ChatRequest", "RequestError", "chunk", "completion", "error_body",
+           "logprobs", "model", "models", "parse_chat", "samplings", "token_text", "usage", "usage_chunk"]
 
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 
 # fields a client library sends at these values without being asked: accepted there, refused elsewhere
-_NO_OP = {"n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,)}
+_NO_OP = {"presence_penalty": (0,), "frequency_penalty": (0,)}
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed")
 _READ = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-         "seed", "stop", "stream", "stream_options", "user", "logprobs", "top_logprobs"}
+         "seed", "stop", "stream", "stream_options", "user", "logprobs", "top_logprobs", "n"}
+MAX_N = 16  # the most choices one request may ask for
 
 
 class RequestError(ValueError):
@@ -85,6 +91,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # the alternatives each token's logprob lists (None: no logprobs)
+    n: int = 1  # choices: sampled, choice j with seed + j
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -156,10 +163,16 @@ def parse_chat(req: Any, max_new_tokens: int) -> ChatRequest:
         sampling = _sampling_of({k: v for k, v in req.items() if k in _SAMPLING_FIELDS})
     except (ValueError, TypeError) as e:
         raise RequestError(str(e), _field_named(str(e))) from None
+    choices = req.get("n")
+    if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int)
+                                or not 1 <= choices <= MAX_N):
+        raise RequestError(f"'n' must be an int in [1, {MAX_N}], got {choices!r:.40}", "n")
+    if (choices or 1) > 1 and sampling is None:
+        raise RequestError("'n' > 1 needs a 'temperature' > 0: greedy choices would all be the same", "n")
     return ChatRequest(user=user, query=query, max_new_tokens=n,
                        sampling=sampling.resolved() if sampling is not None else None,
                        stop=_stop_list(req.get("stop")), stream=bool(stream),
-                       include_usage=include_usage, logprobs=logprobs)
+                       include_usage=include_usage, logprobs=logprobs, n=choices or 1)
 
 
 def _logprobs(req: dict[str, Any]) -> int | None:
@@ -198,31 +211,47 @@ def _field_named(message: str) -> str | None:
     return min(at, key=lambda k: at[k]) if at else None
 
 
-def usage(answer: Any) -> dict[str, int]:
-    """OpenAI's ``usage`` of a :class:`milp.pipeline.Answer`."""
-    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.new_tokens,
-            "total_tokens": answer.prompt_tokens + answer.new_tokens}
+def samplings(r: ChatRequest) -> list[Sampling | None]:
+    """How each of ``r``'s choices samples: choice ``j`` with the request's seed + ``j`` (each
+    the answer that seed gives alone)."""
+    from dataclasses import replace
+
+    from .sampling import MAX_SEED
+
+    if r.sampling is None:
+        return [None] * r.n
+    seed = r.sampling.seed or 0
+    return [replace(r.sampling, seed=(seed + j) % (MAX_SEED + 1)) for j in range(r.n)]
+
+
+def usage(answers: Sequence[Any]) -> dict[str, int]:
+    """OpenAI's ``usage`` of the answers (:class:`milp.pipeline.Answer`) of one request's choices:
+    its prompt once, the tokens generated for all of them."""
+    prompt, new = answers[0].prompt_tokens, sum(a.new_tokens for a in answers)
+    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
 
 
 def _seed(r: ChatRequest) -> dict[str, Any]:
     return {} if r.sampling is None else {"seed": r.sampling.seed}
 
 
-def completion(r: ChatRequest, answer: Any, tokenizer: Any = None) -> dict[str, Any]:
-    """The ``chat.completion`` answering ``r`` with ``answer`` (a :class:`milp.pipeline.Answer`;
-    its logprobs named with ``tokenizer``'s tokens where ``r`` asked for them)."""
+def completion(r: ChatRequest, answers: Sequence[Any], tokenizer: Any = None) -> dict[str, Any]:
+    """The ``chat.completion`` answering ``r`` with ``answers``, one :class:`milp.pipeline.Answer`
+    per choice (their logprobs named with ``tokenizer``'s tokens where ``r`` asked for them)."""
     return {"id": r.id, "object": "chat.completion", "created": r.created, "model": r.user,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": str(answer)},
-                         "logprobs": logprobs(r, answer, tokenizer), "finish_reason": answer.finish_reason}],
-            "usage": usage(answer), **_seed(r)}
+            "choices": [{"index": j, "message": {"role": "assistant", "content": str(a)},
+                         "logprobs": logprobs(r, a, tokenizer), "finish_reason": a.finish_reason}
+                        for j, a in enumerate(answers)],
+            "usage": usage(answers), **_seed(r)}
 
 
 def chunk(r: ChatRequest, delta: dict[str, str], finish_reason: str | None = None, answer: Any = None,
-          tokenizer: Any = None) -> dict[str, Any]:
-    """One ``chat.completion.chunk`` of a streamed answer to ``r``; the last one (with its
-    ``finish_reason``) carries the ``answer``'s logprobs where ``r`` asked for them."""
+          tokenizer: Any = None, index: int = 0) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` of a streamed answer to ``r`` (of its choice ``index``); a
+    choice's last one (with its ``finish_reason``) carries the ``answer``'s logprobs where ``r``
+    asked for them."""
     out: dict[str, Any] = {"id": r.id, "object": "chat.completion.chunk", "created": r.created, "model": r.user,
-                           "choices": [{"index": 0, "delta": delta, "logprobs": logprobs(r, answer, tokenizer),
+                           "choices": [{"index": index, "delta": delta, "logprobs": logprobs(r, answer, tokenizer),
                                         "finish_reason": finish_reason}], **_seed(r)}
     if r.include_usage:
         out["usage"] = None
@@ -277,10 +306,10 @@ def _unicode_to_byte() -> dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
-def usage_chunk(r: ChatRequest, answer: Any) -> dict[str, Any]:
+def usage_chunk(r: ChatRequest, answers: Sequence[Any]) -> dict[str, Any]:
     """The last chunk of a stream with ``include_usage``: no choices, the usage."""
     return {"id": r.id, "object": "chat.completion.chunk", "created": r.created, "model": r.user, "choices": [],
-            "usage": usage(answer), **_seed(r)}
+            "usage": usage(answers), **_seed(r)}
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",

@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import hmac
 import json
 import os
@@ -692,11 +693,11 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             seed = {} if sampling is None else {"seed": sampling.seed}  # in the answer: the request can be repeated
             stop = _stop_list(req.get("stop"))
             if req.get("stream"):
-                return self._stream(user, query, req.get("max_new_tokens"), sampling, stop,
+                return self._stream(user, query, req.get("max_new_tokens"), [sampling], stop,
                                     _AnswerEvents(user, query, seed))
-            answer = self._answer(user, query, req.get("max_new_tokens"), sampling, stop)
-            if answer is not None:
-                self._send(HTTPStatus.OK, {"user_id": user, "query": query, "answer": str(answer), **seed})
+            answers = self._answers(user, query, req.get("max_new_tokens"), [sampling], stop)
+            if answers is not None:
+                self._send(HTTPStatus.OK, {"user_id": user, "query": query, "answer": str(answers[0]), **seed})
 
         def _chat(self, req: Any) -> None:
             """``POST /v1/chat/completions`` (:mod:`milp.openai_api`)."""
@@ -710,20 +711,39 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 return self._error(HTTPStatus.NOT_FOUND, f"unknown model {r.user!r}: the run holds no such user "
                                                          f"(GET {oa.MODELS_PATH} lists them)", param="model")
             if r.stream:
-                return self._stream(r.user, r.query, r.max_new_tokens, r.sampling, r.stop,
+                return self._stream(r.user, r.query, r.max_new_tokens, oa.samplings(r), r.stop,
                                     _ChatEvents(r, server.tokenizer), r.logprobs)
-            answer = self._answer(r.user, r.query, r.max_new_tokens, r.sampling, r.stop, r.logprobs)
-            if answer is not None:
-                self._send(HTTPStatus.OK, oa.completion(r, answer, server.tokenizer))
+            answers = self._answers(r.user, r.query, r.max_new_tokens, oa.samplings(r), r.stop, r.logprobs)
+            if answers is not None:
+                self._send(HTTPStatus.OK, oa.completion(r, answers, server.tokenizer))
 
-        def _answer(self, user: str, query: str, max_new_tokens: int | None, sampling: Sampling | None,
-                    stop: list[str], logprobs: int | None = None) -> Answer | None:
-            """The request's answer, waited for; ``None`` where an error was sent instead (or the
-            client left)."""
+        def _submit(self, user: str, query: str, max_new_tokens: int | None, samplings: list[Sampling | None],
+                    stop: list[str], logprobs: int | None,
+                    on_delta: Callable[[int, str], None] | None = None) -> list[Future]:
+            """One request per choice (``samplings``: how each samples); ``on_delta(choice, piece)``.
+            Where one cannot be queued (``_Closing``), those queued are withdrawn."""
+            dones: list[Future] = []
             try:
-                done = server.submit(user, query, max_new_tokens, sampling=sampling, stop=stop, logprobs=logprobs)
-                return cast("Answer", self._wait(done, lambda: done.result(timeout=POLL_S),
-                                                 time.monotonic() + REQUEST_TIMEOUT_S))
+                for j, sampling in enumerate(samplings):
+                    dones.append(server.submit(user, query, max_new_tokens, sampling=sampling, stop=stop,
+                                               logprobs=logprobs,
+                                               on_delta=functools.partial(on_delta, j) if on_delta else None))
+            except BaseException:
+                for done in dones:
+                    done.cancel()
+                raise
+            return dones
+
+        def _answers(self, user: str, query: str, max_new_tokens: int | None, samplings: list[Sampling | None],
+                     stop: list[str], logprobs: int | None = None) -> list[Answer] | None:
+            """The request's answers (one per choice), waited for; ``None`` where an error was sent
+            instead (or the client left)."""
+            dones: list[Future] = []
+            try:
+                dones = self._submit(user, query, max_new_tokens, samplings, stop, logprobs)
+                deadline = time.monotonic() + REQUEST_TIMEOUT_S
+                return [cast("Answer", self._wait(dones, functools.partial(d.result, timeout=POLL_S), deadline))
+                        for d in dones]
             except _Closing:
                 self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
             except _ClientLeft:
@@ -732,21 +752,25 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 self._error(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {REQUEST_TIMEOUT_S:.0f} s")
             except Exception as e:
                 self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(e).__name__}: {e}")
+            for done in dones:  # a choice that failed: the others are not waited for
+                done.cancel()
             return None
 
-        def _wait(self, done: Future, get: Callable[[], Any], deadline: float) -> Any:
+        def _wait(self, dones: list[Future], get: Callable[[], Any], deadline: float) -> Any:
             """What ``get()`` gives (it waits at most ``POLL_S``, raising ``TimeoutError`` or
             ``queue.Empty`` when nothing came), asked again while the client is there and the
-            ``deadline`` (``time.monotonic()``) has not passed; the request ``done`` is cancelled
-            when the client left (``_ClientLeft``) or the time is up (``TimeoutError``)."""
+            ``deadline`` (``time.monotonic()``) has not passed; the requests ``dones`` are
+            cancelled when the client left (``_ClientLeft``) or the time is up (``TimeoutError``)."""
             while time.monotonic() < deadline:
                 try:
                     return get()
                 except (TimeoutError, queue.Empty):
                     if self._client_left():
-                        done.cancel()
+                        for done in dones:
+                            done.cancel()
                         raise _ClientLeft from None
-            done.cancel()
+            for done in dones:
+                done.cancel()
             raise TimeoutError
 
         def _client_left(self) -> bool:
@@ -758,17 +782,18 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             except (OSError, ValueError):  # reset, or closed under us
                 return True
 
-        def _stream(self, user: str, query: str, max_new_tokens: int | None, sampling: Sampling | None,
+        def _stream(self, user: str, query: str, max_new_tokens: int | None, samplings: list[Sampling | None],
                     stop: list[str], events: _AnswerEvents | _ChatEvents, logprobs: int | None = None) -> None:
-            """The answer as server-sent events (``events`` gives their shape), each an HTTP chunk
-            (the connection stays open)."""
-            pieces: queue.Queue[str | None] = queue.Queue()
+            """The answers (one per choice: ``samplings``) as server-sent events (``events`` gives
+            their shape), each an HTTP chunk (the connection stays open)."""
+            pieces: queue.Queue[tuple[int, str | None]] = queue.Queue()
             try:
-                done = server.submit(user, query, max_new_tokens, on_delta=pieces.put, sampling=sampling, stop=stop,
-                                     logprobs=logprobs)
+                dones = self._submit(user, query, max_new_tokens, samplings, stop, logprobs,
+                                     on_delta=lambda j, piece: pieces.put((j, piece)))
             except _Closing:
                 return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is closing")
-            done.add_done_callback(lambda _: pieces.put(None))  # after the last piece: the same thread
+            for j, done in enumerate(dones):  # after a choice's last piece: the same thread
+                done.add_done_callback(functools.partial(_put_end, pieces, j))
             # an HTTP/1.0 client knows no chunks: the events as they are, the end of the stream closing it
             self._chunked = self.request_version != "HTTP/1.0"
             self.send_response(HTTPStatus.OK)
@@ -782,31 +807,45 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Connection", "close")
             self.end_headers()
             deadline = time.monotonic() + REQUEST_TIMEOUT_S  # for the whole answer, not each piece
-            first = events.start()  # OpenAI's: the role, before any text
+            answers: dict[int, Answer] = {}
+
+            def gone() -> None:  # the client left: the rows end at their next token
+                for done in dones:
+                    done.cancel()
+
+            first = events.start(len(dones))  # OpenAI's: the role, before any text
             if first and not self._chunk(first):
-                done.cancel()  # the client left
-                return
+                return gone()
             while True:
                 try:
-                    piece = self._wait(done, lambda: pieces.get(timeout=POLL_S), deadline)
+                    j, piece = self._wait(dones, lambda: pieces.get(timeout=POLL_S), deadline)
                 except _ClientLeft:
                     self.close_connection = True
                     return
                 except TimeoutError:
                     final = events.error(f"no answer within {REQUEST_TIMEOUT_S:.0f} s", HTTPStatus.GATEWAY_TIMEOUT)
                     break
-                if piece is None:
-                    try:
-                        final = events.done(done.result(timeout=0))
-                    except _Closing:
-                        final = events.error("the server is closing", HTTPStatus.SERVICE_UNAVAILABLE)
-                    except Exception as e:
-                        final = events.error(f"generation failed: {type(e).__name__}: {e}",
-                                             HTTPStatus.INTERNAL_SERVER_ERROR)
+                if piece is not None:
+                    if not self._chunk(events.delta(piece, j)):
+                        return gone()
+                    continue
+                try:
+                    answers[j] = dones[j].result(timeout=0)
+                except _Closing:
+                    final = events.error("the server is closing", HTTPStatus.SERVICE_UNAVAILABLE)
+                    gone()
                     break
-                if not self._chunk(events.delta(piece)):
-                    done.cancel()  # the client left: its row ends at the next token
-                    return
+                except Exception as e:
+                    final = events.error(f"generation failed: {type(e).__name__}: {e}",
+                                         HTTPStatus.INTERNAL_SERVER_ERROR)
+                    gone()  # the other choices are not waited for
+                    break
+                ended = events.finished(answers[j], j)
+                if len(answers) == len(dones):
+                    final = ended + events.done([answers[k] for k in range(len(dones))])
+                    break
+                if not self._chunk(ended):
+                    return gone()
             if self._chunk(final):
                 self._chunk(b"")  # the last chunk: the response ends, the connection may carry the next
 
@@ -827,27 +866,35 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _put_end(pieces: queue.Queue[tuple[int, str | None]], j: int, _: Future) -> None:
+    """Choice ``j``'s request is settled: its stream's end mark."""
+    pieces.put((j, None))
+
+
 def _event(obj: dict[str, Any]) -> bytes:
     """One server-sent event whose data is ``obj`` as JSON (one line: JSON escapes newlines)."""
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
 class _AnswerEvents:
-    """The events of a streamed ``/v1/answer``: ``{"delta"}`` pieces, then the answer with
-    ``"done": true`` or ``{"error", "status"}``."""
+    """The events of a streamed ``/v1/answer`` (one choice): ``{"delta"}`` pieces, then the answer
+    with ``"done": true`` or ``{"error", "status"}``."""
 
     def __init__(self, user: str, query: str, seed: dict[str, Any]) -> None:
         self.head = {"user_id": user, "query": query}
         self.seed = seed
 
-    def start(self) -> bytes:
+    def start(self, n: int) -> bytes:
         return b""
 
-    def delta(self, piece: str) -> bytes:
+    def delta(self, piece: str, index: int) -> bytes:
         return _event({"delta": piece})
 
-    def done(self, answer: str) -> bytes:
-        return _event({**self.head, "answer": str(answer), "done": True, **self.seed})
+    def finished(self, answer: Answer, index: int) -> bytes:
+        return b""
+
+    def done(self, answers: list[Answer]) -> bytes:
+        return _event({**self.head, "answer": str(answers[0]), "done": True, **self.seed})
 
     def error(self, msg: str, status: HTTPStatus) -> bytes:
         return _event({"error": msg, "status": int(status)})
@@ -855,26 +902,31 @@ class _AnswerEvents:
 
 class _ChatEvents:
     """The events of a streamed ``/v1/chat/completions`` (:mod:`milp.openai_api`): OpenAI's
-    chunks, then ``[DONE]``. The answer's logprobs, where asked for, come with its last chunk."""
+    chunks (each choice's role, its text as it comes, its finish reason with its logprobs where
+    asked for), then the usage where asked for, then ``[DONE]``."""
 
     def __init__(self, request: Any, tokenizer: Any) -> None:
         self.r, self.tokenizer = request, tokenizer
 
-    def start(self) -> bytes:
+    def start(self, n: int) -> bytes:
         from .openai_api import chunk
 
-        return _event(chunk(self.r, {"role": "assistant", "content": ""}))
+        return b"".join(_event(chunk(self.r, {"role": "assistant", "content": ""}, index=j)) for j in range(n))
 
-    def delta(self, piece: str) -> bytes:
+    def delta(self, piece: str, index: int) -> bytes:
         from .openai_api import chunk
 
-        return _event(chunk(self.r, {"content": piece}))
+        return _event(chunk(self.r, {"content": piece}, index=index))
 
-    def done(self, answer: Answer) -> bytes:
-        from .openai_api import chunk, usage_chunk
+    def finished(self, answer: Answer, index: int) -> bytes:
+        from .openai_api import chunk
 
-        last = _event(chunk(self.r, {}, answer.finish_reason, answer, self.tokenizer))
-        return last + (_event(usage_chunk(self.r, answer)) if self.r.include_usage else b"") + b"data: [DONE]\n\n"
+        return _event(chunk(self.r, {}, answer.finish_reason, answer, self.tokenizer, index=index))
+
+    def done(self, answers: list[Answer]) -> bytes:
+        from .openai_api import usage_chunk
+
+        return (_event(usage_chunk(self.r, answers)) if self.r.include_usage else b"") + b"data: [DONE]\n\n"
 
     def error(self, msg: str, status: HTTPStatus) -> bytes:
         from .openai_api import error_body

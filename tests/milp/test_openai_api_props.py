@@ -25,7 +25,7 @@ _values = {  # per field: values that may be valid, and any JSON
     "min_p": st.floats(0, 1) | _json, "seed": st.integers(-1, 2**40) | _json,
     "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=5) | _json,
     "stream": st.booleans() | _json, "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | _json,
-    "user": st.text(max_size=4) | _json, "n": st.sampled_from([1, 2, None]) | _json,
+    "user": st.text(max_size=4) | _json, "n": st.sampled_from([1, 2, 16, 17, None]) | _json,
     "presence_penalty": st.sampled_from([0, 0.0, 0.5]) | _json, "frequency_penalty": st.sampled_from([0, -1]) | _json,
     "logprobs": st.booleans() | _json, "top_logprobs": st.integers(-1, 21) | _json, "tools": _json,
 }
@@ -64,3 +64,4 @@ def test_a_body_parses_into_its_request_or_is_refused_naming_a_field(body):
     assert r.stop == ([stop] if isinstance(stop, str) else list(stop or []))
     assert r.logprobs == ((body.get("top_logprobs") or 0) if body.get("logprobs") else None)
     assert r.logprobs is None or 0 <= r.logprobs <= 20
+    assert r.n == (body.get("n") or 1) and (r.n == 1 or r.sampling is not None)

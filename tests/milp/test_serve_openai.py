@@ -127,7 +127,8 @@ BAD = [  # (body change, status, the field named, words of the message)
     ({"messages": [{"role": "user", "content": "  "}]}, 400, "messages", "must not be empty"),
     ({"max_tokens": 10_000}, 400, "max_tokens", "'max_tokens' must be an int in [1,"),
     ({"max_tokens": 3, "max_completion_tokens": 4}, 400, "max_completion_tokens", "disagree"),
-    ({"n": 2}, 400, "n", "'n' must be 1"),
+    ({"n": 2}, 400, "n", "'n' > 1 needs a 'temperature' > 0"),
+    ({"n": 17, "temperature": 1}, 400, "n", "'n' must be an int in [1, 16]"),
     ({"logprobs": 1}, 400, "logprobs", "'logprobs' must be true or false"),
     ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "'top_logprobs' must be an int in [0, 20]"),
     ({"top_logprobs": 2}, 400, "top_logprobs", "'top_logprobs' needs 'logprobs': true"),
@@ -181,6 +182,11 @@ def test_openais_client_library_talks_to_the_server(answer_run):
             stream_options={"include_usage": True})]
         assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == str(want)
         assert pieces[-1].usage.completion_tokens == want.new_tokens
+        two = client.chat.completions.create(model=users[0], messages=[{"role": "user", "content": QUERIES[1]}],
+                                             n=2, temperature=0.9, seed=5)
+        assert [(c.index, c.message.content) for c in two.choices] == [(j, str(answer(
+            answer_run, [(users[0], QUERIES[1])], sampling=Sampling(0.9, seed=5 + j), progress=False)[0]))
+            for j in range(2)]
         with pytest.raises(openai.NotFoundError, match="unknown model"):
             client.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "Hi?"}])
         with pytest.raises(openai.BadRequestError, match="one message of role 'user'"):
@@ -226,3 +232,32 @@ def test_chat_completions_give_the_tokens_logprobs(answer_run, batching):
                                            logprobs=True, top_logprobs=2)
     read = r.choices[0].logprobs.content
     assert [(e.token, e.bytes, len(e.top_logprobs)) for e in read] == [(e["token"], e["bytes"], 2) for e in got]
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_n_choices_are_the_answers_of_consecutive_seeds(answer_run, batching):
+    """``n: 3`` with a ``temperature`` and a ``seed``: choice ``j`` is the answer sampled alone with
+    seed + ``j``, in one completion (usage: the prompt once, every choice's tokens) or one
+    stream (each choice's chunks under its index, its finish reason, then the usage)."""
+    user = _users(answer_run)[1]
+    kw = dict(temperature=0.9, top_p=0.9)
+    want = [answer(answer_run, [(user, QUERIES[0])], sampling=Sampling(0.9, top_p=0.9, seed=20 + j),
+                   progress=False)[0] for j in range(3)]
+    assert len({str(a) for a in want}) > 1  # the seeds give different answers
+    with AnswerServer(answer_run, port=0, max_wait_ms=0, batching=batching, batch_size=4) as server:
+        code, body = _post(server, _chat(user, QUERIES[0], n=3, seed=20, **kw), CHAT)
+        status, events = _stream(server, _chat(user, QUERIES[0], n=3, seed=20, stream_options={"include_usage": True},
+                                               **kw))
+    assert code == 200 and body["seed"] == 20
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
+        (j, str(a), a.finish_reason) for j, a in enumerate(want)]
+    new = sum(a.new_tokens for a in want)
+    assert body["usage"] == {"prompt_tokens": want[0].prompt_tokens, "completion_tokens": new,
+                             "total_tokens": want[0].prompt_tokens + new}
+    assert status == 200 and events[-1] == "[DONE]" and events[-2]["usage"] == body["usage"]
+    chunks = [c["choices"][0] for c in events[:-2]]
+    for j, a in enumerate(want):
+        mine = [c for c in chunks if c["index"] == j]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in mine) == str(a)
+        assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + [a.finish_reason]
