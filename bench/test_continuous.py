@@ -8,6 +8,10 @@ the multi-user runtime, every request with its own user's adapters. ``milp-sampl
 continuous batch with every request sampled (temperature 0.8, top-p 0.95, its own seed;
 :mod:`milp.sampling`) instead of greedy: its ``ratio_vs_milp`` is what choosing tokens by
 sampling costs (a sort and a cumulative sum over the vocabulary per row and step).
+``milp-logprobs``: greedy, every token with its logprob and 5 alternatives
+(``join(logprobs=5)``, what OpenAI's ``logprobs``/``top_logprobs`` ask): its ``ratio_vs_milp`` is
+their cost (a log-softmax and a top-k over the vocabulary per row and step, and a second copy
+to the host per step).
 
 Workload: R requests queued at once (a loaded server), each of a user cycling over the decode
 users of ``bench/test_runtime.py`` (the searched size: 2 modules of rank 8 on 60% of the
@@ -86,10 +90,15 @@ def sampling(i: int) -> Sampling:
     return Sampling(0.8, top_p=0.95, seed=1000 + i)
 
 
-def run_continuous(rt, reqs, rows: int, sampled: bool = False) -> tuple[list[list[int]], int, list[int]]:
+LOGPROBS = 5  # the alternatives milp-logprobs asks for per token
+
+
+def run_continuous(rt, reqs, rows: int, sampled: bool = False, logprobs: int | None = None
+                   ) -> tuple[list[list[int]], int, list[int]]:
     """The same requests through a :class:`ContinuousBatch` of ``rows`` rows, each joining as a
-    row ends (``sampled``: each with :func:`sampling`): each request's tokens, the steps made, and
-    the step after which each had its answer."""
+    row ends (``sampled``: each with :func:`sampling`; ``logprobs``: each token's logprob with that
+    many alternatives, checked to name the token): each request's tokens, the steps made, and the
+    step after which each had its answer."""
     batch = ContinuousBatch(rt.model, eos_token_id=[], pad_token_id=0, runtime=rt, max_rows=rows)
     answers: dict[int, list[int]] = {}
     done: dict[int, int] = {}
@@ -97,10 +106,12 @@ def run_continuous(rt, reqs, rows: int, sampled: bool = False) -> tuple[list[lis
     while queue or len(batch):
         while queue and batch.can_join(reqs[queue[0]][2]):
             i = queue.pop(0)
-            batch.join(i, reqs[i][0], reqs[i][1], reqs[i][2], sampling=sampling(i) if sampled else None)
+            batch.join(i, reqs[i][0], reqs[i][1], reqs[i][2], sampling=sampling(i) if sampled else None,
+                       logprobs=logprobs)
         steps += 1
         for u in batch.step():
             assert u.error is None, u.error
+            assert logprobs is None or (u.logprob.token == u.tokens[-1] and len(u.logprob.top) == logprobs)
             if u.done:
                 answers[int(u.key)], done[int(u.key)] = u.tokens, steps
     return [answers[i] for i in range(len(reqs))], steps, [done[i] for i in range(len(reqs))]
@@ -116,6 +127,7 @@ def test_continuous_correctness():
     static, _, _ = run_static(rt, reqs, 4)
     cont, _, _ = run_continuous(rt, reqs, 4)
     sampled, _, _ = run_continuous(rt, reqs, 4, sampled=True)
+    assert run_continuous(rt, reqs, 4, logprobs=LOGPROBS)[0] == cont  # logprobs change no token
     for i, (p, n, u) in enumerate(reqs):
         kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         ids = torch.tensor([p], device=model.device)
@@ -128,14 +140,15 @@ def test_continuous_correctness():
     assert sampled != cont  # it samples
 
 
-@pytest.mark.parametrize("impl", ["static", "milp", "milp-sampled"])
+@pytest.mark.parametrize("impl", ["static", "milp", "milp-sampled", "milp-logprobs"])
 def test_continuous_throughput(benchmark, peaks, impl):
     model = build_model()
     rt = make_runtime(model, W["users"], decode=True)
     reqs = workload(W["requests"], W["users"], W["prompt"], W["answer"], model.config.vocab_size)
     rows = W["rows"]
     fn = (lambda: run_static(rt, reqs, rows)) if impl == "static" else (
-        lambda: run_continuous(rt, reqs, rows, sampled=impl == "milp-sampled"))
+        lambda: run_continuous(rt, reqs, rows, sampled=impl == "milp-sampled",
+                               logprobs=LOGPROBS if impl == "milp-logprobs" else None))
     _, steps, done = fn()
     done = sorted(done)
     tokens = sum(n for _, n, _ in reqs)
