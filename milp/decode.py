@@ -324,24 +324,35 @@ class ContinuousBatch:
 
     def _prefill(self, group: list[_Row]) -> None:
         """Prefill ``group``'s prompts together, give each row its first token, and append the
-        rows to the running batch."""
+        rows to the running batch. Rows of one prompt and one user (a request's ``n`` choices,
+        say) are prefilled once: their cache and first logits are copies of one row's."""
         from transformers import DynamicCache
 
         from .pipeline import _device_of
         from .runtime import pad_sequences
 
-        ids, mask = pad_sequences([r.prompt for r in group], self.pad, side="left", device=_device_of(self.model))
+        firsts: dict[tuple[tuple[int, ...], Hashable | None], int] = {}
+        which = [firsts.setdefault((tuple(r.prompt), r.user), j) for j, r in enumerate(group)]
+        unique = sorted(firsts.values())  # the rows prefilled
+        ids, mask = pad_sequences([group[j].prompt for j in unique], self.pad, side="left",
+                                  device=_device_of(self.model))
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache()
         with contextlib.ExitStack() as stack:
             if self.runtime is not None:
                 if self._rows:
                     self._open_block()  # the running rows' users stay placed (never evicted for these)
-                stack.enter_context(self.runtime.using([r.user for r in group]))
+                stack.enter_context(self.runtime.using([group[j].user for j in unique]))
             with nvtx_range("milp.decode.prefill"):
                 logits = self._forward(ids, mask, positions, cache)
-        first = self._pick(logits, group)
         layers = _cache_layers(cache)
+        if len(unique) < len(group):  # each row its prompt's copy
+            index = torch.tensor([unique.index(k) for k in which], device=logits.device)
+            logits, mask = logits.index_select(0, index), mask.index_select(0, index.to(mask.device))
+            for layer in layers:
+                layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
+                layer.values = layer.values.index_select(0, index.to(layer.values.device))
+        first = self._pick(logits, group)
         for r, t in zip(group, first.tolist()):
             r.tokens.append(int(t))
         if self._cache is None:

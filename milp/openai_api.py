@@ -28,8 +28,9 @@ gave none, in a ``seed`` field beside OpenAI's). ``logprobs: true`` (and ``top_l
 temperature and filters, as vLLM reports them), its text and bytes, and the most likely tokens at
 its place (:func:`logprobs`). ``n`` (up to 16) asks for that many choices of a sampled answer:
 choice ``j`` is the answer the request's seed + ``j`` gives alone (:func:`samplings`), each a row
-of its own beside the server's other requests; a greedy ``n`` > 1 is refused (its choices would
-be one answer). Accepted at their no-op values only: ``presence_penalty`` and
+of its own beside the server's other requests (with continuous batching, choices that join
+together share one prefill of the prompt); a greedy ``n`` > 1 is refused (its choices would be
+one answer). Accepted at their no-op values only: ``presence_penalty`` and
 ``frequency_penalty`` (0); ``user`` (OpenAI's end-user tag) is ignored. Any other field is
 refused by name.
 

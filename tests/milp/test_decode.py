@@ -86,6 +86,38 @@ def test_rows_joining_a_running_batch_get_their_tokens_alone(arch):
         assert got[i] == alone(rt, ps[i], users[i], limits[i]), f"row {i} (user {users[i]!r})"
 
 
+def test_rows_of_one_prompt_and_user_are_prefilled_once():
+    """Rows joining together with one prompt and one user (a request's n choices) share one
+    prefill row; each still gets its own tokens: sampled with its own seed, greedy as alone."""
+    from milp.sampling import Sampling
+
+    rt = runtime()
+    rt.model.generation_config.eos_token_id = None
+    p, q = prompts(2, seed=3)
+    rows: list[int] = []
+    handle = rt.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape),
+                                                with_kwargs=True)
+    joins = [("s0", p, "a", Sampling(0.9, seed=1)), ("s1", p, "a", Sampling(0.9, seed=2)), ("g", p, "a", None),
+             ("other user", p, "b", None), ("other prompt", q, "a", None)]
+    try:
+        batch = ContinuousBatch(rt.model, runtime=rt, max_rows=8)
+        for key, prompt, user, sampling in joins:
+            batch.join(key, prompt, 5, user, sampling=sampling)
+        got: dict = {}
+        while len(batch):
+            got.update((u.key, u.tokens) for u in batch.step())
+    finally:
+        handle.remove()
+    assert rows[0][0] == 3  # the prefill: p for "a", p for "b", q for "a"
+    for key, prompt, user, sampling in joins:  # each row as it is alone
+        one = ContinuousBatch(rt.model, runtime=rt, max_rows=1)
+        one.join(key, prompt, 5, user, sampling=sampling)
+        while len(one):
+            alone_tokens = [u.tokens for u in one.step()][-1]
+        assert got[key] == alone_tokens, key
+    assert got["s0"] != got["s1"]  # the seeds differ
+
+
 def test_a_row_ends_at_its_end_of_text_token_and_one_that_leaves_keeps_the_others_as_they_were():
     rt = runtime()
     rt.model.generation_config.eos_token_id = None
