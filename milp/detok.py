@@ -15,14 +15,14 @@ What it gives is what the whole decode gives, at every step: :attr:`AnswerText.t
 ``tokenizer.decode(tokens, skip_special_tokens=True)``, :meth:`AnswerText.partial` is
 :func:`partial_text` and :attr:`AnswerText.stopped` is :func:`stop_hit`. The tests check this
 token by token for byte-level BPE (GPT-2, LLaMA 3, Qwen, SmolLM2), SentencePiece-style BPE with
-byte fallback (LLaMA 2, Mistral) and WordPiece tokenizers. One exception: while the tokens end
+byte fallback (LLaMA 2, Mistral) and WordPiece tokenizers, with and without transformers'
+``clean_up_tokenization_spaces`` (which drops the space of " ." or " n't": a text is taken only
+once it does not end in a space such a clean-up may drop, " n" or " 'r" say). One exception: while the tokens end
 inside a character, a byte-fallback tokenizer spells every byte of the run of byte tokens as
 U+FFFD, characters it had completed before included; :class:`AnswerText` keeps the text it had
 until the character is complete (a stream it feeds does not step back). Where the readings
 cannot be the whole decode's, it decodes the whole answer at every step, as those functions do:
 
-* a tokenizer that cleans up spaces after decoding (``clean_up_tokenization_spaces``): the
-  clean-up reads across the window's edge;
 * a tokenizer whose window decode does not extend the decode of the window's first tokens (it
   re-spelled text already taken);
 * a check against the whole decode, at 8, 16, 32, ... tokens (twice the answer's tokens decoded
@@ -48,6 +48,9 @@ from typing import Any
 __all__ = ["AnswerText", "cut_at_stops", "partial_text", "stop_hit"]
 
 _INCOMPLETE = "\ufffd"  # what a decode gives for bytes that do not (yet) make a UTF-8 character
+# the starts of the texts transformers' clean-up of spaces edits (PreTrainedTokenizerBase.clean_up_tokenization:
+# " .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're"): a text ending so may yet lose its space
+_CLEAN_UP_STARTS = (" ", " '", " n", " n'", " 'v", " 'r")
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -116,7 +119,10 @@ class AnswerText:
         self._searched = 0  # no stop string starts before this in the text, beyond _stop_at
         self._stop_at: int | None = None
         self._next_check = self.CHECK_FROM
-        self.whole = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        # transformers' clean-up drops the space of " .", " ?", " n't", " 're", ...: a text is not
+        # taken while it ends in a space that a following token may make it drop
+        self._cleans = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.whole = False
         """Whether it decodes the whole answer at every step (see the module doc)."""
 
     @property
@@ -162,12 +168,22 @@ class AnswerText:
             self._stop_at = None  # a re-spelled text: its stop strings found again
         self._find_stops()
 
+    def _open_end(self, text: str) -> bool:
+        """Whether ``text`` ends where the tokens that follow may change it: in an incomplete
+        character, or (a tokenizer that cleans up spaces) in the start of a text the clean-up edits."""
+        return text.endswith(_INCOMPLETE) or (self._cleans and text.endswith(_CLEAN_UP_STARTS))
+
     def _decode_window(self) -> None:
         window = decode(self.tokenizer, self.tokens[self._start:])
-        if window.endswith(_INCOMPLETE):  # wait for the rest of a character
-            # (a byte-fallback tokenizer spells every byte of the group as U+FFFD meanwhile)
-            self._held = window[len(self._start_text):] if window.startswith(self._start_text) else ""
-            if len(self.tokens) - self._read > 2 * self.SETTLED:  # a long run of bytes that make no text
+        if self._open_end(window):  # wait for the rest of a character, or what follows a space
+            if window.startswith(self._start_text):
+                self._held = window[len(self._start_text):]
+            elif window.endswith(_INCOMPLETE):  # a byte-fallback tokenizer spells the run's bytes U+FFFD meanwhile
+                self._held = ""
+            else:  # it re-spelled text already taken
+                self.whole = True
+                return
+            if len(self.tokens) - self._read > 2 * self.SETTLED:  # a long run that keeps its end open
                 self._take_settled(window)
             return
         if not window.startswith(self._start_text):  # it re-spelled text already taken
@@ -181,20 +197,24 @@ class AnswerText:
         if not new:
             self._held = ""
             return
+        start_text = decode(self.tokenizer, self.tokens[self._read:end])  # the next window's known part
+        if self._cleans and start_text.endswith(_CLEAN_UP_STARTS):  # cleaned up alone, its end is open
+            self._held = new
+            return
         self._taken += new
         self._held = ""
-        self._start, self._read = self._read, end
-        self._start_text = decode(self.tokenizer, self.tokens[self._start:self._read])
+        self._start, self._read, self._start_text = self._read, end, start_text
 
     def _take_settled(self, window: str) -> None:
         """Take the text of the tokens before the last :attr:`SETTLED` ones where it is settled:
-        the window's text starts with it and the last tokens add text after it (so no character
-        it ends in is still waiting for bytes). Keeps the window short on an answer whose tokens
-        are mostly bytes that make no character (a random or damaged model's), where the text
-        keeps ending in U+FFFD."""
+        its end is not open, the window's text starts with it and the last tokens add text after
+        it (so no character it ends in is still waiting for bytes). Keeps the window short on an
+        answer whose text keeps ending open: mostly bytes that make no character (a random or
+        damaged model's), or short words."""
         end = len(self.tokens) - self.SETTLED
         head = decode(self.tokenizer, self.tokens[self._start:end])
-        if len(window) > len(head) and window.startswith(head) and head.startswith(self._start_text):
+        if (not (self._cleans and head.endswith(_CLEAN_UP_STARTS)) and len(window) > len(head)
+                and window.startswith(head) and head.startswith(self._start_text)):
             self._take(head, end)
             window = decode(self.tokenizer, self.tokens[self._start:])
             self._held = window[len(self._start_text):] if window.startswith(self._start_text) else ""

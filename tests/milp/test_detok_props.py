@@ -20,6 +20,7 @@ _CORPUS = [
     "Drink water, rest, and see a doctor if the pain gets worse.",
     "Don't run: it's bad for the knee! Is it? Yes (mostly).",
     "Fièvre, 头痛 and naïve café ☕ — über 🙂 ok",
+    "Is it ok ? Yes , it is . I do n't know ! We 're sure he 's ' fine ' , I 'm told .",
 ]
 
 
@@ -29,7 +30,7 @@ def _fast(tok, **kw):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
 
 
-def _byte_level():
+def _byte_level(clean_up: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -38,10 +39,12 @@ def _byte_level():
     tok.train_from_iterator(_CORPUS * 4, trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return _fast(tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", clean_up_tokenization_spaces=False)
+    # (transformers 5 cleans up a BPE's spaces only where forced: SmolLM2's tokenizer did under 4)
+    return _fast(tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", clean_up_tokenization_spaces=clean_up,
+                 clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=clean_up)
 
 
-def _sentencepiece():
+def _sentencepiece(clean_up: bool = False):
     """LLaMA 2's layout: "▁" for spaces, a byte-fallback BPE (``<0x..>`` tokens), a decoder
     that turns them back into bytes and strips the first leading space."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, trainers
@@ -58,20 +61,20 @@ def _sentencepiece():
     tok = Tokenizer.from_str(json.dumps(spec))
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
-    return _fast(tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", clean_up_tokenization_spaces=False)
+    return _fast(tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", clean_up_tokenization_spaces=clean_up)
 
 
-def _wordpiece():
+def _wordpiece(clean_up: bool = False):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=not clean_up)  # the decoder's, or transformers' clean-up
     tok.train_from_iterator(_CORPUS * 4, trainers.WordPieceTrainer(
         vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"], show_progress=False))
     return _fast(tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-                 clean_up_tokenization_spaces=False)
+                 clean_up_tokenization_spaces=clean_up)
 
 
 def _smollm2():
@@ -87,8 +90,11 @@ def _smollm2():
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
 
 
+# with transformers' clean-up of spaces too (" ." -> ".", " n't" -> "n't", ...: SmolLM2's tokenizer
+# does it under transformers 4)
 _BUILDERS = {"byte_level": _byte_level, "sentencepiece": _sentencepiece, "wordpiece": _wordpiece,
-             "smollm2": _smollm2}
+             "smollm2": _smollm2, "byte_level-clean_up": lambda: _byte_level(True),
+             "sentencepiece-clean_up": lambda: _sentencepiece(True), "wordpiece-clean_up": lambda: _wordpiece(True)}
 _CACHE: dict[str, object] = {}
 
 
@@ -156,6 +162,9 @@ def test_a_long_answer_is_decoded_in_windows(tokenizer):
         def __init__(self, tok):
             self.tok = tok
 
+        def __getattr__(self, name):  # clean_up_tokenization_spaces, say
+            return getattr(self.tok, name)
+
         def decode(self, ids, skip_special_tokens=True):
             lengths.append(len(ids))
             return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -169,17 +178,13 @@ def test_a_long_answer_is_decoded_in_windows(tokenizer):
     assert sum(lengths) - sum(long) <= 12 * len(ids)
 
 
-def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole(tokenizer):
-    """``clean_up_tokenization_spaces`` edits text across a window's edge: such a tokenizer's
-    answers are decoded whole at every step, and still give the whole decode's readings."""
-    from transformers import PreTrainedTokenizerFast
-
-    if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        pytest.skip("a fast tokenizer is copied with the clean-up on")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, clean_up_tokenization_spaces=True)
-    ids = tok("Is it ok ? Yes , it is . Don ' t", add_special_tokens=False)["input_ids"]
-    t = _check_steps(tok, ids, ["s ."], 1)
-    assert t.whole
+def test_text_that_the_clean_up_of_spaces_edits_is_decoded_incrementally():
+    """Spaced punctuation and contractions, token by token: the clean-up drops spaces the text
+    had, and the incremental text is the whole decode's at every step."""
+    for tok in (_byte_level(True), _wordpiece(True)):
+        ids = tok(" ".join([_CORPUS[-1]] * 3), add_special_tokens=False)["input_ids"]
+        assert _decode(tok, ids) != tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert not _check_steps(tok, ids, ["n't"], 1).whole
 
 
 class _Respelling:
