@@ -13,7 +13,9 @@ fewer steps where answer lengths vary widely; the same answers).
 
 ``queries.jsonl``: one ``{"user_id": ..., "query": ...}`` per line (other fields are
 ignored, so a dataset file works too). Answers are printed, or written as JSONL rows
-``{"user_id", "query", "answer"}`` to ``--output`` (atomically).
+``{"user_id", "query", "answer", "finish_reason", "prompt_tokens", "new_tokens"}`` to
+``--output`` (atomically); with ``--logprobs K`` each row also holds its tokens as
+``{"token": id, "logprob", "top": [[id, logprob], ...]}`` (:attr:`milp.pipeline.Answer.logprobs`).
 
 Sampled answers instead of greedy ones: ``--temperature T`` (> 0), with ``--top-k``, ``--top-p``,
 ``--min-p`` as ``generate`` takes them, and ``--seed N``: each query samples with its own
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end an answer at this text, which is not part of it (repeatable)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="with --output: each answer's tokens (ids of the run's tokenizer) with their "
+                        "log-probabilities and K alternatives (0 to 20)")
     g = p.add_argument_group("sampling (default: greedy, as the run's evaluation)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sample the answers at this temperature (> 0; default 0: greedy)")
@@ -289,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise _fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.stop is not None and not all(args.stop):
         raise _fail("--stop must be a non-empty text")
+    if args.logprobs is not None and (args.output is None or not 0 <= args.logprobs <= 20):
+        raise _fail(f"--logprobs must be an int in [0, 20] and comes with --output (the JSONL holds them), got "
+                    f"{args.logprobs}" + ("" if args.output is not None else " without --output"))
     sampling = _sampling(args)
     if sampling is not None and args.seed is None:
         print(f"milp.answer: sampled with --seed {sampling.seed} (give it to get these answers again)", file=sys.stderr)
@@ -307,9 +315,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         answers = answer(args.run, queries, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          device=args.device, progress=args.progress and not streamed,
                          stream=show if streamed else None, sampling=sampling, batching=args.batching,
-                         stop_strings=args.stop)
+                         stop_strings=args.stop, logprobs=args.logprobs)
         rows = [{"user_id": u, "query": q, "answer": a} for (u, q), a in zip(queries, answers)]
-        lines = [dict(r, seed=sampling.seed) if sampling is not None else r for r in rows]
+        details = [{"finish_reason": a.finish_reason, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+                    **({"logprobs": [{"token": e.token, "logprob": e.logprob, "top": [list(t) for t in e.top]}
+                                     for e in a.logprobs]} if a.logprobs is not None else {})} for a in answers]
+        lines = [{**r, **({"seed": sampling.seed} if sampling is not None else {}), **d} for r, d in zip(rows, details)]
         if args.output is not None:
             atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
     except (OSError, ValueError) as e:  # a model that is gone or unreadable, a folder that cannot be written

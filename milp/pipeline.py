@@ -798,7 +798,9 @@ def generate_responses(
     ``logprobs``: where given (for every record, or one per record, ``None`` for none), each
     answer's :attr:`Answer.logprobs` holds every generated token's log-probability under the
     model with this many of the most likely alternatives (0 to 20): a
-    :class:`milp.sampling.TokenLogprob` per token. The same with either batching.
+    :class:`milp.sampling.TokenLogprob` per token. The same with either batching; static batching
+    reads them from ``generate``'s logits of every step, kept until the batch ends (steps × rows
+    × vocabulary floats), continuous batching computes them step by step.
 
     ``batching``: ``"static"`` (the default) answers each batch of ``batch_size`` records with one
     ``generate`` call, run to its longest answer; ``"continuous"`` runs them through a

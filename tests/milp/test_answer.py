@@ -110,3 +110,19 @@ def test_one_printed_answer_comes_as_it_is_made_and_reads_as_before(run, capsys,
     assert answer.main([str(run), "--user", user, "Is coffee fine?", "--max-new-tokens", max_new_tokens]) == 0
     assert capsys.readouterr().out == f"[{user}] Is coffee fine?\n-> {want}\n\n"
     assert (writes[-1] if writes else "") == want
+
+
+def test_the_output_file_holds_how_each_answer_ended_and_its_tokens_logprobs(run, tmp_path):
+    user = json.loads((run / "split.json").read_text())["test"][0]
+    want = answer.answer(run, [(user, "Is coffee fine?")], progress=False, logprobs=2)[0]
+    out = tmp_path / "a.jsonl"
+    assert answer.main([str(run), "--user", user, "Is coffee fine?", "--output", str(out), "--no-progress",
+                        "--logprobs", "2"]) == 0
+    row = json.loads(out.read_text())
+    assert (row["answer"], row["finish_reason"], row["prompt_tokens"], row["new_tokens"]) == (
+        str(want), want.finish_reason, want.prompt_tokens, want.new_tokens)
+    assert [(e["token"], len(e["top"])) for e in row["logprobs"]] == [(e.token, 2) for e in want.logprobs]
+    assert [e["logprob"] for e in row["logprobs"]] == pytest.approx([e.logprob for e in want.logprobs], abs=1e-5)
+    for bad in (["--logprobs", "2"], ["--logprobs", "21", "--output", str(out)]):
+        with pytest.raises(SystemExit, match=r"--logprobs must be an int in \[0, 20\] and comes with --output"):
+            answer.main([str(run), "--user", user, "hi", "--no-progress", *bad])
