@@ -202,13 +202,15 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: Sequence[in
         return out
     index = torch.tensor(asked, device=logits.device)
     lp = logits.index_select(0, index).float().log_softmax(-1)
-    chosen = lp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
+    picked = tokens.index_select(0, index)[:, None]
     k = max(cast(int, tops[i]) for i in asked)
-    values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-    for j, (c, t, vs, ts) in enumerate(zip(chosen.tolist(), tokens.index_select(0, index).tolist(),
-                                           values.tolist(), ids.tolist())):
-        n = cast(int, tops[asked[j]])
-        out[asked[j]] = TokenLogprob(int(t), float(c), tuple(zip(ts[:n], vs[:n])))
+    values, ids = lp.topk(k, dim=-1)
+    # one float64 table (token ids are exact in it), one copy: [token, logprob, k ids, k logprobs]
+    table = torch.cat([picked.double(), lp.gather(1, picked).double(), ids.double(), values.double()], 1).tolist()
+    for j, row in zip(asked, table):
+        n = cast(int, tops[j])
+        top = tuple((int(t), v) for t, v in zip(row[2:2 + n], row[2 + k:2 + k + n]))
+        out[j] = TokenLogprob(int(row[0]), row[1], top)
     return out
 
 
