@@ -270,6 +270,7 @@ def answer(run: str | Path, queries: Sequence[tuple[str, str]], *, max_new_token
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import atomic_write_text
+    from .sampling import MAX_TOP_LOGPROBS
 
     args = build_parser().parse_intermixed_args(argv)
     if not args.run.strip():
@@ -294,9 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise _fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.stop is not None and not all(args.stop):
         raise _fail("--stop must be a non-empty text")
-    if args.logprobs is not None and (args.output is None or not 0 <= args.logprobs <= 20):
-        raise _fail(f"--logprobs must be an int in [0, 20] and comes with --output (the JSONL holds them), got "
-                    f"{args.logprobs}" + ("" if args.output is not None else " without --output"))
+    if args.logprobs is not None and (args.output is None or not 0 <= args.logprobs <= MAX_TOP_LOGPROBS):
+        raise _fail(f"--logprobs must be an int in [0, {MAX_TOP_LOGPROBS}] and comes with --output (the JSONL holds "
+                    f"them), got {args.logprobs}" + ("" if args.output is not None else " without --output"))
     sampling = _sampling(args)
     if sampling is not None and args.seed is None:
         print(f"milp.answer: sampled with --seed {sampling.seed} (give it to get these answers again)", file=sys.stderr)

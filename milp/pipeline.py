@@ -50,6 +50,7 @@ from .detok import AnswerText, cut_at_stops, decode
 from .losses import token_losses
 from .optim import LossScaling, lr_multiplier, resolve_loss_scaling
 from .sampling import (
+    MAX_TOP_LOGPROBS,
     Sampling,
     TokenLogprob,
     check_logprobs,
@@ -1063,8 +1064,8 @@ def _logprobs_per_record(logprobs: Any, n: int) -> list[int | None]:
     if logprobs is None or isinstance(logprobs, numbers.Integral):
         return [check_logprobs(logprobs)] * n
     if isinstance(logprobs, (str, bytes)) or not isinstance(logprobs, Sequence) or len(logprobs) != n:
-        raise ValueError(f"logprobs must be None, an int in [0, 20], or a sequence of them (one per record, {n} in "
-                         f"all), got {logprobs!r:.60}")
+        raise ValueError(f"logprobs must be None, an int in [0, {MAX_TOP_LOGPROBS}], or a sequence of them (one per "
+                         f"record, {n} in all), got {logprobs!r:.60}")
     return [check_logprobs(v, f"logprobs[{i}]") for i, v in enumerate(logprobs)]
 
 
