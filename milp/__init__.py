@@ -32,6 +32,7 @@ from .inject import (
     remove_milp,
     tiny_model,
 )
+from .kvcache import GrowingCache
 from .losses import mean_token_loss, token_losses
 from .optim import AdamWConfig, LossScaling, PackedAdamW, lr_multiplier, warmup_steps
 from .pipeline import (
@@ -56,6 +57,7 @@ __all__ = [
     "Answer",
     "CacheInfo",
     "ContinuousBatch",
+    "GrowingCache",
     "InstructionAdapter",
     "LossScaling",
     "MemoryConfig",

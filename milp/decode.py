@@ -23,9 +23,13 @@ any other rows. Models it cannot decode this way are named by :func:`continuous_
 (a generation config that changes greedy choices, such as a repetition penalty, or a sliding
 attention window shorter than a row can grow): use ``generate`` for those.
 
-Joining copies the running batch's cache once (a ``torch.cat`` per layer), and a row's cache
-grows to the longest row's length since the oldest running row joined: a reference loop on
-Hugging Face's ``DynamicCache``, not a paged-attention engine.
+The key/value cache is a :class:`milp.kvcache.GrowingCache`: each step's keys and values are
+written in place into buffers with room (not appended with a ``torch.cat`` of the whole cache per
+layer and step, as ``DynamicCache`` does), the room capped by what the running rows can still
+grow (their ``max_new_tokens``). Joining copies the running batch's cache once (into buffers with
+room for both), leaving copies the rows kept, and a row's cache spans the longest row's length
+since the oldest running row joined: a reference loop on Hugging Face models, not a
+paged-attention engine.
 
 Example:
     >>> from milp.inject import tiny_model
@@ -56,6 +60,7 @@ from torch import nn
 
 from kernels import nvtx_range
 
+from .kvcache import GrowingCache, GrowingLayer, stack_rows
 from .sampling import Sampling, TokenLogprob, check_logprobs, pick_tokens, row_sampler, token_logprobs
 
 __all__ = ["ContinuousBatch", "Update", "continuous_unsupported"]
@@ -84,6 +89,22 @@ def continuous_unsupported(model: nn.Module, reach: int | None = None) -> str | 
         >>> continuous_unsupported(tiny_model("mistral", sliding_window=16), reach=64)
         'its sliding attention window (16 tokens) is shorter than a row may grow (64 tokens)'
     """
+    why = growing_cache_unsupported(model, reach)
+    if why is not None:
+        return why
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        for name, neutral in _GREEDY_CHANGERS.items():
+            v = getattr(gc, name, None)
+            if v is not None and v != neutral and v not in ((), [], 0):  # transformers 5: None = unset
+                return f"its generation config sets {name}={v!r}, which changes greedy decoding"
+    return None
+
+
+def growing_cache_unsupported(model: nn.Module, reach: int | None = None) -> str | None:
+    """Why a :class:`milp.kvcache.GrowingCache` (full attention over every cached token) is not
+    the key/value cache ``generate`` would give ``model`` (``None``: it is): the first reasons of
+    :func:`continuous_unsupported`, and a sliding window shorter than ``reach``."""
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(model, "generate", None)):
         return "it is not a Hugging Face causal LM (no config or generate())"
@@ -91,12 +112,6 @@ def continuous_unsupported(model: nn.Module, reach: int | None = None) -> str | 
         return "it is an encoder-decoder model"
     if not getattr(config, "use_cache", True):
         return "its config turns the key/value cache off (use_cache=False)"
-    gc = getattr(model, "generation_config", None)
-    if gc is not None:
-        for name, neutral in _GREEDY_CHANGERS.items():
-            v = getattr(gc, name, None)
-            if v is not None and v != neutral and v not in ((), [], 0):  # transformers 5: None = unset
-                return f"its generation config sets {name}={v!r}, which changes greedy decoding"
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) is not False and (reach is None or window < reach):
         return (f"its sliding attention window ({window} tokens) is shorter than a row may grow "
@@ -173,7 +188,7 @@ class ContinuousBatch:
         self._logits_to_keep = "logits_to_keep" in params
         self._rows: list[_Row] = []  # running, in the cache's row order
         self._joining: list[_Row] = []  # joined, prefilled at the next step
-        self._cache: Any = None
+        self._cache: GrowingCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cache length]: 1 = a row's own token
         self._next: torch.Tensor | None = None  # [rows]: each row's last token, fed at the next step
         self._block: contextlib.ExitStack | None = None  # the running rows' runtime.using block
@@ -326,8 +341,6 @@ class ContinuousBatch:
         """Prefill ``group``'s prompts together, give each row its first token, and append the
         rows to the running batch. Rows of one prompt and one user (a request's ``n`` choices,
         say) are prefilled once: their cache and first logits are copies of one row's."""
-        from transformers import DynamicCache
-
         from .pipeline import _device_of
         from .runtime import pad_sequences
 
@@ -337,7 +350,7 @@ class ContinuousBatch:
         ids, mask = pad_sequences([group[j].prompt for j in unique], self.pad, side="left",
                                   device=_device_of(self.model))
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = GrowingCache(reach=ids.shape[1] + max(r.limit for r in group))
         with contextlib.ExitStack() as stack:
             if self.runtime is not None:
                 if self._rows:
@@ -350,22 +363,24 @@ class ContinuousBatch:
             index = torch.tensor([unique.index(k) for k in which], device=logits.device)
             logits, mask = logits.index_select(0, index), mask.index_select(0, index.to(mask.device))
             for layer in layers:
-                layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
-                layer.values = layer.values.index_select(0, index.to(layer.values.device))
+                layer.select(index)
         first = self._pick(logits, group)
         for r, t in zip(group, first.tolist()):
             r.tokens.append(int(t))
-        if self._cache is None:
+        running = self._cache
+        if running is None:
             self._cache, self._mask, self._next = cache, mask, first
         else:
             assert self._mask is not None and self._next is not None
             width = max(self._mask.shape[1], mask.shape[1])
-            for old, new in zip(_cache_layers(self._cache), layers):
-                old.keys = torch.cat([_pad_left(old.keys, width, -2), _pad_left(new.keys, width, -2)], 0)
-                old.values = torch.cat([_pad_left(old.values, width, -2), _pad_left(new.values, width, -2)], 0)
             self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], 0)
             self._next = torch.cat([self._next, first])
         self._rows += group
+        self._reach()
+        if running is not None:  # one copy of both caches into buffers with room for the next steps
+            room = running.room(self._mask.shape[1] + 1)
+            for old, new in zip(_cache_layers(running), layers):
+                old.place(*stack_rows([old.filled, new.filled], width, room), width)
         self._close_block()  # the set of rows changed
 
     def _keep(self, rows: list[int]) -> None:
@@ -381,10 +396,16 @@ class ContinuousBatch:
         used = mask.any(0).nonzero()
         start = int(used[0]) if used.numel() else 0
         for layer in _cache_layers(self._cache):
-            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[..., start:, :]
-            layer.values = layer.values.index_select(0, index.to(layer.values.device))[..., start:, :]
+            layer.select(index, start)
         self._mask, self._next = mask[:, start:], self._next.index_select(0, index)
         self._rows = [self._rows[j] for j in rows]
+        self._reach()
+
+    def _reach(self) -> None:
+        """Cap the cache's room at what its rows can still fill: each row is fed ``limit - tokens``
+        more tokens at most."""
+        assert self._mask is not None and self._cache is not None
+        self._cache.reach = self._mask.shape[1] + max(r.limit - len(r.tokens) for r in self._rows)
 
     def _open_block(self) -> None:
         """Enter the runtime's ``using`` block of the running rows' users (kept until they change)."""
@@ -404,11 +425,12 @@ class ContinuousBatch:
             self._close_block()
 
 
-def _cache_layers(cache: Any) -> list[Any]:
-    """The layers of a ``DynamicCache`` (each with ``keys``/``values`` ``[rows, heads, length, dim]``)."""
+def _cache_layers(cache: Any) -> list[GrowingLayer]:
+    """The layers of a :class:`milp.kvcache.GrowingCache` the model filled (each with ``keys``/
+    ``values`` ``[rows, heads, length, dim]``)."""
     layers = getattr(cache, "layers", None)
-    if not layers or not all(isinstance(getattr(x, "keys", None), torch.Tensor) and x.keys.dim() == 4
-                             and isinstance(getattr(x, "values", None), torch.Tensor) for x in layers):
+    if not layers or not all(isinstance(x, GrowingLayer) and isinstance(x.keys, torch.Tensor) and x.keys.dim() == 4
+                             and isinstance(x.values, torch.Tensor) for x in layers):
         raise RuntimeError(f"the model filled a {type(cache).__name__} whose layers are not [rows, heads, length, "
                            "dim] keys and values: continuous batching cannot join its rows (use generate)")
     return list(layers)

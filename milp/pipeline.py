@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import numbers
 import random
@@ -882,6 +883,7 @@ def generate_responses(
                 stream is not None) else None
             if streamer is not None:
                 kwargs["streamer"] = streamer
+            kwargs.update(_growing_cache(model, inputs["attention_mask"].shape[1] + n))
             row_tops = [tops[i] for i in idx]
             if any(k is not None for k in row_tops):  # the raw logits of each step, for the tokens' logprobs
                 kwargs.update(output_logits=True, return_dict_in_generate=True)
@@ -1043,6 +1045,26 @@ class _StopRows:
 def _ended_at(text: AnswerText, eos: frozenset[int]) -> bool:
     """Whether the answer ``text`` holds ended at an end-of-text token (``generate`` pads it after)."""
     return bool(text.tokens) and text.tokens[-1] in eos
+
+
+def _growing_cache(model: nn.Module, reach: int) -> dict[str, Any]:
+    """``generate``'s cache argument for a batch that grows to ``reach`` columns: a
+    :class:`milp.kvcache.GrowingCache` (written in place, not copied each step) where it is the
+    cache ``generate`` would use (full attention, no cache implementation asked for), else none."""
+    from .decode import growing_cache_unsupported
+    from .kvcache import GrowingCache
+
+    gc = getattr(model, "generation_config", None)
+    if getattr(gc, "cache_implementation", None) is not None or growing_cache_unsupported(model, reach) is not None:
+        return {}
+    forward = getattr(model, "forward", None)
+    try:
+        params = inspect.signature(forward).parameters if forward is not None else {}
+    except (TypeError, ValueError):
+        return {}
+    # transformers 5 names the cache argument `cache` (past_key_values is deprecated there)
+    name = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
+    return {name: GrowingCache(reach=reach)} if name is not None else {}
 
 
 def _sample_rows(samplers: list[Any]) -> Any:

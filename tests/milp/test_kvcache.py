@@ -1,0 +1,244 @@
+"""GrowingCache: a DynamicCache written in place. It gives generate() and ContinuousBatch the
+tokens of Hugging Face's own cache on every supported architecture, copies O(n) bytes for n
+steps (reallocations grow geometrically), survives what generate does to a cache from outside
+(reordering rows, crops), and never lets attention read a column nobody wrote."""
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import milp.kvcache as kvcache
+from milp.decode import ContinuousBatch, growing_cache_unsupported
+from milp.inject import SUPPORTED_ARCHITECTURES, tiny_model
+from milp.kvcache import GROWTH, MIN_ROOM, GrowingCache, stack_rows
+from milp.pipeline import _growing_cache
+
+
+def _cache_kw(model, cache) -> dict:
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def _prompts(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding: a shorter prompt
+    mask[2, :1] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_generate_with_a_growing_cache_gives_the_default_caches_tokens(arch):
+    model = tiny_model(arch).eval()
+    ids, mask = _prompts(model.config.vocab_size)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=30, min_new_tokens=30, do_sample=False,
+              pad_token_id=0)
+    expect = model.generate(**kw)
+    cache = GrowingCache(reach=ids.shape[1] + 30)
+    got = model.generate(**kw, **_cache_kw(model, cache))
+    assert torch.equal(got, expect)
+    layers = cache.layers
+    assert layers and all(isinstance(x, kvcache.GrowingLayer) for x in layers)
+    assert all(x.get_seq_length() == ids.shape[1] + 29 for x in layers)  # the last token is never fed
+    # 9 prompt columns grown to 38, x1.5 at least each time: 3 buffers per layer, not one per step
+    assert cache.reallocations <= 3 * len(layers)
+    assert all(x.capacity <= ids.shape[1] + 30 for x in layers)  # reach caps the room
+
+
+def test_decode_steps_write_in_place_and_reallocate_geometrically():
+    torch.manual_seed(0)
+    cache = GrowingCache()
+    k0, v0 = torch.randn(2, 3, 10, 4, dtype=torch.float64), torch.randn(2, 3, 10, 4, dtype=torch.float64)
+    keys, values = cache.update(k0, v0, 0)
+    ref_k, ref_v = [k0], [v0]
+    moves, ptr = 1, keys.data_ptr()
+    steps = 500
+    for _ in range(steps):
+        k, v = torch.randn(2, 3, 1, 4, dtype=torch.float64), torch.randn(2, 3, 1, 4, dtype=torch.float64)
+        keys, values = cache.update(k, v, 0)
+        ref_k.append(k)
+        ref_v.append(v)
+        if keys.data_ptr() != ptr:
+            moves, ptr = moves + 1, keys.data_ptr()
+    assert torch.equal(keys, torch.cat(ref_k, -2)) and torch.equal(values, torch.cat(ref_v, -2))
+    assert moves == cache.reallocations
+    # each buffer holds GROWTH x what it must: from 10 to 510 columns takes log_1.5(51) + 1 of them
+    assert moves <= math.ceil(math.log(510 / 10) / math.log(GROWTH)) + 1
+    assert cache.layers[0].capacity < 510 * GROWTH + MIN_ROOM
+
+
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("update"), st.integers(1, 20)),
+    st.tuples(st.just("crop"), st.integers(1, 8)),
+    st.tuples(st.just("reorder"), st.permutations(range(3))),
+    st.tuples(st.just("select"), st.integers(0, 4)),  # ContinuousBatch's: rows 0 and 2 kept, leading columns dropped
+), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_OPS, reach=st.one_of(st.none(), st.integers(1, 60)))
+def test_a_growing_layer_holds_what_a_dynamic_layer_holds(ops, reach):
+    """Any sequence of appends, crops (generate's assisted decoding), row reorders (beam search) and
+    ContinuousBatch's row selections leaves a GrowingCache with the keys and values of a
+    DynamicCache put through the same (float64, exact)."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(len(ops))
+    rows = 3
+    cache, ref = GrowingCache(reach=reach), DynamicCache()
+    for op, arg in [("update", 5), *ops]:
+        length = ref.get_seq_length()
+        if op == "update":
+            k = torch.randn(rows, 2, arg, 4, generator=g, dtype=torch.float64)
+            v = torch.randn(rows, 2, arg, 4, generator=g, dtype=torch.float64)
+            got, want = cache.update(k, v, 0), ref.update(k, v, 0)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        elif op == "crop" and arg < length:
+            cache.crop(-arg)
+            ref.crop(-arg)
+        elif op == "reorder":
+            cache.reorder_cache(torch.tensor(arg))
+            ref.reorder_cache(torch.tensor(arg))
+        elif op == "select" and arg < length:
+            layer, index = cache.layers[0], torch.tensor([0, 2, 1])[:rows]
+            layer.select(index, arg)
+            r = ref.layers[0]
+            r.keys, r.values = r.keys[index, :, arg:], r.values[index, :, arg:]
+        assert cache.get_seq_length() == ref.get_seq_length()
+        assert torch.equal(cache.layers[0].keys, ref.layers[0].keys)
+        assert torch.equal(cache.layers[0].values, ref.layers[0].values)
+
+
+def test_a_crop_costs_no_copy():
+    cache = GrowingCache()
+    x = torch.randn(1, 1, 8, 2)
+    cache.update(x, x, 0)
+    before = cache.reallocations
+    cache.crop(-3)
+    keys, _ = cache.update(x[..., :1, :], x[..., :1, :], 0)
+    assert cache.reallocations == before and keys.shape[-2] == 6
+    assert torch.equal(keys[..., :5, :], x[..., :5, :]) and torch.equal(keys[..., 5:, :], x[..., :1, :])
+
+
+def _nan_buffers(monkeypatch):
+    """Make every buffer the cache allocates start as NaN (what uninitialised memory may hold)."""
+    real = kvcache._buffers
+
+    def nan_filled(*args, **kwargs):
+        return tuple(b.fill_(float("nan")) for b in real(*args, **kwargs))
+
+    monkeypatch.setattr(kvcache, "_buffers", nan_filled)
+
+
+def test_stack_rows_right_aligns_and_zeroes_the_padding(monkeypatch):
+    _nan_buffers(monkeypatch)
+    a = (torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+    b = (torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    k, v = stack_rows([a, b], 5, 9)
+    assert k.shape == (3, 2, 9, 4)
+    want_k = torch.cat([torch.cat([torch.zeros(2, 2, 2, 4), a[0]], -2), b[0]])
+    want_v = torch.cat([torch.cat([torch.zeros(2, 2, 2, 4), a[1]], -2), b[1]])
+    assert torch.equal(k[:, :, :5], want_k) and torch.equal(v[:, :, :5], want_v)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_continuous_batching_never_reads_an_unwritten_column(monkeypatch, arch):
+    """Buffers start as NaN: a row that joins a longer running batch (left-padded), rows that leave
+    (leading columns dropped) and growth past a buffer must all give generate's tokens alone."""
+    _nan_buffers(monkeypatch)
+    model = tiny_model(arch).eval()
+    model.generation_config.eos_token_id = None  # rows run to their lengths, in both
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(4)
+    prompts = {k: torch.randint(3, vocab, (n,), generator=g).tolist() for k, n in (("a", 11), ("b", 3), ("c", 6))}
+    limits = {"a": 5, "b": 40, "c": 30}
+    batch = ContinuousBatch(model, eos_token_id=[], max_rows=4)
+    batch.join("a", prompts["a"], limits["a"])
+    got: dict[str, list[int]] = {}
+    for step in range(60):
+        if step == 2:
+            batch.join("b", prompts["b"], limits["b"])
+        if step == 4:
+            batch.join("c", prompts["c"], limits["c"])
+        for u in batch.step():
+            assert u.error is None, u.error
+            got[u.key] = u.tokens
+        if not len(batch):
+            break
+    for key, prompt in prompts.items():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=limits[key], do_sample=False, pad_token_id=0)
+        assert got[key] == out[0, len(prompt):].tolist(), key
+
+
+def test_continuous_batching_reallocates_rarely_and_within_reach():
+    model = tiny_model("llama").eval()
+    batch = ContinuousBatch(model, eos_token_id=[], max_rows=4)
+    batch.join("a", [5, 6, 7, 8], 120)
+    batch.join("b", [9, 4], 60)
+    batch.step()
+    cache = batch._cache
+    assert cache is not None
+    start = cache.reallocations
+    for _ in range(119):
+        batch.step()
+        if batch._cache is not None:
+            layer = batch._cache.layers[0]
+            assert layer.capacity <= max(layer.get_seq_length(), batch._cache.reach)
+    layers = model.config.num_hidden_layers
+    # 4 prompt columns grown by 119: a handful of buffers per layer (a DynamicCache: one per step),
+    # the selection when "b" left included
+    assert cache.reallocations - start <= 8 * layers
+
+
+def test_bad_input_is_refused_by_name():
+    for bad in (0, -1, True, 2.5, "8"):
+        with pytest.raises(ValueError, match="reach"):
+            GrowingCache(reach=bad)
+    x = torch.zeros(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="width <= room"):
+        stack_rows([(x, x)], 5, 4)
+    with pytest.raises(ValueError, match="parts"):
+        stack_rows([], 1, 4)
+    with pytest.raises(RuntimeError, match="no keys"):
+        GrowingCache()._layer().filled  # noqa: B018
+
+
+def test_static_generation_uses_a_growing_cache_only_where_it_is_generates_own():
+    model = tiny_model("llama")
+    kw = _growing_cache(model, 40)
+    assert len(kw) == 1 and isinstance(next(iter(kw.values())), GrowingCache)
+    assert next(iter(kw.values())).reach == 40
+    windowed = tiny_model("mistral", sliding_window=16)
+    assert growing_cache_unsupported(windowed, 40) is not None and _growing_cache(windowed, 40) == {}
+    assert _growing_cache(windowed, 12) != {}  # a window longer than the batch can grow changes nothing
+    model.generation_config.cache_implementation = "static"  # the user asked for another cache
+    assert _growing_cache(model, 40) == {}
+
+
+def test_generate_responses_static_path_passes_a_growing_cache(monkeypatch, tiny_tokenizer):
+    """generate_responses(batching='static') hands generate a GrowingCache reaching the batch's
+    prompt width plus its new tokens; the answers are those of the default cache."""
+    from milp.data import Record
+    from milp.pipeline import generate_responses
+
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    records = [Record(user_id="u", profile="", history=["h"], query=q, response="x") for q in ("hi there", "ok")]
+    seen: list[GrowingCache] = []
+    real = kvcache.GrowingCache.__init__
+
+    def spy(self, reach=None):
+        real(self, reach)
+        seen.append(self)
+
+    expect = generate_responses(model, tiny_tokenizer, records, max_new_tokens=6, batching="static", progress=False)
+    assert seen == []  # not called through the spy yet
+    monkeypatch.setattr(kvcache.GrowingCache, "__init__", spy)
+    got = generate_responses(model, tiny_tokenizer, records, max_new_tokens=6, batching="static", progress=False)
+    assert got == expect
+    assert len(seen) == 1 and seen[0].get_seq_length() > 0 and seen[0].reach is not None
