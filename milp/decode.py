@@ -26,10 +26,14 @@ attention window shorter than a row can grow): use ``generate`` for those.
 The key/value cache is a :class:`milp.kvcache.GrowingCache`: each step's keys and values are
 written in place into buffers with room (not appended with a ``torch.cat`` of the whole cache per
 layer and step, as ``DynamicCache`` does), the room capped by what the running rows can still
-grow (their ``max_new_tokens``). Joining copies the running batch's cache once (into buffers with
-room for both), leaving copies the rows kept, and a row's cache spans the longest row's length
-since the oldest running row joined: a reference loop on Hugging Face models, not a
-paged-attention engine.
+grow (their ``max_new_tokens``), with rows for ``max_rows``. A row that joins is written after
+the running rows (its prompt right-aligned to their columns; one that is longer than they are
+moves the cache to new buffers once), and a row that leaves has its place taken by the last row:
+a join or a leave copies the rows that change, not the others. A row's cache spans the longest
+row's length since the oldest running row joined: a reference loop on Hugging Face models, not
+a paged-attention engine. Measured (2-core CPU, a 4-layer hidden-512 LLaMA, 16 rows, 48
+requests of 600–1000-token prompts and 8–64-token answers): 11.5 s, against 16.8 s with
+``DynamicCache`` and the whole cache copied at each join and leave, the same tokens.
 
 Example:
     >>> from milp.inject import tiny_model
@@ -200,7 +204,8 @@ class ContinuousBatch:
 
     @property
     def keys(self) -> list[Hashable]:
-        """The keys of the rows joined, running ones first."""
+        """The keys of the rows joined, running ones first (in the cache's order: the last
+        running row takes the place of one that leaves)."""
         return [r.key for r in self._rows + self._joining]
 
     def can_join(self, user: Hashable | None = None) -> bool:
@@ -350,7 +355,9 @@ class ContinuousBatch:
         ids, mask = pad_sequences([group[j].prompt for j in unique], self.pad, side="left",
                                   device=_device_of(self.model))
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = GrowingCache(reach=ids.shape[1] + max(r.limit for r in group))
+        # the batch's first rows: buffers with room for every row it may hold (later ones join them in place)
+        cache = GrowingCache(reach=ids.shape[1] + max(r.limit for r in group),
+                             rows=self.max_rows if self._cache is None else None)
         with contextlib.ExitStack() as stack:
             if self.runtime is not None:
                 if self._rows:
@@ -377,28 +384,41 @@ class ContinuousBatch:
             self._next = torch.cat([self._next, first])
         self._rows += group
         self._reach()
-        if running is not None:  # one copy of both caches into buffers with room for the next steps
-            room = running.room(self._mask.shape[1] + 1)
-            for old, new in zip(_cache_layers(running), layers):
-                old.place(*stack_rows([old.filled, new.filled], width, room), width)
+        if running is not None:
+            olds = _cache_layers(running)
+            if all(old.can_append(len(group), mask.shape[1]) for old in olds):
+                for old, new in zip(olds, layers):  # the new rows copied in after the running ones
+                    old.append(*new.filled)
+            else:  # one copy of both caches into buffers with room for the next steps
+                room, rows = running.room(self._mask.shape[1] + 1), running.row_room(self.max_rows)
+                for old, new in zip(olds, layers):
+                    old.place(*stack_rows([old.filled, new.filled], width, room, rows), width, len(self._rows))
+                running.reallocations += len(olds)
         self._close_block()  # the set of rows changed
 
     def _keep(self, rows: list[int]) -> None:
-        """Keep only the running rows ``rows`` (indices, in order), dropping the leading cache
-        columns that are padding for every row kept."""
+        """Keep only the running rows ``rows`` (indices, ascending), dropping the leading cache
+        columns that are padding for every row kept. Rows past the last kept place fill the
+        places of rows that left (the others stay where they are): only the moved rows' cache
+        is copied."""
         self._close_block()
         if not rows:
             self._rows, self._cache, self._mask, self._next = [], None, None, None
             return
         assert self._mask is not None and self._next is not None
-        index = torch.tensor(rows, device=self._mask.device)
+        n, kept = len(rows), set(rows)
+        moves = list(zip([j for j in rows if j >= n], [p for p in range(n) if p not in kept]))
+        order = list(range(n))  # the old row each place holds
+        for src, dst in moves:
+            order[dst] = src
+        index = torch.tensor(order, device=self._mask.device)
         mask = self._mask.index_select(0, index)
         used = mask.any(0).nonzero()
         start = int(used[0]) if used.numel() else 0
         for layer in _cache_layers(self._cache):
-            layer.select(index, start)
-        self._mask, self._next = mask[:, start:], self._next.index_select(0, index)
-        self._rows = [self._rows[j] for j in rows]
+            layer.compact(moves, n, start)
+        self._mask, self._next = mask[:, start:], self._next.index_select(0, index.to(self._next.device))
+        self._rows = [self._rows[j] for j in order]
         self._reach()
 
     def _reach(self) -> None:

@@ -18,8 +18,9 @@ Anything that replaces a layer's ``keys``/``values`` from outside (``generate``'
 offloading) stays correct: the layer takes the new tensors as its content (one copy) at its next
 ``update``; a ``crop`` (views of the buffer's first columns) costs no copy. Views handed out
 before a ``crop`` see the columns the next steps write past it, as the buffer is reused.
-:meth:`GrowingLayer.select` and :func:`stack_rows` are the row operations of
-:class:`milp.decode.ContinuousBatch` (rows leaving, rows joining) done on the buffers.
+With ``rows`` the buffers hold rows to spare as well: :class:`milp.decode.ContinuousBatch` writes
+a joining row after the running ones (:meth:`GrowingLayer.append`) and moves the last row into
+the place of one that left (:meth:`GrowingLayer.compact`), copying only the rows that change.
 
 Measured (``bench/test_kvcache.py`` is the benchmark): on a 2-core CPU, 16 rows at a 2000-token
 context of a 4-layer, hidden-512 LLaMA (a 0.5 GB cache) decode a step in 36 ms against 196 ms
@@ -58,14 +59,16 @@ GROWTH = 1.5
 
 
 class GrowingLayer(DynamicLayer):
-    """One layer of a :class:`GrowingCache`: keys and values in buffers with room, ``keys``/
-    ``values`` views of their filled columns ``[start, end)``."""
+    """One layer of a :class:`GrowingCache`: keys and values in buffers with room
+    (``[row capacity, heads, capacity, dim]``), ``keys``/``values`` views of their rows
+    ``[0, rows)`` and filled columns ``[start, end)``."""
 
     def __init__(self, cache: GrowingCache) -> None:
         super().__init__()
         self._owner = cache
-        self._k: torch.Tensor | None = None  # [rows, heads, capacity, dim]
+        self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        self._n = 0  # rows in use
         self._start = self._end = 0
         self._mine: tuple[torch.Tensor, torch.Tensor] | None = None  # the views last handed out
 
@@ -73,6 +76,11 @@ class GrowingLayer(DynamicLayer):
     def capacity(self) -> int:
         """Columns the buffers hold past the filled part's start (0: no buffers yet)."""
         return 0 if self._k is None else self._k.shape[-2] - self._start
+
+    @property
+    def row_capacity(self) -> int:
+        """Rows the buffers hold (0: no buffers yet)."""
+        return 0 if self._k is None else self._k.shape[0]
 
     @property
     def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,35 +96,85 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:  # DynamicLayer's lazy_initialization differs across transformers versions
             self.dtype, self.device = key_states.dtype, key_states.device
             self.is_initialized = True
-        n = key_states.shape[-2]
+        t = key_states.shape[-2]
         if not self._owns():
-            self._adopt(key_states, value_states, n)
+            self._adopt(key_states, value_states, t)
         assert self._k is not None and self._v is not None
-        if self._end + n > self._k.shape[-2]:
-            self._move(self._end - self._start + n)
-        self._k[:, :, self._end:self._end + n].copy_(key_states)
-        self._v[:, :, self._end:self._end + n].copy_(value_states)
-        self._end += n
+        if key_states.shape[0] != self._n or value_states.shape[0] != self._n:  # copy_ would broadcast one row
+            raise ValueError(f"key_states/value_states must have the cache's {self._n} rows, got "
+                             f"{key_states.shape[0]} and {value_states.shape[0]}")
+        if self._end + t > self._k.shape[-2]:
+            self._move(self._end - self._start + t)
+        n, e = self._n, self._end
+        self._k[:n, :, e:e + t].copy_(key_states)
+        self._v[:n, :, e:e + t].copy_(value_states)
+        self._end += t
         return self._views()
 
     def select(self, rows: torch.Tensor, start: int = 0) -> None:
-        """Keep the rows ``rows`` (indices, in order) and drop the first ``start`` filled columns
-        (a column of padding for every row kept): one copy of the kept rows' buffers, room kept."""
+        """Keep the rows ``rows`` (indices, in that order, repeats allowed) and drop the first
+        ``start`` filled columns: one copy of the rows kept, into new buffers with room."""
         if not self.is_initialized:
             return
         if not self._owns():
-            self._adopt(self.keys, self.values, 0)  # type: ignore[arg-type]
+            self._adopt(*self.filled, 0)
         assert self._k is not None and self._v is not None
-        self._k = self._k.index_select(0, rows.to(self._k.device))
-        self._v = self._v.index_select(0, rows.to(self._v.device))
-        self._start = min(self._start + start, self._end)
+        s, e = min(self._start + start, self._end), self._end
+        kept_k = self._k[:self._n, :, s:e].index_select(0, rows.to(self._k.device))
+        kept_v = self._v[:self._n, :, s:e].index_select(0, rows.to(self._v.device))
+        k, v = _buffers(kept_k, kept_v, self._owner.room(e - s + 1), self._owner.row_room(len(rows)))
+        k[:len(rows), :, :e - s].copy_(kept_k)
+        v[:len(rows), :, :e - s].copy_(kept_v)
+        self.place(k, v, e - s, len(rows))
+        self._owner.reallocations += 1
+
+    def compact(self, moves: Sequence[tuple[int, int]], rows: int, start: int = 0) -> None:
+        """Keep the rows ``[0, rows)``, after copying row ``src`` over row ``dst`` for each
+        ``(src, dst)`` of ``moves`` (rows past ``rows`` taking the places of rows that left), and
+        drop the first ``start`` filled columns: copies the moved rows only, in place."""
+        if not self.is_initialized:
+            return
+        if not self._owns():
+            self._adopt(*self.filled, 0)
+        assert self._k is not None and self._v is not None
+        if not 0 <= rows <= self._n or any(not (0 <= d < rows <= a < self._n) for a, d in moves):
+            raise ValueError(f"compact needs moves from rows >= rows={rows} (of {self._n}) to rows below it, "
+                             f"got {list(moves)}")
+        s, e = self._start, self._end
+        for src, dst in moves:
+            self._k[dst, :, s:e].copy_(self._k[src, :, s:e])
+            self._v[dst, :, s:e].copy_(self._v[src, :, s:e])
+        self._n, self._start = rows, min(self._start + start, self._end)
         self._views()
 
-    def place(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        """Make ``keys``/``values`` (``[rows, heads, capacity, dim]`` buffers, filled in their first
-        ``length`` columns) this layer's buffers."""
+    def can_append(self, rows: int, length: int) -> bool:
+        """Whether :meth:`append` of ``rows`` rows of ``length`` columns fits the buffers as they are."""
+        return (self._owns() and self._k is not None and self._n + rows <= self._k.shape[0]
+                and length <= self._end - self._start)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add the rows ``keys``/``values`` (``[rows, heads, length, dim]``, :meth:`can_append`)
+        after the rows held, right-aligned to the filled columns (their left padding zeroed):
+        copies the new rows only."""
+        if not self.can_append(keys.shape[0], keys.shape[-2]):
+            raise ValueError(f"{keys.shape[0]} rows of {keys.shape[-2]} columns do not fit the layer's buffers "
+                             f"({self._n} of {self.row_capacity} rows used, {self._end - self._start} columns)")
+        assert self._k is not None and self._v is not None
+        n, add, s, e = self._n, keys.shape[0], self._start, self._end
+        pad = e - keys.shape[-2]  # the new rows' first column
+        self._k[n:n + add, :, s:pad].zero_()
+        self._v[n:n + add, :, s:pad].zero_()
+        self._k[n:n + add, :, pad:e].copy_(keys)
+        self._v[n:n + add, :, pad:e].copy_(values)
+        self._n += add
+        self._views()
+
+    def place(self, keys: torch.Tensor, values: torch.Tensor, length: int, rows: int | None = None) -> None:
+        """Make ``keys``/``values`` (``[row capacity, heads, capacity, dim]`` buffers, filled in
+        their first ``rows`` rows (``None``: all) and ``length`` columns) this layer's buffers."""
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self._k, self._v, self._start, self._end = keys, values, 0, length
+        self._n = keys.shape[0] if rows is None else rows
         self._views()
 
     # ------------------------------------------------------------------ internals
@@ -126,8 +184,8 @@ class GrowingLayer(DynamicLayer):
 
     def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
         assert self._k is not None and self._v is not None
-        self.keys = self._k[:, :, self._start:self._end]
-        self.values = self._v[:, :, self._start:self._end]
+        self.keys = self._k[:self._n, :, self._start:self._end]
+        self.values = self._v[:self._n, :, self._start:self._end]
         self._mine = (self.keys, self.values)
         return self.keys, self.values
 
@@ -138,26 +196,26 @@ class GrowingLayer(DynamicLayer):
         if keys is None or values is None or keys.numel() == 0 and keys.dim() != 4:
             keys = key_states[:, :, :0]
             values = value_states[:, :, :0]
-        elif self._k is not None and self._v is not None and _leads(keys, self._k, self._start) and \
-                _leads(values, self._v, self._start) and keys.shape[-2] == values.shape[-2]:
+        elif self._k is not None and self._v is not None and _leads(keys, self._k, self._n, self._start) and \
+                _leads(values, self._v, self._n, self._start) and keys.shape[-2] == values.shape[-2]:
             self._end = self._start + keys.shape[-2]  # cut short in place (crop): still the buffer's start
             self._views()
             return
-        length = keys.shape[-2]
-        k, v = _buffers(keys, values, self._owner.room(length + more))
-        k[:, :, :length].copy_(keys)
-        v[:, :, :length].copy_(values)
-        self.place(k, v, length)
+        length, rows = keys.shape[-2], keys.shape[0]
+        k, v = _buffers(keys, values, self._owner.room(length + more), self._owner.row_room(rows))
+        k[:rows, :, :length].copy_(keys)
+        v[:rows, :, :length].copy_(values)
+        self.place(k, v, length, rows)
         self._owner.reallocations += 1
 
     def _move(self, need: int) -> None:
         """Reallocate the buffers with room for ``need`` columns, the filled part copied over."""
         assert self._k is not None and self._v is not None
-        length = self._end - self._start
+        n, length = self._n, self._end - self._start
         k, v = _buffers(self._k, self._v, self._owner.room(need))
-        k[:, :, :length].copy_(self._k[:, :, self._start:self._end])
-        v[:, :, :length].copy_(self._v[:, :, self._start:self._end])
-        self.place(k, v, length)
+        k[:n, :, :length].copy_(self._k[:n, :, self._start:self._end])
+        v[:n, :, :length].copy_(self._v[:n, :, self._start:self._end])
+        self.place(k, v, length, n)
         self._owner.reallocations += 1
 
 
@@ -169,16 +227,20 @@ class GrowingCache(DynamicCache):
         reach: the most columns a layer will hold (prompt plus new tokens); caps a buffer's room.
             ``None``: no cap. May be changed between steps (:class:`milp.decode.ContinuousBatch`
             sets it as rows join and leave).
+        rows: the rows a buffer holds at least (``None``: the rows it is given), so that rows
+            may join later without a new buffer (:meth:`GrowingLayer.append`; a continuous
+            batch's ``max_rows``).
 
     ``reallocations`` counts the buffers (re)allocated by every layer, the first ones included.
     """
 
-    def __init__(self, reach: int | None = None) -> None:
-        if reach is not None and (isinstance(reach, bool) or not isinstance(reach, int) or reach < 1):
-            raise ValueError(f"reach must be an int >= 1 or None, got {reach!r}")
+    def __init__(self, reach: int | None = None, rows: int | None = None) -> None:
+        for name, value in (("reach", reach), ("rows", rows)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
         # DynamicCache's own init takes no layer class; Cache's only calls it
         Cache.__init__(self, layer_class_to_replicate=self._layer)  # type: ignore[arg-type]
-        self.reach = reach
+        self.reach, self.rows = reach, rows
         self.reallocations = 0
 
     def _layer(self) -> GrowingLayer:
@@ -189,17 +251,20 @@ class GrowingCache(DynamicCache):
         room = max(need + MIN_ROOM, int(need * GROWTH))
         return max(need, min(room, self.reach)) if self.reach is not None else room
 
+    def row_room(self, need: int) -> int:
+        """Rows to allocate for a buffer that must hold ``need``: at least ``rows``."""
+        return max(need, self.rows or 0)
 
-def stack_rows(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int,
-               room: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Buffers (``[rows, heads, room, dim]``) holding the ``(keys, values)`` of ``parts`` one
-    after another along the rows, each right-aligned to ``width`` columns (left padding zeroed,
-    so that masked columns read zeros, never uninitialised memory)."""
+
+def stack_rows(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int, room: int,
+               rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers (``[max(rows, rows of parts), heads, room, dim]``) holding the ``(keys, values)``
+    of ``parts`` one after another along the rows, each right-aligned to ``width`` columns (left
+    padding zeroed, so that masked columns read zeros, never uninitialised memory)."""
     if not parts or width > room:
         raise ValueError(f"stack_rows needs parts and width <= room, got {len(parts)} parts, {width=}, {room=}")
-    rows = sum(k.shape[0] for k, _ in parts)
     first_k, first_v = parts[0]
-    k, v = _buffers(first_k, first_v, room, rows)
+    k, v = _buffers(first_k, first_v, room, max(rows, sum(pk.shape[0] for pk, _ in parts)))
     at = 0
     for pk, pv in parts:
         n, pad = pk.shape[0], width - pk.shape[-2]
@@ -211,12 +276,12 @@ def stack_rows(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int,
     return k, v
 
 
-def _leads(t: torch.Tensor, buf: torch.Tensor, start: int) -> bool:
-    """Whether ``t`` is a view of ``buf``'s rows and heads from column ``start`` on (what
-    ``crop`` leaves of a layer's keys or values)."""
+def _leads(t: torch.Tensor, buf: torch.Tensor, rows: int, start: int) -> bool:
+    """Whether ``t`` is a view of ``buf``'s first ``rows`` rows, all heads, from column ``start``
+    on (what ``crop`` leaves of a layer's keys or values)."""
     return (t.dim() == 4 and t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
-            and t.stride() == buf.stride() and t.shape[:2] == buf.shape[:2] and t.shape[3] == buf.shape[3]
-            and t.storage_offset() == buf.storage_offset() + start * buf.stride(2)
+            and t.stride() == buf.stride() and t.shape[0] == rows and t.shape[1] == buf.shape[1]
+            and t.shape[3] == buf.shape[3] and t.storage_offset() == buf.storage_offset() + start * buf.stride(2)
             and start + t.shape[2] <= buf.shape[2])
 
 

@@ -76,40 +76,66 @@ def test_decode_steps_write_in_place_and_reallocate_geometrically():
 _OPS = st.lists(st.one_of(
     st.tuples(st.just("update"), st.integers(1, 20)),
     st.tuples(st.just("crop"), st.integers(1, 8)),
-    st.tuples(st.just("reorder"), st.permutations(range(3))),
-    st.tuples(st.just("select"), st.integers(0, 4)),  # ContinuousBatch's: rows 0 and 2 kept, leading columns dropped
-), min_size=1, max_size=12)
+    st.tuples(st.just("reorder"), st.randoms(use_true_random=False)),
+    st.tuples(st.just("select"), st.integers(0, 4)),  # rows kept in a new order, leading columns dropped
+    st.tuples(st.just("leave"), st.tuples(st.integers(0, 5), st.integers(0, 3))),  # ContinuousBatch's leave
+    st.tuples(st.just("join"), st.tuples(st.integers(1, 3), st.integers(1, 30))),  # ... and join
+), min_size=1, max_size=14)
 
 
-@settings(max_examples=60, deadline=None)
-@given(ops=_OPS, reach=st.one_of(st.none(), st.integers(1, 60)))
-def test_a_growing_layer_holds_what_a_dynamic_layer_holds(ops, reach):
-    """Any sequence of appends, crops (generate's assisted decoding), row reorders (beam search) and
-    ContinuousBatch's row selections leaves a GrowingCache with the keys and values of a
-    DynamicCache put through the same (float64, exact)."""
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([t.new_zeros(*t.shape[:2], width - t.shape[2], t.shape[3]), t], 2)
+
+
+@settings(max_examples=80, deadline=None)
+@given(ops=_OPS, reach=st.one_of(st.none(), st.integers(1, 60)), rows=st.one_of(st.none(), st.integers(1, 6)))
+def test_a_growing_layer_holds_what_a_dynamic_layer_holds(ops, reach, rows):
+    """Any sequence of appends, crops (generate's assisted decoding), row reorders (beam search),
+    row selections, and ContinuousBatch's leaves (rows from the end fill the places left) and
+    joins (rows appended, right-aligned) leaves a GrowingCache with the keys and values of a
+    DynamicCache put through the same by torch ops (float64, exact)."""
     from transformers import DynamicCache
 
     g = torch.Generator().manual_seed(len(ops))
-    rows = 3
-    cache, ref = GrowingCache(reach=reach), DynamicCache()
+    cache, ref = GrowingCache(reach=reach, rows=rows), DynamicCache()
+
+    def rand(n: int, length: int) -> torch.Tensor:
+        return torch.randn(n, 2, length, 4, generator=g, dtype=torch.float64)
+
     for op, arg in [("update", 5), *ops]:
-        length = ref.get_seq_length()
+        length, n = ref.get_seq_length(), ref.layers[0].keys.shape[0] if ref.layers else 3
+        layer, r = (cache.layers[0], ref.layers[0]) if ref.layers else (None, None)
         if op == "update":
-            k = torch.randn(rows, 2, arg, 4, generator=g, dtype=torch.float64)
-            v = torch.randn(rows, 2, arg, 4, generator=g, dtype=torch.float64)
+            k, v = rand(n, arg), rand(n, arg)
             got, want = cache.update(k, v, 0), ref.update(k, v, 0)
             assert all(torch.equal(a, b) for a, b in zip(got, want))
         elif op == "crop" and arg < length:
             cache.crop(-arg)
             ref.crop(-arg)
         elif op == "reorder":
-            cache.reorder_cache(torch.tensor(arg))
-            ref.reorder_cache(torch.tensor(arg))
+            perm = list(range(n))
+            arg.shuffle(perm)
+            cache.reorder_cache(torch.tensor(perm))
+            ref.reorder_cache(torch.tensor(perm))
         elif op == "select" and arg < length:
-            layer, index = cache.layers[0], torch.tensor([0, 2, 1])[:rows]
+            index = torch.tensor([0, 2, 1, 1])[:n] % n
             layer.select(index, arg)
-            r = ref.layers[0]
             r.keys, r.values = r.keys[index, :, arg:], r.values[index, :, arg:]
+        elif op == "leave" and n > 1 and arg[1] < length:
+            gone, kept = arg[0] % n, [j for j in range(n) if j != arg[0] % n]
+            moves = [(n - 1, gone)] if gone < n - 1 else []
+            layer.compact(moves, n - 1, arg[1])
+            order = [n - 1 if j == gone else j for j in range(n - 1)]
+            r.keys, r.values = r.keys[order, :, arg[1]:], r.values[order, :, arg[1]:]
+            assert sorted(order) == kept
+        elif op == "join" and layer is not None:
+            add, width = arg[0], min(arg[1], length)
+            if not layer.can_append(add, width):
+                continue
+            k, v = rand(add, width), rand(add, width)
+            layer.append(k, v)
+            r.keys = torch.cat([r.keys, _left_pad(k, length)])
+            r.values = torch.cat([r.values, _left_pad(v, length)])
         assert cache.get_seq_length() == ref.get_seq_length()
         assert torch.equal(cache.layers[0].keys, ref.layers[0].keys)
         assert torch.equal(cache.layers[0].values, ref.layers[0].values)
@@ -176,6 +202,50 @@ def test_continuous_batching_never_reads_an_unwritten_column(monkeypatch, arch):
         assert got[key] == out[0, len(prompt):].tolist(), key
 
 
+def test_rows_join_and_leave_a_running_batch_in_its_buffers(monkeypatch):
+    """A row that joins a running batch is written after its rows, and a row that leaves has its
+    place taken by the last row: neither makes new buffers (nor copies the other rows), unless
+    the joining prompt is longer than the batch's columns. Every row gets generate's tokens alone,
+    buffers starting as NaN."""
+    _nan_buffers(monkeypatch)
+    model = tiny_model("llama").eval()
+    model.generation_config.eos_token_id = None
+    layers = model.config.num_hidden_layers
+    batch = ContinuousBatch(model, eos_token_id=[], max_rows=4)
+    prompts = {"a": [5, 6, 7, 8, 9, 10], "b": [11, 12], "c": [13, 14, 15], "d": [16, 17, 18, 19] * 6}
+    limits = {"a": 30, "b": 3, "c": 20, "d": 8}
+    got: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for u in batch.step():
+            assert u.error is None, u.error
+            got[u.key] = u.tokens
+
+    batch.join("a", prompts["a"], limits["a"])
+    step()
+    cache = batch._cache
+    assert cache is not None and cache.layers[0].row_capacity == 4  # the batch's first rows: room for max_rows
+    buffers = [x._k.data_ptr() for x in cache.layers]
+    moved = cache.reallocations
+    batch.join("b", prompts["b"], limits["b"])  # shorter than the batch's columns: joins in place
+    batch.join("c", prompts["c"], limits["c"])
+    step()
+    assert cache.reallocations == moved and [x._k.data_ptr() for x in cache.layers] == buffers
+    assert batch.keys == ["a", "b", "c"]
+    step()
+    step()  # "b" ends: "c" takes its place, "a" stays
+    assert batch.keys == ["a", "c"] and "b" in got and len(got["b"]) == 3
+    assert cache.reallocations == moved and [x._k.data_ptr() for x in cache.layers] == buffers
+    batch.join("d", prompts["d"], limits["d"])  # longer than the batch's columns: new buffers, once
+    step()
+    assert cache.reallocations == moved + layers
+    while len(batch):
+        step()
+    for key, prompt in prompts.items():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=limits[key], do_sample=False, pad_token_id=0)
+        assert got[key] == out[0, len(prompt):].tolist(), key
+
+
 def test_continuous_batching_reallocates_rarely_and_within_reach():
     model = tiny_model("llama").eval()
     batch = ContinuousBatch(model, eos_token_id=[], max_rows=4)
@@ -200,6 +270,18 @@ def test_bad_input_is_refused_by_name():
     for bad in (0, -1, True, 2.5, "8"):
         with pytest.raises(ValueError, match="reach"):
             GrowingCache(reach=bad)
+        with pytest.raises(ValueError, match="rows"):
+            GrowingCache(rows=bad)
+    cache = GrowingCache(rows=2)
+    y = torch.zeros(2, 1, 3, 2)
+    cache.update(y, y, 0)
+    with pytest.raises(ValueError, match="cache's 2 rows, got 1"):  # copy_ would broadcast the one row
+        cache.update(y[:1], y[:1], 0)
+    layer = cache.layers[0]
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.append(y[:1], y[:1])  # no row left
+    with pytest.raises(ValueError, match="compact needs moves"):
+        layer.compact([(0, 1)], 1)
     x = torch.zeros(1, 1, 4, 2)
     with pytest.raises(ValueError, match="width <= room"):
         stack_rows([(x, x)], 5, 4)
