@@ -8,8 +8,10 @@ that between two steps
 
 * a row that ended leaves: its rows of the key/value cache are dropped (and the cache's leading
   columns, once they are padding for every row left);
-* new rows join: their prompts are prefilled together (left-padded), and their caches are padded
-  on the left to the running batch's length and appended to it;
+* new rows join: their prompts are prefilled together (left-padded; with ``prefill_chunk``, a
+  chunk of their columns per step, beside the running rows' decode, so that a long prompt
+  delays the running rows' next token by a chunk's time, not its whole prefill's), and their
+  caches are padded on the left to the running batch's length and appended to it;
 
 and each step is one forward of the running rows (one token each) through the model, every row
 with its own user's adapters (one :meth:`milp.runtime.MilpRuntime.using` block per set of rows,
@@ -151,6 +153,23 @@ class _Row:
     logprob: TokenLogprob | None = None  # its last token's
 
 
+@dataclass
+class _Prefill:
+    """Rows that joined together, their prompts being prefilled (a chunk of columns per step
+    with ``prefill_chunk``, else all at once): ``ids``/``mask``/``positions`` of the distinct
+    (prompt, user) pairs, left-padded, and ``users``; ``source[j]``: the pair ``rows[j]`` is a
+    copy of."""
+
+    rows: list[_Row]
+    source: list[int]
+    users: list[Hashable | None]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: GrowingCache
+    done: int = 0  # columns prefilled
+
+
 class ContinuousBatch:
     """Decoding (greedy, or sampled per row) of rows that join (:meth:`join`) and leave
     (:meth:`leave`, or at their end) between steps (:meth:`step`); see the module doc.
@@ -165,17 +184,27 @@ class ContinuousBatch:
         runtime: a :class:`milp.runtime.MilpRuntime` of ``model``: each row runs its ``user``'s
             adapters. Without one every row runs the model as it is, and ``user`` must be ``None``.
         max_rows: rows joined at most (running and waiting for their prefill).
+        prefill_chunk: the most prompt tokens one step prefills (chunked prefill): rows that
+            join together are prefilled ``prefill_chunk // rows`` columns per step, beside the
+            running rows' decode, so that a long prompt delays their next token by a chunk's
+            time, not its whole prefill's; it gets its first token at the step of its last chunk.
+            ``None`` (default): every joining prompt whole at the next step.
 
     Not thread-safe: one thread calls :meth:`join`, :meth:`leave` and :meth:`step`.
     """
 
     def __init__(self, model: nn.Module, *, eos_token_id: int | Iterable[int] | None = None,
-                 pad_token_id: int | None = None, runtime: Any = None, max_rows: int = 8) -> None:
+                 pad_token_id: int | None = None, runtime: Any = None, max_rows: int = 8,
+                 prefill_chunk: int | None = None) -> None:
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
             raise TypeError(f"model must be a Hugging Face causal LM (an nn.Module with a config), "
                             f"got {type(model).__name__}")
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per step) or None, "
+                             f"got {prefill_chunk!r}")
         if runtime is not None and getattr(runtime, "model", None) is not model:
             raise ValueError("runtime must be the MilpRuntime of model (runtime.model is model)")
         gc = getattr(model, "generation_config", None)
@@ -185,13 +214,14 @@ class ContinuousBatch:
         if pad_token_id is None:
             pad_token_id = min(self.eos) if self.eos else 0
         self.pad = _token_ids(pad_token_id, "pad_token_id")[0]
-        self.model, self.runtime, self.max_rows = model, runtime, max_rows
+        self.model, self.runtime, self.max_rows, self.prefill_chunk = model, runtime, max_rows, prefill_chunk
         params = inspect.signature(model.forward).parameters
         # transformers 5 names the cache argument `cache` (past_key_values is deprecated there)
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
         self._rows: list[_Row] = []  # running, in the cache's row order
-        self._joining: list[_Row] = []  # joined, prefilled at the next step
+        self._joining: list[_Row] = []  # joined since the last step
+        self._prefills: list[_Prefill] = []  # joined, their prompts being prefilled (the first one's, chunked)
         self._cache: GrowingCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cache length]: 1 = a row's own token
         self._next: torch.Tensor | None = None  # [rows]: each row's last token, fed at the next step
@@ -200,13 +230,18 @@ class ContinuousBatch:
     # ------------------------------------------------------------------ rows
     def __len__(self) -> int:
         """Rows joined: running, or waiting for their prefill."""
-        return len(self._rows) + len(self._joining)
+        return len(self._rows) + len(self._waiting)
 
     @property
     def keys(self) -> list[Hashable]:
         """The keys of the rows joined, running ones first (in the cache's order: the last
         running row takes the place of one that leaves)."""
-        return [r.key for r in self._rows + self._joining]
+        return [r.key for r in self._rows + self._waiting]
+
+    @property
+    def _waiting(self) -> list[_Row]:
+        """The rows joined that have no token yet (being prefilled, or to be)."""
+        return [r for p in self._prefills for r in p.rows] + self._joining
 
     def can_join(self, user: Hashable | None = None) -> bool:
         """Whether a row of ``user`` may join now: fewer than ``max_rows`` rows, and (with a
@@ -217,7 +252,7 @@ class ContinuousBatch:
             return False
         if self.runtime is None or self.runtime.store is None or user is None or not len(self):
             return True
-        users = [r.user for r in self._rows + self._joining] + [user]
+        users = [r.user for r in self._rows + self._waiting] + [user]
         groups = self.runtime.row_batches(users, len(users))
         next(groups)
         return next(groups, None) is None  # one group: all of them can be placed at once
@@ -232,7 +267,7 @@ class ContinuousBatch:
         ``logprobs``: each of its tokens comes with its :class:`milp.sampling.TokenLogprob`
         (:attr:`Update.logprob`), listing this many of the most likely alternatives (0 to
         :data:`milp.sampling.MAX_TOP_LOGPROBS`); ``None``: none."""
-        if any(r.key == key for r in self._rows + self._joining):
+        if any(r.key == key for r in self._rows + self._waiting):
             raise ValueError(f"key {key!r} is already a row of the batch")
         if len(self) >= self.max_rows:
             raise ValueError(f"the batch is full (max_rows={self.max_rows}): check can_join() first")
@@ -255,6 +290,12 @@ class ContinuousBatch:
             if r.key == key:
                 del self._joining[i]
                 return r.tokens
+        for p in self._prefills:  # its prompt's prefill goes on where other rows share it
+            for i, r in enumerate(p.rows):
+                if r.key == key:
+                    del p.rows[i], p.source[i]
+                    self._prefills = [q for q in self._prefills if q.rows]
+                    return r.tokens
         for i, r in enumerate(self._rows):
             if r.key == key:
                 self._keep([j for j in range(len(self._rows)) if j != i])
@@ -263,7 +304,7 @@ class ContinuousBatch:
 
     def close(self) -> None:
         """Drop every row (and the runtime block the running ones hold)."""
-        self._joining = []
+        self._joining, self._prefills = [], []
         self._keep([])
 
     # ------------------------------------------------------------------ steps
@@ -295,18 +336,26 @@ class ContinuousBatch:
                 for r, t in zip(self._rows, tokens):
                     r.tokens.append(t)
                 stepped += self._rows
-        groups, self._joining = ([self._joining] if self._joining else []), []
-        while groups:
-            group = groups.pop(0)
+        if self._joining:  # the rows that joined since the last step start their prefill together
+            self._prefills.append(self._start_prefill(self._joining))
+            self._joining = []
+        chunks = 0
+        while self._prefills and (self.prefill_chunk is None or not chunks):  # chunked: one chunk a step
+            group = self._prefills[0]
             try:
-                self._prefill(group)
+                chunks += 1
+                if not self._prefill(group):
+                    continue
             except Exception as e:  # noqa: BLE001
-                if len(group) > 1:  # one bad row (a damaged user, say) must not fail the others
-                    groups[:0] = [[r] for r in group]
+                if len(group.rows) > 1:  # one bad row (a damaged user, say) must not fail the others
+                    self._prefills[:1] = [self._start_prefill([r]) for r in group.rows]
+                    chunks -= 1
                 else:
-                    updates.append(Update(group[0].key, group[0].tokens, True, e))
+                    del self._prefills[0]
+                    updates.append(Update(group.rows[0].key, group.rows[0].tokens, True, e))
                 continue
-            stepped += group
+            del self._prefills[0]
+            stepped += group.rows
         ended = {id(r) for r in self._rows if r.tokens[-1] in self.eos or len(r.tokens) >= r.limit}
         updates += [Update(r.key, list(r.tokens), id(r) in ended, logprob=r.logprob) for r in stepped]
         if ended:
@@ -342,10 +391,10 @@ class ContinuousBatch:
                 r.logprob = lp
         return tokens
 
-    def _prefill(self, group: list[_Row]) -> None:
-        """Prefill ``group``'s prompts together, give each row its first token, and append the
-        rows to the running batch. Rows of one prompt and one user (a request's ``n`` choices,
-        say) are prefilled once: their cache and first logits are copies of one row's."""
+    def _start_prefill(self, group: list[_Row]) -> _Prefill:
+        """The prefill of ``group``'s prompts, together. Rows of one prompt and one user (a
+        request's ``n`` choices, say) are prefilled once: their cache and first logits are copies
+        of one row's."""
         from .pipeline import _device_of
         from .runtime import pad_sequences
 
@@ -357,17 +406,30 @@ class ContinuousBatch:
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         # the batch's first rows: buffers with room for every row it may hold (later ones join them in place)
         cache = GrowingCache(reach=ids.shape[1] + max(r.limit for r in group),
-                             rows=self.max_rows if self._cache is None else None)
+                             rows=self.max_rows if self._cache is None and not self._prefills else None)
+        return _Prefill(list(group), [unique.index(k) for k in which], [group[j].user for j in unique], ids, mask,
+                        positions, cache)
+
+    def _prefill(self, prefill: _Prefill) -> bool:
+        """Prefill the next chunk of ``prefill``'s prompts (all of them without ``prefill_chunk``).
+        After the last one, give each row its first token, append the rows to the running batch
+        and return ``True``."""
+        ids, cache, group = prefill.ids, prefill.cache, prefill.rows
+        width = ids.shape[1] if self.prefill_chunk is None else max(1, self.prefill_chunk // ids.shape[0])
+        a, b = prefill.done, min(ids.shape[1], prefill.done + width)
         with contextlib.ExitStack() as stack:
             if self.runtime is not None:
                 if self._rows:
                     self._open_block()  # the running rows' users stay placed (never evicted for these)
-                stack.enter_context(self.runtime.using([group[j].user for j in unique]))
+                stack.enter_context(self.runtime.using(prefill.users))
             with nvtx_range("milp.decode.prefill"):
-                logits = self._forward(ids, mask, positions, cache)
-        layers = _cache_layers(cache)
-        if len(unique) < len(group):  # each row its prompt's copy
-            index = torch.tensor([unique.index(k) for k in which], device=logits.device)
+                logits = self._forward(ids[:, a:b], prefill.mask[:, :b], prefill.positions[:, a:b], cache)
+        prefill.done = b
+        if b < ids.shape[1]:
+            return False
+        layers, mask = _cache_layers(cache), prefill.mask
+        if prefill.source != list(range(ids.shape[0])):  # each row its prompt's copy
+            index = torch.tensor(prefill.source, device=logits.device)
             logits, mask = logits.index_select(0, index), mask.index_select(0, index.to(mask.device))
             for layer in layers:
                 layer.select(index)
@@ -395,6 +457,7 @@ class ContinuousBatch:
                     old.place(*stack_rows([old.filled, new.filled], width, room, rows), width, len(self._rows))
                 running.reallocations += len(olds)
         self._close_block()  # the set of rows changed
+        return True
 
     def _keep(self, rows: list[int]) -> None:
         """Keep only the running rows ``rows`` (indices, ascending), dropping the leading cache

@@ -162,6 +162,10 @@ class AnswerServer:
         log: print one line per batch to stderr.
         batching: ``continuous``, ``static`` or ``auto`` (continuous where the model allows it;
             see the module doc): :attr:`batching` says which runs.
+        prefill_chunk: continuous batching: the most prompt tokens one step prefills
+            (:class:`milp.decode.ContinuousBatch`'s chunked prefill: a long prompt that arrives
+            delays the running requests' next token by a chunk's time, not its whole prefill's);
+            ``None`` (default): each arriving prompt whole at the next step.
         api_key: where given, ``POST /v1/answer`` needs ``Authorization: Bearer <api_key>``
             (``401`` without it); ``GET /health`` stays open for load balancers. Only as safe
             as the connection: without TLS in front, the key travels in clear.
@@ -174,12 +178,14 @@ class AnswerServer:
 
     def __init__(self, run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
                  batch_size: int | None = None, max_wait_ms: float = 10.0, max_new_tokens: int | None = None,
-                 log: bool = False, api_key: str | None = None, batching: str = "auto") -> None:
+                 log: bool = False, api_key: str | None = None, batching: str = "auto",
+                 prefill_chunk: int | None = None) -> None:
         from .answer import check_run, load_run
         from .decode import continuous_unsupported
         from .store import UserStore
 
-        for name, v, lo in (("port", port, 0), ("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1)):
+        for name, v, lo in (("port", port, 0), ("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1),
+                            ("prefill_chunk", prefill_chunk, 1)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo or (name == "port"
                                                                                             and v > 65535)):
                 raise ValueError(f"{name} must be an int {'in [0, 65535]' if name == 'port' else '>= 1'}, got {v!r}")
@@ -196,6 +202,7 @@ class AnswerServer:
         self.batch_size = batch_size or settings["eval_batch_size"]
         self.max_new_tokens = max_new_tokens or settings["max_new_tokens"]
         self.max_wait_s = max_wait_ms / 1000.0
+        self.prefill_chunk = prefill_chunk
         self.log = log
         # listen before the model loads: a port in use is refused at once, not after the load
         self._httpd = _http_server(host, port, _handler(self))
@@ -448,7 +455,7 @@ class AnswerServer:
         steps and leave it at their end (see the module doc)."""
         from .pipeline import _continuous_batch
 
-        batch = _continuous_batch(self.model, self.tokenizer, self.runtime, self.batch_size)
+        batch = _continuous_batch(self.model, self.tokenizer, self.runtime, self.batch_size, self.prefill_chunk)
         waiting: collections.deque[_Request] = collections.deque()  # taken, not yet joined
         live: dict[int, _Request] = {}  # joined: id(request) -> request
         busy: list[_Request] = []  # the requests of the busy period (rows running without a pause)
@@ -1037,6 +1044,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continuous: requests join and leave the running batch between tokens; static: one "
                         "generate() per batch, later requests wait for it; auto (default): continuous where the "
                         "model allows it")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                   help="continuous batching: prefill arriving prompts at most TOKENS tokens a step, between the "
+                        "running requests' tokens (chunked prefill: a long prompt delays their next token by a "
+                        "chunk's time, not its whole prefill's; default: each prompt whole)")
     p.add_argument("--quiet", action="store_true", help="no line per batch on stderr")
     p.add_argument("--api-key-env", metavar="NAME", default=None,
                    help="require 'Authorization: Bearer <key>' on POST /v1/answer, the key read from environment "
@@ -1084,7 +1095,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = AnswerServer(args.run, host=args.host, port=args.port, device=args.device,
                               batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
                               max_new_tokens=args.max_new_tokens, log=not args.quiet, api_key=api_key,
-                              batching=args.batching)
+                              batching=args.batching, prefill_chunk=args.prefill_chunk)
     except ValueError as e:
         raise SystemExit(f"{PROG}: {e}") from None
     except OSError as e:  # the port is taken, the address is not this machine's

@@ -69,8 +69,9 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
             for _ in range(n)]
 
 
+@pytest.mark.parametrize("chunk", [None, 3])  # prompts whole, or in chunks of 3 tokens a step (1 per row of 2)
 @pytest.mark.parametrize("arch", list(SUPPORTED_ARCHITECTURES))
-def test_rows_joining_a_running_batch_get_their_tokens_alone(arch):
+def test_rows_joining_a_running_batch_get_their_tokens_alone(arch, chunk):
     rt = runtime(arch)
     rt.model.generation_config.eos_token_id = None  # every row runs to its length: the most steps compared
     assert continuous_unsupported(rt.model, reach=64) is None
@@ -81,7 +82,7 @@ def test_rows_joining_a_running_batch_get_their_tokens_alone(arch):
     joins: dict[int, list[tuple]] = {}
     for i, s in enumerate(at):
         joins.setdefault(s, []).append((i, ps[i], limits[i], users[i]))
-    got, _ = drive(ContinuousBatch(rt.model, runtime=rt, max_rows=6), joins)
+    got, _ = drive(ContinuousBatch(rt.model, runtime=rt, max_rows=6, prefill_chunk=chunk), joins)
     for i in range(6):
         assert got[i] == alone(rt, ps[i], users[i], limits[i]), f"row {i} (user {users[i]!r})"
 
@@ -118,6 +119,57 @@ def test_rows_of_one_prompt_and_user_are_prefilled_once():
     assert got["s0"] != got["s1"]  # the seeds differ
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_beside_the_running_rows():
+    """With prefill_chunk, a 20-token prompt that joins a running row is prefilled 4 columns a
+    step: the running row gets a token at every one of those steps, each step runs its decode
+    and one chunk, and the new row gets its first token at the step of its last chunk, the
+    tokens it gets alone."""
+    rt = runtime()
+    rt.model.generation_config.eos_token_id = None
+    short, long = prompts(1, seed=4)[0], list(range(3, 23))
+    shapes: list[tuple[int, int]] = []
+    handle = rt.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                                with_kwargs=True)
+    try:
+        batch = ContinuousBatch(rt.model, runtime=rt, max_rows=2, prefill_chunk=4)
+        batch.join("running", short, 12, "a")
+        got: dict = {}
+        while "running" not in got:  # its own prompt's chunks
+            got.update((u.key, u.tokens) for u in batch.step())
+        shapes.clear()
+        batch.join("long", long, 3, "b")
+        for step in range(5):
+            updates = {u.key: u for u in batch.step()}
+            assert set(updates) == ({"running", "long"} if step == 4 else {"running"}), step
+            got.update((k, u.tokens) for k, u in updates.items())
+        assert shapes == [(1, 1), (1, 4)] * 5  # a decode step and a chunk, five times
+        assert len(batch) == 2 and batch.keys == ["running", "long"]
+        got, _ = drive(batch, {}, last=got)
+    finally:
+        handle.remove()
+    assert got["running"] == alone(rt, short, "a", 12) and got["long"] == alone(rt, long, "b", 3)
+
+
+def test_a_row_that_leaves_while_its_prompt_is_prefilled_leaves_the_others_of_its_prefill():
+    """Three rows join together, two of them one prompt and user (prefilled once): the one whose
+    prompt's row the other copies leaves after the first chunk, and the rows left get their
+    tokens alone."""
+    rt = runtime()
+    rt.model.generation_config.eos_token_id = None
+    p, q = prompts(2, seed=5)
+    p = p + list(range(3, 13))  # at least 3 chunks
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=4, prefill_chunk=4)
+    for key, prompt in (("first", p), ("copy", p), ("other", q)):
+        batch.join(key, prompt, 5, "a")
+    assert batch.step() == []  # the first chunk (2 prompts of 2 columns)
+    assert batch.leave("first") == [] and batch.keys == ["copy", "other"] and len(batch) == 2
+    got, _ = drive(batch, {})
+    assert "first" not in got and got["copy"] == alone(rt, p, "a", 5) and got["other"] == alone(rt, q, "a", 5)
+    batch.join("x", p, 2, "b")
+    batch.step()
+    assert batch.leave("x") == [] and len(batch) == 0 and batch.step() == [] and batch._cache is None
+
+
 def test_a_row_ends_at_its_end_of_text_token_and_one_that_leaves_keeps_the_others_as_they_were():
     rt = runtime()
     rt.model.generation_config.eos_token_id = None
@@ -151,13 +203,16 @@ def test_the_cache_drops_the_columns_no_running_row_uses():
     assert got["short"] == alone(rt, short, "b", 10) and got["long"] == alone(rt, long, "a", 3)
 
 
-def test_a_row_whose_prefill_fails_gets_the_error_and_the_others_go_on(monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_a_row_whose_prefill_fails_gets_the_error_and_the_others_go_on(monkeypatch, chunk):
     rt = runtime()
     rt.model.generation_config.eos_token_id = None
     ps = prompts(3, seed=3)
-    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=4)
-    batch.join("ok", ps[0], 4, "a")
-    batch.step()
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=4, prefill_chunk=chunk)
+    batch.join("ok", ps[0], 12, "a")  # runs on while the others' chunks are prefilled
+    last: dict = {}
+    while "ok" not in last:  # its prompt's chunks
+        last.update((u.key, u.tokens) for u in batch.step())
     real = rt.using
 
     def using(users, *a, **k):
@@ -168,13 +223,17 @@ def test_a_row_whose_prefill_fails_gets_the_error_and_the_others_go_on(monkeypat
     monkeypatch.setattr(rt, "using", using)
     batch.join("bad", ps[1], 4, "b")
     batch.join("fine", ps[2], 4, 7)
-    updates = {u.key: u for u in batch.step()}
+    updates: dict = {}
+    while "fine" not in updates:  # the group's first chunk fails: then each row's chunks, alone
+        for u in batch.step():
+            assert u.key not in updates or u.key == "ok"
+            updates[u.key] = u
     assert isinstance(updates["bad"].error, OSError) and updates["bad"].done and updates["bad"].tokens == []
     assert updates["ok"].error is None and updates["fine"].error is None
     assert sorted(batch.keys, key=str) == ["fine", "ok"]
     monkeypatch.undo()
     got, _ = drive(batch, {}, last={k: u.tokens for k, u in updates.items() if k != "bad"})
-    assert got["ok"] == alone(rt, ps[0], "a", 4) and got["fine"] == alone(rt, ps[2], 7, 4)
+    assert got["ok"] == alone(rt, ps[0], "a", 12) and got["fine"] == alone(rt, ps[2], 7, 4)
 
 
 def test_a_failed_step_ends_every_running_row_and_the_batch_goes_on(monkeypatch):

@@ -30,11 +30,14 @@ row = st.tuples(st.lists(st.integers(3, 90), min_size=1, max_size=12),  # prompt
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])  # rotary, learned positions, OPT's offset positions
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=st.lists(row, min_size=1, max_size=6), max_rows=st.integers(1, 6), eos=st.one_of(st.none(),
-                                                                                              st.integers(3, 90)))
-def test_drawn_schedules_give_each_row_its_tokens_alone(arch, rows, max_rows, eos):
+@given(rows=st.lists(row, min_size=1, max_size=6), max_rows=st.integers(1, 6),
+       eos=st.one_of(st.none(), st.integers(3, 90)), chunk=st.one_of(st.none(), st.integers(1, 8)))
+def test_drawn_schedules_give_each_row_its_tokens_alone(arch, rows, max_rows, eos, chunk):
+    """... prompts prefilled whole or in drawn chunks (``prefill_chunk``), rows leaving while
+    theirs is prefilled included."""
     rt = _runtime(arch)
-    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=max_rows, eos_token_id=[] if eos is None else eos)
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=max_rows, eos_token_id=[] if eos is None else eos,
+                            prefill_chunk=chunk)
     queue = sorted(range(len(rows)), key=lambda i: rows[i][3])  # in order of arrival; a full batch: they wait
     got: dict[int, list[int]] = {}
     ended, joined_at, step = set(), {}, 0
@@ -42,7 +45,7 @@ def test_drawn_schedules_give_each_row_its_tokens_alone(arch, rows, max_rows, eo
         for i, at in list(joined_at.items()):
             stay = rows[i][4]
             if i not in ended and stay is not None and step == at + stay:
-                assert batch.leave(i) == got.get(i, [])
+                assert batch.leave(i) == got.get(i, [])  # [] while its prompt is prefilled
                 ended.add(i)
         while queue and rows[queue[0]][3] <= step and batch.can_join(rows[queue[0]][2]):
             i = queue.pop(0)

@@ -185,7 +185,7 @@ def test_users_added_while_serving_are_found(answer_run, tmp_path):
 
 def test_bad_settings_are_refused_before_the_model_loads(answer_run, tmp_path):
     for kw, match in ((dict(port=70000), "port must be an int in"), (dict(batch_size=0), "batch_size must be"),
-                      (dict(max_wait_ms=-1), "max_wait_ms must be")):
+                      (dict(max_wait_ms=-1), "max_wait_ms must be"), (dict(prefill_chunk=0), "prefill_chunk must be")):
         with pytest.raises(ValueError, match=match):
             AnswerServer(answer_run, **kw)
     with pytest.raises(SystemExit, match="milp.serve: .* is not a milp.train output directory"):

@@ -81,6 +81,29 @@ def test_a_request_joins_a_running_batch_and_leaves_at_its_own_end(answer_run, m
     assert stats["steps"] == 8  # the long row's 8 tokens: the short one took no step of its own
 
 
+def test_prompts_prefilled_in_chunks_get_the_answers_of_milp_answer(answer_run, monkeypatch):
+    """``--prefill-chunk 8``: three requests' prompts (tens of tokens each) are prefilled 8 tokens
+    a step, beside the rows already running; the answers are milp.answer's."""
+    users = _users(answer_run)[:3]
+    queries = ["Tell me everything about sleep.", "Should I take ibuprofen?", "What helps a sore throat?"]
+    want = answer(answer_run, list(zip(users, queries)), max_new_tokens=6, progress=False)
+    chunks: list[bool] = []
+    real = milp.decode.ContinuousBatch._prefill
+
+    def spy(batch, prefill):
+        chunks.append(real(batch, prefill))
+        return chunks[-1]
+
+    monkeypatch.setattr(milp.decode.ContinuousBatch, "_prefill", spy)
+    with AnswerServer(answer_run, port=0, max_new_tokens=6, max_wait_ms=0, prefill_chunk=8) as server:
+        assert server.batching == "continuous" and server.prefill_chunk == 8
+        got = [f.result(timeout=60) for f in [server.submit(u, q) for u, q in zip(users, queries)]]
+    assert got == want
+    assert chunks.count(False) >= 3 and chunks.count(True) >= 1  # unfinished chunks, then finished prefills
+    with pytest.raises(SystemExit, match="prefill_chunk must be an int >= 1"):
+        main([str(answer_run), "--port", "0", "--prefill-chunk", "0", "--quiet"])
+
+
 def test_a_cancelled_row_leaves_at_the_next_step(answer_run, monkeypatch):
     u0, u1 = _users(answer_run)[:2]
     gate = Gate(monkeypatch)
