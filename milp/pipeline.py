@@ -52,13 +52,13 @@ from .losses import token_losses
 from .optim import LossScaling, lr_multiplier, resolve_loss_scaling
 from .sampling import (
     MAX_TOP_LOGPROBS,
+    LogprobSteps,
     Sampling,
     TokenLogprob,
     check_logprobs,
     pick_tokens,
     row_sampler,
     sampling_per_record,
-    token_logprobs,
 )
 
 __all__ = [
@@ -885,19 +885,16 @@ def generate_responses(
                 kwargs["streamer"] = streamer
             kwargs.update(_growing_cache(model, inputs["attention_mask"].shape[1] + n))
             row_tops = [tops[i] for i in idx]
-            if any(k is not None for k in row_tops):  # the raw logits of each step, for the tokens' logprobs
-                kwargs.update(output_logits=True, return_dict_in_generate=True)
+            # the tokens' logprobs, from each forward's raw logits (one step's held at a time)
+            recorder = LogprobSteps(row_tops) if any(k is not None for k in row_tops) else None
             lm = cast(Any, model)  # a transformers model: generate()
-            if runtime is not None and users is not None:
-                with runtime.using([users[i] for i in idx]):
-                    out = lm.generate(**inputs, **kwargs)
-            else:
+            with contextlib.ExitStack() as stack:
+                if recorder is not None:
+                    stack.callback(lm.register_forward_hook(recorder.hook, with_kwargs=True).remove)
+                if runtime is not None and users is not None:
+                    stack.enter_context(runtime.using([users[i] for i in idx]))
                 out = lm.generate(**inputs, **kwargs)
-            steps: list[list[TokenLogprob | None]] = []
-            if not isinstance(out, torch.Tensor):  # a generate output with the logits
-                steps = [token_logprobs(step, out.sequences[:, offset + t], row_tops)
-                         for t, step in enumerate(out.logits)]
-                out = out.sequences
+            steps = recorder.finish(out, offset) if recorder is not None else []
             for j, (i, row) in enumerate(zip(idx, out[:, offset:].tolist())):
                 if stopper is not None and stopper.ended[j] is not None:  # without an eos, generate goes on
                     row = row[:stopper.ended[j]]  # filling an ended row with tokens, not padding

@@ -44,7 +44,7 @@ from typing import Any, cast
 import torch
 
 __all__ = ["MAX_SEED", "MAX_TOP_LOGPROBS", "Sampling", "TokenLogprob", "check_logprobs", "pick_tokens", "row_sampler",
-           "sampling_per_record", "token_logprobs"]
+           "sampling_per_record", "token_logprobs", "LogprobSteps"]
 
 #: seeds are ints in [0, MAX_SEED] (what ``torch.Generator.manual_seed`` takes without wrapping)
 MAX_SEED = 2**63 - 1
@@ -197,16 +197,74 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: Sequence[in
     ``[rows, vocab]``, with its ``tops[row]`` most likely alternatives (``None``: the row asks
     for none, and gets ``None``). One copy to the host for all rows that ask."""
     asked = [i for i, k in enumerate(tops) if k is not None]
-    out: list[TokenLogprob | None] = [None] * len(tops)
     if not asked:
-        return out
+        return [None] * len(tops)
     index = torch.tensor(asked, device=logits.device)
+    lp, values, ids = _log_softmax_top(logits, index, max(cast(int, tops[i]) for i in asked))
+    return _unpack(_table(lp, values, ids, tokens.index_select(0, index)).tolist(), tops, asked)
+
+
+class LogprobSteps:
+    """The token logprobs of one ``generate`` call, step by step, from the model's own forward
+    outputs (its raw logits, as ``output_logits=True`` gives them) without keeping them: register
+    :meth:`hook` as a forward hook with kwargs on the model, call ``generate``, then
+    :meth:`finish`. Each forward keeps its log-softmax until the next one names the token
+    chosen from it (its ``input_ids``), and a ``[rows, 2 + 2k]`` table of it on the device: one
+    step's logits held at a time, one copy to the host at the end. ``tops``: each row's number of
+    alternatives (``None``: none)."""
+
+    def __init__(self, tops: Sequence[int | None]) -> None:
+        self.tops = list(tops)
+        self.asked = [i for i, k in enumerate(self.tops) if k is not None]
+        self.k = max((cast(int, self.tops[i]) for i in self.asked), default=0)
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._tables: list[torch.Tensor] = []
+
+    def hook(self, module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        """The forward hook: close the last step with the token fed now, open this one."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self._pending is not None and isinstance(ids, torch.Tensor):
+            self._close(ids[:, -1])
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        last = logits[:, -1]
+        self._pending = _log_softmax_top(last, torch.tensor(self.asked, device=last.device), self.k)
+
+    def finish(self, sequences: torch.Tensor, offset: int) -> list[list[TokenLogprob | None]]:
+        """Per step (of ``sequences[:, offset:]``, the tokens ``generate`` made), each row's
+        :class:`TokenLogprob` (``None`` where the row asked for none)."""
+        steps = sequences.shape[1] - offset
+        if len(self._tables) < steps and self._pending is not None:  # the last token is never fed
+            self._close(sequences[:, -1])
+        tables = torch.stack(self._tables[:steps]).tolist() if self._tables and self.asked else []
+        self._pending, self._tables = None, []
+        return [_unpack(t, self.tops, self.asked) for t in tables] if tables else [[None] * len(self.tops)] * steps
+
+    def _close(self, tokens: torch.Tensor) -> None:
+        assert self._pending is not None
+        lp, values, ids = self._pending
+        self._tables.append(_table(lp, values, ids, tokens.index_select(0, torch.tensor(self.asked,
+                                                                                        device=tokens.device))))
+        self._pending = None
+
+
+def _log_softmax_top(logits: torch.Tensor, index: torch.Tensor,
+                     k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows ``index`` of ``logits``: their float32 log-softmax, and its ``k`` largest values and ids."""
     lp = logits.index_select(0, index).float().log_softmax(-1)
-    picked = tokens.index_select(0, index)[:, None]
-    k = max(cast(int, tops[i]) for i in asked)
     values, ids = lp.topk(k, dim=-1)
-    # one float64 table (token ids are exact in it), one copy: [token, logprob, k ids, k logprobs]
-    table = torch.cat([picked.double(), lp.gather(1, picked).double(), ids.double(), values.double()], 1).tolist()
+    return lp, values, ids
+
+
+def _table(lp: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """One float64 table (token ids are exact in it) per row: [token, logprob, k ids, k logprobs]."""
+    picked = picked[:, None].to(lp.device)
+    return torch.cat([picked.double(), lp.gather(1, picked).double(), ids.double(), values.double()], 1)
+
+
+def _unpack(table: list[list[float]], tops: Sequence[int | None], asked: Sequence[int]) -> list[TokenLogprob | None]:
+    """:func:`_table`'s rows (one per row in ``asked``) as each row's :class:`TokenLogprob`."""
+    out: list[TokenLogprob | None] = [None] * len(tops)
+    k = (len(table[0]) - 2) // 2 if table else 0
     for j, row in zip(asked, table):
         n = cast(int, tops[j])
         top = tuple((int(t), v) for t, v in zip(row[2:2 + n], row[2 + k:2 + k + n]))

@@ -63,6 +63,47 @@ def test_logprobs_match_across_batchings_and_pickle(tiny_chat_tokenizer):
         assert pickle.loads(pickle.dumps(a)).logprobs == a.logprobs
 
 
+def test_static_logprobs_hold_one_steps_logits_not_every_steps(tiny_chat_tokenizer, monkeypatch):
+    """Static batching reads each step's logits as the model's forward gives them
+    (milp.sampling.LogprobSteps): generate is not asked to keep every step's logits
+    (output_logits: steps x rows x vocabulary floats), the hook is gone afterwards, and the
+    logprobs are those of generate's own output_logits, step for step."""
+    from milp.sampling import LogprobSteps, token_logprobs
+
+    tok = tiny_chat_tokenizer
+    model, rt, recs = _three_users(max_users=4)
+    asked: list[dict] = []
+    real = type(model).generate
+
+    def spy(self, *a, **kw):
+        asked.append(dict(kw))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    got = generate_responses(model, tok, recs, runtime=rt, max_new_tokens=[10, 4, 7], batch_size=3, progress=False,
+                             logprobs=[2, None, 1], batching="static")
+    assert len(asked) == 1 and not asked[0].get("output_logits") and not asked[0].get("return_dict_in_generate")
+    assert not model._forward_hooks  # removed
+    kw = {k: v for k, v in asked[0].items() if k not in ("stopping_criteria", "streamer", "cache", "past_key_values")}
+    with rt.using([r.user_id for r in recs]):  # generate's own logits, all steps kept
+        ref = real(model, **kw, output_logits=True, return_dict_in_generate=True)
+    offset = kw["input_ids"].shape[1]
+    for i, tops in ((0, 2), (2, 1)):
+        assert got[i].logprobs is not None
+        tokens = [e.token for e in got[i].logprobs]
+        j = [ref.sequences[j, offset:offset + len(tokens)].tolist() for j in range(3)].index(tokens)  # its batch row
+        want = [token_logprobs(step, ref.sequences[:, offset + t], [None] * j + [tops])[j]
+                for t, step in enumerate(ref.logits)][:got[i].new_tokens]
+        assert list(got[i].logprobs) == want
+    # the recorder after a generate that ran one forward more than it kept tokens for (a deferred stop)
+    rec = LogprobSteps([1])
+    logits = torch.randn(1, 1, 5)
+    out = type("Out", (), {"logits": logits})()
+    for token in (None, 3, 4):
+        rec.hook(None, (), {"input_ids": None if token is None else torch.tensor([[token]])}, out)
+    assert [s[0].token for s in rec.finish(torch.tensor([[9, 3]]), 1)] == [3]
+
+
 def test_continuous_batch_rows_ask_for_logprobs_alone():
     model = milp.tiny_model("llama")
     batch = ContinuousBatch(model, eos_token_id=[], max_rows=2)
