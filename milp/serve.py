@@ -56,6 +56,10 @@ Endpoints:
 * ``GET /health`` → ``{"status": "ok", "batching": "continuous" | "static", "requests": …,
   "batches": …, "largest_batch": …, "cancelled": …, "steps": …}`` (:meth:`AnswerServer.stats`;
   ``503`` with ``"status": "closing"`` once the server is closing).
+* ``GET /metrics``: Prometheus' text format (open, as ``/health`` is): requests by how they
+  ended, prompt and generated tokens, queue time, latency, time to first token and between
+  tokens (continuous batching), decode steps, requests running and waiting (the ``_Metrics``
+  class lists them; ``501`` where ``prometheus_client`` is not installed).
 """
 from __future__ import annotations
 
@@ -117,6 +121,11 @@ class _Request:
     text: AnswerText | None = None  # continuous batching: its answer's text as its tokens come, where read
     logprobs: int | None = None  # its tokens' logprobs with this many alternatives (None: none)
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # continuous batching: so far
+    metrics: _Metrics | None = None  # the server's, told how the request ended
+    created: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # when its generation first started
+    last_token: float | None = None  # continuous batching: when its last token came
+    ended: bool = False  # its end was told to metrics
 
     def progress(self, text: str) -> None:
         """The answer so far (of this attempt: a batch that failed is answered again one request
@@ -144,6 +153,88 @@ class _Request:
                 self.done.set_exception(error)
             else:
                 self.done.set_result(answer)
+        reason = getattr(answer, "finish_reason", "stop") if error is None else (
+            "refused" if isinstance(error, _Closing) else "cancelled" if isinstance(error, _ClientLeft) else "error")
+        self.end("cancelled" if self.done.cancelled() else reason, answer)
+
+    def end(self, reason: str, answer: Any = None) -> None:
+        """Tell the server's metrics, once, how the request ended (an answer's counts with it)."""
+        if self.metrics is not None and not self.ended:
+            self.ended = True
+            self.metrics.ended(self, reason, answer)
+
+    def start(self) -> None:
+        """Its generation starts: its time in the queue to the server's metrics (the first time)."""
+        if self.started is None:
+            self.started = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.queue.observe(self.started - self.created)
+
+    def token(self) -> None:
+        """Continuous batching: a token of its answer came (its time to first token, or the
+        time since its last one, to the server's metrics)."""
+        now = time.perf_counter()
+        if self.metrics is not None:
+            (self.metrics.ttft if self.last_token is None else self.metrics.itl).observe(
+                now - (self.created if self.last_token is None else self.last_token))
+        self.last_token = now
+
+
+class _Metrics:
+    """The server's Prometheus metrics (``GET /metrics``, in a registry of its own):
+    ``milp_requests_finished_total{finish_reason}`` (``stop``, ``length``, ``cancelled``,
+    ``error``, ``refused``), ``milp_prompt_tokens_total`` and ``milp_generation_tokens_total`` (of
+    the answers given), ``milp_request_queue_time_seconds`` (arrival to generation start),
+    ``milp_request_latency_seconds`` (arrival to answer), ``milp_time_to_first_token_seconds`` and
+    ``milp_inter_token_latency_seconds`` (continuous batching: each token as it comes),
+    ``milp_decode_steps_total``, and the gauges ``milp_requests_running`` and
+    ``milp_requests_waiting``. ``None`` from :meth:`create` without ``prometheus_client``."""
+
+    LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+    TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+    def __init__(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.finished = Counter("milp_requests_finished", "Requests that ended, by how", ["finish_reason"],
+                                registry=r)
+        self.prompt_tokens = Counter("milp_prompt_tokens", "Prompt tokens of the requests answered", registry=r)
+        self.generation_tokens = Counter("milp_generation_tokens", "Tokens generated for the requests answered",
+                                         registry=r)
+        self.queue = Histogram("milp_request_queue_time_seconds", "From a request's arrival to its generation's start",
+                               buckets=self.LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("milp_request_latency_seconds", "From a request's arrival to its answer",
+                                 buckets=self.LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("milp_time_to_first_token_seconds",
+                              "From a request's arrival to its first token (continuous batching)",
+                              buckets=self.LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("milp_inter_token_latency_seconds",
+                             "Between two tokens of one answer (continuous batching)", buckets=self.TOKEN_BUCKETS,
+                             registry=r)
+        self.steps = Counter("milp_decode_steps", "Decode steps run (continuous batching)", registry=r)
+        Gauge("milp_requests_running", "Requests being generated", registry=r).set_function(running)
+        Gauge("milp_requests_waiting", "Requests queued, not yet generated", registry=r).set_function(waiting)
+
+    @classmethod
+    def create(cls, running: Callable[[], float], waiting: Callable[[], float]) -> _Metrics | None:
+        try:
+            return cls(running, waiting)
+        except ModuleNotFoundError:  # an install without the dependency (pip --no-deps): no /metrics
+            return None
+
+    def ended(self, request: _Request, reason: str, answer: Any) -> None:
+        self.finished.labels(finish_reason=reason).inc()
+        if answer is not None and reason != "cancelled":
+            self.prompt_tokens.inc(getattr(answer, "prompt_tokens", 0))
+            self.generation_tokens.inc(getattr(answer, "new_tokens", 0))
+            self.latency.observe(time.perf_counter() - request.created)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format's body and content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 class AnswerServer:
@@ -233,6 +324,9 @@ class AnswerServer:
         self._submit_lock = threading.Lock()
         self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "steps": 0}
         self._stats_lock = threading.Lock()
+        self._running = self._waiting = 0  # requests being generated, taken but waiting to join (continuous)
+        #: the Prometheus metrics of GET /metrics (None without prometheus_client)
+        self.metrics = _Metrics.create(lambda: self._running, lambda: self._queue.qsize() + self._waiting)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -378,7 +472,7 @@ class AnswerServer:
         if sampling is not None:  # one seed for every attempt (a failed static batch answers again one by one)
             sampling = sampling.resolved()
         r = _Request(user, query, max_new_tokens or self.max_new_tokens, on_delta=on_delta, sampling=sampling,
-                     stop=stops, logprobs=logprobs)
+                     stop=stops, logprobs=logprobs, metrics=self.metrics)
         with self._submit_lock:
             if self._stop.is_set():
                 raise _Closing()
@@ -418,6 +512,9 @@ class AnswerServer:
             if not reqs:
                 continue
             generated = True
+            self._running = len(reqs)
+            for r in reqs:
+                r.start()
 
             def progress(i: int, text: str, reqs: list[_Request] = reqs) -> None:
                 reqs[i].progress(text)
@@ -441,6 +538,10 @@ class AnswerServer:
             for r, a in zip(reqs, answers):
                 r.progress(a)  # whatever of the answer the stream has not handed on yet
                 r.finish(a)
+        self._running = 0
+        for r in batch:
+            if r.done.cancelled():
+                r.end("cancelled")
         cancelled = sum(r.done.cancelled() for r in batch)
         with self._stats_lock:
             self._stats["requests"] += len(batch)
@@ -508,12 +609,14 @@ class AnswerServer:
                 batch.leave(key)
                 del live[key]
                 cancelled += 1
+                r.end("cancelled")
         while waiting and batch.can_join(waiting[0].user):  # in arrival order: none overtakes a waiting one
             r = waiting.popleft()
             taken += 1
             if r.done.cancelled():  # withdrawn while queued: never generated
                 busy.append(r)
                 cancelled += 1
+                r.end("cancelled")
                 continue
             try:
                 prompt = _instruction_examples([r.record()], self.tokenizer, None, self._max_prompt,
@@ -528,6 +631,8 @@ class AnswerServer:
             live[id(r)] = r
             busy.append(r)
             joined += 1
+            r.start()
+        self._running, self._waiting = len(live), len(waiting)
         with self._stats_lock:
             self._stats["requests"] += taken
             self._stats["cancelled"] += cancelled
@@ -537,12 +642,15 @@ class AnswerServer:
         if not live:
             return
         updates = batch.step()
+        if self.metrics is not None:
+            self.metrics.steps.inc()
         for u in updates:
             r = live[cast(int, u.key)]
             if u.error is not None:
                 r.finish(error=u.error)
                 del live[cast(int, u.key)]
                 continue
+            r.token()
             if u.logprob is not None:
                 r.token_logprobs.append(u.logprob)
             # a stop string: the row leaves with it
@@ -557,6 +665,7 @@ class AnswerServer:
             r.progress(answer)
             r.finish(answer)
             del live[cast(int, u.key)]
+        self._running = len(live)
 
     def _log_batch(self, reqs: list[_Request], t0: float) -> None:
         """Where ``log``: one line for the requests of a batch (continuous batching: of a busy
@@ -624,6 +733,19 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
                                    param="model")
             self._send(HTTPStatus.OK, oa.model(user))
 
+        def _metrics(self) -> None:
+            """``GET /metrics``: the server's Prometheus metrics, in the text format."""
+            if server.metrics is None:
+                return self._error(HTTPStatus.NOT_IMPLEMENTED, "GET /metrics needs the prometheus_client package "
+                                                               "(pip install prometheus_client)")
+            body, ctype = server.metrics.exposition()
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(ConnectionError):
+                self.wfile.write(body)
+
         def _unauthorized(self) -> None:
             self._error(HTTPStatus.UNAUTHORIZED, "an 'Authorization: Bearer <key>' header with the server's API key is "
                                                  "required", {"WWW-Authenticate": 'Bearer realm="milp.serve"'})
@@ -635,9 +757,12 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             self._openai = path == oa.MODELS_PATH or path.startswith(oa.MODELS_PATH + "/")
             if self._openai:
                 return self._models(path[len(oa.MODELS_PATH) + 1:])
+            if path == "/metrics":  # open, as /health: for a Prometheus scraper
+                return self._metrics()
             if path != "/health":
                 return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: GET {self.path} (GET /health, "
-                                                         f"GET {oa.MODELS_PATH}, POST /v1/answer, POST {oa.CHAT_PATH})")
+                                                         f"GET /metrics, GET {oa.MODELS_PATH}, POST /v1/answer, "
+                                                         f"POST {oa.CHAT_PATH})")
             if server.closing:  # a load balancer stops sending what would be refused
                 return self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "closing", "batching": server.batching,
                                                                    **server.stats()})
@@ -1101,7 +1226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # the port is taken, the address is not this machine's
         raise SystemExit(f"{PROG}: cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.address
-    print(f"{PROG}: serving {args.run} on {_url(host, port)} (POST /v1/answer, GET /health); Ctrl-C stops",
+    print(f"{PROG}: serving {args.run} on {_url(host, port)} (POST /v1/answer, GET /health, GET /metrics); "
+          "Ctrl-C stops",
           flush=True)
     try:
         server.serve_forever()

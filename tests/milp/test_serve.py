@@ -543,3 +543,43 @@ def test_a_request_past_its_time_gets_504_and_is_cancelled(answer_run, monkeypat
         else:
             assert _post(server, {"user_id": user, "query": "q"}) == (504, {"error": "no answer within 0 s"})
     assert stopped == {user: True}
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_metrics_count_what_the_server_did(answer_run, batching):
+    """GET /metrics (Prometheus' text format, open as /health is): requests by how they ended,
+    their prompt and generated tokens, latencies (time to first token and between tokens with
+    continuous batching), decode steps, and nothing running or waiting once all are answered."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    users = _users(answer_run)[:2]
+    with AnswerServer(answer_run, port=0, max_new_tokens=5, batching=batching, api_key="k") as server:
+        answers = [f.result(timeout=60) for f in [server.submit(u, q) for u, q in zip(users, QUERIES)]]
+        host, port = server.address
+        with urllib.request.urlopen(f"{_url(host, port)}/metrics", timeout=30) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+            text = r.read().decode()
+        steps = server.stats()["steps"]
+        server.metrics = None  # an install without prometheus_client
+        status, body = _get(server, "/metrics")
+        assert status == 501 and "prometheus_client" in body["error"]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def value(name: str, **labels) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    reasons = [a.finish_reason for a in answers]
+    for reason in ("stop", "length"):
+        assert value("milp_requests_finished_total", finish_reason=reason) == reasons.count(reason)
+    assert value("milp_prompt_tokens_total") == sum(a.prompt_tokens for a in answers) > 0
+    assert value("milp_generation_tokens_total") == sum(a.new_tokens for a in answers) > 0
+    assert value("milp_request_latency_seconds_count") == value("milp_request_queue_time_seconds_count") == 2
+    tokens = sum(a.new_tokens for a in answers)
+    if batching == "continuous":  # every token timed as it came; one step per forward
+        assert value("milp_time_to_first_token_seconds_count") == 2
+        assert value("milp_inter_token_latency_seconds_count") == tokens - 2
+        assert value("milp_decode_steps_total") == steps > 0
+    else:
+        assert value("milp_time_to_first_token_seconds_count") == value("milp_decode_steps_total") == 0
+    assert value("milp_requests_running") == value("milp_requests_waiting") == 0
