@@ -122,11 +122,7 @@ class GrowingLayer(DynamicLayer):
         s, e = min(self._start + start, self._end), self._end
         kept_k = self._k[:self._n, :, s:e].index_select(0, rows.to(self._k.device))
         kept_v = self._v[:self._n, :, s:e].index_select(0, rows.to(self._v.device))
-        k, v = _buffers(kept_k, kept_v, self._owner.room(e - s + 1), self._owner.row_room(len(rows)))
-        k[:len(rows), :, :e - s].copy_(kept_k)
-        v[:len(rows), :, :e - s].copy_(kept_v)
-        self.place(k, v, e - s, len(rows))
-        self._owner.reallocations += 1
+        self._rebuffer(kept_k, kept_v, e - s + 1, self._owner.row_room(len(rows)))
 
     def compact(self, moves: Sequence[tuple[int, int]], rows: int, start: int = 0) -> None:
         """Keep the rows ``[0, rows)``, after copying row ``src`` over row ``dst`` for each
@@ -201,21 +197,22 @@ class GrowingLayer(DynamicLayer):
             self._end = self._start + keys.shape[-2]  # cut short in place (crop): still the buffer's start
             self._views()
             return
-        length, rows = keys.shape[-2], keys.shape[0]
-        k, v = _buffers(keys, values, self._owner.room(length + more), self._owner.row_room(rows))
+        self._rebuffer(keys, values, keys.shape[-2] + more, self._owner.row_room(keys.shape[0]))
+
+    def _move(self, need: int) -> None:
+        """Reallocate the buffers with room for ``need`` columns (as many rows), the filled part copied over."""
+        assert self._k is not None and self._v is not None
+        s, e = self._start, self._end
+        self._rebuffer(self._k[:self._n, :, s:e], self._v[:self._n, :, s:e], need, self._k.shape[0])
+
+    def _rebuffer(self, keys: torch.Tensor, values: torch.Tensor, need: int, row_capacity: int) -> None:
+        """Copy ``keys``/``values`` (``[rows, heads, length, dim]``) into new buffers of
+        ``row_capacity`` rows with room for ``need`` columns, and make them this layer's."""
+        rows, length = keys.shape[0], keys.shape[-2]
+        k, v = _buffers(keys, values, self._owner.room(need), row_capacity)
         k[:rows, :, :length].copy_(keys)
         v[:rows, :, :length].copy_(values)
         self.place(k, v, length, rows)
-        self._owner.reallocations += 1
-
-    def _move(self, need: int) -> None:
-        """Reallocate the buffers with room for ``need`` columns, the filled part copied over."""
-        assert self._k is not None and self._v is not None
-        n, length = self._n, self._end - self._start
-        k, v = _buffers(self._k, self._v, self._owner.room(need))
-        k[:n, :, :length].copy_(self._k[:n, :, self._start:self._end])
-        v[:n, :, :length].copy_(self._v[:n, :, self._start:self._end])
-        self.place(k, v, length, n)
         self._owner.reallocations += 1
 
 
