@@ -239,6 +239,12 @@ class ContinuousBatch:
         return [r.key for r in self._rows + self._waiting]
 
     @property
+    def cache_bytes(self) -> int:
+        """Bytes the key/value cache holds: the running rows' buffers (room included) and those of
+        the prompts being prefilled."""
+        return sum(c.nbytes for c in [self._cache, *(p.cache for p in self._prefills)] if c is not None)
+
+    @property
     def _waiting(self) -> list[_Row]:
         """The rows joined that have no token yet (being prefilled, or to be)."""
         return [r for p in self._prefills for r in p.rows] + self._joining

@@ -248,6 +248,12 @@ class GrowingCache(DynamicCache):
         room = max(need + MIN_ROOM, int(need * GROWTH))
         return max(need, min(room, self.reach)) if self.reach is not None else room
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the layers' buffers hold (room included)."""
+        return sum(b.numel() * b.element_size() for x in self.layers if isinstance(x, GrowingLayer)
+                   for b in (x._k, x._v) if b is not None)
+
     def row_room(self, need: int) -> int:
         """Rows to allocate for a buffer that must hold ``need``: at least ``rows``."""
         return max(need, self.rows or 0)

@@ -58,7 +58,8 @@ Endpoints:
   ``503`` with ``"status": "closing"`` once the server is closing).
 * ``GET /metrics``: Prometheus' text format (open, as ``/health`` is): requests by how they
   ended, prompt and generated tokens, queue time, latency, time to first token and between
-  tokens (continuous batching), decode steps, requests running and waiting (the ``_Metrics``
+  tokens (continuous batching), decode steps, requests running and waiting, the key/value
+  cache's bytes (the ``_Metrics``
   class lists them; ``501`` where ``prometheus_client`` is not installed).
 """
 from __future__ import annotations
@@ -187,13 +188,15 @@ class _Metrics:
     the answers given), ``milp_request_queue_time_seconds`` (arrival to generation start),
     ``milp_request_latency_seconds`` (arrival to answer), ``milp_time_to_first_token_seconds`` and
     ``milp_inter_token_latency_seconds`` (continuous batching: each token as it comes),
-    ``milp_decode_steps_total``, and the gauges ``milp_requests_running`` and
-    ``milp_requests_waiting``. ``None`` from :meth:`create` without ``prometheus_client``."""
+    ``milp_decode_steps_total``, and the gauges ``milp_requests_running``,
+    ``milp_requests_waiting`` and ``milp_kv_cache_bytes`` (continuous batching). ``None`` from
+    :meth:`create` without ``prometheus_client``."""
 
     LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
     TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
-    def __init__(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+    def __init__(self, running: Callable[[], float], waiting: Callable[[], float],
+                 cache_bytes: Callable[[], float]) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
@@ -215,11 +218,14 @@ class _Metrics:
         self.steps = Counter("milp_decode_steps", "Decode steps run (continuous batching)", registry=r)
         Gauge("milp_requests_running", "Requests being generated", registry=r).set_function(running)
         Gauge("milp_requests_waiting", "Requests queued, not yet generated", registry=r).set_function(waiting)
+        Gauge("milp_kv_cache_bytes", "Bytes of the running rows' key/value cache (continuous batching)",
+              registry=r).set_function(cache_bytes)
 
     @classmethod
-    def create(cls, running: Callable[[], float], waiting: Callable[[], float]) -> _Metrics | None:
+    def create(cls, running: Callable[[], float], waiting: Callable[[], float],
+               cache_bytes: Callable[[], float]) -> _Metrics | None:
         try:
-            return cls(running, waiting)
+            return cls(running, waiting, cache_bytes)
         except ModuleNotFoundError:  # an install without the dependency (pip --no-deps): no /metrics
             return None
 
@@ -324,9 +330,11 @@ class AnswerServer:
         self._submit_lock = threading.Lock()
         self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "steps": 0}
         self._stats_lock = threading.Lock()
-        self._running = self._waiting = 0  # requests being generated, taken but waiting to join (continuous)
+        # requests being generated, taken but waiting to join, the key/value cache's bytes (continuous)
+        self._running = self._waiting = self._cache_bytes = 0
         #: the Prometheus metrics of GET /metrics (None without prometheus_client)
-        self.metrics = _Metrics.create(lambda: self._running, lambda: self._queue.qsize() + self._waiting)
+        self.metrics = _Metrics.create(lambda: self._running, lambda: self._queue.qsize() + self._waiting,
+                                       lambda: self._cache_bytes)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -586,6 +594,7 @@ class AnswerServer:
                         r.finish(error=e)
                     live.clear()
                     batch.close()
+                    self._running = self._cache_bytes = 0
                 if not live and busy:
                     self._log_batch(busy, t0)
                     busy.clear()
@@ -665,7 +674,7 @@ class AnswerServer:
             r.progress(answer)
             r.finish(answer)
             del live[cast(int, u.key)]
-        self._running = len(live)
+        self._running, self._cache_bytes = len(live), batch.cache_bytes
 
     def _log_batch(self, reqs: list[_Request], t0: float) -> None:
         """Where ``log``: one line for the requests of a batch (continuous batching: of a busy

@@ -246,6 +246,32 @@ def test_rows_join_and_leave_a_running_batch_in_its_buffers(monkeypatch):
         assert got[key] == out[0, len(prompt):].tolist(), key
 
 
+def test_the_cache_says_how_many_bytes_it_holds():
+    """GrowingCache.nbytes: its buffers' bytes, room included; ContinuousBatch.cache_bytes: the
+    running rows' cache and the prompts being prefilled (milp.serve's milp_kv_cache_bytes)."""
+    cache = GrowingCache()
+    assert cache.nbytes == 0
+    x = torch.zeros(2, 3, 10, 4, dtype=torch.float16)
+    cache.update(x, x, 0)
+    cache.update(x, x, 1)
+    layer = cache.layers[0]
+    assert cache.nbytes == 2 * 2 * (2 * 3 * layer.capacity * 4 * 2) and layer.capacity >= 10
+    model = tiny_model("llama").eval()
+    batch = ContinuousBatch(model, eos_token_id=[], max_rows=3, prefill_chunk=2)
+    assert batch.cache_bytes == 0
+    batch.join("a", list(range(3, 13)), 4)
+    batch.step()  # a first chunk: the prefill's buffers only
+    pending = batch.cache_bytes
+    assert pending > 0 and batch._cache is None
+    running = 0
+    while len(batch):
+        batch.step()
+        if batch._cache is not None:  # its prompt done: the running row's buffers
+            assert batch.cache_bytes == batch._cache.nbytes > 0
+            running += 1
+    assert running == 3 and batch.cache_bytes == 0  # 4 tokens: the last step ends it
+
+
 def test_continuous_batching_reallocates_rarely_and_within_reach():
     model = tiny_model("llama").eval()
     batch = ContinuousBatch(model, eos_token_id=[], max_rows=4)

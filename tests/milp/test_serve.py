@@ -582,4 +582,4 @@ def test_metrics_count_what_the_server_did(answer_run, batching):
         assert value("milp_decode_steps_total") == steps > 0
     else:
         assert value("milp_time_to_first_token_seconds_count") == value("milp_decode_steps_total") == 0
-    assert value("milp_requests_running") == value("milp_requests_waiting") == 0
+    assert value("milp_requests_running") == value("milp_requests_waiting") == value("milp_kv_cache_bytes") == 0
