@@ -59,8 +59,8 @@ Endpoints:
 * ``GET /metrics``: Prometheus' text format (open, as ``/health`` is): requests by how they
   ended, prompt and generated tokens, queue time, latency, time to first token and between
   tokens (continuous batching), decode steps, requests running and waiting, the key/value
-  cache's bytes (the ``_Metrics``
-  class lists them; ``501`` where ``prometheus_client`` is not installed).
+  cache's bytes (the ``_Metrics`` class lists them; ``501`` where ``prometheus_client`` is not
+  installed).
 """
 from __future__ import annotations
 
