@@ -219,6 +219,7 @@ class LogprobSteps:
         self.k = max((cast(int, self.tops[i]) for i in self.asked), default=0)
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._tables: list[torch.Tensor] = []
+        self._index: torch.Tensor | None = None  # the rows asking, on the logits' device (made once)
 
     def hook(self, module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         """The forward hook: close the last step with the token fed now, open this one."""
@@ -227,7 +228,7 @@ class LogprobSteps:
             self._close(ids[:, -1])
         logits = output.logits if hasattr(output, "logits") else output[0]
         last = logits[:, -1]
-        self._pending = _log_softmax_top(last, torch.tensor(self.asked, device=last.device), self.k)
+        self._pending = _log_softmax_top(last, self._rows(last.device), self.k)
 
     def finish(self, sequences: torch.Tensor, offset: int) -> list[list[TokenLogprob | None]]:
         """Per step (of ``sequences[:, offset:]``, the tokens ``generate`` made), each row's
@@ -242,9 +243,13 @@ class LogprobSteps:
     def _close(self, tokens: torch.Tensor) -> None:
         assert self._pending is not None
         lp, values, ids = self._pending
-        self._tables.append(_table(lp, values, ids, tokens.index_select(0, torch.tensor(self.asked,
-                                                                                        device=tokens.device))))
+        self._tables.append(_table(lp, values, ids, tokens.index_select(0, self._rows(tokens.device))))
         self._pending = None
+
+    def _rows(self, device: torch.device) -> torch.Tensor:
+        if self._index is None or self._index.device != device:
+            self._index = torch.tensor(self.asked, device=device)
+        return self._index
 
 
 def _log_softmax_top(logits: torch.Tensor, index: torch.Tensor,
