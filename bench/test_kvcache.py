@@ -29,7 +29,7 @@ import torch
 from test_runtime import CFG, build_model, linear_params
 from transformers import DynamicCache
 
-from milp.kvcache import GrowingCache
+from milp.kvcache import GrowingCache, cache_argument
 
 pytestmark = U.PYTESTMARK
 
@@ -43,14 +43,12 @@ class Decode:
     there and cuts the cache back to L."""
 
     def __init__(self, model, impl: str, context: int) -> None:
-        import inspect
-
         self.model, self.context, self.steps = model, context, W["steps"]
         rows, vocab = W["rows"], model.config.vocab_size
         g = torch.Generator().manual_seed(7)
         ids = torch.randint(3, vocab, (rows, context), generator=g).to(U.DEVICE)
         self.cache = CACHES[impl]()
-        self.arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.arg = cache_argument(model)
         self.mask = torch.ones(rows, context + self.steps, dtype=torch.long, device=U.DEVICE)
         with torch.no_grad():
             logits = self._forward(ids, torch.arange(context, device=U.DEVICE).expand(rows, -1), context)

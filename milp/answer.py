@@ -41,6 +41,8 @@ _PLACEHOLDER = "-"  # Record needs a history and a response; the MiLP prompt is 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sampling import MAX_TOP_LOGPROBS
+
     p = argparse.ArgumentParser(prog="python -m milp.answer",
                                 description="Ask the personalized model of a finished milp.train run.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end an answer at this text, which is not part of it (repeatable)")
     p.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="with --output: each answer's tokens (ids of the run's tokenizer) with their "
-                        "log-probabilities and K alternatives (0 to 20)")
+                        f"log-probabilities and K alternatives (0 to {MAX_TOP_LOGPROBS})")
     g = p.add_argument_group("sampling (default: greedy, as the run's evaluation)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sample the answers at this temperature (> 0; default 0: greedy)")

@@ -66,7 +66,7 @@ from torch import nn
 
 from kernels import nvtx_range
 
-from .kvcache import GrowingCache, GrowingLayer, stack_rows
+from .kvcache import GrowingCache, GrowingLayer, cache_argument, stack_rows
 from .sampling import Sampling, TokenLogprob, check_logprobs, pick_tokens, row_sampler, token_logprobs
 
 __all__ = ["ContinuousBatch", "Update", "continuous_unsupported"]
@@ -215,10 +215,8 @@ class ContinuousBatch:
             pad_token_id = min(self.eos) if self.eos else 0
         self.pad = _token_ids(pad_token_id, "pad_token_id")[0]
         self.model, self.runtime, self.max_rows, self.prefill_chunk = model, runtime, max_rows, prefill_chunk
-        params = inspect.signature(model.forward).parameters
-        # transformers 5 names the cache argument `cache` (past_key_values is deprecated there)
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._logits_to_keep = "logits_to_keep" in params
+        self._cache_arg = cache_argument(model) or "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._rows: list[_Row] = []  # running, in the cache's row order
         self._joining: list[_Row] = []  # joined since the last step
         self._prefills: list[_Prefill] = []  # joined, their prompts being prefilled (the first one's, chunked)
@@ -461,7 +459,6 @@ class ContinuousBatch:
                 room, rows = running.room(self._mask.shape[1] + 1), running.row_room(self.max_rows)
                 for old, new in zip(olds, layers):
                     old.place(*stack_rows([old.filled, new.filled], width, room, rows), width, len(self._rows))
-                running.reallocations += len(olds)
         self._close_block()  # the set of rows changed
         return True
 

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-__all__ = ["MIN_ROOM", "GROWTH", "GrowingCache", "GrowingLayer", "stack_rows"]
+__all__ = ["MIN_ROOM", "GROWTH", "GrowingCache", "GrowingLayer", "cache_argument", "stack_rows"]
 
 #: a reallocated buffer holds at least this many columns more than it must
 MIN_ROOM = 16
@@ -172,6 +172,7 @@ class GrowingLayer(DynamicLayer):
         self._k, self._v, self._start, self._end = keys, values, 0, length
         self._n = keys.shape[0] if rows is None else rows
         self._views()
+        self._owner.reallocations += 1
 
     # ------------------------------------------------------------------ internals
     def _owns(self) -> bool:
@@ -213,7 +214,6 @@ class GrowingLayer(DynamicLayer):
         k[:rows, :, :length].copy_(keys)
         v[:rows, :, :length].copy_(values)
         self.place(k, v, length, rows)
-        self._owner.reallocations += 1
 
 
 class GrowingCache(DynamicCache):
@@ -228,7 +228,8 @@ class GrowingCache(DynamicCache):
             may join later without a new buffer (:meth:`GrowingLayer.append`; a continuous
             batch's ``max_rows``).
 
-    ``reallocations`` counts the buffers (re)allocated by every layer, the first ones included.
+    ``reallocations`` counts the buffers every layer was given (:meth:`GrowingLayer.place`), the
+    first ones included.
     """
 
     def __init__(self, reach: int | None = None, rows: int | None = None) -> None:
@@ -257,6 +258,19 @@ class GrowingCache(DynamicCache):
     def row_room(self, need: int) -> int:
         """Rows to allocate for a buffer that must hold ``need``: at least ``rows``."""
         return max(need, self.rows or 0)
+
+
+def cache_argument(model: Any) -> str | None:
+    """The name ``model``'s forward (and ``generate``) takes a cache by: ``cache`` in
+    transformers 5 (``past_key_values`` is deprecated there), ``past_key_values`` before;
+    ``None`` where it takes neither (or its signature cannot be read)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
 
 
 def stack_rows(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int, room: int,

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import math
 import numbers
 import random
@@ -800,9 +799,8 @@ def generate_responses(
     ``logprobs``: where given (for every record, or one per record, ``None`` for none), each
     answer's :attr:`Answer.logprobs` holds every generated token's log-probability under the
     model with this many of the most likely alternatives (0 to 20): a
-    :class:`milp.sampling.TokenLogprob` per token. The same with either batching; static batching
-    reads them from ``generate``'s logits of every step, kept until the batch ends (steps × rows
-    × vocabulary floats), continuous batching computes them step by step.
+    :class:`milp.sampling.TokenLogprob` per token. The same with either batching, computed step
+    by step (static batching: from each forward's logits, :class:`milp.sampling.LogprobSteps`).
 
     ``batching``: ``"static"`` (the default) answers each batch of ``batch_size`` records with one
     ``generate`` call, run to its longest answer; ``"continuous"`` runs them through a
@@ -1051,18 +1049,12 @@ def _growing_cache(model: nn.Module, reach: int) -> dict[str, Any]:
     :class:`milp.kvcache.GrowingCache` (written in place, not copied each step) where it is the
     cache ``generate`` would use (full attention, no cache implementation asked for), else none."""
     from .decode import growing_cache_unsupported
-    from .kvcache import GrowingCache
+    from .kvcache import GrowingCache, cache_argument
 
     gc = getattr(model, "generation_config", None)
     if getattr(gc, "cache_implementation", None) is not None or growing_cache_unsupported(model, reach) is not None:
         return {}
-    forward = getattr(model, "forward", None)
-    try:
-        params = inspect.signature(forward).parameters if forward is not None else {}
-    except (TypeError, ValueError):
-        return {}
-    # transformers 5 names the cache argument `cache` (past_key_values is deprecated there)
-    name = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
+    name = cache_argument(model)
     return {name: GrowingCache(reach=reach)} if name is not None else {}
 
 

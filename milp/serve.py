@@ -674,7 +674,8 @@ class AnswerServer:
             r.progress(answer)
             r.finish(answer)
             del live[cast(int, u.key)]
-        self._running, self._cache_bytes = len(live), batch.cache_bytes
+        self._running = len(live)
+        self._cache_bytes = batch.cache_bytes if self.metrics is not None else 0  # read by /metrics only
 
     def _log_batch(self, reqs: list[_Request], t0: float) -> None:
         """Where ``log``: one line for the requests of a batch (continuous batching: of a busy
@@ -706,9 +707,13 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             pass  # one line per batch instead (AnswerServer(log=True))
 
         def _send(self, status: HTTPStatus, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-            body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            self._send_body(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"),
+                            "application/json; charset=utf-8", headers)
+
+        def _send_body(self, status: HTTPStatus, body: bytes, content_type: str,
+                       headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
@@ -747,13 +752,7 @@ def _handler(server: AnswerServer) -> type[BaseHTTPRequestHandler]:
             if server.metrics is None:
                 return self._error(HTTPStatus.NOT_IMPLEMENTED, "GET /metrics needs the prometheus_client package "
                                                                "(pip install prometheus_client)")
-            body, ctype = server.metrics.exposition()
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            with contextlib.suppress(ConnectionError):
-                self.wfile.write(body)
+            self._send_body(HTTPStatus.OK, *server.metrics.exposition())
 
         def _unauthorized(self) -> None:
             self._error(HTTPStatus.UNAUTHORIZED, "an 'Authorization: Bearer <key>' header with the server's API key is "

@@ -4,7 +4,6 @@ steps (reallocations grow geometrically), survives what generate does to a cache
 (reordering rows, crops), and never lets attention read a column nobody wrote."""
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
@@ -15,13 +14,12 @@ from hypothesis import strategies as st
 import milp.kvcache as kvcache
 from milp.decode import ContinuousBatch, growing_cache_unsupported
 from milp.inject import SUPPORTED_ARCHITECTURES, tiny_model
-from milp.kvcache import GROWTH, MIN_ROOM, GrowingCache, stack_rows
+from milp.kvcache import GROWTH, MIN_ROOM, GrowingCache, cache_argument, stack_rows
 from milp.pipeline import _growing_cache
 
 
 def _cache_kw(model, cache) -> dict:
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
+    return {cache_argument(model): cache}
 
 
 def _prompts(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
