@@ -336,6 +336,9 @@ def test_bad_settings_and_users_are_refused_by_name():
     m = tiny_model("llama")
     with pytest.raises(ValueError, match="max_rows must be an int >= 1"):
         ContinuousBatch(m, max_rows=0)
+    for bad in (0, -4, True, 2.0, "8"):
+        with pytest.raises(ValueError, match="prefill_chunk must be an int >= 1"):
+            ContinuousBatch(m, prefill_chunk=bad)
     with pytest.raises(TypeError, match="model must be a Hugging Face causal LM"):
         ContinuousBatch(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="eos_token_id must hold token ids"):
