@@ -34,6 +34,9 @@ request sampled alone with its seed by ``generate`` (through :mod:`milp.sampling
 """
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import _util as U
 import pytest
 import torch
@@ -93,13 +96,17 @@ def sampling(i: int) -> Sampling:
 LOGPROBS = 5  # the alternatives milp-logprobs asks for per token
 
 
-def run_continuous(rt, reqs, rows: int, sampled: bool = False, logprobs: int | None = None
+def run_continuous(rt, reqs, rows: int, sampled: bool = False, logprobs: int | None = None, static: bool = False,
+                   compile: Any = False, batch: ContinuousBatch | None = None
                    ) -> tuple[list[list[int]], int, list[int]]:
     """The same requests through a :class:`ContinuousBatch` of ``rows`` rows, each joining as a
     row ends (``sampled``: each with :func:`sampling`; ``logprobs``: each token's logprob with that
-    many alternatives, checked to name the token): each request's tokens, the steps made, and the
-    step after which each had its answer."""
-    batch = ContinuousBatch(rt.model, eos_token_id=[], pad_token_id=0, runtime=rt, max_rows=rows)
+    many alternatives, checked to name the token; ``static``: a static cache of :func:`max_length`
+    columns; ``compile``: its decode step compiled; ``batch``: this one, empty, instead of a new
+    one): each request's tokens, the steps made, and the step after which each had its answer."""
+    if batch is None:
+        batch = ContinuousBatch(rt.model, eos_token_id=[], pad_token_id=0, runtime=rt, max_rows=rows,
+                                max_length=max_length(reqs) if static or compile else None, compile=compile)
     answers: dict[int, list[int]] = {}
     done: dict[int, int] = {}
     queue, steps = list(range(len(reqs))), 0
@@ -127,6 +134,8 @@ def test_continuous_correctness():
     static, _, _ = run_static(rt, reqs, 4)
     cont, _, _ = run_continuous(rt, reqs, 4)
     sampled, _, _ = run_continuous(rt, reqs, 4, sampled=True)
+    assert run_continuous(rt, reqs, 4, static=True)[0] == cont  # a static cache, eager
+    assert run_continuous(rt, reqs, 4, compile=compile_args())[0] == cont  # ... and its step compiled
     assert run_continuous(rt, reqs, 4, logprobs=LOGPROBS)[0] == cont  # logprobs change no token
     for i, (p, n, u) in enumerate(reqs):
         kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -140,15 +149,31 @@ def test_continuous_correctness():
     assert sampled != cont  # it samples
 
 
-@pytest.mark.parametrize("impl", ["static", "milp", "milp-sampled", "milp-logprobs"])
+def max_length(reqs) -> int:
+    """The static cache's columns for ``reqs``: the longest prompt plus answer, rounded up to 64."""
+    return -(-max(len(p) + n for p, n, _ in reqs) // 64) * 64
+
+
+def compile_args() -> dict:
+    """``milp-compiled``'s ``torch.compile`` arguments: ``MILP_BENCH_COMPILE_BACKEND``, default
+    ``cudagraphs`` on CUDA (as ``ContinuousBatch(compile=True)``) and ``eager`` on CPU (only the
+    path: inductor's CPU code generation takes longer than the CPU run may)."""
+    return {"backend": os.environ.get("MILP_BENCH_COMPILE_BACKEND", "cudagraphs" if U.CUDA else "eager")}
+
+
+@pytest.mark.parametrize("impl", ["static", "milp", "milp-sampled", "milp-logprobs", "milp-static", "milp-compiled"])
 def test_continuous_throughput(benchmark, peaks, impl):
     model = build_model()
     rt = make_runtime(model, W["users"], decode=True)
     reqs = workload(W["requests"], W["users"], W["prompt"], W["answer"], model.config.vocab_size)
     rows = W["rows"]
+    # milp-static/-compiled: one batch for every repetition (its cache allocated and its step compiled once)
+    batch = None if impl in ("static", "milp", "milp-sampled", "milp-logprobs") else ContinuousBatch(
+        rt.model, eos_token_id=[], pad_token_id=0, runtime=rt, max_rows=rows, max_length=max_length(reqs),
+        compile=compile_args() if impl == "milp-compiled" else False)
     fn = (lambda: run_static(rt, reqs, rows)) if impl == "static" else (
         lambda: run_continuous(rt, reqs, rows, sampled=impl == "milp-sampled",
-                               logprobs=LOGPROBS if impl == "milp-logprobs" else None))
+                               logprobs=LOGPROBS if impl == "milp-logprobs" else None, batch=batch))
     _, steps, done = fn()
     done = sorted(done)
     tokens = sum(n for _, n, _ in reqs)

@@ -32,7 +32,7 @@ from .inject import (
     remove_milp,
     tiny_model,
 )
-from .kvcache import GrowingCache
+from .kvcache import GrowingCache, SlotCache
 from .losses import mean_token_loss, token_losses
 from .optim import AdamWConfig, LossScaling, PackedAdamW, lr_multiplier, warmup_steps
 from .pipeline import (
@@ -58,6 +58,7 @@ __all__ = [
     "CacheInfo",
     "ContinuousBatch",
     "GrowingCache",
+    "SlotCache",
     "InstructionAdapter",
     "LossScaling",
     "MemoryConfig",

@@ -37,6 +37,20 @@ a paged-attention engine. Measured (2-core CPU, a 4-layer hidden-512 LLaMA, 16 r
 requests of 600–1000-token prompts and 8–64-token answers): 11.5 s, against 16.8 s with
 ``DynamicCache`` and the whole cache copied at each join and leave, the same tokens.
 
+With ``max_length`` the cache is static instead (:class:`milp.kvcache.SlotCache`): ``max_rows``
+rows of ``max_length`` columns, allocated once; a row's prompt is written into a free row from
+column 0, and a row that leaves frees its row (nothing moves). Every decode step runs all
+``max_rows`` rows (a free one on a pad token, without adapters; its logits unused) over the first
+``width`` columns, the smallest of :func:`static_widths` that holds the longest running row, with
+an attention mask that hides each row's columns past its own. A step's shapes then depend on the
+width alone, so ``compile=True`` compiles it once per width (at most 8) and replays that graph
+whoever joins and leaves: on a GPU with CUDA graphs, where an eager step of a small model is bound
+by the host (one launch per op per layer, three more per adapted linear). The adapters read the
+runtime's static plan of the decode shape (:meth:`milp.inject.MilpState.prepare_static`),
+rewritten in place when the rows' users change. The prefills stay eager. On this CPU a compiled
+step gains nothing (inductor: 0.41 s against 0.37 s eager for ``bench/test_continuous.py``'s
+small queue, after a 29 s compile): it is for GPUs.
+
 Example:
     >>> from milp.inject import tiny_model
     >>> batch = ContinuousBatch(tiny_model("llama"), eos_token_id=[], max_rows=4)  # rows end at their length
@@ -57,7 +71,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
-from collections.abc import Hashable, Iterable, Sequence
+import types
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +81,10 @@ from torch import nn
 
 from kernels import nvtx_range
 
-from .kvcache import GrowingCache, GrowingLayer, cache_argument, stack_rows
+from .kvcache import GrowingCache, GrowingLayer, SlotCache, cache_argument, stack_rows
 from .sampling import Sampling, TokenLogprob, check_logprobs, pick_tokens, row_sampler, token_logprobs
 
-__all__ = ["ContinuousBatch", "Update", "continuous_unsupported"]
+__all__ = ["ContinuousBatch", "Update", "continuous_unsupported", "static_widths"]
 
 #: generation-config settings that change which token greedy decoding picks, and their neutral values
 _GREEDY_CHANGERS: dict[str, Any] = {
@@ -151,6 +166,7 @@ class _Row:
     tops: int | None = None  # the alternatives its tokens' logprobs list (None: no logprobs)
     tokens: list[int] = field(default_factory=list)
     logprob: TokenLogprob | None = None  # its last token's
+    slot: int = -1  # its row of the static cache (max_length)
 
 
 @dataclass
@@ -189,13 +205,26 @@ class ContinuousBatch:
             running rows' decode, so that a long prompt delays their next token by a chunk's
             time, not its whole prefill's; it gets its first token at the step of its last chunk.
             ``None`` (default): every joining prompt whole at the next step.
+        max_length: a static key/value cache (:class:`milp.kvcache.SlotCache`): ``max_rows``
+            rows of ``max_length`` columns, allocated at the first join, each row's tokens in its
+            own row from column 0 (a row's prompt plus ``max_new_tokens`` must fit). A decode step
+            then runs every row, used or not, over the first ``width`` columns, ``width`` the
+            smallest of a few sizes (:func:`static_widths`) that holds the longest row: its
+            shapes depend on the width alone, whoever joins and leaves. ``None`` (default): the
+            growing cache of the running rows (module doc), whose shapes change every step.
+        compile: compile the decode step (needs ``max_length``): one graph per width (at most
+            8), which every later step of that width replays, whatever rows run. ``True``:
+            ``torch.compile`` with the ``cudagraphs`` backend on CUDA (the graph captured and
+            replayed: no host work per layer), ``inductor`` elsewhere; a mapping: these
+            ``torch.compile`` arguments (``{"backend": "eager"}``, say). ``False`` (default): eager.
 
     Not thread-safe: one thread calls :meth:`join`, :meth:`leave` and :meth:`step`.
     """
 
     def __init__(self, model: nn.Module, *, eos_token_id: int | Iterable[int] | None = None,
                  pad_token_id: int | None = None, runtime: Any = None, max_rows: int = 8,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, max_length: int | None = None,
+                 compile: bool | Mapping[str, Any] = False) -> None:
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
             raise TypeError(f"model must be a Hugging Face causal LM (an nn.Module with a config), "
                             f"got {type(model).__name__}")
@@ -205,6 +234,15 @@ class ContinuousBatch:
                                           or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per step) or None, "
                              f"got {prefill_chunk!r}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 2):
+            raise ValueError(f"max_length must be an int >= 2 (a row's prompt plus new tokens) or None, "
+                             f"got {max_length!r}")
+        if not isinstance(compile, (bool, Mapping)):
+            raise TypeError(f"compile must be a bool or a mapping of torch.compile arguments, got {compile!r:.60}")
+        if compile is not False and max_length is None:
+            raise ValueError("compile needs max_length (a static cache: the compiled step's shapes must not "
+                             "change as rows join and leave)")
         if runtime is not None and getattr(runtime, "model", None) is not model:
             raise ValueError("runtime must be the MilpRuntime of model (runtime.model is model)")
         gc = getattr(model, "generation_config", None)
@@ -224,6 +262,12 @@ class ContinuousBatch:
         self._mask: torch.Tensor | None = None  # [rows, cache length]: 1 = a row's own token
         self._next: torch.Tensor | None = None  # [rows]: each row's last token, fed at the next step
         self._block: contextlib.ExitStack | None = None  # the running rows' runtime.using block
+        self.max_length, self._compile = max_length, compile
+        # with max_length: the static cache, its free rows, each row's last token, the decode step
+        self._slots = SlotCache(max_rows, max_length) if max_length is not None else None
+        self._free = list(range(max_rows))
+        self._ids: torch.Tensor | None = None
+        self._step_fn: Any = None
 
     # ------------------------------------------------------------------ rows
     def __len__(self) -> int:
@@ -240,7 +284,8 @@ class ContinuousBatch:
     def cache_bytes(self) -> int:
         """Bytes the key/value cache holds: the running rows' buffers (room included) and those of
         the prompts being prefilled."""
-        return sum(c.nbytes for c in [self._cache, *(p.cache for p in self._prefills)] if c is not None)
+        caches = [self._cache, self._slots, *(p.cache for p in self._prefills)]
+        return sum(c.nbytes for c in caches if c is not None)
 
     @property
     def _waiting(self) -> list[_Row]:
@@ -280,6 +325,9 @@ class ContinuousBatch:
         ids = _token_ids(prompt, "prompt")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if self.max_length is not None and len(ids) + max_new_tokens > self.max_length:
+            raise ValueError(f"the prompt's {len(ids)} tokens plus max_new_tokens={max_new_tokens} exceed the "
+                             f"batch's max_length={self.max_length}")
         if user is not None:
             if self.runtime is None:
                 raise ValueError(f"user {user!r} needs a runtime: this batch was made without one")
@@ -332,7 +380,7 @@ class ContinuousBatch:
         stepped: list[_Row] = []
         if self._rows:
             try:
-                tokens = self._decode()
+                tokens = self._decode() if self._slots is None else self._decode_static()
             except Exception as e:  # noqa: BLE001 (handed to every running row)
                 updates += [Update(r.key, r.tokens, True, e) for r in self._rows]
                 self._keep([])
@@ -409,8 +457,8 @@ class ContinuousBatch:
                                   device=_device_of(self.model))
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         # the batch's first rows: buffers with room for every row it may hold (later ones join them in place)
-        cache = GrowingCache(reach=ids.shape[1] + max(r.limit for r in group),
-                             rows=self.max_rows if self._cache is None and not self._prefills else None)
+        first = self._cache is None and self._slots is None and not self._prefills
+        cache = GrowingCache(reach=ids.shape[1] + max(r.limit for r in group), rows=self.max_rows if first else None)
         return _Prefill(list(group), [unique.index(k) for k in which], [group[j].user for j in unique], ids, mask,
                         positions, cache)
 
@@ -440,6 +488,9 @@ class ContinuousBatch:
         first = self._pick(logits, group)
         for r, t in zip(group, first.tolist()):
             r.tokens.append(int(t))
+        if self._slots is not None:
+            self._place(group, layers, first, ids.shape[1])
+            return True
         running = self._cache
         if running is None:
             self._cache, self._mask, self._next = cache, mask, first
@@ -468,6 +519,9 @@ class ContinuousBatch:
         places of rows that left (the others stay where they are): only the moved rows' cache
         is copied."""
         self._close_block()
+        if self._slots is not None:
+            self._keep_slots(rows)
+            return
         if not rows:
             self._rows, self._cache, self._mask, self._next = [], None, None, None
             return
@@ -487,6 +541,83 @@ class ContinuousBatch:
         self._rows = [self._rows[j] for j in order]
         self._reach()
 
+    # ------------------------------------------------------------------ the static cache (max_length)
+    def _keep_slots(self, rows: list[int]) -> None:
+        """:meth:`_keep` with the static cache: the rows that leave free their rows; nothing moves."""
+        assert self._slots is not None
+        freed = [self._rows[j].slot for j in sorted(set(range(len(self._rows))) - set(rows))]
+        if freed:  # a free row decodes at column 0 (its writes land where nobody reads)
+            self._slots.columns[torch.tensor(freed, device=self._slots.columns.device)] = 0
+        self._free = sorted(self._free + freed)
+        self._rows = [self._rows[j] for j in rows]
+
+    def _place(self, group: list[_Row], layers: list[GrowingLayer], first: torch.Tensor, width: int) -> None:
+        """Write the prefilled ``group`` (its prompts left-padded to ``width`` in ``layers``) into
+        free rows of the static cache, each from column 0, and its first tokens beside them."""
+        assert self._slots is not None
+        filled = [layer.filled for layer in layers]
+        for j, r in enumerate(group):
+            r.slot = self._free.pop(0)
+            pad = width - len(r.prompt)
+            self._slots.place(r.slot, [(k[j, :, pad:], v[j, :, pad:]) for k, v in filled])
+        if self._ids is None:
+            from .pipeline import _compute_dtype
+
+            self._ids = torch.full((self.max_rows,), self.pad, dtype=torch.long, device=first.device)
+            torch._dynamo.mark_static_address(self._ids)
+            self._dtype = _compute_dtype(self.model)  # the attention mask's
+            self._mask_3d = _legacy_mask(self.model)
+        self._ids[torch.tensor([r.slot for r in group], device=first.device)] = first
+        self._rows += group
+        self._close_block()  # the set of rows changed
+
+    def _decode_static(self) -> list[int]:
+        """One decode step of every row of the static cache (the running rows' tokens picked)."""
+        assert self._slots is not None and self._ids is not None
+        self._open_block()
+        longest = max(len(r.prompt) + len(r.tokens) for r in self._rows)  # its new token's column, plus one
+        width = next(w for w in static_widths(self._slots.capacity) if w >= longest)
+        if self._step_fn is None:
+            self._step_fn = self._compiled_step() if self._compile is not False else self._static_step
+        self._slots.width = width
+        with nvtx_range("milp.decode.step"):
+            logits = self._step_fn(self._ids, self._slots.columns, width)
+        slots = torch.tensor([r.slot for r in self._rows], device=self._ids.device)
+        tokens = self._pick(logits.index_select(0, slots.to(logits.device)), self._rows)
+        self._ids[slots] = tokens.to(self._ids.device)
+        self._slots.columns[slots] += 1
+        return [int(t) for t in tokens.tolist()]
+
+    def _static_step(self, ids: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
+        """The logits of one decode step of every row: row ``r`` feeds ``ids[r]`` at position
+        ``columns[r]`` and attends to its columns ``[0, columns[r]]`` of the first ``width``."""
+        assert self._slots is not None
+        dtype = self._dtype
+        seen = torch.arange(width, device=columns.device)[None, :] <= columns[:, None]
+        if self._mask_3d:  # [rows, 1, width] of 1 = attended: the model makes it additive itself
+            mask = seen[:, None, :].to(dtype)
+        else:  # additive, [rows, 1, 1, width]: the models' attention takes it as it is (eager and sdpa)
+            mask = torch.zeros((columns.shape[0], 1, 1, width), dtype=dtype, device=columns.device)
+            mask = mask.masked_fill(~seen[:, None, None, :], torch.finfo(dtype).min)
+        return self._forward(ids[:, None], mask, columns[:, None], self._slots)
+
+    def _compiled_step(self) -> Any:
+        """``torch.compile`` of :meth:`_static_step` (``compile``'s arguments), the static plan of
+        the decode shape registered first (the injected layers read it in a compiled graph)."""
+        assert self._ids is not None
+        if self.runtime is not None:  # [rows, 1, features], or flattened to [rows, features] (OPT)
+            for lead in ((self.max_rows, 1), (self.max_rows,)):
+                self.runtime.state.prepare_static(lead, self._ids.device)
+        opts: dict[str, Any] = dict(self._compile) if isinstance(self._compile, Mapping) else {
+            "backend": "cudagraphs" if self._ids.device.type == "cuda" else "inductor"}
+        opts.setdefault("dynamic", False)
+        # a copy of the step's code for this batch: torch keeps compiled graphs per code object, at most
+        # recompile_limit (8) of them, and every batch (another model, another cache) would count against
+        # the one limit of a shared code object, past which torch runs the step eagerly
+        step = ContinuousBatch._static_step
+        fn = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__)
+        return torch.compile(types.MethodType(fn, self), **opts)
+
     def _reach(self) -> None:
         """Cap the cache's room at what its rows can still fill: each row is fed ``limit - tokens``
         more tokens at most."""
@@ -494,11 +625,17 @@ class ContinuousBatch:
         self._cache.reach = self._mask.shape[1] + max(r.limit - len(r.tokens) for r in self._rows)
 
     def _open_block(self) -> None:
-        """Enter the runtime's ``using`` block of the running rows' users (kept until they change)."""
+        """Enter the runtime's ``using`` block of the running rows' users (kept until they change;
+        with the static cache, one user per row of it: ``None`` where no row runs)."""
         if self.runtime is None or self._block is not None:
             return
+        users = [r.user for r in self._rows]
+        if self._slots is not None:
+            users = [None] * self.max_rows
+            for r in self._rows:
+                users[r.slot] = r.user
         stack = contextlib.ExitStack()
-        stack.enter_context(self.runtime.using([r.user for r in self._rows]))
+        stack.enter_context(self.runtime.using(users))
         self._block = stack
 
     def _close_block(self) -> None:
@@ -509,6 +646,29 @@ class ContinuousBatch:
     def __del__(self) -> None:  # a batch dropped with rows running must not keep the runtime's lock
         with contextlib.suppress(Exception):
             self._close_block()
+
+
+def _legacy_mask(model: nn.Module) -> bool:
+    """Whether ``model`` takes a decode step's attention mask as ``[rows, 1, columns]`` (made
+    additive by ``get_extended_attention_mask``) rather than an additive ``[rows, 1, 1, columns]``
+    one: RoBERTa under transformers 4.x, which refuses a 4-D mask."""
+    import transformers
+
+    return (getattr(model.config, "model_type", None) == "roberta"
+            and int(transformers.__version__.split(".")[0]) < 5)
+
+
+def static_widths(max_length: int) -> list[int]:
+    """The widths a static cache's decode step attends over (:class:`ContinuousBatch`'s
+    ``max_length``): ``max_length`` halved up to 7 times while at least 64, ascending. A step
+    takes the smallest that holds its longest row, so a compiled step has at most 8 graphs, and
+    attends over at most twice the columns it needs (or 64).
+
+    Example:
+        >>> static_widths(2048), static_widths(100)
+        ([64, 128, 256, 512, 1024, 2048], [100])
+    """
+    return sorted({max_length >> k for k in range(8) if k == 0 or max_length >> k >= 64})
 
 
 def _cache_layers(cache: Any) -> list[GrowingLayer]:

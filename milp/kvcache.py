@@ -50,7 +50,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-__all__ = ["MIN_ROOM", "GROWTH", "GrowingCache", "GrowingLayer", "cache_argument", "stack_rows"]
+__all__ = ["MIN_ROOM", "GROWTH", "GrowingCache", "GrowingLayer", "SlotCache", "SlotLayer", "cache_argument",
+           "stack_rows"]
 
 #: a reallocated buffer holds at least this many columns more than it must
 MIN_ROOM = 16
@@ -258,6 +259,149 @@ class GrowingCache(DynamicCache):
     def row_room(self, need: int) -> int:
         """Rows to allocate for a buffer that must hold ``need``: at least ``rows``."""
         return max(need, self.rows or 0)
+
+
+class SlotLayer(DynamicLayer):
+    """One layer of a :class:`SlotCache`: keys and values in buffers ``[rows, heads, capacity,
+    dim]`` allocated once; ``keys``/``values`` are views of their first ``width`` columns."""
+
+    is_compileable = True
+
+    def __init__(self, cache: SlotCache) -> None:
+        super().__init__()
+        self._owner = cache
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write each row's key and value (``[rows, heads, 1, dim]``: a decode step) at the row's
+        column (:attr:`SlotCache.columns`), in place, and return the views of the first ``width``
+        columns (what attention reads; the mask hides each row's columns past its own)."""
+        o = self._owner
+        if self._k is None or self._v is None:
+            raise RuntimeError("a SlotCache layer is written by SlotCache.place before its first decode step")
+        if key_states.shape[0] != o.rows or key_states.shape[-2] != 1 or value_states.shape[-2] != 1:
+            raise ValueError(f"a SlotCache takes one token for each of its {o.rows} rows a step, got keys of "
+                             f"shape {list(key_states.shape)}")
+        at = o.columns.view(-1, 1, 1, 1)
+        self._k.scatter_(2, at.expand(key_states.shape), key_states)
+        self._v.scatter_(2, at.expand(value_states.shape), value_states)
+        return self._views()
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Zeroed buffers of the cache's rows and capacity, with ``keys``' / ``values``' (``[heads,
+        length, dim]``) heads, dim, dtype and device, at fixed addresses: a compiled step reads
+        them in place, and CUDA graphs do not copy them."""
+        o = self._owner
+        self._k = keys.new_zeros((o.rows, keys.shape[0], o.capacity, keys.shape[-1]))
+        self._v = values.new_zeros((o.rows, values.shape[0], o.capacity, values.shape[-1]))
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        torch._dynamo.mark_static_address(self._k)
+        torch._dynamo.mark_static_address(self._v)
+        self._views()
+
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._k is not None and self._v is not None
+        self.keys, self.values = self._k[:, :, :self._owner.width], self._v[:, :, :self._owner.width]
+        return self.keys, self.values
+
+
+class SlotCache(Cache):
+    """A key/value cache of fixed shape for decoding a set of rows whose members change (continuous
+    batching with a compiled decode step: :class:`milp.decode.ContinuousBatch`'s ``max_length``).
+
+    Each layer holds buffers ``[rows, heads, capacity, dim]``, allocated at the first
+    :meth:`place` and never again. Row ``r`` holds its own tokens in columns ``[0, columns[r])``:
+    no left padding, so a row's next position is its column. A decode step (one token per row,
+    every row, used or not) writes each row's key and value at ``columns[r]``; attention reads the
+    first ``width`` columns of every row, and the caller's mask hides the columns past each row's
+    own. The shapes a step sees depend on ``rows`` and ``width`` only, so a compiled step (and a
+    captured CUDA graph) serves any rows joining and leaving, one graph per ``width``.
+
+    ``columns`` is a device tensor written in place (the caller advances it after each step);
+    ``width`` an int the caller sets before each step (``<= capacity``).
+
+    Args:
+        rows: the rows (slots) the cache holds.
+        capacity: the columns each row holds at most (its prompt plus its new tokens).
+
+    Example:
+        >>> import torch
+        >>> cache = SlotCache(rows=2, capacity=8)
+        >>> cache.place(1, [(torch.ones(1, 3, 4), torch.ones(1, 3, 4))])   # a 3-token prefill in row 1
+        >>> cache.columns.tolist(), cache.nbytes
+        ([0, 3], 512)
+        >>> cache.width = 4
+        >>> keys, _ = cache.update(torch.full((2, 1, 1, 4), 2.0), torch.zeros(2, 1, 1, 4), 0)  # a step
+        >>> keys[1, 0, :, 0].tolist(), keys[0, 0, :, 0].tolist()
+        ([1.0, 1.0, 1.0, 2.0], [2.0, 0.0, 0.0, 0.0])
+    """
+
+    def __init__(self, rows: int, capacity: int) -> None:
+        for name, value in (("rows", rows), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        Cache.__init__(self, layer_class_to_replicate=self._layer)  # type: ignore[arg-type]
+        self.rows, self.capacity, self._width = rows, capacity, capacity
+        self.columns = torch.zeros(rows, dtype=torch.long)
+
+    @property
+    def width(self) -> int:
+        """The columns attention reads (every layer's ``keys``/``values`` are set to them)."""
+        return self._width
+
+    @width.setter
+    def width(self, width: int) -> None:
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= self.capacity:
+            raise ValueError(f"width must be an int in [1, capacity={self.capacity}], got {width!r}")
+        self._width = width
+        for layer in self.layers:
+            if isinstance(layer, SlotLayer) and layer._k is not None:
+                layer._views()
+
+    def _layer(self) -> SlotLayer:
+        return SlotLayer(self)
+
+    def place(self, row: int, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Make ``parts`` (each layer's ``(keys, values)``, ``[heads, length, dim]``: one row's
+        prefill) row ``row``'s content, in its columns ``[0, length)``, and zero the rest of the
+        row (masked columns attention still reads: a NaN an earlier row left there would reach the
+        output through its zero weight); ``columns[row] = length``. The first call allocates every
+        layer's buffers (zeros) from the parts' shapes."""
+        if not 0 <= row < self.rows:
+            raise ValueError(f"row must be in [0, {self.rows}), got {row}")
+        length = parts[0][0].shape[-2] if parts else 0
+        if not parts or length > self.capacity:
+            raise ValueError(f"place needs every layer's keys and values of at most capacity={self.capacity} "
+                             f"columns, got {len(parts)} layers of {length}")
+        if not self.layers or any(not isinstance(x, SlotLayer) or x._k is None for x in self.layers):
+            self._allocate(parts)
+        if len(parts) != len(self.layers):
+            raise ValueError(f"place needs the keys and values of the cache's {len(self.layers)} layers, "
+                             f"got {len(parts)}")
+        for layer, (k, v) in zip(self.layers, parts):
+            assert isinstance(layer, SlotLayer) and layer._k is not None and layer._v is not None
+            layer._k[row, :, :length].copy_(k)
+            layer._v[row, :, :length].copy_(v)
+            layer._k[row, :, length:].zero_()
+            layer._v[row, :, length:].zero_()
+        self.columns[row] = length
+
+    def _allocate(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.layers = []
+        for k, v in parts:
+            layer = SlotLayer(self)
+            layer._allocate(k, v)
+            self.layers.append(layer)
+        self.columns = self.columns.to(parts[0][0].device)
+        torch._dynamo.mark_static_address(self.columns)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the layers' buffers hold."""
+        return sum(b.numel() * b.element_size() for x in self.layers if isinstance(x, SlotLayer)
+                   for b in (x._k, x._v) if b is not None)
 
 
 def cache_argument(model: Any) -> str | None:

@@ -961,14 +961,15 @@ def _continuous_responses(model: nn.Module, tokenizer: Any, examples: list[dict[
 
 
 def _continuous_batch(model: nn.Module, tokenizer: Any, runtime: Any, rows: int,
-                      prefill_chunk: int | None = None) -> Any:
+                      prefill_chunk: int | None = None, max_length: int | None = None, compile: bool = False) -> Any:
     """A :class:`milp.decode.ContinuousBatch` of ``rows`` rows that ends a row at the tokenizer's
-    end-of-text token and pads with its pad token, as :func:`generate_responses`' ``generate`` does."""
+    end-of-text token and pads with its pad token, as :func:`generate_responses`' ``generate`` does
+    (``prefill_chunk``, ``max_length``, ``compile``: the batch's)."""
     from .decode import ContinuousBatch
 
     return ContinuousBatch(model, eos_token_id=getattr(tokenizer, "eos_token_id", None),
                            pad_token_id=_pad_id(tokenizer), runtime=runtime, max_rows=rows,
-                           prefill_chunk=prefill_chunk)
+                           prefill_chunk=prefill_chunk, max_length=max_length, compile=compile)
 
 
 def _row_answer(batch: Any, tokenizer: Any, update: Any, text: AnswerText | None,

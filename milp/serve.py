@@ -15,7 +15,9 @@ thread in one of two ways (``--batching``):
   (end-of-text token, its ``max_new_tokens``, or cancelled), its place free for the next request.
   When the server is idle, the first request waits at most ``--max-wait-ms`` for others to be
   prefilled with it. Requests join in arrival order: one whose user has no free adapter slot
-  (``--slots``) waits, and those behind it too, until a row ends.
+  (``--slots``) waits, and those behind it too, until a row ends. ``--compile`` gives the batch a
+  static key/value cache (``--batch-size`` rows of the longest prompt and answer) and compiles
+  its decode step: on a GPU a CUDA graph replayed at every step, whoever joins and leaves.
 * ``static``: a batch of up to ``--batch-size`` requests (taken as the first one came, waiting
   at most ``--max-wait-ms`` for more) is answered by one ``generate`` call; requests that arrive
   meanwhile wait for the whole batch to end.
@@ -263,6 +265,11 @@ class AnswerServer:
             (:class:`milp.decode.ContinuousBatch`'s chunked prefill: a long prompt that arrives
             delays the running requests' next token by a chunk's time, not its whole prefill's);
             ``None`` (default): each arriving prompt whole at the next step.
+        compile: continuous batching with a static key/value cache (rows for ``batch_size``
+            requests of the longest prompt and answer the server takes) and the decode step
+            compiled (``ContinuousBatch(compile=True)``: CUDA graphs on a GPU, replayed whoever
+            joins and leaves; one graph per cache width, compiled as the first requests reach it).
+            On a CPU it only costs the compile time.
         api_key: where given, ``POST /v1/answer`` needs ``Authorization: Bearer <api_key>``
             (``401`` without it); ``GET /health`` stays open for load balancers. Only as safe
             as the connection: without TLS in front, the key travels in clear.
@@ -276,7 +283,7 @@ class AnswerServer:
     def __init__(self, run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
                  batch_size: int | None = None, max_wait_ms: float = 10.0, max_new_tokens: int | None = None,
                  log: bool = False, api_key: str | None = None, batching: str = "auto",
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, compile: bool = False) -> None:
         from .answer import check_run, load_run
         from .decode import continuous_unsupported
         from .store import UserStore
@@ -290,6 +297,11 @@ class AnswerServer:
             raise ValueError(f"max_wait_ms must be a number of milliseconds in [0, 1e6), got {max_wait_ms!r}")
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {compile!r:.60}")
+        if compile and batching == "static":
+            raise ValueError("compile needs continuous batching (batching='continuous' or 'auto'); static batching "
+                             "compiles through the run's generation config")
         if api_key is not None and (not isinstance(api_key, str) or not re.fullmatch(r"[\x21-\x7e]+", api_key)):
             raise ValueError("api_key must be a non-empty string of printable ASCII without spaces (it goes "
                              "in an Authorization header)")
@@ -299,7 +311,7 @@ class AnswerServer:
         self.batch_size = batch_size or settings["eval_batch_size"]
         self.max_new_tokens = max_new_tokens or settings["max_new_tokens"]
         self.max_wait_s = max_wait_ms / 1000.0
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.compile = prefill_chunk, compile
         self.log = log
         # listen before the model loads: a port in use is refused at once, not after the load
         self._httpd = _http_server(host, port, _handler(self))
@@ -313,9 +325,10 @@ class AnswerServer:
         # does) and the longest answer
         self._max_prompt = self.settings["max_length"] + 128
         why = continuous_unsupported(self.model, self._max_prompt + self.max_new_tokens)
-        if batching == "continuous" and why is not None:
+        if (batching == "continuous" or compile) and why is not None:
             self._httpd.server_close()
-            raise ValueError(f"batching='continuous': the run's model cannot be decoded so: {why}")
+            asked = "compile=True" if compile else "batching='continuous'"
+            raise ValueError(f"{asked}: the run's model cannot be decoded by continuous batching: {why}")
         #: "continuous" or "static": how the batcher runs (see the module doc); "auto" picks continuous
         #: where the model allows it
         self.batching = "static" if batching == "static" or why is not None else "continuous"
@@ -564,7 +577,8 @@ class AnswerServer:
         steps and leave it at their end (see the module doc)."""
         from .pipeline import _continuous_batch
 
-        batch = _continuous_batch(self.model, self.tokenizer, self.runtime, self.batch_size, self.prefill_chunk)
+        batch = _continuous_batch(self.model, self.tokenizer, self.runtime, self.batch_size, self.prefill_chunk,
+                                  self._max_prompt + self.max_new_tokens if self.compile else None, self.compile)
         waiting: collections.deque[_Request] = collections.deque()  # taken, not yet joined
         live: dict[int, _Request] = {}  # joined: id(request) -> request
         busy: list[_Request] = []  # the requests of the busy period (rows running without a pause)
@@ -1181,6 +1195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continuous batching: prefill arriving prompts at most TOKENS tokens a step, between the "
                         "running requests' tokens (chunked prefill: a long prompt delays their next token by a "
                         "chunk's time, not its whole prefill's; default: each prompt whole)")
+    p.add_argument("--compile", action="store_true",
+                   help="continuous batching: a static key/value cache and the decode step compiled (CUDA graphs on a "
+                        "GPU: no host work per layer; one graph per cache width, compiled as requests first reach it; "
+                        "on a CPU it only costs the compile time)")
     p.add_argument("--quiet", action="store_true", help="no line per batch on stderr")
     p.add_argument("--api-key-env", metavar="NAME", default=None,
                    help="require 'Authorization: Bearer <key>' on POST /v1/answer, the key read from environment "
@@ -1228,7 +1246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = AnswerServer(args.run, host=args.host, port=args.port, device=args.device,
                               batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
                               max_new_tokens=args.max_new_tokens, log=not args.quiet, api_key=api_key,
-                              batching=args.batching, prefill_chunk=args.prefill_chunk)
+                              batching=args.batching, prefill_chunk=args.prefill_chunk, compile=args.compile)
     except ValueError as e:
         raise SystemExit(f"{PROG}: {e}") from None
     except OSError as e:  # the port is taken, the address is not this machine's

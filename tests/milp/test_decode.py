@@ -69,9 +69,10 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
             for _ in range(n)]
 
 
-@pytest.mark.parametrize("chunk", [None, 3])  # prompts whole, or in chunks of 3 tokens a step (1 per row of 2)
-@pytest.mark.parametrize("arch", list(SUPPORTED_ARCHITECTURES))
-def test_rows_joining_a_running_batch_get_their_tokens_alone(arch, chunk):
+@pytest.mark.parametrize("chunk,static", [(None, None), (3, None), (None, 24)],
+                         ids=["whole", "chunked", "static"])  # chunks of 3 tokens a step (1 per row of 2);
+@pytest.mark.parametrize("arch", list(SUPPORTED_ARCHITECTURES))  # static: a SlotCache of 24 columns a row
+def test_rows_joining_a_running_batch_get_their_tokens_alone(arch, chunk, static):
     rt = runtime(arch)
     rt.model.generation_config.eos_token_id = None  # every row runs to its length: the most steps compared
     assert continuous_unsupported(rt.model, reach=64) is None
@@ -82,7 +83,7 @@ def test_rows_joining_a_running_batch_get_their_tokens_alone(arch, chunk):
     joins: dict[int, list[tuple]] = {}
     for i, s in enumerate(at):
         joins.setdefault(s, []).append((i, ps[i], limits[i], users[i]))
-    got, _ = drive(ContinuousBatch(rt.model, runtime=rt, max_rows=6, prefill_chunk=chunk), joins)
+    got, _ = drive(ContinuousBatch(rt.model, runtime=rt, max_rows=6, prefill_chunk=chunk, max_length=static), joins)
     for i in range(6):
         assert got[i] == alone(rt, ps[i], users[i], limits[i]), f"row {i} (user {users[i]!r})"
 
@@ -350,11 +351,75 @@ def test_bad_settings_and_users_are_refused_by_name():
     rt = runtime()
     with pytest.raises(KeyError, match="zed"):
         ContinuousBatch(rt.model, runtime=rt).join("k", [5], 2, user="zed")
+    for bad in (1, 0, True, 8.0):
+        with pytest.raises(ValueError, match="max_length must be an int >= 2"):
+            ContinuousBatch(m, max_length=bad)
+    with pytest.raises(ValueError, match="compile needs max_length"):
+        ContinuousBatch(m, compile=True)
+    with pytest.raises(TypeError, match="compile must be a bool or a mapping"):
+        ContinuousBatch(m, max_length=8, compile="inductor")
+    with pytest.raises(ValueError, match=r"prompt's 3 tokens plus max_new_tokens=6 exceed the batch's max_length=8"):
+        ContinuousBatch(m, max_length=8).join("k", [5, 6, 7], 6)
     full = ContinuousBatch(m, max_rows=1)
     full.join(1, [5], 2)
     assert not full.can_join()
     with pytest.raises(ValueError, match="the batch is full"):
         full.join(2, [5], 2)
+
+
+@pytest.mark.parametrize("arch", list(SUPPORTED_ARCHITECTURES))
+def test_a_compiled_decode_step_traces_whole_on_every_architecture(arch):
+    """``compile`` with ``fullgraph=True``: every supported architecture's decode step, adapters
+    and static cache included, is one graph (no break: a CUDA graph replays the whole step), and
+    rows that join at different steps, of different users, get their tokens alone."""
+    from torch._dynamo.testing import CompileCounter
+
+    rt = runtime(arch)
+    rt.model.generation_config.eos_token_id = None
+    counter = CompileCounter()
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=3, max_length=48,
+                            compile={"backend": counter, "fullgraph": True})
+    ps = prompts(3, seed=2)
+    joins = {0: [(0, ps[0], 5, "a"), (1, ps[1], 3, None)], 2: [(2, ps[2], 4, 7)]}
+    got, _ = drive(batch, joins)
+    for key, prompt, limit, user in [j for js in joins.values() for j in js]:
+        assert got[key] == alone(rt, prompt, user, limit), key
+    assert counter.frame_count == 1
+
+
+def test_a_compiled_static_batch_runs_one_graph_per_width_whoever_joins_and_leaves():
+    """``max_length`` + ``compile``: rows of other users join and leave at every few steps, and a
+    row grows past the first width (80 of 160 columns): the decode step is traced twice (once per
+    width, fullgraph) and its tokens are each row's alone; a second schedule of other users,
+    prompts and leaves traces nothing more. Rows that leave free their rows of the static cache
+    for later ones, and its bytes are the rows × columns allocated once."""
+    from torch._dynamo.testing import CompileCounter
+
+    from milp.decode import static_widths
+
+    rt = runtime()
+    rt.model.generation_config.eos_token_id = None
+    counter = CompileCounter()
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=4, max_length=160,
+                            compile={"backend": counter, "fullgraph": True})
+    assert static_widths(160) == [80, 160]
+    ps = prompts(5, seed=7)
+    long = list(range(3, 76))  # 75 columns after its prefill: past 80 at its sixth token
+    joins = {0: [("a0", ps[0], 6, "a"), ("long", long, 12, None)], 2: [("b1", ps[1], 3, "b")],
+             4: [("x2", ps[2], 9, 7)], 9: [("a3", ps[3], 4, "a"), ("n4", ps[4], 2, None)]}
+    got, _ = drive(batch, joins, leaves={6: ["x2"]})
+    for key, prompt, limit, user in [j for js in joins.values() for j in js]:
+        want = alone(rt, prompt, user, limit)
+        assert got[key] == (want[:len(got[key])] if key == "x2" else want), key
+    assert counter.frame_count == 2  # widths 80 and 160
+    assert len(batch) == 0 and batch._free == [0, 1, 2, 3] and batch.cache_bytes == batch._slots.nbytes > 0
+    nbytes = batch.cache_bytes
+    again = {0: [("b0", ps[4], 5, "b"), ("c1", ps[0], 7, 7), ("d2", ps[2], 2, "a")], 3: [("e3", ps[3], 6, None)]}
+    got, _ = drive(batch, again, leaves={2: ["c1"]})
+    for key, prompt, limit, user in [j for js in again.values() for j in js]:
+        want = alone(rt, prompt, user, limit)
+        assert got[key] == (want[:len(got[key])] if key == "c1" else want), key
+    assert counter.frame_count == 2 and batch.cache_bytes == nbytes
 
 
 def test_nvtx_ranges_name_the_prefill_and_the_steps(monkeypatch):

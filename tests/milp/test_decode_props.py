@@ -31,13 +31,15 @@ row = st.tuples(st.lists(st.integers(3, 90), min_size=1, max_size=12),  # prompt
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])  # rotary, learned positions, OPT's offset positions
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.lists(row, min_size=1, max_size=6), max_rows=st.integers(1, 6),
-       eos=st.one_of(st.none(), st.integers(3, 90)), chunk=st.one_of(st.none(), st.integers(1, 8)))
-def test_drawn_schedules_give_each_row_its_tokens_alone(arch, rows, max_rows, eos, chunk):
+       eos=st.one_of(st.none(), st.integers(3, 90)), chunk=st.one_of(st.none(), st.integers(1, 8)),
+       static=st.sampled_from([None, 20, 24]))
+def test_drawn_schedules_give_each_row_its_tokens_alone(arch, rows, max_rows, eos, chunk, static):
     """... prompts prefilled whole or in drawn chunks (``prefill_chunk``), rows leaving while
-    theirs is prefilled included."""
+    theirs is prefilled included; with the growing cache or a static one (``max_length``: 20, the
+    longest a row may be, or 24)."""
     rt = _runtime(arch)
     batch = ContinuousBatch(rt.model, runtime=rt, max_rows=max_rows, eos_token_id=[] if eos is None else eos,
-                            prefill_chunk=chunk)
+                            prefill_chunk=chunk, max_length=static)
     queue = sorted(range(len(rows)), key=lambda i: rows[i][3])  # in order of arrival; a full batch: they wait
     got: dict[int, list[int]] = {}
     ended, joined_at, step = set(), {}, 0
@@ -66,3 +68,4 @@ def test_drawn_schedules_give_each_row_its_tokens_alone(arch, rows, max_rows, eo
         if rows[i][4] is None:  # stayed to its end
             assert mine == want, f"row {i}"
     assert len(batch) == 0 and batch._cache is None and batch._block is None
+    assert batch._free == list(range(max_rows))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import milp.kvcache as kvcache
 from milp.decode import ContinuousBatch, growing_cache_unsupported
 from milp.inject import SUPPORTED_ARCHITECTURES, tiny_model
-from milp.kvcache import GROWTH, MIN_ROOM, GrowingCache, cache_argument, stack_rows
+from milp.kvcache import GROWTH, MIN_ROOM, GrowingCache, SlotCache, cache_argument, stack_rows
 from milp.pipeline import _growing_cache
 
 
@@ -183,17 +183,20 @@ def test_continuous_batching_never_reads_an_unwritten_column(monkeypatch, arch):
     prompts = {k: torch.randint(3, vocab, (n,), generator=g).tolist() for k, n in (("a", 11), ("b", 3), ("c", 6))}
     limits = {"a": 5, "b": 40, "c": 30}
     batch = ContinuousBatch(model, eos_token_id=[], max_rows=4)
-    batch.join("a", prompts["a"], limits["a"])
+    _each_alone(model, batch, prompts, limits, {"a": 0, "b": 2, "c": 4})
+
+
+def _each_alone(model, batch: ContinuousBatch, prompts: dict, limits: dict, steps: dict) -> None:
+    """Join each row of ``prompts`` before step ``steps[key]``, run ``batch`` until it is empty,
+    and check each row's tokens are the ones ``model.generate`` gives it alone."""
     got: dict[str, list[int]] = {}
     for step in range(60):
-        if step == 2:
-            batch.join("b", prompts["b"], limits["b"])
-        if step == 4:
-            batch.join("c", prompts["c"], limits["c"])
+        for key in [k for k, at in steps.items() if at == step]:
+            batch.join(key, prompts[key], limits[key])
         for u in batch.step():
             assert u.error is None, u.error
             got[u.key] = u.tokens
-        if not len(batch):
+        if not len(batch) and step >= max(steps.values()):
             break
     for key, prompt in prompts.items():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=limits[key], do_sample=False, pad_token_id=0)
@@ -348,3 +351,74 @@ def test_generate_responses_static_path_passes_a_growing_cache(monkeypatch, tiny
     got = generate_responses(model, tiny_tokenizer, records, max_new_tokens=6, batching="static", progress=False)
     assert got == expect
     assert len(seen) == 1 and seen[0].get_seq_length() > 0 and seen[0].reach is not None
+
+
+# ---------------------------------------------------------------- SlotCache (ContinuousBatch's max_length)
+def test_a_slot_cache_writes_each_row_at_its_own_column():
+    """A decode step writes row r's key and value at columns[r] (rows at different lengths), and
+    attention gets the first ``width`` columns; place writes a prefill from column 0 and zeroes
+    the rest of its row."""
+    cache = SlotCache(rows=3, capacity=10)
+    torch.manual_seed(0)
+    pre = {0: torch.randn(2, 4, 3), 2: torch.randn(2, 7, 3)}
+    for row, k in pre.items():
+        cache.place(row, [(k, -k)])
+    assert cache.columns.tolist() == [4, 0, 7]
+    cache.width = 8
+    step = torch.randn(3, 2, 1, 3)
+    keys, values = cache.update(step, -step, 0)
+    assert keys.shape == (3, 2, 8, 3) and cache.layers[0].keys is keys
+    torch.testing.assert_close(keys[0, :, :4], pre[0], rtol=0, atol=0)
+    torch.testing.assert_close(keys[0, :, 4], step[0, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(keys[1, :, 0], step[1, :, 0], rtol=0, atol=0)  # an empty row: column 0
+    torch.testing.assert_close(keys[2, :, 7], step[2, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(values, -keys, rtol=0, atol=0)
+    cache.layers[0]._k.fill_(float("nan"))  # what a row with NaN keys leaves behind
+    cache.place(0, [(pre[2][:, :2], pre[2][:, :2])])
+    assert not cache.layers[0]._k[0].isnan().any() and cache.layers[0]._k[0, :, 2:].eq(0).all()
+    assert cache.nbytes == 2 * 3 * 2 * 10 * 3 * 4
+
+
+def test_a_slot_cache_refuses_bad_input_by_name():
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="rows must be an int >= 1"):
+            SlotCache(rows=bad, capacity=4)
+        with pytest.raises(ValueError, match="capacity must be an int >= 1"):
+            SlotCache(rows=2, capacity=bad)
+    cache = SlotCache(rows=2, capacity=4)
+    x = torch.zeros(1, 3, 2)
+    with pytest.raises(RuntimeError, match="written by SlotCache.place"):
+        cache._layer().update(torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2))
+    with pytest.raises(ValueError, match=r"row must be in \[0, 2\)"):
+        cache.place(2, [(x, x)])
+    with pytest.raises(ValueError, match="at most capacity=4"):
+        cache.place(0, [(torch.zeros(1, 5, 2),) * 2])
+    cache.place(0, [(x, x)])
+    with pytest.raises(ValueError, match="the cache's 1 layers, got 2"):
+        cache.place(1, [(x, x), (x, x)])
+    with pytest.raises(ValueError, match="one token for each of its 2 rows"):
+        cache.update(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), 0)
+    with pytest.raises(ValueError, match="one token for each of its 2 rows"):
+        cache.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0)
+    for bad in (0, 5, True):
+        with pytest.raises(ValueError, match=r"width must be an int in \[1, capacity=4\]"):
+            cache.width = bad
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon"])
+def test_a_static_batch_never_reads_a_stale_column(arch):
+    """A static cache's rows hold what earlier rows left past their own columns (NaN here, as a
+    row with NaN keys leaves): rows placed there later get generate's tokens alone."""
+    model = tiny_model(arch).eval()
+    model.generation_config.eos_token_id = None
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(4)
+    prompts = {k: torch.randint(3, vocab, (n,), generator=g).tolist() for k, n in (("a", 11), ("b", 3), ("c", 6))}
+    limits = {"a": 5, "b": 12, "c": 9}
+    batch = ContinuousBatch(model, eos_token_id=[], max_rows=2, max_length=32)
+    batch.join("warm", [5, 6], 1)
+    batch.step()  # the static cache allocated; the row ended
+    for layer in batch._slots.layers:
+        layer._k.fill_(float("nan"))
+        layer._v.fill_(float("nan"))
+    _each_alone(model, batch, prompts, limits, {"a": 0, "b": 2, "c": 6})  # c: in a's row, freed at step 4

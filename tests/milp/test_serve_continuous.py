@@ -104,6 +104,36 @@ def test_prompts_prefilled_in_chunks_get_the_answers_of_milp_answer(answer_run, 
         main([str(answer_run), "--port", "0", "--prefill-chunk", "0", "--quiet"])
 
 
+def test_a_compiled_decode_step_gives_the_answers_of_milp_answer(answer_run, monkeypatch):
+    """``--compile``: the continuous batch has a static cache (rows for the batch size, columns for
+    the longest prompt and answer) and a compiled decode step (here torch.compile's ``eager``
+    backend: inductor would take half a minute per width on this CPU); requests arriving at
+    different times get milp.answer's answers. Static batching with it is refused."""
+    import torch
+
+    users = _users(answer_run)[:3]
+    queries = ["Tell me everything about sleep.", "Should I take ibuprofen?", "What helps a sore throat?"]
+    want = answer(answer_run, list(zip(users, queries)), max_new_tokens=6, progress=False)
+    compiled: list[dict] = []
+    real = torch.compile
+
+    def eager_compile(fn, **kwargs):
+        compiled.append(kwargs)
+        return real(fn, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    with AnswerServer(answer_run, port=0, max_new_tokens=6, max_wait_ms=0, batch_size=2, compile=True) as server:
+        assert server.batching == "continuous" and server.compile
+        first = server.submit(users[0], queries[0])
+        time.sleep(0.05)
+        rest = [server.submit(u, q) for u, q in zip(users[1:], queries[1:])]
+        got = [f.result(timeout=120) for f in [first, *rest]]
+    assert got == want
+    assert compiled == [{"backend": "inductor", "dynamic": False}]  # CPU: inductor, one compile call
+    with pytest.raises(SystemExit, match="compile needs continuous batching"):
+        main([str(answer_run), "--port", "0", "--compile", "--batching", "static", "--quiet"])
+
+
 def test_a_cancelled_row_leaves_at_the_next_step(answer_run, monkeypatch):
     u0, u1 = _users(answer_run)[:2]
     gate = Gate(monkeypatch)
