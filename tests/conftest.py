@@ -10,7 +10,15 @@ import random
 import time
 
 import pytest
-import torch
+
+# MKL's results depend on its operands' memory alignment on some CPUs (AVX-512: a user's adapter
+# rows at another offset of a bank shared with other users gave other last bits than the same rows
+# alone). The tests that claim bit-for-bit equality (a user trained beside others against alone)
+# claim it for a BLAS whose results do not depend on where the data lies: MKL's strict conditional
+# numerical reproducibility, set before torch loads MKL. (Users get those equalities to rounding.)
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -60,26 +60,26 @@ def reference(ckpt, tmp_path_factory) -> Path:
     return _main(ckpt, tmp_path_factory.mktemp("volatile") / "ref")
 
 
-def _close(a: object, b: object, where: str) -> None:
-    """JSON values equal, floats to a tolerance (losses of the runs' float32 sums)."""
+def _close(a: object, b: object, where: str, rel: float = 1e-5) -> None:
+    """JSON values equal, floats to a tolerance (losses of the runs' float32 sums: ``rel``)."""
     if isinstance(a, float) or isinstance(b, float):
         assert isinstance(a, (int, float)) and isinstance(b, (int, float)), where
-        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5, abs=1e-6), where
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=rel, abs=1e-6), where
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), where
         for k in a:
-            _close(a[k], b[k], f"{where}.{k}")
+            _close(a[k], b[k], f"{where}.{k}", rel)
     elif isinstance(a, list):
         assert isinstance(b, list) and len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{where}[{i}]")
+            _close(x, y, f"{where}[{i}]", rel)
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def assert_same_results(got: Path, want: Path, atol: float = ATOL) -> None:
+def assert_same_results(got: Path, want: Path, atol: float = ATOL, rel: float = 1e-5) -> None:
     """The two runs' outputs: the same files; tensors to ``atol``; predictions (the generated
-    text), split, configurations and scores equal; losses to float32 rounding."""
+    text), split, configurations and scores equal; losses to float32 rounding (``rel``)."""
     def listed(d: Path) -> list[str]:
         return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "run.json")
 
@@ -93,10 +93,10 @@ def assert_same_results(got: Path, want: Path, atol: float = ATOL) -> None:
             for k in y:
                 torch.testing.assert_close(x[k], y[k], atol=atol, rtol=1e-4, msg=f"{name}: {k}")
         elif name.endswith(".json"):
-            _close(untimed(json.loads(a.read_text())), untimed(json.loads(b.read_text())), name)
+            _close(untimed(json.loads(a.read_text())), untimed(json.loads(b.read_text())), name, rel)
         elif name.endswith(".jsonl"):  # predictions, a search's trial log (timings aside)
             _close([untimed(json.loads(x)) for x in a.read_text().splitlines()],
-                   [untimed(json.loads(x)) for x in b.read_text().splitlines()], name)
+                   [untimed(json.loads(x)) for x in b.read_text().splitlines()], name, rel)
         elif name.endswith(".png"):
             continue
         else:  # results.md: its scores and losses as printed
@@ -274,6 +274,8 @@ def test_the_search_picks_alike_with_fewer_slots_than_validation_users(ckpt, tmp
     want = _main(ckpt, tmp_path / "s64", flags=flags)
     for slots in (1, 3):
         got = _main(ckpt, tmp_path / f"s{slots}", "--slots", str(slots), flags=flags)
-        # trials.jsonl and selected.json to float32's rounding; the users' adapters, trained at lr 5e-2 for 16
-        # steps, to 1% of the lr (AdamW amplifies rounding where a gradient is near zero: 1.2e-4 seen)
-        assert_same_results(got, want, atol=5e-4)
+        # the users' adapters, trained at lr 5e-2 for 16 steps, to 1% of the lr (AdamW amplifies rounding where a
+        # gradient is near zero: 1.2e-4 seen), and the validation losses of adapters so trained to 2e-4 relative
+        # (1.03e-4 seen on an AVX-512 CPU, where MKL rounds batches of other sizes otherwise; within 1e-5 on the
+        # CPUs before it); the configurations searched and picked, equal
+        assert_same_results(got, want, atol=5e-4, rel=2e-4)
