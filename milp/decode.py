@@ -72,7 +72,7 @@ import contextlib
 import inspect
 import numbers
 import types
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -366,14 +366,35 @@ class ContinuousBatch:
         the last step: every row gets one token. Returns one :class:`Update` per row that got a
         token or an error; the rows that ended have left the batch. The model runs in eval mode
         (dropout off, as ``generate_responses`` runs it), the mode it was in restored after."""
-        training = self.model.training
-        if training:
-            self.model.eval()
-        try:
+        with _eval(self.model):
             return self._step()
-        finally:
-            if training:
-                self.model.train()
+
+    @torch.no_grad()
+    def warm_up(self) -> list[int]:
+        """Compile the decode step for every width now (``compile``), so that no row waits for a
+        compile later: a one-token prompt is prefilled (allocating the static cache) and ends at
+        once, then steps run at each width of :func:`static_widths` with every row free (two: CUDA
+        graph trees run a new graph once before they record it).
+        Returns the widths compiled (``[]`` without ``compile``: nothing to do). The batch must be
+        empty; it is empty again after."""
+        if self._compile is False or self._slots is None:
+            return []
+        if len(self):
+            raise RuntimeError(f"warm_up needs an empty batch, {len(self)} rows have joined")
+        widths = static_widths(self._slots.capacity)
+        with _eval(self.model):
+            self.join(_WARM_UP, [self.pad], 1)
+            for u in self._step():  # its prefill, its one token: it has left
+                if u.error is not None:
+                    raise u.error
+            try:
+                self._open_block()  # every row free: no user
+                for width in widths:
+                    for _ in range(2):
+                        self._run_static(width)
+            finally:
+                self._close_block()
+        return widths
 
     def _step(self) -> list[Update]:
         updates: list[Update] = []
@@ -576,17 +597,22 @@ class ContinuousBatch:
         assert self._slots is not None and self._ids is not None
         self._open_block()
         longest = max(len(r.prompt) + len(r.tokens) for r in self._rows)  # its new token's column, plus one
-        width = next(w for w in static_widths(self._slots.capacity) if w >= longest)
-        if self._step_fn is None:
-            self._step_fn = self._compiled_step() if self._compile is not False else self._static_step
-        self._slots.width = width
-        with nvtx_range("milp.decode.step"):
-            logits = self._step_fn(self._ids, self._slots.columns, width)
+        logits = self._run_static(next(w for w in static_widths(self._slots.capacity) if w >= longest))
         slots = torch.tensor([r.slot for r in self._rows], device=self._ids.device)
         tokens = self._pick(logits.index_select(0, slots.to(logits.device)), self._rows)
         self._ids[slots] = tokens.to(self._ids.device)
         self._slots.columns[slots] += 1
         return [int(t) for t in tokens.tolist()]
+
+    def _run_static(self, width: int) -> torch.Tensor:
+        """The logits of one decode step of every row of the static cache over ``width`` columns
+        (the step compiled at its first call, with ``compile``)."""
+        assert self._slots is not None and self._ids is not None
+        if self._step_fn is None:
+            self._step_fn = self._compiled_step() if self._compile is not False else self._static_step
+        self._slots.width = width
+        with nvtx_range("milp.decode.step"):
+            return self._step_fn(self._ids, self._slots.columns, width)
 
     def _static_step(self, ids: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
         """The logits of one decode step of every row: row ``r`` feeds ``ids[r]`` at position
@@ -646,6 +672,22 @@ class ContinuousBatch:
     def __del__(self) -> None:  # a batch dropped with rows running must not keep the runtime's lock
         with contextlib.suppress(Exception):
             self._close_block()
+
+
+_WARM_UP = object()  # the key of warm_up's row
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, the mode it was in restored after."""
+    training = model.training
+    if training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if training:
+            model.train()
 
 
 def _legacy_mask(model: nn.Module) -> bool:

@@ -584,6 +584,12 @@ class AnswerServer:
         busy: list[_Request] = []  # the requests of the busy period (rows running without a pause)
         t0 = 0.0
         try:
+            if self.compile:  # every width's graph before the first request: none waits for a compile
+                t = time.perf_counter()
+                widths = batch.warm_up()
+                if self.log:
+                    print(f"{PROG}: decode step compiled for cache widths {widths} in {time.perf_counter() - t:.1f} s",
+                          file=sys.stderr, flush=True)
             while not (self._stop.is_set() and not live):
                 if not live and not waiting:
                     if self._stop.is_set():

@@ -422,6 +422,34 @@ def test_a_compiled_static_batch_runs_one_graph_per_width_whoever_joins_and_leav
     assert counter.frame_count == 2 and batch.cache_bytes == nbytes
 
 
+def test_warm_up_compiles_every_width_before_the_first_row():
+    """``warm_up`` (what ``milp.serve --compile`` runs at its start) compiles the step at every
+    width with no row running; rows then reaching both widths trace nothing more, and get their
+    tokens alone. Without ``compile`` it does nothing; a batch with rows refuses it."""
+    from torch._dynamo.testing import CompileCounter
+
+    from milp.decode import static_widths
+
+    rt = runtime()
+    rt.model.generation_config.eos_token_id = None
+    counter = CompileCounter()
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=2, max_length=200,
+                            compile={"backend": counter, "fullgraph": True})
+    assert batch.warm_up() == static_widths(200) == [100, 200]
+    assert counter.frame_count == 2 and len(batch) == 0 and batch._free == [0, 1] and batch._block is None
+    long = [3 + i % 80 for i in range(97)]  # 97 columns: past 100 at its fourth token
+    joins = {0: [("long", long, 8, "b"), ("short", [5, 6], 3, "a")]}
+    got, _ = drive(batch, joins)
+    for key, prompt, limit, user in joins[0]:
+        assert got[key] == alone(rt, prompt, user, limit), key
+    assert counter.frame_count == 2
+    assert ContinuousBatch(rt.model, runtime=rt, max_length=200).warm_up() == []  # eager: nothing to compile
+    busy = ContinuousBatch(rt.model, runtime=rt, max_length=200, compile={"backend": "eager"})
+    busy.join("k", [5], 2)
+    with pytest.raises(RuntimeError, match="warm_up needs an empty batch, 1 rows have joined"):
+        busy.warm_up()
+
+
 def test_nvtx_ranges_name_the_prefill_and_the_steps(monkeypatch):
     """MILP_NVTX=1: a prefill and a decode step show as ``milp.decode.prefill`` / ``.step``."""
     rt = runtime()
