@@ -72,6 +72,7 @@ import contextlib
 import inspect
 import numbers
 import types
+import warnings
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -606,13 +607,22 @@ class ContinuousBatch:
 
     def _run_static(self, width: int) -> torch.Tensor:
         """The logits of one decode step of every row of the static cache over ``width`` columns
-        (the step compiled at its first call, with ``compile``)."""
+        (the step compiled at its first call, with ``compile``). A step torch fails to compile
+        (a ``TorchDynamoException``: tracing or the backend) is run eagerly, then and from then
+        on, with a ``RuntimeWarning``: a server keeps answering."""
         assert self._slots is not None and self._ids is not None
         if self._step_fn is None:
             self._step_fn = self._compiled_step() if self._compile is not False else self._static_step
         self._slots.width = width
         with nvtx_range("milp.decode.step"):
-            return self._step_fn(self._ids, self._slots.columns, width)
+            try:
+                return self._step_fn(self._ids, self._slots.columns, width)
+            except torch._dynamo.exc.TorchDynamoException as e:  # raised before the graph ran
+                why = " ".join(str(e).split())[:300]
+                warnings.warn(f"ContinuousBatch: torch could not compile the decode step ({type(e).__name__}: {why}); "
+                              "it runs eagerly from now on", RuntimeWarning, stacklevel=2)
+                self._step_fn = self._static_step
+                return self._static_step(self._ids, self._slots.columns, width)
 
     def _static_step(self, ids: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
         """The logits of one decode step of every row: row ``r`` feeds ``ids[r]`` at position
@@ -704,7 +714,8 @@ def static_widths(max_length: int) -> list[int]:
     """The widths a static cache's decode step attends over (:class:`ContinuousBatch`'s
     ``max_length``): ``max_length`` halved up to 7 times while at least 64, ascending. A step
     takes the smallest that holds its longest row, so a compiled step has at most 8 graphs, and
-    attends over at most twice the columns it needs (or 64).
+    reads at most twice the columns its longest row needs, or the smallest width (64 to 127
+    columns; ``max_length`` itself below 128).
 
     Example:
         >>> static_widths(2048), static_widths(100)

@@ -422,6 +422,26 @@ def test_a_compiled_static_batch_runs_one_graph_per_width_whoever_joins_and_leav
     assert counter.frame_count == 2 and batch.cache_bytes == nbytes
 
 
+def test_a_step_torch_cannot_compile_runs_eagerly_with_a_warning():
+    """A backend that fails (or anything torch.compile raises before the graph runs): the step runs
+    eagerly, then and after, with a RuntimeWarning; the rows get their tokens alone."""
+    calls: list[int] = []
+
+    def broken(gm, example_inputs):
+        calls.append(1)
+        raise RuntimeError("no such compiler")
+
+    rt = runtime()
+    rt.model.generation_config.eos_token_id = None
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=2, max_length=64, compile={"backend": broken})
+    joins = {0: [("a", [5, 6, 7], 4, "a"), ("n", [9, 4], 3, None)]}
+    with pytest.warns(RuntimeWarning, match="could not compile the decode step .*no such compiler.*runs eagerly"):
+        got, _ = drive(batch, joins)
+    for key, prompt, limit, user in joins[0]:
+        assert got[key] == alone(rt, prompt, user, limit), key
+    assert calls == [1]  # tried once
+
+
 def test_warm_up_compiles_every_width_before_the_first_row():
     """``warm_up`` (what ``milp.serve --compile`` runs at its start) compiles the step at every
     width with no row running; rows then reaching both widths trace nothing more, and get their
