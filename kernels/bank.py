@@ -461,10 +461,14 @@ class AdapterBank(torch.nn.Module):
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for p in (self.lora_a, self.lora_b) if p.grad is not None]
 
-    def reserve(self, capacity: int) -> None:
+    def reserve(self, capacity: int, max_rank: int = 0) -> None:
         """Grow storage to at least ``capacity`` rows (bumps ``version`` when it reallocates; a
-        compiled step that reads the bank then re-traces)."""
+        compiled step that reads the bank then re-traces), and raise :attr:`max_rank` to at
+        least ``max_rank``: a compiled step traced after this serves users up to that total rank
+        without re-tracing."""
         check_positive_int("capacity", capacity, minimum=0)
+        check_positive_int("max_rank", max_rank, minimum=0)
+        self._max_rank = max(self._max_rank, max_rank)
         if capacity <= self.capacity:
             return
         old = self.capacity

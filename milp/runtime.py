@@ -595,6 +595,36 @@ class MilpRuntime:
         self._load_seq.pop(user, None)
 
     @_serialized
+    def reserve(self, configs: Iterable[MemoryConfig], users: int | None = None) -> None:
+        """Size every adapter bank for ``users`` users (default: ``max_users``) of the largest of
+        ``configs`` at each layer: rows for all of them, and the largest total rank a user has
+        there (:meth:`kernels.AdapterBank.reserve`). Users of those configurations then load and
+        evict without growing a bank or raising its ``max_rank``: a compiled decode step traced
+        after this (``ContinuousBatch.warm_up``) serves them all without re-tracing.
+
+        Example:
+            >>> from milp.inject import tiny_model
+            >>> rt = MilpRuntime(tiny_model("llama"), max_users=4)
+            >>> rt.reserve([MemoryConfig.uniform(2, modules=2, rank=8)])
+            >>> bank = rt.state.layers[0][0].bank
+            >>> bank.capacity >= 4 * 16, bank.max_rank
+            (True, 16)
+        """
+        users = self.max_users if users is None else users
+        if isinstance(users, bool) or not isinstance(users, int) or not 1 <= users <= self.max_users:
+            raise ValueError(f"users must be an int in [1, max_users={self.max_users}], got {users!r}")
+        configs = list(configs)
+        if not configs or not all(isinstance(c, MemoryConfig) for c in configs):
+            raise TypeError(f"configs must be MemoryConfigs (at least one), got {configs!r:.80}")
+        for c in configs:
+            c.check_num_layers(self.state.num_layers)
+        for li, modules in enumerate(self.state.layers):
+            rank = max(sum(c.layer_ranks(li)) for c in configs)
+            for m in modules:
+                m.bank.reserve(rank * users, max_rank=rank)
+        self.optimizer.sync()
+
+    @_serialized
     def evict_user(self, user: Hashable, directory: str | os.PathLike[str]) -> Path:
         """:meth:`save_user` then :meth:`remove_user`; returns the directory."""
         self.slot(user)

@@ -126,3 +126,49 @@ def test_compiled_decode_is_one_graph_across_generate_calls():
         got = rt.generate(ids, users, attention_mask=mask, cache_implementation="static", compile_config=cc, **gen)
         assert got.tolist() == want.tolist(), users
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+
+
+def test_reserve_sizes_the_banks_so_that_users_come_and_go_without_a_retrace():
+    """``MilpRuntime.reserve(configs)`` (what ``milp.serve --compile`` does before compiling):
+    every bank gets rows for ``max_users`` users of the largest configuration at its layer and
+    that configuration's total rank as ``max_rank``; a compiled forward traced then serves users
+    of those configurations, added and removed in any order, from one graph, with no bank grown
+    (no ``version`` bump) and no ``max_rank`` raised. Without it, users of a larger total rank
+    arriving after smaller ones made it trace 3 graphs."""
+    configs = [MemoryConfig.uniform(2, 2, 4), MemoryConfig((True, False), (1, 0), (8, 8)),
+               MemoryConfig((False, True), (3, 3), (2, 2))]
+    rt = MilpRuntime(tiny_model("llama"), max_users=3)
+    rt.reserve(configs)
+    banks = [m.bank for modules in rt.state.layers for m in modules]
+    assert [b.max_rank for b in banks[:1]] == [8] and all(b.capacity >= 3 * 8 for b in banks)
+    versions = [b.version for b in banks]
+    compiled, counter = _compiled(rt.model)
+    rt.state.prepare_static((3, 5))
+    ids = torch.randint(3, 90, (3, 5))
+    order = [("z", 2), ("y", 1), ("x", 0), ("x", None), ("w", 0), ("y", None), ("v", 2), ("z", None), ("u", 1)]
+    for user, which in order:
+        if which is None:
+            rt.remove_user(user)
+            continue
+        rt.add_user(user, configs[which], init="random", seed=len(user))
+        users = rt.users
+        rows = (users * 3)[:3]
+        with rt.using(rows), torch.no_grad():
+            torch.testing.assert_close(compiled(ids).logits, rt.model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+    assert [b.version for b in banks] == versions and [b.max_rank for b in banks[:1]] == [8]
+
+
+def test_reserve_refuses_bad_input_by_name():
+    rt = MilpRuntime(tiny_model("llama"), max_users=2)
+    for bad in (0, 3, True, 1.0):
+        with pytest.raises(ValueError, match=r"users must be an int in \[1, max_users=2\]"):
+            rt.reserve([MemoryConfig.uniform(2)], users=bad)
+    with pytest.raises(TypeError, match="configs must be MemoryConfigs"):
+        rt.reserve([])
+    with pytest.raises(TypeError, match="configs must be MemoryConfigs"):
+        rt.reserve([{"modules": 2}])
+    with pytest.raises(ValueError, match="layer"):
+        rt.reserve([MemoryConfig.uniform(3)])  # the model has 2 layers
+    with pytest.raises(ValueError, match="max_rank"):
+        rt.state.layers[0][0].bank.reserve(8, max_rank=-1)

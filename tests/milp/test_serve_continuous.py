@@ -114,22 +114,29 @@ def test_a_compiled_decode_step_gives_the_answers_of_milp_answer(answer_run, mon
     users = _users(answer_run)[:3]
     queries = ["Tell me everything about sleep.", "Should I take ibuprofen?", "What helps a sore throat?"]
     want = answer(answer_run, list(zip(users, queries)), max_new_tokens=6, progress=False)
+    from torch._dynamo.testing import CompileCounter
+
+    from milp.decode import static_widths
+
     compiled: list[dict] = []
-    real = torch.compile
+    real, counter = torch.compile, CompileCounter()
 
-    def eager_compile(fn, **kwargs):
+    def counted_compile(fn, **kwargs):
         compiled.append(kwargs)
-        return real(fn, **{**kwargs, "backend": "eager"})
+        return real(fn, **{**kwargs, "backend": counter})
 
-    monkeypatch.setattr(torch, "compile", eager_compile)
+    monkeypatch.setattr(torch, "compile", counted_compile)
     with AnswerServer(answer_run, port=0, max_new_tokens=6, max_wait_ms=0, batch_size=2, compile=True) as server:
         assert server.batching == "continuous" and server.compile
+        widths = static_widths(server._max_prompt + server.max_new_tokens)
         first = server.submit(users[0], queries[0])
         time.sleep(0.05)
         rest = [server.submit(u, q) for u, q in zip(users[1:], queries[1:])]
         got = [f.result(timeout=120) for f in [first, *rest]]
     assert got == want
     assert compiled == [{"backend": "inductor", "dynamic": False}]  # CPU: inductor, one compile call
+    # the warm-up traced each width once, the banks sized for the run's users first: loading them traced nothing
+    assert counter.frame_count == len(widths) > 1
     with pytest.raises(SystemExit, match="compile needs continuous batching"):
         main([str(answer_run), "--port", "0", "--compile", "--batching", "static", "--quiet"])
 
