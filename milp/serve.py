@@ -591,7 +591,9 @@ class AnswerServer:
                 t = time.perf_counter()
                 # banks sized for the run's users first: a user loaded later grows no bank and raises
                 # no max_rank, either of which would make the compiled step trace again
-                self.runtime.reserve(self._user_configs())
+                configs = self._user_configs()
+                if configs:
+                    self.runtime.reserve(configs)
                 widths = batch.warm_up()
                 if self.log:
                     print(f"{PROG}: decode step compiled for cache widths {widths} in {time.perf_counter() - t:.1f} s",
@@ -635,17 +637,22 @@ class AnswerServer:
 
     def _user_configs(self) -> list[Any]:
         """The distinct memory configurations of the run's users (what ``--compile`` sizes the
-        banks for)."""
+        banks for). A configuration that cannot be read or does not fit the model is left out:
+        its user's requests get the load's error, as without ``--compile``."""
         from .config import MemoryConfig
         from .runtime import CONFIG_FILE
 
-        store = self.runtime.store
+        store, layers = self.runtime.store, self.runtime.state.num_layers
         seen: dict[str, Any] = {}
         for user in store.users():
             path = store.path(user)
-            if path is not None:
-                config = MemoryConfig.from_json(path / CONFIG_FILE)
-                seen.setdefault(config.to_json(), config)
+            try:
+                config = MemoryConfig.from_json(path / CONFIG_FILE) if path is not None else None
+                if config is not None:
+                    config.check_num_layers(layers)
+                    seen.setdefault(config.to_json(), config)
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
         return list(seen.values())
 
     def _step(self, batch: Any, waiting: collections.deque[_Request], live: dict[int, _Request],

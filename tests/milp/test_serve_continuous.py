@@ -141,6 +141,26 @@ def test_a_compiled_decode_step_gives_the_answers_of_milp_answer(answer_run, mon
         main([str(answer_run), "--port", "0", "--compile", "--batching", "static", "--quiet"])
 
 
+def test_compile_sizes_the_banks_for_the_users_it_can_read(answer_run, tmp_path, monkeypatch):
+    """``--compile`` sizes the banks for the run's users' configurations: one it cannot read (a
+    damaged file) is left out, and the server starts and answers the others as milp.answer does."""
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(answer_run, run)
+    users = _users(run)
+    from milp.store import UserStore
+
+    (UserStore(run / "users").path(users[0]) / "memory_config.json").write_text("{not json")
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": "eager"}))
+    want = answer(answer_run, [(users[1], "Should I take ibuprofen?")], max_new_tokens=4, progress=False)
+    with AnswerServer(run, port=0, max_new_tokens=4, max_wait_ms=0, batch_size=2, compile=True) as server:
+        configs = server._user_configs()
+        assert configs and len(configs) <= len(users) - 1
+        assert [server.submit(users[1], "Should I take ibuprofen?").result(timeout=120)] == want
+
+
 def test_a_cancelled_row_leaves_at_the_next_step(answer_run, monkeypatch):
     u0, u1 = _users(answer_run)[:2]
     gate = Gate(monkeypatch)
