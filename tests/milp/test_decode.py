@@ -63,6 +63,14 @@ def drive(batch: ContinuousBatch, joins: dict[int, list[tuple]], leaves: dict[in
     return last, seen
 
 
+def check_alone(rt: MilpRuntime, got: dict, joins: dict[int, list[tuple]], left: tuple = ()) -> None:
+    """Each row of ``joins`` (as :func:`drive` takes them) got the tokens ``generate`` gives it
+    alone (a row of ``left``, which left early: the start of them)."""
+    for key, prompt, limit, user in [j for js in joins.values() for j in js]:
+        want = alone(rt, prompt, user, limit)
+        assert got[key] == (want[:len(got[key])] if key in left else want), key
+
+
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 90, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
@@ -381,9 +389,7 @@ def test_a_compiled_decode_step_traces_whole_on_every_architecture(arch):
                             compile={"backend": counter, "fullgraph": True})
     ps = prompts(3, seed=2)
     joins = {0: [(0, ps[0], 5, "a"), (1, ps[1], 3, None)], 2: [(2, ps[2], 4, 7)]}
-    got, _ = drive(batch, joins)
-    for key, prompt, limit, user in [j for js in joins.values() for j in js]:
-        assert got[key] == alone(rt, prompt, user, limit), key
+    check_alone(rt, drive(batch, joins)[0], joins)
     assert counter.frame_count == 1
 
 
@@ -407,18 +413,12 @@ def test_a_compiled_static_batch_runs_one_graph_per_width_whoever_joins_and_leav
     long = list(range(3, 76))  # 75 columns after its prefill: past 80 at its sixth token
     joins = {0: [("a0", ps[0], 6, "a"), ("long", long, 12, None)], 2: [("b1", ps[1], 3, "b")],
              4: [("x2", ps[2], 9, 7)], 9: [("a3", ps[3], 4, "a"), ("n4", ps[4], 2, None)]}
-    got, _ = drive(batch, joins, leaves={6: ["x2"]})
-    for key, prompt, limit, user in [j for js in joins.values() for j in js]:
-        want = alone(rt, prompt, user, limit)
-        assert got[key] == (want[:len(got[key])] if key == "x2" else want), key
+    check_alone(rt, drive(batch, joins, leaves={6: ["x2"]})[0], joins, left=("x2",))
     assert counter.frame_count == 2  # widths 80 and 160
     assert len(batch) == 0 and batch._free == [0, 1, 2, 3] and batch.cache_bytes == batch._slots.nbytes > 0
     nbytes = batch.cache_bytes
     again = {0: [("b0", ps[4], 5, "b"), ("c1", ps[0], 7, 7), ("d2", ps[2], 2, "a")], 3: [("e3", ps[3], 6, None)]}
-    got, _ = drive(batch, again, leaves={2: ["c1"]})
-    for key, prompt, limit, user in [j for js in again.values() for j in js]:
-        want = alone(rt, prompt, user, limit)
-        assert got[key] == (want[:len(got[key])] if key == "c1" else want), key
+    check_alone(rt, drive(batch, again, leaves={2: ["c1"]})[0], again, left=("c1",))
     assert counter.frame_count == 2 and batch.cache_bytes == nbytes
 
 
@@ -437,8 +437,7 @@ def test_a_step_torch_cannot_compile_runs_eagerly_with_a_warning():
     joins = {0: [("a", [5, 6, 7], 4, "a"), ("n", [9, 4], 3, None)]}
     with pytest.warns(RuntimeWarning, match="could not compile the decode step .*no such compiler.*runs eagerly"):
         got, _ = drive(batch, joins)
-    for key, prompt, limit, user in joins[0]:
-        assert got[key] == alone(rt, prompt, user, limit), key
+    check_alone(rt, got, joins)
     assert calls == [1]  # tried once
 
 
@@ -459,9 +458,7 @@ def test_warm_up_compiles_every_width_before_the_first_row():
     assert counter.frame_count == 2 and len(batch) == 0 and batch._free == [0, 1] and batch._block is None
     long = [3 + i % 80 for i in range(97)]  # 97 columns: past 100 at its fourth token
     joins = {0: [("long", long, 8, "b"), ("short", [5, 6], 3, "a")]}
-    got, _ = drive(batch, joins)
-    for key, prompt, limit, user in joins[0]:
-        assert got[key] == alone(rt, prompt, user, limit), key
+    check_alone(rt, drive(batch, joins)[0], joins)
     assert counter.frame_count == 2
     assert ContinuousBatch(rt.model, runtime=rt, max_length=200).warm_up() == []  # eager: nothing to compile
     busy = ContinuousBatch(rt.model, runtime=rt, max_length=200, compile={"backend": "eager"})
