@@ -96,17 +96,23 @@ def sampling(i: int) -> Sampling:
 LOGPROBS = 5  # the alternatives milp-logprobs asks for per token
 
 
-def run_continuous(rt, reqs, rows: int, sampled: bool = False, logprobs: int | None = None, static: bool = False,
-                   compile: Any = False, batch: ContinuousBatch | None = None
-                   ) -> tuple[list[list[int]], int, list[int]]:
+def continuous_batch(rt, reqs, rows: int, static: bool = False, compile: Any = False) -> ContinuousBatch:
+    """An empty :class:`ContinuousBatch` of ``rows`` rows for ``reqs`` (rows end at their length):
+    with ``static``, a static cache of :func:`max_length` columns; ``compile``: its decode step
+    compiled with these ``torch.compile`` arguments (a static cache too)."""
+    return ContinuousBatch(rt.model, eos_token_id=[], pad_token_id=0, runtime=rt, max_rows=rows,
+                           max_length=max_length(reqs) if static or compile else None, compile=compile)
+
+
+def run_continuous(rt, reqs, rows: int, sampled: bool = False, logprobs: int | None = None,
+                   batch: ContinuousBatch | None = None) -> tuple[list[list[int]], int, list[int]]:
     """The same requests through a :class:`ContinuousBatch` of ``rows`` rows, each joining as a
     row ends (``sampled``: each with :func:`sampling`; ``logprobs``: each token's logprob with that
-    many alternatives, checked to name the token; ``static``: a static cache of :func:`max_length`
-    columns; ``compile``: its decode step compiled; ``batch``: this one, empty, instead of a new
-    one): each request's tokens, the steps made, and the step after which each had its answer."""
+    many alternatives, checked to name the token; ``batch``: this one, empty, instead of a new one
+    of :func:`continuous_batch`): each request's tokens, the steps made, and the step after which
+    each had its answer."""
     if batch is None:
-        batch = ContinuousBatch(rt.model, eos_token_id=[], pad_token_id=0, runtime=rt, max_rows=rows,
-                                max_length=max_length(reqs) if static or compile else None, compile=compile)
+        batch = continuous_batch(rt, reqs, rows)
     answers: dict[int, list[int]] = {}
     done: dict[int, int] = {}
     queue, steps = list(range(len(reqs))), 0
@@ -134,8 +140,9 @@ def test_continuous_correctness():
     static, _, _ = run_static(rt, reqs, 4)
     cont, _, _ = run_continuous(rt, reqs, 4)
     sampled, _, _ = run_continuous(rt, reqs, 4, sampled=True)
-    assert run_continuous(rt, reqs, 4, static=True)[0] == cont  # a static cache, eager
-    assert run_continuous(rt, reqs, 4, compile=compile_args())[0] == cont  # ... and its step compiled
+    assert run_continuous(rt, reqs, 4, batch=continuous_batch(rt, reqs, 4, static=True))[0] == cont  # static, eager
+    compiled = continuous_batch(rt, reqs, 4, compile=compile_args())
+    assert run_continuous(rt, reqs, 4, batch=compiled)[0] == cont  # ... and its step compiled
     assert run_continuous(rt, reqs, 4, logprobs=LOGPROBS)[0] == cont  # logprobs change no token
     for i, (p, n, u) in enumerate(reqs):
         kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -168,9 +175,8 @@ def test_continuous_throughput(benchmark, peaks, impl):
     reqs = workload(W["requests"], W["users"], W["prompt"], W["answer"], model.config.vocab_size)
     rows = W["rows"]
     # milp-static/-compiled: one batch for every repetition (its cache allocated and its step compiled once)
-    batch = None if impl in ("static", "milp", "milp-sampled", "milp-logprobs") else ContinuousBatch(
-        rt.model, eos_token_id=[], pad_token_id=0, runtime=rt, max_rows=rows, max_length=max_length(reqs),
-        compile=compile_args() if impl == "milp-compiled" else False)
+    batch = None if impl in ("static", "milp", "milp-sampled", "milp-logprobs") else continuous_batch(
+        rt, reqs, rows, static=True, compile=compile_args() if impl == "milp-compiled" else False)
     fn = (lambda: run_static(rt, reqs, rows)) if impl == "static" else (
         lambda: run_continuous(rt, reqs, rows, sampled=impl == "milp-sampled",
                                logprobs=LOGPROBS if impl == "milp-logprobs" else None, batch=batch))

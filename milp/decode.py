@@ -266,6 +266,7 @@ class ContinuousBatch:
         self.max_length, self._compile = max_length, compile
         # with max_length: the static cache, its free rows, each row's last token, the decode step
         self._slots = SlotCache(max_rows, max_length) if max_length is not None else None
+        self._widths = static_widths(max_length) if max_length is not None else []
         self._free = list(range(max_rows))
         self._ids: torch.Tensor | None = None
         self._step_fn: Any = None
@@ -382,7 +383,7 @@ class ContinuousBatch:
             return []
         if len(self):
             raise RuntimeError(f"warm_up needs an empty batch, {len(self)} rows have joined")
-        widths = static_widths(self._slots.capacity)
+        widths = self._widths
         with _eval(self.model):
             self.join(_WARM_UP, [self.pad], 1)
             for u in self._step():  # its prefill, its one token: it has left
@@ -598,7 +599,7 @@ class ContinuousBatch:
         assert self._slots is not None and self._ids is not None
         self._open_block()
         longest = max(len(r.prompt) + len(r.tokens) for r in self._rows)  # its new token's column, plus one
-        logits = self._run_static(next(w for w in static_widths(self._slots.capacity) if w >= longest))
+        logits = self._run_static(next(w for w in self._widths if w >= longest))
         slots = torch.tensor([r.slot for r in self._rows], device=self._ids.device)
         tokens = self._pick(logits.index_select(0, slots.to(logits.device)), self._rows)
         self._ids[slots] = tokens.to(self._ids.device)

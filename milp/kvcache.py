@@ -253,8 +253,7 @@ class GrowingCache(DynamicCache):
     @property
     def nbytes(self) -> int:
         """Bytes the layers' buffers hold (room included)."""
-        return sum(b.numel() * b.element_size() for x in self.layers if isinstance(x, GrowingLayer)
-                   for b in (x._k, x._v) if b is not None)
+        return _buffer_bytes(self.layers)
 
     def row_room(self, need: int) -> int:
         """Rows to allocate for a buffer that must hold ``need``: at least ``rows``."""
@@ -400,8 +399,7 @@ class SlotCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes the layers' buffers hold."""
-        return sum(b.numel() * b.element_size() for x in self.layers if isinstance(x, SlotLayer)
-                   for b in (x._k, x._v) if b is not None)
+        return _buffer_bytes(self.layers)
 
 
 def cache_argument(model: Any) -> str | None:
@@ -435,6 +433,13 @@ def stack_rows(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int, r
         v[at:at + n, :, pad:width].copy_(pv)
         at += n
     return k, v
+
+
+def _buffer_bytes(layers: Sequence[Any]) -> int:
+    """Bytes of the key and value buffers of ``layers`` (:class:`GrowingLayer` or
+    :class:`SlotLayer`; other layers, and buffers not allocated yet, count nothing)."""
+    return sum(b.numel() * b.element_size() for x in layers if isinstance(x, (GrowingLayer, SlotLayer))
+               for b in (x._k, x._v) if b is not None)
 
 
 def _leads(t: torch.Tensor, buf: torch.Tensor, rows: int, start: int) -> bool:
