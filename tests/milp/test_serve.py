@@ -188,6 +188,10 @@ def test_bad_settings_are_refused_before_the_model_loads(answer_run, tmp_path):
                       (dict(max_wait_ms=-1), "max_wait_ms must be"), (dict(prefill_chunk=0), "prefill_chunk must be")):
         with pytest.raises(ValueError, match=match):
             AnswerServer(answer_run, **kw)
+    with pytest.raises(TypeError, match="compile must be a bool, got 'yes'"):
+        AnswerServer(answer_run, compile="yes")
+    with pytest.raises(ValueError, match="compile needs continuous batching"):
+        AnswerServer(answer_run, compile=True, batching="static")
     with pytest.raises(SystemExit, match="milp.serve: .* is not a milp.train output directory"):
         AnswerServer(tmp_path)
     with AnswerServer(answer_run, port=0) as server:  # a port in use, by the CLI
