@@ -38,14 +38,17 @@ requests of 600–1000-token prompts and 8–64-token answers): 11.5 s, against 
 ``DynamicCache`` and the whole cache copied at each join and leave, the same tokens.
 
 With ``max_length`` the cache is static instead (:class:`milp.kvcache.SlotCache`): ``max_rows``
-rows of ``max_length`` columns, allocated once; a row's prompt is written into a free row from
-column 0, and a row that leaves frees its row (nothing moves). Every decode step runs all
-``max_rows`` rows (a free one on a pad token, without adapters; its logits unused) over the first
-``width`` columns, the smallest of :func:`static_widths` that holds the longest running row, with
-an attention mask that hides each row's columns past its own. A step's shapes then depend on the
-width alone, so ``compile=True`` compiles it once per width (at most 8) and replays that graph
-whoever joins and leaves: on a GPU with CUDA graphs, where an eager step of a small model is bound
-by the host (one launch per op per layer, three more per adapted linear). The adapters read the
+rows of ``max_length`` columns, allocated once; a row's prompt is written into the first free row
+from column 0, and a row that leaves has its row taken by the last running one (that row's cache
+copied), so that the running rows are the cache's first. A decode step runs the first ``b`` rows,
+``b`` the smallest of a few row buckets (``row_buckets``, :func:`static_row_buckets`) that holds
+the running rows (a free one among them on a pad token, without adapters; its logits unused),
+over the first ``width`` columns, the smallest of :func:`static_widths` that holds the longest
+running row, with an attention mask that hides each row's columns past its own. A step's shapes
+then depend on the bucket and the width alone, so ``compile=True`` compiles it once per pair (by
+default at most 4 × 8) and replays that graph whoever joins and leaves: on a GPU with CUDA graphs,
+where an eager step of a small model is bound by the host (one launch per op per layer, three
+more per adapted linear). The adapters read the
 runtime's static plan of the decode shape (:meth:`milp.inject.MilpState.prepare_static`),
 rewritten in place when the rows' users change. The prefills stay eager. On this CPU a compiled
 step gains nothing (inductor: 0.41 s against 0.37 s eager for ``bench/test_continuous.py``'s
@@ -85,7 +88,7 @@ from kernels import nvtx_range
 from .kvcache import GrowingCache, GrowingLayer, SlotCache, cache_argument, stack_rows
 from .sampling import Sampling, TokenLogprob, check_logprobs, pick_tokens, row_sampler, token_logprobs
 
-__all__ = ["ContinuousBatch", "Update", "continuous_unsupported", "static_widths"]
+__all__ = ["ContinuousBatch", "Update", "continuous_unsupported", "static_row_buckets", "static_widths"]
 
 #: generation-config settings that change which token greedy decoding picks, and their neutral values
 _GREEDY_CHANGERS: dict[str, Any] = {
@@ -218,6 +221,13 @@ class ContinuousBatch:
             ``torch.compile`` with the ``cudagraphs`` backend on CUDA (the graph captured and
             replayed: no host work per layer), ``inductor`` elsewhere; a mapping: these
             ``torch.compile`` arguments (``{"backend": "eager"}``, say). ``False`` (default): eager.
+        row_buckets: with ``max_length``, the row counts a decode step may run (ascending;
+            ``max_rows`` is added): a step runs the first ``b`` rows of the static cache, ``b``
+            the smallest bucket that holds the running rows (kept in the first rows: a row that
+            leaves has its place taken by the last one, its cache copied), so that a few rows
+            do not read every row's cache. ``None`` (default): :func:`static_row_buckets`
+            (``max_rows`` halved up to 3 times while at least 8: 32 rows → 8, 16, 32). With
+            ``compile``, one graph per bucket and width.
 
     Not thread-safe: one thread calls :meth:`join`, :meth:`leave` and :meth:`step`.
     """
@@ -225,7 +235,7 @@ class ContinuousBatch:
     def __init__(self, model: nn.Module, *, eos_token_id: int | Iterable[int] | None = None,
                  pad_token_id: int | None = None, runtime: Any = None, max_rows: int = 8,
                  prefill_chunk: int | None = None, max_length: int | None = None,
-                 compile: bool | Mapping[str, Any] = False) -> None:
+                 compile: bool | Mapping[str, Any] = False, row_buckets: Sequence[int] | None = None) -> None:
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
             raise TypeError(f"model must be a Hugging Face causal LM (an nn.Module with a config), "
                             f"got {type(model).__name__}")
@@ -239,6 +249,15 @@ class ContinuousBatch:
                                        or max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 (a row's prompt plus new tokens) or None, "
                              f"got {max_length!r}")
+        if row_buckets is not None and (isinstance(row_buckets, (str, bytes)) or not isinstance(row_buckets, Sequence)
+                                        or not row_buckets
+                                        or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= max_rows
+                                                   for b in row_buckets)
+                                        or list(row_buckets) != sorted(set(row_buckets))):
+            raise ValueError(f"row_buckets must be ascending distinct ints in [1, max_rows={max_rows}] or None, "
+                             f"got {row_buckets!r:.60}")
+        if row_buckets is not None and max_length is None:
+            raise ValueError("row_buckets needs max_length (it buckets the static cache's rows)")
         if not isinstance(compile, (bool, Mapping)):
             raise TypeError(f"compile must be a bool or a mapping of torch.compile arguments, got {compile!r:.60}")
         if compile is not False and max_length is None:
@@ -267,9 +286,12 @@ class ContinuousBatch:
         # with max_length: the static cache, its free rows, each row's last token, the decode step
         self._slots = SlotCache(max_rows, max_length) if max_length is not None else None
         self._widths = static_widths(max_length) if max_length is not None else []
+        self._buckets = (sorted({*row_buckets, max_rows}) if row_buckets is not None
+                         else static_row_buckets(max_rows)) if max_length is not None else []
         self._free = list(range(max_rows))
         self._ids: torch.Tensor | None = None
-        self._step_fn: Any = None
+        self._step_fns: dict[int, Any] = {}  # the decode step of each row bucket (compiled, with compile)
+        self._eager = compile is False  # True also once torch failed to compile the step
 
     # ------------------------------------------------------------------ rows
     def __len__(self) -> int:
@@ -372,31 +394,31 @@ class ContinuousBatch:
             return self._step()
 
     @torch.no_grad()
-    def warm_up(self) -> list[int]:
-        """Compile the decode step for every width now (``compile``), so that no row waits for a
-        compile later: a one-token prompt is prefilled (allocating the static cache) and ends at
-        once, then steps run at each width of :func:`static_widths` with every row free (two: CUDA
-        graph trees run a new graph once before they record it).
-        Returns the widths compiled (``[]`` without ``compile``: nothing to do). The batch must be
-        empty; it is empty again after."""
+    def warm_up(self) -> list[tuple[int, int]]:
+        """Compile the decode step for every row bucket and width now (``compile``), so that no
+        row waits for a compile later: a one-token prompt is prefilled (allocating the static
+        cache) and ends at once, then steps run at each bucket of ``row_buckets`` and width of
+        :func:`static_widths` with every row free (two: CUDA graph trees run a new graph once
+        before they record it). Returns the ``(rows, width)`` shapes compiled (``[]`` without
+        ``compile``: nothing to do). The batch must be empty; it is empty again after."""
         if self._compile is False or self._slots is None:
             return []
         if len(self):
             raise RuntimeError(f"warm_up needs an empty batch, {len(self)} rows have joined")
-        widths = self._widths
+        shapes = [(rows, width) for rows in self._buckets for width in self._widths]
         with _eval(self.model):
             self.join(_WARM_UP, [self.pad], 1)
             for u in self._step():  # its prefill, its one token: it has left
                 if u.error is not None:
                     raise u.error
-            try:
-                self._open_block()  # every row free: no user
-                for width in widths:
+            for rows, width in shapes:
+                try:
+                    self._open_block(rows)  # every row free: no user
                     for _ in range(2):
-                        self._run_static(width)
-            finally:
-                self._close_block()
-        return widths
+                        self._run_static(width, rows)
+                finally:
+                    self._close_block()
+        return shapes
 
     def _step(self) -> list[Update]:
         updates: list[Update] = []
@@ -566,13 +588,23 @@ class ContinuousBatch:
 
     # ------------------------------------------------------------------ the static cache (max_length)
     def _keep_slots(self, rows: list[int]) -> None:
-        """:meth:`_keep` with the static cache: the rows that leave free their rows; nothing moves."""
+        """:meth:`_keep` with the static cache: the rows that leave free their rows, and running
+        rows past the first ``len(rows)`` move into them (their cache copied), so that the running
+        rows hold the first rows of the cache (a step runs the smallest row bucket holding them)."""
         assert self._slots is not None
-        freed = [self._rows[j].slot for j in sorted(set(range(len(self._rows))) - set(rows))]
-        if freed:  # a free row decodes at column 0 (its writes land where nobody reads)
-            self._slots.columns[torch.tensor(freed, device=self._slots.columns.device)] = 0
-        self._free = sorted(self._free + freed)
-        self._rows = [self._rows[j] for j in rows]
+        kept = [self._rows[j] for j in rows]
+        n = len(kept)
+        if n < len(self._rows):
+            assert self._ids is not None
+            holes = sorted(set(range(n)) - {r.slot for r in kept})
+            for r, dst in zip([r for r in kept if r.slot >= n], holes):
+                length = len(r.prompt) + len(r.tokens) - 1  # its cache: the last token is fed at the next step
+                self._slots.place(dst, self._slots.row(r.slot, length))
+                self._ids[dst] = self._ids[r.slot]
+                r.slot = dst
+            self._slots.columns[n:] = 0  # a free row decodes at column 0 (its writes land where nobody reads)
+        self._free = list(range(n, self.max_rows))
+        self._rows = kept
 
     def _place(self, group: list[_Row], layers: list[GrowingLayer], first: torch.Tensor, width: int) -> None:
         """Write the prefilled ``group`` (its prompts left-padded to ``width`` in ``layers``) into
@@ -595,41 +627,51 @@ class ContinuousBatch:
         self._close_block()  # the set of rows changed
 
     def _decode_static(self) -> list[int]:
-        """One decode step of every row of the static cache (the running rows' tokens picked)."""
+        """One decode step of the static cache's first rows, the smallest row bucket that holds the
+        running rows (their tokens picked)."""
         assert self._slots is not None and self._ids is not None
         self._open_block()
         longest = max(len(r.prompt) + len(r.tokens) for r in self._rows)  # its new token's column, plus one
-        logits = self._run_static(next(w for w in self._widths if w >= longest))
+        logits = self._run_static(next(w for w in self._widths if w >= longest), self._bucket())
         slots = torch.tensor([r.slot for r in self._rows], device=self._ids.device)
         tokens = self._pick(logits.index_select(0, slots.to(logits.device)), self._rows)
         self._ids[slots] = tokens.to(self._ids.device)
         self._slots.columns[slots] += 1
         return [int(t) for t in tokens.tolist()]
 
-    def _run_static(self, width: int) -> torch.Tensor:
-        """The logits of one decode step of every row of the static cache over ``width`` columns
-        (the step compiled at its first call, with ``compile``). A step torch fails to compile
-        (a ``TorchDynamoException``: tracing or the backend) is run eagerly, then and from then
-        on, with a ``RuntimeWarning``: a server keeps answering."""
+    def _bucket(self) -> int:
+        """The row bucket of the running rows: the smallest of ``row_buckets`` that holds them."""
+        return next(b for b in self._buckets if b >= len(self._rows))
+
+    def _run_static(self, width: int, rows: int) -> torch.Tensor:
+        """The logits of one decode step of the first ``rows`` rows of the static cache over
+        ``width`` columns (the step compiled at its first call, with ``compile``). A step torch
+        fails to compile (a ``TorchDynamoException``: tracing or the backend) is run eagerly, then
+        and from then on, with a ``RuntimeWarning``: a server keeps answering."""
         assert self._slots is not None and self._ids is not None
-        if self._step_fn is None:
-            self._step_fn = self._compiled_step() if self._compile is not False else self._static_step
-        self._slots.width = width
+        self._slots.width, self._slots.step_rows = width, rows
         with nvtx_range("milp.decode.step"):
+            if self._eager:
+                return self._static_step(self._ids, self._slots.columns, width, rows)
+            fn = self._step_fns.get(rows)
+            if fn is None:
+                fn = self._step_fns[rows] = self._compiled_step(rows)
             try:
-                return self._step_fn(self._ids, self._slots.columns, width)
+                return fn(self._ids, self._slots.columns, width, rows)
             except torch._dynamo.exc.TorchDynamoException as e:  # raised before the graph ran
                 why = " ".join(str(e).split())[:300]
                 warnings.warn(f"ContinuousBatch: torch could not compile the decode step ({type(e).__name__}: {why}); "
                               "it runs eagerly from now on", RuntimeWarning, stacklevel=2)
-                self._step_fn = self._static_step
-                return self._static_step(self._ids, self._slots.columns, width)
+                self._eager = True
+                return self._static_step(self._ids, self._slots.columns, width, rows)
 
-    def _static_step(self, ids: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
-        """The logits of one decode step of every row: row ``r`` feeds ``ids[r]`` at position
-        ``columns[r]`` and attends to its columns ``[0, columns[r]]`` of the first ``width``."""
+    def _static_step(self, ids: torch.Tensor, columns: torch.Tensor, width: int, rows: int) -> torch.Tensor:
+        """The logits of one decode step of the first ``rows`` rows: row ``r`` feeds ``ids[r]`` at
+        position ``columns[r]`` and attends to its columns ``[0, columns[r]]`` of the first
+        ``width``."""
         assert self._slots is not None
         dtype = self._dtype
+        ids, columns = ids[:rows], columns[:rows]
         seen = torch.arange(width, device=columns.device)[None, :] <= columns[:, None]
         if self._mask_3d:  # [rows, 1, width] of 1 = attended: the model makes it additive itself
             mask = seen[:, None, :].to(dtype)
@@ -638,19 +680,20 @@ class ContinuousBatch:
             mask = mask.masked_fill(~seen[:, None, None, :], torch.finfo(dtype).min)
         return self._forward(ids[:, None], mask, columns[:, None], self._slots)
 
-    def _compiled_step(self) -> Any:
-        """``torch.compile`` of :meth:`_static_step` (``compile``'s arguments), the static plan of
-        the decode shape registered first (the injected layers read it in a compiled graph)."""
+    def _compiled_step(self, rows: int) -> Any:
+        """``torch.compile`` of :meth:`_static_step` (``compile``'s arguments) for steps of
+        ``rows`` rows, the static plan of their decode shape registered first (the injected
+        layers read it in a compiled graph)."""
         assert self._ids is not None
         if self.runtime is not None:  # [rows, 1, features], or flattened to [rows, features] (OPT)
-            for lead in ((self.max_rows, 1), (self.max_rows,)):
+            for lead in ((rows, 1), (rows,)):
                 self.runtime.state.prepare_static(lead, self._ids.device)
         opts: dict[str, Any] = dict(self._compile) if isinstance(self._compile, Mapping) else {
             "backend": "cudagraphs" if self._ids.device.type == "cuda" else "inductor"}
         opts.setdefault("dynamic", False)
-        # a copy of the step's code for this batch: torch keeps compiled graphs per code object, at most
-        # recompile_limit (8) of them, and every batch (another model, another cache) would count against
-        # the one limit of a shared code object, past which torch runs the step eagerly
+        # a copy of the step's code for this batch and row bucket: torch keeps compiled graphs per code
+        # object, at most recompile_limit (8) of them, and every batch (another model, another cache) and
+        # bucket would count against the one limit of a shared code object, past which torch runs eagerly
         step = ContinuousBatch._static_step
         fn = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__)
         return torch.compile(types.MethodType(fn, self), **opts)
@@ -661,14 +704,15 @@ class ContinuousBatch:
         assert self._mask is not None and self._cache is not None
         self._cache.reach = self._mask.shape[1] + max(r.limit - len(r.tokens) for r in self._rows)
 
-    def _open_block(self) -> None:
+    def _open_block(self, rows: int | None = None) -> None:
         """Enter the runtime's ``using`` block of the running rows' users (kept until they change;
-        with the static cache, one user per row of it: ``None`` where no row runs)."""
+        with the static cache, one user per row of its first ``rows`` (the running rows' bucket):
+        ``None`` where no row runs)."""
         if self.runtime is None or self._block is not None:
             return
         users = [r.user for r in self._rows]
         if self._slots is not None:
-            users = [None] * self.max_rows
+            users = [None] * (self._bucket() if rows is None else rows)
             for r in self._rows:
                 users[r.slot] = r.user
         stack = contextlib.ExitStack()
@@ -723,6 +767,19 @@ def static_widths(max_length: int) -> list[int]:
         ([64, 128, 256, 512, 1024, 2048], [100])
     """
     return sorted({max_length >> k for k in range(8) if k == 0 or max_length >> k >= 64})
+
+
+def static_row_buckets(max_rows: int) -> list[int]:
+    """The row counts a static cache's decode step runs by default (:class:`ContinuousBatch`'s
+    ``row_buckets``): ``max_rows`` halved up to 3 times while at least 8, ascending. A step runs
+    the smallest that holds the running rows, so it reads the cache of at most twice the rows
+    that run, or 8 (``max_rows`` itself below 16); a compiled step has at most 4 graphs per width.
+
+    Example:
+        >>> static_row_buckets(32), static_row_buckets(100), static_row_buckets(8)
+        ([8, 16, 32], [12, 25, 50, 100], [8])
+    """
+    return sorted({max_rows >> k for k in range(4) if k == 0 or max_rows >> k >= 8})
 
 
 def _cache_layers(cache: Any) -> list[GrowingLayer]:

@@ -280,12 +280,13 @@ class SlotLayer(DynamicLayer):
         o = self._owner
         if self._k is None or self._v is None:
             raise RuntimeError("a SlotCache layer is written by SlotCache.place before its first decode step")
-        if key_states.shape[0] != o.rows or key_states.shape[-2] != 1 or value_states.shape[-2] != 1:
-            raise ValueError(f"a SlotCache takes one token for each of its {o.rows} rows a step, got keys of "
-                             f"shape {list(key_states.shape)}")
-        at = o.columns.view(-1, 1, 1, 1)
-        self._k.scatter_(2, at.expand(key_states.shape), key_states)
-        self._v.scatter_(2, at.expand(value_states.shape), value_states)
+        n = o.step_rows
+        if key_states.shape[0] != n or key_states.shape[-2] != 1 or value_states.shape[-2] != 1:
+            raise ValueError(f"a SlotCache step takes one token for each of its first step_rows={n} rows, got keys "
+                             f"of shape {list(key_states.shape)}")
+        at = o.columns[:n].view(-1, 1, 1, 1)
+        self._k[:n].scatter_(2, at.expand(key_states.shape), key_states)
+        self._v[:n].scatter_(2, at.expand(value_states.shape), value_states)
         return self._views()
 
     def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -302,7 +303,8 @@ class SlotLayer(DynamicLayer):
 
     def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
         assert self._k is not None and self._v is not None
-        self.keys, self.values = self._k[:, :, :self._owner.width], self._v[:, :, :self._owner.width]
+        n, w = self._owner.step_rows, self._owner.width
+        self.keys, self.values = self._k[:n, :, :w], self._v[:n, :, :w]
         return self.keys, self.values
 
 
@@ -315,11 +317,13 @@ class SlotCache(Cache):
     no left padding, so a row's next position is its column. A decode step (one token per row,
     every row, used or not) writes each row's key and value at ``columns[r]``; attention reads the
     first ``width`` columns of every row, and the caller's mask hides the columns past each row's
-    own. The shapes a step sees depend on ``rows`` and ``width`` only, so a compiled step (and a
-    captured CUDA graph) serves any rows joining and leaving, one graph per ``width``.
+    own. A step may run the first ``step_rows`` rows only (the caller keeps its rows there:
+    :meth:`place` moves one). The shapes a step sees depend on ``step_rows`` and ``width`` only,
+    so a compiled step (and a captured CUDA graph) serves any rows joining and leaving, one graph
+    per pair.
 
     ``columns`` is a device tensor written in place (the caller advances it after each step);
-    ``width`` an int the caller sets before each step (``<= capacity``).
+    ``width`` and ``step_rows`` ints the caller sets before each step (``<= capacity``, ``<= rows``).
 
     Args:
         rows: the rows (slots) the cache holds.
@@ -342,7 +346,7 @@ class SlotCache(Cache):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         Cache.__init__(self, layer_class_to_replicate=self._layer)  # type: ignore[arg-type]
-        self.rows, self.capacity, self._width = rows, capacity, capacity
+        self.rows, self.capacity, self._width, self._step_rows = rows, capacity, capacity, rows
         self.columns = torch.zeros(rows, dtype=torch.long)
 
     @property
@@ -355,6 +359,22 @@ class SlotCache(Cache):
         if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= self.capacity:
             raise ValueError(f"width must be an int in [1, capacity={self.capacity}], got {width!r}")
         self._width = width
+        self._refresh()
+
+    @property
+    def step_rows(self) -> int:
+        """The rows a step runs: the first ``step_rows`` (every layer's ``keys``/``values`` are
+        views of them)."""
+        return self._step_rows
+
+    @step_rows.setter
+    def step_rows(self, rows: int) -> None:
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= self.rows:
+            raise ValueError(f"step_rows must be an int in [1, rows={self.rows}], got {rows!r}")
+        self._step_rows = rows
+        self._refresh()
+
+    def _refresh(self) -> None:
         for layer in self.layers:
             if isinstance(layer, SlotLayer) and layer._k is not None:
                 layer._views()
@@ -364,10 +384,11 @@ class SlotCache(Cache):
 
     def place(self, row: int, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Make ``parts`` (each layer's ``(keys, values)``, ``[heads, length, dim]``: one row's
-        prefill) row ``row``'s content, in its columns ``[0, length)``, and zero the rest of the
-        row (masked columns attention still reads: a NaN an earlier row left there would reach the
-        output through its zero weight); ``columns[row] = length``. The first call allocates every
-        layer's buffers (zeros) from the parts' shapes."""
+        prefill, or another row's :meth:`row`, to move it) row ``row``'s content, in its columns
+        ``[0, length)``, and zero the rest of the row (masked columns attention still reads: a NaN
+        an earlier row left there would reach the output through its zero weight);
+        ``columns[row] = length``. The first call allocates every layer's buffers (zeros) from the
+        parts' shapes."""
         if not 0 <= row < self.rows:
             raise ValueError(f"row must be in [0, {self.rows}), got {row}")
         length = parts[0][0].shape[-2] if parts else 0
@@ -386,6 +407,20 @@ class SlotCache(Cache):
             layer._k[row, :, length:].zero_()
             layer._v[row, :, length:].zero_()
         self.columns[row] = length
+
+    def row(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row ``row``'s first ``length`` columns, each layer's ``(keys, values)`` (``[heads,
+        length, dim]`` views of the buffers): what :meth:`place` takes, to move a row to another."""
+        if not 0 <= row < self.rows or not 0 < length <= self.capacity:
+            raise ValueError(f"row must be in [0, {self.rows}) and length in [1, {self.capacity}], got {row}, {length}")
+        if not self.layers:
+            raise RuntimeError("a SlotCache has no rows to read before its first place")
+        parts = []
+        for x in self.layers:
+            if not isinstance(x, SlotLayer) or x._k is None or x._v is None:
+                raise RuntimeError("a SlotCache has no rows to read before its first place")
+            parts.append((x._k[row, :, :length], x._v[row, :, :length]))
+        return parts
 
     def _allocate(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.layers = []

@@ -17,9 +17,10 @@ thread in one of two ways (``--batching``):
   prefilled with it. Requests join in arrival order: one whose user has no free adapter slot
   (``--slots``) waits, and those behind it too, until a row ends. ``--compile`` gives the batch a
   static key/value cache (``--batch-size`` rows of the longest prompt and answer) and compiles
-  its decode step: on a GPU a CUDA graph replayed at every step, whoever joins and leaves. At
-  start the adapter banks are sized for the run's users (``MilpRuntime.reserve``: a user loaded
-  later would otherwise grow a bank and make the step trace again) and every cache width is
+  its decode step: on a GPU a CUDA graph replayed at every step, whoever joins and leaves (one
+  per row bucket and cache width: a step of a few rows runs the cache's first 8 or so, not all of
+  them). At start the adapter banks are sized for the run's users (``MilpRuntime.reserve``: a
+  user loaded later would otherwise grow a bank and make the step trace again) and every shape is
   compiled (``ContinuousBatch.warm_up``), before the first request is answered.
 * ``static``: a batch of up to ``--batch-size`` requests (taken as the first one came, waiting
   at most ``--max-wait-ms`` for more) is answered by one ``generate`` call; requests that arrive
@@ -271,8 +272,8 @@ class AnswerServer:
         compile: continuous batching with a static key/value cache (rows for ``batch_size``
             requests of the longest prompt and answer the server takes) and the decode step
             compiled (``ContinuousBatch(compile=True)``: CUDA graphs on a GPU, replayed whoever
-            joins and leaves; one graph per cache width, all compiled at start, the banks sized
-            for the run's users first). On a CPU it only costs the compile time.
+            joins and leaves; one graph per row bucket and cache width, all compiled at start, the
+            banks sized for the run's users first). On a CPU it only costs the compile time.
         api_key: where given, ``POST /v1/answer`` needs ``Authorization: Bearer <api_key>``
             (``401`` without it); ``GET /health`` stays open for load balancers. Only as safe
             as the connection: without TLS in front, the key travels in clear.
@@ -587,16 +588,17 @@ class AnswerServer:
         busy: list[_Request] = []  # the requests of the busy period (rows running without a pause)
         t0 = 0.0
         try:
-            if self.compile:  # every width's graph before the first request: none waits for a compile
+            if self.compile:  # every shape's graph before the first request: none waits for a compile
                 t = time.perf_counter()
                 # banks sized for the run's users first: a user loaded later grows no bank and raises
                 # no max_rank, either of which would make the compiled step trace again
                 configs = self._user_configs()
                 if configs:
                     self.runtime.reserve(configs)
-                widths = batch.warm_up()
+                shapes = batch.warm_up()
                 if self.log:
-                    print(f"{PROG}: decode step compiled for cache widths {widths} in {time.perf_counter() - t:.1f} s",
+                    print(f"{PROG}: decode step compiled for {len(shapes)} shapes (rows x cache width: "
+                          f"{', '.join(f'{r}x{w}' for r, w in shapes)}) in {time.perf_counter() - t:.1f} s",
                           file=sys.stderr, flush=True)
             while not (self._stop.is_set() and not live):
                 if not live and not waiting:
@@ -1231,8 +1233,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "chunk's time, not its whole prefill's; default: each prompt whole)")
     p.add_argument("--compile", action="store_true",
                    help="continuous batching: a static key/value cache and the decode step compiled (CUDA graphs on a "
-                        "GPU: no host work per layer; one graph per cache width, all compiled at start; on a CPU it "
-                        "only costs the compile time)")
+                        "GPU: no host work per layer; one graph per row bucket and cache width, all compiled at "
+                        "start; on a CPU it only costs the compile time)")
     p.add_argument("--quiet", action="store_true", help="no line per batch on stderr")
     p.add_argument("--api-key-env", metavar="NAME", default=None,
                    help="require 'Authorization: Bearer <key>' on POST /v1/answer, the key read from environment "

@@ -79,8 +79,8 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 @pytest.mark.parametrize("chunk,static", [(None, None), (3, None), (None, 24)],
                          ids=["whole", "chunked", "static"])  # chunks of 3 tokens a step (1 per row of 2);
-@pytest.mark.parametrize("arch", list(SUPPORTED_ARCHITECTURES))  # static: a SlotCache of 24 columns a row
-def test_rows_joining_a_running_batch_get_their_tokens_alone(arch, chunk, static):
+@pytest.mark.parametrize("arch", list(SUPPORTED_ARCHITECTURES))  # static: a SlotCache of 24 columns a row, its
+def test_rows_joining_a_running_batch_get_their_tokens_alone(arch, chunk, static):  # steps of 1, 2, 4 or 6 rows
     rt = runtime(arch)
     rt.model.generation_config.eos_token_id = None  # every row runs to its length: the most steps compared
     assert continuous_unsupported(rt.model, reach=64) is None
@@ -91,7 +91,9 @@ def test_rows_joining_a_running_batch_get_their_tokens_alone(arch, chunk, static
     joins: dict[int, list[tuple]] = {}
     for i, s in enumerate(at):
         joins.setdefault(s, []).append((i, ps[i], limits[i], users[i]))
-    got, _ = drive(ContinuousBatch(rt.model, runtime=rt, max_rows=6, prefill_chunk=chunk, max_length=static), joins)
+    buckets = [1, 2, 4] if static else None  # rows that leave have their place taken: moved rows' caches copied
+    got, _ = drive(ContinuousBatch(rt.model, runtime=rt, max_rows=6, prefill_chunk=chunk, max_length=static,
+                                   row_buckets=buckets), joins)
     for i in range(6):
         assert got[i] == alone(rt, ps[i], users[i], limits[i]), f"row {i} (user {users[i]!r})"
 
@@ -366,6 +368,11 @@ def test_bad_settings_and_users_are_refused_by_name():
         ContinuousBatch(m, compile=True)
     with pytest.raises(TypeError, match="compile must be a bool or a mapping"):
         ContinuousBatch(m, max_length=8, compile="inductor")
+    for bad in ([], [2, 1], [1, 1], [0], [9], [True], (2.0,), "12", 4):
+        with pytest.raises(ValueError, match=r"row_buckets must be ascending distinct ints in \[1, max_rows=8\]"):
+            ContinuousBatch(m, max_rows=8, max_length=16, row_buckets=bad)
+    with pytest.raises(ValueError, match="row_buckets needs max_length"):
+        ContinuousBatch(m, row_buckets=[1])
     with pytest.raises(ValueError, match=r"prompt's 3 tokens plus max_new_tokens=6 exceed the batch's max_length=8"):
         ContinuousBatch(m, max_length=8).join("k", [5, 6, 7], 6)
     full = ContinuousBatch(m, max_rows=1)
@@ -422,6 +429,46 @@ def test_a_compiled_static_batch_runs_one_graph_per_width_whoever_joins_and_leav
     assert counter.frame_count == 2 and batch.cache_bytes == nbytes
 
 
+def test_a_step_runs_the_smallest_row_bucket_holding_the_running_rows():
+    """``row_buckets``: the running rows are kept in the static cache's first rows (a row that
+    leaves has its place taken by the last one, its cache copied), and a step runs the smallest
+    bucket that holds them: 16 rows by default run in steps of 8 while at most 8 run. Compiled,
+    one graph per bucket and width (``warm_up`` compiles them all: nothing traces after); every
+    row, moved ones included, gets its tokens alone."""
+    from torch._dynamo.testing import CompileCounter
+
+    from milp.decode import static_row_buckets
+
+    rt = runtime()
+    rt.model.generation_config.eos_token_id = None
+    counter = CompileCounter()
+    assert static_row_buckets(16) == [8, 16] and static_row_buckets(4) == [4]
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=16, max_length=160,
+                            compile={"backend": counter, "fullgraph": True})
+    assert batch.warm_up() == [(8, 80), (8, 160), (16, 80), (16, 160)] and counter.frame_count == 4
+    ps = prompts(12, seed=3)
+    seen: list[tuple[int, int, list[int]]] = []  # each step's rows, its step_rows, the running rows' slots
+    run = batch._run_static
+
+    def spy(width, rows):
+        seen.append((len(batch._rows), rows, sorted(r.slot for r in batch._rows)))
+        logits = run(width, rows)
+        keys = batch._slots.layers[0].keys
+        assert logits.shape[0] == keys.shape[0] == rows and keys.shape[2] == width
+        return logits
+
+    batch._run_static = spy
+    users = ["a", "b", 7, None]
+    joins = {0: [(i, ps[i], 3 + (5 * i) % 9, users[i % 4]) for i in range(10)], 4: [(10, ps[10], 5, "b")],
+             6: [(11, list(range(3, 80)), 6, "a")]}  # 77 columns: the wider width too
+    check_alone(rt, drive(batch, joins, leaves={2: [3, 0]})[0], joins, left=(3, 0))
+    assert counter.frame_count == 4  # nothing traced after warm_up
+    assert {rows for _, rows, _ in seen} == {8, 16}
+    for running, rows, slots in seen:
+        assert rows == (8 if running <= 8 else 16) and slots == list(range(running))  # the first rows
+    assert batch._free == list(range(16)) and not batch._slots.columns.any()  # free rows decode at column 0
+
+
 def test_a_step_torch_cannot_compile_runs_eagerly_with_a_warning():
     """A backend that fails (or anything torch.compile raises before the graph runs): the step runs
     eagerly, then and after, with a RuntimeWarning; the rows get their tokens alone."""
@@ -454,7 +501,7 @@ def test_warm_up_compiles_every_width_before_the_first_row():
     counter = CompileCounter()
     batch = ContinuousBatch(rt.model, runtime=rt, max_rows=2, max_length=200,
                             compile={"backend": counter, "fullgraph": True})
-    assert batch.warm_up() == static_widths(200) == [100, 200]
+    assert batch.warm_up() == [(2, 100), (2, 200)] and static_widths(200) == [100, 200]
     assert counter.frame_count == 2 and len(batch) == 0 and batch._free == [0, 1] and batch._block is None
     long = [3 + i % 80 for i in range(97)]  # 97 columns: past 100 at its fourth token
     joins = {0: [("long", long, 8, "b"), ("short", [5, 6], 3, "a")]}

@@ -32,14 +32,16 @@ row = st.tuples(st.lists(st.integers(3, 90), min_size=1, max_size=12),  # prompt
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.lists(row, min_size=1, max_size=6), max_rows=st.integers(1, 6),
        eos=st.one_of(st.none(), st.integers(3, 90)), chunk=st.one_of(st.none(), st.integers(1, 8)),
-       static=st.sampled_from([None, 20, 24]))
-def test_drawn_schedules_give_each_row_its_tokens_alone(arch, rows, max_rows, eos, chunk, static):
+       static=st.sampled_from([None, 20, 24]), buckets=st.booleans())
+def test_drawn_schedules_give_each_row_its_tokens_alone(arch, rows, max_rows, eos, chunk, static, buckets):
     """... prompts prefilled whole or in drawn chunks (``prefill_chunk``), rows leaving while
     theirs is prefilled included; with the growing cache or a static one (``max_length``: 20, the
-    longest a row may be, or 24)."""
+    longest a row may be, or 24), whose steps run every row or (``buckets``) as few as run, the
+    rows moved to the first ones as others leave."""
     rt = _runtime(arch)
     batch = ContinuousBatch(rt.model, runtime=rt, max_rows=max_rows, eos_token_id=[] if eos is None else eos,
-                            prefill_chunk=chunk, max_length=static)
+                            prefill_chunk=chunk, max_length=static,
+                            row_buckets=list(range(1, max_rows + 1)) if static and buckets else None)
     queue = sorted(range(len(rows)), key=lambda i: rows[i][3])  # in order of arrival; a full batch: they wait
     got: dict[int, list[int]] = {}
     ended, joined_at, step = set(), {}, 0

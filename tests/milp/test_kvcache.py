@@ -396,13 +396,43 @@ def test_a_slot_cache_refuses_bad_input_by_name():
     cache.place(0, [(x, x)])
     with pytest.raises(ValueError, match="the cache's 1 layers, got 2"):
         cache.place(1, [(x, x), (x, x)])
-    with pytest.raises(ValueError, match="one token for each of its 2 rows"):
+    with pytest.raises(ValueError, match="one token for each of its first step_rows=2 rows"):
         cache.update(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), 0)
-    with pytest.raises(ValueError, match="one token for each of its 2 rows"):
+    with pytest.raises(ValueError, match="one token for each of its first step_rows=2 rows"):
         cache.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0)
     for bad in (0, 5, True):
         with pytest.raises(ValueError, match=r"width must be an int in \[1, capacity=4\]"):
             cache.width = bad
+    for bad in (0, 3, True, 1.0):
+        with pytest.raises(ValueError, match=r"step_rows must be an int in \[1, rows=2\]"):
+            cache.step_rows = bad
+    for row, length in ((2, 1), (-1, 1), (0, 0), (0, 5)):
+        with pytest.raises(ValueError, match=r"row must be in \[0, 2\) and length in \[1, 4\]"):
+            cache.row(row, length)
+    with pytest.raises(RuntimeError, match="no rows to read before its first place"):
+        SlotCache(rows=2, capacity=4).row(0, 1)
+
+
+def test_a_slot_cache_step_runs_its_first_rows_and_a_row_moves_by_place():
+    """``step_rows``: a step writes and reads the first rows only (the others untouched); a row's
+    :meth:`SlotCache.row` placed into another row moves it (its columns, the rest zeroed)."""
+    cache = SlotCache(rows=4, capacity=6)
+    torch.manual_seed(1)
+    pre = [torch.randn(2, n, 3) for n in (2, 5, 1, 3)]
+    for row, k in enumerate(pre):
+        cache.place(row, [(k, k + 1)])
+    before = cache.layers[0]._k.clone()
+    cache.step_rows, cache.width = 2, 6
+    step = torch.randn(2, 2, 1, 3)
+    keys, values = cache.update(step, step + 1, 0)
+    assert keys.shape == (2, 2, 6, 3) and values.shape == (2, 2, 6, 3)
+    torch.testing.assert_close(keys[1, :, 5], step[1, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(cache.layers[0]._k[2:], before[2:], rtol=0, atol=0)  # rows 2 and 3 untouched
+    cache.place(1, cache.row(3, 3))  # row 3 takes row 1's place
+    assert cache.columns[1] == 3
+    torch.testing.assert_close(cache.layers[0]._k[1, :, :3], pre[3], rtol=0, atol=0)
+    torch.testing.assert_close(cache.layers[0]._v[1, :, :3], pre[3] + 1, rtol=0, atol=0)
+    assert cache.layers[0]._k[1, :, 3:].eq(0).all()  # row 1's own columns past 3 zeroed
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon"])
@@ -415,7 +445,7 @@ def test_a_static_batch_never_reads_a_stale_column(arch):
     g = torch.Generator().manual_seed(4)
     prompts = {k: torch.randint(3, vocab, (n,), generator=g).tolist() for k, n in (("a", 11), ("b", 3), ("c", 6))}
     limits = {"a": 5, "b": 12, "c": 9}
-    batch = ContinuousBatch(model, eos_token_id=[], max_rows=2, max_length=32)
+    batch = ContinuousBatch(model, eos_token_id=[], max_rows=2, max_length=32, row_buckets=[1])  # b moves to row 0
     batch.join("warm", [5, 6], 1)
     batch.step()  # the static cache allocated; the row ended
     for layer in batch._slots.layers:
