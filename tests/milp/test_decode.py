@@ -71,6 +71,39 @@ def check_alone(rt: MilpRuntime, got: dict, joins: dict[int, list[tuple]], left:
         assert got[key] == (want[:len(got[key])] if key in left else want), key
 
 
+class AotGraphs:
+    """A ``torch.compile`` backend that traces as the ``cudagraphs`` backend does (dynamo, then
+    AOT autograd: functionalized, fake tensors) and runs the graph as traced, recording each
+    graph's ops (``graphs``) and counting dynamo's graphs (``frame_count``)."""
+
+    def __init__(self) -> None:
+        self.frame_count, self.graphs = 0, []
+
+    def __call__(self, gm, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def record(graph, inputs):
+            self.graphs.append([n.target for n in graph.graph.nodes if n.op == "call_function"])
+            return make_boxed_func(graph.forward)
+
+        self.frame_count += 1
+        return aot_autograd(fw_compiler=record, inference_compiler=record)(gm, example_inputs)
+
+
+def check_no_cache_copy(graphs: list, layers: int) -> None:
+    """No traced step writes the static cache where torch sees it (a functionalized write is a
+    copy of the whole cache per layer, written back): each layer's write is one opaque
+    ``milp::slot_cache_step``."""
+    aten = torch.ops.aten
+    copies = {aten.copy_.default, aten.copy.default, aten.scatter.src, aten.slice_scatter.default,
+              aten.index_put.default, aten.index_copy.default, aten.select_scatter.default}
+    assert graphs
+    for ops in graphs:
+        assert not copies & set(ops), sorted(map(str, copies & set(ops)))
+        assert ops.count(torch.ops.milp.slot_cache_step.default) == layers
+
+
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 90, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
@@ -385,19 +418,19 @@ def test_bad_settings_and_users_are_refused_by_name():
 @pytest.mark.parametrize("arch", list(SUPPORTED_ARCHITECTURES))
 def test_a_compiled_decode_step_traces_whole_on_every_architecture(arch):
     """``compile`` with ``fullgraph=True``: every supported architecture's decode step, adapters
-    and static cache included, is one graph (no break: a CUDA graph replays the whole step), and
-    rows that join at different steps, of different users, get their tokens alone."""
-    from torch._dynamo.testing import CompileCounter
-
+    and static cache included, is one graph (no break: a CUDA graph replays the whole step),
+    traced as the ``cudagraphs`` backend traces it (AOT autograd) without a copy of the cache,
+    and rows that join at different steps, of different users, get their tokens alone."""
     rt = runtime(arch)
     rt.model.generation_config.eos_token_id = None
-    counter = CompileCounter()
+    counter = AotGraphs()
     batch = ContinuousBatch(rt.model, runtime=rt, max_rows=3, max_length=48,
                             compile={"backend": counter, "fullgraph": True})
     ps = prompts(3, seed=2)
     joins = {0: [(0, ps[0], 5, "a"), (1, ps[1], 3, None)], 2: [(2, ps[2], 4, 7)]}
     check_alone(rt, drive(batch, joins)[0], joins)
     assert counter.frame_count == 1
+    check_no_cache_copy(counter.graphs, len(batch._slots.layers))
 
 
 def test_a_compiled_static_batch_runs_one_graph_per_width_whoever_joins_and_leaves():

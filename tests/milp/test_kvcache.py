@@ -435,6 +435,43 @@ def test_a_slot_cache_step_runs_its_first_rows_and_a_row_moves_by_place():
     assert cache.layers[0]._k[1, :, 3:].eq(0).all()  # row 1's own columns past 3 zeroed
 
 
+def test_the_compiled_write_is_an_opaque_op_writing_the_layer_in_place():
+    """``milp::slot_cache_step`` (what a compiled step's layers call): the layer's first rows get
+    the step's keys and values at their columns in its own buffers, and the views returned are of
+    those buffers (no copy); its fake impl gives the real output's shape and strides
+    (``torch.library.opcheck``); compiled, the graph holds the op and no write torch sees."""
+    from operator import getitem
+
+    from milp.kvcache import slot_cache_step
+
+    cache = SlotCache(rows=3, capacity=8)
+    torch.manual_seed(2)
+    cache.place(0, [(torch.randn(2, 4, 3), torch.randn(2, 4, 3))])
+    cache.place(1, [(torch.randn(2, 2, 3), torch.randn(2, 2, 3))])
+    layer = cache.layers[0]
+    k, v = torch.randn(2, 2, 1, 3), torch.randn(2, 2, 1, 3)
+    keys, values = slot_cache_step(k, v, cache.columns, layer._key, 5)
+    assert keys.shape == (2, 2, 5, 3) and keys.data_ptr() == layer._k.data_ptr() and keys.stride() == layer._k.stride()
+    torch.testing.assert_close(layer._k[0, :, 4], k[0, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(layer._v[1, :, 2], v[1, :, 0], rtol=0, atol=0)
+    assert layer._k[2].eq(0).all()  # a row past the step's untouched
+    for check in ("test_schema", "test_faketensor", "test_aot_dispatch_static"):
+        torch.library.opcheck(slot_cache_step, (k, v, cache.columns, layer._key, 5), test_utils=(check,))
+    graphs: list = []
+
+    def backend(gm, example_inputs):
+        graphs.append([n.target for n in gm.graph.nodes if n.op == "call_function" and n.target is not getitem])
+        return gm.forward
+
+    cache.step_rows, cache.width = 2, 6
+    cache.columns[:2] += 1
+    step = torch.compile(lambda a, b: cache.update(a, b, 0), backend=backend, fullgraph=True)
+    got_k, _ = step(-k, -v)
+    assert got_k.shape == (2, 2, 6, 3) and graphs == [[torch.ops.milp.slot_cache_step.default]]
+    torch.testing.assert_close(layer._k[1, :, 3], -k[1, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(got_k[0, :, 5], -k[0, :, 0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon"])
 def test_a_static_batch_never_reads_a_stale_column(arch):
     """A static cache's rows hold what earlier rows left past their own columns (NaN here, as a
