@@ -34,13 +34,12 @@ request sampled alone with its seed by ``generate`` (through :mod:`milp.sampling
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import _util as U
 import pytest
 import torch
-from test_runtime import CFG, build_model, linear_params
+from test_runtime import CFG, build_model, compile_args, linear_params
 from test_runtime import runtime as make_runtime
 from transformers import LogitsProcessorList
 
@@ -159,13 +158,6 @@ def test_continuous_correctness():
 def max_length(reqs) -> int:
     """The static cache's columns for ``reqs``: the longest prompt plus answer, rounded up to 64."""
     return -(-max(len(p) + n for p, n, _ in reqs) // 64) * 64
-
-
-def compile_args() -> dict:
-    """``milp-compiled``'s ``torch.compile`` arguments: ``MILP_BENCH_COMPILE_BACKEND``, default
-    ``cudagraphs`` on CUDA (as ``ContinuousBatch(compile=True)``) and ``eager`` on CPU (only the
-    path: inductor's CPU code generation takes longer than the CPU run may)."""
-    return {"backend": os.environ.get("MILP_BENCH_COMPILE_BACKEND", "cudagraphs" if U.CUDA else "eager")}
 
 
 @pytest.mark.parametrize("impl", ["static", "milp", "milp-sampled", "milp-logprobs", "milp-static", "milp-compiled"])

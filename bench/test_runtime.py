@@ -34,7 +34,7 @@ import _util as U
 import pytest
 import torch
 
-from milp import MemoryConfig, MilpRuntime, UserStore, pad_sequences, user_dirname
+from milp import ContinuousBatch, MemoryConfig, MilpRuntime, UserStore, pad_sequences, user_dirname
 
 pytestmark = U.PYTESTMARK
 
@@ -216,34 +216,85 @@ def test_decode_correctness():
         one = small.generate(torch.tensor([pu], device=U.DEVICE), [u], max_new_tokens=6, do_sample=False,
                              pad_token_id=0)
         assert out[u, left.shape[1]:].tolist() == one[0, len(pu):].tolist()
-    # the compiled decode step (static cache) of the throughput benchmark gives the same tokens
-    static = small.generate(left, [0, 1, 2, 3], attention_mask=mask, max_new_tokens=6, do_sample=False,
-                            pad_token_id=0, **static_generation())
-    assert static.tolist() == out.tolist()
+    # the continuous batch's compiled decode step (milp.serve --compile's) gives the same tokens
+    batch = continuous_decode(small.model, small, 4, max(map(len, p)) + 6)
+    assert run_decode(batch, p, 6, users=range(4)) == [row[left.shape[1]:] for row in out.tolist()]
+
+
+def test_decode_static_correctness():
+    """``generate``'s compiled decode step (static cache, :func:`static_generation`) gives the
+    tokens of the eager mixed-user ``generate`` (fp32 small model; a test of its own, so that
+    ``-k "decode and not static"`` leaves out inductor's compile on a GPU)."""
+    small = runtime(build_model(torch.float32, num_hidden_layers=2), 4)
+    left, mask = pad_sequences([[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]], 0, side="left", device=U.DEVICE)
+    gen = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = small.generate(left, [0, 1, 2, 3], **gen)
+    assert small.generate(left, [0, 1, 2, 3], **gen, **static_generation()).tolist() == out.tolist()
+
+
+def compile_backend(default_cuda: str) -> str:
+    """The ``torch.compile`` backend of a compiled decode step: ``MILP_BENCH_COMPILE_BACKEND``,
+    else ``default_cuda`` on CUDA and ``eager`` on CPU (only the path: inductor's CPU code
+    generation takes longer than a CPU run may)."""
+    return os.environ.get("MILP_BENCH_COMPILE_BACKEND", default_cuda if U.CUDA else "eager")
+
+
+def compile_args() -> dict:
+    """``ContinuousBatch(compile=)``'s arguments: default ``cudagraphs`` on CUDA, as
+    ``ContinuousBatch(compile=True)`` and ``milp.serve --compile`` take it."""
+    return {"backend": compile_backend("cudagraphs")}
 
 
 def static_generation() -> dict:
     """``generate`` arguments for a compiled decode step: a static cache and a compile config
-    (``MILP_BENCH_COMPILE_BACKEND``; default ``cudagraphs`` on CUDA — graph capture and
-    replay without inductor's code generation, so base and ours differ only in the adapter
-    kernels — and ``eager`` on CPU, where it only exercises the path)."""
+    (:func:`compile_backend`: default inductor on CUDA with ``mode="reduce-overhead"``,
+    transformers' own default: inductor writes the static cache in place, where the
+    ``cudagraphs`` backend's trace (AOT autograd, no inductor) turns each layer's
+    ``index_copy_`` into a copy of its whole cache, per step: 49 ms a step against 15 ms eager,
+    AOT-traced on a 2-core CPU, 8 rows of a 200 MB cache)."""
     try:
         from transformers import CompileConfig
     except ImportError as exc:  # transformers < 4.48: no compiled decode step in generate
         pytest.skip(f"transformers has no CompileConfig ({exc}): the static-cache decode needs >= 4.48")
-    backend = os.environ.get("MILP_BENCH_COMPILE_BACKEND", "cudagraphs" if U.CUDA else "eager")
+    backend = compile_backend("inductor")
     cc = CompileConfig(fullgraph=True, backend=backend,
                        mode="reduce-overhead" if backend == "inductor" and U.CUDA else None)
     cc._compile_all_devices = True  # transformers compiles by itself on GPUs only
     return dict(cache_implementation="static", compile_config=cc)
 
 
-@pytest.mark.parametrize("mode", ["eager", "static"])
+def continuous_decode(model, rt: MilpRuntime | None, rows: int, length: int) -> ContinuousBatch:
+    """An empty :class:`milp.ContinuousBatch` of ``rows`` rows with a static cache of ``length``
+    columns (rounded up to 64) and its decode step compiled (:func:`compile_args`); rows end at
+    their length."""
+    return ContinuousBatch(model, runtime=rt, eos_token_id=[], pad_token_id=0, max_rows=rows,
+                           max_length=-(-length // 64) * 64, compile=compile_args())
+
+
+def run_decode(batch: ContinuousBatch, ids, new: int, users=None) -> list[list[int]]:
+    """Every row of ``ids`` (token lists) joins ``batch`` at once (row ``i`` by ``users[i]``'s
+    adapters, where given) and decodes ``new`` tokens: their tokens, in row order."""
+    users = None if users is None else list(users)
+    for i, row in enumerate(ids):
+        batch.join(i, list(row), new, None if users is None else users[i])
+    got: dict[int, list[int]] = {}
+    while len(batch):
+        for u in batch.step():
+            assert u.error is None, u.error
+            got[u.key] = u.tokens
+    return [got[i] for i in range(len(ids))]
+
+
 @pytest.mark.parametrize("impl", ["base", "milp"])
+@pytest.mark.parametrize("mode", ["eager", "continuous", "static"])
 def test_decode_throughput(benchmark, peaks, impl, mode):
-    """``eager``: plain ``generate`` (host-bound on a GPU: every op is a launch); ``static``:
-    a static cache with the decode step compiled (``static_generation``), its own workload
-    (``...-static``) so ``milp`` is compared with ``base`` generating the same way."""
+    """``eager``: plain ``generate`` (host-bound on a GPU: every op is a launch);
+    ``continuous``: every row through a :class:`milp.ContinuousBatch` with its decode step
+    compiled (what ``milp.serve --compile`` runs: a static cache written by an opaque op, CUDA
+    graphs on a GPU; compiled in the untimed first run); ``static``: ``generate`` with a static
+    cache and the decode step compiled (``static_generation``: inductor, transformers' way, the
+    longest to compile, so last). Each mode is its own workload (``...-continuous``,
+    ``...-static``), so ``milp`` is compared with ``base`` decoding the same way."""
     users, plen, new = CFG["decode_users"], CFG["prompt"], CFG["new"]
     model = build_model()
     ids = prompts(users, plen, model.config.vocab_size)
@@ -251,24 +302,27 @@ def test_decode_throughput(benchmark, peaks, impl, mode):
     gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if mode == "static":
         gen.update(static_generation())
-    adapters = 0
-    if impl == "milp":
-        rt = runtime(model, users, decode=True)
-        adapters = adapter_rows(rt, range(users))
+    rt = runtime(model, users, decode=True) if impl == "milp" else None
+    base = copy.deepcopy(model) if rt is None else None
+    if mode == "continuous":
+        batch = continuous_decode(model if rt is not None else base, rt, users, plen + new)
+        rows = ids.tolist()
 
+        def fn():
+            return run_decode(batch, rows, new, users=range(users) if rt is not None else None)
+    elif rt is not None:
         def fn():
             return rt.generate(ids, list(range(users)), attention_mask=mask, **gen)
     else:
-        base = copy.deepcopy(model)
-
         def fn():
             with torch.no_grad():
                 return base.generate(input_ids=ids, attention_mask=mask, **gen)
+    adapters = adapter_rows(rt, range(users)) if rt is not None else 0
     tokens = users * new
     elem = torch.finfo(U.DTYPE).bits // 8
     flops = 2 * linear_params(model) * users * (plen + new)
     nbytes = elem * new * (linear_params(model) + adapters)
-    workload = f"runtime-decode-U{users}-p{plen}-n{new}" + ("-static" if mode == "static" else "")
+    workload = f"runtime-decode-U{users}-p{plen}-n{new}" + ("" if mode == "eager" else f"-{mode}")
     U.run(benchmark, workload=workload, impl=impl, fn=fn, flops=flops, nbytes=nbytes, tokens=tokens, peaks=peaks,
           info=dict(users=users, prompt=plen, new_tokens=new, adapter_params=adapters, phase="decode",
                     bytes_floor_vs_base=linear_params(model) / (linear_params(model) + adapters)), cpu_rounds=3)
