@@ -50,7 +50,9 @@ default at most 4 × 8) and replays that graph whoever joins and leaves: on a GP
 where an eager step of a small model is bound by the host (one launch per op per layer, three
 more per adapted linear). The adapters read the
 runtime's static plan of the decode shape (:meth:`milp.inject.MilpState.prepare_static`),
-rewritten in place when the rows' users change. The prefills stay eager. On this CPU a compiled
+rewritten in place when the rows' users change; each layer's write into the cache is an opaque
+op (:func:`milp.kvcache.slot_cache_step`), which no backend turns into a copy of the cache. The
+prefills stay eager. On this CPU a compiled
 step gains nothing (inductor: 0.41 s against 0.37 s eager for ``bench/test_continuous.py``'s
 small queue, after a 29 s compile): it is for GPUs.
 
