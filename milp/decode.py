@@ -25,6 +25,13 @@ any other rows. Models it cannot decode this way are named by :func:`continuous_
 (a generation config that changes greedy choices, such as a repetition penalty, or a sliding
 attention window shorter than a row can grow): use ``generate`` for those.
 
+A grouped-query attention model (``sdpa``) decodes with its query heads packed per key/value head
+(:func:`packed_sdpa_attention`): attention reads each cached column once, not once per query head
+as transformers does under ``torch.compile`` (and, before 5.2x, eagerly too). Measured (2-core
+CPU, a 4-layer hidden-512 LLaMA with 16 query and 2 key/value heads, 16 rows at 1500 columns):
+a static-cache step 14 ms compiled against 125 ms unpacked; 13 ms eager against 182 ms under
+transformers 4.57.
+
 The key/value cache is a :class:`milp.kvcache.GrowingCache`: each step's keys and values are
 written in place into buffers with room (not appended with a ``torch.cat`` of the whole cache per
 layer and step, as ``DynamicCache`` does), the room capped by what the running rows can still
@@ -74,6 +81,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import numbers
 import types
@@ -90,7 +98,8 @@ from kernels import nvtx_range
 from .kvcache import GrowingCache, GrowingLayer, SlotCache, cache_argument, stack_rows
 from .sampling import Sampling, TokenLogprob, check_logprobs, pick_tokens, row_sampler, token_logprobs
 
-__all__ = ["ContinuousBatch", "Update", "continuous_unsupported", "static_row_buckets", "static_widths"]
+__all__ = ["PACKED_SDPA", "ContinuousBatch", "Update", "continuous_unsupported", "packed_sdpa_attention",
+           "static_row_buckets", "static_widths"]
 
 #: generation-config settings that change which token greedy decoding picks, and their neutral values
 _GREEDY_CHANGERS: dict[str, Any] = {
@@ -392,7 +401,7 @@ class ContinuousBatch:
         the last step: every row gets one token. Returns one :class:`Update` per row that got a
         token or an error; the rows that ended have left the batch. The model runs in eval mode
         (dropout off, as ``generate_responses`` runs it), the mode it was in restored after."""
-        with _eval(self.model):
+        with _eval(self.model), _packed_gqa(self.model):
             return self._step()
 
     @torch.no_grad()
@@ -408,7 +417,7 @@ class ContinuousBatch:
         if len(self):
             raise RuntimeError(f"warm_up needs an empty batch, {len(self)} rows have joined")
         shapes = [(rows, width) for rows in self._buckets for width in self._widths]
-        with _eval(self.model):
+        with _eval(self.model), _packed_gqa(self.model):
             self.join(_WARM_UP, [self.pad], 1)
             for u in self._step():  # its prefill, its one token: it has left
                 if u.error is not None:
@@ -745,6 +754,66 @@ def _eval(model: nn.Module) -> Iterator[None]:
     finally:
         if training:
             model.train()
+
+
+#: the attention implementation a decode step runs a model whose own is ``sdpa`` under (:func:`_packed_gqa`)
+PACKED_SDPA = "milp_packed_sdpa"
+
+
+def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' ``sdpa`` attention, but a single query token of grouped-query attention runs
+    on the key/value heads, its query heads packed as that many query rows of their group's head
+    (``[rows, kv heads, group, dim]``), rather than on keys and values repeated per query head:
+    what transformers does under ``torch.compile`` (and in every mode before 5.2x), a copy of
+    every cached column per query head, layer and step, eight per key/value head for a
+    TinyLlama-shaped model. Anything else (a prompt, dropout, a softcap or attention sinks, a
+    per-head mask) is transformers' own ``sdpa`` attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, h, q_len, d = query.shape
+    if (groups > 1 and q_len == 1 and h == key.shape[1] * groups and not (dropout and module.training)
+            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None and kwargs.get("s_aux") is None
+            and (attention_mask is None or attention_mask.dim() == 4 and attention_mask.shape[1] == 1)):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(b, h // groups, groups, d), key, value, attn_mask=attention_mask, scale=scaling)
+        return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+@contextlib.contextmanager
+def _packed_gqa(model: nn.Module) -> Iterator[None]:
+    """Inside the block, a grouped-query attention model whose attention implementation is
+    ``sdpa`` runs :func:`packed_sdpa_attention` (the same outputs; a decode step reads each
+    cached column once, not once per query head); other models run as they are."""
+    config = getattr(model, "config", None)
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if (getattr(config, "_attn_implementation", None) != "sdpa" or not isinstance(heads, int)
+            or not isinstance(kv_heads, int) or not 0 < kv_heads < heads):
+        yield
+        return
+    _register_packed_sdpa()
+    config._attn_implementation = PACKED_SDPA  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"  # type: ignore[union-attr]
+
+
+@functools.cache
+def _register_packed_sdpa() -> None:
+    """:data:`PACKED_SDPA` registered with transformers' attention functions (and its masks:
+    ``sdpa``'s)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    with contextlib.suppress(ImportError):  # transformers < 4.53: no mask interface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
 
 
 def _legacy_mask(model: nn.Module) -> bool:

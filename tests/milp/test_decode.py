@@ -547,6 +547,62 @@ def test_warm_up_compiles_every_width_before_the_first_row():
         busy.warm_up()
 
 
+def _packs(arch: str) -> bool:
+    """Whether ``arch``'s decode steps run packed grouped-query attention: grouped-query heads,
+    ``sdpa``, attention through transformers' attention functions (stablelm's own sdpa class under
+    transformers 4.x does not), and no logit softcap (gemma2's, which sdpa leaves to eager)."""
+    import inspect as _inspect
+
+    model = tiny_model(arch)
+    cfg = model.config
+    attn = next((m for n, m in model.named_modules() if n.endswith("self_attn")), None)
+    return (0 < getattr(cfg, "num_key_value_heads", 0) < cfg.num_attention_heads and cfg._attn_implementation == "sdpa"
+            and attn is not None and "ALL_ATTENTION_FUNCTIONS" in _inspect.getsource(type(attn).forward)
+            and getattr(cfg, "attn_logit_softcapping", None) is None)
+
+
+_GQA_ARCHS = [a for a in SUPPORTED_ARCHITECTURES if _packs(a)]
+
+
+@pytest.mark.parametrize("static", [None, 48], ids=["growing", "static"])
+@pytest.mark.parametrize("arch", _GQA_ARCHS)
+def test_grouped_query_decode_steps_read_each_cached_column_once(arch, static, monkeypatch):
+    """A grouped-query attention model (``sdpa``): every decode step's attention runs on the
+    key/value heads (queries packed per group: ``milp.decode.packed_sdpa_attention``), never on
+    keys and values repeated per query head, also compiled (through AOT autograd, as the
+    ``cudagraphs`` backend traces it); the rows get their tokens alone, and the model's
+    attention implementation is ``sdpa`` again between steps."""
+    import torch.nn.functional as F
+
+    rt = runtime(arch)
+    rt.model.generation_config.eos_token_id = None
+    cfg = rt.model.config
+    assert len(_GQA_ARCHS) >= 10
+    seen: list[tuple[int, int]] = []  # (query heads or groups, key heads) of each decode-step attention
+    real = F.scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        if recording:
+            seen.append((query.shape[1], key.shape[1]))
+        return real(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    compile = {"backend": AotGraphs()} if static else False
+    batch = ContinuousBatch(rt.model, runtime=rt, max_rows=3, max_length=static, compile=compile)
+    ps = prompts(3, seed=5)
+    recording = False
+    for i, u in enumerate(["a", None, 7]):
+        batch.join(i, ps[i], 5, u)
+    got = {u.key: u.tokens for u in batch.step()}  # the prefill: not recorded
+    recording = True
+    while len(batch):
+        got.update({u.key: u.tokens for u in batch.step()})
+        assert cfg._attn_implementation == "sdpa"
+    assert seen and all(kv == cfg.num_key_value_heads and q == cfg.num_key_value_heads for q, kv in seen), seen
+    for i, u in enumerate(["a", None, 7]):
+        assert got[i] == alone(rt, ps[i], u, 5), i
+
+
 def test_nvtx_ranges_name_the_prefill_and_the_steps(monkeypatch):
     """MILP_NVTX=1: a prefill and a decode step show as ``milp.decode.prefill`` / ``.step``."""
     rt = runtime()
