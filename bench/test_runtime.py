@@ -240,9 +240,9 @@ def compile_backend(default_cuda: str) -> str:
 
 
 def compile_args() -> dict:
-    """``ContinuousBatch(compile=)``'s arguments: default ``cudagraphs`` on CUDA, as
-    ``ContinuousBatch(compile=True)`` and ``milp.serve --compile`` take it."""
-    return {"backend": compile_backend("cudagraphs")}
+    """``ContinuousBatch(compile=)``'s arguments: default ``milp_cudagraphs`` on CUDA, as
+    ``ContinuousBatch(compile=True)`` and ``milp.serve --compile`` take it (:mod:`milp.cudagraphs`)."""
+    return {"backend": compile_backend("milp_cudagraphs")}
 
 
 def static_generation() -> dict:

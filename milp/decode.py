@@ -95,6 +95,7 @@ from torch import nn
 
 from kernels import nvtx_range
 
+from .cudagraphs import BACKEND
 from .kvcache import GrowingCache, GrowingLayer, SlotCache, cache_argument, stack_rows
 from .sampling import Sampling, TokenLogprob, check_logprobs, pick_tokens, row_sampler, token_logprobs
 
@@ -227,11 +228,12 @@ class ContinuousBatch:
             smallest of a few sizes (:func:`static_widths`) that holds the longest row: its
             shapes depend on the width alone, whoever joins and leaves. ``None`` (default): the
             growing cache of the running rows (module doc), whose shapes change every step.
-        compile: compile the decode step (needs ``max_length``): one graph per width (at most
-            8), which every later step of that width replays, whatever rows run. ``True``:
-            ``torch.compile`` with the ``cudagraphs`` backend on CUDA (the graph captured and
-            replayed: no host work per layer), ``inductor`` elsewhere; a mapping: these
-            ``torch.compile`` arguments (``{"backend": "eager"}``, say). ``False`` (default): eager.
+        compile: compile the decode step (needs ``max_length``): one graph per row bucket and
+            width, which every later step of that shape replays, whatever rows run. ``True``:
+            ``torch.compile`` with the ``milp_cudagraphs`` backend on CUDA (:mod:`milp.cudagraphs`:
+            the graph captured and replayed, no host work per layer, the weights read in place),
+            ``inductor`` elsewhere; a mapping: these ``torch.compile`` arguments
+            (``{"backend": "eager"}``, say). ``False`` (default): eager.
         row_buckets: with ``max_length``, the row counts a decode step may run (ascending;
             ``max_rows`` is added): a step runs the first ``b`` rows of the static cache, ``b``
             the smallest bucket that holds the running rows (kept in the first rows: a row that
@@ -700,7 +702,7 @@ class ContinuousBatch:
             for lead in ((rows, 1), (rows,)):
                 self.runtime.state.prepare_static(lead, self._ids.device)
         opts: dict[str, Any] = dict(self._compile) if isinstance(self._compile, Mapping) else {
-            "backend": "cudagraphs" if self._ids.device.type == "cuda" else "inductor"}
+            "backend": BACKEND if self._ids.device.type == "cuda" else "inductor"}
         opts.setdefault("dynamic", False)
         # a copy of the step's code for this batch and row bucket: torch keeps compiled graphs per code
         # object, at most recompile_limit (8) of them, and every batch (another model, another cache) and
