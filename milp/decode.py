@@ -27,7 +27,8 @@ attention window shorter than a row can grow): use ``generate`` for those.
 
 A grouped-query attention model (``sdpa``) decodes with its query heads packed per key/value head
 (:func:`packed_sdpa_attention`): attention reads each cached column once, not once per query head
-as transformers does under ``torch.compile`` (and, before 5.2x, eagerly too). Measured (2-core
+as transformers does under ``torch.compile`` (and eagerly too in 4.57, which has no packing of
+its own). Measured (2-core
 CPU, a 4-layer hidden-512 LLaMA with 16 query and 2 key/value heads, 16 rows at 1500 columns):
 a static-cache step 14 ms compiled against 125 ms unpacked; 13 ms eager against 182 ms under
 transformers 4.57.
@@ -55,12 +56,11 @@ running row, with an attention mask that hides each row's columns past its own. 
 then depend on the bucket and the width alone, so ``compile=True`` compiles it once per pair (by
 default at most 4 × 8) and replays that graph whoever joins and leaves: on a GPU with CUDA graphs,
 where an eager step of a small model is bound by the host (one launch per op per layer, three
-more per adapted linear). The adapters read the
-runtime's static plan of the decode shape (:meth:`milp.inject.MilpState.prepare_static`),
-rewritten in place when the rows' users change; each layer's write into the cache is an opaque
-op (:func:`milp.kvcache.slot_cache_step`), which no backend turns into a copy of the cache. The
-prefills stay eager. On this CPU a compiled
-step gains nothing (inductor: 0.41 s against 0.37 s eager for ``bench/test_continuous.py``'s
+more per adapted linear). The adapters read the runtime's static plan of the decode shape
+(:meth:`milp.inject.MilpState.prepare_static`), rewritten in place when the rows' users change;
+each layer's write into the cache is an opaque op (:func:`milp.kvcache.slot_cache_step`), which
+no backend turns into a copy of the cache. The prefills stay eager. On this CPU a compiled step
+gains nothing (inductor: 0.41 s against 0.37 s eager for ``bench/test_continuous.py``'s
 small queue, after a 29 s compile): it is for GPUs.
 
 Example:
@@ -262,15 +262,10 @@ class ContinuousBatch:
                                        or max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 (a row's prompt plus new tokens) or None, "
                              f"got {max_length!r}")
-        if row_buckets is not None and (isinstance(row_buckets, (str, bytes)) or not isinstance(row_buckets, Sequence)
-                                        or not row_buckets
-                                        or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= max_rows
-                                                   for b in row_buckets)
-                                        or list(row_buckets) != sorted(set(row_buckets))):
-            raise ValueError(f"row_buckets must be ascending distinct ints in [1, max_rows={max_rows}] or None, "
-                             f"got {row_buckets!r:.60}")
-        if row_buckets is not None and max_length is None:
-            raise ValueError("row_buckets needs max_length (it buckets the static cache's rows)")
+        if row_buckets is not None:
+            _check_buckets(row_buckets, max_rows)
+            if max_length is None:
+                raise ValueError("row_buckets needs max_length (it buckets the static cache's rows)")
         if not isinstance(compile, (bool, Mapping)):
             raise TypeError(f"compile must be a bool or a mapping of torch.compile arguments, got {compile!r:.60}")
         if compile is not False and max_length is None:
@@ -768,7 +763,7 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     """transformers' ``sdpa`` attention, but a single query token of grouped-query attention runs
     on the key/value heads, its query heads packed as that many query rows of their group's head
     (``[rows, kv heads, group, dim]``), rather than on keys and values repeated per query head:
-    what transformers does under ``torch.compile`` (and in every mode before 5.2x), a copy of
+    what transformers does under ``torch.compile`` (and eagerly in 4.57), a copy of
     every cached column per query head, layer and step, eight per key/value head for a
     TinyLlama-shaped model. Anything else (a prompt, dropout, a softcap or attention sinks, a
     per-head mask) is transformers' own ``sdpa`` attention."""
@@ -840,6 +835,15 @@ def static_widths(max_length: int) -> list[int]:
         ([64, 128, 256, 512, 1024, 2048], [100])
     """
     return sorted({max_length >> k for k in range(8) if k == 0 or max_length >> k >= 64})
+
+
+def _check_buckets(row_buckets: Any, max_rows: int) -> None:
+    ok = (isinstance(row_buckets, Sequence) and not isinstance(row_buckets, (str, bytes)) and len(row_buckets) > 0
+          and all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= max_rows for b in row_buckets)
+          and list(row_buckets) == sorted(set(row_buckets)))
+    if not ok:
+        raise ValueError(f"row_buckets must be ascending distinct ints in [1, max_rows={max_rows}] or None, "
+                         f"got {row_buckets!r:.60}")
 
 
 def static_row_buckets(max_rows: int) -> list[int]:
