@@ -263,6 +263,18 @@ def static_generation() -> dict:
     return dict(cache_implementation="static", compile_config=cc)
 
 
+def first_run(fn) -> dict:
+    """Run ``fn`` once (a compiled decode's first call: tracing, compiling and recording its CUDA
+    graphs, untimed) and return ``cudagraph_skips``: the graphs torch ran without CUDA graphs
+    meanwhile (inductor's and ``milp_cudagraphs``' count; ``milp_cudagraphs`` also warns why).
+    Nonzero on a GPU: the figure is not a CUDA-graph one."""
+    from torch._dynamo.utils import counters
+
+    before = counters["inductor"]["cudagraph_skips"]
+    fn()
+    return {"cudagraph_skips": counters["inductor"]["cudagraph_skips"] - before}
+
+
 def continuous_decode(model, rt: MilpRuntime | None, rows: int, length: int) -> ContinuousBatch:
     """An empty :class:`milp.ContinuousBatch` of ``rows`` rows with a static cache of ``length``
     columns (rounded up to 64) and its decode step compiled (:func:`compile_args`); rows end at
@@ -318,6 +330,7 @@ def test_decode_throughput(benchmark, peaks, impl, mode):
             with torch.no_grad():
                 return base.generate(input_ids=ids, attention_mask=mask, **gen)
     adapters = adapter_rows(rt, range(users)) if rt is not None else 0
+    compiled = first_run(fn) if mode != "eager" and U.CUDA else {}
     tokens = users * new
     elem = torch.finfo(U.DTYPE).bits // 8
     flops = 2 * linear_params(model) * users * (plen + new)
@@ -325,7 +338,8 @@ def test_decode_throughput(benchmark, peaks, impl, mode):
     workload = f"runtime-decode-U{users}-p{plen}-n{new}" + ("" if mode == "eager" else f"-{mode}")
     U.run(benchmark, workload=workload, impl=impl, fn=fn, flops=flops, nbytes=nbytes, tokens=tokens, peaks=peaks,
           info=dict(users=users, prompt=plen, new_tokens=new, adapter_params=adapters, phase="decode",
-                    bytes_floor_vs_base=linear_params(model) / (linear_params(model) + adapters)), cpu_rounds=3)
+                    bytes_floor_vs_base=linear_params(model) / (linear_params(model) + adapters), **compiled),
+          cpu_rounds=3)
     tps = _record(benchmark, workload, impl, tokens)
     base_tps = _RESULTS.get((workload, "base"))
     if impl == "milp" and base_tps:

@@ -19,7 +19,10 @@ is passed to the graph trees as static; only the others (a few small tensors: th
 buffers of the adapters) are copied per replay. It is registered with dynamo on import, so
 ``torch.compile(fn, backend="milp_cudagraphs")`` names it; :func:`static_inputs` is the rule.
 It runs the stock backend with the graph trees' ``cudagraphify_impl`` wrapped for the call (in
-the calling thread only): private torch API, as the stock backend's own use of it is. Where a
+the calling thread only): private torch API, as the stock backend's own use of it is. A graph
+the stock backend will not capture (an op CUDA graphs cannot hold, a CPU tensor, a mutated input)
+runs without CUDA graphs, as there, but with a ``RuntimeWarning`` naming torch's reason, where
+torch only logs it to a logger that is off by default. Where a
 torch release moves it, the compile fails, and :class:`milp.decode.ContinuousBatch` runs its step
 eagerly with a ``RuntimeWarning``.
 
@@ -33,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,14 +64,31 @@ def milp_cudagraphs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> 
     import torch._inductor.cudagraph_trees as trees
     from torch._dynamo.backends import cudagraphs as stock
 
-    real = trees.cudagraphify_impl
+    real, skip = trees.cudagraphify_impl, getattr(stock, "log_cudagraph_skip_and_bump_counter", None)
     _LOCAL.static = (len(example_inputs), static_inputs(example_inputs))
     trees.cudagraphify_impl = _wrapped(real)
+    if skip is not None:
+        stock.log_cudagraph_skip_and_bump_counter = _warned(skip)
     try:
         return stock.cudagraphs(gm, example_inputs)
     finally:
         trees.cudagraphify_impl = real
+        if skip is not None:
+            stock.log_cudagraph_skip_and_bump_counter = skip
         del _LOCAL.static
+
+
+def _warned(real: Callable[[str], None]) -> Callable[[str], None]:
+    """torch's skip logger (a log line nobody sees by default), also a ``RuntimeWarning``: a step
+    that runs without CUDA graphs is a few times slower on a GPU, and whoever serves should know."""
+    def log_cudagraph_skip_and_bump_counter(msg: str) -> None:
+        if getattr(_LOCAL, "static", None) is not None:
+            why = " ".join(msg.split())[:400]
+            warnings.warn(f"milp_cudagraphs: torch will not capture a graph in CUDA graphs ({why}); it runs "
+                          "without them", RuntimeWarning, stacklevel=2)
+        real(msg)
+
+    return log_cudagraph_skip_and_bump_counter
 
 
 def _wrapped(real: Callable[..., Any]) -> Callable[..., Any]:

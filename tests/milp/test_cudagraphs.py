@@ -71,3 +71,12 @@ def test_static_inputs_are_parameters_and_what_dynamo_marked():
     marked, plain = torch.zeros(2), torch.zeros(2)
     torch._dynamo.mark_static_address(marked)
     assert mcg.static_inputs([plain, w, 3, marked, plain]) == [1, 3]
+
+
+def test_a_graph_torch_will_not_capture_is_named_in_a_warning():
+    """On this CPU (nothing stubbed) the stock backend skips CUDA graphs ("cpu device"): the
+    step runs as traced, and a RuntimeWarning says why (torch only logs it, off by default)."""
+    f = torch.compile(lambda x: x * 2, backend=mcg.BACKEND)
+    with pytest.warns(RuntimeWarning, match=r"milp_cudagraphs: torch will not capture a graph in CUDA graphs \(.*cpu device.*\); it runs without"):
+        assert f(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
+
