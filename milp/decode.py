@@ -408,7 +408,10 @@ class ContinuousBatch:
         cache) and ends at once, then steps run at each bucket of ``row_buckets`` and width of
         :func:`static_widths` with every row free (two: CUDA graph trees run a new graph once
         before they record it). Returns the ``(rows, width)`` shapes compiled (``[]`` without
-        ``compile``: nothing to do). The batch must be empty; it is empty again after."""
+        ``compile``: nothing to do). The batch must be empty; it is empty again after. Each shape
+        is a trace of the whole step: about 10 s for a 22-layer LLaMA with adapters on a 2-core
+        CPU (dynamo and AOT autograd, the ``cudagraphs`` path without the capture), so 32 rows
+        (3 buckets) of 2048 columns (6 widths) take about 3 minutes there."""
         if self._compile is False or self._slots is None:
             return []
         if len(self):
