@@ -77,6 +77,7 @@ def test_a_graph_torch_will_not_capture_is_named_in_a_warning():
     """On this CPU (nothing stubbed) the stock backend skips CUDA graphs ("cpu device"): the
     step runs as traced, and a RuntimeWarning says why (torch only logs it, off by default)."""
     f = torch.compile(lambda x: x * 2, backend=mcg.BACKEND)
-    with pytest.warns(RuntimeWarning, match=r"milp_cudagraphs: torch will not capture a graph in CUDA graphs \(.*cpu device.*\); it runs without"):
+    why = r"milp_cudagraphs: torch will not capture a graph in CUDA graphs \(.*cpu device.*\); it runs without"
+    with pytest.warns(RuntimeWarning, match=why):
         assert f(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
 
