@@ -71,5 +71,7 @@ setup(
     include_package_data=True,
     install_requires=install_requires,
     extras_require=extras,
-    entry_points={"console_scripts": ["milp-train=milp.train:main"]},
+    entry_points={"console_scripts": ["milp-train=milp.train:main"],
+                  # torch.compile(backend="milp_cudagraphs") finds it without importing milp first
+                  "torch_dynamo_backends": ["milp_cudagraphs=milp.cudagraphs:milp_cudagraphs"]},
 )

@@ -16,8 +16,10 @@ the step reads them once more, three times the traffic of the step itself. Induc
 ``milp_cudagraphs`` is the ``cudagraphs`` backend with those marks: every input dynamo marked
 static (parameters, buffers, :class:`milp.kvcache.SlotCache`'s columns, the batch's token ids)
 is passed to the graph trees as static; only the others (a few small tensors: the static plans'
-buffers of the adapters) are copied per replay. It is registered with dynamo on import, so
-``torch.compile(fn, backend="milp_cudagraphs")`` names it; :func:`static_inputs` is the rule.
+buffers of the adapters) are copied per replay. ``torch.compile(fn, backend="milp_cudagraphs")``
+names it: the package declares it as a dynamo backend entry point, which torch looks up by name,
+and :func:`register` registers it where the package runs from a source tree (importing this
+module does not load dynamo). :func:`static_inputs` is the rule.
 It runs the stock backend with the graph trees' ``cudagraphify_impl`` wrapped for the call (in
 the calling thread only): private torch API, as the stock backend's own use of it is. A graph
 the stock backend will not capture (an op CUDA graphs cannot hold, a CPU tensor, a mutated input)
@@ -35,6 +37,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -42,7 +45,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BACKEND", "milp_cudagraphs", "static_inputs"]
+__all__ = ["BACKEND", "milp_cudagraphs", "register", "static_inputs"]
 
 #: the name ``torch.compile(backend=...)`` takes
 BACKEND = "milp_cudagraphs"
@@ -104,4 +107,10 @@ def _wrapped(real: Callable[..., Any]) -> Callable[..., Any]:
     return cudagraphify_impl
 
 
-torch._dynamo.register_backend(milp_cudagraphs, name=BACKEND)
+@functools.cache
+def register() -> str:
+    """Make ``backend="milp_cudagraphs"`` known to ``torch.compile`` (where the installed entry
+    point has not already); returns the name."""
+    if BACKEND not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(milp_cudagraphs, name=BACKEND)
+    return BACKEND

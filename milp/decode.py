@@ -95,7 +95,7 @@ from torch import nn
 
 from kernels import nvtx_range
 
-from .cudagraphs import BACKEND
+from .cudagraphs import BACKEND, register
 from .kvcache import GrowingCache, GrowingLayer, SlotCache, cache_argument, stack_rows
 from .sampling import Sampling, TokenLogprob, check_logprobs, pick_tokens, row_sampler, token_logprobs
 
@@ -701,6 +701,8 @@ class ContinuousBatch:
                 self.runtime.state.prepare_static(lead, self._ids.device)
         opts: dict[str, Any] = dict(self._compile) if isinstance(self._compile, Mapping) else {
             "backend": BACKEND if self._ids.device.type == "cuda" else "inductor"}
+        if opts.get("backend") == BACKEND:
+            register()  # a source tree without the package's entry point
         opts.setdefault("dynamic", False)
         # a copy of the step's code for this batch and row bucket: torch keeps compiled graphs per code
         # object, at most recompile_limit (8) of them, and every batch (another model, another cache) and

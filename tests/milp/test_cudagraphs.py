@@ -14,6 +14,8 @@ from test_decode import alone, drive, prompts, runtime  # tests/milp is on sys.p
 import milp.cudagraphs as mcg
 from milp.decode import ContinuousBatch
 
+mcg.register()  # as ContinuousBatch does (the installed package's entry point does it too)
+
 
 @pytest.fixture
 def recorded(monkeypatch):
@@ -81,3 +83,19 @@ def test_a_graph_torch_will_not_capture_is_named_in_a_warning():
     with pytest.warns(RuntimeWarning, match=why):
         assert f(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
 
+
+
+def test_the_backend_is_found_by_name_and_importing_milp_loads_no_dynamo(tmp_path):
+    """The installed package declares ``milp_cudagraphs`` as a dynamo backend entry point:
+    ``torch.compile(backend="milp_cudagraphs")`` finds it in a process that never imported milp;
+    and ``import milp`` itself does not load dynamo (a second and a half of every command's start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, warnings, torch\n"
+            "warnings.simplefilter('ignore')\n"
+            "assert torch.compile(lambda x: x + 1, backend='milp_cudagraphs')(torch.ones(2)).tolist() == [2.0, 2.0]\n"
+            "assert sys.modules['milp.cudagraphs']\n")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=300)
+    code = "import sys, milp\nassert 'torch._dynamo' not in sys.modules, 'import milp loaded torch._dynamo'\n"
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=300)
