@@ -660,7 +660,7 @@ class ContinuousBatch:
         fails to compile (a ``TorchDynamoException``: tracing or the backend) is run eagerly, then
         and from then on, with a ``RuntimeWarning``: a server keeps answering."""
         assert self._slots is not None and self._ids is not None
-        self._slots.width, self._slots.step_rows = width, rows
+        self._slots.set_step(rows, width)
         with nvtx_range("milp.decode.step"):
             if self._eager:
                 return self._static_step(self._ids, self._slots.columns, width, rows)
@@ -839,7 +839,7 @@ def static_widths(max_length: int) -> list[int]:
         >>> static_widths(2048), static_widths(100)
         ([64, 128, 256, 512, 1024, 2048], [100])
     """
-    return sorted({max_length >> k for k in range(8) if k == 0 or max_length >> k >= 64})
+    return _halvings(max_length, 7, 64)
 
 
 def _check_buckets(row_buckets: Any, max_rows: int) -> None:
@@ -861,7 +861,12 @@ def static_row_buckets(max_rows: int) -> list[int]:
         >>> static_row_buckets(32), static_row_buckets(100), static_row_buckets(8)
         ([8, 16, 32], [12, 25, 50, 100], [8])
     """
-    return sorted({max_rows >> k for k in range(4) if k == 0 or max_rows >> k >= 8})
+    return _halvings(max_rows, 3, 8)
+
+
+def _halvings(n: int, most: int, least: int) -> list[int]:
+    """``n`` and ``n`` halved (rounded down) up to ``most`` times while at least ``least``, ascending."""
+    return sorted({n >> k for k in range(most + 1) if k == 0 or n >> k >= least})
 
 
 def _cache_layers(cache: Any) -> list[GrowingLayer]:

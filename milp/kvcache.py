@@ -408,10 +408,7 @@ class SlotCache(Cache):
 
     @width.setter
     def width(self, width: int) -> None:
-        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= self.capacity:
-            raise ValueError(f"width must be an int in [1, capacity={self.capacity}], got {width!r}")
-        self._width = width
-        self._refresh()
+        self.set_step(self._step_rows, width)
 
     @property
     def step_rows(self) -> int:
@@ -421,12 +418,18 @@ class SlotCache(Cache):
 
     @step_rows.setter
     def step_rows(self, rows: int) -> None:
-        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= self.rows:
-            raise ValueError(f"step_rows must be an int in [1, rows={self.rows}], got {rows!r}")
-        self._step_rows = rows
-        self._refresh()
+        self.set_step(rows, self._width)
 
-    def _refresh(self) -> None:
+    def set_step(self, rows: int, width: int) -> None:
+        """Set :attr:`step_rows` and :attr:`width` together (what a caller does before each step):
+        the layers' views are remade once, and only where either changed."""
+        for name, value, most, of in (("step_rows", rows, self.rows, "rows"),
+                                      ("width", width, self.capacity, "capacity")):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ValueError(f"{name} must be an int in [1, {of}={most}], got {value!r}")
+        if (rows, width) == (self._step_rows, self._width):
+            return
+        self._step_rows, self._width = rows, width
         for layer in self.layers:
             if isinstance(layer, SlotLayer) and layer._k is not None:
                 layer._views()
