@@ -154,7 +154,10 @@ def rename_legacy_folders(root: str | os.PathLike[str], suffix: str = "") -> lis
                 continue
             user: str | int | None = _rows_user(p)
         else:
-            user = _saved_id(p) if p.is_dir() and not _TEMP_DIR.match(p.name) else None
+            # a temporary folder of a crashed save is never the legacy name of the user it holds
+            # (``.<name>.tmp-<x>`` for ``<name>``), so the name test below skips it; an id shaped like
+            # one (``".A.tmp-x1"``) was saved under that very name and is renamed
+            user = _saved_id(p) if p.is_dir() else None
         if user is None:
             continue
         old, new = _dirname(user, portable=False) + suffix, user_dirname(user) + suffix

@@ -355,7 +355,7 @@ def test_names_stay_distinct_where_trailing_dots_are_dropped():
     assert len({n.rstrip(".").lower() for n in names}) == 3, names
 
 
-LEGACY_USERS = ["Bob", "bob", "Al-ice", "ALICE", "alice", 7, "7", "x/Y", "Bob-da6645f6", "A" * 85]
+LEGACY_USERS = ["Bob", "bob", "Al-ice", "ALICE", "alice", 7, "7", "x/Y", "Bob-da6645f6", "A" * 85, ".A.tmp-x1"]
 NAMES = sorted({n for u in LEGACY_USERS for n in (user_dirname(u), _dirname(u, portable=False))}
                | {"0c", "c0", ".Bob.tmp-abc123", ".c0.old-x_1"})
 entry = st.tuples(st.sampled_from(NAMES), st.sampled_from(["user", "nojson", "badjson", "file"]),
@@ -371,8 +371,10 @@ def _snapshot(root: Path) -> dict[str, object]:
 @given(entries=st.lists(entry, max_size=8, unique_by=lambda e: e[0]))
 def test_the_migration_renames_only_what_it_may_and_keeps_every_user(entries):
     """Renames exactly old name -> user_dirname of the user its user.json names, onto no
-    existing entry, never a temp folder; content is kept; a second run renames nothing; the
-    store finds every user it found before, with the same files (a user with one folder)."""
+    existing entry, a temp-shaped folder only where that is its user's old name (an id such as
+    ".A.tmp-x1"), never a crashed save's; content is kept; a second run renames nothing; the
+    store finds every user it found before, with the same files (a user with one folder), and
+    a temp-shaped id's folder it skipped before."""
     with tempfile.TemporaryDirectory() as d:
         root, seen = Path(d), set()
         for i, (name, kind, u) in enumerate(entries):
@@ -397,19 +399,20 @@ def test_the_migration_renames_only_what_it_may_and_keeps_every_user(entries):
         assert sorted(map(repr, before.values())) == sorted(map(repr, after.values()))  # nothing lost or merged
         for old, new in renamed:
             assert old in before and new not in before and old not in after and after[new] == before[old]
-            assert not _TEMP.match(old)
             u = json.loads((root / new / "user.json").read_text())["user"]
             assert (old, new) == (_dirname(u, portable=False), user_dirname(u)) and old != new
         assert all(after[n] == v for n, v in before.items() if n not in moved)
         for n in after:  # every folder it could rename was renamed
             u = _saved_id(root / n)
-            if u is not None and not _TEMP.match(n) and n == _dirname(u, portable=False) != user_dirname(u):
+            if u is not None and n == _dirname(u, portable=False) != user_dirname(u):
                 assert (root / user_dirname(u)).exists(), n
         assert rename_legacy_folders(root) == [] and _snapshot(root) == after
         store = UserStore(root)
         for u in LEGACY_USERS:
             if key(u) in found:
                 assert (store.path(u) / "payload").read_text() == found[key(u)], u
+            elif (_dirname(u, portable=False), user_dirname(u)) in renamed:
+                assert _TEMP.match(_dirname(u, portable=False)) and store.path(u) == root / user_dirname(u), u
             else:
                 assert u not in store, u
 
@@ -453,13 +456,16 @@ def test_a_backup_copy_sorting_first_changes_the_users_files(tmp_path):
     assert (UserStore(tmp_path).path("Bob") / "payload").read_text() == before  # "backup", then "legacy"
 
 
-@pytest.mark.xfail(strict=True, reason="an id shaped like a temp folder ('.A.tmp-x1'): its older folder is skipped "
-                                       "as a crashed save, neither renamed nor found, and the user is lost")
 def test_an_older_save_of_a_temp_shaped_id_is_migrated(tmp_path):
+    """Was: an id shaped like a temp folder ('.A.tmp-x1'): its older folder was skipped as a
+    crashed save, neither renamed nor found, and the user was lost. A crashed save of another
+    user under that name stays where it is."""
     u = ".A.tmp-x1"
     hand_save(tmp_path, _dirname(u, portable=False), u)  # what an older version wrote, and found
-    rename_legacy_folders(tmp_path)
-    assert u in UserStore(tmp_path)
+    hand_save(tmp_path, ".A.tmp-x2", "A")  # an older version's crashed save of user "A"
+    assert rename_legacy_folders(tmp_path) == [(u, user_dirname(u))]
+    assert UserStore(tmp_path).path(u) == tmp_path / user_dirname(u) and "A" not in UserStore(tmp_path)
+    assert (tmp_path / ".A.tmp-x2").is_dir()
 
 
 @pytest.mark.parametrize("suffix", ["", ".json"])
