@@ -270,12 +270,16 @@ class UserStore:
             return None
         return st.st_mtime_ns, st.st_ino, st.st_dev
 
+    def _unchanged(self) -> bool:
+        """Whether the folder is as it was when the index was read (its stamp trusted and the same)."""
+        return self._stamp is not None and self._folder_stamp() == self._stamp
+
     def _reread_on_miss(self) -> None:
         """A miss re-reads the folder only where it changed since the index (every save, copy and
         deletion of a user renames, adds or removes an entry of it, which moves its time) or a
         folder without a ``user.json`` was listed (being copied in): a client asking again and
         again for users the store lacks costs one ``stat``, not a read of every ``user.json``."""
-        if self._stamp is None or self._folder_stamp() != self._stamp:
+        if not self._unchanged():
             self.refresh()
             return
         pending = []
@@ -289,7 +293,10 @@ class UserStore:
     def path(self, user: Hashable) -> Path | None:
         """The directory holding ``user`` (``None`` when the store has no such user). Tries
         :func:`user_dirname` first, then the index of every subdirectory's ``user.json``
-        (read once, and again on a miss where the folder changed since). Only str and int ids
+        (read once, and again where the folder changed since: on a miss, and on a find through
+        the index, as another folder of the user may now sort first). Of two folders of one user
+        the store serves the one under its own name, else the first in name order, as a fresh
+        store would. Only str and int ids
         are saved: ``True`` or ``1.0`` is no user here, even where ``1`` is."""
         if isinstance(user, bool) or not isinstance(user, (str, int)):
             return None
@@ -301,8 +308,13 @@ class UserStore:
             self.refresh()
         p = self._index.get(user)  # type: ignore[union-attr]
         if p is not None and _holds(p, user):
-            return p
-        if p is not None:
+            if fresh or self._unchanged():
+                return p
+            # the folder changed since the index: a copy of the user under a name that sorts first
+            # may have come, which a fresh store would serve (one stat per lookup through the index;
+            # most users are found under their own name above)
+            self.refresh()
+        elif p is not None:
             # the folder the index named changed hands (renamed, deleted and saved again, its
             # user.json removed): the index is wrong, whatever the folder's stamp says
             self.refresh()

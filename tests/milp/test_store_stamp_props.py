@@ -282,14 +282,21 @@ def test_a_users_emptied_folder_hides_its_other_copy(tmp_path):
     assert store.path("a") == UserStore(tmp_path).path("a") == tmp_path / "keep"  # got None
 
 
-@pytest.mark.xfail(strict=True, reason="two folders of one user: a stale index keeps the one it found, a fresh "
-                                       "store takes the first in name order")
-def test_a_second_copy_of_a_user_is_not_the_one_a_fresh_store_finds(tmp_path):
+def test_a_second_copy_of_a_user_is_the_one_a_fresh_store_finds(tmp_path):
+    """Was: two folders of one user: a stale index kept the one it found, a fresh store takes the
+    first in name order. A find through the index re-reads the folder where it changed since."""
     hand_save(tmp_path, "m", "a", "old")
     store = UserStore(tmp_path)
     assert store.path("a") == tmp_path / "m"
     hand_save(tmp_path, "c", "a", "new")  # copied in by hand under a name sorting first
     assert store.path("a") == UserStore(tmp_path).path("a") == tmp_path / "c"  # got m
+    Clock().age(tmp_path)
+    store.refresh()
+    reads = []
+    real = milp.store.UserStore.refresh
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(milp.store.UserStore, "refresh", lambda self: reads.append(1) or real(self))
+        assert store.path("a") == tmp_path / "c" and not reads  # the folder unchanged: no re-read
 
 
 def test_save_path_never_names_another_users_folder(tmp_path):
