@@ -1,9 +1,10 @@
 """One Bayesian round of the configuration search: surrogate fit + acquisition optimisation.
 
 The setting of the paper's search on LLaMA2-7B shapes: the paper's space (32 layer bits +
-module count + rank, ``d = 34``), ``n = 100`` evaluated configurations (the first 100 distinct
-configurations of the scrambled Sobol design, scored by the synthetic LoRA problem,
-:mod:`search.problems`), ``q = 4`` candidates, the
+module count + rank, ``d = 34``), ``n = 100`` evaluated configurations (the scrambled Sobol
+design of the synthetic LoRA problem, :mod:`search.problems`, and the few points of a first
+Bayesian round that make up for the design's repeats: ``search_trials_n100.jsonl``, see
+:func:`write_trials`), ``q = 4`` candidates, the
 paper's NUTS settings (512 warm-up / 256 samples / thinning 16) and the default
 acquisition settings.  Objectives: the validation loss, modelled by a SAAS-GP, and the
 parameter count, a *known* objective (computed, not modelled), so a round fits one GP.
@@ -22,7 +23,9 @@ Run: ``pytest bench/test_search.py`` (1–3 minutes on 2 shared cores, depending
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,22 +36,43 @@ from search.problems import LoRASynthetic
 from search.surrogate import AcquisitionSettings, NUTSSettings, fit_surrogate
 
 N, Q, TARGET_S = 100, 4, 60.0
+#: the N scored trials the timed round starts from (a trial log, written by :func:`write_trials`)
+TRIALS = Path(__file__).with_name("search_trials_n100.jsonl")
+
+
+def write_trials(path: Path = TRIALS) -> None:
+    """The N trials of the synthetic LoRA problem as a search with ``n_init=N`` and the paper's
+    settings reaches them, written as its trial log to ``path`` (atomically): the scrambled
+    Sobol design, whose few repeats of a configuration are made up by a first Bayesian round.
+    That round takes about a minute on 2 cores, so the log is committed and the benchmark
+    resumes it; ``python bench/test_search.py`` writes it anew (after a change of the space,
+    the problem or the trial log's format)."""
+    prob = LoRASynthetic(seed=0)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        Search(prob.space, prob.objectives, q=Q, n_init=N, surrogate="saas", nuts=NUTSSettings(),
+               acquisition=AcquisitionSettings(), seed=0, log_path=tmp).run(prob, N, progress=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def test_search_round_d34_n100_q4(benchmark, tmp_path):
     prob = LoRASynthetic(seed=0)
     nuts, acq = NUTSSettings(), AcquisitionSettings()
-    # The N evaluated configurations, all from the Sobol design: a design of N points repeats
-    # a few configurations of this space, and a search with n_init=N would ask the last ones
-    # from a Bayesian round (another minute of setup, untimed). A design of N + 64 points gives
-    # N distinct ones; the search timed resumes that log with n_init=N (n_init may change between
-    # runs of one log), so its next ask is a Bayesian round on the N trials.
-    log = tmp_path / "trials.jsonl"
-    Search(prob.space, prob.objectives, q=Q, n_init=N + 64, seed=0, log_path=log).run(prob, N, progress=False)
-    s = Search(prob.space, prob.objectives, q=Q, n_init=N, surrogate="saas", nuts=nuts, acquisition=acq, seed=0,
-               log_path=log)
-    assert s.n_finished == N and s.space.dim == 34
-    assert all(t.source == "sobol" for t in s.trials)
+    # the N trials of TRIALS (write_trials), resumed with the paper's settings: the next ask is
+    # the round timed. A copy: resuming must not touch the committed file
+    log = tmp_path / TRIALS.name
+    shutil.copyfile(TRIALS, log)
+    try:
+        s = Search(prob.space, prob.objectives, q=Q, n_init=N, surrogate="saas", nuts=nuts, acquisition=acq,
+                   seed=0, log_path=log)
+    except ValueError as e:  # another space or objectives: the log is refused
+        raise AssertionError(f"{TRIALS} no longer fits the search ({e}); write it anew: python {__file__}") from e
+    assert s.n_finished == N and s.space.dim == 34 and not s.pending
+    sources = [t.source for t in s.trials]
+    assert sources.count("saas") == N - sources.count("sobol") > 0, sources
     # JAX's one-time start (about 5 s at the first NUTS fit of a process, on top of the
     # compilation for the new n that every round pays) is not part of a round: a small fit
     # pays it here, as a search's earlier rounds would have.
@@ -109,3 +133,8 @@ def test_search_round_d34_n100_q4(benchmark, tmp_path):
             "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }
     )
+
+
+if __name__ == "__main__":
+    write_trials()
+    print(f"wrote {TRIALS}")
