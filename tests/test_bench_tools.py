@@ -1,6 +1,6 @@
 """The bench/ tools that run without a GPU: bench/dispatch.py (thresholds from a GPU run),
-bench/report.py (targets, forced paths, the README summary) and bench/launch_host.py (launch
-host time on the stand-in driver)."""
+bench/report.py (targets, forced paths, the README summary), bench/launch_host.py (launch
+host time on the stand-in driver) and the search benchmark's committed trials."""
 import importlib.util
 import json
 import os
@@ -274,3 +274,29 @@ def test_launch_host_leaves_the_launch_switch_and_value_checks_as_they_were(monk
     monkeypatch.setattr(launch_host, "_measure", measuring)
     assert launch_host.measure(calls=1) == []
     assert os.environ["MILP_TRITON_LAUNCH"] == "jit" and kernels.library._values_checked is checked
+
+
+def test_the_search_benchmarks_committed_trials_still_fit_the_search(tmp_path):
+    """bench/test_search.py times the round after the trials of bench/search_trials_n100.jsonl: a
+    change of the space, the synthetic problem or the trial log's format must come with the file
+    written anew (``python bench/test_search.py``), or the benchmark fails (or times another round)."""
+    import shutil
+
+    from search import Search
+    from search.problems import LoRASynthetic
+    from search.surrogate import AcquisitionSettings
+
+    bench_search = _module("test_search")
+    log = tmp_path / "trials.jsonl"
+    shutil.copyfile(bench_search.TRIALS, log)
+    prob = LoRASynthetic(seed=0)
+    quick = AcquisitionSettings(mc_samples=4, raw_samples=16, num_restarts=1, maxiter_alternating=2)
+    s = Search(prob.space, prob.objectives, q=bench_search.Q, n_init=bench_search.N, surrogate="gp", acquisition=quick,
+               seed=0, log_path=log)
+    assert s.n_finished == bench_search.N and not s.pending and all(t.ok for t in s.trials)
+    sources = [t.source for t in s.trials]
+    assert sources.count("saas") == len(sources) - sources.count("sobol") > 0, sources
+    for t in s.trials:  # the problem's values today: the exact parameter count, the loss within its noise
+        assert t.values["parameters"] == prob.space.parameter_count(t.config), t.trial_id
+        assert abs(t.values["val_ce"] - prob.true_loss(t.config)) <= 5 * prob.noise_std, t.trial_id
+    assert s.ask(1)[0].source == "gp"  # the design is used up: the next ask is a Bayesian round
