@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,32 +48,38 @@ def write_trials(path: Path = TRIALS) -> None:
     That round takes about a minute on 2 cores, so the log is committed and the benchmark
     resumes it; ``python bench/test_search.py`` writes it anew (after a change of the space,
     the problem or the trial log's format)."""
+    from milp.config import atomic_write_bytes
+
     prob = LoRASynthetic(seed=0)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
+    with tempfile.TemporaryDirectory() as d:
+        log = Path(d) / path.name
         Search(prob.space, prob.objectives, q=Q, n_init=N, surrogate="saas", nuts=NUTSSettings(),
-               acquisition=AcquisitionSettings(), seed=0, log_path=tmp).run(prob, N, progress=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+               acquisition=AcquisitionSettings(), seed=0, log_path=log).run(prob, N, progress=True)
+        atomic_write_bytes(path, log.read_bytes())
+
+
+def resume_trials(directory: Path, **settings) -> Search:
+    """A search resuming a copy of :data:`TRIALS` in ``directory`` (resuming must not touch the
+    committed file) with these :class:`search.Search` settings: its N trials, every one scored,
+    the design's and the first Bayesian round's, so that its next ask is a Bayesian round."""
+    prob = LoRASynthetic(seed=0)
+    log = directory / TRIALS.name
+    shutil.copyfile(TRIALS, log)
+    try:
+        s = Search(prob.space, prob.objectives, q=Q, n_init=N, seed=0, log_path=log, **settings)
+    except ValueError as e:  # another space or objectives: the log is refused
+        raise AssertionError(f"{TRIALS} no longer fits the search ({e}); write it anew: python {__file__}") from e
+    assert s.n_finished == N and s.space.dim == 34 and not s.pending and all(t.ok for t in s.trials)
+    sources = [t.source for t in s.trials]
+    assert sources.count("saas") == N - sources.count("sobol") > 0, sources
+    return s
 
 
 def test_search_round_d34_n100_q4(benchmark, tmp_path):
-    prob = LoRASynthetic(seed=0)
     nuts, acq = NUTSSettings(), AcquisitionSettings()
     # the N trials of TRIALS (write_trials), resumed with the paper's settings: the next ask is
-    # the round timed. A copy: resuming must not touch the committed file
-    log = tmp_path / TRIALS.name
-    shutil.copyfile(TRIALS, log)
-    try:
-        s = Search(prob.space, prob.objectives, q=Q, n_init=N, surrogate="saas", nuts=nuts, acquisition=acq,
-                   seed=0, log_path=log)
-    except ValueError as e:  # another space or objectives: the log is refused
-        raise AssertionError(f"{TRIALS} no longer fits the search ({e}); write it anew: python {__file__}") from e
-    assert s.n_finished == N and s.space.dim == 34 and not s.pending
-    sources = [t.source for t in s.trials]
-    assert sources.count("saas") == N - sources.count("sobol") > 0, sources
+    # the round timed
+    s = resume_trials(tmp_path, surrogate="saas", nuts=nuts, acquisition=acq)
     # JAX's one-time start (about 5 s at the first NUTS fit of a process, on top of the
     # compilation for the new n that every round pays) is not part of a round: a small fit
     # pays it here, as a search's earlier rounds would have.

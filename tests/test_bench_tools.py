@@ -280,22 +280,15 @@ def test_the_search_benchmarks_committed_trials_still_fit_the_search(tmp_path):
     """bench/test_search.py times the round after the trials of bench/search_trials_n100.jsonl: a
     change of the space, the synthetic problem or the trial log's format must come with the file
     written anew (``python bench/test_search.py``), or the benchmark fails (or times another round)."""
-    import shutil
-
-    from search import Search
     from search.problems import LoRASynthetic
     from search.surrogate import AcquisitionSettings
 
     bench_search = _module("test_search")
-    log = tmp_path / "trials.jsonl"
-    shutil.copyfile(bench_search.TRIALS, log)
-    prob = LoRASynthetic(seed=0)
     quick = AcquisitionSettings(mc_samples=4, raw_samples=16, num_restarts=1, maxiter_alternating=2)
-    s = Search(prob.space, prob.objectives, q=bench_search.Q, n_init=bench_search.N, surrogate="gp", acquisition=quick,
-               seed=0, log_path=log)
+    # every trial scored, the design's and the first Bayesian round's (resume_trials asserts it)
+    s = bench_search.resume_trials(tmp_path, surrogate="gp", acquisition=quick)
     assert s.n_finished == bench_search.N and not s.pending and all(t.ok for t in s.trials)
-    sources = [t.source for t in s.trials]
-    assert sources.count("saas") == len(sources) - sources.count("sobol") > 0, sources
+    prob = LoRASynthetic(seed=0)
     for t in s.trials:  # the problem's values today: the exact parameter count, the loss within its noise
         assert t.values["parameters"] == prob.space.parameter_count(t.config), t.trial_id
         assert abs(t.values["val_ce"] - prob.true_loss(t.config)) <= 5 * prob.noise_std, t.trial_id
